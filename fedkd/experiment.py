@@ -1,0 +1,325 @@
+"""One federated data-free distillation experiment on one machine, end to end.
+
+data -> client partitions -> each client trains its teacher on its own
+partition and serves it through a :class:`TeacherHost` -> the coordinator
+evaluates the teachers and their ensemble through queries -> the method
+distils a student, evaluating every epoch and checkpointing -> summary.json,
+metrics.jsonl and plots in the run directory.
+
+Teachers here are in-process; the method only reaches them through
+:class:`RemoteTeacher`, so other transports slot in without touching it.
+One-shot FedAvg and the centralised model are experiment-only references that
+need the teachers' weights or the pooled data, which no deployment would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fedkd.checkpoint import RUN_FORMAT, CheckpointError, load_safe, load_teacher, save_atomic, save_teacher
+from fedkd.config import ConfigError, RunConfig
+from fedkd.data import DataSplit, load_dataset, partition_indices
+from fedkd.ensemble import Ensemble
+from fedkd.methods import METHODS, MethodContext, build_method
+from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_and_variance, predict, query_ensemble
+from fedkd.models import average_weights, build_model, is_model_name, model_names
+from fedkd.plots import plot_accuracy, plot_curriculum, plot_samples
+from fedkd.remote import RemoteTeacher
+from fedkd.teacher import QueryStats, TeacherDescription, TeacherHost
+from fedkd.training import train_classifier
+
+logger = logging.getLogger(__name__)
+
+# Keys that may change between a run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = {"device", "num-threads"}
+
+
+class RunObserver(Protocol):
+    """Progress hooks for entry points (a progress bar); the library itself prints nothing."""
+
+    def stage(self, message: str) -> None: ...
+
+    def epoch_started(self, epoch: int, total_steps: int) -> None: ...
+
+    def step(self) -> None: ...
+
+    def epoch_finished(self, record: dict[str, Any]) -> None: ...
+
+
+class _Silent:
+    def stage(self, message: str) -> None:
+        logger.info(message)
+
+    def epoch_started(self, epoch: int, total_steps: int) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def epoch_finished(self, record: dict[str, Any]) -> None:
+        logger.info("epoch %d: student accuracy %.4f", record["epoch"] + 1, record["student_accuracy"])
+
+
+class RunDirectoryError(FileExistsError):
+    """The run directory cannot be used as asked (exists without --resume, or nothing to resume)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but no CUDA device is available; use device=auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_names(config: RunConfig) -> None:
+    """Fail at start-up on unknown method or model names, naming the key."""
+    if config.method not in METHODS:
+        raise ConfigError(f"method: {config.method!r} is not one of {', '.join(METHODS)}")
+    for key, names in (("teacher-model", config.teacher_models()), ("student-model", [config.student_model])):
+        for name in names:
+            if not is_model_name(name):
+                raise ConfigError(f"{key}: unknown model {name!r}; valid: {', '.join(model_names())}")
+
+
+@dataclass
+class _Clients:
+    hosts: list[TeacherHost]
+    models: list[nn.Module]  # kept only for the experiment-only FedAvg reference
+
+
+def _teacher_path(run_dir: Path, client: int) -> Path:
+    return run_dir / "clients" / f"client_{client:02d}" / "teacher.pt"
+
+
+def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: torch.device,
+                    observer: RunObserver) -> _Clients:
+    """Each client trains (or reloads) its teacher on its own partition and starts its host."""
+    spec = split.spec
+    parts = partition_indices(split.train.labels, config.num_clients, config.partition, alpha=config.alpha,
+                              classes_per_client=config.classes_per_client,
+                              min_partition_size=config.min_partition_size, seed=config.seed)
+    hosts, models = [], []
+    for k, (indices, model_name) in enumerate(zip(parts, config.teacher_models())):
+        data = split.train.subset(indices)
+        path = _teacher_path(run_dir, k)
+        if path.exists():
+            observer.stage(f"client {k}: loading teacher from {path}")
+            model, ckpt = load_teacher(path, expected_model=model_name, num_classes=spec.num_classes,
+                                       input_shape=spec.input_shape)
+            counts = list(ckpt["label_counts"])
+        else:
+            observer.stage(f"client {k}: training {model_name} on {len(data)} private samples")
+            torch.manual_seed(config.seed * 1000 + k)
+            model = build_model(model_name, num_classes=spec.num_classes, channels=spec.channels,
+                                image_size=spec.image_size)
+            train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
+                             batch_size=config.teacher_batch_size, seed=config.seed * 1000 + k, device=device)
+            counts = data.label_counts(spec.num_classes)
+            save_teacher(path, model, model_name=model_name, num_classes=spec.num_classes,
+                         input_shape=spec.input_shape, num_samples=len(data), label_counts=counts)
+        description = TeacherDescription(
+            client=k, model=model_name, num_classes=spec.num_classes, input_shape=spec.input_shape,
+            mean=spec.mean, std=spec.std,
+            has_feature_statistics=any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+            num_samples=len(data), label_counts=tuple(counts) if config.share_label_counts else None,
+        )
+        hosts.append(TeacherHost(model, description, max_batch=config.max_query_batch, device=device))
+        models.append(model)
+    return _Clients(hosts, models)
+
+
+def _references(config: RunConfig, split: DataSplit, clients: _Clients, test_inputs: Tensor,
+                device: torch.device, observer: RunObserver) -> dict[str, Any]:
+    """Experiment-only references: one-shot FedAvg (same architectures) and, opt-in, centralised."""
+    refs: dict[str, Any] = {"fedavg": None, "centralised": None}
+    names = config.teacher_models()
+    if len(set(names)) == 1:
+        spec = split.spec
+        avg = build_model(names[0], num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+        avg.load_state_dict(average_weights(clients.models))
+        refs["fedavg"] = {"model": names[0], "test_accuracy": accuracy(
+            predict(avg.to(device), test_inputs, device=device), split.test.labels)}
+    if config.centralised:
+        observer.stage(f"centralised reference: training {names[0]} on the pooled {len(split.train)} samples")
+        spec = split.spec
+        torch.manual_seed(config.seed * 1000 + 999)
+        model = build_model(names[0], num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+        train_classifier(model, split.train, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
+                         batch_size=config.teacher_batch_size, seed=config.seed * 1000 + 999, device=device)
+        refs["centralised"] = {"model": names[0], "test_accuracy": accuracy(
+            predict(model, test_inputs, device=device), split.test.labels)}
+    return refs
+
+
+def _stage_epochs(epochs: int, stages: int) -> set[int]:
+    if stages == 1:
+        return {epochs - 1}
+    return {round(i * (epochs - 1) / (stages - 1)) for i in range(stages)}
+
+
+def _check_resume_config(saved: dict[str, Any], config: RunConfig, path: Path) -> None:
+    current = config.to_dict()
+    changed = sorted(k for k in set(saved) | set(current)
+                     if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume {str(path)!r} with a different config ({detail}); "
+                          "use the original settings or start a new run directory")
+
+
+def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = False,
+                   observer: RunObserver | None = None) -> dict[str, Any]:
+    """Run (or resume) one experiment and return its summary (also written to summary.json)."""
+    observer = observer or _Silent()
+    run_dir = Path(run_dir)
+    check_names(config)
+    device = resolve_device(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    ckpt_path = run_dir / "checkpoint.pt"
+    config_path = run_dir / "config.json"
+    saved_state: dict[str, Any] | None = None
+    if resume:
+        if not config_path.exists():
+            raise RunDirectoryError(f"nothing to resume in {str(run_dir)!r} (no config.json); run without --resume")
+        _check_resume_config(json.loads(config_path.read_text()), config, config_path)
+        if ckpt_path.exists():
+            saved_state = load_safe(ckpt_path, RUN_FORMAT)
+    elif config_path.exists() or ckpt_path.exists():
+        raise RunDirectoryError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue "
+                                "it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    started = time.perf_counter()
+    elapsed_before = float(saved_state["elapsed"]) if saved_state else 0.0
+    observer.stage(f"loading {config.dataset}")
+    split = load_dataset(config.dataset, config.data_root, seed=config.seed)
+    spec = split.spec
+    clients = prepare_clients(config, split, run_dir, device, observer)
+    teachers = [RemoteTeacher(h) for h in clients.hosts]
+    ensemble = Ensemble(teachers, config.ensemble)
+    test_inputs = spec.normalize(split.test.images)
+    labels = split.test.labels
+
+    if saved_state is not None:
+        answers = EnsembleAnswers(saved_state["answers"]["ensemble"], list(saved_state["answers"]["members"]))
+        for host, stats in zip(clients.hosts, saved_state["query_stats"]):
+            host.stats = QueryStats(**stats)
+    else:
+        observer.stage("evaluating teachers and their ensemble through queries")
+        answers = query_ensemble(ensemble, test_inputs, batch_size=config.max_query_batch)
+    references = _references(config, split, clients, test_inputs, device, observer)
+
+    torch.manual_seed(config.seed + 1)
+    student = build_model(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
+                          image_size=spec.image_size)
+    method = build_method(config.method, MethodContext(config, spec, ensemble, student, device))
+    history: list[dict[str, Any]] = []
+    stages: list[tuple[int, Tensor]] = []
+    start_epoch = 0
+    if saved_state is not None:
+        try:
+            method.load_state_dict(saved_state["method"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit this run: {exc}") from None
+        history = list(saved_state["history"])
+        stages = [(int(e), img) for e, img in zip(saved_state["stage_epochs"], saved_state["stage_images"])]
+        start_epoch = int(saved_state["epoch"])
+        torch.set_rng_state(saved_state["rng"])
+        observer.stage(f"resuming at epoch {start_epoch + 1} of {config.epochs}")
+
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    stage_epochs = _stage_epochs(config.epochs, config.sample_stages)
+    for epoch in range(start_epoch, config.epochs):
+        observer.epoch_started(epoch, config.steps_per_epoch)
+        epoch_start = time.perf_counter()
+        train_metrics = method.train_epoch(epoch, observer.step)
+        student_logits = predict(method.student, test_inputs, device=device)
+        record = {
+            "epoch": epoch,
+            "student_accuracy": accuracy(student_logits, labels),
+            "agreement": agreement(student_logits, answers.ensemble),
+            "loyalty": loyalty(student_logits, answers.ensemble),
+            **train_metrics,
+            "epoch_seconds": time.perf_counter() - epoch_start,
+            "query_samples": sum(h.stats.samples for h in clients.hosts),
+        }
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if epoch in stage_epochs:
+            stages.append((epoch, method.synthetic_samples()))
+        save_atomic({
+            "format": RUN_FORMAT,
+            "epoch": epoch + 1,
+            "method": method.state_dict(),
+            "history": history,
+            "stage_epochs": [e for e, _ in stages],
+            "stage_images": [img for _, img in stages],
+            "rng": torch.get_rng_state(),
+            "elapsed": elapsed_before + time.perf_counter() - started,
+            "answers": {"ensemble": answers.ensemble, "members": answers.members},
+            "query_stats": [h.stats.as_dict() for h in clients.hosts],
+        }, ckpt_path)
+        observer.epoch_finished(record)
+
+    summary = _summary(config, split, clients, answers, references, history,
+                       elapsed_before + time.perf_counter() - started)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    best_teacher = max(t["test_accuracy"] for t in summary["teachers"])
+    plot_accuracy(history, summary["ensemble"]["test_accuracy"], best_teacher, plots / "accuracy.png")
+    plot_curriculum(history, plots / "curriculum.png")
+    plot_samples(stages, plots / "samples.png")
+    return summary
+
+
+def _summary(config: RunConfig, split: DataSplit, clients: _Clients, answers: EnsembleAnswers,
+             references: dict[str, Any], history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    labels = split.test.labels
+    accs = [h["student_accuracy"] for h in history]
+    acc_mean, acc_var = mean_and_variance(accs)
+    last = history[-1]
+    return {
+        "method": config.method,
+        "dataset": config.dataset,
+        "num_clients": config.num_clients,
+        "seed": config.seed,
+        "teachers": [
+            {"client": h.description.client, "model": h.description.model,
+             "num_samples": h.description.num_samples, "test_accuracy": accuracy(logits, labels)}
+            for h, logits in zip(clients.hosts, answers.members)
+        ],
+        "ensemble": {"aggregation": config.ensemble, "test_accuracy": accuracy(answers.ensemble, labels)},
+        "student": {
+            "model": config.student_model,
+            "test_accuracy": last["student_accuracy"],
+            "best_accuracy": max(accs),
+            "agreement": last["agreement"],
+            "loyalty": last["loyalty"],
+            "accuracy_mean": acc_mean,
+            "accuracy_var": acc_var,
+        },
+        "references": references,
+        "queries": {
+            "samples": sum(h.stats.samples for h in clients.hosts),
+            "bytes": sum(h.stats.bytes for h in clients.hosts),
+            "per_client": [{"client": h.description.client, **h.stats.as_dict()} for h in clients.hosts],
+        },
+        "privacy": None,
+        "test_samples": len(labels),
+        "wall_seconds": wall,
+        "config": config.to_dict(),
+    }

@@ -1,0 +1,43 @@
+"""The DCGAN-style generator of the DFKD reference code, with a configurable width.
+
+z (B, latent_dim) -> Linear -> (B, 2w, s/4, s/4) -> upsample x2, conv -> upsample
+x2, conv -> conv -> sigmoid -> images in [0, 1] of shape (B, C, s, s), where w
+is ``width`` (ngf) and s the image size. The caller applies the dataset's
+normalisation. On a CPU the generator dominates a step's cost: keep ``width``
+at 16-32 there (the reference scripts use 64).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Generator(nn.Module):
+    def __init__(self, *, latent_dim: int, width: int, channels: int, image_size: int) -> None:
+        super().__init__()
+        if image_size % 4 != 0:
+            raise ValueError(f"the generator needs an image size divisible by 4, got {image_size}")
+        self.latent_dim = latent_dim
+        self.init_size = image_size // 4
+        self.project = nn.Linear(latent_dim, 2 * width * self.init_size**2)
+        self.blocks = nn.Sequential(
+            nn.BatchNorm2d(2 * width),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, channels, 3, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        out = self.project(z).view(len(z), -1, self.init_size, self.init_size)  # (B, 2w, s/4, s/4)
+        return self.blocks(out)  # (B, C, s, s) in [0, 1]
+
+    def sample_latent(self, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
+        return torch.randn(batch_size, self.latent_dim, device=device)

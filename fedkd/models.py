@@ -1,0 +1,195 @@
+"""Model zoo: teachers and students, built by name for a dataset's input shape.
+
+``build_model("resnet18", num_classes=10, channels=3, image_size=32)``. Names:
+lenet5, lenet5-half (the DAFL/RDSKD MNIST pair, with BatchNorm so that the
+teacher carries feature statistics), cnn (a small two-layer CNN), resnet18 and
+resnet34 (CIFAR-style), and wrn-D-W (wide ResNet of depth D and width W, for
+example wrn-16-2, wrn-40-2).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 with BatchNorm; ``width`` 0.5 gives LeNet-5-half."""
+
+    def __init__(self, num_classes: int, channels: int, image_size: int, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2 = int(6 * width), int(16 * width)
+        f1, f2 = int(120 * width), int(84 * width)
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, c1, 5, padding=2), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5, padding=2), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * side * side, f1), nn.ReLU(), nn.Linear(f1, f2), nn.ReLU(),
+            nn.Linear(f2, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks (32, 64 channels) with BatchNorm and a 128-unit head."""
+
+    def __init__(self, num_classes: int, channels: int, image_size: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), nn.Linear(128, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class _BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet (3x3 stem, no max-pool), as in the DFKD reference code."""
+
+    def __init__(self, blocks: list[int], num_classes: int, channels: int) -> None:
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layers = nn.Sequential(*[
+            self._make_layer(planes, n, stride)
+            for planes, n, stride in zip((64, 128, 256, 512), blocks, (1, 2, 2, 2))
+        ])
+        self.linear = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(_BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+class _WideBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        o = F.relu(self.bn1(x))
+        y = self.conv1(o)
+        y = self.conv2(F.relu(self.bn2(y)))
+        return y + (self.shortcut(o) if self.shortcut is not None else x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width (Zagoruyko and Komodakis), pre-activation blocks."""
+
+    def __init__(self, depth: int, width: int, num_classes: int, channels: int) -> None:
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise ValueError(f"wide ResNet depth must be 6n+4 (16, 22, 28, 40...), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False)
+        blocks: list[nn.Module] = []
+        in_planes = widths[0]
+        for planes, stride in zip(widths[1:], (1, 2, 2)):
+            for i in range(n):
+                blocks.append(_WideBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn(self.blocks(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+_Builder = Callable[[int, int, int], nn.Module]
+
+MODELS: dict[str, _Builder] = {
+    "lenet5": lambda c, ch, s: LeNet5(c, ch, s),
+    "lenet5-half": lambda c, ch, s: LeNet5(c, ch, s, width=0.5),
+    "cnn": lambda c, ch, s: SmallCNN(c, ch, s),
+    "resnet18": lambda c, ch, s: ResNet([2, 2, 2, 2], c, ch),
+    "resnet34": lambda c, ch, s: ResNet([3, 4, 6, 3], c, ch),
+}
+_WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
+
+
+def model_names() -> list[str]:
+    return [*MODELS, "wrn-D-W (e.g. wrn-16-2, wrn-40-2)"]
+
+
+def is_model_name(name: str) -> bool:
+    return name in MODELS or bool(_WRN.match(name))
+
+
+def build_model(name: str, *, num_classes: int, channels: int, image_size: int) -> nn.Module:
+    """Build a model by name; unknown names fail with the list of valid ones."""
+    if name in MODELS:
+        if name.startswith(("lenet5", "cnn")) and image_size < 4:
+            raise ValueError(f"model {name!r} needs images of at least 4x4, got {image_size}")
+        return MODELS[name](num_classes, channels, image_size)
+    match = _WRN.match(name)
+    if match:
+        return WideResNet(int(match.group(1)), int(match.group(2)), num_classes, channels)
+    raise KeyError(f"unknown model {name!r}; valid names: {', '.join(model_names())}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def average_weights(models: list[nn.Module]) -> dict[str, Tensor]:
+    """One-shot FedAvg: the element-wise mean of same-architecture state dicts (buffers included)."""
+    states = [m.state_dict() for m in models]
+    keys = states[0].keys()
+    if any(s.keys() != keys for s in states):
+        raise ValueError("FedAvg needs teachers of one architecture")
+    out = {}
+    for k in keys:
+        stacked = torch.stack([s[k].float() for s in states])
+        out[k] = stacked.mean(0).to(states[0][k].dtype)
+    return out

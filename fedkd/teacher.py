@@ -1,0 +1,238 @@
+"""The teacher host: the only code that touches a client's teacher.
+
+It answers the two calls of the query contract and nothing else:
+
+- ``forward(inputs, state, bn_loss=...)`` -> logits (B, C), and when asked the
+  teacher's BatchNorm feature-statistics loss on those inputs (a scalar);
+- ``backward(inputs, grad_logits, state, grad_bn_loss=...)`` -> the gradient of
+  the server's loss w.r.t. the inputs: the vector-Jacobian product of
+  (logits, bn_loss) with (grad_logits, grad_bn_loss). Stateless: the forward
+  pass is recomputed, so nothing is kept between calls.
+
+Every call carries the server's :class:`CurriculumState`, so each client can
+audit the schedule it is being queried under. Bad requests raise
+:class:`QueryError` with a gRPC-style status code and a message naming the
+problem; the host keeps serving afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+ACCESS_MODES = ("gradient", "logits")
+
+
+class QueryError(ValueError):
+    """A query the host refuses. ``code`` is the gRPC status it maps to."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CurriculumState:
+    """The server's curriculum at the time of a query (methods.md section 1)."""
+
+    epoch: int = 0
+    step: int = 0
+    lam: float = 0.0
+    adv_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class TeacherDescription:
+    """What a teacher tells the coordinator about itself (the Describe call)."""
+
+    client: int
+    model: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    access_modes: tuple[str, ...] = ACCESS_MODES
+    has_feature_statistics: bool = False
+    num_samples: int | None = None
+    label_counts: tuple[int, ...] | None = None
+    privacy: dict[str, float | str] | None = None
+
+
+@dataclass(frozen=True)
+class ForwardReply:
+    logits: Tensor  # (B, C) float32
+    bn_loss: Tensor | None  # 0-d float32, only when asked
+
+
+@dataclass
+class QueryStats:
+    """What a client has released: queries answered, samples and bytes on the wire."""
+
+    forward_calls: int = 0
+    backward_calls: int = 0
+    samples: int = 0
+    bytes: int = 0
+    refused: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"forward_calls": self.forward_calls, "backward_calls": self.backward_calls,
+                "samples": self.samples, "bytes": self.bytes, "refused": self.refused}
+
+
+class FeatureStatistics:
+    """Forward hooks on a model's BatchNorm layers for the DeepInversion statistics loss.
+
+    loss = sum_l ||mu_l(x) - running_mean_l||_2 + ||var_l(x) - running_var_l||_2,
+    where mu_l and var_l are the batch statistics of the inputs of BN layer l.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and m.running_mean is not None and m.running_var is not None]
+        self.enabled = False
+        self._terms: list[Tensor] = []
+        for layer in self.layers:
+            layer.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not self.enabled:
+            return
+        x = inputs[0]
+        dims = [0] + list(range(2, x.ndim))
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+        assert module.running_mean is not None and module.running_var is not None
+        self._terms.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    def begin(self) -> None:
+        self.enabled = True
+        self._terms = []
+
+    def end(self) -> Tensor:
+        self.enabled = False
+        terms, self._terms = self._terms, []
+        if not terms:
+            return torch.zeros(())
+        return torch.stack(terms).sum()
+
+
+class TeacherHost:
+    """Serves one teacher through the query contract, enforcing the client's limits."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        description: TeacherDescription,
+        *,
+        max_batch: int = 1024,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.statistics = FeatureStatistics(self.model)
+        self.description = description
+        if description.has_feature_statistics and not self.statistics:
+            raise ValueError("description claims feature statistics but the model has no BatchNorm layers")
+        self.max_batch = max_batch
+        self.stats = QueryStats()
+        self.last_state: CurriculumState | None = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> TeacherDescription:
+        return self.description
+
+    # The two calls -----------------------------------------------------------
+
+    def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False) -> ForwardReply:
+        with self._lock:
+            self._check_inputs(inputs)
+            if bn_loss and not self.statistics:
+                self._refuse("FAILED_PRECONDITION", "this teacher has no feature statistics (no BatchNorm layers)")
+            self.last_state = state
+            x = inputs.to(self.device)
+            with torch.no_grad():
+                logits, loss = self._run(x, bn_loss)
+            self.stats.forward_calls += 1
+            self.stats.samples += len(inputs)
+            self.stats.bytes += inputs.nbytes + logits.nbytes + (4 if loss is not None else 0)
+            return ForwardReply(logits.detach().cpu(), None if loss is None else loss.detach().cpu())
+
+    def backward(
+        self,
+        inputs: Tensor,
+        grad_logits: Tensor,
+        state: CurriculumState,
+        *,
+        grad_bn_loss: float | None = None,
+    ) -> Tensor:
+        with self._lock:
+            if "gradient" not in self.description.access_modes:
+                self._refuse("FAILED_PRECONDITION", "this client does not grant gradient access")
+            self._check_inputs(inputs)
+            expected = (len(inputs), self.description.num_classes)
+            if grad_logits.dtype != torch.float32 or tuple(grad_logits.shape) != expected:
+                self._refuse("INVALID_ARGUMENT", f"grad_logits must be float32 of shape {expected}, got "
+                             f"{grad_logits.dtype} {tuple(grad_logits.shape)}")
+            if not torch.isfinite(grad_logits).all():
+                self._refuse("INVALID_ARGUMENT", "grad_logits contains NaN or infinite values")
+            if grad_bn_loss is not None and not self.statistics:
+                self._refuse("FAILED_PRECONDITION", "this teacher has no feature statistics (no BatchNorm layers)")
+            self.last_state = state
+            x = inputs.to(self.device).detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits, loss = self._run(x, grad_bn_loss is not None)
+                outputs, grads = [logits], [grad_logits.to(self.device)]
+                if loss is not None and grad_bn_loss is not None:
+                    outputs.append(loss)
+                    grads.append(torch.tensor(float(grad_bn_loss), device=self.device))
+                (grad_inputs,) = torch.autograd.grad(outputs, [x], grads)
+            self.stats.backward_calls += 1
+            self.stats.samples += len(inputs)
+            self.stats.bytes += inputs.nbytes + grad_logits.nbytes + grad_inputs.nbytes
+            return grad_inputs.detach().cpu()
+
+    # Helpers --------------------------------------------------------------------
+
+    def _run(self, x: Tensor, bn_loss: bool) -> tuple[Tensor, Tensor | None]:
+        if bn_loss:
+            self.statistics.begin()
+        try:
+            logits = self.model(x)
+        finally:
+            loss = self.statistics.end() if bn_loss else None
+        return logits, loss
+
+    def _refuse(self, code: str, message: str) -> None:
+        self.stats.refused += 1
+        raise QueryError(code, message)
+
+    def _check_inputs(self, inputs: Tensor) -> None:
+        shape = self.description.input_shape
+        if not isinstance(inputs, Tensor):
+            self._refuse("INVALID_ARGUMENT", f"inputs must be a tensor, got {type(inputs).__name__}")
+        if inputs.dtype != torch.float32:
+            self._refuse("INVALID_ARGUMENT", f"inputs must be float32, got {inputs.dtype}")
+        if inputs.ndim != 4 or tuple(inputs.shape[1:]) != shape:
+            self._refuse("INVALID_ARGUMENT", f"inputs must have shape (B, {', '.join(map(str, shape))}), "
+                         f"got {tuple(inputs.shape)}")
+        if len(inputs) == 0:
+            self._refuse("INVALID_ARGUMENT", "empty batch")
+        if len(inputs) > self.max_batch:
+            self._refuse("RESOURCE_EXHAUSTED", f"batch of {len(inputs)} exceeds this client's maximum of "
+                         f"{self.max_batch}")
+        if not torch.isfinite(inputs).all():
+            self._refuse("INVALID_ARGUMENT", "inputs contain NaN or infinite values")
+
