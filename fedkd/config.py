@@ -46,9 +46,10 @@ class RunConfig:
 
     # Teachers (trained by each client on its own partition only)
     teacher_model: str = "lenet5"
-    teacher_epochs: int = field(default=20, metadata=_range(0, None))
+    teacher_epochs: int = field(default=40, metadata=_range(0, None))
     teacher_lr: float = field(default=1e-3, metadata=_range(0.0, None, open_low=True))
     teacher_batch_size: int = field(default=64, metadata=_range(1, None))
+    teacher_label_smoothing: float = field(default=0.1, metadata=_range(0.0, 1.0))
     max_query_batch: int = field(default=1024, metadata=_range(1, None))
 
     # Student and generator
@@ -143,7 +144,7 @@ def _coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
     """Convert a TOML or command-line value to the field's type, or fail naming the key."""
     kind = str(f.type)
     optional = "None" in kind
-    if isinstance(value, str) and optional and value.strip().lower() in ("", "auto", "none"):
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "none"))):
         return None
     try:
         if kind.startswith("bool"):

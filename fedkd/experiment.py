@@ -118,11 +118,14 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
             counts = list(ckpt["label_counts"])
         else:
             observer.stage(f"client {k}: training {model_name} on {len(data)} private samples")
-            torch.manual_seed(config.seed * 1000 + k)
+            # A shared initialisation per architecture, as a one-shot FL server would broadcast;
+            # only the data order differs between clients. It makes the FedAvg reference meaningful.
+            torch.manual_seed(config.seed * 1000)
             model = build_model(model_name, num_classes=spec.num_classes, channels=spec.channels,
                                 image_size=spec.image_size)
             train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
-                             batch_size=config.teacher_batch_size, seed=config.seed * 1000 + k, device=device)
+                             batch_size=config.teacher_batch_size, seed=config.seed * 1000 + k,
+                             label_smoothing=config.teacher_label_smoothing, device=device)
             counts = data.label_counts(spec.num_classes)
             save_teacher(path, model, model_name=model_name, num_classes=spec.num_classes,
                          input_shape=spec.input_shape, num_samples=len(data), label_counts=counts)
@@ -154,7 +157,8 @@ def _references(config: RunConfig, split: DataSplit, clients: _Clients, test_inp
         torch.manual_seed(config.seed * 1000 + 999)
         model = build_model(names[0], num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
         train_classifier(model, split.train, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
-                         batch_size=config.teacher_batch_size, seed=config.seed * 1000 + 999, device=device)
+                         batch_size=config.teacher_batch_size, seed=config.seed * 1000 + 999,
+                         label_smoothing=config.teacher_label_smoothing, device=device)
         refs["centralised"] = {"model": names[0], "test_accuracy": accuracy(
             predict(model, test_inputs, device=device), split.test.labels)}
     return refs

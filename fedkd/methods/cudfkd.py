@@ -94,6 +94,7 @@ class CuDFKD:
         self.opt_generator.zero_grad(set_to_none=True)
         loss.backward(inputs=list(self.generator.parameters()))  # teachers' Backward calls happen here
         self.opt_generator.step()
+        loss = loss.detach()
         return {"loss_generator": float(loss), "loss_entropy": float(loss_entropy),
                 "loss_onehot": float(loss_onehot), "loss_bn": float(loss_bn), "loss_adv": float(loss_adv)}
 

@@ -1,0 +1,146 @@
+import pytest
+import torch
+from torch import nn
+
+from fedkd.models import build_model
+from fedkd.remote import RemoteTeacher
+from fedkd.teacher import CurriculumState, FeatureStatistics, QueryError, TeacherDescription, TeacherHost
+
+STATE = CurriculumState(epoch=2, step=10, lam=1.5, adv_weight=0.5)
+
+
+def _trained_bn_model(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("lenet5", num_classes=10, channels=1, image_size=8)
+    model.train()
+    with torch.no_grad():  # give the BN layers non-trivial running statistics
+        for _ in range(5):
+            model(torch.randn(32, 1, 8, 8) * 2 + 0.5)
+    return model.eval()
+
+
+def _host(model=None, **kwargs):
+    model = model or _trained_bn_model()
+    desc = TeacherDescription(client=0, model="lenet5", num_classes=10, input_shape=(1, 8, 8), mean=(0.3,),
+                              std=(0.38,), has_feature_statistics=True, **kwargs.pop("desc", {}))
+    return TeacherHost(model, desc, **kwargs)
+
+
+def _reference(model, x):
+    """The same computation done directly with autograd, for comparison."""
+    stats = FeatureStatistics(model)
+    stats.begin()
+    logits = model(x)
+    return logits, stats.end()
+
+
+def test_forward_matches_the_model_and_records_the_state():
+    model = _trained_bn_model()
+    host = _host(model)
+    x = torch.randn(6, 1, 8, 8)
+    reply = host.forward(x, STATE, bn_loss=True)
+    ref_logits, ref_loss = _reference(_trained_bn_model(), x)
+    torch.testing.assert_close(reply.logits, ref_logits.detach())
+    torch.testing.assert_close(reply.bn_loss, ref_loss.detach())
+    assert host.last_state == STATE
+    assert host.stats.forward_calls == 1 and host.stats.samples == 6
+
+
+def test_backward_equals_autograd_through_the_same_model():
+    host = _host()
+    x = torch.randn(5, 1, 8, 8)
+    g_logits = torch.randn(5, 10)
+    g_bn = 0.7
+    got = host.backward(x, g_logits, STATE, grad_bn_loss=g_bn)
+
+    ref_model = _trained_bn_model()
+    xr = x.clone().requires_grad_(True)
+    logits, loss = _reference(ref_model, xr)
+    (logits * g_logits).sum().add(g_bn * loss).backward()
+    torch.testing.assert_close(got, xr.grad, rtol=1e-5, atol=1e-6)
+
+    only_logits = host.backward(x, g_logits, STATE)
+    xr2 = x.clone().requires_grad_(True)
+    (ref_model(xr2) * g_logits).sum().backward()
+    torch.testing.assert_close(only_logits, xr2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_remote_teacher_is_a_drop_in_autograd_function():
+    host = _host()
+    teacher = RemoteTeacher(host)
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    logits, loss = teacher(x, STATE, bn_loss=True)
+    (logits.square().sum() + 2.0 * loss).backward()
+
+    ref_model = _trained_bn_model()
+    xr = x.detach().clone().requires_grad_(True)
+    ref_logits, ref_loss = _reference(ref_model, xr)
+    (ref_logits.square().sum() + 2.0 * ref_loss).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    assert host.stats.forward_calls == 1 and host.stats.backward_calls == 1
+
+
+def test_no_backward_call_without_gradients():
+    host = _host()
+    logits, loss = RemoteTeacher(host)(torch.randn(3, 1, 8, 8), STATE)
+    assert loss is None and logits.shape == (3, 10)
+    assert host.stats.backward_calls == 0
+
+
+@pytest.mark.parametrize("inputs,code,message", [
+    (torch.randn(2, 1, 8, 8).double(), "INVALID_ARGUMENT", "float32"),
+    (torch.randn(2, 3, 8, 8), "INVALID_ARGUMENT", r"shape \(B, 1, 8, 8\)"),
+    (torch.randn(2, 64), "INVALID_ARGUMENT", "shape"),
+    (torch.zeros(0, 1, 8, 8), "INVALID_ARGUMENT", "empty batch"),
+    (torch.full((2, 1, 8, 8), float("nan")), "INVALID_ARGUMENT", "NaN"),
+    (torch.randn(9, 1, 8, 8), "RESOURCE_EXHAUSTED", "exceeds this client's maximum of 8"),
+])
+def test_bad_queries_are_refused_with_a_code_and_the_host_keeps_serving(inputs, code, message):
+    host = _host(max_batch=8)
+    with pytest.raises(QueryError, match=message) as info:
+        host.forward(inputs, STATE)
+    assert info.value.code == code
+    assert host.stats.refused == 1
+    assert host.forward(torch.randn(2, 1, 8, 8), STATE).logits.shape == (2, 10)
+
+
+def test_backward_validation():
+    host = _host()
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(QueryError, match=r"grad_logits must be float32 of shape \(2, 10\)"):
+        host.backward(x, torch.randn(3, 10), STATE)
+    with pytest.raises(QueryError, match="NaN or infinite"):
+        host.backward(x, torch.full((2, 10), float("inf")), STATE)
+
+
+def test_access_modes_and_missing_statistics_are_failed_preconditions():
+    host = _host(desc={"access_modes": ("logits",)})
+    with pytest.raises(QueryError) as info:
+        host.backward(torch.randn(2, 1, 8, 8), torch.randn(2, 10), STATE)
+    assert info.value.code == "FAILED_PRECONDITION"
+
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    desc = TeacherDescription(client=1, model="linear", num_classes=10, input_shape=(1, 8, 8), mean=(0.0,),
+                              std=(1.0,))
+    no_bn = TeacherHost(plain, desc)
+    with pytest.raises(QueryError, match="no feature statistics") as info:
+        no_bn.forward(torch.randn(2, 1, 8, 8), STATE, bn_loss=True)
+    assert info.value.code == "FAILED_PRECONDITION"
+    # A RemoteTeacher does not ask a teacher without statistics for them.
+    logits, loss = RemoteTeacher(no_bn)(torch.randn(2, 1, 8, 8), STATE, bn_loss=True)
+    assert loss is None
+
+
+def test_feature_statistics_loss_is_zero_on_matching_statistics():
+    bn = nn.BatchNorm2d(2)
+    bn.running_mean.copy_(torch.tensor([1.0, -1.0]))
+    bn.running_var.copy_(torch.tensor([4.0, 0.25]))
+    model = nn.Sequential(bn).eval()
+    stats = FeatureStatistics(model)
+    x = torch.randn(4096, 2, 4, 4) * torch.tensor([2.0, 0.5]).view(1, 2, 1, 1) + torch.tensor([1.0, -1.0]).view(1, 2, 1, 1)
+    stats.begin()
+    model(x)
+    assert stats.end().item() < 0.1
+    stats.begin()
+    model(x + 3)
+    assert stats.end().item() > 3.0
