@@ -94,9 +94,9 @@ class CuDFKD:
         self.opt_generator.zero_grad(set_to_none=True)
         loss.backward(inputs=list(self.generator.parameters()))  # teachers' Backward calls happen here
         self.opt_generator.step()
-        loss = loss.detach()
-        return {"loss_generator": float(loss), "loss_entropy": float(loss_entropy),
-                "loss_onehot": float(loss_onehot), "loss_bn": float(loss_bn), "loss_adv": float(loss_adv)}
+        parts = {"loss_generator": loss, "loss_entropy": loss_entropy, "loss_onehot": loss_onehot,
+                 "loss_bn": loss_bn, "loss_adv": loss_adv}
+        return {key: float(value.detach()) for key, value in parts.items()}
 
     def student_step(self, epoch: int) -> dict[str, float]:
         cfg = self.config
@@ -115,7 +115,7 @@ class CuDFKD:
         self.opt_student.step()
         self.schedule.step()
         self.step += 1
-        return {"loss_student": float(losses.mean()), "admitted": float((weights > 0.5).float().mean()),
+        return {"loss_student": float(losses.detach().mean()), "admitted": float((weights > 0.5).float().mean()),
                 "weight_mean": float(weights.mean())}
 
     def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
