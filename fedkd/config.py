@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -112,7 +113,7 @@ class RunConfig:
         """The resolved configuration with kebab-case keys (as written to summary.json)."""
         return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: np.ndarray | Tensor) -> "ImageData":
+    def subset(self, indices: np.ndarray | Tensor) -> ImageData:
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return ImageData(self.images[idx], self.labels[idx])
 
@@ -135,12 +136,12 @@ def _load_digits(root: Path, seed: int) -> DataSplit:
     return _from_arrays(SPECS["digits"], bunch.data / 16.0, bunch.target.astype(np.int64), seed)
 
 
-def _torchvision_data(dataset: object) -> ImageData:
+def _torchvision_data(dataset: Any) -> ImageData:
     """Read a torchvision dataset's in-memory arrays (no per-item transforms, no PIL)."""
-    data = getattr(dataset, "data")
+    data = dataset.data
     targets = getattr(dataset, "targets", None)
     if targets is None:
-        targets = getattr(dataset, "labels")
+        targets = dataset.labels
     x = torch.as_tensor(np.asarray(data))
     if x.ndim == 3:  # (N, H, W) grayscale
         x = x.unsqueeze(1)

@@ -10,7 +10,7 @@ example wrn-16-2, wrn-40-2).
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

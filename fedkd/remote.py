@@ -67,12 +67,14 @@ class RemoteTeacher:
     def has_feature_statistics(self) -> bool:
         return self.description.has_feature_statistics
 
-    def __call__(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False) -> tuple[Tensor, Tensor | None]:
+    def __call__(
+        self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         want = bn_loss and self.has_feature_statistics
         if inputs.requires_grad and torch.is_grad_enabled():
             logits, loss = _Query.apply(inputs, self.endpoint, state, want)
         else:
             reply = self.endpoint.forward(inputs.detach().cpu().float().contiguous(), state, bn_loss=want)
             logits = reply.logits.to(inputs.device)
-            loss = reply.bn_loss.to(inputs.device) if reply.bn_loss is not None else torch.zeros((), device=inputs.device)
+            loss = torch.zeros((), device=inputs.device) if reply.bn_loss is None else reply.bn_loss.to(inputs.device)
         return logits, (loss if want else None)

@@ -1,0 +1,1 @@
+"""The coordinator's entry points: the ``fedkd`` command (:mod:`server.cli`)."""

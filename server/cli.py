@@ -11,8 +11,9 @@ import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -92,7 +93,8 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     config = _build_config(args)
-    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{config.dataset}-{config.method}")
+    default_out = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{config.dataset}-{config.method}")
+    out = Path(args.out) if args.out else default_out
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
         observer = RichObserver(console, progress, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch)

@@ -13,8 +13,8 @@ lam_st = st.floats(0.01, 30.0)
 
 @given(losses_st, lam_st)
 def test_log_weights_are_in_unit_interval_and_decrease_with_loss(losses, lam):
-    l = torch.tensor(sorted(losses), dtype=torch.float64)
-    v = self_paced_weights(l, lam, "log")
+    loss = torch.tensor(sorted(losses), dtype=torch.float64)
+    v = self_paced_weights(loss, lam, "log")
     assert torch.all(v >= 0) and torch.all(v <= 1 + 1e-12)
     assert torch.all(v[1:] <= v[:-1] + 1e-12)
 
@@ -29,18 +29,18 @@ def test_log_weight_is_one_at_zero_loss_and_about_half_at_lambda(lam):
 
 @given(losses_st, lam_st, st.floats(0.0, 10.0))
 def test_larger_lambda_admits_more(losses, lam, extra):
-    l = torch.tensor(losses, dtype=torch.float64)
+    loss = torch.tensor(losses, dtype=torch.float64)
     for kind in ("log", "soft", "hard"):
-        assert torch.all(self_paced_weights(l, lam + extra, kind) >= self_paced_weights(l, lam, kind) - 1e-12)
+        assert torch.all(self_paced_weights(loss, lam + extra, kind) >= self_paced_weights(loss, lam, kind) - 1e-12)
 
 
 def test_hard_soft_none_hand_computed():
-    l = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    assert self_paced_weights(l, 2.0, "hard").tolist() == [1.0, 1.0, 0.0, 0.0]
-    assert self_paced_weights(l, 2.0, "soft").tolist() == [1.0, 0.5, 0.0, 0.0]
-    assert self_paced_weights(l, 2.0, "none").tolist() == [1.0] * 4
+    loss = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert self_paced_weights(loss, 2.0, "hard").tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert self_paced_weights(loss, 2.0, "soft").tolist() == [1.0, 0.5, 0.0, 0.0]
+    assert self_paced_weights(loss, 2.0, "none").tolist() == [1.0] * 4
     with pytest.raises(KeyError, match="valid: log, soft, hard, none"):
-        self_paced_weights(l, 1.0, "linear")
+        self_paced_weights(loss, 1.0, "linear")
 
 
 def test_log_weights_do_not_overflow():

@@ -5,8 +5,7 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from fedkd.losses import (adversarial_loss, class_balance_entropy, js_distance, kl_per_sample, l1_per_sample,
-                          onehot_loss)
+from fedkd.losses import adversarial_loss, class_balance_entropy, js_distance, kl_per_sample, l1_per_sample, onehot_loss
 from fedkd.metrics import agreement, loyalty
 
 

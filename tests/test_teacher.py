@@ -137,7 +137,8 @@ def test_feature_statistics_loss_is_zero_on_matching_statistics():
     bn.running_var.copy_(torch.tensor([4.0, 0.25]))
     model = nn.Sequential(bn).eval()
     stats = FeatureStatistics(model)
-    x = torch.randn(4096, 2, 4, 4) * torch.tensor([2.0, 0.5]).view(1, 2, 1, 1) + torch.tensor([1.0, -1.0]).view(1, 2, 1, 1)
+    scale, shift = torch.tensor([2.0, 0.5]).view(1, 2, 1, 1), torch.tensor([1.0, -1.0]).view(1, 2, 1, 1)
+    x = torch.randn(4096, 2, 4, 4) * scale + shift
     stats.begin()
     model(x)
     assert stats.end().item() < 0.1

@@ -6,7 +6,7 @@ valid ones.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from fedkd.methods.base import DistillationMethod, MethodContext
 from fedkd.methods.cudfkd import CuDFKD

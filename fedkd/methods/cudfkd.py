@@ -21,7 +21,8 @@ Student step (SGD, cosine schedule), per-sample self-paced weights:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
