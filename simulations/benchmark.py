@@ -7,6 +7,7 @@ Experiments:
 - ``default``: the main job (``fedkd run`` with no flags). Targets: wall time
   <= 10 min on a 2-core CPU; student >= ensemble - 2 points; student > best
   single teacher.
+- ``class-weighted``: the main job with the class-weighted ensemble (same targets).
 - ``one-client``: one client holding the whole training pool, IID. Target:
   student >= 0.97 x teacher.
 
@@ -33,6 +34,7 @@ from fedkd.experiment import run_experiment
 
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "default": {},
+    "class-weighted": {"ensemble": "class-weighted"},
     "one-client": {"num-clients": 1, "partition": "iid"},
 }
 
@@ -41,7 +43,7 @@ def _targets(name: str, s: dict[str, Any]) -> list[tuple[str, str, bool]]:
     student = s["student"]["test_accuracy"]
     ensemble = s["ensemble"]["test_accuracy"]
     best = max(t["test_accuracy"] for t in s["teachers"])
-    if name == "default":
+    if name in ("default", "class-weighted"):
         return [
             ("wall time <= 600 s", f"{s['wall_seconds']:.0f} s", s["wall_seconds"] <= 600),
             ("student >= ensemble - 0.02", f"{student:.4f} vs {ensemble - 0.02:.4f}", student >= ensemble - 0.02),
