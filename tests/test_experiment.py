@@ -127,3 +127,16 @@ def test_unknown_model_fails_at_start_up(tmp_path):
     with pytest.raises(ConfigError, match="student-model: unknown model 'lenet7'"):
         run_experiment(config_from_mapping({**TINY, "student-model": "lenet7"}), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_mixed_architectures_class_weights_and_centralised_reference(tmp_path):
+    config = config_from_mapping({
+        **TINY, "num-clients": 2, "partition": "dirichlet", "alpha": 0.3, "teacher-model": "lenet5,cnn",
+        "teacher-epochs": 5, "epochs": 1, "steps-per-epoch": 2, "student-steps": 1, "ensemble": "class-weighted",
+        "share-label-counts": False, "centralised": True,
+    })
+    summary = run_experiment(config, tmp_path / "mixed")
+    assert [t["model"] for t in summary["teachers"]] == ["lenet5", "cnn"]
+    assert summary["references"]["fedavg"] is None  # different architectures cannot be averaged
+    assert 0.0 <= summary["references"]["centralised"]["test_accuracy"] <= 1.0
+    assert summary["ensemble"]["aggregation"] == "class-weighted"
