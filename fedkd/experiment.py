@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from fedkd.checkpoint import RUN_FORMAT, CheckpointError, load_safe, load_teacher, save_atomic, save_teacher
 from fedkd.config import ConfigError, RunConfig
-from fedkd.data import DataSplit, load_dataset, partition_indices
+from fedkd.data import DatasetSpec, DataSplit, load_dataset, partition_indices
 from fedkd.ensemble import Ensemble
 from fedkd.methods import METHODS, MethodContext, build_method
 from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_and_variance, predict, query_ensemble
@@ -96,6 +96,10 @@ class _Clients:
     models: list[nn.Module]  # kept only for the experiment-only FedAvg reference
 
 
+def _build(name: str, spec: DatasetSpec) -> nn.Module:
+    return build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+
+
 def _teacher_path(run_dir: Path, client: int) -> Path:
     return run_dir / "clients" / f"client_{client:02d}" / "teacher.pt"
 
@@ -121,8 +125,7 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
             # A shared initialisation per architecture, as a one-shot FL server would broadcast;
             # only the data order differs between clients. It makes the FedAvg reference meaningful.
             torch.manual_seed(config.seed * 1000)
-            model = build_model(model_name, num_classes=spec.num_classes, channels=spec.channels,
-                                image_size=spec.image_size)
+            model = _build(model_name, spec)
             train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
                              batch_size=config.teacher_batch_size, seed=config.seed * 1000 + k,
                              label_smoothing=config.teacher_label_smoothing, device=device)
@@ -145,17 +148,16 @@ def _references(config: RunConfig, split: DataSplit, clients: _Clients, test_inp
     """Experiment-only references: one-shot FedAvg (same architectures) and, opt-in, centralised."""
     refs: dict[str, Any] = {"fedavg": None, "centralised": None}
     names = config.teacher_models()
+    spec = split.spec
     if len(set(names)) == 1:
-        spec = split.spec
-        avg = build_model(names[0], num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+        avg = _build(names[0], spec)
         avg.load_state_dict(average_weights(clients.models))
         refs["fedavg"] = {"model": names[0], "test_accuracy": accuracy(
             predict(avg.to(device), test_inputs, device=device), split.test.labels)}
     if config.centralised:
         observer.stage(f"centralised reference: training {names[0]} on the pooled {len(split.train)} samples")
-        spec = split.spec
         torch.manual_seed(config.seed * 1000 + 999)
-        model = build_model(names[0], num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+        model = _build(names[0], spec)
         train_classifier(model, split.train, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
                          batch_size=config.teacher_batch_size, seed=config.seed * 1000 + 999,
                          label_smoothing=config.teacher_label_smoothing, device=device)
@@ -225,8 +227,7 @@ def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     references = _references(config, split, clients, test_inputs, device, observer)
 
     torch.manual_seed(config.seed + 1)
-    student = build_model(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
-                          image_size=spec.image_size)
+    student = _build(config.student_model, spec)
     method = build_method(config.method, MethodContext(config, spec, ensemble, student, device))
     history: list[dict[str, Any]] = []
     stages: list[tuple[int, Tensor]] = []
