@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from fedkd.checkpoint import RUN_FORMAT, CheckpointError, load_safe, load_teacher, save_atomic, save_teacher
 from fedkd.config import ConfigError, RunConfig
-from fedkd.data import DatasetSpec, DataSplit, load_dataset, partition_indices
+from fedkd.data import DatasetSpec, DataSplit, ImageData, load_dataset, partition_indices
 from fedkd.ensemble import Ensemble
 from fedkd.methods import METHODS, MethodContext, build_method
 from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_and_variance, predict, query_ensemble
@@ -100,6 +100,16 @@ def _build(name: str, spec: DatasetSpec) -> nn.Module:
     return build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
 
 
+def _train(name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *, init_seed: int,
+           order_seed: int, device: torch.device) -> nn.Module:
+    """Build a model from ``init_seed`` and train it on ``data`` alone with the teacher settings."""
+    torch.manual_seed(init_seed)
+    model = _build(name, spec)
+    return train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
+                            batch_size=config.teacher_batch_size, seed=order_seed,
+                            label_smoothing=config.teacher_label_smoothing, device=device)
+
+
 def _teacher_path(run_dir: Path, client: int) -> Path:
     return run_dir / "clients" / f"client_{client:02d}" / "teacher.pt"
 
@@ -124,11 +134,8 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
             observer.stage(f"client {k}: training {model_name} on {len(data)} private samples")
             # A shared initialisation per architecture, as a one-shot FL server would broadcast;
             # only the data order differs between clients. It makes the FedAvg reference meaningful.
-            torch.manual_seed(config.seed * 1000)
-            model = _build(model_name, spec)
-            train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
-                             batch_size=config.teacher_batch_size, seed=config.seed * 1000 + k,
-                             label_smoothing=config.teacher_label_smoothing, device=device)
+            model = _train(model_name, data, spec, config, init_seed=config.seed * 1000,
+                           order_seed=config.seed * 1000 + k, device=device)
             counts = data.label_counts(spec.num_classes)
             save_teacher(path, model, model_name=model_name, num_classes=spec.num_classes,
                          input_shape=spec.input_shape, num_samples=len(data), label_counts=counts)
@@ -156,11 +163,8 @@ def _references(config: RunConfig, split: DataSplit, clients: _Clients, test_inp
             predict(avg.to(device), test_inputs, device=device), split.test.labels)}
     if config.centralised:
         observer.stage(f"centralised reference: training {names[0]} on the pooled {len(split.train)} samples")
-        torch.manual_seed(config.seed * 1000 + 999)
-        model = _build(names[0], spec)
-        train_classifier(model, split.train, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
-                         batch_size=config.teacher_batch_size, seed=config.seed * 1000 + 999,
-                         label_smoothing=config.teacher_label_smoothing, device=device)
+        seed = config.seed * 1000 + 999
+        model = _train(names[0], split.train, spec, config, init_seed=seed, order_seed=seed, device=device)
         refs["centralised"] = {"model": names[0], "test_accuracy": accuracy(
             predict(model, test_inputs, device=device), split.test.labels)}
     return refs

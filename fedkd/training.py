@@ -30,8 +30,8 @@ def train_classifier(
     Light augmentation (random shifts of up to 2 pixels) helps the small
     partitions clients hold; label smoothing keeps the teachers' logits on a
     comparable scale, which the logit-averaging ensemble needs (measured on
-    MNIST-5k, 5 Dirichlet(0.5) clients: mean-logit ensemble 0.84 without, 0.94
-    with 0.1). Returns the model in eval mode.
+    MNIST-5k, 5 Dirichlet(0.5) clients, 20 epochs: mean-logit ensemble 0.84
+    without, 0.91 with 0.1). Returns the model in eval mode.
     """
     model.to(device).train()
     if epochs == 0 or len(data) == 0:
