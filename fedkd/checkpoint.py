@@ -57,10 +57,13 @@ def load_safe(path: str | Path, expected_format: str) -> dict[str, Any]:
 
 
 def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_classes: int,
-                 input_shape: tuple[int, int, int], num_samples: int, label_counts: list[int]) -> None:
+                 input_shape: tuple[int, int, int], num_samples: int, label_counts: list[int],
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """A teacher with what its host needs to describe itself (input normalisation included)."""
     save_atomic({
         "format": TEACHER_FORMAT, "model": model_name, "num_classes": num_classes,
         "input_shape": list(input_shape), "num_samples": num_samples, "label_counts": list(label_counts),
+        "mean": [float(v) for v in mean], "std": [float(v) for v in std],
         "state_dict": model.state_dict(),
     }, path)
 

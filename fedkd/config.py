@@ -88,6 +88,14 @@ class RunConfig:
     lambda_growth: float | None = None
     lambda_end_quantile: float = field(default=0.95, metadata=_range(0.0, 1.0, open_low=True))
 
+    # Transport of the queries (design.md, "Transports"). inprocess: teacher hosts called
+    # directly; grpc: a hub on loopback and one teacher agent process per client, TLS + tokens.
+    transport: str = field(default="inprocess", metadata=_choice("inprocess", "grpc"))
+    quorum: int = field(default=0, metadata=_range(0, None))  # teachers that must answer; 0 = a majority
+    query_timeout: float = field(default=60.0, metadata=_range(0.0, None, open_low=True))  # seconds per query
+    rejoin_timeout: float = field(default=120.0, metadata=_range(0.0, None))  # seconds to wait below quorum
+    max_message_mb: float = field(default=64.0, metadata=_range(0.0, None, open_low=True))  # per gRPC message
+
     # References and housekeeping
     centralised: bool = False
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
@@ -104,6 +112,12 @@ class RunConfig:
                 f"num-clients={self.num_clients}; give one name for all clients or one per client, "
                 "comma-separated"
             )
+
+    def quorum_size(self, teachers: int) -> int:
+        """How many of ``teachers`` must answer each query (``quorum``, or a majority when 0)."""
+        if self.quorum > teachers:
+            raise ConfigError(f"quorum: {self.quorum} is more than the {teachers} teachers in the run")
+        return self.quorum or teachers // 2 + 1
 
     def teacher_models(self) -> list[str]:
         """The teacher architecture of each client (``teacher-model`` may list one per client)."""

@@ -1,21 +1,30 @@
-"""Combining many teachers' answers into one ensemble signal.
+"""Combining many teachers' answers into one ensemble signal, as one autograd function.
 
-- ``mean``: the average of the teachers' logits.
+- ``mean``: the average of the answering teachers' logits.
 - ``class-weighted``: teacher k's logit for class c is weighted by its share of
   the class-c training samples, w[k, c] = h[k, c] / sum_k h[k, c], where h[k] is
   teacher k's normalised label histogram. Clients may decline to share counts:
   a decliner counts as a uniform histogram.
+
+The whole ensemble is one node in the autograd graph: its forward is one
+fan-out of Forward queries through a :class:`~fedkd.pool.TeacherPool`, and
+``loss.backward()`` sends one fan-out of Backward queries (each teacher gets the
+gradient of the loss w.r.t. its own logits and BN loss) and sums the gradients
+w.r.t. the inputs. When a teacher does not answer, the ensemble is formed from
+those that did (weights renormalised over them); a teacher that answered the
+Forward but misses the Backward only loses its term of the gradient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedkd.remote import RemoteTeacher
+from fedkd.pool import TeacherPool
 from fedkd.teacher import CurriculumState
 
 AGGREGATIONS = ("mean", "class-weighted")
@@ -39,40 +48,91 @@ def class_weights(histograms: Sequence[Sequence[int] | None], num_classes: int) 
 @dataclass
 class EnsembleOutput:
     logits: Tensor  # (B, C)
-    bn_loss: Tensor | None  # mean over teachers that have feature statistics
-    member_logits: list[Tensor]
+    bn_loss: Tensor | None  # mean over answering teachers that have feature statistics
+    members: list[int]  # which teachers answered, in pool order
+    member_logits: list[Tensor]  # their logits, aligned with ``members``
+
+
+class _FanOut(torch.autograd.Function):
+    """inputs (B, ...) -> logits (K', B, C), bn losses (K',) of the K' members that answered."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: Tensor, pool: TeacherPool, state: CurriculumState, bn_loss: bool,
+                min_answers: int | None, answered: list[int]) -> tuple[Tensor, Tensor]:
+        x = inputs.detach().cpu().float().contiguous()
+        replies = pool.forward(x, state, bn_loss=bn_loss, min_answers=min_answers)
+        members = sorted(replies)
+        answered.extend(members)
+        ctx.pool, ctx.state, ctx.members, ctx.device = pool, state, members, inputs.device
+        ctx.has_bn = [replies[k].bn_loss is not None for k in members]
+        ctx.x = x
+        logits = torch.stack([replies[k].logits for k in members]).to(inputs.device)
+        losses = torch.stack([replies[k].bn_loss if replies[k].bn_loss is not None else torch.zeros(())
+                              for k in members]).to(inputs.device)
+        return logits, losses
+
+    @staticmethod
+    def backward(ctx: Any, grad_logits: Tensor, grad_losses: Tensor) -> tuple[Tensor | None, ...]:
+        g = grad_logits.detach().cpu().float().contiguous()
+        gl = grad_losses.detach().cpu().float()
+        grads = {k: (g[i].contiguous(), float(gl[i]) if ctx.has_bn[i] else None) for i, k in enumerate(ctx.members)}
+        answers = ctx.pool.backward(ctx.x, grads, ctx.state)
+        total = torch.zeros_like(ctx.x)
+        for grad in answers.values():
+            total += grad
+        return total.to(ctx.device), None, None, None, None, None
 
 
 class Ensemble:
-    """Queries every teacher with the same inputs and combines their logits."""
+    """Queries every teacher of a pool with the same inputs and combines their logits."""
 
-    def __init__(self, teachers: Sequence[RemoteTeacher], aggregation: str = "mean") -> None:
-        if not teachers:
-            raise ValueError("an ensemble needs at least one teacher")
+    def __init__(self, pool: TeacherPool, aggregation: str = "mean") -> None:
         if aggregation not in AGGREGATIONS:
             raise KeyError(f"unknown ensemble aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
-        self.teachers = list(teachers)
-        classes = {t.description.num_classes for t in self.teachers}
-        shapes = {t.description.input_shape for t in self.teachers}
+        self.pool = pool
+        descriptions = pool.descriptions
+        if not descriptions:
+            raise ValueError("an ensemble needs at least one teacher")
+        classes = {d.num_classes for d in descriptions}
+        shapes = {d.input_shape for d in descriptions}
         if len(classes) != 1 or len(shapes) != 1:
             raise ValueError(f"teachers disagree on classes {classes} or input shape {shapes}")
+        self.descriptions = descriptions
         self.num_classes = classes.pop()
         self.aggregation = aggregation
-        self.weights: Tensor | None = None
-        if aggregation == "class-weighted":
-            self.weights = class_weights([t.description.label_counts for t in self.teachers], self.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.descriptions)
 
     @property
     def has_feature_statistics(self) -> bool:
-        return any(t.has_feature_statistics for t in self.teachers)
+        return any(d.has_feature_statistics for d in self.descriptions)
 
-    def __call__(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False) -> EnsembleOutput:
-        answers = [t(inputs, state, bn_loss=bn_loss) for t in self.teachers]
-        logits = torch.stack([a[0] for a in answers])  # (K, B, C)
-        if self.weights is None:
+    def weights(self, members: Sequence[int]) -> Tensor | None:
+        """(K', C) class weights over the answering members, or None for the plain mean."""
+        if self.aggregation == "mean":
+            return None
+        return class_weights([self.descriptions[k].label_counts for k in members], self.num_classes)
+
+    def __call__(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
+                 require_all: bool = False) -> EnsembleOutput:
+        """Query the teachers; gradients flow back through Backward queries when ``inputs`` requires grad."""
+        answered: list[int] = []
+        min_answers = len(self) if require_all else None
+        if inputs.requires_grad and torch.is_grad_enabled():
+            logits, losses = _FanOut.apply(inputs, self.pool, state, bn_loss, min_answers, answered)
+        else:
+            with torch.no_grad():
+                logits, losses = _FanOut.forward(_NoCtx(), inputs, self.pool, state, bn_loss, min_answers, answered)
+        weights = self.weights(answered)
+        if weights is None:
             combined = logits.mean(0)
         else:
-            combined = (logits * self.weights.to(logits.device).unsqueeze(1)).sum(0)
-        losses = [a[1] for a in answers if a[1] is not None]
-        loss = torch.stack(losses).mean() if losses else None
-        return EnsembleOutput(combined, loss, [a[0] for a in answers])
+            combined = (logits * weights.to(logits.device).unsqueeze(1)).sum(0)
+        with_bn = [i for i, k in enumerate(answered) if self.descriptions[k].has_feature_statistics]
+        loss = losses[with_bn].mean() if bn_loss and with_bn else None
+        return EnsembleOutput(combined, loss, answered, list(logits.unbind(0)))
+
+
+class _NoCtx:
+    """Stands in for autograd's ctx when no graph is needed (attributes are set and dropped)."""

@@ -6,10 +6,13 @@ evaluates the teachers and their ensemble through queries -> the method
 distils a student, evaluating every epoch and checkpointing -> summary.json,
 metrics.jsonl and plots in the run directory.
 
-Teachers here are in-process; the method only reaches them through
-:class:`RemoteTeacher`, so other transports slot in without touching it.
-One-shot FedAvg and the centralised model are experiment-only references that
-need the teachers' weights or the pooled data, which no deployment would have.
+The method only reaches the teachers through a :class:`~fedkd.pool.TeacherPool`:
+in-process hosts by default, or (``transport=grpc``) teacher agents behind the
+hub, which the ``server`` package supplies as a :class:`Transport`.
+:func:`distill` is the coordinator's half alone (used by ``fedkd distill`` with
+teachers that live elsewhere). One-shot FedAvg and the centralised model are
+experiment-only references that need the teachers' weights or the pooled data,
+which no deployment would have.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,8 +37,8 @@ from fedkd.methods import METHODS, MethodContext, build_method
 from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_and_variance, predict, query_ensemble
 from fedkd.models import average_weights, build_model, is_model_name, model_names
 from fedkd.plots import plot_accuracy, plot_curriculum, plot_samples
-from fedkd.remote import RemoteTeacher
-from fedkd.teacher import QueryStats, TeacherDescription, TeacherHost
+from fedkd.pool import LocalPool, TeacherPool
+from fedkd.teacher import TeacherDescription, TeacherHost
 from fedkd.training import train_classifier
 
 logger = logging.getLogger(__name__)
@@ -91,9 +96,26 @@ def check_names(config: RunConfig) -> None:
 
 
 @dataclass
-class _Clients:
-    hosts: list[TeacherHost]
-    models: list[nn.Module]  # kept only for the experiment-only FedAvg reference
+class ClientTeacher:
+    """One client's trained teacher, as the one-machine experiment holds it."""
+
+    client: int
+    model_name: str
+    model: nn.Module  # the weights: used by the client's own host, and by the experiment-only FedAvg reference
+    checkpoint: Path
+    description: TeacherDescription
+
+
+# A transport turns the clients' teachers into a pool the coordinator can query, for the
+# duration of a run: the in-process hosts below, or ``server.loopback.grpc_transport``.
+Transport = Callable[[list[ClientTeacher], RunConfig, Path, torch.device], AbstractContextManager[TeacherPool]]
+
+
+@contextmanager
+def in_process(clients: list[ClientTeacher], config: RunConfig, run_dir: Path,
+               device: torch.device) -> Iterator[TeacherPool]:
+    yield LocalPool([TeacherHost(c.model, c.description, max_batch=config.max_query_batch, device=device)
+                     for c in clients])
 
 
 def _build(name: str, spec: DatasetSpec) -> nn.Module:
@@ -115,13 +137,13 @@ def _teacher_path(run_dir: Path, client: int) -> Path:
 
 
 def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: torch.device,
-                    observer: RunObserver) -> _Clients:
+                    observer: RunObserver) -> list[ClientTeacher]:
     """Each client trains (or reloads) its teacher on its own partition and starts its host."""
     spec = split.spec
     parts = partition_indices(split.train.labels, config.num_clients, config.partition, alpha=config.alpha,
                               classes_per_client=config.classes_per_client,
                               min_partition_size=config.min_partition_size, seed=config.seed)
-    hosts, models = [], []
+    clients = []
     for k, (indices, model_name) in enumerate(zip(parts, config.teacher_models())):
         data = split.train.subset(indices)
         path = _teacher_path(run_dir, k)
@@ -138,19 +160,19 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
                            order_seed=config.seed * 1000 + k, device=device)
             counts = data.label_counts(spec.num_classes)
             save_teacher(path, model, model_name=model_name, num_classes=spec.num_classes,
-                         input_shape=spec.input_shape, num_samples=len(data), label_counts=counts)
+                         input_shape=spec.input_shape, num_samples=len(data), label_counts=counts,
+                         mean=spec.mean, std=spec.std)
         description = TeacherDescription(
             client=k, model=model_name, num_classes=spec.num_classes, input_shape=spec.input_shape,
             mean=spec.mean, std=spec.std,
             has_feature_statistics=any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
             num_samples=len(data), label_counts=tuple(counts) if config.share_label_counts else None,
         )
-        hosts.append(TeacherHost(model, description, max_batch=config.max_query_batch, device=device))
-        models.append(model)
-    return _Clients(hosts, models)
+        clients.append(ClientTeacher(k, model_name, model, path, description))
+    return clients
 
 
-def _references(config: RunConfig, split: DataSplit, clients: _Clients, test_inputs: Tensor,
+def _references(config: RunConfig, split: DataSplit, clients: list[ClientTeacher], test_inputs: Tensor,
                 device: torch.device, observer: RunObserver) -> dict[str, Any]:
     """Experiment-only references: one-shot FedAvg (same architectures) and, opt-in, centralised."""
     refs: dict[str, Any] = {"fedavg": None, "centralised": None}
@@ -158,7 +180,7 @@ def _references(config: RunConfig, split: DataSplit, clients: _Clients, test_inp
     spec = split.spec
     if len(set(names)) == 1:
         avg = _build(names[0], spec)
-        avg.load_state_dict(average_weights(clients.models))
+        avg.load_state_dict(average_weights([c.model for c in clients]))
         refs["fedavg"] = {"model": names[0], "test_accuracy": accuracy(
             predict(avg.to(device), test_inputs, device=device), split.test.labels)}
     if config.centralised:
@@ -186,15 +208,8 @@ def _check_resume_config(saved: dict[str, Any], config: RunConfig, path: Path) -
                           "use the original settings or start a new run directory")
 
 
-def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = False,
-                   observer: RunObserver | None = None) -> dict[str, Any]:
-    """Run (or resume) one experiment and return its summary (also written to summary.json)."""
-    observer = observer or _Silent()
-    run_dir = Path(run_dir)
-    check_names(config)
-    device = resolve_device(config.device)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+def open_run_dir(config: RunConfig, run_dir: Path, *, resume: bool) -> dict[str, Any] | None:
+    """Claim ``run_dir`` for a new run, or check it for resumption; returns the saved state if any."""
     ckpt_path = run_dir / "checkpoint.pt"
     config_path = run_dir / "config.json"
     saved_state: dict[str, Any] | None = None
@@ -209,26 +224,68 @@ def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = Fal
                                 "it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return saved_state
 
+
+def setup(config: RunConfig) -> torch.device:
+    """Checks and settings every entry point does first."""
+    check_names(config)
+    device = resolve_device(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    return device
+
+
+def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = False,
+                   observer: RunObserver | None = None, transport: Transport | None = None) -> dict[str, Any]:
+    """Run (or resume) one experiment and return its summary (also written to summary.json)."""
+    observer = observer or _Silent()
+    run_dir = Path(run_dir)
+    device = setup(config)
+    if transport is None:
+        if config.transport != "inprocess":
+            raise ConfigError(f"transport: {config.transport!r} needs the coordinator's hub; run it with "
+                              "`fedkd run` (or pass server.loopback.grpc_transport)")
+        transport = in_process
+    saved_state = open_run_dir(config, run_dir, resume=resume)
     started = time.perf_counter()
-    elapsed_before = float(saved_state["elapsed"]) if saved_state else 0.0
     observer.stage(f"loading {config.dataset}")
     split = load_dataset(config.dataset, config.data_root, seed=config.seed)
-    spec = split.spec
     clients = prepare_clients(config, split, run_dir, device, observer)
-    teachers = [RemoteTeacher(h) for h in clients.hosts]
-    ensemble = Ensemble(teachers, config.ensemble)
+    test_inputs = split.spec.normalize(split.test.images)
+    references = _references(config, split, clients, test_inputs, device, observer)
+    with transport(clients, config, run_dir, device) as pool:
+        summary = distill(config, pool, split, run_dir, device=device, saved_state=saved_state, observer=observer,
+                          references=references, started=started)
+    # Leaving the transport ends the session: clients have now reported what they released.
+    summary["queries"]["reported_by_clients"] = pool.client_reports()
+    write_summary(summary, run_dir)
+    return summary
+
+
+def distill(config: RunConfig, pool: TeacherPool, split: DataSplit, run_dir: Path, *, device: torch.device,
+            saved_state: dict[str, Any] | None, observer: RunObserver, references: dict[str, Any] | None = None,
+            started: float | None = None) -> dict[str, Any]:
+    """The coordinator's half: evaluate the teachers through queries, distil, evaluate, checkpoint, report.
+
+    ``split.test`` is the coordinator's own labelled data for evaluation; the
+    teachers are only reached through ``pool``.
+    """
+    started = time.perf_counter() if started is None else started
+    elapsed_before = float(saved_state["elapsed"]) if saved_state else 0.0
+    spec = split.spec
+    _check_teachers(pool, spec)
+    ensemble = Ensemble(pool, config.ensemble)
     test_inputs = spec.normalize(split.test.images)
     labels = split.test.labels
+    ckpt_path = run_dir / "checkpoint.pt"
 
     if saved_state is not None:
         answers = EnsembleAnswers(saved_state["answers"]["ensemble"], list(saved_state["answers"]["members"]))
-        for host, stats in zip(clients.hosts, saved_state["query_stats"]):
-            host.stats = QueryStats(**stats)
+        pool.restore_stats(saved_state["query_stats"])
     else:
-        observer.stage("evaluating teachers and their ensemble through queries")
+        observer.stage(f"evaluating {len(ensemble)} teachers and their ensemble through queries")
         answers = query_ensemble(ensemble, test_inputs, batch_size=config.max_query_batch)
-    references = _references(config, split, clients, test_inputs, device, observer)
 
     torch.manual_seed(config.seed + 1)
     student = _build(config.student_model, spec)
@@ -262,7 +319,7 @@ def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = Fal
             "loyalty": loyalty(student_logits, answers.ensemble),
             **train_metrics,
             "epoch_seconds": time.perf_counter() - epoch_start,
-            "query_samples": sum(h.stats.samples for h in clients.hosts),
+            "query_samples": sum(s.samples for s in pool.stats()),
         }
         history.append(record)
         with metrics_path.open("a") as f:
@@ -279,13 +336,13 @@ def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = Fal
             "rng": torch.get_rng_state(),
             "elapsed": elapsed_before + time.perf_counter() - started,
             "answers": {"ensemble": answers.ensemble, "members": answers.members},
-            "query_stats": [h.stats.as_dict() for h in clients.hosts],
+            "query_stats": [s.as_dict() for s in pool.stats()],
         }, ckpt_path)
         observer.epoch_finished(record)
 
-    summary = _summary(config, split, clients, answers, references, history,
+    summary = _summary(config, split, pool, answers, references or {"fedavg": None, "centralised": None}, history,
                        elapsed_before + time.perf_counter() - started)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(summary, run_dir)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     best_teacher = max(t["test_accuracy"] for t in summary["teachers"])
@@ -295,7 +352,23 @@ def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     return summary
 
 
-def _summary(config: RunConfig, split: DataSplit, clients: _Clients, answers: EnsembleAnswers,
+def write_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _check_teachers(pool: TeacherPool, spec: DatasetSpec) -> None:
+    """The coordinator evaluates on its own data: every teacher must take that data's inputs and classes."""
+    for k, d in enumerate(pool.descriptions):
+        if d.num_classes != spec.num_classes or tuple(d.input_shape) != tuple(spec.input_shape):
+            raise ConfigError(f"dataset: {spec.name!r} has {spec.num_classes} classes and inputs "
+                              f"{tuple(spec.input_shape)}, but teacher {k} ({d.model}) has {d.num_classes} classes "
+                              f"and inputs {tuple(d.input_shape)}")
+        if any(abs(a - b) > 1e-6 for a, b in zip(tuple(d.mean) + tuple(d.std), tuple(spec.mean) + tuple(spec.std))):
+            raise ConfigError(f"dataset: teacher {k} expects normalisation mean {d.mean}, std {d.std}, the "
+                              f"coordinator's {spec.name!r} data uses {spec.mean}, {spec.std}")
+
+
+def _summary(config: RunConfig, split: DataSplit, pool: TeacherPool, answers: EnsembleAnswers,
              references: dict[str, Any], history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     labels = split.test.labels
     accs = [h["student_accuracy"] for h in history]
@@ -307,9 +380,9 @@ def _summary(config: RunConfig, split: DataSplit, clients: _Clients, answers: En
         "num_clients": config.num_clients,
         "seed": config.seed,
         "teachers": [
-            {"client": h.description.client, "model": h.description.model,
-             "num_samples": h.description.num_samples, "test_accuracy": accuracy(logits, labels)}
-            for h, logits in zip(clients.hosts, answers.members)
+            {"client": d.client, "model": d.model, "num_samples": d.num_samples,
+             "test_accuracy": accuracy(logits, labels)}
+            for d, logits in zip(pool.descriptions, answers.members)
         ],
         "ensemble": {"aggregation": config.ensemble, "test_accuracy": accuracy(answers.ensemble, labels)},
         "student": {
@@ -322,10 +395,12 @@ def _summary(config: RunConfig, split: DataSplit, clients: _Clients, answers: En
             "accuracy_var": acc_var,
         },
         "references": references,
+        "transport": config.transport,
         "queries": {
-            "samples": sum(h.stats.samples for h in clients.hosts),
-            "bytes": sum(h.stats.bytes for h in clients.hosts),
-            "per_client": [{"client": h.description.client, **h.stats.as_dict()} for h in clients.hosts],
+            "samples": sum(s.samples for s in pool.stats()),
+            "bytes": sum(s.bytes for s in pool.stats()),
+            "per_client": [{"client": d.client, **s.as_dict()} for d, s in zip(pool.descriptions, pool.stats())],
+            "reported_by_clients": pool.client_reports(),
         },
         "privacy": None,
         "test_samples": len(labels),

@@ -56,6 +56,6 @@ class EnsembleAnswers:
 @torch.no_grad()
 def query_ensemble(ensemble: Ensemble, inputs: Tensor, *, batch_size: int) -> EnsembleAnswers:
     state = CurriculumState()
-    outs = [ensemble(inputs[i:i + batch_size], state) for i in range(0, len(inputs), batch_size)]
-    members = [torch.cat([o.member_logits[k] for o in outs]) for k in range(len(ensemble.teachers))]
+    outs = [ensemble(inputs[i:i + batch_size], state, require_all=True) for i in range(0, len(inputs), batch_size)]
+    members = [torch.cat([o.member_logits[k] for o in outs]) for k in range(len(ensemble))]
     return EnsembleAnswers(torch.cat([o.logits for o in outs]), members)

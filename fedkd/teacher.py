@@ -17,8 +17,12 @@ problem; the host keeps serving afterwards.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -78,12 +82,13 @@ class QueryStats:
     forward_calls: int = 0
     backward_calls: int = 0
     samples: int = 0
-    bytes: int = 0
+    bytes: int = 0  # tensor payload (inputs, outputs, gradients)
     refused: int = 0
+    missed: int = 0  # queries a teacher did not answer (dropped out, deadline, refusal): coordinator side
+    wire_bytes: int = 0  # serialized messages both ways, when a transport has a wire
 
     def as_dict(self) -> dict[str, int]:
-        return {"forward_calls": self.forward_calls, "backward_calls": self.backward_calls,
-                "samples": self.samples, "bytes": self.bytes, "refused": self.refused}
+        return dataclasses.asdict(self)
 
 
 class FeatureStatistics:
@@ -137,6 +142,7 @@ class TeacherHost:
         *,
         max_batch: int = 1024,
         device: torch.device | str = "cpu",
+        remember: int = 64,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -150,6 +156,10 @@ class TeacherHost:
         self.stats = QueryStats()
         self.last_state: CurriculumState | None = None
         self._lock = threading.Lock()
+        # Digests of the last ``remember`` Forward inputs: a Backward is only answered for inputs the
+        # host has answered a Forward for, so gradients are never released for arbitrary probes.
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._remember = remember
 
     def describe(self) -> TeacherDescription:
         return self.description
@@ -162,6 +172,7 @@ class TeacherHost:
             if bn_loss and not self.statistics:
                 self._refuse("FAILED_PRECONDITION", "this teacher has no feature statistics (no BatchNorm layers)")
             self.last_state = state
+            self._remember_inputs(inputs)
             x = inputs.to(self.device)
             with torch.no_grad():
                 logits, loss = self._run(x, bn_loss)
@@ -190,6 +201,11 @@ class TeacherHost:
                 self._refuse("INVALID_ARGUMENT", "grad_logits contains NaN or infinite values")
             if grad_bn_loss is not None and not self.statistics:
                 self._refuse("FAILED_PRECONDITION", "this teacher has no feature statistics (no BatchNorm layers)")
+            if grad_bn_loss is not None and not math.isfinite(grad_bn_loss):
+                self._refuse("INVALID_ARGUMENT", "grad_bn_loss is not finite")
+            if self._digest(inputs) not in self._seen:
+                self._refuse("FAILED_PRECONDITION", "Backward for inputs this teacher has not answered a Forward "
+                             f"for (it keeps the last {self._remember}); send Forward first")
             self.last_state = state
             x = inputs.to(self.device).detach().requires_grad_(True)
             with torch.enable_grad():
@@ -214,6 +230,17 @@ class TeacherHost:
         finally:
             loss = self.statistics.end() if bn_loss else None
         return logits, loss
+
+    @staticmethod
+    def _digest(inputs: Tensor) -> bytes:
+        return hashlib.blake2b(inputs.detach().cpu().contiguous().numpy(), digest_size=16).digest()
+
+    def _remember_inputs(self, inputs: Tensor) -> None:
+        digest = self._digest(inputs)
+        self._seen[digest] = None
+        self._seen.move_to_end(digest)
+        while len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
 
     def _refuse(self, code: str, message: str) -> None:
         self.stats.refused += 1

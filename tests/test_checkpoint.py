@@ -8,7 +8,7 @@ from fedkd.models import build_model
 def _save(path, name="lenet5"):
     model = build_model(name, num_classes=10, channels=1, image_size=8)
     save_teacher(path, model, model_name=name, num_classes=10, input_shape=(1, 8, 8), num_samples=5,
-                 label_counts=[1] * 10)
+                 label_counts=[1] * 10, mean=(0.5,), std=(0.25,))
     return model
 
 

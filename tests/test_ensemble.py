@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from fedkd.ensemble import Ensemble, class_weights
-from fedkd.remote import RemoteTeacher
+from fedkd.pool import LocalPool
 from fedkd.teacher import CurriculumState, TeacherDescription, TeacherHost
 
 
@@ -21,14 +21,14 @@ class Fixed(nn.Module):
 def _teacher(row, counts=None, client=0):
     desc = TeacherDescription(client=client, model="fixed", num_classes=len(row), input_shape=(1, 2, 2),
                               mean=(0.0,), std=(1.0,), label_counts=counts)
-    return RemoteTeacher(TeacherHost(Fixed(row), desc))
+    return TeacherHost(Fixed(row), desc)
 
 
 def test_mean_of_logits():
-    ens = Ensemble([_teacher([1.0, 0.0, 0.0]), _teacher([0.0, 3.0, 0.0])])
+    ens = Ensemble(LocalPool([_teacher([1.0, 0.0, 0.0]), _teacher([0.0, 3.0, 0.0])]))
     out = ens(torch.zeros(2, 1, 2, 2), CurriculumState())
     torch.testing.assert_close(out.logits, torch.tensor([[0.5, 1.5, 0.0]] * 2))
-    assert out.bn_loss is None and len(out.member_logits) == 2
+    assert out.bn_loss is None and len(out.member_logits) == 2 and out.members == [0, 1]
 
 
 def test_class_weights_follow_label_counts_and_decliners_count_as_uniform():
@@ -41,15 +41,15 @@ def test_class_weights_follow_label_counts_and_decliners_count_as_uniform():
 
 
 def test_class_weighted_ensemble():
-    ens = Ensemble([_teacher([4.0, 4.0], [10, 0]), _teacher([0.0, 2.0], [0, 10])], "class-weighted")
+    ens = Ensemble(LocalPool([_teacher([4.0, 4.0], [10, 0]), _teacher([0.0, 2.0], [0, 10])]), "class-weighted")
     out = ens(torch.zeros(1, 1, 2, 2), CurriculumState())
     torch.testing.assert_close(out.logits, torch.tensor([[4.0, 2.0]]))
 
 
 def test_ensemble_validation():
     with pytest.raises(ValueError, match="at least one teacher"):
-        Ensemble([])
+        LocalPool([])
     with pytest.raises(KeyError, match="valid: mean, class-weighted"):
-        Ensemble([_teacher([0.0, 1.0])], "median")
+        Ensemble(LocalPool([_teacher([0.0, 1.0])]), "median")
     with pytest.raises(ValueError, match="disagree"):
-        Ensemble([_teacher([0.0, 1.0]), _teacher([0.0, 1.0, 2.0])])
+        Ensemble(LocalPool([_teacher([0.0, 1.0]), _teacher([0.0, 1.0, 2.0])]))

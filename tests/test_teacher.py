@@ -51,6 +51,7 @@ def test_backward_equals_autograd_through_the_same_model():
     x = torch.randn(5, 1, 8, 8)
     g_logits = torch.randn(5, 10)
     g_bn = 0.7
+    host.forward(x, STATE)
     got = host.backward(x, g_logits, STATE, grad_bn_loss=g_bn)
 
     ref_model = _trained_bn_model()
@@ -145,3 +146,21 @@ def test_feature_statistics_loss_is_zero_on_matching_statistics():
     stats.begin()
     model(x + 3)
     assert stats.end().item() > 3.0
+
+
+def test_backward_only_for_inputs_the_host_answered_a_forward_for():
+    host = _host(remember=2)
+    x = torch.randn(3, 1, 8, 8)
+    g = torch.randn(3, 10)
+    with pytest.raises(QueryError, match="has not answered a Forward") as err:
+        host.backward(x, g, STATE)
+    assert err.value.code == "FAILED_PRECONDITION"
+    host.forward(x, STATE)
+    assert host.backward(x, g, STATE).shape == x.shape
+    # A changed input is a different query; and old inputs are forgotten after `remember` Forwards.
+    with pytest.raises(QueryError, match="has not answered"):
+        host.backward(x + 1e-3, g, STATE)
+    host.forward(torch.randn(3, 1, 8, 8), STATE)
+    host.forward(torch.randn(3, 1, 8, 8), STATE)
+    with pytest.raises(QueryError, match="keeps the last 2"):
+        host.backward(x, g, STATE)

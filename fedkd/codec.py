@@ -1,0 +1,139 @@
+"""Converting between torch values and ``fedkd.v1`` messages.
+
+Tensors travel as raw little-endian bytes with dtype and shape (never pickle).
+Decoding validates everything a peer controls: a dtype this codec does not
+know, a negative dimension, a byte count that does not match the shape, or a
+tensor larger than the receiver's limit raises :class:`~fedkd.teacher.QueryError`
+with INVALID_ARGUMENT or RESOURCE_EXHAUSTED and a message naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import Tensor
+
+from fedkd.teacher import CurriculumState, QueryError, TeacherDescription
+from fedkd.v1 import fedkd_pb2 as pb
+
+DTYPES: dict[torch.dtype, int] = {
+    torch.float32: pb.FLOAT32,
+    torch.float64: pb.FLOAT64,
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.int64: pb.INT64,
+    torch.int32: pb.INT32,
+    torch.int16: pb.INT16,
+    torch.int8: pb.INT8,
+    torch.uint8: pb.UINT8,
+    torch.bool: pb.BOOL,
+}
+_TORCH = {v: k for k, v in DTYPES.items()}
+LITTLE_ENDIAN = sys.byteorder == "little"
+MAX_DIMS = 8
+
+
+def _swap_bytes(t: Tensor) -> Tensor:
+    """Reverse the byte order of every element (for big-endian hosts); ``t`` contiguous."""
+    size = t.element_size()
+    if size == 1:
+        return t
+    raw = t.reshape(-1).view(torch.uint8).reshape(-1, size).flip(1).contiguous()
+    return raw.view(t.dtype).reshape(t.shape)
+
+
+def encode_tensor(t: Tensor, *, little_endian: bool = LITTLE_ENDIAN) -> pb.Tensor:
+    if t.dtype not in DTYPES:
+        raise TypeError(f"dtype {t.dtype} cannot be sent; supported: {', '.join(map(str, DTYPES))}")
+    t = t.detach().to("cpu").contiguous()
+    if not little_endian:
+        t = _swap_bytes(t)
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return pb.Tensor(dtype=DTYPES[t.dtype], shape=list(t.shape), data=data)
+
+
+def decode_tensor(msg: pb.Tensor, *, field: str = "tensor", max_bytes: int | None = None,
+                  little_endian: bool = LITTLE_ENDIAN) -> Tensor:
+    """The tensor in ``msg`` (a fresh, writable copy); ``field`` names it in errors."""
+    dtype = _TORCH.get(msg.dtype)
+    if dtype is None:
+        name = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else str(msg.dtype)
+        raise QueryError("INVALID_ARGUMENT", f"{field}: unsupported dtype {name}")
+    shape = list(msg.shape)
+    if len(shape) > MAX_DIMS:
+        raise QueryError("INVALID_ARGUMENT", f"{field}: {len(shape)} dimensions, at most {MAX_DIMS} supported")
+    if any(d < 0 for d in shape):
+        raise QueryError("INVALID_ARGUMENT", f"{field}: negative dimension in shape {tuple(shape)}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if max_bytes is not None and expected > max_bytes:
+        raise QueryError("RESOURCE_EXHAUSTED", f"{field}: shape {tuple(shape)} needs {expected:,} bytes, more "
+                         f"than the limit of {max_bytes:,}")
+    if len(msg.data) != expected:
+        raise QueryError("INVALID_ARGUMENT", f"{field}: {len(msg.data):,} bytes of data for shape {tuple(shape)} of "
+                         f"{pb.DType.Name(msg.dtype)} (expected {expected:,})")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    t = torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+    return t if little_endian else _swap_bytes(t)
+
+
+def encode_state(state: CurriculumState) -> pb.CurriculumState:
+    return pb.CurriculumState(epoch=state.epoch, step=state.step, lam=state.lam, adv_weight=state.adv_weight)
+
+
+def decode_state(msg: pb.CurriculumState) -> CurriculumState:
+    for name in ("lam", "adv_weight"):
+        if not math.isfinite(getattr(msg, name)):
+            raise QueryError("INVALID_ARGUMENT", f"state.{name} is not finite")
+    return CurriculumState(epoch=int(msg.epoch), step=int(msg.step), lam=float(msg.lam),
+                           adv_weight=float(msg.adv_weight))
+
+
+def encode_description(d: TeacherDescription, *, name: str = "", max_batch: int = 0) -> pb.TeacherDescription:
+    privacy = d.privacy or {}
+    return pb.TeacherDescription(
+        name=name, client=d.client, model=d.model, num_classes=d.num_classes, input_shape=list(d.input_shape),
+        mean=list(d.mean), std=list(d.std), access_modes=list(d.access_modes),
+        has_feature_statistics=d.has_feature_statistics, num_samples=d.num_samples or 0,
+        label_counts=list(d.label_counts or ()), max_batch=max_batch,
+        privacy=pb.PrivacyStatus(
+            mechanism=str(privacy.get("mechanism", "none")), epsilon_budget=float(privacy.get("epsilon_budget", 0.0)),
+            epsilon_spent=float(privacy.get("epsilon_spent", 0.0)), delta=float(privacy.get("delta", 0.0)),
+            unit=str(privacy.get("unit", ""))),
+    )
+
+
+def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
+    """Validate what an agent announces; raises INVALID_ARGUMENT naming the field."""
+    def bad(text: str) -> QueryError:
+        return QueryError("INVALID_ARGUMENT", f"description: {text}")
+
+    if msg.num_classes < 2:
+        raise bad(f"num_classes must be at least 2, got {msg.num_classes}")
+    if len(msg.input_shape) != 3 or any(d <= 0 for d in msg.input_shape):
+        raise bad(f"input_shape must be (channels, height, width) with positive sizes, got {tuple(msg.input_shape)}")
+    channels = msg.input_shape[0]
+    if len(msg.mean) != channels or len(msg.std) != channels or any(s <= 0 for s in msg.std):
+        raise bad(f"mean and std need one value per channel ({channels}), std positive")
+    unknown = set(msg.access_modes) - {"gradient", "logits"}
+    if unknown or not msg.access_modes:
+        raise bad(f"access_modes must be a non-empty subset of logits, gradient; got {list(msg.access_modes)}")
+    if msg.label_counts and (len(msg.label_counts) != msg.num_classes or min(msg.label_counts) < 0):
+        raise bad(f"label_counts must have {msg.num_classes} non-negative entries")
+    privacy = None
+    if msg.HasField("privacy") and msg.privacy.mechanism not in ("", "none"):
+        p = msg.privacy
+        privacy = {"mechanism": p.mechanism, "epsilon_budget": p.epsilon_budget, "epsilon_spent": p.epsilon_spent,
+                   "delta": p.delta, "unit": p.unit}
+    return TeacherDescription(
+        client=int(msg.client), model=msg.model, num_classes=int(msg.num_classes),
+        input_shape=(int(msg.input_shape[0]), int(msg.input_shape[1]), int(msg.input_shape[2])),
+        mean=tuple(float(v) for v in msg.mean), std=tuple(float(v) for v in msg.std),
+        access_modes=tuple(msg.access_modes), has_feature_statistics=bool(msg.has_feature_statistics),
+        num_samples=int(msg.num_samples) or None,
+        label_counts=tuple(int(c) for c in msg.label_counts) if msg.label_counts else None,
+        privacy=privacy,
+    )

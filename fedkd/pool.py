@@ -1,0 +1,110 @@
+"""The coordinator's view of all its teachers: one fan-out per query.
+
+A :class:`TeacherPool` sends the same query to every teacher at once and
+returns the answers of those that replied. The :class:`~fedkd.ensemble.Ensemble`
+turns a pool into one autograd function, so method code is the same for
+in-process teachers (:class:`LocalPool`, here) and teachers behind the gRPC hub
+(``server.hub.HubPool``), which answers in parallel, with deadlines and a quorum.
+
+Members are indexed 0..K-1 in a fixed order. Answers are dicts keyed by member:
+a member missing from a reply did not answer (dropped out, missed the
+deadline, or refused); each pool counts that as ``missed`` in its stats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from fedkd.teacher import CurriculumState, ForwardReply, QueryStats, TeacherDescription, TeacherHost
+
+
+class QuorumError(RuntimeError):
+    """Fewer teachers answered a query than the run's quorum; the message says who and why."""
+
+
+class TeacherPool(Protocol):
+    """Every teacher of a run, queried together."""
+
+    @property
+    def descriptions(self) -> list[TeacherDescription]: ...
+
+    def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
+                min_answers: int | None = None) -> dict[int, ForwardReply]:
+        """Logits (and BN loss from members that have statistics, when asked) per answering member.
+
+        Raises :class:`QuorumError` when fewer than ``min_answers`` (default: the pool's quorum) answer.
+        """
+        ...
+
+    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, float | None]],
+                 state: CurriculumState) -> dict[int, Tensor]:
+        """Gradient w.r.t. ``inputs`` from each member in ``grads`` (its grad_logits, grad_bn_loss) that answered."""
+        ...
+
+    def stats(self) -> list[QueryStats]:
+        """The coordinator's count of what each member answered (same order as ``descriptions``)."""
+        ...
+
+    def restore_stats(self, stats: Sequence[Mapping[str, int]]) -> None: ...
+
+    def client_reports(self) -> list[dict[str, Any]]:
+        """What each client itself says it released (its own accounting)."""
+        ...
+
+
+def forward_bytes(inputs: Tensor, reply: ForwardReply) -> int:
+    """Tensor payload of one Forward exchange (inputs out, logits and the BN loss back)."""
+    return inputs.nbytes + reply.logits.nbytes + (4 if reply.bn_loss is not None else 0)
+
+
+def backward_bytes(inputs: Tensor, grad_logits: Tensor, grad_inputs: Tensor) -> int:
+    return inputs.nbytes + grad_logits.nbytes + grad_inputs.nbytes
+
+
+class LocalPool:
+    """Teachers in this process (their hosts called one after another). Nothing fails over here."""
+
+    def __init__(self, hosts: Sequence[TeacherHost]) -> None:
+        if not hosts:
+            raise ValueError("a teacher pool needs at least one teacher")
+        self.hosts = list(hosts)
+        self._stats = [QueryStats() for _ in self.hosts]
+
+    @property
+    def descriptions(self) -> list[TeacherDescription]:
+        return [h.describe() for h in self.hosts]
+
+    def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
+                min_answers: int | None = None) -> dict[int, ForwardReply]:
+        replies = {}
+        for k, host in enumerate(self.hosts):
+            want = bn_loss and host.description.has_feature_statistics
+            reply = host.forward(inputs, state, bn_loss=want)
+            self._stats[k].forward_calls += 1
+            self._stats[k].samples += len(inputs)
+            self._stats[k].bytes += forward_bytes(inputs, reply)
+            replies[k] = reply
+        return replies
+
+    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, float | None]],
+                 state: CurriculumState) -> dict[int, Tensor]:
+        out = {}
+        for k, (grad_logits, grad_bn) in grads.items():
+            grad = self.hosts[k].backward(inputs, grad_logits, state, grad_bn_loss=grad_bn)
+            self._stats[k].backward_calls += 1
+            self._stats[k].samples += len(inputs)
+            self._stats[k].bytes += backward_bytes(inputs, grad_logits, grad)
+            out[k] = grad
+        return out
+
+    def stats(self) -> list[QueryStats]:
+        return list(self._stats)
+
+    def restore_stats(self, stats: Sequence[Mapping[str, int]]) -> None:
+        self._stats = [QueryStats(**dict(s)) for s in stats]
+
+    def client_reports(self) -> list[dict[str, Any]]:
+        return [{"client": h.description.client, **h.stats.as_dict()} for h in self.hosts]

@@ -1,0 +1,215 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT16: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    BOOL: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT64: DType
+FLOAT16: DType
+BFLOAT16: DType
+INT64: DType
+INT32: DType
+INT16: DType
+INT8: DType
+UINT8: DType
+BOOL: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CurriculumState(_message.Message):
+    __slots__ = ("epoch", "step", "lam", "adv_weight")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LAM_FIELD_NUMBER: _ClassVar[int]
+    ADV_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    step: int
+    lam: float
+    adv_weight: float
+    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., lam: _Optional[float] = ..., adv_weight: _Optional[float] = ...) -> None: ...
+
+class PrivacyStatus(_message.Message):
+    __slots__ = ("mechanism", "epsilon_budget", "epsilon_spent", "delta", "unit")
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    mechanism: str
+    epsilon_budget: float
+    epsilon_spent: float
+    delta: float
+    unit: str
+    def __init__(self, mechanism: _Optional[str] = ..., epsilon_budget: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., unit: _Optional[str] = ...) -> None: ...
+
+class TeacherDescription(_message.Message):
+    __slots__ = ("name", "client", "model", "num_classes", "input_shape", "mean", "std", "access_modes", "has_feature_statistics", "num_samples", "label_counts", "privacy", "max_batch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_MODES_FIELD_NUMBER: _ClassVar[int]
+    HAS_FEATURE_STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    client: int
+    model: str
+    num_classes: int
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    access_modes: _containers.RepeatedScalarFieldContainer[str]
+    has_feature_statistics: bool
+    num_samples: int
+    label_counts: _containers.RepeatedScalarFieldContainer[int]
+    privacy: PrivacyStatus
+    max_batch: int
+    def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("inputs", "state", "bn_loss")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    inputs: Tensor
+    state: CurriculumState
+    bn_loss: bool
+    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., bn_loss: _Optional[bool] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("logits", "bn_loss")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    BN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    logits: Tensor
+    bn_loss: float
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_loss: _Optional[float] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("inputs", "grad_logits", "state", "grad_bn_loss")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_BN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    inputs: Tensor
+    grad_logits: Tensor
+    state: CurriculumState
+    grad_bn_loss: float
+    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., grad_bn_loss: _Optional[float] = ...) -> None: ...
+
+class BackwardReply(_message.Message):
+    __slots__ = ("grad_inputs",)
+    GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    grad_inputs: Tensor
+    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Spent(_message.Message):
+    __slots__ = ("forward_calls", "backward_calls", "samples", "bytes", "refused", "privacy")
+    FORWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    forward_calls: int
+    backward_calls: int
+    samples: int
+    bytes: int
+    refused: int
+    privacy: PrivacyStatus
+    def __init__(self, forward_calls: _Optional[int] = ..., backward_calls: _Optional[int] = ..., samples: _Optional[int] = ..., bytes: _Optional[int] = ..., refused: _Optional[int] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("session", "description", "agent_version")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    description: TeacherDescription
+    agent_version: str
+    def __init__(self, session: _Optional[str] = ..., description: _Optional[_Union[TeacherDescription, _Mapping]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("session", "teacher", "max_message_bytes")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    teacher: str
+    max_message_bytes: int
+    def __init__(self, session: _Optional[str] = ..., teacher: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+
+class Goodbye(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class HubMessage(_message.Message):
+    __slots__ = ("id", "welcome", "forward", "backward", "goodbye")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    welcome: Welcome
+    forward: ForwardRequest
+    backward: BackwardRequest
+    goodbye: Goodbye
+    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., forward: _Optional[_Union[ForwardRequest, _Mapping]] = ..., backward: _Optional[_Union[BackwardRequest, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("id", "hello", "forward", "backward", "error", "spent")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    hello: Hello
+    forward: ForwardReply
+    backward: BackwardReply
+    error: Status
+    spent: Spent
+    def __init__(self, id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., forward: _Optional[_Union[ForwardReply, _Mapping]] = ..., backward: _Optional[_Union[BackwardReply, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., spent: _Optional[_Union[Spent, _Mapping]] = ...) -> None: ...
