@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,7 +19,7 @@ from torch import Tensor
 from fedkd.teacher import CurriculumState, QueryError, TeacherDescription
 from fedkd.v1 import fedkd_pb2 as pb
 
-DTYPES: dict[torch.dtype, int] = {
+DTYPES: dict[torch.dtype, Any] = {  # values: fedkd.v1.DType
     torch.float32: pb.FLOAT32,
     torch.float64: pb.FLOAT64,
     torch.float16: pb.FLOAT16,
@@ -123,7 +124,7 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         raise bad(f"access_modes must be a non-empty subset of logits, gradient; got {list(msg.access_modes)}")
     if msg.label_counts and (len(msg.label_counts) != msg.num_classes or min(msg.label_counts) < 0):
         raise bad(f"label_counts must have {msg.num_classes} non-negative entries")
-    privacy = None
+    privacy: dict[str, float | str] | None = None
     if msg.HasField("privacy") and msg.privacy.mechanism not in ("", "none"):
         p = msg.privacy
         privacy = {"mechanism": p.mechanism, "epsilon_budget": p.epsilon_budget, "epsilon_spent": p.epsilon_spent,

@@ -67,8 +67,12 @@ class _FanOut(torch.autograd.Function):
         ctx.has_bn = [replies[k].bn_loss is not None for k in members]
         ctx.x = x
         logits = torch.stack([replies[k].logits for k in members]).to(inputs.device)
-        losses = torch.stack([replies[k].bn_loss if replies[k].bn_loss is not None else torch.zeros(())
-                              for k in members]).to(inputs.device)
+        losses = torch.zeros(len(members))
+        for i, k in enumerate(members):
+            loss = replies[k].bn_loss
+            if loss is not None:
+                losses[i] = loss
+        losses = losses.to(inputs.device)
         return logits, losses
 
     @staticmethod

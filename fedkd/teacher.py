@@ -233,7 +233,7 @@ class TeacherHost:
 
     @staticmethod
     def _digest(inputs: Tensor) -> bytes:
-        return hashlib.blake2b(inputs.detach().cpu().contiguous().numpy(), digest_size=16).digest()
+        return hashlib.blake2b(inputs.detach().cpu().contiguous().numpy().data, digest_size=16).digest()
 
     def _remember_inputs(self, inputs: Tensor) -> None:
         digest = self._digest(inputs)
