@@ -34,6 +34,21 @@ DTYPES: dict[torch.dtype, Any] = {  # values: fedkd.v1.DType
 _TORCH = {v: k for k, v in DTYPES.items()}
 LITTLE_ENDIAN = sys.byteorder == "little"
 MAX_DIMS = 8
+MiB = 1 << 20
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC options both sides of a session use: explicit message size limits, and keepalives
+    so that a peer that vanishes without closing its connection is noticed within ~30 s."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 def _swap_bytes(t: Tensor) -> Tensor:

@@ -159,14 +159,16 @@ class Spent(_message.Message):
     def __init__(self, forward_calls: _Optional[int] = ..., backward_calls: _Optional[int] = ..., samples: _Optional[int] = ..., bytes: _Optional[int] = ..., refused: _Optional[int] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("session", "description", "agent_version")
+    __slots__ = ("session", "description", "agent_version", "max_message_bytes")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     session: str
     description: TeacherDescription
     agent_version: str
-    def __init__(self, session: _Optional[str] = ..., description: _Optional[_Union[TeacherDescription, _Mapping]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, session: _Optional[str] = ..., description: _Optional[_Union[TeacherDescription, _Mapping]] = ..., agent_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("session", "teacher", "max_message_bytes")

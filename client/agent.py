@@ -1,0 +1,243 @@
+"""The institution's teacher agent: dials out to the coordinator's hub and answers its queries.
+
+The agent holds the teacher (in a :class:`~fedkd.teacher.TeacherHost`, which
+enforces the client's own limits: maximum batch, the access modes it grants,
+Backward only for inputs it has answered) and never sends anything but
+answers: no data, no weights. It opens one ``fedkd.v1.Hub/Session`` stream,
+announces itself, answers Forward/Backward queries one after another, and
+when the hub says goodbye reports what it released and returns. A dropped
+connection is retried with jittered exponential backoff; a refusal of its
+credentials is final (retrying would not change the answer).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from fedkd.codec import MiB, channel_options, decode_state, decode_tensor, encode_description, encode_tensor
+from fedkd.teacher import QueryError, TeacherHost
+from fedkd.v1 import fedkd_pb2 as pb
+from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+AGENT_VERSION = "fedkd-agent/1"
+# Refusals that a retry cannot fix: stop and tell the operator.
+FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+class AgentError(RuntimeError):
+    """The agent cannot serve: the hub refused it, or it could not reach the hub in time."""
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """PEM bytes: the CA that signed the hub's certificate; a certificate and key for mutual TLS."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    target: str  # host:port of the hub
+    token: str | None = None
+    tls: ClientTLS | None = None  # None = plaintext (loopback experiments only)
+    session: str = ""  # the run the agent was invited to ("" = whatever the hub runs)
+    name: str = ""
+    max_message_bytes: int = 64 * MiB
+    initial_backoff: float = 0.5
+    max_backoff: float = 30.0
+    give_up_after: float = 600.0  # seconds without a working session
+    server_name: str | None = None  # TLS name to expect, when it differs from the target's host
+
+
+class TeacherAgent:
+    """Serves one teacher to a hub until the hub ends the session."""
+
+    def __init__(self, host: TeacherHost, settings: AgentSettings) -> None:
+        self.host = host
+        self.settings = settings
+        self.sessions = 0  # sessions the hub welcomed (1 + reconnections)
+        self.welcome: pb.Welcome | None = None
+        self._stop = threading.Event()
+        self._call: Any = None
+        shape = host.description.input_shape
+        # Upper bound on a query tensor before it is decoded (float64 is the largest dtype accepted by the codec).
+        self._max_tensor_bytes = host.max_batch * shape[0] * shape[1] * shape[2] * 8
+
+    # Public -------------------------------------------------------------------------------
+
+    def serve(self) -> dict[str, int]:
+        """Connect, answer queries, reconnect when dropped; returns what was released when the hub says goodbye."""
+        s = self.settings
+        backoff = s.initial_backoff
+        last_ok = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                if self._session():
+                    return self.host.stats.as_dict()
+                reason = "the hub closed the stream"
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in FATAL:
+                    raise AgentError(f"the hub at {s.target} refused this teacher: {code.name}: "
+                                     f"{exc.details()}") from None
+                reason = f"{code.name}: {exc.details()}"
+            if self.welcome is not None:  # the last attempt got a session: start the backoff afresh
+                backoff, last_ok, self.welcome = s.initial_backoff, time.monotonic(), None
+            if self._stop.is_set():
+                break
+            if time.monotonic() - last_ok > s.give_up_after:
+                raise AgentError(f"no session with the hub at {s.target} for {s.give_up_after:.0f} s "
+                                 f"(last error: {reason})")
+            delay = backoff * random.uniform(0.5, 1.0)
+            logger.warning("connection to %s lost (%s); retrying in %.1f s", s.target, reason, delay)
+            self._stop.wait(delay)
+            backoff = min(backoff * 2, s.max_backoff)
+        return self.host.stats.as_dict()
+
+    def stop(self) -> None:
+        """Leave the session (from another thread or a signal handler)."""
+        self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    # One session ---------------------------------------------------------------------------
+
+    def _channel(self) -> grpc.Channel:
+        s = self.settings
+        options: list[tuple[str, Any]] = list(channel_options(s.max_message_bytes))
+        if s.server_name:
+            options.append(("grpc.ssl_target_name_override", s.server_name))
+        if s.tls is None:
+            return grpc.insecure_channel(s.target, options=options)
+        return grpc.secure_channel(s.target, s.tls.credentials(), options=options)
+
+    def _hello(self) -> pb.AgentMessage:
+        s = self.settings
+        description = encode_description(self.host.description, name=s.name, max_batch=self.host.max_batch)
+        return pb.AgentMessage(hello=pb.Hello(session=s.session, description=description,
+                                              agent_version=AGENT_VERSION, max_message_bytes=s.max_message_bytes))
+
+    def _session(self) -> bool:
+        """One stream; True when it ended with the hub's goodbye."""
+        outbox: queue.Queue[pb.AgentMessage | None] = queue.Queue()
+        outbox.put(self._hello())
+
+        def requests() -> Iterator[pb.AgentMessage]:
+            while True:
+                msg = outbox.get()
+                if msg is None:
+                    return
+                yield msg
+
+        metadata = [("authorization", f"Bearer {self.settings.token}")] if self.settings.token else None
+        with self._channel() as channel:
+            call = pb_grpc.HubStub(channel).Session(requests(), metadata=metadata)
+            self._call = call
+            if self._stop.is_set():
+                call.cancel()
+            goodbye = False
+            try:
+                for msg in call:
+                    kind = msg.WhichOneof("kind")
+                    if kind == "welcome":
+                        self.welcome = msg.welcome
+                        self.sessions += 1
+                        logger.info("joined session %r at %s as %s", msg.welcome.session, self.settings.target,
+                                    msg.welcome.teacher)
+                    elif kind == "goodbye":
+                        # Report, half-close, and read on until the hub closes its side (so the report is
+                        # delivered before the channel goes).
+                        outbox.put(pb.AgentMessage(id=msg.id, spent=self._spent()))
+                        outbox.put(None)
+                        goodbye = True
+                        logger.info("the hub ended the session: %s", msg.goodbye.reason)
+                    elif goodbye:
+                        continue
+                    else:
+                        outbox.put(self._answer(msg))
+            except grpc.RpcError as exc:
+                if goodbye or (exc.code() == grpc.StatusCode.CANCELLED and self._stop.is_set()):
+                    return goodbye
+                raise
+            finally:
+                outbox.put(None)
+                self._call = None
+            return goodbye
+
+    # Answers ------------------------------------------------------------------------------
+
+    def _answer(self, msg: pb.HubMessage) -> pb.AgentMessage:
+        kind = msg.WhichOneof("kind")
+        try:
+            if kind == "forward":
+                reply = self._forward(msg.forward)
+            elif kind == "backward":
+                reply = self._backward(msg.backward)
+            else:
+                raise QueryError("INVALID_ARGUMENT", f"unexpected {kind or 'empty'} message from the hub")
+            limit = self.welcome.max_message_bytes if self.welcome and self.welcome.max_message_bytes else None
+            if limit is not None and reply.ByteSize() > limit:
+                raise QueryError("RESOURCE_EXHAUSTED", f"the answer ({reply.ByteSize():,} bytes) exceeds the hub's "
+                                                       f"message limit of {limit:,} bytes")
+            reply.id = msg.id
+            return reply
+        except QueryError as exc:
+            if exc.code != "FAILED_PRECONDITION" or "Backward" not in exc.message:
+                logger.debug("refused query %d: %s", msg.id, exc)
+            return self._error(msg.id, exc.code, exc.message)
+        except Exception as exc:  # a bug here must not take the teacher offline for everyone
+            logger.exception("query %d failed", msg.id)
+            return self._error(msg.id, "INTERNAL", f"{type(exc).__name__}: {exc}")
+
+    def _decode(self, msg: pb.Tensor, name: str) -> Any:
+        try:
+            return decode_tensor(msg, field=name, max_bytes=self._max_tensor_bytes)
+        except QueryError:
+            self.host.stats.refused += 1
+            raise
+
+    def _forward(self, request: pb.ForwardRequest) -> pb.AgentMessage:
+        inputs = self._decode(request.inputs, "inputs")
+        state = decode_state(request.state)
+        reply = self.host.forward(inputs, state, bn_loss=request.bn_loss)
+        out = pb.ForwardReply(logits=encode_tensor(reply.logits))
+        if reply.bn_loss is not None:
+            out.bn_loss = float(reply.bn_loss)
+        return pb.AgentMessage(forward=out)
+
+    def _backward(self, request: pb.BackwardRequest) -> pb.AgentMessage:
+        inputs = self._decode(request.inputs, "inputs")
+        grad_logits = self._decode(request.grad_logits, "grad_logits")
+        state = decode_state(request.state)
+        grad_bn = request.grad_bn_loss if request.HasField("grad_bn_loss") else None
+        grad = self.host.backward(inputs, grad_logits, state, grad_bn_loss=grad_bn)
+        return pb.AgentMessage(backward=pb.BackwardReply(grad_inputs=encode_tensor(grad)))
+
+    def _error(self, mid: int, code: str, message: str) -> pb.AgentMessage:
+        number = grpc.StatusCode[code].value[0] if code in grpc.StatusCode.__members__ else 2  # UNKNOWN
+        return pb.AgentMessage(id=mid, error=pb.Status(code=number, message=message))
+
+    def _spent(self) -> pb.Spent:
+        st = self.host.stats
+        privacy = self.host.description.privacy or {}
+        return pb.Spent(forward_calls=st.forward_calls, backward_calls=st.backward_calls, samples=st.samples,
+                        bytes=st.bytes, refused=st.refused,
+                        privacy=pb.PrivacyStatus(mechanism=str(privacy.get("mechanism", "none"))))

@@ -1,0 +1,109 @@
+"""A development certificate authority for the hub and its teachers (``fedkd certs``).
+
+For trying fedkd across machines, on loopback, and in tests: one CA, a server
+certificate for the hub's names and addresses, and optionally one client
+certificate per teacher (common name = the teacher's name) for mutual TLS.
+Keys are ECDSA P-256 and written with mode 0600. A consortium in production
+would use its own PKI; the hub and the agents only need PEM files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass(frozen=True)
+class DevPKI:
+    directory: Path
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    clients: dict[str, tuple[Path, Path]]  # teacher name -> (certificate, key)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedkd development CA"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write(path: Path, data: bytes, *, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if private:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _issue(subject: str, key: ec.EllipticCurvePrivateKey, ca_name: x509.Name, ca_key: ec.EllipticCurvePrivateKey,
+           *, days: int, ca: bool = False, sans: Sequence[str] = (), usage: x509.ObjectIdentifier | None = None
+           ) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(ca_name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+            decipher_only=False), critical=True)
+    if sans:
+        names: list[x509.GeneralName] = []
+        for host in sans:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def make_dev_pki(directory: str | Path, *, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+                 clients: Sequence[str] = (), days: int = 30) -> DevPKI:
+    """Create a CA, a server certificate for ``hosts`` and a client certificate per name in ``clients``.
+
+    Writes ca.pem, ca.key, server.pem, server.key and <client>.pem / <client>.key
+    into ``directory``. Existing files are overwritten.
+    """
+    if not hosts:
+        raise ValueError("the server certificate needs at least one host name or address")
+    d = Path(directory)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name("fedkd development CA")
+    ca_cert = _issue("fedkd development CA", ca_key, ca_name, ca_key, days=days, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = _issue(hosts[0], server_key, ca_name, ca_key, days=days, sans=hosts,
+                         usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    pem = serialization.Encoding.PEM
+    _write(d / "ca.pem", ca_cert.public_bytes(pem))
+    _write(d / "ca.key", _key_pem(ca_key), private=True)
+    _write(d / "server.pem", server_cert.public_bytes(pem))
+    _write(d / "server.key", _key_pem(server_key), private=True)
+    issued = {}
+    for name in clients:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(name, key, ca_name, ca_key, days=days, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+        _write(d / f"{name}.pem", cert.public_bytes(pem))
+        _write(d / f"{name}.key", _key_pem(key), private=True)
+        issued[name] = (d / f"{name}.pem", d / f"{name}.key")
+    return DevPKI(d, d / "ca.pem", d / "ca.key", d / "server.pem", d / "server.key", issued)

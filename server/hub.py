@@ -1,0 +1,602 @@
+"""The coordinator's gRPC hub: teacher agents dial in, queries fan out to them.
+
+Each institution's agent opens one long-lived ``fedkd.v1.Hub/Session`` stream
+(institutions make outbound connections only). The hub authenticates it (TLS
+plus a per-teacher bearer token, or a client certificate under mutual TLS)
+before anything else, reads its Hello, and from then on sends it queries and
+matches the answers by id. :class:`HubPool` is the coordinator's
+:class:`~fedkd.pool.TeacherPool` over the hub: every Forward/Backward goes to
+all live teachers at once, with a deadline; the run continues while a quorum
+answers, waits (bounded) for dropped teachers to rejoin when it does not, and
+records queries and bytes per teacher. gRPC health checking and server
+reflection are served beside the Hub service.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hmac
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from torch import Tensor
+
+from fedkd.codec import MiB, channel_options, decode_description, decode_tensor, encode_state, encode_tensor
+from fedkd.pool import QuorumError, backward_bytes, forward_bytes
+from fedkd.teacher import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription
+from fedkd.v1 import fedkd_pb2 as pb
+from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Hub"].full_name  # "fedkd.v1.Hub"
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """PEM bytes: the hub's certificate chain and key; ``client_ca`` turns on mutual TLS."""
+
+    certificate_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)],
+                                           root_certificates=self.client_ca,
+                                           require_client_auth=self.client_ca is not None)
+
+
+class ConnectionLost(RuntimeError):
+    """The teacher's stream closed while a query was in flight."""
+
+
+class _Connection:
+    """One live Session stream: an outbox the handler drains, and futures for the answers."""
+
+    def __init__(self, slot: _Slot, peer: str, limit: int) -> None:
+        self.slot = slot
+        self.peer = peer
+        self.limit = limit  # the largest message the agent accepts
+        self.outbox: queue.Queue[pb.HubMessage | None] = queue.Queue()
+        self.pending: dict[int, cf.Future[pb.AgentMessage]] = {}
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.reason = ""
+        self._ids = itertools.count(1)
+
+    def send(self, **kind: Any) -> tuple[int, cf.Future[pb.AgentMessage], int]:
+        """Queue a message; returns its id, the future of its answer and its size on the wire."""
+        future: cf.Future[pb.AgentMessage] = cf.Future()
+        with self.lock:
+            if self.closed.is_set():
+                raise ConnectionLost(self.reason)
+            mid = next(self._ids)
+            self.pending[mid] = future
+        msg = pb.HubMessage(id=mid, **kind)
+        self.outbox.put(msg)
+        return mid, future, msg.ByteSize()
+
+    def forget(self, mid: int) -> None:
+        with self.lock:
+            self.pending.pop(mid, None)
+
+    def deliver(self, msg: pb.AgentMessage) -> bool:
+        with self.lock:
+            future = self.pending.pop(msg.id, None)
+        if future is None:
+            return False
+        future.set_result(msg)
+        return True
+
+    def close(self, reason: str) -> bool:
+        """Close once; True when this call closed it."""
+        with self.lock:
+            if self.closed.is_set():
+                return False
+            self.closed.set()
+            self.reason = reason
+            pending, self.pending = self.pending, {}
+        self.outbox.put(None)
+        for future in pending.values():
+            future.set_exception(ConnectionLost(reason))
+        return True
+
+
+@dataclass
+class _Slot:
+    """A teacher of the run: the identity its token (or certificate) grants, and its current connection."""
+
+    name: str
+    index: int
+    token: str | None
+    description: TeacherDescription | None = None
+    connection: _Connection | None = None
+    stats: QueryStats = field(default_factory=QueryStats)
+    joins: int = 0
+    report: dict[str, Any] | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.connection is not None and not self.connection.closed.is_set()
+
+
+def _same_teacher(a: TeacherDescription, b: TeacherDescription) -> bool:
+    """Whether a rejoining agent is the teacher that left (privacy spend may have moved on)."""
+    return dataclasses.replace(a, privacy=None) == dataclasses.replace(b, privacy=None)
+
+
+class Hub:
+    """A gRPC server that teacher agents connect to, and the pool the coordinator queries them through.
+
+    ``slots`` maps each teacher's name to its token (None under mutual TLS, where
+    the client certificate's common name is the teacher's name).
+    """
+
+    def __init__(
+        self,
+        slots: Mapping[str, str | None],
+        *,
+        session: str,
+        address: str = "127.0.0.1:0",
+        tls: ServerTLS | None = None,
+        max_message_bytes: int = 64 * MiB,
+        query_timeout: float = 60.0,
+        rejoin_timeout: float = 120.0,
+        quorum: int | None = None,
+        hello_timeout: float = 10.0,
+    ) -> None:
+        if not slots:
+            raise ValueError("a hub needs at least one teacher slot")
+        if tls is None or tls.client_ca is None:
+            missing = [name for name, token in slots.items() if not token]
+            if missing:
+                raise ValueError(f"teachers {missing} have no token; tokens are required unless mutual TLS is on")
+        self.slots = [_Slot(name, i, token) for i, (name, token) in enumerate(sorted(slots.items()))]
+        self._by_name = {s.name: s for s in self.slots}
+        self.session = session
+        self.address = address
+        self.tls = tls
+        self.max_message_bytes = int(max_message_bytes)
+        self.query_timeout = query_timeout
+        self.rejoin_timeout = rejoin_timeout
+        self.quorum = quorum if quorum is not None else len(self.slots) // 2 + 1
+        if not 1 <= self.quorum <= len(self.slots):
+            raise ValueError(f"quorum {self.quorum} must be between 1 and the {len(self.slots)} teachers")
+        self.hello_timeout = hello_timeout
+        self.protocol_errors = 0
+        self.refused_peers = 0
+        self._changed = threading.Condition()
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self.port: int | None = None
+        self.pool = HubPool(self)
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Bind and serve; returns the port (useful with port 0)."""
+        workers = 2 * len(self.slots) + 8
+        server = grpc.server(cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedkd-hub"),
+                             options=channel_options(self.max_message_bytes),
+                             maximum_concurrent_rpcs=workers - 2)
+        pb_grpc.add_HubServicer_to_server(_HubServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+        if self.tls is not None:
+            port = server.add_secure_port(self.address, self.tls.credentials())
+        else:
+            port = server.add_insecure_port(self.address)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.address!r} (address in use or not local)")
+        server.start()
+        self._server, self.port = server, port
+        for name in ("", SERVICE):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("hub listening on port %d (%s)", port, "TLS" if self.tls else "plaintext")
+        return port
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._health.enter_graceful_shutdown()
+        for slot in self.slots:
+            if slot.connection is not None:
+                slot.connection.close("hub stopped")
+        if self._server is not None:
+            self._server.stop(grace).wait(grace + 1.0)
+            self._server = None
+
+    def __enter__(self) -> Hub:
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # Membership ---------------------------------------------------------------------------
+
+    def live(self) -> list[_Slot]:
+        return [s for s in self.slots if s.live]
+
+    def wait_for_teachers(self, count: int | None = None, timeout: float = 60.0) -> None:
+        """Block until ``count`` (default: every) teacher is connected; TimeoutError names the missing ones."""
+        count = len(self.slots) if count is None else count
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self.live()) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [s.name for s in self.slots if not s.live]
+                    raise TimeoutError(f"{len(self.live())} of {len(self.slots)} teachers connected after "
+                                       f"{timeout:.0f} s (need {count}); not connected: {', '.join(missing)}")
+                self._changed.wait(min(left, 1.0))
+
+    def end_session(self, reason: str = "distillation finished", timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Say goodbye to every live teacher and collect what each reports it released."""
+        waits = []
+        for slot in self.live():
+            assert slot.connection is not None
+            try:
+                mid, future, _ = slot.connection.send(goodbye=pb.Goodbye(reason=reason))
+                waits.append((slot, future))
+            except ConnectionLost:
+                continue
+        for slot, future in waits:
+            try:
+                future.result(timeout=timeout)
+            except (cf.TimeoutError, ConnectionLost):
+                logger.warning("%s did not report its spend before the session closed", slot.name)
+            if slot.connection is not None:
+                slot.connection.close("session ended")
+        return self.pool.client_reports()
+
+    # Called by the servicer ---------------------------------------------------------------
+
+    def _authenticate(self, context: grpc.ServicerContext) -> _Slot:
+        """The slot this peer may hold; aborts with UNAUTHENTICATED / PERMISSION_DENIED otherwise."""
+        if self.tls is not None and self.tls.client_ca is not None:
+            names = [n.decode() for n in context.auth_context().get("x509_common_name", [])]
+            slot = next((self._by_name[n] for n in names if n in self._by_name), None)
+            if slot is None:
+                self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                             f"client certificate {names or '(no common name)'} is not a teacher of this run")
+            assert slot is not None
+            if slot.token is None:
+                return slot
+        else:
+            slot = None
+        metadata = dict(context.invocation_metadata())
+        header = metadata.get("authorization")
+        if not isinstance(header, str) or not header:
+            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED,
+                         "no credentials: send the teacher's token as 'authorization: Bearer <token>' metadata")
+        assert isinstance(header, str)
+        if not header.startswith("Bearer "):
+            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'")
+        token = header[len("Bearer "):].strip()
+        match = next((s for s in self.slots if s.token and hmac.compare_digest(s.token, token)), None)
+        if match is None:
+            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "token not recognised by this hub")
+        assert match is not None
+        if slot is not None and match is not slot:
+            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                         f"the token is {match.name}'s but the client certificate is {slot.name}'s")
+        return match
+
+    def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        self.refused_peers += 1
+        logger.warning("refused %s: %s", context.peer(), message)
+        context.abort(code, message)
+
+    def _join(self, slot: _Slot, hello: pb.Hello, context: grpc.ServicerContext) -> _Connection:
+        if hello.session and hello.session != self.session:
+            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"unknown session {hello.session!r}; this hub runs session {self.session!r}")
+        try:
+            description = dataclasses.replace(decode_description(hello.description), client=slot.index)
+        except QueryError as exc:
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+            raise  # unreachable: abort raises
+        if slot.description is not None and not _same_teacher(slot.description, description):
+            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"{slot.name} rejoined as a different teacher ({description.model}, "
+                         f"{description.num_classes} classes) than it joined as ({slot.description.model}, "
+                         f"{slot.description.num_classes} classes)")
+        limit = self.max_message_bytes
+        if 0 < hello.max_message_bytes < limit:
+            limit = int(hello.max_message_bytes)
+        connection = _Connection(slot, context.peer(), limit)
+        with self._changed:
+            old = slot.connection
+            slot.connection = connection
+            slot.description = description
+            slot.joins += 1
+            self._changed.notify_all()
+        if old is not None:
+            old.close(f"replaced by a new connection from {context.peer()}")
+        logger.info("%s joined from %s (%s, join %d)", slot.name, context.peer(), description.model, slot.joins)
+        return connection
+
+    def _leave(self, connection: _Connection, reason: str) -> None:
+        if connection.close(reason):
+            logger.info("%s left (%s)", connection.slot.name, reason)
+        with self._changed:
+            self._changed.notify_all()
+
+    def _read(self, connection: _Connection, requests: Iterator[pb.AgentMessage]) -> None:
+        """Reader thread of one stream: match answers to queries until the stream ends."""
+        reason = "teacher closed the stream"
+        try:
+            for msg in requests:
+                connection.slot.stats.wire_bytes += msg.ByteSize()
+                kind = msg.WhichOneof("kind")
+                if kind == "spent":
+                    connection.slot.report = _spent_dict(connection.slot, msg.spent)
+                if kind in (None, "hello") or not connection.deliver(msg):
+                    # A duplicate Hello, an empty message, or an answer to nothing we asked (or asked and gave up
+                    # on): count it and go on.
+                    self.protocol_errors += 1
+                    logger.debug("%s: unexpected %s message with id %d", connection.slot.name, kind, msg.id)
+        except Exception as exc:  # grpc raises when the peer goes away or the call is cancelled
+            reason = f"stream broke ({type(exc).__name__})"
+        finally:
+            self._leave(connection, reason)
+
+
+def _spent_dict(slot: _Slot, spent: pb.Spent) -> dict[str, Any]:
+    report: dict[str, Any] = {"client": slot.index, "name": slot.name, "forward_calls": spent.forward_calls,
+                              "backward_calls": spent.backward_calls, "samples": spent.samples,
+                              "bytes": spent.bytes, "refused": spent.refused}
+    if spent.HasField("privacy") and spent.privacy.mechanism not in ("", "none"):
+        p = spent.privacy
+        report["privacy"] = {"mechanism": p.mechanism, "epsilon_budget": p.epsilon_budget,
+                             "epsilon_spent": p.epsilon_spent, "delta": p.delta, "unit": p.unit}
+    return report
+
+
+class _HubServicer(pb_grpc.HubServicer):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def Session(self, request_iterator: Iterator[pb.AgentMessage],
+                context: grpc.ServicerContext) -> Iterator[pb.HubMessage]:
+        hub = self.hub
+        slot = hub._authenticate(context)
+        # A peer that authenticates but never says Hello is cut off after hello_timeout.
+        timer = threading.Timer(hub.hello_timeout, context.cancel)
+        timer.start()
+        try:
+            first = next(request_iterator, None)
+        except Exception:
+            return
+        finally:
+            timer.cancel()
+        if first is None or first.WhichOneof("kind") != "hello":
+            hub._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        "the first message of a session must be a Hello with the teacher's description")
+        assert first is not None
+        connection = hub._join(slot, first.hello, context)
+        context.add_callback(lambda: hub._leave(connection, "stream ended"))
+        threading.Thread(target=hub._read, args=(connection, request_iterator), daemon=True,
+                         name=f"fedkd-hub-{slot.name}").start()
+        yield pb.HubMessage(welcome=pb.Welcome(session=hub.session, teacher=slot.name,
+                                               max_message_bytes=hub.max_message_bytes))
+        while True:
+            msg = connection.outbox.get()
+            if msg is None:
+                return
+            yield msg
+
+
+@dataclass
+class _Outcome:
+    answers: dict[int, pb.AgentMessage]
+    failures: dict[str, str]  # teacher name -> why it did not answer
+    lost: bool  # some teacher dropped out during the query (worth waiting for a rejoin)
+
+
+class HubPool:
+    """The coordinator's pool over a hub: parallel fan-out, deadlines, quorum, rejoin, per-teacher accounting."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    @property
+    def descriptions(self) -> list[TeacherDescription]:
+        missing = [s.name for s in self.hub.slots if s.description is None]
+        if missing:
+            raise QuorumError(f"teachers {', '.join(missing)} have never connected; wait for them first")
+        return [s.description for s in self.hub.slots if s.description is not None]
+
+    # Fan-out ----------------------------------------------------------------------------
+
+    def _wait_for_quorum(self, need: int) -> list[_Slot]:
+        hub = self.hub
+        deadline = time.monotonic() + hub.rejoin_timeout
+        with hub._changed:
+            while len(hub.live()) < need:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    gone = [s.name for s in hub.slots if not s.live]
+                    raise QuorumError(f"only {len(hub.live())} of {len(hub.slots)} teachers are connected and "
+                                      f"{need} must answer; waited {hub.rejoin_timeout:.0f} s for "
+                                      f"{', '.join(gone)} to rejoin")
+                hub._changed.wait(min(left, 1.0))
+            return hub.live()
+
+    def _fan_out(self, messages: Mapping[int, dict[str, Any]]) -> _Outcome:
+        """Send ``messages[k]`` to teacher k (all at once) and gather the answers within the deadline."""
+        hub = self.hub
+        sent: dict[int, tuple[_Connection, int, cf.Future[pb.AgentMessage]]] = {}
+        failures: dict[str, str] = {}
+        lost = False
+        for k, kind in messages.items():
+            slot = hub.slots[k]
+            connection = slot.connection
+            if connection is None or connection.closed.is_set():
+                failures[slot.name] = "not connected"
+                lost = True
+                continue
+            size = pb.HubMessage(**kind).ByteSize()
+            if size > connection.limit:
+                raise QueryError("RESOURCE_EXHAUSTED", f"a query of {size:,} bytes exceeds {slot.name}'s message "
+                                 f"limit of {connection.limit:,} bytes; lower batch-size or raise max-message-mb")
+            try:
+                mid, future, wire = connection.send(**kind)
+            except ConnectionLost as exc:
+                failures[slot.name] = f"disconnected ({exc})"
+                lost = True
+                continue
+            slot.stats.wire_bytes += wire
+            sent[k] = (connection, mid, future)
+        done, _ = cf.wait([f for _, _, f in sent.values()], timeout=hub.query_timeout)
+        answers = {}
+        for k, (connection, mid, future) in sent.items():
+            name = hub.slots[k].name
+            if future not in done:
+                connection.forget(mid)
+                failures[name] = f"no answer within {hub.query_timeout:g} s"
+                continue
+            try:
+                msg = future.result()
+            except ConnectionLost as exc:
+                failures[name] = f"disconnected ({exc})"
+                lost = True
+                continue
+            if msg.WhichOneof("kind") == "error":
+                code = STATUS_CODES.get(msg.error.code, grpc.StatusCode.UNKNOWN)
+                failures[name] = f"refused: {code.name}: {msg.error.message}"
+                continue
+            answers[k] = msg
+        return _Outcome(answers, failures, lost)
+
+    def _check_quorum(self, outcome: _Outcome, need: int, what: str) -> None:
+        if len(outcome.answers) < need:
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(outcome.failures.items()))
+            raise QuorumError(f"{what}: {len(outcome.answers)} of {len(self.hub.slots)} teachers answered, "
+                              f"{need} needed ({why})")
+
+    def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
+                min_answers: int | None = None) -> dict[int, ForwardReply]:
+        need = self.hub.quorum if min_answers is None else min_answers
+        descriptions = self.descriptions
+        x = encode_tensor(inputs)
+        st = encode_state(state)
+        batch, classes = len(inputs), descriptions[0].num_classes
+        for attempt in range(3):
+            live = self._wait_for_quorum(need)
+            messages = {s.index: {"forward": pb.ForwardRequest(
+                inputs=x, state=st, bn_loss=bn_loss and descriptions[s.index].has_feature_statistics)}
+                for s in live}
+            outcome = self._fan_out(messages)
+            replies = {}
+            for k, msg in outcome.answers.items():
+                slot = self.hub.slots[k]
+                try:
+                    reply = self._forward_reply(msg, batch, classes)
+                except QueryError as exc:
+                    outcome.failures[slot.name] = f"bad answer: {exc.message}"
+                    continue
+                slot.stats.forward_calls += 1
+                slot.stats.samples += batch
+                slot.stats.bytes += forward_bytes(inputs, reply)
+                replies[k] = reply
+            outcome.answers = {k: outcome.answers[k] for k in replies}
+            for slot in self.hub.slots:
+                if slot.index not in replies:
+                    slot.stats.missed += 1
+            self._log_failures(outcome, "Forward")
+            if len(replies) >= need or not outcome.lost or attempt == 2:
+                self._check_quorum(outcome, need, "Forward")
+                return replies
+            logger.warning("Forward below quorum after a teacher dropped out; waiting for it to rejoin")
+        raise AssertionError("unreachable")
+
+    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, float | None]],
+                 state: CurriculumState) -> dict[int, Tensor]:
+        if not grads:
+            return {}
+        x = encode_tensor(inputs)
+        st = encode_state(state)
+        messages = {}
+        for k, (grad_logits, grad_bn) in grads.items():
+            request = pb.BackwardRequest(inputs=x, grad_logits=encode_tensor(grad_logits), state=st)
+            if grad_bn is not None:
+                request.grad_bn_loss = grad_bn
+            messages[k] = {"backward": request}
+        outcome = self._fan_out(messages)
+        out = {}
+        for k, msg in outcome.answers.items():
+            slot = self.hub.slots[k]
+            if msg.WhichOneof("kind") != "backward":
+                outcome.failures[slot.name] = f"answered a Backward with {msg.WhichOneof('kind')}"
+                continue
+            try:
+                grad = decode_tensor(msg.backward.grad_inputs, field="grad_inputs",
+                                     max_bytes=self.hub.max_message_bytes)
+                if grad.dtype != inputs.dtype or grad.shape != inputs.shape:
+                    raise QueryError("INVALID_ARGUMENT", f"grad_inputs {grad.dtype} {tuple(grad.shape)} does not "
+                                                         f"match the inputs {tuple(inputs.shape)}")
+                if not torch.isfinite(grad).all():
+                    raise QueryError("INVALID_ARGUMENT", "grad_inputs contain NaN or infinite values")
+            except QueryError as exc:
+                outcome.failures[slot.name] = f"bad answer: {exc.message}"
+                continue
+            slot.stats.backward_calls += 1
+            slot.stats.samples += len(inputs)
+            slot.stats.bytes += backward_bytes(inputs, grads[k][0], grad)
+            out[k] = grad
+        for k in grads:
+            if k not in out:
+                self.hub.slots[k].stats.missed += 1
+        outcome.answers = {k: outcome.answers[k] for k in out}
+        self._log_failures(outcome, "Backward")
+        # The Forward already met the quorum; a Backward a teacher misses only loses its gradient term.
+        self._check_quorum(outcome, 1, "Backward")
+        return out
+
+    @staticmethod
+    def _forward_reply(msg: pb.AgentMessage, batch: int, classes: int) -> ForwardReply:
+        if msg.WhichOneof("kind") != "forward":
+            raise QueryError("INVALID_ARGUMENT", f"answered a Forward with {msg.WhichOneof('kind')}")
+        logits = decode_tensor(msg.forward.logits, field="logits", max_bytes=batch * classes * 4)
+        if logits.dtype != torch.float32 or tuple(logits.shape) != (batch, classes):
+            raise QueryError("INVALID_ARGUMENT", f"logits {logits.dtype} {tuple(logits.shape)}, expected float32 "
+                                                 f"{(batch, classes)}")
+        if not torch.isfinite(logits).all():
+            raise QueryError("INVALID_ARGUMENT", "logits contain NaN or infinite values")
+        bn = None
+        if msg.forward.HasField("bn_loss"):
+            bn = torch.tensor(msg.forward.bn_loss, dtype=torch.float32)
+            if not torch.isfinite(bn):
+                raise QueryError("INVALID_ARGUMENT", "bn_loss is not finite")
+        return ForwardReply(logits, bn)
+
+    def _log_failures(self, outcome: _Outcome, what: str) -> None:
+        for name, reason in outcome.failures.items():
+            logger.warning("%s %s: %s", what, name, reason)
+
+    # Accounting --------------------------------------------------------------------------
+
+    def stats(self) -> list[QueryStats]:
+        return [s.stats for s in self.hub.slots]
+
+    def restore_stats(self, stats: Sequence[Mapping[str, int]]) -> None:
+        for slot, saved in zip(self.hub.slots, stats):
+            slot.stats = QueryStats(**dict(saved))
+
+    def client_reports(self) -> list[dict[str, Any]]:
+        return [s.report or {"client": s.index, "name": s.name, "reported": False} for s in self.hub.slots]
+
