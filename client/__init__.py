@@ -1,7 +1,7 @@
-"""The institution's entry points (Flower ClientApp, the teacher agent that dials the hub).
+"""The institution's entry points: the teacher agent that dials the coordinator's hub
+(:mod:`client.agent`, ``fedkd teacher``) and, with the Flower app, the ClientApp.
 
-They arrive with the gRPC and Flower transports; in a one-machine run
-(``fedkd run``) the client side is played by :mod:`fedkd.experiment`, which
-trains each client's teacher on its own partition and serves it through a
-:class:`fedkd.teacher.TeacherHost`.
+In a one-machine in-process run (``fedkd run``) the client side is played by
+:mod:`fedkd.experiment`, which trains each client's teacher on its own
+partition and serves it through a :class:`fedkd.teacher.TeacherHost`.
 """

@@ -1,6 +1,9 @@
 """The ``fedkd`` command: thin entry points that parse, build and delegate.
 
     fedkd run [--config FILE.toml] [--set KEY=VALUE ...] [--out DIR] [--resume]
+    fedkd distill --listen HOST:PORT --teachers N [--cert F --key F | --insecure] ...   (alias: fedkd hub)
+    fedkd teacher --checkpoint FILE --connect HOST:PORT --token-file FILE [--ca FILE]
+    fedkd certs --out DIR [--hosts NAME,...] [--clients N]
     fedkd keys            # every config key with its default and allowed values
 """
 
@@ -20,12 +23,19 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+import client.cli
 from fedkd.checkpoint import CheckpointError
 from fedkd.config import ConfigError, RunConfig, config_from_mapping, load_config_file, parse_assignments
 from fedkd.data import DatasetNotFoundError
 from fedkd.experiment import RunDirectoryError, run_experiment
+from fedkd.pool import QuorumError
+from fedkd.tls import make_dev_pki
+from server.distill import run_distillation, teacher_names
+from server.hub import ServerTLS
+from server.loopback import grpc_transport
 
-USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, RunDirectoryError)
+USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, RunDirectoryError, QuorumError, TimeoutError,
+               FileNotFoundError)
 
 
 class RichObserver:
@@ -91,15 +101,80 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
     return table
 
 
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _out(args: argparse.Namespace, config: RunConfig) -> Path:
+    default_out = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{config.dataset}-{config.method}")
+    return Path(args.out) if args.out else default_out
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     config = _build_config(args)
-    default_out = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{config.dataset}-{config.method}")
-    out = Path(args.out) if args.out else default_out
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+    out = _out(args, config)
+    transport = grpc_transport if config.transport == "grpc" else None
+    with _progress(console) as progress:
         observer = RichObserver(console, progress, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch)
-        summary = run_experiment(config, out, resume=args.resume, observer=observer)
+        summary = run_experiment(config, out, resume=args.resume, observer=observer, transport=transport)
     console.print(_results_table(summary, out))
+    return 0
+
+
+def _server_tls(args: argparse.Namespace, out: Path, console: Console) -> ServerTLS | None:
+    if args.insecure:
+        if args.cert or args.client_ca:
+            raise ConfigError("--insecure cannot be combined with --cert or --client-ca")
+        console.log("[bold red]plaintext hub[/]: tokens and queries travel unencrypted (loopback experiments only)")
+        return None
+    if bool(args.cert) != bool(args.key):
+        raise ConfigError("--cert and --key go together")
+    if args.cert:
+        cert, key = Path(args.cert).read_bytes(), Path(args.key).read_bytes()
+    else:
+        host = args.listen.rsplit(":", 1)[0]
+        hosts = [h for h in dict.fromkeys([host, "localhost", "127.0.0.1", *args.hosts.split(",")]) if h
+                 and h not in ("0.0.0.0", "[::]")]
+        pki = make_dev_pki(out / "tls", hosts=hosts)
+        console.log(f"no --cert given: created a development CA; give teachers --ca {pki.ca_cert} "
+                    f"(server certificate for {', '.join(hosts)})")
+        cert, key = pki.server_cert.read_bytes(), pki.server_key.read_bytes()
+    client_ca = Path(args.client_ca).read_bytes() if args.client_ca else None
+    return ServerTLS(cert, key, client_ca)
+
+
+def cmd_distill(args: argparse.Namespace, console: Console) -> int:
+    config = _build_config(args)
+    out = _out(args, config)
+    if config.transport != "inprocess":
+        raise ConfigError("transport: fedkd distill always serves teachers over gRPC; leave transport unset")
+    config = config.replace(num_clients=args.teachers, transport="grpc")
+    tls = _server_tls(args, out, console)
+    token_dir = Path(args.token_dir) if args.token_dir else out / "tokens"
+    console.log(f"each teacher runs: fedkd teacher --checkpoint TEACHER.pt --connect {args.listen} "
+                f"--token-file {token_dir}/<{teacher_names(1)[0]} ...>.token"
+                + (f" --ca {out / 'tls' / 'ca.pem'}" if tls and not args.cert else ""))
+    with _progress(console) as progress:
+        observer = RichObserver(console, progress, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch)
+        summary = run_distillation(config, out, listen=args.listen, teachers=args.teachers, tls=tls,
+                                   token_dir=token_dir, wait=args.wait, resume=args.resume, observer=observer)
+    console.print(_results_table(summary, out))
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace, console: Console) -> int:
+    return client.cli.command(args)
+
+
+def cmd_certs(args: argparse.Namespace, console: Console) -> int:
+    hosts = [h for h in args.hosts.split(",") if h]
+    pki = make_dev_pki(args.out, hosts=hosts, clients=teacher_names(args.clients), days=args.days)
+    console.print(f"CA: {pki.ca_cert}\nhub: --cert {pki.server_cert} --key {pki.server_key} (valid for "
+                  f"{', '.join(hosts)})")
+    for name, (cert, key) in pki.clients.items():
+        console.print(f"{name}: --cert {cert} --key {key}")
+    console.print(f"teachers: --ca {pki.ca_cert}; with client certificates, the hub adds --client-ca {pki.ca_cert}")
     return 0
 
 
@@ -125,12 +200,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedkd", description="Federated data-free knowledge distillation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run an experiment on one machine (teachers in-process)")
+    run = sub.add_parser("run", help="run an experiment on one machine (teachers in-process, or with "
+                         "transport=grpc as agent processes on loopback)")
     run.add_argument("--config", help="TOML file of config keys")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/<time>-<dataset>-<method>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.set_defaults(func=cmd_run)
+    for name in ("distill", "hub"):
+        d = sub.add_parser(name, help="coordinator: open the hub, wait for teachers to dial in, distil"
+                           + (" (same as distill)" if name == "hub" else ""))
+        d.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on, e.g. 0.0.0.0:50051")
+        d.add_argument("--teachers", type=int, required=True, help="number of teachers that will connect")
+        d.add_argument("--config", help="TOML file of config keys")
+        d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
+        d.add_argument("--out", help="run directory (default: runs/<time>-<dataset>-<method>)")
+        d.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        d.add_argument("--cert", help="hub certificate chain (PEM); default: a development CA in <out>/tls")
+        d.add_argument("--key", help="key of --cert (PEM)")
+        d.add_argument("--hosts", default="", help="extra names/addresses for the development certificate")
+        d.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS); "
+                       "the certificate's common name is the teacher's name, no token needed")
+        d.add_argument("--insecure", action="store_true", help="plaintext (loopback experiments only)")
+        d.add_argument("--token-dir", help="where the per-teacher tokens are (created when missing; "
+                       "default <out>/tokens)")
+        d.add_argument("--wait", type=float, default=600.0, help="seconds to wait for all teachers (default 600)")
+        d.set_defaults(func=cmd_distill)
+    teacher = sub.add_parser("teacher", help="institution: serve a teacher checkpoint to a coordinator's hub")
+    client.cli.add_arguments(teacher)
+    teacher.set_defaults(func=cmd_teacher)
+    certs = sub.add_parser("certs", help="create a development CA, a hub certificate and teacher certificates")
+    certs.add_argument("--out", required=True, help="directory for the PEM files")
+    certs.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses the hub is reached at")
+    certs.add_argument("--clients", type=int, default=0, help="client certificates for teacher-000.. (mutual TLS)")
+    certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    certs.set_defaults(func=cmd_certs)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     return parser
@@ -138,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "teacher":
+        return client.cli.command(args)
     console = Console(stderr=False, log_path=False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])

@@ -19,11 +19,14 @@ import dataclasses
 import hmac
 import itertools
 import logging
+import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -163,7 +166,7 @@ class Hub:
             missing = [name for name, token in slots.items() if not token]
             if missing:
                 raise ValueError(f"teachers {missing} have no token; tokens are required unless mutual TLS is on")
-        self.slots = [_Slot(name, i, token) for i, (name, token) in enumerate(sorted(slots.items()))]
+        self.slots = [_Slot(name, i, token) for i, (name, token) in enumerate(slots.items())]
         self._by_name = {s.name: s for s in self.slots}
         self.session = session
         self.address = address
@@ -600,3 +603,24 @@ class HubPool:
     def client_reports(self) -> list[dict[str, Any]]:
         return [s.report or {"client": s.index, "name": s.name, "reported": False} for s in self.hub.slots]
 
+
+
+def issue_tokens(directory: str | Path, names: Sequence[str]) -> dict[str, str]:
+    """One bearer token per teacher in ``directory/<name>.token`` (mode 0600); existing ones are kept,
+    so a resumed run admits the same agents. Returns name -> token, in the order given."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tokens = {}
+    for name in names:
+        path = d / f"{name}.token"
+        if path.exists():
+            token = path.read_text().strip()
+            if not token:
+                raise ValueError(f"token file {str(path)!r} is empty; delete it to issue a new token")
+        else:
+            token = secrets.token_urlsafe(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+        tokens[name] = token
+    return tokens

@@ -1,0 +1,131 @@
+"""``fedkd teacher``: serve a teacher checkpoint to a coordinator's hub.
+
+    fedkd teacher --checkpoint teacher.pt --connect hub.example.org:50051 \\
+                  --token-file teacher-00.token --ca ca.pem
+
+The agent dials out (no inbound port is opened), answers queries until the
+coordinator ends the session, and prints what it released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
+from fedkd.checkpoint import CheckpointError, load_teacher
+from fedkd.codec import MiB
+from fedkd.teacher import ACCESS_MODES, TeacherDescription, TeacherHost
+
+
+def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
+                         share_label_counts: bool = True, client: int = 0,
+                         device: str = "cpu") -> TeacherHost:
+    """A host for the teacher in a ``fedkd.teacher.v1`` checkpoint, with the client's own limits."""
+    model, ckpt = load_teacher(path)
+    if "mean" not in ckpt or "std" not in ckpt:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not record its input normalisation (mean, std); "
+                              "save it again with this version of fedkd")
+    unknown = set(access) - set(ACCESS_MODES)
+    if unknown or not access:
+        raise ValueError(f"--access: {sorted(unknown) or 'nothing'} given; choose from {', '.join(ACCESS_MODES)}")
+    shape = tuple(int(d) for d in ckpt["input_shape"])
+    description = TeacherDescription(
+        client=client, model=ckpt["model"], num_classes=int(ckpt["num_classes"]),
+        input_shape=(shape[0], shape[1], shape[2]), mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]),
+        access_modes=tuple(a for a in ACCESS_MODES if a in access),
+        has_feature_statistics=any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+        num_samples=int(ckpt["num_samples"]),
+        label_counts=tuple(int(c) for c in ckpt["label_counts"]) if share_label_counts else None,
+    )
+    return TeacherHost(model, description, max_batch=max_batch, device=device)
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist")
+    return p.read_bytes()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="the teacher checkpoint (fedkd.teacher.v1)")
+    parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="the coordinator's hub")
+    parser.add_argument("--token-file", help="file holding this teacher's token (from the coordinator)")
+    parser.add_argument("--ca", help="CA certificate (PEM) that signed the hub's certificate; default: system roots")
+    parser.add_argument("--cert", help="this teacher's client certificate (PEM), for mutual TLS")
+    parser.add_argument("--key", help="the key of --cert (PEM)")
+    parser.add_argument("--insecure", action="store_true", help="plaintext, no TLS (loopback experiments only)")
+    parser.add_argument("--server-name", help="TLS name to expect when it differs from the host in --connect")
+    parser.add_argument("--session", default="", help="the run to join (refused when the hub runs another)")
+    parser.add_argument("--name", default="", help="a name for this teacher in the hub's logs")
+    parser.add_argument("--max-batch", type=int, default=1024, help="largest query batch answered (default 1024)")
+    parser.add_argument("--access", default="logits,gradient",
+                        help="access modes granted: logits, gradient or both (default both)")
+    parser.add_argument("--no-label-counts", action="store_true", help="do not share the label histogram")
+    parser.add_argument("--max-message-mb", type=float, default=64.0, help="largest gRPC message (default 64)")
+    parser.add_argument("--give-up-after", type=float, default=600.0,
+                        help="seconds without a session before giving up (default 600)")
+    parser.add_argument("--device", default="cpu", help="torch device for the teacher (default cpu)")
+    parser.add_argument("--num-threads", type=int, default=0, help="torch threads (default: torch's choice)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Serve until the hub ends the session; returns what was released."""
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    if args.insecure and (args.ca or args.cert):
+        raise ValueError("--insecure cannot be combined with --ca or --cert")
+    if bool(args.cert) != bool(args.key):
+        raise ValueError("--cert and --key go together")
+    token = None
+    if args.token_file:
+        raw = _read(args.token_file, "token file")
+        token = raw.decode().strip() if raw else ""
+        if not token:
+            raise ValueError(f"token file {args.token_file!r} is empty")
+    if token is None and not args.cert:
+        raise ValueError("give --token-file (or --cert/--key for mutual TLS)")
+    tls = None if args.insecure else ClientTLS(_read(args.ca, "CA certificate"), _read(args.cert, "certificate"),
+                                               _read(args.key, "key"))
+    host = host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=args.access.split(","),
+                                share_label_counts=not args.no_label_counts, device=args.device)
+    settings = AgentSettings(target=args.connect, token=token, tls=tls, session=args.session, name=args.name,
+                             max_message_bytes=int(args.max_message_mb * MiB), give_up_after=args.give_up_after,
+                             server_name=args.server_name)
+    agent = TeacherAgent(host, settings)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    return agent.serve()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedkd teacher", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return command(args)
+
+
+def command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spent = run(args)
+    except (AgentError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"fedkd teacher: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps({"released": spent}), flush=True)
+    return 0
