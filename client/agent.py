@@ -153,11 +153,12 @@ class TeacherAgent:
             self._call = call
             if self._stop.is_set():
                 call.cancel()
-            goodbye = False
+            goodbye = welcomed = False
             try:
                 for msg in call:
                     kind = msg.WhichOneof("kind")
-                    if kind == "welcome":
+                    if kind == "welcome" and not welcomed:
+                        welcomed = True
                         self.welcome = msg.welcome
                         self.sessions += 1
                         logger.info("joined session %r at %s as %s", msg.welcome.session, self.settings.target,
@@ -200,19 +201,16 @@ class TeacherAgent:
             reply.id = msg.id
             return reply
         except QueryError as exc:
-            if exc.code != "FAILED_PRECONDITION" or "Backward" not in exc.message:
-                logger.debug("refused query %d: %s", msg.id, exc)
+            if not exc.counted:  # refused before it reached the host (decoding, message kind, size)
+                self.host.stats.refused += 1
+            logger.debug("refused query %d: %s", msg.id, exc)
             return self._error(msg.id, exc.code, exc.message)
         except Exception as exc:  # a bug here must not take the teacher offline for everyone
             logger.exception("query %d failed", msg.id)
             return self._error(msg.id, "INTERNAL", f"{type(exc).__name__}: {exc}")
 
     def _decode(self, msg: pb.Tensor, name: str) -> Any:
-        try:
-            return decode_tensor(msg, field=name, max_bytes=self._max_tensor_bytes)
-        except QueryError:
-            self.host.stats.refused += 1
-            raise
+        return decode_tensor(msg, field=name, max_bytes=self._max_tensor_bytes)
 
     def _forward(self, request: pb.ForwardRequest) -> pb.AgentMessage:
         inputs = self._decode(request.inputs, "inputs")

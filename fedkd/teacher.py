@@ -40,6 +40,7 @@ class QueryError(ValueError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.counted = False  # set once a host has counted this refusal in its stats
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,9 @@ class TeacherHost:
 
     def _refuse(self, code: str, message: str) -> None:
         self.stats.refused += 1
-        raise QueryError(code, message)
+        error = QueryError(code, message)
+        error.counted = True
+        raise error
 
     def _check_inputs(self, inputs: Tensor) -> None:
         shape = self.description.input_shape

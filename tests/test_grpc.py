@@ -1,0 +1,375 @@
+"""The gRPC query path with real servers on 127.0.0.1: hub, agents (threads and processes), TLS, tokens, fuzzing."""
+
+import random
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
+from fedkd.codec import encode_description, encode_state, encode_tensor
+from fedkd.ensemble import Ensemble
+from fedkd.models import build_model
+from fedkd.pool import LocalPool, QuorumError
+from fedkd.teacher import CurriculumState, TeacherDescription, TeacherHost
+from fedkd.tls import make_dev_pki
+from fedkd.v1 import fedkd_pb2 as pb
+from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
+from server.hub import Hub, ServerTLS
+
+STATE = CurriculumState(epoch=1, step=7, lam=0.5, adv_weight=0.25)
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_dev_pki(tmp_path_factory.mktemp("pki"), clients=["teacher-000", "teacher-001", "intruder"])
+
+
+def server_tls(pki, mutual=False):
+    return ServerTLS(pki.server_cert.read_bytes(), pki.server_key.read_bytes(),
+                     pki.ca_cert.read_bytes() if mutual else None)
+
+
+def client_tls(pki, name=None):
+    if name is None:
+        return ClientTLS(pki.ca_cert.read_bytes())
+    cert, key = pki.clients[name]
+    return ClientTLS(pki.ca_cert.read_bytes(), cert.read_bytes(), key.read_bytes())
+
+
+def make_host(seed, max_batch=256):
+    torch.manual_seed(seed)
+    model = build_model("lenet5-half", num_classes=10, channels=1, image_size=8)
+    model.train()
+    with torch.no_grad():  # give the BN layers non-trivial running statistics
+        for _ in range(3):
+            model(torch.randn(32, *SHAPE) * (1 + seed))
+    desc = TeacherDescription(client=seed, model="lenet5-half", num_classes=10, input_shape=SHAPE, mean=(0.5,),
+                              std=(0.25,), has_feature_statistics=True, num_samples=100,
+                              label_counts=tuple(range(1, 11)))
+    return TeacherHost(model.eval(), desc, max_batch=max_batch)
+
+
+RUNNING = []
+
+
+@pytest.fixture(autouse=True)
+def stop_agents():
+    yield
+    while RUNNING:
+        running = RUNNING.pop()
+        running.agent.stop()
+        running.thread.join(10)
+
+
+class Running:
+    """An agent serving in a thread; ``result`` holds what serve() returned or raised. Stopped after each test."""
+
+    def __init__(self, host, port, *, token=None, tls=None, **settings):
+        RUNNING.append(self)
+        self.agent = TeacherAgent(host, AgentSettings(target=f"localhost:{port}", token=token, tls=tls,
+                                                      initial_backoff=0.05, max_backoff=0.2, **settings))
+        self.result = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.result = self.agent.serve()
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            self.result = exc
+
+    def join(self, timeout=10):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "agent did not stop"
+        return self.result
+
+
+@pytest.fixture
+def hub_factory():
+    hubs = []
+
+    def make(slots, **kwargs):
+        kwargs.setdefault("session", "test-run")
+        hub = Hub(slots, **kwargs)
+        hub.start()
+        hubs.append(hub)
+        return hub
+
+    yield make
+    for hub in hubs:
+        hub.stop()
+
+
+def two_teacher_hub(hub_factory, pki, **kwargs):
+    hub = hub_factory({"teacher-000": "token-zero", "teacher-001": "token-one"}, tls=server_tls(pki), **kwargs)
+    hosts = [make_host(0), make_host(1)]
+    agents = [Running(h, hub.port, token=t, tls=client_tls(pki)) for h, t in zip(hosts, ["token-zero", "token-one"])]
+    hub.wait_for_teachers(timeout=20)
+    return hub, hosts, agents
+
+
+def test_queries_over_tls_match_the_in_process_teachers(hub_factory, pki):
+    hub, hosts, agents = two_teacher_hub(hub_factory, pki)
+    remote = Ensemble(hub.pool, "class-weighted")
+    local = Ensemble(LocalPool([make_host(0), make_host(1)]), "class-weighted")
+    x = torch.randn(16, *SHAPE)
+    xr, xl = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_r, out_l = remote(xr, STATE, bn_loss=True), local(xl, STATE, bn_loss=True)
+    torch.testing.assert_close(out_r.logits, out_l.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out_r.bn_loss, out_l.bn_loss, rtol=0, atol=0)
+    (out_r.logits.square().sum() + out_r.bn_loss).backward()
+    (out_l.logits.square().sum() + out_l.bn_loss).backward()
+    torch.testing.assert_close(xr.grad, xl.grad, rtol=1e-6, atol=1e-7)
+    # Every query carried the curriculum state; every teacher accounted for what it released.
+    assert all(h.last_state == STATE for h in hosts)
+    for stats in hub.pool.stats():
+        assert (stats.forward_calls, stats.backward_calls, stats.samples, stats.missed) == (1, 1, 32, 0)
+        assert stats.bytes > 0 and stats.wire_bytes > stats.bytes
+    reports = hub.end_session()
+    assert [r["forward_calls"] for r in reports] == [1, 1]
+    assert [r["samples"] for r in reports] == [32, 32]
+    assert all(a.join()["backward_calls"] == 1 for a in agents)
+
+
+def test_health_and_reflection_are_served(hub_factory, pki):
+    hub = hub_factory({"teacher-000": "t"}, tls=server_tls(pki))
+    with grpc.secure_channel(f"localhost:{hub.port}", client_tls(pki).credentials()) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service="fedkd.v1.Hub"), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                            timeout=5)
+        names = {s.name for a in answers for s in a.list_services_response.service}
+    assert {"fedkd.v1.Hub", "grpc.health.v1.Health"} <= names
+
+
+def _hello(host=None, session=""):
+    host = host or make_host(0)
+    return pb.AgentMessage(hello=pb.Hello(session=session, description=encode_description(host.description)))
+
+
+def _open(channel, messages, metadata=None):
+    """Start a session with the given first messages and return the first answer (or raise RpcError)."""
+    call = pb_grpc.HubStub(channel).Session(iter(messages), metadata=metadata, timeout=10)
+    return next(call)
+
+
+@pytest.mark.parametrize("metadata, code, text", [
+    (None, grpc.StatusCode.UNAUTHENTICATED, "no credentials"),
+    ([("authorization", "Bearer wrong")], grpc.StatusCode.UNAUTHENTICATED, "token not recognised"),
+    ([("authorization", "token-zero")], grpc.StatusCode.UNAUTHENTICATED, "Bearer"),
+])
+def test_wrong_or_missing_tokens_are_refused_before_any_query(hub_factory, pki, metadata, code, text):
+    hub = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki))
+    with grpc.secure_channel(f"localhost:{hub.port}", client_tls(pki).credentials()) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            _open(channel, [_hello()], metadata)
+    assert err.value.code() == code and text in err.value.details()
+    assert hub.live() == [] and hub.slots[0].joins == 0 and hub.refused_peers == 1
+
+
+def test_plaintext_client_cannot_talk_to_a_tls_hub(hub_factory, pki):
+    hub = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki))
+    with grpc.insecure_channel(f"localhost:{hub.port}") as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            _open(channel, [_hello()], [("authorization", "Bearer token-zero")])
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert hub.slots[0].joins == 0
+
+
+def test_an_agent_with_a_wrong_token_stops_with_a_clear_error(hub_factory, pki):
+    hub = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki))
+    agent = Running(make_host(0), hub.port, token="guess", tls=client_tls(pki))
+    result = agent.join()
+    assert isinstance(result, AgentError) and "UNAUTHENTICATED" in str(result)
+
+
+def test_mutual_tls_admits_the_run_s_certificates_only(hub_factory, pki):
+    hub = hub_factory({"teacher-000": None, "teacher-001": None}, tls=server_tls(pki, mutual=True))
+    good = Running(make_host(0), hub.port, tls=client_tls(pki, "teacher-000"))
+    hub.wait_for_teachers(1, timeout=20)
+    assert hub.slots[0].live and not hub.slots[1].live
+    intruder = Running(make_host(1), hub.port, tls=client_tls(pki, "intruder"))
+    result = intruder.join()
+    assert isinstance(result, AgentError) and "PERMISSION_DENIED" in str(result) and "intruder" in str(result)
+    with grpc.secure_channel(f"localhost:{hub.port}", client_tls(pki).credentials()) as channel:  # no certificate
+        with pytest.raises(grpc.RpcError) as err:
+            _open(channel, [_hello()])
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    hub.end_session()
+    assert good.join()["refused"] == 0
+
+
+def test_bad_hello_unknown_session_and_a_different_teacher_on_rejoin(hub_factory, pki):
+    hub = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki), hello_timeout=2)
+    auth = [("authorization", "Bearer token-zero")]
+    with grpc.secure_channel(f"localhost:{hub.port}", client_tls(pki).credentials()) as channel:
+        for messages, code, text in [
+            ([pb.AgentMessage(spent=pb.Spent())], grpc.StatusCode.INVALID_ARGUMENT, "first message"),
+            ([_hello(session="another-run")], grpc.StatusCode.FAILED_PRECONDITION, "unknown session 'another-run'"),
+            ([pb.AgentMessage(hello=pb.Hello())], grpc.StatusCode.INVALID_ARGUMENT, "num_classes"),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                _open(channel, messages, auth)
+            assert err.value.code() == code and text in err.value.details()
+        welcome = _open(channel, [_hello(session="test-run")], auth)
+        assert welcome.welcome.teacher == "teacher-000"
+        other = make_host(0)
+        other.description = TeacherDescription(**{**other.description.__dict__, "model": "cnn"})
+        with pytest.raises(grpc.RpcError) as err:
+            _open(channel, [_hello(other)], auth)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "different teacher" in err.value.details()
+
+
+def _malformed(rng, host):
+    """One malformed query and the status code the agent must answer it with."""
+    good = torch.randn(4, *SHAPE)
+    kind = rng.randrange(12)
+    if kind == 0:
+        return {"forward": pb.ForwardRequest(inputs=encode_tensor(good.double()))}, "INVALID_ARGUMENT"
+    if kind == 1:
+        shape = (4, 1, rng.choice([7, 9, 28]), 8)
+        return {"forward": pb.ForwardRequest(inputs=encode_tensor(torch.randn(shape)))}, "INVALID_ARGUMENT"
+    if kind == 2:
+        bad = good.clone()
+        bad.view(-1)[rng.randrange(bad.numel())] = rng.choice([float("nan"), float("inf"), -float("inf")])
+        return {"forward": pb.ForwardRequest(inputs=encode_tensor(bad))}, "INVALID_ARGUMENT"
+    if kind == 3:
+        big = torch.zeros(host.max_batch + rng.randrange(1, 50), *SHAPE)
+        return {"forward": pb.ForwardRequest(inputs=encode_tensor(big))}, "RESOURCE_EXHAUSTED"
+    if kind == 4:
+        t = encode_tensor(good)
+        t.data = t.data[: rng.randrange(len(t.data))]
+        return {"forward": pb.ForwardRequest(inputs=t)}, "INVALID_ARGUMENT"
+    if kind == 5:
+        return {"forward": pb.ForwardRequest(inputs=pb.Tensor(dtype=rng.choice([0, 11, 42, 1000]), shape=[4],
+                                                              data=b"\0" * 16))}, "INVALID_ARGUMENT"
+    if kind == 6:
+        return {"forward": pb.ForwardRequest(inputs=pb.Tensor(dtype=pb.FLOAT32, shape=[4, -1, 8, 8]))}, \
+            "INVALID_ARGUMENT"
+    if kind == 7:  # gradients for inputs this teacher never answered
+        return {"backward": pb.BackwardRequest(inputs=encode_tensor(torch.randn(4, *SHAPE)),
+                                               grad_logits=encode_tensor(torch.randn(4, 10)))}, "FAILED_PRECONDITION"
+    if kind == 8:
+        return {"backward": pb.BackwardRequest(inputs=encode_tensor(good),
+                                               grad_logits=encode_tensor(torch.randn(4, rng.choice([3, 11]))))}, \
+            "INVALID_ARGUMENT"
+    if kind == 9:
+        state = pb.CurriculumState(lam=rng.choice([float("nan"), float("inf")]))
+        return {"forward": pb.ForwardRequest(inputs=encode_tensor(good), state=state)}, "INVALID_ARGUMENT"
+    if kind == 10:
+        return {"forward": pb.ForwardRequest()}, "INVALID_ARGUMENT"  # no inputs at all: an empty tensor
+    return {"welcome": pb.Welcome()}, "INVALID_ARGUMENT"  # not a query
+
+
+def test_thousands_of_malformed_queries_then_a_valid_one(hub_factory, pki):
+    hub, hosts, agents = two_teacher_hub(hub_factory, pki)
+    connection = hub.slots[0].connection
+    rng = random.Random(0)
+    codes = {c.value[0]: c.name for c in grpc.StatusCode}
+    seen = set()
+    for _ in range(2000):
+        message, expected = _malformed(rng, hosts[0])
+        _, future, _ = connection.send(**message)
+        answer = future.result(timeout=10)
+        assert answer.WhichOneof("kind") == "error", message
+        assert codes[answer.error.code] == expected, answer.error.message
+        assert answer.error.message
+        seen.add(expected)
+    assert seen == {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}
+    assert hub.slots[0].connection is connection and hub.slots[0].joins == 1  # never dropped
+    x = torch.randn(8, *SHAPE)
+    out = Ensemble(hub.pool)(x, STATE)
+    expected = (hosts[0].model(x) + hosts[1].model(x)) / 2
+    torch.testing.assert_close(out.logits, expected.detach())
+    assert hosts[0].stats.refused == 2000
+
+
+def test_the_hub_survives_garbage_from_a_teacher(hub_factory, pki):
+    hub = hub_factory({"teacher-000": "a", "teacher-001": "b", "teacher-002": "c"}, tls=server_tls(pki), quorum=2)
+    hosts = [make_host(0), make_host(1)]
+    for host, token in zip(hosts, "ab"):
+        Running(host, hub.port, token=token, tls=client_tls(pki))
+    hub.wait_for_teachers(2, timeout=20)
+    auth = [("authorization", "Bearer c")]
+    with grpc.secure_channel(f"localhost:{hub.port}", client_tls(pki).credentials()) as channel:
+        # Raw bytes that are no AgentMessage: that stream fails, nothing else does.
+        raw = channel.stream_stream("/fedkd.v1.Hub/Session", request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+        for junk in (b"\xff" * 10, bytes(range(256)), b"\x0a\xff\xff\xff\xff\x0f"):
+            with pytest.raises(grpc.RpcError):
+                list(raw(iter([junk]), metadata=auth, timeout=5))
+        # A third teacher joins and then answers nonsense: replies to queries never sent, duplicate Hellos,
+        # empty messages. The hub counts them and goes on.
+        rng = random.Random(1)
+        nonsense = [rng.choice([pb.AgentMessage(id=rng.randrange(1, 10**7), forward=pb.ForwardReply()),
+                                pb.AgentMessage(id=rng.randrange(1, 10**7), error=pb.Status(code=3)),
+                                _hello(), pb.AgentMessage()]) for _ in range(1000)]
+        call = pb_grpc.HubStub(channel).Session(iter([_hello(), *nonsense]), metadata=auth, timeout=20)
+        assert next(call).welcome.teacher == "teacher-002"
+        deadline = time.monotonic() + 20
+        while hub.protocol_errors < 1000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hub.protocol_errors == 1000
+        call.cancel()
+    deadline = time.monotonic() + 10
+    while hub.slots[2].live and time.monotonic() < deadline:
+        time.sleep(0.05)
+    x = torch.randn(8, *SHAPE)
+    out = Ensemble(hub.pool)(x, STATE)
+    assert out.members == [0, 1]
+    torch.testing.assert_close(out.logits, ((hosts[0].model(x) + hosts[1].model(x)) / 2).detach())
+
+
+def test_a_slow_teacher_misses_the_deadline_and_the_quorum_carries_on(hub_factory, pki):
+    hub, hosts, agents = two_teacher_hub(hub_factory, pki, query_timeout=0.5, quorum=1)
+    original = hosts[1].forward
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return original(*args, **kwargs)
+
+    hosts[1].forward = slow
+    out = Ensemble(hub.pool)(torch.randn(4, *SHAPE), STATE)
+    assert out.members == [0]
+    assert hub.pool.stats()[1].missed == 1
+    with pytest.raises(QuorumError, match=r"1 of 2 teachers answered, 2 needed .*teacher-001: no answer within"):
+        Ensemble(hub.pool)(torch.randn(4, *SHAPE), STATE, require_all=True)
+    hosts[1].forward = original
+    time.sleep(1.2)  # let the late answers arrive (and be dropped)
+    assert Ensemble(hub.pool)(torch.randn(4, *SHAPE), STATE).members == [0, 1]
+
+
+def test_a_refusing_teacher_is_left_out_and_named(hub_factory, pki):
+    hub = hub_factory({"teacher-000": "a", "teacher-001": "b"}, tls=server_tls(pki), quorum=1)
+    small = make_host(1, max_batch=4)
+    Running(make_host(0), hub.port, token="a", tls=client_tls(pki))
+    Running(small, hub.port, token="b", tls=client_tls(pki))
+    hub.wait_for_teachers(timeout=20)
+    out = Ensemble(hub.pool)(torch.randn(8, *SHAPE), STATE)
+    assert out.members == [0]
+    with pytest.raises(QuorumError, match="RESOURCE_EXHAUSTED: batch of 8 exceeds this client's maximum of 4"):
+        Ensemble(hub.pool)(torch.randn(8, *SHAPE), STATE, require_all=True)
+
+
+def test_below_quorum_the_pool_waits_for_a_rejoin_then_gives_up_clearly(hub_factory, pki):
+    hub, hosts, agents = two_teacher_hub(hub_factory, pki, rejoin_timeout=1.0, quorum=2)
+    agents[1].agent.stop()
+    agents[1].join()
+    deadline = time.monotonic() + 10
+    while hub.slots[1].live and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(QuorumError, match="only 1 of 2 teachers are connected and 2 must answer; waited 1 s"):
+        Ensemble(hub.pool)(torch.randn(4, *SHAPE), STATE)
+    # The teacher comes back with the same token: it takes its slot again and the run goes on.
+    Running(hosts[1], hub.port, token="token-one", tls=client_tls(pki))
+    hub.wait_for_teachers(timeout=20)
+    assert hub.slots[1].joins == 2
+    assert Ensemble(hub.pool)(torch.randn(4, *SHAPE), STATE).members == [0, 1]
