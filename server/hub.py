@@ -452,7 +452,7 @@ class HubPool:
                 failures[slot.name] = "not connected"
                 lost = True
                 continue
-            size = pb.HubMessage(**kind).ByteSize()
+            size = sum(m.ByteSize() for m in kind.values()) + 16  # + the envelope's id and tags
             if size > connection.limit:
                 raise QueryError("RESOURCE_EXHAUSTED", f"a query of {size:,} bytes exceeds {slot.name}'s message "
                                  f"limit of {connection.limit:,} bytes; lower batch-size or raise max-message-mb")

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
-from fedkd.codec import encode_description, encode_state, encode_tensor
+from fedkd.codec import encode_description, encode_tensor
 from fedkd.ensemble import Ensemble
 from fedkd.models import build_model
 from fedkd.pool import LocalPool, QuorumError

@@ -1,0 +1,201 @@
+"""Whole runs over gRPC with teacher agents as real processes on 127.0.0.1."""
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedkd.checkpoint import load_safe
+from fedkd.config import config_from_mapping
+from fedkd.experiment import run_experiment
+from fedkd.tls import make_dev_pki
+from server.hub import Hub, ServerTLS, issue_tokens
+from server.loopback import agent_command, grpc_transport
+
+TINY = {
+    "dataset": "digits", "num-clients": 3, "partition": "iid", "teacher-model": "lenet5",
+    "student-model": "lenet5-half", "teacher-epochs": 30, "teacher-lr": 3e-3, "epochs": 2, "steps-per-epoch": 10,
+    "student-steps": 3, "batch-size": 64, "latent-dim": 32, "generator-width": 16, "sample-stages": 1,
+    "num-threads": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def in_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inprocess") / "run"
+    summary = run_experiment(config_from_mapping(TINY), out)
+    return out, summary
+
+
+def test_a_run_over_grpc_gives_the_same_student_as_in_process(in_process_run, tmp_path):
+    ref_dir, ref = in_process_run
+    out = tmp_path / "grpc"
+    # The same teachers: copy the client checkpoints so only the transport differs.
+    for src in ref_dir.glob("clients/*/teacher.pt"):
+        dst = out / src.relative_to(ref_dir)
+        dst.parent.mkdir(parents=True)
+        dst.write_bytes(src.read_bytes())
+    summary = run_experiment(config_from_mapping({**TINY, "transport": "grpc"}), out, transport=grpc_transport)
+    assert summary["transport"] == "grpc"
+    assert summary["ensemble"]["test_accuracy"] == ref["ensemble"]["test_accuracy"]
+    assert [t["test_accuracy"] for t in summary["teachers"]] == [t["test_accuracy"] for t in ref["teachers"]]
+    assert summary["student"]["test_accuracy"] == pytest.approx(ref["student"]["test_accuracy"], abs=0.01)
+    a = load_safe(out / "checkpoint.pt", "fedkd.run.v1")["method"]["student"]
+    b = load_safe(ref_dir / "checkpoint.pt", "fedkd.run.v1")["method"]["student"]
+    for key in b:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5, msg=key)
+    # The same queries were asked, and each agent's own account matches the coordinator's.
+    q, rq = summary["queries"], ref["queries"]
+    assert [c["samples"] for c in q["per_client"]] == [c["samples"] for c in rq["per_client"]]
+    assert [c["bytes"] for c in q["per_client"]] == [c["bytes"] for c in rq["per_client"]]
+    for mine, theirs in zip(q["per_client"], q["reported_by_clients"]):
+        assert (theirs["forward_calls"], theirs["backward_calls"], theirs["samples"], theirs["bytes"]) == (
+            mine["forward_calls"], mine["backward_calls"], mine["samples"], mine["bytes"])
+        assert mine["missed"] == 0 and mine["wire_bytes"] > mine["bytes"]
+    assert (out / "tls" / "ca.pem").exists() and len(list((out / "tokens").glob("*.token"))) == 3
+
+
+class KillAndRestart:
+    """Observer: kill teacher 2's process at one step, restart it at a later one, and wait until it rejoined."""
+
+    def __init__(self, kill_at, restart_at):
+        self.kill_at, self.restart_at = kill_at, restart_at
+        self.steps = 0
+        self.procs, self.commands, self.hub = {}, {}, None
+        self.joined_again_at = None
+
+    def stage(self, message):
+        pass
+
+    def epoch_started(self, epoch, total_steps):
+        pass
+
+    def epoch_finished(self, record):
+        pass
+
+    def step(self):
+        self.steps += 1
+        if self.steps == self.kill_at:
+            self.procs[2].kill()
+            self.procs[2].wait(10)
+        if self.steps == self.restart_at:
+            self.procs[2] = subprocess.Popen(self.commands[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            while self.hub.slots[2].joins < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self.joined_again_at = self.steps
+
+
+def test_a_teacher_killed_mid_run_the_run_completes_and_it_rejoins(in_process_run, tmp_path):
+    ref_dir, _ = in_process_run
+    config = config_from_mapping({**TINY, "epochs": 3, "rejoin-timeout": 60})
+    observer = KillAndRestart(kill_at=5, restart_at=15)
+    pki = make_dev_pki(tmp_path / "tls")
+    names = ["client-000", "client-001", "client-002"]
+    tokens = issue_tokens(tmp_path / "tokens", names)
+
+    @contextlib.contextmanager
+    def transport(clients, config, run_dir, device):
+        hub = Hub(tokens, session="kill-test", tls=ServerTLS(pki.server_cert.read_bytes(),
+                                                            pki.server_key.read_bytes()), quorum=2)
+        observer.hub = hub
+        port = hub.start()
+        try:
+            for k in range(len(clients)):
+                observer.commands[k] = agent_command(
+                    ref_dir / "clients" / f"client_{k:02d}" / "teacher.pt", port,
+                    tmp_path / "tokens" / f"{names[k]}.token", pki.ca_cert, config=config, session="kill-test",
+                    device=torch.device("cpu"), threads=1)
+                observer.procs[k] = subprocess.Popen(observer.commands[k], stdout=subprocess.DEVNULL,
+                                                     stderr=subprocess.DEVNULL)
+            hub.wait_for_teachers(timeout=60)
+            yield hub.pool
+        finally:
+            hub.end_session()
+            for proc in observer.procs.values():
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            hub.stop()
+
+    out = tmp_path / "run"
+    for src in ref_dir.glob("clients/*/teacher.pt"):
+        dst = out / src.relative_to(ref_dir)
+        dst.parent.mkdir(parents=True)
+        dst.write_bytes(src.read_bytes())
+    summary = run_experiment(config, out, observer=observer, transport=transport)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3  # every epoch ran
+    assert observer.joined_again_at == 15 and observer.hub.slots[2].joins == 2
+    per = summary["queries"]["per_client"]
+    assert per[0]["missed"] == per[1]["missed"] == 0
+    assert per[2]["missed"] > 0  # the steps it was away
+    assert per[2]["forward_calls"] < per[0]["forward_calls"]
+    # Back after the restart: it answered queries in the remaining steps (30 steps, 4 Forwards each).
+    assert per[2]["forward_calls"] > per[0]["forward_calls"] - 4 * 12
+    report = summary["queries"]["reported_by_clients"][2]
+    assert 0 < report["forward_calls"] < per[2]["forward_calls"]  # the restarted process only saw its part
+    assert summary["student"]["test_accuracy"] > 0.2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fedkd_distill_and_fedkd_teacher_commands(in_process_run, tmp_path):
+    ref_dir, _ = in_process_run
+    port = _free_port()
+    out = tmp_path / "coordinator"
+    sets = [a for k, v in TINY.items() if k not in ("num-clients",) for a in ("--set", f"{k}={v}")]
+    fedkd = [sys.executable, "-m", "server.cli"]
+    coordinator = subprocess.Popen([*fedkd, "distill", "--listen", f"127.0.0.1:{port}", "--teachers", "2",
+                                    "--out", str(out), "--wait", "60", *sets],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    teachers = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "tokens" / "teacher-001.token").exists() or not (out / "tls" / "ca.pem").exists():
+            assert time.monotonic() < deadline and coordinator.poll() is None, coordinator.stdout.read().decode()
+            time.sleep(0.2)
+        for k in range(2):
+            teachers.append(subprocess.Popen(
+                [*fedkd, "teacher", "--checkpoint", str(ref_dir / "clients" / f"client_{k:02d}" / "teacher.pt"),
+                 "--connect", f"localhost:{port}", "--token-file", str(out / "tokens" / f"teacher-{k:03d}.token"),
+                 "--ca", str(out / "tls" / "ca.pem")], stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        log = coordinator.communicate(timeout=300)[0].decode()
+        assert coordinator.returncode == 0, log
+        results = [t.communicate(timeout=30) for t in teachers]
+    finally:
+        for p in [coordinator, *teachers]:
+            if p.poll() is None:
+                p.kill()
+    assert all(t.returncode == 0 for t in teachers), results
+    released = [json.loads(r[0].decode().strip().splitlines()[-1])["released"] for r in results]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["transport"] == "grpc" and len(summary["teachers"]) == 2
+    assert [r["forward_calls"] for r in released] == [c["forward_calls"] for c in summary["queries"]["per_client"]]
+    assert "student" in log and summary["student"]["test_accuracy"] > 0.2
+
+
+def test_a_teacher_pointed_at_nothing_gives_up_with_a_clear_error(in_process_run, tmp_path):
+    ref_dir, _ = in_process_run
+    token = tmp_path / "t.token"
+    token.write_text("x\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "client", "--checkpoint", str(ref_dir / "clients" / "client_00" / "teacher.pt"),
+         "--connect", f"127.0.0.1:{_free_port()}", "--token-file", str(token), "--insecure", "--give-up-after", "1"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "no session with the hub" in proc.stderr and "UNAVAILABLE" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "client", "--checkpoint", str(Path(tmp_path) / "missing.pt"),
+                          "--connect", "127.0.0.1:1", "--token-file", str(token), "--insecure"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
