@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from fedkd.ensemble import Ensemble
 from fedkd.models import build_model
-from fedkd.remote import RemoteTeacher
+from fedkd.pool import LocalPool
 from fedkd.teacher import CurriculumState, FeatureStatistics, QueryError, TeacherDescription, TeacherHost
 
 STATE = CurriculumState(epoch=2, step=10, lam=1.5, adv_weight=0.5)
@@ -66,11 +67,12 @@ def test_backward_equals_autograd_through_the_same_model():
     torch.testing.assert_close(only_logits, xr2.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_remote_teacher_is_a_drop_in_autograd_function():
+def test_a_queried_teacher_is_a_drop_in_autograd_function():
     host = _host()
-    teacher = RemoteTeacher(host)
+    teacher = Ensemble(LocalPool([host]))
     x = torch.randn(4, 1, 8, 8, requires_grad=True)
-    logits, loss = teacher(x, STATE, bn_loss=True)
+    out = teacher(x, STATE, bn_loss=True)
+    logits, loss = out.logits, out.bn_loss
     (logits.square().sum() + 2.0 * loss).backward()
 
     ref_model = _trained_bn_model()
@@ -83,8 +85,8 @@ def test_remote_teacher_is_a_drop_in_autograd_function():
 
 def test_no_backward_call_without_gradients():
     host = _host()
-    logits, loss = RemoteTeacher(host)(torch.randn(3, 1, 8, 8), STATE)
-    assert loss is None and logits.shape == (3, 10)
+    out = Ensemble(LocalPool([host]))(torch.randn(3, 1, 8, 8), STATE)
+    assert out.bn_loss is None and out.logits.shape == (3, 10)
     assert host.stats.backward_calls == 0
 
 
@@ -127,9 +129,9 @@ def test_access_modes_and_missing_statistics_are_failed_preconditions():
     with pytest.raises(QueryError, match="no feature statistics") as info:
         no_bn.forward(torch.randn(2, 1, 8, 8), STATE, bn_loss=True)
     assert info.value.code == "FAILED_PRECONDITION"
-    # A RemoteTeacher does not ask a teacher without statistics for them.
-    logits, loss = RemoteTeacher(no_bn)(torch.randn(2, 1, 8, 8), STATE, bn_loss=True)
-    assert loss is None
+    # The coordinator does not ask a teacher without statistics for them.
+    out = Ensemble(LocalPool([no_bn]))(torch.randn(2, 1, 8, 8), STATE, bn_loss=True)
+    assert out.bn_loss is None
 
 
 def test_feature_statistics_loss_is_zero_on_matching_statistics():
