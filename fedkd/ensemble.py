@@ -53,26 +53,33 @@ class EnsembleOutput:
     member_logits: list[Tensor]  # their logits, aligned with ``members``
 
 
+def _query(pool: TeacherPool, inputs: Tensor, state: CurriculumState, bn_loss: bool,
+           min_answers: int | None) -> tuple[Tensor, list[int], list[bool], Tensor, Tensor]:
+    """One Forward fan-out: (the inputs as sent, members that answered, which of them returned a BN loss,
+    logits (K', B, C), BN losses (K',), zero where none) on the inputs' device."""
+    x = inputs.detach().cpu().float().contiguous()
+    replies = pool.forward(x, state, bn_loss=bn_loss, min_answers=min_answers)
+    members = sorted(replies)
+    has_bn = [replies[k].bn_loss is not None for k in members]
+    logits = torch.stack([replies[k].logits for k in members]).to(inputs.device)
+    losses = torch.zeros(len(members))
+    for i, k in enumerate(members):
+        loss = replies[k].bn_loss
+        if loss is not None:
+            losses[i] = loss
+    return x, members, has_bn, logits, losses.to(inputs.device)
+
+
 class _FanOut(torch.autograd.Function):
     """inputs (B, ...) -> logits (K', B, C), bn losses (K',) of the K' members that answered."""
 
     @staticmethod
     def forward(ctx: Any, inputs: Tensor, pool: TeacherPool, state: CurriculumState, bn_loss: bool,
                 min_answers: int | None, answered: list[int]) -> tuple[Tensor, Tensor]:
-        x = inputs.detach().cpu().float().contiguous()
-        replies = pool.forward(x, state, bn_loss=bn_loss, min_answers=min_answers)
-        members = sorted(replies)
+        x, members, has_bn, logits, losses = _query(pool, inputs, state, bn_loss, min_answers)
         answered.extend(members)
-        ctx.pool, ctx.state, ctx.members, ctx.device = pool, state, members, inputs.device
-        ctx.has_bn = [replies[k].bn_loss is not None for k in members]
-        ctx.x = x
-        logits = torch.stack([replies[k].logits for k in members]).to(inputs.device)
-        losses = torch.zeros(len(members))
-        for i, k in enumerate(members):
-            loss = replies[k].bn_loss
-            if loss is not None:
-                losses[i] = loss
-        losses = losses.to(inputs.device)
+        ctx.pool, ctx.state, ctx.members, ctx.has_bn, ctx.x, ctx.device = (
+            pool, state, members, has_bn, x, inputs.device)
         return logits, losses
 
     @staticmethod
@@ -121,13 +128,12 @@ class Ensemble:
     def __call__(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
                  require_all: bool = False) -> EnsembleOutput:
         """Query the teachers; gradients flow back through Backward queries when ``inputs`` requires grad."""
-        answered: list[int] = []
         min_answers = len(self) if require_all else None
         if inputs.requires_grad and torch.is_grad_enabled():
+            answered: list[int] = []
             logits, losses = _FanOut.apply(inputs, self.pool, state, bn_loss, min_answers, answered)
         else:
-            with torch.no_grad():
-                logits, losses = _FanOut.forward(_NoCtx(), inputs, self.pool, state, bn_loss, min_answers, answered)
+            _, answered, _, logits, losses = _query(self.pool, inputs, state, bn_loss, min_answers)
         weights = self.weights(answered)
         if weights is None:
             combined = logits.mean(0)
@@ -137,6 +143,3 @@ class Ensemble:
         loss = losses[with_bn].mean() if bn_loss and with_bn else None
         return EnsembleOutput(combined, loss, answered, list(logits.unbind(0)))
 
-
-class _NoCtx:
-    """Stands in for autograd's ctx when no graph is needed (attributes are set and dropped)."""
