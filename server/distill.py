@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedkd.codec import MiB
 from fedkd.config import RunConfig
 from fedkd.data import load_dataset
 from fedkd.experiment import RunObserver, distill, open_run_dir, setup, write_summary
@@ -31,9 +30,7 @@ def run_distillation(config: RunConfig, run_dir: Path, *, listen: str, teachers:
     mtls = tls is not None and tls.client_ca is not None
     tokens: dict[str, str | None] = dict(issue_tokens(token_dir, names)) if not mtls else dict.fromkeys(names)
     session = run_dir.resolve().name
-    hub = Hub(tokens, session=session, address=listen, tls=tls, max_message_bytes=int(config.max_message_mb * MiB),
-              query_timeout=config.query_timeout, rejoin_timeout=config.rejoin_timeout,
-              quorum=config.quorum_size(teachers))
+    hub = Hub.for_run(tokens, config, session=session, address=listen, tls=tls)
     with hub:
         how = "client certificates" if mtls else f"the tokens in {token_dir}"
         observer.stage(f"hub listening on {listen.rsplit(':', 1)[0]}:{hub.port} ({'TLS' if tls else 'PLAINTEXT'}), "

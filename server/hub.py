@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from torch import Tensor
 
 from fedkd.codec import MiB, channel_options, decode_description, decode_tensor, encode_state, encode_tensor
+from fedkd.config import RunConfig
 from fedkd.pool import QuorumError, backward_bytes, forward_bytes
 from fedkd.teacher import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription
 from fedkd.v1 import fedkd_pb2 as pb
@@ -186,6 +187,14 @@ class Hub:
         self.port: int | None = None
         self.pool = HubPool(self)
 
+    @classmethod
+    def for_run(cls, slots: Mapping[str, str | None], config: RunConfig, *, session: str, address: str,
+                tls: ServerTLS | None) -> Hub:
+        """A hub with the run's limits: message size, deadline, rejoin wait and quorum from ``config``."""
+        return cls(slots, session=session, address=address, tls=tls,
+                   max_message_bytes=int(config.max_message_mb * MiB), query_timeout=config.query_timeout,
+                   rejoin_timeout=config.rejoin_timeout, quorum=config.quorum_size(len(slots)))
+
     # Lifecycle --------------------------------------------------------------------------
 
     def start(self) -> int:
@@ -233,18 +242,26 @@ class Hub:
     def live(self) -> list[_Slot]:
         return [s for s in self.slots if s.live]
 
+    def await_live(self, count: int, timeout: float) -> list[_Slot] | None:
+        """The live teachers once at least ``count`` are connected, or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(live := self.live()) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._changed.wait(min(left, 1.0))
+            return live
+
+    def missing(self) -> list[str]:
+        return [s.name for s in self.slots if not s.live]
+
     def wait_for_teachers(self, count: int | None = None, timeout: float = 60.0) -> None:
         """Block until ``count`` (default: every) teacher is connected; TimeoutError names the missing ones."""
         count = len(self.slots) if count is None else count
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while len(self.live()) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    missing = [s.name for s in self.slots if not s.live]
-                    raise TimeoutError(f"{len(self.live())} of {len(self.slots)} teachers connected after "
-                                       f"{timeout:.0f} s (need {count}); not connected: {', '.join(missing)}")
-                self._changed.wait(min(left, 1.0))
+        if self.await_live(count, timeout) is None:
+            raise TimeoutError(f"{len(self.live())} of {len(self.slots)} teachers connected after "
+                               f"{timeout:.0f} s (need {count}); not connected: {', '.join(self.missing())}")
 
     def end_session(self, reason: str = "distillation finished", timeout: float = 10.0) -> list[dict[str, Any]]:
         """Say goodbye to every live teacher and collect what each reports it released."""
@@ -427,17 +444,11 @@ class HubPool:
 
     def _wait_for_quorum(self, need: int) -> list[_Slot]:
         hub = self.hub
-        deadline = time.monotonic() + hub.rejoin_timeout
-        with hub._changed:
-            while len(hub.live()) < need:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    gone = [s.name for s in hub.slots if not s.live]
-                    raise QuorumError(f"only {len(hub.live())} of {len(hub.slots)} teachers are connected and "
-                                      f"{need} must answer; waited {hub.rejoin_timeout:.0f} s for "
-                                      f"{', '.join(gone)} to rejoin")
-                hub._changed.wait(min(left, 1.0))
-            return hub.live()
+        live = hub.await_live(need, hub.rejoin_timeout)
+        if live is None:
+            raise QuorumError(f"only {len(hub.live())} of {len(hub.slots)} teachers are connected and {need} must "
+                              f"answer; waited {hub.rejoin_timeout:.0f} s for {', '.join(hub.missing())} to rejoin")
+        return live
 
     def _fan_out(self, messages: Mapping[int, dict[str, Any]]) -> _Outcome:
         """Send ``messages[k]`` to teacher k (all at once) and gather the answers within the deadline."""

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from fedkd.codec import MiB
 from fedkd.config import RunConfig
 from fedkd.experiment import ClientTeacher
 from fedkd.pool import TeacherPool
@@ -53,10 +52,8 @@ def grpc_transport(clients: list[ClientTeacher], config: RunConfig, run_dir: Pat
     pki = make_dev_pki(run_dir / "tls", hosts=["localhost", "127.0.0.1"])
     tokens = issue_tokens(run_dir / "tokens", names)
     session = run_dir.resolve().name
-    hub = Hub(tokens, session=session, address="127.0.0.1:0",
-              tls=ServerTLS(pki.server_cert.read_bytes(), pki.server_key.read_bytes()),
-              max_message_bytes=int(config.max_message_mb * MiB), query_timeout=config.query_timeout,
-              rejoin_timeout=config.rejoin_timeout, quorum=config.quorum_size(len(clients)))
+    hub = Hub.for_run(tokens, config, session=session, address="127.0.0.1:0",
+                      tls=ServerTLS(pki.server_cert.read_bytes(), pki.server_key.read_bytes()))
     port = hub.start()
     # Each agent answers while the coordinator waits, so one torch thread per agent keeps a small machine busy
     # without oversubscribing it.
