@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
 from fedkd.checkpoint import CheckpointError, load_teacher
 from fedkd.codec import MiB
-from fedkd.teacher import ACCESS_MODES, TeacherDescription, TeacherHost
+from fedkd.teacher import ACCESS_MODES, FeatureStatistics, TeacherDescription, TeacherHost
 
 
 def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
@@ -43,7 +42,7 @@ def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Seq
         client=client, model=ckpt["model"], num_classes=int(ckpt["num_classes"]),
         input_shape=(shape[0], shape[1], shape[2]), mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]),
         access_modes=tuple(a for a in ACCESS_MODES if a in access),
-        has_feature_statistics=any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+        has_feature_statistics=bool(FeatureStatistics.bn_layers(model)),
         num_samples=int(ckpt["num_samples"]),
         label_counts=tuple(int(c) for c in ckpt["label_counts"]) if share_label_counts else None,
     )

@@ -38,7 +38,7 @@ from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_an
 from fedkd.models import average_weights, build_model, is_model_name, model_names
 from fedkd.plots import plot_accuracy, plot_curriculum, plot_samples
 from fedkd.pool import LocalPool, TeacherPool
-from fedkd.teacher import TeacherDescription, TeacherHost
+from fedkd.teacher import FeatureStatistics, TeacherDescription, TeacherHost
 from fedkd.training import train_classifier
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
         description = TeacherDescription(
             client=k, model=model_name, num_classes=spec.num_classes, input_shape=spec.input_shape,
             mean=spec.mean, std=spec.std,
-            has_feature_statistics=any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+            has_feature_statistics=bool(FeatureStatistics.bn_layers(model)),
             num_samples=len(data), label_counts=tuple(counts) if config.share_label_counts else None,
         )
         clients.append(ClientTeacher(k, model_name, model, path, description))

@@ -100,8 +100,7 @@ class FeatureStatistics:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.running_mean is not None and m.running_var is not None]
+        self.layers = self.bn_layers(model)
         self.enabled = False
         self._terms: list[Tensor] = []
         for layer in self.layers:
@@ -117,6 +116,12 @@ class FeatureStatistics:
         assert isinstance(module, nn.modules.batchnorm._BatchNorm)
         assert module.running_mean is not None and module.running_var is not None
         self._terms.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
+
+    @staticmethod
+    def bn_layers(model: nn.Module) -> list[nn.Module]:
+        """The BatchNorm layers with running statistics: what the statistics loss compares against."""
+        return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.running_mean is not None and m.running_var is not None]
 
     def __bool__(self) -> bool:
         return bool(self.layers)
