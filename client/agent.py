@@ -23,7 +23,15 @@ from typing import Any
 
 import grpc
 
-from fedkd.codec import MiB, channel_options, decode_state, decode_tensor, encode_description, encode_tensor
+from fedkd.codec import (
+    MiB,
+    channel_options,
+    decode_state,
+    decode_tensor,
+    encode_description,
+    encode_privacy,
+    encode_tensor,
+)
 from fedkd.teacher import QueryError, TeacherHost
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
@@ -235,7 +243,5 @@ class TeacherAgent:
 
     def _spent(self) -> pb.Spent:
         st = self.host.stats
-        privacy = self.host.description.privacy or {}
         return pb.Spent(forward_calls=st.forward_calls, backward_calls=st.backward_calls, samples=st.samples,
-                        bytes=st.bytes, refused=st.refused,
-                        privacy=pb.PrivacyStatus(mechanism=str(privacy.get("mechanism", "none"))))
+                        bytes=st.bytes, refused=st.refused, privacy=encode_privacy(self.host.description.privacy))

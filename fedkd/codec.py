@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -108,17 +109,29 @@ def decode_state(msg: pb.CurriculumState) -> CurriculumState:
                            adv_weight=float(msg.adv_weight))
 
 
+def encode_privacy(privacy: Mapping[str, float | str] | None) -> pb.PrivacyStatus:
+    """A client's privacy mechanism, budget and spend (None = no mechanism)."""
+    p = privacy or {}
+    return pb.PrivacyStatus(mechanism=str(p.get("mechanism", "none")),
+                            epsilon_budget=float(p.get("epsilon_budget", 0.0)),
+                            epsilon_spent=float(p.get("epsilon_spent", 0.0)), delta=float(p.get("delta", 0.0)),
+                            unit=str(p.get("unit", "")))
+
+
+def decode_privacy(msg: pb.PrivacyStatus) -> dict[str, float | str] | None:
+    if msg.mechanism in ("", "none"):
+        return None
+    return {"mechanism": msg.mechanism, "epsilon_budget": msg.epsilon_budget, "epsilon_spent": msg.epsilon_spent,
+            "delta": msg.delta, "unit": msg.unit}
+
+
 def encode_description(d: TeacherDescription, *, name: str = "", max_batch: int = 0) -> pb.TeacherDescription:
-    privacy = d.privacy or {}
     return pb.TeacherDescription(
         name=name, client=d.client, model=d.model, num_classes=d.num_classes, input_shape=list(d.input_shape),
         mean=list(d.mean), std=list(d.std), access_modes=list(d.access_modes),
         has_feature_statistics=d.has_feature_statistics, num_samples=d.num_samples or 0,
         label_counts=list(d.label_counts or ()), max_batch=max_batch,
-        privacy=pb.PrivacyStatus(
-            mechanism=str(privacy.get("mechanism", "none")), epsilon_budget=float(privacy.get("epsilon_budget", 0.0)),
-            epsilon_spent=float(privacy.get("epsilon_spent", 0.0)), delta=float(privacy.get("delta", 0.0)),
-            unit=str(privacy.get("unit", ""))),
+        privacy=encode_privacy(d.privacy),
     )
 
 
@@ -139,11 +152,6 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         raise bad(f"access_modes must be a non-empty subset of logits, gradient; got {list(msg.access_modes)}")
     if msg.label_counts and (len(msg.label_counts) != msg.num_classes or min(msg.label_counts) < 0):
         raise bad(f"label_counts must have {msg.num_classes} non-negative entries")
-    privacy: dict[str, float | str] | None = None
-    if msg.HasField("privacy") and msg.privacy.mechanism not in ("", "none"):
-        p = msg.privacy
-        privacy = {"mechanism": p.mechanism, "epsilon_budget": p.epsilon_budget, "epsilon_spent": p.epsilon_spent,
-                   "delta": p.delta, "unit": p.unit}
     return TeacherDescription(
         client=int(msg.client), model=msg.model, num_classes=int(msg.num_classes),
         input_shape=(int(msg.input_shape[0]), int(msg.input_shape[1]), int(msg.input_shape[2])),
@@ -151,5 +159,5 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         access_modes=tuple(msg.access_modes), has_feature_statistics=bool(msg.has_feature_statistics),
         num_samples=int(msg.num_samples) or None,
         label_counts=tuple(int(c) for c in msg.label_counts) if msg.label_counts else None,
-        privacy=privacy,
+        privacy=decode_privacy(msg.privacy) if msg.HasField("privacy") else None,
     )

@@ -35,7 +35,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from torch import Tensor
 
-from fedkd.codec import MiB, channel_options, decode_description, decode_tensor, encode_state, encode_tensor
+from fedkd.codec import (
+    MiB,
+    channel_options,
+    decode_description,
+    decode_privacy,
+    decode_tensor,
+    encode_state,
+    encode_tensor,
+)
 from fedkd.config import RunConfig
 from fedkd.pool import QuorumError, backward_bytes, forward_bytes
 from fedkd.teacher import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription
@@ -379,10 +387,9 @@ def _spent_dict(slot: _Slot, spent: pb.Spent) -> dict[str, Any]:
     report: dict[str, Any] = {"client": slot.index, "name": slot.name, "forward_calls": spent.forward_calls,
                               "backward_calls": spent.backward_calls, "samples": spent.samples,
                               "bytes": spent.bytes, "refused": spent.refused}
-    if spent.HasField("privacy") and spent.privacy.mechanism not in ("", "none"):
-        p = spent.privacy
-        report["privacy"] = {"mechanism": p.mechanism, "epsilon_budget": p.epsilon_budget,
-                             "epsilon_spent": p.epsilon_spent, "delta": p.delta, "unit": p.unit}
+    privacy = decode_privacy(spent.privacy) if spent.HasField("privacy") else None
+    if privacy is not None:
+        report["privacy"] = privacy
     return report
 
 
