@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                      s["student"]["agreement"], s["student"]["loyalty"], s["wall_seconds"], checks))
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # --only reruns some experiments: keep the others' last results
+        kept = json.loads(path.read_text()).get("experiments", {})
+        results["experiments"] = {**kept, **results["experiments"]}
     path.write_text(json.dumps(results, indent=2) + "\n")
 
     print("| experiment | best teacher | ensemble | student | agreement | loyalty | wall (s) | targets |")
