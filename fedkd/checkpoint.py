@@ -58,12 +58,14 @@ def load_safe(path: str | Path, expected_format: str) -> dict[str, Any]:
 
 def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_classes: int,
                  input_shape: tuple[int, int, int], num_samples: int, label_counts: list[int],
-                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """A teacher with what its host needs to describe itself (input normalisation included)."""
+                 mean: tuple[float, ...], std: tuple[float, ...],
+                 privacy: dict[str, Any] | None = None) -> None:
+    """A teacher with what its host needs to describe itself (input normalisation, DP guarantee)."""
     save_atomic({
         "format": TEACHER_FORMAT, "model": model_name, "num_classes": num_classes,
         "input_shape": list(input_shape), "num_samples": num_samples, "label_counts": list(label_counts),
         "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+        "privacy": dict(privacy) if privacy else None,
         "state_dict": model.state_dict(),
     }, path)
 
@@ -83,6 +85,10 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
     if input_shape is not None and shape != tuple(input_shape):
         raise CheckpointError(f"checkpoint {str(path)!r} takes inputs {shape}, the dataset has {tuple(input_shape)}")
     model = build_model(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1])
+    if (ckpt.get("privacy") or {}).get("mechanism") == "dp-sgd":
+        from fedkd.privacy import make_private_model
+
+        model = make_private_model(model)  # the architecture DP-SGD trained (GroupNorm for BatchNorm)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

@@ -96,6 +96,27 @@ class RunConfig:
     rejoin_timeout: float = field(default=120.0, metadata=_range(0.0, None))  # seconds to wait below quorum
     max_message_mb: float = field(default=64.0, metadata=_range(0.0, None, open_low=True))  # per gRPC message
 
+    # Differential privacy of the teachers (privacy-notes.md). dp-sgd: each client trains its teacher
+    # with Opacus DP-SGD (Poisson sampling, PRV accountant) to dp-epsilon at dp-delta (0 = 1 / (10 n) of
+    # the client's n records); every answer is then post-processing. Metrics a client releases about its
+    # held-out data (federated evaluation) are Gaussian-noised counts accounted at dp-eval-epsilon each.
+    teacher_dp: str = field(default="none", metadata=_choice("none", "dp-sgd"))
+    dp_epsilon: float = field(default=8.0, metadata=_range(0.0, None, open_low=True))
+    dp_delta: float = field(default=0.0, metadata=_range(0.0, 0.1))
+    dp_max_grad_norm: float = field(default=1.0, metadata=_range(0.0, None, open_low=True))
+    dp_eval_epsilon: float = field(default=1.0, metadata=_range(0.0, None, open_low=True))
+
+    # The Flower app only (`flwr run .`; `fedkd run` ignores them). run-dir: where the ServerApp
+    # writes run-<run id>/; evaluation: the coordinator's own test set, the clients' held-out data
+    # (evaluate messages), or both; hub-host: the name teachers dial to reach the hub (and its
+    # certificate's name), hub-port 0 = any free port; timeouts in seconds.
+    run_dir: str = "runs/flower"
+    evaluation: str = field(default="both", metadata=_choice("coordinator", "federated", "both"))
+    hub_host: str = "127.0.0.1"
+    hub_port: int = field(default=0, metadata=_range(0, 65535))
+    nodes_timeout: float = field(default=120.0, metadata=_range(0.0, None))
+    train_timeout: float = field(default=3600.0, metadata=_range(0.0, None, open_low=True))
+
     # References and housekeeping
     centralised: bool = False
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))

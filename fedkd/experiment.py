@@ -38,8 +38,9 @@ from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_an
 from fedkd.models import average_weights, build_model, is_model_name, model_names
 from fedkd.plots import plot_accuracy, plot_curriculum, plot_samples
 from fedkd.pool import LocalPool, TeacherPool
+from fedkd.privacy import contract_status
 from fedkd.teacher import FeatureStatistics, TeacherDescription, TeacherHost
-from fedkd.training import train_classifier
+from fedkd.training import train_classifier, train_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,10 @@ class _Silent:
         pass
 
     def epoch_finished(self, record: dict[str, Any]) -> None:
-        logger.info("epoch %d: student accuracy %.4f", record["epoch"] + 1, record["student_accuracy"])
+        if record["student_accuracy"] is None:
+            logger.info("epoch %d done", record["epoch"] + 1)
+        else:
+            logger.info("epoch %d: student accuracy %.4f", record["epoch"] + 1, record["student_accuracy"])
 
 
 class RunDirectoryError(FileExistsError):
@@ -132,6 +136,12 @@ def _train(name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *, 
                             label_smoothing=config.teacher_label_smoothing, device=device)
 
 
+def teacher_seeds(config: RunConfig, client: int) -> dict[str, int]:
+    """A shared initialisation per architecture, as a one-shot FL server would broadcast; only the
+    data order differs between clients (it makes the FedAvg reference meaningful)."""
+    return {"init_seed": config.seed * 1000, "order_seed": config.seed * 1000 + client}
+
+
 def _teacher_path(run_dir: Path, client: int) -> Path:
     return run_dir / "clients" / f"client_{client:02d}" / "teacher.pt"
 
@@ -151,22 +161,21 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
             observer.stage(f"client {k}: loading teacher from {path}")
             model, ckpt = load_teacher(path, expected_model=model_name, num_classes=spec.num_classes,
                                        input_shape=spec.input_shape)
-            counts = list(ckpt["label_counts"])
+            counts, privacy = list(ckpt["label_counts"]), ckpt.get("privacy")
         else:
-            observer.stage(f"client {k}: training {model_name} on {len(data)} private samples")
-            # A shared initialisation per architecture, as a one-shot FL server would broadcast;
-            # only the data order differs between clients. It makes the FedAvg reference meaningful.
-            model = _train(model_name, data, spec, config, init_seed=config.seed * 1000,
-                           order_seed=config.seed * 1000 + k, device=device)
+            dp = " with DP-SGD" if config.teacher_dp != "none" else ""
+            observer.stage(f"client {k}: training {model_name}{dp} on {len(data)} private samples")
+            model, privacy = train_teacher(model_name, data, spec, config, **teacher_seeds(config, k), device=device)
             counts = data.label_counts(spec.num_classes)
             save_teacher(path, model, model_name=model_name, num_classes=spec.num_classes,
                          input_shape=spec.input_shape, num_samples=len(data), label_counts=counts,
-                         mean=spec.mean, std=spec.std)
+                         mean=spec.mean, std=spec.std, privacy=privacy)
         description = TeacherDescription(
             client=k, model=model_name, num_classes=spec.num_classes, input_shape=spec.input_shape,
             mean=spec.mean, std=spec.std,
             has_feature_statistics=bool(FeatureStatistics.bn_layers(model)),
             num_samples=len(data), label_counts=tuple(counts) if config.share_label_counts else None,
+            privacy=contract_status(privacy),
         )
         clients.append(ClientTeacher(k, model_name, model, path, description))
     return clients
@@ -178,7 +187,7 @@ def _references(config: RunConfig, split: DataSplit, clients: list[ClientTeacher
     refs: dict[str, Any] = {"fedavg": None, "centralised": None}
     names = config.teacher_models()
     spec = split.spec
-    if len(set(names)) == 1:
+    if len(set(names)) == 1 and config.teacher_dp == "none":  # DP teachers are not averaged (a reference only)
         avg = _build(names[0], spec)
         avg.load_state_dict(average_weights([c.model for c in clients]))
         refs["fedavg"] = {"model": names[0], "test_accuracy": accuracy(
@@ -255,35 +264,36 @@ def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     test_inputs = split.spec.normalize(split.test.images)
     references = _references(config, split, clients, test_inputs, device, observer)
     with transport(clients, config, run_dir, device) as pool:
-        summary = distill(config, pool, split, run_dir, device=device, saved_state=saved_state, observer=observer,
-                          references=references, started=started)
+        summary = distill(config, pool, split.spec, split.test, run_dir, device=device, saved_state=saved_state,
+                          observer=observer, references=references, started=started)
     # Leaving the transport ends the session: clients have now reported what they released.
     summary["queries"]["reported_by_clients"] = pool.client_reports()
     write_summary(summary, run_dir)
     return summary
 
 
-def distill(config: RunConfig, pool: TeacherPool, split: DataSplit, run_dir: Path, *, device: torch.device,
-            saved_state: dict[str, Any] | None, observer: RunObserver, references: dict[str, Any] | None = None,
-            started: float | None = None) -> dict[str, Any]:
+def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: ImageData | None, run_dir: Path, *,
+            device: torch.device, saved_state: dict[str, Any] | None, observer: RunObserver,
+            references: dict[str, Any] | None = None, started: float | None = None) -> dict[str, Any]:
     """The coordinator's half: evaluate the teachers through queries, distil, evaluate, checkpoint, report.
 
-    ``split.test`` is the coordinator's own labelled data for evaluation; the
-    teachers are only reached through ``pool``.
+    ``test`` is the coordinator's own labelled data for evaluation, or None
+    for a coordinator that holds none (accuracies are then left to federated
+    evaluation and are None here); the teachers are only reached through ``pool``.
     """
     started = time.perf_counter() if started is None else started
     elapsed_before = float(saved_state["elapsed"]) if saved_state else 0.0
-    spec = split.spec
     _check_teachers(pool, spec)
     ensemble = Ensemble(pool, config.ensemble)
-    test_inputs = spec.normalize(split.test.images)
-    labels = split.test.labels
+    test_inputs = spec.normalize(test.images) if test is not None else None
     ckpt_path = run_dir / "checkpoint.pt"
 
+    answers: EnsembleAnswers | None = None
     if saved_state is not None:
-        answers = EnsembleAnswers(saved_state["answers"]["ensemble"], list(saved_state["answers"]["members"]))
+        if saved_state["answers"] is not None:
+            answers = EnsembleAnswers(saved_state["answers"]["ensemble"], list(saved_state["answers"]["members"]))
         pool.restore_stats(saved_state["query_stats"])
-    else:
+    elif test_inputs is not None:
         observer.stage(f"evaluating {len(ensemble)} teachers and their ensemble through queries")
         answers = query_ensemble(ensemble, test_inputs, batch_size=config.max_query_batch)
 
@@ -311,16 +321,17 @@ def distill(config: RunConfig, pool: TeacherPool, split: DataSplit, run_dir: Pat
         observer.epoch_started(epoch, config.steps_per_epoch)
         epoch_start = time.perf_counter()
         train_metrics = method.train_epoch(epoch, observer.step)
-        student_logits = predict(method.student, test_inputs, device=device)
-        record = {
-            "epoch": epoch,
-            "student_accuracy": accuracy(student_logits, labels),
-            "agreement": agreement(student_logits, answers.ensemble),
-            "loyalty": loyalty(student_logits, answers.ensemble),
+        record: dict[str, Any] = {"epoch": epoch, "student_accuracy": None, "agreement": None, "loyalty": None}
+        if test is not None and test_inputs is not None and answers is not None:
+            student_logits = predict(method.student, test_inputs, device=device)
+            record.update(student_accuracy=accuracy(student_logits, test.labels),
+                          agreement=agreement(student_logits, answers.ensemble),
+                          loyalty=loyalty(student_logits, answers.ensemble))
+        record.update({
             **train_metrics,
             "epoch_seconds": time.perf_counter() - epoch_start,
             "query_samples": sum(s.samples for s in pool.stats()),
-        }
+        })
         history.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -335,18 +346,23 @@ def distill(config: RunConfig, pool: TeacherPool, split: DataSplit, run_dir: Pat
             "stage_images": [img for _, img in stages],
             "rng": torch.get_rng_state(),
             "elapsed": elapsed_before + time.perf_counter() - started,
-            "answers": {"ensemble": answers.ensemble, "members": answers.members},
+            "answers": {"ensemble": answers.ensemble, "members": answers.members} if answers else None,
             "query_stats": [s.as_dict() for s in pool.stats()],
         }, ckpt_path)
         observer.epoch_finished(record)
 
-    summary = _summary(config, split, pool, answers, references or {"fedavg": None, "centralised": None}, history,
+    # The distilled model, in the teacher checkpoint format (load_teacher reads it; it could serve as a teacher).
+    save_teacher(run_dir / "student.pt", method.student, model_name=config.student_model,
+                 num_classes=spec.num_classes, input_shape=spec.input_shape, num_samples=0,
+                 label_counts=[0] * spec.num_classes, mean=spec.mean, std=spec.std)
+    summary = _summary(config, test, pool, answers, references or {"fedavg": None, "centralised": None}, history,
                        elapsed_before + time.perf_counter() - started)
     write_summary(summary, run_dir)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    best_teacher = max(t["test_accuracy"] for t in summary["teachers"])
-    plot_accuracy(history, summary["ensemble"]["test_accuracy"], best_teacher, plots / "accuracy.png")
+    if answers is not None:
+        best_teacher = max(t["test_accuracy"] for t in summary["teachers"])
+        plot_accuracy(history, summary["ensemble"]["test_accuracy"], best_teacher, plots / "accuracy.png")
     plot_curriculum(history, plots / "curriculum.png")
     plot_samples(stages, plots / "samples.png")
     return summary
@@ -368,32 +384,33 @@ def _check_teachers(pool: TeacherPool, spec: DatasetSpec) -> None:
                               f"coordinator's {spec.name!r} data uses {spec.mean}, {spec.std}")
 
 
-def _summary(config: RunConfig, split: DataSplit, pool: TeacherPool, answers: EnsembleAnswers,
+def _summary(config: RunConfig, test: ImageData | None, pool: TeacherPool, answers: EnsembleAnswers | None,
              references: dict[str, Any], history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
-    labels = split.test.labels
-    accs = [h["student_accuracy"] for h in history]
-    acc_mean, acc_var = mean_and_variance(accs)
     last = history[-1]
+    if test is None or answers is None:  # no coordinator data: only what the queries and training tell
+        accuracies: list[float | None] = [None] * len(pool.descriptions)
+        ensemble_accuracy = None
+        student: dict[str, Any] = {"model": config.student_model, "test_accuracy": None, "best_accuracy": None, "agreement": None,
+                   "loyalty": None, "accuracy_mean": None, "accuracy_var": None}
+    else:
+        accuracies = [accuracy(logits, test.labels) for logits in answers.members]
+        ensemble_accuracy = accuracy(answers.ensemble, test.labels)
+        accs = [h["student_accuracy"] for h in history]
+        acc_mean, acc_var = mean_and_variance(accs)
+        student = {"model": config.student_model, "test_accuracy": last["student_accuracy"],
+                   "best_accuracy": max(accs), "agreement": last["agreement"], "loyalty": last["loyalty"],
+                   "accuracy_mean": acc_mean, "accuracy_var": acc_var}
     return {
         "method": config.method,
         "dataset": config.dataset,
         "num_clients": config.num_clients,
         "seed": config.seed,
         "teachers": [
-            {"client": d.client, "model": d.model, "num_samples": d.num_samples,
-             "test_accuracy": accuracy(logits, labels)}
-            for d, logits in zip(pool.descriptions, answers.members)
+            {"client": d.client, "model": d.model, "num_samples": d.num_samples, "test_accuracy": acc}
+            for d, acc in zip(pool.descriptions, accuracies)
         ],
-        "ensemble": {"aggregation": config.ensemble, "test_accuracy": accuracy(answers.ensemble, labels)},
-        "student": {
-            "model": config.student_model,
-            "test_accuracy": last["student_accuracy"],
-            "best_accuracy": max(accs),
-            "agreement": last["agreement"],
-            "loyalty": last["loyalty"],
-            "accuracy_mean": acc_mean,
-            "accuracy_var": acc_var,
-        },
+        "ensemble": {"aggregation": config.ensemble, "test_accuracy": ensemble_accuracy},
+        "student": student,
         "references": references,
         "transport": config.transport,
         "queries": {
@@ -402,8 +419,16 @@ def _summary(config: RunConfig, split: DataSplit, pool: TeacherPool, answers: En
             "per_client": [{"client": d.client, **s.as_dict()} for d, s in zip(pool.descriptions, pool.stats())],
             "reported_by_clients": pool.client_reports(),
         },
-        "privacy": None,
-        "test_samples": len(labels),
+        "privacy": _privacy_summary(pool),
+        "test_samples": len(test) if test is not None else 0,
         "wall_seconds": wall,
         "config": config.to_dict(),
     }
+
+
+def _privacy_summary(pool: TeacherPool) -> dict[str, Any] | None:
+    """What each teacher states about its privacy (its Describe); None when no teacher uses a mechanism."""
+    teachers = [{"client": d.client, **d.privacy} for d in pool.descriptions if d.privacy]
+    if not teachers:
+        return None
+    return {"teachers": teachers, "max_epsilon_spent": max(float(t.get("epsilon_spent", 0.0)) for t in teachers)}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedkd.config import RunConfig
 from fedkd.data import DatasetSpec, ImageData
 
 logger = logging.getLogger(__name__)
@@ -67,3 +69,27 @@ def _shift(x: torch.Tensor, rng: torch.Generator, max_shift: int = 2) -> torch.T
     padded = F.pad(x, (max_shift, max_shift, max_shift, max_shift), value=float(x.min()))
     h, w = x.shape[-2:]
     return padded[..., max_shift + dy:max_shift + dy + h, max_shift + dx:max_shift + dx + w]
+
+
+def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *, init_seed: int,
+                  order_seed: int, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any] | None]:
+    """A client's teacher: built from ``init_seed``, trained on ``data`` only with the teacher settings.
+
+    With ``teacher-dp=dp-sgd`` it is trained with Opacus DP-SGD (BatchNorm
+    replaced by GroupNorm) and the privacy record comes back with it;
+    otherwise the privacy record is None.
+    """
+    from fedkd.models import build_model
+
+    torch.manual_seed(init_seed)
+    model = build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+    if config.teacher_dp == "none":
+        return train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
+                                batch_size=config.teacher_batch_size, seed=order_seed,
+                                label_smoothing=config.teacher_label_smoothing, device=device), None
+    from fedkd.privacy import DPSettings, make_private_model, train_dp_sgd
+
+    return train_dp_sgd(make_private_model(model), data, spec,
+                        DPSettings(config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm),
+                        epochs=config.teacher_epochs, lr=config.teacher_lr, batch_size=config.teacher_batch_size,
+                        seed=order_seed, label_smoothing=config.teacher_label_smoothing, device=device)

@@ -59,7 +59,8 @@ class RichObserver:
         self.progress.advance(self.task)
 
     def epoch_finished(self, record: dict[str, Any]) -> None:
-        self.last = f" (student {record['student_accuracy']:.3f})"
+        acc = record["student_accuracy"]
+        self.last = f" (student {acc:.3f})" if acc is not None else ""
         self.progress.update(self.task, completed=(record["epoch"] + 1) * self.steps_per_epoch)
 
 

@@ -38,7 +38,7 @@ def run_distillation(config: RunConfig, run_dir: Path, *, listen: str, teachers:
         hub.wait_for_teachers(timeout=wait)
         observer.stage(f"{teachers} teachers connected; loading {config.dataset} for evaluation")
         split = load_dataset(config.dataset, config.data_root, seed=config.seed)
-        summary = distill(config, hub.pool, split, run_dir, device=device, saved_state=saved_state,
+        summary = distill(config, hub.pool, split.spec, split.test, run_dir, device=device, saved_state=saved_state,
                           observer=observer)
         summary["queries"]["reported_by_clients"] = hub.end_session()
         summary["transport"] = "grpc"

@@ -264,6 +264,29 @@ class Hub:
     def missing(self) -> list[str]:
         return [s.name for s in self.slots if not s.live]
 
+    def drop_absent(self) -> list[str]:
+        """Before the first query: forget the teachers that never connected; returns their names.
+
+        The others are renumbered 0..n-1 in their original order. A dropped
+        teacher's token no longer admits anyone. The quorum stays as set (the
+        caller decides first whether enough teachers are left).
+        """
+        with self._changed:
+            gone = [s.name for s in self.slots if s.description is None]
+            kept = [s for s in self.slots if s.description is not None]
+            if not gone:
+                return []
+            if len(kept) < self.quorum:
+                raise QuorumError(f"only {len(kept)} teachers ever connected, {self.quorum} must answer; "
+                                  f"never connected: {', '.join(gone)}")
+            for i, slot in enumerate(kept):
+                assert slot.description is not None
+                slot.index = i
+                slot.description = dataclasses.replace(slot.description, client=i)
+            self.slots = kept
+            self._by_name = {s.name: s for s in kept}
+        return gone
+
     def wait_for_teachers(self, count: int | None = None, timeout: float = 60.0) -> None:
         """Block until ``count`` (default: every) teacher is connected; TimeoutError names the missing ones."""
         count = len(self.slots) if count is None else count
