@@ -254,3 +254,73 @@ def partition_indices(
             f"partition {scheme!r} left clients {empty} with no data; use fewer clients or more classes per client"
         )
     return parts
+
+
+# One institution's own data (a deployment node) ------------------------------
+
+
+def _images_from_array(array: np.ndarray, spec: DatasetSpec, path: Path, key: str) -> Tensor:
+    """uint8 in [0, 255] or float in [0, 1]; (N, H, W), (N, H, W, C) or (N, C, H, W) -> (N, C, H, W) float32."""
+    x = torch.as_tensor(np.asarray(array))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    elif x.ndim == 4 and x.shape[-1] == spec.channels and x.shape[1] != spec.channels:
+        x = x.permute(0, 3, 1, 2)
+    if x.ndim != 4 or tuple(x.shape[1:]) != spec.input_shape:
+        raise ValueError(f"{str(path)!r}: {key} has shape {tuple(np.shape(array))}, but dataset {spec.name!r} "
+                         f"takes images {spec.input_shape} (C, H, W), (H, W) or (H, W, C)")
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32).div_(255.0).contiguous()
+    x = x.to(torch.float32)
+    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        raise ValueError(f"{str(path)!r}: {key} holds floats outside [0, 1]; store uint8 pixels or floats in [0, 1]")
+    return x.contiguous()
+
+
+def load_node_file(path: str | Path, spec: DatasetSpec) -> tuple[ImageData, ImageData | None]:
+    """An institution's data from one ``.npz`` file: ``x_train``, ``y_train`` and, optionally, held-out
+    ``x_test``, ``y_test`` (the layout of Keras's ``mnist.npz``). Returns (train, held-out or None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"data-path {str(path)!r} does not exist (a .npz with x_train, y_train)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"data-path {str(path)!r} is not a readable .npz file ({exc})") from None
+    missing = [k for k in ("x_train", "y_train") if k not in arrays]
+    if missing or (("x_test" in arrays) != ("y_test" in arrays)):
+        raise ValueError(f"data-path {str(path)!r} holds {sorted(arrays)}; it needs x_train and y_train, "
+                         "and x_test with y_test for local evaluation")
+
+    def part(xk: str, yk: str) -> ImageData:
+        y = torch.as_tensor(np.asarray(arrays[yk]).astype(np.int64).reshape(-1))
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
+            raise ValueError(f"{str(path)!r}: {yk} has labels outside 0..{spec.num_classes - 1}")
+        x = _images_from_array(arrays[xk], spec, path, xk)
+        if len(x) != len(y):
+            raise ValueError(f"{str(path)!r}: {xk} has {len(x)} images but {yk} {len(y)} labels")
+        return ImageData(x, y)
+
+    train = part("x_train", "y_train")
+    return train, part("x_test", "y_test") if "x_test" in arrays else None
+
+
+def holdout_indices(test_labels: Tensor, num_clients: int, seed: int) -> list[np.ndarray]:
+    """Each simulated client's local held-out data: an IID share of the test split."""
+    return partition_indices(test_labels, num_clients, "iid", seed=seed + 7919)
+
+
+def export_node_files(split: DataSplit, parts: list[np.ndarray], out: str | Path, *, seed: int) -> list[Path]:
+    """Write one ``client-NNN.npz`` per partition (train share + IID held-out share) for trying a deployment."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    held = holdout_indices(split.test.labels, len(parts), seed)
+    paths = []
+    for k, (tr, te) in enumerate(zip(parts, held)):
+        path = out / f"client-{k:03d}.npz"
+        train, test = split.train.subset(tr), split.test.subset(te)
+        np.savez_compressed(path, x_train=train.images.numpy(), y_train=train.labels.numpy(),
+                            x_test=test.images.numpy(), y_test=test.labels.numpy())
+        paths.append(path)
+    return paths

@@ -174,7 +174,9 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
             client=k, model=model_name, num_classes=spec.num_classes, input_shape=spec.input_shape,
             mean=spec.mean, std=spec.std,
             has_feature_statistics=bool(FeatureStatistics.bn_layers(model)),
-            num_samples=len(data), label_counts=tuple(counts) if config.share_label_counts else None,
+            # A DP teacher releases nothing about its data outside the DP guarantee: no sample or label counts.
+            num_samples=len(data) if privacy is None else None,
+            label_counts=tuple(counts) if config.share_label_counts and privacy is None else None,
             privacy=contract_status(privacy),
         )
         clients.append(ClientTeacher(k, model_name, model, path, description))
@@ -390,8 +392,8 @@ def _summary(config: RunConfig, test: ImageData | None, pool: TeacherPool, answe
     if test is None or answers is None:  # no coordinator data: only what the queries and training tell
         accuracies: list[float | None] = [None] * len(pool.descriptions)
         ensemble_accuracy = None
-        student: dict[str, Any] = {"model": config.student_model, "test_accuracy": None, "best_accuracy": None, "agreement": None,
-                   "loyalty": None, "accuracy_mean": None, "accuracy_var": None}
+        student: dict[str, Any] = {"model": config.student_model, "test_accuracy": None, "best_accuracy": None,
+                                   "agreement": None, "loyalty": None, "accuracy_mean": None, "accuracy_var": None}
     else:
         accuracies = [accuracy(logits, test.labels) for logits in answers.members]
         ensemble_accuracy = accuracy(answers.ensemble, test.labels)

@@ -1,0 +1,165 @@
+"""The institution's Flower ClientApp: train (or load) the teacher, serve it to the hub, evaluate the student.
+
+Messages (the ServerApp in ``server/app.py`` sends them):
+
+- ``train``: config ``client`` (this node's index in the run). Trains the
+  teacher on the node's private data only (DP-SGD with ``teacher-dp``), or
+  loads it from the node's ``teacher-ckpt``; the checkpoint stays on the node.
+  Replies with local metrics (without DP) or the privacy spent (with DP).
+- ``query.serve``: config ``address``, ``token``, ``ca`` (the hub's CA
+  certificate, PEM), ``session``, ``name``, ``client``. Connects the teacher
+  to the coordinator's hub and answers queries until the coordinator ends
+  the session; replies with what it released.
+- ``evaluate``: arrays ``student`` (the distilled student's weights).
+  Evaluates it on the node's held-out data; replies with accuracy and the
+  example count (Gaussian-noised and accounted when ``teacher-dp`` is on).
+
+Failures the node can name (bad node config, missing data, a refused
+connection) come back as an error reply whose reason says what is wrong; the
+ServerApp reports it with the node id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
+from client.cli import host_from_checkpoint
+from client.node import NodeConfigError, count_correct, ensure_teacher, node_data, teacher_path
+from fedkd.checkpoint import CheckpointError
+from fedkd.codec import MiB
+from fedkd.config import ConfigError, RunConfig, config_from_mapping
+from fedkd.data import DatasetNotFoundError
+from fedkd.models import build_model
+from fedkd.privacy import default_delta, release_counts
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+# An error reply's code: the node could not do what was asked, for the reason given.
+NODE_ERROR = 1000
+# Errors a node reports as such (the reason is meant for the operator); anything else is a bug
+# and propagates, so Flower reports it with its traceback.
+EXPECTED = (ConfigError, NodeConfigError, CheckpointError, DatasetNotFoundError, AgentError, FileNotFoundError,
+            ValueError, KeyError)
+STATE = "fedkd"  # this node's own record in context.state: what it has released so far
+
+
+def _run_config(context: Context) -> RunConfig:
+    return config_from_mapping(dict(context.run_config))
+
+
+def _threads(context: Context) -> None:
+    """One torch thread per ClientApp in a simulation (all clients share the machine), else the node's say."""
+    threads = int(context.node_config.get("num-threads", 1 if "partition-id" in context.node_config else 0))
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _handle(name: str, body: Callable[[Message, Context], RecordDict]) -> Callable[[Message, Context], Message]:
+    def handler(msg: Message, context: Context) -> Message:
+        try:
+            _threads(context)
+            return Message(body(msg, context), reply_to=msg)
+        except EXPECTED as exc:
+            reason = f"{name} failed on node {context.node_id}: {type(exc).__name__}: {exc}"
+            logger.error(reason)
+            return Message(Error(code=NODE_ERROR, reason=reason), reply_to=msg)
+
+    handler.__name__ = name
+    return handler
+
+
+def _released(context: Context) -> dict[str, float]:
+    if STATE not in context.state:
+        context.state[STATE] = MetricRecord({"eval-epsilon": 0.0, "eval-releases": 0})
+    return dict(context.state[STATE])  # type: ignore[arg-type]
+
+
+def _train(msg: Message, context: Context) -> RecordDict:
+    config = _run_config(context)
+    client = int(msg.content["train"]["client"])  # type: ignore[arg-type]
+    data = node_data(config, context.node_config)
+    teacher = ensure_teacher(config, context.node_config, data, client)
+    spec = data.spec
+    metrics: dict[str, Any] = {"trained": int(teacher.trained), "seconds": teacher.seconds}
+    info: dict[str, Any] = {"model": str(teacher.checkpoint["model"]), "data": data.source}
+    correct, total = count_correct(teacher.model, data.train, spec)
+    held = count_correct(teacher.model, data.holdout, spec) if data.holdout is not None else (0, 0)
+    logger.info("teacher %s: train accuracy %.4f on %d, held-out %.4f on %d (kept on this node)",
+                teacher.path, correct / max(1, total), total, held[0] / max(1, held[1]), held[1])
+    privacy = teacher.privacy
+    if privacy is None:
+        metrics.update({"num-examples": total, "train-accuracy": correct / max(1, total),
+                        "holdout-examples": held[1], "holdout-accuracy": held[0] / max(1, held[1])})
+    else:  # only what the DP guarantee covers leaves the node: the guarantee itself
+        metrics.update({"epsilon-spent": float(privacy["epsilon_spent"]), "delta": float(privacy["delta"]),
+                        "noise-multiplier": float(privacy["noise_multiplier"]), "steps": int(privacy["steps"])})
+        info["mechanism"] = str(privacy["mechanism"])
+    return RecordDict({"metrics": MetricRecord(metrics), "teacher": ConfigRecord(info)})
+
+
+def _serve(msg: Message, context: Context) -> RecordDict:
+    config = _run_config(context)
+    hub = msg.content["hub"]
+    client = int(hub["client"])  # type: ignore[arg-type]
+    path = teacher_path(config, context.node_config, client)
+    if not path.exists():
+        raise CheckpointError(f"no teacher at {str(path)!r}: the train round has not run on this node")
+    host = host_from_checkpoint(path, max_batch=config.max_query_batch,
+                                share_label_counts=config.share_label_counts, client=client)
+    ca = hub.get("ca")
+    settings = AgentSettings(target=str(hub["address"]), token=str(hub["token"]),
+                             tls=ClientTLS(bytes(ca)) if ca else None,  # type: ignore[arg-type]
+                             session=str(hub["session"]), name=str(hub["name"]),
+                             max_message_bytes=int(config.max_message_mb * MiB),
+                             give_up_after=max(config.rejoin_timeout, 30.0),
+                             server_name=str(hub["server-name"]) if hub.get("server-name") else None)
+    logger.info("serving %s to the hub at %s", path, settings.target)
+    spent = TeacherAgent(host, settings).serve()
+    metrics: dict[str, Any] = dict(spent)
+    if host.description.privacy:  # answers of a DP teacher are post-processing: no extra cost
+        metrics["epsilon-spent"] = float(host.description.privacy["epsilon_spent"])
+    return RecordDict({"spent": MetricRecord(metrics)})
+
+
+def _evaluate(msg: Message, context: Context) -> RecordDict:
+    config = _run_config(context)
+    data = node_data(config, context.node_config)
+    if data.holdout is None or len(data.holdout) == 0:
+        raise NodeConfigError("this node has no held-out data for evaluation (add x_test, y_test to its data-path)")
+    spec = data.spec
+    student = build_model(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
+                          image_size=spec.image_size)
+    arrays = msg.content["student"]
+    try:
+        student.load_state_dict(arrays.to_torch_state_dict())  # type: ignore[union-attr]
+    except RuntimeError as exc:
+        raise ValueError(f"the student's weights do not fit a {config.student_model!r}: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    correct, total = count_correct(student, data.holdout, spec)
+    metrics: dict[str, Any]
+    if config.teacher_dp == "none":
+        metrics = {"accuracy": correct / total, "num-examples": total}
+    else:
+        released = _released(context)
+        delta = config.dp_delta or default_delta(total)
+        noisy_correct, noisy_total, eps = release_counts(correct, total, epsilon=config.dp_eval_epsilon, delta=delta)
+        released["eval-epsilon"] += eps
+        released["eval-releases"] += 1
+        context.state[STATE] = MetricRecord(released)
+        metrics = {"accuracy": noisy_correct / noisy_total, "num-examples": max(1, round(noisy_total)),
+                   "epsilon": eps, "delta": delta, "eval-epsilon-total": released["eval-epsilon"]}
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+app.train()(_handle("train", _train))
+app.query("serve")(_handle("serve", _serve))
+app.evaluate()(_handle("evaluate", _evaluate))

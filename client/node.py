@@ -1,0 +1,167 @@
+"""What one institution's node holds: its private data, its teacher checkpoint, its local evaluation.
+
+Flower-independent, so the ClientApp stays a thin translation of messages.
+
+Where the data comes from (the node's Flower ``node_config``):
+
+- ``data-path``: a deployment. The institution's own ``.npz`` file
+  (``x_train``, ``y_train`` and, for local evaluation, ``x_test``, ``y_test``),
+  for the run's ``dataset`` (input shape, classes, normalisation).
+- ``partition-id`` / ``num-partitions``: a simulation. Partition
+  ``partition-id`` of the run's dataset, split exactly as ``fedkd run`` splits
+  it (so the teachers are the same), and an IID share of the test split as
+  the node's held-out data.
+
+The teacher checkpoint lives on the node: at ``teacher-ckpt`` when the node
+config names one (loaded when it exists, trained and written there when not),
+otherwise in ``$FEDKD_CACHE_DIR`` (default ``~/.cache/fedkd``) under a
+fingerprint of everything that determines the teacher, so a repeated run
+loads instead of retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedkd.checkpoint import CheckpointError, load_teacher, save_teacher
+from fedkd.config import ConfigError, RunConfig
+from fedkd.data import SPECS, DatasetSpec, ImageData, holdout_indices, load_dataset, load_node_file, partition_indices
+from fedkd.experiment import teacher_seeds
+from fedkd.metrics import predict
+from fedkd.training import train_teacher
+
+logger = logging.getLogger(__name__)
+
+TEACHER_RECIPE = "fedkd-teacher/1"  # bump when train_teacher changes what a config produces
+
+
+class NodeConfigError(ValueError):
+    """The node's own configuration (``--node-config``) is missing something or contradicts the run."""
+
+
+@dataclass(frozen=True)
+class NodeData:
+    spec: DatasetSpec
+    train: ImageData
+    holdout: ImageData | None  # local held-out data for federated evaluation
+    source: str  # where it came from, for logs and fingerprints
+    partition: int | None  # the simulation partition, None in a deployment
+
+
+def data_source(config: RunConfig, node_config: Mapping[str, Any]) -> tuple[str, int | None]:
+    """Where this node's data comes from ("file:<path>" or "partition:<k>/<n>") and its partition, unread."""
+    if "data-path" in node_config:
+        return f"file:{Path(str(node_config['data-path'])).expanduser().resolve()}", None
+    if "partition-id" in node_config:
+        k, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", config.num_clients))
+        if n != config.num_clients:
+            raise NodeConfigError(f"the simulation has {n} nodes but num-clients={config.num_clients}; start it "
+                                  f"with num-supernodes={config.num_clients} or set num-clients={n}")
+        return f"partition:{k}/{n}", k
+    raise NodeConfigError("node config has neither data-path (a deployment: the node's .npz file) nor "
+                          "partition-id (a simulation); start the SuperNode with "
+                          "--node-config 'data-path=\"/path/to/data.npz\"'")
+
+
+def node_data(config: RunConfig, node_config: Mapping[str, Any]) -> NodeData:
+    """This node's private data, from its data path (deployment) or its partition (simulation)."""
+    spec = SPECS[config.dataset]
+    source, k = data_source(config, node_config)
+    if k is None:
+        train, holdout = load_node_file(source[len("file:"):], spec)
+        return NodeData(spec, train, holdout, source, None)
+    split = load_dataset(config.dataset, config.data_root, seed=config.seed)
+    parts = partition_indices(split.train.labels, config.num_clients, config.partition, alpha=config.alpha,
+                              classes_per_client=config.classes_per_client,
+                              min_partition_size=config.min_partition_size, seed=config.seed)
+    held = holdout_indices(split.test.labels, config.num_clients, config.seed)
+    return NodeData(spec, split.train.subset(parts[k]), split.test.subset(held[k]), source, k)
+
+
+def _fingerprint(config: RunConfig, source: str, model_name: str, client: int) -> str:
+    keys = ("dataset", "data-root", "num-clients", "partition", "alpha", "classes-per-client", "min-partition-size",
+            "seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing", "teacher-dp",
+            "dp-epsilon", "dp-delta", "dp-max-grad-norm")
+    settings = {k: config.to_dict()[k] for k in keys}
+    settings["data-root"] = str(Path(config.data_root).resolve())
+    if source.startswith("file:") and Path(source[5:]).exists():
+        stat = Path(source[5:]).stat()
+        source += f":{stat.st_size}:{stat.st_mtime_ns}"
+    blob = json.dumps({"recipe": TEACHER_RECIPE, "model": model_name, "client": client, "source": source,
+                       **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDKD_CACHE_DIR") or Path.home() / ".cache" / "fedkd")
+
+
+def teacher_path(config: RunConfig, node_config: Mapping[str, Any], client: int) -> Path:
+    """Where this node keeps its teacher: ``teacher-ckpt``, or the cache under the teacher's fingerprint."""
+    if "teacher-ckpt" in node_config:
+        return Path(str(node_config["teacher-ckpt"])).expanduser()
+    name = config.teacher_models()[client]
+    source, _ = data_source(config, node_config)
+    return cache_dir() / "teachers" / f"{name}-{_fingerprint(config, source, name, client)}.pt"
+
+
+@dataclass
+class NodeTeacher:
+    path: Path
+    model: nn.Module
+    checkpoint: dict[str, Any]
+    trained: bool  # False: loaded from an existing checkpoint
+    seconds: float
+
+    @property
+    def privacy(self) -> dict[str, Any] | None:
+        return self.checkpoint.get("privacy")
+
+
+def ensure_teacher(config: RunConfig, node_config: Mapping[str, Any], data: NodeData, client: int, *,
+                   device: torch.device | str = "cpu") -> NodeTeacher:
+    """Load this node's teacher, or train it on the node's data alone and keep the checkpoint on the node."""
+    if not 0 <= client < config.num_clients:
+        raise ConfigError(f"client index {client} is outside 0..{config.num_clients - 1} (num-clients)")
+    started = time.perf_counter()
+    path = teacher_path(config, node_config, client)
+    spec = data.spec
+    # The data's client index decides the training order seed; in a simulation it is the partition.
+    k = data.partition if data.partition is not None else client
+    if path.exists():
+        expected = None if "teacher-ckpt" in node_config else config.teacher_models()[client]
+        model, ckpt = load_teacher(path, expected_model=expected, num_classes=spec.num_classes,
+                                   input_shape=spec.input_shape)
+        if "mean" not in ckpt or "std" not in ckpt:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not record its input normalisation (mean, std)")
+        logger.info("loaded the teacher from %s", path)
+        return NodeTeacher(path, model, ckpt, False, time.perf_counter() - started)
+    name = config.teacher_models()[client]
+    logger.info("training %s%s on %d private samples", name,
+                " with DP-SGD" if config.teacher_dp != "none" else "", len(data.train))
+    model, privacy = train_teacher(name, data.train, spec, config, **teacher_seeds(config, k), device=device)
+    save_teacher(path, model, model_name=name, num_classes=spec.num_classes, input_shape=spec.input_shape,
+                 num_samples=len(data.train), label_counts=data.train.label_counts(spec.num_classes),
+                 mean=spec.mean, std=spec.std, privacy=privacy)
+    _, ckpt = load_teacher(path)
+    return NodeTeacher(path, model.cpu(), ckpt, True, time.perf_counter() - started)
+
+
+def count_correct(model: nn.Module, data: ImageData, spec: DatasetSpec, *,
+                  device: torch.device | str = "cpu") -> tuple[int, int]:
+    """(correct, total) of ``model`` on ``data``; computed on the node, released only as the caller decides."""
+    if len(data) == 0:
+        return 0, 0
+    logits = predict(model, spec.normalize(data.images), device=device)
+    return int((logits.argmax(1) == data.labels).sum()), len(data)

@@ -1,0 +1,273 @@
+"""The coordinator's Flower ServerApp: train round, hub, distillation, evaluation, summary.
+
+1. Wait (``nodes-timeout``) for the ``num-clients`` nodes the run needs.
+2. Train round: each node trains (or loads) its teacher on its private data
+   and replies with local metrics; a node that fails is reported by id with
+   its error, and the run goes on while a quorum (``quorum``, 0 = majority)
+   of teachers remains.
+3. Open the hub (TLS with a development CA made for the run, one token per
+   node) and send each node a ``query.serve`` message with the hub's address,
+   its token and the CA certificate: the ClientApps connect their teachers.
+4. Distil with the configured method through the hub (the queries travel on
+   fedkd's gRPC stream, not as Flower messages: a Flower round trip costs
+   seconds in a deployment), evaluating on the coordinator's own test set
+   when ``evaluation`` includes it.
+5. End the session; each node replies with what it released.
+6. Federated evaluation (``evaluation`` = federated or both): the student's
+   weights go to every node in an ``evaluate`` message; each evaluates on its
+   own held-out data; the accuracies are averaged weighted by example count.
+7. Write the run directory (``run-dir``/run-<run id>: config.json,
+   metrics.jsonl, checkpoint.pt, student.pt, plots/, summary.json) as
+   ``fedkd run`` does, with a ``flower`` section naming every node.
+
+Anything that stops the run raises :class:`FlowerRunError` with the reason, so
+Flower records the run as failed.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedkd.checkpoint import load_teacher
+from fedkd.config import RunConfig, config_from_mapping
+from fedkd.data import SPECS, load_dataset
+from fedkd.experiment import distill, open_run_dir, setup, write_summary
+from fedkd.tls import make_dev_pki
+from server.hub import Hub, ServerTLS, issue_tokens
+
+app = ServerApp()
+
+POLL = 0.5  # seconds between looks at the grid while waiting
+SERVE_REPLY_TIMEOUT = 120.0  # seconds for the nodes to report after the session ended
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class FlowerRunError(RuntimeError):
+    """The run cannot go on; the message says why (and which nodes failed)."""
+
+
+@dataclass
+class NodeRecord:
+    node_id: int
+    client: int
+    status: str = "ok"  # ok | failed
+    error: str | None = None
+    failed_at: str | None = None  # train | serve | evaluate
+    train: dict[str, Any] = field(default_factory=dict)
+    served: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, stage: str, reason: str) -> None:
+        self.status, self.error, self.failed_at = "failed", reason, stage
+        log(ERROR, "node %d (client %d) failed in %s: %s", self.node_id, self.client, stage, reason)
+
+
+class _Log:
+    """Progress into Flower's log (shown by ``flwr run --stream``)."""
+
+    def stage(self, message: str) -> None:
+        log(INFO, "[fedkd] %s", message)
+
+    def epoch_started(self, epoch: int, total_steps: int) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def epoch_finished(self, record: dict[str, Any]) -> None:
+        acc = record.get("student_accuracy")
+        shown = f"student accuracy {acc:.4f}" if acc is not None else "done"
+        log(INFO, "[fedkd] epoch %d: %s (%.1f s)", record["epoch"] + 1, shown, record["epoch_seconds"])
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = config_from_mapping(dict(context.run_config))
+    run_dir = Path(config.run_dir).expanduser().resolve() / f"run-{context.run_id}"
+    FederatedDistillation(grid, config, run_dir, run_id=context.run_id).run()
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """The first ``count`` node ids (sorted) once that many are connected; FlowerRunError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes[:count]
+        if time.monotonic() >= deadline:
+            raise FlowerRunError(f"{len(nodes)} of the {count} nodes the run needs (num-clients) connected within "
+                                 f"nodes-timeout={timeout:.0f} s; in a simulation pass --federation-config "
+                                 f"'num-supernodes={count}', in a deployment start {count} SuperNodes")
+        time.sleep(POLL)
+
+
+def _replies(messages: list[Message]) -> dict[int, Message]:
+    return {m.metadata.src_node_id: m for m in messages}
+
+
+class FederatedDistillation:
+    def __init__(self, grid: Grid, config: RunConfig, run_dir: Path, *, run_id: int) -> None:
+        self.grid, self.config, self.run_dir, self.run_id = grid, config, run_dir, run_id
+        self.observer = _Log()
+        self.nodes: dict[int, NodeRecord] = {}
+
+    # Helpers ---------------------------------------------------------------------------------
+
+    def _live(self) -> list[NodeRecord]:
+        return [n for n in self.nodes.values() if n.status == "ok"]
+
+    def _check_quorum(self, stage: str) -> None:
+        need = self.config.quorum_size(self.config.num_clients)
+        if len(self._live()) < need:
+            failed = "; ".join(f"node {n.node_id}: {n.error}" for n in self.nodes.values() if n.status != "ok")
+            raise FlowerRunError(f"after {stage}, {len(self._live())} of {self.config.num_clients} nodes are left "
+                                 f"and the run needs {need} (quorum). Failed: {failed}")
+
+    def _message(self, node: NodeRecord, content: RecordDict, message_type: str, ttl: float) -> Message:
+        return Message(content, dst_node_id=node.node_id, message_type=message_type, ttl=ttl)
+
+    def _round(self, stage: str, contents: dict[int, RecordDict], message_type: str,
+               timeout: float) -> dict[int, Message]:
+        """Send one message to each listed node and wait; failures are recorded on the node."""
+        messages = [self._message(self.nodes[nid], content, message_type, timeout) for nid, content in contents.items()]
+        replies = _replies(list(self.grid.send_and_receive(messages, timeout=timeout)))
+        ok = {}
+        for nid in contents:
+            reply = replies.get(nid)
+            if reply is None:
+                self.nodes[nid].fail(stage, f"no reply within {timeout:.0f} s")
+            elif reply.has_error():
+                self.nodes[nid].fail(stage, reply.error.reason or f"error code {reply.error.code}")
+            else:
+                ok[nid] = reply
+        return ok
+
+    # The run ------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        device = setup(config)
+        open_run_dir(config, self.run_dir, resume=False)
+        self.observer.stage(f"run directory {self.run_dir}")
+        started = time.perf_counter()
+        self.observer.stage(f"waiting up to {config.nodes_timeout:.0f} s for {config.num_clients} nodes")
+        node_ids = wait_for_nodes(self.grid, config.num_clients, config.nodes_timeout)
+        self.nodes = {nid: NodeRecord(nid, k) for k, nid in enumerate(node_ids)}
+
+        self.observer.stage(f"train round: {len(node_ids)} nodes train or load their teachers")
+        replies = self._round("train", {n.node_id: RecordDict({"train": ConfigRecord({"client": n.client})})
+                                        for n in self._live()}, "train", config.train_timeout)
+        for nid, reply in replies.items():
+            self.nodes[nid].train = {**dict(reply.content["metrics"]), **dict(reply.content["teacher"])}
+        self._check_quorum("the train round")
+
+        summary = self._serve_and_distill(device, started)
+        if config.evaluation in ("federated", "both"):
+            summary["federated_evaluation"] = self._federated_evaluation()
+        summary["flower"] = {"run_id": self.run_id, "nodes": [vars(n) for n in self.nodes.values()],
+                             "failed": [n.node_id for n in self.nodes.values() if n.status != "ok"]}
+        summary["transport"] = "flower"
+        summary["wall_seconds"] = time.perf_counter() - started
+        write_summary(summary, self.run_dir)
+        self.observer.stage(f"summary written to {self.run_dir / 'summary.json'}")
+        return summary
+
+    def _serve_and_distill(self, device: torch.device, started: float) -> dict[str, Any]:
+        config, run_dir = self.config, self.run_dir
+        names = {n.node_id: f"node-{n.node_id}" for n in self._live()}
+        tokens = issue_tokens(run_dir / "tokens", list(names.values()))
+        host = config.hub_host
+        pki = make_dev_pki(run_dir / "tls", hosts=sorted({host, "localhost", "127.0.0.1"}))
+        bind = "127.0.0.1" if host in LOOPBACK else "0.0.0.0"
+        hub = Hub.for_run(dict(tokens), config, session=run_dir.name, address=f"{bind}:{config.hub_port}",
+                          tls=ServerTLS(pki.server_cert.read_bytes(), pki.server_key.read_bytes()))
+        with hub:
+            address = f"{host}:{hub.port}"
+            self.observer.stage(f"hub on {address} (TLS, one token per node); asking the nodes to serve")
+            ca = pki.ca_cert.read_bytes()
+            serving = {}
+            for nid, name in names.items():
+                node = self.nodes[nid]
+                content = RecordDict({"hub": ConfigRecord({
+                    "address": address, "token": tokens[name], "ca": ca, "session": run_dir.name, "name": name,
+                    "client": node.client})})
+                serving[nid] = self._message(node, content, "query.serve", config.train_timeout)
+            ids = dict(zip(serving, self.grid.push_messages(list(serving.values()))))
+            early = self._await_teachers(hub, names, ids)
+            for name in hub.drop_absent():
+                nid = next(i for i, n in names.items() if n == name)
+                if self.nodes[nid].status == "ok":
+                    self.nodes[nid].fail("serve", f"its teacher did not connect to the hub within "
+                                                  f"nodes-timeout={config.nodes_timeout:.0f} s")
+            self._check_quorum("connecting the teachers")
+            test = None
+            if config.evaluation in ("coordinator", "both"):
+                self.observer.stage(f"loading {config.dataset} (the coordinator's own test set)")
+                test = load_dataset(config.dataset, config.data_root, seed=config.seed).test
+            summary = distill(config, hub.pool, SPECS[config.dataset], test, run_dir, device=device,
+                              saved_state=None, observer=self.observer, started=started)
+            summary["queries"]["reported_by_clients"] = hub.end_session()
+        self._collect_serve_replies(ids, early)
+        return summary
+
+    def _await_teachers(self, hub: Hub, names: dict[int, str], ids: dict[int, str]) -> dict[int, Message]:
+        """Wait until every serving node's teacher joined, or replied (a failure), or nodes-timeout passed."""
+        deadline = time.monotonic() + self.config.nodes_timeout
+        early: dict[int, Message] = {}
+        while time.monotonic() < deadline:
+            for reply in self.grid.pull_messages([i for nid, i in ids.items() if nid not in early]):
+                nid = reply.metadata.src_node_id
+                early[nid] = reply
+                reason = reply.error.reason if reply.has_error() else "it replied before the session started"
+                self.nodes[nid].fail("serve", reason or "error")
+            joined = {s.name for s in hub.live()}
+            if all(names[nid] in joined or nid in early for nid in names):
+                break
+            time.sleep(POLL)
+        return early
+
+    def _collect_serve_replies(self, ids: dict[int, str], early: dict[int, Message]) -> None:
+        pending = {i: nid for nid, i in ids.items() if nid not in early}
+        deadline = time.monotonic() + SERVE_REPLY_TIMEOUT
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                nid = reply.metadata.src_node_id
+                pending = {i: n for i, n in pending.items() if n != nid}
+                if reply.has_error():
+                    self.nodes[nid].fail("serve", reply.error.reason or "error")
+                else:
+                    self.nodes[nid].served = dict(reply.content["spent"])
+            if pending:
+                time.sleep(POLL)
+        for nid in pending.values():
+            log(WARNING, "node %d did not report what it released within %.0f s", nid, SERVE_REPLY_TIMEOUT)
+
+    def _federated_evaluation(self) -> dict[str, Any]:
+        student, _ = load_teacher(self.run_dir / "student.pt")
+        arrays = ArrayRecord(student.state_dict())
+        targets = [n for n in self._live()]
+        self.observer.stage(f"federated evaluation: the student goes to {len(targets)} nodes")
+        replies = self._round("evaluate", {n.node_id: RecordDict({"student": arrays}) for n in targets},
+                              "evaluate", self.config.train_timeout)
+        rows = []
+        for nid, reply in replies.items():
+            metrics = dict(reply.content["metrics"])
+            self.nodes[nid].evaluation = metrics
+            rows.append({"node_id": nid, **metrics})
+        total = sum(float(r["num-examples"]) for r in rows)
+        accuracy = sum(float(r["accuracy"]) * float(r["num-examples"]) for r in rows) / total if total else None
+        if accuracy is not None:
+            self.observer.stage(f"federated evaluation: student accuracy {accuracy:.4f} on {total:.0f} examples "
+                                f"held by {len(rows)} nodes")
+        return {"student_accuracy": accuracy, "num_examples": total, "nodes": rows,
+                "noised": self.config.teacher_dp != "none"}
