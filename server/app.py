@@ -26,7 +26,6 @@ Flower records the run as failed.
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING

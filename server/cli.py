@@ -4,6 +4,8 @@
     fedkd distill --listen HOST:PORT --teachers N [--cert F --key F | --insecure] ...   (alias: fedkd hub)
     fedkd teacher --checkpoint FILE --connect HOST:PORT --token-file FILE [--ca FILE]
     fedkd certs --out DIR [--hosts NAME,...] [--clients N]
+    fedkd simulate [--clients N] [--set KEY=VALUE ...]   # the Flower app: flwr run . --stream, offline
+    fedkd partition --out DIR [--set KEY=VALUE ...]      # one .npz per client, to try a deployment
     fedkd keys            # every config key with its default and allowed values
 """
 
@@ -197,6 +199,35 @@ def cmd_keys(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
+    from server.simulate import simulate
+
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(load_config_file(args.config))
+    values.update(parse_assignments(args.set or []))
+    if args.clients is not None:
+        values["num-clients"] = args.clients
+    code, status = simulate(values, flwr_home=Path(args.flwr_home) if args.flwr_home else None)
+    detail = status.get("status-details")
+    console.print(f"Flower run {status.get('run-id', '?')}: {status.get('status')}"
+                  + (f" ({detail})" if detail and detail != "N/A" else ""))
+    return code
+
+
+def cmd_partition(args: argparse.Namespace, console: Console) -> int:
+    from fedkd.data import export_node_files, load_dataset, partition_indices
+
+    config = _build_config(args)
+    split = load_dataset(config.dataset, config.data_root, seed=config.seed)
+    parts = partition_indices(split.train.labels, config.num_clients, config.partition, alpha=config.alpha,
+                              classes_per_client=config.classes_per_client,
+                              min_partition_size=config.min_partition_size, seed=config.seed)
+    for path in export_node_files(split, parts, args.out, seed=config.seed):
+        console.print(f"{path}  (--node-config 'data-path=\"{path.resolve()}\"')")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedkd", description="Federated data-free knowledge distillation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -236,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--clients", type=int, default=0, help="client certificates for teacher-000.. (mutual TLS)")
     certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
     certs.set_defaults(func=cmd_certs)
+    sim = sub.add_parser("simulate", help="the Flower app in Flower's simulation engine (flwr run . --stream, "
+                         "offline, one SuperNode per client); exits 1 when the run fails")
+    sim.add_argument("--clients", type=int, help="number of clients (= num-clients and num-supernodes)")
+    sim.add_argument("--config", help="TOML file of config keys")
+    sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
+    sim.add_argument("--flwr-home", help="FLWR_HOME for the local SuperLink (default ~/.cache/fedkd/flwr-home)")
+    sim.set_defaults(func=cmd_simulate)
+    part = sub.add_parser("partition", help="write one .npz per client (its partition and held-out share) to try "
+                          "a deployment with --node-config data-path")
+    part.add_argument("--config", help="TOML file of config keys")
+    part.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
+    part.add_argument("--out", required=True, help="directory for client-NNN.npz")
+    part.set_defaults(func=cmd_partition)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     return parser

@@ -1,0 +1,163 @@
+"""``fedkd simulate``: ``flwr run . --stream`` in Flower's simulation engine, set up to work offline.
+
+What it sets, and why (../shared/flower-notes.md):
+
+- ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: otherwise the SuperLink
+  runs ``uv sync`` for every run (gigabytes of CUDA wheels; fails offline).
+  The app runs in this environment, where fedkd is installed.
+- ``FLWR_DISABLE_UPDATE_CHECK=1``, ``FLWR_TELEMETRY_ENABLED=0``: no network.
+- its own ``FLWR_HOME`` and free ports for the local SuperLink, so a
+  SuperLink started elsewhere with other settings is never reused; it is
+  stopped when the run ends.
+- ``num-supernodes`` = ``num-clients`` and one logical CPU per ClientApp with
+  as many Ray CPUs as clients, so every teacher is live at once (a serving
+  ClientApp holds its slot for the whole distillation).
+- the run's status from ``flwr list``: ``flwr run --stream`` exits 0 even
+  when the run failed; this command exits 1 then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedkd.config import RunConfig, config_from_mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    """A run-config value as Flower's ``--run-config`` parses it (TOML)."""
+    if value is None:
+        return '"auto"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def run_config_arg(changes: Mapping[str, Any], config: RunConfig) -> str:
+    """``key=value`` pairs for the changed keys, typed as the config resolved them."""
+    resolved = config.to_dict()
+    return " ".join(f"{key}={toml_value(resolved[key])}" for key in changes)
+
+
+def simulation_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(base if base is not None else os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "RAY_TMPDIR": env.get("RAY_TMPDIR") or str(flwr_home / "ray"),
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    })
+    Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    bindir = str(Path(sys.executable).parent)  # flwr and flower-superlink of this environment
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def superlink_pids(flwr_home: Path) -> list[int]:
+    """The local SuperLinks started with this FLWR_HOME (their log file lies under it)."""
+    marker = str(flwr_home / "local-superlink")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        if any("flower-superlink" in a for a in text[:2]) and any(marker in a for a in text):
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_superlink(flwr_home: Path, timeout: float = 15.0) -> None:
+    pids = superlink_pids(flwr_home)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_status(run_id: str, env: Mapping[str, str]) -> dict[str, Any]:
+    out = subprocess.run(["flwr", "list", "--run-id", run_id, "--format", "json"], env=dict(env),
+                         capture_output=True, text=True, timeout=60)
+    try:
+        runs = json.loads(out.stdout).get("runs") or []
+    except json.JSONDecodeError:
+        runs = []
+    return runs[0] if runs else {"status": "unknown", "status-details": (out.stdout + out.stderr).strip()[-500:]}
+
+
+def simulate(changes: Mapping[str, Any], *, app: Path = ROOT, flwr_home: Path | None = None,
+             timeout: float | None = None, stream: Any = None) -> tuple[int, dict[str, Any]]:
+    """Run the app in simulation; returns (exit code, the run's status record from ``flwr list``)."""
+    config = config_from_mapping(changes)  # fail here, naming the key, before anything starts
+    n = config.num_clients
+    home = (flwr_home or Path(os.environ.get("FEDKD_FLWR_HOME", "") or Path.home() / ".cache/fedkd/flwr-home"))
+    home = home.expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    env = simulation_env(home)
+    cmd = ["flwr", "run", str(app), "--stream",
+           "--federation-config", f"num-supernodes={n} client-resources-num-cpus=1 init-args-num-cpus={n}"]
+    if changes:
+        cmd += ["--run-config", run_config_arg(changes, config)]
+    out = stream or sys.stdout
+    run_id = None
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        started = time.monotonic()
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            match = re.search(r"Successfully started run (\d+)", line)
+            if match:
+                run_id = match.group(1)
+            if timeout is not None and time.monotonic() - started > timeout:
+                proc.kill()
+                break
+        code = proc.wait()
+        if run_id is None:
+            return (code or 1), {"status": "not started", "status-details": f"flwr run exited with {code}"}
+        status = run_status(run_id, env)
+        for _ in range(20):  # the stream can end a moment before the SuperLink records the outcome
+            if str(status.get("status", "")).startswith("finished"):
+                break
+            time.sleep(0.5)
+            status = run_status(run_id, env)
+        ok = status.get("status") == "finished:completed"
+        return (0 if ok else 1), status
+    finally:
+        stop_superlink(home)
