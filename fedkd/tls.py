@@ -108,3 +108,18 @@ def make_dev_pki(directory: str | Path, *, hosts: Sequence[str] = ("localhost", 
         _write(d / f"{name}.key", _key_pem(key), private=True)
         issued[name] = (d / f"{name}.pem", d / f"{name}.key")
     return DevPKI(d, d / "ca.pem", d / "ca.key", d / "server.pem", d / "server.key", issued)
+
+
+def make_supernode_key(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """An ECDSA P-384 key pair in OpenSSH format for Flower's SuperNode authentication
+    (what ``ssh-keygen -t ecdsa -b 384 -N ''`` makes): <name> (private, 0600) and <name>.pub."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = d / name, d / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH) + b"\n")
+    return private, public

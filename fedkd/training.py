@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from fedkd.config import RunConfig
 from fedkd.data import DatasetSpec, ImageData
 
 logger = logging.getLogger(__name__)
+_INIT_LOCK = threading.Lock()
 
 
 def train_classifier(
@@ -81,8 +83,9 @@ def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConf
     """
     from fedkd.models import build_model
 
-    torch.manual_seed(init_seed)
-    model = build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+    with _INIT_LOCK:  # the global RNG: teachers trained in threads of one process must not interleave here
+        torch.manual_seed(init_seed)
+        model = build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
     if config.teacher_dp == "none":
         return train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
                                 batch_size=config.teacher_batch_size, seed=order_seed,

@@ -1,0 +1,204 @@
+"""The Flower app's handlers in-process: the real ServerApp and ClientApp over an in-process Grid (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flower_grid import InProcessGrid
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.app import app as client_app
+from client.node import NodeConfigError, node_data
+from fedkd.checkpoint import load_teacher
+from fedkd.config import RunConfig, config_from_mapping
+from fedkd.data import SPECS, load_node_file
+from fedkd.experiment import prepare_clients
+from server.app import FlowerRunError, wait_for_nodes
+from server.app import app as server_app
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"dataset": "digits", "num-clients": 3, "teacher-epochs": 2, "epochs": 1, "steps-per-epoch": 2,
+        "student-steps": 1, "batch-size": 32, "num-threads": 1, "sample-stages": 1, "nodes-timeout": 20.0}
+
+
+@pytest.fixture(autouse=True)
+def node_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def run_config(tmp_path: Path, **changes: object) -> dict[str, object]:
+    cfg = {k: ("auto" if v is None else v) for k, v in RunConfig().to_dict().items()}
+    cfg.update(TINY)
+    cfg["run-dir"] = str(tmp_path / "runs")
+    cfg.update({k.replace("_", "-"): v for k, v in changes.items()})
+    return cfg
+
+
+def simulated(n: int) -> list[dict[str, object]]:
+    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
+
+
+def run_server(grid: InProcessGrid, cfg: dict[str, object]) -> dict:
+    try:
+        server_app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
+                                 run_config=cfg))
+    finally:
+        grid.close()
+    return json.loads(next((Path(str(cfg["run-dir"])) / f"run-{grid.run_id}").glob("summary.json")).read_text())
+
+
+def test_app_config_has_exactly_the_run_keys_with_their_defaults() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app = pyproject["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    table = app["config"]
+    assert set(table) == set(RunConfig().to_dict())
+    assert config_from_mapping(table) == RunConfig()
+
+
+def test_simulated_run_trains_distils_and_evaluates_federated(tmp_path: Path, node_cache: Path) -> None:
+    cfg = run_config(tmp_path)
+    summary = run_server(InProcessGrid(client_app, simulated(3), cfg, run_id=7), cfg)
+    run_dir = tmp_path / "runs" / "run-7"
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert summary["transport"] == "flower"
+    assert summary["flower"]["failed"] == []
+    nodes = summary["flower"]["nodes"]
+    assert [n["client"] for n in nodes] == [0, 1, 2]
+    assert all(n["served"]["forward_calls"] > 0 for n in nodes)
+    assert sum(n["train"]["num-examples"] for n in nodes) == 1797 - 359  # the digits training pool, split three ways
+    # Coordinator evaluation and federated evaluation: the weighted mean of the nodes' accuracies.
+    assert 0.0 <= summary["student"]["test_accuracy"] <= 1.0
+    fed = summary["federated_evaluation"]
+    rows = fed["nodes"]
+    assert fed["num_examples"] == sum(r["num-examples"] for r in rows) == summary["test_samples"] == 359
+    expected = sum(r["accuracy"] * r["num-examples"] for r in rows) / fed["num_examples"]
+    assert fed["student_accuracy"] == pytest.approx(expected)
+    # On the full test set, the coordinator's accuracy equals the federated one (IID shares of the same set).
+    assert fed["student_accuracy"] == pytest.approx(summary["student"]["test_accuracy"], abs=1e-6)
+    # The checkpoints stayed on the nodes (the node cache), and they are the teachers `fedkd run` trains.
+    cached = sorted(node_cache.glob("teachers/*.pt"))
+    assert len(cached) == 3
+    config = config_from_mapping(cfg)
+    from fedkd.data import load_dataset
+
+    torch.set_num_threads(1)  # as the simulated nodes train (summation order)
+    clients = prepare_clients(config, load_dataset("digits", seed=0), tmp_path / "ref", torch.device("cpu"),
+                              observer=type("O", (), {"stage": lambda self, m: None})())
+    ours = {n["client"]: n for n in nodes}
+    for c in clients:
+        match = [p for p in cached if load_teacher(p)[1]["num_samples"] == ours[c.client]["train"]["num-examples"]]
+        model, _ = load_teacher(match[0])
+        for key, value in c.model.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], value)
+
+
+def test_a_failing_node_is_reported_by_id_and_the_quorum_goes_on(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path, evaluation="coordinator")
+    nodes = simulated(3)
+    nodes[1] = {"data-path": str(tmp_path / "missing.npz")}
+    grid = InProcessGrid(client_app, nodes, cfg, run_id=8)
+    summary = run_server(grid, cfg)
+    bad = list(grid.contexts)[1]
+    assert summary["flower"]["failed"] == [bad]
+    record = next(n for n in summary["flower"]["nodes"] if n["node_id"] == bad)
+    assert record["failed_at"] == "train" and "missing.npz" in record["error"] and str(bad) in record["error"]
+    assert len(summary["teachers"]) == 2
+
+
+def test_a_silent_node_times_out_and_too_few_nodes_stop_the_run(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path, train_timeout=3.0)
+    nodes = simulated(3)
+    nodes[0] = {"data-path": str(tmp_path / "missing.npz")}
+    grid = InProcessGrid(client_app, nodes, cfg, run_id=9, hidden=[102])
+    with pytest.raises(FlowerRunError) as err:
+        server_app(grid, Context(run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    grid.close()
+    text = str(err.value)
+    assert "1 of 3 nodes are left" in text and "needs 2" in text
+    assert "node 101" in text and "missing.npz" in text and "node 102: no reply within 3 s" in text
+
+
+def test_wait_for_nodes_names_what_is_missing(tmp_path: Path) -> None:
+    grid = InProcessGrid(client_app, simulated(2), run_config(tmp_path))
+    with pytest.raises(FlowerRunError, match=r"2 of the 5 nodes .* 'num-supernodes=5'"):
+        wait_for_nodes(grid, 5, timeout=0.5)
+    assert wait_for_nodes(grid, 2, timeout=0.5) == [101, 102]
+    grid.close()
+
+
+def _message(grid: InProcessGrid, content: RecordDict, message_type: str, node: int = 101) -> Message:
+    msg = Message(content, dst_node_id=node, message_type=message_type)
+    grid.push_messages([msg])
+    return msg
+
+
+def ask(grid: InProcessGrid, content: RecordDict, message_type: str, node: int = 101) -> Message:
+    replies = list(grid.send_and_receive([Message(content, dst_node_id=node, message_type=message_type)],
+                                         timeout=120))
+    assert len(replies) == 1
+    return replies[0]
+
+
+def test_client_handlers_name_their_errors(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path)
+    grid = InProcessGrid(client_app, [{}, *simulated(3)[1:]], cfg)
+    reply = ask(grid, RecordDict({"train": ConfigRecord({"client": 0})}), "train")
+    assert reply.has_error() and "neither data-path" in (reply.error.reason or "")
+    hub = ConfigRecord({"address": "127.0.0.1:1", "token": "t", "session": "s", "name": "n", "client": 1})
+    reply = ask(grid, RecordDict({"hub": hub}), "query.serve", node=102)
+    assert reply.has_error() and "train round has not run" in (reply.error.reason or "")
+    wrong = ArrayRecord({"w": torch.zeros(3)})
+    reply = ask(grid, RecordDict({"student": wrong}), "evaluate", node=102)
+    assert reply.has_error() and "do not fit a 'lenet5-half'" in (reply.error.reason or "")
+    grid.close()
+
+
+def test_dp_sgd_nodes_release_only_accounted_values(tmp_path: Path) -> None:
+    cfg = run_config(tmp_path, teacher_dp="dp-sgd", dp_epsilon=4.0, dp_eval_epsilon=0.5, num_clients=2)
+    grid = InProcessGrid(client_app, simulated(2), cfg)
+    reply = ask(grid, RecordDict({"train": ConfigRecord({"client": 0})}), "train")
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = dict(reply.content["metrics"])
+    assert 0 < metrics["epsilon-spent"] <= 4.0 * 1.01
+    assert "train-accuracy" not in metrics and "num-examples" not in metrics  # not covered by the guarantee
+    from fedkd.models import build_model
+
+    student = build_model("lenet5-half", num_classes=10, channels=1, image_size=8)
+    spent = []
+    for _ in range(2):
+        reply = ask(grid, RecordDict({"student": ArrayRecord(student.state_dict())}), "evaluate")
+        m = dict(reply.content["metrics"])
+        assert m["epsilon"] == pytest.approx(0.5, rel=0.05)
+        spent.append(m["eval-epsilon-total"])
+    assert spent[1] == pytest.approx(2 * spent[0])  # the node keeps count across messages
+    grid.close()
+
+
+def test_node_files_are_checked(tmp_path: Path) -> None:
+    spec = SPECS["digits"]
+    path = tmp_path / "n.npz"
+    np.savez(path, x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.arange(4))
+    train, held = load_node_file(path, spec)
+    assert train.images.shape == (4, 1, 8, 8) and held is None
+    np.savez(path, x_train=np.zeros((4, 28, 28), np.uint8), y_train=np.arange(4))
+    with pytest.raises(ValueError, match=r"x_train has shape \(4, 28, 28\).*'digits'"):
+        load_node_file(path, spec)
+    np.savez(path, images=np.zeros((4, 8, 8)))
+    with pytest.raises(ValueError, match="needs x_train and y_train"):
+        load_node_file(path, spec)
+    np.savez(path, x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.array([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match="labels outside 0..9"):
+        load_node_file(path, spec)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_node_file(tmp_path / "bad.npz", spec)
+    with pytest.raises(NodeConfigError, match="num-clients=5"):
+        node_data(RunConfig(dataset="digits"), {"partition-id": 0, "num-partitions": 3})
