@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,7 +68,8 @@ def simulation_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> di
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-        "RAY_TMPDIR": env.get("RAY_TMPDIR") or str(flwr_home / "ray"),
+        # Short: Ray's socket paths under it must stay within 107 bytes.
+        "RAY_TMPDIR": env.get("RAY_TMPDIR") or str(Path(tempfile.gettempdir()) / f"fedkd-ray-{os.getuid()}"),
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     })
     Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)

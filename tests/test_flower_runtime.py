@@ -1,0 +1,68 @@
+"""Real Flower processes: `flwr run` in the simulation engine (Ray) and a deployment on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from deployment import Deployment
+
+from server.simulate import simulate, superlink_pids
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = {"dataset": "digits", "teacher-epochs": 2, "epochs": 1, "steps-per-epoch": 2, "student-steps": 1,
+         "batch-size": 32, "sample-stages": 1}
+
+
+@pytest.fixture(autouse=True)
+def node_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_flwr_run_simulation_with_three_clients(tmp_path: Path) -> None:
+    home = tmp_path / "flwr-home"
+    log = io.StringIO()
+    code, status = simulate({**SMALL, "num-clients": 3, "run-dir": str(tmp_path / "runs")}, flwr_home=home,
+                            stream=log, timeout=400)
+    assert (code, status["status"]) == (0, "finished:completed"), log.getvalue()[-3000:]
+    summary = json.loads(next((tmp_path / "runs").glob("run-*/summary.json")).read_text())
+    assert summary["flower"]["failed"] == [] and len(summary["flower"]["nodes"]) == 3
+    assert summary["federated_evaluation"]["num_examples"] == 359
+    assert superlink_pids(home) == []  # the SuperLink it started is gone
+
+
+def test_a_failed_simulation_run_fails_the_command(tmp_path: Path) -> None:
+    # No MNIST files under data-root: every node fails its train round, the ServerApp stops the run.
+    code, status = simulate({**SMALL, "dataset": "mnist", "data-root": str(tmp_path / "none"), "num-clients": 2,
+                             "run-dir": str(tmp_path / "runs")}, flwr_home=tmp_path / "home", stream=io.StringIO(),
+                            timeout=400)
+    assert code == 1 and status["status"] == "finished:failed"
+
+
+def test_deployment_with_tls_and_supernode_auth(tmp_path: Path) -> None:
+    subprocess.run([str(Path(__import__("sys").executable).parent / "fedkd"), "partition", "--out",
+                    str(tmp_path / "data"), "--set", "dataset=digits", "--set", "num-clients=2"],
+                   check=True, capture_output=True)
+    nodes = [f'data-path="{tmp_path}/data/client-00{i}.npz" teacher-ckpt="{tmp_path}/node-{i}/teacher.pt"'
+             for i in range(2)]
+    deployment = Deployment(tmp_path, nodes, tls=True, auth=True)
+    try:
+        deployment.start()
+        config = " ".join(f"{k}={json.dumps(v)}" for k, v in {
+            **SMALL, "num-clients": 2, "evaluation": "federated", "run-dir": str(tmp_path / "runs")}.items())
+        run_id, status, text = deployment.run(config)
+        assert status.get("status") == "finished:completed", text[-3000:]
+    finally:
+        deployment.stop()
+    assert all(p.poll() is not None for _, p in deployment.procs)
+    summary = json.loads((tmp_path / "runs" / f"run-{run_id}" / "summary.json").read_text())
+    # The coordinator held no data: accuracies come from the institutions' held-out data only.
+    assert summary["student"]["test_accuracy"] is None and summary["test_samples"] == 0
+    assert summary["federated_evaluation"]["num_examples"] == 359
+    # Each institution's teacher checkpoint is where its node config put it.
+    assert all((tmp_path / f"node-{i}" / "teacher.pt").is_file() for i in range(2))
+    assert {n["train"]["data"] for n in summary["flower"]["nodes"]} == {
+        f"file:{tmp_path}/data/client-00{i}.npz" for i in range(2)}
