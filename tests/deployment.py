@@ -117,7 +117,7 @@ class Deployment:
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
-        for name, proc in self.procs:
+        for _, proc in self.procs:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
