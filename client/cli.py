@@ -23,8 +23,7 @@ import torch
 from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
 from fedkd.checkpoint import CheckpointError, load_teacher
 from fedkd.codec import MiB
-from fedkd.privacy import contract_status
-from fedkd.teacher import ACCESS_MODES, FeatureStatistics, TeacherDescription, TeacherHost
+from fedkd.teacher import ACCESS_MODES, TeacherHost, describe_checkpoint
 
 
 def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
@@ -32,25 +31,11 @@ def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Seq
                          device: str = "cpu") -> TeacherHost:
     """A host for the teacher in a ``fedkd.teacher.v1`` checkpoint, with the client's own limits."""
     model, ckpt = load_teacher(path)
-    if "mean" not in ckpt or "std" not in ckpt:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not record its input normalisation (mean, std); "
-                              "save it again with this version of fedkd")
     unknown = set(access) - set(ACCESS_MODES)
     if unknown or not access:
         raise ValueError(f"--access: {sorted(unknown) or 'nothing'} given; choose from {', '.join(ACCESS_MODES)}")
-    shape = tuple(int(d) for d in ckpt["input_shape"])
-    privacy = contract_status(ckpt.get("privacy"))
-    # A DP teacher releases nothing about its data outside the DP guarantee: no sample or label counts.
-    share = share_label_counts and privacy is None
-    description = TeacherDescription(
-        client=client, model=ckpt["model"], num_classes=int(ckpt["num_classes"]),
-        input_shape=(shape[0], shape[1], shape[2]), mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]),
-        access_modes=tuple(a for a in ACCESS_MODES if a in access),
-        has_feature_statistics=bool(FeatureStatistics.bn_layers(model)),
-        num_samples=int(ckpt["num_samples"]) if privacy is None else None,
-        label_counts=tuple(int(c) for c in ckpt["label_counts"]) if share else None,
-        privacy=privacy,
-    )
+    description = describe_checkpoint(ckpt, model, client=client, share_label_counts=share_label_counts,
+                                      access_modes=tuple(a for a in ACCESS_MODES if a in access))
     return TeacherHost(model, description, max_batch=max_batch, device=device)
 
 

@@ -34,12 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedkd.checkpoint import CheckpointError, load_teacher, save_teacher
 from fedkd.config import ConfigError, RunConfig
-from fedkd.data import SPECS, DatasetSpec, ImageData, holdout_indices, load_dataset, load_node_file, partition_indices
-from fedkd.experiment import teacher_seeds
+from fedkd.data import SPECS, DatasetSpec, ImageData, holdout_indices, load_dataset, load_node_file
+from fedkd.experiment import client_partitions, load_or_train_teacher
 from fedkd.metrics import predict
-from fedkd.training import train_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +80,7 @@ def node_data(config: RunConfig, node_config: Mapping[str, Any]) -> NodeData:
         train, holdout = load_node_file(source[len("file:"):], spec)
         return NodeData(spec, train, holdout, source, None)
     split = load_dataset(config.dataset, config.data_root, seed=config.seed)
-    parts = partition_indices(split.train.labels, config.num_clients, config.partition, alpha=config.alpha,
-                              classes_per_client=config.classes_per_client,
-                              min_partition_size=config.min_partition_size, seed=config.seed)
+    parts = client_partitions(config, split.train.labels)
     held = holdout_indices(split.test.labels, config.num_clients, config.seed)
     return NodeData(spec, split.train.subset(parts[k]), split.test.subset(held[k]), source, k)
 
@@ -135,27 +131,15 @@ def ensure_teacher(config: RunConfig, node_config: Mapping[str, Any], data: Node
     if not 0 <= client < config.num_clients:
         raise ConfigError(f"client index {client} is outside 0..{config.num_clients - 1} (num-clients)")
     started = time.perf_counter()
-    path = teacher_path(config, node_config, client)
-    spec = data.spec
+    name = config.teacher_models()[client]
     # The data's client index decides the training order seed; in a simulation it is the partition.
     k = data.partition if data.partition is not None else client
-    if path.exists():
-        expected = None if "teacher-ckpt" in node_config else config.teacher_models()[client]
-        model, ckpt = load_teacher(path, expected_model=expected, num_classes=spec.num_classes,
-                                   input_shape=spec.input_shape)
-        if "mean" not in ckpt or "std" not in ckpt:
-            raise CheckpointError(f"checkpoint {str(path)!r} does not record its input normalisation (mean, std)")
-        logger.info("loaded the teacher from %s", path)
-        return NodeTeacher(path, model, ckpt, False, time.perf_counter() - started)
-    name = config.teacher_models()[client]
-    logger.info("training %s%s on %d private samples", name,
-                " with DP-SGD" if config.teacher_dp != "none" else "", len(data.train))
-    model, privacy = train_teacher(name, data.train, spec, config, **teacher_seeds(config, k), device=device)
-    save_teacher(path, model, model_name=name, num_classes=spec.num_classes, input_shape=spec.input_shape,
-                 num_samples=len(data.train), label_counts=data.train.label_counts(spec.num_classes),
-                 mean=spec.mean, std=spec.std, privacy=privacy)
-    _, ckpt = load_teacher(path)
-    return NodeTeacher(path, model.cpu(), ckpt, True, time.perf_counter() - started)
+    # An institution's own checkpoint (teacher-ckpt) may hold any architecture that fits the data.
+    expected = None if "teacher-ckpt" in node_config else name
+    path = teacher_path(config, node_config, client)
+    model, ckpt, trained = load_or_train_teacher(path, name, data.train, data.spec, config, client=k,
+                                                 device=device, expected_model=expected, stage=logger.info)
+    return NodeTeacher(path, model.cpu(), ckpt, trained, time.perf_counter() - started)
 
 
 def count_correct(model: nn.Module, data: ImageData, spec: DatasetSpec, *,

@@ -59,15 +59,19 @@ def load_safe(path: str | Path, expected_format: str) -> dict[str, Any]:
 def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_classes: int,
                  input_shape: tuple[int, int, int], num_samples: int, label_counts: list[int],
                  mean: tuple[float, ...], std: tuple[float, ...],
-                 privacy: dict[str, Any] | None = None) -> None:
-    """A teacher with what its host needs to describe itself (input normalisation, DP guarantee)."""
-    save_atomic({
+                 privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A teacher with what its host needs to describe itself (input normalisation, DP guarantee).
+
+    Returns the checkpoint as written (what :func:`load_teacher` would return with it)."""
+    ckpt = {
         "format": TEACHER_FORMAT, "model": model_name, "num_classes": num_classes,
         "input_shape": list(input_shape), "num_samples": num_samples, "label_counts": list(label_counts),
         "mean": [float(v) for v in mean], "std": [float(v) for v in std],
         "privacy": dict(privacy) if privacy else None,
         "state_dict": model.state_dict(),
-    }, path)
+    }
+    save_atomic(ckpt, path)
+    return ckpt
 
 
 def load_teacher(path: str | Path, *, expected_model: str | None = None,
@@ -84,6 +88,9 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
                               f"has {num_classes}")
     if input_shape is not None and shape != tuple(input_shape):
         raise CheckpointError(f"checkpoint {str(path)!r} takes inputs {shape}, the dataset has {tuple(input_shape)}")
+    if "mean" not in ckpt or "std" not in ckpt:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not record its input normalisation (mean, std); "
+                              "save it again with this version of fedkd")
     model = build_model(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1])
     if (ckpt.get("privacy") or {}).get("mechanism") == "dp-sgd":
         from fedkd.privacy import make_private_model

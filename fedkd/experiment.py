@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -38,9 +39,8 @@ from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_an
 from fedkd.models import average_weights, build_model, is_model_name, model_names
 from fedkd.plots import plot_accuracy, plot_curriculum, plot_samples
 from fedkd.pool import LocalPool, TeacherPool
-from fedkd.privacy import contract_status
-from fedkd.teacher import FeatureStatistics, TeacherDescription, TeacherHost
-from fedkd.training import train_classifier, train_teacher
+from fedkd.teacher import TeacherDescription, TeacherHost, describe_checkpoint
+from fedkd.training import train_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -126,20 +126,35 @@ def _build(name: str, spec: DatasetSpec) -> nn.Module:
     return build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
 
 
-def _train(name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *, init_seed: int,
-           order_seed: int, device: torch.device) -> nn.Module:
-    """Build a model from ``init_seed`` and train it on ``data`` alone with the teacher settings."""
-    torch.manual_seed(init_seed)
-    model = _build(name, spec)
-    return train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
-                            batch_size=config.teacher_batch_size, seed=order_seed,
-                            label_smoothing=config.teacher_label_smoothing, device=device)
+def client_partitions(config: RunConfig, labels: Tensor) -> list[np.ndarray]:
+    """The clients' shares of a training pool, as the config's partition settings split it."""
+    return partition_indices(labels, config.num_clients, config.partition, alpha=config.alpha,
+                             classes_per_client=config.classes_per_client,
+                             min_partition_size=config.min_partition_size, seed=config.seed)
 
 
-def teacher_seeds(config: RunConfig, client: int) -> dict[str, int]:
-    """A shared initialisation per architecture, as a one-shot FL server would broadcast; only the
-    data order differs between clients (it makes the FedAvg reference meaningful)."""
-    return {"init_seed": config.seed * 1000, "order_seed": config.seed * 1000 + client}
+def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *,
+                          client: int, device: torch.device | str, expected_model: str | None,
+                          stage: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any], bool]:
+    """Client ``client``'s teacher: loaded from ``path`` when it exists, else trained on ``data`` alone and
+    saved there. Returns (model, checkpoint, trained).
+
+    Training starts from a shared initialisation per architecture, as a one-shot FL server would
+    broadcast; only the data order differs between clients (it makes the FedAvg reference meaningful).
+    """
+    if path.exists():
+        stage(f"client {client}: loading teacher from {path}")
+        model, ckpt = load_teacher(path, expected_model=expected_model, num_classes=spec.num_classes,
+                                   input_shape=spec.input_shape)
+        return model, ckpt, False
+    dp = " with DP-SGD" if config.teacher_dp != "none" else ""
+    stage(f"client {client}: training {name}{dp} on {len(data)} private samples")
+    model, privacy = train_teacher(name, data, spec, config, init_seed=config.seed * 1000,
+                                   order_seed=config.seed * 1000 + client, device=device)
+    ckpt = save_teacher(path, model, model_name=name, num_classes=spec.num_classes, input_shape=spec.input_shape,
+                        num_samples=len(data), label_counts=data.label_counts(spec.num_classes),
+                        mean=spec.mean, std=spec.std, privacy=privacy)
+    return model, ckpt, True
 
 
 def _teacher_path(run_dir: Path, client: int) -> Path:
@@ -149,36 +164,14 @@ def _teacher_path(run_dir: Path, client: int) -> Path:
 def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: torch.device,
                     observer: RunObserver) -> list[ClientTeacher]:
     """Each client trains (or reloads) its teacher on its own partition and starts its host."""
-    spec = split.spec
-    parts = partition_indices(split.train.labels, config.num_clients, config.partition, alpha=config.alpha,
-                              classes_per_client=config.classes_per_client,
-                              min_partition_size=config.min_partition_size, seed=config.seed)
     clients = []
-    for k, (indices, model_name) in enumerate(zip(parts, config.teacher_models())):
-        data = split.train.subset(indices)
+    for k, (indices, model_name) in enumerate(zip(client_partitions(config, split.train.labels),
+                                                  config.teacher_models())):
         path = _teacher_path(run_dir, k)
-        if path.exists():
-            observer.stage(f"client {k}: loading teacher from {path}")
-            model, ckpt = load_teacher(path, expected_model=model_name, num_classes=spec.num_classes,
-                                       input_shape=spec.input_shape)
-            counts, privacy = list(ckpt["label_counts"]), ckpt.get("privacy")
-        else:
-            dp = " with DP-SGD" if config.teacher_dp != "none" else ""
-            observer.stage(f"client {k}: training {model_name}{dp} on {len(data)} private samples")
-            model, privacy = train_teacher(model_name, data, spec, config, **teacher_seeds(config, k), device=device)
-            counts = data.label_counts(spec.num_classes)
-            save_teacher(path, model, model_name=model_name, num_classes=spec.num_classes,
-                         input_shape=spec.input_shape, num_samples=len(data), label_counts=counts,
-                         mean=spec.mean, std=spec.std, privacy=privacy)
-        description = TeacherDescription(
-            client=k, model=model_name, num_classes=spec.num_classes, input_shape=spec.input_shape,
-            mean=spec.mean, std=spec.std,
-            has_feature_statistics=bool(FeatureStatistics.bn_layers(model)),
-            # A DP teacher releases nothing about its data outside the DP guarantee: no sample or label counts.
-            num_samples=len(data) if privacy is None else None,
-            label_counts=tuple(counts) if config.share_label_counts and privacy is None else None,
-            privacy=contract_status(privacy),
-        )
+        model, ckpt, _ = load_or_train_teacher(path, model_name, split.train.subset(indices), split.spec, config,
+                                               client=k, device=device, expected_model=model_name,
+                                               stage=observer.stage)
+        description = describe_checkpoint(ckpt, model, client=k, share_label_counts=config.share_label_counts)
         clients.append(ClientTeacher(k, model_name, model, path, description))
     return clients
 
@@ -197,7 +190,8 @@ def _references(config: RunConfig, split: DataSplit, clients: list[ClientTeacher
     if config.centralised:
         observer.stage(f"centralised reference: training {names[0]} on the pooled {len(split.train)} samples")
         seed = config.seed * 1000 + 999
-        model = _train(names[0], split.train, spec, config, init_seed=seed, order_seed=seed, device=device)
+        model, _ = train_teacher(names[0], split.train, spec, config.replace(teacher_dp="none"), init_seed=seed,
+                                 order_seed=seed, device=device)
         refs["centralised"] = {"model": names[0], "test_accuracy": accuracy(
             predict(model, test_inputs, device=device), split.test.labels)}
     return refs

@@ -24,6 +24,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +69,28 @@ class TeacherDescription:
     num_samples: int | None = None
     label_counts: tuple[int, ...] | None = None
     privacy: dict[str, float | str] | None = None
+
+
+def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, share_label_counts: bool = True,
+                        access_modes: tuple[str, ...] = ACCESS_MODES) -> TeacherDescription:
+    """What the teacher in a ``fedkd.teacher.v1`` checkpoint says about itself (never its weights).
+
+    A DP teacher releases nothing about its data outside the DP guarantee: no sample or label counts.
+    """
+    from fedkd.privacy import contract_status
+
+    privacy = contract_status(ckpt.get("privacy"))
+    shape = tuple(int(d) for d in ckpt["input_shape"])
+    return TeacherDescription(
+        client=client, model=ckpt["model"], num_classes=int(ckpt["num_classes"]),
+        input_shape=(shape[0], shape[1], shape[2]), mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]),
+        access_modes=access_modes,
+        has_feature_statistics=bool(FeatureStatistics.bn_layers(model)),
+        num_samples=int(ckpt["num_samples"]) if privacy is None else None,
+        label_counts=(tuple(int(c) for c in ckpt["label_counts"]) if share_label_counts and privacy is None
+                      else None),
+        privacy=privacy,
+    )
 
 
 @dataclass(frozen=True)

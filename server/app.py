@@ -203,12 +203,13 @@ class FederatedDistillation:
                 serving[nid] = self._message(node, content, "query.serve", config.train_timeout)
             ids = dict(zip(serving, self.grid.push_messages(list(serving.values()))))
             early = self._await_teachers(hub, names, ids)
-            for name in hub.drop_absent():
-                nid = next(i for i, n in names.items() if n == name)
-                if self.nodes[nid].status == "ok":
-                    self.nodes[nid].fail("serve", f"its teacher did not connect to the hub within "
-                                                  f"nodes-timeout={config.nodes_timeout:.0f} s")
-            self._check_quorum("connecting the teachers")
+            node_of = {name: nid for nid, name in names.items()}
+            for name in hub.never_connected():
+                if self.nodes[node_of[name]].status == "ok":
+                    self.nodes[node_of[name]].fail("serve", f"its teacher did not connect to the hub within "
+                                                            f"nodes-timeout={config.nodes_timeout:.0f} s")
+            self._check_quorum("connecting the teachers")  # names every failed node, before the hub would
+            hub.drop_absent()
             test = None
             if config.evaluation in ("coordinator", "both"):
                 self.observer.stage(f"loading {config.dataset} (the coordinator's own test set)")

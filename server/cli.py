@@ -66,12 +66,17 @@ class RichObserver:
         self.progress.update(self.task, completed=(record["epoch"] + 1) * self.steps_per_epoch)
 
 
-def _build_config(args: argparse.Namespace) -> RunConfig:
+def _config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The keys given by --config and --set (later wins), unresolved."""
     values: dict[str, Any] = {}
     if args.config:
         values.update(load_config_file(args.config))
     values.update(parse_assignments(args.set or []))
-    return config_from_mapping(values)
+    return values
+
+
+def _build_config(args: argparse.Namespace) -> RunConfig:
+    return config_from_mapping(_config_values(args))
 
 
 def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
@@ -202,10 +207,7 @@ def cmd_keys(args: argparse.Namespace, console: Console) -> int:
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     from server.simulate import simulate
 
-    values: dict[str, Any] = {}
-    if args.config:
-        values.update(load_config_file(args.config))
-    values.update(parse_assignments(args.set or []))
+    values = _config_values(args)
     if args.clients is not None:
         values["num-clients"] = args.clients
     code, status = simulate(values, flwr_home=Path(args.flwr_home) if args.flwr_home else None)
@@ -216,13 +218,12 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_partition(args: argparse.Namespace, console: Console) -> int:
-    from fedkd.data import export_node_files, load_dataset, partition_indices
+    from fedkd.data import export_node_files, load_dataset
+    from fedkd.experiment import client_partitions
 
     config = _build_config(args)
     split = load_dataset(config.dataset, config.data_root, seed=config.seed)
-    parts = partition_indices(split.train.labels, config.num_clients, config.partition, alpha=config.alpha,
-                              classes_per_client=config.classes_per_client,
-                              min_partition_size=config.min_partition_size, seed=config.seed)
+    parts = client_partitions(config, split.train.labels)
     for path in export_node_files(split, parts, args.out, seed=config.seed):
         console.print(f"{path}  (--node-config 'data-path=\"{path.resolve()}\"')")
     return 0

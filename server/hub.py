@@ -264,6 +264,10 @@ class Hub:
     def missing(self) -> list[str]:
         return [s.name for s in self.slots if not s.live]
 
+    def never_connected(self) -> list[str]:
+        with self._changed:
+            return [s.name for s in self.slots if s.description is None]
+
     def drop_absent(self) -> list[str]:
         """Before the first query: forget the teachers that never connected; returns their names.
 
@@ -272,7 +276,7 @@ class Hub:
         caller decides first whether enough teachers are left).
         """
         with self._changed:
-            gone = [s.name for s in self.slots if s.description is None]
+            gone = self.never_connected()
             kept = [s for s in self.slots if s.description is not None]
             if not gone:
                 return []

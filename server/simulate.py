@@ -122,6 +122,17 @@ def run_status(run_id: str, env: Mapping[str, str]) -> dict[str, Any]:
     return runs[0] if runs else {"status": "unknown", "status-details": (out.stdout + out.stderr).strip()[-500:]}
 
 
+def await_outcome(run_id: str, env: Mapping[str, str], *, timeout: float) -> dict[str, Any]:
+    """The run's status record once it is finished (the stream can end a moment before the SuperLink records
+    the outcome), or the last one seen after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    status = run_status(run_id, env)
+    while not str(status.get("status", "")).startswith("finished") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = run_status(run_id, env)
+    return status
+
+
 def simulate(changes: Mapping[str, Any], *, app: Path = ROOT, flwr_home: Path | None = None,
              timeout: float | None = None, stream: Any = None) -> tuple[int, dict[str, Any]]:
     """Run the app in simulation; returns (exit code, the run's status record from ``flwr list``)."""
@@ -153,12 +164,7 @@ def simulate(changes: Mapping[str, Any], *, app: Path = ROOT, flwr_home: Path | 
         code = proc.wait()
         if run_id is None:
             return (code or 1), {"status": "not started", "status-details": f"flwr run exited with {code}"}
-        status = run_status(run_id, env)
-        for _ in range(20):  # the stream can end a moment before the SuperLink records the outcome
-            if str(status.get("status", "")).startswith("finished"):
-                break
-            time.sleep(0.5)
-            status = run_status(run_id, env)
+        status = await_outcome(run_id, env, timeout=10.0)
         ok = status.get("status") == "finished:completed"
         return (0 if ok else 1), status
     finally:

@@ -6,7 +6,6 @@ The commands are the ones the README's "Deployment" section gives an operator.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkd.tls import make_dev_pki, make_supernode_key
+from server.simulate import await_outcome
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,15 +103,7 @@ class Deployment:
         if not match:
             raise RuntimeError(f"flwr run did not start a run ({out.returncode}):\n{text[-3000:]}")
         run_id = match.group(1)
-        status: dict[str, Any] = {}
-        for _ in range(40):
-            listed = self.flwr("list", "--run-id", run_id, "--format", "json")
-            runs = json.loads(listed.stdout).get("runs") or [{}] if listed.returncode == 0 else [{}]
-            status = runs[0]
-            if str(status.get("status", "")).startswith("finished"):
-                break
-            time.sleep(0.5)
-        return run_id, status, text
+        return run_id, await_outcome(run_id, self.env, timeout=20.0), text
 
     def stop(self) -> None:
         for _, proc in reversed(self.procs):

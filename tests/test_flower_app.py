@@ -134,12 +134,6 @@ def test_wait_for_nodes_names_what_is_missing(tmp_path: Path) -> None:
     grid.close()
 
 
-def _message(grid: InProcessGrid, content: RecordDict, message_type: str, node: int = 101) -> Message:
-    msg = Message(content, dst_node_id=node, message_type=message_type)
-    grid.push_messages([msg])
-    return msg
-
-
 def ask(grid: InProcessGrid, content: RecordDict, message_type: str, node: int = 101) -> Message:
     replies = list(grid.send_and_receive([Message(content, dst_node_id=node, message_type=message_type)],
                                          timeout=120))
