@@ -34,7 +34,7 @@ from client.cli import host_from_checkpoint
 from client.node import NodeConfigError, count_correct, ensure_teacher, node_data, teacher_path
 from fedkd.checkpoint import CheckpointError
 from fedkd.codec import MiB
-from fedkd.config import ConfigError, RunConfig, config_from_mapping
+from fedkd.config import ConfigError, RunConfig, config_from_run_config
 from fedkd.data import DatasetNotFoundError
 from fedkd.models import build_model
 from fedkd.privacy import default_delta, release_counts
@@ -53,7 +53,7 @@ STATE = "fedkd"  # this node's own record in context.state: what it has released
 
 
 def _run_config(context: Context) -> RunConfig:
-    return config_from_mapping(dict(context.run_config))
+    return config_from_run_config(dict(context.run_config))
 
 
 def _threads(context: Context) -> None:

@@ -5,6 +5,13 @@ and snake_case in Python. The same keys are what the Flower app reads from its
 run config, so an experiment is the same whichever entry point runs it.
 Unknown keys and out-of-range values fail at start-up with a message that
 names the key.
+
+Each distillation method declares its own options as a frozen dataclass
+registered with it (``fedkd.methods``), under a namespace: ``cudfkd.weight-bn=5``
+on the command line, a ``[cudfkd]`` table in TOML, dotted keys in Flower's run
+config. :class:`RunConfig` keeps the run-wide keys and holds the selected
+method's options in ``options``. A key of a method that is not selected, or
+an unknown one, stops at start-up naming it and the valid keys.
 """
 
 from __future__ import annotations
@@ -17,17 +24,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedkd.aggregation import ENSEMBLE_CHOICES
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it."""
 
 
-def _choice(*names: str) -> dict[str, Any]:
+def choice(*names: str) -> dict[str, Any]:
+    """Field metadata: the value must be one of ``names``."""
     return {"choices": names}
 
 
-def _range(low: float | None = None, high: float | None = None, *, open_low: bool = False) -> dict[str, Any]:
+def bounded(low: float | None = None, high: float | None = None, *, open_low: bool = False) -> dict[str, Any]:
+    """Field metadata: the value must lie in [low, high] ((low, high] with ``open_low``)."""
     return {"low": low, "high": high, "open_low": open_low}
+
+
+_choice, _range = choice, bounded
 
 
 @dataclass(frozen=True)
@@ -60,33 +74,39 @@ class RunConfig:
     student_model: str = "lenet5-half"
     method: str = "cudfkd"
     epochs: int = field(default=10, metadata=_range(1, None))
-    steps_per_epoch: int = field(default=40, metadata=_range(1, None))
-    student_steps: int = field(default=5, metadata=_range(1, None))
+    steps_per_epoch: int = field(default=20, metadata=_range(1, None))  # synthesis rounds per epoch
+    student_steps: int = field(default=20, metadata=_range(0, None))  # student steps (pool batches) per round
     batch_size: int = field(default=128, metadata=_range(2, None))
-    latent_dim: int = field(default=64, metadata=_range(1, None))
-    generator_width: int = field(default=16, metadata=_range(1, None))
-    generator_lr: float = field(default=1e-2, metadata=_range(0.0, None, open_low=True))
     student_lr: float = field(default=0.1, metadata=_range(0.0, None, open_low=True))
     student_momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
     student_weight_decay: float = field(default=1e-4, metadata=_range(0.0, None))
     student_loss: str = field(default="kl", metadata=_choice("l1", "kl"))
+    student_shift: int = field(default=0, metadata=_range(0, 8))  # pixels a pool image may move in a student step
     temperature: float = field(default=4.0, metadata=_range(0.0, None, open_low=True))
-    ensemble: str = field(default="mean", metadata=_choice("mean", "class-weighted"))
+    ensemble: str = field(default="auto", metadata=_choice(*ENSEMBLE_CHOICES))
     share_label_counts: bool = True
 
-    # CuDFKD generator loss (methods.md section 1)
-    weight_entropy: float = field(default=20.0, metadata=_range(0.0, None))
-    weight_onehot: float = field(default=1.0, metadata=_range(0.0, None))
-    weight_bn: float = field(default=10.0, metadata=_range(0.0, None))
-    adv_start: float = field(default=0.0, metadata=_range(0.0, None))
-    adv_step: float = field(default=0.5, metadata=_range(0.0, None))
-    adv_temperature: float = field(default=3.0, metadata=_range(0.0, None, open_low=True))
+    # The shared synthesizer (fedkd/synthesis.py): a class-conditional generator, `synthesis-steps`
+    # generator updates per round (best iterate kept), latents optimised per round when latent-lr > 0,
+    # re-initialised every `generator-reset` rounds (0 = never), images shifted by up to
+    # `synthesis-shift` pixels before the teachers see them.
+    latent_dim: int = field(default=64, metadata=_range(1, None))
+    generator_width: int = field(default=16, metadata=_range(1, None))
+    generator_lr: float = field(default=1e-2, metadata=_range(0.0, None, open_low=True))
+    conditional_generator: bool = True
+    synthesis_steps: int = field(default=1, metadata=_range(1, None))
+    latent_lr: float = field(default=0.0, metadata=_range(0.0, None))
+    generator_reset: int = field(default=0, metadata=_range(0, None))
+    synthesis_shift: int = field(default=0, metadata=_range(0, 8))
 
-    # CuDFKD self-paced curriculum
-    self_paced: str = field(default="log", metadata=_choice("log", "soft", "hard", "none"))
-    lambda_start: float | None = None
-    lambda_growth: float | None = None
-    lambda_end_quantile: float = field(default=0.95, metadata=_range(0.0, 1.0, open_low=True))
+    # The synthetic pool (fedkd/synthetic_pool.py) and the query budget, in query samples as the
+    # coordinator counts them (every sample of every Forward and Backward, summed over teachers);
+    # 0 = no budget. When spent, synthesis stops and the student keeps training on the pool.
+    pool_size: int = field(default=50_000, metadata=_range(1, None))
+    query_budget: int = field(default=0, metadata=_range(0, None))
+
+    # The selected method's options (a frozen dataclass registered with the method; keys `METHOD.KEY`).
+    options: Any = field(default=None, compare=True)
 
     # Transport of the queries (design.md, "Transports"). inprocess: teacher hosts called
     # directly; grpc: a hub on loopback and one teacher agent process per client, TLS + tokens.
@@ -125,7 +145,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _validate(f, getattr(self, f.name))
+            if f.name != "options":
+                _validate(f, getattr(self, f.name))
+        from fedkd.methods import METHODS  # the registry imports this module: look it up at run time
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        expected = METHODS[self.method].options
+        if self.options is None:
+            object.__setattr__(self, "options", expected())
+        elif not isinstance(self.options, expected):
+            raise ConfigError(f"options: {type(self.options).__name__} are not the options of method "
+                              f"{self.method!r} ({expected.__name__})")
         names = self.teacher_models()
         if len(names) not in (1, self.num_clients):
             raise ConfigError(
@@ -148,14 +179,20 @@ class RunConfig:
         return names
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved configuration with kebab-case keys (as written to summary.json)."""
-        return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
+        """The resolved configuration with kebab-case keys (as written to summary.json); the method's
+        options as ``METHOD.KEY``."""
+        out = {_kebab(f.name): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        out.update({f"{self.method}.{_kebab(f.name)}": getattr(self.options, f.name)
+                    for f in dataclasses.fields(self.options)})
+        return out
 
     def replace(self, **changes: Any) -> RunConfig:
+        if "method" in changes and changes["method"] != self.method and "options" not in changes:
+            changes["options"] = None  # another method: its default options
         return dataclasses.replace(self, **changes)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "options"}
 
 
 def _kebab(name: str) -> str:
@@ -181,7 +218,7 @@ def _validate(f: dataclasses.Field[Any], value: Any) -> None:
 
 def _coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
     """Convert a TOML or command-line value to the field's type, or fail naming the key."""
-    kind = str(f.type)
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     optional = "None" in kind
     if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "none"))):
         return None
@@ -214,18 +251,100 @@ def _coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
     raise ConfigError(f"{key}: {value!r} is not a valid {expected}")
 
 
-def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """Build a config from kebab-case keys, on top of ``base`` (defaults if None)."""
+def _unknown_key(key: str, known: list[str], what: str = "config key") -> ConfigError:
+    close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(known)}"
+    return ConfigError(f"unknown {what} {key!r}{hint}")
+
+
+def option_keys(options_type: type, namespace: str) -> list[str]:
+    """The namespaced keys of a method's options dataclass (``cudfkd.weight-bn``, ...)."""
+    return [f"{namespace}.{_kebab(f.name)}" for f in dataclasses.fields(options_type)]
+
+
+def _options_from_mapping(namespace: str, options_type: type, values: Mapping[str, Any], base: Any) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(options_type)}
     changes: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
+        full = f"{namespace}.{key}"
+        if name not in fields or "_" in key:
+            raise _unknown_key(full, option_keys(options_type, namespace), f"option of method {namespace!r}")
+        changes[name] = _coerce(full, fields[name], value)
+    try:
+        options = dataclasses.replace(base, **changes)
+    except ConfigError as exc:
+        raise ConfigError(f"{namespace}.{exc}") from None
+    return options
+
+
+def validate_options(options: Any) -> None:
+    """Check an options dataclass's values against its field metadata (call from its __post_init__)."""
+    for f in dataclasses.fields(options):
+        _validate(f, getattr(options, f.name))
+
+
+def split_namespaced(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Run-wide keys, and ``METHOD.KEY`` keys grouped by method (nested tables are flattened first)."""
+    flat: dict[str, Any] = {}
+    namespaced: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            namespaced.setdefault(key, {}).update(value)
+        elif "." in key:
+            namespace, _, sub = key.partition(".")
+            namespaced.setdefault(namespace, {})[sub] = value
+        else:
+            flat[key] = value
+    return flat, namespaced
+
+
+def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, *,
+                        ignore_unselected_defaults: bool = False) -> RunConfig:
+    """Build a config from kebab-case keys (and ``METHOD.KEY`` keys), on top of ``base`` (defaults if None).
+
+    ``ignore_unselected_defaults`` lets options of a method that is not selected through when they
+    equal that method's defaults (Flower's run config always carries every default of pyproject.toml).
+    """
+    from fedkd.methods import METHODS
+
+    base = base or RunConfig()
+    flat, namespaced = split_namespaced(values)
+    changes: dict[str, Any] = {}
+    for key, value in flat.items():
+        name = key.replace("-", "_")
         if name not in _FIELDS or "_" in key:
-            known = [_kebab(n) for n in _FIELDS]
-            close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(known)}"
-            raise ConfigError(f"unknown config key {key!r}{hint}")
+            known = [_kebab(n) for n in _FIELDS] + [k for m in METHODS.values() for k in option_keys(m.options, m.name)]
+            raise _unknown_key(key, known)
         changes[name] = _coerce(key, _FIELDS[name], value)
-    return dataclasses.replace(base or RunConfig(), **changes)
+    method = changes.get("method", base.method)
+    if method not in METHODS:
+        raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    for namespace, options in namespaced.items():
+        if namespace == method:
+            continue
+        if namespace not in METHODS:
+            first = f"{namespace}.{next(iter(options), '')}"
+            raise ConfigError(f"unknown config key {first!r}: {namespace!r} is not a method; method options are "
+                              f"namespaced by method ({', '.join(METHODS)})")
+        defaults = _options_from_mapping(namespace, METHODS[namespace].options, options, METHODS[namespace].options())
+        if ignore_unselected_defaults and defaults == METHODS[namespace].options():
+            continue
+        keys = ", ".join(f"{namespace}.{k}" for k in options)
+        raise ConfigError(f"{keys}: option of method {namespace!r}, but method={method}; drop it or set "
+                          f"method={namespace} (valid keys of {method}: "
+                          f"{', '.join(option_keys(METHODS[method].options, method))})")
+    options_type = METHODS[method].options
+    base_options = base.options if base.method == method else options_type()
+    changes["options"] = _options_from_mapping(method, options_type, namespaced.get(method, {}), base_options)
+    changes["method"] = method
+    return dataclasses.replace(base, **changes)
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """A config from Flower's run config: every default of pyproject.toml plus the run's overrides,
+    with ``auto`` for unset optional values; the defaults of methods that are not selected are ignored."""
+    return config_from_mapping(run_config, ignore_unselected_defaults=True)
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, str]:
@@ -248,10 +367,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    from fedkd.methods import METHODS
+
     table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
     if isinstance(table, dict):
-        return dict(table)
+        data = dict(table)
     for key, value in data.items():
-        if isinstance(value, dict):
-            raise ConfigError(f"config file {str(path)!r}: unexpected table [{key}]; keys belong at the top level")
+        if isinstance(value, dict) and key not in METHODS:
+            raise ConfigError(f"config file {str(path)!r}: unexpected table [{key}]; run-wide keys belong at the "
+                              f"top level, a method's options in a table named after it ({', '.join(METHODS)})")
     return data

@@ -4,13 +4,21 @@ Two schedules:
 
 - the adversarial weight a_adv(e): ``adv_start`` until epoch floor(0.25 E),
   then rising by ``adv_step`` per epoch until floor(0.75 E), then constant;
-- the self-paced threshold lam_t = lam0 + growth * t over student steps t. With
-  no overrides, lam0 and growth come from the loss distribution of the first
-  epoch (lam0 = its median, reaching its ``end_quantile`` at the last step);
-  during that first epoch lam is the running median of the losses seen so far.
+- the self-paced threshold lam_t, scale-free: the q(t)-quantile of the
+  student's recent per-sample losses (a window of the last ``window``
+  losses), where the admitted share q(t) rises linearly from ``admit_start``
+  (0.5: the easier half) to ``admit_end`` (1.0: everything) over training. The
+  paper's absolute schedule lam_t = lam0 + growth * t (CIFAR-10: 2.0, 1e-4)
+  does not transfer across losses and temperatures: on the main job the
+  per-sample KL losses are 0.02-0.2, below any lam the paper uses, so every
+  sample was admitted from the first epoch on. ``lambda_start`` (and
+  ``lambda_growth``) restore the absolute schedule.
 
-and the self-paced sample weights v(l; lam) that turn a per-sample loss into
-a curriculum.
+and the self-paced sample weights v(l; lam) that turn a per-sample loss into a
+curriculum. With the quantile threshold the ``log`` regulariser is applied to
+losses in units of lam, scaled so that lam sits at the paper's lam0 = 2
+(v = (1 + e^-2) / (1 + e^(2 l / lam - 2))): the weights then fall from 1 at
+l = 0 through 0.57 at l = lam to 0.13 at 2 lam, whatever the loss's units.
 """
 
 from __future__ import annotations
@@ -54,6 +62,10 @@ def adversarial_weight(epoch: int, epochs: int, start: float, step: float) -> fl
     return start + step * min(max(epoch - begin, 0), end - begin)
 
 
+# The paper's lam0 (CIFAR-10 scripts): the scale at which the quantile threshold applies the log regulariser.
+LOG_SCALE = 2.0
+
+
 class Curriculum:
     """The server's curriculum state; every teacher query carries its current values."""
 
@@ -65,74 +77,77 @@ class Curriculum:
         adv_start: float,
         adv_step: float,
         regulariser: str = "log",
+        admit_start: float = 0.5,
+        admit_end: float = 1.0,
+        window: int = 4096,
         lambda_start: float | None = None,
         lambda_growth: float | None = None,
-        end_quantile: float = 0.95,
     ) -> None:
         if regulariser not in REGULARISERS:
             raise KeyError(f"unknown self-paced regulariser {regulariser!r}; valid: {', '.join(REGULARISERS)}")
+        if not 0.0 < admit_start <= 1.0 or not 0.0 < admit_end <= 1.0:
+            raise ValueError(f"admitted shares must be in (0, 1], got {admit_start} and {admit_end}")
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch  # student steps per epoch
         self.adv_start, self.adv_step = adv_start, adv_step
         self.regulariser = regulariser
-        self.end_quantile = end_quantile
-        self.lambda_growth_override = lambda_growth
-        self.lam0: float | None = lambda_start
-        self.growth: float | None = None if lambda_start is None else (lambda_growth or 0.0)
-        self._seen: list[Tensor] = []
-        self._derived = False  # lam0 came from the first epoch, so lam_t counts from its end
-
-    @property
-    def calibrating(self) -> bool:
-        """True while lam0 is still being derived from the first epoch's losses."""
-        return self.lam0 is None
+        self.admit_start, self.admit_end = admit_start, admit_end
+        self.lambda_start = lambda_start
+        self.lambda_growth = lambda_growth or 0.0
+        self.window = torch.zeros(window)  # the last ``window`` per-sample losses (a ring)
+        self.seen = 0
 
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
+    @property
+    def absolute(self) -> bool:
+        """True when lam follows the paper's absolute schedule (``lambda-start`` given)."""
+        return self.lambda_start is not None
+
     def adv_weight(self, epoch: int) -> float:
         return adversarial_weight(epoch, self.epochs, self.adv_start, self.adv_step)
 
+    def admitted_share(self, step: int) -> float:
+        """q(t): the share of recent losses below the threshold at student step ``step``."""
+        progress = min(max(step, 0) / max(self.total_steps - 1, 1), 1.0)
+        return self.admit_start + (self.admit_end - self.admit_start) * progress
+
     def lam(self, step: int) -> float:
-        """lam_t for global student step ``step`` (0-based)."""
-        if self.calibrating:
-            if not self._seen:
-                return math.inf
-            return float(torch.cat(self._seen).median())
-        assert self.lam0 is not None and self.growth is not None
-        offset = self.steps_per_epoch if self._derived else 0
-        return self.lam0 + self.growth * max(step - offset, 0)
+        """lam_t for global student step ``step`` (0-based); inf before any loss was seen."""
+        if self.lambda_start is not None:
+            return self.lambda_start + self.lambda_growth * step
+        n = min(self.seen, len(self.window))
+        if n == 0:
+            return math.inf
+        return float(torch.quantile(self.window[:n], self.admitted_share(step)))
+
+    def weights(self, losses: Tensor, step: int) -> Tensor:
+        """Per-sample weights v_i for a batch of losses at ``step``; the losses then join the window."""
+        losses = losses.detach().float()
+        lam = self.lam(step)
+        if self.regulariser == "none" or math.isinf(lam):
+            v = torch.ones_like(losses)
+        elif self.regulariser == "log" and not self.absolute:
+            v = self_paced_weights(losses * (LOG_SCALE / max(lam, 1e-12)), LOG_SCALE, "log")
+        else:
+            v = self_paced_weights(losses, lam, self.regulariser)
+        self.observe(losses)
+        return v
 
     def observe(self, losses: Tensor) -> None:
-        """Record per-sample losses while calibrating (first epoch only)."""
-        if self.calibrating:
-            self._seen.append(losses.detach().float().cpu().flatten())
-
-    def end_epoch(self, epoch: int) -> None:
-        """After the first epoch, fix lam0 and the growth from the losses seen in it."""
-        if not self.calibrating or not self._seen:
-            return
-        seen = torch.cat(self._seen)
-        self.lam0 = float(seen.median())
-        if self.lambda_growth_override is not None:
-            self.growth = self.lambda_growth_override
-        else:
-            lam_end = float(torch.quantile(seen[:1_000_000], self.end_quantile))
-            remaining = max(self.total_steps - self.steps_per_epoch, 1)
-            self.growth = (lam_end - self.lam0) / remaining
-        self._derived = True
-        self._seen = []
+        flat = losses.detach().float().cpu().flatten()[-len(self.window):]
+        idx = (self.seen + torch.arange(len(flat))) % len(self.window)
+        self.window[idx] = flat
+        self.seen += len(flat)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "lam0": self.lam0, "growth": self.growth, "derived": self._derived,
-            "seen": torch.cat(self._seen) if self._seen else torch.zeros(0),
-        }
+        return {"window": self.window.clone(), "seen": self.seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lam0 = state["lam0"]
-        self.growth = state["growth"]
-        self._derived = bool(state["derived"])
-        seen = state["seen"]
-        self._seen = [seen] if len(seen) else []
+        if len(state["window"]) != len(self.window):
+            raise ValueError(f"saved curriculum window holds {len(state['window'])} losses, this run's "
+                             f"{len(self.window)}")
+        self.window = state["window"].clone()
+        self.seen = int(state["seen"])

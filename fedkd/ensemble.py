@@ -1,10 +1,9 @@
 """Combining many teachers' answers into one ensemble signal, as one autograd function.
 
-- ``mean``: the average of the answering teachers' logits.
-- ``class-weighted``: teacher k's logit for class c is weighted by its share of
-  the class-c training samples, w[k, c] = h[k, c] / sum_k h[k, c], where h[k] is
-  teacher k's normalised label histogram. Clients may decline to share counts:
-  a decliner counts as a uniform histogram.
+How the answers are combined is an :class:`~fedkd.aggregation.Aggregator`
+(``ensemble=NAME``: logit-mean, prob-mean, class-weighted, ...), applied to the
+members' logits with plain torch operations, so it sits on both paths: the
+answers, and the gradients that flow back to each teacher.
 
 The whole ensemble is one node in the autograd graph: its forward is one
 fan-out of Forward queries through a :class:`~fedkd.pool.TeacherPool`, and
@@ -24,26 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedkd.aggregation import Aggregator, class_weights, resolve_aggregator
 from fedkd.pool import TeacherPool
 from fedkd.teacher import CurriculumState
-
-AGGREGATIONS = ("mean", "class-weighted")
-
-
-def class_weights(histograms: Sequence[Sequence[int] | None], num_classes: int) -> Tensor:
-    """(K, C) weights whose columns sum to 1, from per-teacher label counts (None = declined)."""
-    rows = []
-    for counts in histograms:
-        if counts is None or sum(counts) == 0:
-            rows.append(torch.full((num_classes,), 1.0 / num_classes))
-        else:
-            if len(counts) != num_classes:
-                raise ValueError(f"label histogram has {len(counts)} classes, expected {num_classes}")
-            c = torch.tensor(list(counts), dtype=torch.float32)
-            rows.append(c / c.sum())
-    h = torch.stack(rows)
-    return h / h.sum(0, keepdim=True).clamp_min(1e-12)
-
 
 @dataclass
 class EnsembleOutput:
@@ -97,9 +79,7 @@ class _FanOut(torch.autograd.Function):
 class Ensemble:
     """Queries every teacher of a pool with the same inputs and combines their logits."""
 
-    def __init__(self, pool: TeacherPool, aggregation: str = "mean") -> None:
-        if aggregation not in AGGREGATIONS:
-            raise KeyError(f"unknown ensemble aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    def __init__(self, pool: TeacherPool, aggregation: str = "auto") -> None:
         self.pool = pool
         descriptions = pool.descriptions
         if not descriptions:
@@ -110,7 +90,21 @@ class Ensemble:
             raise ValueError(f"teachers disagree on classes {classes} or input shape {shapes}")
         self.descriptions = descriptions
         self.num_classes = classes.pop()
-        self.aggregation = aggregation
+        self.aggregator: Aggregator = resolve_aggregator(
+            aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
+        self._class_weights = class_weights([d.label_counts for d in descriptions], self.num_classes,
+                                            [d.num_samples for d in descriptions])  # (K, C)
+
+    @property
+    def aggregation(self) -> str:
+        """The aggregator's name (``auto`` resolved)."""
+        return self.aggregator.name
+
+    @property
+    def sharing_counts(self) -> list[int]:
+        """The clients whose label counts the ensemble uses."""
+        return [d.client for d in self.descriptions if d.label_counts is not None] if self.aggregator.needs_counts \
+            else []
 
     def __len__(self) -> int:
         return len(self.descriptions)
@@ -120,10 +114,16 @@ class Ensemble:
         return any(d.has_feature_statistics for d in self.descriptions)
 
     def weights(self, members: Sequence[int]) -> Tensor | None:
-        """(K', C) class weights over the answering members, or None for the plain mean."""
-        if self.aggregation == "mean":
+        """(K', C) class weights over the answering members (columns renormalised), or None when unused."""
+        if not self.aggregator.needs_counts:
             return None
-        return class_weights([self.descriptions[k].label_counts for k in members], self.num_classes)
+        w = self._class_weights[list(members)]
+        return w / w.sum(0, keepdim=True).clamp_min(1e-12)
+
+    def combine(self, logits: Tensor, members: Sequence[int]) -> Tensor:
+        """The ensemble's (B, C) logits from the members' (K', B, C) logits."""
+        weights = self.weights(members)
+        return self.aggregator.combine(logits, None if weights is None else weights.to(logits.device))
 
     def __call__(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
                  require_all: bool = False) -> EnsembleOutput:
@@ -134,11 +134,7 @@ class Ensemble:
             logits, losses = _FanOut.apply(inputs, self.pool, state, bn_loss, min_answers, answered)
         else:
             _, answered, _, logits, losses = _query(self.pool, inputs, state, bn_loss, min_answers)
-        weights = self.weights(answered)
-        if weights is None:
-            combined = logits.mean(0)
-        else:
-            combined = (logits * weights.to(logits.device).unsqueeze(1)).sum(0)
+        combined = self.combine(logits, answered)
         with_bn = [i for i, k in enumerate(answered) if self.descriptions[k].has_feature_statistics]
         loss = losses[with_bn].mean() if bn_loss and with_bn else None
         return EnsembleOutput(combined, loss, answered, list(logits.unbind(0)))

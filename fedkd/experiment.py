@@ -32,13 +32,14 @@ from torch import Tensor, nn
 
 from fedkd.checkpoint import RUN_FORMAT, CheckpointError, load_safe, load_teacher, save_atomic, save_teacher
 from fedkd.config import ConfigError, RunConfig
-from fedkd.data import DatasetSpec, DataSplit, ImageData, load_dataset, partition_indices
+from fedkd.data import SPECS, DatasetSpec, DataSplit, ImageData, load_dataset, partition_indices
 from fedkd.ensemble import Ensemble
-from fedkd.methods import METHODS, MethodContext, build_method
+from fedkd.methods import MethodContext, build_method
 from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_and_variance, predict, query_ensemble
 from fedkd.models import average_weights, build_model, is_model_name, model_names
-from fedkd.plots import plot_accuracy, plot_curriculum, plot_samples
+from fedkd.plots import plot_accuracy, plot_curriculum, plot_queries, plot_samples
 from fedkd.pool import LocalPool, TeacherPool
+from fedkd.synthetic_pool import pool_bytes
 from fedkd.teacher import TeacherDescription, TeacherHost, describe_checkpoint
 from fedkd.training import train_teacher
 
@@ -89,10 +90,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable, else physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_pool_memory(config: RunConfig, memory: int | None = None) -> None:
+    """Refuse a synthetic pool that would take more than half the memory available, naming its size."""
+    spec = SPECS[config.dataset]
+    need = pool_bytes(config.pool_size, spec.input_shape, spec.num_classes)
+    memory = available_memory() if memory is None else memory
+    if need > memory // 2:
+        raise ConfigError(f"pool-size: {config.pool_size:,} samples of {config.dataset} would need "
+                          f"{need / 2**20:,.0f} MiB, more than half the {memory / 2**20:,.0f} MiB available; "
+                          f"lower pool-size")
+
+
 def check_names(config: RunConfig) -> None:
-    """Fail at start-up on unknown method or model names, naming the key."""
-    if config.method not in METHODS:
-        raise ConfigError(f"method: {config.method!r} is not one of {', '.join(METHODS)}")
+    """Fail at start-up on unknown model names, naming the key."""
     for key, names in (("teacher-model", config.teacher_models()), ("student-model", [config.student_model])):
         for name in names:
             if not is_model_name(name):
@@ -235,6 +258,7 @@ def open_run_dir(config: RunConfig, run_dir: Path, *, resume: bool) -> dict[str,
 def setup(config: RunConfig) -> torch.device:
     """Checks and settings every entry point does first."""
     check_names(config)
+    check_pool_memory(config)
     device = resolve_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -280,7 +304,12 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     started = time.perf_counter() if started is None else started
     elapsed_before = float(saved_state["elapsed"]) if saved_state else 0.0
     _check_teachers(pool, spec)
-    ensemble = Ensemble(pool, config.ensemble)
+    try:
+        ensemble = Ensemble(pool, config.ensemble)
+    except ValueError as exc:
+        raise ConfigError(f"ensemble: {exc}") from None
+    if ensemble.aggregation != config.ensemble:
+        observer.stage(f"ensemble: {ensemble.aggregation} ({config.ensemble})")
     test_inputs = spec.normalize(test.images) if test is not None else None
     ckpt_path = run_dir / "checkpoint.pt"
 
@@ -351,8 +380,8 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     save_teacher(run_dir / "student.pt", method.student, model_name=config.student_model,
                  num_classes=spec.num_classes, input_shape=spec.input_shape, num_samples=0,
                  label_counts=[0] * spec.num_classes, mean=spec.mean, std=spec.std)
-    summary = _summary(config, test, pool, answers, references or {"fedavg": None, "centralised": None}, history,
-                       elapsed_before + time.perf_counter() - started)
+    summary = _summary(config, test, pool, ensemble, answers, references or {"fedavg": None, "centralised": None},
+                       history, elapsed_before + time.perf_counter() - started)
     write_summary(summary, run_dir)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
@@ -360,6 +389,8 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         best_teacher = max(t["test_accuracy"] for t in summary["teachers"])
         plot_accuracy(history, summary["ensemble"]["test_accuracy"], best_teacher, plots / "accuracy.png")
     plot_curriculum(history, plots / "curriculum.png")
+    if answers is not None:
+        plot_queries(history, summary["ensemble"]["test_accuracy"], plots / "queries.png")
     plot_samples(stages, plots / "samples.png")
     return summary
 
@@ -380,8 +411,9 @@ def _check_teachers(pool: TeacherPool, spec: DatasetSpec) -> None:
                               f"coordinator's {spec.name!r} data uses {spec.mean}, {spec.std}")
 
 
-def _summary(config: RunConfig, test: ImageData | None, pool: TeacherPool, answers: EnsembleAnswers | None,
-             references: dict[str, Any], history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+def _summary(config: RunConfig, test: ImageData | None, pool: TeacherPool, ensemble: Ensemble,
+             answers: EnsembleAnswers | None, references: dict[str, Any], history: list[dict[str, Any]],
+             wall: float) -> dict[str, Any]:
     last = history[-1]
     if test is None or answers is None:  # no coordinator data: only what the queries and training tell
         accuracies: list[float | None] = [None] * len(pool.descriptions)
@@ -405,12 +437,18 @@ def _summary(config: RunConfig, test: ImageData | None, pool: TeacherPool, answe
             {"client": d.client, "model": d.model, "num_samples": d.num_samples, "test_accuracy": acc}
             for d, acc in zip(pool.descriptions, accuracies)
         ],
-        "ensemble": {"aggregation": config.ensemble, "test_accuracy": ensemble_accuracy},
+        "ensemble": {"aggregation": ensemble.aggregation, "requested": config.ensemble,
+                     "test_accuracy": ensemble_accuracy,
+                     # a release by the clients (their label histograms), visible here; None = not used
+                     "label_counts_from": ensemble.sharing_counts if ensemble.aggregator.needs_counts else None},
         "student": student,
         "references": references,
         "transport": config.transport,
+        "pool": {"samples": last.get("pool_size"), "size_limit": config.pool_size},
         "queries": {
             "samples": sum(s.samples for s in pool.stats()),
+            "distillation_samples": last.get("budget_spent"),
+            "budget": config.query_budget or None,
             "bytes": sum(s.bytes for s in pool.stats()),
             "per_client": [{"client": d.client, **s.as_dict()} for d, s in zip(pool.descriptions, pool.stats())],
             "reported_by_clients": pool.client_reports(),

@@ -1,10 +1,14 @@
 """The DCGAN-style generator of the DFKD reference code, with a configurable width.
 
-z (B, latent_dim) -> Linear -> (B, 2w, s/4, s/4) -> upsample x2, conv -> upsample
-x2, conv -> conv -> sigmoid -> images in [0, 1] of shape (B, C, s, s), where w
-is ``width`` (ngf) and s the image size. The caller applies the dataset's
-normalisation. On a CPU the generator dominates a step's cost: keep ``width``
-at 16-32 there (the reference scripts use 64).
+z (B, latent_dim) [+ class embedding e(y)] -> Linear -> (B, 2w, s/4, s/4) ->
+upsample x2, conv -> upsample x2, conv -> conv -> sigmoid -> images in [0, 1]
+of shape (B, C, s, s), where w is ``width`` (ngf) and s the image size. The
+caller applies the dataset's normalisation. With ``num_classes`` the generator
+is class-conditional (a learned embedding of the target class is added to the
+latent, as a conditional GAN's input; NAYER conditions on label embeddings the
+same way), so a batch can be asked for every class in equal measure. On a CPU
+the generator dominates a step's cost: keep ``width`` at 16-32 there (the
+reference scripts use 64).
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from torch import Tensor, nn
 
 
 class Generator(nn.Module):
-    def __init__(self, *, latent_dim: int, width: int, channels: int, image_size: int) -> None:
+    def __init__(self, *, latent_dim: int, width: int, channels: int, image_size: int,
+                 num_classes: int | None = None) -> None:
         super().__init__()
         if image_size % 4 != 0:
             raise ValueError(f"the generator needs an image size divisible by 4, got {image_size}")
         self.latent_dim = latent_dim
         self.init_size = image_size // 4
+        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
         self.project = nn.Linear(latent_dim, 2 * width * self.init_size**2)
         self.blocks = nn.Sequential(
             nn.BatchNorm2d(2 * width),
@@ -35,7 +41,11 @@ class Generator(nn.Module):
             nn.Sigmoid(),
         )
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("a class-conditional generator needs the target labels")
+            z = z + self.embed(labels)  # (B, latent)
         out = self.project(z).view(len(z), -1, self.init_size, self.init_size)  # (B, 2w, s/4, s/4)
         return self.blocks(out)  # (B, C, s, s) in [0, 1]
 

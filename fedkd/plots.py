@@ -29,16 +29,46 @@ def plot_accuracy(history: Sequence[dict[str, Any]], ensemble: float, best_teach
     plt.close(fig)
 
 
+CURRICULUM_PANELS = (
+    ("lambda", "self-paced threshold lambda"),
+    ("adv_weight", "adversarial weight"),
+    ("admitted", "share of samples admitted (v >= 0.5)"),
+)
+
+
 def plot_curriculum(history: Sequence[dict[str, Any]], path: Path) -> None:
+    """The schedule panels a method reports (any of lambda, adversarial weight, admitted share)."""
+    panels = [(k, t) for k, t in CURRICULUM_PANELS if any(h.get(k) is not None for h in history)]
+    if not panels:
+        return
     epochs = [h["epoch"] + 1 for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, key, title in zip(axes, ("lambda", "adv_weight", "admitted"),
-                              ("self-paced threshold lambda", "adversarial weight", "share of samples admitted")):
-        ax.plot(epochs, [h[key] for h in history], marker="o")
-        ax.set_title(title)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        ax.plot(epochs, [h.get(key) for h in history], marker="o", label="measured")
+        if key == "admitted" and any("admitted_target" in h for h in history):
+            ax.plot(epochs, [h.get("admitted_target") for h in history], linestyle="--", label="target q(t)")
+            ax.legend(loc="lower right")
+        if key == "admitted":
+            ax.set_ylim(0, 1.05)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[2].set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_queries(history: Sequence[dict[str, Any]], ensemble: float, path: Path) -> None:
+    """Student accuracy against the query samples spent so far (after each epoch)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h["query_samples"] / 1e3 for h in history], [h["student_accuracy"] for h in history], marker="o",
+            label="student")
+    ax.axhline(ensemble, color="tab:green", linestyle="--", label=f"ensemble ({ensemble:.3f})")
+    ax.set_xlabel("query samples (thousands, all teachers)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

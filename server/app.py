@@ -38,7 +38,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd.checkpoint import load_teacher
-from fedkd.config import RunConfig, config_from_mapping
+from fedkd.config import RunConfig, config_from_run_config
 from fedkd.data import SPECS, load_dataset
 from fedkd.experiment import distill, open_run_dir, setup, write_summary
 from fedkd.tls import make_dev_pki
@@ -91,7 +91,7 @@ class _Log:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = config_from_mapping(dict(context.run_config))
+    config = config_from_run_config(dict(context.run_config))
     run_dir = Path(config.run_dir).expanduser().resolve() / f"run-{context.run_id}"
     FederatedDistillation(grid, config, run_dir, run_id=context.run_id).run()
 

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedkd.config import RunConfig, config_from_mapping
+from fedkd.config import RunConfig, config_from_mapping, split_namespaced
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,9 @@ def toml_value(value: Any) -> str:
 def run_config_arg(changes: Mapping[str, Any], config: RunConfig) -> str:
     """``key=value`` pairs for the changed keys, typed as the config resolved them."""
     resolved = config.to_dict()
-    return " ".join(f"{key}={toml_value(resolved[key])}" for key in changes)
+    flat, namespaced = split_namespaced(changes)
+    keys = list(flat) + [f"{ns}.{key}" for ns, values in namespaced.items() for key in values]
+    return " ".join(f"{key}={toml_value(resolved[key])}" for key in keys)
 
 
 def simulation_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:

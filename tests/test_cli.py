@@ -43,7 +43,8 @@ def test_bad_input_exits_2_with_a_message_naming_it(tmp_path, capsys):
 def test_keys_lists_every_key(capsys):
     assert main(["keys"]) == 0
     printed = capsys.readouterr().out
-    for key in ("dataset", "num-clients", "steps-per-epoch", "self-paced", "lambda-start"):
+    for key in ("dataset", "num-clients", "steps-per-epoch", "query-budget", "pool-size", "cudfkd.self-paced",
+                "cudfkd.lambda-start"):
         assert key in printed
 
 

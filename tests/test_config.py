@@ -1,6 +1,15 @@
 import pytest
 
-from fedkd.config import ConfigError, RunConfig, config_from_mapping, load_config_file, parse_assignments
+from fedkd.config import (
+    ConfigError,
+    RunConfig,
+    config_from_mapping,
+    config_from_run_config,
+    load_config_file,
+    parse_assignments,
+)
+from fedkd.methods import METHODS
+from fedkd.methods.cudfkd import CuDFKDOptions
 
 
 def test_defaults_are_the_main_job():
@@ -10,9 +19,10 @@ def test_defaults_are_the_main_job():
 
 
 def test_kebab_keys_and_string_values_are_coerced():
-    cfg = config_from_mapping({"batch-size": "64", "alpha": "0.1", "centralised": "true", "lambda-start": "1.5"})
-    assert cfg.batch_size == 64 and cfg.alpha == 0.1 and cfg.centralised is True and cfg.lambda_start == 1.5
-    assert config_from_mapping({"lambda-start": "auto"}).lambda_start is None
+    cfg = config_from_mapping({"batch-size": "64", "alpha": "0.1", "centralised": "true",
+                               "cudfkd.lambda-start": "1.5"})
+    assert cfg.batch_size == 64 and cfg.alpha == 0.1 and cfg.centralised is True and cfg.options.lambda_start == 1.5
+    assert config_from_mapping({"cudfkd.lambda-start": "auto"}).options.lambda_start is None
 
 
 def test_unknown_key_names_the_key_and_suggests():
@@ -71,3 +81,74 @@ def test_config_file_top_level_and_flower_table(tmp_path):
 def test_round_trip_through_dict():
     cfg = config_from_mapping({"epochs": 7, "teacher-model": "cnn"})
     assert config_from_mapping(cfg.to_dict()) == cfg
+
+
+def test_method_options_are_namespaced_and_validated():
+    cfg = config_from_mapping({"cudfkd.weight-bn": "5", "cudfkd.self-paced": "hard", "epochs": 3})
+    assert isinstance(cfg.options, CuDFKDOptions)
+    assert cfg.options.weight_bn == 5.0 and cfg.options.self_paced == "hard" and cfg.epochs == 3
+    assert cfg.to_dict()["cudfkd.weight-bn"] == 5.0 and "weight-bn" not in cfg.to_dict()
+    # on top of a base, the base's options are kept
+    again = config_from_mapping({"cudfkd.adv-step": 1.0}, base=cfg)
+    assert (again.options.weight_bn, again.options.adv_step) == (5.0, 1.0)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"cudfkd.wieght-bn": 1}, r"unknown option of method 'cudfkd' 'cudfkd.wieght-bn'; did you mean 'cudfkd.weight-bn'"),
+    ({"cudfkd.weight-bn": -1}, r"cudfkd.weight-bn: -1.0 is out of range"),
+    ({"cudfkd.self-paced": "linear"}, r"cudfkd.self-paced: 'linear' is not one of log, soft, hard, none"),
+    ({"cudfkd.admit-start": "lots"}, r"cudfkd.admit-start: 'lots' is not a valid float"),
+    ({"dafl.weight-bn": 1}, r"unknown config key 'dafl.weight-bn': 'dafl' is not a method.*cudfkd"),
+    ({"weight-bn": 1}, r"unknown config key 'weight-bn'; did you mean 'cudfkd.weight-bn'"),
+    ({"method": "dafl"}, r"method: 'dafl' is not one of cudfkd"),
+])
+def test_bad_method_options_name_the_key(values, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_mapping(values)
+
+
+def test_options_of_a_method_that_is_not_selected_are_refused(monkeypatch):
+    from dataclasses import dataclass
+
+    from fedkd.methods import MethodEntry
+
+    @dataclass(frozen=True)
+    class OtherOptions:
+        weight: float = 1.0
+
+    monkeypatch.setitem(METHODS, "other", MethodEntry("other", lambda ctx: None, OtherOptions, "a second method"))
+    with pytest.raises(ConfigError, match=r"cudfkd.weight-bn: option of method 'cudfkd', but method=other.*"
+                                          r"valid keys of other: other.weight"):
+        config_from_mapping({"method": "other", "cudfkd.weight-bn": 2})
+    cfg = config_from_mapping({"method": "other", "other.weight": 3})
+    assert isinstance(cfg.options, OtherOptions) and cfg.to_dict()["other.weight"] == 3.0
+    # Flower's run config carries every method's defaults from pyproject.toml: those pass, changes do not
+    run_config = {**RunConfig().to_dict(), "method": "other", "cudfkd.lambda-start": "auto",
+                  "cudfkd.lambda-growth": "auto"}
+    assert config_from_run_config(run_config).method == "other"
+    with pytest.raises(ConfigError, match="cudfkd.*option of method 'cudfkd', but method=other"):
+        config_from_run_config({**run_config, "cudfkd.weight-bn": 1.0})
+    # replace() to another method gives that method's defaults
+    assert isinstance(RunConfig().replace(method="other").options, OtherOptions)
+
+
+def test_namespaced_config_round_trips_toml_set_and_flower(tmp_path):
+    from fedkd.config import parse_assignments as parse
+
+    toml = tmp_path / "exp.toml"
+    toml.write_text('epochs = 3\n[cudfkd]\nweight-bn = 5.0\nadv-mask = "none"\n')
+    from_toml = config_from_mapping(load_config_file(toml))
+    from_set = config_from_mapping(parse(["epochs=3", "cudfkd.weight-bn=5", "cudfkd.adv-mask=none"]))
+    flwr = tmp_path / "pyproject.toml"
+    flwr.write_text('[tool.flwr.app.config]\nepochs = 3\n[tool.flwr.app.config.cudfkd]\nweight-bn = 5.0\n'
+                    'adv-mask = "none"\n')
+    from_flower_table = config_from_mapping(load_config_file(flwr))
+    # Flower flattens nested run-config tables to dotted keys
+    from_flower = config_from_run_config({"epochs": 3, "cudfkd.weight-bn": 5.0, "cudfkd.adv-mask": "none"})
+    assert from_toml == from_set == from_flower_table == from_flower
+    assert from_toml.options.weight_bn == 5.0 and from_toml.options.adv_mask == "none"
+    assert config_from_mapping(from_toml.to_dict()) == from_toml
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data]\nx = 1\n")
+    with pytest.raises(ConfigError, match=r"unexpected table \[data\].*named after it \(cudfkd\)"):
+        load_config_file(bad)

@@ -57,28 +57,63 @@ def test_adversarial_ramp_matches_the_paper_schedule():
     assert adversarial_weight(0, 4, 1.0, 2.0) == 1.0
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.integers(2, 6), st.integers(1, 5), st.floats(0.5, 0.99))
-def test_derived_lambda_starts_at_median_and_ends_at_quantile(epochs, steps, q):
-    cur = Curriculum(epochs=epochs, steps_per_epoch=steps, adv_start=0, adv_step=0, end_quantile=q)
-    first_epoch = torch.linspace(0, 1, 101)
-    assert cur.calibrating and cur.lam(0) == math.inf
-    for chunk in first_epoch.chunk(steps):
-        cur.observe(chunk)
-    assert cur.lam(steps - 1) == pytest.approx(float(first_epoch.median()))
-    cur.end_epoch(0)
-    assert not cur.calibrating
-    assert cur.lam(steps) == pytest.approx(float(first_epoch.median()))
-    assert cur.lam(epochs * steps) == pytest.approx(float(torch.quantile(first_epoch, q)), abs=1e-6)
+def _curriculum(regulariser="hard", **kw):
+    return Curriculum(epochs=4, steps_per_epoch=25, adv_start=0, adv_step=0, regulariser=regulariser, **kw)
+
+
+def test_quantile_threshold_admits_the_configured_share_on_a_known_distribution():
+    cur = _curriculum(admit_start=0.5, admit_end=1.0, window=1000)
+    assert cur.lam(0) == math.inf  # nothing seen yet: everything is admitted
+    losses = torch.linspace(0.0, 0.999, 1000)  # uniform on [0, 1): the q-quantile is q
+    cur.observe(losses)
+    # the admitted share rises linearly from 1/2 to all over the 100 student steps
+    assert cur.admitted_share(0) == 0.5 and cur.admitted_share(99) == 1.0
+    for step, share in ((0, 0.5), (33, 0.5 + 0.5 * 33 / 99), (99, 1.0)):
+        assert cur.lam(step) == pytest.approx(float(torch.quantile(losses, share)), abs=1e-6)
+        probe = _curriculum(admit_start=0.5, admit_end=1.0, window=1000)
+        probe.observe(losses)
+        admitted = float((probe.weights(losses, step) >= 0.5).float().mean())
+        assert admitted == pytest.approx(share, abs=0.01)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(1e-4, 1e4), st.sampled_from(["log", "soft", "hard"]))
+def test_quantile_threshold_is_scale_free(scale, regulariser):
+    losses = torch.rand(512, generator=torch.Generator().manual_seed(3)).double()
+    weights = []
+    for s in (1.0, scale):
+        cur = _curriculum(regulariser, window=512)
+        cur.observe(losses * s)
+        weights.append(cur.weights(losses * s, 10))
+    torch.testing.assert_close(weights[0].float(), weights[1].float(), atol=1e-4, rtol=0)
+
+
+def test_log_weights_at_the_quantile_threshold():
+    cur = _curriculum("log", window=100)
+    cur.observe(torch.linspace(0, 1, 101)[:100])
+    lam = cur.lam(0)
+    v = cur.weights(torch.tensor([0.0, lam, 2 * lam]), 0)
+    assert v[0] == pytest.approx(1.0)
+    assert v[1] == pytest.approx((1 + math.exp(-2)) / 2, abs=1e-6)  # the paper's log weight at lam0 = 2
+    assert v[2] == pytest.approx((1 + math.exp(-2)) / (1 + math.exp(2)), abs=1e-6)
+
+
+def test_none_admits_everything_and_window_is_a_ring():
+    cur = _curriculum("none", window=4)
+    assert cur.weights(torch.tensor([5.0, 1.0]), 0).tolist() == [1.0, 1.0]
+    cur.observe(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert sorted(cur.window.tolist()) == [2.0, 3.0, 4.0, 5.0]
 
 
 def test_absolute_overrides_and_state_round_trip():
-    cur = Curriculum(epochs=3, steps_per_epoch=10, adv_start=0, adv_step=0, lambda_start=2.0, lambda_growth=1e-2)
-    assert not cur.calibrating
-    assert cur.lam(0) == 2.0 and cur.lam(100) == pytest.approx(3.0)
-    other = Curriculum(epochs=3, steps_per_epoch=10, adv_start=0, adv_step=0)
-    other.observe(torch.tensor([1.0, 2.0]))
-    state = other.state_dict()
-    again = Curriculum(epochs=3, steps_per_epoch=10, adv_start=0, adv_step=0)
-    again.load_state_dict(state)
-    assert again.lam(3) == other.lam(3)
+    cur = _curriculum("log", lambda_start=2.0, lambda_growth=1e-2)
+    assert cur.absolute and cur.lam(0) == 2.0 and cur.lam(100) == pytest.approx(3.0)
+    # the paper's formula, unscaled
+    torch.testing.assert_close(cur.weights(torch.tensor([1.0]), 0), self_paced_weights(torch.tensor([1.0]), 2.0))
+    other = _curriculum("log", window=16)
+    other.observe(torch.tensor([1.0, 2.0, 7.0]))
+    again = _curriculum("log", window=16)
+    again.load_state_dict(other.state_dict())
+    assert again.lam(30) == other.lam(30)
+    with pytest.raises(ValueError, match="window"):
+        _curriculum("log", window=8).load_state_dict(other.state_dict())

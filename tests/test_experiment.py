@@ -13,7 +13,7 @@ TINY = {
     "dataset": "digits", "num-clients": 3, "partition": "iid", "teacher-model": "lenet5",
     "student-model": "lenet5-half", "teacher-epochs": 30, "teacher-lr": 3e-3, "epochs": 4, "steps-per-epoch": 15,
     "student-steps": 5, "batch-size": 64, "latent-dim": 32, "generator-width": 16, "generator-lr": 1e-2,
-    "weight-bn": 10.0, "student-loss": "kl", "temperature": 4.0, "sample-stages": 2, "num-threads": 2,
+    "cudfkd.weight-bn": 10.0, "student-loss": "kl", "temperature": 4.0, "sample-stages": 2, "num-threads": 2,
 }
 
 

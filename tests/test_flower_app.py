@@ -11,11 +11,12 @@ import pytest
 import torch
 from flower_grid import InProcessGrid
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.config import flatten_dict
 
 from client.app import app as client_app
 from client.node import NodeConfigError, node_data
 from fedkd.checkpoint import load_teacher
-from fedkd.config import RunConfig, config_from_mapping
+from fedkd.config import RunConfig, config_from_mapping, config_from_run_config
 from fedkd.data import SPECS, load_node_file
 from fedkd.experiment import prepare_clients
 from server.app import FlowerRunError, wait_for_nodes
@@ -57,9 +58,9 @@ def test_app_config_has_exactly_the_run_keys_with_their_defaults() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
-    table = app["config"]
+    table = flatten_dict(app["config"])  # as Flower reads it: [tool.flwr.app.config.cudfkd] -> cudfkd.KEY
     assert set(table) == set(RunConfig().to_dict())
-    assert config_from_mapping(table) == RunConfig()
+    assert config_from_run_config(table) == RunConfig()
 
 
 def test_simulated_run_trains_distils_and_evaluates_federated(tmp_path: Path, node_cache: Path) -> None:

@@ -1,4 +1,12 @@
-"""What every distillation method provides to the driver."""
+"""What every distillation method provides to the driver, and the parts they share.
+
+A method is a short file that reads like its paper: its options dataclass
+(registered with it in ``fedkd.methods``, keys ``METHOD.KEY``), its losses,
+and a loop over the shared building blocks: the :class:`~fedkd.synthesis.Synthesizer`
+(generator, targets, best iterate), the :class:`~fedkd.synthetic_pool.SyntheticPool`
+(every batch with the ensemble's answers), the :class:`~fedkd.student.StudentTrainer`
+and the :class:`QueryBudget`. It reaches the teachers only through the ensemble.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ class DistillationMethod(Protocol):
 
     ``train_epoch`` runs one epoch and returns its scalar metrics; the driver
     evaluates, checkpoints and reports around it. ``state_dict`` holds
-    everything needed to resume bit-for-bit (generator, optimisers, schedule).
+    everything needed to resume bit-for-bit (generator, optimisers, schedule, pool).
     """
 
     name: str
@@ -46,3 +54,38 @@ class DistillationMethod(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class QueryBudget:
+    """Query samples a method may still spend (``query-budget``; 0 = no limit), counted by the teacher pool.
+
+    The count is every sample of every Forward and Backward, summed over the
+    teachers, from the moment the budget was opened (the driver's evaluation
+    queries before distillation do not count against it).
+    """
+
+    def __init__(self, ensemble: Ensemble, limit: int) -> None:
+        self.ensemble, self.limit = ensemble, limit
+        self.start = self._total()
+        self.last_cost = 0
+
+    def _total(self) -> int:
+        return sum(s.samples for s in self.ensemble.pool.stats())
+
+    @property
+    def spent(self) -> int:
+        return self._total() - self.start
+
+    def allows(self, estimate: int) -> bool:
+        """Whether a round estimated to cost ``estimate`` samples (or what the last one cost) fits."""
+        return self.limit == 0 or self.spent + max(estimate, self.last_cost) <= self.limit
+
+    def charge(self, before: int) -> None:
+        """Record what the round that began at ``spent == before`` cost."""
+        self.last_cost = self.spent - before
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "last_cost": self.last_cost}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start, self.last_cost = int(state["start"]), int(state["last_cost"])

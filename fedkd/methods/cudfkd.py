@@ -3,164 +3,209 @@
 Li et al., "Dynamic Data-Free Knowledge Distillation by Easy-to-Hard Learning
 Strategy", Information Sciences 2023 (arXiv 2208.13648); methods.md section 1.
 
-One iteration = one generator step, then ``student_steps`` student steps on
-fresh samples. The teachers are reached only through the ensemble of remote
-teachers, so the same code runs on in-process, gRPC and Flower teachers.
+An epoch is ``steps-per-epoch`` rounds; a round is one synthesis round (the
+shared synthesizer, ``synthesis-steps`` generator updates) whose batch goes to
+the synthetic pool with the ensemble's answers, then ``student-steps`` student
+steps on batches drawn from the whole pool. Once ``query-budget`` is spent
+the rounds only train the student. Generator loss, on x = G(z, y) with
+class-balanced targets y:
 
-Generator step (Adam, lr 1e-3, betas (0.9, 0.99); G is kept, not re-initialised):
+    L_G = -w_ent * H(mean_i p_T(x_i))              # class balance (the paper's first term)
+          + w_oh * CE(T(x), y)                      # confident samples of the asked class
+                                                    #   (targets=argmax: CE(T(x), argmax T(x)), the paper's)
+          + w_bn * L_bn(x)                          # teacher BN statistics, computed by each client
+          + a_adv(e) * L_adv,  L_adv = -tau_a^2 mean_i m_i KL(p_T^tau_a(x_i) || p_S^tau_a(x_i))
 
-    L_G = -w_ent * H(mean_i p_T(x_i))           # class balance
-          + w_oh * CE(T(x), argmax T(x))         # confident samples
-          + w_bn * L_bn(x)                       # teacher BN statistics (client-side)
-          + a_adv(e) * L_adv,  L_adv = -tau_a^2 mean_i KL(p_T^tau_a || p_S^tau_a)
+with the easy-to-hard ramp a_adv(e) (0 for the first quarter of training: the
+warm-up) and the mask m_i = [argmax S(x_i) = argmax T(x_i)] as CuDFKD's own
+code, CMI, Fast-Datafree and NAYER apply it (``adv-mask``). Student step on a
+pool batch with the self-paced curriculum (per sample, scale-free threshold,
+see ``fedkd.curriculum``):
 
-Student step (SGD, cosine schedule), per-sample self-paced weights:
-
-    l_i = loss(S(x_i), T(x_i));  v_i = v(l_i; lam_t);  L_S = mean_i v_i l_i
+    l_i = tau^2 KL(p_T^tau(x_i) || p_S^tau(x_i));  v_i = v(l_i; lam_t);  L_S = mean_i v_i l_i
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fedkd.curriculum import Curriculum, self_paced_weights
-from fedkd.generator import Generator
-from fedkd.losses import adversarial_loss, class_balance_entropy, distillation_per_sample, onehot_loss
-from fedkd.methods.base import MethodContext
+from fedkd.config import RunConfig, bounded, choice, validate_options
+from fedkd.curriculum import REGULARISERS, Curriculum
+from fedkd.losses import class_balance_entropy, kl_per_sample, onehot_loss
+from fedkd.methods.base import MethodContext, QueryBudget
+from fedkd.student import MetricAverager, StudentSettings, StudentTrainer
+from fedkd.synthesis import SynthesisSettings, Synthesizer
+from fedkd.synthetic_pool import SyntheticPool
 from fedkd.teacher import CurriculumState
 
 NUM_SAMPLE_IMAGES = 10
+
+
+@dataclass(frozen=True)
+class CuDFKDOptions:
+    """CuDFKD's own keys (``cudfkd.KEY``). Defaults tuned on the main job (README, "Results")."""
+
+    weight_entropy: float = field(default=20.0, metadata=bounded(0.0, None))
+    weight_onehot: float = field(default=1.0, metadata=bounded(0.0, None))
+    weight_bn: float = field(default=10.0, metadata=bounded(0.0, None))
+    targets: str = field(default="balanced", metadata=choice("balanced", "argmax"))
+    adv_start: float = field(default=0.0, metadata=bounded(0.0, None))
+    adv_step: float = field(default=0.5, metadata=bounded(0.0, None))
+    adv_temperature: float = field(default=3.0, metadata=bounded(0.0, None, open_low=True))
+    adv_mask: str = field(default="agree", metadata=choice("agree", "disagree", "none"))
+    self_paced: str = field(default="log", metadata=choice(*REGULARISERS))
+    admit_start: float = field(default=0.5, metadata=bounded(0.0, 1.0, open_low=True))
+    admit_end: float = field(default=1.0, metadata=bounded(0.0, 1.0, open_low=True))
+    lambda_start: float | None = None
+    lambda_growth: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_options(self)
+
+
+def synthesis_settings(config: RunConfig) -> SynthesisSettings:
+    return SynthesisSettings(batch_size=config.batch_size, latent_dim=config.latent_dim, width=config.generator_width,
+                             lr=config.generator_lr, steps=config.synthesis_steps, latent_lr=config.latent_lr,
+                             reset_every=config.generator_reset, shift=config.synthesis_shift,
+                             conditional=config.conditional_generator)
+
+
+def student_settings(config: RunConfig) -> StudentSettings:
+    return StudentSettings(lr=config.student_lr, momentum=config.student_momentum,
+                           weight_decay=config.student_weight_decay, loss=config.student_loss,
+                           temperature=config.temperature, shift=config.student_shift,
+                           total_steps=config.epochs * config.steps_per_epoch * config.student_steps)
+
+
+def adversarial_loss_masked(student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: str) -> Tensor:
+    """L_adv = -tau^2 mean_i m_i KL_i(p_T || p_S): the generator seeks samples the student gets wrong."""
+    kl = kl_per_sample(student_logits, teacher_logits, temperature)  # (B,)
+    agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).to(kl.dtype)
+    m = {"agree": agree, "disagree": 1.0 - agree, "none": torch.ones_like(kl)}[mask]
+    return -(kl * m).mean()
 
 
 class CuDFKD:
     name = "cudfkd"
 
     def __init__(self, context: MethodContext) -> None:
-        cfg, spec = context.config, context.spec
-        self.config, self.spec, self.device = cfg, spec, context.device
+        cfg = context.config
+        self.config, self.spec, self.device = cfg, context.spec, context.device
+        self.options: CuDFKDOptions = cfg.options
         self.ensemble = context.ensemble
         self.student = context.student.to(self.device)
-        self.generator = Generator(latent_dim=cfg.latent_dim, width=cfg.generator_width,
-                                   channels=spec.channels, image_size=spec.image_size).to(self.device)
-        self.opt_generator = torch.optim.Adam(self.generator.parameters(), lr=cfg.generator_lr, betas=(0.9, 0.99))
-        self.opt_student = torch.optim.SGD(self.student.parameters(), lr=cfg.student_lr,
-                                           momentum=cfg.student_momentum, weight_decay=cfg.student_weight_decay)
-        total_student_steps = cfg.epochs * cfg.steps_per_epoch * cfg.student_steps
-        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_student, T_max=total_student_steps)
+        self.synthesizer = Synthesizer(self.spec, synthesis_settings(cfg), self.device)
+        self.trainer = StudentTrainer(self.student, self.spec, student_settings(cfg), self.device)
+        self.pool = SyntheticPool(cfg.pool_size, self.spec.input_shape, self.spec.num_classes)
+        self.budget = QueryBudget(self.ensemble, cfg.query_budget)
+        opts = self.options
         self.curriculum = Curriculum(
             epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch * cfg.student_steps,
-            adv_start=cfg.adv_start, adv_step=cfg.adv_step, regulariser=cfg.self_paced,
-            lambda_start=cfg.lambda_start, lambda_growth=cfg.lambda_growth,
-            end_quantile=cfg.lambda_end_quantile,
+            adv_start=opts.adv_start, adv_step=opts.adv_step, regulariser=opts.self_paced,
+            admit_start=opts.admit_start, admit_end=opts.admit_end,
+            lambda_start=opts.lambda_start, lambda_growth=opts.lambda_growth,
         )
-        self.use_bn = cfg.weight_bn > 0 and self.ensemble.has_feature_statistics
-        self.step = 0  # global student step
+        self.use_bn = opts.weight_bn > 0 and self.ensemble.has_feature_statistics
         # Fixed latents for the sample grid, drawn from their own RNG so they do not shift training.
         self.fixed_latent = torch.randn(NUM_SAMPLE_IMAGES, cfg.latent_dim,
-                                        generator=torch.Generator().manual_seed(cfg.seed + 7)).to(self.device)
+                                        generator=torch.Generator().manual_seed(cfg.seed + 7))
 
     # Curriculum -------------------------------------------------------------------
 
     def curriculum_state(self, epoch: int) -> CurriculumState:
-        lam = self.curriculum.lam(self.step)
-        return CurriculumState(epoch=epoch, step=self.step, lam=float(min(lam, 1e30)),
+        lam = self.curriculum.lam(self.trainer.steps)
+        return CurriculumState(epoch=epoch, step=self.trainer.steps, lam=float(min(lam, 1e30)),
                                adv_weight=self.curriculum.adv_weight(epoch))
 
     # Training ---------------------------------------------------------------------
 
-    def _synthesize(self, batch_size: int) -> Tensor:
-        z = self.generator.sample_latent(batch_size, self.device)  # (B, latent)
-        return self.spec.normalize(self.generator(z))  # (B, C, H, W)
+    def generator_loss(self, epoch: int) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]]:
+        opts, state = self.options, self.curriculum_state(epoch)
 
-    def generator_step(self, epoch: int) -> dict[str, float]:
-        cfg = self.config
-        state = self.curriculum_state(epoch)
-        self.generator.train()
-        self.student.train()
-        x = self._synthesize(cfg.batch_size)
-        out = self.ensemble(x, state, bn_loss=self.use_bn)
-        t = out.logits  # (B, C)
-        loss_entropy = -cfg.weight_entropy * class_balance_entropy(t)
-        loss_onehot = cfg.weight_onehot * onehot_loss(t)
-        loss_bn = cfg.weight_bn * out.bn_loss if out.bn_loss is not None else torch.zeros((), device=self.device)
-        loss = loss_entropy + loss_onehot + loss_bn
-        loss_adv = torch.zeros((), device=self.device)
-        if state.adv_weight > 0:
-            loss_adv = state.adv_weight * adversarial_loss(self.student(x), t, cfg.adv_temperature)
-            loss = loss + loss_adv
-        self.opt_generator.zero_grad(set_to_none=True)
-        loss.backward(inputs=list(self.generator.parameters()))  # teachers' Backward calls happen here
-        self.opt_generator.step()
-        parts = {"loss_generator": loss, "loss_entropy": loss_entropy, "loss_onehot": loss_onehot,
-                 "loss_bn": loss_bn, "loss_adv": loss_adv}
-        return {key: float(value.detach()) for key, value in parts.items()}
+        def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+            out = self.ensemble(x, state, bn_loss=self.use_bn)
+            t = out.logits  # (B, C)
+            zero = torch.zeros((), device=x.device)
+            entropy = -opts.weight_entropy * class_balance_entropy(t)
+            onehot = opts.weight_onehot * (F.cross_entropy(t, targets) if opts.targets == "balanced"
+                                           else onehot_loss(t))
+            bn = opts.weight_bn * out.bn_loss if out.bn_loss is not None else zero
+            adv = zero
+            if state.adv_weight > 0:
+                self.student.eval()  # the student is judged, not trained, here: its BN statistics stay put
+                adv = state.adv_weight * adversarial_loss_masked(self.student(x), t, opts.adv_temperature,
+                                                                 opts.adv_mask)
+                self.student.train()
+            loss = entropy + onehot + bn + adv
+            return loss, t, {"loss_generator": loss, "loss_entropy": entropy, "loss_onehot": onehot,
+                             "loss_bn": bn, "loss_adv": adv}
 
-    def student_step(self, epoch: int) -> dict[str, float]:
-        cfg = self.config
-        state = self.curriculum_state(epoch)
-        self.generator.eval()
-        self.student.train()
-        with torch.no_grad():
-            x = self._synthesize(cfg.batch_size)
-            t = self.ensemble(x, state).logits
-        losses = distillation_per_sample(self.student(x), t, cfg.student_loss, cfg.temperature)  # (B,)
-        self.curriculum.observe(losses)
-        weights = self_paced_weights(losses, state.lam, cfg.self_paced)  # (B,), no grad
-        loss = (weights * losses).mean()
-        self.opt_student.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_student.step()
-        self.schedule.step()
-        self.step += 1
-        return {"loss_student": float(losses.detach().mean()), "admitted": float((weights > 0.5).float().mean()),
-                "weight_mean": float(weights.mean())}
+        return loss_fn
+
+    def synthesis_round(self, epoch: int) -> dict[str, float] | None:
+        """One round into the pool, or None when the query budget does not allow another."""
+        estimate = self.config.synthesis_steps * self.config.batch_size * 2 * len(self.ensemble)
+        if not self.budget.allows(estimate):
+            return None
+        before = self.budget.spent
+        batch = self.synthesizer.round(self.generator_loss(epoch))
+        self.budget.charge(before)
+        self.pool.add(batch.images, batch.answers, batch.targets)
+        return batch.terms
+
+    def student_step(self) -> dict[str, float]:
+        images, answers = self.pool.sample(self.config.batch_size)
+        step = self.trainer.steps
+        return self.trainer.step(images, answers, lambda losses: self.curriculum.weights(losses, step))
 
     def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        metrics = MetricAverager()
+        rounds = 0
         for _ in range(self.config.steps_per_epoch):
-            records = [self.generator_step(epoch)]
-            records += [self.student_step(epoch) for _ in range(self.config.student_steps)]
-            for record in records:
-                for key, value in record.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                    counts[key] = counts.get(key, 0) + 1
+            terms = self.synthesis_round(epoch)
+            if terms is not None:
+                metrics.add(terms)
+                rounds += 1
+            if len(self.pool):
+                for _ in range(self.config.student_steps):
+                    metrics.add(self.student_step())
             if on_step is not None:
                 on_step()
-        metrics = {k: totals[k] / counts[k] for k in totals}
-        metrics["adv_weight"] = self.curriculum.adv_weight(epoch)
-        metrics["lambda"] = self.curriculum.lam(max(self.step - 1, 0))
-        self.curriculum.end_epoch(epoch)
-        return metrics
+        out = metrics.means()
+        out.update({
+            "adv_weight": self.curriculum.adv_weight(epoch),
+            "lambda": self.curriculum.lam(max(self.trainer.steps - 1, 0)),
+            "admitted_target": self.curriculum.admitted_share(max(self.trainer.steps - 1, 0)),
+            "synthesis_rounds": rounds,
+            "pool_size": len(self.pool),
+            "budget_spent": self.budget.spent,
+        })
+        return out
 
-    @torch.no_grad()
     def synthetic_samples(self) -> Tensor:
-        """Images in [0, 1] from fixed latents, (10, C, H, W): how the generator's output evolves."""
-        self.generator.eval()
-        return self.generator(self.fixed_latent).cpu()
+        """Images in [0, 1] from fixed latents, one per class, (10, C, H, W): how the generator evolves."""
+        return self.synthesizer.samples(self.fixed_latent)
 
     # Checkpointing -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "generator": self.generator.state_dict(),
-            "student": self.student.state_dict(),
-            "opt_generator": self.opt_generator.state_dict(),
-            "opt_student": self.opt_student.state_dict(),
-            "schedule": self.schedule.state_dict(),
+            "synthesizer": self.synthesizer.state_dict(),
+            "trainer": self.trainer.state_dict(),
+            "pool": self.pool.state_dict(),
             "curriculum": self.curriculum.state_dict(),
-            "step": self.step,
+            "budget": self.budget.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.student.load_state_dict(state["student"])
-        self.opt_generator.load_state_dict(state["opt_generator"])
-        self.opt_student.load_state_dict(state["opt_student"])
-        self.schedule.load_state_dict(state["schedule"])
+        self.synthesizer.load_state_dict(state["synthesizer"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.pool.load_state_dict(state["pool"])
         self.curriculum.load_state_dict(state["curriculum"])
-        self.step = int(state["step"])
+        self.budget.load_state_dict(state["budget"])
