@@ -89,7 +89,8 @@ class RunConfig:
     # The shared synthesizer (fedkd/synthesis.py): a class-conditional generator, `synthesis-steps`
     # generator updates per round (best iterate kept), latents optimised per round when latent-lr > 0,
     # re-initialised every `generator-reset` rounds (0 = never), images shifted by up to
-    # `synthesis-shift` pixels before the teachers see them.
+    # `synthesis-shift` pixels before the teachers see them, a mode-seeking diversity term weighted by
+    # `synthesis-diversity`.
     latent_dim: int = field(default=64, metadata=_range(1, None))
     generator_width: int = field(default=16, metadata=_range(1, None))
     generator_lr: float = field(default=1e-2, metadata=_range(0.0, None, open_low=True))
@@ -98,6 +99,7 @@ class RunConfig:
     latent_lr: float = field(default=0.0, metadata=_range(0.0, None))
     generator_reset: int = field(default=0, metadata=_range(0, None))
     synthesis_shift: int = field(default=0, metadata=_range(0, 8))
+    synthesis_diversity: float = field(default=0.0, metadata=_range(0.0, None))
 
     # The synthetic pool (fedkd/synthetic_pool.py) and the query budget, in query samples as the
     # coordinator counts them (every sample of every Forward and Backward, summed over teachers);

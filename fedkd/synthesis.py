@@ -12,7 +12,16 @@ One synthesis round (the unit the query budget is spent in):
    its images and the ensemble's answers to exactly those images go to the
    pool, at no extra query.
 
-Diversity across rounds: fresh latents and targets every round; optionally
+Diversity within a round: with ``synthesis-diversity`` > 0 the batch is two
+halves with the same targets and different latents, and the mode-seeking
+term of MSGAN (Mao et al., CVPR 2019; RDSKD's L_ds is the same idea),
+
+    L_div = - mean_i ( mean|x_i - x_i'| / mean|z_i - z_i'| ),
+
+weighted by ``synthesis-diversity``, keeps a class-conditional generator from
+answering every latent of a class with one prototype (measured on the main
+job: without it, each class collapsed to a single image for the whole run).
+It needs no query. Diversity across rounds: fresh latents and targets every round; optionally
 the generator is re-initialised every ``generator-reset`` rounds (DENSE and
 CMI reset per batch, NAYER every few epochs). Images are quantised to
 multiples of 1/255 before the teachers see them (straight-through gradient),
@@ -54,6 +63,7 @@ class SynthesisSettings:
     reset_every: int = 0
     shift: int = 0
     conditional: bool = True
+    diversity: float = 0.0
 
 
 @dataclass
@@ -68,6 +78,14 @@ def balanced_targets(batch_size: int, num_classes: int, device: torch.device | s
     """(B,) labels with every class equally often (up to B mod C), in random order."""
     labels = torch.arange(batch_size) % num_classes
     return labels[torch.randperm(batch_size)].to(device)
+
+
+def mode_seeking(images: Tensor, latents: Tensor) -> Tensor:
+    """mean_i mean|x_i - x_i'| / mean|z_i - z_i'| over the pairs (i, i + B/2) of a batch (MSGAN)."""
+    half = len(images) // 2
+    dx = (images[:half] - images[half:2 * half]).abs().flatten(1).mean(1)  # (B/2,)
+    dz = (latents[:half] - latents[half:2 * half]).abs().mean(1)  # (B/2,)
+    return (dx / dz.clamp_min(1e-8)).mean()
 
 
 class Synthesizer:
@@ -95,7 +113,11 @@ class Synthesizer:
             self._build()
         self.generator.train()
         z = self.generator.sample_latent(s.batch_size, self.device)
-        targets = balanced_targets(s.batch_size, self.num_classes, self.device)
+        if s.diversity > 0:  # two halves asking for the same classes with different latents
+            half = balanced_targets(s.batch_size // 2, self.num_classes, self.device)
+            targets = torch.cat([half, half, balanced_targets(s.batch_size % 2, self.num_classes, self.device)])
+        else:
+            targets = balanced_targets(s.batch_size, self.num_classes, self.device)
         params = list(self.generator.parameters())
         latent_opt = None
         if s.latent_lr > 0:
@@ -104,8 +126,13 @@ class Synthesizer:
         best: SyntheticBatch | None = None
         best_loss = float("inf")
         for _ in range(s.steps):
-            images = random_shift(self.generate(z, targets), s.shift)  # (B, C, H, W)
+            generated = self.generate(z, targets)  # (B, C, H, W)
+            images = random_shift(generated, s.shift)
             loss, answers, terms = loss_fn(self.spec.normalize(images), targets)
+            if s.diversity > 0:
+                diversity = -s.diversity * mode_seeking(generated, z)
+                loss = loss + diversity
+                terms = {**terms, "loss_diversity": diversity}
             value = float(loss.detach())
             if best is None or value < best_loss:
                 best_loss = value

@@ -186,20 +186,32 @@ def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _allowed(meta: Any) -> str:
+    allowed = ", ".join(meta["choices"]) if "choices" in meta else ""
+    if meta.get("low") is not None or meta.get("high") is not None:
+        low = meta.get("low")
+        allowed = f"{'>' if meta.get('open_low') else '>='} {low}" if low is not None else ""
+        if meta.get("high") is not None:
+            allowed += f", <= {meta['high']}"
+    return allowed
+
+
 def cmd_keys(args: argparse.Namespace, console: Console) -> int:
+    from fedkd.methods import METHODS
+
     table = Table(title="fedkd config keys (TOML, --set KEY=VALUE, Flower run config)")
     table.add_column("key")
     table.add_column("default")
     table.add_column("allowed")
     for f in dataclasses.fields(RunConfig):
-        meta = f.metadata
-        allowed = ", ".join(meta["choices"]) if "choices" in meta else ""
-        if meta.get("low") is not None or meta.get("high") is not None:
-            low = meta.get("low")
-            allowed = f"{'>' if meta.get('open_low') else '>='} {low}" if low is not None else ""
-            if meta.get("high") is not None:
-                allowed += f", <= {meta['high']}"
-        table.add_row(f.name.replace("_", "-"), repr(f.default), allowed)
+        if f.name != "options":
+            table.add_row(f.name.replace("_", "-"), repr(f.default), _allowed(f.metadata))
+    for entry in METHODS.values():
+        table.add_section()
+        table.add_row(f"[bold]{entry.name}.*[/]", "", f"options of method={entry.name} ({entry.summary}); "
+                      f"a \\[{entry.name}] table in TOML")
+        for f in dataclasses.fields(entry.options):
+            table.add_row(f"{entry.name}.{f.name.replace('_', '-')}", repr(f.default), _allowed(f.metadata))
     console.print(table)
     return 0
 

@@ -80,11 +80,30 @@ def test_summary_and_run_directory(finished_run):
         assert (out / "clients" / f"client_{k:02d}" / "teacher.pt").exists()
 
 
-def test_every_query_carries_the_curriculum(finished_run):
-    _, _, summary = finished_run
-    history_lambda = [json.loads(line)["lambda"] for line in
-                      (finished_run[1] / "metrics.jsonl").read_text().splitlines()]
-    assert history_lambda[1] <= history_lambda[2]  # the threshold grows after the first epoch
+def test_curriculum_admits_a_rising_share_and_the_pool_grows(finished_run):
+    _, out, summary = finished_run
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    admitted = [h["admitted"] for h in history]
+    assert admitted[0] < 0.8 and admitted[-1] > 0.9 and admitted[-1] > admitted[0] + 0.2
+    assert [h["pool_size"] for h in history] == [15 * 64 * (e + 1) for e in range(4)]
+    assert summary["pool"]["samples"] == 4 * 15 * 64
+    # every sample in the pool was answered once: one Forward and one Backward per synthesis round and teacher
+    assert summary["queries"]["distillation_samples"] == 4 * 15 * 64 * 2 * 3
+    assert summary["ensemble"]["aggregation"] == "class-weighted" and summary["ensemble"]["requested"] == "auto"
+    assert summary["ensemble"]["label_counts_from"] == [0, 1, 2]
+    assert (out / "plots" / "queries.png").stat().st_size > 1000
+
+
+def test_query_budget_stops_synthesis_and_the_student_keeps_training(tmp_path):
+    config = config_from_mapping({**TINY, "epochs": 2, "steps-per-epoch": 4, "student-steps": 2,
+                                  "query-budget": 3 * 64 * 2 * 3})  # three rounds of 64 samples, 3 teachers
+    summary = run_experiment(config, tmp_path / "budget")
+    history = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["synthesis_rounds"] for h in history] == [3, 0]
+    assert summary["queries"]["distillation_samples"] == 3 * 64 * 2 * 3 <= config.query_budget
+    assert summary["pool"]["samples"] == 3 * 64
+    checkpoint = torch.load(tmp_path / "budget" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["method"]["trainer"]["steps"] == 2 * 4 * 2  # the student trained in every round
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(finished_run, tmp_path):
@@ -94,10 +113,13 @@ def test_resume_ends_where_an_uninterrupted_run_ends(finished_run, tmp_path):
         run_experiment(config, out, observer=StopAfter(2))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     resumed = run_experiment(config, out, resume=True)
-    a = torch.load(full_out / "checkpoint.pt", weights_only=True)["method"]["student"]
-    b = torch.load(out / "checkpoint.pt", weights_only=True)["method"]["student"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    a = torch.load(full_out / "checkpoint.pt", weights_only=True)["method"]
+    b = torch.load(out / "checkpoint.pt", weights_only=True)["method"]
+    for key in a["trainer"]["student"]:
+        torch.testing.assert_close(a["trainer"]["student"][key], b["trainer"]["student"][key], rtol=0, atol=0)
+    # the synthetic pool came back from the checkpoint and grew exactly as in the uninterrupted run
+    assert a["pool"]["added"] == b["pool"]["added"] == 4 * 15 * 64
+    assert torch.equal(a["pool"]["images"], b["pool"]["images"]) and torch.equal(a["pool"]["answers"], b["pool"]["answers"])
     assert resumed["student"]["test_accuracy"] == full["student"]["test_accuracy"]
     assert resumed["queries"]["samples"] == full["queries"]["samples"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
@@ -132,11 +154,26 @@ def test_unknown_model_fails_at_start_up(tmp_path):
 def test_mixed_architectures_class_weights_and_centralised_reference(tmp_path):
     config = config_from_mapping({
         **TINY, "num-clients": 2, "partition": "dirichlet", "alpha": 0.3, "teacher-model": "lenet5,cnn",
-        "teacher-epochs": 5, "epochs": 1, "steps-per-epoch": 2, "student-steps": 1, "ensemble": "class-weighted",
+        "teacher-epochs": 5, "epochs": 1, "steps-per-epoch": 2, "student-steps": 1, "ensemble": "auto",
         "share-label-counts": False, "centralised": True,
     })
     summary = run_experiment(config, tmp_path / "mixed")
     assert [t["model"] for t in summary["teachers"]] == ["lenet5", "cnn"]
     assert summary["references"]["fedavg"] is None  # different architectures cannot be averaged
     assert 0.0 <= summary["references"]["centralised"]["test_accuracy"] <= 1.0
-    assert summary["ensemble"]["aggregation"] == "class-weighted"
+    # nobody shares label counts: auto falls back to the mean of probabilities, and says so
+    assert summary["ensemble"]["aggregation"] == "prob-mean" and summary["ensemble"]["label_counts_from"] is None
+
+
+def test_an_aggregator_that_needs_counts_names_the_clients_when_none_shares_them(tmp_path):
+    config = config_from_mapping({**TINY, "num-clients": 2, "teacher-epochs": 1, "epochs": 1, "steps-per-epoch": 1,
+                                  "student-steps": 1, "ensemble": "class-weighted", "share-label-counts": False})
+    with pytest.raises(ConfigError, match=r"ensemble: ensemble=class-weighted needs the label counts.*clients 0, 1"):
+        run_experiment(config, tmp_path / "nocounts")
+
+
+def test_an_aggregator_that_needs_counts_names_the_clients_when_none_shares_them(tmp_path):
+    config = config_from_mapping({**TINY, "num-clients": 2, "teacher-epochs": 1, "epochs": 1, "steps-per-epoch": 1,
+                                  "student-steps": 1, "ensemble": "class-weighted", "share-label-counts": False})
+    with pytest.raises(ConfigError, match=r"ensemble: ensemble=class-weighted needs the label counts.*clients 0, 1"):
+        run_experiment(config, tmp_path / "nocounts")

@@ -73,7 +73,7 @@ def synthesis_settings(config: RunConfig) -> SynthesisSettings:
     return SynthesisSettings(batch_size=config.batch_size, latent_dim=config.latent_dim, width=config.generator_width,
                              lr=config.generator_lr, steps=config.synthesis_steps, latent_lr=config.latent_lr,
                              reset_every=config.generator_reset, shift=config.synthesis_shift,
-                             conditional=config.conditional_generator)
+                             conditional=config.conditional_generator, diversity=config.synthesis_diversity)
 
 
 def student_settings(config: RunConfig) -> StudentSettings:
