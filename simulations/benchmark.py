@@ -130,10 +130,12 @@ def aggregators(seeds: list[int], out_root: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=[*GROUPS, "aggregators"], action="append")
+    parser.add_argument("--only", choices=sorted({*GROUPS, *RUNS, "aggregators"}), action="append",
+                        help="an experiment group, one experiment, or aggregators (repeatable)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--runs", default="runs/benchmark", help="where run directories go")
     parser.add_argument("--results", default="simulations/results/benchmark.json")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     groups = args.only or [*GROUPS, "aggregators"]
@@ -145,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     results.setdefault("experiments", {})
     for key in [k for k in results["experiments"] if k not in RUNS]:
         del results["experiments"][key]  # results of experiments that no longer exist
-    names = list(dict.fromkeys(n for g in groups if g != "aggregators" for n in GROUPS[g]))
+    names = list(dict.fromkeys(n for g in groups if g != "aggregators" for n in GROUPS.get(g, [g])))
     started = time.perf_counter()
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     for name in names:
         runs = []
         for seed in seeds:

@@ -54,7 +54,7 @@ class CuDFKDOptions:
     weight_entropy: float = field(default=20.0, metadata=bounded(0.0, None))
     weight_onehot: float = field(default=1.0, metadata=bounded(0.0, None))
     weight_bn: float = field(default=10.0, metadata=bounded(0.0, None))
-    targets: str = field(default="balanced", metadata=choice("balanced", "argmax"))
+    targets: str = field(default="argmax", metadata=choice("argmax", "balanced"))
     adv_start: float = field(default=0.0, metadata=bounded(0.0, None))
     adv_step: float = field(default=0.5, metadata=bounded(0.0, None))
     adv_temperature: float = field(default=3.0, metadata=bounded(0.0, None, open_low=True))
