@@ -286,7 +286,7 @@ def test_thousands_of_malformed_queries_then_a_valid_one(hub_factory, pki):
     assert seen == {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}
     assert hub.slots[0].connection is connection and hub.slots[0].joins == 1  # never dropped
     x = torch.randn(8, *SHAPE)
-    out = Ensemble(hub.pool)(x, STATE)
+    out = Ensemble(hub.pool, "logit-mean")(x, STATE)
     expected = (hosts[0].model(x) + hosts[1].model(x)) / 2
     torch.testing.assert_close(out.logits, expected.detach())
     assert hosts[0].stats.refused == 2000
@@ -323,7 +323,7 @@ def test_the_hub_survives_garbage_from_a_teacher(hub_factory, pki):
     while hub.slots[2].live and time.monotonic() < deadline:
         time.sleep(0.05)
     x = torch.randn(8, *SHAPE)
-    out = Ensemble(hub.pool)(x, STATE)
+    out = Ensemble(hub.pool, "logit-mean")(x, STATE)
     assert out.members == [0, 1]
     torch.testing.assert_close(out.logits, ((hosts[0].model(x) + hosts[1].model(x)) / 2).detach())
 

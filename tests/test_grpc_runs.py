@@ -21,7 +21,7 @@ from server.loopback import agent_command, grpc_transport
 TINY = {
     "dataset": "digits", "num-clients": 3, "partition": "iid", "teacher-model": "lenet5",
     "student-model": "lenet5-half", "teacher-epochs": 30, "teacher-lr": 3e-3, "epochs": 2, "steps-per-epoch": 10,
-    "student-steps": 3, "batch-size": 64, "latent-dim": 32, "generator-width": 16, "sample-stages": 1,
+    "student-steps": 10, "batch-size": 64, "latent-dim": 32, "generator-width": 16, "sample-stages": 1,
     "num-threads": 2,
 }
 
@@ -46,8 +46,8 @@ def test_a_run_over_grpc_gives_the_same_student_as_in_process(in_process_run, tm
     assert summary["ensemble"]["test_accuracy"] == ref["ensemble"]["test_accuracy"]
     assert [t["test_accuracy"] for t in summary["teachers"]] == [t["test_accuracy"] for t in ref["teachers"]]
     assert summary["student"]["test_accuracy"] == pytest.approx(ref["student"]["test_accuracy"], abs=0.01)
-    a = load_safe(out / "checkpoint.pt", "fedkd.run.v1")["method"]["student"]
-    b = load_safe(ref_dir / "checkpoint.pt", "fedkd.run.v1")["method"]["student"]
+    a = load_safe(out / "checkpoint.pt", "fedkd.run.v1")["method"]["trainer"]["student"]
+    b = load_safe(ref_dir / "checkpoint.pt", "fedkd.run.v1")["method"]["trainer"]["student"]
     for key in b:
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5, msg=key)
     # The same queries were asked, and each agent's own account matches the coordinator's.
@@ -137,8 +137,8 @@ def test_a_teacher_killed_mid_run_the_run_completes_and_it_rejoins(in_process_ru
     assert per[0]["missed"] == per[1]["missed"] == 0
     assert per[2]["missed"] > 0  # the steps it was away
     assert per[2]["forward_calls"] < per[0]["forward_calls"]
-    # Back after the restart: it answered queries in the remaining steps (30 steps, 4 Forwards each).
-    assert per[2]["forward_calls"] > per[0]["forward_calls"] - 4 * 12
+    # Back after the restart: it answered queries in the remaining rounds (30 rounds, 1 Forward each).
+    assert per[2]["forward_calls"] > per[0]["forward_calls"] - 12
     report = summary["queries"]["reported_by_clients"][2]
     assert 0 < report["forward_calls"] < per[2]["forward_calls"]  # the restarted process only saw its part
     assert summary["student"]["test_accuracy"] > 0.2

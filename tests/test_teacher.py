@@ -69,7 +69,7 @@ def test_backward_equals_autograd_through_the_same_model():
 
 def test_a_queried_teacher_is_a_drop_in_autograd_function():
     host = _host()
-    teacher = Ensemble(LocalPool([host]))
+    teacher = Ensemble(LocalPool([host]), "logit-mean")
     x = torch.randn(4, 1, 8, 8, requires_grad=True)
     out = teacher(x, STATE, bn_loss=True)
     logits, loss = out.logits, out.bn_loss
@@ -85,7 +85,7 @@ def test_a_queried_teacher_is_a_drop_in_autograd_function():
 
 def test_no_backward_call_without_gradients():
     host = _host()
-    out = Ensemble(LocalPool([host]))(torch.randn(3, 1, 8, 8), STATE)
+    out = Ensemble(LocalPool([host]), "logit-mean")(torch.randn(3, 1, 8, 8), STATE)
     assert out.bn_loss is None and out.logits.shape == (3, 10)
     assert host.stats.backward_calls == 0
 

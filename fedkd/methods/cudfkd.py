@@ -7,12 +7,12 @@ An epoch is ``steps-per-epoch`` rounds; a round is one synthesis round (the
 shared synthesizer, ``synthesis-steps`` generator updates) whose batch goes to
 the synthetic pool with the ensemble's answers, then ``student-steps`` student
 steps on batches drawn from the whole pool. Once ``query-budget`` is spent
-the rounds only train the student. Generator loss, on x = G(z, y) with
-class-balanced targets y:
+the rounds only train the student. Generator loss, on x = shift(G(z)) (or
+G(z, y) with class-balanced targets y when the generator is class-conditional):
 
     L_G = -w_ent * H(mean_i p_T(x_i))              # class balance (the paper's first term)
-          + w_oh * CE(T(x), y)                      # confident samples of the asked class
-                                                    #   (targets=argmax: CE(T(x), argmax T(x)), the paper's)
+          + w_oh * CE(T(x), argmax T(x))            # confident samples (the paper's; targets=balanced:
+                                                    #   CE(T(x), y), the asked class)
           + w_bn * L_bn(x)                          # teacher BN statistics, computed by each client
           + a_adv(e) * L_adv,  L_adv = -tau_a^2 mean_i m_i KL(p_T^tau_a(x_i) || p_S^tau_a(x_i))
 
