@@ -91,7 +91,8 @@ class RunConfig:
     # generator updates per round (best iterate kept), latents optimised per round when latent-lr > 0,
     # re-initialised every `generator-reset` rounds (0 = never), images shifted by up to
     # `synthesis-shift` pixels before the teachers see them, a mode-seeking diversity term weighted by
-    # `synthesis-diversity`.
+    # `synthesis-diversity`; `synthesis-forward-batches` more batches per round drawn from the updated
+    # generator and answered by a Forward alone (half a round batch's query cost).
     latent_dim: int = field(default=64, metadata=_range(1, None))
     generator_width: int = field(default=16, metadata=_range(1, None))
     generator_lr: float = field(default=1e-2, metadata=_range(0.0, None, open_low=True))
@@ -101,6 +102,7 @@ class RunConfig:
     generator_reset: int = field(default=0, metadata=_range(0, None))
     synthesis_shift: int = field(default=2, metadata=_range(0, 8))
     synthesis_diversity: float = field(default=20.0, metadata=_range(0.0, None))
+    synthesis_forward_batches: int = field(default=0, metadata=_range(0, None))
 
     # The synthetic pool (fedkd/synthetic_pool.py) and the query budget, in query samples as the
     # coordinator counts them (every sample of every Forward and Backward, summed over teachers);

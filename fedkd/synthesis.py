@@ -150,6 +150,20 @@ class Synthesizer:
         return best
 
     @torch.no_grad()
+    def draw(self, answer: Callable[[Tensor], Tensor]) -> SyntheticBatch:
+        """A batch from the generator as it is (no update): answered by one Forward, no Backward.
+
+        Half the query cost of a round's batch: ``synthesis-forward-batches`` adds such batches to
+        the pool after each round.
+        """
+        s = self.settings
+        self.generator.train()  # the same batch statistics the round's batches were made with
+        z = self.generator.sample_latent(s.batch_size, self.device)
+        targets = balanced_targets(s.batch_size, self.num_classes, self.device)
+        images = random_shift(self.generate(z, targets), s.shift)
+        return SyntheticBatch(images, answer(self.spec.normalize(images)), targets, {})
+
+    @torch.no_grad()
     def samples(self, z: Tensor) -> Tensor:
         """Images for fixed latents, one per class in turn, (N, C, H, W) in [0, 1] (for the sample grid)."""
         self.generator.eval()

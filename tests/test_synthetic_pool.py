@@ -162,3 +162,14 @@ def test_query_budget_counts_from_its_opening_and_refuses_a_round_that_would_ove
     assert budget.spent == 40 and budget.last_cost == 40
     assert budget.allows(10) and not budget.allows(70)  # the last round's cost is the estimate's floor
     assert QueryBudget(ensemble, limit=0).allows(10**12)
+
+
+def test_a_drawn_batch_costs_one_forward_and_its_answers_fit_its_images():
+    ensemble = _ensemble(2)
+    synth = Synthesizer(SPEC, SynthesisSettings(batch_size=12, latent_dim=8, width=4, lr=0.05, shift=1),
+                        torch.device("cpu"))
+    batch = synth.draw(lambda x: ensemble(x, CurriculumState()).logits)
+    assert [s.forward_calls for s in ensemble.pool.stats()] == [1, 1]
+    assert [s.backward_calls for s in ensemble.pool.stats()] == [0, 0]
+    assert sum(s.samples for s in ensemble.pool.stats()) == 12 * 2
+    torch.testing.assert_close(batch.answers, ensemble(SPEC.normalize(batch.images), CurriculumState()).logits)

@@ -78,7 +78,11 @@ class QueryBudget:
 
     def allows(self, estimate: int) -> bool:
         """Whether a round estimated to cost ``estimate`` samples (or what the last one cost) fits."""
-        return self.limit == 0 or self.spent + max(estimate, self.last_cost) <= self.limit
+        return self.fits(max(estimate, self.last_cost))
+
+    def fits(self, cost: int) -> bool:
+        """Whether ``cost`` more query samples fit in the budget."""
+        return self.limit == 0 or self.spent + cost <= self.limit
 
     def charge(self, before: int) -> None:
         """Record what the round that began at ``spent == before`` cost."""

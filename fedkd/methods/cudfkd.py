@@ -157,6 +157,12 @@ class CuDFKD:
         batch = self.synthesizer.round(self.generator_loss(epoch))
         self.budget.charge(before)
         self.pool.add(batch.images, batch.answers, batch.targets)
+        state = self.curriculum_state(epoch)
+        for _ in range(self.config.synthesis_forward_batches):
+            if not self.budget.fits(self.config.batch_size * len(self.ensemble)):
+                break
+            extra = self.synthesizer.draw(lambda x: self.ensemble(x, state).logits)
+            self.pool.add(extra.images, extra.answers, extra.targets)
         return batch.terms
 
     def student_step(self) -> dict[str, float]:
