@@ -123,7 +123,8 @@ def get_aggregator(name: str) -> Aggregator:
     return AGGREGATORS[name]
 
 
-def resolve_aggregator(name: str, counts: Sequence[LabelCounts], clients: Sequence[int] | None = None) -> Aggregator:
+def resolve_aggregator(name: str, counts: Sequence[LabelCounts],
+                       clients: Sequence[int] | None = None) -> Aggregator:
     """Resolve ``auto`` and check that a counts-based aggregator has counts to work with.
 
     Raises ValueError naming the clients when none of them shares its label counts.
@@ -132,7 +133,7 @@ def resolve_aggregator(name: str, counts: Sequence[LabelCounts], clients: Sequen
         return AGGREGATORS["class-weighted" if any(c is not None for c in counts) else "prob-mean"]
     aggregator = get_aggregator(name)
     if aggregator.needs_counts and all(c is None for c in counts):
+        names = ", ".join(str(k) for k in (clients or range(len(counts))))
         raise ValueError(f"ensemble={name} needs the label counts of the clients, and none of them shares them "
-                         f"(clients {', '.join(str(k) for k in (clients or range(len(counts))))} declined or use DP); use "
-                         "ensemble=prob-mean or ensemble=auto")
+                         f"(clients {names} declined or use DP); use ensemble=prob-mean or ensemble=auto")
     return aggregator

@@ -27,6 +27,7 @@ from fedkd.aggregation import Aggregator, class_weights, resolve_aggregator
 from fedkd.pool import TeacherPool
 from fedkd.teacher import CurriculumState
 
+
 @dataclass
 class EnsembleOutput:
     logits: Tensor  # (B, C)

@@ -105,7 +105,9 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
     q = summary["queries"]
     table.caption = (f"accuracy over epochs: mean {100 * s['accuracy_mean']:.2f} %, variance "
                      f"{1e4 * s['accuracy_var']:.2f} %^2 | queries: {q['samples']:,} samples, "
-                     f"{q['bytes'] / 1e6:,.1f} MB | wall {summary['wall_seconds']:.0f} s | run directory: {run_dir}")
+                     f"{q['bytes'] / 1e6:,.1f} MB" + (f" (budget {q['budget']:,})" if q.get("budget") else "")
+                     + f" | synthetic pool: {summary['pool']['samples'] or 0:,} samples | wall "
+                     f"{summary['wall_seconds']:.0f} s | run directory: {run_dir}")
     return table
 
 

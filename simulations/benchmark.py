@@ -79,7 +79,8 @@ def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     summary = run_experiment(config, out, observer=_Quiet())
     best = max(t["test_accuracy"] for t in summary["teachers"])
-    return {"seed": seed, "student": summary["student"]["test_accuracy"], "ensemble": summary["ensemble"]["test_accuracy"],
+    return {"seed": seed, "student": summary["student"]["test_accuracy"],
+            "ensemble": summary["ensemble"]["test_accuracy"],
             "best_teacher": best, "agreement": summary["student"]["agreement"],
             "query_samples": summary["queries"]["samples"], "wall_seconds": summary["wall_seconds"],
             "admitted": [json.loads(line).get("admitted") for line in (out / "metrics.jsonl").read_text().splitlines()],
