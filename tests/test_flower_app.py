@@ -197,3 +197,18 @@ def test_node_files_are_checked(tmp_path: Path) -> None:
         load_node_file(tmp_path / "bad.npz", spec)
     with pytest.raises(NodeConfigError, match="num-clients=5"):
         node_data(RunConfig(dataset="digits"), {"partition-id": 0, "num-partitions": 3})
+
+
+def test_namespaced_keys_reach_the_server_app_through_flowers_own_run_config_parsing() -> None:
+    from flwr.common.config import fuse_dicts, parse_config_args
+
+    from server.simulate import run_config_arg
+
+    changes = {"epochs": "3", "cudfkd.weight-bn": "5", "cudfkd": {"adv-mask": "none"}, "ensemble": "prob-mean"}
+    config = config_from_mapping(changes)
+    overrides = parse_config_args([run_config_arg(changes, config)], flatten=False)  # as `flwr run --run-config`
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    fused = flatten_dict(fuse_dicts(defaults, overrides))  # what the ServerApp's context.run_config holds
+    assert fused["cudfkd.weight-bn"] == 5.0 and fused["cudfkd.adv-mask"] == "none"
+    assert config_from_run_config(fused) == config
+    assert (config.options.weight_bn, config.options.adv_mask, config.epochs) == (5.0, "none", 3)
