@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,31 +41,29 @@ def bounded(low: float | None = None, high: float | None = None, *, open_low: bo
     return {"low": low, "high": high, "open_low": open_low}
 
 
-_choice, _range = choice, bounded
-
 
 @dataclass(frozen=True)
 class RunConfig:
     """Every setting of a fedkd run. Field metadata holds the validation rules."""
 
     # Data and federation
-    dataset: str = field(default="mnist5k", metadata=_choice(
+    dataset: str = field(default="mnist5k", metadata=choice(
         "mnist5k", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn"))
     data_root: str = "data"
-    num_clients: int = field(default=5, metadata=_range(1, 1000))
-    partition: str = field(default="dirichlet", metadata=_choice("iid", "dirichlet", "pathological"))
-    alpha: float = field(default=0.5, metadata=_range(0.0, None, open_low=True))
-    classes_per_client: int = field(default=2, metadata=_range(1, None))
-    min_partition_size: int = field(default=10, metadata=_range(1, None))
-    seed: int = field(default=0, metadata=_range(0, None))
+    num_clients: int = field(default=5, metadata=bounded(1, 1000))
+    partition: str = field(default="dirichlet", metadata=choice("iid", "dirichlet", "pathological"))
+    alpha: float = field(default=0.5, metadata=bounded(0.0, None, open_low=True))
+    classes_per_client: int = field(default=2, metadata=bounded(1, None))
+    min_partition_size: int = field(default=10, metadata=bounded(1, None))
+    seed: int = field(default=0, metadata=bounded(0, None))
 
     # Teachers (trained by each client on its own partition only)
     teacher_model: str = "lenet5"
-    teacher_epochs: int = field(default=40, metadata=_range(0, None))
-    teacher_lr: float = field(default=1e-3, metadata=_range(0.0, None, open_low=True))
-    teacher_batch_size: int = field(default=64, metadata=_range(1, None))
-    teacher_label_smoothing: float = field(default=0.1, metadata=_range(0.0, 1.0))
-    max_query_batch: int = field(default=1024, metadata=_range(1, None))
+    teacher_epochs: int = field(default=40, metadata=bounded(0, None))
+    teacher_lr: float = field(default=1e-3, metadata=bounded(0.0, None, open_low=True))
+    teacher_batch_size: int = field(default=64, metadata=bounded(1, None))
+    teacher_label_smoothing: float = field(default=0.1, metadata=bounded(0.0, 1.0))
+    max_query_batch: int = field(default=1024, metadata=bounded(1, None))
 
     # Student and generator. Defaults are tuned for the main job on a 2-core CPU
     # (MNIST-5k; see the README's Results): a small generator, a faster generator
@@ -73,17 +71,17 @@ class RunConfig:
     # scripts (generator width 64, lr 1e-3, weight-bn 1), which --set restores.
     student_model: str = "lenet5-half"
     method: str = "cudfkd"
-    epochs: int = field(default=10, metadata=_range(1, None))
-    steps_per_epoch: int = field(default=20, metadata=_range(1, None))  # synthesis rounds per epoch
-    student_steps: int = field(default=20, metadata=_range(0, None))  # student steps (pool batches) per round
-    batch_size: int = field(default=128, metadata=_range(2, None))
-    student_lr: float = field(default=0.1, metadata=_range(0.0, None, open_low=True))
-    student_momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    student_weight_decay: float = field(default=1e-4, metadata=_range(0.0, None))
-    student_loss: str = field(default="kl", metadata=_choice("l1", "kl"))
-    student_shift: int = field(default=0, metadata=_range(0, 8))  # pixels a pool image may move in a student step
-    temperature: float = field(default=4.0, metadata=_range(0.0, None, open_low=True))
-    ensemble: str = field(default="auto", metadata=_choice(*ENSEMBLE_CHOICES))
+    epochs: int = field(default=10, metadata=bounded(1, None))
+    steps_per_epoch: int = field(default=20, metadata=bounded(1, None))  # synthesis rounds per epoch
+    student_steps: int = field(default=20, metadata=bounded(0, None))  # student steps (pool batches) per round
+    batch_size: int = field(default=128, metadata=bounded(2, None))
+    student_lr: float = field(default=0.1, metadata=bounded(0.0, None, open_low=True))
+    student_momentum: float = field(default=0.9, metadata=bounded(0.0, 1.0))
+    student_weight_decay: float = field(default=1e-4, metadata=bounded(0.0, None))
+    student_loss: str = field(default="kl", metadata=choice("l1", "kl"))
+    student_shift: int = field(default=0, metadata=bounded(0, 8))  # pixels a pool image may move in a student step
+    temperature: float = field(default=4.0, metadata=bounded(0.0, None, open_low=True))
+    ensemble: str = field(default="auto", metadata=choice(*ENSEMBLE_CHOICES))
     share_label_counts: bool = True
 
     # The shared synthesizer (fedkd/synthesis.py): the generator (class-conditional with
@@ -93,70 +91,64 @@ class RunConfig:
     # `synthesis-shift` pixels before the teachers see them, a mode-seeking diversity term weighted by
     # `synthesis-diversity`; `synthesis-forward-batches` more batches per round drawn from the updated
     # generator and answered by a Forward alone (half a round batch's query cost).
-    latent_dim: int = field(default=64, metadata=_range(1, None))
-    generator_width: int = field(default=16, metadata=_range(1, None))
-    generator_lr: float = field(default=1e-2, metadata=_range(0.0, None, open_low=True))
+    latent_dim: int = field(default=64, metadata=bounded(1, None))
+    generator_width: int = field(default=16, metadata=bounded(1, None))
+    generator_lr: float = field(default=1e-2, metadata=bounded(0.0, None, open_low=True))
     conditional_generator: bool = False
-    synthesis_steps: int = field(default=1, metadata=_range(1, None))
-    latent_lr: float = field(default=0.0, metadata=_range(0.0, None))
-    generator_reset: int = field(default=0, metadata=_range(0, None))
-    synthesis_shift: int = field(default=2, metadata=_range(0, 8))
-    synthesis_diversity: float = field(default=20.0, metadata=_range(0.0, None))
-    synthesis_forward_batches: int = field(default=0, metadata=_range(0, None))
+    synthesis_steps: int = field(default=1, metadata=bounded(1, None))
+    latent_lr: float = field(default=0.0, metadata=bounded(0.0, None))
+    generator_reset: int = field(default=0, metadata=bounded(0, None))
+    synthesis_shift: int = field(default=2, metadata=bounded(0, 8))
+    synthesis_diversity: float = field(default=20.0, metadata=bounded(0.0, None))
+    synthesis_forward_batches: int = field(default=0, metadata=bounded(0, None))
 
     # The synthetic pool (fedkd/synthetic_pool.py) and the query budget, in query samples as the
     # coordinator counts them (every sample of every Forward and Backward, summed over teachers);
     # 0 = no budget. When spent, synthesis stops and the student keeps training on the pool.
-    pool_size: int = field(default=50_000, metadata=_range(1, None))
-    query_budget: int = field(default=0, metadata=_range(0, None))
+    pool_size: int = field(default=50_000, metadata=bounded(1, None))
+    query_budget: int = field(default=0, metadata=bounded(0, None))
 
     # The selected method's options (a frozen dataclass registered with the method; keys `METHOD.KEY`).
     options: Any = field(default=None, compare=True)
 
     # Transport of the queries (design.md, "Transports"). inprocess: teacher hosts called
     # directly; grpc: a hub on loopback and one teacher agent process per client, TLS + tokens.
-    transport: str = field(default="inprocess", metadata=_choice("inprocess", "grpc"))
-    quorum: int = field(default=0, metadata=_range(0, None))  # teachers that must answer; 0 = a majority
-    query_timeout: float = field(default=60.0, metadata=_range(0.0, None, open_low=True))  # seconds per query
-    rejoin_timeout: float = field(default=120.0, metadata=_range(0.0, None))  # seconds to wait below quorum
-    max_message_mb: float = field(default=64.0, metadata=_range(0.0, None, open_low=True))  # per gRPC message
+    transport: str = field(default="inprocess", metadata=choice("inprocess", "grpc"))
+    quorum: int = field(default=0, metadata=bounded(0, None))  # teachers that must answer; 0 = a majority
+    query_timeout: float = field(default=60.0, metadata=bounded(0.0, None, open_low=True))  # seconds per query
+    rejoin_timeout: float = field(default=120.0, metadata=bounded(0.0, None))  # seconds to wait below quorum
+    max_message_mb: float = field(default=64.0, metadata=bounded(0.0, None, open_low=True))  # per gRPC message
 
     # Differential privacy of the teachers (privacy-notes.md). dp-sgd: each client trains its teacher
     # with Opacus DP-SGD (Poisson sampling, PRV accountant) to dp-epsilon at dp-delta (0 = 1 / (10 n) of
     # the client's n records); every answer is then post-processing. Metrics a client releases about its
     # held-out data (federated evaluation) are Gaussian-noised counts accounted at dp-eval-epsilon each.
-    teacher_dp: str = field(default="none", metadata=_choice("none", "dp-sgd"))
-    dp_epsilon: float = field(default=8.0, metadata=_range(0.0, None, open_low=True))
-    dp_delta: float = field(default=0.0, metadata=_range(0.0, 0.1))
-    dp_max_grad_norm: float = field(default=1.0, metadata=_range(0.0, None, open_low=True))
-    dp_eval_epsilon: float = field(default=1.0, metadata=_range(0.0, None, open_low=True))
+    teacher_dp: str = field(default="none", metadata=choice("none", "dp-sgd"))
+    dp_epsilon: float = field(default=8.0, metadata=bounded(0.0, None, open_low=True))
+    dp_delta: float = field(default=0.0, metadata=bounded(0.0, 0.1))
+    dp_max_grad_norm: float = field(default=1.0, metadata=bounded(0.0, None, open_low=True))
+    dp_eval_epsilon: float = field(default=1.0, metadata=bounded(0.0, None, open_low=True))
 
     # The Flower app only (`flwr run .`; `fedkd run` ignores them). run-dir: where the ServerApp
     # writes run-<run id>/; evaluation: the coordinator's own test set, the clients' held-out data
     # (evaluate messages), or both; hub-host: the name teachers dial to reach the hub (and its
     # certificate's name), hub-port 0 = any free port; timeouts in seconds.
     run_dir: str = "runs/flower"
-    evaluation: str = field(default="both", metadata=_choice("coordinator", "federated", "both"))
+    evaluation: str = field(default="both", metadata=choice("coordinator", "federated", "both"))
     hub_host: str = "127.0.0.1"
-    hub_port: int = field(default=0, metadata=_range(0, 65535))
-    nodes_timeout: float = field(default=120.0, metadata=_range(0.0, None))
-    train_timeout: float = field(default=3600.0, metadata=_range(0.0, None, open_low=True))
+    hub_port: int = field(default=0, metadata=bounded(0, 65535))
+    nodes_timeout: float = field(default=120.0, metadata=bounded(0.0, None))
+    train_timeout: float = field(default=3600.0, metadata=bounded(0.0, None, open_low=True))
 
     # References and housekeeping
     centralised: bool = False
-    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
-    num_threads: int = field(default=0, metadata=_range(0, None))
-    sample_stages: int = field(default=4, metadata=_range(1, 20))
+    device: str = field(default="auto", metadata=choice("auto", "cpu", "cuda"))
+    num_threads: int = field(default=0, metadata=bounded(0, None))
+    sample_stages: int = field(default=4, metadata=bounded(1, 20))
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if f.name != "options":
-                _validate(f, getattr(self, f.name))
-        from fedkd.methods import METHODS  # the registry imports this module: look it up at run time
-
-        if self.method not in METHODS:
-            raise ConfigError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
-        expected = METHODS[self.method].options
+        validate_fields(self)
+        expected = _method_entry(self.method).options
         if self.options is None:
             object.__setattr__(self, "options", expected())
         elif not isinstance(self.options, expected):
@@ -267,26 +259,41 @@ def option_keys(options_type: type, namespace: str) -> list[str]:
     return [f"{namespace}.{_kebab(f.name)}" for f in dataclasses.fields(options_type)]
 
 
-def _options_from_mapping(namespace: str, options_type: type, values: Mapping[str, Any], base: Any) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(options_type)}
+def _method_entry(method: str) -> Any:
+    """The registry entry of ``method``; ConfigError with the valid names otherwise."""
+    from fedkd.methods import METHODS  # the registry imports this module: look it up at run time
+
+    if method not in METHODS:
+        raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def _coerced(values: Mapping[str, Any], fields: Mapping[str, dataclasses.Field[Any]], prefix: str,
+             unknown: Callable[[str], ConfigError]) -> dict[str, Any]:
+    """snake_case field name -> value for kebab-case ``values``, each coerced to its field's type."""
     changes: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        full = f"{namespace}.{key}"
         if name not in fields or "_" in key:
-            raise _unknown_key(full, option_keys(options_type, namespace), f"option of method {namespace!r}")
-        changes[name] = _coerce(full, fields[name], value)
+            raise unknown(prefix + key)
+        changes[name] = _coerce(prefix + key, fields[name], value)
+    return changes
+
+
+def _options_from_mapping(namespace: str, options_type: type, values: Mapping[str, Any], base: Any) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(options_type)}
+    changes = _coerced(values, fields, f"{namespace}.", lambda key: _unknown_key(
+        key, option_keys(options_type, namespace), f"option of method {namespace!r}"))
     try:
-        options = dataclasses.replace(base, **changes)
+        return dataclasses.replace(base, **changes)
     except ConfigError as exc:
         raise ConfigError(f"{namespace}.{exc}") from None
-    return options
 
 
-def validate_options(options: Any) -> None:
-    """Check an options dataclass's values against its field metadata (call from its __post_init__)."""
-    for f in dataclasses.fields(options):
-        _validate(f, getattr(options, f.name))
+def validate_fields(obj: Any) -> None:
+    """Check a config dataclass's values against its field metadata (options call it from __post_init__)."""
+    for f in dataclasses.fields(obj):
+        _validate(f, getattr(obj, f.name))
 
 
 def split_namespaced(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -315,16 +322,10 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
 
     base = base or RunConfig()
     flat, namespaced = split_namespaced(values)
-    changes: dict[str, Any] = {}
-    for key, value in flat.items():
-        name = key.replace("-", "_")
-        if name not in _FIELDS or "_" in key:
-            known = [_kebab(n) for n in _FIELDS] + [k for m in METHODS.values() for k in option_keys(m.options, m.name)]
-            raise _unknown_key(key, known)
-        changes[name] = _coerce(key, _FIELDS[name], value)
+    known = [_kebab(n) for n in _FIELDS] + [k for m in METHODS.values() for k in option_keys(m.options, m.name)]
+    changes = _coerced(flat, _FIELDS, "", lambda key: _unknown_key(key, known))
     method = changes.get("method", base.method)
-    if method not in METHODS:
-        raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    entry = _method_entry(method)
     for namespace, options in namespaced.items():
         if namespace == method:
             continue
@@ -332,16 +333,16 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
             first = f"{namespace}.{next(iter(options), '')}"
             raise ConfigError(f"unknown config key {first!r}: {namespace!r} is not a method; method options are "
                               f"namespaced by method ({', '.join(METHODS)})")
-        defaults = _options_from_mapping(namespace, METHODS[namespace].options, options, METHODS[namespace].options())
-        if ignore_unselected_defaults and defaults == METHODS[namespace].options():
+        unselected = METHODS[namespace].options()
+        given = _options_from_mapping(namespace, type(unselected), options, unselected)
+        if ignore_unselected_defaults and given == unselected:
             continue
         keys = ", ".join(f"{namespace}.{k}" for k in options)
         raise ConfigError(f"{keys}: option of method {namespace!r}, but method={method}; drop it or set "
                           f"method={namespace} (valid keys of {method}: "
-                          f"{', '.join(option_keys(METHODS[method].options, method))})")
-    options_type = METHODS[method].options
-    base_options = base.options if base.method == method else options_type()
-    changes["options"] = _options_from_mapping(method, options_type, namespaced.get(method, {}), base_options)
+                          f"{', '.join(option_keys(entry.options, method))})")
+    base_options = base.options if base.method == method else entry.options()
+    changes["options"] = _options_from_mapping(method, entry.options, namespaced.get(method, {}), base_options)
     changes["method"] = method
     return dataclasses.replace(base, **changes)
 

@@ -102,10 +102,11 @@ class Ensemble:
         return self.aggregator.name
 
     @property
-    def sharing_counts(self) -> list[int]:
-        """The clients whose label counts the ensemble uses."""
-        return [d.client for d in self.descriptions if d.label_counts is not None] if self.aggregator.needs_counts \
-            else []
+    def label_counts_from(self) -> list[int] | None:
+        """The clients whose label counts the ensemble uses; None when its aggregator uses none."""
+        if not self.aggregator.needs_counts:
+            return None
+        return [d.client for d in self.descriptions if d.label_counts is not None]
 
     def __len__(self) -> int:
         return len(self.descriptions)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -98,8 +99,6 @@ def available_memory() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
@@ -440,7 +439,7 @@ def _summary(config: RunConfig, test: ImageData | None, pool: TeacherPool, ensem
         "ensemble": {"aggregation": ensemble.aggregation, "requested": config.ensemble,
                      "test_accuracy": ensemble_accuracy,
                      # a release by the clients (their label histograms), visible here; None = not used
-                     "label_counts_from": ensemble.sharing_counts if ensemble.aggregator.needs_counts else None},
+                     "label_counts_from": ensemble.label_counts_from},
         "student": student,
         "references": references,
         "transport": config.transport,

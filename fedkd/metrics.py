@@ -59,3 +59,19 @@ def query_ensemble(ensemble: Ensemble, inputs: Tensor, *, batch_size: int) -> En
     outs = [ensemble(inputs[i:i + batch_size], state, require_all=True) for i in range(0, len(inputs), batch_size)]
     members = [torch.cat([o.member_logits[k] for o in outs]) for k in range(len(ensemble))]
     return EnsembleAnswers(torch.cat([o.logits for o in outs]), members)
+
+
+class MetricAverager:
+    """Running means of named scalars over an epoch (each key averaged over the records that have it)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, record: dict[str, float]) -> None:
+        for key, value in record.items():
+            self.totals[key] = self.totals.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.totals[k] / self.counts[k] for k in self.totals}

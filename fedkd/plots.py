@@ -13,13 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 
-def plot_accuracy(history: Sequence[dict[str, Any]], ensemble: float, best_teacher: float, path: Path) -> None:
-    epochs = [h["epoch"] + 1 for h in history]
+def _student_accuracy(x: Sequence[float], history: Sequence[dict[str, Any]], xlabel: str,
+                      lines: Sequence[tuple[float, str, str, str]], path: Path) -> None:
+    """Student accuracy against ``x``, with horizontal reference lines (value, label, colour, style)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [h["student_accuracy"] for h in history], marker="o", label="student")
-    ax.axhline(ensemble, color="tab:green", linestyle="--", label=f"ensemble ({ensemble:.3f})")
-    ax.axhline(best_teacher, color="tab:red", linestyle=":", label=f"best teacher ({best_teacher:.3f})")
-    ax.set_xlabel("epoch")
+    ax.plot(x, [h["student_accuracy"] for h in history], marker="o", label="student")
+    for value, label, color, style in lines:
+        ax.axhline(value, color=color, linestyle=style, label=f"{label} ({value:.3f})")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -27,6 +28,11 @@ def plot_accuracy(history: Sequence[dict[str, Any]], ensemble: float, best_teach
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_accuracy(history: Sequence[dict[str, Any]], ensemble: float, best_teacher: float, path: Path) -> None:
+    _student_accuracy([h["epoch"] + 1 for h in history], history, "epoch",
+                      [(ensemble, "ensemble", "tab:green", "--"), (best_teacher, "best teacher", "tab:red", ":")], path)
 
 
 CURRICULUM_PANELS = (
@@ -60,18 +66,8 @@ def plot_curriculum(history: Sequence[dict[str, Any]], path: Path) -> None:
 
 def plot_queries(history: Sequence[dict[str, Any]], ensemble: float, path: Path) -> None:
     """Student accuracy against the query samples spent so far (after each epoch)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([h["query_samples"] / 1e3 for h in history], [h["student_accuracy"] for h in history], marker="o",
-            label="student")
-    ax.axhline(ensemble, color="tab:green", linestyle="--", label=f"ensemble ({ensemble:.3f})")
-    ax.set_xlabel("query samples (thousands, all teachers)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _student_accuracy([h["query_samples"] / 1e3 for h in history], history, "query samples (thousands, all teachers)",
+                      [(ensemble, "ensemble", "tab:green", "--")], path)
 
 
 def plot_samples(stages: Sequence[tuple[int, Tensor]], path: Path) -> None:

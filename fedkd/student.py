@@ -74,18 +74,3 @@ class StudentTrainer:
         self.schedule.load_state_dict(state["schedule"])
         self.steps = int(state["steps"])
 
-
-class MetricAverager:
-    """Running means of named scalars over an epoch (each key averaged over the records that have it)."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, record: dict[str, float]) -> None:
-        for key, value in record.items():
-            self.totals[key] = self.totals.get(key, 0.0) + float(value)
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def means(self) -> dict[str, float]:
-        return {k: self.totals[k] / self.counts[k] for k in self.totals}

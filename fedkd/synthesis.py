@@ -106,18 +106,23 @@ class Synthesizer:
         """Quantised images in [0, 1] for latents and targets (gradients pass straight through)."""
         return quantise(self.generator(z, targets if self.settings.conditional else None))
 
+    def _latents_and_targets(self, paired: bool) -> tuple[Tensor, Tensor]:
+        """Fresh latents (B, latent_dim) and balanced targets (B,); ``paired``: the two halves ask for the
+        same classes (the mode-seeking term compares them)."""
+        b, c = self.settings.batch_size, self.num_classes
+        z = self.generator.sample_latent(b, self.device)
+        if not paired:
+            return z, balanced_targets(b, c, self.device)
+        half = balanced_targets(b // 2, c, self.device)
+        return z, torch.cat([half, half, balanced_targets(b % 2, c, self.device)])
+
     def round(self, loss_fn: SynthesisLoss) -> SyntheticBatch:
         """One synthesis round; returns the best iterate's batch, answered, for the pool."""
         s = self.settings
         if s.reset_every and self.rounds and self.rounds % s.reset_every == 0:
             self._build()
         self.generator.train()
-        z = self.generator.sample_latent(s.batch_size, self.device)
-        if s.diversity > 0:  # two halves asking for the same classes with different latents
-            half = balanced_targets(s.batch_size // 2, self.num_classes, self.device)
-            targets = torch.cat([half, half, balanced_targets(s.batch_size % 2, self.num_classes, self.device)])
-        else:
-            targets = balanced_targets(s.batch_size, self.num_classes, self.device)
+        z, targets = self._latents_and_targets(paired=s.diversity > 0)
         params = list(self.generator.parameters())
         latent_opt = None
         if s.latent_lr > 0:
@@ -156,11 +161,9 @@ class Synthesizer:
         Half the query cost of a round's batch: ``synthesis-forward-batches`` adds such batches to
         the pool after each round.
         """
-        s = self.settings
         self.generator.train()  # the same batch statistics the round's batches were made with
-        z = self.generator.sample_latent(s.batch_size, self.device)
-        targets = balanced_targets(s.batch_size, self.num_classes, self.device)
-        images = random_shift(self.generate(z, targets), s.shift)
+        z, targets = self._latents_and_targets(paired=False)
+        images = random_shift(self.generate(z, targets), self.settings.shift)
         return SyntheticBatch(images, answer(self.spec.normalize(images)), targets, {})
 
     @torch.no_grad()

@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedkd.config import RunConfig, bounded, choice, validate_options
+from fedkd.config import RunConfig, bounded, choice, validate_fields
 from fedkd.curriculum import REGULARISERS, Curriculum
 from fedkd.losses import class_balance_entropy, kl_per_sample, onehot_loss
 from fedkd.methods.base import MethodContext, QueryBudget
-from fedkd.student import MetricAverager, StudentSettings, StudentTrainer
-from fedkd.synthesis import SynthesisSettings, Synthesizer
+from fedkd.metrics import MetricAverager
+from fedkd.student import StudentSettings, StudentTrainer
+from fedkd.synthesis import SynthesisLoss, SynthesisSettings, Synthesizer
 from fedkd.synthetic_pool import SyntheticPool
 from fedkd.teacher import CurriculumState
 
@@ -66,7 +67,7 @@ class CuDFKDOptions:
     lambda_growth: float | None = None
 
     def __post_init__(self) -> None:
-        validate_options(self)
+        validate_fields(self)
 
 
 def synthesis_settings(config: RunConfig) -> SynthesisSettings:
@@ -125,8 +126,8 @@ class CuDFKD:
 
     # Training ---------------------------------------------------------------------
 
-    def generator_loss(self, epoch: int) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]]:
-        opts, state = self.options, self.curriculum_state(epoch)
+    def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
+        opts = self.options
 
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
             out = self.ensemble(x, state, bn_loss=self.use_bn)
@@ -153,11 +154,11 @@ class CuDFKD:
         estimate = self.config.synthesis_steps * self.config.batch_size * 2 * len(self.ensemble)
         if not self.budget.allows(estimate):
             return None
+        state = self.curriculum_state(epoch)  # the student does not step during a round: one state serves it
         before = self.budget.spent
-        batch = self.synthesizer.round(self.generator_loss(epoch))
+        batch = self.synthesizer.round(self.generator_loss(state))
         self.budget.charge(before)
         self.pool.add(batch.images, batch.answers, batch.targets)
-        state = self.curriculum_state(epoch)
         for _ in range(self.config.synthesis_forward_batches):
             if not self.budget.fits(self.config.batch_size * len(self.ensemble)):
                 break
