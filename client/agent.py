@@ -48,6 +48,40 @@ class AgentError(RuntimeError):
     """The agent cannot serve: the hub refused it, or it could not reach the hub in time."""
 
 
+class SessionAborted(AgentError):
+    """The coordinator stopped the run on an error and said so; ``released`` is what this teacher released."""
+
+    def __init__(self, reason: str, released: dict[str, int]) -> None:
+        super().__init__(f"the coordinator ended the session early: {reason}")
+        self.reason = reason
+        self.released = released
+
+
+# A plaintext agent whose connection a hub closes during set-up this many times in a row is talking to a TLS hub.
+PLAINTEXT_CLOSES = 3
+
+
+def certificate_failure(details: str, settings: AgentSettings) -> str | None:
+    """What a connection error says about the certificates, when it is one a retry cannot fix (else None)."""
+    where = f"the hub at {settings.target}"
+    if "WRONG_VERSION_NUMBER" in details:
+        return f"{where} does not speak TLS (its answer is not a TLS handshake); is it a plaintext hub (--insecure)?"
+    if "Hostname Verification" in details or "Peer name" in details:
+        name = settings.server_name or settings.target.rsplit(":", 1)[0]
+        return (f"{where} presented a certificate that is not valid for the name {name!r}; connect by a name its "
+                "certificate lists (fedkd distill --hosts adds names), or pass --server-name")
+    if "handshake failed" not in details.lower():
+        return None
+    why = details.split("OPENSSL_internal:", 1)[-1].split(": OK")[0].strip() if "OPENSSL_internal:" in details \
+        else "TLS handshake failed"
+    if "ALERT" in why:  # the hub's side of the handshake refused ours: our client certificate
+        return (f"{where} refused this agent's client certificate during the TLS handshake ({why}); give --cert and "
+                "--key signed by the CA the hub trusts (its --client-ca)")
+    ca = "the CA given with --ca" if settings.tls and settings.tls.root_certificates else "the system's CAs (no --ca)"
+    return (f"{where} presented a certificate that does not verify against {ca} ({why}); give --ca with the CA "
+            "that signed the hub's certificate (fedkd distill prints it)")
+
+
 @dataclass(frozen=True)
 class ClientTLS:
     """PEM bytes: the CA that signed the hub's certificate; a certificate and key for mutual TLS."""
@@ -82,6 +116,7 @@ class TeacherAgent:
         self.settings = settings
         self.sessions = 0  # sessions the hub welcomed (1 + reconnections)
         self.welcome: pb.Welcome | None = None
+        self.goodbye: pb.Goodbye | None = None  # the hub's last word, once it has said it
         self._stop = threading.Event()
         self._call: Any = None
         shape = host.description.input_shape
@@ -95,17 +130,27 @@ class TeacherAgent:
         s = self.settings
         backoff = s.initial_backoff
         last_ok = time.monotonic()
+        closed_in_setup = 0
         while not self._stop.is_set():
             try:
                 if self._session():
+                    if self.goodbye is not None and self.goodbye.aborted:
+                        raise SessionAborted(self.goodbye.reason, self.host.stats.as_dict())
                     return self.host.stats.as_dict()
                 reason = "the hub closed the stream"
             except grpc.RpcError as exc:
-                code = exc.code()
+                code, details = exc.code(), str(exc.details())
                 if code in FATAL:
-                    raise AgentError(f"the hub at {s.target} refused this teacher: {code.name}: "
-                                     f"{exc.details()}") from None
-                reason = f"{code.name}: {exc.details()}"
+                    raise AgentError(f"the hub at {s.target} refused this teacher: {code.name}: {details}") from None
+                failure = certificate_failure(details, s)
+                if failure is not None:  # a certificate does not change between attempts: fail fast
+                    raise AgentError(failure) from None
+                reason = f"{code.name}: {details}"
+                closed_in_setup = closed_in_setup + 1 if s.tls is None and "Socket closed" in details else 0
+                if closed_in_setup >= PLAINTEXT_CLOSES:
+                    raise AgentError(f"the hub at {s.target} closed the connection during set-up {closed_in_setup} "
+                                     "times in a row; it expects TLS and this agent runs plaintext (--insecure): "
+                                     "drop --insecure and give --ca") from None
             if self.welcome is not None:  # the last attempt got a session: start the backoff afresh
                 backoff, last_ok, self.welcome = s.initial_backoff, time.monotonic(), None
             if self._stop.is_set():
@@ -177,7 +222,9 @@ class TeacherAgent:
                         outbox.put(pb.AgentMessage(id=msg.id, spent=self._spent()))
                         outbox.put(None)
                         goodbye = True
-                        logger.info("the hub ended the session: %s", msg.goodbye.reason)
+                        self.goodbye = msg.goodbye
+                        log = logger.warning if msg.goodbye.aborted else logger.info
+                        log("the hub ended the session: %s", msg.goodbye.reason)
                     elif goodbye:
                         continue
                     else:

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
+from client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
 from fedkd.checkpoint import CheckpointError, load_teacher
 from fedkd.codec import MiB
 from fedkd.teacher import ACCESS_MODES, TeacherHost, describe_checkpoint
+from fedkd.tls import read_certificates, read_private_key
 
 
 def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
@@ -86,8 +87,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"token file {args.token_file!r} is empty")
     if token is None and not args.cert:
         raise ValueError("give --token-file (or --cert/--key for mutual TLS)")
-    tls = None if args.insecure else ClientTLS(_read(args.ca, "CA certificate"), _read(args.cert, "certificate"),
-                                               _read(args.key, "key"))
+    tls = None if args.insecure else ClientTLS(
+        read_certificates(args.ca, "CA certificate (--ca)") if args.ca else None,
+        read_certificates(args.cert, "certificate (--cert)") if args.cert else None,
+        read_private_key(args.key, "key (--key)") if args.key else None)
     host = host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=args.access.split(","),
                                 share_label_counts=not args.no_label_counts, device=args.device)
     settings = AgentSettings(target=args.connect, token=token, tls=tls, session=args.session, name=args.name,
@@ -111,6 +114,10 @@ def command(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         spent = run(args)
+    except SessionAborted as exc:
+        print(f"fedkd teacher: {exc}", file=sys.stderr)
+        print(json.dumps({"released": exc.released, "aborted": exc.reason}), flush=True)
+        return 1
     except (AgentError, CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"fedkd teacher: error: {exc}", file=sys.stderr)
         return 2

@@ -119,6 +119,13 @@ def encode_privacy(privacy: Mapping[str, float | str] | None) -> pb.PrivacyStatu
 
 
 def decode_privacy(msg: pb.PrivacyStatus) -> dict[str, float | str] | None:
+    """A client's privacy status; INVALID_ARGUMENT naming the field when a number is not finite or negative."""
+    for name in ("epsilon_budget", "epsilon_spent", "delta"):
+        value = getattr(msg, name)
+        if not math.isfinite(value) or value < 0:
+            raise QueryError("INVALID_ARGUMENT", f"privacy.{name} must be a finite number >= 0, got {value!r}")
+    if msg.delta >= 1:
+        raise QueryError("INVALID_ARGUMENT", f"privacy.delta must be below 1, got {msg.delta!r}")
     if msg.mechanism in ("", "none"):
         return None
     return {"mechanism": msg.mechanism, "epsilon_budget": msg.epsilon_budget, "epsilon_spent": msg.epsilon_spent,
@@ -135,18 +142,31 @@ def encode_description(d: TeacherDescription, *, name: str = "", max_batch: int 
     )
 
 
+# What a description may announce: more would be an error or an attack, not a teacher.
+MAX_CLASSES = 100_000
+MAX_SIDE = 4096
+MAX_NORMALISATION = 1e3
+
+
 def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
     """Validate what an agent announces; raises INVALID_ARGUMENT naming the field."""
     def bad(text: str) -> QueryError:
         return QueryError("INVALID_ARGUMENT", f"description: {text}")
 
-    if msg.num_classes < 2:
-        raise bad(f"num_classes must be at least 2, got {msg.num_classes}")
-    if len(msg.input_shape) != 3 or any(d <= 0 for d in msg.input_shape):
-        raise bad(f"input_shape must be (channels, height, width) with positive sizes, got {tuple(msg.input_shape)}")
+    if not 2 <= msg.num_classes <= MAX_CLASSES:
+        raise bad(f"num_classes must be from 2 to {MAX_CLASSES}, got {msg.num_classes}")
+    if len(msg.input_shape) != 3 or any(not 1 <= d <= MAX_SIDE for d in msg.input_shape):
+        raise bad(f"input_shape must be (channels, height, width) with sizes from 1 to {MAX_SIDE}, got "
+                  f"{tuple(msg.input_shape)}")
     channels = msg.input_shape[0]
-    if len(msg.mean) != channels or len(msg.std) != channels or any(s <= 0 for s in msg.std):
-        raise bad(f"mean and std need one value per channel ({channels}), std positive")
+    if len(msg.mean) != channels or len(msg.std) != channels:
+        raise bad(f"mean and std need one value per channel ({channels}), got {len(msg.mean)} and {len(msg.std)}")
+    if not all(math.isfinite(v) and abs(v) <= MAX_NORMALISATION for v in msg.mean):
+        raise bad(f"mean must be finite numbers within +-{MAX_NORMALISATION:g}, got {list(msg.mean)}")
+    if not all(math.isfinite(v) and 0 < v <= MAX_NORMALISATION for v in msg.std):
+        raise bad(f"std must be finite numbers in (0, {MAX_NORMALISATION:g}], got {list(msg.std)}")
+    if msg.num_samples < 0 or msg.max_batch < 0:
+        raise bad(f"num_samples and max_batch must be >= 0, got {msg.num_samples} and {msg.max_batch}")
     unknown = set(msg.access_modes) - {"gradient", "logits"}
     if unknown or not msg.access_modes:
         raise bad(f"access_modes must be a non-empty subset of logits, gradient; got {list(msg.access_modes)}")
@@ -159,5 +179,14 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         access_modes=tuple(msg.access_modes), has_feature_statistics=bool(msg.has_feature_statistics),
         num_samples=int(msg.num_samples) or None,
         label_counts=tuple(int(c) for c in msg.label_counts) if msg.label_counts else None,
-        privacy=decode_privacy(msg.privacy) if msg.HasField("privacy") else None,
+        privacy=_decode_description_privacy(msg),
     )
+
+
+def _decode_description_privacy(msg: pb.TeacherDescription) -> dict[str, float | str] | None:
+    if not msg.HasField("privacy"):
+        return None
+    try:
+        return decode_privacy(msg.privacy)
+    except QueryError as exc:
+        raise QueryError("INVALID_ARGUMENT", f"description: {exc.message}") from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,19 @@ def bounded(low: float | None = None, high: float | None = None, *, open_low: bo
     return {"low": low, "high": high, "open_low": open_low}
 
 
+# The largest integer a key takes unless its field says otherwise: torch seeds, thread counts and tensor sizes
+# overflow (late, with a traceback) beyond a C int.
+INT_LIMIT = 2**31 - 1
+# Seconds: longer waits overflow the timeouts of threading and gRPC.
+TIMEOUT_LIMIT = 7 * 24 * 3600.0
+BATCH_LIMIT = 65536
+
+
+class CliValue(str):
+    """Text typed on the command line (``--set KEY=VALUE``): converted to the key's type. A string anywhere
+    else (TOML, Flower's run config) must already have the key's type: ``epochs = "5"`` is refused."""
+
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -52,18 +66,18 @@ class RunConfig:
     data_root: str = "data"
     num_clients: int = field(default=5, metadata=bounded(1, 1000))
     partition: str = field(default="dirichlet", metadata=choice("iid", "dirichlet", "pathological"))
-    alpha: float = field(default=0.5, metadata=bounded(0.0, None, open_low=True))
-    classes_per_client: int = field(default=2, metadata=bounded(1, None))
-    min_partition_size: int = field(default=10, metadata=bounded(1, None))
+    alpha: float = field(default=0.5, metadata=bounded(0.0, 1e6, open_low=True))
+    classes_per_client: int = field(default=2, metadata=bounded(1, 1000))
+    min_partition_size: int = field(default=10, metadata=bounded(1, 10**9))
     seed: int = field(default=0, metadata=bounded(0, None))
 
     # Teachers (trained by each client on its own partition only)
     teacher_model: str = "lenet5"
     teacher_epochs: int = field(default=40, metadata=bounded(0, None))
-    teacher_lr: float = field(default=1e-3, metadata=bounded(0.0, None, open_low=True))
-    teacher_batch_size: int = field(default=64, metadata=bounded(1, None))
+    teacher_lr: float = field(default=1e-3, metadata=bounded(0.0, 10.0, open_low=True))
+    teacher_batch_size: int = field(default=64, metadata=bounded(1, BATCH_LIMIT))
     teacher_label_smoothing: float = field(default=0.1, metadata=bounded(0.0, 1.0))
-    max_query_batch: int = field(default=1024, metadata=bounded(1, None))
+    max_query_batch: int = field(default=1024, metadata=bounded(1, BATCH_LIMIT))
 
     # Student and generator. Defaults are tuned for the main job on a 2-core CPU
     # (MNIST-5k; see the README's Results): a small generator, a faster generator
@@ -74,13 +88,13 @@ class RunConfig:
     epochs: int = field(default=10, metadata=bounded(1, None))
     steps_per_epoch: int = field(default=20, metadata=bounded(1, None))  # synthesis rounds per epoch
     student_steps: int = field(default=20, metadata=bounded(0, None))  # student steps (pool batches) per round
-    batch_size: int = field(default=128, metadata=bounded(2, None))
-    student_lr: float = field(default=0.1, metadata=bounded(0.0, None, open_low=True))
+    batch_size: int = field(default=128, metadata=bounded(2, BATCH_LIMIT))
+    student_lr: float = field(default=0.1, metadata=bounded(0.0, 10.0, open_low=True))
     student_momentum: float = field(default=0.9, metadata=bounded(0.0, 1.0))
-    student_weight_decay: float = field(default=1e-4, metadata=bounded(0.0, None))
+    student_weight_decay: float = field(default=1e-4, metadata=bounded(0.0, 1.0))
     student_loss: str = field(default="kl", metadata=choice("l1", "kl"))
     student_shift: int = field(default=0, metadata=bounded(0, 8))  # pixels a pool image may move in a student step
-    temperature: float = field(default=4.0, metadata=bounded(0.0, None, open_low=True))
+    temperature: float = field(default=4.0, metadata=bounded(0.0, 100.0, open_low=True))
     ensemble: str = field(default="auto", metadata=choice(*ENSEMBLE_CHOICES))
     share_label_counts: bool = True
 
@@ -91,22 +105,22 @@ class RunConfig:
     # `synthesis-shift` pixels before the teachers see them, a mode-seeking diversity term weighted by
     # `synthesis-diversity`; `synthesis-forward-batches` more batches per round drawn from the updated
     # generator and answered by a Forward alone (half a round batch's query cost).
-    latent_dim: int = field(default=64, metadata=bounded(1, None))
-    generator_width: int = field(default=16, metadata=bounded(1, None))
-    generator_lr: float = field(default=1e-2, metadata=bounded(0.0, None, open_low=True))
+    latent_dim: int = field(default=64, metadata=bounded(1, 4096))
+    generator_width: int = field(default=16, metadata=bounded(1, 1024))
+    generator_lr: float = field(default=1e-2, metadata=bounded(0.0, 10.0, open_low=True))
     conditional_generator: bool = False
     synthesis_steps: int = field(default=1, metadata=bounded(1, None))
-    latent_lr: float = field(default=0.0, metadata=bounded(0.0, None))
+    latent_lr: float = field(default=0.0, metadata=bounded(0.0, 10.0))
     generator_reset: int = field(default=0, metadata=bounded(0, None))
     synthesis_shift: int = field(default=2, metadata=bounded(0, 8))
-    synthesis_diversity: float = field(default=20.0, metadata=bounded(0.0, None))
+    synthesis_diversity: float = field(default=20.0, metadata=bounded(0.0, 1e6))
     synthesis_forward_batches: int = field(default=0, metadata=bounded(0, None))
 
     # The synthetic pool (fedkd/synthetic_pool.py) and the query budget, in query samples as the
     # coordinator counts them (every sample of every Forward and Backward, summed over teachers);
     # 0 = no budget. When spent, synthesis stops and the student keeps training on the pool.
     pool_size: int = field(default=50_000, metadata=bounded(1, None))
-    query_budget: int = field(default=0, metadata=bounded(0, None))
+    query_budget: int = field(default=0, metadata=bounded(0, 10**15))
 
     # The selected method's options (a frozen dataclass registered with the method; keys `METHOD.KEY`).
     options: Any = field(default=None, compare=True)
@@ -114,20 +128,20 @@ class RunConfig:
     # Transport of the queries (design.md, "Transports"). inprocess: teacher hosts called
     # directly; grpc: a hub on loopback and one teacher agent process per client, TLS + tokens.
     transport: str = field(default="inprocess", metadata=choice("inprocess", "grpc"))
-    quorum: int = field(default=0, metadata=bounded(0, None))  # teachers that must answer; 0 = a majority
-    query_timeout: float = field(default=60.0, metadata=bounded(0.0, None, open_low=True))  # seconds per query
-    rejoin_timeout: float = field(default=120.0, metadata=bounded(0.0, None))  # seconds to wait below quorum
-    max_message_mb: float = field(default=64.0, metadata=bounded(0.0, None, open_low=True))  # per gRPC message
+    quorum: int = field(default=0, metadata=bounded(0, 1000))  # teachers that must answer; 0 = a majority
+    query_timeout: float = field(default=60.0, metadata=bounded(0.0, TIMEOUT_LIMIT, open_low=True))  # seconds per query
+    rejoin_timeout: float = field(default=120.0, metadata=bounded(0.0, TIMEOUT_LIMIT))  # seconds to wait below quorum
+    max_message_mb: float = field(default=64.0, metadata=bounded(0.0, 2000.0, open_low=True))  # per gRPC message
 
     # Differential privacy of the teachers (privacy-notes.md). dp-sgd: each client trains its teacher
     # with Opacus DP-SGD (Poisson sampling, PRV accountant) to dp-epsilon at dp-delta (0 = 1 / (10 n) of
     # the client's n records); every answer is then post-processing. Metrics a client releases about its
     # held-out data (federated evaluation) are Gaussian-noised counts accounted at dp-eval-epsilon each.
     teacher_dp: str = field(default="none", metadata=choice("none", "dp-sgd"))
-    dp_epsilon: float = field(default=8.0, metadata=bounded(0.0, None, open_low=True))
+    dp_epsilon: float = field(default=8.0, metadata=bounded(0.0, 1e4, open_low=True))
     dp_delta: float = field(default=0.0, metadata=bounded(0.0, 0.1))
-    dp_max_grad_norm: float = field(default=1.0, metadata=bounded(0.0, None, open_low=True))
-    dp_eval_epsilon: float = field(default=1.0, metadata=bounded(0.0, None, open_low=True))
+    dp_max_grad_norm: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
+    dp_eval_epsilon: float = field(default=1.0, metadata=bounded(0.0, 1e4, open_low=True))
 
     # The Flower app only (`flwr run .`; `fedkd run` ignores them). run-dir: where the ServerApp
     # writes run-<run id>/; evaluation: the coordinator's own test set, the clients' held-out data
@@ -137,13 +151,13 @@ class RunConfig:
     evaluation: str = field(default="both", metadata=choice("coordinator", "federated", "both"))
     hub_host: str = "127.0.0.1"
     hub_port: int = field(default=0, metadata=bounded(0, 65535))
-    nodes_timeout: float = field(default=120.0, metadata=bounded(0.0, None))
-    train_timeout: float = field(default=3600.0, metadata=bounded(0.0, None, open_low=True))
+    nodes_timeout: float = field(default=120.0, metadata=bounded(0.0, TIMEOUT_LIMIT))
+    train_timeout: float = field(default=3600.0, metadata=bounded(0.0, TIMEOUT_LIMIT, open_low=True))
 
     # References and housekeeping
     centralised: bool = False
     device: str = field(default="auto", metadata=choice("auto", "cpu", "cuda"))
-    num_threads: int = field(default=0, metadata=bounded(0, None))
+    num_threads: int = field(default=0, metadata=bounded(0, 1024))
     sample_stages: int = field(default=4, metadata=bounded(1, 20))
 
     def __post_init__(self) -> None:
@@ -196,13 +210,17 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _validate(f: dataclasses.Field[Any], value: Any) -> None:
-    key = _kebab(f.name)
+def _validate(f: dataclasses.Field[Any], value: Any, prefix: str = "") -> None:
+    key = prefix + _kebab(f.name)
     meta = f.metadata
     if value is None:
         if f.default is not None:
             raise ConfigError(f"{key}: a value is required")
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT and meta.get("high") is None:
+        raise ConfigError(f"{key}: {value!r} is out of range (must be <= {INT_LIMIT})")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(meta['choices'])}")
     low, high = meta.get("low"), meta.get("high")
@@ -213,12 +231,18 @@ def _validate(f: dataclasses.Field[Any], value: Any) -> None:
         raise ConfigError(f"{key}: {value!r} is out of range (must be <= {high})")
 
 
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
 def _coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
     """Convert a TOML or command-line value to the field's type, or fail naming the key."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     optional = "None" in kind
     if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "none"))):
         return None
+    expected = _TYPE_WORDS.get(kind.split(" ")[0].replace("|", ""), kind)
+    if isinstance(value, str) and not isinstance(value, CliValue) and not kind.startswith("str"):
+        raise ConfigError(f"{key}: {value!r} is a string, the key takes {expected}; write it without quotes")
     try:
         if kind.startswith("bool"):
             if isinstance(value, bool):
@@ -244,8 +268,7 @@ def _coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
         pass
     else:
         raise AssertionError(f"unhandled field type {kind}")
-    expected = kind.split(" ")[0].replace("|", "")
-    raise ConfigError(f"{key}: {value!r} is not a valid {expected}")
+    raise ConfigError(f"{key}: {value!r} is not {expected}")
 
 
 def _unknown_key(key: str, known: list[str], what: str = "config key") -> ConfigError:
@@ -290,10 +313,11 @@ def _options_from_mapping(namespace: str, options_type: type, values: Mapping[st
         raise ConfigError(f"{namespace}.{exc}") from None
 
 
-def validate_fields(obj: Any) -> None:
+def validate_fields(obj: Any, prefix: str = "") -> None:
     """Check a config dataclass's values against its field metadata (options call it from __post_init__)."""
     for f in dataclasses.fields(obj):
-        _validate(f, getattr(obj, f.name))
+        if f.name != "options":
+            _validate(f, getattr(obj, f.name), prefix)
 
 
 def split_namespaced(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -360,7 +384,7 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set epochs=5")
-        out[key.strip()] = value.strip()
+        out[key.strip()] = CliValue(value.strip())
     return out
 
 

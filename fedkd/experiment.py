@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedkd.checkpoint import RUN_FORMAT, CheckpointError, load_safe, load_teacher, save_atomic, save_teacher
+from fedkd.checkpoint import RUN_FORMAT, CheckpointError, load_run_state, load_teacher, save_atomic, save_teacher
 from fedkd.config import ConfigError, RunConfig
 from fedkd.data import SPECS, DatasetSpec, DataSplit, ImageData, load_dataset, partition_indices
 from fedkd.ensemble import Ensemble
@@ -41,13 +41,14 @@ from fedkd.models import average_weights, build_model, is_model_name, model_name
 from fedkd.plots import plot_accuracy, plot_curriculum, plot_queries, plot_samples
 from fedkd.pool import LocalPool, TeacherPool
 from fedkd.synthetic_pool import pool_bytes
-from fedkd.teacher import TeacherDescription, TeacherHost, describe_checkpoint
+from fedkd.teacher import QueryStats, TeacherDescription, TeacherHost, describe_checkpoint
 from fedkd.training import train_teacher
 
 logger = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = {"device", "num-threads"}
+LEDGER = "queries.json"  # the coordinator's per-teacher query counts, after every round
 
 
 class RunObserver(Protocol):
@@ -114,11 +115,18 @@ def check_pool_memory(config: RunConfig, memory: int | None = None) -> None:
 
 
 def check_names(config: RunConfig) -> None:
-    """Fail at start-up on unknown model names, naming the key."""
+    """Fail at start-up on a model that cannot be built for the dataset (an unknown name, a wide ResNet depth
+    that is not 6n+4, images too small), naming the key: built on the meta device, so nothing is allocated."""
+    spec = SPECS[config.dataset]
     for key, names in (("teacher-model", config.teacher_models()), ("student-model", [config.student_model])):
-        for name in names:
+        for name in dict.fromkeys(names):
             if not is_model_name(name):
                 raise ConfigError(f"{key}: unknown model {name!r}; valid: {', '.join(model_names())}")
+            try:
+                with torch.device("meta"):
+                    _build(name, spec)
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"{key}: {exc.args[0] if exc.args else exc}") from None
 
 
 @dataclass
@@ -235,6 +243,18 @@ def _check_resume_config(saved: dict[str, Any], config: RunConfig, path: Path) -
                           "use the original settings or start a new run directory")
 
 
+def _read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirectoryError(f"{str(path)!r} is corrupt ({exc}); it records the run's settings, so the run cannot "
+                                "be resumed safely: restore it from a copy or start a new run directory") from None
+    if not isinstance(saved, dict):
+        raise RunDirectoryError(f"{str(path)!r} holds a {type(saved).__name__}, not the run's settings; restore it "
+                                "from a copy or start a new run directory")
+    return saved
+
+
 def open_run_dir(config: RunConfig, run_dir: Path, *, resume: bool) -> dict[str, Any] | None:
     """Claim ``run_dir`` for a new run, or check it for resumption; returns the saved state if any."""
     ckpt_path = run_dir / "checkpoint.pt"
@@ -243,15 +263,37 @@ def open_run_dir(config: RunConfig, run_dir: Path, *, resume: bool) -> dict[str,
     if resume:
         if not config_path.exists():
             raise RunDirectoryError(f"nothing to resume in {str(run_dir)!r} (no config.json); run without --resume")
-        _check_resume_config(json.loads(config_path.read_text()), config, config_path)
+        _check_resume_config(_read_config_json(config_path), config, config_path)
         if ckpt_path.exists():
-            saved_state = load_safe(ckpt_path, RUN_FORMAT)
+            saved_state = load_run_state(ckpt_path)
+            if saved_state["epoch"] >= config.epochs and (run_dir / "summary.json").exists():
+                raise RunDirectoryError(f"the run in {str(run_dir)!r} is finished (all {config.epochs} epochs); its "
+                                        f"results are in {str(run_dir / 'summary.json')!r}; nothing to resume")
     elif config_path.exists() or ckpt_path.exists():
         raise RunDirectoryError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue "
                                 "it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return saved_state
+
+
+def _has_progress(run_dir: Path) -> bool:
+    """Whether a run directory holds work worth resuming: a run checkpoint or a trained teacher."""
+    return (run_dir / "checkpoint.pt").exists() or any((run_dir / "clients").glob("*/teacher.pt"))
+
+
+@contextmanager
+def claim_run_dir(config: RunConfig, run_dir: Path, *, resume: bool) -> Iterator[dict[str, Any] | None]:
+    """:func:`open_run_dir` for the duration of a run: a new run that fails before it has made any progress
+    gives the directory back (its config.json removed), so the same command can run again once the cause is
+    fixed. An interrupt keeps it: the operator was told to --resume."""
+    saved_state = open_run_dir(config, run_dir, resume=resume)
+    try:
+        yield saved_state
+    except Exception:
+        if not resume and not _has_progress(run_dir):
+            (run_dir / "config.json").unlink(missing_ok=True)
+        raise
 
 
 def setup(config: RunConfig) -> torch.device:
@@ -275,20 +317,18 @@ def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = Fal
             raise ConfigError(f"transport: {config.transport!r} needs the coordinator's hub; run it with "
                               "`fedkd run` (or pass server.loopback.grpc_transport)")
         transport = in_process
-    saved_state = open_run_dir(config, run_dir, resume=resume)
-    started = time.perf_counter()
-    observer.stage(f"loading {config.dataset}")
-    split = load_dataset(config.dataset, config.data_root, seed=config.seed)
-    clients = prepare_clients(config, split, run_dir, device, observer)
-    test_inputs = split.spec.normalize(split.test.images)
-    references = _references(config, split, clients, test_inputs, device, observer)
-    with transport(clients, config, run_dir, device) as pool:
-        summary = distill(config, pool, split.spec, split.test, run_dir, device=device, saved_state=saved_state,
-                          observer=observer, references=references, started=started)
+    with claim_run_dir(config, run_dir, resume=resume) as saved_state:
+        started = time.perf_counter()
+        observer.stage(f"loading {config.dataset}")
+        split = load_dataset(config.dataset, config.data_root, seed=config.seed)
+        clients = prepare_clients(config, split, run_dir, device, observer)
+        test_inputs = split.spec.normalize(split.test.images)
+        references = _references(config, split, clients, test_inputs, device, observer)
+        with transport(clients, config, run_dir, device) as pool:
+            summary = distill(config, pool, split.spec, split.test, run_dir, device=device,
+                              saved_state=saved_state, observer=observer, references=references, started=started)
     # Leaving the transport ends the session: clients have now reported what they released.
-    summary["queries"]["reported_by_clients"] = pool.client_reports()
-    write_summary(summary, run_dir)
-    return summary
+    return finish_summary(summary, pool.client_reports(), run_dir)
 
 
 def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: ImageData | None, run_dir: Path, *,
@@ -311,12 +351,20 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         observer.stage(f"ensemble: {ensemble.aggregation} ({config.ensemble})")
     test_inputs = spec.normalize(test.images) if test is not None else None
     ckpt_path = run_dir / "checkpoint.pt"
+    ledger_path = run_dir / LEDGER
 
     answers: EnsembleAnswers | None = None
     if saved_state is not None:
         if saved_state["answers"] is not None:
             answers = EnsembleAnswers(saved_state["answers"]["ensemble"], list(saved_state["answers"]["members"]))
-        pool.restore_stats(saved_state["query_stats"])
+        try:
+            # The ledger is written after every round, the checkpoint after every epoch: after a crash the
+            # ledger also holds the queries of the epoch that is about to be repeated (the teachers answered them).
+            pool.restore_stats(_read_ledger(ledger_path, len(saved_state["query_stats"]))
+                               or saved_state["query_stats"])
+        except TypeError as exc:
+            raise CheckpointError(f"checkpoint {str(run_dir / 'checkpoint.pt')!r}: field 'query_stats' does not "
+                                  f"fit this run: {exc}") from None
     elif test_inputs is not None:
         observer.stage(f"evaluating {len(ensemble)} teachers and their ensemble through queries")
         answers = query_ensemble(ensemble, test_inputs, batch_size=config.max_query_batch)
@@ -330,13 +378,15 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     if saved_state is not None:
         try:
             method.load_state_dict(saved_state["method"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit this run: {exc}") from None
+            torch.set_rng_state(saved_state["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit this run "
+                                  f"({type(exc).__name__}: {exc})") from None
         history = list(saved_state["history"])
         stages = [(int(e), img) for e, img in zip(saved_state["stage_epochs"], saved_state["stage_images"])]
         start_epoch = int(saved_state["epoch"])
-        torch.set_rng_state(saved_state["rng"])
-        observer.stage(f"resuming at epoch {start_epoch + 1} of {config.epochs}")
+        observer.stage(f"resuming at epoch {start_epoch + 1} of {config.epochs}" if start_epoch < config.epochs
+                       else f"all {config.epochs} epochs were done before the restart; writing the results")
 
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -344,7 +394,11 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     for epoch in range(start_epoch, config.epochs):
         observer.epoch_started(epoch, config.steps_per_epoch)
         epoch_start = time.perf_counter()
-        train_metrics = method.train_epoch(epoch, observer.step)
+        def step() -> None:
+            observer.step()
+            _write_ledger(pool, ledger_path)
+
+        train_metrics = method.train_epoch(epoch, step)
         record: dict[str, Any] = {"epoch": epoch, "student_accuracy": None, "agreement": None, "loyalty": None}
         if test is not None and test_inputs is not None and answers is not None:
             student_logits = predict(method.student, test_inputs, device=device)
@@ -391,6 +445,65 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     if answers is not None:
         plot_queries(history, summary["ensemble"]["test_accuracy"], plots / "queries.png")
     plot_samples(stages, plots / "samples.png")
+    return summary
+
+
+def _write_ledger(pool: TeacherPool, path: Path) -> None:
+    """The coordinator's count of each teacher's queries, replaced atomically (after every round)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([s.as_dict() for s in pool.stats()]))
+    os.replace(tmp, path)
+
+
+def _read_ledger(path: Path, teachers: int) -> list[dict[str, int]] | None:
+    """The ledger if it is readable and fits ``teachers`` (else None: the checkpoint's counts are used)."""
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    fields = set(QueryStats().as_dict())
+    if (not isinstance(stats, list) or len(stats) != teachers
+            or not all(isinstance(s, dict) and set(s) == fields for s in stats)):
+        logger.warning("%s does not fit this run; using the checkpoint's query counts", path)
+        return None
+    return stats
+
+
+def reconcile_queries(per_client: list[dict[str, Any]], reported: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compare the coordinator's count of each teacher's queries with what the teacher reports it released.
+
+    They differ when answers reached a teacher but not the coordinator's count (late past query-timeout, refused
+    as malformed, or in flight when the coordinator was killed: the ledger is written after every round), or
+    when a teacher's own count started again (its agent or host process restarted).
+    """
+    differences = []
+    for counted, report in zip(per_client, reported):
+        client = counted.get("client")
+        if report.get("reported") is False:
+            differences.append({"client": client, "reported": None,
+                                "why": "the teacher sent no report (not connected when the session ended)"})
+            continue
+        delta = {k: int(report.get(k, 0)) - int(counted.get(k, 0))
+                 for k in ("forward_calls", "backward_calls", "samples") if report.get(k) != counted.get(k)}
+        if not delta:
+            continue
+        why = ("the teacher answered queries the coordinator did not count: late past query-timeout, refused as "
+               "malformed, or in flight when the coordinator stopped" if all(v > 0 for v in delta.values()) else
+               "the teacher's own count started again: its agent or host process restarted during the run")
+        differences.append({"client": client, "reported_minus_counted": delta, "why": why})
+    return {"agree": not differences, "differences": differences}
+
+
+def finish_summary(summary: dict[str, Any], reports: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+    """Add what the clients report they released (after the session ended) and how it compares with the
+    coordinator's count, and write summary.json."""
+    queries = summary["queries"]
+    queries["reported_by_clients"] = reports
+    queries["reconciliation"] = reconcile_queries(queries["per_client"], reports)
+    if not queries["reconciliation"]["agree"]:
+        logger.warning("the teachers' own query counts differ from the coordinator's: %s",
+                       queries["reconciliation"]["differences"])
+    write_summary(summary, run_dir)
     return summary
 
 

@@ -125,8 +125,10 @@ class WideResNet(nn.Module):
 
     def __init__(self, depth: int, width: int, num_classes: int, channels: int) -> None:
         super().__init__()
-        if (depth - 4) % 6 != 0:
-            raise ValueError(f"wide ResNet depth must be 6n+4 (16, 22, 28, 40...), got {depth}")
+        if (depth - 4) % 6 != 0 or not 10 <= depth <= 1000:
+            raise ValueError(f"wide ResNet depth must be 6n+4 between 10 and 1000 (16, 22, 28, 40...), got {depth}")
+        if not 1 <= width <= 64:
+            raise ValueError(f"wide ResNet width must be between 1 and 64, got {width}")
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedkd.data import DatasetSpec, ImageData
+from fedkd.training import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def train_dp_sgd(model: nn.Module, data: ImageData, spec: DatasetSpec, settings:
                 if len(y) == 0:  # Poisson sampling can draw an empty batch
                     continue
                 loss = F.cross_entropy(private(x.to(device)), y.to(device), label_smoothing=label_smoothing)
+                check_finite(loss, "teacher-lr", lr, "DP-SGD training")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

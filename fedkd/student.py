@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from fedkd.augment import random_shift
 from fedkd.data import DatasetSpec
 from fedkd.losses import distillation_per_sample
+from fedkd.training import check_finite
 
 # per-sample losses (B,) -> weights (B,) in [0, 1], no gradient
 SampleWeights = Callable[[Tensor], Tensor]
@@ -55,6 +56,7 @@ class StudentTrainer:
                                          self.settings.temperature)  # (B,)
         weights = weigh(losses.detach()) if weigh is not None else torch.ones_like(losses)
         loss = (weights * losses).mean()
+        check_finite(loss, "student-lr", self.settings.lr, "the student")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

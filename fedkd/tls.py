@@ -22,6 +22,43 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
+class CertificateError(ValueError):
+    """A certificate or key file cannot be used; the message names the file and why."""
+
+
+def read_certificates(path: str | Path, what: str) -> bytes:
+    """The PEM bytes of ``path``, checked to hold at least one X.509 certificate that is valid now."""
+    data = _read_pem(path, what)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CertificateError(f"{what} {str(path)!r} is not a PEM certificate (no '-----BEGIN CERTIFICATE-----' "
+                               "block that parses)") from None
+    now = datetime.datetime.now(datetime.UTC)
+    for cert in certs:
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise CertificateError(f"{what} {str(path)!r} is not valid now (valid from "
+                                   f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d})")
+    return data
+
+
+def read_private_key(path: str | Path, what: str) -> bytes:
+    """The PEM bytes of ``path``, checked to hold an unencrypted private key."""
+    data = _read_pem(path, what)
+    try:
+        serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CertificateError(f"{what} {str(path)!r} is not an unencrypted PEM private key ({exc})") from None
+    return data
+
+
+def _read_pem(path: str | Path, what: str) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise CertificateError(f"{what} {str(p)!r} does not exist")
+    return p.read_bytes()
+
+
 @dataclass(frozen=True)
 class DevPKI:
     directory: Path
@@ -123,3 +160,53 @@ def make_supernode_key(directory: str | Path, name: str) -> tuple[Path, Path]:
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH) + b"\n")
     return private, public
+
+
+def _covers(cert: x509.Certificate, hosts: Sequence[str]) -> bool:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    names = {str(v) for v in sans.get_values_for_type(x509.IPAddress)} | set(sans.get_values_for_type(x509.DNSName))
+    return all(h in names for h in hosts)
+
+
+def run_pki(directory: str | Path, *, hosts: Sequence[str], days: int = 30) -> DevPKI:
+    """The run's development CA in ``directory``: reused when it is there, so that a restarted (resumed)
+    coordinator keeps the teachers that trust it; made when it is not.
+
+    A server certificate that has expired (or will within a day) or does not list every name in ``hosts`` is
+    issued again by the same CA, which the teachers already hold. A CA that is unreadable or expired stops
+    with a message: a new CA would lock out every teacher holding the old one.
+    """
+    d = Path(directory)
+    ca_pem, ca_key_pem = d / "ca.pem", d / "ca.key"
+    if not ca_pem.exists() and not ca_key_pem.exists():
+        return make_dev_pki(d, hosts=hosts, days=days)
+    try:
+        ca_cert = x509.load_pem_x509_certificate(read_certificates(ca_pem, "the run's CA certificate"))
+        ca_key = serialization.load_pem_private_key(read_private_key(ca_key_pem, "the run's CA key"), password=None)
+    except CertificateError as exc:
+        raise CertificateError(f"{exc}; the teachers of this run trust that CA: restore the file, or delete "
+                               f"{str(d)!r} and give every teacher the new {str(ca_pem)!r}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"the run's CA key {str(ca_key_pem)!r} is not an ECDSA key made by fedkd")
+    server_pem, server_key_pem = d / "server.pem", d / "server.key"
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
+    reuse = False
+    if server_pem.exists() and server_key_pem.exists():
+        try:
+            cert = x509.load_pem_x509_certificate(server_pem.read_bytes())
+            serialization.load_pem_private_key(server_key_pem.read_bytes(), password=None)
+            reuse = (cert.issuer == ca_cert.subject and cert.not_valid_after_utc > soon and _covers(cert, hosts))
+        except ValueError:
+            reuse = False
+    if not reuse:
+        server_key = ec.generate_private_key(ec.SECP256R1())
+        server_cert = _issue(hosts[0], server_key, ca_cert.subject, ca_key, days=days, sans=hosts,
+                             usage=ExtendedKeyUsageOID.SERVER_AUTH)
+        _write(server_pem, server_cert.public_bytes(serialization.Encoding.PEM))
+        _write(server_key_pem, _key_pem(server_key), private=True)
+    clients = {p.stem: (p, p.with_suffix(".key")) for p in sorted(d.glob("*.pem"))
+               if p.stem not in ("ca", "server") and p.with_suffix(".key").exists()}
+    return DevPKI(d, ca_pem, ca_key_pem, server_pem, server_key_pem, clients)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Any
 
@@ -10,11 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedkd.config import RunConfig
+from fedkd.config import ConfigError, RunConfig
 from fedkd.data import DatasetSpec, ImageData
 
 logger = logging.getLogger(__name__)
 _INIT_LOCK = threading.Lock()
+
+
+class TrainingDiverged(ConfigError):
+    """A loss became NaN or infinite; the message names the key to change (a learning rate)."""
+
+
+def check_finite(loss: torch.Tensor, key: str, value: float, where: str) -> float:
+    """The loss as a float; TrainingDiverged naming ``key`` when it is not finite."""
+    number = float(loss.detach())
+    if not math.isfinite(number):
+        raise TrainingDiverged(f"{key}: {where} diverged (loss {number}) with {key}={value:g}; lower it")
+    return number
 
 
 def train_classifier(
@@ -54,11 +67,12 @@ def train_classifier(
                 continue
             x = _shift(inputs[idx], rng).to(device)
             loss = F.cross_entropy(model(x), data.labels[idx].to(device), label_smoothing=label_smoothing)
+            number = check_finite(loss, "teacher-lr", lr, f"training in epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss.detach()) * len(idx)
+            total += number * len(idx)
         logger.debug("epoch %d: loss %.4f", epoch, total / len(data))
     return model.eval()
 

@@ -40,8 +40,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedkd.checkpoint import load_teacher
 from fedkd.config import RunConfig, config_from_run_config
 from fedkd.data import SPECS, load_dataset
-from fedkd.experiment import distill, open_run_dir, setup, write_summary
-from fedkd.tls import make_dev_pki
+from fedkd.experiment import distill, open_run_dir, reconcile_queries, setup, write_summary
+from fedkd.tls import run_pki
 from server.hub import Hub, ServerTLS, issue_tokens
 
 app = ServerApp()
@@ -186,7 +186,7 @@ class FederatedDistillation:
         names = {n.node_id: f"node-{n.node_id}" for n in self._live()}
         tokens = issue_tokens(run_dir / "tokens", list(names.values()))
         host = config.hub_host
-        pki = make_dev_pki(run_dir / "tls", hosts=sorted({host, "localhost", "127.0.0.1"}))
+        pki = run_pki(run_dir / "tls", hosts=sorted({host, "localhost", "127.0.0.1"}))
         bind = "127.0.0.1" if host in LOOPBACK else "0.0.0.0"
         hub = Hub.for_run(dict(tokens), config, session=run_dir.name, address=f"{bind}:{config.hub_port}",
                           tls=ServerTLS(pki.server_cert.read_bytes(), pki.server_key.read_bytes()))
@@ -216,8 +216,10 @@ class FederatedDistillation:
                 test = load_dataset(config.dataset, config.data_root, seed=config.seed).test
             summary = distill(config, hub.pool, SPECS[config.dataset], test, run_dir, device=device,
                               saved_state=None, observer=self.observer, started=started)
-            summary["queries"]["reported_by_clients"] = hub.end_session()
+            reports = hub.end_session()
         self._collect_serve_replies(ids, early)
+        summary["queries"]["reported_by_clients"] = reports
+        summary["queries"]["reconciliation"] = reconcile_queries(summary["queries"]["per_client"], reports)
         return summary
 
     def _await_teachers(self, hub: Hub, names: dict[int, str], ids: dict[int, str]) -> dict[int, Message]:

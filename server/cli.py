@@ -31,13 +31,13 @@ from fedkd.config import ConfigError, RunConfig, config_from_mapping, load_confi
 from fedkd.data import DatasetNotFoundError
 from fedkd.experiment import RunDirectoryError, run_experiment
 from fedkd.pool import QuorumError
-from fedkd.tls import make_dev_pki
+from fedkd.tls import CertificateError, make_dev_pki, read_certificates, read_private_key, run_pki
 from server.distill import run_distillation, teacher_names
 from server.hub import ServerTLS
 from server.loopback import grpc_transport
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, RunDirectoryError, QuorumError, TimeoutError,
-               FileNotFoundError)
+               FileNotFoundError, CertificateError)
 
 
 class RichObserver:
@@ -141,16 +141,17 @@ def _server_tls(args: argparse.Namespace, out: Path, console: Console) -> Server
     if bool(args.cert) != bool(args.key):
         raise ConfigError("--cert and --key go together")
     if args.cert:
-        cert, key = Path(args.cert).read_bytes(), Path(args.key).read_bytes()
+        cert, key = read_certificates(args.cert, "--cert"), read_private_key(args.key, "--key")
     else:
         host = args.listen.rsplit(":", 1)[0]
         hosts = [h for h in dict.fromkeys([host, "localhost", "127.0.0.1", *args.hosts.split(",")]) if h
                  and h not in ("0.0.0.0", "[::]")]
-        pki = make_dev_pki(out / "tls", hosts=hosts)
-        console.log(f"no --cert given: created a development CA; give teachers --ca {pki.ca_cert} "
-                    f"(server certificate for {', '.join(hosts)})")
+        existed = (out / "tls" / "ca.pem").exists()
+        pki = run_pki(out / "tls", hosts=hosts)
+        console.log(f"no --cert given: {'reusing the run' if existed else 'created a'} development CA; give teachers "
+                    f"--ca {pki.ca_cert} (server certificate for {', '.join(hosts)})")
         cert, key = pki.server_cert.read_bytes(), pki.server_key.read_bytes()
-    client_ca = Path(args.client_ca).read_bytes() if args.client_ca else None
+    client_ca = read_certificates(args.client_ca, "--client-ca") if args.client_ca else None
     return ServerTLS(cert, key, client_ca)
 
 

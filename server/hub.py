@@ -45,6 +45,7 @@ from fedkd.codec import (
     encode_tensor,
 )
 from fedkd.config import RunConfig
+from fedkd.data import SPECS, DatasetSpec
 from fedkd.pool import QuorumError, backward_bytes, forward_bytes
 from fedkd.teacher import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription
 from fedkd.v1 import fedkd_pb2 as pb
@@ -138,15 +139,31 @@ class _Slot:
     stats: QueryStats = field(default_factory=QueryStats)
     joins: int = 0
     report: dict[str, Any] | None = None
+    refused: str | None = None  # why its last Hello was refused (its description), until it joins
 
     @property
     def live(self) -> bool:
         return self.connection is not None and not self.connection.closed.is_set()
 
 
-def _same_teacher(a: TeacherDescription, b: TeacherDescription) -> bool:
-    """Whether a rejoining agent is the teacher that left (privacy spend may have moved on)."""
-    return dataclasses.replace(a, privacy=None) == dataclasses.replace(b, privacy=None)
+def _differences(joined: TeacherDescription, now: TeacherDescription) -> list[str]:
+    """The fields in which a rejoining agent differs from the teacher that left (privacy spend may move on)."""
+    return [f"{f.name} {getattr(now, f.name)!r} (joined as {getattr(joined, f.name)!r})"
+            for f in dataclasses.fields(TeacherDescription)
+            if f.name != "privacy" and getattr(joined, f.name) != getattr(now, f.name)]
+
+
+def unusable(description: TeacherDescription, spec: DatasetSpec) -> str | None:
+    """Why a teacher cannot serve a run on ``spec`` (naming the field), or None when it can."""
+    if description.num_classes != spec.num_classes:
+        return f"num_classes {description.num_classes}, the run's data has {spec.num_classes} classes"
+    if tuple(description.input_shape) != tuple(spec.input_shape):
+        return f"input_shape {tuple(description.input_shape)}, the run's data has {tuple(spec.input_shape)}"
+    for name in ("mean", "std"):
+        mine, theirs = getattr(description, name), getattr(spec, name)
+        if any(abs(a - b) > 1e-6 for a, b in zip(mine, theirs)):
+            return f"{name} {tuple(mine)}, the run's data is normalised with {name} {tuple(theirs)}"
+    return None
 
 
 class Hub:
@@ -168,6 +185,7 @@ class Hub:
         rejoin_timeout: float = 120.0,
         quorum: int | None = None,
         hello_timeout: float = 10.0,
+        spec: DatasetSpec | None = None,
     ) -> None:
         if not slots:
             raise ValueError("a hub needs at least one teacher slot")
@@ -187,6 +205,7 @@ class Hub:
         if not 1 <= self.quorum <= len(self.slots):
             raise ValueError(f"quorum {self.quorum} must be between 1 and the {len(self.slots)} teachers")
         self.hello_timeout = hello_timeout
+        self.spec = spec  # the run's data: a teacher that cannot take it is refused at Hello
         self.protocol_errors = 0
         self.refused_peers = 0
         self._changed = threading.Condition()
@@ -201,7 +220,8 @@ class Hub:
         """A hub with the run's limits: message size, deadline, rejoin wait and quorum from ``config``."""
         return cls(slots, session=session, address=address, tls=tls,
                    max_message_bytes=int(config.max_message_mb * MiB), query_timeout=config.query_timeout,
-                   rejoin_timeout=config.rejoin_timeout, quorum=config.quorum_size(len(slots)))
+                   rejoin_timeout=config.rejoin_timeout, quorum=config.quorum_size(len(slots)),
+                   spec=SPECS[config.dataset])
 
     # Lifecycle --------------------------------------------------------------------------
 
@@ -242,7 +262,12 @@ class Hub:
             self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        # On an error the agents are told why and exit; on an interrupt (the operator will --resume) they are
+        # told nothing and keep retrying until the coordinator is back.
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+            self.end_session(f"the coordinator stopped on an error: {type(exc).__name__}: {exc}", aborted=True,
+                             timeout=5.0)
         self.stop()
 
     # Membership ---------------------------------------------------------------------------
@@ -291,20 +316,51 @@ class Hub:
             self._by_name = {s.name: s for s in kept}
         return gone
 
-    def wait_for_teachers(self, count: int | None = None, timeout: float = 60.0) -> None:
-        """Block until ``count`` (default: every) teacher is connected; TimeoutError names the missing ones."""
-        count = len(self.slots) if count is None else count
-        if self.await_live(count, timeout) is None:
-            raise TimeoutError(f"{len(self.live())} of {len(self.slots)} teachers connected after "
-                               f"{timeout:.0f} s (need {count}); not connected: {', '.join(self.missing())}")
+    def refusals(self) -> dict[str, str]:
+        """Teachers whose Hello was refused for their description (and that have not joined since): why."""
+        with self._changed:
+            return {s.name: s.refused for s in self.slots if s.refused is not None and not s.live}
 
-    def end_session(self, reason: str = "distillation finished", timeout: float = 10.0) -> list[dict[str, Any]]:
-        """Say goodbye to every live teacher and collect what each reports it released."""
+    def wait_for_teachers(self, count: int | None = None, timeout: float = 60.0) -> None:
+        """Block until ``count`` (default: every) teacher is connected; TimeoutError names the missing ones.
+
+        Teachers refused at Hello (a description the run cannot use) are not waited for: once every other
+        teacher is connected the wait ends if a quorum is, and fails at once naming the refusals if not.
+        """
+        count = len(self.slots) if count is None else count
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                live = len(self.live())
+                refused = {s.name: s.refused for s in self.slots if s.refused is not None and not s.live}
+                if live >= count:
+                    return
+                if refused and live + len(refused) >= len(self.slots):
+                    why = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
+                    if live >= self.quorum:
+                        logger.warning("going on with %d of %d teachers; refused at Hello: %s", live,
+                                       len(self.slots), why)
+                        return
+                    raise QuorumError(f"{live} of {len(self.slots)} teachers connected and {self.quorum} must "
+                                      f"answer; refused at Hello: {why}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(min(left, 1.0))
+        detail = "; ".join(f"{n}: {r}" for n, r in self.refusals().items())
+        raise TimeoutError(f"{len(self.live())} of {len(self.slots)} teachers connected after "
+                           f"{timeout:.0f} s (need {count}); not connected: {', '.join(self.missing())}"
+                           + (f" (refused at Hello: {detail})" if detail else ""))
+
+    def end_session(self, reason: str = "distillation finished", timeout: float = 10.0, *,
+                    aborted: bool = False) -> list[dict[str, Any]]:
+        """Say goodbye to every live teacher and collect what each reports it released (``aborted``: the run
+        stopped on an error, and the agents exit rather than wait for it)."""
         waits = []
         for slot in self.live():
             assert slot.connection is not None
             try:
-                mid, future, _ = slot.connection.send(goodbye=pb.Goodbye(reason=reason))
+                mid, future, _ = slot.connection.send(goodbye=pb.Goodbye(reason=reason, aborted=aborted))
                 waits.append((slot, future))
             except ConnectionLost:
                 continue
@@ -362,13 +418,20 @@ class Hub:
         try:
             description = dataclasses.replace(decode_description(hello.description), client=slot.index)
         except QueryError as exc:
+            if slot.description is None:
+                slot.refused = exc.message
+                with self._changed:
+                    self._changed.notify_all()
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
             raise  # unreachable: abort raises
-        if slot.description is not None and not _same_teacher(slot.description, description):
+        if self.spec is not None and (why := unusable(description, self.spec)) is not None:
+            slot.refused = f"description: {why}"
+            with self._changed:
+                self._changed.notify_all()
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{slot.name}: {slot.refused}")
+        if slot.description is not None and (changed := _differences(slot.description, description)):
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
-                         f"{slot.name} rejoined as a different teacher ({description.model}, "
-                         f"{description.num_classes} classes) than it joined as ({slot.description.model}, "
-                         f"{slot.description.num_classes} classes)")
+                         f"{slot.name} rejoined as a different teacher: {'; '.join(changed)}")
         limit = self.max_message_bytes
         if 0 < hello.max_message_bytes < limit:
             limit = int(hello.max_message_bytes)
@@ -377,6 +440,7 @@ class Hub:
             old = slot.connection
             slot.connection = connection
             slot.description = description
+            slot.refused = None
             slot.joins += 1
             self._changed.notify_all()
         if old is not None:
@@ -414,7 +478,11 @@ def _spent_dict(slot: _Slot, spent: pb.Spent) -> dict[str, Any]:
     report: dict[str, Any] = {"client": slot.index, "name": slot.name, "forward_calls": spent.forward_calls,
                               "backward_calls": spent.backward_calls, "samples": spent.samples,
                               "bytes": spent.bytes, "refused": spent.refused}
-    privacy = decode_privacy(spent.privacy) if spent.HasField("privacy") else None
+    try:
+        privacy = decode_privacy(spent.privacy) if spent.HasField("privacy") else None
+    except QueryError as exc:
+        report["privacy_error"] = exc.message  # a report is evidence, kept, but not believed
+        privacy = None
     if privacy is not None:
         report["privacy"] = privacy
     return report

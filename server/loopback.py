@@ -22,7 +22,7 @@ import torch
 from fedkd.config import RunConfig
 from fedkd.experiment import ClientTeacher
 from fedkd.pool import TeacherPool
-from fedkd.tls import make_dev_pki
+from fedkd.tls import run_pki
 from server.hub import Hub, ServerTLS, issue_tokens
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def agent_command(checkpoint: Path, port: int, token_file: Path, ca: Path, *, co
 def grpc_transport(clients: list[ClientTeacher], config: RunConfig, run_dir: Path,
                    device: torch.device) -> Iterator[TeacherPool]:
     names = [client_name(c.client) for c in clients]
-    pki = make_dev_pki(run_dir / "tls", hosts=["localhost", "127.0.0.1"])
+    pki = run_pki(run_dir / "tls", hosts=["localhost", "127.0.0.1"])
     tokens = issue_tokens(run_dir / "tokens", names)
     session = run_dir.resolve().name
     hub = Hub.for_run(tokens, config, session=session, address="127.0.0.1:0",

@@ -52,19 +52,19 @@ NUM_SAMPLE_IMAGES = 10
 class CuDFKDOptions:
     """CuDFKD's own keys (``cudfkd.KEY``). Defaults tuned on the main job (README, "Results")."""
 
-    weight_entropy: float = field(default=20.0, metadata=bounded(0.0, None))
-    weight_onehot: float = field(default=1.0, metadata=bounded(0.0, None))
-    weight_bn: float = field(default=10.0, metadata=bounded(0.0, None))
+    weight_entropy: float = field(default=20.0, metadata=bounded(0.0, 1e6))
+    weight_onehot: float = field(default=1.0, metadata=bounded(0.0, 1e6))
+    weight_bn: float = field(default=10.0, metadata=bounded(0.0, 1e6))
     targets: str = field(default="argmax", metadata=choice("argmax", "balanced"))
-    adv_start: float = field(default=0.0, metadata=bounded(0.0, None))
-    adv_step: float = field(default=0.5, metadata=bounded(0.0, None))
-    adv_temperature: float = field(default=3.0, metadata=bounded(0.0, None, open_low=True))
+    adv_start: float = field(default=0.0, metadata=bounded(0.0, 1e6))
+    adv_step: float = field(default=0.5, metadata=bounded(0.0, 1e6))
+    adv_temperature: float = field(default=3.0, metadata=bounded(0.0, 100.0, open_low=True))
     adv_mask: str = field(default="agree", metadata=choice("agree", "disagree", "none"))
     self_paced: str = field(default="log", metadata=choice(*REGULARISERS))
     admit_start: float = field(default=0.5, metadata=bounded(0.0, 1.0, open_low=True))
     admit_end: float = field(default=1.0, metadata=bounded(0.0, 1.0, open_low=True))
-    lambda_start: float | None = None
-    lambda_growth: float | None = None
+    lambda_start: float | None = field(default=None, metadata=bounded(0.0, 1e6, open_low=True))
+    lambda_growth: float | None = field(default=None, metadata=bounded(0.0, 1e6))
 
     def __post_init__(self) -> None:
         validate_fields(self)

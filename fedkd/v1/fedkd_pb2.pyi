@@ -181,10 +181,12 @@ class Welcome(_message.Message):
     def __init__(self, session: _Optional[str] = ..., teacher: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class Goodbye(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "aborted")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    aborted: bool
+    def __init__(self, reason: _Optional[str] = ..., aborted: _Optional[bool] = ...) -> None: ...
 
 class HubMessage(_message.Message):
     __slots__ = ("id", "welcome", "forward", "backward", "goodbye")
