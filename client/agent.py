@@ -57,8 +57,17 @@ class SessionAborted(AgentError):
         self.released = released
 
 
-# A plaintext agent whose connection a hub closes during set-up this many times in a row is talking to a TLS hub.
-PLAINTEXT_CLOSES = 3
+# A hub that closes the connection during set-up this many times in a row refuses how this agent connects
+# (plaintext against TLS, or a client certificate it does not accept): a retry would not change that.
+SETUP_CLOSES = 3
+
+
+def _why_closed(settings: AgentSettings) -> str:
+    if settings.tls is None:
+        return "it expects TLS and this agent runs plaintext (--insecure): drop --insecure and give --ca"
+    if settings.tls.certificate_chain is None:
+        return "it expects a client certificate (mutual TLS): give --cert and --key signed by its --client-ca"
+    return "it does not accept this agent's client certificate (--cert): use one signed by the hub's --client-ca"
 
 
 def certificate_failure(details: str, settings: AgentSettings) -> str | None:
@@ -146,11 +155,10 @@ class TeacherAgent:
                 if failure is not None:  # a certificate does not change between attempts: fail fast
                     raise AgentError(failure) from None
                 reason = f"{code.name}: {details}"
-                closed_in_setup = closed_in_setup + 1 if s.tls is None and "Socket closed" in details else 0
-                if closed_in_setup >= PLAINTEXT_CLOSES:
+                closed_in_setup = closed_in_setup + 1 if "Socket closed" in details else 0
+                if closed_in_setup >= SETUP_CLOSES:
                     raise AgentError(f"the hub at {s.target} closed the connection during set-up {closed_in_setup} "
-                                     "times in a row; it expects TLS and this agent runs plaintext (--insecure): "
-                                     "drop --insecure and give --ca") from None
+                                     f"times in a row: {_why_closed(s)}") from None
             if self.welcome is not None:  # the last attempt got a session: start the backoff afresh
                 backoff, last_ok, self.welcome = s.initial_backoff, time.monotonic(), None
             if self._stop.is_set():

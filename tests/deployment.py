@@ -68,9 +68,20 @@ class Deployment:
             cmd += ["--root-certificates", str(self.pki.ca_cert)] if self.pki else ["--insecure"]
             if self.auth:
                 private, public = make_supernode_key(self.work / "keys", f"node-{i}")
-                self.flwr("supernode", "register", str(public), "deploy", check=True)
+                self._register(public)
                 cmd += ["--auth-supernode-private-key", str(private)]
             self._start(f"supernode-{i}", cmd)
+
+    def _register(self, public: Path, attempts: int = 5) -> None:
+        """``flwr supernode register``; a SuperLink under load can answer ``flwr list`` and still refuse the
+        next connection for a moment ("unavailable"), so that one answer is retried, a bounded number of times."""
+        for attempt in range(attempts):
+            out = self.flwr("supernode", "register", str(public), "deploy")
+            if out.returncode == 0:
+                return
+            if "unavailable" not in (out.stdout + out.stderr).lower() or attempt == attempts - 1:
+                raise RuntimeError(f"flwr supernode register failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+            time.sleep(1.0)
 
     def _write_connection(self) -> None:
         lines = ["[superlink]", 'default = "deploy"', "", "[superlink.deploy]",

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from server.cli import main
 
 SMALL = ["--set", "dataset=digits", "--set", "num-clients=2", "--set", "partition=iid", "--set", "epochs=1",
@@ -53,3 +55,39 @@ def test_console_script_is_installed(tmp_path):
     result = subprocess.run([exe, "run", "--set", "num-clients=0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "num-clients: 0 is out of range" in result.stderr
+
+
+@pytest.mark.parametrize("assignment,named", [
+    ("temperature=nan", "temperature: nan is not a finite number"),
+    ("teacher-lr=inf", "teacher-lr: inf is not a finite number"),
+    ("cudfkd.lambda-start=nan", "cudfkd.lambda-start: nan is not a finite number"),
+    ("query-timeout=inf", "query-timeout: inf is not a finite number"),
+    ("epochs=99999999999999999999", "epochs: 99999999999999999999 is out of range"),
+    ("seed=-1", "seed: -1 is out of range"),
+    ("teacher-model=wrn-17-2", "teacher-model: wide ResNet depth must be 6n+4"),
+    ("student-model=wrn-16-0", "student-model: wide ResNet width must be between 1 and 64"),
+    ("batch-size=1e9", "batch-size: '1e9' is not an integer"),
+])
+def test_a_bad_value_stops_at_start_up_naming_the_key_before_anything_is_written(tmp_path, capsys, assignment,
+                                                                                  named):
+    out = tmp_path / "run"
+    assert main(["run", *SMALL, "--set", assignment, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_toml_strings_are_not_coerced_to_numbers(tmp_path, capsys):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('epochs = "3"\n')
+    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert "epochs: '3' is a string, the key takes an integer; write it without quotes" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_before_it_starts_leaves_the_directory_reusable(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--set", "dataset=cifar10", "--set", f"data-root={tmp_path}", "--out", str(out)]
+    assert main(args) == 2
+    assert "'cifar10' not found under data-root" in capsys.readouterr().err
+    assert main(args) == 2  # the same command again: the same named cause, not "already holds a run"
+    assert "'cifar10' not found" in capsys.readouterr().err

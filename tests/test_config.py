@@ -159,3 +159,55 @@ def test_namespaced_config_round_trips_toml_set_and_flower(tmp_path):
     bad.write_text("[data]\nx = 1\n")
     with pytest.raises(ConfigError, match=r"unexpected table \[data\].*named after it \(cudfkd\)"):
         load_config_file(bad)
+
+
+def _every_key():
+    """(key, field) for every run-wide key and every method option."""
+    import dataclasses
+
+    keys = [(f.name.replace("_", "-"), f) for f in dataclasses.fields(RunConfig) if f.name != "options"]
+    for entry in METHODS.values():
+        keys += [(f"{entry.name}.{f.name.replace('_', '-')}", f) for f in dataclasses.fields(entry.options)]
+    return keys
+
+
+def _bad_values(field):
+    """Typed values (as TOML would carry them) that the key must refuse: NaN, +-inf, a huge integer, a wrong
+    type, and a value just outside its range or choices."""
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    meta = field.metadata
+    values = [float("nan"), float("inf"), float("-inf"), 10**20, [1]]
+    if kind.startswith("str"):
+        values = [v for v in values if not isinstance(v, float)] + [1.5, True]
+    elif kind.startswith("bool"):
+        values += [1, "true"]  # a TOML string is not a boolean
+    elif kind.startswith("int"):
+        values += [2.5, "5", True]
+    else:
+        values += ["0.5", True]
+    if "choices" in meta:
+        values.append("no-such-choice")
+    if meta.get("low") is not None:
+        values.append(meta["low"] - 1 if not meta.get("open_low") else meta["low"])
+    if meta.get("high") is not None:
+        values.append(meta["high"] + 1 if kind.startswith("int") else meta["high"] * 2 + 1)
+    return values
+
+
+@pytest.mark.parametrize("key,field", _every_key(), ids=[k for k, _ in _every_key()])
+def test_every_key_refuses_non_finite_huge_mistyped_and_out_of_range_values(key, field):
+    values = {"method": key.split(".")[0]} if "." in key else {}
+    for value in _bad_values(field):
+        with pytest.raises(ConfigError) as caught:
+            config_from_mapping({**values, key: value})
+        assert str(caught.value).startswith(f"{key}:") or f"'{key}'" in str(caught.value), (value, caught.value)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e400", "99999999999999999999"])
+def test_non_finite_or_huge_text_on_the_command_line_is_refused_for_every_number_key(text):
+    for key, field in _every_key():
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        if not kind.startswith(("int", "float")):
+            continue
+        with pytest.raises(ConfigError, match=f"^{key}: "):
+            config_from_mapping(parse_assignments([f"{key}={text}"]))

@@ -202,9 +202,12 @@ def test_node_files_are_checked(tmp_path: Path) -> None:
 def test_namespaced_keys_reach_the_server_app_through_flowers_own_run_config_parsing() -> None:
     from flwr.common.config import fuse_dicts, parse_config_args
 
+    from fedkd.config import parse_assignments
     from server.simulate import run_config_arg
 
-    changes = {"epochs": "3", "cudfkd.weight-bn": "5", "cudfkd": {"adv-mask": "none"}, "ensemble": "prob-mean"}
+    # as `fedkd simulate --set epochs=3 --set cudfkd.weight-bn=5` (command-line text) plus a TOML table
+    changes = {**parse_assignments(["epochs=3", "cudfkd.weight-bn=5"]), "cudfkd": {"adv-mask": "none"},
+               "ensemble": "prob-mean"}
     config = config_from_mapping(changes)
     overrides = parse_config_args([run_config_arg(changes, config)], flatten=False)  # as `flwr run --run-config`
     defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]

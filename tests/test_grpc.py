@@ -10,7 +10,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
+from client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
 from fedkd.codec import encode_description, encode_tensor
 from fedkd.ensemble import Ensemble
 from fedkd.models import build_model
@@ -226,6 +226,128 @@ def test_bad_hello_unknown_session_and_a_different_teacher_on_rejoin(hub_factory
         with pytest.raises(grpc.RpcError) as err:
             _open(channel, [_hello(other)], auth)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "different teacher" in err.value.details()
+        assert "model 'cnn' (joined as 'lenet5-half')" in err.value.details()  # the field that differs, named
+
+
+def _described(**changes):
+    host = make_host(0)
+    host.description = TeacherDescription(**{**host.description.__dict__, **changes})
+    return host
+
+
+@pytest.mark.parametrize("changes, text", [
+    ({"mean": (float("nan"),)}, "mean must be finite"),
+    ({"std": (float("nan"),)}, "std must be finite"),
+    ({"std": (float("inf"),)}, "std must be finite"),
+    ({"mean": (1e30,)}, "mean must be finite numbers within"),
+    ({"std": (0.0,)}, "std must be finite numbers in (0,"),
+    ({"num_classes": 10**9}, "num_classes must be from 2 to"),
+    ({"input_shape": (1, 8, 10**6)}, "input_shape must be"),
+    ({"privacy": {"mechanism": "dp-sgd", "epsilon_budget": float("nan"), "epsilon_spent": 1.0, "delta": 1e-5,
+                  "unit": "record"}}, "privacy.epsilon_budget must be a finite number"),
+    ({"privacy": {"mechanism": "dp-sgd", "epsilon_budget": 8.0, "epsilon_spent": -1.0, "delta": 1e-5,
+                  "unit": "record"}}, "privacy.epsilon_spent must be a finite number >= 0"),
+])
+def test_a_hostile_hello_is_refused_and_the_slot_stays_usable_by_its_teacher(hub_factory, pki, changes, text):
+    hub = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki))
+    auth = [("authorization", "Bearer token-zero")]
+    with grpc.secure_channel(f"localhost:{hub.port}", client_tls(pki).credentials()) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            _open(channel, [_hello(_described(**changes))], auth)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in err.value.details()
+        assert hub.slots[0].description is None  # nothing of the hostile description was pinned to the slot
+        assert _open(channel, [_hello()], auth).welcome.teacher == "teacher-000"  # the real teacher joins
+
+
+def test_a_teacher_the_run_cannot_use_is_refused_at_hello_and_the_quorum_decides(hub_factory, pki):
+    from fedkd.data import SPECS
+
+    spec = SPECS["digits"]  # 10 classes, (1, 8, 8)
+    desc = {"mean": spec.mean, "std": spec.std}
+    slots = {"teacher-000": "token-zero", "teacher-001": "token-one", "teacher-002": "token-two"}
+    hub = hub_factory(slots, tls=server_tls(pki), spec=spec)
+    good = [Running(_described(**desc), hub.port, token=t, tls=client_tls(pki)) for t in ("token-zero", "token-one")]
+    wrong = Running(_described(**desc, num_classes=100, label_counts=None), hub.port, token="token-two",
+                    tls=client_tls(pki))
+    result = wrong.join()
+    assert isinstance(result, AgentError) and "INVALID_ARGUMENT" in str(result)
+    assert "num_classes 100, the run's data has 10 classes" in str(result)
+    started = time.monotonic()
+    hub.wait_for_teachers(timeout=60)  # 2 of 3 live and a quorum: no waiting out the minute for the third
+    assert time.monotonic() - started < 20 and len(hub.live()) == 2
+    assert hub.refusals() == {"teacher-002": "description: num_classes 100, the run's data has 10 classes"}
+    assert hub.drop_absent() == ["teacher-002"] and [s.name for s in hub.slots] == ["teacher-000", "teacher-001"]
+    hub.end_session()
+    assert all(isinstance(a.join(), dict) for a in good)
+
+
+def test_below_quorum_after_refusals_the_wait_fails_at_once_naming_them(hub_factory, pki):
+    from fedkd.data import SPECS
+
+    spec = SPECS["digits"]
+    hub = hub_factory({"teacher-000": "token-zero", "teacher-001": "token-one"}, tls=server_tls(pki), spec=spec)
+    for token in ("token-zero", "token-one"):  # neither takes the run's 8x8 inputs
+        Running(_described(mean=spec.mean, std=spec.std, input_shape=(1, 28, 28)), hub.port, token=token,
+                tls=client_tls(pki)).join()
+    started = time.monotonic()
+    with pytest.raises(QuorumError, match=r"0 of 2 teachers connected.*input_shape \(1, 28, 28\)"):
+        hub.wait_for_teachers(timeout=60)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("case", ["wrong CA", "no CA", "plaintext agent", "TLS agent, plaintext hub", "wrong name",
+                                  "no client certificate", "client certificate of another CA"])
+def test_certificate_failures_stop_the_agent_at_once_naming_the_certificate(hub_factory, pki, tmp_path, case):
+    other = make_dev_pki(tmp_path / "other", clients=["teacher-000"])
+    mutual = "client certificate" in case
+    hub = hub_factory({"teacher-000": None if mutual else "token-zero"},
+                      tls=None if "plaintext hub" in case else server_tls(pki, mutual=mutual))
+    foreign = ClientTLS(pki.ca_cert.read_bytes(), *(f.read_bytes() for f in other.clients["teacher-000"]))
+    tls = {"wrong CA": ClientTLS(other.ca_cert.read_bytes()), "no CA": ClientTLS(None), "plaintext agent": None,
+           "TLS agent, plaintext hub": client_tls(pki), "wrong name": client_tls(pki),
+           "no client certificate": client_tls(pki), "client certificate of another CA": foreign}[case]
+    extra = {"server_name": "not-the-hub.example"} if case == "wrong name" else {}
+    started = time.monotonic()
+    agent = Running(make_host(0), hub.port, token="token-zero", tls=tls, give_up_after=120, **extra)
+    result = agent.join(timeout=30)
+    assert isinstance(result, AgentError), result
+    assert time.monotonic() - started < 15  # not retried for the whole give-up-after
+    expected = {"wrong CA": "does not verify against the CA given with --ca", "no CA": "the system's CAs (no --ca)",
+                "plaintext agent": "it expects TLS and this agent runs plaintext",
+                "TLS agent, plaintext hub": "does not speak TLS", "wrong name": "not valid for the name",
+                "no client certificate": "it expects a client certificate (mutual TLS)",
+                "client certificate of another CA": "does not accept this agent's client certificate"}[case]
+    assert expected in str(result), result
+    assert hub.slots[0].joins == 0
+
+
+def test_a_hub_that_stops_on_an_error_sends_the_agents_away_with_the_reason(hub_factory, pki):
+    hub = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki))
+    agent = Running(make_host(0), hub.port, token="token-zero", tls=client_tls(pki))
+    hub.wait_for_teachers(timeout=20)
+    with pytest.raises(RuntimeError, match="the dataset went away"):
+        with hub:
+            raise RuntimeError("the dataset went away")
+    result = agent.join(timeout=15)
+    assert isinstance(result, SessionAborted) and "the dataset went away" in str(result)
+    assert result.released["forward_calls"] == 0
+
+
+def test_an_interrupted_hub_says_nothing_so_its_agents_wait_for_the_resumed_run(hub_factory, pki):
+    hub = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki))
+    port = hub.port
+    agent = Running(make_host(0), port, token="token-zero", tls=client_tls(pki))
+    hub.wait_for_teachers(timeout=20)
+    with pytest.raises(KeyboardInterrupt):
+        with hub:
+            raise KeyboardInterrupt
+    time.sleep(0.5)
+    assert agent.thread.is_alive()  # still retrying
+    again = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki), address=f"127.0.0.1:{port}")
+    again.wait_for_teachers(timeout=20)
+    assert again.slots[0].joins == 1
+    again.end_session()
+    assert isinstance(agent.join(), dict)
 
 
 def _malformed(rng, host):

@@ -199,3 +199,74 @@ def test_a_teacher_pointed_at_nothing_gives_up_with_a_clear_error(in_process_run
                           "--connect", "127.0.0.1:1", "--token-file", str(token), "--insecure"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def _distill(out, port, *extra):
+    sets = [a for k, v in {**TINY, "epochs": 3, "steps-per-epoch": 6, "student-steps": 4}.items()
+            if k != "num-clients" for a in ("--set", f"{k}={v}")]
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "distill", "--listen", f"127.0.0.1:{port}",
+                             "--teachers", "2", "--out", str(out), "--wait", "60", *sets, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _teachers(ref_dir, out, port):
+    deadline = time.monotonic() + 60
+    while not (out / "tokens" / "teacher-001.token").exists() or not (out / "tls" / "ca.pem").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return [subprocess.Popen(
+        [sys.executable, "-m", "client", "--checkpoint", str(ref_dir / "clients" / f"client_{k:02d}" / "teacher.pt"),
+         "--connect", f"localhost:{port}", "--token-file", str(out / "tokens" / f"teacher-{k:03d}.token"),
+         "--ca", str(out / "tls" / "ca.pem")], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
+
+
+def test_a_killed_coordinator_resumes_with_its_teachers_and_ends_where_an_uninterrupted_run_ends(in_process_run,
+                                                                                                 tmp_path):
+    ref_dir, _ = in_process_run
+    procs = []
+    try:
+        port = _free_port()
+        whole = tmp_path / "uninterrupted"
+        procs.append(coordinator := _distill(whole, port))
+        procs += _teachers(ref_dir, whole, port)
+        assert coordinator.wait(timeout=300) == 0, coordinator.stdout.read().decode()
+
+        port = _free_port()
+        out = tmp_path / "killed"
+        procs.append(coordinator := _distill(out, port))
+        procs += (agents := _teachers(ref_dir, out, port))
+        ca = (out / "tls" / "ca.pem").read_bytes()
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint.pt").exists():  # the first epoch is checkpointed ...
+            assert time.monotonic() < deadline and coordinator.poll() is None
+            time.sleep(0.05)
+        ledger = (out / "queries.json").read_text()
+        while (out / "queries.json").read_text() == ledger:  # ... and the second has begun
+            assert time.monotonic() < deadline and coordinator.poll() is None
+            time.sleep(0.02)
+        coordinator.kill()  # SIGKILL: no goodbye, no cleanup
+        coordinator.wait()
+        procs.append(resumed := _distill(out, port, "--resume"))
+        log = resumed.communicate(timeout=300)[0].decode()
+        assert resumed.returncode == 0, log
+        results = [a.communicate(timeout=30) for a in agents]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert "reusing the run development CA" in log and (out / "tls" / "ca.pem").read_bytes() == ca
+    assert all(a.returncode == 0 for a in agents), results  # they reconnected on their own and were thanked
+    a = load_safe(out / "checkpoint.pt", "fedkd.run.v1")["method"]["trainer"]["student"]
+    b = load_safe(whole / "checkpoint.pt", "fedkd.run.v1")["method"]["trainer"]["student"]
+    for key in b:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-5, atol=1e-6, msg=key)
+    # The coordinator's ledger counts the repeated part of epoch 2 too (the teachers answered it twice); what it
+    # could not count (a round in flight at the kill) is stated with the reason.
+    queries = json.loads((out / "summary.json").read_text())["queries"]
+    released = [json.loads(r[0].decode().strip().splitlines()[-1])["released"] for r in results]
+    assert [r["samples"] for r in released] == [c["samples"] for c in queries["reported_by_clients"]]
+    reconciliation = queries["reconciliation"]
+    for difference in reconciliation["differences"]:
+        assert "in flight when the coordinator stopped" in difference["why"]
+        assert 0 < difference["reported_minus_counted"]["samples"] <= 4 * 64
+    assert reconciliation["agree"] == (not reconciliation["differences"])
