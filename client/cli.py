@@ -23,6 +23,7 @@ import torch
 from client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
 from fedkd.checkpoint import CheckpointError, load_teacher
 from fedkd.codec import MiB
+from fedkd.config import BATCH_LIMIT, TIMEOUT_LIMIT, address, argument
 from fedkd.teacher import ACCESS_MODES, TeacherHost, describe_checkpoint
 from fedkd.tls import read_certificates, read_private_key
 
@@ -51,7 +52,7 @@ def _read(path: str | None, what: str) -> bytes | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="the teacher checkpoint (fedkd.teacher.v1)")
-    parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="the coordinator's hub")
+    parser.add_argument("--connect", required=True, metavar="HOST:PORT", type=address, help="the coordinator's hub")
     parser.add_argument("--token-file", help="file holding this teacher's token (from the coordinator)")
     parser.add_argument("--ca", help="CA certificate (PEM) that signed the hub's certificate; default: system roots")
     parser.add_argument("--cert", help="this teacher's client certificate (PEM), for mutual TLS")
@@ -60,15 +61,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-name", help="TLS name to expect when it differs from the host in --connect")
     parser.add_argument("--session", default="", help="the run to join (refused when the hub runs another)")
     parser.add_argument("--name", default="", help="a name for this teacher in the hub's logs")
-    parser.add_argument("--max-batch", type=int, default=1024, help="largest query batch answered (default 1024)")
+    parser.add_argument("--max-batch", type=argument(int, 1, BATCH_LIMIT), default=1024,
+                        help="largest query batch answered (default 1024)")
     parser.add_argument("--access", default="logits,gradient",
                         help="access modes granted: logits, gradient or both (default both)")
     parser.add_argument("--no-label-counts", action="store_true", help="do not share the label histogram")
-    parser.add_argument("--max-message-mb", type=float, default=64.0, help="largest gRPC message (default 64)")
-    parser.add_argument("--give-up-after", type=float, default=600.0,
+    parser.add_argument("--max-message-mb", type=argument(float, 0.01, 2000.0), default=64.0,
+                        help="largest gRPC message (default 64)")
+    parser.add_argument("--give-up-after", type=argument(float, 0.0, TIMEOUT_LIMIT), default=600.0,
                         help="seconds without a session before giving up (default 600)")
     parser.add_argument("--device", default="cpu", help="torch device for the teacher (default cpu)")
-    parser.add_argument("--num-threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--num-threads", type=argument(int, 0, 1024), default=0,
+                        help="torch threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,8 +85,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--cert and --key go together")
     token = None
     if args.token_file:
-        raw = _read(args.token_file, "token file")
-        token = raw.decode().strip() if raw else ""
+        raw = _read(args.token_file, "token file") or b""
+        try:
+            token = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"token file {args.token_file!r} is not a token (not ASCII text); use the file the "
+                             "coordinator issued") from None
         if not token:
             raise ValueError(f"token file {args.token_file!r} is empty")
     if token is None and not args.cert:

@@ -377,6 +377,36 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     return config_from_mapping(run_config, ignore_unselected_defaults=True)
 
 
+def argument(kind: type, low: float, high: float) -> Callable[[str], Any]:
+    """An argparse ``type`` for a command-line flag: an int or a finite float in [low, high]; anything else is
+    refused by argparse with the flag's name (exit status 2)."""
+    import argparse
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_TYPE_WORDS[kind.__name__]}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range (must be from {low:g} to {high:g})")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def address(text: str) -> str:
+    """An argparse ``type`` for HOST:PORT (a port from 0 to 65535; [v6]:PORT for IPv6)."""
+    import argparse
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT with a port from 0 to 65535")
+    return text
+
+
 def parse_assignments(assignments: list[str]) -> dict[str, str]:
     """Parse ``KEY=VALUE`` strings from the command line."""
     out: dict[str, str] = {}

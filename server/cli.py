@@ -27,17 +27,26 @@ from rich.table import Table
 
 import client.cli
 from fedkd.checkpoint import CheckpointError
-from fedkd.config import ConfigError, RunConfig, config_from_mapping, load_config_file, parse_assignments
+from fedkd.config import (
+    TIMEOUT_LIMIT,
+    ConfigError,
+    RunConfig,
+    address,
+    argument,
+    config_from_mapping,
+    load_config_file,
+    parse_assignments,
+)
 from fedkd.data import DatasetNotFoundError
 from fedkd.experiment import RunDirectoryError, run_experiment
 from fedkd.pool import QuorumError
 from fedkd.tls import CertificateError, make_dev_pki, read_certificates, read_private_key, run_pki
 from server.distill import run_distillation, teacher_names
-from server.hub import ServerTLS
+from server.hub import ListenError, ServerTLS
 from server.loopback import grpc_transport
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, RunDirectoryError, QuorumError, TimeoutError,
-               FileNotFoundError, CertificateError)
+               FileNotFoundError, CertificateError, ListenError)
 
 
 class RichObserver:
@@ -258,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("distill", "hub"):
         d = sub.add_parser(name, help="coordinator: open the hub, wait for teachers to dial in, distil"
                            + (" (same as distill)" if name == "hub" else ""))
-        d.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on, e.g. 0.0.0.0:50051")
-        d.add_argument("--teachers", type=int, required=True, help="number of teachers that will connect")
+        d.add_argument("--listen", required=True, metavar="HOST:PORT", type=address,
+                       help="address to listen on, e.g. 0.0.0.0:50051")
+        d.add_argument("--teachers", type=argument(int, 1, 1000), required=True,
+                       help="number of teachers that will connect")
         d.add_argument("--config", help="TOML file of config keys")
         d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
         d.add_argument("--out", help="run directory (default: runs/<time>-<dataset>-<method>)")
@@ -272,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--insecure", action="store_true", help="plaintext (loopback experiments only)")
         d.add_argument("--token-dir", help="where the per-teacher tokens are (created when missing; "
                        "default <out>/tokens)")
-        d.add_argument("--wait", type=float, default=600.0, help="seconds to wait for all teachers (default 600)")
+        d.add_argument("--wait", type=argument(float, 0.0, TIMEOUT_LIMIT), default=600.0,
+                       help="seconds to wait for all teachers (default 600)")
         d.set_defaults(func=cmd_distill)
     teacher = sub.add_parser("teacher", help="institution: serve a teacher checkpoint to a coordinator's hub")
     client.cli.add_arguments(teacher)
@@ -280,12 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     certs = sub.add_parser("certs", help="create a development CA, a hub certificate and teacher certificates")
     certs.add_argument("--out", required=True, help="directory for the PEM files")
     certs.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses the hub is reached at")
-    certs.add_argument("--clients", type=int, default=0, help="client certificates for teacher-000.. (mutual TLS)")
-    certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    certs.add_argument("--clients", type=argument(int, 0, 1000), default=0,
+                       help="client certificates for teacher-000.. (mutual TLS)")
+    certs.add_argument("--days", type=argument(int, 1, 3650), default=30, help="validity in days (default 30)")
     certs.set_defaults(func=cmd_certs)
     sim = sub.add_parser("simulate", help="the Flower app in Flower's simulation engine (flwr run . --stream, "
                          "offline, one SuperNode per client); exits 1 when the run fails")
-    sim.add_argument("--clients", type=int, help="number of clients (= num-clients and num-supernodes)")
+    sim.add_argument("--clients", type=argument(int, 1, 1000),
+                     help="number of clients (= num-clients and num-supernodes)")
     sim.add_argument("--config", help="TOML file of config keys")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
     sim.add_argument("--flwr-home", help="FLWR_HOME for the local SuperLink (default ~/.cache/fedkd/flwr-home)")

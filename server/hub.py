@@ -71,6 +71,10 @@ class ServerTLS:
                                            require_client_auth=self.client_ca is not None)
 
 
+class ListenError(OSError):
+    """The hub cannot listen on the address it was given; the message names it."""
+
+
 class ConnectionLost(RuntimeError):
     """The teacher's stream closed while a query was in flight."""
 
@@ -235,12 +239,16 @@ class Hub:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
-        if self.tls is not None:
-            port = server.add_secure_port(self.address, self.tls.credentials())
-        else:
-            port = server.add_insecure_port(self.address)
+        try:
+            if self.tls is not None:
+                port = server.add_secure_port(self.address, self.tls.credentials())
+            else:
+                port = server.add_insecure_port(self.address)
+        except RuntimeError:  # grpcio raises when it cannot bind (older versions return 0)
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {self.address!r} (address in use or not local)")
+            raise ListenError(f"cannot listen on {self.address!r}: the address is in use or not one of this "
+                              "machine's (use 0.0.0.0:PORT for every interface)")
         server.start()
         self._server, self.port = server, port
         for name in ("", SERVICE):

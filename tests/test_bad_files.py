@@ -158,3 +158,48 @@ def test_fedkd_distill_checks_its_certificate_and_key_at_start_up(tmp_path, caps
     pki = make_dev_pki(tmp_path / "pki")
     assert main([*args, "--cert", str(pki.server_cert), "--key", str(key)]) == 2
     assert f"--key '{key}' is not an unencrypted PEM private key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-batch", "-1", "argument --max-batch: '-1' is out of range"),
+    ("--max-message-mb", "nan", "argument --max-message-mb: 'nan' is not a finite number"),
+    ("--max-message-mb", "inf", "argument --max-message-mb: 'inf' is not a finite number"),
+    ("--give-up-after", "nan", "argument --give-up-after: 'nan' is not a finite number"),
+    ("--num-threads", "-1", "argument --num-threads: '-1' is out of range"),
+])
+def test_fedkd_teacher_refuses_bad_numbers_naming_the_flag(finished_run, tmp_path, capsys, flag, value, message):
+    token = tmp_path / "t.token"
+    token.write_text("x\n")
+    with pytest.raises(SystemExit) as exit_:
+        client.cli.main(["--checkpoint", str(finished_run / "clients" / "client_00" / "teacher.pt"),
+                         "--connect", "127.0.0.1:1", "--token-file", str(token), "--insecure", flag, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_token_file_that_is_not_text_is_named(finished_run, tmp_path, capsys):
+    token = tmp_path / "t.token"
+    token.write_bytes(b"\xff\xfe\x00garbage")
+    code = client.cli.main(["--checkpoint", str(finished_run / "clients" / "client_00" / "teacher.pt"),
+                            "--connect", "127.0.0.1:1", "--token-file", str(token), "--insecure"])
+    assert code == 2 and f"token file '{token}' is not a token" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teachers", "0"], "argument --teachers: '0' is out of range"),
+    (["--teachers", "2", "--wait", "inf"], "argument --wait: 'inf' is not a finite number"),
+    (["--teachers", "1", "--listen", "garbage"], "argument --listen: 'garbage' is not HOST:PORT"),
+    (["--teachers", "1", "--listen", "127.0.0.1:99999"], "argument --listen: '127.0.0.1:99999' is not HOST:PORT"),
+])
+def test_fedkd_distill_refuses_bad_numbers_naming_the_flag(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--listen", "127.0.0.1:0", "--out", str(tmp_path / "run"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_address_the_hub_cannot_bind_is_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["distill", "--listen", "192.0.2.1:50051", "--teachers", "1", "--out", str(out), "--wait", "1"]
+    assert main(args) == 2  # 192.0.2.1 (TEST-NET-1) is no interface of this machine
+    assert "cannot listen on '192.0.2.1:50051'" in capsys.readouterr().err
+    assert not (out / "config.json").exists()  # nothing ran: the same --out can be used again
