@@ -42,10 +42,13 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 def _unreadable(exc: Exception) -> str:
     """Why torch could not read a file, in fedkd's words (never torch's advice to unpickle it anyway)."""
-    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
-        return ("it holds Python objects other than tensors and plain values; fedkd never unpickles those (the "
-                "file may be malicious)")
-    if isinstance(exc, EOFError) or "failed finding central directory" in str(exc):
+    text = str(exc)
+    if "Unsupported global" in text:
+        name = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text.split("Unsupported global", 1)[1] else ""
+        return (f"it holds Python objects{' (' + name + ')' if name else ''} other than tensors and plain values; "
+                "fedkd never unpickles those (the file may be malicious)")
+    if isinstance(exc, (EOFError, pickle.UnpicklingError, KeyError)) or "Weights only load failed" in text \
+            or "failed finding central directory" in text:
         return "it is truncated or not a torch file"
     first = next(iter(str(exc).splitlines()), "")
     return f"{type(exc).__name__}{': ' + first[:200] if first else ''}"
