@@ -18,6 +18,17 @@ in probability space return log-probabilities, which are valid logits:
 - ``class-weighted-logits``: the same weights applied to logits.
 - ``confidence``: per-sample weights softmax_k(-H(p_k(x))): a teacher counts
   more on the inputs it is sure about (needs no counts).
+- ``median``: the coordinate-wise median of the teachers' probabilities
+  (renormalised): one teacher, however wrong or confident, cannot move it past
+  the others.
+- ``trimmed-mean``: per coordinate, the mean of the probabilities left after
+  dropping the highest and lowest fifth of the teachers (at least one each
+  way; the median when fewer than three would remain).
+
+Per-teacher weights (label counts, and the reliability estimate of
+``fedkd.robustness``) reach the aggregators as a (K', C) matrix whose columns
+sum to 1; the order statistics (median, trimmed mean) take no weights: an
+unreliable teacher is left out of them instead.
 - ``auto`` (a config value, not an aggregator): ``class-weighted`` when at
   least one client shares its label counts, else ``prob-mean``.
 
@@ -46,6 +57,7 @@ class Aggregator:
     combine: Callable[[Tensor, Tensor | None], Tensor]  # (logits (K', B, C), weights (K', C) | None) -> (B, C)
     needs_counts: bool = False
     description: str = ""
+    takes_weights: bool = True  # False: an order statistic; unreliable members are left out instead
 
 
 def class_weights(counts: Sequence[LabelCounts], num_classes: int, num_samples: Sequence[int | None] | None = None
@@ -79,11 +91,15 @@ def _log_normalise(p: Tensor) -> Tensor:
 
 
 def _logit_mean(logits: Tensor, weights: Tensor | None) -> Tensor:
-    return logits.mean(0)
+    if weights is None:
+        return logits.mean(0)
+    return (logits * weights.unsqueeze(1)).sum(0)
 
 
 def _prob_mean(logits: Tensor, weights: Tensor | None) -> Tensor:
-    return _log_normalise(F.softmax(logits, -1).mean(0))
+    if weights is None:
+        return _log_normalise(F.softmax(logits, -1).mean(0))
+    return _log_normalise((F.softmax(logits, -1) * weights.unsqueeze(1)).sum(0))
 
 
 def _class_weighted(logits: Tensor, weights: Tensor | None) -> Tensor:
@@ -100,7 +116,30 @@ def _confidence(logits: Tensor, weights: Tensor | None) -> Tensor:
     p = F.softmax(logits, -1)  # (K', B, C)
     entropy = -(p * F.log_softmax(logits, -1)).sum(-1)  # (K', B)
     w = F.softmax(-entropy, 0).unsqueeze(-1)  # (K', B, 1)
+    if weights is not None:  # per-teacher weights (the class-mean of each row) scale the per-sample ones
+        w = w * weights.mean(1).view(-1, 1, 1)
+        w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
     return _log_normalise((w * p).sum(0))
+
+
+def median_of(values: Tensor) -> Tensor:
+    """The median over the first dimension (the mean of the two middle values when it is even)."""
+    k = values.shape[0]
+    ordered = values.sort(0).values
+    return ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+
+
+def _median(logits: Tensor, weights: Tensor | None) -> Tensor:
+    return _log_normalise(median_of(F.softmax(logits, -1)))
+
+
+def _trimmed_mean(logits: Tensor, weights: Tensor | None) -> Tensor:
+    k = logits.shape[0]
+    trim = max(1, k // 5)
+    if k - 2 * trim < 1 or k < 3:
+        return _median(logits, weights)
+    ordered = F.softmax(logits, -1).sort(0).values
+    return _log_normalise(ordered[trim:k - trim].mean(0))
 
 
 AGGREGATORS: dict[str, Aggregator] = {a.name: a for a in (
@@ -111,6 +150,10 @@ AGGREGATORS: dict[str, Aggregator] = {a.name: a for a in (
     Aggregator("class-weighted-logits", _class_weighted_logits, needs_counts=True,
                description="logits weighted per class by the teachers' label counts"),
     Aggregator("confidence", _confidence, description="probabilities weighted per sample by low entropy"),
+    Aggregator("median", _median, takes_weights=False,
+               description="coordinate-wise median of the teachers' probabilities"),
+    Aggregator("trimmed-mean", _trimmed_mean, takes_weights=False,
+               description="coordinate-wise mean of the probabilities without the highest and lowest fifth"),
 )}
 
 ENSEMBLE_CHOICES = ("auto", *AGGREGATORS)

@@ -96,6 +96,12 @@ class RunConfig:
     student_shift: int = field(default=0, metadata=bounded(0, 8))  # pixels a pool image may move in a student step
     temperature: float = field(default=4.0, metadata=bounded(0.0, 100.0, open_low=True))
     ensemble: str = field(default="auto", metadata=choice(*ENSEMBLE_CHOICES))
+    # Robustness to a teacher that answers wrong on purpose (fedkd/robustness.py): per-teacher reliability from
+    # agreement with the others (multiplies the aggregator's weights), logits clipped to +-logit-bound, a
+    # teacher's per-sample input gradient clipped to gradient-bound x the median teacher's.
+    reliability: bool = True
+    logit_bound: float = field(default=100.0, metadata=bounded(1.0, 1e6))
+    gradient_bound: float = field(default=10.0, metadata=bounded(1.0, 1e6))
     share_label_counts: bool = True
 
     # The shared synthesizer (fedkd/synthesis.py): the generator (class-conditional with

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fedkd.aggregation import Aggregator, class_weights, resolve_aggregator
 from fedkd.pool import TeacherPool
+from fedkd.robustness import AnswerBounds, Reliability
 from fedkd.teacher import CurriculumState
 
 
@@ -58,11 +59,11 @@ class _FanOut(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, inputs: Tensor, pool: TeacherPool, state: CurriculumState, bn_loss: bool,
-                min_answers: int | None, answered: list[int]) -> tuple[Tensor, Tensor]:
+                min_answers: int | None, answered: list[int], bounds: AnswerBounds) -> tuple[Tensor, Tensor]:
         x, members, has_bn, logits, losses = _query(pool, inputs, state, bn_loss, min_answers)
         answered.extend(members)
-        ctx.pool, ctx.state, ctx.members, ctx.has_bn, ctx.x, ctx.device = (
-            pool, state, members, has_bn, x, inputs.device)
+        ctx.pool, ctx.state, ctx.members, ctx.has_bn, ctx.x, ctx.device, ctx.bounds = (
+            pool, state, members, has_bn, x, inputs.device, bounds)
         return logits, losses
 
     @staticmethod
@@ -70,17 +71,18 @@ class _FanOut(torch.autograd.Function):
         g = grad_logits.detach().cpu().float().contiguous()
         gl = grad_losses.detach().cpu().float()
         grads = {k: (g[i].contiguous(), float(gl[i]) if ctx.has_bn[i] else None) for i, k in enumerate(ctx.members)}
-        answers = ctx.pool.backward(ctx.x, grads, ctx.state)
+        answers = ctx.bounds.gradients(ctx.pool.backward(ctx.x, grads, ctx.state))
         total = torch.zeros_like(ctx.x)
         for grad in answers.values():
             total += grad
-        return total.to(ctx.device), None, None, None, None, None
+        return total.to(ctx.device), None, None, None, None, None, None
 
 
 class Ensemble:
     """Queries every teacher of a pool with the same inputs and combines their logits."""
 
-    def __init__(self, pool: TeacherPool, aggregation: str = "auto") -> None:
+    def __init__(self, pool: TeacherPool, aggregation: str = "auto", *, reliability: bool = True,
+                 logit_bound: float = 100.0, gradient_bound: float = 10.0) -> None:
         self.pool = pool
         descriptions = pool.descriptions
         if not descriptions:
@@ -95,6 +97,8 @@ class Ensemble:
             aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
         self._class_weights = class_weights([d.label_counts for d in descriptions], self.num_classes,
                                             [d.num_samples for d in descriptions])  # (K, C)
+        self.reliability = Reliability(len(descriptions), self.num_classes, enabled=reliability)
+        self.bounds = AnswerBounds(logit_bound, gradient_bound)
 
     @property
     def aggregation(self) -> str:
@@ -116,16 +120,47 @@ class Ensemble:
         return any(d.has_feature_statistics for d in self.descriptions)
 
     def weights(self, members: Sequence[int]) -> Tensor | None:
-        """(K', C) class weights over the answering members (columns renormalised), or None when unused."""
-        if not self.aggregator.needs_counts:
+        """(K', C) weights over the answering members: class weights (when the aggregator uses label counts)
+        times each teacher's reliability, columns renormalised; None when every weight would be equal."""
+        members = list(members)
+        r = self.reliability.weights()[members]  # (K',)
+        if not self.aggregator.needs_counts and bool((r == 1).all()):
             return None
-        w = self._class_weights[list(members)]
-        return w / w.sum(0, keepdim=True).clamp_min(1e-12)
+        if float(r.sum()) <= 0:  # nobody is trusted more than anybody: equal footing
+            r = torch.ones_like(r)
+        base = self._class_weights[members] if self.aggregator.needs_counts else torch.ones(len(members),
+                                                                                           self.num_classes)
+        w = base * r.unsqueeze(1)
+        column = w.sum(0, keepdim=True)
+        # A class only distrusted teachers speak for: their (count) weights as they were.
+        return torch.where(column > 0, w / column.clamp_min(1e-12), base / base.sum(0, keepdim=True).clamp_min(1e-12))
 
     def combine(self, logits: Tensor, members: Sequence[int]) -> Tensor:
         """The ensemble's (B, C) logits from the members' (K', B, C) logits."""
+        if not self.aggregator.takes_weights:  # an order statistic: leave the distrusted teachers out
+            r = self.reliability.weights()[list(members)]
+            keep = [i for i in range(len(r)) if r[i] > 0]
+            if keep and len(keep) < len(r):
+                logits = logits[keep]
+            return self.aggregator.combine(logits, None)
         weights = self.weights(members)
         return self.aggregator.combine(logits, None if weights is None else weights.to(logits.device))
+
+    def report(self) -> list[dict[str, Any]]:
+        """Per teacher: its reliability weight, its agreement with the others, and what was clipped."""
+        w = self.reliability.weights()
+        return [{"client": d.client, "weight": round(float(w[k]), 4),
+                 "agreement": round(float(self.reliability.agreement[k]), 4) if self.reliability.batches[k] else None,
+                 "clipped_logits": self.bounds.clipped_logits.get(k, 0),
+                 "clipped_gradients": self.bounds.clipped_gradients.get(k, 0)}
+                for k, d in enumerate(self.descriptions)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reliability": self.reliability.state_dict(), "bounds": self.bounds.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reliability.load_state_dict(state["reliability"])
+        self.bounds.load_state_dict(state["bounds"])
 
     def __call__(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
                  require_all: bool = False) -> EnsembleOutput:
@@ -133,9 +168,11 @@ class Ensemble:
         min_answers = len(self) if require_all else None
         if inputs.requires_grad and torch.is_grad_enabled():
             answered: list[int] = []
-            logits, losses = _FanOut.apply(inputs, self.pool, state, bn_loss, min_answers, answered)
+            logits, losses = _FanOut.apply(inputs, self.pool, state, bn_loss, min_answers, answered, self.bounds)
         else:
             _, answered, _, logits, losses = _query(self.pool, inputs, state, bn_loss, min_answers)
+        logits = self.bounds.logits(answered, logits)
+        self.reliability.update(answered, logits)
         combined = self.combine(logits, answered)
         with_bn = [i for i, k in enumerate(answered) if self.descriptions[k].has_feature_statistics]
         loss = losses[with_bn].mean() if bn_loss and with_bn else None

@@ -344,7 +344,8 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     elapsed_before = float(saved_state["elapsed"]) if saved_state else 0.0
     _check_teachers(pool, spec)
     try:
-        ensemble = Ensemble(pool, config.ensemble)
+        ensemble = Ensemble(pool, config.ensemble, reliability=config.reliability, logit_bound=config.logit_bound,
+                            gradient_bound=config.gradient_bound)
     except ValueError as exc:
         raise ConfigError(f"ensemble: {exc}") from None
     if ensemble.aggregation != config.ensemble:
@@ -378,6 +379,8 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     if saved_state is not None:
         try:
             method.load_state_dict(saved_state["method"])
+            if saved_state.get("ensemble") is not None:  # absent from checkpoints of older versions
+                ensemble.load_state_dict(saved_state["ensemble"])
             torch.set_rng_state(saved_state["rng"])
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
             raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit this run "
@@ -426,6 +429,7 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
             "elapsed": elapsed_before + time.perf_counter() - started,
             "answers": {"ensemble": answers.ensemble, "members": answers.members} if answers else None,
             "query_stats": [s.as_dict() for s in pool.stats()],
+            "ensemble": ensemble.state_dict(),
         }, ckpt_path)
         observer.epoch_finished(record)
 
@@ -552,7 +556,9 @@ def _summary(config: RunConfig, test: ImageData | None, pool: TeacherPool, ensem
         "ensemble": {"aggregation": ensemble.aggregation, "requested": config.ensemble,
                      "test_accuracy": ensemble_accuracy,
                      # a release by the clients (their label histograms), visible here; None = not used
-                     "label_counts_from": ensemble.label_counts_from},
+                     "label_counts_from": ensemble.label_counts_from,
+                     # per teacher: reliability weight, agreement with the others, what was clipped
+                     "teachers": ensemble.report()},
         "student": student,
         "references": references,
         "transport": config.transport,

@@ -12,6 +12,9 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
 - ``one-client``: one client holding the whole training pool, IID. Target: student >= 0.99 x teacher.
 - ``pathological``: 2 classes per client, 5 clients. Target: student >= 0.85.
 - ``curriculum``: the main job with ``cudfkd.self-paced`` = log / soft / hard / none (log is the default).
+- ``hostile``: the main job with client 0's teacher replaced by a hostile one (a fixed wrong class, or
+  random logits; both claiming a large label histogram), with the reliability estimate (the default) and
+  without it. Target: student within 0.02 of the default run.
 - ``aggregators``: no distillation: every aggregator's test accuracy on the teachers of the IID,
   Dirichlet(0.5), Dirichlet(0.1) and pathological splits (what picked ``ensemble=auto``).
 
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 
 from fedkd.aggregation import AGGREGATORS
+from fedkd.checkpoint import save_atomic
 from fedkd.config import config_from_mapping
 from fedkd.data import load_dataset
 from fedkd.ensemble import Ensemble
@@ -48,9 +52,18 @@ RUNS: dict[str, dict[str, Any]] = {
     "curriculum-soft": {"cudfkd.self-paced": "soft"},
     "curriculum-hard": {"cudfkd.self-paced": "hard"},
     "curriculum-none": {"cudfkd.self-paced": "none"},
+    # One hostile teacher among five (client 0's checkpoint doctored after training; README, "Robustness"):
+    # "fixed" answers class 0 with logit 20 on everything, "random" answers random logits (scale 10); both
+    # claim a label histogram of 10,000 per class. "-trusting" turns the reliability estimate off.
+    "hostile-fixed": {},
+    "hostile-fixed-trusting": {"reliability": False},
+    "hostile-random": {},
+    "hostile-random-trusting": {"reliability": False},
 }
 GROUPS = {"default": ["default"], "one-client": ["one-client"], "pathological": ["pathological"],
-          "curriculum": ["default", "curriculum-soft", "curriculum-hard", "curriculum-none"]}
+          "curriculum": ["default", "curriculum-soft", "curriculum-hard", "curriculum-none"],
+          "hostile": ["default", "hostile-fixed", "hostile-fixed-trusting", "hostile-random",
+                      "hostile-random-trusting"]}
 SPLITS = {"iid": {"partition": "iid"}, "dirichlet-0.5": {"alpha": 0.5}, "dirichlet-0.1": {"alpha": 0.1},
           "pathological": {"partition": "pathological", "classes-per-client": 2}}
 
@@ -73,10 +86,37 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
+def doctor_teacher(path: Path, kind: str, seed: int) -> None:
+    """Turn the teacher checkpoint at ``path`` into a hostile one (the last layer rewritten) that claims a large,
+    balanced label histogram: ``fixed`` answers class 0 with logit 20, ``random`` random logits of scale 10."""
+    ckpt = torch.load(path, weights_only=True)
+    state = ckpt["state_dict"]
+    classes = ckpt["num_classes"]
+    last = [k for k, v in state.items() if k.endswith(".weight") and v.dim() == 2 and v.shape[0] == classes][-1]
+    bias = last[: -len("weight")] + "bias"
+    if kind == "fixed":
+        state[last] = torch.zeros_like(state[last])
+        state[bias] = torch.zeros_like(state[bias])
+        state[bias][0] = 20.0
+    else:
+        g = torch.Generator().manual_seed(seed)
+        weight = torch.randn(state[last].shape, generator=g)
+        state[last] = 10 * weight / weight.norm(dim=1, keepdim=True)
+        state[bias] = torch.zeros_like(state[bias])
+    ckpt["label_counts"] = [10_000] * classes
+    ckpt["num_samples"] = 10_000 * classes
+    save_atomic(ckpt, path)
+
+
 def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
     config = config_from_mapping({**RUNS[name], "seed": seed})
     out = out_root / f"{name}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
+    if name.startswith("hostile-"):  # the honest federation's teachers, then client 0 turns hostile
+        data = load_dataset(config.dataset, config.data_root, seed=seed)
+        prepare_clients(config, data, out, setup(config), _Quiet())
+        doctor_teacher(out / "clients" / "client_00" / "teacher.pt", name.split("-")[1], seed)
+        (out / "config.json").unlink(missing_ok=True)
     summary = run_experiment(config, out, observer=_Quiet())
     best = max(t["test_accuracy"] for t in summary["teachers"])
     return {"seed": seed, "student": summary["student"]["test_accuracy"],
@@ -84,10 +124,12 @@ def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
             "best_teacher": best, "agreement": summary["student"]["agreement"],
             "query_samples": summary["queries"]["samples"], "wall_seconds": summary["wall_seconds"],
             "admitted": [json.loads(line).get("admitted") for line in (out / "metrics.jsonl").read_text().splitlines()],
+            "teacher_weights": [t["weight"] for t in summary["ensemble"]["teachers"]],
             "run_dir": str(out)}
 
 
-def targets(name: str, runs: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]] | None = None
+            ) -> list[tuple[str, str, bool]]:
     student = _mean_std([r["student"] for r in runs])[0]
     if name == "default":
         best = statistics.fmean(r["best_teacher"] for r in runs)
@@ -104,6 +146,10 @@ def targets(name: str, runs: list[dict[str, Any]]) -> list[tuple[str, str, bool]
         return [("student >= 0.99 x teacher", f"{ratio:.4f}", ratio >= 0.99)]
     if name == "pathological":
         return [("student >= 0.85", f"{student:.4f}", student >= 0.85)]
+    if name in ("hostile-fixed", "hostile-random") and default:
+        reference = _mean_std([r["student"] for r in default])[0]
+        return [("student >= default - 0.02", f"{student:.4f} vs {reference - 0.02:.4f}",
+                 student >= reference - 0.02)]
     return []
 
 
@@ -156,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             print(f"running {name}, seed {seed} ...", file=sys.stderr, flush=True)
             runs.append(distil(name, seed, out_root))
+        default = results["experiments"].get("default", {}).get("runs")
         results["experiments"][name] = {"overrides": RUNS[name], "runs": runs, "targets": [
-            {"target": t, "measured": m, "met": ok} for t, m, ok in targets(name, runs)]}
+            {"target": t, "measured": m, "met": ok} for t, m, ok in targets(name, runs, default)]}
     if "aggregators" in groups:
         print("aggregators ...", file=sys.stderr, flush=True)
         results["aggregators"] = aggregators(seeds, out_root)

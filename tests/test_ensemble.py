@@ -107,6 +107,6 @@ def test_ensemble_validation():
     with pytest.raises(ValueError, match="at least one teacher"):
         LocalPool([])
     with pytest.raises(KeyError, match="valid: logit-mean, prob-mean, class-weighted"):
-        Ensemble(LocalPool([_teacher([0.0, 1.0])]), "median")
+        Ensemble(LocalPool([_teacher([0.0, 1.0])]), "mode")
     with pytest.raises(ValueError, match="disagree"):
         Ensemble(LocalPool([_teacher([0.0, 1.0]), _teacher([0.0, 1.0, 2.0])]))

@@ -1,0 +1,150 @@
+"""What the coordinator does about a teacher that answers wrong on purpose (or is broken).
+
+Threat: one institution's teacher answers confidently wrong (a fixed class with a large logit, random logits,
+absurd scales) and claims a large balanced label histogram, so that class weighting trusts it most. Nothing
+about a single answer says it is wrong; what does is that the teacher disagrees with the others systematically.
+
+- :class:`Reliability`: for every Forward the ensemble makes, each answering teacher's top-1 answer is compared
+  with the leave-one-out consensus (coordinate-wise median of the other teachers' probabilities); an exponential
+  moving average of that agreement rate is kept per teacher. A teacher whose agreement above chance is at least
+  ``tolerance`` times the median teacher's keeps full weight; below that its weight falls linearly to 0 at
+  chance level, and a weight under 0.5 is cut to 0 (the teacher is left out). The weight multiplies whatever
+  weights the aggregator uses (label counts included: a claimed histogram of any size does not buy trust back);
+  order-statistic aggregators leave a teacher with weight 0 out. On honest
+  federations every teacher keeps weight 1 (measured: README, "Robustness"); in a pathological split, where
+  honest teachers legitimately disagree, the comparison is relative to the median teacher, not absolute.
+- :class:`AnswerBounds`: logits are clipped to +-``logit_bound`` (a softmax is saturated long before; this only
+  stops an absurd scale from owning a logit average); per sample, a teacher's input gradient is clipped to
+  ``gradient_bound`` times the median norm of the teachers' gradients for that sample (when at least three answered:
+  no absolute scale is needed).
+
+Both count what they did per teacher; the summary reports it (``ensemble.teachers``) and a down-weighted teacher
+is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedkd.aggregation import median_of
+
+logger = logging.getLogger(__name__)
+CUT = 0.5  # a reliability below this leaves the teacher out of the ensemble
+
+
+class Reliability:
+    """Per-teacher agreement with the leave-one-out consensus, and the weight it earns."""
+
+    def __init__(self, teachers: int, num_classes: int, *, decay: float = 0.9, tolerance: float = 0.5,
+                 enabled: bool = True) -> None:
+        self.teachers, self.num_classes = teachers, num_classes
+        self.decay, self.tolerance, self.enabled = decay, tolerance, enabled
+        self.agreement = torch.zeros(teachers)
+        self.batches = torch.zeros(teachers, dtype=torch.long)
+        self._warned: set[int] = set()
+
+    @torch.no_grad()
+    def update(self, members: list[int], logits: Tensor) -> None:
+        """Account one answered batch: ``logits`` (K', B, C) of ``members``."""
+        if not self.enabled or len(members) < 3:  # two teachers cannot outvote each other
+            return
+        p = F.softmax(logits.detach().float().cpu(), -1)
+        votes = p.argmax(-1)  # (K', B)
+        for i, k in enumerate(members):
+            others = torch.cat([p[:i], p[i + 1:]])
+            consensus = median_of(others).argmax(-1)  # (B,)
+            rate = float((votes[i] == consensus).float().mean())
+            first = self.batches[k] == 0
+            self.agreement[k] = rate if first else self.decay * self.agreement[k] + (1 - self.decay) * rate
+            self.batches[k] += 1
+        self._log_changes()
+
+    def weights(self) -> Tensor:
+        """(K,) weights in [0, 1]: 1 for every teacher until there is evidence."""
+        seen = self.batches > 0
+        if not self.enabled or int(seen.sum()) < 3:
+            return torch.ones(self.teachers)
+        chance = 1.0 / self.num_classes
+        typical = float(self.agreement[seen].median()) - chance
+        if typical <= 0.05:  # the teachers hardly agree at all: no basis for singling one out
+            return torch.ones(self.teachers)
+        w = ((self.agreement - chance) / (self.tolerance * typical)).clamp(0.0, 1.0)
+        # Below half weight a teacher is out altogether: a distrusted teacher's claimed label counts (any size)
+        # must not buy back what its disagreement lost.
+        w = torch.where(w < CUT, torch.zeros_like(w), w)
+        return torch.where(seen, w, torch.ones_like(w))
+
+    def _log_changes(self) -> None:
+        w = self.weights()
+        for k in range(self.teachers):
+            if w[k] < CUT and k not in self._warned:
+                self._warned.add(k)
+                logger.warning("teacher %d is left out of the ensemble (weight %.2f): it agrees with the others on "
+                               "%.0f%% of the queries (the median teacher: %.0f%%)", k, float(w[k]),
+                               100 * float(self.agreement[k]),
+                               100 * float(self.agreement[self.batches > 0].median()))
+            elif w[k] >= CUT and k in self._warned:
+                self._warned.discard(k)
+                logger.warning("teacher %d is trusted again (weight %.2f)", k, float(w[k]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"agreement": self.agreement.clone(), "batches": self.batches.clone(), "warned": sorted(self._warned)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.agreement = state["agreement"].clone().float()
+        self.batches = state["batches"].clone().long()
+        self._warned = {int(k) for k in state["warned"]}
+
+
+@dataclass
+class AnswerBounds:
+    """Clip the absurd: logit magnitude, and per-sample input-gradient norms relative to the other teachers."""
+
+    logit_bound: float = 100.0
+    gradient_bound: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.clipped_logits: dict[int, int] = {}  # teacher -> answers (samples) with a logit clipped
+        self.clipped_gradients: dict[int, int] = {}  # teacher -> samples with the gradient clipped
+
+    def logits(self, members: list[int], logits: Tensor) -> Tensor:
+        """(K', B, C) logits clipped to +-logit_bound; counts the samples touched per teacher."""
+        over = (logits.abs() > self.logit_bound).any(-1)  # (K', B)
+        if bool(over.any()):
+            for i, k in enumerate(members):
+                n = int(over[i].sum())
+                if n:
+                    self.clipped_logits[k] = self.clipped_logits.get(k, 0) + n
+            return logits.clamp(-self.logit_bound, self.logit_bound)
+        return logits
+
+    def gradients(self, grads: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Each teacher's (B, ...) input gradient with per-sample norms at most gradient_bound x the median."""
+        if len(grads) < 3:
+            return grads
+        keys = sorted(grads)
+        norms = torch.stack([grads[k].flatten(1).norm(dim=1) for k in keys])  # (K', B)
+        limit = self.gradient_bound * median_of(norms)  # (B,)
+        out = {}
+        for i, k in enumerate(keys):
+            over = norms[i] > limit
+            if bool(over.any()):
+                scale = torch.where(over, limit / norms[i].clamp_min(1e-30), torch.ones_like(limit))
+                out[k] = grads[k] * scale.view(-1, *([1] * (grads[k].dim() - 1)))
+                self.clipped_gradients[k] = self.clipped_gradients.get(k, 0) + int(over.sum())
+            else:
+                out[k] = grads[k]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"clipped_logits": dict(self.clipped_logits), "clipped_gradients": dict(self.clipped_gradients)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clipped_logits = {int(k): int(v) for k, v in state["clipped_logits"].items()}
+        self.clipped_gradients = {int(k): int(v) for k, v in state["clipped_gradients"].items()}

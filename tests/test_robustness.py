@@ -1,0 +1,174 @@
+"""A hostile teacher among honest ones: robust aggregators, the reliability estimate, bounds on answers."""
+
+import logging
+
+import torch
+from torch import nn
+
+from fedkd.aggregation import AGGREGATORS
+from fedkd.ensemble import Ensemble
+from fedkd.pool import LocalPool
+from fedkd.robustness import AnswerBounds, Reliability
+from fedkd.teacher import CurriculumState, TeacherDescription, TeacherHost
+
+C = 10
+
+
+class Reads(nn.Module):
+    """An honest toy teacher: the class is the input's first pixel (times a confidence), plus a little noise."""
+
+    def __init__(self, noise_seed: int, scale: float = 5.0) -> None:
+        super().__init__()
+        self.scale = scale
+        g = torch.Generator().manual_seed(noise_seed)
+        self.bias = nn.Parameter(0.3 * torch.randn(C, generator=g))
+
+    def forward(self, x):
+        cls = (x.flatten(1)[:, 0] * C).long().clamp(0, C - 1)
+        smooth = 0.1 * x.flatten(1).sum(1, keepdim=True) * torch.arange(C)  # a gradient of order 1 w.r.t. x
+        return self.scale * nn.functional.one_hot(cls, C).float() + self.bias + smooth
+
+
+class Liar(nn.Module):
+    """A hostile teacher: class 0 with logit ``value`` on every input (or random logits)."""
+
+    def __init__(self, value: float = 20.0, random: bool = False) -> None:
+        super().__init__()
+        self.value, self.random = value, random
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        if self.random:
+            g = torch.Generator().manual_seed(int(x.sum() * 1000) % 2**31)
+            return 10 * torch.randn(len(x), C, generator=g) + 0 * self.dummy
+        out = torch.zeros(len(x), C) + 0 * self.dummy
+        out[:, 0] = self.value
+        return out + 0 * x.flatten(1)[:, :1]
+
+
+def _host(model, client, counts):
+    desc = TeacherDescription(client=client, model="toy", num_classes=C, input_shape=(1, 2, 2), mean=(0.0,),
+                              std=(1.0,), label_counts=counts, num_samples=sum(counts) if counts else None)
+    return TeacherHost(model, desc)
+
+
+def _federation(liar):
+    honest = [_host(Reads(k), k, [100] * C) for k in range(4)]
+    # the liar claims a big balanced histogram, so class weighting would trust it most
+    return honest + [_host(liar, 4, [10_000] * C)]
+
+
+def _inputs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 2, 2, generator=g)
+
+
+def _truth(x):
+    return (x.flatten(1)[:, 0] * C).long().clamp(0, C - 1)
+
+
+def test_median_and_trimmed_mean_ignore_one_confident_outlier():
+    honest = torch.full((4, 3, C), 0.0)
+    honest[:, :, 7] = 4.0  # four teachers: class 7
+    outlier = torch.zeros(1, 3, C)
+    outlier[0, :, 0] = 1e3  # one teacher: class 0, absurdly sure
+    logits = torch.cat([honest, outlier])
+    for name in ("median", "trimmed-mean"):
+        assert (AGGREGATORS[name].combine(logits, None).argmax(-1) == 7).all(), name
+    # the mean of probabilities is not robust: the outlier moves it
+    p_mean = AGGREGATORS["prob-mean"].combine(logits, None).softmax(-1)
+    p_median = AGGREGATORS["median"].combine(logits, None).softmax(-1)
+    honest_p0 = float(honest[0, 0].softmax(-1)[0])  # what each honest teacher says of class 0
+    assert p_mean[0, 0] > 10 * honest_p0 and abs(float(p_median[0, 0]) - honest_p0) < 1e-3
+
+
+def test_trimmed_mean_of_few_teachers_falls_back_to_the_median():
+    logits = torch.tensor([[[0.0, 5.0]], [[5.0, 0.0]], [[0.0, 4.0]]])
+    torch.testing.assert_close(AGGREGATORS["trimmed-mean"].combine(logits, None),
+                               AGGREGATORS["median"].combine(logits, None))
+
+
+def test_reliability_singles_out_the_teacher_that_disagrees_and_keeps_the_honest_at_full_weight():
+    r = Reliability(5, C)
+    for step in range(5):
+        x = _inputs(64, step)
+        honest = [Reads(k)(x) for k in range(4)]
+        r.update([0, 1, 2, 3, 4], torch.stack([*honest, Liar()(x)]))
+    w = r.weights()
+    torch.testing.assert_close(w[:4], torch.ones(4))
+    assert w[4] == 0 and r.agreement[4] < 0.2 and (r.agreement[:4] > 0.9).all()
+
+
+def test_reliability_needs_three_teachers_and_evidence():
+    r = Reliability(2, C)
+    r.update([0, 1], torch.randn(2, 8, C))
+    torch.testing.assert_close(r.weights(), torch.ones(2))
+    assert int(r.batches.sum()) == 0
+
+
+def test_a_hostile_teacher_claiming_large_counts_does_not_own_the_class_weighted_ensemble(caplog):
+    x = _inputs(256, 99)
+    for liar in (Liar(), Liar(random=True)):
+        trusting = Ensemble(LocalPool(_federation(liar)), "auto", reliability=False)
+        robust = Ensemble(LocalPool(_federation(liar)), "auto")
+        assert robust.aggregation == "class-weighted"
+        with caplog.at_level(logging.WARNING, logger="fedkd.robustness"):
+            for step in range(3):  # a few batches of evidence
+                robust(_inputs(64, step), CurriculumState())
+        accuracy = {name: float((ens(x, CurriculumState()).logits.argmax(-1) == _truth(x)).float().mean())
+                    for name, ens in (("trusting", trusting), ("robust", robust))}
+        assert accuracy["robust"] > 0.95, accuracy
+        if not liar.random:
+            assert accuracy["trusting"] < 0.3, accuracy  # without it the liar's claimed counts win
+        report = robust.report()
+        assert report[4]["weight"] == 0.0 and all(t["weight"] == 1.0 for t in report[:4])
+        assert "teacher 4 is left out of the ensemble" in caplog.text
+
+
+def test_order_statistic_aggregators_leave_the_distrusted_teacher_out():
+    robust = Ensemble(LocalPool(_federation(Liar())), "trimmed-mean")
+    for step in range(3):
+        robust(_inputs(64, step), CurriculumState())
+    x = _inputs(128, 7)
+    assert float((robust(x, CurriculumState()).logits.argmax(-1) == _truth(x)).float().mean()) > 0.95
+
+
+def test_absurd_logits_are_clipped_and_counted():
+    bounds = AnswerBounds(logit_bound=100.0)
+    logits = torch.zeros(3, 4, C)
+    logits[2, 1, 0] = 1e4
+    out = bounds.logits([0, 1, 5], logits)
+    assert float(out.abs().max()) == 100.0 and bounds.clipped_logits == {5: 1}
+
+
+def test_an_absurd_input_gradient_is_clipped_relative_to_the_other_teachers():
+    bounds = AnswerBounds(gradient_bound=10.0)
+    g = {k: torch.ones(4, 1, 2, 2) for k in range(3)}
+    g[1] = g[1] * 1e6
+    out = bounds.gradients(g)
+    norms = out[1].flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full((4,), 10 * 2.0))  # 10 x the median norm (2 = ||ones(4)||)
+    assert out[0] is g[0] and bounds.clipped_gradients == {1: 4}
+
+
+def test_the_gradient_through_the_ensemble_caps_a_hostile_hosts_huge_gradient():
+    class HugeGradients(TeacherHost):
+        """A host that answers every Backward with a gradient of a million, whatever it was asked."""
+
+        def backward(self, inputs, grad_logits, state, **kwargs):
+            super().backward(inputs, grad_logits, state, **kwargs)
+            return torch.full_like(inputs, 1e6)
+
+    hosts = _federation(Reads(9))[:4]
+    hosts.append(HugeGradients(Reads(4), hosts[0].description, max_batch=1024))
+    ens = Ensemble(LocalPool(hosts), "prob-mean", reliability=False)
+    x = _inputs(16, 3).requires_grad_(True)
+    ens(x, CurriculumState()).logits[:, 3].sum().backward()
+    honest = Ensemble(LocalPool(_federation(Reads(9))[:4]), "prob-mean", reliability=False)
+    y = x.detach().clone().requires_grad_(True)
+    honest(y, CurriculumState()).logits[:, 3].sum().backward()
+    assert ens.bounds.clipped_gradients == {4: 16}
+    honest_norm = y.grad.flatten(1).norm(dim=1)
+    assert float(honest_norm.min()) > 0.01  # the honest teachers do give a gradient
+    # unclipped, the liar would add a norm of 2e6 per sample; clipped, at most 10 x the median teacher's
+    assert torch.isfinite(x.grad).all() and float((x.grad.flatten(1).norm(dim=1) / honest_norm).max()) < 20
