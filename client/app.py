@@ -38,6 +38,7 @@ from fedkd.config import ConfigError, RunConfig, config_from_run_config
 from fedkd.data import DatasetNotFoundError
 from fedkd.models import build_model
 from fedkd.privacy import default_delta, release_counts
+from fedkd.teacher import access_modes
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,8 @@ def _serve(msg: Message, context: Context) -> RecordDict:
     path = teacher_path(config, context.node_config, client)
     if not path.exists():
         raise CheckpointError(f"no teacher at {str(path)!r}: the train round has not run on this node")
-    host = host_from_checkpoint(path, max_batch=config.max_query_batch,
-                                share_label_counts=config.share_label_counts, client=client)
+    host = host_from_checkpoint(path, max_batch=config.max_query_batch, share_label_counts=config.share_label_counts,
+                                client=client, access=access_modes(config.teacher_access_modes()[client]))
     ca = hub.get("ca")
     settings = AgentSettings(target=str(hub["address"]), token=str(hub["token"]),
                              tls=ClientTLS(bytes(ca)) if ca else None,  # type: ignore[arg-type]

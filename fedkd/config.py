@@ -77,6 +77,13 @@ class RunConfig:
     teacher_lr: float = field(default=1e-3, metadata=bounded(0.0, 10.0, open_low=True))
     teacher_batch_size: int = field(default=64, metadata=bounded(1, BATCH_LIMIT))
     teacher_label_smoothing: float = field(default=0.1, metadata=bounded(0.0, 1.0))
+    # What each simulated client grants (one mode for all, or one per client, comma-separated): gradient
+    # (Forward and Backward) or logits (Forward only: its gradient term is estimated by zeroth order with
+    # zo-directions random directions per sample, each an extra Forward of the batch, or left out when 0).
+    # An institution's own `fedkd teacher --access` is authoritative.
+    teacher_access: str = "gradient"
+    zo_directions: int = field(default=4, metadata=bounded(0, 256))
+    zo_radius: float = field(default=1e-2, metadata=bounded(0.0, 10.0, open_low=True))
     max_query_batch: int = field(default=1024, metadata=bounded(1, BATCH_LIMIT))
 
     # Student and generator. Defaults are tuned for the main job on a 2-core CPU
@@ -174,6 +181,10 @@ class RunConfig:
         elif not isinstance(self.options, expected):
             raise ConfigError(f"options: {type(self.options).__name__} are not the options of method "
                               f"{self.method!r} ({expected.__name__})")
+        modes = self.teacher_access_modes()
+        if len(modes) != self.num_clients or any(m not in ("gradient", "logits") for m in modes):
+            raise ConfigError(f"teacher-access: {self.teacher_access!r}; give gradient or logits, for all clients "
+                              f"or one per client (num-clients={self.num_clients}), comma-separated")
         names = self.teacher_models()
         if len(names) not in (1, self.num_clients):
             raise ConfigError(
@@ -187,6 +198,11 @@ class RunConfig:
         if self.quorum > teachers:
             raise ConfigError(f"quorum: {self.quorum} is more than the {teachers} teachers in the run")
         return self.quorum or teachers // 2 + 1
+
+    def teacher_access_modes(self) -> list[str]:
+        """What each client grants (``teacher-access``, one value or one per client)."""
+        modes = [m.strip() for m in self.teacher_access.split(",") if m.strip()]
+        return modes * self.num_clients if len(modes) == 1 else modes
 
     def teacher_models(self) -> list[str]:
         """The teacher architecture of each client (``teacher-model`` may list one per client)."""

@@ -54,24 +54,75 @@ def _query(pool: TeacherPool, inputs: Tensor, state: CurriculumState, bn_loss: b
     return x, members, has_bn, logits, losses.to(inputs.device)
 
 
+@dataclass(frozen=True)
+class ZerothOrder:
+    """How the input gradient of a teacher that grants logits but not gradients is estimated (DFME, FedZGE):
+    ``directions`` random unit directions per sample (0 = that teacher's gradient term is left out), forward
+    differences of step ``radius`` in the teacher's input space. Each direction costs one extra Forward of the
+    batch to every such teacher (counted as query samples like any other)."""
+
+    directions: int = 0
+    radius: float = 1e-2
+    max_batch: int = 1024
+
+
+def zeroth_order_gradient(pool: TeacherPool, x: Tensor, teachers: list[int], grad_logits: dict[int, Tensor],
+                          base_logits: dict[int, Tensor], state: CurriculumState, zo: ZerothOrder,
+                          generator: torch.Generator | None = None) -> dict[int, Tensor]:
+    """Per teacher k, an estimate of d/dx sum_b <grad_logits[k][b], logits_k(x_b)> from Forward queries alone:
+    (d / m) sum_j (f_b(x_b + r u_j) - f_b(x_b)) / r * u_j, u_j uniform on the unit sphere of the input's d
+    dimensions, f_b(x_b) from the Forward already answered (``base_logits``)."""
+    b, d, m = len(x), x[0].numel(), zo.directions
+    u = torch.randn(m, *x.shape, generator=generator)
+    u = u / u.flatten(2).norm(dim=2).clamp_min(1e-12).view(m, b, *([1] * (x.dim() - 1)))
+    probes = (x.unsqueeze(0) + zo.radius * u).reshape(m * b, *x.shape[1:])
+    answers: dict[int, list[Tensor]] = {k: [] for k in teachers}
+    step = max(1, zo.max_batch // b) * b  # whole probe sets per query, within the teachers' batch limit
+    for start in range(0, len(probes), step):
+        replies = pool.forward(probes[start:start + step].contiguous(), state, min_answers=0, only=teachers)
+        for k in teachers:
+            if k in replies and k in answers:
+                answers[k].append(replies[k].logits)
+            else:
+                answers.pop(k, None)  # a teacher that missed part of the probes loses its term
+    out = {}
+    for k, parts in answers.items():
+        probed = torch.cat(parts).view(m, b, -1)  # (m, B, C)
+        f_probe = (probed * grad_logits[k].unsqueeze(0)).sum(-1)  # (m, B)
+        f_base = (base_logits[k] * grad_logits[k]).sum(-1)  # (B,)
+        slope = (f_probe - f_base.unsqueeze(0)) / zo.radius  # (m, B)
+        out[k] = (d / m) * (slope.view(m, b, *([1] * (x.dim() - 1))) * u).sum(0)
+    return out
+
+
 class _FanOut(torch.autograd.Function):
     """inputs (B, ...) -> logits (K', B, C), bn losses (K',) of the K' members that answered."""
 
     @staticmethod
     def forward(ctx: Any, inputs: Tensor, pool: TeacherPool, state: CurriculumState, bn_loss: bool,
-                min_answers: int | None, answered: list[int], bounds: AnswerBounds) -> tuple[Tensor, Tensor]:
+                min_answers: int | None, answered: list[int], ensemble: Ensemble) -> tuple[Tensor, Tensor]:
         x, members, has_bn, logits, losses = _query(pool, inputs, state, bn_loss, min_answers)
         answered.extend(members)
-        ctx.pool, ctx.state, ctx.members, ctx.has_bn, ctx.x, ctx.device, ctx.bounds = (
-            pool, state, members, has_bn, x, inputs.device, bounds)
+        ctx.pool, ctx.state, ctx.members, ctx.has_bn, ctx.x, ctx.device, ctx.ensemble = (
+            pool, state, members, has_bn, x, inputs.device, ensemble)
+        ctx.logits = logits.detach().cpu()
         return logits, losses
 
     @staticmethod
     def backward(ctx: Any, grad_logits: Tensor, grad_losses: Tensor) -> tuple[Tensor | None, ...]:
         g = grad_logits.detach().cpu().float().contiguous()
         gl = grad_losses.detach().cpu().float()
-        grads = {k: (g[i].contiguous(), float(gl[i]) if ctx.has_bn[i] else None) for i, k in enumerate(ctx.members)}
-        answers = ctx.bounds.gradients(ctx.pool.backward(ctx.x, grads, ctx.state))
+        ensemble: Ensemble = ctx.ensemble
+        grads = {k: (g[i].contiguous(), float(gl[i]) if ctx.has_bn[i] else None) for i, k in enumerate(ctx.members)
+                 if k in ensemble.gradient_members}
+        answers = ctx.pool.backward(ctx.x, grads, ctx.state)
+        estimated = [k for k in ctx.members if k not in ensemble.gradient_members]
+        if estimated and ensemble.zeroth_order.directions > 0:
+            index = {k: i for i, k in enumerate(ctx.members)}
+            answers.update(zeroth_order_gradient(
+                ctx.pool, ctx.x, estimated, {k: g[index[k]] for k in estimated},
+                {k: ctx.logits[index[k]] for k in estimated}, ctx.state, ensemble.zeroth_order))
+        answers = ensemble.bounds.gradients(answers)
         total = torch.zeros_like(ctx.x)
         for grad in answers.values():
             total += grad
@@ -82,7 +133,8 @@ class Ensemble:
     """Queries every teacher of a pool with the same inputs and combines their logits."""
 
     def __init__(self, pool: TeacherPool, aggregation: str = "auto", *, reliability: bool = True,
-                 logit_bound: float = 100.0, gradient_bound: float = 10.0) -> None:
+                 logit_bound: float = 100.0, gradient_bound: float = 10.0,
+                 zeroth_order: ZerothOrder | None = None) -> None:
         self.pool = pool
         descriptions = pool.descriptions
         if not descriptions:
@@ -97,6 +149,10 @@ class Ensemble:
             aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
         self._class_weights = class_weights([d.label_counts for d in descriptions], self.num_classes,
                                             [d.num_samples for d in descriptions])  # (K, C)
+        # Backward goes only to the teachers that grant gradients; the others' gradient terms are estimated
+        # from Forward queries (``zeroth_order``) or left out.
+        self.gradient_members = {k for k, d in enumerate(descriptions) if "gradient" in d.access_modes}
+        self.zeroth_order = zeroth_order or ZerothOrder()
         self.reliability = Reliability(len(descriptions), self.num_classes, enabled=reliability)
         self.bounds = AnswerBounds(logit_bound, gradient_bound)
 
@@ -168,7 +224,7 @@ class Ensemble:
         min_answers = len(self) if require_all else None
         if inputs.requires_grad and torch.is_grad_enabled():
             answered: list[int] = []
-            logits, losses = _FanOut.apply(inputs, self.pool, state, bn_loss, min_answers, answered, self.bounds)
+            logits, losses = _FanOut.apply(inputs, self.pool, state, bn_loss, min_answers, answered, self)
         else:
             _, answered, _, logits, losses = _query(self.pool, inputs, state, bn_loss, min_answers)
         logits = self.bounds.logits(answered, logits)

@@ -34,14 +34,14 @@ from torch import Tensor, nn
 from fedkd.checkpoint import RUN_FORMAT, CheckpointError, load_run_state, load_teacher, save_atomic, save_teacher
 from fedkd.config import ConfigError, RunConfig
 from fedkd.data import SPECS, DatasetSpec, DataSplit, ImageData, load_dataset, partition_indices
-from fedkd.ensemble import Ensemble
+from fedkd.ensemble import Ensemble, ZerothOrder
 from fedkd.methods import MethodContext, build_method
 from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_and_variance, predict, query_ensemble
 from fedkd.models import average_weights, build_model, is_model_name, model_names
 from fedkd.plots import plot_accuracy, plot_curriculum, plot_queries, plot_samples
 from fedkd.pool import LocalPool, TeacherPool
 from fedkd.synthetic_pool import pool_bytes
-from fedkd.teacher import QueryStats, TeacherDescription, TeacherHost, describe_checkpoint
+from fedkd.teacher import QueryStats, TeacherDescription, TeacherHost, access_modes, describe_checkpoint
 from fedkd.training import train_teacher
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,8 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
         model, ckpt, _ = load_or_train_teacher(path, model_name, split.train.subset(indices), split.spec, config,
                                                client=k, device=device, expected_model=model_name,
                                                stage=observer.stage)
-        description = describe_checkpoint(ckpt, model, client=k, share_label_counts=config.share_label_counts)
+        description = describe_checkpoint(ckpt, model, client=k, share_label_counts=config.share_label_counts,
+                                          access_modes=access_modes(config.teacher_access_modes()[k]))
         clients.append(ClientTeacher(k, model_name, model, path, description))
     return clients
 
@@ -345,7 +346,8 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     _check_teachers(pool, spec)
     try:
         ensemble = Ensemble(pool, config.ensemble, reliability=config.reliability, logit_bound=config.logit_bound,
-                            gradient_bound=config.gradient_bound)
+                            gradient_bound=config.gradient_bound,
+                            zeroth_order=ZerothOrder(config.zo_directions, config.zo_radius, config.max_query_batch))
     except ValueError as exc:
         raise ConfigError(f"ensemble: {exc}") from None
     if ensemble.aggregation != config.ensemble:

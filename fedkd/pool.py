@@ -32,8 +32,9 @@ class TeacherPool(Protocol):
     def descriptions(self) -> list[TeacherDescription]: ...
 
     def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
-                min_answers: int | None = None) -> dict[int, ForwardReply]:
-        """Logits (and BN loss from members that have statistics, when asked) per answering member.
+                min_answers: int | None = None, only: Sequence[int] | None = None) -> dict[int, ForwardReply]:
+        """Logits (and BN loss from members that have statistics, when asked) per answering member; ``only``
+        asks just those members (the others are not queried and not counted as missed).
 
         Raises :class:`QuorumError` when fewer than ``min_answers`` (default: the pool's quorum) answer.
         """
@@ -78,9 +79,11 @@ class LocalPool:
         return [h.describe() for h in self.hosts]
 
     def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
-                min_answers: int | None = None) -> dict[int, ForwardReply]:
+                min_answers: int | None = None, only: Sequence[int] | None = None) -> dict[int, ForwardReply]:
         replies = {}
         for k, host in enumerate(self.hosts):
+            if only is not None and k not in only:
+                continue
             want = bn_loss and host.description.has_feature_statistics
             reply = host.forward(inputs, state, bn_loss=want)
             self._stats[k].forward_calls += 1

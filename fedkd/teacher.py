@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 ACCESS_MODES = ("gradient", "logits")
 
 
+def access_modes(mode: str) -> tuple[str, ...]:
+    """The access modes a client granting ``mode`` (``teacher-access``) announces: gradient implies logits."""
+    return ("gradient", "logits") if mode == "gradient" else ("logits",)
+
+
 class QueryError(ValueError):
     """A query the host refuses. ``code`` is the gRPC status it maps to."""
 

@@ -613,8 +613,9 @@ class HubPool:
                               f"{need} needed ({why})")
 
     def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
-                min_answers: int | None = None) -> dict[int, ForwardReply]:
+                min_answers: int | None = None, only: Sequence[int] | None = None) -> dict[int, ForwardReply]:
         need = self.hub.quorum if min_answers is None else min_answers
+        asked = set(range(len(self.hub.slots)) if only is None else only)
         descriptions = self.descriptions
         x = encode_tensor(inputs)
         st = encode_state(state)
@@ -623,7 +624,7 @@ class HubPool:
             live = self._wait_for_quorum(need)
             messages = {s.index: {"forward": pb.ForwardRequest(
                 inputs=x, state=st, bn_loss=bn_loss and descriptions[s.index].has_feature_statistics)}
-                for s in live}
+                for s in live if s.index in asked}
             outcome = self._fan_out(messages)
             replies = {}
             for k, msg in outcome.answers.items():
@@ -639,7 +640,7 @@ class HubPool:
                 replies[k] = reply
             outcome.answers = {k: outcome.answers[k] for k in replies}
             for slot in self.hub.slots:
-                if slot.index not in replies:
+                if slot.index in asked and slot.index not in replies:
                     slot.stats.missed += 1
             self._log_failures(outcome, "Forward")
             if len(replies) >= need or not outcome.lost or attempt == 2:

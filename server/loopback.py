@@ -22,6 +22,7 @@ import torch
 from fedkd.config import RunConfig
 from fedkd.experiment import ClientTeacher
 from fedkd.pool import TeacherPool
+from fedkd.teacher import access_modes
 from fedkd.tls import run_pki
 from server.hub import Hub, ServerTLS, issue_tokens
 
@@ -35,11 +36,12 @@ def client_name(client: int) -> str:
 
 
 def agent_command(checkpoint: Path, port: int, token_file: Path, ca: Path, *, config: RunConfig, session: str,
-                  device: torch.device, threads: int) -> list[str]:
+                  device: torch.device, threads: int, access: str = "gradient") -> list[str]:
     cmd = [sys.executable, "-m", "client", "--checkpoint", str(checkpoint), "--connect", f"localhost:{port}",
            "--token-file", str(token_file), "--ca", str(ca), "--session", session,
            "--max-batch", str(config.max_query_batch), "--max-message-mb", str(config.max_message_mb),
-           "--device", device.type, "--num-threads", str(threads), "--give-up-after", str(config.rejoin_timeout)]
+           "--device", device.type, "--num-threads", str(threads), "--give-up-after", str(config.rejoin_timeout),
+           "--access", ",".join(access_modes(access))]
     if not config.share_label_counts:
         cmd.append("--no-label-counts")
     return cmd
@@ -63,7 +65,8 @@ def grpc_transport(clients: list[ClientTeacher], config: RunConfig, run_dir: Pat
         for c, name in zip(clients, names):
             log = c.checkpoint.parent / "agent.log"
             cmd = agent_command(c.checkpoint, port, run_dir / "tokens" / f"{name}.token", pki.ca_cert,
-                                config=config, session=session, device=device, threads=threads)
+                                config=config, session=session, device=device, threads=threads,
+                                access=config.teacher_access_modes()[c.client])
             with log.open("wb") as out:
                 procs.append((name, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), log))
         deadline = time.monotonic() + AGENT_START_TIMEOUT

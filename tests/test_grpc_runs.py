@@ -270,3 +270,26 @@ def test_a_killed_coordinator_resumes_with_its_teachers_and_ends_where_an_uninte
         assert "in flight when the coordinator stopped" in difference["why"]
         assert 0 < difference["reported_minus_counted"]["samples"] <= 4 * 64
     assert reconciliation["agree"] == (not reconciliation["differences"])
+
+
+def test_a_mixed_run_of_gradient_and_logits_teachers_gives_the_same_student_in_process_and_over_grpc(
+        in_process_run, tmp_path):
+    ref_dir, _ = in_process_run
+    students = []
+    for transport in ("inprocess", "grpc"):
+        out = tmp_path / transport
+        for src in ref_dir.glob("clients/*/teacher.pt"):  # the same teachers, now granting different access
+            dst = out / src.relative_to(ref_dir)
+            dst.parent.mkdir(parents=True)
+            dst.write_bytes(src.read_bytes())
+        config = config_from_mapping({**TINY, "teacher-access": "gradient,logits,gradient", "epochs": 1,
+                                      "steps-per-epoch": 3, "student-steps": 2, "transport": transport})
+        summary = run_experiment(config, out, transport=grpc_transport if transport == "grpc" else None)
+        per_client = summary["queries"]["per_client"]
+        # the logits teacher was never sent a Backward; its gradient was estimated from extra Forwards
+        assert per_client[1]["backward_calls"] == 0 and per_client[0]["backward_calls"] > 0
+        assert per_client[1]["forward_calls"] > per_client[0]["forward_calls"]
+        assert all(r.get("refused", 0) == 0 for r in summary["queries"]["reported_by_clients"])
+        students.append(load_safe(out / "checkpoint.pt", "fedkd.run.v1")["method"]["trainer"]["student"])
+    for key in students[0]:
+        torch.testing.assert_close(students[1][key].float(), students[0][key].float(), rtol=1e-4, atol=1e-5, msg=key)

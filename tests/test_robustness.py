@@ -172,3 +172,75 @@ def test_the_gradient_through_the_ensemble_caps_a_hostile_hosts_huge_gradient():
     assert float(honest_norm.min()) > 0.01  # the honest teachers do give a gradient
     # unclipped, the liar would add a norm of 2e6 per sample; clipped, at most 10 x the median teacher's
     assert torch.isfinite(x.grad).all() and float((x.grad.flatten(1).norm(dim=1) / honest_norm).max()) < 20
+
+
+# Access modes: teachers that grant logits only --------------------------------------------------------------
+
+
+class Linear(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(C, 16, generator=g))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.T
+
+
+def _linear_host(seed, modes):
+    desc = TeacherDescription(client=seed, model="linear", num_classes=C, input_shape=(1, 4, 4), mean=(0.0,),
+                              std=(1.0,), access_modes=modes)
+    return TeacherHost(Linear(seed), desc)
+
+
+def test_the_zeroth_order_estimate_approximates_the_true_input_gradient_of_a_linear_teacher():
+    from fedkd.ensemble import ZerothOrder, zeroth_order_gradient
+
+    host = _linear_host(0, ("logits",))
+    pool = LocalPool([host])
+    x = torch.randn(8, 1, 4, 4)
+    g = torch.randn(8, C)
+    base = host.model(x).detach()
+    estimate = zeroth_order_gradient(pool, x, [0], {0: g}, {0: base}, CurriculumState(),
+                                     ZerothOrder(directions=4000, radius=1e-3, max_batch=1024),
+                                     generator=torch.Generator().manual_seed(0))[0]
+    truth = (g @ host.model.weight.detach()).view_as(x)  # d/dx <g, W x> = W^T g
+    cosine = torch.nn.functional.cosine_similarity(estimate.flatten(1), truth.flatten(1), dim=1)
+    assert float(cosine.min()) > 0.95
+    assert float((estimate.norm() / truth.norm() - 1).abs()) < 0.1
+    # each direction cost one Forward of the batch, counted like any other query
+    assert pool.stats()[0].samples == 4000 * 8 and pool.stats()[0].backward_calls == 0
+
+
+def test_backward_goes_only_to_teachers_that_grant_gradients_the_others_are_estimated():
+    from fedkd.ensemble import ZerothOrder
+
+    hosts = [_linear_host(0, ("gradient", "logits")), _linear_host(1, ("logits",))]
+    x = torch.randn(4, 1, 4, 4, requires_grad=True)
+    for directions in (0, 64):
+        ens = Ensemble(LocalPool(hosts), "logit-mean", zeroth_order=ZerothOrder(directions, 1e-3))
+        assert ens.gradient_members == {0}
+        x.grad = None
+        ens(x, CurriculumState()).logits[:, 3].sum().backward()
+        assert hosts[1].stats.backward_calls == 0 and hosts[1].stats.refused == 0  # never asked for a gradient
+        exact = 0.5 * hosts[0].model.weight.detach()[3]  # the gradient teacher's term alone
+        if directions == 0:
+            torch.testing.assert_close(x.grad.flatten(1), exact.expand(4, -1))
+        else:
+            both = 0.5 * (hosts[0].model.weight.detach()[3] + hosts[1].model.weight.detach()[3])
+            cosine = torch.nn.functional.cosine_similarity(x.grad.flatten(1), both.expand(4, -1), dim=1)
+            assert float(cosine.min()) > 0.8
+
+
+def test_a_run_with_no_gradients_to_be_had_stops_at_start_up_naming_the_clients(tmp_path):
+    import pytest
+
+    from fedkd.config import ConfigError, config_from_mapping
+    from fedkd.experiment import run_experiment
+
+    config = config_from_mapping({"dataset": "digits", "num-clients": 2, "partition": "iid", "teacher-epochs": 1,
+                                  "epochs": 1, "steps-per-epoch": 1, "teacher-access": "logits",
+                                  "zo-directions": 0})
+    with pytest.raises(ConfigError, match=r"no client grants gradient access \(client 0: logits, client 1: logits\)"
+                                          r".*zo-directions > 0"):
+        run_experiment(config, tmp_path / "run")

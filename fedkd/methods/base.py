@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from fedkd.config import RunConfig
+from fedkd.config import ConfigError, RunConfig
 from fedkd.data import DatasetSpec
 from fedkd.ensemble import Ensemble
 from fedkd.teacher import CurriculumState
@@ -54,6 +54,17 @@ class DistillationMethod(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def require_input_gradients(ensemble: Ensemble, method: str) -> None:
+    """Stop at start-up when a method that trains its generator through the teachers' input gradients can get
+    none: no client grants gradients and zeroth-order estimation is off."""
+    if ensemble.gradient_members or ensemble.zeroth_order.directions > 0:
+        return
+    grants = ", ".join(f"client {d.client}: {'+'.join(d.access_modes)}" for d in ensemble.descriptions)
+    raise ConfigError(f"method={method} trains its generator through the teachers' input gradients and no client "
+                      f"grants gradient access ({grants}); set zo-directions > 0 to estimate them from logits, or "
+                      "have at least one client grant gradient")
 
 
 class QueryBudget:

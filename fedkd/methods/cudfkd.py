@@ -38,7 +38,7 @@ from torch import Tensor
 from fedkd.config import RunConfig, bounded, choice, validate_fields
 from fedkd.curriculum import REGULARISERS, Curriculum
 from fedkd.losses import class_balance_entropy, kl_per_sample, onehot_loss
-from fedkd.methods.base import MethodContext, QueryBudget
+from fedkd.methods.base import MethodContext, QueryBudget, require_input_gradients
 from fedkd.metrics import MetricAverager
 from fedkd.student import StudentSettings, StudentTrainer
 from fedkd.synthesis import SynthesisLoss, SynthesisSettings, Synthesizer
@@ -100,6 +100,7 @@ class CuDFKD:
         self.config, self.spec, self.device = cfg, context.spec, context.device
         self.options: CuDFKDOptions = cfg.options
         self.ensemble = context.ensemble
+        require_input_gradients(self.ensemble, "cudfkd")
         self.student = context.student.to(self.device)
         self.synthesizer = Synthesizer(self.spec, synthesis_settings(cfg), self.device)
         self.trainer = StudentTrainer(self.student, self.spec, student_settings(cfg), self.device)
