@@ -278,7 +278,9 @@ class TeacherAgent:
     def _forward(self, request: pb.ForwardRequest) -> pb.AgentMessage:
         inputs = self._decode(request.inputs, "inputs")
         state = decode_state(request.state)
-        reply = self.host.forward(inputs, state, bn_loss=request.bn_loss)
+        reply = self.host.forward(inputs, state, bn_loss=request.bn_loss, labels=request.labels)
+        if reply.labels is not None:
+            return pb.AgentMessage(forward=pb.ForwardReply(labels=encode_tensor(reply.labels)))
         out = pb.ForwardReply(logits=encode_tensor(reply.logits))
         if reply.bn_loss is not None:
             out.bn_loss = float(reply.bn_loss)

@@ -24,7 +24,7 @@ from client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, T
 from fedkd.checkpoint import CheckpointError, load_teacher
 from fedkd.codec import MiB
 from fedkd.config import BATCH_LIMIT, TIMEOUT_LIMIT, address, argument
-from fedkd.teacher import ACCESS_MODES, TeacherHost, describe_checkpoint
+from fedkd.teacher import ACCESS_MODES, ALL_ACCESS_MODES, TeacherHost, describe_checkpoint
 from fedkd.tls import read_certificates, read_private_key
 
 
@@ -33,11 +33,13 @@ def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Seq
                          device: str = "cpu") -> TeacherHost:
     """A host for the teacher in a ``fedkd.teacher.v1`` checkpoint, with the client's own limits."""
     model, ckpt = load_teacher(path)
-    unknown = set(access) - set(ACCESS_MODES)
+    unknown = set(access) - set(ALL_ACCESS_MODES)
     if unknown or not access:
-        raise ValueError(f"--access: {sorted(unknown) or 'nothing'} given; choose from {', '.join(ACCESS_MODES)}")
+        raise ValueError(f"--access: {sorted(unknown) or 'nothing'} given; choose from {', '.join(ALL_ACCESS_MODES)}")
+    if "gradient" in access and "logits" not in access:
+        raise ValueError("--access: gradient needs logits too (a Backward follows the Forward it differentiates)")
     description = describe_checkpoint(ckpt, model, client=client, share_label_counts=share_label_counts,
-                                      access_modes=tuple(a for a in ACCESS_MODES if a in access))
+                                      access_modes=tuple(a for a in ALL_ACCESS_MODES if a in access))
     return TeacherHost(model, description, max_batch=max_batch, device=device)
 
 
@@ -64,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=argument(int, 1, BATCH_LIMIT), default=1024,
                         help="largest query batch answered (default 1024)")
     parser.add_argument("--access", default="logits,gradient",
-                        help="access modes granted: logits, gradient or both (default both)")
+                        help="access modes granted: gradient,logits (default), logits, or labels (hard labels "
+                        "only)")
     parser.add_argument("--no-label-counts", action="store_true", help="do not share the label histogram")
     parser.add_argument("--max-message-mb", type=argument(float, 0.01, 2000.0), default=64.0,
                         help="largest gRPC message (default 64)")

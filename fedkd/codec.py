@@ -167,9 +167,10 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         raise bad(f"std must be finite numbers in (0, {MAX_NORMALISATION:g}], got {list(msg.std)}")
     if msg.num_samples < 0 or msg.max_batch < 0:
         raise bad(f"num_samples and max_batch must be >= 0, got {msg.num_samples} and {msg.max_batch}")
-    unknown = set(msg.access_modes) - {"gradient", "logits"}
+    unknown = set(msg.access_modes) - {"gradient", "logits", "labels"}
     if unknown or not msg.access_modes:
-        raise bad(f"access_modes must be a non-empty subset of logits, gradient; got {list(msg.access_modes)}")
+        raise bad(f"access_modes must be a non-empty subset of gradient, logits, labels; got "
+                  f"{list(msg.access_modes)}")
     if msg.label_counts and (len(msg.label_counts) != msg.num_classes or min(msg.label_counts) < 0):
         raise bad(f"label_counts must have {msg.num_classes} non-negative entries")
     return TeacherDescription(

@@ -78,8 +78,9 @@ class RunConfig:
     teacher_batch_size: int = field(default=64, metadata=bounded(1, BATCH_LIMIT))
     teacher_label_smoothing: float = field(default=0.1, metadata=bounded(0.0, 1.0))
     # What each simulated client grants (one mode for all, or one per client, comma-separated): gradient
-    # (Forward and Backward) or logits (Forward only: its gradient term is estimated by zeroth order with
-    # zo-directions random directions per sample, each an extra Forward of the batch, or left out when 0).
+    # (Forward and Backward), logits (Forward only: its gradient term is estimated by zeroth order with
+    # zo-directions random directions per sample, each an extra Forward of the batch, or left out when 0) or
+    # labels (hard labels only: aggregated as smoothed votes, no gradient term).
     # An institution's own `fedkd teacher --access` is authoritative.
     teacher_access: str = "gradient"
     zo_directions: int = field(default=4, metadata=bounded(0, 256))
@@ -182,9 +183,9 @@ class RunConfig:
             raise ConfigError(f"options: {type(self.options).__name__} are not the options of method "
                               f"{self.method!r} ({expected.__name__})")
         modes = self.teacher_access_modes()
-        if len(modes) != self.num_clients or any(m not in ("gradient", "logits") for m in modes):
-            raise ConfigError(f"teacher-access: {self.teacher_access!r}; give gradient or logits, for all clients "
-                              f"or one per client (num-clients={self.num_clients}), comma-separated")
+        if len(modes) != self.num_clients or any(m not in ("gradient", "logits", "labels") for m in modes):
+            raise ConfigError(f"teacher-access: {self.teacher_access!r}; give gradient, logits or labels, for all "
+                              f"clients or one per client (num-clients={self.num_clients}), comma-separated")
         names = self.teacher_models()
         if len(names) not in (1, self.num_clients):
             raise ConfigError(

@@ -116,7 +116,8 @@ class _FanOut(torch.autograd.Function):
         grads = {k: (g[i].contiguous(), float(gl[i]) if ctx.has_bn[i] else None) for i, k in enumerate(ctx.members)
                  if k in ensemble.gradient_members}
         answers = ctx.pool.backward(ctx.x, grads, ctx.state)
-        estimated = [k for k in ctx.members if k not in ensemble.gradient_members]
+        # Labels-only teachers answer a step function: no gradient term, estimated or otherwise.
+        estimated = [k for k in ctx.members if k not in ensemble.gradient_members and k in ensemble.logits_members]
         if estimated and ensemble.zeroth_order.directions > 0:
             index = {k: i for i, k in enumerate(ctx.members)}
             answers.update(zeroth_order_gradient(
@@ -152,6 +153,7 @@ class Ensemble:
         # Backward goes only to the teachers that grant gradients; the others' gradient terms are estimated
         # from Forward queries (``zeroth_order``) or left out.
         self.gradient_members = {k for k, d in enumerate(descriptions) if "gradient" in d.access_modes}
+        self.logits_members = {k for k, d in enumerate(descriptions) if "logits" in d.access_modes}
         self.zeroth_order = zeroth_order or ZerothOrder()
         self.reliability = Reliability(len(descriptions), self.num_classes, enabled=reliability)
         self.bounds = AnswerBounds(logit_bound, gradient_bound)

@@ -34,7 +34,8 @@ class TeacherPool(Protocol):
     def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
                 min_answers: int | None = None, only: Sequence[int] | None = None) -> dict[int, ForwardReply]:
         """Logits (and BN loss from members that have statistics, when asked) per answering member; ``only``
-        asks just those members (the others are not queried and not counted as missed).
+        asks just those members (the others are not queried and not counted as missed). A member that grants
+        labels only is asked for labels; its reply carries them and their vote logits.
 
         Raises :class:`QuorumError` when fewer than ``min_answers`` (default: the pool's quorum) answer.
         """
@@ -57,7 +58,9 @@ class TeacherPool(Protocol):
 
 
 def forward_bytes(inputs: Tensor, reply: ForwardReply) -> int:
-    """Tensor payload of one Forward exchange (inputs out, logits and the BN loss back)."""
+    """Tensor payload of one Forward exchange (inputs out, logits (or labels) and the BN loss back)."""
+    if reply.labels is not None:
+        return inputs.nbytes + reply.labels.nbytes
     return inputs.nbytes + reply.logits.nbytes + (4 if reply.bn_loss is not None else 0)
 
 
@@ -84,8 +87,9 @@ class LocalPool:
         for k, host in enumerate(self.hosts):
             if only is not None and k not in only:
                 continue
-            want = bn_loss and host.description.has_feature_statistics
-            reply = host.forward(inputs, state, bn_loss=want)
+            labels_only = "logits" not in host.description.access_modes
+            want = bn_loss and host.description.has_feature_statistics and not labels_only
+            reply = host.forward(inputs, state, bn_loss=want, labels=labels_only)
             self._stats[k].forward_calls += 1
             self._stats[k].samples += len(inputs)
             self._stats[k].bytes += forward_bytes(inputs, reply)

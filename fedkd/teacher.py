@@ -31,12 +31,22 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-ACCESS_MODES = ("gradient", "logits")
+ACCESS_MODES = ("gradient", "logits")  # what a client grants unless it says otherwise
+ALL_ACCESS_MODES = ("gradient", "logits", "labels")
+VOTE_SMOOTHING = 0.1  # a labels-only teacher's answer, as the coordinator's aggregators see it: log((1-e) 1_y + e/C)
 
 
 def access_modes(mode: str) -> tuple[str, ...]:
-    """The access modes a client granting ``mode`` (``teacher-access``) announces: gradient implies logits."""
-    return ("gradient", "logits") if mode == "gradient" else ("logits",)
+    """The access modes a client granting ``mode`` (``teacher-access``) announces: gradient implies logits;
+    labels is hard labels only (a client granting logits answers labels too, if asked)."""
+    return {"gradient": ("gradient", "logits"), "logits": ("logits",), "labels": ("labels",)}[mode]
+
+
+def vote_logits(labels: Tensor, num_classes: int) -> Tensor:
+    """(B,) hard labels -> (B, C) logits of the smoothed vote, so every aggregator can combine them."""
+    votes = torch.full((len(labels), num_classes), VOTE_SMOOTHING / num_classes)
+    votes[torch.arange(len(labels)), labels.long()] += 1.0 - VOTE_SMOOTHING
+    return votes.log()
 
 
 class QueryError(ValueError):
@@ -100,8 +110,9 @@ def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, 
 
 @dataclass(frozen=True)
 class ForwardReply:
-    logits: Tensor  # (B, C) float32
+    logits: Tensor  # (B, C) float32 (for a labels answer: the smoothed vote, see vote_logits)
     bn_loss: Tensor | None  # 0-d float32, only when asked
+    labels: Tensor | None = None  # (B,) int64, when hard labels were asked for
 
 
 @dataclass
@@ -200,9 +211,16 @@ class TeacherHost:
 
     # The two calls -----------------------------------------------------------
 
-    def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False) -> ForwardReply:
+    def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
+                labels: bool = False) -> ForwardReply:
+        """Logits, or with ``labels`` hard labels only (all a labels-only client releases)."""
         with self._lock:
             self._check_inputs(inputs)
+            modes = self.description.access_modes
+            if not labels and "logits" not in modes:
+                self._refuse("FAILED_PRECONDITION", "this client grants hard labels only; ask for labels")
+            if bn_loss and "logits" not in modes:
+                self._refuse("FAILED_PRECONDITION", "this client grants hard labels only, no feature statistics")
             if bn_loss and not self.statistics:
                 self._refuse("FAILED_PRECONDITION", "this teacher has no feature statistics (no BatchNorm layers)")
             self.last_state = state
@@ -212,6 +230,10 @@ class TeacherHost:
                 logits, loss = self._run(x, bn_loss)
             self.stats.forward_calls += 1
             self.stats.samples += len(inputs)
+            if labels:
+                hard = logits.argmax(-1).cpu()
+                self.stats.bytes += inputs.nbytes + hard.nbytes
+                return ForwardReply(vote_logits(hard, self.description.num_classes), None, hard)
             self.stats.bytes += inputs.nbytes + logits.nbytes + (4 if loss is not None else 0)
             return ForwardReply(logits.detach().cpu(), None if loss is None else loss.detach().cpu())
 

@@ -47,7 +47,7 @@ from fedkd.codec import (
 from fedkd.config import RunConfig
 from fedkd.data import SPECS, DatasetSpec
 from fedkd.pool import QuorumError, backward_bytes, forward_bytes
-from fedkd.teacher import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription
+from fedkd.teacher import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription, vote_logits
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
 
@@ -622,15 +622,17 @@ class HubPool:
         batch, classes = len(inputs), descriptions[0].num_classes
         for attempt in range(3):
             live = self._wait_for_quorum(need)
+            labels_only = {k for k, d in enumerate(descriptions) if "logits" not in d.access_modes}
             messages = {s.index: {"forward": pb.ForwardRequest(
-                inputs=x, state=st, bn_loss=bn_loss and descriptions[s.index].has_feature_statistics)}
+                inputs=x, state=st, labels=s.index in labels_only,
+                bn_loss=bn_loss and descriptions[s.index].has_feature_statistics and s.index not in labels_only)}
                 for s in live if s.index in asked}
             outcome = self._fan_out(messages)
             replies = {}
             for k, msg in outcome.answers.items():
                 slot = self.hub.slots[k]
                 try:
-                    reply = self._forward_reply(msg, batch, classes)
+                    reply = self._forward_reply(msg, batch, classes, labels=k in labels_only)
                 except QueryError as exc:
                     outcome.failures[slot.name] = f"bad answer: {exc.message}"
                     continue
@@ -693,9 +695,17 @@ class HubPool:
         return out
 
     @staticmethod
-    def _forward_reply(msg: pb.AgentMessage, batch: int, classes: int) -> ForwardReply:
+    def _forward_reply(msg: pb.AgentMessage, batch: int, classes: int, *, labels: bool = False) -> ForwardReply:
         if msg.WhichOneof("kind") != "forward":
             raise QueryError("INVALID_ARGUMENT", f"answered a Forward with {msg.WhichOneof('kind')}")
+        if labels:
+            hard = decode_tensor(msg.forward.labels, field="labels", max_bytes=batch * 8)
+            if hard.dtype != torch.int64 or tuple(hard.shape) != (batch,):
+                raise QueryError("INVALID_ARGUMENT", f"labels {hard.dtype} {tuple(hard.shape)}, expected int64 "
+                                                     f"({batch},)")
+            if len(hard) and (int(hard.min()) < 0 or int(hard.max()) >= classes):
+                raise QueryError("INVALID_ARGUMENT", f"labels outside 0..{classes - 1}")
+            return ForwardReply(vote_logits(hard, classes), None, hard)
         logits = decode_tensor(msg.forward.logits, field="logits", max_bytes=batch * classes * 4)
         if logits.dtype != torch.float32 or tuple(logits.shape) != (batch, classes):
             raise QueryError("INVALID_ARGUMENT", f"logits {logits.dtype} {tuple(logits.shape)}, expected float32 "

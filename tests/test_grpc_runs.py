@@ -272,7 +272,7 @@ def test_a_killed_coordinator_resumes_with_its_teachers_and_ends_where_an_uninte
     assert reconciliation["agree"] == (not reconciliation["differences"])
 
 
-def test_a_mixed_run_of_gradient_and_logits_teachers_gives_the_same_student_in_process_and_over_grpc(
+def test_a_mixed_run_of_gradient_logits_and_labels_teachers_gives_the_same_student_in_process_and_over_grpc(
         in_process_run, tmp_path):
     ref_dir, _ = in_process_run
     students = []
@@ -282,13 +282,16 @@ def test_a_mixed_run_of_gradient_and_logits_teachers_gives_the_same_student_in_p
             dst = out / src.relative_to(ref_dir)
             dst.parent.mkdir(parents=True)
             dst.write_bytes(src.read_bytes())
-        config = config_from_mapping({**TINY, "teacher-access": "gradient,logits,gradient", "epochs": 1,
+        config = config_from_mapping({**TINY, "teacher-access": "gradient,logits,labels", "epochs": 1,
                                       "steps-per-epoch": 3, "student-steps": 2, "transport": transport})
         summary = run_experiment(config, out, transport=grpc_transport if transport == "grpc" else None)
         per_client = summary["queries"]["per_client"]
-        # the logits teacher was never sent a Backward; its gradient was estimated from extra Forwards
+        # the logits teacher was never sent a Backward, its gradient was estimated from extra Forwards; the
+        # labels teacher answered Forwards (labels) only
         assert per_client[1]["backward_calls"] == 0 and per_client[0]["backward_calls"] > 0
         assert per_client[1]["forward_calls"] > per_client[0]["forward_calls"]
+        assert per_client[2]["backward_calls"] == 0 and per_client[2]["forward_calls"] == per_client[0]["forward_calls"]
+        assert per_client[2]["bytes"] == per_client[2]["samples"] * (8 * 8 * 4 + 8)  # inputs out, int64 labels back
         assert all(r.get("refused", 0) == 0 for r in summary["queries"]["reported_by_clients"])
         students.append(load_safe(out / "checkpoint.pt", "fedkd.run.v1")["method"]["trainer"]["student"])
     for key in students[0]:

@@ -244,3 +244,23 @@ def test_a_run_with_no_gradients_to_be_had_stops_at_start_up_naming_the_clients(
     with pytest.raises(ConfigError, match=r"no client grants gradient access \(client 0: logits, client 1: logits\)"
                                           r".*zo-directions > 0"):
         run_experiment(config, tmp_path / "run")
+
+
+def test_a_labels_only_teacher_refuses_logits_and_the_ensemble_asks_it_for_labels():
+    import pytest
+
+    from fedkd.teacher import QueryError
+
+    labels_host = _linear_host(2, ("labels",))
+    x = torch.randn(6, 1, 4, 4)
+    with pytest.raises(QueryError, match="FAILED_PRECONDITION: this client grants hard labels only"):
+        labels_host.forward(x, CurriculumState())
+    assert labels_host.stats.refused == 1
+    hosts = [_linear_host(0, ("gradient", "logits")), _linear_host(1, ("logits",)), labels_host]
+    ens = Ensemble(LocalPool(hosts), "prob-mean")
+    out = ens(x, CurriculumState())
+    assert labels_host.stats.refused == 1  # the coordinator read the description and asked for labels
+    truth = labels_host.model(x).argmax(-1)
+    votes = out.member_logits[2].softmax(-1)
+    torch.testing.assert_close(votes.argmax(-1), truth)
+    assert abs(float(votes.max(-1).values.min()) - (0.9 + 0.1 / C)) < 1e-5  # a smoothed vote, no confidence

@@ -59,12 +59,12 @@ class DistillationMethod(Protocol):
 def require_input_gradients(ensemble: Ensemble, method: str) -> None:
     """Stop at start-up when a method that trains its generator through the teachers' input gradients can get
     none: no client grants gradients and zeroth-order estimation is off."""
-    if ensemble.gradient_members or ensemble.zeroth_order.directions > 0:
+    if ensemble.gradient_members or (ensemble.logits_members and ensemble.zeroth_order.directions > 0):
         return
     grants = ", ".join(f"client {d.client}: {'+'.join(d.access_modes)}" for d in ensemble.descriptions)
     raise ConfigError(f"method={method} trains its generator through the teachers' input gradients and no client "
                       f"grants gradient access ({grants}); set zo-directions > 0 to estimate them from logits, or "
-                      "have at least one client grant gradient")
+                      "have at least one client grant gradient (labels-only clients give no gradient at all)")
 
 
 class QueryBudget:

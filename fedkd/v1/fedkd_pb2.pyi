@@ -99,22 +99,26 @@ class TeacherDescription(_message.Message):
     def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("inputs", "state", "bn_loss")
+    __slots__ = ("inputs", "state", "bn_loss", "labels")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     inputs: Tensor
     state: CurriculumState
     bn_loss: bool
-    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., bn_loss: _Optional[bool] = ...) -> None: ...
+    labels: bool
+    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., bn_loss: _Optional[bool] = ..., labels: _Optional[bool] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("logits", "bn_loss")
+    __slots__ = ("logits", "bn_loss", "labels")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     BN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     bn_loss: float
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_loss: _Optional[float] = ...) -> None: ...
+    labels: Tensor
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_loss: _Optional[float] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("inputs", "grad_logits", "state", "grad_bn_loss")
