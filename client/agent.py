@@ -222,6 +222,7 @@ class TeacherAgent:
                         welcomed = True
                         self.welcome = msg.welcome
                         self.sessions += 1
+                        self.host.forget_kept()  # graphs kept for the last session's Backwards
                         logger.info("joined session %r at %s as %s", msg.welcome.session, self.settings.target,
                                     msg.welcome.teacher)
                     elif kind == "goodbye":
@@ -252,7 +253,7 @@ class TeacherAgent:
         kind = msg.WhichOneof("kind")
         try:
             if kind == "forward":
-                reply = self._forward(msg.forward)
+                reply = self._forward(msg.forward, msg.id)
             elif kind == "backward":
                 reply = self._backward(msg.backward)
             else:
@@ -275,10 +276,11 @@ class TeacherAgent:
     def _decode(self, msg: pb.Tensor, name: str) -> Any:
         return decode_tensor(msg, field=name, max_bytes=self._max_tensor_bytes)
 
-    def _forward(self, request: pb.ForwardRequest) -> pb.AgentMessage:
+    def _forward(self, request: pb.ForwardRequest, mid: int) -> pb.AgentMessage:
         inputs = self._decode(request.inputs, "inputs")
         state = decode_state(request.state)
-        reply = self.host.forward(inputs, state, bn_loss=request.bn_loss, labels=request.labels)
+        keep = (self.sessions, mid) if request.keep else None  # ids are per session
+        reply = self.host.forward(inputs, state, bn_loss=request.bn_loss, labels=request.labels, keep=keep)
         if reply.labels is not None:
             return pb.AgentMessage(forward=pb.ForwardReply(labels=encode_tensor(reply.labels)))
         out = pb.ForwardReply(logits=encode_tensor(reply.logits))
@@ -287,11 +289,13 @@ class TeacherAgent:
         return pb.AgentMessage(forward=out)
 
     def _backward(self, request: pb.BackwardRequest) -> pb.AgentMessage:
-        inputs = self._decode(request.inputs, "inputs")
+        named = request.forward_id != 0
+        inputs = self._decode(request.inputs, "inputs") if not named or request.HasField("inputs") else None
         grad_logits = self._decode(request.grad_logits, "grad_logits")
         state = decode_state(request.state)
         grad_bn = request.grad_bn_loss if request.HasField("grad_bn_loss") else None
-        grad = self.host.backward(inputs, grad_logits, state, grad_bn_loss=grad_bn)
+        grad = self.host.backward(inputs, grad_logits, state, grad_bn_loss=grad_bn,
+                                  forward_id=(self.sessions, request.forward_id) if named else None)
         return pb.AgentMessage(backward=pb.BackwardReply(grad_inputs=encode_tensor(grad)))
 
     def _error(self, mid: int, code: str, message: str) -> pb.AgentMessage:

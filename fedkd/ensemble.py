@@ -38,11 +38,15 @@ class EnsembleOutput:
 
 
 def _query(pool: TeacherPool, inputs: Tensor, state: CurriculumState, bn_loss: bool,
-           min_answers: int | None) -> tuple[Tensor, list[int], list[bool], Tensor, Tensor]:
+           min_answers: int | None, refs: dict[int, Any] | None = None
+           ) -> tuple[Tensor, list[int], list[bool], Tensor, Tensor]:
     """One Forward fan-out: (the inputs as sent, members that answered, which of them returned a BN loss,
-    logits (K', B, C), BN losses (K',), zero where none) on the inputs' device."""
+    logits (K', B, C), BN losses (K',), zero where none) on the inputs' device. With ``refs``, a Backward will
+    follow: the teachers keep their graphs and ``refs`` receives what the Backward names, per member."""
     x = inputs.detach().cpu().float().contiguous()
-    replies = pool.forward(x, state, bn_loss=bn_loss, min_answers=min_answers)
+    replies = pool.forward(x, state, bn_loss=bn_loss, min_answers=min_answers, keep=refs is not None)
+    if refs is not None:
+        refs.update({k: r.ref for k, r in replies.items() if r.ref is not None})
     members = sorted(replies)
     has_bn = [replies[k].bn_loss is not None for k in members]
     logits = torch.stack([replies[k].logits for k in members]).to(inputs.device)
@@ -101,10 +105,11 @@ class _FanOut(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, inputs: Tensor, pool: TeacherPool, state: CurriculumState, bn_loss: bool,
                 min_answers: int | None, answered: list[int], ensemble: Ensemble) -> tuple[Tensor, Tensor]:
-        x, members, has_bn, logits, losses = _query(pool, inputs, state, bn_loss, min_answers)
+        refs: dict[int, Any] = {}
+        x, members, has_bn, logits, losses = _query(pool, inputs, state, bn_loss, min_answers, refs)
         answered.extend(members)
-        ctx.pool, ctx.state, ctx.members, ctx.has_bn, ctx.x, ctx.device, ctx.ensemble = (
-            pool, state, members, has_bn, x, inputs.device, ensemble)
+        ctx.pool, ctx.state, ctx.members, ctx.has_bn, ctx.x, ctx.device, ctx.ensemble, ctx.refs = (
+            pool, state, members, has_bn, x, inputs.device, ensemble, refs)
         ctx.logits = logits.detach().cpu()
         return logits, losses
 
@@ -115,7 +120,7 @@ class _FanOut(torch.autograd.Function):
         ensemble: Ensemble = ctx.ensemble
         grads = {k: (g[i].contiguous(), float(gl[i]) if ctx.has_bn[i] else None) for i, k in enumerate(ctx.members)
                  if k in ensemble.gradient_members}
-        answers = ctx.pool.backward(ctx.x, grads, ctx.state)
+        answers = ctx.pool.backward(ctx.x, grads, ctx.state, refs=ctx.refs)
         # Labels-only teachers answer a step function: no gradient term, estimated or otherwise.
         estimated = [k for k in ctx.members if k not in ensemble.gradient_members and k in ensemble.logits_members]
         if estimated and ensemble.zeroth_order.directions > 0:

@@ -13,6 +13,8 @@ deadline, or refused); each pool counts that as ``missed`` in its stats.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -32,18 +34,21 @@ class TeacherPool(Protocol):
     def descriptions(self) -> list[TeacherDescription]: ...
 
     def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
-                min_answers: int | None = None, only: Sequence[int] | None = None) -> dict[int, ForwardReply]:
+                min_answers: int | None = None, only: Sequence[int] | None = None,
+                keep: bool = False) -> dict[int, ForwardReply]:
         """Logits (and BN loss from members that have statistics, when asked) per answering member; ``only``
         asks just those members (the others are not queried and not counted as missed). A member that grants
-        labels only is asked for labels; its reply carries them and their vote logits.
+        labels only is asked for labels; its reply carries them and their vote logits. ``keep``: a Backward
+        will follow; each reply's ``ref`` is what it names.
 
         Raises :class:`QuorumError` when fewer than ``min_answers`` (default: the pool's quorum) answer.
         """
         ...
 
     def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, float | None]],
-                 state: CurriculumState) -> dict[int, Tensor]:
-        """Gradient w.r.t. ``inputs`` from each member in ``grads`` (its grad_logits, grad_bn_loss) that answered."""
+                 state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
+        """Gradient w.r.t. ``inputs`` from each member in ``grads`` (its grad_logits, grad_bn_loss) that answered;
+        a member with a ref in ``refs`` is sent that (its Forward's id) instead of the inputs."""
         ...
 
     def stats(self) -> list[QueryStats]:
@@ -64,8 +69,9 @@ def forward_bytes(inputs: Tensor, reply: ForwardReply) -> int:
     return inputs.nbytes + reply.logits.nbytes + (4 if reply.bn_loss is not None else 0)
 
 
-def backward_bytes(inputs: Tensor, grad_logits: Tensor, grad_inputs: Tensor) -> int:
-    return inputs.nbytes + grad_logits.nbytes + grad_inputs.nbytes
+def backward_bytes(inputs: Tensor, grad_logits: Tensor, grad_inputs: Tensor, *, by_ref: bool = False) -> int:
+    """Tensor payload of one Backward exchange (the inputs only when they travel again)."""
+    return (0 if by_ref else inputs.nbytes) + grad_logits.nbytes + grad_inputs.nbytes
 
 
 class LocalPool:
@@ -76,20 +82,25 @@ class LocalPool:
             raise ValueError("a teacher pool needs at least one teacher")
         self.hosts = list(hosts)
         self._stats = [QueryStats() for _ in self.hosts]
+        self._refs = itertools.count(1)
 
     @property
     def descriptions(self) -> list[TeacherDescription]:
         return [h.describe() for h in self.hosts]
 
     def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
-                min_answers: int | None = None, only: Sequence[int] | None = None) -> dict[int, ForwardReply]:
+                min_answers: int | None = None, only: Sequence[int] | None = None,
+                keep: bool = False) -> dict[int, ForwardReply]:
         replies = {}
         for k, host in enumerate(self.hosts):
             if only is not None and k not in only:
                 continue
             labels_only = "logits" not in host.description.access_modes
             want = bn_loss and host.description.has_feature_statistics and not labels_only
-            reply = host.forward(inputs, state, bn_loss=want, labels=labels_only)
+            ref = next(self._refs) if keep and "gradient" in host.description.access_modes else None
+            reply = host.forward(inputs, state, bn_loss=want, labels=labels_only, keep=ref)
+            if ref is not None:
+                reply = dataclasses.replace(reply, ref=ref)
             self._stats[k].forward_calls += 1
             self._stats[k].samples += len(inputs)
             self._stats[k].bytes += forward_bytes(inputs, reply)
@@ -97,13 +108,15 @@ class LocalPool:
         return replies
 
     def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, float | None]],
-                 state: CurriculumState) -> dict[int, Tensor]:
+                 state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
         out = {}
         for k, (grad_logits, grad_bn) in grads.items():
-            grad = self.hosts[k].backward(inputs, grad_logits, state, grad_bn_loss=grad_bn)
+            ref = (refs or {}).get(k)
+            grad = self.hosts[k].backward(None if ref is not None else inputs, grad_logits, state,
+                                          grad_bn_loss=grad_bn, forward_id=ref)
             self._stats[k].backward_calls += 1
             self._stats[k].samples += len(inputs)
-            self._stats[k].bytes += backward_bytes(inputs, grad_logits, grad)
+            self._stats[k].bytes += backward_bytes(inputs, grad_logits, grad, by_ref=ref is not None)
             out[k] = grad
         return out
 

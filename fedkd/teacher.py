@@ -6,8 +6,12 @@ It answers the two calls of the query contract and nothing else:
   teacher's BatchNorm feature-statistics loss on those inputs (a scalar);
 - ``backward(inputs, grad_logits, state, grad_bn_loss=...)`` -> the gradient of
   the server's loss w.r.t. the inputs: the vector-Jacobian product of
-  (logits, bn_loss) with (grad_logits, grad_bn_loss). Stateless: the forward
-  pass is recomputed, so nothing is kept between calls.
+  (logits, bn_loss) with (grad_logits, grad_bn_loss). Either stateless (the
+  inputs are sent again and the forward pass is recomputed) or naming the
+  Forward it follows: a Forward asked with ``keep=ID`` keeps its autograd
+  graph (the last ``keep_graphs`` of them), and ``backward(None, ...,
+  forward_id=ID)`` differentiates it without the inputs travelling again or
+  the teacher running twice.
 
 Every call carries the server's :class:`CurriculumState`, so each client can
 audit the schedule it is being queried under. Bad requests raise
@@ -113,6 +117,7 @@ class ForwardReply:
     logits: Tensor  # (B, C) float32 (for a labels answer: the smoothed vote, see vote_logits)
     bn_loss: Tensor | None  # 0-d float32, only when asked
     labels: Tensor | None = None  # (B,) int64, when hard labels were asked for
+    ref: Any = None  # what a Backward names to follow this Forward (when it was asked with keep)
 
 
 @dataclass
@@ -188,6 +193,7 @@ class TeacherHost:
         max_batch: int = 1024,
         device: torch.device | str = "cpu",
         remember: int = 64,
+        keep_graphs: int = 4,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -205,6 +211,9 @@ class TeacherHost:
         # host has answered a Forward for, so gradients are never released for arbitrary probes.
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._remember = remember
+        # Graphs of Forwards a Backward will follow (id -> inputs, logits, bn loss), bounded.
+        self._kept: OrderedDict[Any, tuple[Tensor, Tensor, Tensor | None]] = OrderedDict()
+        self._keep_graphs = keep_graphs
 
     def describe(self) -> TeacherDescription:
         return self.description
@@ -212,8 +221,9 @@ class TeacherHost:
     # The two calls -----------------------------------------------------------
 
     def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
-                labels: bool = False) -> ForwardReply:
-        """Logits, or with ``labels`` hard labels only (all a labels-only client releases)."""
+                labels: bool = False, keep: Any = None) -> ForwardReply:
+        """Logits, or with ``labels`` hard labels only (all a labels-only client releases). ``keep``: an id a
+        Backward will name; the graph is kept for it (only when this client grants gradients)."""
         with self._lock:
             self._check_inputs(inputs)
             modes = self.description.access_modes
@@ -226,8 +236,17 @@ class TeacherHost:
             self.last_state = state
             self._remember_inputs(inputs)
             x = inputs.to(self.device)
-            with torch.no_grad():
-                logits, loss = self._run(x, bn_loss)
+            if keep is not None and "gradient" in modes and not labels:
+                x = x.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    logits, loss = self._run(x, bn_loss)
+                self._kept[keep] = (x, logits, loss)
+                self._kept.move_to_end(keep)
+                while len(self._kept) > self._keep_graphs:
+                    self._kept.popitem(last=False)
+            else:
+                with torch.no_grad():
+                    logits, loss = self._run(x, bn_loss)
             self.stats.forward_calls += 1
             self.stats.samples += len(inputs)
             if labels:
@@ -239,15 +258,29 @@ class TeacherHost:
 
     def backward(
         self,
-        inputs: Tensor,
+        inputs: Tensor | None,
         grad_logits: Tensor,
         state: CurriculumState,
         *,
         grad_bn_loss: float | None = None,
+        forward_id: Any = None,
     ) -> Tensor:
+        """The input gradient; ``inputs`` None with ``forward_id`` naming a Forward asked with ``keep``."""
         with self._lock:
             if "gradient" not in self.description.access_modes:
                 self._refuse("FAILED_PRECONDITION", "this client does not grant gradient access")
+            kept = None
+            if forward_id is not None:
+                kept = self._kept.pop(forward_id, None)
+                if kept is None and inputs is None:
+                    self._refuse("FAILED_PRECONDITION", f"Backward names Forward {forward_id!r}, which this teacher "
+                                 f"does not keep (it keeps the last {self._keep_graphs} asked with keep); send the "
+                                 "inputs again or Forward first")
+            if kept is not None:
+                inputs = kept[0].detach()
+            if inputs is None:
+                self._refuse("INVALID_ARGUMENT", "Backward needs the inputs or the id of the Forward it follows")
+            assert inputs is not None
             self._check_inputs(inputs)
             expected = (len(inputs), self.description.num_classes)
             if grad_logits.dtype != torch.float32 or tuple(grad_logits.shape) != expected:
@@ -259,13 +292,19 @@ class TeacherHost:
                 self._refuse("FAILED_PRECONDITION", "this teacher has no feature statistics (no BatchNorm layers)")
             if grad_bn_loss is not None and not math.isfinite(grad_bn_loss):
                 self._refuse("INVALID_ARGUMENT", "grad_bn_loss is not finite")
-            if self._digest(inputs) not in self._seen:
+            if kept is None and self._digest(inputs) not in self._seen:
                 self._refuse("FAILED_PRECONDITION", "Backward for inputs this teacher has not answered a Forward "
                              f"for (it keeps the last {self._remember}); send Forward first")
+            if kept is not None and grad_bn_loss is not None and kept[2] is None:
+                self._refuse("FAILED_PRECONDITION", "Backward asks for the BN-loss gradient of a Forward that did "
+                             "not compute the BN loss")
             self.last_state = state
-            x = inputs.to(self.device).detach().requires_grad_(True)
             with torch.enable_grad():
-                logits, loss = self._run(x, grad_bn_loss is not None)
+                if kept is not None:
+                    x, logits, loss = kept
+                else:
+                    x = inputs.to(self.device).detach().requires_grad_(True)
+                    logits, loss = self._run(x, grad_bn_loss is not None)
                 outputs, grads = [logits], [grad_logits.to(self.device)]
                 if loss is not None and grad_bn_loss is not None:
                     outputs.append(loss)
@@ -273,8 +312,14 @@ class TeacherHost:
                 (grad_inputs,) = torch.autograd.grad(outputs, [x], grads)
             self.stats.backward_calls += 1
             self.stats.samples += len(inputs)
-            self.stats.bytes += inputs.nbytes + grad_logits.nbytes + grad_inputs.nbytes
+            # The inputs travelled (and are counted) once when the Backward names its Forward.
+            self.stats.bytes += (0 if kept is not None else inputs.nbytes) + grad_logits.nbytes + grad_inputs.nbytes
             return grad_inputs.detach().cpu()
+
+    def forget_kept(self) -> None:
+        """Drop the kept graphs (a new session numbers its Forwards afresh)."""
+        with self._lock:
+            self._kept.clear()
 
     # Helpers --------------------------------------------------------------------
 

@@ -535,6 +535,7 @@ class _Outcome:
     answers: dict[int, pb.AgentMessage]
     failures: dict[str, str]  # teacher name -> why it did not answer
     lost: bool  # some teacher dropped out during the query (worth waiting for a rejoin)
+    ids: dict[int, tuple[_Connection, int]] = field(default_factory=dict)  # teacher -> (connection, message id)
 
 
 class HubPool:
@@ -564,6 +565,7 @@ class HubPool:
         """Send ``messages[k]`` to teacher k (all at once) and gather the answers within the deadline."""
         hub = self.hub
         sent: dict[int, tuple[_Connection, int, cf.Future[pb.AgentMessage]]] = {}
+        ids: dict[int, tuple[_Connection, int]] = {}
         failures: dict[str, str] = {}
         lost = False
         for k, kind in messages.items():
@@ -585,6 +587,7 @@ class HubPool:
                 continue
             slot.stats.wire_bytes += wire
             sent[k] = (connection, mid, future)
+            ids[k] = (connection, mid)
         done, _ = cf.wait([f for _, _, f in sent.values()], timeout=hub.query_timeout)
         answers = {}
         for k, (connection, mid, future) in sent.items():
@@ -604,7 +607,7 @@ class HubPool:
                 failures[name] = f"refused: {code.name}: {msg.error.message}"
                 continue
             answers[k] = msg
-        return _Outcome(answers, failures, lost)
+        return _Outcome(answers, failures, lost, ids)
 
     def _check_quorum(self, outcome: _Outcome, need: int, what: str) -> None:
         if len(outcome.answers) < need:
@@ -613,7 +616,8 @@ class HubPool:
                               f"{need} needed ({why})")
 
     def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
-                min_answers: int | None = None, only: Sequence[int] | None = None) -> dict[int, ForwardReply]:
+                min_answers: int | None = None, only: Sequence[int] | None = None,
+                keep: bool = False) -> dict[int, ForwardReply]:
         need = self.hub.quorum if min_answers is None else min_answers
         asked = set(range(len(self.hub.slots)) if only is None else only)
         descriptions = self.descriptions
@@ -625,6 +629,7 @@ class HubPool:
             labels_only = {k for k, d in enumerate(descriptions) if "logits" not in d.access_modes}
             messages = {s.index: {"forward": pb.ForwardRequest(
                 inputs=x, state=st, labels=s.index in labels_only,
+                keep=keep and "gradient" in descriptions[s.index].access_modes,
                 bn_loss=bn_loss and descriptions[s.index].has_feature_statistics and s.index not in labels_only)}
                 for s in live if s.index in asked}
             outcome = self._fan_out(messages)
@@ -639,6 +644,8 @@ class HubPool:
                 slot.stats.forward_calls += 1
                 slot.stats.samples += batch
                 slot.stats.bytes += forward_bytes(inputs, reply)
+                if keep and "gradient" in descriptions[k].access_modes:
+                    reply = dataclasses.replace(reply, ref=outcome.ids[k])  # the Backward names this query
                 replies[k] = reply
             outcome.answers = {k: outcome.answers[k] for k in replies}
             for slot in self.hub.slots:
@@ -652,18 +659,40 @@ class HubPool:
         raise AssertionError("unreachable")
 
     def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, float | None]],
-                 state: CurriculumState) -> dict[int, Tensor]:
+                 state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
         if not grads:
             return {}
-        x = encode_tensor(inputs)
+        x: pb.Tensor | None = None
         st = encode_state(state)
         messages = {}
+        by_ref: set[int] = set()
         for k, (grad_logits, grad_bn) in grads.items():
-            request = pb.BackwardRequest(inputs=x, grad_logits=encode_tensor(grad_logits), state=st)
+            ref = (refs or {}).get(k)
+            slot = self.hub.slots[k]
+            connection = slot.connection
+            if ref is not None and connection is not None and ref[0] is connection and not connection.closed.is_set():
+                # the same stream that answered the Forward: name it, the inputs do not travel again
+                request = pb.BackwardRequest(forward_id=ref[1], grad_logits=encode_tensor(grad_logits), state=st)
+                by_ref.add(k)
+            else:  # no Forward to name (or the teacher reconnected since): carry the inputs
+                x = encode_tensor(inputs) if x is None else x
+                request = pb.BackwardRequest(inputs=x, grad_logits=encode_tensor(grad_logits), state=st)
             if grad_bn is not None:
                 request.grad_bn_loss = grad_bn
             messages[k] = {"backward": request}
         outcome = self._fan_out(messages)
+        # A teacher that no longer keeps the named Forward's graph (evicted, or restarted) gets the inputs.
+        stale = [k for k in by_ref if "does not keep" in outcome.failures.get(self.hub.slots[k].name, "")]
+        if stale:
+            x = encode_tensor(inputs) if x is None else x
+            for k in stale:
+                messages[k]["backward"].inputs.CopyFrom(x)
+                messages[k]["backward"].forward_id = 0
+                del outcome.failures[self.hub.slots[k].name]
+                by_ref.discard(k)
+            retry = self._fan_out({k: messages[k] for k in stale})
+            outcome.answers.update(retry.answers)
+            outcome.failures.update(retry.failures)
         out = {}
         for k, msg in outcome.answers.items():
             slot = self.hub.slots[k]
@@ -683,7 +712,7 @@ class HubPool:
                 continue
             slot.stats.backward_calls += 1
             slot.stats.samples += len(inputs)
-            slot.stats.bytes += backward_bytes(inputs, grads[k][0], grad)
+            slot.stats.bytes += backward_bytes(inputs, grads[k][0], grad, by_ref=k in by_ref)
             out[k] = grad
         for k in grads:
             if k not in out:

@@ -15,6 +15,8 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
 - ``hostile``: the main job with client 0's teacher replaced by a hostile one (a fixed wrong class, or
   random logits; both claiming a large label histogram), with the reliability estimate (the default) and
   without it. Target: student within 0.02 of the default run.
+- ``access``: the main job with every client granting logits only (zeroth-order gradient estimates). Target:
+  student >= 0.95 x the gradient-mode student; the extra query samples reported.
 - ``aggregators``: no distillation: every aggregator's test accuracy on the teachers of the IID,
   Dirichlet(0.5), Dirichlet(0.1) and pathological splits (what picked ``ensemble=auto``).
 
@@ -59,11 +61,14 @@ RUNS: dict[str, dict[str, Any]] = {
     "hostile-fixed-trusting": {"reliability": False},
     "hostile-random": {},
     "hostile-random-trusting": {"reliability": False},
+    # Every client grants logits only: the teachers' input gradients are estimated by zeroth order.
+    "logits-only": {"teacher-access": "logits"},
 }
 GROUPS = {"default": ["default"], "one-client": ["one-client"], "pathological": ["pathological"],
           "curriculum": ["default", "curriculum-soft", "curriculum-hard", "curriculum-none"],
           "hostile": ["default", "hostile-fixed", "hostile-fixed-trusting", "hostile-random",
-                      "hostile-random-trusting"]}
+                      "hostile-random-trusting"],
+          "access": ["default", "logits-only"]}
 SPLITS = {"iid": {"partition": "iid"}, "dirichlet-0.5": {"alpha": 0.5}, "dirichlet-0.1": {"alpha": 0.1},
           "pathological": {"partition": "pathological", "classes-per-client": 2}}
 
@@ -146,6 +151,13 @@ def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]]
         return [("student >= 0.99 x teacher", f"{ratio:.4f}", ratio >= 0.99)]
     if name == "pathological":
         return [("student >= 0.85", f"{student:.4f}", student >= 0.85)]
+    if name == "logits-only" and default:
+        reference = _mean_std([r["student"] for r in default])[0]
+        extra = (statistics.fmean(r["query_samples"] for r in runs)
+                 / statistics.fmean(r["query_samples"] for r in default))
+        return [("student >= 0.95 x gradient-mode student", f"{student / reference:.4f}",
+                 student >= 0.95 * reference),
+                ("query samples vs gradient mode (reported)", f"{extra:.2f}x", True)]
     if name in ("hostile-fixed", "hostile-random") and default:
         reference = _mean_std([r["student"] for r in default])[0]
         return [("student >= default - 0.02", f"{student:.4f} vs {reference - 0.02:.4f}",

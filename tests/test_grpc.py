@@ -135,6 +135,27 @@ def test_queries_over_tls_match_the_in_process_teachers(hub_factory, pki):
     assert [r["forward_calls"] for r in reports] == [1, 1]
     assert [r["samples"] for r in reports] == [32, 32]
     assert all(a.join()["backward_calls"] == 1 for a in agents)
+    # The Backward named its Forward: the inputs travelled once (both ledgers count them once)
+    inputs, logits, grads = 16 * 64 * 4, 16 * 10 * 4, 16 * 64 * 4
+    assert [s.bytes for s in hub.pool.stats()] == [inputs + logits + 4 + logits + grads] * 2
+    assert [r["bytes"] for r in reports] == [inputs + logits + 4 + logits + grads] * 2
+
+
+def test_an_old_style_backward_carrying_the_inputs_still_works(hub_factory, pki):
+    hub, hosts, agents = two_teacher_hub(hub_factory, pki)
+    x = torch.randn(8, *SHAPE)
+    hub.pool.forward(x, STATE)  # no keep: nothing to name
+    g = torch.randn(8, 10)
+    remote = hub.pool.backward(x, {0: (g, None), 1: (g, None)}, STATE)
+    for k, host in enumerate([make_host(0), make_host(1)]):
+        host.forward(x, STATE)
+        torch.testing.assert_close(remote[k], host.backward(x, g, STATE), rtol=1e-6, atol=1e-7)
+    # a Backward naming a Forward the teacher no longer keeps is refused, and sent again with the inputs
+    stale = hub.pool.backward(x, {0: (g, None)}, STATE, refs={0: (hub.slots[0].connection, 999)})
+    torch.testing.assert_close(stale[0], remote[0])
+    assert hub.pool.stats()[0].missed == 0
+    hub.end_session()
+    assert agents[0].join()["refused"] == 1
 
 
 def test_health_and_reflection_are_served(hub_factory, pki):

@@ -156,8 +156,7 @@ def test_the_gradient_through_the_ensemble_caps_a_hostile_hosts_huge_gradient():
         """A host that answers every Backward with a gradient of a million, whatever it was asked."""
 
         def backward(self, inputs, grad_logits, state, **kwargs):
-            super().backward(inputs, grad_logits, state, **kwargs)
-            return torch.full_like(inputs, 1e6)
+            return torch.full_like(super().backward(inputs, grad_logits, state, **kwargs), 1e6)
 
     hosts = _federation(Reads(9))[:4]
     hosts.append(HugeGradients(Reads(4), hosts[0].description, max_batch=1024))

@@ -166,3 +166,23 @@ def test_backward_only_for_inputs_the_host_answered_a_forward_for():
     host.forward(torch.randn(3, 1, 8, 8), STATE)
     with pytest.raises(QueryError, match="keeps the last 2"):
         host.backward(x, g, STATE)
+
+
+def test_a_backward_naming_its_forward_differentiates_the_kept_graph():
+    host = _host()
+    x, g = torch.randn(4, *host.description.input_shape), torch.randn(4, host.description.num_classes)
+    host.forward(x, CurriculumState(), keep="a")
+    by_name = host.backward(None, g, CurriculumState(), forward_id="a")
+    fresh = _host()
+    fresh.forward(x, CurriculumState())
+    torch.testing.assert_close(by_name, fresh.backward(x, g, CurriculumState()))
+    # the inputs are counted once (with the Forward), not again with the Backward
+    assert host.stats.bytes == fresh.stats.bytes - x.nbytes
+    with pytest.raises(QueryError, match="FAILED_PRECONDITION: Backward names Forward 'a', which this teacher "
+                                         "does not keep"):
+        host.backward(None, g, CurriculumState(), forward_id="a")  # a graph is differentiated once
+    for k in range(6):  # only the last keep_graphs (4) are kept
+        host.forward(x, CurriculumState(), keep=k)
+    with pytest.raises(QueryError, match="does not keep"):
+        host.backward(None, g, CurriculumState(), forward_id=0)
+    assert host.backward(None, g, CurriculumState(), forward_id=5).shape == x.shape

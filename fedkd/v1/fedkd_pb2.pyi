@@ -99,16 +99,18 @@ class TeacherDescription(_message.Message):
     def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("inputs", "state", "bn_loss", "labels")
+    __slots__ = ("inputs", "state", "bn_loss", "labels", "keep")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BN_LOSS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     inputs: Tensor
     state: CurriculumState
     bn_loss: bool
     labels: bool
-    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., bn_loss: _Optional[bool] = ..., labels: _Optional[bool] = ...) -> None: ...
+    keep: bool
+    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., bn_loss: _Optional[bool] = ..., labels: _Optional[bool] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("logits", "bn_loss", "labels")
@@ -121,16 +123,18 @@ class ForwardReply(_message.Message):
     def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_loss: _Optional[float] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("inputs", "grad_logits", "state", "grad_bn_loss")
+    __slots__ = ("inputs", "grad_logits", "state", "grad_bn_loss", "forward_id")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_LOGITS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GRAD_BN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
     inputs: Tensor
     grad_logits: Tensor
     state: CurriculumState
     grad_bn_loss: float
-    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., grad_bn_loss: _Optional[float] = ...) -> None: ...
+    forward_id: int
+    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., grad_bn_loss: _Optional[float] = ..., forward_id: _Optional[int] = ...) -> None: ...
 
 class BackwardReply(_message.Message):
     __slots__ = ("grad_inputs",)
