@@ -71,6 +71,36 @@ class ServerTLS:
                                            require_client_auth=self.client_ca is not None)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def length_delimited(field_number: int, data: bytes) -> bytes:
+    """One protobuf field of wire type 2 (bytes, string, message): tag, length, data."""
+    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
+
+
+@dataclass(frozen=True)
+class Serialized:
+    """A query body serialised once for every teacher it goes to: ``body`` is the bytes of the HubMessage field
+    ``field`` (3: forward, 4: backward); the fan-out adds each teacher's own message id around it."""
+
+    field: int
+    body: bytes
+
+    def message(self, mid: int) -> bytes:
+        return _varint(1 << 3) + _varint(mid) + length_delimited(self.field, self.body)
+
+
+def _serialize(msg: pb.HubMessage | bytes) -> bytes:
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
 class ListenError(OSError):
     """The hub cannot listen on the address it was given; the message names it."""
 
@@ -86,21 +116,26 @@ class _Connection:
         self.slot = slot
         self.peer = peer
         self.limit = limit  # the largest message the agent accepts
-        self.outbox: queue.Queue[pb.HubMessage | None] = queue.Queue()
+        self.outbox: queue.Queue[pb.HubMessage | bytes | None] = queue.Queue()
         self.pending: dict[int, cf.Future[pb.AgentMessage]] = {}
         self.lock = threading.Lock()
         self.closed = threading.Event()
         self.reason = ""
         self._ids = itertools.count(1)
 
-    def send(self, **kind: Any) -> tuple[int, cf.Future[pb.AgentMessage], int]:
-        """Queue a message; returns its id, the future of its answer and its size on the wire."""
+    def send(self, serialized: Serialized | None = None, **kind: Any) -> tuple[int, cf.Future[pb.AgentMessage], int]:
+        """Queue a message (``kind`` fields, or a body serialised once for many teachers); returns its id, the
+        future of its answer and its size on the wire."""
         future: cf.Future[pb.AgentMessage] = cf.Future()
         with self.lock:
             if self.closed.is_set():
                 raise ConnectionLost(self.reason)
             mid = next(self._ids)
             self.pending[mid] = future
+        if serialized is not None:
+            raw = serialized.message(mid)
+            self.outbox.put(raw)
+            return mid, future, len(raw)
         msg = pb.HubMessage(id=mid, **kind)
         self.outbox.put(msg)
         return mid, future, msg.ByteSize()
@@ -235,7 +270,13 @@ class Hub:
         server = grpc.server(cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedkd-hub"),
                              options=channel_options(self.max_message_bytes),
                              maximum_concurrent_rpcs=workers - 2)
-        pb_grpc.add_HubServicer_to_server(_HubServicer(self), server)
+        # The generated registration, with a serializer that also passes through messages serialised in advance
+        # (a Forward's inputs are serialised once however many teachers it goes to).
+        handlers = {"Session": grpc.stream_stream_rpc_method_handler(
+            _HubServicer(self).Session, request_deserializer=pb.AgentMessage.FromString,
+            response_serializer=_serialize)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        server.add_registered_method_handlers(SERVICE, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
@@ -575,7 +616,8 @@ class HubPool:
                 failures[slot.name] = "not connected"
                 lost = True
                 continue
-            size = sum(m.ByteSize() for m in kind.values()) + 16  # + the envelope's id and tags
+            size = (len(kind["serialized"].body) if "serialized" in kind
+                    else sum(m.ByteSize() for m in kind.values())) + 16  # + the envelope's id and tags
             if size > connection.limit:
                 raise QueryError("RESOURCE_EXHAUSTED", f"a query of {size:,} bytes exceeds {slot.name}'s message "
                                  f"limit of {connection.limit:,} bytes; lower batch-size or raise max-message-mb")
@@ -621,17 +663,18 @@ class HubPool:
         need = self.hub.quorum if min_answers is None else min_answers
         asked = set(range(len(self.hub.slots)) if only is None else only)
         descriptions = self.descriptions
-        x = encode_tensor(inputs)
+        # The inputs, serialised once as field 1 of a ForwardRequest; each teacher's flags are appended to them.
+        x_field = length_delimited(1, encode_tensor(inputs).SerializeToString())
         st = encode_state(state)
         batch, classes = len(inputs), descriptions[0].num_classes
         for attempt in range(3):
             live = self._wait_for_quorum(need)
             labels_only = {k for k, d in enumerate(descriptions) if "logits" not in d.access_modes}
-            messages = {s.index: {"forward": pb.ForwardRequest(
-                inputs=x, state=st, labels=s.index in labels_only,
+            messages = {s.index: {"serialized": Serialized(3, x_field + pb.ForwardRequest(
+                state=st, labels=s.index in labels_only,
                 keep=keep and "gradient" in descriptions[s.index].access_modes,
-                bn_loss=bn_loss and descriptions[s.index].has_feature_statistics and s.index not in labels_only)}
-                for s in live if s.index in asked}
+                bn_loss=bn_loss and descriptions[s.index].has_feature_statistics and s.index not in labels_only,
+            ).SerializeToString())} for s in live if s.index in asked}
             outcome = self._fan_out(messages)
             replies = {}
             for k, msg in outcome.answers.items():

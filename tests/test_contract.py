@@ -95,3 +95,17 @@ def test_description_round_trips_and_is_validated():
     msg.label_counts.append(5)
     with pytest.raises(QueryError, match="label_counts must have 10"):
         decode_description(msg)
+
+
+def test_a_query_serialised_once_is_the_message_the_contract_defines():
+    from fedkd.codec import encode_state, encode_tensor
+    from fedkd.teacher import CurriculumState
+    from server.hub import Serialized, length_delimited
+
+    x = encode_tensor(torch.randn(3, 1, 4, 4))
+    state = encode_state(CurriculumState(epoch=2, step=5, lam=0.5, adv_weight=0.25))
+    for flags in ({}, {"keep": True}, {"labels": True, "bn_loss": True}):
+        body = length_delimited(1, x.SerializeToString()) + pb.ForwardRequest(state=state, **flags).SerializeToString()
+        for mid in (1, 300, 2**40):
+            parsed = pb.HubMessage.FromString(Serialized(3, body).message(mid))
+            assert parsed == pb.HubMessage(id=mid, forward=pb.ForwardRequest(inputs=x, state=state, **flags))
