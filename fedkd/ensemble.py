@@ -135,6 +135,30 @@ class _FanOut(torch.autograd.Function):
         return total.to(ctx.device), None, None, None, None, None, None
 
 
+# No client's claimed label counts weigh more than this many times the median client's total (robust default).
+MAX_COUNT_RATIO = 4.0
+
+
+def capped_counts(descriptions: Sequence[Any], *, enabled: bool = True) -> tuple[list[Any], list[float]]:
+    """The clients' label counts, each scaled down so that its total is at most MAX_COUNT_RATIO x the median
+    total of the clients that share counts (when at least three do): a claimed histogram is unverifiable, and
+    an inflated one would otherwise buy a teacher the whole say on every class. Returns (counts, scale each)."""
+    counts = [d.label_counts for d in descriptions]
+    totals = [sum(c) for c in counts if c is not None and sum(c) > 0]
+    scales = [1.0] * len(counts)
+    if not enabled or len(totals) < 3:
+        return counts, scales
+    limit = MAX_COUNT_RATIO * float(torch.tensor(totals, dtype=torch.float64).median())
+    out: list[Any] = []
+    for k, c in enumerate(counts):
+        if c is not None and sum(c) > limit:
+            scales[k] = limit / sum(c)
+            out.append([v * scales[k] for v in c])
+        else:
+            out.append(c)
+    return out, scales
+
+
 class Ensemble:
     """Queries every teacher of a pool with the same inputs and combines their logits."""
 
@@ -153,7 +177,8 @@ class Ensemble:
         self.num_classes = classes.pop()
         self.aggregator: Aggregator = resolve_aggregator(
             aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
-        self._class_weights = class_weights([d.label_counts for d in descriptions], self.num_classes,
+        counts, self.count_scale = capped_counts(descriptions, enabled=reliability)
+        self._class_weights = class_weights(counts, self.num_classes,
                                             [d.num_samples for d in descriptions])  # (K, C)
         # Backward goes only to the teachers that grant gradients; the others' gradient terms are estimated
         # from Forward queries (``zeroth_order``) or left out.
@@ -191,8 +216,10 @@ class Ensemble:
             return None
         if float(r.sum()) <= 0:  # nobody is trusted more than anybody: equal footing
             r = torch.ones_like(r)
-        base = self._class_weights[members] if self.aggregator.needs_counts else torch.ones(len(members),
-                                                                                           self.num_classes)
+        if self.aggregator.needs_counts:  # claimed counts, honoured as far as the answers back them, per class
+            base = self._class_weights[members] * self.reliability.class_weights()[members]
+        else:
+            base = torch.ones(len(members), self.num_classes)
         w = base * r.unsqueeze(1)
         column = w.sum(0, keepdim=True)
         # A class only distrusted teachers speak for: their (count) weights as they were.
@@ -212,7 +239,7 @@ class Ensemble:
     def report(self) -> list[dict[str, Any]]:
         """Per teacher: its reliability weight, its agreement with the others, and what was clipped."""
         w = self.reliability.weights()
-        return [{"client": d.client, "weight": round(float(w[k]), 4),
+        return [{"client": d.client, "weight": round(float(w[k]), 4), "count_scale": round(self.count_scale[k], 4),
                  "agreement": round(float(self.reliability.agreement[k]), 4) if self.reliability.batches[k] else None,
                  "clipped_logits": self.bounds.clipped_logits.get(k, 0),
                  "clipped_gradients": self.bounds.clipped_gradients.get(k, 0)}

@@ -47,6 +47,9 @@ class Reliability:
         self.decay, self.tolerance, self.enabled = decay, tolerance, enabled
         self.agreement = torch.zeros(teachers)
         self.batches = torch.zeros(teachers, dtype=torch.long)
+        # Per class c: overlap of the samples the teacher calls c with those the others' consensus calls c.
+        self.class_agreement = torch.zeros(teachers, num_classes)
+        self.class_seen = torch.zeros(teachers, num_classes, dtype=torch.bool)
         self._warned: set[int] = set()
 
     @torch.no_grad()
@@ -59,10 +62,24 @@ class Reliability:
         for i, k in enumerate(members):
             others = torch.cat([p[:i], p[i + 1:]])
             consensus = median_of(others).argmax(-1)  # (B,)
-            rate = float((votes[i] == consensus).float().mean())
+            agrees = (votes[i] == consensus).float()
+            rate = float(agrees.mean())
             first = self.batches[k] == 0
             self.agreement[k] = rate if first else self.decay * self.agreement[k] + (1 - self.decay) * rate
             self.batches[k] += 1
+            # Per class, the overlap (intersection over union) of "the teacher says c" and "the others say c":
+            # a teacher that says c everywhere (recall 1, precision low) scores as low as one that never does.
+            count = torch.bincount(consensus, minlength=self.num_classes).float()
+            said = torch.bincount(votes[i], minlength=self.num_classes).float()
+            hits = torch.bincount(consensus, weights=agrees, minlength=self.num_classes)
+            present = count > 0
+            per_class = hits / (count + said - hits).clamp_min(1)
+            new = present & ~self.class_seen[k]
+            old = present & self.class_seen[k]
+            self.class_agreement[k] = torch.where(new, per_class, self.class_agreement[k])
+            self.class_agreement[k] = torch.where(
+                old, self.decay * self.class_agreement[k] + (1 - self.decay) * per_class, self.class_agreement[k])
+            self.class_seen[k] |= present
         self._log_changes()
 
     def weights(self) -> Tensor:
@@ -80,6 +97,21 @@ class Reliability:
         w = torch.where(w < CUT, torch.zeros_like(w), w)
         return torch.where(seen, w, torch.ones_like(w))
 
+    def class_weights(self) -> Tensor:
+        """(K, C) factors in [0, 1] for the label-count weights: a teacher's claim to speak for class c is
+        honoured in proportion to how well the inputs it calls c match those the others' consensus calls c
+        (intersection over union), relative to the teacher best at c (full weight at ``tolerance`` of the best
+        above chance). A claimed histogram is thus checked
+        class by class against the answers; an honest teacher loses weight only on classes it barely saw, where
+        its counts gave it little weight anyway."""
+        if not self.enabled or int((self.batches > 0).sum()) < 3:
+            return torch.ones(self.teachers, self.num_classes)
+        chance = 1.0 / self.num_classes
+        best = (self.class_agreement * self.class_seen).max(0).values - chance  # (C,)
+        r = ((self.class_agreement - chance) / (self.tolerance * best.clamp_min(1e-6))).clamp(0.0, 1.0)
+        informative = (best > 0.05).unsqueeze(0) & self.class_seen
+        return torch.where(informative, r, torch.ones_like(r))
+
     def _log_changes(self) -> None:
         w = self.weights()
         for k in range(self.teachers):
@@ -94,12 +126,15 @@ class Reliability:
                 logger.warning("teacher %d is trusted again (weight %.2f)", k, float(w[k]))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"agreement": self.agreement.clone(), "batches": self.batches.clone(), "warned": sorted(self._warned)}
+        return {"agreement": self.agreement.clone(), "batches": self.batches.clone(), "warned": sorted(self._warned),
+                "class_agreement": self.class_agreement.clone(), "class_seen": self.class_seen.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.agreement = state["agreement"].clone().float()
         self.batches = state["batches"].clone().long()
         self._warned = {int(k) for k in state["warned"]}
+        self.class_agreement = state["class_agreement"].clone().float()
+        self.class_seen = state["class_seen"].clone().bool()
 
 
 @dataclass
