@@ -263,3 +263,37 @@ def test_a_labels_only_teacher_refuses_logits_and_the_ensemble_asks_it_for_label
     votes = out.member_logits[2].softmax(-1)
     torch.testing.assert_close(votes.argmax(-1), truth)
     assert abs(float(votes.max(-1).values.min()) - (0.9 + 0.1 / C)) < 1e-5  # a smoothed vote, no confidence
+
+
+def test_claimed_counts_are_capped_at_four_times_the_median_clients():
+    from fedkd.ensemble import capped_counts
+
+    descs = [_host(Reads(k), k, [100] * C).description for k in range(4)]
+    descs.append(_host(Liar(), 4, [10_000] * C).description)
+    counts, scales = capped_counts(descs)
+    assert scales[:4] == [1.0] * 4 and abs(sum(counts[4]) - 4 * 1000) < 1e-6
+    assert capped_counts(descs, enabled=False)[0][4] == [10_000] * C
+
+
+class OverClaims(nn.Module):
+    """A weak liar: answers class 1 for most inputs, the truth for the rest (it agrees sometimes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.honest = Reads(7)
+
+    def forward(self, x):
+        out = self.honest(x)
+        lie = (x.flatten(1)[:, 1] > 0.3).float().unsqueeze(1)  # 70% of inputs
+        return out * (1 - lie) + lie * 20 * nn.functional.one_hot(torch.ones(len(x)).long(), C).float()
+
+
+def test_a_teacher_that_over_claims_a_class_is_not_trusted_for_it():
+    robust = Ensemble(LocalPool(_federation(OverClaims())), "auto")
+    for step in range(4):
+        robust(_inputs(128, step), CurriculumState())
+    factors = robust.reliability.class_weights()
+    assert float(factors[4, 1]) < 0.5  # says "1" far more often than the others do: its claim on 1 is discounted
+    assert bool((factors[:4] == 1).all())
+    x = _inputs(256, 42)
+    assert float((robust(x, CurriculumState()).logits.argmax(-1) == _truth(x)).float().mean()) > 0.9
