@@ -541,8 +541,8 @@ class _HubServicer(pb_grpc.HubServicer):
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
-    def Session(self, request_iterator: Iterator[pb.AgentMessage],
-                context: grpc.ServicerContext) -> Iterator[pb.HubMessage]:
+    def Session(self, request_iterator: Iterator[pb.AgentMessage],  # type: ignore[override]
+                context: grpc.ServicerContext) -> Iterator[pb.HubMessage | bytes]:  # bytes: serialised once
         hub = self.hub
         slot = hub._authenticate(context)
         # A peer that authenticates but never says Hello is cut off after hello_timeout.
