@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fedkd.aggregation import Aggregator, class_weights, resolve_aggregator
 from fedkd.pool import TeacherPool
-from fedkd.robustness import AnswerBounds, Reliability
+from fedkd.robustness import AnswerBounds, Reliability, capped_counts
 from fedkd.teacher import CurriculumState
 
 
@@ -133,30 +133,6 @@ class _FanOut(torch.autograd.Function):
         for grad in answers.values():
             total += grad
         return total.to(ctx.device), None, None, None, None, None, None
-
-
-# No client's claimed label counts weigh more than this many times the median client's total (robust default).
-MAX_COUNT_RATIO = 4.0
-
-
-def capped_counts(descriptions: Sequence[Any], *, enabled: bool = True) -> tuple[list[Any], list[float]]:
-    """The clients' label counts, each scaled down so that its total is at most MAX_COUNT_RATIO x the median
-    total of the clients that share counts (when at least three do): a claimed histogram is unverifiable, and
-    an inflated one would otherwise buy a teacher the whole say on every class. Returns (counts, scale each)."""
-    counts = [d.label_counts for d in descriptions]
-    totals = [sum(c) for c in counts if c is not None and sum(c) > 0]
-    scales = [1.0] * len(counts)
-    if not enabled or len(totals) < 3:
-        return counts, scales
-    limit = MAX_COUNT_RATIO * float(torch.tensor(totals, dtype=torch.float64).median())
-    out: list[Any] = []
-    for k, c in enumerate(counts):
-        if c is not None and sum(c) > limit:
-            scales[k] = limit / sum(c)
-            out.append([v * scales[k] for v in c])
-        else:
-            out.append(c)
-    return out, scales
 
 
 class Ensemble:

@@ -41,7 +41,14 @@ from fedkd.models import average_weights, build_model, is_model_name, model_name
 from fedkd.plots import plot_accuracy, plot_curriculum, plot_queries, plot_samples
 from fedkd.pool import LocalPool, TeacherPool
 from fedkd.synthetic_pool import pool_bytes
-from fedkd.teacher import QueryStats, TeacherDescription, TeacherHost, access_modes, describe_checkpoint
+from fedkd.teacher import (
+    QueryStats,
+    TeacherDescription,
+    TeacherHost,
+    access_modes,
+    describe_checkpoint,
+    unusable,
+)
 from fedkd.training import train_teacher
 
 logger = logging.getLogger(__name__)
@@ -520,13 +527,8 @@ def write_summary(summary: dict[str, Any], run_dir: Path) -> None:
 def _check_teachers(pool: TeacherPool, spec: DatasetSpec) -> None:
     """The coordinator evaluates on its own data: every teacher must take that data's inputs and classes."""
     for k, d in enumerate(pool.descriptions):
-        if d.num_classes != spec.num_classes or tuple(d.input_shape) != tuple(spec.input_shape):
-            raise ConfigError(f"dataset: {spec.name!r} has {spec.num_classes} classes and inputs "
-                              f"{tuple(spec.input_shape)}, but teacher {k} ({d.model}) has {d.num_classes} classes "
-                              f"and inputs {tuple(d.input_shape)}")
-        if any(abs(a - b) > 1e-6 for a, b in zip(tuple(d.mean) + tuple(d.std), tuple(spec.mean) + tuple(spec.std))):
-            raise ConfigError(f"dataset: teacher {k} expects normalisation mean {d.mean}, std {d.std}, the "
-                              f"coordinator's {spec.name!r} data uses {spec.mean}, {spec.std}")
+        if (why := unusable(d, spec)) is not None:
+            raise ConfigError(f"dataset: teacher {k} ({d.model}) cannot take the run's {spec.name!r} data: {why}")
 
 
 def _summary(config: RunConfig, test: ImageData | None, pool: TeacherPool, ensemble: Ensemble,

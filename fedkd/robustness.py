@@ -13,6 +13,7 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
   order-statistic aggregators leave a teacher with weight 0 out. On honest
   federations every teacher keeps weight 1 (measured: README, "Robustness"); in a pathological split, where
   honest teachers legitimately disagree, the comparison is relative to the median teacher, not absolute.
+- :func:`capped_counts`: no client's claimed label counts weigh more than 4x the median client's total.
 - :class:`AnswerBounds`: logits are clipped to +-``logit_bound`` (a softmax is saturated long before; this only
   stops an absurd scale from owning a logit average); per sample, a teacher's input gradient is clipped to
   ``gradient_bound`` times the median norm of the teachers' gradients for that sample (when at least three answered:
@@ -25,6 +26,7 @@ is logged as a warning.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedkd.aggregation import median_of
+from fedkd.teacher import TeacherDescription
 
 logger = logging.getLogger(__name__)
 CUT = 0.5  # a reliability below this leaves the teacher out of the ensemble
@@ -63,9 +66,7 @@ class Reliability:
             others = torch.cat([p[:i], p[i + 1:]])
             consensus = median_of(others).argmax(-1)  # (B,)
             agrees = (votes[i] == consensus).float()
-            rate = float(agrees.mean())
-            first = self.batches[k] == 0
-            self.agreement[k] = rate if first else self.decay * self.agreement[k] + (1 - self.decay) * rate
+            self.agreement[k] = self._ema(self.agreement[k], agrees.mean(), self.batches[k] == 0)
             self.batches[k] += 1
             # Per class, the overlap (intersection over union) of "the teacher says c" and "the others say c":
             # a teacher that says c everywhere (recall 1, precision low) scores as low as one that never does.
@@ -74,13 +75,14 @@ class Reliability:
             hits = torch.bincount(consensus, weights=agrees, minlength=self.num_classes)
             present = count > 0
             per_class = hits / (count + said - hits).clamp_min(1)
-            new = present & ~self.class_seen[k]
-            old = present & self.class_seen[k]
-            self.class_agreement[k] = torch.where(new, per_class, self.class_agreement[k])
-            self.class_agreement[k] = torch.where(
-                old, self.decay * self.class_agreement[k] + (1 - self.decay) * per_class, self.class_agreement[k])
+            updated = self._ema(self.class_agreement[k], per_class, ~self.class_seen[k])
+            self.class_agreement[k] = torch.where(present, updated, self.class_agreement[k])
             self.class_seen[k] |= present
         self._log_changes()
+
+    def _ema(self, current: Tensor, value: Tensor, first: Tensor) -> Tensor:
+        """The moving average after ``value``; ``value`` itself where ``first``."""
+        return torch.where(first, value, self.decay * current + (1 - self.decay) * value)
 
     def weights(self) -> Tensor:
         """(K,) weights in [0, 1]: 1 for every teacher until there is evidence."""
@@ -135,6 +137,30 @@ class Reliability:
         self._warned = {int(k) for k in state["warned"]}
         self.class_agreement = state["class_agreement"].clone().float()
         self.class_seen = state["class_seen"].clone().bool()
+
+
+# No client's claimed label counts weigh more than this many times the median client's total (robust default).
+MAX_COUNT_RATIO = 4.0
+
+
+def capped_counts(descriptions: Sequence[TeacherDescription], *, enabled: bool = True) -> tuple[list[Any], list[float]]:
+    """The clients' label counts, each scaled down so that its total is at most MAX_COUNT_RATIO x the median
+    total of the clients that share counts (when at least three do): a claimed histogram is unverifiable, and
+    an inflated one would otherwise buy a teacher the whole say on every class. Returns (counts, scale each)."""
+    counts = [d.label_counts for d in descriptions]
+    totals = [sum(c) for c in counts if c is not None and sum(c) > 0]
+    scales = [1.0] * len(counts)
+    if not enabled or len(totals) < 3:
+        return counts, scales
+    limit = MAX_COUNT_RATIO * float(torch.tensor(totals, dtype=torch.float64).median())
+    out: list[Any] = []
+    for k, c in enumerate(counts):
+        if c is not None and sum(c) > limit:
+            scales[k] = limit / sum(c)
+            out.append([v * scales[k] for v in c])
+        else:
+            out.append(c)
+    return out, scales
 
 
 @dataclass

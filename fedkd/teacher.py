@@ -28,10 +28,13 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fedkd.data import DatasetSpec
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,19 @@ def access_modes(mode: str) -> tuple[str, ...]:
     """The access modes a client granting ``mode`` (``teacher-access``) announces: gradient implies logits;
     labels is hard labels only (a client granting logits answers labels too, if asked)."""
     return {"gradient": ("gradient", "logits"), "logits": ("logits",), "labels": ("labels",)}[mode]
+
+
+def unusable(description: TeacherDescription, spec: DatasetSpec) -> str | None:
+    """Why a teacher cannot serve a run on the data ``spec`` describes (naming the field), or None when it can."""
+    if description.num_classes != spec.num_classes:
+        return f"num_classes {description.num_classes}, the run's data has {spec.num_classes} classes"
+    if tuple(description.input_shape) != tuple(spec.input_shape):
+        return f"input_shape {tuple(description.input_shape)}, the run's data has {tuple(spec.input_shape)}"
+    for name in ("mean", "std"):
+        mine, theirs = getattr(description, name), getattr(spec, name)
+        if any(abs(a - b) > 1e-6 for a, b in zip(mine, theirs)):
+            return f"{name} {tuple(mine)}, the run's data is normalised with {name} {tuple(theirs)}"
+    return None
 
 
 def vote_logits(labels: Tensor, num_classes: int) -> Tensor:
@@ -182,6 +198,14 @@ class FeatureStatistics:
         return torch.stack(terms).sum()
 
 
+def _remember(memory: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Put ``key`` in a bounded memory as its newest entry; the oldest beyond ``limit`` are forgotten."""
+    memory[key] = value
+    memory.move_to_end(key)
+    while len(memory) > limit:
+        memory.popitem(last=False)
+
+
 class TeacherHost:
     """Serves one teacher through the query contract, enforcing the client's limits."""
 
@@ -240,10 +264,7 @@ class TeacherHost:
                 x = x.detach().requires_grad_(True)
                 with torch.enable_grad():
                     logits, loss = self._run(x, bn_loss)
-                self._kept[keep] = (x, logits, loss)
-                self._kept.move_to_end(keep)
-                while len(self._kept) > self._keep_graphs:
-                    self._kept.popitem(last=False)
+                _remember(self._kept, keep, (x, logits, loss), self._keep_graphs)
             else:
                 with torch.no_grad():
                     logits, loss = self._run(x, bn_loss)
@@ -337,11 +358,7 @@ class TeacherHost:
         return hashlib.blake2b(inputs.detach().cpu().contiguous().numpy().data, digest_size=16).digest()
 
     def _remember_inputs(self, inputs: Tensor) -> None:
-        digest = self._digest(inputs)
-        self._seen[digest] = None
-        self._seen.move_to_end(digest)
-        while len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
+        _remember(self._seen, self._digest(inputs), None, self._remember)
 
     def _refuse(self, code: str, message: str) -> None:
         self.stats.refused += 1

@@ -47,7 +47,15 @@ from fedkd.codec import (
 from fedkd.config import RunConfig
 from fedkd.data import SPECS, DatasetSpec
 from fedkd.pool import QuorumError, backward_bytes, forward_bytes
-from fedkd.teacher import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription, vote_logits
+from fedkd.teacher import (
+    CurriculumState,
+    ForwardReply,
+    QueryError,
+    QueryStats,
+    TeacherDescription,
+    unusable,
+    vote_logits,
+)
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
 
@@ -192,17 +200,6 @@ def _differences(joined: TeacherDescription, now: TeacherDescription) -> list[st
             if f.name != "privacy" and getattr(joined, f.name) != getattr(now, f.name)]
 
 
-def unusable(description: TeacherDescription, spec: DatasetSpec) -> str | None:
-    """Why a teacher cannot serve a run on ``spec`` (naming the field), or None when it can."""
-    if description.num_classes != spec.num_classes:
-        return f"num_classes {description.num_classes}, the run's data has {spec.num_classes} classes"
-    if tuple(description.input_shape) != tuple(spec.input_shape):
-        return f"input_shape {tuple(description.input_shape)}, the run's data has {tuple(spec.input_shape)}"
-    for name in ("mean", "std"):
-        mine, theirs = getattr(description, name), getattr(spec, name)
-        if any(abs(a - b) > 1e-6 for a, b in zip(mine, theirs)):
-            return f"{name} {tuple(mine)}, the run's data is normalised with {name} {tuple(theirs)}"
-    return None
 
 
 class Hub:
@@ -381,7 +378,7 @@ class Hub:
         with self._changed:
             while True:
                 live = len(self.live())
-                refused = {s.name: s.refused for s in self.slots if s.refused is not None and not s.live}
+                refused = self.refusals()
                 if live >= count:
                     return
                 if refused and live + len(refused) >= len(self.slots):
@@ -460,6 +457,12 @@ class Hub:
         logger.warning("refused %s: %s", context.peer(), message)
         context.abort(code, message)
 
+    def _mark_refused(self, slot: _Slot, why: str) -> None:
+        """Record why a slot's Hello was refused, and wake anyone waiting for teachers."""
+        with self._changed:
+            slot.refused = why
+            self._changed.notify_all()
+
     def _join(self, slot: _Slot, hello: pb.Hello, context: grpc.ServicerContext) -> _Connection:
         if hello.session and hello.session != self.session:
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
@@ -468,16 +471,12 @@ class Hub:
             description = dataclasses.replace(decode_description(hello.description), client=slot.index)
         except QueryError as exc:
             if slot.description is None:
-                slot.refused = exc.message
-                with self._changed:
-                    self._changed.notify_all()
+                self._mark_refused(slot, exc.message)
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
             raise  # unreachable: abort raises
         if self.spec is not None and (why := unusable(description, self.spec)) is not None:
-            slot.refused = f"description: {why}"
-            with self._changed:
-                self._changed.notify_all()
-            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{slot.name}: {slot.refused}")
+            self._mark_refused(slot, f"description: {why}")
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{slot.name}: description: {why}")
         if slot.description is not None and (changed := _differences(slot.description, description)):
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
                          f"{slot.name} rejoined as a different teacher: {'; '.join(changed)}")

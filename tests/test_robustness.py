@@ -266,7 +266,7 @@ def test_a_labels_only_teacher_refuses_logits_and_the_ensemble_asks_it_for_label
 
 
 def test_claimed_counts_are_capped_at_four_times_the_median_clients():
-    from fedkd.ensemble import capped_counts
+    from fedkd.robustness import capped_counts
 
     descs = [_host(Reads(k), k, [100] * C).description for k in range(4)]
     descs.append(_host(Liar(), 4, [10_000] * C).description)
