@@ -280,11 +280,14 @@ class TeacherAgent:
         inputs = self._decode(request.inputs, "inputs")
         state = decode_state(request.state)
         keep = (self.sessions, mid) if request.keep else None  # ids are per session
-        reply = self.host.forward(inputs, state, bn_loss=request.bn_loss, labels=request.labels, keep=keep)
+        reply = self.host.forward(inputs, state, terms=tuple(request.terms), bn_loss=request.bn_loss,
+                                  labels=request.labels, keep=keep)
         if reply.labels is not None:
             return pb.AgentMessage(forward=pb.ForwardReply(labels=encode_tensor(reply.labels)))
         out = pb.ForwardReply(logits=encode_tensor(reply.logits))
-        if reply.bn_loss is not None:
+        for name, value in reply.terms.items():
+            out.terms[name] = float(value)
+        if reply.bn_loss is not None:  # the original field too, for a hub that predates ``terms``
             out.bn_loss = float(reply.bn_loss)
         return pb.AgentMessage(forward=out)
 
@@ -294,7 +297,7 @@ class TeacherAgent:
         grad_logits = self._decode(request.grad_logits, "grad_logits")
         state = decode_state(request.state)
         grad_bn = request.grad_bn_loss if request.HasField("grad_bn_loss") else None
-        grad = self.host.backward(inputs, grad_logits, state, grad_bn_loss=grad_bn,
+        grad = self.host.backward(inputs, grad_logits, state, grad_terms=dict(request.grad_terms), grad_bn_loss=grad_bn,
                                   forward_id=(self.sessions, request.forward_id) if named else None)
         return pb.AgentMessage(backward=pb.BackwardReply(grad_inputs=encode_tensor(grad)))
 

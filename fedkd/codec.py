@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fedkd.teacher import CurriculumState, QueryError, TeacherDescription
+from fedkd.terms import TERMS
 from fedkd.v1 import fedkd_pb2 as pb
 
 DTYPES: dict[torch.dtype, Any] = {  # values: fedkd.v1.DType
@@ -138,7 +139,7 @@ def encode_description(d: TeacherDescription, *, name: str = "", max_batch: int 
         mean=list(d.mean), std=list(d.std), access_modes=list(d.access_modes),
         has_feature_statistics=d.has_feature_statistics, num_samples=d.num_samples or 0,
         label_counts=list(d.label_counts or ()), max_batch=max_batch,
-        privacy=encode_privacy(d.privacy),
+        privacy=encode_privacy(d.privacy), terms=list(d.available_terms),
     )
 
 
@@ -181,6 +182,8 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         num_samples=int(msg.num_samples) or None,
         label_counts=tuple(int(c) for c in msg.label_counts) if msg.label_counts else None,
         privacy=_decode_description_privacy(msg),
+        # terms this coordinator knows (an agent newer than the hub may announce more; they are never asked for)
+        terms=tuple(t for t in dict.fromkeys(msg.terms) if t in TERMS),
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -324,3 +325,82 @@ def export_node_files(split: DataSplit, parts: list[np.ndarray], out: str | Path
                             x_test=test.images.numpy(), y_test=test.labels.numpy())
         paths.append(path)
     return paths
+
+
+# The coordinator's own public images (HiDFD's "collected" data) ---------------------------
+
+PUBLIC_COUNTERPARTS = {"mnist5k": "digits", "mnist": "digits", "fashion-mnist": "digits", "digits": "mnist5k"}
+
+
+@dataclass(frozen=True)
+class PublicPool:
+    """Unlabelled images the coordinator owns, resized to the run's input shape, and where they came from."""
+
+    images: Tensor  # (N, C, H, W) in [0, 1]
+    source: str  # what the summary says about them
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _fit_images(x: Tensor, spec: DatasetSpec) -> Tensor:
+    """(N, C', H', W') in [0, 1] -> the run's (N, C, H, W): channels averaged or repeated, the digit area resized
+    (to the inner 20/28 of an MNIST-sized image, as MNIST centres its digits), bilinear with antialiasing."""
+    if x.shape[1] != spec.channels:
+        x = x.mean(1, keepdim=True).expand(-1, spec.channels, -1, -1) if spec.channels != 1 else x.mean(1, keepdim=True)
+    side = spec.image_size
+    if x.shape[-1] == 28 and side < 20:  # an MNIST-sized image shrunk to a small one: its digit area only
+        x = x[..., 4:24, 4:24]
+    inner = side if x.shape[-1] >= side or side < 20 else round(side * 20 / 28)
+    x = F.interpolate(x.float(), size=(inner, inner), mode="bilinear", antialias=True, align_corners=False)
+    pad = side - inner
+    if pad:
+        x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    return x.clamp(0, 1).contiguous()
+
+
+def load_public_pool(source: str, spec: DatasetSpec, count: int, *, seed: int, root: str | Path = "data"
+                     ) -> PublicPool:
+    """``count`` public images for a run on ``spec``'s data. ``source``: ``auto`` (the built-in dataset of the
+    same kind that no client holds: the sklearn digits for MNIST-like runs, MNIST-5k for digits), a built-in
+    dataset name, or a ``.npz`` file with the images under ``x`` (uint8, or floats in [0, 1]). Never a client's
+    partition: the coordinator's own data, different from the federation's."""
+    name = PUBLIC_COUNTERPARTS.get(spec.name) if source == "auto" else source
+    if name is None:
+        raise ValueError(f"no built-in public pool for dataset {spec.name!r}: give the coordinator's own images "
+                         "as a .npz file with the images under 'x' (hidfd.public-pool=PATH)")
+    if name in SPECS:
+        if name == spec.name:
+            raise ValueError(f"the public pool cannot be the run's own dataset {name!r} (its images are the "
+                             "clients' data); give another dataset or a .npz file of the coordinator's images")
+        split = load_dataset(name, root, seed=seed)
+        pixels, label = split.train.images, f"{name} (built-in, training split)"
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise DatasetNotFoundError(f"public pool {name!r} is neither a built-in dataset ({', '.join(SPECS)}) "
+                                       "nor a .npz file")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if "x" not in f.files:
+                    raise ValueError(f"public pool {str(path)!r} holds {sorted(f.files)}; the images go under 'x'")
+                array = f["x"]
+        except OSError as exc:
+            raise ValueError(f"public pool {str(path)!r} is not a readable .npz file ({exc})") from None
+        x = torch.as_tensor(np.asarray(array))
+        if x.ndim == 3:
+            x = x.unsqueeze(1)
+        elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.permute(0, 3, 1, 2)
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"public pool {str(path)!r}: x has shape {tuple(x.shape)}; expected (N, H, W), "
+                             "(N, H, W, C) or (N, C, H, W) with 1 or 3 channels")
+        pixels = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if pixels.numel() and (float(pixels.min()) < 0 or float(pixels.max()) > 1):
+            raise ValueError(f"public pool {str(path)!r}: x holds floats outside [0, 1]")
+        label = f"{path.name} (the coordinator's file)"
+    if count > len(pixels):
+        raise ValueError(f"the public pool {label} holds {len(pixels)} images, {count} were asked for")
+    chosen = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed + 4242))[:count]
+    images = _fit_images(pixels[chosen], spec)
+    return PublicPool(images, f"{count} images of {label}, resized to {spec.input_shape}")

@@ -24,38 +24,45 @@ import torch
 from torch import Tensor
 
 from fedkd.aggregation import Aggregator, class_weights, resolve_aggregator
-from fedkd.pool import TeacherPool
+from fedkd.pool import TeacherPool, member_terms
 from fedkd.robustness import AnswerBounds, Reliability, capped_counts
 from fedkd.teacher import CurriculumState
+from fedkd.terms import FEATURE_STATISTICS, requested_terms
 
 
 @dataclass
 class EnsembleOutput:
     logits: Tensor  # (B, C)
-    bn_loss: Tensor | None  # mean over answering teachers that have feature statistics
+    terms: dict[str, Tensor]  # per asked-for teacher-side term: its mean over the answering teachers computing it
     members: list[int]  # which teachers answered, in pool order
     member_logits: list[Tensor]  # their logits, aligned with ``members``
 
+    @property
+    def bn_loss(self) -> Tensor | None:
+        """The feature-statistics term (mean over the teachers with BatchNorm statistics), when asked for."""
+        return self.terms.get(FEATURE_STATISTICS)
 
-def _query(pool: TeacherPool, inputs: Tensor, state: CurriculumState, bn_loss: bool,
+
+def _query(pool: TeacherPool, inputs: Tensor, state: CurriculumState, terms: Sequence[str],
            min_answers: int | None, refs: dict[int, Any] | None = None
-           ) -> tuple[Tensor, list[int], list[bool], Tensor, Tensor]:
-    """One Forward fan-out: (the inputs as sent, members that answered, which of them returned a BN loss,
-    logits (K', B, C), BN losses (K',), zero where none) on the inputs' device. With ``refs``, a Backward will
-    follow: the teachers keep their graphs and ``refs`` receives what the Backward names, per member."""
+           ) -> tuple[Tensor, list[int], Tensor, Tensor, Tensor]:
+    """One Forward fan-out: (the inputs as sent, members that answered, logits (K', B, C), term values
+    (K', T) in the order of ``terms`` (zero where a member did not compute one), which it computed (K', T)
+    bool) on the inputs' device. With ``refs``, a Backward will follow: the teachers keep their graphs and
+    ``refs`` receives what the Backward names, per member."""
     x = inputs.detach().cpu().float().contiguous()
-    replies = pool.forward(x, state, bn_loss=bn_loss, min_answers=min_answers, keep=refs is not None)
+    replies = pool.forward(x, state, terms=terms, min_answers=min_answers, keep=refs is not None)
     if refs is not None:
         refs.update({k: r.ref for k, r in replies.items() if r.ref is not None})
     members = sorted(replies)
-    has_bn = [replies[k].bn_loss is not None for k in members]
     logits = torch.stack([replies[k].logits for k in members]).to(inputs.device)
-    losses = torch.zeros(len(members))
+    values = torch.zeros(len(members), len(terms))
+    computed = torch.zeros(len(members), len(terms), dtype=torch.bool)
     for i, k in enumerate(members):
-        loss = replies[k].bn_loss
-        if loss is not None:
-            losses[i] = loss
-    return x, members, has_bn, logits, losses.to(inputs.device)
+        for j, name in enumerate(terms):
+            if (value := replies[k].terms.get(name)) is not None:
+                values[i, j], computed[i, j] = value, True
+    return x, members, logits, values.to(inputs.device), computed
 
 
 @dataclass(frozen=True)
@@ -100,26 +107,27 @@ def zeroth_order_gradient(pool: TeacherPool, x: Tensor, teachers: list[int], gra
 
 
 class _FanOut(torch.autograd.Function):
-    """inputs (B, ...) -> logits (K', B, C), bn losses (K',) of the K' members that answered."""
+    """inputs (B, ...) -> logits (K', B, C), term values (K', T) of the K' members that answered."""
 
     @staticmethod
-    def forward(ctx: Any, inputs: Tensor, pool: TeacherPool, state: CurriculumState, bn_loss: bool,
-                min_answers: int | None, answered: list[int], ensemble: Ensemble) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, inputs: Tensor, pool: TeacherPool, state: CurriculumState, terms: tuple[str, ...],
+                min_answers: int | None, answered: dict[str, Any], ensemble: Ensemble) -> tuple[Tensor, Tensor]:
         refs: dict[int, Any] = {}
-        x, members, has_bn, logits, losses = _query(pool, inputs, state, bn_loss, min_answers, refs)
-        answered.extend(members)
-        ctx.pool, ctx.state, ctx.members, ctx.has_bn, ctx.x, ctx.device, ctx.ensemble, ctx.refs = (
-            pool, state, members, has_bn, x, inputs.device, ensemble, refs)
+        x, members, logits, values, computed = _query(pool, inputs, state, terms, min_answers, refs)
+        answered.update(members=members, computed=computed)
+        ctx.pool, ctx.state, ctx.members, ctx.terms, ctx.computed = pool, state, members, terms, computed
+        ctx.x, ctx.device, ctx.ensemble, ctx.refs = x, inputs.device, ensemble, refs
         ctx.logits = logits.detach().cpu()
-        return logits, losses
+        return logits, values
 
     @staticmethod
-    def backward(ctx: Any, grad_logits: Tensor, grad_losses: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_logits: Tensor, grad_values: Tensor) -> tuple[Tensor | None, ...]:
         g = grad_logits.detach().cpu().float().contiguous()
-        gl = grad_losses.detach().cpu().float()
+        gv = grad_values.detach().cpu().float()
         ensemble: Ensemble = ctx.ensemble
-        grads = {k: (g[i].contiguous(), float(gl[i]) if ctx.has_bn[i] else None) for i, k in enumerate(ctx.members)
-                 if k in ensemble.gradient_members}
+        grads = {k: (g[i].contiguous(), {name: float(gv[i, j]) for j, name in enumerate(ctx.terms)
+                                          if ctx.computed[i, j]})
+                 for i, k in enumerate(ctx.members) if k in ensemble.gradient_members}
         answers = ctx.pool.backward(ctx.x, grads, ctx.state, refs=ctx.refs)
         # Labels-only teachers answer a step function: no gradient term, estimated or otherwise.
         estimated = [k for k in ctx.members if k not in ensemble.gradient_members and k in ensemble.logits_members]
@@ -181,7 +189,15 @@ class Ensemble:
 
     @property
     def has_feature_statistics(self) -> bool:
-        return any(d.has_feature_statistics for d in self.descriptions)
+        return self.computes(FEATURE_STATISTICS)
+
+    def computes(self, term: str) -> bool:
+        """Whether any teacher that answers with logits computes the teacher-side term ``term``."""
+        return any(member_terms(d, (term,)) for d in self.descriptions)
+
+    def lacking(self, term: str) -> list[int]:
+        """The clients that do not compute ``term`` (labels-only clients compute none)."""
+        return [d.client for d in self.descriptions if not member_terms(d, (term,))]
 
     def weights(self, members: Sequence[int]) -> Tensor | None:
         """(K', C) weights over the answering members: class weights (when the aggregator uses label counts)
@@ -228,19 +244,27 @@ class Ensemble:
         self.reliability.load_state_dict(state["reliability"])
         self.bounds.load_state_dict(state["bounds"])
 
-    def __call__(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
+    def __call__(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (), bn_loss: bool = False,
                  require_all: bool = False) -> EnsembleOutput:
-        """Query the teachers; gradients flow back through Backward queries when ``inputs`` requires grad."""
+        """Query the teachers; gradients flow back through Backward queries when ``inputs`` requires grad.
+
+        ``terms``: teacher-side terms (``fedkd.terms``) to compute, each averaged over the answering teachers
+        that compute it (absent from the output when none does); ``bn_loss`` adds feature statistics."""
+        names = requested_terms(terms, bn_loss)
         min_answers = len(self) if require_all else None
         if inputs.requires_grad and torch.is_grad_enabled():
-            answered: list[int] = []
-            logits, losses = _FanOut.apply(inputs, self.pool, state, bn_loss, min_answers, answered, self)
+            info: dict[str, Any] = {}
+            logits, values = _FanOut.apply(inputs, self.pool, state, names, min_answers, info, self)
+            answered, computed = info["members"], info["computed"]
         else:
-            _, answered, _, logits, losses = _query(self.pool, inputs, state, bn_loss, min_answers)
+            _, answered, logits, values, computed = _query(self.pool, inputs, state, names, min_answers)
         logits = self.bounds.logits(answered, logits)
         self.reliability.update(answered, logits)
         combined = self.combine(logits, answered)
-        with_bn = [i for i, k in enumerate(answered) if self.descriptions[k].has_feature_statistics]
-        loss = losses[with_bn].mean() if bn_loss and with_bn else None
-        return EnsembleOutput(combined, loss, answered, list(logits.unbind(0)))
+        out_terms = {}
+        for j, name in enumerate(names):
+            rows = computed[:, j].nonzero().flatten().tolist()
+            if rows:
+                out_terms[name] = values[rows, j].mean()
+        return EnsembleOutput(combined, out_terms, answered, list(logits.unbind(0)))
 

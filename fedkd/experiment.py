@@ -448,6 +448,8 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
                  label_counts=[0] * spec.num_classes, mean=spec.mean, std=spec.std)
     summary = _summary(config, test, pool, ensemble, answers, references or {"fedavg": None, "centralised": None},
                        history, elapsed_before + time.perf_counter() - started)
+    report = getattr(method, "report", None)
+    summary["method_report"] = report() if report is not None else {}
     write_summary(summary, run_dir)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)

@@ -63,3 +63,30 @@ def js_distance(p: Tensor, q: Tensor) -> Tensor:
                            torch.zeros_like(a)).sum(1)
 
     return torch.sqrt((0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0.0))
+
+
+def js_divergence_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """JS(p_S^tau || p_T^tau) per sample (natural log, in [0, log 2]), shape (B,): TA-DFKD's and ADI's
+    disagreement between student and teacher."""
+    p = F.softmax(student_logits / temperature, dim=1)
+    q = F.softmax(teacher_logits / temperature, dim=1)
+    m = (0.5 * (p + q)).clamp_min(1e-12)
+    kl_pm = (p * (p.clamp_min(1e-12).log() - m.log())).sum(1)
+    kl_qm = (q * (q.clamp_min(1e-12).log() - m.log())).sum(1)
+    return 0.5 * kl_pm + 0.5 * kl_qm
+
+
+def total_variation(images: Tensor, p: int = 2) -> Tensor:
+    """DeepInversion's image prior: the ``p``-norm of the differences between neighbouring pixels (the four
+    directions of ``get_image_prior_losses``), summed, over the batch."""
+    diffs = [images[:, :, :, :-1] - images[:, :, :, 1:], images[:, :, :-1, :] - images[:, :, 1:, :],
+             images[:, :, 1:, :-1] - images[:, :, :-1, 1:], images[:, :, :-1, :-1] - images[:, :, 1:, 1:]]
+    if p == 1:
+        return sum((d.abs().mean() for d in diffs), torch.zeros((), device=images.device))
+    return sum((torch.norm(d) for d in diffs), torch.zeros((), device=images.device))
+
+
+def mean_prediction_negentropy(teacher_logits: Tensor) -> Tensor:
+    """sum_c pbar_c log pbar_c, pbar = mean_i softmax T(x_i) (DAFL's L_ie, RDSKD's L_ie): minimised, the batch
+    covers the classes evenly. (= -class_balance_entropy.)"""
+    return -class_balance_entropy(teacher_logits)

@@ -33,10 +33,10 @@ class TeacherPool(Protocol):
     @property
     def descriptions(self) -> list[TeacherDescription]: ...
 
-    def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
+    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
                 min_answers: int | None = None, only: Sequence[int] | None = None,
                 keep: bool = False) -> dict[int, ForwardReply]:
-        """Logits (and BN loss from members that have statistics, when asked) per answering member; ``only``
+        """Logits (and each of ``terms`` from the members that compute it) per answering member; ``only``
         asks just those members (the others are not queried and not counted as missed). A member that grants
         labels only is asked for labels; its reply carries them and their vote logits. ``keep``: a Backward
         will follow; each reply's ``ref`` is what it names.
@@ -45,9 +45,9 @@ class TeacherPool(Protocol):
         """
         ...
 
-    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, float | None]],
+    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, Mapping[str, float]]],
                  state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
-        """Gradient w.r.t. ``inputs`` from each member in ``grads`` (its grad_logits, grad_bn_loss) that answered;
+        """Gradient w.r.t. ``inputs`` from each member in ``grads`` (its grad_logits, grad_terms) that answered;
         a member with a ref in ``refs`` is sent that (its Forward's id) instead of the inputs."""
         ...
 
@@ -63,10 +63,17 @@ class TeacherPool(Protocol):
 
 
 def forward_bytes(inputs: Tensor, reply: ForwardReply) -> int:
-    """Tensor payload of one Forward exchange (inputs out, logits (or labels) and the BN loss back)."""
+    """Tensor payload of one Forward exchange (inputs out, logits (or labels) and the terms back)."""
     if reply.labels is not None:
         return inputs.nbytes + reply.labels.nbytes
-    return inputs.nbytes + reply.logits.nbytes + (4 if reply.bn_loss is not None else 0)
+    return inputs.nbytes + reply.logits.nbytes + 4 * len(reply.terms)
+
+
+def member_terms(description: TeacherDescription, terms: Sequence[str]) -> tuple[str, ...]:
+    """Which of ``terms`` a member is asked for: those it computes (none for a labels-only client)."""
+    if "logits" not in description.access_modes:
+        return ()
+    return tuple(t for t in terms if t in description.available_terms)
 
 
 def backward_bytes(inputs: Tensor, grad_logits: Tensor, grad_inputs: Tensor, *, by_ref: bool = False) -> int:
@@ -88,7 +95,7 @@ class LocalPool:
     def descriptions(self) -> list[TeacherDescription]:
         return [h.describe() for h in self.hosts]
 
-    def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
+    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
                 min_answers: int | None = None, only: Sequence[int] | None = None,
                 keep: bool = False) -> dict[int, ForwardReply]:
         replies = {}
@@ -96,9 +103,9 @@ class LocalPool:
             if only is not None and k not in only:
                 continue
             labels_only = "logits" not in host.description.access_modes
-            want = bn_loss and host.description.has_feature_statistics and not labels_only
             ref = next(self._refs) if keep and "gradient" in host.description.access_modes else None
-            reply = host.forward(inputs, state, bn_loss=want, labels=labels_only, keep=ref)
+            reply = host.forward(inputs, state, terms=member_terms(host.description, terms), labels=labels_only,
+                                 keep=ref)
             if ref is not None:
                 reply = dataclasses.replace(reply, ref=ref)
             self._stats[k].forward_calls += 1
@@ -107,13 +114,13 @@ class LocalPool:
             replies[k] = reply
         return replies
 
-    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, float | None]],
+    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, Mapping[str, float]]],
                  state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
         out = {}
-        for k, (grad_logits, grad_bn) in grads.items():
+        for k, (grad_logits, grad_terms) in grads.items():
             ref = (refs or {}).get(k)
             grad = self.hosts[k].backward(None if ref is not None else inputs, grad_logits, state,
-                                          grad_bn_loss=grad_bn, forward_id=ref)
+                                          grad_terms=grad_terms, forward_id=ref)
             self._stats[k].backward_calls += 1
             self._stats[k].samples += len(inputs)
             self._stats[k].bytes += backward_bytes(inputs, grad_logits, grad, by_ref=ref is not None)

@@ -37,14 +37,19 @@ class StudentSettings:
     temperature: float
     total_steps: int
     shift: int = 0
+    optimizer: str = "sgd"  # or "adam" (DAFL's and RDSKD's students; momentum and weight decay then unused)
 
 
 class StudentTrainer:
     def __init__(self, student: nn.Module, spec: DatasetSpec, settings: StudentSettings,
                  device: torch.device) -> None:
         self.student, self.spec, self.settings, self.device = student.to(device), spec, settings, device
-        self.optimizer = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                         weight_decay=settings.weight_decay)
+        self.optimizer: torch.optim.Optimizer
+        if settings.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr)
+        else:
+            self.optimizer = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                             weight_decay=settings.weight_decay)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(settings.total_steps, 1))
         self.steps = 0
 

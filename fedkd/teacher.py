@@ -2,11 +2,12 @@
 
 It answers the two calls of the query contract and nothing else:
 
-- ``forward(inputs, state, bn_loss=...)`` -> logits (B, C), and when asked the
-  teacher's BatchNorm feature-statistics loss on those inputs (a scalar);
-- ``backward(inputs, grad_logits, state, grad_bn_loss=...)`` -> the gradient of
+- ``forward(inputs, state, terms=...)`` -> logits (B, C), and the value of each
+  asked-for teacher-side term on those inputs (a scalar each; the registry is
+  ``fedkd.terms``: BatchNorm feature statistics, DAFL's activation, ...);
+- ``backward(inputs, grad_logits, state, grad_terms=...)`` -> the gradient of
   the server's loss w.r.t. the inputs: the vector-Jacobian product of
-  (logits, bn_loss) with (grad_logits, grad_bn_loss). Either stateless (the
+  (logits, terms) with (grad_logits, grad_terms). Either stateless (the
   inputs are sent again and the forward pass is recomputed) or naming the
   Forward it follows: a Forward asked with ``keep=ID`` keeps its autograd
   graph (the last ``keep_graphs`` of them), and ``backward(None, ...,
@@ -27,14 +28,19 @@ import logging
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from fedkd.terms import FEATURE_STATISTICS, FeatureStatistics, TermSet, available_terms, requested_terms
+
 if TYPE_CHECKING:
     from fedkd.data import DatasetSpec
+
+__all__ = ["FeatureStatistics"]  # re-exported: the BatchNorm-statistics term lives in fedkd.terms
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +110,13 @@ class TeacherDescription:
     num_samples: int | None = None
     label_counts: tuple[int, ...] | None = None
     privacy: dict[str, float | str] | None = None
+    terms: tuple[str, ...] = ()  # teacher-side terms it computes (fedkd.terms), besides feature statistics
+
+    @property
+    def available_terms(self) -> tuple[str, ...]:
+        """Every teacher-side term this teacher computes (feature statistics as the old flag states it)."""
+        extra = (FEATURE_STATISTICS,) if self.has_feature_statistics and FEATURE_STATISTICS not in self.terms else ()
+        return tuple(self.terms) + extra
 
 
 def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, share_label_counts: bool = True,
@@ -121,6 +134,7 @@ def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, 
         input_shape=(shape[0], shape[1], shape[2]), mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]),
         access_modes=access_modes,
         has_feature_statistics=bool(FeatureStatistics.bn_layers(model)),
+        terms=available_terms(model),
         num_samples=int(ckpt["num_samples"]) if privacy is None else None,
         label_counts=(tuple(int(c) for c in ckpt["label_counts"]) if share_label_counts and privacy is None
                       else None),
@@ -131,9 +145,14 @@ def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, 
 @dataclass(frozen=True)
 class ForwardReply:
     logits: Tensor  # (B, C) float32 (for a labels answer: the smoothed vote, see vote_logits)
-    bn_loss: Tensor | None  # 0-d float32, only when asked
+    terms: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # 0-d float32 per asked-for term
     labels: Tensor | None = None  # (B,) int64, when hard labels were asked for
     ref: Any = None  # what a Backward names to follow this Forward (when it was asked with keep)
+
+    @property
+    def bn_loss(self) -> Tensor | None:
+        """The feature-statistics term, when it was asked for (the original contract's ``bn_loss``)."""
+        return self.terms.get(FEATURE_STATISTICS)
 
 
 @dataclass
@@ -150,52 +169,6 @@ class QueryStats:
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
-
-
-class FeatureStatistics:
-    """Forward hooks on a model's BatchNorm layers for the DeepInversion statistics loss.
-
-    loss = sum_l ||mu_l(x) - running_mean_l||_2 + ||var_l(x) - running_var_l||_2,
-    where mu_l and var_l are the batch statistics of the inputs of BN layer l.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = self.bn_layers(model)
-        self.enabled = False
-        self._terms: list[Tensor] = []
-        for layer in self.layers:
-            layer.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if not self.enabled:
-            return
-        x = inputs[0]
-        dims = [0] + list(range(2, x.ndim))
-        mean = x.mean(dim=dims)
-        var = x.var(dim=dims, unbiased=False)
-        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
-        assert module.running_mean is not None and module.running_var is not None
-        self._terms.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
-
-    @staticmethod
-    def bn_layers(model: nn.Module) -> list[nn.Module]:
-        """The BatchNorm layers with running statistics: what the statistics loss compares against."""
-        return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                and m.running_mean is not None and m.running_var is not None]
-
-    def __bool__(self) -> bool:
-        return bool(self.layers)
-
-    def begin(self) -> None:
-        self.enabled = True
-        self._terms = []
-
-    def end(self) -> Tensor:
-        self.enabled = False
-        terms, self._terms = self._terms, []
-        if not terms:
-            return torch.zeros(())
-        return torch.stack(terms).sum()
 
 
 def _remember(memory: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
@@ -223,10 +196,12 @@ class TeacherHost:
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.statistics = FeatureStatistics(self.model)
+        self.terms = TermSet(self.model)
         self.description = description
-        if description.has_feature_statistics and not self.statistics:
-            raise ValueError("description claims feature statistics but the model has no BatchNorm layers")
+        if claimed := [t for t in description.available_terms if t not in self.terms.available]:
+            if FEATURE_STATISTICS in claimed:
+                raise ValueError("description claims feature statistics but the model has no BatchNorm layers")
+            raise ValueError(f"description claims teacher-side term(s) {', '.join(claimed)} the model cannot compute")
         self.max_batch = max_batch
         self.stats = QueryStats()
         self.last_state: CurriculumState | None = None
@@ -235,8 +210,8 @@ class TeacherHost:
         # host has answered a Forward for, so gradients are never released for arbitrary probes.
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._remember = remember
-        # Graphs of Forwards a Backward will follow (id -> inputs, logits, bn loss), bounded.
-        self._kept: OrderedDict[Any, tuple[Tensor, Tensor, Tensor | None]] = OrderedDict()
+        # Graphs of Forwards a Backward will follow (id -> inputs, logits, term values), bounded.
+        self._kept: OrderedDict[Any, tuple[Tensor, Tensor, dict[str, Tensor]]] = OrderedDict()
         self._keep_graphs = keep_graphs
 
     def describe(self) -> TeacherDescription:
@@ -244,38 +219,40 @@ class TeacherHost:
 
     # The two calls -----------------------------------------------------------
 
-    def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
+    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (), bn_loss: bool = False,
                 labels: bool = False, keep: Any = None) -> ForwardReply:
-        """Logits, or with ``labels`` hard labels only (all a labels-only client releases). ``keep``: an id a
-        Backward will name; the graph is kept for it (only when this client grants gradients)."""
+        """Logits and the asked-for teacher-side ``terms`` (``bn_loss``: feature statistics, the original flag),
+        or with ``labels`` hard labels only (all a labels-only client releases). ``keep``: an id a Backward will
+        name; the graph is kept for it (only when this client grants gradients)."""
         with self._lock:
             self._check_inputs(inputs)
+            names = requested_terms(terms, bn_loss)
             modes = self.description.access_modes
             if not labels and "logits" not in modes:
                 self._refuse("FAILED_PRECONDITION", "this client grants hard labels only; ask for labels")
-            if bn_loss and "logits" not in modes:
-                self._refuse("FAILED_PRECONDITION", "this client grants hard labels only, no feature statistics")
-            if bn_loss and not self.statistics:
-                self._refuse("FAILED_PRECONDITION", "this teacher has no feature statistics (no BatchNorm layers)")
+            if names and "logits" not in modes:
+                self._refuse("FAILED_PRECONDITION", f"this client grants hard labels only, no teacher-side terms "
+                             f"(asked for {', '.join(names)})")
+            self._check_terms(names)
             self.last_state = state
             self._remember_inputs(inputs)
             x = inputs.to(self.device)
             if keep is not None and "gradient" in modes and not labels:
                 x = x.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    logits, loss = self._run(x, bn_loss)
-                _remember(self._kept, keep, (x, logits, loss), self._keep_graphs)
+                    logits, values = self.terms.run(self.model, x, names)
+                _remember(self._kept, keep, (x, logits, values), self._keep_graphs)
             else:
                 with torch.no_grad():
-                    logits, loss = self._run(x, bn_loss)
+                    logits, values = self.terms.run(self.model, x, names)
             self.stats.forward_calls += 1
             self.stats.samples += len(inputs)
             if labels:
                 hard = logits.argmax(-1).cpu()
                 self.stats.bytes += inputs.nbytes + hard.nbytes
-                return ForwardReply(vote_logits(hard, self.description.num_classes), None, hard)
-            self.stats.bytes += inputs.nbytes + logits.nbytes + (4 if loss is not None else 0)
-            return ForwardReply(logits.detach().cpu(), None if loss is None else loss.detach().cpu())
+                return ForwardReply(vote_logits(hard, self.description.num_classes), labels=hard)
+            self.stats.bytes += inputs.nbytes + logits.nbytes + 4 * len(values)
+            return ForwardReply(logits.detach().cpu(), {k: v.detach().cpu() for k, v in values.items()})
 
     def backward(
         self,
@@ -283,13 +260,19 @@ class TeacherHost:
         grad_logits: Tensor,
         state: CurriculumState,
         *,
+        grad_terms: Mapping[str, float] | None = None,
         grad_bn_loss: float | None = None,
         forward_id: Any = None,
     ) -> Tensor:
-        """The input gradient; ``inputs`` None with ``forward_id`` naming a Forward asked with ``keep``."""
+        """The input gradient of <grad_logits, logits> + sum_t grad_terms[t] * term_t (``grad_bn_loss``: the
+        feature-statistics entry, the original field); ``inputs`` None with ``forward_id`` naming a Forward asked
+        with ``keep``."""
         with self._lock:
             if "gradient" not in self.description.access_modes:
                 self._refuse("FAILED_PRECONDITION", "this client does not grant gradient access")
+            weights = dict(grad_terms or {})
+            if grad_bn_loss is not None:
+                weights[FEATURE_STATISTICS] = grad_bn_loss
             kept = None
             if forward_id is not None:
                 kept = self._kept.pop(forward_id, None)
@@ -309,27 +292,28 @@ class TeacherHost:
                              f"{grad_logits.dtype} {tuple(grad_logits.shape)}")
             if not torch.isfinite(grad_logits).all():
                 self._refuse("INVALID_ARGUMENT", "grad_logits contains NaN or infinite values")
-            if grad_bn_loss is not None and not self.statistics:
-                self._refuse("FAILED_PRECONDITION", "this teacher has no feature statistics (no BatchNorm layers)")
-            if grad_bn_loss is not None and not math.isfinite(grad_bn_loss):
-                self._refuse("INVALID_ARGUMENT", "grad_bn_loss is not finite")
+            self._check_terms(list(weights))
+            for name, value in weights.items():
+                if not math.isfinite(value):
+                    self._refuse("INVALID_ARGUMENT", f"the gradient of term {name!r} is not finite")
             if kept is None and self._digest(inputs) not in self._seen:
                 self._refuse("FAILED_PRECONDITION", "Backward for inputs this teacher has not answered a Forward "
                              f"for (it keeps the last {self._remember}); send Forward first")
-            if kept is not None and grad_bn_loss is not None and kept[2] is None:
-                self._refuse("FAILED_PRECONDITION", "Backward asks for the BN-loss gradient of a Forward that did "
-                             "not compute the BN loss")
+            if kept is not None and (missing := [n for n in weights if n not in kept[2]]):
+                self._refuse("FAILED_PRECONDITION", f"Backward asks for the gradient of term(s) "
+                             f"{', '.join(map(repr, missing))}, which the Forward it names did not compute")
             self.last_state = state
             with torch.enable_grad():
                 if kept is not None:
-                    x, logits, loss = kept
+                    x, logits, values = kept
                 else:
                     x = inputs.to(self.device).detach().requires_grad_(True)
-                    logits, loss = self._run(x, grad_bn_loss is not None)
+                    logits, values = self.terms.run(self.model, x, list(weights))
                 outputs, grads = [logits], [grad_logits.to(self.device)]
-                if loss is not None and grad_bn_loss is not None:
-                    outputs.append(loss)
-                    grads.append(torch.tensor(float(grad_bn_loss), device=self.device))
+                for name, value in weights.items():
+                    if values[name].requires_grad:  # a layer-free term (no BN layer hit) is a constant
+                        outputs.append(values[name])
+                        grads.append(torch.tensor(float(value), device=self.device))
                 (grad_inputs,) = torch.autograd.grad(outputs, [x], grads)
             self.stats.backward_calls += 1
             self.stats.samples += len(inputs)
@@ -344,14 +328,16 @@ class TeacherHost:
 
     # Helpers --------------------------------------------------------------------
 
-    def _run(self, x: Tensor, bn_loss: bool) -> tuple[Tensor, Tensor | None]:
-        if bn_loss:
-            self.statistics.begin()
-        try:
-            logits = self.model(x)
-        finally:
-            loss = self.statistics.end() if bn_loss else None
-        return logits, loss
+    def _check_terms(self, names: Sequence[str]) -> None:
+        """Refuse, naming it, a term this host does not compute (unknown, or not possible for its model)."""
+        for name in names:
+            if name not in self.terms.terms:
+                self._refuse("FAILED_PRECONDITION", f"unknown teacher-side term {name!r}; this client computes "
+                             f"{', '.join(self.description.available_terms) or 'none'}")
+            if name not in self.description.available_terms:
+                why = {FEATURE_STATISTICS: " (no BatchNorm layers)"}.get(name, "")
+                self._refuse("FAILED_PRECONDITION", f"this teacher does not compute the term {name!r}{why}; it "
+                             f"computes {', '.join(self.description.available_terms) or 'none'}")
 
     @staticmethod
     def _digest(inputs: Tensor) -> bytes:

@@ -19,6 +19,7 @@ import dataclasses
 import hmac
 import itertools
 import logging
+import math
 import os
 import queue
 import secrets
@@ -46,7 +47,7 @@ from fedkd.codec import (
 )
 from fedkd.config import RunConfig
 from fedkd.data import SPECS, DatasetSpec
-from fedkd.pool import QuorumError, backward_bytes, forward_bytes
+from fedkd.pool import QuorumError, backward_bytes, forward_bytes, member_terms
 from fedkd.teacher import (
     CurriculumState,
     ForwardReply,
@@ -56,6 +57,7 @@ from fedkd.teacher import (
     unusable,
     vote_logits,
 )
+from fedkd.terms import FEATURE_STATISTICS
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
 
@@ -656,7 +658,7 @@ class HubPool:
             raise QuorumError(f"{what}: {len(outcome.answers)} of {len(self.hub.slots)} teachers answered, "
                               f"{need} needed ({why})")
 
-    def forward(self, inputs: Tensor, state: CurriculumState, *, bn_loss: bool = False,
+    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
                 min_answers: int | None = None, only: Sequence[int] | None = None,
                 keep: bool = False) -> dict[int, ForwardReply]:
         need = self.hub.quorum if min_answers is None else min_answers
@@ -669,17 +671,21 @@ class HubPool:
         for attempt in range(3):
             live = self._wait_for_quorum(need)
             labels_only = {k for k, d in enumerate(descriptions) if "logits" not in d.access_modes}
+            asked_terms = {k: member_terms(d, terms) for k, d in enumerate(descriptions)}
             messages = {s.index: {"serialized": Serialized(3, x_field + pb.ForwardRequest(
                 state=st, labels=s.index in labels_only,
                 keep=keep and "gradient" in descriptions[s.index].access_modes,
-                bn_loss=bn_loss and descriptions[s.index].has_feature_statistics and s.index not in labels_only,
+                terms=asked_terms[s.index],
+                # the original flag too, so an agent that predates ``terms`` still computes its BN statistics
+                bn_loss=FEATURE_STATISTICS in asked_terms[s.index],
             ).SerializeToString())} for s in live if s.index in asked}
             outcome = self._fan_out(messages)
             replies = {}
             for k, msg in outcome.answers.items():
                 slot = self.hub.slots[k]
                 try:
-                    reply = self._forward_reply(msg, batch, classes, labels=k in labels_only)
+                    reply = self._forward_reply(msg, batch, classes, labels=k in labels_only,
+                                                terms=asked_terms[k])
                 except QueryError as exc:
                     outcome.failures[slot.name] = f"bad answer: {exc.message}"
                     continue
@@ -700,7 +706,7 @@ class HubPool:
             logger.warning("Forward below quorum after a teacher dropped out; waiting for it to rejoin")
         raise AssertionError("unreachable")
 
-    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, float | None]],
+    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, Mapping[str, float]]],
                  state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
         if not grads:
             return {}
@@ -708,7 +714,7 @@ class HubPool:
         st = encode_state(state)
         messages = {}
         by_ref: set[int] = set()
-        for k, (grad_logits, grad_bn) in grads.items():
+        for k, (grad_logits, grad_terms) in grads.items():
             ref = (refs or {}).get(k)
             slot = self.hub.slots[k]
             connection = slot.connection
@@ -719,8 +725,10 @@ class HubPool:
             else:  # no Forward to name (or the teacher reconnected since): carry the inputs
                 x = encode_tensor(inputs) if x is None else x
                 request = pb.BackwardRequest(inputs=x, grad_logits=encode_tensor(grad_logits), state=st)
-            if grad_bn is not None:
-                request.grad_bn_loss = grad_bn
+            for name, value in grad_terms.items():
+                request.grad_terms[name] = value
+            if FEATURE_STATISTICS in grad_terms:  # the original field too, for an agent that predates grad_terms
+                request.grad_bn_loss = grad_terms[FEATURE_STATISTICS]
             messages[k] = {"backward": request}
         outcome = self._fan_out(messages)
         # A teacher that no longer keeps the named Forward's graph (evicted, or restarted) gets the inputs.
@@ -766,7 +774,8 @@ class HubPool:
         return out
 
     @staticmethod
-    def _forward_reply(msg: pb.AgentMessage, batch: int, classes: int, *, labels: bool = False) -> ForwardReply:
+    def _forward_reply(msg: pb.AgentMessage, batch: int, classes: int, *, labels: bool = False,
+                       terms: Sequence[str] = ()) -> ForwardReply:
         if msg.WhichOneof("kind") != "forward":
             raise QueryError("INVALID_ARGUMENT", f"answered a Forward with {msg.WhichOneof('kind')}")
         if labels:
@@ -776,19 +785,24 @@ class HubPool:
                                                      f"({batch},)")
             if len(hard) and (int(hard.min()) < 0 or int(hard.max()) >= classes):
                 raise QueryError("INVALID_ARGUMENT", f"labels outside 0..{classes - 1}")
-            return ForwardReply(vote_logits(hard, classes), None, hard)
+            return ForwardReply(vote_logits(hard, classes), labels=hard)
         logits = decode_tensor(msg.forward.logits, field="logits", max_bytes=batch * classes * 4)
         if logits.dtype != torch.float32 or tuple(logits.shape) != (batch, classes):
             raise QueryError("INVALID_ARGUMENT", f"logits {logits.dtype} {tuple(logits.shape)}, expected float32 "
                                                  f"{(batch, classes)}")
         if not torch.isfinite(logits).all():
             raise QueryError("INVALID_ARGUMENT", "logits contain NaN or infinite values")
-        bn = None
-        if msg.forward.HasField("bn_loss"):
-            bn = torch.tensor(msg.forward.bn_loss, dtype=torch.float32)
-            if not torch.isfinite(bn):
-                raise QueryError("INVALID_ARGUMENT", "bn_loss is not finite")
-        return ForwardReply(logits, bn)
+        values = dict(msg.forward.terms)
+        if msg.forward.HasField("bn_loss"):  # the original field (an agent that predates ``terms`` sends only it)
+            values.setdefault(FEATURE_STATISTICS, msg.forward.bn_loss)
+        out = {}
+        for name, value in values.items():
+            if name not in terms:
+                raise QueryError("INVALID_ARGUMENT", f"answered term {name!r}, which was not asked for")
+            if not math.isfinite(value):
+                raise QueryError("INVALID_ARGUMENT", f"term {name!r} is not finite")
+            out[name] = torch.tensor(value, dtype=torch.float32)
+        return ForwardReply(logits, out)
 
     def _log_failures(self, outcome: _Outcome, what: str) -> None:
         for name, reason in outcome.failures.items():

@@ -118,13 +118,13 @@ def bench_queries(cache: Path, repeats: int) -> dict[str, Any]:
 
             def remote_step() -> None:
                 ref = pool.forward(x, STATE, min_answers=1, keep=True)[0].ref
-                pool.backward(x, {0: (grad, None)}, STATE, refs={0: ref})
+                pool.backward(x, {0: (grad, {})}, STATE, refs={0: ref})
 
             for name, forward, backward, step in [
                 ("in-process", lambda: local.forward(x, STATE),
                  lambda: local.backward(x, grad, STATE), local_step),
                 ("grpc", lambda: pool.forward(x, STATE, min_answers=1),
-                 lambda: pool.backward(x, {0: (grad, None)}, STATE), remote_step),
+                 lambda: pool.backward(x, {0: (grad, {})}, STATE), remote_step),
             ]:
                 f = _timed(forward, repeats)
                 b = _timed(backward, repeats)

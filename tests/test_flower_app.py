@@ -16,9 +16,10 @@ from flwr.common.config import flatten_dict
 from client.app import app as client_app
 from client.node import NodeConfigError, node_data
 from fedkd.checkpoint import load_teacher
-from fedkd.config import RunConfig, config_from_mapping, config_from_run_config
+from fedkd.config import RunConfig, config_from_mapping, config_from_run_config, option_keys
 from fedkd.data import SPECS, load_node_file
 from fedkd.experiment import prepare_clients
+from fedkd.methods import METHODS
 from server.app import FlowerRunError, wait_for_nodes
 from server.app import app as server_app
 
@@ -59,8 +60,12 @@ def test_app_config_has_exactly_the_run_keys_with_their_defaults() -> None:
     app = pyproject["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
     table = flatten_dict(app["config"])  # as Flower reads it: [tool.flwr.app.config.cudfkd] -> cudfkd.KEY
-    assert set(table) == set(RunConfig().to_dict())
+    # every run-wide key, and every method's options (so `--run-config 'method="dafl" dafl.KEY=...'` works)
+    every_option = {k for m in METHODS.values() for k in option_keys(m.options, m.name)}
+    assert set(table) == set(RunConfig().to_dict()) | every_option
     assert config_from_run_config(table) == RunConfig()
+    switched = config_from_run_config({**table, "method": "dafl", "dafl.student-steps": 3})
+    assert switched.method == "dafl" and switched.options.student_steps == 3
 
 
 def test_simulated_run_trains_distils_and_evaluates_federated(tmp_path: Path, node_cache: Path) -> None:

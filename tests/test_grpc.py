@@ -51,7 +51,7 @@ def make_host(seed, max_batch=256):
             model(torch.randn(32, *SHAPE) * (1 + seed))
     desc = TeacherDescription(client=seed, model="lenet5-half", num_classes=10, input_shape=SHAPE, mean=(0.5,),
                               std=(0.25,), has_feature_statistics=True, num_samples=100,
-                              label_counts=tuple(range(1, 11)))
+                              label_counts=tuple(range(1, 11)), terms=("feature-statistics", "activation"))
     return TeacherHost(model.eval(), desc, max_batch=max_batch)
 
 
@@ -146,12 +146,12 @@ def test_an_old_style_backward_carrying_the_inputs_still_works(hub_factory, pki)
     x = torch.randn(8, *SHAPE)
     hub.pool.forward(x, STATE)  # no keep: nothing to name
     g = torch.randn(8, 10)
-    remote = hub.pool.backward(x, {0: (g, None), 1: (g, None)}, STATE)
+    remote = hub.pool.backward(x, {0: (g, {}), 1: (g, {})}, STATE)
     for k, host in enumerate([make_host(0), make_host(1)]):
         host.forward(x, STATE)
         torch.testing.assert_close(remote[k], host.backward(x, g, STATE), rtol=1e-6, atol=1e-7)
     # a Backward naming a Forward the teacher no longer keeps is refused, and sent again with the inputs
-    stale = hub.pool.backward(x, {0: (g, None)}, STATE, refs={0: (hub.slots[0].connection, 999)})
+    stale = hub.pool.backward(x, {0: (g, {})}, STATE, refs={0: (hub.slots[0].connection, 999)})
     torch.testing.assert_close(stale[0], remote[0])
     assert hub.pool.stats()[0].missed == 0
     hub.end_session()
@@ -516,3 +516,60 @@ def test_below_quorum_the_pool_waits_for_a_rejoin_then_gives_up_clearly(hub_fact
     hub.wait_for_teachers(timeout=20)
     assert hub.slots[1].joins == 2
     assert Ensemble(hub.pool)(torch.randn(4, *SHAPE), STATE).members == [0, 1]
+
+
+def test_teacher_side_terms_have_the_same_value_and_gradient_over_grpc_as_in_process(hub_factory, pki):
+    hub, hosts, agents = two_teacher_hub(hub_factory, pki)
+    terms = ("activation", "feature-statistics")
+    remote = Ensemble(hub.pool, "logit-mean")
+    local = Ensemble(LocalPool([make_host(0), make_host(1)]), "logit-mean")
+    x = torch.randn(16, *SHAPE)
+    xr, xl = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_r, out_l = remote(xr, STATE, terms=terms), local(xl, STATE, terms=terms)
+    assert set(out_r.terms) == set(terms)
+    for name in terms:
+        torch.testing.assert_close(out_r.terms[name], out_l.terms[name], rtol=0, atol=0)
+    (out_r.logits.sum() - 0.1 * out_r.terms["activation"] + out_r.terms["feature-statistics"]).backward()
+    (out_l.logits.sum() - 0.1 * out_l.terms["activation"] + out_l.terms["feature-statistics"]).backward()
+    torch.testing.assert_close(xr.grad, xl.grad, rtol=1e-6, atol=1e-7)
+    # the activation term moved the gradient: it is not the logits-only gradient
+    xo = x.clone().requires_grad_(True)
+    out_o = local(xo, STATE, terms=("feature-statistics",))
+    (out_o.logits.sum() + out_o.terms["feature-statistics"]).backward()
+    assert not torch.allclose(xo.grad, xl.grad)
+    hub.end_session()
+
+
+def test_old_style_bn_fields_still_work_against_an_agent_that_knows_terms():
+    """A hub that predates ``terms`` sends only ForwardRequest.bn_loss and BackwardRequest.grad_bn_loss."""
+    host, reference = make_host(0), make_host(0)
+    agent = TeacherAgent(host, AgentSettings(target="localhost:1"))
+    x = torch.randn(4, *SHAPE)
+    reply = agent._answer(pb.HubMessage(id=3, forward=pb.ForwardRequest(
+        inputs=encode_tensor(x), bn_loss=True, keep=True)))
+    expected = reference.forward(x, STATE, bn_loss=True)
+    assert reply.forward.HasField("bn_loss") and reply.forward.bn_loss == pytest.approx(float(expected.bn_loss))
+    assert dict(reply.forward.terms) == {"feature-statistics": pytest.approx(float(expected.bn_loss))}
+    g = torch.randn(4, 10)
+    back = agent._answer(pb.HubMessage(id=4, backward=pb.BackwardRequest(
+        forward_id=3, grad_logits=encode_tensor(g), grad_bn_loss=2.0)))
+    from fedkd.codec import decode_tensor
+    torch.testing.assert_close(decode_tensor(back.backward.grad_inputs),
+                               reference.backward(x, g, STATE, grad_terms={"feature-statistics": 2.0}),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_a_term_the_teacher_cannot_compute_is_refused_naming_it():
+    host = make_host(0)
+    agent = TeacherAgent(host, AgentSettings(target="localhost:1"))
+    x = encode_tensor(torch.randn(4, *SHAPE))
+    reply = agent._answer(pb.HubMessage(id=5, forward=pb.ForwardRequest(inputs=x, terms=["feature-alignment"])))
+    assert reply.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "'feature-alignment'" in reply.error.message and "activation" in reply.error.message
+    desc = TeacherDescription(client=0, model="lenet5-half", num_classes=10, input_shape=SHAPE, mean=(0.5,),
+                              std=(0.25,), terms=("feature-statistics",))
+    only_bn = TeacherHost(make_host(0).model, desc)
+    reply = TeacherAgent(only_bn, AgentSettings(target="localhost:1"))._answer(
+        pb.HubMessage(id=6, forward=pb.ForwardRequest(inputs=x, terms=["activation"])))
+    assert reply.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "does not compute the term 'activation'" in reply.error.message

@@ -126,7 +126,7 @@ def test_access_modes_and_missing_statistics_are_failed_preconditions():
     desc = TeacherDescription(client=1, model="linear", num_classes=10, input_shape=(1, 8, 8), mean=(0.0,),
                               std=(1.0,))
     no_bn = TeacherHost(plain, desc)
-    with pytest.raises(QueryError, match="no feature statistics") as info:
+    with pytest.raises(QueryError, match=r"does not compute the term 'feature-statistics' \(no BatchNorm") as info:
         no_bn.forward(torch.randn(2, 1, 8, 8), STATE, bn_loss=True)
     assert info.value.code == "FAILED_PRECONDITION"
     # The coordinator does not ask a teacher without statistics for them.

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 
 from fedkd.methods.base import DistillationMethod, MethodContext, QueryBudget
 from fedkd.methods.cudfkd import CuDFKD, CuDFKDOptions
+from fedkd.methods.dafl import DAFL, DAFLOptions
+from fedkd.methods.deepinversion import DeepInversion, DeepInversionOptions
+from fedkd.methods.dfad import DFAD, DFADOptions
+from fedkd.methods.hidfd import HiDFD, HiDFDOptions
+from fedkd.methods.rdskd import RDSKD, RDSKDOptions
+from fedkd.methods.tadfkd import TADFKD, TADFKDOptions
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,13 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("cudfkd", CuDFKD, CuDFKDOptions, "CuDFKD: easy-to-hard curriculum (Li et al. 2023)"),
+    MethodEntry("tadfkd", TADFKD, TADFKDOptions, "TA-DFKD: no class prior, clean-sample selection (Shin et al. 2024)"),
+    MethodEntry("rdskd", RDSKD, RDSKDOptions, "RDSKD: two stages, penalised loss increments (Han et al. 2021)"),
+    MethodEntry("hidfd", HiDFD, HiDFDOptions, "HiDFD: a few public real images plus a generator (Tang et al. 2025)"),
+    MethodEntry("dafl", DAFL, DAFLOptions, "DAFL: one-hot, activation and entropy priors (Chen et al. 2019)"),
+    MethodEntry("dfad", DFAD, DFADOptions, "DFAD: adversarial, no priors (Fang et al. 2019)"),
+    MethodEntry("deepinversion", DeepInversion, DeepInversionOptions,
+                "DeepInversion: inputs optimised from noise (Yin et al. 2020)"),
 )}
 
 

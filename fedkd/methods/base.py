@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from fedkd.config import ConfigError, RunConfig
 from fedkd.data import DatasetSpec
 from fedkd.ensemble import Ensemble
+from fedkd.metrics import MetricAverager
+from fedkd.student import StudentSettings, StudentTrainer
+from fedkd.synthesis import SynthesisSettings, Synthesizer, SyntheticBatch
+from fedkd.synthetic_pool import SyntheticPool
 from fedkd.teacher import CurriculumState
+
+NUM_SAMPLE_IMAGES = 10
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,35 @@ def require_input_gradients(ensemble: Ensemble, method: str) -> None:
                       "have at least one client grant gradient (labels-only clients give no gradient at all)")
 
 
+def require_terms(ensemble: Ensemble, method: str, terms: dict[str, str]) -> None:
+    """Stop at start-up when a client cannot compute a teacher-side term the method needs (``terms``: name ->
+    the option that turns its use off), naming the clients and what they lack."""
+    for term, option in terms.items():
+        lacking = ensemble.lacking(term)
+        if lacking:
+            clients = ", ".join(f"client {c}" for c in lacking)
+            raise ConfigError(f"method={method} needs the teacher-side term {term!r} from every client and "
+                              f"{clients} cannot compute it (labels-only access, or a teacher without the layers "
+                              f"it needs); set {method}.{option}=0 to go without it")
+
+
+def synthesis_settings(config: RunConfig, **changes: Any) -> SynthesisSettings:
+    """The run-wide synthesis keys, as a method's synthesizer takes them (``changes`` override)."""
+    base = dict(batch_size=config.batch_size, latent_dim=config.latent_dim, width=config.generator_width,
+                lr=config.generator_lr, steps=config.synthesis_steps, latent_lr=config.latent_lr,
+                reset_every=config.generator_reset, shift=config.synthesis_shift,
+                conditional=config.conditional_generator, diversity=config.synthesis_diversity)
+    return SynthesisSettings(**{**base, **changes})
+
+
+def student_settings(config: RunConfig, **changes: Any) -> StudentSettings:
+    """The run-wide student keys (``changes`` override: a baseline's own optimiser or loss)."""
+    base = dict(lr=config.student_lr, momentum=config.student_momentum, weight_decay=config.student_weight_decay,
+                loss=config.student_loss, temperature=config.temperature, shift=config.student_shift,
+                total_steps=config.epochs * config.steps_per_epoch * config.student_steps)
+    return StudentSettings(**{**base, **changes})
+
+
 class QueryBudget:
     """Query samples a method may still spend (``query-budget``; 0 = no limit), counted by the teacher pool.
 
@@ -104,3 +139,87 @@ class QueryBudget:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.start, self.last_cost = int(state["start"]), int(state["last_cost"])
+
+
+class GeneratorMethod:
+    """What the generator-based methods share: the synthesizer, the student trainer, the query budget, a
+    synthetic pool, the sample grid, and checkpointing of all of them. A method sets ``name``, builds its
+    options and losses, and writes ``train_epoch``; ``extra_state`` adds what else it must resume."""
+
+    name = "generator"
+    needs_gradients = True
+
+    def __init__(self, context: MethodContext, *, synthesis: SynthesisSettings, student: StudentSettings,
+                 pool_size: int | None = None) -> None:
+        cfg = context.config
+        self.config, self.spec, self.device = cfg, context.spec, context.device
+        self.options: Any = cfg.options
+        self.ensemble = context.ensemble
+        if self.needs_gradients:
+            require_input_gradients(self.ensemble, self.name)
+        self.student = context.student.to(self.device)
+        self.synthesizer = Synthesizer(self.spec, synthesis, self.device)
+        self.trainer = StudentTrainer(self.student, self.spec, student, self.device)
+        self.pool = SyntheticPool(pool_size or cfg.pool_size, self.spec.input_shape, self.spec.num_classes)
+        self.budget = QueryBudget(self.ensemble, cfg.query_budget)
+        self.fixed_latent = torch.randn(NUM_SAMPLE_IMAGES, synthesis.latent_dim,
+                                        generator=torch.Generator().manual_seed(cfg.seed + 7))
+
+    def curriculum_state(self, epoch: int) -> CurriculumState:
+        """Baselines have no curriculum: every query still carries the epoch and the student's step."""
+        return CurriculumState(epoch=epoch, step=self.trainer.steps)
+
+    def round_cost(self, steps: int | None = None) -> int:
+        """Query samples of one synthesis round: a Forward and a Backward of the batch per step per teacher."""
+        steps = self.synthesizer.settings.steps if steps is None else steps
+        return steps * self.synthesizer.settings.batch_size * 2 * len(self.ensemble)
+
+    def forward_cost(self) -> int:
+        """Query samples of one Forward of a batch to every teacher."""
+        return self.synthesizer.settings.batch_size * len(self.ensemble)
+
+    def synthesise(self, loss: Any, epoch: int) -> SyntheticBatch | None:
+        """One synthesis round with ``loss`` (a SynthesisLoss), or None when the budget does not allow one."""
+        if not self.budget.allows(self.round_cost()):
+            return None
+        before = self.budget.spent
+        batch = self.synthesizer.round(loss)
+        self.budget.charge(before)
+        return batch
+
+    def fresh_batch(self, epoch: int) -> SyntheticBatch | None:
+        """A batch from the generator as it is, answered by a Forward alone; None past the budget."""
+        if not self.budget.fits(self.forward_cost()):
+            return None
+        state = self.curriculum_state(epoch)
+        return self.synthesizer.draw(lambda x: self.ensemble(x, state).logits)
+
+    def student_step_on_pool(self) -> dict[str, float]:
+        images, answers = self.pool.sample(self.config.batch_size)
+        return self.trainer.step(images, answers)
+
+    def summarise(self, metrics: MetricAverager, rounds: int) -> dict[str, float]:
+        out = metrics.means()
+        out.update({"synthesis_rounds": rounds, "pool_size": len(self.pool), "budget_spent": self.budget.spent})
+        return out
+
+    def synthetic_samples(self) -> Tensor:
+        """Images in [0, 1] from fixed latents, (10, C, H, W): how the generator evolves."""
+        return self.synthesizer.samples(self.fixed_latent)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"synthesizer": self.synthesizer.state_dict(), "trainer": self.trainer.state_dict(),
+                "pool": self.pool.state_dict(), "budget": self.budget.state_dict(), "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.synthesizer.load_state_dict(state["synthesizer"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.pool.load_state_dict(state["pool"])
+        self.budget.load_state_dict(state["budget"])
+        self.load_extra_state(state["extra"])

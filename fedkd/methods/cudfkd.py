@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedkd.config import RunConfig, bounded, choice, validate_fields
+from fedkd.config import bounded, choice, validate_fields
 from fedkd.curriculum import REGULARISERS, Curriculum
 from fedkd.losses import class_balance_entropy, kl_per_sample, onehot_loss
-from fedkd.methods.base import MethodContext, QueryBudget, require_input_gradients
+from fedkd.methods.base import MethodContext, QueryBudget, require_input_gradients, student_settings, synthesis_settings
 from fedkd.metrics import MetricAverager
-from fedkd.student import StudentSettings, StudentTrainer
-from fedkd.synthesis import SynthesisLoss, SynthesisSettings, Synthesizer
+from fedkd.student import StudentTrainer
+from fedkd.synthesis import SynthesisLoss, Synthesizer
 from fedkd.synthetic_pool import SyntheticPool
 from fedkd.teacher import CurriculumState
 
@@ -54,7 +54,7 @@ class CuDFKDOptions:
 
     weight_entropy: float = field(default=20.0, metadata=bounded(0.0, 1e6))
     weight_onehot: float = field(default=1.0, metadata=bounded(0.0, 1e6))
-    weight_bn: float = field(default=10.0, metadata=bounded(0.0, 1e6))
+    weight_bn: float = field(default=30.0, metadata=bounded(0.0, 1e6))
     targets: str = field(default="argmax", metadata=choice("argmax", "balanced"))
     adv_start: float = field(default=0.0, metadata=bounded(0.0, 1e6))
     adv_step: float = field(default=0.5, metadata=bounded(0.0, 1e6))
@@ -68,20 +68,6 @@ class CuDFKDOptions:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-
-
-def synthesis_settings(config: RunConfig) -> SynthesisSettings:
-    return SynthesisSettings(batch_size=config.batch_size, latent_dim=config.latent_dim, width=config.generator_width,
-                             lr=config.generator_lr, steps=config.synthesis_steps, latent_lr=config.latent_lr,
-                             reset_every=config.generator_reset, shift=config.synthesis_shift,
-                             conditional=config.conditional_generator, diversity=config.synthesis_diversity)
-
-
-def student_settings(config: RunConfig) -> StudentSettings:
-    return StudentSettings(lr=config.student_lr, momentum=config.student_momentum,
-                           weight_decay=config.student_weight_decay, loss=config.student_loss,
-                           temperature=config.temperature, shift=config.student_shift,
-                           total_steps=config.epochs * config.steps_per_epoch * config.student_steps)
 
 
 def adversarial_loss_masked(student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: str) -> Tensor:

@@ -69,7 +69,7 @@ class PrivacyStatus(_message.Message):
     def __init__(self, mechanism: _Optional[str] = ..., epsilon_budget: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., unit: _Optional[str] = ...) -> None: ...
 
 class TeacherDescription(_message.Message):
-    __slots__ = ("name", "client", "model", "num_classes", "input_shape", "mean", "std", "access_modes", "has_feature_statistics", "num_samples", "label_counts", "privacy", "max_batch")
+    __slots__ = ("name", "client", "model", "num_classes", "input_shape", "mean", "std", "access_modes", "has_feature_statistics", "num_samples", "label_counts", "privacy", "max_batch", "terms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class TeacherDescription(_message.Message):
     LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     name: str
     client: int
     model: str
@@ -96,45 +97,66 @@ class TeacherDescription(_message.Message):
     label_counts: _containers.RepeatedScalarFieldContainer[int]
     privacy: PrivacyStatus
     max_batch: int
-    def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    terms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ..., terms: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("inputs", "state", "bn_loss", "labels", "keep")
+    __slots__ = ("inputs", "state", "bn_loss", "labels", "keep", "terms")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BN_LOSS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     inputs: Tensor
     state: CurriculumState
     bn_loss: bool
     labels: bool
     keep: bool
-    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., bn_loss: _Optional[bool] = ..., labels: _Optional[bool] = ..., keep: _Optional[bool] = ...) -> None: ...
+    terms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., bn_loss: _Optional[bool] = ..., labels: _Optional[bool] = ..., keep: _Optional[bool] = ..., terms: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("logits", "bn_loss", "labels")
+    __slots__ = ("logits", "bn_loss", "labels", "terms")
+    class TermsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     BN_LOSS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     bn_loss: float
     labels: Tensor
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_loss: _Optional[float] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    terms: _containers.ScalarMap[str, float]
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_loss: _Optional[float] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., terms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("inputs", "grad_logits", "state", "grad_bn_loss", "forward_id")
+    __slots__ = ("inputs", "grad_logits", "state", "grad_bn_loss", "forward_id", "grad_terms")
+    class GradTermsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_LOGITS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GRAD_BN_LOSS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
+    GRAD_TERMS_FIELD_NUMBER: _ClassVar[int]
     inputs: Tensor
     grad_logits: Tensor
     state: CurriculumState
     grad_bn_loss: float
     forward_id: int
-    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., grad_bn_loss: _Optional[float] = ..., forward_id: _Optional[int] = ...) -> None: ...
+    grad_terms: _containers.ScalarMap[str, float]
+    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ..., grad_bn_loss: _Optional[float] = ..., forward_id: _Optional[int] = ..., grad_terms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class BackwardReply(_message.Message):
     __slots__ = ("grad_inputs",)
