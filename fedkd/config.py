@@ -369,8 +369,19 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
 
     base = base or RunConfig()
     flat, namespaced = split_namespaced(values)
-    known = [_kebab(n) for n in _FIELDS] + [k for m in METHODS.values() for k in option_keys(m.options, m.name)]
-    changes = _coerced(flat, _FIELDS, "", lambda key: _unknown_key(key, known))
+    selected = str(flat.get("method", base.method))
+    # the selected method's options first, so a bare option key is pointed to the method that runs
+    order = sorted(METHODS.values(), key=lambda m: m.name != selected)
+    known = [_kebab(n) for n in _FIELDS] + [k for m in order for k in option_keys(m.options, m.name)]
+
+    def unknown(key: str) -> ConfigError:
+        own = f"{selected}.{key.replace('_', '-')}"
+        if own in known:
+            return ConfigError(f"unknown config key {key!r}; did you mean {own!r}? (a method's options take "
+                               "its name as prefix)")
+        return _unknown_key(key, known)
+
+    changes = _coerced(flat, _FIELDS, "", unknown)
     method = changes.get("method", base.method)
     entry = _method_entry(method)
     for namespace, options in namespaced.items():

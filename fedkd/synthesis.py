@@ -106,7 +106,7 @@ class Synthesizer:
         """Quantised images in [0, 1] for latents and targets (gradients pass straight through)."""
         return quantise(self.generator(z, targets if self.settings.conditional else None))
 
-    def _latents_and_targets(self, paired: bool) -> tuple[Tensor, Tensor]:
+    def latents_and_targets(self, paired: bool) -> tuple[Tensor, Tensor]:
         """Fresh latents (B, latent_dim) and balanced targets (B,); ``paired``: the two halves ask for the
         same classes (the mode-seeking term compares them)."""
         b, c = self.settings.batch_size, self.num_classes
@@ -122,7 +122,7 @@ class Synthesizer:
         if s.reset_every and self.rounds and self.rounds % s.reset_every == 0:
             self._build()
         self.generator.train()
-        z, targets = self._latents_and_targets(paired=s.diversity > 0)
+        z, targets = self.latents_and_targets(paired=s.diversity > 0)
         params = list(self.generator.parameters())
         latent_opt = None
         if s.latent_lr > 0:
@@ -162,7 +162,7 @@ class Synthesizer:
         the pool after each round.
         """
         self.generator.train()  # the same batch statistics the round's batches were made with
-        z, targets = self._latents_and_targets(paired=False)
+        z, targets = self.latents_and_targets(paired=False)
         images = random_shift(self.generate(z, targets), self.settings.shift)
         return SyntheticBatch(images, answer(self.spec.normalize(images)), targets, {})
 

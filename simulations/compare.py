@@ -3,6 +3,8 @@
     python simulations/compare.py                    # the quick preset (~15 min on 2 cores): digits
     python simulations/compare.py --preset full      # digits and MNIST-5k, the default schedule
     python simulations/compare.py --methods cudfkd,dafl --settings dirichlet-0.5 --seeds 0
+    python simulations/compare.py --preset full --datasets mnist5k --settings single --methods dafl \
+        --seeds 0 --set steps-per-epoch=200 --set batch-size=256 --set query-budget=0   # DAFL, 20x the budget
 
 Settings: IID, Dirichlet(0.5) and pathological (2 classes per client) splits over 5 clients, and
 ``single`` (one client holding the whole training pool: the papers' single-teacher MNIST pairs), on each
@@ -14,7 +16,9 @@ generator-step-per-round method: rounds x batch x 2 (Forward + Backward) x clien
 Results are cached per (method, setting, seed) under ``--results`` (one JSON each, keyed by the run's
 whole configuration): a rerun computes only what is missing or changed. Writes ``compare-PRESET.md`` (the
 Markdown table the README shows) and one plot per setting (student accuracy against query samples,
-every method on one chart) next to it, and prints the table and the targets.
+every method on one chart) next to it, and prints the table and the targets. ``--set KEY=VALUE`` changes
+any run-config key for every run (the preset's query budget included); such a run's files are named
+``compare-PRESET-set-HASH``, so they never overwrite the preset's.
 """
 
 from __future__ import annotations
@@ -31,16 +35,19 @@ from typing import Any
 
 import torch
 
-from fedkd.config import config_from_mapping
+from fedkd.config import ConfigError, config_from_mapping, parse_assignments
 from fedkd.data import load_dataset
 from fedkd.experiment import prepare_clients, run_experiment, setup
 from fedkd.methods import METHODS
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~15 minutes on 2 cores: digits only, 10 epochs of 10 rounds with 20 student steps each.
-    "quick": {"datasets": ["digits"], "run": {"epochs": 10, "steps-per-epoch": 10, "student-steps": 20}},
-    # The default schedule (10 epochs of 20 rounds, 20 student steps) on both built-in datasets.
+    # ~15 minutes on 2 cores: digits only, with the default schedule (10 epochs of 20 rounds, 20 student steps).
+    "quick": {"datasets": ["digits"], "run": {}},
+    # The same on both built-in datasets (its digits runs are the quick preset's, cached).
     "full": {"datasets": ["digits", "mnist5k"], "run": {}},
+    # Seconds, for tests of the harness itself: nothing to read in its numbers.
+    "smoke": {"datasets": ["digits"], "run": {"teacher-epochs": 2, "epochs": 2, "steps-per-epoch": 2,
+                                               "student-steps": 2, "batch-size": 32}},
 }
 SETTINGS: dict[str, dict[str, Any]] = {
     "iid": {"partition": "iid"},
@@ -203,7 +210,15 @@ def check_targets(rows: dict[tuple[str, str], dict[str, dict[str, tuple[float, f
     return out
 
 
-def plot(records: dict[tuple[str, str, str], list[dict[str, Any]]], out: Path, preset: str) -> list[Path]:
+def _typed(value: str) -> Any:
+    """A ``--set`` value as TOML would give it (so the cache key does not depend on how it was typed)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def plot(records: dict[tuple[str, str, str], list[dict[str, Any]]], out: Path, name: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,7 +239,7 @@ def plot(records: dict[tuple[str, str, str], list[dict[str, Any]]], out: Path, p
         ax.set_title(f"{dataset}, {setting}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        path = out / f"compare-{preset}-{dataset}-{setting}.png"
+        path = out / f"compare-{name}-{dataset}-{setting}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -242,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="simulations/results/compare", help="cached runs, table, plots")
     parser.add_argument("--runs", default="runs/compare", help="run directories (kept until the next rerun)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a run-config key for every run (repeatable), e.g. --set query-budget=0")
+    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
     methods = args.methods.split(",")
     settings = args.settings.split(",")
     for name, valid in (("method", METHODS), ("setting", SETTINGS)):
@@ -251,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown {name} {', '.join(bad)}; valid: {', '.join(valid)}")
     datasets = args.datasets.split(",") if args.datasets else PRESETS[args.preset]["datasets"]
     seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        overrides = {key: _typed(value) for key, value in parse_assignments(args.set).items()}
+        for dataset, setting, method in ((d, s, m) for d in datasets for s in settings for m in methods):
+            config_from_mapping({**run_config(args.preset, dataset, setting, method, seeds[0]), **overrides})
+    except ConfigError as exc:
+        parser.error(str(exc))
+    name = args.preset + (f"-set-{_key(overrides)}" if overrides else "")
     if args.threads:
         torch.set_num_threads(args.threads)
     results, runs = Path(args.results), Path(args.runs)
@@ -260,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     todo = [(d, s, m, seed) for d in datasets for s in settings for m in methods for seed in seeds]
     for i, (dataset, setting, method, seed) in enumerate(todo, 1):
-        mapping = run_config(args.preset, dataset, setting, method, seed)
+        mapping = {**run_config(args.preset, dataset, setting, method, seed), **overrides}
         record, fresh = cached_run(mapping, results, runs, cache)
         records.setdefault((dataset, setting, method), []).append(record)
         print(f"[{i}/{len(todo)}] {dataset} {setting} {method} seed {seed}: student {record['student']:.4f} "
@@ -271,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.setdefault((dataset, setting), {})[method] = aggregate(recs)
     text = table(rows, methods)
     goals = check_targets(rows)
-    command = "python simulations/compare.py" + ("" if args.preset == "quick" else f" --preset {args.preset}")
+    command = " ".join(["python simulations/compare.py", *(argv if argv is not None else sys.argv[1:])])
     report = (f"Made by `{command}` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; {NUM_CLIENTS} clients "
-              f"unless `single`; every run's query budget: the preset's rounds x batch x 2 x clients).\n\n"
+              f"unless `single`; every run's query budget: "
+              + (f"{overrides['query-budget']} (from --set)" if "query-budget" in overrides
+                 else "the preset's rounds x batch x 2 x clients") + ").\n\n"
               + text + "\nTargets:\n\n" + "\n".join(f"- {g}" for g in goals) + "\n")
-    (results / f"compare-{args.preset}.md").write_text(report)
-    plots = plot(records, results, args.preset)
+    (results / f"compare-{name}.md").write_text(report)
+    plots = plot(records, results, name)
     print(report)
     print("plots: " + ", ".join(str(p) for p in plots))
     return 0

@@ -105,9 +105,11 @@ def test_method_options_are_namespaced_and_validated():
     ({"cudfkd.weight-bn": -1}, r"cudfkd.weight-bn: -1.0 is out of range"),
     ({"cudfkd.self-paced": "linear"}, r"cudfkd.self-paced: 'linear' is not one of log, soft, hard, none"),
     ({"cudfkd.admit-start": "lots"}, r"cudfkd.admit-start: 'lots' is a string, the key takes a number"),
-    ({"dafl.weight-bn": 1}, r"unknown config key 'dafl.weight-bn': 'dafl' is not a method.*cudfkd"),
+    ({"dafl.weight-bn": 1}, r"unknown option of method 'dafl' 'dafl.weight-bn'; did you mean 'dafl.weight-onehot'"),
+    ({"dafi.weight-bn": 1}, r"unknown config key 'dafi.weight-bn': 'dafi' is not a method.*cudfkd, tadfkd"),
     ({"weight-bn": 1}, r"unknown config key 'weight-bn'; did you mean 'cudfkd.weight-bn'"),
-    ({"method": "dafl"}, r"method: 'dafl' is not one of cudfkd"),
+    ({"method": "tadfkd", "weight-bn": 1}, r"unknown config key 'weight-bn'; did you mean 'tadfkd.weight-bn'"),
+    ({"method": "dafi"}, r"method: 'dafi' is not one of cudfkd, tadfkd, rdskd, hidfd, dafl, dfad, deepinversion"),
 ])
 def test_bad_method_options_name_the_key(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -157,7 +159,8 @@ def test_namespaced_config_round_trips_toml_set_and_flower(tmp_path):
     assert config_from_mapping(from_toml.to_dict()) == from_toml
     bad = tmp_path / "bad.toml"
     bad.write_text("[data]\nx = 1\n")
-    with pytest.raises(ConfigError, match=r"unexpected table \[data\].*named after it \(cudfkd\)"):
+    with pytest.raises(ConfigError, match=r"unexpected table \[data\].*named after it "
+                                          r"\(cudfkd, tadfkd, rdskd, hidfd, dafl, dfad, deepinversion\)"):
         load_config_file(bad)
 
 

@@ -114,7 +114,7 @@ def test_category_frequency_weights_favour_rare_classes_and_sum_to_the_class_cou
 
 
 def test_a_method_that_needs_a_term_a_client_lacks_stops_at_start_up_naming_it(teachers, tmp_path):
-    mapping = {**BASE, "method": "dafl", "teacher-access": "labels,gradient"}
+    mapping = {**BASE, "method": "dafl", "teacher-access": "labels,gradient,gradient"}
     shutil.copytree(teachers, tmp_path / "clients")
     with pytest.raises(ConfigError, match=r"dafl needs the teacher-side term 'activation'.*client 0.*"
                                           r"dafl.weight-activation=0"):

@@ -101,8 +101,8 @@ class DeepInversion(GeneratorMethod):
             value = float(loss.detach())
             if best is None or value < best[0]:
                 best = (value, jittered.detach(), out.logits.detach(),
-                        {"loss_inversion": value, "loss_ce": float(ce), "loss_bn": float(bn),
-                         "loss_prior": float(prior), "loss_adi": float(adi)})
+                        {"loss_inversion": value, "loss_ce": float(ce.detach()), "loss_bn": float(bn.detach()),
+                         "loss_prior": float(prior.detach()), "loss_adi": float(adi.detach())})
             optimizer.zero_grad(set_to_none=True)
             loss.backward(inputs=[pixels])
             optimizer.step()

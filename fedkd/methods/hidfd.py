@@ -121,7 +121,7 @@ class HiDFD(GeneratorMethod):
         real, real_answers = self.real.sample(self.config.batch_size)
         real = self.spec.normalize(random_shift(real.to(self.device), self.config.student_shift))
         with torch.no_grad():
-            z, y = self.synthesizer._latents_and_targets(paired=False)
+            z, y = self.synthesizer.latents_and_targets(paired=False)
             fake = self.spec.normalize(self.synthesizer.generate(z, y))
         real_logit, real_teacher = self.discriminator(real)
         fake_logit, _ = self.discriminator(fake)
