@@ -192,7 +192,7 @@ class TeacherAgent:
 
     def _hello(self) -> pb.AgentMessage:
         s = self.settings
-        description = encode_description(self.host.description, name=s.name, max_batch=self.host.max_batch)
+        description = encode_description(self.host.describe(), name=s.name, max_batch=self.host.max_batch)
         return pb.AgentMessage(hello=pb.Hello(session=s.session, description=description,
                                               agent_version=AGENT_VERSION, max_message_bytes=s.max_message_bytes))
 
@@ -308,4 +308,4 @@ class TeacherAgent:
     def _spent(self) -> pb.Spent:
         st = self.host.stats
         return pb.Spent(forward_calls=st.forward_calls, backward_calls=st.backward_calls, samples=st.samples,
-                        bytes=st.bytes, refused=st.refused, privacy=encode_privacy(self.host.description.privacy))
+                        bytes=st.bytes, refused=st.refused, privacy=encode_privacy(self.host.describe().privacy))

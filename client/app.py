@@ -3,16 +3,18 @@
 Messages (the ServerApp in ``server/app.py`` sends them):
 
 - ``train``: config ``client`` (this node's index in the run). Trains the
-  teacher on the node's private data only (DP-SGD with ``teacher-dp``), or
+  teacher on the node's private data only (DP-SGD when the node's
+  ``privacy-mode`` is dp-sgd; in a deployment from its node config only), or
   loads it from the node's ``teacher-ckpt``; the checkpoint stays on the node.
   Replies with local metrics (without DP) or the privacy spent (with DP).
 - ``query.serve``: config ``address``, ``token``, ``ca`` (the hub's CA
   certificate, PEM), ``session``, ``name``, ``client``. Connects the teacher
   to the coordinator's hub and answers queries until the coordinator ends
   the session; replies with what it released.
-- ``evaluate``: arrays ``student`` (the distilled student's weights).
-  Evaluates it on the node's held-out data; replies with accuracy and the
-  example count (Gaussian-noised and accounted when ``teacher-dp`` is on).
+- ``evaluate``: arrays ``student`` (the distilled student's weights), config
+  ``client``. Evaluates it on the node's held-out data; replies with accuracy
+  and the example count (under a privacy mode: Gaussian-noised and accounted
+  in the node's ledger, refused past its budget).
 
 Failures the node can name (bad node config, missing data, a refused
 connection) come back as an error reply whose reason says what is wrong; the
@@ -31,13 +33,14 @@ from flwr.clientapp import ClientApp
 
 from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
 from client.cli import host_from_checkpoint
-from client.node import NodeConfigError, count_correct, ensure_teacher, node_data, teacher_path
-from fedkd.checkpoint import CheckpointError
+from client.node import NodeConfigError, count_correct, ensure_teacher, node_data, node_privacy, teacher_path
+from fedkd.checkpoint import CheckpointError, load_teacher
 from fedkd.codec import MiB
 from fedkd.config import ConfigError, RunConfig, config_from_run_config
 from fedkd.data import DatasetNotFoundError
 from fedkd.models import build_model
-from fedkd.privacy import default_delta, release_counts
+from fedkd.privacy.ledger import ledger_path
+from fedkd.privacy.policy import ReleasePolicy
 from fedkd.teacher import access_modes
 
 logger = logging.getLogger(__name__)
@@ -85,8 +88,8 @@ def _released(context: Context) -> dict[str, float]:
 
 
 def _train(msg: Message, context: Context) -> RecordDict:
-    config = _run_config(context)
     client = int(msg.content["train"]["client"])  # type: ignore[arg-type]
+    _, config = node_privacy(_run_config(context), context.node_config, client)
     data = node_data(config, context.node_config)
     teacher = ensure_teacher(config, context.node_config, data, client)
     spec = data.spec
@@ -108,14 +111,14 @@ def _train(msg: Message, context: Context) -> RecordDict:
 
 
 def _serve(msg: Message, context: Context) -> RecordDict:
-    config = _run_config(context)
     hub = msg.content["hub"]
     client = int(hub["client"])  # type: ignore[arg-type]
+    privacy, config = node_privacy(_run_config(context), context.node_config, client)
     path = teacher_path(config, context.node_config, client)
     if not path.exists():
         raise CheckpointError(f"no teacher at {str(path)!r}: the train round has not run on this node")
-    host = host_from_checkpoint(path, max_batch=config.max_query_batch, share_label_counts=config.share_label_counts,
-                                client=client, access=access_modes(config.teacher_access_modes()[client]))
+    host = host_from_checkpoint(path, max_batch=config.max_query_batch, client=client, privacy=privacy,
+                                access=access_modes(config.teacher_access_modes()[client]))
     ca = hub.get("ca")
     settings = AgentSettings(target=str(hub["address"]), token=str(hub["token"]),
                              tls=ClientTLS(bytes(ca)) if ca else None,  # type: ignore[arg-type]
@@ -126,13 +129,15 @@ def _serve(msg: Message, context: Context) -> RecordDict:
     logger.info("serving %s to the hub at %s", path, settings.target)
     spent = TeacherAgent(host, settings).serve()
     metrics: dict[str, Any] = dict(spent)
-    if host.description.privacy:  # answers of a DP teacher are post-processing: no extra cost
-        metrics["epsilon-spent"] = float(host.description.privacy["epsilon_spent"])
+    status = host.describe().privacy
+    if status:  # the ledger's total: training, label counts, noisy answers, evaluations
+        metrics["epsilon-spent"] = float(status["epsilon_spent"])
     return RecordDict({"spent": MetricRecord(metrics)})
 
 
 def _evaluate(msg: Message, context: Context) -> RecordDict:
-    config = _run_config(context)
+    client = int(msg.content["config"]["client"]) if "config" in msg.content else 0  # type: ignore[arg-type]
+    privacy, config = node_privacy(_run_config(context), context.node_config, client)
     data = node_data(config, context.node_config)
     if data.holdout is None or len(data.holdout) == 0:
         raise NodeConfigError("this node has no held-out data for evaluation (add x_test, y_test to its data-path)")
@@ -147,17 +152,17 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
                          f"{str(exc).splitlines()[0][:200]}") from None
     correct, total = count_correct(student, data.holdout, spec)
     metrics: dict[str, Any]
-    if config.teacher_dp == "none":
+    if privacy.mode == "none":
         metrics = {"accuracy": correct / total, "num-examples": total}
-    else:
-        released = _released(context)
-        delta = config.dp_delta or default_delta(total)
-        noisy_correct, noisy_total, eps = release_counts(correct, total, epsilon=config.dp_eval_epsilon, delta=delta)
-        released["eval-epsilon"] += eps
-        released["eval-releases"] += 1
-        context.state[STATE] = MetricRecord(released)
+    else:  # a release on private data: through this node's policy and ledger (refused past its budget)
+        path = teacher_path(config, context.node_config, client)
+        ckpt_privacy = load_teacher(path)[1].get("privacy") if path.exists() else None
+        policy = ReleasePolicy(privacy, num_records=total, training=ckpt_privacy, ledger_path=ledger_path(path))
+        before = policy.ledger.spent
+        noisy_correct, noisy_total = policy.evaluation_counts(correct, total)
         metrics = {"accuracy": noisy_correct / noisy_total, "num-examples": max(1, round(noisy_total)),
-                   "epsilon": eps, "delta": delta, "eval-epsilon-total": released["eval-epsilon"]}
+                   "epsilon": policy.ledger.spent - before, "delta": policy.ledger.delta,
+                   "epsilon-total": policy.ledger.spent}
     return RecordDict({"metrics": MetricRecord(metrics)})
 
 

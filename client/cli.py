@@ -24,23 +24,29 @@ from client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, T
 from fedkd.checkpoint import CheckpointError, load_teacher
 from fedkd.codec import MiB
 from fedkd.config import BATCH_LIMIT, TIMEOUT_LIMIT, address, argument
+from fedkd.privacy.ledger import ledger_path
+from fedkd.privacy.policy import MODES, PrivacySettings, ReleasePolicy
 from fedkd.teacher import ACCESS_MODES, ALL_ACCESS_MODES, TeacherHost, describe_checkpoint
 from fedkd.tls import read_certificates, read_private_key
 
 
 def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
-                         share_label_counts: bool = True, client: int = 0,
-                         device: str = "cpu") -> TeacherHost:
-    """A host for the teacher in a ``fedkd.teacher.v1`` checkpoint, with the client's own limits."""
+                         share_label_counts: bool = True, client: int = 0, device: str = "cpu",
+                         privacy: PrivacySettings | None = None, ledger: str | Path | None = None) -> TeacherHost:
+    """A host for the teacher in a ``fedkd.teacher.v1`` checkpoint, with the client's own limits and release
+    policy (``privacy``; its ledger kept at ``ledger``, default ``teacher.ledger.json`` beside ``teacher.pt``)."""
     model, ckpt = load_teacher(path)
+    settings = privacy or PrivacySettings(share_label_counts=share_label_counts)
+    policy = ReleasePolicy(settings, num_records=int(ckpt["num_samples"]), training=ckpt.get("privacy"),
+                           ledger_path=ledger or ledger_path(path))
     unknown = set(access) - set(ALL_ACCESS_MODES)
     if unknown or not access:
         raise ValueError(f"--access: {sorted(unknown) or 'nothing'} given; choose from {', '.join(ALL_ACCESS_MODES)}")
     if "gradient" in access and "logits" not in access:
         raise ValueError("--access: gradient needs logits too (a Backward follows the Forward it differentiates)")
-    description = describe_checkpoint(ckpt, model, client=client, share_label_counts=share_label_counts,
-                                      access_modes=tuple(a for a in ALL_ACCESS_MODES if a in access))
-    return TeacherHost(model, description, max_batch=max_batch, device=device)
+    description = describe_checkpoint(ckpt, model, client=client, share_label_counts=settings.share_label_counts,
+                                      access_modes=tuple(a for a in ALL_ACCESS_MODES if a in access), policy=policy)
+    return TeacherHost(model, description, max_batch=max_batch, device=device, policy=policy)
 
 
 def _read(path: str | None, what: str) -> bytes | None:
@@ -69,6 +75,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="access modes granted: gradient,logits (default), logits, or labels (hard labels "
                         "only)")
     parser.add_argument("--no-label-counts", action="store_true", help="do not share the label histogram")
+    privacy = parser.add_argument_group("privacy (this client's own; nothing the coordinator sends changes it)")
+    privacy.add_argument("--privacy-mode", choices=MODES, default="none",
+                         help="none; dp-sgd (the checkpoint was trained with DP-SGD; answers are free); "
+                         "output-noise (clipped, noised logits and input gradients, accounted per query sample)")
+    privacy.add_argument("--privacy-budget", type=argument(float, 0.0, 1e6), default=0.0,
+                         help="total epsilon this client allows, training included; 0 = unlimited (reported)")
+    privacy.add_argument("--delta", type=argument(float, 0.0, 0.1), default=0.0,
+                         help="delta of the guarantee (default: the training's, else 1 / (10 n))")
+    privacy.add_argument("--output-noise", type=argument(float, 1e-6, 1e6), default=1.0,
+                         help="output-noise: Gaussian std / (2 x clip) per released row (default 1)")
+    privacy.add_argument("--output-clip", type=argument(float, 1e-6, 1e6), default=10.0,
+                         help="output-noise: L2 norm logits rows are clipped to (default 10)")
+    privacy.add_argument("--gradient-clip", type=argument(float, 1e-6, 1e6), default=1.0,
+                         help="output-noise: L2 norm input-gradient rows are clipped to (default 1)")
+    privacy.add_argument("--label-count-noise", choices=("auto", "none", "gaussian", "laplace"), default="auto",
+                         help="noise on the released label histogram (auto: none without a mechanism, else gaussian)")
+    privacy.add_argument("--label-count-epsilon", type=argument(float, 1e-6, 1e4), default=0.5,
+                         help="what the noisy label histogram costs (default 0.5)")
+    privacy.add_argument("--ledger", help="file of this client's privacy ledger (default: beside the checkpoint, "
+                         "NAME.ledger.json); every release is recorded there before it is made")
     parser.add_argument("--max-message-mb", type=argument(float, 0.01, 2000.0), default=64.0,
                         help="largest gRPC message (default 64)")
     parser.add_argument("--give-up-after", type=argument(float, 0.0, TIMEOUT_LIMIT), default=600.0,
@@ -102,8 +128,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         read_certificates(args.ca, "CA certificate (--ca)") if args.ca else None,
         read_certificates(args.cert, "certificate (--cert)") if args.cert else None,
         read_private_key(args.key, "key (--key)") if args.key else None)
+    privacy = PrivacySettings(mode=args.privacy_mode, budget=args.privacy_budget, delta=args.delta,
+                              output_noise=args.output_noise, output_clip=args.output_clip,
+                              gradient_clip=args.gradient_clip, share_label_counts=not args.no_label_counts,
+                              label_count_noise=args.label_count_noise, label_count_epsilon=args.label_count_epsilon)
     host = host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=args.access.split(","),
-                                share_label_counts=not args.no_label_counts, device=args.device)
+                                device=args.device, privacy=privacy, ledger=args.ledger)
     settings = AgentSettings(target=args.connect, token=token, tls=tls, session=args.session, name=args.name,
                              max_message_bytes=int(args.max_message_mb * MiB), give_up_after=args.give_up_after,
                              server_name=args.server_name)

@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedkd.config import ConfigError, RunConfig
+from fedkd.config import ConfigError, RunConfig, config_from_mapping
 from fedkd.data import SPECS, DatasetSpec, ImageData, holdout_indices, load_dataset, load_node_file
 from fedkd.experiment import client_partitions, load_or_train_teacher
 from fedkd.metrics import predict
+from fedkd.privacy.policy import PrivacySettings
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,11 @@ def node_data(config: RunConfig, node_config: Mapping[str, Any]) -> NodeData:
 
 def _fingerprint(config: RunConfig, source: str, model_name: str, client: int) -> str:
     keys = ("dataset", "data-root", "num-clients", "partition", "alpha", "classes-per-client", "min-partition-size",
-            "seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing", "teacher-dp",
+            "seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing",
             "dp-epsilon", "dp-delta", "dp-max-grad-norm")
     settings = {k: config.to_dict()[k] for k in keys}
     settings["data-root"] = str(Path(config.data_root).resolve())
+    settings["dp-sgd"] = config.privacy_modes()[client] == "dp-sgd"
     if source.startswith("file:") and Path(source[5:]).exists():
         stat = Path(source[5:]).stat()
         source += f":{stat.st_size}:{stat.st_mtime_ns}"
@@ -112,6 +114,32 @@ def teacher_path(config: RunConfig, node_config: Mapping[str, Any], client: int)
     return cache_dir() / "teachers" / f"{name}-{_fingerprint(config, source, name, client)}.pt"
 
 
+# The keys of a node's privacy settings. In a deployment they come from the node config only (defaults
+# otherwise), never from the coordinator's run config; in a simulation (``partition-id``) the experimenter is
+# every party and the run config stands in for each node's own.
+PRIVACY_KEYS = ("privacy-mode", "privacy-budget", "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-eval-epsilon",
+                "output-noise", "output-clip", "gradient-clip", "label-count-noise", "label-count-epsilon",
+                "share-label-counts")
+
+
+def node_privacy(config: RunConfig, node_config: Mapping[str, Any], client: int) -> tuple[PrivacySettings, RunConfig]:
+    """This node's privacy settings, and the run config with them in place (what trains and serves its teacher)."""
+    if "partition-id" in node_config:
+        own = config
+    else:
+        defaults = RunConfig().to_dict()
+        values = {key: node_config.get(key, defaults[key]) for key in PRIVACY_KEYS}
+        if "," in str(values["privacy-mode"]):
+            raise NodeConfigError(f"privacy-mode: {values['privacy-mode']!r}; a node sets one mode, its own")
+        try:
+            own = config_from_mapping({**values, "privacy-mode": values["privacy-mode"]},
+                                      base=config.replace(privacy_mode="none"))
+        except ConfigError as exc:
+            raise NodeConfigError(f"node config: {exc}") from None
+        own = own.replace(privacy_mode=",".join([str(values["privacy-mode"])] * config.num_clients))
+    return own.client_privacy(client), own
+
+
 @dataclass
 class NodeTeacher:
     path: Path
@@ -127,7 +155,9 @@ class NodeTeacher:
 
 def ensure_teacher(config: RunConfig, node_config: Mapping[str, Any], data: NodeData, client: int, *,
                    device: torch.device | str = "cpu") -> NodeTeacher:
-    """Load this node's teacher, or train it on the node's data alone and keep the checkpoint on the node."""
+    """Load this node's teacher, or train it on the node's data alone and keep the checkpoint on the node.
+
+    ``config`` is the run config with this node's own privacy settings in place (:func:`node_privacy`)."""
     if not 0 <= client < config.num_clients:
         raise ConfigError(f"client index {client} is outside 0..{config.num_clients - 1} (num-clients)")
     started = time.perf_counter()
@@ -138,7 +168,8 @@ def ensure_teacher(config: RunConfig, node_config: Mapping[str, Any], data: Node
     expected = None if "teacher-ckpt" in node_config else name
     path = teacher_path(config, node_config, client)
     model, ckpt, trained = load_or_train_teacher(path, name, data.train, data.spec, config, client=k,
-                                                 device=device, expected_model=expected, stage=logger.info)
+                                                 device=device, expected_model=expected, stage=logger.info,
+                                                 dp=config.privacy_modes()[client] == "dp-sgd")
     return NodeTeacher(path, model.cpu(), ckpt, trained, time.perf_counter() - started)
 
 

@@ -23,9 +23,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedkd.aggregation import ENSEMBLE_CHOICES
+
+if TYPE_CHECKING:
+    from fedkd.privacy.policy import PrivacySettings
 
 
 class ConfigError(ValueError):
@@ -147,15 +150,27 @@ class RunConfig:
     rejoin_timeout: float = field(default=120.0, metadata=bounded(0.0, TIMEOUT_LIMIT))  # seconds to wait below quorum
     max_message_mb: float = field(default=64.0, metadata=bounded(0.0, 2000.0, open_low=True))  # per gRPC message
 
-    # Differential privacy of the teachers (privacy-notes.md). dp-sgd: each client trains its teacher
-    # with Opacus DP-SGD (Poisson sampling, PRV accountant) to dp-epsilon at dp-delta (0 = 1 / (10 n) of
-    # the client's n records); every answer is then post-processing. Metrics a client releases about its
-    # held-out data (federated evaluation) are Gaussian-noised counts accounted at dp-eval-epsilon each.
-    teacher_dp: str = field(default="none", metadata=choice("none", "dp-sgd"))
+    # Privacy, per client (privacy-notes.md; README, "Privacy"). In a one-machine run the experimenter is
+    # every party, so these keys stand in for each client's own settings; a Flower SuperNode in a deployment
+    # takes them from its node config only, never from the coordinator's run config.
+    # privacy-mode (one value, or one per client): none; dp-sgd (the teacher is trained with Opacus DP-SGD to
+    # dp-epsilon at dp-delta, 0 = 1 / (10 n), every answer is post-processing); output-noise (every released
+    # logits / input-gradient row clipped to output-clip / gradient-clip with Gaussian noise of std
+    # output-noise x 2 x clip: a teacher-level guarantee, accounted per query sample). privacy-budget: the
+    # client's total epsilon (training included), enforced before every release; 0 = unlimited (reported).
+    # Label counts are released exactly without a mechanism, else with label-count-noise (gaussian or
+    # laplace) at label-count-epsilon; evaluation counts (Flower evaluate) at dp-eval-epsilon each.
+    privacy_mode: str = "none"
+    privacy_budget: float = field(default=0.0, metadata=bounded(0.0, 1e6))
     dp_epsilon: float = field(default=8.0, metadata=bounded(0.0, 1e4, open_low=True))
     dp_delta: float = field(default=0.0, metadata=bounded(0.0, 0.1))
     dp_max_grad_norm: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
     dp_eval_epsilon: float = field(default=1.0, metadata=bounded(0.0, 1e4, open_low=True))
+    output_noise: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
+    output_clip: float = field(default=10.0, metadata=bounded(0.0, 1e6, open_low=True))
+    gradient_clip: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
+    label_count_noise: str = field(default="auto", metadata=choice("auto", "none", "gaussian", "laplace"))
+    label_count_epsilon: float = field(default=0.5, metadata=bounded(0.0, 1e4, open_low=True))
 
     # The Flower app only (`flwr run .`; `fedkd run` ignores them). run-dir: where the ServerApp
     # writes run-<run id>/; evaluation: the coordinator's own test set, the clients' held-out data
@@ -186,6 +201,12 @@ class RunConfig:
         if len(modes) != self.num_clients or any(m not in ("gradient", "logits", "labels") for m in modes):
             raise ConfigError(f"teacher-access: {self.teacher_access!r}; give gradient, logits or labels, for all "
                               f"clients or one per client (num-clients={self.num_clients}), comma-separated")
+        from fedkd.privacy.policy import MODES as PRIVACY_MODES
+
+        privacy = self.privacy_modes()
+        if len(privacy) != self.num_clients or any(m not in PRIVACY_MODES for m in privacy):
+            raise ConfigError(f"privacy-mode: {self.privacy_mode!r}; give {', '.join(PRIVACY_MODES)}, for all "
+                              f"clients or one per client (num-clients={self.num_clients}), comma-separated")
         names = self.teacher_models()
         if len(names) not in (1, self.num_clients):
             raise ConfigError(
@@ -204,6 +225,24 @@ class RunConfig:
         """What each client grants (``teacher-access``, one value or one per client)."""
         modes = [m.strip() for m in self.teacher_access.split(",") if m.strip()]
         return modes * self.num_clients if len(modes) == 1 else modes
+
+    def privacy_modes(self) -> list[str]:
+        """Each client's privacy mode (``privacy-mode``, one value or one per client)."""
+        modes = [m.strip() for m in self.privacy_mode.split(",") if m.strip()]
+        return modes * self.num_clients if len(modes) == 1 else modes
+
+    def client_privacy(self, client: int) -> PrivacySettings:
+        """Client ``client``'s privacy settings, as these keys state them (a one-machine run only)."""
+        from fedkd.privacy.policy import PrivacySettings
+
+        try:
+            return PrivacySettings(
+                mode=self.privacy_modes()[client], budget=self.privacy_budget, delta=self.dp_delta,
+                output_noise=self.output_noise, output_clip=self.output_clip, gradient_clip=self.gradient_clip,
+                share_label_counts=self.share_label_counts, label_count_noise=self.label_count_noise,
+                label_count_epsilon=self.label_count_epsilon, eval_epsilon=self.dp_eval_epsilon)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def teacher_models(self) -> list[str]:
         """The teacher architecture of each client (``teacher-model`` may list one per client)."""

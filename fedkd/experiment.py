@@ -40,6 +40,8 @@ from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_an
 from fedkd.models import average_weights, build_model, is_model_name, model_names
 from fedkd.plots import plot_accuracy, plot_curriculum, plot_queries, plot_samples
 from fedkd.pool import LocalPool, TeacherPool
+from fedkd.privacy.ledger import ledger_path
+from fedkd.privacy.policy import ReleasePolicy
 from fedkd.synthetic_pool import pool_bytes
 from fedkd.teacher import (
     QueryStats,
@@ -145,6 +147,7 @@ class ClientTeacher:
     model: nn.Module  # the weights: used by the client's own host, and by the experiment-only FedAvg reference
     checkpoint: Path
     description: TeacherDescription
+    policy: ReleasePolicy | None = None  # the client's release policy (its ledger: ledger.json beside checkpoint)
 
 
 # A transport turns the clients' teachers into a pool the coordinator can query, for the
@@ -155,8 +158,8 @@ Transport = Callable[[list[ClientTeacher], RunConfig, Path, torch.device], Abstr
 @contextmanager
 def in_process(clients: list[ClientTeacher], config: RunConfig, run_dir: Path,
                device: torch.device) -> Iterator[TeacherPool]:
-    yield LocalPool([TeacherHost(c.model, c.description, max_batch=config.max_query_batch, device=device)
-                     for c in clients])
+    yield LocalPool([TeacherHost(c.model, c.description, max_batch=config.max_query_batch, device=device,
+                                 policy=c.policy) for c in clients])
 
 
 def _build(name: str, spec: DatasetSpec) -> nn.Module:
@@ -172,7 +175,7 @@ def client_partitions(config: RunConfig, labels: Tensor) -> list[np.ndarray]:
 
 def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *,
                           client: int, device: torch.device | str, expected_model: str | None,
-                          stage: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any], bool]:
+                          stage: Callable[[str], None], dp: bool = False) -> tuple[nn.Module, dict[str, Any], bool]:
     """Client ``client``'s teacher: loaded from ``path`` when it exists, else trained on ``data`` alone and
     saved there. Returns (model, checkpoint, trained).
 
@@ -184,10 +187,9 @@ def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetS
         model, ckpt = load_teacher(path, expected_model=expected_model, num_classes=spec.num_classes,
                                    input_shape=spec.input_shape)
         return model, ckpt, False
-    dp = " with DP-SGD" if config.teacher_dp != "none" else ""
-    stage(f"client {client}: training {name}{dp} on {len(data)} private samples")
+    stage(f"client {client}: training {name}{' with DP-SGD' if dp else ''} on {len(data)} private samples")
     model, privacy = train_teacher(name, data, spec, config, init_seed=config.seed * 1000,
-                                   order_seed=config.seed * 1000 + client, device=device)
+                                   order_seed=config.seed * 1000 + client, device=device, dp=dp)
     ckpt = save_teacher(path, model, model_name=name, num_classes=spec.num_classes, input_shape=spec.input_shape,
                         num_samples=len(data), label_counts=data.label_counts(spec.num_classes),
                         mean=spec.mean, std=spec.std, privacy=privacy)
@@ -205,12 +207,18 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
     for k, (indices, model_name) in enumerate(zip(client_partitions(config, split.train.labels),
                                                   config.teacher_models())):
         path = _teacher_path(run_dir, k)
+        settings = config.client_privacy(k)
         model, ckpt, _ = load_or_train_teacher(path, model_name, split.train.subset(indices), split.spec, config,
                                                client=k, device=device, expected_model=model_name,
-                                               stage=observer.stage)
+                                               stage=observer.stage, dp=settings.mode == "dp-sgd")
+        try:
+            policy = ReleasePolicy(settings, num_records=len(indices), training=ckpt.get("privacy"),
+                                   ledger_path=ledger_path(path))
+        except ValueError as exc:
+            raise ConfigError(f"client {k}: {exc}") from None
         description = describe_checkpoint(ckpt, model, client=k, share_label_counts=config.share_label_counts,
-                                          access_modes=access_modes(config.teacher_access_modes()[k]))
-        clients.append(ClientTeacher(k, model_name, model, path, description))
+                                          access_modes=access_modes(config.teacher_access_modes()[k]), policy=policy)
+        clients.append(ClientTeacher(k, model_name, model, path, description, policy))
     return clients
 
 
@@ -220,7 +228,7 @@ def _references(config: RunConfig, split: DataSplit, clients: list[ClientTeacher
     refs: dict[str, Any] = {"fedavg": None, "centralised": None}
     names = config.teacher_models()
     spec = split.spec
-    if len(set(names)) == 1 and config.teacher_dp == "none":  # DP teachers are not averaged (a reference only)
+    if len(set(names)) == 1 and set(config.privacy_modes()) == {"none"}:  # private teachers are not averaged
         avg = _build(names[0], spec)
         avg.load_state_dict(average_weights([c.model for c in clients]))
         refs["fedavg"] = {"model": names[0], "test_accuracy": accuracy(
@@ -228,7 +236,7 @@ def _references(config: RunConfig, split: DataSplit, clients: list[ClientTeacher
     if config.centralised:
         observer.stage(f"centralised reference: training {names[0]} on the pooled {len(split.train)} samples")
         seed = config.seed * 1000 + 999
-        model, _ = train_teacher(names[0], split.train, spec, config.replace(teacher_dp="none"), init_seed=seed,
+        model, _ = train_teacher(names[0], split.train, spec, config, init_seed=seed,
                                  order_seed=seed, device=device)
         refs["centralised"] = {"model": names[0], "test_accuracy": accuracy(
             predict(model, test_inputs, device=device), split.test.labels)}
@@ -336,7 +344,23 @@ def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = Fal
             summary = distill(config, pool, split.spec, split.test, run_dir, device=device,
                               saved_state=saved_state, observer=observer, references=references, started=started)
     # Leaving the transport ends the session: clients have now reported what they released.
+    summary["privacy"] = client_privacy(clients, summary.get("privacy"))
     return finish_summary(summary, pool.client_reports(), run_dir)
+
+
+def client_privacy(clients: list[ClientTeacher], seen: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Each client's own privacy record (its ledger, read back from the client's directory: in a one-machine
+    run the experimenter may look) beside what the coordinator saw in Describe (``seen``)."""
+    records = []
+    for c in clients:
+        if c.policy is None:
+            continue
+        c.policy.ledger.reload()
+        records.append({"client": c.client, **c.policy.record()})
+    if seen is None and all(r["mode"] == "none" for r in records):
+        return None
+    spent = [float(r["epsilon_spent"]) for r in records if r["mode"] != "none"]
+    return {**(seen or {}), "clients": records, "max_epsilon_spent": max(spent, default=0.0)}
 
 
 def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: ImageData | None, run_dir: Path, *,

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from torch import Tensor
 
-from fedkd.teacher import CurriculumState, ForwardReply, QueryStats, TeacherDescription, TeacherHost
+from fedkd.privacy.ledger import BudgetExhausted
+from fedkd.teacher import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription, TeacherHost
+
+logger = logging.getLogger(__name__)
 
 
 class QuorumError(RuntimeError):
@@ -90,28 +94,45 @@ class LocalPool:
         self.hosts = list(hosts)
         self._stats = [QueryStats() for _ in self.hosts]
         self._refs = itertools.count(1)
+        self.exhausted: dict[int, str] = {}  # member -> why its privacy budget refused (it is asked no more)
 
     @property
     def descriptions(self) -> list[TeacherDescription]:
         return [h.describe() for h in self.hosts]
+
+    def _exhausted(self, k: int, exc: QueryError) -> None:
+        """A member whose budget refused: counted as missed, and asked no more this run."""
+        self.exhausted[k] = exc.message
+        self._stats[k].missed += 1
+        logger.warning("client %d stops answering: %s", self.hosts[k].description.client, exc.message)
+
+    def _check_quorum(self, answered: int, need: int, what: str) -> None:
+        if answered < need:
+            why = "; ".join(f"client {self.hosts[k].description.client}: {m}" for k, m in self.exhausted.items())
+            raise QuorumError(f"{what}: {answered} of {len(self.hosts)} teachers answered, {need} needed ({why})")
 
     def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
                 min_answers: int | None = None, only: Sequence[int] | None = None,
                 keep: bool = False) -> dict[int, ForwardReply]:
         replies = {}
         for k, host in enumerate(self.hosts):
-            if only is not None and k not in only:
+            if (only is not None and k not in only) or k in self.exhausted:
                 continue
             labels_only = "logits" not in host.description.access_modes
             ref = next(self._refs) if keep and "gradient" in host.description.access_modes else None
-            reply = host.forward(inputs, state, terms=member_terms(host.description, terms), labels=labels_only,
-                                 keep=ref)
+            try:
+                reply = host.forward(inputs, state, terms=member_terms(host.description, terms),
+                                     labels=labels_only, keep=ref)
+            except BudgetExhausted as exc:
+                self._exhausted(k, exc)
+                continue
             if ref is not None:
                 reply = dataclasses.replace(reply, ref=ref)
             self._stats[k].forward_calls += 1
             self._stats[k].samples += len(inputs)
             self._stats[k].bytes += forward_bytes(inputs, reply)
             replies[k] = reply
+        self._check_quorum(len(replies), 1 if min_answers is None else min_answers, "Forward")
         return replies
 
     def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, Mapping[str, float]]],
@@ -119,8 +140,12 @@ class LocalPool:
         out = {}
         for k, (grad_logits, grad_terms) in grads.items():
             ref = (refs or {}).get(k)
-            grad = self.hosts[k].backward(None if ref is not None else inputs, grad_logits, state,
-                                          grad_terms=grad_terms, forward_id=ref)
+            try:
+                grad = self.hosts[k].backward(None if ref is not None else inputs, grad_logits, state,
+                                              grad_terms=grad_terms, forward_id=ref)
+            except BudgetExhausted as exc:
+                self._exhausted(k, exc)
+                continue
             self._stats[k].backward_calls += 1
             self._stats[k].samples += len(inputs)
             self._stats[k].bytes += backward_bytes(inputs, grad_logits, grad, by_ref=ref is not None)

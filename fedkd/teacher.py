@@ -39,6 +39,7 @@ from fedkd.terms import FEATURE_STATISTICS, FeatureStatistics, TermSet, availabl
 
 if TYPE_CHECKING:
     from fedkd.data import DatasetSpec
+    from fedkd.privacy.policy import ReleasePolicy
 
 __all__ = ["FeatureStatistics"]  # re-exported: the BatchNorm-statistics term lives in fedkd.terms
 
@@ -120,24 +121,33 @@ class TeacherDescription:
 
 
 def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, share_label_counts: bool = True,
-                        access_modes: tuple[str, ...] = ACCESS_MODES) -> TeacherDescription:
+                        access_modes: tuple[str, ...] = ACCESS_MODES,
+                        policy: ReleasePolicy | None = None) -> TeacherDescription:
     """What the teacher in a ``fedkd.teacher.v1`` checkpoint says about itself (never its weights).
 
-    A DP teacher releases nothing about its data outside the DP guarantee: no sample or label counts.
+    With a release ``policy`` (the client's privacy settings) the label histogram is released as the policy
+    says (declined, exact, or noisy and accounted) and the privacy status is the policy's. Without one, a DP
+    teacher releases nothing about its data outside the DP guarantee: no sample or label counts.
     """
     from fedkd.privacy import contract_status
 
-    privacy = contract_status(ckpt.get("privacy"))
+    privacy = policy.status() if policy is not None else contract_status(ckpt.get("privacy"))
     shape = tuple(int(d) for d in ckpt["input_shape"])
+    counts = tuple(int(c) for c in ckpt["label_counts"])
+    if policy is not None:
+        label_counts = policy.label_counts(counts if share_label_counts else None)
+        privacy = policy.status()  # after the histogram's cost
+    else:
+        label_counts = counts if share_label_counts and privacy is None else None
+    terms_released = policy is None or policy.releases_terms
     return TeacherDescription(
         client=client, model=ckpt["model"], num_classes=int(ckpt["num_classes"]),
         input_shape=(shape[0], shape[1], shape[2]), mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]),
         access_modes=access_modes,
-        has_feature_statistics=bool(FeatureStatistics.bn_layers(model)),
-        terms=available_terms(model),
+        has_feature_statistics=terms_released and bool(FeatureStatistics.bn_layers(model)),
+        terms=available_terms(model) if terms_released else (),
         num_samples=int(ckpt["num_samples"]) if privacy is None else None,
-        label_counts=(tuple(int(c) for c in ckpt["label_counts"]) if share_label_counts and privacy is None
-                      else None),
+        label_counts=label_counts,
         privacy=privacy,
     )
 
@@ -191,6 +201,7 @@ class TeacherHost:
         device: torch.device | str = "cpu",
         remember: int = 64,
         keep_graphs: int = 4,
+        policy: ReleasePolicy | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -203,6 +214,8 @@ class TeacherHost:
                 raise ValueError("description claims feature statistics but the model has no BatchNorm layers")
             raise ValueError(f"description claims teacher-side term(s) {', '.join(claimed)} the model cannot compute")
         self.max_batch = max_batch
+        # The client's release policy (privacy mode, noise, budget, ledger); None: answers as computed.
+        self.policy = policy
         self.stats = QueryStats()
         self.last_state: CurriculumState | None = None
         self._lock = threading.Lock()
@@ -215,7 +228,10 @@ class TeacherHost:
         self._keep_graphs = keep_graphs
 
     def describe(self) -> TeacherDescription:
-        return self.description
+        """The description, with the privacy status as the ledger stands now."""
+        if self.policy is None:
+            return self.description
+        return dataclasses.replace(self.description, privacy=self.policy.status())
 
     # The two calls -----------------------------------------------------------
 
@@ -234,6 +250,8 @@ class TeacherHost:
                 self._refuse("FAILED_PRECONDITION", f"this client grants hard labels only, no teacher-side terms "
                              f"(asked for {', '.join(names)})")
             self._check_terms(names)
+            if self.policy is not None:
+                self._charge(self.policy.charge_logits, len(inputs))
             self.last_state = state
             self._remember_inputs(inputs)
             x = inputs.to(self.device)
@@ -245,6 +263,8 @@ class TeacherHost:
             else:
                 with torch.no_grad():
                     logits, values = self.terms.run(self.model, x, names)
+            if self.policy is not None:
+                logits = self.policy.release_logits(logits.detach())
             self.stats.forward_calls += 1
             self.stats.samples += len(inputs)
             if labels:
@@ -302,6 +322,8 @@ class TeacherHost:
             if kept is not None and (missing := [n for n in weights if n not in kept[2]]):
                 self._refuse("FAILED_PRECONDITION", f"Backward asks for the gradient of term(s) "
                              f"{', '.join(map(repr, missing))}, which the Forward it names did not compute")
+            if self.policy is not None:
+                self._charge(self.policy.charge_gradients, len(inputs))
             self.last_state = state
             with torch.enable_grad():
                 if kept is not None:
@@ -315,6 +337,8 @@ class TeacherHost:
                         outputs.append(values[name])
                         grads.append(torch.tensor(float(value), device=self.device))
                 (grad_inputs,) = torch.autograd.grad(outputs, [x], grads)
+            if self.policy is not None:
+                grad_inputs = self.policy.release_gradients(grad_inputs)
             self.stats.backward_calls += 1
             self.stats.samples += len(inputs)
             # The inputs travelled (and are counted) once when the Backward names its Forward.
@@ -328,8 +352,22 @@ class TeacherHost:
 
     # Helpers --------------------------------------------------------------------
 
+    def _charge(self, charge: Any, rows: int) -> None:
+        """Record a release's privacy cost before it is made; past the budget, refuse (counted) and release nothing."""
+        from fedkd.privacy.ledger import BudgetExhausted
+
+        try:
+            charge(rows)
+        except BudgetExhausted as exc:
+            self.stats.refused += 1
+            exc.counted = True
+            raise
+
     def _check_terms(self, names: Sequence[str]) -> None:
         """Refuse, naming it, a term this host does not compute (unknown, or not possible for its model)."""
+        if names and self.policy is not None and not self.policy.releases_terms:
+            self._refuse("FAILED_PRECONDITION", f"privacy-mode={self.policy.mode} releases logits and input "
+                         f"gradients only, no teacher-side terms (asked for {', '.join(names)})")
         for name in names:
             if name not in self.terms.terms:
                 self._refuse("FAILED_PRECONDITION", f"unknown teacher-side term {name!r}; this client computes "

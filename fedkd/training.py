@@ -88,10 +88,11 @@ def _shift(x: torch.Tensor, rng: torch.Generator, max_shift: int = 2) -> torch.T
 
 
 def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *, init_seed: int,
-                  order_seed: int, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any] | None]:
+                  order_seed: int, device: torch.device | str = "cpu",
+                  dp: bool = False) -> tuple[nn.Module, dict[str, Any] | None]:
     """A client's teacher: built from ``init_seed``, trained on ``data`` only with the teacher settings.
 
-    With ``teacher-dp=dp-sgd`` it is trained with Opacus DP-SGD (BatchNorm
+    With ``dp`` (the client's privacy-mode is dp-sgd) it is trained with Opacus DP-SGD (BatchNorm
     replaced by GroupNorm) and the privacy record comes back with it;
     otherwise the privacy record is None.
     """
@@ -100,7 +101,7 @@ def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConf
     with _INIT_LOCK:  # the global RNG: teachers trained in threads of one process must not interleave here
         torch.manual_seed(init_seed)
         model = build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
-    if config.teacher_dp == "none":
+    if not dp:
         return train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
                                 batch_size=config.teacher_batch_size, seed=order_seed,
                                 label_smoothing=config.teacher_label_smoothing, device=device), None

@@ -259,7 +259,9 @@ class FederatedDistillation:
         arrays = ArrayRecord(student.state_dict())
         targets = [n for n in self._live()]
         self.observer.stage(f"federated evaluation: the student goes to {len(targets)} nodes")
-        replies = self._round("evaluate", {n.node_id: RecordDict({"student": arrays}) for n in targets},
+        replies = self._round("evaluate", {n.node_id: RecordDict({"student": arrays,
+                                                                  "config": ConfigRecord({"client": n.client})})
+                                           for n in targets},
                               "evaluate", self.config.train_timeout)
         rows = []
         for nid, reply in replies.items():
@@ -272,4 +274,4 @@ class FederatedDistillation:
             self.observer.stage(f"federated evaluation: student accuracy {accuracy:.4f} on {total:.0f} examples "
                                 f"held by {len(rows)} nodes")
         return {"student_accuracy": accuracy, "num_examples": total, "nodes": rows,
-                "noised": self.config.teacher_dp != "none"}
+                "noised": any("epsilon" in r for r in rows)}

@@ -48,6 +48,7 @@ from fedkd.codec import (
 from fedkd.config import RunConfig
 from fedkd.data import SPECS, DatasetSpec
 from fedkd.pool import QuorumError, backward_bytes, forward_bytes, member_terms
+from fedkd.privacy.ledger import BUDGET_REFUSAL
 from fedkd.teacher import (
     CurriculumState,
     ForwardReply,
@@ -189,6 +190,7 @@ class _Slot:
     joins: int = 0
     report: dict[str, Any] | None = None
     refused: str | None = None  # why its last Hello was refused (its description), until it joins
+    exhausted: str | None = None  # why its privacy budget refused a query: it is asked no more this run
 
     @property
     def live(self) -> bool:
@@ -648,13 +650,18 @@ class HubPool:
             if msg.WhichOneof("kind") == "error":
                 code = STATUS_CODES.get(msg.error.code, grpc.StatusCode.UNKNOWN)
                 failures[name] = f"refused: {code.name}: {msg.error.message}"
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and msg.error.message.startswith(BUDGET_REFUSAL):
+                    hub.slots[k].exhausted = msg.error.message
+                    logger.warning("%s stops answering: %s", name, msg.error.message)
                 continue
             answers[k] = msg
         return _Outcome(answers, failures, lost, ids)
 
     def _check_quorum(self, outcome: _Outcome, need: int, what: str) -> None:
         if len(outcome.answers) < need:
-            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(outcome.failures.items()))
+            reasons = {s.name: s.exhausted for s in self.hub.slots if s.exhausted is not None}
+            reasons.update(outcome.failures)
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(reasons.items()))
             raise QuorumError(f"{what}: {len(outcome.answers)} of {len(self.hub.slots)} teachers answered, "
                               f"{need} needed ({why})")
 
@@ -663,6 +670,7 @@ class HubPool:
                 keep: bool = False) -> dict[int, ForwardReply]:
         need = self.hub.quorum if min_answers is None else min_answers
         asked = set(range(len(self.hub.slots)) if only is None else only)
+        asked -= {s.index for s in self.hub.slots if s.exhausted is not None}  # their budgets refused already
         descriptions = self.descriptions
         # The inputs, serialised once as field 1 of a ForwardRequest; each teacher's flags are appended to them.
         x_field = length_delimited(1, encode_tensor(inputs).SerializeToString())

@@ -36,7 +36,7 @@ def client_name(client: int) -> str:
 
 
 def agent_command(checkpoint: Path, port: int, token_file: Path, ca: Path, *, config: RunConfig, session: str,
-                  device: torch.device, threads: int, access: str = "gradient") -> list[str]:
+                  device: torch.device, threads: int, access: str = "gradient", client: int = 0) -> list[str]:
     cmd = [sys.executable, "-m", "client", "--checkpoint", str(checkpoint), "--connect", f"localhost:{port}",
            "--token-file", str(token_file), "--ca", str(ca), "--session", session,
            "--max-batch", str(config.max_query_batch), "--max-message-mb", str(config.max_message_mb),
@@ -44,6 +44,11 @@ def agent_command(checkpoint: Path, port: int, token_file: Path, ca: Path, *, co
            "--access", ",".join(access_modes(access))]
     if not config.share_label_counts:
         cmd.append("--no-label-counts")
+    privacy = config.client_privacy(client)  # one machine: the run config stands in for each client's own
+    cmd += ["--privacy-mode", privacy.mode, "--privacy-budget", repr(privacy.budget), "--delta", repr(privacy.delta),
+            "--output-noise", repr(privacy.output_noise), "--output-clip", repr(privacy.output_clip),
+            "--gradient-clip", repr(privacy.gradient_clip), "--label-count-noise", privacy.label_count_noise,
+            "--label-count-epsilon", repr(privacy.label_count_epsilon)]
     return cmd
 
 
@@ -66,7 +71,7 @@ def grpc_transport(clients: list[ClientTeacher], config: RunConfig, run_dir: Pat
             log = c.checkpoint.parent / "agent.log"
             cmd = agent_command(c.checkpoint, port, run_dir / "tokens" / f"{name}.token", pki.ca_cert,
                                 config=config, session=session, device=device, threads=threads,
-                                access=config.teacher_access_modes()[c.client])
+                                access=config.teacher_access_modes()[c.client], client=c.client)
             with log.open("wb") as out:
                 procs.append((name, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), log))
         deadline = time.monotonic() + AGENT_START_TIMEOUT

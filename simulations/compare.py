@@ -121,6 +121,7 @@ def run_one(mapping: dict[str, Any], runs: Path, cache: Path) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - started,
         "curve": [(h["query_samples"], h["student_accuracy"]) for h in history],
         "method_report": summary.get("method_report", {}),
+        "epsilon": (summary.get("privacy") or {}).get("max_epsilon_spent"),
     }
 
 

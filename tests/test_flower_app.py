@@ -162,7 +162,7 @@ def test_client_handlers_name_their_errors(tmp_path: Path) -> None:
 
 
 def test_dp_sgd_nodes_release_only_accounted_values(tmp_path: Path) -> None:
-    cfg = run_config(tmp_path, teacher_dp="dp-sgd", dp_epsilon=4.0, dp_eval_epsilon=0.5, num_clients=2)
+    cfg = run_config(tmp_path, privacy_mode="dp-sgd", dp_epsilon=4.0, dp_eval_epsilon=0.5, num_clients=2)
     grid = InProcessGrid(client_app, simulated(2), cfg)
     reply = ask(grid, RecordDict({"train": ConfigRecord({"client": 0})}), "train")
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -176,9 +176,9 @@ def test_dp_sgd_nodes_release_only_accounted_values(tmp_path: Path) -> None:
     for _ in range(2):
         reply = ask(grid, RecordDict({"student": ArrayRecord(student.state_dict())}), "evaluate")
         m = dict(reply.content["metrics"])
-        assert m["epsilon"] == pytest.approx(0.5, rel=0.05)
-        spent.append(m["eval-epsilon-total"])
-    assert spent[1] == pytest.approx(2 * spent[0])  # the node keeps count across messages
+        assert 0 < m["epsilon"] < 0.5  # composed with the training in the node's ledger (PRV), not added
+        spent.append(m["epsilon-total"])
+    assert metrics["epsilon-spent"] < spent[0] < spent[1]  # the node's ledger keeps count across messages
     grid.close()
 
 

@@ -1,0 +1,271 @@
+"""The client's release policy and ledger: accounting, budgets, noise, and who may set them."""
+
+import json
+import random
+import warnings
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedkd.models import build_model
+from fedkd.pool import LocalPool, QuorumError
+from fedkd.privacy import BudgetExhausted, Entry, PrivacyLedger, PrivacySettings, ReleasePolicy, recompute_epsilon
+from fedkd.teacher import CurriculumState, QueryError, TeacherDescription, TeacherHost
+
+STATE = CurriculumState(epoch=0, step=0, lam=0.5, adv_weight=0.0)
+SHAPE = (1, 8, 8)
+TRAINING = {"mechanism": "dp-sgd", "epsilon_budget": 4.0, "epsilon_spent": 3.9, "delta": 1e-5, "unit": "record",
+            "noise_multiplier": 1.1, "sample_rate": 0.02, "steps": 600, "max_grad_norm": 1.0, "accountant": "prv"}
+
+
+def rdp(history, delta):
+    acc = RDPAccountant()
+    acc.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return acc.get_epsilon(delta)
+
+
+def host(policy, *, seed=0, access=("gradient", "logits")):
+    torch.manual_seed(seed)
+    model = build_model("lenet5-half", num_classes=10, channels=1, image_size=8)
+    desc = TeacherDescription(client=seed, model="lenet5-half", num_classes=10, input_shape=SHAPE, mean=(0.5,),
+                              std=(0.25,), access_modes=access, privacy=policy.status() if policy else None)
+    return TeacherHost(model.eval(), desc, policy=policy)
+
+
+def output_noise(budget=0.0, z=2.0, **kw):
+    return ReleasePolicy(PrivacySettings(mode="output-noise", budget=budget, output_noise=z, delta=1e-5, **kw),
+                         num_records=100)
+
+
+def test_the_reported_epsilon_is_opacus_s_from_the_recorded_parameters():
+    policy = ReleasePolicy(PrivacySettings(mode="dp-sgd", budget=20.0), num_records=1000, training=TRAINING)
+    assert policy.label_counts(tuple(range(10))) is not None  # Gaussian histogram, accounted
+    policy.evaluation_counts(40, 50)
+    record = policy.record()
+    assert [e["kind"] for e in record["entries"]] == ["dp-sgd training", "label counts", "evaluation counts"]
+    acc = PRVAccountant()
+    acc.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in record["entries"]]
+    assert record["epsilon_spent"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+    assert recompute_epsilon(json.loads(json.dumps(record))) == pytest.approx(record["epsilon_spent"], rel=1e-6)
+    assert record["unit"] == "record" and record["guarantee"].startswith("record-level")
+    assert record["training"]["noise_multiplier"] == 1.1 and record["settings"]["label_count_epsilon"] == 0.5
+
+    noisy = output_noise()
+    h = host(noisy)
+    h.forward(torch.rand(7, *SHAPE), STATE)
+    record = noisy.record()
+    assert record["entries"] == [{"kind": "logits", "noise_multiplier": 2.0, "sample_rate": 1.0, "steps": 7,
+                                  "sensitivity": 20.0, "laplace_epsilon": 0.0}]
+    assert record["epsilon_spent"] == pytest.approx(rdp([(2.0, 1.0, 7)], 1e-5), rel=1e-9)
+    assert record["unit"] == "teacher"
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_the_budget_refuses_exactly_at_the_boundary(trial):
+    rng = random.Random(trial)
+    z, budget = rng.uniform(1.0, 8.0), rng.uniform(0.5, 12.0)
+    ledger = PrivacyLedger(delta=1e-5, budget=budget, accountant="rdp")
+    answered = 0
+    while True:
+        batch = rng.randint(1, 6)
+        try:
+            ledger.charge(Entry("logits", z, 1.0, batch))
+        except BudgetExhausted as exc:
+            assert exc.code == "RESOURCE_EXHAUSTED" and "nothing was released" in exc.message
+            assert ledger.spent == pytest.approx(rdp([(z, 1.0, answered)], 1e-5) if answered else 0.0)
+            if batch == 1:
+                break
+            continue  # a smaller batch may still fit: the loop ends once a single row is refused
+        answered += batch
+        assert ledger.spent <= budget  # never exceeded, not by one query
+    assert rdp([(z, 1.0, answered)], 1e-5) <= budget < rdp([(z, 1.0, answered + 1)], 1e-5)
+
+
+def test_output_noise_has_the_configured_scale_and_clips_each_row():
+    torch.manual_seed(0)
+    policy = output_noise(z=0.5, output_clip=1.0)
+    released = policy.release_logits(torch.zeros(4000, 10))
+    # std = z x 2 x clip = 1.0; with 40,000 draws the sample std is within 2 % (about 6 standard errors)
+    assert float(released.std()) == pytest.approx(1.0, rel=0.02) and abs(float(released.mean())) < 0.02
+    tiny = output_noise(z=1e-6, output_clip=3.0)
+    rows = tiny.release_logits(torch.tensor([[300.0, 400.0], [0.3, 0.4]]))
+    assert rows.norm(dim=1).tolist() == pytest.approx([3.0, 0.5], rel=1e-4)  # the long row clipped, not the short
+    grads = tiny.release_gradients(torch.full((2, *SHAPE), 10.0))
+    assert grads.flatten(1).norm(dim=1).tolist() == pytest.approx([1.0, 1.0], rel=1e-4)
+
+
+def test_budget_refusals_name_the_cost_and_leave_the_ledger_unchanged():
+    budget = rdp([(2.0, 1.0, 10)], 1e-5) * 1.0001
+    policy = output_noise(budget=budget)
+    h = host(policy)
+    x = torch.rand(8, *SHAPE)
+    h.forward(x, STATE, keep=1)
+    spent = policy.ledger.spent
+    with pytest.raises(QueryError, match=r"privacy budget exhausted: 8 input-gradient row\(s\).*past its budget") as e:
+        h.backward(None, torch.ones(8, 10) / 8, STATE, forward_id=1)
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    assert policy.ledger.spent == spent and h.stats.backward_calls == 0 and h.stats.refused == 1
+    h.forward(x[:2], STATE)  # 10 rows in all: exactly what the budget holds
+    with pytest.raises(QueryError, match="privacy budget exhausted"):
+        h.forward(x[:1], STATE)
+    assert h.describe().privacy["epsilon_spent"] <= budget and h.stats.forward_calls == 2
+
+
+def test_an_exhausted_teacher_is_dropped_and_the_run_stops_when_none_answers():
+    tight, loose = output_noise(budget=rdp([(2.0, 1.0, 4)], 1e-5) * 1.0001), output_noise()
+    pool = LocalPool([host(tight, seed=0), host(loose, seed=1)])
+    x = torch.rand(4, *SHAPE)
+    assert set(pool.forward(x, STATE)) == {0, 1}
+    assert set(pool.forward(x, STATE)) == {1}  # client 0's budget refused; the run goes on with client 1
+    assert pool.stats()[0].missed == 1 and 0 in pool.exhausted
+    with pytest.raises(QuorumError, match=r"1 of 2 teachers answered, 2 needed.*client 0: privacy budget exhausted"):
+        pool.forward(x, STATE, min_answers=2)
+
+
+def test_label_counts_under_a_mechanism_are_noisy_accounted_and_released_once(tmp_path):
+    settings = PrivacySettings(mode="output-noise", label_count_noise="gaussian", label_count_epsilon=1.0)
+    counts = (500,) * 10
+    torch.manual_seed(0)
+    policy = ReleasePolicy(settings, num_records=5000, ledger_path=tmp_path / "l.json")
+    released = policy.label_counts(counts)
+    assert released != counts and all(abs(a - b) < 60 for a, b in zip(released, counts))
+    assert policy.ledger.entries[0].kind == "label counts" and policy.ledger.spent > 0
+    again = ReleasePolicy(settings, num_records=5000, ledger_path=tmp_path / "l.json")
+    assert again.label_counts(counts) == released and again.ledger.spent == policy.ledger.spent  # post-processing
+    laplace = ReleasePolicy(PrivacySettings(mode="output-noise", label_count_noise="laplace",
+                                            label_count_epsilon=0.3), num_records=10)
+    laplace.label_counts(counts)
+    assert laplace.ledger.spent == pytest.approx(0.3)
+    assert ReleasePolicy(PrivacySettings(), num_records=10).label_counts(counts) == counts  # no mechanism: exact
+    declined = ReleasePolicy(PrivacySettings(mode="output-noise", share_label_counts=False), num_records=10)
+    assert declined.label_counts(counts) is None and declined.ledger.spent == 0
+    with pytest.raises(ValueError, match="label-count-noise: none would release exact label counts"):
+        ReleasePolicy(PrivacySettings(mode="output-noise", label_count_noise="none"), num_records=10).label_counts(
+            counts)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"output_noise": -1.0}, r"output-noise: -1.0 must be a finite number > 0"),
+    ({"delta": 1.5}, r"dp-delta: 1.5 must lie in \(0, 1\)"),
+    ({"budget": float("nan")}, r"privacy-budget: nan must be a finite number >= 0"),
+    ({"mode": "pate"}, r"privacy-mode: 'pate' is not one of none, dp-sgd, output-noise"),
+    ({"label_count_noise": "poisson"}, r"label-count-noise: 'poisson' is not one of"),
+])
+def test_bad_privacy_parameters_name_the_parameter(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PrivacySettings(**kwargs)
+
+
+def test_start_up_refuses_a_budget_below_training_and_dp_sgd_without_dp_training(tmp_path):
+    with pytest.raises(ValueError, match=r"privacy-budget: 1 is below what training this teacher already spent"):
+        ReleasePolicy(PrivacySettings(mode="dp-sgd", budget=1.0), num_records=1000, training=TRAINING)
+    with pytest.raises(ValueError, match="dp-sgd needs a teacher trained with DP-SGD"):
+        ReleasePolicy(PrivacySettings(mode="dp-sgd"), num_records=1000)
+
+
+def test_the_ledger_survives_a_restart_and_a_corrupt_one_is_named(tmp_path):
+    path = tmp_path / "teacher.ledger.json"
+    policy = ReleasePolicy(PrivacySettings(mode="output-noise", output_noise=2.0, delta=1e-5), num_records=100,
+                           ledger_path=path)
+    host(policy).forward(torch.rand(5, *SHAPE), STATE)
+    restarted = ReleasePolicy(PrivacySettings(mode="output-noise", output_noise=2.0, delta=1e-5, budget=50.0),
+                              num_records=100, ledger_path=path)
+    assert restarted.ledger.spent == pytest.approx(policy.ledger.spent) and restarted.ledger.entries[0].steps == 5
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"privacy ledger .*teacher.ledger.json' cannot be read.*never silently"):
+        ReleasePolicy(PrivacySettings(mode="output-noise", delta=1e-5), num_records=100, ledger_path=path)
+
+
+def test_output_noise_releases_no_teacher_side_terms():
+    h = host(output_noise())
+    with pytest.raises(QueryError, match="privacy-mode=output-noise releases logits and input gradients only"):
+        h.forward(torch.rand(2, *SHAPE), STATE, terms=("activation",))
+
+
+def test_a_node_s_privacy_comes_from_its_own_config_never_the_coordinator_s(tmp_path):
+    from client.node import NodeConfigError, node_privacy
+    from fedkd.config import config_from_mapping
+
+    coordinator = config_from_mapping({"dataset": "digits", "num-clients": 2, "privacy-mode": "none",
+                                       "privacy-budget": 1000.0, "output-noise": 0.01})
+    node = {"data-path": str(tmp_path / "d.npz"), "privacy-mode": "output-noise", "privacy-budget": 3.0}
+    settings, own = node_privacy(coordinator, node, 1)
+    assert (settings.mode, settings.budget, settings.output_noise) == ("output-noise", 3.0, 1.0)  # the defaults
+    assert own.privacy_modes() == ["output-noise", "output-noise"] and own.num_clients == 2
+    unset, _ = node_privacy(coordinator, {"data-path": "x.npz"}, 0)
+    assert (unset.mode, unset.budget) == ("none", 0.0)  # the coordinator's 1000 never reaches the node
+    simulated, _ = node_privacy(coordinator, {"partition-id": 0, "num-partitions": 2}, 0)
+    assert simulated.budget == 1000.0  # a simulation: the experimenter is every party
+    with pytest.raises(NodeConfigError, match="node config: output-noise: -2.0 is out of range"):
+        node_privacy(coordinator, {"data-path": "x.npz", "output-noise": -2.0}, 0)
+
+
+def test_over_grpc_a_budget_refusal_reaches_the_coordinator_named_and_the_report_carries_the_spend(pki_dir):
+    from client.agent import AgentSettings, ClientTLS, TeacherAgent
+    from server.hub import Hub, ServerTLS
+
+    budget = rdp([(2.0, 1.0, 6)], 1e-5) * 1.0001
+    policy = output_noise(budget=budget)
+    hub = Hub({"teacher-000": "tok"}, session="s", tls=ServerTLS(pki_dir.server_cert.read_bytes(),
+                                                                  pki_dir.server_key.read_bytes()))
+    port = hub.start()
+    agent = TeacherAgent(host(policy), AgentSettings(target=f"localhost:{port}", token="tok", session="s",
+                                                     tls=ClientTLS(pki_dir.ca_cert.read_bytes()),
+                                                     initial_backoff=0.05, max_backoff=0.2))
+    import threading
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(spent=agent.serve()), daemon=True)
+    thread.start()
+    try:
+        hub.wait_for_teachers(timeout=20)
+        x = torch.rand(3, *SHAPE)
+        assert set(hub.pool.forward(x, STATE, min_answers=1)) == {0}
+        assert set(hub.pool.forward(x, STATE, min_answers=1)) == {0}
+        with pytest.raises(QuorumError, match=r"teacher-000: refused: RESOURCE_EXHAUSTED: privacy budget exhausted"):
+            hub.pool.forward(x, STATE, min_answers=1)
+        with pytest.raises(QuorumError, match=r"teacher-000: privacy budget exhausted"):  # not asked again
+            hub.pool.forward(x, STATE, min_answers=1)
+        assert policy.ledger.spent <= budget and policy.ledger.refused == 1
+    finally:
+        hub.end_session()
+        thread.join(15)
+        hub.stop()
+    report = hub.slots[0].report
+    assert report["privacy"]["mechanism"] == "output-noise"
+    assert report["privacy"]["epsilon_spent"] == pytest.approx(policy.ledger.spent)
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory):
+    from fedkd.tls import make_dev_pki
+
+    return make_dev_pki(tmp_path_factory.mktemp("pki"), clients=["teacher-000"])
+
+
+def test_a_run_goes_on_without_a_client_whose_budget_ran_out_and_reports_every_ledger(tmp_path):
+    from fedkd.config import config_from_mapping
+    from fedkd.experiment import run_experiment
+
+    # The coordinator's start-up evaluation takes 359 rows (digits' test split), then 120 rows of distillation
+    budget = rdp([(2.0, 1.0, 359 + 120)], 1e-5)
+    cfg = config_from_mapping({"dataset": "digits", "num-clients": 2, "partition": "iid", "teacher-model": "lenet5",
+                               "teacher-epochs": 3, "epochs": 2, "steps-per-epoch": 4, "student-steps": 2,
+                               "batch-size": 16, "latent-dim": 16, "num-threads": 2, "sample-stages": 1,
+                               "privacy-mode": "output-noise,none", "privacy-budget": budget, "output-noise": 2.0})
+    summary = run_experiment(cfg, tmp_path / "run")
+    noisy, plain = summary["privacy"]["clients"]
+    assert noisy["mode"] == "output-noise" and plain["mode"] == "none" and plain["epsilon_spent"] == 0
+    assert 0.8 * budget < noisy["epsilon_spent"] <= budget and noisy["refused"] >= 1
+    assert recompute_epsilon(noisy) == pytest.approx(noisy["epsilon_spent"], rel=1e-9)
+    assert noisy["guarantee"].startswith("teacher-level") and "a defence, not a meaningful guarantee" in \
+        noisy["guarantee"]
+    assert sum(e["steps"] for e in noisy["entries"] if e["kind"] in ("logits", "input gradients")) <= 359 + 120
+    per_client = summary["queries"]["per_client"]
+    assert per_client[0]["missed"] > 0 and per_client[1]["missed"] == 0  # client 1 answered throughout
+    assert summary["student"]["test_accuracy"] is not None
+    ledger = json.loads((tmp_path / "run" / "clients" / "client_00" / "teacher.ledger.json").read_text())
+    assert ledger["epsilon_spent"] == pytest.approx(noisy["epsilon_spent"])
