@@ -53,7 +53,6 @@ NODE_ERROR = 1000
 # and propagates, so Flower reports it with its traceback.
 EXPECTED = (ConfigError, NodeConfigError, CheckpointError, DatasetNotFoundError, AgentError, FileNotFoundError,
             ValueError, KeyError)
-STATE = "fedkd"  # this node's own record in context.state: what it has released so far
 
 
 def _run_config(context: Context) -> RunConfig:
@@ -79,12 +78,6 @@ def _handle(name: str, body: Callable[[Message, Context], RecordDict]) -> Callab
 
     handler.__name__ = name
     return handler
-
-
-def _released(context: Context) -> dict[str, float]:
-    if STATE not in context.state:
-        context.state[STATE] = MetricRecord({"eval-epsilon": 0.0, "eval-releases": 0})
-    return dict(context.state[STATE])  # type: ignore[arg-type]
 
 
 def _train(msg: Message, context: Context) -> RecordDict:

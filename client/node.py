@@ -131,12 +131,10 @@ def node_privacy(config: RunConfig, node_config: Mapping[str, Any], client: int)
         values = {key: node_config.get(key, defaults[key]) for key in PRIVACY_KEYS}
         if "," in str(values["privacy-mode"]):
             raise NodeConfigError(f"privacy-mode: {values['privacy-mode']!r}; a node sets one mode, its own")
-        try:
-            own = config_from_mapping({**values, "privacy-mode": values["privacy-mode"]},
-                                      base=config.replace(privacy_mode="none"))
+        try:  # one mode stands for every client of the run config; this node only ever uses its own
+            own = config_from_mapping(values, base=config)
         except ConfigError as exc:
             raise NodeConfigError(f"node config: {exc}") from None
-        own = own.replace(privacy_mode=",".join([str(values["privacy-mode"])] * config.num_clients))
     return own.client_privacy(client), own
 
 

@@ -221,15 +221,18 @@ class RunConfig:
             raise ConfigError(f"quorum: {self.quorum} is more than the {teachers} teachers in the run")
         return self.quorum or teachers // 2 + 1
 
+    def _per_client(self, value: str) -> list[str]:
+        """A comma-separated key that takes one value for all clients or one per client, as a list per client."""
+        values = [v.strip() for v in value.split(",") if v.strip()]
+        return values * self.num_clients if len(values) == 1 else values
+
     def teacher_access_modes(self) -> list[str]:
         """What each client grants (``teacher-access``, one value or one per client)."""
-        modes = [m.strip() for m in self.teacher_access.split(",") if m.strip()]
-        return modes * self.num_clients if len(modes) == 1 else modes
+        return self._per_client(self.teacher_access)
 
     def privacy_modes(self) -> list[str]:
         """Each client's privacy mode (``privacy-mode``, one value or one per client)."""
-        modes = [m.strip() for m in self.privacy_mode.split(",") if m.strip()]
-        return modes * self.num_clients if len(modes) == 1 else modes
+        return self._per_client(self.privacy_mode)
 
     def client_privacy(self, client: int) -> PrivacySettings:
         """Client ``client``'s privacy settings, as these keys state them (a one-machine run only)."""
@@ -246,10 +249,7 @@ class RunConfig:
 
     def teacher_models(self) -> list[str]:
         """The teacher architecture of each client (``teacher-model`` may list one per client)."""
-        names = [n.strip() for n in self.teacher_model.split(",") if n.strip()]
-        if len(names) == 1:
-            return names * self.num_clients
-        return names
+        return self._per_client(self.teacher_model)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration with kebab-case keys (as written to summary.json); the method's

@@ -72,7 +72,10 @@ class RunObserver(Protocol):
     def epoch_finished(self, record: dict[str, Any]) -> None: ...
 
 
-class _Silent:
+class LogObserver:
+    """The observer of a run without one: progress goes to the ``fedkd.experiment`` logger (INFO), nothing is
+    printed."""
+
     def stage(self, message: str) -> None:
         logger.info(message)
 
@@ -325,7 +328,7 @@ def setup(config: RunConfig) -> torch.device:
 def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = False,
                    observer: RunObserver | None = None, transport: Transport | None = None) -> dict[str, Any]:
     """Run (or resume) one experiment and return its summary (also written to summary.json)."""
-    observer = observer or _Silent()
+    observer = observer or LogObserver()
     run_dir = Path(run_dir)
     device = setup(config)
     if transport is None:
@@ -344,11 +347,11 @@ def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = Fal
             summary = distill(config, pool, split.spec, split.test, run_dir, device=device,
                               saved_state=saved_state, observer=observer, references=references, started=started)
     # Leaving the transport ends the session: clients have now reported what they released.
-    summary["privacy"] = client_privacy(clients, summary.get("privacy"))
+    summary["privacy"] = privacy_summary(clients, summary.get("privacy"))
     return finish_summary(summary, pool.client_reports(), run_dir)
 
 
-def client_privacy(clients: list[ClientTeacher], seen: dict[str, Any] | None) -> dict[str, Any] | None:
+def privacy_summary(clients: list[ClientTeacher], seen: dict[str, Any] | None) -> dict[str, Any] | None:
     """Each client's own privacy record (its ledger, read back from the client's directory: in a one-machine
     run the experimenter may look) beside what the coordinator saw in Describe (``seen``)."""
     records = []

@@ -251,7 +251,7 @@ class TeacherHost:
                              f"(asked for {', '.join(names)})")
             self._check_terms(names)
             if self.policy is not None:
-                self._charge(self.policy.charge_logits, len(inputs))
+                self._charge("logits", len(inputs))
             self.last_state = state
             self._remember_inputs(inputs)
             x = inputs.to(self.device)
@@ -264,7 +264,7 @@ class TeacherHost:
                 with torch.no_grad():
                     logits, values = self.terms.run(self.model, x, names)
             if self.policy is not None:
-                logits = self.policy.release_logits(logits.detach())
+                logits = self.policy.release("logits", logits.detach())
             self.stats.forward_calls += 1
             self.stats.samples += len(inputs)
             if labels:
@@ -323,7 +323,7 @@ class TeacherHost:
                 self._refuse("FAILED_PRECONDITION", f"Backward asks for the gradient of term(s) "
                              f"{', '.join(map(repr, missing))}, which the Forward it names did not compute")
             if self.policy is not None:
-                self._charge(self.policy.charge_gradients, len(inputs))
+                self._charge("input gradients", len(inputs))
             self.last_state = state
             with torch.enable_grad():
                 if kept is not None:
@@ -338,7 +338,7 @@ class TeacherHost:
                         grads.append(torch.tensor(float(value), device=self.device))
                 (grad_inputs,) = torch.autograd.grad(outputs, [x], grads)
             if self.policy is not None:
-                grad_inputs = self.policy.release_gradients(grad_inputs)
+                grad_inputs = self.policy.release("input gradients", grad_inputs)
             self.stats.backward_calls += 1
             self.stats.samples += len(inputs)
             # The inputs travelled (and are counted) once when the Backward names its Forward.
@@ -352,12 +352,13 @@ class TeacherHost:
 
     # Helpers --------------------------------------------------------------------
 
-    def _charge(self, charge: Any, rows: int) -> None:
+    def _charge(self, kind: str, rows: int) -> None:
         """Record a release's privacy cost before it is made; past the budget, refuse (counted) and release nothing."""
         from fedkd.privacy.ledger import BudgetExhausted
 
+        assert self.policy is not None
         try:
-            charge(rows)
+            self.policy.charge_rows(kind, rows)
         except BudgetExhausted as exc:
             self.stats.refused += 1
             exc.counted = True

@@ -37,7 +37,7 @@ import torch
 
 from fedkd.config import ConfigError, config_from_mapping, parse_assignments
 from fedkd.data import load_dataset
-from fedkd.experiment import prepare_clients, run_experiment, setup
+from fedkd.experiment import LogObserver, prepare_clients, run_experiment, setup
 from fedkd.methods import METHODS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -61,20 +61,6 @@ CHANCE = 0.1  # every built-in dataset has 10 classes
 PAPER_RATIOS = {"dafl": (0.982 / 0.989, "DAFL: LeNet-5 -> LeNet-5-half on full MNIST, 98.2 % of 98.9 %")}
 
 
-class _Quiet:
-    def stage(self, message: str) -> None:
-        pass
-
-    def epoch_started(self, epoch: int, total_steps: int) -> None:
-        pass
-
-    def step(self) -> None:
-        pass
-
-    def epoch_finished(self, record: dict[str, Any]) -> None:
-        pass
-
-
 def run_config(preset: str, dataset: str, setting: str, method: str, seed: int) -> dict[str, Any]:
     """The run's whole configuration (what the cache is keyed on)."""
     base = {"num-clients": NUM_CLIENTS, "dataset": dataset, **PRESETS[preset]["run"], **SETTINGS[setting],
@@ -95,7 +81,7 @@ def teachers(mapping: dict[str, Any], cache: Path) -> Path:
     if not (path / "done").exists():
         config = config_from_mapping({k: v for k, v in mapping.items() if k != "query-budget"})
         data = load_dataset(config.dataset, config.data_root, seed=config.seed)
-        prepare_clients(config, data, path, setup(config), _Quiet())
+        prepare_clients(config, data, path, setup(config), LogObserver())
         (path / "done").write_text("")
     return path / "clients"
 
@@ -107,7 +93,7 @@ def run_one(mapping: dict[str, Any], runs: Path, cache: Path) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(teachers(mapping, cache), out / "clients")
     started = time.perf_counter()
-    summary = run_experiment(config, out, observer=_Quiet())
+    summary = run_experiment(config, out)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     student, ensemble = summary["student"], summary["ensemble"]["test_accuracy"]
     return {

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fedkd.config import ConfigError, config_from_mapping
 from fedkd.data import SPECS, load_dataset, load_public_pool
-from fedkd.experiment import prepare_clients, run_experiment, setup
+from fedkd.experiment import LogObserver, prepare_clients, run_experiment, setup
 from fedkd.methods import METHODS
 from fedkd.methods.hidfd import frequency_weights
 from fedkd.methods.rdskd import rdskd_loss
@@ -24,26 +24,12 @@ TUNING = {"dafl": {"dafl.student-steps": 5}, "deepinversion": {"deepinversion.it
           "hidfd": {"hidfd.public-samples": 50}}
 
 
-class _Quiet:
-    def stage(self, message):
-        pass
-
-    def epoch_started(self, epoch, total_steps):
-        pass
-
-    def step(self):
-        pass
-
-    def epoch_finished(self, record):
-        pass
-
-
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     """Two digits teachers, trained once and copied into each method's run."""
     root = tmp_path_factory.mktemp("teachers")
     config = config_from_mapping(BASE)
-    prepare_clients(config, load_dataset("digits", seed=config.seed), root, setup(config), _Quiet())
+    prepare_clients(config, load_dataset("digits", seed=config.seed), root, setup(config), LogObserver())
     return root / "clients"
 
 

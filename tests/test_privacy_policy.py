@@ -87,13 +87,13 @@ def test_the_budget_refuses_exactly_at_the_boundary(trial):
 def test_output_noise_has_the_configured_scale_and_clips_each_row():
     torch.manual_seed(0)
     policy = output_noise(z=0.5, output_clip=1.0)
-    released = policy.release_logits(torch.zeros(4000, 10))
+    released = policy.release("logits", torch.zeros(4000, 10))
     # std = z x 2 x clip = 1.0; with 40,000 draws the sample std is within 2 % (about 6 standard errors)
     assert float(released.std()) == pytest.approx(1.0, rel=0.02) and abs(float(released.mean())) < 0.02
     tiny = output_noise(z=1e-6, output_clip=3.0)
-    rows = tiny.release_logits(torch.tensor([[300.0, 400.0], [0.3, 0.4]]))
+    rows = tiny.release("logits", torch.tensor([[300.0, 400.0], [0.3, 0.4]]))
     assert rows.norm(dim=1).tolist() == pytest.approx([3.0, 0.5], rel=1e-4)  # the long row clipped, not the short
-    grads = tiny.release_gradients(torch.full((2, *SHAPE), 10.0))
+    grads = tiny.release("input gradients", torch.full((2, *SHAPE), 10.0))
     assert grads.flatten(1).norm(dim=1).tolist() == pytest.approx([1.0, 1.0], rel=1e-4)
 
 

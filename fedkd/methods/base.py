@@ -73,16 +73,20 @@ def require_input_gradients(ensemble: Ensemble, method: str) -> None:
                       "have at least one client grant gradient (labels-only clients give no gradient at all)")
 
 
-def require_terms(ensemble: Ensemble, method: str, terms: dict[str, str]) -> None:
-    """Stop at start-up when a client cannot compute a teacher-side term the method needs (``terms``: name ->
-    the option that turns its use off), naming the clients and what they lack."""
-    for term, option in terms.items():
+def require_terms(ensemble: Ensemble, method: str, terms: dict[str, tuple[str, float]]) -> tuple[str, ...]:
+    """The teacher-side terms the method uses: those of ``terms`` (name -> the option that weights it, and its
+    value) weighted above 0. Stops at start-up when a client cannot compute one, naming the clients and what
+    they lack."""
+    used = tuple(term for term, (_, weight) in terms.items() if weight > 0)
+    for term in used:
+        option = terms[term][0]
         lacking = ensemble.lacking(term)
         if lacking:
             clients = ", ".join(f"client {c}" for c in lacking)
             raise ConfigError(f"method={method} needs the teacher-side term {term!r} from every client and "
                               f"{clients} cannot compute it (labels-only access, or a teacher without the layers "
                               f"it needs); set {method}.{option}=0 to go without it")
+    return used
 
 
 def synthesis_settings(config: RunConfig, **changes: Any) -> SynthesisSettings:

@@ -54,8 +54,8 @@ class DAFL(GeneratorMethod):
                          student=student_settings(cfg, loss="kl", temperature=opts.temperature,
                                                   total_steps=cfg.epochs * cfg.steps_per_epoch * opts.student_steps),
                          pool_size=cfg.batch_size)
-        self.terms: tuple[str, ...] = (ACTIVATION,) if opts.weight_activation > 0 else ()
-        require_terms(self.ensemble, self.name, {ACTIVATION: "weight-activation"} if self.terms else {})
+        self.terms = require_terms(self.ensemble, self.name,
+                                   {ACTIVATION: ("weight-activation", opts.weight_activation)})
 
     def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
         opts: DAFLOptions = self.options

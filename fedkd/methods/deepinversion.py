@@ -66,8 +66,8 @@ class DeepInversion(GeneratorMethod):
     def __init__(self, context: MethodContext) -> None:
         cfg = context.config
         super().__init__(context, synthesis=synthesis_settings(cfg), student=student_settings(cfg))
-        self.terms: tuple[str, ...] = (FEATURE_STATISTICS,) if self.options.weight_bn > 0 else ()
-        require_terms(self.ensemble, self.name, {FEATURE_STATISTICS: "weight-bn"} if self.terms else {})
+        self.terms = require_terms(self.ensemble, self.name,
+                                   {FEATURE_STATISTICS: ("weight-bn", self.options.weight_bn)})
         self.last_images = torch.zeros(0, *self.spec.input_shape)
 
     def round_cost(self, steps: int | None = None) -> int:

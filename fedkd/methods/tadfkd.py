@@ -75,8 +75,8 @@ class TADFKD(GeneratorMethod):
         cfg = context.config
         super().__init__(context, synthesis=synthesis_settings(cfg, conditional=False),
                          student=student_settings(cfg, loss="l1"))
-        self.terms: tuple[str, ...] = (FEATURE_STATISTICS,) if self.options.weight_bn > 0 else ()
-        require_terms(self.ensemble, self.name, {FEATURE_STATISTICS: "weight-bn"} if self.terms else {})
+        self.terms = require_terms(self.ensemble, self.name,
+                                   {FEATURE_STATISTICS: ("weight-bn", self.options.weight_bn)})
         self.selections = 0
 
     def _select(self, logits: Tensor) -> Tensor:

@@ -8,7 +8,6 @@ from fedkd.privacy.dpsgd import (
     contract_status,
     default_delta,
     make_private_model,
-    release_counts,
     release_noise_multiplier,
     train_dp_sgd,
 )
@@ -17,4 +16,4 @@ from fedkd.privacy.policy import MODES, PrivacySettings, ReleasePolicy
 
 __all__ = ["MECHANISM", "MODES", "BudgetExhausted", "DPSettings", "Entry", "PrivacyLedger", "PrivacySettings",
            "ReleasePolicy", "contract_status", "default_delta", "make_private_model", "recompute_epsilon",
-           "release_counts", "release_noise_multiplier", "train_dp_sgd"]
+           "release_noise_multiplier", "train_dp_sgd"]

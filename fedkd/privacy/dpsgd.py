@@ -1,23 +1,21 @@
-"""Differential privacy for the clients: DP-SGD teachers (Opacus) and accounted metric releases.
+"""DP-SGD teachers (Opacus), and the Gaussian noise multiplier of one release at sample rate 1.
 
 Threat model (privacy-notes.md): the coordinator picks the query inputs and
 sees every answer, input gradients included. The unit is one record of one
 client's data. A DP-SGD teacher is (epsilon, delta)-DP with respect to its
 client's records, so every later answer (logits, gradients) is
 post-processing and costs nothing more. Anything else a client computes on
-its private data and sends out (here: the accuracy of the student on the
-client's held-out data) is a new release, made with the Gaussian mechanism
-and accounted with Opacus's RDP accountant at sample rate 1 (no subsampling:
-the whole held-out set is used).
+its private data and sends out (label counts, evaluation counts) is a new
+release: the client's release policy (``fedkd.privacy.policy``) makes it with
+the Gaussian mechanism and accounts it in the client's ledger.
 
-Without DP (``teacher-dp=none``) the query protocol is a membership and
+Without DP (``privacy-mode=none``) the query protocol is a membership and
 inversion oracle for the coordinator; the README says so.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -122,7 +120,7 @@ def train_dp_sgd(model: nn.Module, data: ImageData, spec: DatasetSpec, settings:
     return private.to_standard_module().eval(), record
 
 
-# Releases of metrics computed on private data ----------------------------------------------
+# One release outside DP-SGD ----------------------------------------------------------------
 
 
 def release_noise_multiplier(epsilon: float, delta: float) -> float:
@@ -133,30 +131,6 @@ def release_noise_multiplier(epsilon: float, delta: float) -> float:
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=1,
                                           accountant="rdp"))
-
-
-def release_counts(correct: int, total: int, *, epsilon: float, delta: float,
-                   generator: torch.Generator | None = None) -> tuple[float, float, float]:
-    """Release (correct, total) of an evaluation on private data with the Gaussian mechanism.
-
-    Adding or removing one record changes each count by at most 1, so the
-    pair's L2 sensitivity is sqrt(2). Returns the noisy counts (total clamped
-    to >= 1, correct to [0, total]) and the epsilon this release spent, as
-    the RDP accountant states it for one step at sample rate 1.
-    """
-    from opacus.accountants import RDPAccountant
-
-    z = release_noise_multiplier(epsilon, delta)
-    sigma = z * math.sqrt(2.0)
-    noise = torch.randn(2, generator=generator, dtype=torch.float64) * sigma
-    noisy_total = max(1.0, total + float(noise[1]))
-    noisy_correct = min(max(0.0, correct + float(noise[0])), noisy_total)
-    accountant = RDPAccountant()
-    accountant.step(noise_multiplier=z, sample_rate=1.0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        spent = float(accountant.get_epsilon(delta))
-    return noisy_correct, noisy_total, spent
 
 
 def contract_status(record: dict[str, Any] | None) -> dict[str, float | str] | None:

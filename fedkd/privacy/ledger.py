@@ -161,12 +161,9 @@ class PrivacyLedger:
         gaussian = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.laplace_epsilon == 0]
         return _epsilon(gaussian, self.delta, self.accountant) + sum(e.laplace_epsilon * e.steps for e in entries)
 
-    def epsilon_with(self, entry: Entry) -> float:
-        """The epsilon the ledger would hold after ``entry`` (nothing recorded)."""
-        return self._cost(self._with(entry))
-
-    def charge(self, entry: Entry, *, what: str = "") -> float:
-        """Record ``entry`` if the budget allows it, else raise :class:`BudgetExhausted` (nothing recorded)."""
+    def charge(self, entry: Entry, *, what: str = "", enforce: bool = True) -> float:
+        """Record ``entry`` if the budget allows it, else raise :class:`BudgetExhausted` (nothing recorded).
+        ``enforce`` False records a cost already incurred (DP-SGD training) whatever the budget."""
         if entry.steps <= 0:
             return self._spent
         if entry.laplace_epsilon == 0 and not (entry.noise_multiplier > 0 and math.isfinite(entry.noise_multiplier)):
@@ -174,7 +171,7 @@ class PrivacyLedger:
         with self._lock:
             entries = self._with(entry)
             after = self._cost(entries)
-            if self.budget and after > self.budget:
+            if enforce and self.budget and after > self.budget:
                 self.refused += 1
                 self.save()
                 raise BudgetExhausted(

@@ -41,6 +41,7 @@ from fedkd.privacy.ledger import BudgetExhausted, Entry, PrivacyLedger
 MODES = ("none", "dp-sgd", "output-noise")
 LABEL_COUNT_NOISE = ("auto", "none", "gaussian", "laplace")
 TRAINING = "dp-sgd training"
+ROW_NAMES = {"logits": "logits", "input gradients": "input-gradient"}  # what a host releases per query row
 MEANINGFUL_EPSILON = 10.0  # above it a teacher-level epsilon is a defence, not a guarantee
 
 
@@ -115,16 +116,13 @@ class ReleasePolicy:
         if self.training:
             trained = Entry(TRAINING, float(self.training["noise_multiplier"]), float(self.training["sample_rate"]),
                             int(self.training["steps"]))
-            if any(e.kind == TRAINING for e in self.ledger.entries):
-                if self.ledger.budget and self.ledger.spent > self.ledger.budget:
-                    raise ValueError(f"privacy-budget: {settings.budget:g} is below what this client has already "
-                                     f"spent (epsilon {self.ledger.spent:.4g}, ledger {str(ledger_path)!r})")
-            elif self.ledger.budget and (spent := self.ledger.epsilon_with(trained)) > self.ledger.budget:
+            if not any(e.kind == TRAINING for e in self.ledger.entries):  # spent already: recorded whatever the budget
+                self.ledger.charge(trained, what="DP-SGD training", enforce=False)
+            if self.ledger.budget and self.ledger.spent > self.ledger.budget:
                 raise ValueError(f"privacy-budget: {settings.budget:g} is below what training this teacher already "
-                                 f"spent (epsilon {spent:.4g} at delta {delta:.2g}, {self.ledger.accountant} "
-                                 "accountant); raise the budget or retrain with a smaller dp-epsilon")
-            else:
-                self.ledger.charge(trained, what="DP-SGD training")
+                                 f"spent, with this client's other releases (epsilon {self.ledger.spent:.4g} at delta "
+                                 f"{delta:.2g}, {self.ledger.accountant} accountant); raise the budget or retrain with "
+                                 "a smaller dp-epsilon")
 
     # What the host releases ---------------------------------------------------------------
 
@@ -133,17 +131,16 @@ class ReleasePolicy:
         """Teacher-side terms are released as computed except under output noise (not accounted there)."""
         return self.mode != "output-noise"
 
-    def charge_logits(self, rows: int) -> None:
-        """Check and record the cost of releasing ``rows`` logits rows, before they are computed."""
+    def charge_rows(self, kind: str, rows: int) -> None:
+        """Check and record the cost of releasing ``rows`` rows of ``kind`` (``logits`` or ``input gradients``)
+        before they are computed; past the budget, :class:`BudgetExhausted`."""
         if self.mode == "output-noise":
-            self.ledger.charge(Entry("logits", self.settings.output_noise, 1.0, rows,
-                                     sensitivity=2 * self.settings.output_clip), what=f"{rows} logits row(s)")
+            clip, name = self._clip(kind), ROW_NAMES[kind]
+            self.ledger.charge(Entry(kind, self.settings.output_noise, 1.0, rows, sensitivity=2 * clip),
+                               what=f"{rows} {name} row(s)")
 
-    def charge_gradients(self, rows: int) -> None:
-        if self.mode == "output-noise":
-            self.ledger.charge(Entry("input gradients", self.settings.output_noise, 1.0, rows,
-                                     sensitivity=2 * self.settings.gradient_clip),
-                               what=f"{rows} input-gradient row(s)")
+    def _clip(self, kind: str) -> float:
+        return self.settings.output_clip if kind == "logits" else self.settings.gradient_clip
 
     def noise(self, rows: Tensor, clip: float) -> Tensor:
         """Clip each row to L2 norm ``clip`` and add Gaussian noise of std output_noise x 2 x clip."""
@@ -154,12 +151,9 @@ class ReleasePolicy:
         noise = torch.randn(clipped.shape, generator=self.generator, dtype=torch.float64) * std
         return (clipped + noise).to(rows.dtype).reshape(rows.shape)
 
-    def release_logits(self, logits: Tensor) -> Tensor:
-        """The logits as released (already charged by :meth:`charge_logits`)."""
-        return self.noise(logits, self.settings.output_clip) if self.mode == "output-noise" else logits
-
-    def release_gradients(self, grads: Tensor) -> Tensor:
-        return self.noise(grads, self.settings.gradient_clip) if self.mode == "output-noise" else grads
+    def release(self, kind: str, rows: Tensor) -> Tensor:
+        """Rows of ``kind`` as released (already charged by :meth:`charge_rows`): noised under output noise."""
+        return self.noise(rows, self._clip(kind)) if self.mode == "output-noise" else rows
 
     # Other releases -------------------------------------------------------------------------
 
