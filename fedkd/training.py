@@ -109,5 +109,5 @@ def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConf
 
     return train_dp_sgd(make_private_model(model), data, spec,
                         DPSettings(config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm),
-                        epochs=config.teacher_epochs, lr=config.teacher_lr, batch_size=config.teacher_batch_size,
+                        epochs=config.teacher_epochs, lr=config.dp_lr, batch_size=config.dp_batch_size,
                         seed=order_seed, label_smoothing=config.teacher_label_smoothing, device=device)
