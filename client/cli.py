@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     privacy = parser.add_argument_group("privacy (this client's own; nothing the coordinator sends changes it)")
     privacy.add_argument("--privacy-mode", choices=MODES, default="none",
                          help="none; dp-sgd (the checkpoint was trained with DP-SGD; answers are free); "
-                         "output-noise (clipped, noised logits and input gradients, accounted per query sample)")
+                         "output-noise (clipped, noised logits and input gradients, accounted per query sample); "
+                         "pate (the checkpoint holds shard teachers; labels by Confident-GNMax, accounted per row)")
     privacy.add_argument("--privacy-budget", type=argument(float, 0.0, 1e6), default=0.0,
                          help="total epsilon this client allows, training included; 0 = unlimited (reported)")
     privacy.add_argument("--delta", type=argument(float, 0.0, 0.1), default=0.0,
@@ -93,6 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="noise on the released label histogram (auto: none without a mechanism, else gaussian)")
     privacy.add_argument("--label-count-epsilon", type=argument(float, 1e-6, 1e4), default=0.5,
                          help="what the noisy label histogram costs (default 0.5)")
+    privacy.add_argument("--pate-threshold", type=argument(float, 0.0, 1e6), default=7.0,
+                         help="pate: answer a row only when its noisy top vote reaches this (default 7)")
+    privacy.add_argument("--pate-sigma1", type=argument(float, 1e-6, 1e6), default=2.0,
+                         help="pate: noise std of the threshold check (default 2)")
+    privacy.add_argument("--pate-sigma2", type=argument(float, 1e-6, 1e6), default=1.0,
+                         help="pate: noise std on each vote count for the answer (default 1)")
     privacy.add_argument("--ledger", help="file of this client's privacy ledger (default: beside the checkpoint, "
                          "NAME.ledger.json); every release is recorded there before it is made")
     parser.add_argument("--max-message-mb", type=argument(float, 0.01, 2000.0), default=64.0,
@@ -131,7 +138,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     privacy = PrivacySettings(mode=args.privacy_mode, budget=args.privacy_budget, delta=args.delta,
                               output_noise=args.output_noise, output_clip=args.output_clip,
                               gradient_clip=args.gradient_clip, share_label_counts=not args.no_label_counts,
-                              label_count_noise=args.label_count_noise, label_count_epsilon=args.label_count_epsilon)
+                              label_count_noise=args.label_count_noise, label_count_epsilon=args.label_count_epsilon,
+                              pate_threshold=args.pate_threshold, pate_sigma1=args.pate_sigma1,
+                              pate_sigma2=args.pate_sigma2)
     host = host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=args.access.split(","),
                                 device=args.device, privacy=privacy, ledger=args.ledger)
     settings = AgentSettings(target=args.connect, token=token, tls=tls, session=args.session, name=args.name,

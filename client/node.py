@@ -89,10 +89,11 @@ def node_data(config: RunConfig, node_config: Mapping[str, Any]) -> NodeData:
 def _fingerprint(config: RunConfig, source: str, model_name: str, client: int) -> str:
     keys = ("dataset", "data-root", "num-clients", "partition", "alpha", "classes-per-client", "min-partition-size",
             "seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing",
-            "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size", "dp-lr")
+            "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size", "dp-lr", "pate-teachers")
     settings = {k: config.to_dict()[k] for k in keys}
     settings["data-root"] = str(Path(config.data_root).resolve())
     settings["dp-sgd"] = config.privacy_modes()[client] == "dp-sgd"
+    settings["pate"] = config.privacy_modes()[client] == "pate"
     if source.startswith("file:") and Path(source[5:]).exists():
         stat = Path(source[5:]).stat()
         source += f":{stat.st_size}:{stat.st_mtime_ns}"
@@ -120,7 +121,7 @@ def teacher_path(config: RunConfig, node_config: Mapping[str, Any], client: int)
 PRIVACY_KEYS = ("privacy-mode", "privacy-budget", "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size",
                 "dp-lr", "dp-eval-epsilon",
                 "output-noise", "output-clip", "gradient-clip", "label-count-noise", "label-count-epsilon",
-                "share-label-counts")
+                "share-label-counts", "pate-teachers", "pate-threshold", "pate-sigma1", "pate-sigma2")
 
 
 def node_privacy(config: RunConfig, node_config: Mapping[str, Any], client: int) -> tuple[PrivacySettings, RunConfig]:
@@ -168,7 +169,9 @@ def ensure_teacher(config: RunConfig, node_config: Mapping[str, Any], data: Node
     path = teacher_path(config, node_config, client)
     model, ckpt, trained = load_or_train_teacher(path, name, data.train, data.spec, config, client=k,
                                                  device=device, expected_model=expected, stage=logger.info,
-                                                 dp=config.privacy_modes()[client] == "dp-sgd")
+                                                 dp=config.privacy_modes()[client] == "dp-sgd",
+                                                 pate=config.pate_teachers
+                                                 if config.privacy_modes()[client] == "pate" else 0)
     return NodeTeacher(path, model.cpu(), ckpt, trained, time.perf_counter() - started)
 
 

@@ -159,10 +159,20 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: a {name!r} teacher cannot be built for inputs {shape}: "
                               f"{exc.args[0] if exc.args else exc}") from None
-    if (ckpt.get("privacy") or {}).get("mechanism") == "dp-sgd":
+    mechanism = (ckpt.get("privacy") or {}).get("mechanism")
+    if mechanism == "dp-sgd":
         from fedkd.privacy import make_private_model
 
         model = make_private_model(model)  # the architecture DP-SGD trained (GroupNorm for BatchNorm)
+    elif mechanism == "pate":
+        from fedkd.privacy.pate import ShardVotes
+
+        teachers = ckpt["privacy"].get("teachers")
+        if not isinstance(teachers, int) or not 2 <= teachers <= 10_000:
+            raise _field_error(path, "privacy", f"records {teachers!r} PATE shard teachers, not an integer >= 2")
+        members = [model] + [build_model(name, num_classes=ckpt["num_classes"], channels=shape[0],
+                                         image_size=shape[1]) for _ in range(teachers - 1)]
+        model = ShardVotes(members, ckpt["num_classes"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -177,6 +177,13 @@ class RunConfig:
     gradient_clip: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
     label_count_noise: str = field(default="auto", metadata=choice("auto", "none", "gaussian", "laplace"))
     label_count_epsilon: float = field(default=0.5, metadata=bounded(0.0, 1e4, open_low=True))
+    # privacy-mode=pate: the client trains pate-teachers shard teachers on disjoint shards of its records and
+    # answers labels only, by Confident-GNMax (answer when the top vote + N(0, pate-sigma1^2) >= pate-threshold,
+    # the argmax of the votes + N(0, pate-sigma2^2)); scale the threshold with pate-teachers.
+    pate_teachers: int = field(default=10, metadata=bounded(2, 10_000))
+    pate_threshold: float = field(default=7.0, metadata=bounded(0.0, 1e6))
+    pate_sigma1: float = field(default=2.0, metadata=bounded(0.0, 1e6, open_low=True))
+    pate_sigma2: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
 
     # The Flower app only (`flwr run .`; `fedkd run` ignores them). run-dir: where the ServerApp
     # writes run-<run id>/; evaluation: the coordinator's own test set, the clients' held-out data
@@ -249,7 +256,8 @@ class RunConfig:
                 mode=self.privacy_modes()[client], budget=self.privacy_budget, delta=self.dp_delta,
                 output_noise=self.output_noise, output_clip=self.output_clip, gradient_clip=self.gradient_clip,
                 share_label_counts=self.share_label_counts, label_count_noise=self.label_count_noise,
-                label_count_epsilon=self.label_count_epsilon, eval_epsilon=self.dp_eval_epsilon)
+                label_count_epsilon=self.label_count_epsilon, eval_epsilon=self.dp_eval_epsilon,
+                pate_threshold=self.pate_threshold, pate_sigma1=self.pate_sigma1, pate_sigma2=self.pate_sigma2)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 

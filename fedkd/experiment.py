@@ -178,7 +178,8 @@ def client_partitions(config: RunConfig, labels: Tensor) -> list[np.ndarray]:
 
 def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *,
                           client: int, device: torch.device | str, expected_model: str | None,
-                          stage: Callable[[str], None], dp: bool = False) -> tuple[nn.Module, dict[str, Any], bool]:
+                          stage: Callable[[str], None], dp: bool = False,
+                          pate: int = 0) -> tuple[nn.Module, dict[str, Any], bool]:
     """Client ``client``'s teacher: loaded from ``path`` when it exists, else trained on ``data`` alone and
     saved there. Returns (model, checkpoint, trained).
 
@@ -190,9 +191,10 @@ def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetS
         model, ckpt = load_teacher(path, expected_model=expected_model, num_classes=spec.num_classes,
                                    input_shape=spec.input_shape)
         return model, ckpt, False
-    stage(f"client {client}: training {name}{' with DP-SGD' if dp else ''} on {len(data)} private samples")
+    how = " with DP-SGD" if dp else f" x {pate} shard teachers (PATE)" if pate else ""
+    stage(f"client {client}: training {name}{how} on {len(data)} private samples")
     model, privacy = train_teacher(name, data, spec, config, init_seed=config.seed * 1000,
-                                   order_seed=config.seed * 1000 + client, device=device, dp=dp)
+                                   order_seed=config.seed * 1000 + client, device=device, dp=dp, pate=pate)
     ckpt = save_teacher(path, model, model_name=name, num_classes=spec.num_classes, input_shape=spec.input_shape,
                         num_samples=len(data), label_counts=data.label_counts(spec.num_classes),
                         mean=spec.mean, std=spec.std, privacy=privacy)
@@ -213,7 +215,8 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
         settings = config.client_privacy(k)
         model, ckpt, _ = load_or_train_teacher(path, model_name, split.train.subset(indices), split.spec, config,
                                                client=k, device=device, expected_model=model_name,
-                                               stage=observer.stage, dp=settings.mode == "dp-sgd")
+                                               stage=observer.stage, dp=settings.mode == "dp-sgd",
+                                               pate=config.pate_teachers if settings.mode == "pate" else 0)
         try:
             policy = ReleasePolicy(settings, num_records=len(indices), training=ckpt.get("privacy"),
                                    ledger_path=ledger_path(path))

@@ -70,9 +70,13 @@ def unusable(description: TeacherDescription, spec: DatasetSpec) -> str | None:
 
 
 def vote_logits(labels: Tensor, num_classes: int) -> Tensor:
-    """(B,) hard labels -> (B, C) logits of the smoothed vote, so every aggregator can combine them."""
+    """(B,) hard labels -> (B, C) logits of the smoothed vote, so every aggregator can combine them. An
+    abstention (label -1, a PATE client not confident about the row) is the uniform vote: no information."""
+    labels = labels.long()
     votes = torch.full((len(labels), num_classes), VOTE_SMOOTHING / num_classes)
-    votes[torch.arange(len(labels)), labels.long()] += 1.0 - VOTE_SMOOTHING
+    given = labels >= 0
+    votes[torch.arange(len(labels))[given], labels[given]] += 1.0 - VOTE_SMOOTHING
+    votes[~given] = 1.0 / num_classes
     return votes.log()
 
 
@@ -140,6 +144,8 @@ def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, 
     else:
         label_counts = counts if share_label_counts and privacy is None else None
     terms_released = policy is None or policy.releases_terms
+    if policy is not None and policy.mode == "pate":
+        access_modes = ("labels",)  # shard teachers answer labels (Confident-GNMax) and nothing else
     return TeacherDescription(
         client=client, model=ckpt["model"], num_classes=int(ckpt["num_classes"]),
         input_shape=(shape[0], shape[1], shape[2]), mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]),
@@ -155,6 +161,7 @@ def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, 
 @dataclass(frozen=True)
 class ForwardReply:
     logits: Tensor  # (B, C) float32 (for a labels answer: the smoothed vote, see vote_logits)
+    # labels below: -1 where a PATE client abstains
     terms: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # 0-d float32 per asked-for term
     labels: Tensor | None = None  # (B,) int64, when hard labels were asked for
     ref: Any = None  # what a Backward names to follow this Forward (when it was asked with keep)
@@ -251,7 +258,7 @@ class TeacherHost:
                              f"(asked for {', '.join(names)})")
             self._check_terms(names)
             if self.policy is not None:
-                self._charge("logits", len(inputs))
+                self._charge("labels" if labels else "logits", len(inputs))
             self.last_state = state
             self._remember_inputs(inputs)
             x = inputs.to(self.device)
@@ -263,12 +270,14 @@ class TeacherHost:
             else:
                 with torch.no_grad():
                     logits, values = self.terms.run(self.model, x, names)
-            if self.policy is not None:
+            if labels:
+                hard = (self.policy.release_labels(logits.detach()) if self.policy is not None
+                        else logits.argmax(-1).cpu())
+            elif self.policy is not None:
                 logits = self.policy.release("logits", logits.detach())
             self.stats.forward_calls += 1
             self.stats.samples += len(inputs)
             if labels:
-                hard = logits.argmax(-1).cpu()
                 self.stats.bytes += inputs.nbytes + hard.nbytes
                 return ForwardReply(vote_logits(hard, self.description.num_classes), labels=hard)
             self.stats.bytes += inputs.nbytes + logits.nbytes + 4 * len(values)

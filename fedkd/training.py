@@ -89,14 +89,25 @@ def _shift(x: torch.Tensor, rng: torch.Generator, max_shift: int = 2) -> torch.T
 
 def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *, init_seed: int,
                   order_seed: int, device: torch.device | str = "cpu",
-                  dp: bool = False) -> tuple[nn.Module, dict[str, Any] | None]:
+                  dp: bool = False, pate: int = 0) -> tuple[nn.Module, dict[str, Any] | None]:
     """A client's teacher: built from ``init_seed``, trained on ``data`` only with the teacher settings.
 
     With ``dp`` (the client's privacy-mode is dp-sgd) it is trained with Opacus DP-SGD (BatchNorm
-    replaced by GroupNorm) and the privacy record comes back with it;
+    replaced by GroupNorm) and the privacy record comes back with it; with ``pate`` (privacy-mode=pate,
+    pate-teachers) it is ``pate`` shard teachers, one per disjoint shard of ``data``, as one
+    :class:`~fedkd.privacy.pate.ShardVotes` (its output: their vote counts), with a PATE record;
     otherwise the privacy record is None.
     """
     from fedkd.models import build_model
+
+    if pate:
+        from fedkd.privacy.pate import ShardVotes, pate_record, shards
+
+        parts = shards(len(data), pate, order_seed)
+        members = [train_teacher(name, data.subset(p), spec, config, init_seed=init_seed + i,
+                                 order_seed=order_seed + 7919 * (i + 1), device=device)[0]
+                   for i, p in enumerate(parts)]
+        return ShardVotes(members, spec.num_classes).eval(), pate_record(pate, [len(p) for p in parts])
 
     with _INIT_LOCK:  # the global RNG: teachers trained in threads of one process must not interleave here
         torch.manual_seed(init_seed)

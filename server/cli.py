@@ -97,7 +97,8 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
     table.add_column("agreement", justify="right")
     table.add_column("loyalty", justify="right")
     for t in summary["teachers"]:
-        table.add_row(f"teacher {t['client']}", f"{t['model']}, {t['num_samples']} private samples",
+        held = "sample count kept private" if t["num_samples"] is None else f"{t['num_samples']} private samples"
+        table.add_row(f"teacher {t['client']}", f"{t['model']}, {held}",
                       f"{t['test_accuracy']:.4f}", "", "")
     table.add_row("ensemble", f"{summary['ensemble']['aggregation']} of {len(summary['teachers'])} teachers",
                   f"{summary['ensemble']['test_accuracy']:.4f}", "", "", style="green")

@@ -791,8 +791,8 @@ class HubPool:
             if hard.dtype != torch.int64 or tuple(hard.shape) != (batch,):
                 raise QueryError("INVALID_ARGUMENT", f"labels {hard.dtype} {tuple(hard.shape)}, expected int64 "
                                                      f"({batch},)")
-            if len(hard) and (int(hard.min()) < 0 or int(hard.max()) >= classes):
-                raise QueryError("INVALID_ARGUMENT", f"labels outside 0..{classes - 1}")
+            if len(hard) and (int(hard.min()) < -1 or int(hard.max()) >= classes):
+                raise QueryError("INVALID_ARGUMENT", f"labels outside 0..{classes - 1} (or -1: abstain)")
             return ForwardReply(vote_logits(hard, classes), labels=hard)
         logits = decode_tensor(msg.forward.logits, field="logits", max_bytes=batch * classes * 4)
         if logits.dtype != torch.float32 or tuple(logits.shape) != (batch, classes):

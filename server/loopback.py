@@ -48,7 +48,9 @@ def agent_command(checkpoint: Path, port: int, token_file: Path, ca: Path, *, co
     cmd += ["--privacy-mode", privacy.mode, "--privacy-budget", repr(privacy.budget), "--delta", repr(privacy.delta),
             "--output-noise", repr(privacy.output_noise), "--output-clip", repr(privacy.output_clip),
             "--gradient-clip", repr(privacy.gradient_clip), "--label-count-noise", privacy.label_count_noise,
-            "--label-count-epsilon", repr(privacy.label_count_epsilon)]
+            "--label-count-epsilon", repr(privacy.label_count_epsilon), "--pate-threshold",
+            repr(privacy.pate_threshold), "--pate-sigma1", repr(privacy.pate_sigma1), "--pate-sigma2",
+            repr(privacy.pate_sigma2)]
     return cmd
 
 

@@ -151,7 +151,7 @@ def test_label_counts_under_a_mechanism_are_noisy_accounted_and_released_once(tm
     ({"output_noise": -1.0}, r"output-noise: -1.0 must be a finite number > 0"),
     ({"delta": 1.5}, r"dp-delta: 1.5 must lie in \(0, 1\)"),
     ({"budget": float("nan")}, r"privacy-budget: nan must be a finite number >= 0"),
-    ({"mode": "pate"}, r"privacy-mode: 'pate' is not one of none, dp-sgd, output-noise"),
+    ({"mode": "gnmax"}, r"privacy-mode: 'gnmax' is not one of none, dp-sgd, output-noise, pate"),
     ({"label_count_noise": "poisson"}, r"label-count-noise: 'poisson' is not one of"),
 ])
 def test_bad_privacy_parameters_name_the_parameter(kwargs, message):

@@ -103,6 +103,8 @@ class PrivacyLedger:
         self._lock = threading.Lock()
         # What was released once and may be repeated at no cost (post-processing), e.g. the noisy label histogram.
         self.released: dict[str, Any] = {}
+        # Figures kept for the report only, never to allow a release (PATE's data-dependent RDP curve).
+        self.reports: dict[str, Any] = {}
         # Kept on the client's disk after every charge, so a restarted client goes on from what it has spent.
         self.path = Path(path) if path is not None else None
         if self.path is not None and self.path.exists():
@@ -125,6 +127,7 @@ class PrivacyLedger:
         self.entries = entries
         self.refused = int(saved.get("refused", 0))
         self.released = dict(saved.get("released", {}))
+        self.reports = dict(saved.get("reports", {}))
         self._spent = self._cost(entries)
 
     def reload(self) -> None:
@@ -138,17 +141,18 @@ class PrivacyLedger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"format": LEDGER_FORMAT, **self._record(), "released": self.released}))
+        tmp.write_text(json.dumps({"format": LEDGER_FORMAT, **self._record(), "released": self.released,
+                                   "reports": self.reports}))
         os.replace(tmp, self.path)
 
     @property
     def spent(self) -> float:
         return self._spent
 
-    def _with(self, entry: Entry | None) -> list[Entry]:
+    def _with(self, entry: Entry | None, base: list[Entry] | None = None) -> list[Entry]:
+        entries = list(self.entries if base is None else base)
         if entry is None:
-            return list(self.entries)
-        entries = list(self.entries)
+            return entries
         for i, e in enumerate(entries):  # same kind and parameters: one entry with more steps
             if (e.kind, e.noise_multiplier, e.sample_rate, e.sensitivity, e.laplace_epsilon) == (
                     entry.kind, entry.noise_multiplier, entry.sample_rate, entry.sensitivity, entry.laplace_epsilon):
@@ -182,6 +186,26 @@ class PrivacyLedger:
             self._spent = after
             self.save()
             return after
+
+    def check(self, entries: Sequence[Entry], *, what: str) -> None:
+        """Refuse (:class:`BudgetExhausted`, counted) unless the budget allows every one of ``entries`` on top of
+        what is spent; records nothing. For a release whose exact cost is known only after it is computed: check
+        its worst case first, then :meth:`charge` what it cost with ``enforce=False``."""
+        if not self.budget:
+            return
+        with self._lock:
+            combined = list(self.entries)
+            for entry in entries:
+                if entry.steps > 0:
+                    combined = self._with(entry, combined)
+            after = self._cost(combined)
+            if after > self.budget:
+                self.refused += 1
+                self.save()
+                raise BudgetExhausted(
+                    f"{BUDGET_REFUSAL}: {what} could take this client to epsilon {after:.4g} at delta "
+                    f"{self.delta:.2g}, past its budget of {self.budget:g} (spent so far {self._spent:.4g}); "
+                    "nothing was released")
 
     def record(self) -> dict[str, Any]:
         """Everything that determines the epsilon (and the epsilon itself), for the summary and Describe."""

@@ -23,6 +23,10 @@ Modes (``privacy-mode``):
   teacher-level, accounted at sample rate 1.0 with one Gaussian step per
   released row: epsilon grows with the number of query samples. Above
   epsilon 10 it is reported as a defence, not a guarantee.
+- ``pate``: the client's shard teachers answer labels only, by Confident-GNMax
+  on their votes (``fedkd.privacy.pate``): record-level, accounted per row
+  (threshold check for every row, GNMax for every answered one), with the
+  data-dependent bound reported beside it.
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fedkd.privacy.dpsgd import default_delta, release_noise_multiplier
 from fedkd.privacy.ledger import BudgetExhausted, Entry, PrivacyLedger
+from fedkd.privacy.pate import ABSTAIN, confident_gnmax, data_dependent_rdp, rdp_to_epsilon
+from fedkd.teacher import QueryError
 
-MODES = ("none", "dp-sgd", "output-noise")
+MODES = ("none", "dp-sgd", "output-noise", "pate")
 LABEL_COUNT_NOISE = ("auto", "none", "gaussian", "laplace")
 TRAINING = "dp-sgd training"
 ROW_NAMES = {"logits": "logits", "input gradients": "input-gradient"}  # what a host releases per query row
@@ -59,6 +66,9 @@ class PrivacySettings:
     label_count_noise: str = "auto"  # auto: none without a mechanism, gaussian with one
     label_count_epsilon: float = 0.5  # cost of one noisy label histogram
     eval_epsilon: float = 1.0  # cost of one noisy (correct, total) evaluation release
+    pate_threshold: float = 7.0  # pate: answer a row only when its noisy top vote reaches this (of pate-teachers)
+    pate_sigma1: float = 2.0  # pate: Gaussian noise std on the top vote for the threshold check
+    pate_sigma2: float = 1.0  # pate: Gaussian noise std on each vote count for the answer (GNMax)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -68,7 +78,9 @@ class PrivacySettings:
                              f"{', '.join(LABEL_COUNT_NOISE)}")
         for name, low, strict in (("budget", 0.0, False), ("delta", 0.0, False), ("output_noise", 0.0, True),
                                   ("output_clip", 0.0, True), ("gradient_clip", 0.0, True),
-                                  ("label_count_epsilon", 0.0, True), ("eval_epsilon", 0.0, True)):
+                                  ("label_count_epsilon", 0.0, True), ("eval_epsilon", 0.0, True),
+                                  ("pate_threshold", 0.0, False), ("pate_sigma1", 0.0, True),
+                                  ("pate_sigma2", 0.0, True)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (
                     strict and value == low):
@@ -106,14 +118,23 @@ class ReleasePolicy:
             raise ValueError("privacy-mode: dp-sgd needs a teacher trained with DP-SGD, and this teacher's checkpoint "
                              "records no DP-SGD training; train it with privacy-mode=dp-sgd, or serve it with "
                              "privacy-mode=output-noise")
+        trained = (training or {}).get("mechanism")
+        if settings.mode == "pate" and trained != "pate":
+            raise ValueError("privacy-mode: pate needs shard teachers trained for PATE, and this checkpoint holds one "
+                             "teacher; train it with privacy-mode=pate (pate-teachers shards)")
+        if trained == "pate" and settings.mode not in ("none", "pate"):
+            raise ValueError(f"privacy-mode: {settings.mode} cannot serve PATE shard teachers; serve them with "
+                             "privacy-mode=pate")
         self.settings = settings
         self.training = dict(training) if training else None
-        delta = settings.delta or (float(training["delta"]) if training else default_delta(num_records))
+        delta = settings.delta or (float(training["delta"]) if training and "delta" in training
+                                   else default_delta(num_records))
+        self.mode = trained if trained in ("dp-sgd", "pate") and settings.mode == "none" else settings.mode
         self.ledger = PrivacyLedger(delta=delta, budget=settings.budget,
-                                    accountant="rdp" if settings.mode == "output-noise" else "prv", path=ledger_path)
+                                    accountant="rdp" if self.mode in ("output-noise", "pate") else "prv",
+                                    path=ledger_path)
         self.generator = generator
-        self.mode = "dp-sgd" if self.training and settings.mode == "none" else settings.mode
-        if self.training:
+        if self.training and trained == "dp-sgd":
             trained = Entry(TRAINING, float(self.training["noise_multiplier"]), float(self.training["sample_rate"]),
                             int(self.training["steps"]))
             if not any(e.kind == TRAINING for e in self.ledger.entries):  # spent already: recorded whatever the budget
@@ -128,12 +149,28 @@ class ReleasePolicy:
 
     @property
     def releases_terms(self) -> bool:
-        """Teacher-side terms are released as computed except under output noise (not accounted there)."""
-        return self.mode != "output-noise"
+        """Teacher-side terms are released as computed except under output noise and PATE (not accounted there)."""
+        return self.mode not in ("output-noise", "pate")
+
+    def _pate_entries(self, rows: int, answered: int) -> list[Entry]:
+        """PATE's data-independent cost: the threshold check on every row (L2 sensitivity 1), GNMax on every
+        answered row (L2 sensitivity sqrt 2), each a Gaussian step at sample rate 1."""
+        s = self.settings
+        return [Entry("pate threshold", s.pate_sigma1, 1.0, rows),
+                Entry("pate answers", s.pate_sigma2 / math.sqrt(2.0), 1.0, answered, sensitivity=math.sqrt(2.0))]
 
     def charge_rows(self, kind: str, rows: int) -> None:
-        """Check and record the cost of releasing ``rows`` rows of ``kind`` (``logits`` or ``input gradients``)
-        before they are computed; past the budget, :class:`BudgetExhausted`."""
+        """Check and record the cost of releasing ``rows`` rows of ``kind`` (``logits``, ``labels`` or ``input
+        gradients``) before they are computed; past the budget, :class:`BudgetExhausted`. PATE's cost depends on
+        how many rows are answered: its worst case (every row answered) is checked here and the actual cost
+        recorded by :meth:`release_labels`."""
+        if self.mode == "pate":
+            if kind != "labels":
+                raise QueryError("FAILED_PRECONDITION", f"privacy-mode=pate releases labels only, not {kind}")
+            self.ledger.check(self._pate_entries(rows, rows), what=f"{rows} PATE label(s)")
+            return
+        if kind == "labels":  # labels are the argmax of the logits as released
+            kind = "logits"
         if self.mode == "output-noise":
             clip, name = self._clip(kind), ROW_NAMES[kind]
             self.ledger.charge(Entry(kind, self.settings.output_noise, 1.0, rows, sensitivity=2 * clip),
@@ -154,6 +191,28 @@ class ReleasePolicy:
     def release(self, kind: str, rows: Tensor) -> Tensor:
         """Rows of ``kind`` as released (already charged by :meth:`charge_rows`): noised under output noise."""
         return self.noise(rows, self._clip(kind)) if self.mode == "output-noise" else rows
+
+    def release_labels(self, outputs: Tensor) -> Tensor:
+        """(B,) int64 labels as released for a model's ``outputs`` (already checked by :meth:`charge_rows`): under
+        PATE the Confident-GNMax answer to the vote counts (ABSTAIN where not confident), its cost recorded;
+        otherwise the argmax of the logits as released."""
+        if self.mode != "pate":
+            return self.release("logits", outputs).argmax(-1).cpu()
+        s = self.settings
+        labels = confident_gnmax(outputs, threshold=s.pate_threshold, sigma1=s.pate_sigma1, sigma2=s.pate_sigma2,
+                                 generator=self.generator)
+        answered = labels != ABSTAIN
+        for entry in self._pate_entries(len(labels), int(answered.sum())):
+            self.ledger.charge(entry, what="PATE labels", enforce=False)  # within the worst case checked before
+        report = self.ledger.reports.setdefault("pate", {"answered": 0, "abstained": 0, "data_dependent_rdp": None})
+        rdp = data_dependent_rdp(outputs, answered, threshold=s.pate_threshold, sigma1=s.pate_sigma1,
+                                 sigma2=s.pate_sigma2)
+        report["data_dependent_rdp"] = (rdp if report["data_dependent_rdp"] is None
+                                        else rdp + np.asarray(report["data_dependent_rdp"])).tolist()
+        report["answered"] += int(answered.sum())
+        report["abstained"] += int((~answered).sum())
+        self.ledger.save()
+        return labels
 
     # Other releases -------------------------------------------------------------------------
 
@@ -232,4 +291,16 @@ class ReleasePolicy:
                                "settings": asdict(self.settings), **self.ledger.record()}
         if self.training:
             out["training"] = self.training
+        if self.mode == "pate":
+            s = self.settings
+            report = self.ledger.reports.get("pate") or {"answered": 0, "abstained": 0, "data_dependent_rdp": None}
+            rdp = report["data_dependent_rdp"]
+            out["pate"] = {
+                "teachers": (self.training or {}).get("teachers"), "threshold": s.pate_threshold,
+                "sigma1": s.pate_sigma1, "sigma2": s.pate_sigma2, "answered": report["answered"],
+                "abstained": report["abstained"],
+                "data_dependent_epsilon": rdp_to_epsilon(np.asarray(rdp), self.ledger.delta) if rdp else 0.0,
+                "data_dependent_note": "computed from the private votes and not itself private (the paper releases "
+                                       "it through smooth sensitivity, not implemented here); the budget and "
+                                       "epsilon_spent use the data-independent bound"}
         return out
