@@ -157,8 +157,8 @@ def rdp_to_epsilon(rdp: np.ndarray, delta: float, orders: np.ndarray = ORDERS) -
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        rdp = list(np.asarray(rdp, dtype=np.float64))
-        return float(get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)[0])
+        curve = [float(v) for v in np.asarray(rdp, dtype=np.float64)]
+        return float(get_privacy_spent(orders=list(orders), rdp=curve, delta=delta)[0])
 
 
 def pate_record(teachers: int, sizes: list[int]) -> dict[str, Any]:
