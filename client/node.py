@@ -89,7 +89,8 @@ def node_data(config: RunConfig, node_config: Mapping[str, Any]) -> NodeData:
 def _fingerprint(config: RunConfig, source: str, model_name: str, client: int) -> str:
     keys = ("dataset", "data-root", "num-clients", "partition", "alpha", "classes-per-client", "min-partition-size",
             "seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing",
-            "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size", "dp-lr", "pate-teachers")
+            "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size", "dp-lr", "dp-feature-epsilon",
+            "dp-feature-clip", "pate-teachers")
     settings = {k: config.to_dict()[k] for k in keys}
     settings["data-root"] = str(Path(config.data_root).resolve())
     settings["dp-sgd"] = config.privacy_modes()[client] == "dp-sgd"
@@ -119,7 +120,7 @@ def teacher_path(config: RunConfig, node_config: Mapping[str, Any], client: int)
 # otherwise), never from the coordinator's run config; in a simulation (``partition-id``) the experimenter is
 # every party and the run config stands in for each node's own.
 PRIVACY_KEYS = ("privacy-mode", "privacy-budget", "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size",
-                "dp-lr", "dp-eval-epsilon",
+                "dp-lr", "dp-feature-epsilon", "dp-feature-clip", "dp-eval-epsilon",
                 "output-noise", "output-clip", "gradient-clip", "label-count-noise", "label-count-epsilon",
                 "share-label-counts", "pate-teachers", "pate-threshold", "pate-sigma1", "pate-sigma2")
 

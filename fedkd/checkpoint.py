@@ -164,6 +164,10 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
         from fedkd.privacy import make_private_model
 
         model = make_private_model(model)  # the architecture DP-SGD trained (GroupNorm for BatchNorm)
+        if ckpt["privacy"].get("feature_statistics"):
+            from fedkd.privacy.dpsgd import attach_statistics
+
+            attach_statistics(model)  # the DP-released statistics' places, filled by load_state_dict
     elif mechanism == "pate":
         from fedkd.privacy.pate import ShardVotes
 

@@ -171,6 +171,12 @@ class RunConfig:
     # epsilon 8, batch 256 / lr 1e-2 gives teachers +5-16 points over 64 / 1e-3 (README, "Privacy").
     dp_batch_size: int = field(default=256, metadata=bounded(1, BATCH_LIMIT))
     dp_lr: float = field(default=1e-2, metadata=bounded(0.0, 10.0, open_low=True))
+    # After DP-SGD, release the per-channel feature statistics at the teacher's normalisation layers (Gaussian
+    # mechanism, each record's statistics clipped to dp-feature-clip, costing dp-feature-epsilon, accounted with
+    # the training) so the BatchNorm-statistics term (cudfkd.weight-bn, DeepInversion) works with DP teachers;
+    # 0 = not released (the term is then unavailable from DP teachers).
+    dp_feature_epsilon: float = field(default=0.0, metadata=bounded(0.0, 1e4))
+    dp_feature_clip: float = field(default=5.0, metadata=bounded(0.0, 1e6, open_low=True))
     dp_eval_epsilon: float = field(default=1.0, metadata=bounded(0.0, 1e4, open_low=True))
     output_noise: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
     output_clip: float = field(default=10.0, metadata=bounded(0.0, 1e6, open_low=True))

@@ -16,7 +16,9 @@ Registered terms:
 
 - ``feature-statistics``: sum over BatchNorm layers l of
   ||mu_l(x) - running_mean_l||_2 + ||var_l(x) - running_var_l||_2
-  (DeepInversion; the ``bn_loss`` of the original contract);
+  (DeepInversion; the ``bn_loss`` of the original contract); for a DP-SGD
+  teacher (GroupNorm) the same against the statistics it released with
+  differential privacy (``dp-feature-epsilon``), when it did;
 - ``activation``: mean |f_T(x)| over the batch and the features of the input to
   the teacher's last linear layer (DAFL's L_a with the sign left to the method).
 """
@@ -76,15 +78,28 @@ class FeatureStatistics(_HookedTerm):
         dims = [0] + list(range(2, x.ndim))
         mean = x.mean(dim=dims)
         var = x.var(dim=dims, unbiased=False)
-        assert isinstance(module, nn.modules.batchnorm._BatchNorm)
-        assert module.running_mean is not None and module.running_var is not None
-        self._terms.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
+        ref_mean, ref_var = self.reference(module)
+        self._terms.append(torch.norm(mean - ref_mean, 2) + torch.norm(var - ref_var, 2))
+
+    @staticmethod
+    def reference(module: nn.Module) -> tuple[Tensor, Tensor]:
+        """What a layer's batch statistics are compared with: BatchNorm's running statistics, or the statistics
+        a DP teacher released for its GroupNorm layer (``released_mean`` / ``released_var``)."""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            assert module.running_mean is not None and module.running_var is not None
+            return module.running_mean, module.running_var
+        mean, var = module.released_mean, module.released_var
+        assert isinstance(mean, Tensor) and isinstance(var, Tensor)
+        return mean, var
 
     @staticmethod
     def bn_layers(model: nn.Module) -> list[nn.Module]:
-        """The BatchNorm layers with running statistics: what the statistics loss compares against."""
-        return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                and m.running_mean is not None and m.running_var is not None]
+        """The layers with reference statistics: BatchNorm with running statistics, and a DP teacher's GroupNorm
+        layers carrying its DP-released statistics."""
+        return [m for m in model.modules()
+                if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+                    and m.running_var is not None)
+                or (isinstance(m, nn.GroupNorm) and isinstance(getattr(m, "released_mean", None), Tensor))]
 
     def __bool__(self) -> bool:
         return bool(self.layers)

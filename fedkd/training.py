@@ -117,8 +117,14 @@ def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConf
                                 batch_size=config.teacher_batch_size, seed=order_seed,
                                 label_smoothing=config.teacher_label_smoothing, device=device), None
     from fedkd.privacy import DPSettings, make_private_model, train_dp_sgd
+    from fedkd.privacy.dpsgd import release_feature_statistics
 
-    return train_dp_sgd(make_private_model(model), data, spec,
-                        DPSettings(config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm),
-                        epochs=config.teacher_epochs, lr=config.dp_lr, batch_size=config.dp_batch_size,
-                        seed=order_seed, label_smoothing=config.teacher_label_smoothing, device=device)
+    model, record = train_dp_sgd(make_private_model(model), data, spec,
+                                 DPSettings(config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm),
+                                 epochs=config.teacher_epochs, lr=config.dp_lr, batch_size=config.dp_batch_size,
+                                 seed=order_seed, label_smoothing=config.teacher_label_smoothing, device=device)
+    if config.dp_feature_epsilon > 0:
+        record["feature_statistics"] = release_feature_statistics(
+            model, data, spec, epsilon=config.dp_feature_epsilon, delta=record["delta"],
+            clip=config.dp_feature_clip, seed=order_seed, device=device)
+    return model.eval(), record

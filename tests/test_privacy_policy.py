@@ -269,3 +269,19 @@ def test_a_run_goes_on_without_a_client_whose_budget_ran_out_and_reports_every_l
     assert summary["student"]["test_accuracy"] is not None
     ledger = json.loads((tmp_path / "run" / "clients" / "client_00" / "teacher.ledger.json").read_text())
     assert ledger["epsilon_spent"] == pytest.approx(noisy["epsilon_spent"])
+
+
+def test_where_prv_cannot_discretise_the_ledger_falls_back_to_rdp_and_recomputes_alike():
+    # DP-SGD training beside a release with very little noise: Opacus's PRV discretisation raises.
+    history = [(2.08, 0.256, 160), (0.0249, 1.0, 1)]
+    with pytest.raises(RuntimeError):
+        acc = PRVAccountant()
+        acc.history = history
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            acc.get_epsilon(1e-5)
+    ledger = PrivacyLedger(delta=1e-5, accountant="prv")
+    ledger.charge(Entry("dp-sgd training", 2.08, 0.256, 160), enforce=False)
+    ledger.charge(Entry("feature statistics", 0.0249, 1.0, 1), enforce=False)
+    assert ledger.spent == pytest.approx(rdp(history, 1e-5), rel=1e-9)
+    assert recompute_epsilon(ledger.record()) == pytest.approx(ledger.spent, rel=1e-9)

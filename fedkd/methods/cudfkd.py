@@ -44,6 +44,7 @@ from fedkd.student import StudentTrainer
 from fedkd.synthesis import SynthesisLoss, Synthesizer
 from fedkd.synthetic_pool import SyntheticPool
 from fedkd.teacher import CurriculumState
+from fedkd.terms import FEATURE_STATISTICS
 
 NUM_SAMPLE_IMAGES = 10
 
@@ -181,6 +182,17 @@ class CuDFKD:
             "budget_spent": self.budget.spent,
         })
         return out
+
+    def report(self) -> dict[str, Any]:
+        """Which clients' feature statistics the BatchNorm-statistics term used (a DP teacher's only when it
+        released them: dp-feature-epsilon)."""
+        if not self.use_bn:
+            why = "cudfkd.weight-bn is 0" if self.options.weight_bn <= 0 else "no client computes it"
+            return {"feature_statistics": f"not used ({why})"}
+        lacking = self.ensemble.lacking(FEATURE_STATISTICS)
+        users = [d.client for d in self.ensemble.descriptions if d.client not in lacking]
+        return {"feature_statistics": f"used, from client(s) {', '.join(map(str, users))}"
+                + (f"; client(s) {', '.join(map(str, lacking))} compute none" if lacking else "")}
 
     def synthetic_samples(self) -> Tensor:
         """Images in [0, 1] from fixed latents, one per class, (10, C, H, W): how the generator evolves."""

@@ -16,13 +16,14 @@ inversion oracle for the coordinator; the README says so.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from fedkd.data import DatasetSpec, ImageData
 from fedkd.training import check_finite
@@ -118,6 +119,81 @@ def train_dp_sgd(model: nn.Module, data: ImageData, spec: DatasetSpec, settings:
     logger.info("DP-SGD: epsilon %.3f at delta %.2g after %d steps (noise multiplier %.3f)",
                 spent, delta, steps, record["noise_multiplier"])
     return private.to_standard_module().eval(), record
+
+
+# DP-released feature statistics -------------------------------------------------------------
+
+RELEASED_MEAN, RELEASED_VAR = "released_mean", "released_var"  # buffers on a DP teacher's GroupNorm layers
+
+
+def statistics_layers(model: nn.Module) -> list[nn.GroupNorm]:
+    """The layers a DP teacher's feature statistics describe: its GroupNorm layers (BatchNorm's places)."""
+    return [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+
+
+def attach_statistics(model: nn.Module, values: list[tuple[Tensor, Tensor]] | None = None) -> None:
+    """Give each GroupNorm layer ``released_mean`` / ``released_var`` buffers (zeros, or ``values``)."""
+    layers = statistics_layers(model)
+    for layer, (mean, var) in zip(layers, values or [(torch.zeros(m.num_channels), torch.ones(m.num_channels))
+                                                     for m in layers]):
+        layer.register_buffer(RELEASED_MEAN, mean.detach().float().clone())
+        layer.register_buffer(RELEASED_VAR, var.detach().float().clone())
+
+
+@torch.no_grad()
+def release_feature_statistics(model: nn.Module, data: ImageData, spec: DatasetSpec, *, epsilon: float,
+                               delta: float, clip: float, seed: int,
+                               device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Release the per-channel mean and variance of the inputs of each GroupNorm layer over the client's records
+    with the Gaussian mechanism, and attach them to the model (the BatchNorm-statistics term then works).
+
+    Per record i: v_i = (per-channel spatial means of x and of x^2 at every layer), clipped to L2 norm
+    ``clip``, plus a constant ``clip`` counting the record; the sum over records gets Gaussian noise of std
+    z x sqrt(2) x clip on every coordinate (one record moves the sum by at most sqrt 2 x clip), z calibrated
+    so that this one release costs ``epsilon`` at ``delta``. mean = noisy sum of means / noisy count, var =
+    noisy sum of squares / noisy count - mean^2 (at least 1e-5). Returns the record of the release (its
+    noise multiplier, sensitivity, clipping norm, epsilon), which the ledger composes with the training.
+    """
+    layers = statistics_layers(model)
+    if not layers:
+        raise ValueError("dp-feature-epsilon: this teacher has no normalisation layers to describe")
+    captured: list[Tensor] = []
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        x = inputs[0].to(torch.float64)
+        captured.append(torch.cat([x.mean(dim=(2, 3)), (x * x).mean(dim=(2, 3))], dim=1))
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    model.eval().to(device)
+    total: Tensor | None = None
+    try:
+        inputs = spec.normalize(data.images)
+        for i in range(0, len(inputs), 256):
+            captured.clear()
+            model(inputs[i:i + 256].to(device))
+            v = torch.cat(captured, dim=1).cpu()
+            v = v * (clip / v.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+            v = torch.cat([v, torch.full((len(v), 1), float(clip), dtype=v.dtype)], dim=1)
+            total = v.sum(0) if total is None else total + v.sum(0)
+    finally:
+        for h in handles:
+            h.remove()
+    assert total is not None
+    z = release_noise_multiplier(epsilon, delta)
+    sensitivity = math.sqrt(2.0) * clip
+    g = torch.Generator().manual_seed(seed)
+    noisy = total + torch.randn(total.shape, generator=g, dtype=torch.float64) * z * sensitivity
+    count = max(float(noisy[-1]) / clip, 1.0)
+    values, at = [], 0
+    for layer in layers:
+        c = layer.num_channels
+        mean = noisy[at:at + c] / count
+        var = (noisy[at + c:at + 2 * c] / count - mean * mean).clamp_min(1e-5)
+        values.append((mean, var))
+        at += 2 * c
+    attach_statistics(model, values)
+    return {"epsilon": float(epsilon), "noise_multiplier": float(z), "sensitivity": float(sensitivity),
+            "clip": float(clip), "layers": len(layers)}
 
 
 # One release outside DP-SGD ----------------------------------------------------------------

@@ -48,6 +48,7 @@ from fedkd.teacher import QueryError
 MODES = ("none", "dp-sgd", "output-noise", "pate")
 LABEL_COUNT_NOISE = ("auto", "none", "gaussian", "laplace")
 TRAINING = "dp-sgd training"
+FEATURE_STATISTICS = "feature statistics"  # DP-released with a DP-SGD teacher (dp-feature-epsilon)
 ROW_NAMES = {"logits": "logits", "input gradients": "input-gradient"}  # what a host releases per query row
 MEANINGFUL_EPSILON = 10.0  # above it a teacher-level epsilon is a defence, not a guarantee
 
@@ -139,6 +140,11 @@ class ReleasePolicy:
                             int(self.training["steps"]))
             if not any(e.kind == TRAINING for e in self.ledger.entries):  # spent already: recorded whatever the budget
                 self.ledger.charge(trained, what="DP-SGD training", enforce=False)
+                stats = self.training.get("feature_statistics")
+                if stats:  # released with the checkpoint: spent already too
+                    self.ledger.charge(Entry(FEATURE_STATISTICS, float(stats["noise_multiplier"]), 1.0, 1,
+                                             sensitivity=float(stats["sensitivity"])),
+                                       what="the feature statistics", enforce=False)
             if self.ledger.budget and self.ledger.spent > self.ledger.budget:
                 raise ValueError(f"privacy-budget: {settings.budget:g} is below what training this teacher already "
                                  f"spent, with this client's other releases (epsilon {self.ledger.spent:.4g} at delta "
