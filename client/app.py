@@ -24,6 +24,7 @@ ServerApp reports it with the node id.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -55,8 +56,11 @@ EXPECTED = (ConfigError, NodeConfigError, CheckpointError, DatasetNotFoundError,
             ValueError, KeyError)
 
 
-def _run_config(context: Context) -> RunConfig:
-    return config_from_run_config(dict(context.run_config))
+def _run_config(context: Context, settings: Any = None) -> RunConfig:
+    """The run's config; ``num-clients`` 0 (follow the federation) is the number the ServerApp counted and sent
+    in the message's ``settings`` record."""
+    counted = settings.get("num-clients") if settings is not None else None
+    return config_from_run_config(dict(context.run_config), num_clients=int(counted) if counted else None)
 
 
 def _threads(context: Context) -> None:
@@ -82,7 +86,7 @@ def _handle(name: str, body: Callable[[Message, Context], RecordDict]) -> Callab
 
 def _train(msg: Message, context: Context) -> RecordDict:
     client = int(msg.content["train"]["client"])  # type: ignore[arg-type]
-    _, config = node_privacy(_run_config(context), context.node_config, client)
+    _, config = node_privacy(_run_config(context, msg.content["train"]), context.node_config, client)
     data = node_data(config, context.node_config)
     teacher = ensure_teacher(config, context.node_config, data, client)
     spec = data.spec
@@ -96,9 +100,12 @@ def _train(msg: Message, context: Context) -> RecordDict:
     if privacy is None:
         metrics.update({"num-examples": total, "train-accuracy": correct / max(1, total),
                         "holdout-examples": held[1], "holdout-accuracy": held[0] / max(1, held[1])})
-    else:  # only what the DP guarantee covers leaves the node: the guarantee itself
-        metrics.update({"epsilon-spent": float(privacy["epsilon_spent"]), "delta": float(privacy["delta"]),
-                        "noise-multiplier": float(privacy["noise_multiplier"]), "steps": int(privacy["steps"])})
+    else:  # only what the guarantee covers leaves the node: the guarantee itself
+        if privacy.get("mechanism") == "dp-sgd":
+            metrics.update({"epsilon-spent": float(privacy["epsilon_spent"]), "delta": float(privacy["delta"]),
+                            "noise-multiplier": float(privacy["noise_multiplier"]), "steps": int(privacy["steps"])})
+        elif privacy.get("mechanism") == "pate":  # PATE's cost comes with its answers, not its training
+            metrics["shard-teachers"] = int(privacy["teachers"])
         info["mechanism"] = str(privacy["mechanism"])
     return RecordDict({"metrics": MetricRecord(metrics), "teacher": ConfigRecord(info)})
 
@@ -106,7 +113,7 @@ def _train(msg: Message, context: Context) -> RecordDict:
 def _serve(msg: Message, context: Context) -> RecordDict:
     hub = msg.content["hub"]
     client = int(hub["client"])  # type: ignore[arg-type]
-    privacy, config = node_privacy(_run_config(context), context.node_config, client)
+    privacy, config = node_privacy(_run_config(context, hub), context.node_config, client)
     path = teacher_path(config, context.node_config, client)
     if not path.exists():
         raise CheckpointError(f"no teacher at {str(path)!r}: the train round has not run on this node")
@@ -120,7 +127,18 @@ def _serve(msg: Message, context: Context) -> RecordDict:
                              give_up_after=max(config.rejoin_timeout, 30.0),
                              server_name=str(hub["server-name"]) if hub.get("server-name") else None)
     logger.info("serving %s to the hub at %s", path, settings.target)
-    spent = TeacherAgent(host, settings).serve()
+    agent = TeacherAgent(host, settings)
+    if "partition-id" in context.node_config:
+        # A simulation: serve from a thread of this (long-lived) simulation worker and reply at once, so the
+        # node does not hold a simulation slot for the whole distillation and one worker process hosts many
+        # clients' teachers, each with its own token, agent and ledger. What it released reaches the
+        # coordinator in the session's end-of-session report. (A SuperNode runs each message in a process of
+        # its own that ends with the reply: there the node serves in the foreground, as below.)
+        thread = threading.Thread(target=_serve_in_background, args=(agent, str(hub["name"])),
+                                  name=f"fedkd-serve-{hub['name']}", daemon=True)
+        thread.start()
+        return RecordDict({"serving": ConfigRecord({"background": 1, "name": str(hub["name"])})})
+    spent = agent.serve()
     metrics: dict[str, Any] = dict(spent)
     status = host.describe().privacy
     if status:  # the ledger's total: training, label counts, noisy answers, evaluations
@@ -128,9 +146,18 @@ def _serve(msg: Message, context: Context) -> RecordDict:
     return RecordDict({"spent": MetricRecord(metrics)})
 
 
+def _serve_in_background(agent: TeacherAgent, name: str) -> None:
+    try:
+        spent = agent.serve()
+        logger.info("%s: session ended; released %s", name, spent)
+    except Exception:  # the coordinator sees the teacher leave (or never join) and names it
+        logger.exception("%s: serving failed", name)
+
+
 def _evaluate(msg: Message, context: Context) -> RecordDict:
     client = int(msg.content["config"]["client"]) if "config" in msg.content else 0  # type: ignore[arg-type]
-    privacy, config = node_privacy(_run_config(context), context.node_config, client)
+    settings = msg.content["config"] if "config" in msg.content else None
+    privacy, config = node_privacy(_run_config(context, settings), context.node_config, client)
     data = node_data(config, context.node_config)
     if data.holdout is None or len(data.holdout) == 0:
         raise NodeConfigError("this node has no held-out data for evaluation (add x_test, y_test to its data-path)")

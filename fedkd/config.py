@@ -464,10 +464,22 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
     return dataclasses.replace(base, **changes)
 
 
-def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+FOLLOW_FEDERATION = 0  # num-clients in the Flower app: as many clients as the federation has nodes
+
+
+def config_from_run_config(run_config: Mapping[str, Any], *, num_clients: int | None = None) -> RunConfig:
     """A config from Flower's run config: every default of pyproject.toml plus the run's overrides,
-    with ``auto`` for unset optional values; the defaults of methods that are not selected are ignored."""
-    return config_from_mapping(run_config, ignore_unselected_defaults=True)
+    with ``auto`` for unset optional values; the defaults of methods that are not selected are ignored.
+
+    ``num-clients`` = 0 (the app's default) follows the federation: the ServerApp counts the nodes and passes
+    ``num_clients`` (and tells each node the number in its messages)."""
+    values = dict(run_config)
+    if values.get("num-clients") == FOLLOW_FEDERATION:
+        if num_clients is None:
+            raise ConfigError("num-clients: 0 follows the federation, and nothing has counted its nodes here; "
+                              "the ServerApp resolves it (or set num-clients to the number of clients)")
+        values["num-clients"] = num_clients
+    return config_from_mapping(values, ignore_unselected_defaults=True)
 
 
 def argument(kind: type, low: float, high: float) -> Callable[[str], Any]:

@@ -38,7 +38,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd.checkpoint import load_teacher
-from fedkd.config import RunConfig, config_from_run_config
+from fedkd.config import FOLLOW_FEDERATION, RunConfig, config_from_run_config
 from fedkd.data import SPECS, load_dataset
 from fedkd.experiment import distill, open_run_dir, reconcile_queries, setup, write_summary
 from fedkd.tls import run_pki
@@ -47,6 +47,7 @@ from server.hub import Hub, ServerTLS, issue_tokens
 app = ServerApp()
 
 POLL = 0.5  # seconds between looks at the grid while waiting
+SETTLE = 3.0  # seconds the node count must hold still before num-clients=0 takes it
 SERVE_REPLY_TIMEOUT = 120.0  # seconds for the nodes to report after the session ended
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -91,9 +92,35 @@ class _Log:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = config_from_run_config(dict(context.run_config))
+    run_config = dict(context.run_config)
+    counted = None
+    if run_config.get("num-clients") == FOLLOW_FEDERATION:
+        timeout = float(run_config.get("nodes-timeout", RunConfig().nodes_timeout))  # type: ignore[arg-type]
+        counted = federation_size(grid, timeout)
+        log(INFO, "[fedkd] num-clients=0: the federation has %d nodes, one client each", counted)
+    config = config_from_run_config(run_config, num_clients=counted)
     run_dir = Path(config.run_dir).expanduser().resolve() / f"run-{context.run_id}"
     FederatedDistillation(grid, config, run_dir, run_id=context.run_id).run()
+
+
+def federation_size(grid: Grid, timeout: float, settle: float = SETTLE) -> int:
+    """How many nodes the federation has: the count once at least one node is connected and the count has not
+    changed for ``settle`` seconds (a simulation registers its nodes at start-up); FlowerRunError when no node
+    connects within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    count, since = 0, time.monotonic()
+    while True:
+        now = len(list(grid.get_node_ids()))
+        if now != count:
+            count, since = now, time.monotonic()
+        if count and time.monotonic() - since >= settle:
+            return count
+        if time.monotonic() >= deadline:
+            if count:
+                return count
+            raise FlowerRunError(f"no node connected within nodes-timeout={timeout:.0f} s; in a simulation pass "
+                                 "--federation-config 'num-supernodes=N', in a deployment start the SuperNodes")
+        time.sleep(POLL)
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -164,8 +191,9 @@ class FederatedDistillation:
         self.nodes = {nid: NodeRecord(nid, k) for k, nid in enumerate(node_ids)}
 
         self.observer.stage(f"train round: {len(node_ids)} nodes train or load their teachers")
-        replies = self._round("train", {n.node_id: RecordDict({"train": ConfigRecord({"client": n.client})})
-                                        for n in self._live()}, "train", config.train_timeout)
+        replies = self._round("train", {n.node_id: RecordDict({"train": ConfigRecord({
+            "client": n.client, "num-clients": config.num_clients})}) for n in self._live()}, "train",
+            config.train_timeout)
         for nid, reply in replies.items():
             self.nodes[nid].train = {**dict(reply.content["metrics"]), **dict(reply.content["teacher"])}
         self._check_quorum("the train round")
@@ -199,7 +227,7 @@ class FederatedDistillation:
                 node = self.nodes[nid]
                 content = RecordDict({"hub": ConfigRecord({
                     "address": address, "token": tokens[name], "ca": ca, "session": run_dir.name, "name": name,
-                    "client": node.client})})
+                    "client": node.client, "num-clients": config.num_clients})})
                 serving[nid] = self._message(node, content, "query.serve", config.train_timeout)
             ids = dict(zip(serving, self.grid.push_messages(list(serving.values()))))
             early = self._await_teachers(hub, names, ids)
@@ -217,6 +245,11 @@ class FederatedDistillation:
             summary = distill(config, hub.pool, SPECS[config.dataset], test, run_dir, device=device,
                               saved_state=None, observer=self.observer, started=started)
             reports = hub.end_session()
+            by_name = {s.name: s.report for s in hub.slots}
+        for nid, reply in early.items():  # background servers: what they released, from their session report
+            if not reply.has_error() and "serving" in reply.content and by_name.get(names[nid]):
+                self.nodes[nid].served = {k: v for k, v in by_name[names[nid]].items()
+                                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self._collect_serve_replies(ids, early)
         summary["queries"]["reported_by_clients"] = reports
         summary["queries"]["reconciliation"] = reconcile_queries(summary["queries"]["per_client"], reports)
@@ -230,6 +263,8 @@ class FederatedDistillation:
             for reply in self.grid.pull_messages([i for nid, i in ids.items() if nid not in early]):
                 nid = reply.metadata.src_node_id
                 early[nid] = reply
+                if not reply.has_error() and "serving" in reply.content:
+                    continue  # a simulated node serving from a background thread: its report comes via the hub
                 reason = reply.error.reason if reply.has_error() else "it replied before the session started"
                 self.nodes[nid].fail("serve", reason or "error")
             joined = {s.name for s in hub.live()}
@@ -259,8 +294,9 @@ class FederatedDistillation:
         arrays = ArrayRecord(student.state_dict())
         targets = [n for n in self._live()]
         self.observer.stage(f"federated evaluation: the student goes to {len(targets)} nodes")
-        replies = self._round("evaluate", {n.node_id: RecordDict({"student": arrays,
-                                                                  "config": ConfigRecord({"client": n.client})})
+        replies = self._round("evaluate", {n.node_id: RecordDict({"student": arrays, "config": ConfigRecord({
+                                                                      "client": n.client,
+                                                                      "num-clients": self.config.num_clients})})
                                            for n in targets},
                               "evaluate", self.config.train_timeout)
         rows = []

@@ -9,9 +9,13 @@ What it sets, and why (../shared/flower-notes.md):
 - its own ``FLWR_HOME`` and free ports for the local SuperLink, so a
   SuperLink started elsewhere with other settings is never reused; it is
   stopped when the run ends.
-- ``num-supernodes`` = ``num-clients`` and one logical CPU per ClientApp with
-  as many Ray CPUs as clients, so every teacher is live at once (a serving
-  ClientApp holds its slot for the whole distillation).
+- ``num-supernodes`` = ``num-clients``, one logical CPU per ClientApp and as
+  many Ray CPUs as the machine has (at most one per client): a simulated node
+  serves its teacher from a thread of its simulation worker and gives its
+  slot back at once, so the workers, not the clients, are the processes (one
+  worker hosts many clients' teachers) and 50 clients fit on 2 cores.
+  ``bare=True`` passes none of this: ``flwr run . --stream`` as a new user
+  types it, on the federation's defaults (num-clients 0 follows them).
 - the run's status from ``flwr list``: ``flwr run --stream`` exits 0 even
   when the run failed; this command exits 1 then.
 """
@@ -136,16 +140,18 @@ def await_outcome(run_id: str, env: Mapping[str, str], *, timeout: float) -> dic
 
 
 def simulate(changes: Mapping[str, Any], *, app: Path = ROOT, flwr_home: Path | None = None,
-             timeout: float | None = None, stream: Any = None) -> tuple[int, dict[str, Any]]:
+             timeout: float | None = None, stream: Any = None, bare: bool = False) -> tuple[int, dict[str, Any]]:
     """Run the app in simulation; returns (exit code, the run's status record from ``flwr list``)."""
-    config = config_from_mapping(changes)  # fail here, naming the key, before anything starts
-    n = config.num_clients
+    config = config_from_mapping({**changes, "num-clients": changes.get("num-clients") or 1} if bare else changes)
+    n = config.num_clients  # (checked above, naming the key, before anything starts)
     home = (flwr_home or Path(os.environ.get("FEDKD_FLWR_HOME", "") or Path.home() / ".cache/fedkd/flwr-home"))
     home = home.expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     env = simulation_env(home)
-    cmd = ["flwr", "run", str(app), "--stream",
-           "--federation-config", f"num-supernodes={n} client-resources-num-cpus=1 init-args-num-cpus={n}"]
+    cmd = ["flwr", "run", str(app), "--stream"]
+    if not bare:
+        workers = max(1, min(n, os.cpu_count() or 1))
+        cmd += ["--federation-config", f"num-supernodes={n} client-resources-num-cpus=1 init-args-num-cpus={workers}"]
     if changes:
         cmd += ["--run-config", run_config_arg(changes, config)]
     out = stream or sys.stdout

@@ -16,7 +16,7 @@ from flwr.common.config import flatten_dict
 from client.app import app as client_app
 from client.node import NodeConfigError, node_data
 from fedkd.checkpoint import load_teacher
-from fedkd.config import RunConfig, config_from_mapping, config_from_run_config, option_keys
+from fedkd.config import ConfigError, RunConfig, config_from_mapping, config_from_run_config, option_keys
 from fedkd.data import SPECS, load_node_file
 from fedkd.experiment import prepare_clients
 from fedkd.methods import METHODS
@@ -63,8 +63,12 @@ def test_app_config_has_exactly_the_run_keys_with_their_defaults() -> None:
     # every run-wide key, and every method's options (so `--run-config 'method="dafl" dafl.KEY=...'` works)
     every_option = {k for m in METHODS.values() for k in option_keys(m.options, m.name)}
     assert set(table) == set(RunConfig().to_dict()) | every_option
-    assert config_from_run_config(table) == RunConfig()
-    switched = config_from_run_config({**table, "method": "dafl", "dafl.student-steps": 3})
+    # num-clients 0 follows the federation: the app's one default that differs from fedkd run's
+    assert table["num-clients"] == 0
+    with pytest.raises(ConfigError, match="num-clients: 0 follows the federation"):
+        config_from_run_config(table)
+    assert config_from_run_config(table, num_clients=5) == RunConfig()
+    switched = config_from_run_config({**table, "method": "dafl", "dafl.student-steps": 3}, num_clients=5)
     assert switched.method == "dafl" and switched.options.student_steps == 3
 
 
@@ -218,5 +222,5 @@ def test_namespaced_keys_reach_the_server_app_through_flowers_own_run_config_par
     defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     fused = flatten_dict(fuse_dicts(defaults, overrides))  # what the ServerApp's context.run_config holds
     assert fused["cudfkd.weight-bn"] == 5.0 and fused["cudfkd.adv-mask"] == "none"
-    assert config_from_run_config(fused) == config
+    assert config_from_run_config(fused, num_clients=config.num_clients) == config  # fedkd simulate: 5 nodes
     assert (config.options.weight_bn, config.options.adv_mask, config.epochs) == (5.0, "none", 3)

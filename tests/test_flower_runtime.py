@@ -34,6 +34,22 @@ def test_flwr_run_simulation_with_three_clients(tmp_path: Path) -> None:
     assert superlink_pids(home) == []  # the SuperLink it started is gone
 
 
+def test_bare_flwr_run_follows_the_default_federation(tmp_path: Path) -> None:
+    # `flwr run . --stream` on a fresh FLWR_HOME: no --federation-config, the app's num-clients 0 takes the
+    # federation's default 2 SuperNodes (2 CPUs each: one ClientApp at a time, which serving from a background
+    # thread makes enough). A small schedule only, to keep the suite short.
+    home = tmp_path / "fresh-flwr-home"
+    log = io.StringIO()
+    code, status = simulate({**SMALL, "run-dir": str(tmp_path / "runs")}, flwr_home=home, stream=log, timeout=400,
+                            bare=True)
+    assert (code, status["status"]) == (0, "finished:completed"), log.getvalue()[-3000:]
+    assert "--federation-config" not in log.getvalue()
+    summary = json.loads(next((tmp_path / "runs").glob("run-*/summary.json")).read_text())
+    assert summary["config"]["num-clients"] == 2 and len(summary["flower"]["nodes"]) == 2
+    assert summary["flower"]["failed"] == []
+    assert all(n["served"]["forward_calls"] > 0 for n in summary["flower"]["nodes"])  # from the hub's reports
+
+
 def test_a_failed_simulation_run_fails_the_command(tmp_path: Path) -> None:
     # No MNIST files under data-root: every node fails its train round, the ServerApp stops the run.
     code, status = simulate({**SMALL, "dataset": "mnist", "data-root": str(tmp_path / "none"), "num-clients": 2,
