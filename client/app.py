@@ -134,10 +134,10 @@ def _serve(msg: Message, context: Context) -> RecordDict:
         # clients' teachers, each with its own token, agent and ledger. What it released reaches the
         # coordinator in the session's end-of-session report. (A SuperNode runs each message in a process of
         # its own that ends with the reply: there the node serves in the foreground, as below.)
-        thread = threading.Thread(target=_serve_in_background, args=(agent, str(hub["name"])),
-                                  name=f"fedkd-serve-{hub['name']}", daemon=True)
-        thread.start()
-        return RecordDict({"serving": ConfigRecord({"background": 1, "name": str(hub["name"])})})
+        name = str(hub["name"])
+        threading.Thread(target=_serve_in_background, args=(agent, name), name=f"fedkd-serve-{name}",
+                         daemon=True).start()
+        return RecordDict({"serving": ConfigRecord({"background": 1, "name": name})})
     spent = agent.serve()
     metrics: dict[str, Any] = dict(spent)
     status = host.describe().privacy

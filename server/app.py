@@ -247,8 +247,9 @@ class FederatedDistillation:
             reports = hub.end_session()
             by_name = {s.name: s.report for s in hub.slots}
         for nid, reply in early.items():  # background servers: what they released, from their session report
-            if not reply.has_error() and "serving" in reply.content and by_name.get(names[nid]):
-                self.nodes[nid].served = {k: v for k, v in by_name[names[nid]].items()
+            report = by_name.get(names[nid])
+            if not reply.has_error() and "serving" in reply.content and report:
+                self.nodes[nid].served = {k: v for k, v in report.items()
                                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self._collect_serve_replies(ids, early)
         summary["queries"]["reported_by_clients"] = reports
@@ -299,13 +300,14 @@ class FederatedDistillation:
                                                                       "num-clients": self.config.num_clients})})
                                            for n in targets},
                               "evaluate", self.config.train_timeout)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for nid, reply in replies.items():
             metrics = dict(reply.content["metrics"])
             self.nodes[nid].evaluation = metrics
             rows.append({"node_id": nid, **metrics})
-        total = sum(float(r["num-examples"]) for r in rows)
-        accuracy = sum(float(r["accuracy"]) * float(r["num-examples"]) for r in rows) / total if total else None
+        examples = [float(r["num-examples"]) for r in rows]
+        total = sum(examples)
+        accuracy = (sum(float(r["accuracy"]) * n for r, n in zip(rows, examples)) / total) if total else None
         if accuracy is not None:
             self.observer.stage(f"federated evaluation: student accuracy {accuracy:.4f} on {total:.0f} examples "
                                 f"held by {len(rows)} nodes")
