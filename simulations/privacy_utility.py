@@ -33,7 +33,7 @@ def mapping(epsilon: float | None, seed: int, extra: dict[str, Any]) -> dict[str
     run: dict[str, Any] = {"method": "cudfkd", "seed": seed, "dataset": "mnist5k", **extra}
     if epsilon is not None:
         # The DP-SGD recipe is spelled out so that the cache key changes with it.
-        run.update({"privacy-mode": "dp-sgd", "dp-epsilon": epsilon, "dp-batch-size": 256, "dp-lr": 0.01})
+        run.update({"privacy-mode": "dp-sgd", "dp-epsilon": epsilon, "dp-batch-size": 256, "dp-lr": 0.003})
     return run
 
 
