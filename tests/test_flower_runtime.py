@@ -34,6 +34,20 @@ def test_flwr_run_simulation_with_three_clients(tmp_path: Path) -> None:
     assert superlink_pids(home) == []  # the SuperLink it started is gone
 
 
+def test_ten_simulated_clients_on_two_workers(tmp_path: Path) -> None:
+    # Ten teachers serve at once from threads of (at most) two simulation workers.
+    log = io.StringIO()
+    code, status = simulate({**SMALL, "num-clients": 10, "run-dir": str(tmp_path / "runs")},
+                            flwr_home=tmp_path / "home", stream=log, timeout=600)
+    assert (code, status["status"]) == (0, "finished:completed"), log.getvalue()[-3000:]
+    summary = json.loads(next((tmp_path / "runs").glob("run-*/summary.json")).read_text())
+    nodes = summary["flower"]["nodes"]
+    assert len(nodes) == 10 and summary["flower"]["failed"] == []
+    assert sorted(n["client"] for n in nodes) == list(range(10))
+    assert all(n["served"]["forward_calls"] > 0 for n in nodes)
+    assert len(summary["queries"]["per_client"]) == 10
+
+
 def test_bare_flwr_run_follows_the_default_federation(tmp_path: Path) -> None:
     # `flwr run . --stream` on a fresh FLWR_HOME: no --federation-config, the app's num-clients 0 takes the
     # federation's default 2 SuperNodes (2 CPUs each: one ClientApp at a time, which serving from a background
