@@ -7,9 +7,10 @@ Each run is ``fedkd simulate`` (``flwr run . --stream`` with a fresh FLWR_HOME, 
 install off, a local SuperLink stopped afterwards) on MNIST-5k split among the clients as the default
 says (Dirichlet 0.5), every other key at its default; the bare run passes nothing at all (the
 federation's defaults: 2 SuperNodes). Printed
-per run: status, wall time, the machine's peak memory in use above what it used before the run (sampled
-every 0.5 s from /proc/meminfo, so it counts the SuperLink, the simulation workers, the hub and every
-teacher), the best teacher, the ensemble and the student. Writes ``flower-scale.md`` under ``--results``.
+per run: status, wall time, peak memory (the summed proportional set size of the run's processes: the
+SuperLink and everything it started, the simulation workers with every teacher and the ServerApp with
+the hub, sampled every 0.5 s), the best teacher, the ensemble and the student. Writes
+``flower-scale.md`` under ``--results``.
 """
 
 from __future__ import annotations
@@ -26,27 +27,52 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.simulate import simulate  # noqa: E402
+from server.simulate import simulate, superlink_pids  # noqa: E402
 
 
-def _available_kib() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1])
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
+def _pss_kib(pid: int) -> int:
+    """A process's proportional set size (shared pages split among their users), 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(roots: list[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    seen, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(children.get(pid, []))
+    return seen
 
 
 class PeakMemory:
-    """The largest drop in available memory below the level at start, sampled in a thread."""
+    """The run's peak memory: the summed PSS of the local SuperLink started for ``flwr_home`` and everything it
+    started (the simulation process, Ray, its workers with every teacher, the ServerApp with the hub), sampled in
+    a thread. Other processes on the machine are not counted."""
 
-    def __init__(self, every: float = 0.5) -> None:
-        self.every, self.base, self.low = every, _available_kib(), _available_kib()
+    def __init__(self, flwr_home: Path, every: float = 0.5) -> None:
+        self.flwr_home, self.every, self.peak_kib = flwr_home, every, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.every):
-            self.low = min(self.low, _available_kib())
+            pids = _descendants(superlink_pids(self.flwr_home))
+            self.peak_kib = max(self.peak_kib, sum(_pss_kib(p) for p in pids))
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -58,7 +84,7 @@ class PeakMemory:
 
     @property
     def peak_gib(self) -> float:
-        return (self.base - self.low) / 2 ** 20
+        return self.peak_kib / 2 ** 20
 
 
 def one_run(clients: int | None, run_dir: Path, timeout: float) -> dict[str, Any]:
@@ -67,9 +93,10 @@ def one_run(clients: int | None, run_dir: Path, timeout: float) -> dict[str, Any
         changes["num-clients"] = clients
     log = io.StringIO()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="flwr-home-") as home, PeakMemory() as memory:
-        code, status = simulate(changes, flwr_home=Path(home), stream=log, timeout=timeout,
-                                bare=clients is None)
+    with tempfile.TemporaryDirectory(prefix="flwr-home-") as tmp:
+        home = Path(tmp).resolve()
+        with PeakMemory(home) as memory:
+            code, status = simulate(changes, flwr_home=home, stream=log, timeout=timeout, bare=clients is None)
     wall = time.perf_counter() - started
     row: dict[str, Any] = {"clients": clients, "status": status.get("status"), "wall_seconds": wall,
                            "peak_memory_gib": memory.peak_gib}
