@@ -91,3 +91,16 @@ def test_a_run_that_fails_before_it_starts_leaves_the_directory_reusable(tmp_pat
     assert "'cifar10' not found under data-root" in capsys.readouterr().err
     assert main(args) == 2  # the same command again: the same named cause, not "already holds a run"
     assert "'cifar10' not found" in capsys.readouterr().err
+
+
+def test_the_institution_s_command_never_loads_the_coordinator_s_package(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedkd.cli import main; "
+            f"rc = main(['-v', 'teacher', '--checkpoint', {str(tmp_path / 'none.pt')!r}, '--connect', "
+            "'127.0.0.1:1', '--insecure', '--token-file', '/nonexistent']); "
+            "print('RC', rc, sorted({m.split('.')[0] for m in sys.modules} & {'server', 'client'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RC 2 ['client']" in out.stdout, out.stdout + out.stderr
+    assert "token file '/nonexistent' does not exist" in out.stderr
