@@ -1,1 +1,1 @@
-"""The coordinator's entry points: the ``fedkd`` command (:mod:`server.cli`)."""
+"""The coordinator's entry points: its `fedkd` commands (:mod:`server.cli`), the Flower ServerApp, the hub."""

@@ -136,10 +136,10 @@ class ReleasePolicy:
                                     path=ledger_path)
         self.generator = generator
         if self.training and trained == "dp-sgd":
-            trained = Entry(TRAINING, float(self.training["noise_multiplier"]), float(self.training["sample_rate"]),
-                            int(self.training["steps"]))
+            training_entry = Entry(TRAINING, float(self.training["noise_multiplier"]),
+                                   float(self.training["sample_rate"]), int(self.training["steps"]))
             if not any(e.kind == TRAINING for e in self.ledger.entries):  # spent already: recorded whatever the budget
-                self.ledger.charge(trained, what="DP-SGD training", enforce=False)
+                self.ledger.charge(training_entry, what="DP-SGD training", enforce=False)
                 stats = self.training.get("feature_statistics")
                 if stats:  # released with the checkpoint: spent already too
                     self.ledger.charge(Entry(FEATURE_STATISTICS, float(stats["noise_multiplier"]), 1.0, 1,
