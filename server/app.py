@@ -87,7 +87,9 @@ class _Log:
     def epoch_finished(self, record: dict[str, Any]) -> None:
         acc = record.get("student_accuracy")
         shown = f"student accuracy {acc:.4f}" if acc is not None else "done"
-        log(INFO, "[fedkd] epoch %d: %s (%.1f s)", record["epoch"] + 1, shown, record["epoch_seconds"])
+        queries = record.get("query_samples")
+        asked = f", {queries:,} query samples so far" if isinstance(queries, int) else ""
+        log(INFO, "[fedkd] epoch %d: %s (%.1f s%s)", record["epoch"] + 1, shown, record["epoch_seconds"], asked)
 
 
 @app.main()
