@@ -1,7 +1,9 @@
 """The institution's entry points: the teacher agent that dials the coordinator's hub
 (:mod:`client.agent`, ``fedkd teacher``) and, with the Flower app, the ClientApp.
 
-In a one-machine in-process run (``fedkd run``) the client side is played by
-:mod:`fedkd.experiment`, which trains each client's teacher on its own
-partition and serves it through a :class:`fedkd.teacher.TeacherHost`.
+The teacher recipe both use (partitions, training, DP-SGD and PATE) is
+:mod:`fedkd.training`; the client side never imports the coordinator's
+driver. In a one-machine in-process run (``fedkd run``) the coordinator's
+:mod:`fedkd.experiment` plays the clients with that same recipe and serves
+each teacher through a :class:`fedkd.teacher.TeacherHost`.
 """

@@ -36,9 +36,9 @@ from torch import nn
 
 from fedkd.config import ConfigError, RunConfig, config_from_mapping
 from fedkd.data import SPECS, DatasetSpec, ImageData, holdout_indices, load_dataset, load_node_file
-from fedkd.experiment import client_partitions, load_or_train_teacher
 from fedkd.metrics import predict
 from fedkd.privacy.policy import PrivacySettings
+from fedkd.training import client_partitions, load_or_train_teacher
 
 logger = logging.getLogger(__name__)
 

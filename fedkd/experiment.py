@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedkd.checkpoint import RUN_FORMAT, CheckpointError, load_run_state, load_teacher, save_atomic, save_teacher
+from fedkd.checkpoint import RUN_FORMAT, CheckpointError, load_run_state, save_atomic, save_teacher
 from fedkd.config import ConfigError, RunConfig
-from fedkd.data import SPECS, DatasetSpec, DataSplit, ImageData, load_dataset, partition_indices
+from fedkd.data import SPECS, DatasetSpec, DataSplit, ImageData, load_dataset
 from fedkd.ensemble import Ensemble, ZerothOrder
 from fedkd.methods import MethodContext, build_method
 from fedkd.metrics import EnsembleAnswers, accuracy, agreement, loyalty, mean_and_variance, predict, query_ensemble
@@ -51,7 +50,7 @@ from fedkd.teacher import (
     describe_checkpoint,
     unusable,
 )
-from fedkd.training import train_teacher
+from fedkd.training import client_partitions, load_or_train_teacher, train_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -167,38 +166,6 @@ def in_process(clients: list[ClientTeacher], config: RunConfig, run_dir: Path,
 
 def _build(name: str, spec: DatasetSpec) -> nn.Module:
     return build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
-
-
-def client_partitions(config: RunConfig, labels: Tensor) -> list[np.ndarray]:
-    """The clients' shares of a training pool, as the config's partition settings split it."""
-    return partition_indices(labels, config.num_clients, config.partition, alpha=config.alpha,
-                             classes_per_client=config.classes_per_client,
-                             min_partition_size=config.min_partition_size, seed=config.seed)
-
-
-def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *,
-                          client: int, device: torch.device | str, expected_model: str | None,
-                          stage: Callable[[str], None], dp: bool = False,
-                          pate: int = 0) -> tuple[nn.Module, dict[str, Any], bool]:
-    """Client ``client``'s teacher: loaded from ``path`` when it exists, else trained on ``data`` alone and
-    saved there. Returns (model, checkpoint, trained).
-
-    Training starts from a shared initialisation per architecture, as a one-shot FL server would
-    broadcast; only the data order differs between clients (it makes the FedAvg reference meaningful).
-    """
-    if path.exists():
-        stage(f"client {client}: loading teacher from {path}")
-        model, ckpt = load_teacher(path, expected_model=expected_model, num_classes=spec.num_classes,
-                                   input_shape=spec.input_shape)
-        return model, ckpt, False
-    how = " with DP-SGD" if dp else f" x {pate} shard teachers (PATE)" if pate else ""
-    stage(f"client {client}: training {name}{how} on {len(data)} private samples")
-    model, privacy = train_teacher(name, data, spec, config, init_seed=config.seed * 1000,
-                                   order_seed=config.seed * 1000 + client, device=device, dp=dp, pate=pate)
-    ckpt = save_teacher(path, model, model_name=name, num_classes=spec.num_classes, input_shape=spec.input_shape,
-                        num_samples=len(data), label_counts=data.label_counts(spec.num_classes),
-                        mean=spec.mean, std=spec.std, privacy=privacy)
-    return model, ckpt, True
 
 
 def _teacher_path(run_dir: Path, client: int) -> Path:

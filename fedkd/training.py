@@ -1,18 +1,25 @@
-"""Supervised training of a classifier on one client's private data (teachers, references)."""
+"""The client-side teacher recipe: the clients' partitions, and a classifier trained on one client's private data
+only (teachers, references; DP-SGD and PATE teachers included), loaded from its checkpoint when it exists.
+
+The client side (``client/``) uses this module, never the coordinator's driver (``fedkd.experiment``)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from fedkd.checkpoint import load_teacher, save_teacher
 from fedkd.config import ConfigError, RunConfig
-from fedkd.data import DatasetSpec, ImageData
+from fedkd.data import DatasetSpec, ImageData, partition_indices
 
 logger = logging.getLogger(__name__)
 _INIT_LOCK = threading.Lock()
@@ -128,3 +135,35 @@ def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConf
             model, data, spec, epsilon=config.dp_feature_epsilon, delta=record["delta"],
             clip=config.dp_feature_clip, seed=order_seed, device=device)
     return model.eval(), record
+
+
+def client_partitions(config: RunConfig, labels: Tensor) -> list[np.ndarray]:
+    """The clients' shares of a training pool, as the config's partition settings split it."""
+    return partition_indices(labels, config.num_clients, config.partition, alpha=config.alpha,
+                             classes_per_client=config.classes_per_client,
+                             min_partition_size=config.min_partition_size, seed=config.seed)
+
+
+def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *,
+                          client: int, device: torch.device | str, expected_model: str | None,
+                          stage: Callable[[str], None], dp: bool = False,
+                          pate: int = 0) -> tuple[nn.Module, dict[str, Any], bool]:
+    """Client ``client``'s teacher: loaded from ``path`` when it exists, else trained on ``data`` alone and
+    saved there. Returns (model, checkpoint, trained).
+
+    Training starts from a shared initialisation per architecture, as a one-shot FL server would
+    broadcast; only the data order differs between clients (it makes the FedAvg reference meaningful).
+    """
+    if path.exists():
+        stage(f"client {client}: loading teacher from {path}")
+        model, ckpt = load_teacher(path, expected_model=expected_model, num_classes=spec.num_classes,
+                                   input_shape=spec.input_shape)
+        return model, ckpt, False
+    how = " with DP-SGD" if dp else f" x {pate} shard teachers (PATE)" if pate else ""
+    stage(f"client {client}: training {name}{how} on {len(data)} private samples")
+    model, privacy = train_teacher(name, data, spec, config, init_seed=config.seed * 1000,
+                                   order_seed=config.seed * 1000 + client, device=device, dp=dp, pate=pate)
+    ckpt = save_teacher(path, model, model_name=name, num_classes=spec.num_classes, input_shape=spec.input_shape,
+                        num_samples=len(data), label_counts=data.label_counts(spec.num_classes),
+                        mean=spec.mean, std=spec.std, privacy=privacy)
+    return model, ckpt, True

@@ -244,7 +244,7 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_partition(args: argparse.Namespace, console: Console) -> int:
     from fedkd.data import export_node_files, load_dataset
-    from fedkd.experiment import client_partitions
+    from fedkd.training import client_partitions
 
     config = _build_config(args)
     split = load_dataset(config.dataset, config.data_root, seed=config.seed)

@@ -45,7 +45,6 @@ from privacy_utility import mapping  # noqa: E402
 from fedkd.checkpoint import load_teacher  # noqa: E402
 from fedkd.config import config_from_mapping  # noqa: E402
 from fedkd.data import ImageData, load_dataset  # noqa: E402
-from fedkd.experiment import client_partitions  # noqa: E402
 from fedkd.privacy.audit import (  # noqa: E402
     FPRS,
     answers,
@@ -58,7 +57,7 @@ from fedkd.privacy.audit import (  # noqa: E402
 from fedkd.privacy.ledger import ledger_path  # noqa: E402
 from fedkd.privacy.policy import ReleasePolicy  # noqa: E402
 from fedkd.teacher import CurriculumState, TeacherHost, describe_checkpoint  # noqa: E402
-from fedkd.training import train_teacher  # noqa: E402
+from fedkd.training import client_partitions, train_teacher  # noqa: E402
 
 STUDENT_AUC_TARGET = 0.55
 

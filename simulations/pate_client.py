@@ -23,11 +23,10 @@ import torch
 
 from fedkd.config import config_from_mapping
 from fedkd.data import load_dataset
-from fedkd.experiment import client_partitions
 from fedkd.privacy.pate import ABSTAIN, pate_record
 from fedkd.privacy.policy import PrivacySettings, ReleasePolicy
 from fedkd.teacher import CurriculumState, TeacherHost, describe_checkpoint
-from fedkd.training import train_teacher
+from fedkd.training import client_partitions, train_teacher
 
 # (shard teachers, threshold, sigma1, sigma2): the default (10 teachers) and its scaled neighbours.
 SETTINGS = [(5, 3.5, 1.0, 0.5), (10, 7.0, 2.0, 1.0), (20, 14.0, 4.0, 2.0)]

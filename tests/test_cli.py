@@ -104,3 +104,13 @@ def test_the_institution_s_command_never_loads_the_coordinator_s_package(tmp_pat
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "RC 2 ['client']" in out.stdout, out.stdout + out.stderr
     assert "token file '/nonexistent' does not exist" in out.stderr
+
+
+def test_the_client_side_never_imports_the_coordinator_s_driver():
+    import subprocess
+    import sys
+
+    code = ("import sys, client.app, client.cli, client.node; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'server' or m == 'fedkd.experiment'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
