@@ -35,9 +35,10 @@ def mean_and_variance(values: list[float]) -> tuple[float, float]:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict(model: nn.Module, inputs: Tensor, *, batch_size: int = 512,
             device: torch.device | str = "cpu") -> Tensor:
-    """Logits of a local model over normalised inputs, in batches, in eval mode."""
+    """Logits of a local model over normalised inputs, in batches, in eval mode, without autograd."""
     was_training = model.training
     model.eval()
     out = [model(inputs[i:i + batch_size].to(device)).cpu() for i in range(0, len(inputs), batch_size)]

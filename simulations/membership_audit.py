@@ -45,9 +45,9 @@ from privacy_utility import mapping  # noqa: E402
 from fedkd.checkpoint import load_teacher  # noqa: E402
 from fedkd.config import config_from_mapping  # noqa: E402
 from fedkd.data import ImageData, load_dataset  # noqa: E402
+from fedkd.metrics import predict  # noqa: E402
 from fedkd.privacy.audit import (  # noqa: E402
     FPRS,
-    answers,
     attack_metrics,
     dp_tpr_bound,
     lira_offline_scores,
@@ -110,7 +110,7 @@ def audit_run(run_dir: Path, *, client: int = 0, shadows: int = 8, seed: int = 0
         teacher_in, teacher_out = _through_host(host, x_in), _through_host(host, x_out)
         epsilon, delta = (policy.ledger.spent, policy.ledger.delta) if policy.mode != "none" else (float("inf"), 0.0)
     student, _ = load_teacher(run_dir / "student.pt")
-    student_in, student_out = answers(student, x_in), answers(student, x_out)
+    student_in, student_out = predict(student, x_in), predict(student, x_out)
 
     counts = np.bincount(y_in.numpy(), minlength=spec.num_classes).tolist()
     dp = settings.mode == "dp-sgd"
@@ -119,8 +119,8 @@ def audit_run(run_dir: Path, *, client: int = 0, shadows: int = 8, seed: int = 0
         idx = _shadow_data(split.train, part, counts, rng)
         shadow, _ = train_teacher(config.teacher_models()[client], split.train.subset(idx), spec, config,
                                   init_seed=10_000 + s, order_seed=20_000 + s, dp=dp)
-        phi_in.append(scaled_confidence(answers(shadow, x_in), y_in))
-        phi_out.append(scaled_confidence(answers(shadow, x_out), y_out))
+        phi_in.append(scaled_confidence(predict(shadow, x_in), y_in))
+        phi_out.append(scaled_confidence(predict(shadow, x_out), y_out))
         print(f"  shadow {s + 1}/{shadows} trained on {len(idx)} records", file=sys.stderr, flush=True)
 
     rows = []

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedkd.metrics import predict
 from fedkd.privacy.audit import (
-    answers,
     attack_metrics,
     dp_tpr_bound,
     lira_offline_scores,
@@ -56,10 +56,10 @@ def population() -> dict[str, torch.Tensor]:
 
 
 def _both_attacks(model: nn.Module, pop: dict[str, torch.Tensor], shadows: list[nn.Module]) -> dict[str, dict]:
-    a_in, a_out = answers(model, pop["x_in"]), answers(model, pop["x_out"])
+    a_in, a_out = predict(model, pop["x_in"]), predict(model, pop["x_out"])
     loss = attack_metrics(loss_scores(a_in, pop["y_in"]), loss_scores(a_out, pop["y_out"]))
-    phi_in = [scaled_confidence(answers(s, pop["x_in"]), pop["y_in"]) for s in shadows]
-    phi_out = [scaled_confidence(answers(s, pop["x_out"]), pop["y_out"]) for s in shadows]
+    phi_in = [scaled_confidence(predict(s, pop["x_in"]), pop["y_in"]) for s in shadows]
+    phi_out = [scaled_confidence(predict(s, pop["x_out"]), pop["y_out"]) for s in shadows]
     lira = attack_metrics(lira_offline_scores(scaled_confidence(a_in, pop["y_in"]), phi_in),
                           lira_offline_scores(scaled_confidence(a_out, pop["y_out"]), phi_out))
     return {"loss": loss, "lira": lira}
@@ -74,7 +74,7 @@ def shadows(population: dict[str, torch.Tensor]) -> list[nn.Module]:
 
 def test_audit_separates_members_of_an_overfit_model(population, shadows):
     model = _overfit(population["x_in"], population["y_in"], seed=0)
-    train_acc = (answers(model, population["x_in"]).argmax(1) == population["y_in"]).float().mean()
+    train_acc = (predict(model, population["x_in"]).argmax(1) == population["y_in"]).float().mean()
     assert train_acc > 0.95  # it did memorise
     result = _both_attacks(model, population, shadows)
     assert result["loss"]["auc"] > 0.9

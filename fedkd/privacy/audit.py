@@ -18,7 +18,8 @@ that beats it means the guarantee or its accounting is wrong.
 
 Every function takes model answers (logits), not models, so the same attack
 runs against a teacher through its host (the coordinator sending the records
-as queries, under the client's release policy) and against the student.
+as queries, under the client's release policy) and against the student
+(``fedkd.metrics.predict``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -99,9 +99,3 @@ def dp_tpr_bound(epsilon: float, delta: float, fpr: float) -> float:
         return 1.0
     return float(min(1.0, math.exp(epsilon) * fpr + delta, 1.0 - math.exp(-epsilon) * (1.0 - delta - fpr)))
 
-
-@torch.no_grad()
-def answers(model: torch.nn.Module, inputs: Tensor, *, batch: int = 512) -> Tensor:
-    """A model's logits on ``inputs`` (already normalised), in batches, on the CPU."""
-    model.eval()
-    return torch.cat([model(inputs[i:i + batch]).float().cpu() for i in range(0, len(inputs), batch)])
