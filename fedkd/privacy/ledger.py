@@ -178,24 +178,41 @@ class PrivacyLedger:
         gaussian = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.laplace_epsilon == 0]
         return _epsilon(gaussian, self.delta, self.accountant) + sum(e.laplace_epsilon * e.steps for e in entries)
 
-    def charge(self, entry: Entry, *, what: str = "", enforce: bool = True) -> float:
-        """Record ``entry`` if the budget allows it, else raise :class:`BudgetExhausted` (nothing recorded).
-        ``enforce`` False records a cost already incurred (DP-SGD training) whatever the budget."""
-        if entry.steps <= 0:
+    def _compose(self, entries: Sequence[Entry]) -> tuple[list[Entry], float]:
+        """The ledger's entries with ``entries`` added (empty ones skipped), and the epsilon they compose to."""
+        combined = list(self.entries)
+        for entry in entries:
+            if entry.steps <= 0:
+                continue
+            if entry.laplace_epsilon == 0 and not (entry.noise_multiplier > 0
+                                                   and math.isfinite(entry.noise_multiplier)):
+                raise ValueError(f"a Gaussian release needs a noise multiplier > 0, got {entry.noise_multiplier!r}")
+            combined = self._with(entry, combined)
+        return combined, self._cost(combined)
+
+    def _refuse_past_budget(self, after: float, what: str, verb: str) -> None:
+        """Count and raise :class:`BudgetExhausted` when ``after`` exceeds the budget (the caller holds the lock)."""
+        if self.budget and after > self.budget:
+            self.refused += 1
+            self.save()
+            raise BudgetExhausted(
+                f"{BUDGET_REFUSAL}: {what} {verb} take this client to epsilon {after:.4g} at delta "
+                f"{self.delta:.2g}, past its budget of {self.budget:g} (spent so far {self._spent:.4g}); "
+                "nothing was released")
+
+    def charge(self, entry: Entry | Sequence[Entry], *, what: str = "", enforce: bool = True) -> float:
+        """Record ``entry`` (or several, composed and saved once) if the budget allows it, else raise
+        :class:`BudgetExhausted` (nothing recorded). ``enforce`` False records a cost already incurred (DP-SGD
+        training, or a release within the worst case :meth:`check` allowed) whatever the budget."""
+        entries = [entry] if isinstance(entry, Entry) else list(entry)
+        if all(e.steps <= 0 for e in entries):
             return self._spent
-        if entry.laplace_epsilon == 0 and not (entry.noise_multiplier > 0 and math.isfinite(entry.noise_multiplier)):
-            raise ValueError(f"a Gaussian release needs a noise multiplier > 0, got {entry.noise_multiplier!r}")
         with self._lock:
-            entries = self._with(entry)
-            after = self._cost(entries)
-            if enforce and self.budget and after > self.budget:
-                self.refused += 1
-                self.save()
-                raise BudgetExhausted(
-                    f"{BUDGET_REFUSAL}: {what or entry.kind} ({entry.steps} release(s)) would take this "
-                    f"client to epsilon {after:.4g} at delta {self.delta:.2g}, past its budget of {self.budget:g} "
-                    f"(spent so far {self._spent:.4g}); nothing was released")
-            self.entries = entries
+            combined, after = self._compose(entries)
+            if enforce:
+                steps = sum(e.steps for e in entries)
+                self._refuse_past_budget(after, f"{what or entries[0].kind} ({steps} release(s))", "would")
+            self.entries = combined
             self._spent = after
             self.save()
             return after
@@ -207,18 +224,7 @@ class PrivacyLedger:
         if not self.budget:
             return
         with self._lock:
-            combined = list(self.entries)
-            for entry in entries:
-                if entry.steps > 0:
-                    combined = self._with(entry, combined)
-            after = self._cost(combined)
-            if after > self.budget:
-                self.refused += 1
-                self.save()
-                raise BudgetExhausted(
-                    f"{BUDGET_REFUSAL}: {what} could take this client to epsilon {after:.4g} at delta "
-                    f"{self.delta:.2g}, past its budget of {self.budget:g} (spent so far {self._spent:.4g}); "
-                    "nothing was released")
+            self._refuse_past_budget(self._compose(entries)[1], what, "could")
 
     def record(self) -> dict[str, Any]:
         """Everything that determines the epsilon (and the epsilon itself), for the summary and Describe."""

@@ -208,8 +208,6 @@ class ReleasePolicy:
         labels = confident_gnmax(outputs, threshold=s.pate_threshold, sigma1=s.pate_sigma1, sigma2=s.pate_sigma2,
                                  generator=self.generator)
         answered = labels != ABSTAIN
-        for entry in self._pate_entries(len(labels), int(answered.sum())):
-            self.ledger.charge(entry, what="PATE labels", enforce=False)  # within the worst case checked before
         report = self.ledger.reports.setdefault("pate", {"answered": 0, "abstained": 0, "data_dependent_rdp": None})
         rdp = data_dependent_rdp(outputs, answered, threshold=s.pate_threshold, sigma1=s.pate_sigma1,
                                  sigma2=s.pate_sigma2)
@@ -217,7 +215,8 @@ class ReleasePolicy:
                                         else rdp + np.asarray(report["data_dependent_rdp"])).tolist()
         report["answered"] += int(answered.sum())
         report["abstained"] += int((~answered).sum())
-        self.ledger.save()
+        # Within the worst case checked before; one accountant run and one save for both entries and the report.
+        self.ledger.charge(self._pate_entries(len(labels), int(answered.sum())), what="PATE labels", enforce=False)
         return labels
 
     # Other releases -------------------------------------------------------------------------
