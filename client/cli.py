@@ -25,9 +25,11 @@ from fedkd.checkpoint import CheckpointError, load_teacher
 from fedkd.codec import MiB
 from fedkd.config import BATCH_LIMIT, TIMEOUT_LIMIT, address, argument
 from fedkd.privacy.ledger import ledger_path
-from fedkd.privacy.policy import MODES, PrivacySettings, ReleasePolicy
+from fedkd.privacy.policy import LABEL_COUNT_NOISE, MODES, PrivacySettings, ReleasePolicy
 from fedkd.teacher import ACCESS_MODES, ALL_ACCESS_MODES, TeacherHost, describe_checkpoint
 from fedkd.tls import read_certificates, read_private_key
+
+DEFAULT = PrivacySettings()  # the flags' defaults are the settings' own
 
 
 def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
@@ -76,30 +78,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "only)")
     parser.add_argument("--no-label-counts", action="store_true", help="do not share the label histogram")
     privacy = parser.add_argument_group("privacy (this client's own; nothing the coordinator sends changes it)")
-    privacy.add_argument("--privacy-mode", choices=MODES, default="none",
+    privacy.add_argument("--privacy-mode", choices=MODES, default=DEFAULT.mode,
                          help="none; dp-sgd (the checkpoint was trained with DP-SGD; answers are free); "
                          "output-noise (clipped, noised logits and input gradients, accounted per query sample); "
                          "pate (the checkpoint holds shard teachers; labels by Confident-GNMax, accounted per row)")
-    privacy.add_argument("--privacy-budget", type=argument(float, 0.0, 1e6), default=0.0,
+    privacy.add_argument("--privacy-budget", type=argument(float, 0.0, 1e6), default=DEFAULT.budget,
                          help="total epsilon this client allows, training included; 0 = unlimited (reported)")
-    privacy.add_argument("--delta", type=argument(float, 0.0, 0.1), default=0.0,
+    privacy.add_argument("--delta", type=argument(float, 0.0, 0.1), default=DEFAULT.delta,
                          help="delta of the guarantee (default: the training's, else 1 / (10 n))")
-    privacy.add_argument("--output-noise", type=argument(float, 1e-6, 1e6), default=1.0,
-                         help="output-noise: Gaussian std / (2 x clip) per released row (default 1)")
-    privacy.add_argument("--output-clip", type=argument(float, 1e-6, 1e6), default=10.0,
-                         help="output-noise: L2 norm logits rows are clipped to (default 10)")
-    privacy.add_argument("--gradient-clip", type=argument(float, 1e-6, 1e6), default=1.0,
-                         help="output-noise: L2 norm input-gradient rows are clipped to (default 1)")
-    privacy.add_argument("--label-count-noise", choices=("auto", "none", "gaussian", "laplace"), default="auto",
+    privacy.add_argument("--output-noise", type=argument(float, 1e-6, 1e6), default=DEFAULT.output_noise,
+                         help="output-noise: Gaussian std / (2 x clip) per released row (default %(default)s)")
+    privacy.add_argument("--output-clip", type=argument(float, 1e-6, 1e6), default=DEFAULT.output_clip,
+                         help="output-noise: L2 norm logits rows are clipped to (default %(default)s)")
+    privacy.add_argument("--gradient-clip", type=argument(float, 1e-6, 1e6), default=DEFAULT.gradient_clip,
+                         help="output-noise: L2 norm input-gradient rows are clipped to (default %(default)s)")
+    privacy.add_argument("--label-count-noise", choices=LABEL_COUNT_NOISE, default=DEFAULT.label_count_noise,
                          help="noise on the released label histogram (auto: none without a mechanism, else gaussian)")
-    privacy.add_argument("--label-count-epsilon", type=argument(float, 1e-6, 1e4), default=0.5,
-                         help="what the noisy label histogram costs (default 0.5)")
-    privacy.add_argument("--pate-threshold", type=argument(float, 0.0, 1e6), default=7.0,
-                         help="pate: answer a row only when its noisy top vote reaches this (default 7)")
-    privacy.add_argument("--pate-sigma1", type=argument(float, 1e-6, 1e6), default=2.0,
-                         help="pate: noise std of the threshold check (default 2)")
-    privacy.add_argument("--pate-sigma2", type=argument(float, 1e-6, 1e6), default=1.0,
-                         help="pate: noise std on each vote count for the answer (default 1)")
+    privacy.add_argument("--label-count-epsilon", type=argument(float, 1e-6, 1e4), default=DEFAULT.label_count_epsilon,
+                         help="what the noisy label histogram costs (default %(default)s)")
+    privacy.add_argument("--pate-threshold", type=argument(float, 0.0, 1e6), default=DEFAULT.pate_threshold,
+                         help="pate: answer a row only when its noisy top vote reaches this (default %(default)s)")
+    privacy.add_argument("--pate-sigma1", type=argument(float, 1e-6, 1e6), default=DEFAULT.pate_sigma1,
+                         help="pate: noise std of the threshold check (default %(default)s)")
+    privacy.add_argument("--pate-sigma2", type=argument(float, 1e-6, 1e6), default=DEFAULT.pate_sigma2,
+                         help="pate: noise std on each vote count for the answer (default %(default)s)")
     privacy.add_argument("--ledger", help="file of this client's privacy ledger (default: beside the checkpoint, "
                          "NAME.ledger.json); every release is recorded there before it is made")
     parser.add_argument("--max-message-mb", type=argument(float, 0.01, 2000.0), default=64.0,

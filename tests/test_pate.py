@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 from scipy.stats import norm
+from test_privacy_policy import rdp as rdp_epsilon  # the RDP accountant, independently of the ledger
 
 from fedkd.checkpoint import load_teacher, save_teacher
 from fedkd.models import build_model
@@ -33,14 +32,6 @@ SHAPE = (1, 8, 8)
 
 def votes(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
-
-
-def rdp_epsilon(history, delta):
-    acc = RDPAccountant()
-    acc.history = list(history)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return acc.get_epsilon(delta)
 
 
 def shard_votes(teachers: int = 4, seed: int = 0) -> ShardVotes:
