@@ -2,11 +2,11 @@
 
 Messages (the ServerApp in ``server/app.py`` sends them):
 
-- ``train``: config ``client`` (this node's index in the run). Trains the
+- ``train``: config ``client`` (this node's index in the run; a simulated node is its partition). Trains the
   teacher on the node's private data only (DP-SGD when the node's
   ``privacy-mode`` is dp-sgd; in a deployment from its node config only), or
   loads it from the node's ``teacher-ckpt``; the checkpoint stays on the node.
-  Replies with local metrics (without DP) or the privacy spent (with DP).
+  Replies with the client it is, and local metrics (without DP) or the privacy spent (with DP).
 - ``query.serve``: config ``address``, ``token``, ``ca`` (the hub's CA
   certificate, PEM), ``session``, ``name``, ``client``. Connects the teacher
   to the coordinator's hub and answers queries until the coordinator ends
@@ -84,13 +84,21 @@ def _handle(name: str, body: Callable[[Message, Context], RecordDict]) -> Callab
     return handler
 
 
+def _client(asked: Any, context: Context) -> int:
+    """The client this node is: in a simulation its partition (the data it holds, and the client `fedkd run`
+    trains on that partition), in a deployment the index the coordinator gave it."""
+    if "partition-id" in context.node_config:
+        return int(context.node_config["partition-id"])
+    return int(asked)
+
+
 def _train(msg: Message, context: Context) -> RecordDict:
-    client = int(msg.content["train"]["client"])  # type: ignore[arg-type]
+    client = _client(msg.content["train"]["client"], context)
     _, config = node_privacy(_run_config(context, msg.content["train"]), context.node_config, client)
     data = node_data(config, context.node_config)
     teacher = ensure_teacher(config, context.node_config, data, client)
     spec = data.spec
-    metrics: dict[str, Any] = {"trained": int(teacher.trained), "seconds": teacher.seconds}
+    metrics: dict[str, Any] = {"client": client, "trained": int(teacher.trained), "seconds": teacher.seconds}
     info: dict[str, Any] = {"model": str(teacher.checkpoint["model"]), "data": data.source}
     correct, total = count_correct(teacher.model, data.train, spec)
     held = count_correct(teacher.model, data.holdout, spec) if data.holdout is not None else (0, 0)
@@ -112,7 +120,7 @@ def _train(msg: Message, context: Context) -> RecordDict:
 
 def _serve(msg: Message, context: Context) -> RecordDict:
     hub = msg.content["hub"]
-    client = int(hub["client"])  # type: ignore[arg-type]
+    client = _client(hub["client"], context)
     privacy, config = node_privacy(_run_config(context, hub), context.node_config, client)
     path = teacher_path(config, context.node_config, client)
     if not path.exists():
@@ -155,7 +163,7 @@ def _serve_in_background(agent: TeacherAgent, name: str) -> None:
 
 
 def _evaluate(msg: Message, context: Context) -> RecordDict:
-    client = int(msg.content["config"]["client"]) if "config" in msg.content else 0  # type: ignore[arg-type]
+    client = _client(msg.content["config"]["client"] if "config" in msg.content else 0, context)
     settings = msg.content["config"] if "config" in msg.content else None
     privacy, config = node_privacy(_run_config(context, settings), context.node_config, client)
     data = node_data(config, context.node_config)

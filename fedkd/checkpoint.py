@@ -185,7 +185,7 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
     return model.eval(), ckpt
 
 
-# What a run checkpoint holds (fedkd.experiment.distill writes it after every epoch), and the type of each.
+# What a run checkpoint holds (fedkd.distillation.distill writes it after every epoch), and the type of each.
 RUN_FIELDS: dict[str, tuple[type, ...]] = {
     "epoch": (int,), "method": (dict,), "history": (list,), "stage_epochs": (list,), "stage_images": (list,),
     "rng": (torch.Tensor,), "elapsed": (int, float), "answers": (dict, type(None)), "query_stats": (list,),

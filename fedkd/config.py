@@ -194,8 +194,10 @@ class RunConfig:
     # The Flower app only (`flwr run .`; `fedkd run` ignores them). run-dir: where the ServerApp
     # writes run-<run id>/; evaluation: the coordinator's own test set, the clients' held-out data
     # (evaluate messages), or both; hub-host: the name teachers dial to reach the hub (and its
-    # certificate's name), hub-port 0 = any free port; timeouts in seconds.
+    # certificate's name), hub-port 0 = any free port; timeouts in seconds. resume-from: the run directory
+    # (run-dir/run-<run id>) of a ServerApp run that died, continued from its last epoch; empty = a new run.
     run_dir: str = "runs/flower"
+    resume_from: str = ""
     evaluation: str = field(default="both", metadata=choice("coordinator", "federated", "both"))
     hub_host: str = "127.0.0.1"
     hub_port: int = field(default=0, metadata=bounded(0, 65535))

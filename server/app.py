@@ -20,6 +20,12 @@
    metrics.jsonl, checkpoint.pt, student.pt, plots/, summary.json) as
    ``fedkd run`` does, with a ``flower`` section naming every node.
 
+Steps 3-7 are the coordinator's one flow (:func:`fedkd.coordinator.coordinate`,
+shared with ``fedkd run`` and ``fedkd distill``); the nodes are its teachers.
+A run that dies continues from its run directory with ``--run-config
+'resume-from="runs/flower/run-<id>"'``: the nodes reload their teachers, and
+only the epoch in progress is repeated.
+
 Anything that stops the run raises :class:`FlowerRunError` with the reason, so
 Flower records the run as failed.
 """
@@ -27,6 +33,8 @@ Flower records the run as failed.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -36,11 +44,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
-from fedkd.checkpoint import load_teacher
 from fedkd.config import FOLLOW_FEDERATION, RunConfig, config_from_run_config
-from fedkd.data import SPECS, load_dataset
-from fedkd.experiment import distill, open_run_dir, reconcile_queries, setup, write_summary
+from fedkd.coordinator import Session, coordinate
+from fedkd.data import load_dataset
+from fedkd.distillation import Distillation, RunObserver
 from fedkd.tls import run_pki
 from server.hub import Hub, ServerTLS, issue_tokens
 
@@ -101,8 +110,13 @@ def main(grid: Grid, context: Context) -> None:
         counted = federation_size(grid, timeout)
         log(INFO, "[fedkd] num-clients=0: the federation has %d nodes, one client each", counted)
     config = config_from_run_config(run_config, num_clients=counted)
-    run_dir = Path(config.run_dir).expanduser().resolve() / f"run-{context.run_id}"
-    FederatedDistillation(grid, config, run_dir, run_id=context.run_id).run()
+    if config.resume_from:  # a run that died: continue it in its own run directory
+        run_dir = Path(config.resume_from).expanduser().resolve()
+        log(INFO, "[fedkd] resuming the run in %s", run_dir)
+    else:
+        run_dir = Path(config.run_dir).expanduser().resolve() / f"run-{context.run_id}"
+    resume = bool(config.resume_from)
+    FederatedDistillation(grid, config, run_dir, run_id=context.run_id, resumed=resume).run(resume=resume)
 
 
 def federation_size(grid: Grid, timeout: float, settle: float = SETTLE) -> int:
@@ -144,8 +158,10 @@ def _replies(messages: list[Message]) -> dict[int, Message]:
 
 
 class FederatedDistillation:
-    def __init__(self, grid: Grid, config: RunConfig, run_dir: Path, *, run_id: int) -> None:
-        self.grid, self.config, self.run_dir, self.run_id = grid, config, run_dir, run_id
+    """The ServerApp's run: the Flower nodes are the teachers of the coordinator's one flow."""
+
+    def __init__(self, grid: Grid, config: RunConfig, run_dir: Path, *, run_id: int, resumed: bool = False) -> None:
+        self.grid, self.config, self.run_dir, self.run_id, self.resumed = grid, config, run_dir, run_id, resumed
         self.observer = _Log()
         self.nodes: dict[int, NodeRecord] = {}
 
@@ -182,38 +198,20 @@ class FederatedDistillation:
 
     # The run ------------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """The coordinator's flow with these nodes as the teachers; ``resume`` continues the run in ``run_dir``
+        from its last checkpoint (the nodes reload their teachers, and the epoch in progress is repeated)."""
+        return coordinate(self.config, self.run_dir, self, resume=resume, observer=self.observer)
+
+    @contextmanager
+    def session(self, run_dir: Path, device: torch.device, observer: RunObserver) -> Iterator[Session]:
         config = self.config
-        device = setup(config)
-        open_run_dir(config, self.run_dir, resume=False)
-        self.observer.stage(f"run directory {self.run_dir}")
-        started = time.perf_counter()
-        self.observer.stage(f"waiting up to {config.nodes_timeout:.0f} s for {config.num_clients} nodes")
+        observer.stage(f"run directory {run_dir}")
+        observer.stage(f"waiting up to {config.nodes_timeout:.0f} s for {config.num_clients} nodes")
         node_ids = wait_for_nodes(self.grid, config.num_clients, config.nodes_timeout)
         self.nodes = {nid: NodeRecord(nid, k) for k, nid in enumerate(node_ids)}
-
-        self.observer.stage(f"train round: {len(node_ids)} nodes train or load their teachers")
-        replies = self._round("train", {n.node_id: RecordDict({"train": ConfigRecord({
-            "client": n.client, "num-clients": config.num_clients})}) for n in self._live()}, "train",
-            config.train_timeout)
-        for nid, reply in replies.items():
-            self.nodes[nid].train = {**dict(reply.content["metrics"]), **dict(reply.content["teacher"])}
-        self._check_quorum("the train round")
-
-        summary = self._serve_and_distill(device, started)
-        if config.evaluation in ("federated", "both"):
-            summary["federated_evaluation"] = self._federated_evaluation()
-        summary["flower"] = {"run_id": self.run_id, "nodes": [vars(n) for n in self.nodes.values()],
-                             "failed": [n.node_id for n in self.nodes.values() if n.status != "ok"]}
-        summary["transport"] = "flower"
-        summary["wall_seconds"] = time.perf_counter() - started
-        write_summary(summary, self.run_dir)
-        self.observer.stage(f"summary written to {self.run_dir / 'summary.json'}")
-        return summary
-
-    def _serve_and_distill(self, device: torch.device, started: float) -> dict[str, Any]:
-        config, run_dir = self.config, self.run_dir
-        names = {n.node_id: f"node-{n.node_id}" for n in self._live()}
+        self._train_round()
+        names = {n.node_id: f"node-{n.node_id}" for n in self._live()}  # in client order: the pool's order
         tokens = issue_tokens(run_dir / "tokens", list(names.values()))
         host = config.hub_host
         pki = run_pki(run_dir / "tls", hosts=sorted({host, "localhost", "127.0.0.1"}))
@@ -222,7 +220,7 @@ class FederatedDistillation:
                           tls=ServerTLS(pki.server_cert.read_bytes(), pki.server_key.read_bytes()))
         with hub:
             address = f"{host}:{hub.port}"
-            self.observer.stage(f"hub on {address} (TLS, one token per node); asking the nodes to serve")
+            observer.stage(f"hub on {address} (TLS, one token per node); asking the nodes to serve")
             ca = pki.ca_cert.read_bytes()
             serving = {}
             for nid, name in names.items():
@@ -242,11 +240,10 @@ class FederatedDistillation:
             hub.drop_absent()
             test = None
             if config.evaluation in ("coordinator", "both"):
-                self.observer.stage(f"loading {config.dataset} (the coordinator's own test set)")
+                observer.stage(f"loading {config.dataset} (the coordinator's own test set)")
                 test = load_dataset(config.dataset, config.data_root, seed=config.seed).test
-            summary = distill(config, hub.pool, SPECS[config.dataset], test, run_dir, device=device,
-                              saved_state=None, observer=self.observer, started=started)
-            reports = hub.end_session()
+            yield Session(hub.pool, "flower", test=test)
+            hub.end_session()
             by_name = {s.name: s.report for s in hub.slots}
         for nid, reply in early.items():  # background servers: what they released, from their session report
             report = by_name.get(names[nid])
@@ -254,9 +251,34 @@ class FederatedDistillation:
                 self.nodes[nid].served = {k: v for k, v in report.items()
                                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self._collect_serve_replies(ids, early)
-        summary["queries"]["reported_by_clients"] = reports
-        summary["queries"]["reconciliation"] = reconcile_queries(summary["queries"]["per_client"], reports)
-        return summary
+
+    def finish(self, result: Distillation, session: Session, observer: RunObserver) -> None:
+        if self.config.evaluation in ("federated", "both"):
+            session.sections["federated_evaluation"] = self._federated_evaluation(result.student)
+        nodes = sorted(self.nodes.values(), key=lambda n: n.client)
+        session.sections["flower"] = {"run_id": self.run_id, "resumed": self.resumed,
+                                      "nodes": [vars(n) for n in nodes],
+                                      "failed": [n.node_id for n in nodes if n.status != "ok"]}
+
+    def _train_round(self) -> None:
+        """Each node trains (or loads) its teacher. A simulated node trains its partition's teacher, so it
+        replies with the client it is (its partition) and the nodes are ordered by client, as `fedkd run`
+        orders its clients."""
+        config = self.config
+        self.observer.stage(f"train round: {len(self.nodes)} nodes train or load their teachers")
+        replies = self._round("train", {n.node_id: RecordDict({"train": ConfigRecord({
+            "client": n.client, "num-clients": config.num_clients})}) for n in self._live()}, "train",
+            config.train_timeout)
+        for nid, reply in replies.items():
+            metrics = dict(reply.content["metrics"])
+            self.nodes[nid].client = int(metrics.pop("client", self.nodes[nid].client))  # type: ignore[arg-type]
+            self.nodes[nid].train = {**metrics, **dict(reply.content["teacher"])}
+        clients = [n.client for n in self.nodes.values()]
+        if len(set(clients)) != len(clients):
+            raise FlowerRunError("two nodes are the same client: " + ", ".join(
+                f"node {n.node_id}: client {n.client}" for n in self.nodes.values()))
+        self.nodes = dict(sorted(self.nodes.items(), key=lambda item: item[1].client))
+        self._check_quorum("the train round")
 
     def _await_teachers(self, hub: Hub, names: dict[int, str], ids: dict[int, str]) -> dict[int, Message]:
         """Wait until every serving node's teacher joined, or replied (a failure), or nodes-timeout passed."""
@@ -292,9 +314,8 @@ class FederatedDistillation:
         for nid in pending.values():
             log(WARNING, "node %d did not report what it released within %.0f s", nid, SERVE_REPLY_TIMEOUT)
 
-    def _federated_evaluation(self) -> dict[str, Any]:
-        student, _ = load_teacher(self.run_dir / "student.pt")
-        arrays = ArrayRecord(student.state_dict())
+    def _federated_evaluation(self, student: nn.Module) -> dict[str, Any]:
+        arrays = ArrayRecord({k: v.detach().cpu() for k, v in student.state_dict().items()})
         targets = [n for n in self._live()]
         self.observer.stage(f"federated evaluation: the student goes to {len(targets)} nodes")
         replies = self._round("evaluate", {n.node_id: RecordDict({"student": arrays, "config": ConfigRecord({

@@ -38,8 +38,9 @@ from fedkd.config import (
     parse_assignments,
 )
 from fedkd.data import DatasetNotFoundError
-from fedkd.experiment import RunDirectoryError, run_experiment
+from fedkd.experiment import run_experiment
 from fedkd.pool import QuorumError
+from fedkd.rundir import RunDirectoryError
 from fedkd.tls import CertificateError, make_dev_pki, read_certificates, read_private_key, run_pki
 from server.distill import run_distillation, teacher_names
 from server.hub import ListenError, ServerTLS
@@ -127,6 +128,9 @@ def _progress(console: Console) -> Progress:
 
 
 def _out(args: argparse.Namespace, config: RunConfig) -> Path:
+    if config.resume_from:
+        raise ConfigError(f"resume-from: {config.resume_from!r} is the Flower app's way to continue a run; here "
+                          f"pass --out {config.resume_from} --resume")
     default_out = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{config.dataset}-{config.method}")
     return Path(args.out) if args.out else default_out
 

@@ -1,19 +1,24 @@
 """``fedkd distill``: the coordinator alone, distilling from teachers that live elsewhere.
 
 Opens the hub on ``--listen``, issues one token per teacher (``<run>/tokens``),
-waits for the teachers to dial in, then runs the configured method with the
-coordinator's own held-out data for evaluation, and writes the same run
-directory and summary.json as ``fedkd run``.
+waits for the teachers to dial in, then runs the coordinator's flow
+(:func:`fedkd.coordinator.coordinate`) with the coordinator's own held-out data
+for evaluation, and writes the same run directory and summary.json as ``fedkd run``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedkd.config import RunConfig
+from fedkd.coordinator import RunObserver, Session, coordinate
 from fedkd.data import load_dataset
-from fedkd.experiment import RunObserver, claim_run_dir, distill, finish_summary, setup
+from fedkd.distillation import Distillation
 from server.hub import Hub, ServerTLS, issue_tokens
 
 
@@ -21,29 +26,42 @@ def teacher_names(count: int) -> list[str]:
     return [f"teacher-{k:03d}" for k in range(count)]
 
 
-def run_distillation(config: RunConfig, run_dir: Path, *, listen: str, teachers: int, tls: ServerTLS | None,
-                     token_dir: Path | None, wait: float, resume: bool, observer: RunObserver) -> dict[str, Any]:
-    device = setup(config)
-    token_dir = token_dir or run_dir / "tokens"
-    names = teacher_names(teachers)
-    mtls = tls is not None and tls.client_ca is not None
-    with claim_run_dir(config, run_dir, resume=resume) as saved_state:
+class DialingTeachers:
+    """Teachers that dial in to the coordinator's hub, each with its token (or its client certificate)."""
+
+    def __init__(self, config: RunConfig, *, listen: str, teachers: int, tls: ServerTLS | None,
+                 token_dir: Path | None, wait: float) -> None:
+        self.config, self.listen, self.count, self.tls = config, listen, teachers, tls
+        self.token_dir, self.wait = token_dir, wait
+
+    @contextmanager
+    def session(self, run_dir: Path, device: torch.device, observer: RunObserver) -> Iterator[Session]:
+        config, tls = self.config, self.tls
+        token_dir = self.token_dir or run_dir / "tokens"
+        names = teacher_names(self.count)
+        mtls = tls is not None and tls.client_ca is not None
         tokens: dict[str, str | None] = dict(issue_tokens(token_dir, names)) if not mtls else dict.fromkeys(names)
         session = run_dir.resolve().name
-        hub = Hub.for_run(tokens, config, session=session, address=listen, tls=tls)
-        with hub:
+        with Hub.for_run(tokens, config, session=session, address=self.listen, tls=tls) as hub:
             how = "client certificates" if mtls else f"the tokens in {token_dir}"
-            observer.stage(f"hub listening on {listen.rsplit(':', 1)[0]}:{hub.port} ({'TLS' if tls else 'PLAINTEXT'}), "
-                           f"session {session!r}; waiting up to {wait:.0f} s for {teachers} teachers with {how}")
-            hub.wait_for_teachers(timeout=wait)
+            observer.stage(f"hub listening on {self.listen.rsplit(':', 1)[0]}:{hub.port} "
+                           f"({'TLS' if tls else 'PLAINTEXT'}), session {session!r}; waiting up to {self.wait:.0f} s "
+                           f"for {self.count} teachers with {how}")
+            hub.wait_for_teachers(timeout=self.wait)
             refused = hub.refusals()
             hub.drop_absent()
             observer.stage(f"{len(hub.slots)} teachers connected"
                            + (f" ({len(refused)} refused: {'; '.join(f'{n}: {r}' for n, r in refused.items())})"
                               if refused else "") + f"; loading {config.dataset} for evaluation")
             split = load_dataset(config.dataset, config.data_root, seed=config.seed)
-            summary = distill(config, hub.pool, split.spec, split.test, run_dir, device=device,
-                              saved_state=saved_state, observer=observer)
-            summary["transport"] = "grpc"
-            reports = hub.end_session()
-    return finish_summary(summary, reports, run_dir)
+            yield Session(hub.pool, "grpc", test=split.test)
+            hub.end_session()
+
+    def finish(self, result: Distillation, session: Session, observer: RunObserver) -> None:
+        pass
+
+
+def run_distillation(config: RunConfig, run_dir: Path, *, listen: str, teachers: int, tls: ServerTLS | None,
+                     token_dir: Path | None, wait: float, resume: bool, observer: RunObserver) -> dict[str, Any]:
+    source = DialingTeachers(config, listen=listen, teachers=teachers, tls=tls, token_dir=token_dir, wait=wait)
+    return coordinate(config, run_dir, source, resume=resume, observer=observer)

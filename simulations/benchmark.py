@@ -42,9 +42,10 @@ import torch
 from fedkd.aggregation import AGGREGATORS
 from fedkd.checkpoint import save_atomic
 from fedkd.config import config_from_mapping
+from fedkd.coordinator import setup
 from fedkd.data import load_dataset
 from fedkd.ensemble import Ensemble
-from fedkd.experiment import in_process, prepare_clients, run_experiment, setup
+from fedkd.experiment import in_process, prepare_clients, run_experiment
 from fedkd.metrics import accuracy, query_ensemble
 
 RUNS: dict[str, dict[str, Any]] = {

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 from fedkd.config import ConfigError, config_from_mapping, parse_assignments
+from fedkd.coordinator import LogObserver, setup
 from fedkd.data import load_dataset
-from fedkd.experiment import LogObserver, prepare_clients, run_experiment, setup
+from fedkd.experiment import prepare_clients, run_experiment
 from fedkd.methods import METHODS
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -7,7 +7,8 @@ import torch
 
 from fedkd.checkpoint import CheckpointError
 from fedkd.config import ConfigError, config_from_mapping
-from fedkd.experiment import RunDirectoryError, run_experiment
+from fedkd.experiment import run_experiment
+from fedkd.rundir import RunDirectoryError
 
 TINY = {
     "dataset": "digits", "num-clients": 3, "partition": "iid", "teacher-model": "lenet5",

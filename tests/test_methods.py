@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fedkd.config import ConfigError, config_from_mapping
+from fedkd.coordinator import LogObserver, setup
 from fedkd.data import SPECS, load_dataset, load_public_pool
-from fedkd.experiment import LogObserver, prepare_clients, run_experiment, setup
+from fedkd.experiment import prepare_clients, run_experiment
 from fedkd.methods import METHODS
 from fedkd.methods.hidfd import frequency_weights
 from fedkd.methods.rdskd import rdskd_loss

@@ -6,9 +6,9 @@ from torch import nn
 
 from fedkd.augment import random_shift
 from fedkd.config import ConfigError, config_from_mapping
+from fedkd.coordinator import check_pool_memory
 from fedkd.data import SPECS
 from fedkd.ensemble import Ensemble
-from fedkd.experiment import check_pool_memory
 from fedkd.methods import QueryBudget
 from fedkd.pool import LocalPool
 from fedkd.synthesis import SynthesisSettings, Synthesizer, balanced_targets
