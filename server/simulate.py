@@ -100,6 +100,30 @@ def superlink_pids(flwr_home: Path) -> list[int]:
             pids.append(int(proc.name))
     return pids
 
+def _descendants(roots: list[int]) -> set[int]:
+    """The processes ``roots`` and everything they started, from /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    seen, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(children.get(pid, []))
+    return seen
+
+
+def run_processes(flwr_home: Path) -> set[int]:
+    """The local SuperLink of this FLWR_HOME and every process it started (the simulation runtime with the
+    ServerApp, the Ray workers with the ClientApps)."""
+    return _descendants(superlink_pids(flwr_home))
+
 
 def stop_superlink(flwr_home: Path, timeout: float = 15.0) -> None:
     pids = superlink_pids(flwr_home)

@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.simulate import simulate, superlink_pids  # noqa: E402
+from server.simulate import run_processes, simulate  # noqa: E402
 
 
 def _pss_kib(pid: int) -> int:
@@ -39,24 +39,6 @@ def _pss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def _descendants(roots: list[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(proc.name))
-    seen, todo = set(), list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo.extend(children.get(pid, []))
-    return seen
 
 
 class PeakMemory:
@@ -71,7 +53,7 @@ class PeakMemory:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.every):
-            pids = _descendants(superlink_pids(self.flwr_home))
+            pids = run_processes(self.flwr_home)
             self.peak_kib = max(self.peak_kib, sum(_pss_kib(p) for p in pids))
 
     def __enter__(self) -> PeakMemory:
