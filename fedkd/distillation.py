@@ -99,6 +99,9 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
 
     answers: EnsembleAnswers | None = None
     if saved_state is not None:
+        if len(saved_state["query_stats"]) != len(pool.descriptions):
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} was written with {len(saved_state['query_stats'])} "
+                                  f"teachers and {len(pool.descriptions)} answer now; resume with the same teachers")
         if saved_state["answers"] is not None:
             answers = EnsembleAnswers(saved_state["answers"]["ensemble"], list(saved_state["answers"]["members"]))
         try:

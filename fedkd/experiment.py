@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from fedkd.config import ConfigError, RunConfig
-from fedkd.coordinator import RunObserver, Session, coordinate
+from fedkd.coordinator import Session, coordinate
 from fedkd.data import DataSplit, load_dataset
-from fedkd.distillation import Distillation, build
+from fedkd.distillation import Distillation, RunObserver, build
 from fedkd.metrics import accuracy, predict
 from fedkd.models import average_weights
 from fedkd.pool import LocalPool, TeacherPool

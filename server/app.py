@@ -273,10 +273,10 @@ class FederatedDistillation:
             metrics = dict(reply.content["metrics"])
             self.nodes[nid].client = int(metrics.pop("client", self.nodes[nid].client))  # type: ignore[arg-type]
             self.nodes[nid].train = {**metrics, **dict(reply.content["teacher"])}
-        clients = [n.client for n in self.nodes.values()]
+        clients = [n.client for n in self._live()]
         if len(set(clients)) != len(clients):
             raise FlowerRunError("two nodes are the same client: " + ", ".join(
-                f"node {n.node_id}: client {n.client}" for n in self.nodes.values()))
+                f"node {n.node_id}: client {n.client}" for n in self._live()))
         self.nodes = dict(sorted(self.nodes.items(), key=lambda item: item[1].client))
         self._check_quorum("the train round")
 

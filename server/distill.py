@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from fedkd.config import RunConfig
-from fedkd.coordinator import RunObserver, Session, coordinate
+from fedkd.coordinator import Session, coordinate
 from fedkd.data import load_dataset
-from fedkd.distillation import Distillation
+from fedkd.distillation import Distillation, RunObserver
 from server.hub import Hub, ServerTLS, issue_tokens
 
 

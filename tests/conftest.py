@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import settings
@@ -11,3 +13,10 @@ settings.load_profile("fedkd")
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def node_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh node cache (where simulated Flower nodes keep their teachers) for the test."""
+    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -15,12 +15,15 @@ import itertools
 import traceback
 import uuid
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedkd.config import RunConfig
 
 SERVER_NODE_ID = 0
 CLIENT_APP_EXCEPTION = 1  # the code Flower's runtime uses for an exception in a ClientApp
@@ -98,3 +101,13 @@ class InProcessGrid(Grid):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def app_run_config(run_dir: Path, base: Mapping[str, Any], **changes: object) -> dict[str, object]:
+    """The run config as Flower hands it to the apps: every key at its default, then ``base``, ``run-dir`` and
+    ``changes`` (``snake_case`` names become keys)."""
+    cfg: dict[str, object] = {k: ("auto" if v is None else v) for k, v in RunConfig().to_dict().items()}
+    cfg.update(base)
+    cfg["run-dir"] = str(run_dir)
+    cfg.update({k.replace("_", "-"): v for k, v in changes.items()})
+    return cfg

@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_grid import InProcessGrid
+from flower_grid import InProcessGrid, app_run_config
 from flwr.app import Context, RecordDict
 
 import server.app
 from client.agent import AgentSettings, TeacherAgent
 from client.app import app as client_app
 from client.cli import host_from_checkpoint
-from fedkd.checkpoint import load_teacher
-from fedkd.config import RunConfig, config_from_mapping
+from fedkd.checkpoint import CheckpointError, load_teacher
+from fedkd.config import ConfigError, RunConfig, config_from_mapping
 from fedkd.coordinator import LogObserver
 from fedkd.experiment import run_experiment
+from fedkd.rundir import RunDirectoryError
 from server.app import app as server_app
 from server.distill import run_distillation, teacher_names
 from server.hub import issue_tokens
@@ -29,25 +30,18 @@ TINY = {"dataset": "digits", "num-clients": 3, "teacher-epochs": 2, "epochs": 2,
         "student-steps": 2, "batch-size": 32, "num-threads": 1, "sample-stages": 1, "nodes-timeout": 30.0}
 
 
-@pytest.fixture(autouse=True)
-def node_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("node_cache")
 
 
 def flower_config(tmp_path: Path, **changes: object) -> dict[str, object]:
-    cfg = {k: ("auto" if v is None else v) for k, v in RunConfig().to_dict().items()}
-    cfg.update(TINY)
-    cfg["run-dir"] = str(tmp_path / "flower")
-    cfg.update(changes)
-    return cfg
+    return app_run_config(tmp_path / "flower", TINY, **changes)
 
 
-def flower_run(cfg: dict[str, object], run_id: int) -> Path:
+def flower_run(cfg: dict[str, object], run_id: int, hidden: tuple[int, ...] = ()) -> Path:
     """The real ServerApp over three simulated nodes running the real ClientApp; returns its run directory.
     The node ids run opposite to the partitions (as Flower's random ids may), so the lowest id holds partition 2."""
     grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": 3} for i in reversed(range(3))], cfg,
-                         run_id=run_id)
+                         run_id=run_id, hidden=hidden)
     try:
         server_app(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
     finally:
@@ -153,12 +147,15 @@ def test_a_server_app_that_died_resumes_from_its_run_directory_and_ends_where_an
 
 
 def test_resume_from_a_run_directory_with_other_settings_is_refused_naming_them(tmp_path: Path) -> None:
-    cfg = flower_config(tmp_path, epochs=1)
+    cfg = flower_config(tmp_path, epochs=1, train_timeout=15.0)
     done = flower_run(cfg, run_id=1)
-    with pytest.raises(Exception, match="finished"):
+    with pytest.raises(RunDirectoryError, match="is finished"):
         flower_run({**cfg, "resume-from": str(done)}, run_id=2)
     (done / "summary.json").unlink()
-    with pytest.raises(Exception, match=r"different config \(batch-size: 32 -> 16\)"):
+    with pytest.raises(ConfigError, match=r"different config \(batch-size: 32 -> 16\)"):
         flower_run({**cfg, "resume-from": str(done), "batch-size": 16}, run_id=3)
-    with pytest.raises(Exception, match="nothing to resume"):
+    # A node that does not answer: the quorum would go on with 2 teachers, but the run was checkpointed with 3.
+    with pytest.raises(CheckpointError, match="written with 3 teachers and 2 answer now"):
+        flower_run({**cfg, "resume-from": str(done)}, run_id=5, hidden=(101,))
+    with pytest.raises(RunDirectoryError, match="nothing to resume"):
         flower_run({**cfg, "resume-from": str(tmp_path / "nowhere")}, run_id=4)

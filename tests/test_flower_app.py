@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flower_grid import InProcessGrid
+from flower_grid import InProcessGrid, app_run_config
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.config import flatten_dict
 
@@ -28,18 +28,11 @@ TINY = {"dataset": "digits", "num-clients": 3, "teacher-epochs": 2, "epochs": 1,
         "student-steps": 1, "batch-size": 32, "num-threads": 1, "sample-stages": 1, "nodes-timeout": 20.0}
 
 
-@pytest.fixture(autouse=True)
-def node_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("node_cache")
 
 
 def run_config(tmp_path: Path, **changes: object) -> dict[str, object]:
-    cfg = {k: ("auto" if v is None else v) for k, v in RunConfig().to_dict().items()}
-    cfg.update(TINY)
-    cfg["run-dir"] = str(tmp_path / "runs")
-    cfg.update({k.replace("_", "-"): v for k, v in changes.items()})
-    return cfg
+    return app_run_config(tmp_path / "runs", TINY, **changes)
 
 
 def simulated(n: int) -> list[dict[str, object]]:
