@@ -213,4 +213,8 @@ def load_run_state(path: str | Path) -> dict[str, Any]:
         raise _field_error(path, "answers", "does not hold the ensemble's and members' test answers")
     if not all(isinstance(s, dict) for s in state["query_stats"]):
         raise _field_error(path, "query_stats", "is not a list of per-teacher tables")
+    clients = state.get("clients")  # whose teachers, in the pool's order (absent from older checkpoints)
+    if clients is not None and not (isinstance(clients, list) and all(type(c) is int for c in clients)
+                                    and len(clients) == len(state["query_stats"])):
+        raise _field_error(path, "clients", "is not a list of client indices, one per teacher")
     return state

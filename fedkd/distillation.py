@@ -98,10 +98,16 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     ledger_path = run_dir / QUERY_LEDGER
 
     answers: EnsembleAnswers | None = None
+    clients = [d.client for d in pool.descriptions]  # whose teachers, in the pool's order
     if saved_state is not None:
-        if len(saved_state["query_stats"]) != len(pool.descriptions):
-            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} was written with {len(saved_state['query_stats'])} "
-                                  f"teachers and {len(pool.descriptions)} answer now; resume with the same teachers")
+        saved_clients = saved_state.get("clients")  # absent from checkpoints of older versions: the count decides
+        if (saved_clients is not None and list(saved_clients) != clients) or len(saved_state["query_stats"]) != len(
+                clients):
+            written = (f"the teachers of clients {', '.join(map(str, saved_clients))}" if saved_clients is not None
+                       else f"{len(saved_state['query_stats'])} teachers")
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} was written with {written}, and the teachers of "
+                                  f"clients {', '.join(map(str, clients)) or 'none'} answer now; resume with the "
+                                  "same teachers")
         if saved_state["answers"] is not None:
             answers = EnsembleAnswers(saved_state["answers"]["ensemble"], list(saved_state["answers"]["members"]))
         try:
@@ -176,6 +182,7 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
             "elapsed": elapsed_before + time.perf_counter() - started,
             "answers": {"ensemble": answers.ensemble, "members": answers.members} if answers else None,
             "query_stats": [s.as_dict() for s in pool.stats()],
+            "clients": clients,
             "ensemble": ensemble.state_dict(),
         }, ckpt_path)
         observer.epoch_finished(record)

@@ -102,6 +102,10 @@ RUN_CASES = {
     "method-state-of-another-run": (
         lambda run: save_atomic({**_run_state(run), "method": {"synthesizer": {}}}, run / "checkpoint.pt"),
         "does not fit this run"),
+    "clients-not-indices": (lambda run: save_atomic({**_run_state(run), "clients": ["a"]}, run / "checkpoint.pt"),
+                            "field 'clients' is not a list of client indices"),
+    "other-clients": (lambda run: save_atomic({**_run_state(run), "clients": [0, 7]}, run / "checkpoint.pt"),
+                      "written with the teachers of clients 0, 7, and the teachers of clients 0, 1 answer"),
     "corrupt-config-json": (lambda run: (run / "config.json").write_text('{"dataset": "dig'),
                             "config.json' is corrupt"),
     "config-json-not-a-table": (lambda run: (run / "config.json").write_text("[1, 2]"),
