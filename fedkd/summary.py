@@ -90,7 +90,8 @@ def build_summary(config: RunConfig, result: Distillation, pool: TeacherPool, *,
                    "best_accuracy": max(accs), "agreement": last["agreement"], "loyalty": last["loyalty"],
                    "accuracy_mean": acc_mean, "accuracy_var": acc_var}
     ensemble = result.ensemble
-    per_client = [{"client": d.client, **s.as_dict()} for d, s in zip(pool.descriptions, pool.stats())]
+    stats = pool.stats()
+    per_client = [{"client": d.client, **s.as_dict()} for d, s in zip(pool.descriptions, stats)]
     reports = pool.client_reports()
     reconciliation = reconcile_queries(per_client, reports)
     if not reconciliation["agree"]:
@@ -116,10 +117,10 @@ def build_summary(config: RunConfig, result: Distillation, pool: TeacherPool, *,
         "transport": transport,
         "pool": {"samples": last.get("pool_size"), "size_limit": config.pool_size},
         "queries": {
-            "samples": sum(s.samples for s in pool.stats()),
+            "samples": sum(s.samples for s in stats),
             "distillation_samples": last.get("budget_spent"),
             "budget": config.query_budget or None,
-            "bytes": sum(s.bytes for s in pool.stats()),
+            "bytes": sum(s.bytes for s in stats),
             "per_client": per_client,
             "reported_by_clients": reports,
             "reconciliation": reconciliation,

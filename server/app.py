@@ -115,8 +115,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "[fedkd] resuming the run in %s", run_dir)
     else:
         run_dir = Path(config.run_dir).expanduser().resolve() / f"run-{context.run_id}"
-    resume = bool(config.resume_from)
-    FederatedDistillation(grid, config, run_dir, run_id=context.run_id, resumed=resume).run(resume=resume)
+    FederatedDistillation(grid, config, run_dir, run_id=context.run_id, resumed=bool(config.resume_from)).run()
 
 
 def federation_size(grid: Grid, timeout: float, settle: float = SETTLE) -> int:
@@ -198,10 +197,11 @@ class FederatedDistillation:
 
     # The run ------------------------------------------------------------------------------------
 
-    def run(self, *, resume: bool = False) -> dict[str, Any]:
-        """The coordinator's flow with these nodes as the teachers; ``resume`` continues the run in ``run_dir``
-        from its last checkpoint (the nodes reload their teachers, and the epoch in progress is repeated)."""
-        return coordinate(self.config, self.run_dir, self, resume=resume, observer=self.observer)
+    def run(self) -> dict[str, Any]:
+        """The coordinator's flow with these nodes as the teachers; a ``resumed`` run continues the one in
+        ``run_dir`` from its last checkpoint (the nodes reload their teachers, and the epoch in progress is
+        repeated)."""
+        return coordinate(self.config, self.run_dir, self, resume=self.resumed, observer=self.observer)
 
     @contextmanager
     def session(self, run_dir: Path, device: torch.device, observer: RunObserver) -> Iterator[Session]:

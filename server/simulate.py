@@ -100,6 +100,7 @@ def superlink_pids(flwr_home: Path) -> list[int]:
             pids.append(int(proc.name))
     return pids
 
+
 def _descendants(roots: list[int]) -> set[int]:
     """The processes ``roots`` and everything they started, from /proc."""
     children: dict[int, list[int]] = {}

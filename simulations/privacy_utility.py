@@ -6,7 +6,8 @@
 Every client trains its teacher with Opacus DP-SGD (``privacy-mode=dp-sgd``, ``dp-epsilon=E``, delta
 1 / (10 n) at most 1e-5, PRV accountant) and releases its label histogram with Gaussian noise at
 ``label-count-epsilon`` (0.5, accounted in its ledger with the training), so the class-weighted ensemble
-stays available; every answer after training is post-processing. Runs are cached like
+stays available; every answer after training is post-processing. The DP runs turn the coordinator's
+reliability weighting off (``reliability=false``; README, "Privacy"). Runs are cached like
 ``simulations/compare.py`` (same run files). Writes ``privacy-utility.md`` and ``privacy-utility.png``
 (student accuracy against the epsilon each client spent) under ``--results`` and prints the target:
 at epsilon 8 the student keeps at least 0.90 of the accuracy of the same run without DP.
