@@ -1,6 +1,6 @@
 """The institution's teacher agent: dials out to the coordinator's hub and answers its queries.
 
-The agent holds the teacher (in a :class:`~fedkd.teacher.TeacherHost`, which
+The agent holds the teacher (in a :class:`~fedkd.institution.host.TeacherHost`, which
 enforces the client's own limits: maximum batch, the access modes it grants,
 Backward only for inputs it has answered) and never sends anything but
 answers: no data, no weights. It opens one ``fedkd.v1.Hub/Session`` stream,
@@ -32,7 +32,8 @@ from fedkd.codec import (
     encode_privacy,
     encode_tensor,
 )
-from fedkd.teacher import QueryError, TeacherHost
+from fedkd.contract import QueryError
+from fedkd.institution.host import TeacherHost
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
 

@@ -35,14 +35,16 @@ from flwr.clientapp import ClientApp
 from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
 from client.cli import host_from_checkpoint
 from client.node import NodeConfigError, count_correct, ensure_teacher, node_data, node_privacy, teacher_path
-from fedkd.checkpoint import CheckpointError, load_teacher
+from fedkd.checkpoint import CheckpointError
 from fedkd.codec import MiB
-from fedkd.config import ConfigError, RunConfig, config_from_run_config
+from fedkd.config import RunConfig, config_from_run_config
+from fedkd.contract import access_modes
 from fedkd.data import DatasetNotFoundError
+from fedkd.institution.loading import load_teacher
+from fedkd.institution.privacy.ledger import ledger_path
+from fedkd.institution.privacy.policy import ReleasePolicy
 from fedkd.models import build_model
-from fedkd.privacy.ledger import ledger_path
-from fedkd.privacy.policy import ReleasePolicy
-from fedkd.teacher import access_modes
+from fedkd.options import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,9 @@ def _run_config(context: Context, settings: Any = None) -> RunConfig:
     """The run's config; ``num-clients`` 0 (follow the federation) is the number the ServerApp counted and sent
     in the message's ``settings`` record."""
     counted = settings.get("num-clients") if settings is not None else None
-    return config_from_run_config(dict(context.run_config), num_clients=int(counted) if counted else None)
+    # an institution reads the run-wide keys; the method, its options and the ensemble rule are the coordinator's
+    return config_from_run_config(dict(context.run_config), num_clients=int(counted) if counted else None,
+                                  resolve=False)
 
 
 def _threads(context: Context) -> None:

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 
 from client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
-from fedkd.checkpoint import CheckpointError, load_teacher
+from fedkd.checkpoint import CheckpointError
 from fedkd.codec import MiB
-from fedkd.config import BATCH_LIMIT, TIMEOUT_LIMIT, address, argument
-from fedkd.privacy.ledger import ledger_path
-from fedkd.privacy.policy import LABEL_COUNT_NOISE, MODES, PrivacySettings, ReleasePolicy
-from fedkd.teacher import ACCESS_MODES, ALL_ACCESS_MODES, TeacherHost, describe_checkpoint
+from fedkd.contract import ACCESS_MODES, ALL_ACCESS_MODES
+from fedkd.institution.host import TeacherHost, describe_checkpoint
+from fedkd.institution.loading import load_teacher
+from fedkd.institution.privacy.ledger import ledger_path
+from fedkd.institution.privacy.policy import LABEL_COUNT_NOISE, MODES, PrivacySettings, ReleasePolicy
+from fedkd.options import BATCH_LIMIT, TIMEOUT_LIMIT, address, argument
 from fedkd.tls import read_certificates, read_private_key
 
 DEFAULT = PrivacySettings()  # the flags' defaults are the settings' own

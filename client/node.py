@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedkd.config import ConfigError, RunConfig, config_from_mapping
+from fedkd.config import RunConfig, config_from_mapping, default_values
 from fedkd.data import SPECS, DatasetSpec, ImageData, holdout_indices, load_dataset, load_node_file
+from fedkd.institution.privacy.policy import PrivacySettings
+from fedkd.institution.training import client_partitions, load_or_train_teacher
 from fedkd.metrics import predict
-from fedkd.privacy.policy import PrivacySettings
-from fedkd.training import client_partitions, load_or_train_teacher
+from fedkd.options import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def node_privacy(config: RunConfig, node_config: Mapping[str, Any], client: int)
     if "partition-id" in node_config:
         own = config
     else:
-        defaults = RunConfig().to_dict()
+        defaults = default_values()
         values = {key: node_config.get(key, defaults[key]) for key in PRIVACY_KEYS}
         if "," in str(values["privacy-mode"]):
             raise NodeConfigError(f"privacy-mode: {values['privacy-mode']!r}; a node sets one mode, its own")

@@ -1,5 +1,9 @@
 """Checkpoints on disk: written atomically, read with ``weights_only=True``, validated.
 
+The teacher format (``fedkd.teacher.v1``, also the student's) and the run checkpoint (``fedkd.run.v1``). Rebuilding
+a teacher from its file, DP-SGD and PATE architectures included, is the institution's
+(``fedkd.institution.loading``).
+
 A corrupt file, a file that is not a fedkd checkpoint, or one holding another
 architecture fails with :class:`CheckpointError` naming the file and what to do.
 """
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedkd.models import build_model, is_model_name, model_names
+from fedkd.models import is_model_name, model_names
 
 TEACHER_FORMAT = "fedkd.teacher.v1"
 RUN_FORMAT = "fedkd.run.v1"
@@ -72,15 +76,15 @@ def load_safe(path: str | Path, expected_format: str) -> dict[str, Any]:
     return obj
 
 
-def _field_error(path: Path, key: str, problem: str) -> CheckpointError:
+def field_error(path: Path, key: str, problem: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {str(path)!r}: field {key!r} {problem}")
 
 
-def _check_teacher_fields(ckpt: dict[str, Any], path: Path) -> None:
+def check_teacher_fields(ckpt: dict[str, Any], path: Path) -> None:
     """Every field a teacher checkpoint needs, with its type and range; the first bad one is named."""
     def need(key: str) -> Any:
         if key not in ckpt:
-            raise _field_error(path, key, "is missing")
+            raise field_error(path, key, "is missing")
         return ckpt[key]
 
     def integer(value: Any) -> bool:
@@ -88,14 +92,14 @@ def _check_teacher_fields(ckpt: dict[str, Any], path: Path) -> None:
 
     name = need("model")
     if not isinstance(name, str) or not is_model_name(name):
-        raise _field_error(path, "model", f"is {name!r}, not a known model ({', '.join(model_names())})")
+        raise field_error(path, "model", f"is {name!r}, not a known model ({', '.join(model_names())})")
     classes = need("num_classes")
     if not integer(classes) or not 2 <= classes <= 100_000:
-        raise _field_error(path, "num_classes", f"is {classes!r}, not an integer from 2 to 100000")
+        raise field_error(path, "num_classes", f"is {classes!r}, not an integer from 2 to 100000")
     shape = need("input_shape")
     if (not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(integer(d) for d in shape)
             or not all(1 <= d <= 4096 for d in shape)):
-        raise _field_error(path, "input_shape", f"is {shape!r}, not [channels, height, width] of positive integers")
+        raise field_error(path, "input_shape", f"is {shape!r}, not [channels, height, width] of positive integers")
     for key in ("mean", "std"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {str(path)!r} does not record its input normalisation (mean, std); "
@@ -104,20 +108,20 @@ def _check_teacher_fields(ckpt: dict[str, Any], path: Path) -> None:
         if (not isinstance(values, (list, tuple)) or len(values) != shape[0]
                 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
                 or (key == "std" and not all(v > 0 for v in values))):
-            raise _field_error(path, key, f"is {values!r}, not {shape[0]} finite numbers"
+            raise field_error(path, key, f"is {values!r}, not {shape[0]} finite numbers"
                                + (" above 0" if key == "std" else ""))
     samples = ckpt.get("num_samples", 0)
     if not integer(samples) or samples < 0:
-        raise _field_error(path, "num_samples", f"is {samples!r}, not a non-negative integer")
+        raise field_error(path, "num_samples", f"is {samples!r}, not a non-negative integer")
     counts = ckpt.get("label_counts", [])
     if (not isinstance(counts, (list, tuple)) or (counts and len(counts) != classes)
             or not all(integer(c) and c >= 0 for c in counts)):
-        raise _field_error(path, "label_counts", f"is not {classes} non-negative integers")
+        raise field_error(path, "label_counts", f"is not {classes} non-negative integers")
     privacy = ckpt.get("privacy")
     if privacy is not None and not isinstance(privacy, dict):
-        raise _field_error(path, "privacy", f"is a {type(privacy).__name__}, not a table")
+        raise field_error(path, "privacy", f"is a {type(privacy).__name__}, not a table")
     if not isinstance(need("state_dict"), dict):
-        raise _field_error(path, "state_dict", "is not a table of tensors")
+        raise field_error(path, "state_dict", "is not a table of tensors")
 
 
 def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_classes: int,
@@ -138,54 +142,8 @@ def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_cla
     return ckpt
 
 
-def load_teacher(path: str | Path, *, expected_model: str | None = None,
-                 num_classes: int | None = None,
-                 input_shape: tuple[int, int, int] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a teacher from its checkpoint; fail clearly on a mismatch with what the run expects."""
-    path = Path(path)
-    ckpt = load_safe(path, TEACHER_FORMAT)
-    _check_teacher_fields(ckpt, path)
-    name, shape = ckpt["model"], tuple(ckpt["input_shape"])
-    if expected_model is not None and name != expected_model:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {name!r} teacher, but the config asks for "
-                              f"{expected_model!r}; set teacher-model={name} or use another checkpoint")
-    if num_classes is not None and ckpt["num_classes"] != num_classes:
-        raise CheckpointError(f"checkpoint {str(path)!r} has {ckpt['num_classes']} classes, the dataset "
-                              f"has {num_classes}")
-    if input_shape is not None and shape != tuple(input_shape):
-        raise CheckpointError(f"checkpoint {str(path)!r} takes inputs {shape}, the dataset has {tuple(input_shape)}")
-    try:
-        model = build_model(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1])
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r}: a {name!r} teacher cannot be built for inputs {shape}: "
-                              f"{exc.args[0] if exc.args else exc}") from None
-    mechanism = (ckpt.get("privacy") or {}).get("mechanism")
-    if mechanism == "dp-sgd":
-        from fedkd.privacy import make_private_model
-
-        model = make_private_model(model)  # the architecture DP-SGD trained (GroupNorm for BatchNorm)
-        if ckpt["privacy"].get("feature_statistics"):
-            from fedkd.privacy.dpsgd import attach_statistics
-
-            attach_statistics(model)  # the DP-released statistics' places, filled by load_state_dict
-    elif mechanism == "pate":
-        from fedkd.privacy.pate import ShardVotes
-
-        teachers = ckpt["privacy"].get("teachers")
-        if not isinstance(teachers, int) or not 2 <= teachers <= 10_000:
-            raise _field_error(path, "privacy", f"records {teachers!r} PATE shard teachers, not an integer >= 2")
-        members = [model] + [build_model(name, num_classes=ckpt["num_classes"], channels=shape[0],
-                                         image_size=shape[1]) for _ in range(teachers - 1)]
-        model = ShardVotes(members, ckpt["num_classes"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match a {name!r} architecture: "
-                              f"{str(exc).splitlines()[0][:300]}") from None
-    return model.eval(), ckpt
-
-
-# What a run checkpoint holds (fedkd.distillation.distill writes it after every epoch), and the type of each.
+# What a run checkpoint holds (fedkd.coordinator.distillation.distill writes it after every epoch), and the type of
+# each.
 RUN_FIELDS: dict[str, tuple[type, ...]] = {
     "epoch": (int,), "method": (dict,), "history": (list,), "stage_epochs": (list,), "stage_images": (list,),
     "rng": (torch.Tensor,), "elapsed": (int, float), "answers": (dict, type(None)), "query_stats": (list,),
@@ -199,22 +157,22 @@ def load_run_state(path: str | Path) -> dict[str, Any]:
     state = load_safe(path, RUN_FORMAT)
     for key, types in RUN_FIELDS.items():
         if key not in state:
-            raise _field_error(path, key, "is missing")
+            raise field_error(path, key, "is missing")
         if not isinstance(state[key], types) or isinstance(state[key], bool):
-            raise _field_error(path, key, f"is a {type(state[key]).__name__}, not a "
+            raise field_error(path, key, f"is a {type(state[key]).__name__}, not a "
                                f"{' or '.join(t.__name__ for t in types)}")
     if state["epoch"] < 0 or len(state["stage_epochs"]) != len(state["stage_images"]):
         raise CheckpointError(f"checkpoint {str(path)!r} is inconsistent (epoch {state['epoch']}, "
                               f"{len(state['stage_epochs'])} stage epochs for {len(state['stage_images'])} images)")
     if state["rng"].dtype != torch.uint8:
-        raise _field_error(path, "rng", "is not a random-number-generator state (uint8 tensor)")
+        raise field_error(path, "rng", "is not a random-number-generator state (uint8 tensor)")
     if state["answers"] is not None and not (isinstance(state["answers"].get("ensemble"), torch.Tensor)
                                              and isinstance(state["answers"].get("members"), list)):
-        raise _field_error(path, "answers", "does not hold the ensemble's and members' test answers")
+        raise field_error(path, "answers", "does not hold the ensemble's and members' test answers")
     if not all(isinstance(s, dict) for s in state["query_stats"]):
-        raise _field_error(path, "query_stats", "is not a list of per-teacher tables")
+        raise field_error(path, "query_stats", "is not a list of per-teacher tables")
     clients = state.get("clients")  # whose teachers, in the pool's order (absent from older checkpoints)
     if clients is not None and not (isinstance(clients, list) and all(type(c) is int for c in clients)
                                     and len(clients) == len(state["query_stats"])):
-        raise _field_error(path, "clients", "is not a list of client indices, one per teacher")
+        raise field_error(path, "clients", "is not a list of client indices, one per teacher")
     return state

@@ -3,7 +3,7 @@
 Tensors travel as raw little-endian bytes with dtype and shape (never pickle).
 Decoding validates everything a peer controls: a dtype this codec does not
 know, a negative dimension, a byte count that does not match the shape, or a
-tensor larger than the receiver's limit raises :class:`~fedkd.teacher.QueryError`
+tensor larger than the receiver's limit raises :class:`~fedkd.contract.QueryError`
 with INVALID_ARGUMENT or RESOURCE_EXHAUSTED and a message naming the field.
 """
 
@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedkd.teacher import CurriculumState, QueryError, TeacherDescription
-from fedkd.terms import TERMS
+from fedkd.contract import TERM_NAMES, CurriculumState, QueryError, TeacherDescription
 from fedkd.v1 import fedkd_pb2 as pb
 
 DTYPES: dict[torch.dtype, Any] = {  # values: fedkd.v1.DType
@@ -183,7 +182,7 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         label_counts=tuple(int(c) for c in msg.label_counts) if msg.label_counts else None,
         privacy=_decode_description_privacy(msg),
         # terms this coordinator knows (an agent newer than the hub may announce more; they are never asked for)
-        terms=tuple(t for t in dict.fromkeys(msg.terms) if t in TERMS),
+        terms=tuple(t for t in dict.fromkeys(msg.terms) if t in TERM_NAMES),
     )
 
 

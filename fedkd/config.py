@@ -7,7 +7,7 @@ Unknown keys and out-of-range values fail at start-up with a message that
 names the key.
 
 Each distillation method declares its own options as a frozen dataclass
-registered with it (``fedkd.methods``), under a namespace: ``cudfkd.weight-bn=5``
+registered with it (``fedkd.coordinator.methods``), under a namespace: ``cudfkd.weight-bn=5``
 on the command line, a ``[cudfkd]`` table in TOML, dotted keys in Flower's run
 config. :class:`RunConfig` keeps the run-wide keys and holds the selected
 method's options in ``options``. A key of a method that is not selected, or
@@ -18,45 +18,43 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fedkd.aggregation import ENSEMBLE_CHOICES
-
-if TYPE_CHECKING:
-    from fedkd.privacy.policy import PrivacySettings
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names it."""
-
-
-def choice(*names: str) -> dict[str, Any]:
-    """Field metadata: the value must be one of ``names``."""
-    return {"choices": names}
-
-
-def bounded(low: float | None = None, high: float | None = None, *, open_low: bool = False) -> dict[str, Any]:
-    """Field metadata: the value must lie in [low, high] ((low, high] with ``open_low``)."""
-    return {"low": low, "high": high, "open_low": open_low}
+from fedkd.institution.privacy.policy import MODES as PRIVACY_MODES
+from fedkd.institution.privacy.policy import PrivacySettings
+from fedkd.options import (
+    BATCH_LIMIT,
+    TIMEOUT_LIMIT,
+    CliValue,
+    ConfigError,
+    bounded,
+    choice,
+    coerce,
+    kebab,
+    validate_fields,
+)
 
 
-# The largest integer a key takes unless its field says otherwise: torch seeds, thread counts and tensor sizes
-# overflow (late, with a traceback) beyond a C int.
-INT_LIMIT = 2**31 - 1
-# Seconds: longer waits overflow the timeouts of threading and gRPC.
-TIMEOUT_LIMIT = 7 * 24 * 3600.0
-BATCH_LIMIT = 65536
+@dataclass(frozen=True)
+class UnresolvedOptions:
+    """The selected method's options as given, unread: what an institution's config holds in place of the
+    method's typed options. The method, its options and the ensemble rule are the coordinator's to check; an
+    institution never imports the coordinator's registries to read them (``fedkd.coordinator``)."""
+
+    method: str
+    values: tuple[tuple[str, Any], ...] = ()
 
 
-class CliValue(str):
-    """Text typed on the command line (``--set KEY=VALUE``): converted to the key's type. A string anywhere
-    else (TOML, Flower's run config) must already have the key's type: ``epochs = "5"`` is refused."""
+def coordinator_registries() -> tuple[Mapping[str, Any], tuple[str, ...]]:
+    """The method registry and the ensemble rules' names, which a coordinator's config is checked against."""
+    from fedkd.coordinator.aggregation import ENSEMBLE_CHOICES
+    from fedkd.coordinator.methods import METHODS
 
+    return METHODS, ENSEMBLE_CHOICES
 
 
 @dataclass(frozen=True)
@@ -106,18 +104,18 @@ class RunConfig:
     student_loss: str = field(default="kl", metadata=choice("l1", "kl"))
     student_shift: int = field(default=0, metadata=bounded(0, 8))  # pixels a pool image may move in a student step
     temperature: float = field(default=4.0, metadata=bounded(0.0, 100.0, open_low=True))
-    ensemble: str = field(default="auto", metadata=choice(*ENSEMBLE_CHOICES))
-    # Robustness to a teacher that answers wrong on purpose (fedkd/robustness.py): per-teacher reliability from
-    # agreement with the others (multiplies the aggregator's weights), logits clipped to +-logit-bound, a
+    ensemble: str = "auto"  # an aggregator of the coordinator's (fedkd.coordinator.aggregation), or auto
+    # Robustness to a teacher that answers wrong on purpose (fedkd/coordinator/robustness.py): per-teacher reliability
+    # from agreement with the others (multiplies the aggregator's weights), logits clipped to +-logit-bound, a
     # teacher's per-sample input gradient clipped to gradient-bound x the median teacher's. With DP-SGD teachers
-    # set reliability=false: they barely agree on synthetic samples and it leaves honest ones out (README,
-    # "Privacy": 0.857 against 0.833 at epsilon 8).
+    # set reliability=false: they barely agree on synthetic samples and it leaves honest ones out
+    # (docs/privacy.md: 0.857 against 0.833 at epsilon 8).
     reliability: bool = True
     logit_bound: float = field(default=100.0, metadata=bounded(1.0, 1e6))
     gradient_bound: float = field(default=10.0, metadata=bounded(1.0, 1e6))
     share_label_counts: bool = True
 
-    # The shared synthesizer (fedkd/synthesis.py): the generator (class-conditional with
+    # The shared synthesizer (fedkd/coordinator/synthesis.py): the generator (class-conditional with
     # `conditional-generator`, measured no better on the main job), `synthesis-steps`
     # generator updates per round (best iterate kept), latents optimised per round when latent-lr > 0,
     # re-initialised every `generator-reset` rounds (0 = never), images shifted by up to
@@ -135,7 +133,7 @@ class RunConfig:
     synthesis_diversity: float = field(default=20.0, metadata=bounded(0.0, 1e6))
     synthesis_forward_batches: int = field(default=0, metadata=bounded(0, None))
 
-    # The synthetic pool (fedkd/synthetic_pool.py) and the query budget, in query samples as the
+    # The synthetic pool (fedkd/coordinator/synthetic_pool.py) and the query budget, in query samples as the
     # coordinator counts them (every sample of every Forward and Backward, summed over teachers);
     # 0 = no budget. When spent, synthesis stops and the student keeps training on the pool.
     pool_size: int = field(default=50_000, metadata=bounded(1, None))
@@ -144,7 +142,7 @@ class RunConfig:
     # The selected method's options (a frozen dataclass registered with the method; keys `METHOD.KEY`).
     options: Any = field(default=None, compare=True)
 
-    # Transport of the queries (design.md, "Transports"). inprocess: teacher hosts called
+    # Transport of the queries (docs/query-path.md). inprocess: teacher hosts called
     # directly; grpc: a hub on loopback and one teacher agent process per client, TLS + tokens.
     transport: str = field(default="inprocess", metadata=choice("inprocess", "grpc"))
     quorum: int = field(default=0, metadata=bounded(0, 1000))  # teachers that must answer; 0 = a majority
@@ -152,7 +150,7 @@ class RunConfig:
     rejoin_timeout: float = field(default=120.0, metadata=bounded(0.0, TIMEOUT_LIMIT))  # seconds to wait below quorum
     max_message_mb: float = field(default=64.0, metadata=bounded(0.0, 2000.0, open_low=True))  # per gRPC message
 
-    # Privacy, per client (privacy-notes.md; README, "Privacy"). In a one-machine run the experimenter is
+    # Privacy, per client (docs/privacy.md). In a one-machine run the experimenter is
     # every party, so these keys stand in for each client's own settings; a Flower SuperNode in a deployment
     # takes them from its node config only, never from the coordinator's run config.
     # privacy-mode (one value, or one per client): none; dp-sgd (the teacher is trained with Opacus DP-SGD to
@@ -170,7 +168,7 @@ class RunConfig:
     dp_max_grad_norm: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
     # DP-SGD's own batch size (expected: Poisson sampling at dp-batch-size / n) and Adam learning rate; larger
     # batches than non-private training need (the noise is per batch): on the main job at epsilon 8, 256 / 3e-3
-    # gives the best student of 64 / 1e-3, 256 / 1e-2 and 256 / 3e-3 over 3 seeds (README, "Privacy").
+    # gives the best student of 64 / 1e-3, 256 / 1e-2 and 256 / 3e-3 over 3 seeds (docs/privacy.md).
     dp_batch_size: int = field(default=256, metadata=bounded(1, BATCH_LIMIT))
     dp_lr: float = field(default=3e-3, metadata=bounded(0.0, 10.0, open_low=True))
     # After DP-SGD, release the per-channel feature statistics at the teacher's normalisation layers (Gaussian
@@ -214,18 +212,24 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        expected = _method_entry(self.method).options
-        if self.options is None:
-            object.__setattr__(self, "options", expected())
-        elif not isinstance(self.options, expected):
-            raise ConfigError(f"options: {type(self.options).__name__} are not the options of method "
-                              f"{self.method!r} ({expected.__name__})")
+        if isinstance(self.options, UnresolvedOptions):  # an institution's config: the coordinator's keys unread
+            if self.options.method != self.method:
+                raise ConfigError(f"options: unread options of method {self.options.method!r}, but "
+                                  f"method={self.method}")
+        else:
+            methods, ensembles = coordinator_registries()
+            if self.ensemble not in ensembles:
+                raise ConfigError(f"ensemble: {self.ensemble!r} is not one of {', '.join(ensembles)}")
+            expected = _method_entry(self.method, methods).options
+            if self.options is None:
+                object.__setattr__(self, "options", expected())
+            elif not isinstance(self.options, expected):
+                raise ConfigError(f"options: {type(self.options).__name__} are not the options of method "
+                                  f"{self.method!r} ({expected.__name__})")
         modes = self.teacher_access_modes()
         if len(modes) != self.num_clients or any(m not in ("gradient", "logits", "labels") for m in modes):
             raise ConfigError(f"teacher-access: {self.teacher_access!r}; give gradient, logits or labels, for all "
                               f"clients or one per client (num-clients={self.num_clients}), comma-separated")
-        from fedkd.privacy.policy import MODES as PRIVACY_MODES
-
         privacy = self.privacy_modes()
         if len(privacy) != self.num_clients or any(m not in PRIVACY_MODES for m in privacy):
             raise ConfigError(f"privacy-mode: {self.privacy_mode!r}; give {', '.join(PRIVACY_MODES)}, for all "
@@ -259,8 +263,6 @@ class RunConfig:
 
     def client_privacy(self, client: int) -> PrivacySettings:
         """Client ``client``'s privacy settings, as these keys state them (a one-machine run only)."""
-        from fedkd.privacy.policy import PrivacySettings
-
         try:
             return PrivacySettings(
                 mode=self.privacy_modes()[client], budget=self.privacy_budget, delta=self.dp_delta,
@@ -278,83 +280,27 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration with kebab-case keys (as written to summary.json); the method's
         options as ``METHOD.KEY``."""
-        out = {_kebab(f.name): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
-        out.update({f"{self.method}.{_kebab(f.name)}": getattr(self.options, f.name)
-                    for f in dataclasses.fields(self.options)})
+        out = {kebab(f.name): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        if isinstance(self.options, UnresolvedOptions):
+            out.update({f"{self.method}.{key}": value for key, value in self.options.values})
+        else:
+            out.update({f"{self.method}.{kebab(f.name)}": getattr(self.options, f.name)
+                        for f in dataclasses.fields(self.options)})
         return out
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the coordinator's keys (method, its options, ensemble) were read and checked."""
+        return not isinstance(self.options, UnresolvedOptions)
 
     def replace(self, **changes: Any) -> RunConfig:
         if "method" in changes and changes["method"] != self.method and "options" not in changes:
-            changes["options"] = None  # another method: its default options
+            # another method: its default options (unread ones for an institution's config)
+            changes["options"] = None if self.resolved else UnresolvedOptions(changes["method"])
         return dataclasses.replace(self, **changes)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "options"}
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _validate(f: dataclasses.Field[Any], value: Any, prefix: str = "") -> None:
-    key = prefix + _kebab(f.name)
-    meta = f.metadata
-    if value is None:
-        if f.default is not None:
-            raise ConfigError(f"{key}: a value is required")
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: {value!r} is not a finite number")
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT and meta.get("high") is None:
-        raise ConfigError(f"{key}: {value!r} is out of range (must be <= {INT_LIMIT})")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(meta['choices'])}")
-    low, high = meta.get("low"), meta.get("high")
-    if low is not None and (value < low or (meta.get("open_low") and value == low)):
-        op = ">" if meta.get("open_low") else ">="
-        raise ConfigError(f"{key}: {value!r} is out of range (must be {op} {low})")
-    if high is not None and value > high:
-        raise ConfigError(f"{key}: {value!r} is out of range (must be <= {high})")
-
-
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-
-
-def _coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
-    """Convert a TOML or command-line value to the field's type, or fail naming the key."""
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    optional = "None" in kind
-    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "none"))):
-        return None
-    expected = _TYPE_WORDS.get(kind.split(" ")[0].replace("|", ""), kind)
-    if isinstance(value, str) and not isinstance(value, CliValue) and not kind.startswith("str"):
-        raise ConfigError(f"{key}: {value!r} is a string, the key takes {expected}; write it without quotes")
-    try:
-        if kind.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind.startswith("str"):
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-    except (TypeError, ValueError):
-        pass
-    else:
-        raise AssertionError(f"unhandled field type {kind}")
-    raise ConfigError(f"{key}: {value!r} is not {expected}")
 
 
 def _unknown_key(key: str, known: list[str], what: str = "config key") -> ConfigError:
@@ -365,16 +311,14 @@ def _unknown_key(key: str, known: list[str], what: str = "config key") -> Config
 
 def option_keys(options_type: type, namespace: str) -> list[str]:
     """The namespaced keys of a method's options dataclass (``cudfkd.weight-bn``, ...)."""
-    return [f"{namespace}.{_kebab(f.name)}" for f in dataclasses.fields(options_type)]
+    return [f"{namespace}.{kebab(f.name)}" for f in dataclasses.fields(options_type)]
 
 
-def _method_entry(method: str) -> Any:
+def _method_entry(method: str, methods: Mapping[str, Any]) -> Any:
     """The registry entry of ``method``; ConfigError with the valid names otherwise."""
-    from fedkd.methods import METHODS  # the registry imports this module: look it up at run time
-
-    if method not in METHODS:
-        raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
-    return METHODS[method]
+    if method not in methods:
+        raise ConfigError(f"method: {method!r} is not one of {', '.join(methods)}")
+    return methods[method]
 
 
 def _coerced(values: Mapping[str, Any], fields: Mapping[str, dataclasses.Field[Any]], prefix: str,
@@ -385,7 +329,7 @@ def _coerced(values: Mapping[str, Any], fields: Mapping[str, dataclasses.Field[A
         name = key.replace("-", "_")
         if name not in fields or "_" in key:
             raise unknown(prefix + key)
-        changes[name] = _coerce(prefix + key, fields[name], value)
+        changes[name] = coerce(prefix + key, fields[name], value)
     return changes
 
 
@@ -397,13 +341,6 @@ def _options_from_mapping(namespace: str, options_type: type, values: Mapping[st
         return dataclasses.replace(base, **changes)
     except ConfigError as exc:
         raise ConfigError(f"{namespace}.{exc}") from None
-
-
-def validate_fields(obj: Any, prefix: str = "") -> None:
-    """Check a config dataclass's values against its field metadata (options call it from __post_init__)."""
-    for f in dataclasses.fields(obj):
-        if f.name != "options":
-            _validate(f, getattr(obj, f.name), prefix)
 
 
 def split_namespaced(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -422,20 +359,26 @@ def split_namespaced(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
 
 
 def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, *,
-                        ignore_unselected_defaults: bool = False) -> RunConfig:
+                        ignore_unselected_defaults: bool = False, resolve: bool | None = None) -> RunConfig:
     """Build a config from kebab-case keys (and ``METHOD.KEY`` keys), on top of ``base`` (defaults if None).
 
     ``ignore_unselected_defaults`` lets options of a method that is not selected through when they
     equal that method's defaults (Flower's run config always carries every default of pyproject.toml).
+    ``resolve=False`` builds an institution's config: the run-wide keys are checked, the method's options are
+    kept unread (:class:`UnresolvedOptions`) and no coordinator module is imported. None: as ``base`` was built
+    (resolved when there is no base).
     """
-    from fedkd.methods import METHODS
-
-    base = base or RunConfig()
+    if resolve is None:
+        resolve = base is None or base.resolved
     flat, namespaced = split_namespaced(values)
+    if not resolve:
+        return _unresolved_config(flat, namespaced, base)
+    methods, _ = coordinator_registries()
+    base = base if base is not None and base.resolved else RunConfig(**_run_wide(base))
     selected = str(flat.get("method", base.method))
     # the selected method's options first, so a bare option key is pointed to the method that runs
-    order = sorted(METHODS.values(), key=lambda m: m.name != selected)
-    known = [_kebab(n) for n in _FIELDS] + [k for m in order for k in option_keys(m.options, m.name)]
+    order = sorted(methods.values(), key=lambda m: m.name != selected)
+    known = [kebab(n) for n in _FIELDS] + [k for m in order for k in option_keys(m.options, m.name)]
 
     def unknown(key: str) -> ConfigError:
         own = f"{selected}.{key.replace('_', '-')}"
@@ -446,15 +389,15 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
 
     changes = _coerced(flat, _FIELDS, "", unknown)
     method = changes.get("method", base.method)
-    entry = _method_entry(method)
+    entry = _method_entry(method, methods)
     for namespace, options in namespaced.items():
         if namespace == method:
             continue
-        if namespace not in METHODS:
+        if namespace not in methods:
             first = f"{namespace}.{next(iter(options), '')}"
             raise ConfigError(f"unknown config key {first!r}: {namespace!r} is not a method; method options are "
-                              f"namespaced by method ({', '.join(METHODS)})")
-        unselected = METHODS[namespace].options()
+                              f"namespaced by method ({', '.join(methods)})")
+        unselected = methods[namespace].options()
         given = _options_from_mapping(namespace, type(unselected), options, unselected)
         if ignore_unselected_defaults and given == unselected:
             continue
@@ -468,12 +411,38 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
     return dataclasses.replace(base, **changes)
 
 
+def default_values() -> dict[str, Any]:
+    """Every run-wide key's default, kebab-case (no config is built: nothing of either side is imported)."""
+    return {kebab(name): f.default for name, f in _FIELDS.items()}
+
+
+def _run_wide(config: RunConfig | None) -> dict[str, Any]:
+    """The run-wide fields of ``config`` (none for None), without its method options."""
+    return {} if config is None else {name: getattr(config, name) for name in _FIELDS}
+
+
+def _unresolved_config(flat: Mapping[str, Any], namespaced: Mapping[str, Mapping[str, Any]],
+                       base: RunConfig | None) -> RunConfig:
+    """An institution's config: run-wide keys checked, the selected method's options kept as given."""
+    known = [kebab(n) for n in _FIELDS]
+    changes = _coerced(flat, _FIELDS, "", lambda key: _unknown_key(key, known))
+    fields = {**_run_wide(base), **changes}
+    method = fields.get("method", RunConfig.method)
+    given: dict[str, Any] = {}
+    if base is not None and isinstance(base.options, UnresolvedOptions) and base.method == method:
+        given.update(base.options.values)
+    given.update(namespaced.get(method, {}))
+    return RunConfig(**fields, options=UnresolvedOptions(method, tuple(sorted(given.items()))))
+
+
 FOLLOW_FEDERATION = 0  # num-clients in the Flower app: as many clients as the federation has nodes
 
 
-def config_from_run_config(run_config: Mapping[str, Any], *, num_clients: int | None = None) -> RunConfig:
+def config_from_run_config(run_config: Mapping[str, Any], *, num_clients: int | None = None,
+                           resolve: bool = True) -> RunConfig:
     """A config from Flower's run config: every default of pyproject.toml plus the run's overrides,
     with ``auto`` for unset optional values; the defaults of methods that are not selected are ignored.
+    ``resolve=False`` for an institution (the ClientApp): the coordinator's keys are left unread.
 
     ``num-clients`` = 0 (the app's default) follows the federation: the ServerApp counts the nodes and passes
     ``num_clients`` (and tells each node the number in its messages)."""
@@ -483,37 +452,7 @@ def config_from_run_config(run_config: Mapping[str, Any], *, num_clients: int | 
             raise ConfigError("num-clients: 0 follows the federation, and nothing has counted its nodes here; "
                               "the ServerApp resolves it (or set num-clients to the number of clients)")
         values["num-clients"] = num_clients
-    return config_from_mapping(values, ignore_unselected_defaults=True)
-
-
-def argument(kind: type, low: float, high: float) -> Callable[[str], Any]:
-    """An argparse ``type`` for a command-line flag: an int or a finite float in [low, high]; anything else is
-    refused by argparse with the flag's name (exit status 2)."""
-    import argparse
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {_TYPE_WORDS[kind.__name__]}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text!r} is out of range (must be from {low:g} to {high:g})")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-def address(text: str) -> str:
-    """An argparse ``type`` for HOST:PORT (a port from 0 to 65535; [v6]:PORT for IPv6)."""
-    import argparse
-
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT with a port from 0 to 65535")
-    return text
+    return config_from_mapping(values, ignore_unselected_defaults=True, resolve=resolve)
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, str]:
@@ -536,13 +475,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    from fedkd.methods import METHODS
-
+    methods, _ = coordinator_registries()
     table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
     if isinstance(table, dict):
         data = dict(table)
     for key, value in data.items():
-        if isinstance(value, dict) and key not in METHODS:
+        if isinstance(value, dict) and key not in methods:
             raise ConfigError(f"config file {str(path)!r}: unexpected table [{key}]; run-wide keys belong at the "
-                              f"top level, a method's options in a table named after it ({', '.join(METHODS)})")
+                              f"top level, a method's options in a table named after it ({', '.join(methods)})")
     return data

@@ -20,7 +20,7 @@
    metrics.jsonl, checkpoint.pt, student.pt, plots/, summary.json) as
    ``fedkd run`` does, with a ``flower`` section naming every node.
 
-Steps 3-7 are the coordinator's one flow (:func:`fedkd.coordinator.coordinate`,
+Steps 3-7 are the coordinator's one flow (:func:`fedkd.coordinator.flow.coordinate`,
 shared with ``fedkd run`` and ``fedkd distill``); the nodes are its teachers.
 A run that dies continues from its run directory with ``--run-config
 'resume-from="runs/flower/run-<id>"'``: the nodes reload their teachers, and
@@ -47,9 +47,9 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedkd.config import FOLLOW_FEDERATION, RunConfig, config_from_run_config
-from fedkd.coordinator import Session, coordinate
+from fedkd.coordinator.distillation import Distillation, RunObserver
+from fedkd.coordinator.flow import Session, coordinate
 from fedkd.data import load_dataset
-from fedkd.distillation import Distillation, RunObserver
 from fedkd.tls import run_pki
 from server.hub import Hub, ServerTLS, issue_tokens
 

@@ -27,20 +27,12 @@ from rich.table import Table
 
 import client.cli
 from fedkd.checkpoint import CheckpointError
-from fedkd.config import (
-    TIMEOUT_LIMIT,
-    ConfigError,
-    RunConfig,
-    address,
-    argument,
-    config_from_mapping,
-    load_config_file,
-    parse_assignments,
-)
+from fedkd.config import RunConfig, config_from_mapping, load_config_file, parse_assignments
+from fedkd.coordinator.experiment import run_experiment
+from fedkd.coordinator.pool import QuorumError
+from fedkd.coordinator.rundir import RunDirectoryError
 from fedkd.data import DatasetNotFoundError
-from fedkd.experiment import run_experiment
-from fedkd.pool import QuorumError
-from fedkd.rundir import RunDirectoryError
+from fedkd.options import TIMEOUT_LIMIT, ConfigError, address, argument
 from fedkd.tls import CertificateError, make_dev_pki, read_certificates, read_private_key, run_pki
 from server.distill import run_distillation, teacher_names
 from server.hub import ListenError, ServerTLS
@@ -214,7 +206,7 @@ def _allowed(meta: Any) -> str:
 
 
 def cmd_keys(args: argparse.Namespace, console: Console) -> int:
-    from fedkd.methods import METHODS
+    from fedkd.coordinator.methods import METHODS
 
     table = Table(title="fedkd config keys (TOML, --set KEY=VALUE, Flower run config)")
     table.add_column("key")
@@ -248,7 +240,7 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_partition(args: argparse.Namespace, console: Console) -> int:
     from fedkd.data import export_node_files, load_dataset
-    from fedkd.training import client_partitions
+    from fedkd.institution.training import client_partitions
 
     config = _build_config(args)
     split = load_dataset(config.dataset, config.data_root, seed=config.seed)

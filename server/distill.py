@@ -2,7 +2,7 @@
 
 Opens the hub on ``--listen``, issues one token per teacher (``<run>/tokens``),
 waits for the teachers to dial in, then runs the coordinator's flow
-(:func:`fedkd.coordinator.coordinate`) with the coordinator's own held-out data
+(:func:`fedkd.coordinator.flow.coordinate`) with the coordinator's own held-out data
 for evaluation, and writes the same run directory and summary.json as ``fedkd run``.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from fedkd.config import RunConfig
-from fedkd.coordinator import Session, coordinate
+from fedkd.coordinator.distillation import Distillation, RunObserver
+from fedkd.coordinator.flow import Session, coordinate
 from fedkd.data import load_dataset
-from fedkd.distillation import Distillation, RunObserver
 from server.hub import Hub, ServerTLS, issue_tokens
 
 

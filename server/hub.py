@@ -5,7 +5,7 @@ Each institution's agent opens one long-lived ``fedkd.v1.Hub/Session`` stream
 plus a per-teacher bearer token, or a client certificate under mutual TLS)
 before anything else, reads its Hello, and from then on sends it queries and
 matches the answers by id. :class:`HubPool` is the coordinator's
-:class:`~fedkd.pool.TeacherPool` over the hub: every Forward/Backward goes to
+:class:`~fedkd.coordinator.pool.TeacherPool` over the hub: every Forward/Backward goes to
 all live teachers at once, with a deadline; the run continues while a quorum
 answers, waits (bounded) for dropped teachers to rejoin when it does not, and
 records queries and bytes per teacher. gRPC health checking and server
@@ -46,10 +46,8 @@ from fedkd.codec import (
     encode_tensor,
 )
 from fedkd.config import RunConfig
-from fedkd.data import SPECS, DatasetSpec
-from fedkd.pool import QuorumError, backward_bytes, forward_bytes, member_terms
-from fedkd.privacy.ledger import BUDGET_REFUSAL
-from fedkd.teacher import (
+from fedkd.contract import (
+    FEATURE_STATISTICS,
     CurriculumState,
     ForwardReply,
     QueryError,
@@ -58,7 +56,9 @@ from fedkd.teacher import (
     unusable,
     vote_logits,
 )
-from fedkd.terms import FEATURE_STATISTICS
+from fedkd.coordinator.pool import QuorumError, backward_bytes, forward_bytes, member_terms
+from fedkd.data import SPECS, DatasetSpec
+from fedkd.institution.privacy.ledger import BUDGET_REFUSAL
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
 

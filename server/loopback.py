@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from fedkd.config import RunConfig
-from fedkd.experiment import ClientTeacher
-from fedkd.pool import TeacherPool
-from fedkd.teacher import access_modes
+from fedkd.contract import access_modes
+from fedkd.coordinator.experiment import ClientTeacher
+from fedkd.coordinator.pool import TeacherPool
 from fedkd.tls import run_pki
 from server.hub import Hub, ServerTLS, issue_tokens
 

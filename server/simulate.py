@@ -1,6 +1,6 @@
 """``fedkd simulate``: ``flwr run . --stream`` in Flower's simulation engine, set up to work offline.
 
-What it sets, and why (../shared/flower-notes.md):
+What it sets, and why (docs/flower.md):
 
 - ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: otherwise the SuperLink
   runs ``uv sync`` for every run (gigabytes of CUDA wheels; fails offline).

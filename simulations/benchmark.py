@@ -39,14 +39,15 @@ from typing import Any
 
 import torch
 
-from fedkd.aggregation import AGGREGATORS
 from fedkd.checkpoint import save_atomic
 from fedkd.config import config_from_mapping
-from fedkd.coordinator import setup
+from fedkd.coordinator.aggregation import AGGREGATORS
+from fedkd.coordinator.ensemble import Ensemble
+from fedkd.coordinator.evaluation import query_ensemble
+from fedkd.coordinator.experiment import in_process, prepare_clients, run_experiment
+from fedkd.coordinator.flow import setup
 from fedkd.data import load_dataset
-from fedkd.ensemble import Ensemble
-from fedkd.experiment import in_process, prepare_clients, run_experiment
-from fedkd.metrics import accuracy, query_ensemble
+from fedkd.metrics import accuracy
 
 RUNS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -55,7 +56,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "curriculum-soft": {"cudfkd.self-paced": "soft"},
     "curriculum-hard": {"cudfkd.self-paced": "hard"},
     "curriculum-none": {"cudfkd.self-paced": "none"},
-    # One hostile teacher among five (client 0's checkpoint doctored after training; README, "Robustness"):
+    # One hostile teacher among five (client 0's checkpoint doctored after training; docs/robustness.md):
     # "fixed" answers class 0 with logit 20 on everything, "random" answers random logits (scale 10); both
     # claim a label histogram of 10,000 per class. "-trusting" turns the reliability estimate off.
     "hostile-fixed": {},

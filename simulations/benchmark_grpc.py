@@ -42,10 +42,10 @@ import torch
 
 from client.cli import host_from_checkpoint
 from fedkd.config import config_from_mapping
+from fedkd.contract import CurriculumState
+from fedkd.coordinator.ensemble import Ensemble
+from fedkd.coordinator.experiment import prepare_clients, run_experiment
 from fedkd.data import load_dataset
-from fedkd.ensemble import Ensemble
-from fedkd.experiment import prepare_clients, run_experiment
-from fedkd.teacher import CurriculumState
 from fedkd.tls import make_dev_pki
 from server.hub import Hub, ServerTLS, issue_tokens
 from server.loopback import agent_command, grpc_transport

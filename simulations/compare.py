@@ -35,11 +35,12 @@ from typing import Any
 
 import torch
 
-from fedkd.config import ConfigError, config_from_mapping, parse_assignments
-from fedkd.coordinator import LogObserver, setup
+from fedkd.config import config_from_mapping, parse_assignments
+from fedkd.coordinator.experiment import prepare_clients, run_experiment
+from fedkd.coordinator.flow import LogObserver, setup
+from fedkd.coordinator.methods import METHODS
 from fedkd.data import load_dataset
-from fedkd.experiment import prepare_clients, run_experiment
-from fedkd.methods import METHODS
+from fedkd.options import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~15 minutes on 2 cores: digits only, with the default schedule (10 epochs of 20 rounds, 20 student steps).

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedkd.checkpoint import load_teacher  # noqa: E402
+from fedkd.institution.loading import load_teacher  # noqa: E402
 from server.simulate import run_processes, simulate  # noqa: E402
 
 

@@ -7,7 +7,7 @@ For client ``--client`` of each run: the candidates are its training records (me
 (non-members, never trained on by anyone). The attacker is the coordinator: it sends the candidates to the
 teacher's host as queries (under the client's own release policy, as every query is answered) and reads
 the student it distilled. Two attacks, each scored by AUC and the true-positive rate at 0.1 % and 1 %
-false positives (``fedkd.privacy.audit``):
+false positives (``fedkd.institution.privacy.audit``):
 
 Members and non-members are drawn with the same label histogram (a non-IID teacher is surer of its own
 classes; an imbalance would pass for membership signal).
@@ -42,11 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import _key, run_one  # noqa: E402
 from privacy_utility import mapping  # noqa: E402
 
-from fedkd.checkpoint import load_teacher  # noqa: E402
 from fedkd.config import config_from_mapping  # noqa: E402
+from fedkd.contract import CurriculumState  # noqa: E402
 from fedkd.data import ImageData, load_dataset  # noqa: E402
-from fedkd.metrics import predict  # noqa: E402
-from fedkd.privacy.audit import (  # noqa: E402
+from fedkd.institution.host import TeacherHost, describe_checkpoint
+from fedkd.institution.loading import load_teacher  # noqa: E402
+from fedkd.institution.privacy.audit import (
     FPRS,
     attack_metrics,
     dp_tpr_bound,
@@ -54,10 +55,10 @@ from fedkd.privacy.audit import (  # noqa: E402
     loss_scores,
     scaled_confidence,
 )
-from fedkd.privacy.ledger import ledger_path  # noqa: E402
-from fedkd.privacy.policy import ReleasePolicy  # noqa: E402
-from fedkd.teacher import CurriculumState, TeacherHost, describe_checkpoint  # noqa: E402
-from fedkd.training import client_partitions, train_teacher  # noqa: E402
+from fedkd.institution.privacy.ledger import ledger_path  # noqa: E402
+from fedkd.institution.privacy.policy import ReleasePolicy  # noqa: E402
+from fedkd.institution.training import client_partitions, train_teacher  # noqa: E402
+from fedkd.metrics import predict  # noqa: E402
 
 STUDENT_AUC_TARGET = 0.55
 

@@ -3,7 +3,7 @@
     python simulations/pate_client.py                  # MNIST-5k, client 0 of 5 (IID), 5 / 10 / 20 shard teachers
 
 The client trains ``pate-teachers`` shard teachers on its own records (fedkd's teacher recipe,
-``fedkd.training.train_teacher`` with ``pate``) and answers ``--queries`` test images (standing in for the
+``fedkd.institution.training.train_teacher`` with ``pate``) and answers ``--queries`` test images (standing in for the
 coordinator's queries; real images are the easy case, synthetic ones are harder) through its host under
 ``privacy-mode=pate``. Printed per setting: the mean shard teacher's and the plurality vote's accuracy, the
 fraction answered, the accuracy of the answered labels, and epsilon at delta 1e-5 (the data-independent
@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from fedkd.config import config_from_mapping
+from fedkd.contract import CurriculumState
 from fedkd.data import load_dataset
-from fedkd.privacy.pate import ABSTAIN, pate_record
-from fedkd.privacy.policy import PrivacySettings, ReleasePolicy
-from fedkd.teacher import CurriculumState, TeacherHost, describe_checkpoint
-from fedkd.training import client_partitions, train_teacher
+from fedkd.institution.host import TeacherHost, describe_checkpoint
+from fedkd.institution.privacy.pate import ABSTAIN, pate_record
+from fedkd.institution.privacy.policy import PrivacySettings, ReleasePolicy
+from fedkd.institution.training import client_partitions, train_teacher
 
 # (shard teachers, threshold, sigma1, sigma2): the default (10 teachers) and its scaled neighbours.
 SETTINGS = [(5, 3.5, 1.0, 0.5), (10, 7.0, 2.0, 1.0), (20, 14.0, 4.0, 2.0)]

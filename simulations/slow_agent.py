@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from client.agent import AgentSettings, ClientTLS, TeacherAgent
-from fedkd.teacher import TeacherDescription, TeacherHost
+from fedkd.contract import TeacherDescription
+from fedkd.institution.host import TeacherHost
 
 
 class SlowHost(TeacherHost):

@@ -1,7 +1,7 @@
 """A real Flower deployment on loopback: one SuperLink, one SuperNode per institution, ``flwr run``.
 
 Used by the deployment test; every process it starts is stopped by :meth:`Deployment.stop`.
-The commands are the ones the README's "Deployment" section gives an operator.
+The commands are the ones docs/flower.md ("Deployment") gives an operator.
 """
 
 from __future__ import annotations

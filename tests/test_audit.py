@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedkd.metrics import predict
-from fedkd.privacy.audit import (
+from fedkd.institution.privacy.audit import (
     attack_metrics,
     dp_tpr_bound,
     lira_offline_scores,
     loss_scores,
     scaled_confidence,
 )
+from fedkd.metrics import predict
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:

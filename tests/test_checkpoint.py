@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fedkd.checkpoint import CheckpointError, load_teacher, save_atomic, save_teacher
+from fedkd.checkpoint import CheckpointError, save_atomic, save_teacher
+from fedkd.institution.loading import load_teacher
 from fedkd.models import build_model
 
 

@@ -1,15 +1,9 @@
 import pytest
 
-from fedkd.config import (
-    ConfigError,
-    RunConfig,
-    config_from_mapping,
-    config_from_run_config,
-    load_config_file,
-    parse_assignments,
-)
-from fedkd.methods import METHODS
-from fedkd.methods.cudfkd import CuDFKDOptions
+from fedkd.config import RunConfig, config_from_mapping, config_from_run_config, load_config_file, parse_assignments
+from fedkd.coordinator.methods import METHODS
+from fedkd.coordinator.methods.cudfkd import CuDFKDOptions
+from fedkd.options import ConfigError
 
 
 def test_defaults_are_the_main_job():
@@ -119,7 +113,7 @@ def test_bad_method_options_name_the_key(values, message):
 def test_options_of_a_method_that_is_not_selected_are_refused(monkeypatch):
     from dataclasses import dataclass
 
-    from fedkd.methods import MethodEntry
+    from fedkd.coordinator.methods import MethodEntry
 
     @dataclass(frozen=True)
     class OtherOptions:

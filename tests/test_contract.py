@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedkd.codec import DTYPES, _swap_bytes, decode_description, decode_tensor, encode_description, encode_tensor
-from fedkd.teacher import QueryError, TeacherDescription
+from fedkd.contract import QueryError, TeacherDescription
 from fedkd.v1 import fedkd_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,7 @@ def test_description_round_trips_and_is_validated():
 
 def test_a_query_serialised_once_is_the_message_the_contract_defines():
     from fedkd.codec import encode_state, encode_tensor
-    from fedkd.teacher import CurriculumState
+    from fedkd.contract import CurriculumState
     from server.hub import Serialized, length_delimited
 
     x = encode_tensor(torch.randn(3, 1, 4, 4))

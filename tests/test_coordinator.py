@@ -17,11 +17,13 @@ import server.app
 from client.agent import AgentSettings, TeacherAgent
 from client.app import app as client_app
 from client.cli import host_from_checkpoint
-from fedkd.checkpoint import CheckpointError, load_teacher
-from fedkd.config import ConfigError, RunConfig, config_from_mapping
-from fedkd.coordinator import LogObserver
-from fedkd.experiment import run_experiment
-from fedkd.rundir import RunDirectoryError
+from fedkd.checkpoint import CheckpointError
+from fedkd.config import RunConfig, config_from_mapping
+from fedkd.coordinator.experiment import run_experiment
+from fedkd.coordinator.flow import LogObserver
+from fedkd.coordinator.rundir import RunDirectoryError
+from fedkd.institution.loading import load_teacher
+from fedkd.options import ConfigError
 from server.app import app as server_app
 from server.distill import run_distillation, teacher_names
 from server.hub import issue_tokens

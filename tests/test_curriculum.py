@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedkd.curriculum import Curriculum, adversarial_weight, self_paced_weights
+from fedkd.coordinator.curriculum import Curriculum, adversarial_weight, self_paced_weights
 
 losses_st = st.lists(st.floats(0.0, 50.0, allow_nan=False), min_size=1, max_size=30)
 lam_st = st.floats(0.01, 30.0)

@@ -8,14 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from fedkd.checkpoint import load_teacher, save_teacher
+from fedkd.checkpoint import save_teacher
 from fedkd.config import config_from_mapping
+from fedkd.contract import FEATURE_STATISTICS, CurriculumState
 from fedkd.data import load_dataset
-from fedkd.privacy import PrivacySettings, ReleasePolicy, recompute_epsilon
-from fedkd.privacy.dpsgd import release_feature_statistics, statistics_layers
-from fedkd.teacher import CurriculumState, TeacherHost, describe_checkpoint
-from fedkd.terms import FEATURE_STATISTICS
-from fedkd.training import train_teacher
+from fedkd.institution.host import TeacherHost, describe_checkpoint
+from fedkd.institution.loading import load_teacher
+from fedkd.institution.privacy import PrivacySettings, ReleasePolicy, recompute_epsilon
+from fedkd.institution.privacy.dpsgd import release_feature_statistics, statistics_layers
+from fedkd.institution.training import train_teacher
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from fedkd.aggregation import AGGREGATORS, class_weights, resolve_aggregator
-from fedkd.ensemble import Ensemble
-from fedkd.pool import LocalPool
-from fedkd.teacher import CurriculumState, TeacherDescription, TeacherHost
+from fedkd.contract import CurriculumState, TeacherDescription
+from fedkd.coordinator.aggregation import AGGREGATORS, class_weights, resolve_aggregator
+from fedkd.coordinator.ensemble import Ensemble
+from fedkd.coordinator.pool import LocalPool
+from fedkd.institution.host import TeacherHost
 
 
 class Fixed(nn.Module):

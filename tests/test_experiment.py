@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fedkd.checkpoint import CheckpointError
-from fedkd.config import ConfigError, config_from_mapping
-from fedkd.experiment import run_experiment
-from fedkd.rundir import RunDirectoryError
+from fedkd.config import config_from_mapping
+from fedkd.coordinator.experiment import run_experiment
+from fedkd.coordinator.rundir import RunDirectoryError
+from fedkd.options import ConfigError
 
 TINY = {
     "dataset": "digits", "num-clients": 3, "partition": "iid", "teacher-model": "lenet5",

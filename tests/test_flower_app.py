@@ -15,11 +15,12 @@ from flwr.common.config import flatten_dict
 
 from client.app import app as client_app
 from client.node import NodeConfigError, node_data
-from fedkd.checkpoint import load_teacher
-from fedkd.config import ConfigError, RunConfig, config_from_mapping, config_from_run_config, option_keys
+from fedkd.config import RunConfig, config_from_mapping, config_from_run_config, option_keys
+from fedkd.coordinator.experiment import prepare_clients
+from fedkd.coordinator.methods import METHODS
 from fedkd.data import SPECS, load_node_file
-from fedkd.experiment import prepare_clients
-from fedkd.methods import METHODS
+from fedkd.institution.loading import load_teacher
+from fedkd.options import ConfigError
 from server.app import FlowerRunError, wait_for_nodes
 from server.app import app as server_app
 

@@ -12,10 +12,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
 from fedkd.codec import encode_description, encode_tensor
-from fedkd.ensemble import Ensemble
+from fedkd.contract import CurriculumState, TeacherDescription
+from fedkd.coordinator.ensemble import Ensemble
+from fedkd.coordinator.pool import LocalPool, QuorumError
+from fedkd.institution.host import TeacherHost
 from fedkd.models import build_model
-from fedkd.pool import LocalPool, QuorumError
-from fedkd.teacher import CurriculumState, TeacherDescription, TeacherHost
 from fedkd.tls import make_dev_pki
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc

@@ -13,7 +13,7 @@ import torch
 
 from fedkd.checkpoint import load_safe
 from fedkd.config import config_from_mapping
-from fedkd.experiment import run_experiment
+from fedkd.coordinator.experiment import run_experiment
 from fedkd.tls import make_dev_pki
 from server.hub import Hub, ServerTLS, issue_tokens
 from server.loopback import agent_command, grpc_transport

@@ -5,8 +5,15 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from fedkd.losses import adversarial_loss, class_balance_entropy, js_distance, kl_per_sample, l1_per_sample, onehot_loss
-from fedkd.metrics import agreement, loyalty
+from fedkd.coordinator.evaluation import agreement, loyalty
+from fedkd.coordinator.losses import (
+    adversarial_loss,
+    class_balance_entropy,
+    js_distance,
+    kl_per_sample,
+    l1_per_sample,
+    onehot_loss,
+)
 
 
 def test_entropy_of_balanced_and_collapsed_batches():

@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedkd.config import ConfigError, config_from_mapping
-from fedkd.coordinator import LogObserver, setup
+from fedkd.config import config_from_mapping
+from fedkd.coordinator.experiment import prepare_clients, run_experiment
+from fedkd.coordinator.flow import LogObserver, setup
+from fedkd.coordinator.methods import METHODS
+from fedkd.coordinator.methods.hidfd import frequency_weights
+from fedkd.coordinator.methods.rdskd import rdskd_loss
+from fedkd.coordinator.methods.tadfkd import select_clean
 from fedkd.data import SPECS, load_dataset, load_public_pool
-from fedkd.experiment import prepare_clients, run_experiment
-from fedkd.methods import METHODS
-from fedkd.methods.hidfd import frequency_weights
-from fedkd.methods.rdskd import rdskd_loss
-from fedkd.methods.tadfkd import select_clean
+from fedkd.options import ConfigError
 
 BASE = {"dataset": "digits", "num-clients": 3, "partition": "iid", "teacher-model": "lenet5", "teacher-epochs": 30,
         "teacher-lr": 3e-3, "epochs": 4, "steps-per-epoch": 15, "student-steps": 5, "batch-size": 64,

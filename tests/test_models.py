@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedkd.generator import Generator
+from fedkd.coordinator.generator import Generator
 from fedkd.models import average_weights, build_model, count_parameters
 
 

@@ -11,10 +11,12 @@ import torch
 from scipy.stats import norm
 from test_privacy_policy import rdp as rdp_epsilon  # the RDP accountant, independently of the ledger
 
-from fedkd.checkpoint import load_teacher, save_teacher
-from fedkd.models import build_model
-from fedkd.privacy import BudgetExhausted, PrivacySettings, ReleasePolicy, recompute_epsilon
-from fedkd.privacy.pate import (
+from fedkd.checkpoint import save_teacher
+from fedkd.contract import CurriculumState, QueryError, vote_logits
+from fedkd.institution.host import TeacherHost, describe_checkpoint
+from fedkd.institution.loading import load_teacher
+from fedkd.institution.privacy import BudgetExhausted, PrivacySettings, ReleasePolicy, recompute_epsilon
+from fedkd.institution.privacy.pate import (
     ABSTAIN,
     ORDERS,
     ShardVotes,
@@ -24,7 +26,7 @@ from fedkd.privacy.pate import (
     rdp_to_epsilon,
     shards,
 )
-from fedkd.teacher import CurriculumState, QueryError, TeacherHost, describe_checkpoint, vote_logits
+from fedkd.models import build_model
 
 STATE = CurriculumState()
 SHAPE = (1, 8, 8)
@@ -157,7 +159,7 @@ def test_vote_logits_of_an_abstention_is_uniform_and_the_hub_accepts_it():
 
 def test_a_federation_with_a_pate_client_runs_over_grpc_and_reports_both_bounds(tmp_path):
     from fedkd.config import config_from_mapping
-    from fedkd.experiment import run_experiment
+    from fedkd.coordinator.experiment import run_experiment
     from server.loopback import grpc_transport
 
     cfg = config_from_mapping({"dataset": "digits", "num-clients": 2, "partition": "iid", "teacher-model": "lenet5",

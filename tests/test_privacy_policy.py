@@ -8,10 +8,18 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from fedkd.contract import CurriculumState, QueryError, TeacherDescription
+from fedkd.coordinator.pool import LocalPool, QuorumError
+from fedkd.institution.host import TeacherHost
+from fedkd.institution.privacy import (
+    BudgetExhausted,
+    Entry,
+    PrivacyLedger,
+    PrivacySettings,
+    ReleasePolicy,
+    recompute_epsilon,
+)
 from fedkd.models import build_model
-from fedkd.pool import LocalPool, QuorumError
-from fedkd.privacy import BudgetExhausted, Entry, PrivacyLedger, PrivacySettings, ReleasePolicy, recompute_epsilon
-from fedkd.teacher import CurriculumState, QueryError, TeacherDescription, TeacherHost
 
 STATE = CurriculumState(epoch=0, step=0, lam=0.5, adv_weight=0.0)
 SHAPE = (1, 8, 8)
@@ -248,7 +256,7 @@ def pki_dir(tmp_path_factory):
 
 def test_a_run_goes_on_without_a_client_whose_budget_ran_out_and_reports_every_ledger(tmp_path):
     from fedkd.config import config_from_mapping
-    from fedkd.experiment import run_experiment
+    from fedkd.coordinator.experiment import run_experiment
 
     # The coordinator's start-up evaluation takes 359 rows (digits' test split), then 120 rows of distillation
     budget = rdp([(2.0, 1.0, 359 + 120)], 1e-5)

@@ -5,11 +5,12 @@ import logging
 import torch
 from torch import nn
 
-from fedkd.aggregation import AGGREGATORS
-from fedkd.ensemble import Ensemble
-from fedkd.pool import LocalPool
-from fedkd.robustness import AnswerBounds, Reliability
-from fedkd.teacher import CurriculumState, TeacherDescription, TeacherHost
+from fedkd.contract import CurriculumState, TeacherDescription
+from fedkd.coordinator.aggregation import AGGREGATORS
+from fedkd.coordinator.ensemble import Ensemble
+from fedkd.coordinator.pool import LocalPool
+from fedkd.coordinator.robustness import AnswerBounds, Reliability
+from fedkd.institution.host import TeacherHost
 
 C = 10
 
@@ -112,7 +113,7 @@ def test_a_hostile_teacher_claiming_large_counts_does_not_own_the_class_weighted
         trusting = Ensemble(LocalPool(_federation(liar)), "auto", reliability=False)
         robust = Ensemble(LocalPool(_federation(liar)), "auto")
         assert robust.aggregation == "class-weighted"
-        with caplog.at_level(logging.WARNING, logger="fedkd.robustness"):
+        with caplog.at_level(logging.WARNING, logger="fedkd.coordinator.robustness"):
             for step in range(3):  # a few batches of evidence
                 robust(_inputs(64, step), CurriculumState())
         accuracy = {name: float((ens(x, CurriculumState()).logits.argmax(-1) == _truth(x)).float().mean())
@@ -193,7 +194,7 @@ def _linear_host(seed, modes):
 
 
 def test_the_zeroth_order_estimate_approximates_the_true_input_gradient_of_a_linear_teacher():
-    from fedkd.ensemble import ZerothOrder, zeroth_order_gradient
+    from fedkd.coordinator.ensemble import ZerothOrder, zeroth_order_gradient
 
     host = _linear_host(0, ("logits",))
     pool = LocalPool([host])
@@ -212,7 +213,7 @@ def test_the_zeroth_order_estimate_approximates_the_true_input_gradient_of_a_lin
 
 
 def test_backward_goes_only_to_teachers_that_grant_gradients_the_others_are_estimated():
-    from fedkd.ensemble import ZerothOrder
+    from fedkd.coordinator.ensemble import ZerothOrder
 
     hosts = [_linear_host(0, ("gradient", "logits")), _linear_host(1, ("logits",))]
     x = torch.randn(4, 1, 4, 4, requires_grad=True)
@@ -234,8 +235,9 @@ def test_backward_goes_only_to_teachers_that_grant_gradients_the_others_are_esti
 def test_a_run_with_no_gradients_to_be_had_stops_at_start_up_naming_the_clients(tmp_path):
     import pytest
 
-    from fedkd.config import ConfigError, config_from_mapping
-    from fedkd.experiment import run_experiment
+    from fedkd.config import config_from_mapping
+    from fedkd.coordinator.experiment import run_experiment
+    from fedkd.options import ConfigError
 
     config = config_from_mapping({"dataset": "digits", "num-clients": 2, "partition": "iid", "teacher-epochs": 1,
                                   "epochs": 1, "steps-per-epoch": 1, "teacher-access": "logits",
@@ -248,7 +250,7 @@ def test_a_run_with_no_gradients_to_be_had_stops_at_start_up_naming_the_clients(
 def test_a_labels_only_teacher_refuses_logits_and_the_ensemble_asks_it_for_labels():
     import pytest
 
-    from fedkd.teacher import QueryError
+    from fedkd.contract import QueryError
 
     labels_host = _linear_host(2, ("labels",))
     x = torch.randn(6, 1, 4, 4)
@@ -266,7 +268,7 @@ def test_a_labels_only_teacher_refuses_logits_and_the_ensemble_asks_it_for_label
 
 
 def test_claimed_counts_are_capped_at_four_times_the_median_clients():
-    from fedkd.robustness import capped_counts
+    from fedkd.coordinator.robustness import capped_counts
 
     descs = [_host(Reads(k), k, [100] * C).description for k in range(4)]
     descs.append(_host(Liar(), 4, [10_000] * C).description)

@@ -5,15 +5,17 @@ import torch
 from torch import nn
 
 from fedkd.augment import random_shift
-from fedkd.config import ConfigError, config_from_mapping
-from fedkd.coordinator import check_pool_memory
+from fedkd.config import config_from_mapping
+from fedkd.contract import CurriculumState, TeacherDescription
+from fedkd.coordinator.ensemble import Ensemble
+from fedkd.coordinator.flow import check_pool_memory
+from fedkd.coordinator.methods import QueryBudget
+from fedkd.coordinator.pool import LocalPool
+from fedkd.coordinator.synthesis import SynthesisSettings, Synthesizer, balanced_targets
+from fedkd.coordinator.synthetic_pool import SyntheticPool, pool_bytes, quantise
 from fedkd.data import SPECS
-from fedkd.ensemble import Ensemble
-from fedkd.methods import QueryBudget
-from fedkd.pool import LocalPool
-from fedkd.synthesis import SynthesisSettings, Synthesizer, balanced_targets
-from fedkd.synthetic_pool import SyntheticPool, pool_bytes, quantise
-from fedkd.teacher import CurriculumState, TeacherDescription, TeacherHost
+from fedkd.institution.host import TeacherHost
+from fedkd.options import ConfigError
 
 SPEC = SPECS["digits"]  # 1 x 8 x 8, 10 classes
 

@@ -2,10 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from fedkd.ensemble import Ensemble
+from fedkd.contract import CurriculumState, QueryError, TeacherDescription
+from fedkd.coordinator.ensemble import Ensemble
+from fedkd.coordinator.pool import LocalPool
+from fedkd.institution.host import TeacherHost
+from fedkd.institution.terms import FeatureStatistics
 from fedkd.models import build_model
-from fedkd.pool import LocalPool
-from fedkd.teacher import CurriculumState, FeatureStatistics, QueryError, TeacherDescription, TeacherHost
 
 STATE = CurriculumState(epoch=2, step=10, lam=1.5, adv_weight=0.5)
 

@@ -1,0 +1,142 @@
+"""The contract between an institution and the coordinator, as Python types: what crosses the trust boundary.
+
+Both sides import this module and nothing on either side is imported by it: the query context every call
+carries (:class:`CurriculumState`), what a teacher says about itself (:class:`TeacherDescription`), what a
+Forward answers (:class:`ForwardReply`), what a client has released (:class:`QueryStats`), the access modes a
+client grants, the names of the teacher-side terms, and :class:`QueryError`, a refusal with its gRPC status
+code. The wire form of each is ``fedkd.v1`` (``protos/fedkd/v1/fedkd.proto``); ``fedkd.codec`` converts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from fedkd.data import DatasetSpec
+
+# Teacher-side terms (computed by the institution with its own teacher, ``fedkd.institution.terms``)
+FEATURE_STATISTICS = "feature-statistics"  # BatchNorm feature statistics (DeepInversion; the old ``bn_loss``)
+ACTIVATION = "activation"  # DAFL's activation of the penultimate features
+TERM_NAMES = (FEATURE_STATISTICS, ACTIVATION)
+
+ACCESS_MODES = ("gradient", "logits")  # what a client grants unless it says otherwise
+ALL_ACCESS_MODES = ("gradient", "logits", "labels")
+VOTE_SMOOTHING = 0.1  # a labels-only teacher's answer, as the coordinator's aggregators see it: log((1-e) 1_y + e/C)
+
+
+def access_modes(mode: str) -> tuple[str, ...]:
+    """The access modes a client granting ``mode`` (``teacher-access``) announces: gradient implies logits;
+    labels is hard labels only (a client granting logits answers labels too, if asked)."""
+    return {"gradient": ("gradient", "logits"), "logits": ("logits",), "labels": ("labels",)}[mode]
+
+
+def unusable(description: TeacherDescription, spec: DatasetSpec) -> str | None:
+    """Why a teacher cannot serve a run on the data ``spec`` describes (naming the field), or None when it can."""
+    if description.num_classes != spec.num_classes:
+        return f"num_classes {description.num_classes}, the run's data has {spec.num_classes} classes"
+    if tuple(description.input_shape) != tuple(spec.input_shape):
+        return f"input_shape {tuple(description.input_shape)}, the run's data has {tuple(spec.input_shape)}"
+    for name in ("mean", "std"):
+        mine, theirs = getattr(description, name), getattr(spec, name)
+        if any(abs(a - b) > 1e-6 for a, b in zip(mine, theirs)):
+            return f"{name} {tuple(mine)}, the run's data is normalised with {name} {tuple(theirs)}"
+    return None
+
+
+def vote_logits(labels: Tensor, num_classes: int) -> Tensor:
+    """(B,) hard labels -> (B, C) logits of the smoothed vote, so every aggregator can combine them. An
+    abstention (label -1, a PATE client not confident about the row) is the uniform vote: no information."""
+    labels = labels.long()
+    votes = torch.full((len(labels), num_classes), VOTE_SMOOTHING / num_classes)
+    given = labels >= 0
+    votes[torch.arange(len(labels))[given], labels[given]] += 1.0 - VOTE_SMOOTHING
+    votes[~given] = 1.0 / num_classes
+    return votes.log()
+
+
+class QueryError(ValueError):
+    """A query the host refuses. ``code`` is the gRPC status it maps to."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.counted = False  # set once a host has counted this refusal in its stats
+
+
+@dataclass(frozen=True)
+class CurriculumState:
+    """The server's curriculum at the time of a query (docs/methods.md, CuDFKD)."""
+
+    epoch: int = 0
+    step: int = 0
+    lam: float = 0.0
+    adv_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class TeacherDescription:
+    """What a teacher tells the coordinator about itself (the Describe call)."""
+
+    client: int
+    model: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    access_modes: tuple[str, ...] = ACCESS_MODES
+    has_feature_statistics: bool = False
+    num_samples: int | None = None
+    label_counts: tuple[int, ...] | None = None
+    privacy: dict[str, float | str] | None = None
+    terms: tuple[str, ...] = ()  # teacher-side terms it computes (fedkd.institution.terms), besides feature statistics
+
+    @property
+    def available_terms(self) -> tuple[str, ...]:
+        """Every teacher-side term this teacher computes (feature statistics as the old flag states it)."""
+        extra = (FEATURE_STATISTICS,) if self.has_feature_statistics and FEATURE_STATISTICS not in self.terms else ()
+        return tuple(self.terms) + extra
+
+
+@dataclass(frozen=True)
+class ForwardReply:
+    logits: Tensor  # (B, C) float32 (for a labels answer: the smoothed vote, see vote_logits)
+    # labels below: -1 where a PATE client abstains
+    terms: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # 0-d float32 per asked-for term
+    labels: Tensor | None = None  # (B,) int64, when hard labels were asked for
+    ref: Any = None  # what a Backward names to follow this Forward (when it was asked with keep)
+
+    @property
+    def bn_loss(self) -> Tensor | None:
+        """The feature-statistics term, when it was asked for (the original contract's ``bn_loss``)."""
+        return self.terms.get(FEATURE_STATISTICS)
+
+
+@dataclass
+class QueryStats:
+    """What a client has released: queries answered, samples and bytes on the wire."""
+
+    forward_calls: int = 0
+    backward_calls: int = 0
+    samples: int = 0
+    bytes: int = 0  # tensor payload (inputs, outputs, gradients)
+    refused: int = 0
+    missed: int = 0  # queries a teacher did not answer (dropped out, deadline, refusal): coordinator side
+    wire_bytes: int = 0  # serialized messages both ways, when a transport has a wire
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def requested_terms(terms: Iterable[str], bn_loss: bool) -> tuple[str, ...]:
+    """The terms a query asks for: its ``terms`` plus feature-statistics when it sets the old ``bn_loss``."""
+    names = list(dict.fromkeys(terms))
+    if bn_loss and FEATURE_STATISTICS not in names:
+        names.append(FEATURE_STATISTICS)
+    return tuple(names)

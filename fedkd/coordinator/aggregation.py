@@ -1,0 +1,182 @@
+"""How the answers of many teachers become one ensemble signal: aggregators behind a registry.
+
+Every aggregator maps the logits of the K' teachers that answered a query,
+(K', B, C), to one (B, C) tensor of ensemble logits, with plain torch
+operations, so the gradient of any loss on the ensemble reaches each teacher's
+logits (and, through the Backward queries, the inputs). Aggregators that work
+in probability space return log-probabilities, which are valid logits:
+``softmax(log p) = p``.
+
+- ``logit-mean``: mean of the logits (the classic ensemble; scale-sensitive).
+- ``prob-mean``: log of the mean of the teachers' probabilities.
+- ``class-weighted``: FedFTG's target (docs/robustness.md, "The ensemble"),
+  p(c | x) proportional to sum_k w[k, c] p_k(c | x) with w[k, c] = n_k(c) / sum_j n_j(c):
+  each class is answered by the teachers that saw it, in proportion to how
+  much of it they saw. Needs the label counts clients choose to share; a client
+  that declines counts as having seen every class equally often
+  (n_k(c) = n_k / C, or 1 when it shares no sample count either).
+- ``class-weighted-logits``: the same weights applied to logits.
+- ``confidence``: per-sample weights softmax_k(-H(p_k(x))): a teacher counts
+  more on the inputs it is sure about (needs no counts).
+- ``median``: the coordinate-wise median of the teachers' probabilities
+  (renormalised): one teacher, however wrong or confident, cannot move it past
+  the others.
+- ``trimmed-mean``: per coordinate, the mean of the probabilities left after
+  dropping the highest and lowest fifth of the teachers (at least one each
+  way; the median when fewer than three would remain).
+
+Per-teacher weights (label counts, and the reliability estimate of
+``fedkd.coordinator.robustness``) reach the aggregators as a (K', C) matrix whose columns
+sum to 1; the order statistics (median, trimmed mean) take no weights: an
+unreliable teacher is left out of them instead.
+- ``auto`` (a config value, not an aggregator): ``class-weighted`` when at
+  least one client shares its label counts, else ``prob-mean``.
+
+Measured on MNIST-5k, 5 LeNet-5 teachers, 1,000 held-out images (docs/robustness.md, "The
+ensemble"): Dirichlet(0.5) logit-mean 0.936, prob-mean 0.965, class-weighted
+0.975; Dirichlet(0.1) 0.632 / 0.637 / 0.959; IID all 0.977-0.978.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LabelCounts = Sequence[int] | None
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """A named way of combining teachers' logits; ``needs_counts`` when it uses label histograms."""
+
+    name: str
+    combine: Callable[[Tensor, Tensor | None], Tensor]  # (logits (K', B, C), weights (K', C) | None) -> (B, C)
+    needs_counts: bool = False
+    description: str = ""
+    takes_weights: bool = True  # False: an order statistic; unreliable members are left out instead
+
+
+def class_weights(counts: Sequence[LabelCounts], num_classes: int, num_samples: Sequence[int | None] | None = None
+                  ) -> Tensor:
+    """(K, C) weights w[k, c] = n_k(c) / sum_j n_j(c): each column sums to 1 over the teachers.
+
+    A teacher whose counts are None (declined) is treated as uniform over the
+    classes, with its sample count when it shares one (else one sample per class).
+    """
+    rows = []
+    for k, row in enumerate(counts):
+        if row is None or sum(row) == 0:
+            total = (num_samples[k] if num_samples is not None else None) or num_classes
+            rows.append(torch.full((num_classes,), float(total) / num_classes))
+        else:
+            if len(row) != num_classes:
+                raise ValueError(f"teacher {k}: label histogram has {len(row)} classes, expected {num_classes}")
+            if any(c < 0 for c in row):
+                raise ValueError(f"teacher {k}: label histogram has negative counts")
+            rows.append(torch.tensor([float(c) for c in row]))
+    n = torch.stack(rows)  # (K, C)
+    column = n.sum(0, keepdim=True)
+    # A class no teacher saw: every teacher speaks for it equally.
+    return torch.where(column > 0, n / column.clamp_min(1e-12), torch.full_like(n, 1.0 / len(n)))
+
+
+def _log_normalise(p: Tensor) -> Tensor:
+    """log of p normalised over the last dimension, safe at p = 0."""
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    return torch.log(p.clamp_min(1e-30))
+
+
+def _logit_mean(logits: Tensor, weights: Tensor | None) -> Tensor:
+    if weights is None:
+        return logits.mean(0)
+    return (logits * weights.unsqueeze(1)).sum(0)
+
+
+def _prob_mean(logits: Tensor, weights: Tensor | None) -> Tensor:
+    if weights is None:
+        return _log_normalise(F.softmax(logits, -1).mean(0))
+    return _log_normalise((F.softmax(logits, -1) * weights.unsqueeze(1)).sum(0))
+
+
+def _class_weighted(logits: Tensor, weights: Tensor | None) -> Tensor:
+    assert weights is not None
+    return _log_normalise((F.softmax(logits, -1) * weights.unsqueeze(1)).sum(0))  # (B, C)
+
+
+def _class_weighted_logits(logits: Tensor, weights: Tensor | None) -> Tensor:
+    assert weights is not None
+    return (logits * weights.unsqueeze(1)).sum(0)
+
+
+def _confidence(logits: Tensor, weights: Tensor | None) -> Tensor:
+    p = F.softmax(logits, -1)  # (K', B, C)
+    entropy = -(p * F.log_softmax(logits, -1)).sum(-1)  # (K', B)
+    w = F.softmax(-entropy, 0).unsqueeze(-1)  # (K', B, 1)
+    if weights is not None:  # per-teacher weights (the class-mean of each row) scale the per-sample ones
+        w = w * weights.mean(1).view(-1, 1, 1)
+        w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
+    return _log_normalise((w * p).sum(0))
+
+
+def median_of(values: Tensor) -> Tensor:
+    """The median over the first dimension (the mean of the two middle values when it is even)."""
+    k = values.shape[0]
+    ordered = values.sort(0).values
+    return ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+
+
+def _median(logits: Tensor, weights: Tensor | None) -> Tensor:
+    return _log_normalise(median_of(F.softmax(logits, -1)))
+
+
+def _trimmed_mean(logits: Tensor, weights: Tensor | None) -> Tensor:
+    k = logits.shape[0]
+    trim = max(1, k // 5)
+    if k - 2 * trim < 1 or k < 3:
+        return _median(logits, weights)
+    ordered = F.softmax(logits, -1).sort(0).values
+    return _log_normalise(ordered[trim:k - trim].mean(0))
+
+
+AGGREGATORS: dict[str, Aggregator] = {a.name: a for a in (
+    Aggregator("logit-mean", _logit_mean, description="mean of the teachers' logits"),
+    Aggregator("prob-mean", _prob_mean, description="mean of the teachers' probabilities"),
+    Aggregator("class-weighted", _class_weighted, needs_counts=True,
+               description="probabilities weighted per class by the teachers' label counts (FedFTG)"),
+    Aggregator("class-weighted-logits", _class_weighted_logits, needs_counts=True,
+               description="logits weighted per class by the teachers' label counts"),
+    Aggregator("confidence", _confidence, description="probabilities weighted per sample by low entropy"),
+    Aggregator("median", _median, takes_weights=False,
+               description="coordinate-wise median of the teachers' probabilities"),
+    Aggregator("trimmed-mean", _trimmed_mean, takes_weights=False,
+               description="coordinate-wise mean of the probabilities without the highest and lowest fifth"),
+)}
+
+ENSEMBLE_CHOICES = ("auto", *AGGREGATORS)
+
+
+def get_aggregator(name: str) -> Aggregator:
+    """The aggregator called ``name``; a wrong name fails with the list of valid ones."""
+    if name not in AGGREGATORS:
+        raise KeyError(f"unknown ensemble aggregator {name!r}; valid: {', '.join(AGGREGATORS)}")
+    return AGGREGATORS[name]
+
+
+def resolve_aggregator(name: str, counts: Sequence[LabelCounts],
+                       clients: Sequence[int] | None = None) -> Aggregator:
+    """Resolve ``auto`` and check that a counts-based aggregator has counts to work with.
+
+    Raises ValueError naming the clients when none of them shares its label counts.
+    """
+    if name == "auto":
+        return AGGREGATORS["class-weighted" if any(c is not None for c in counts) else "prob-mean"]
+    aggregator = get_aggregator(name)
+    if aggregator.needs_counts and all(c is None for c in counts):
+        names = ", ".join(str(k) for k in (clients or range(len(counts))))
+        raise ValueError(f"ensemble={name} needs the label counts of the clients, and none of them shares them "
+                         f"(clients {names} declined or use DP); use ensemble=prob-mean or ensemble=auto")
+    return aggregator

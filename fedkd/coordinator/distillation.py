@@ -1,0 +1,194 @@
+"""The distillation loop: evaluate the teachers through queries, distil epoch by epoch, checkpoint every epoch.
+
+The coordinator's half of a run, whichever entry point runs it: the teachers
+are only reached through a :class:`~fedkd.coordinator.pool.TeacherPool`. It returns a
+:class:`Distillation`, the typed result every summary is built from
+(:mod:`fedkd.coordinator.summary`); :func:`fedkd.coordinator.flow.coordinate` is what calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fedkd.checkpoint import RUN_FORMAT, CheckpointError, save_atomic
+from fedkd.config import RunConfig
+from fedkd.contract import unusable
+from fedkd.coordinator.ensemble import Ensemble, ZerothOrder
+from fedkd.coordinator.evaluation import EnsembleAnswers, agreement, loyalty, query_ensemble
+from fedkd.coordinator.methods import MethodContext, build_method
+from fedkd.coordinator.pool import TeacherPool
+from fedkd.coordinator.rundir import QUERY_LEDGER, read_query_ledger, write_query_ledger
+from fedkd.data import DatasetSpec, ImageData
+from fedkd.metrics import accuracy, predict
+from fedkd.models import build_model
+from fedkd.options import ConfigError
+
+
+class RunObserver(Protocol):
+    """Progress hooks for entry points (a progress bar, Flower's log); the library itself prints nothing."""
+
+    def stage(self, message: str) -> None: ...
+
+    def epoch_started(self, epoch: int, total_steps: int) -> None: ...
+
+    def step(self) -> None: ...
+
+    def epoch_finished(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Distillation:
+    """What a distillation produced: the student, in memory, and everything its summary is built from."""
+
+    student: nn.Module
+    ensemble: Ensemble
+    answers: EnsembleAnswers | None  # the teachers' and the ensemble's answers on the coordinator's test set
+    history: list[dict[str, Any]]  # one record per epoch (metrics.jsonl)
+    stages: list[tuple[int, Tensor]]  # (epoch, synthetic samples) for the samples plot
+    method_report: dict[str, Any]
+    earlier_seconds: float  # wall time of the run's earlier sessions (a resumed run), 0 for a run in one go
+
+
+def build(name: str, spec: DatasetSpec) -> nn.Module:
+    return build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+
+
+def stage_epochs(epochs: int, stages: int) -> set[int]:
+    if stages == 1:
+        return {epochs - 1}
+    return {round(i * (epochs - 1) / (stages - 1)) for i in range(stages)}
+
+
+def check_teachers(pool: TeacherPool, spec: DatasetSpec) -> None:
+    """The coordinator evaluates on its own data: every teacher must take that data's inputs and classes."""
+    for k, d in enumerate(pool.descriptions):
+        if (why := unusable(d, spec)) is not None:
+            raise ConfigError(f"dataset: teacher {k} ({d.model}) cannot take the run's {spec.name!r} data: {why}")
+
+
+def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: ImageData | None, run_dir: Path, *,
+            device: torch.device, saved_state: dict[str, Any] | None, observer: RunObserver,
+            started: float | None = None) -> Distillation:
+    """Evaluate the teachers through queries, distil, evaluate and checkpoint every epoch.
+
+    ``test`` is the coordinator's own labelled data for evaluation, or None
+    for a coordinator that holds none (accuracies are then left to federated
+    evaluation); ``saved_state`` is the run checkpoint to continue from;
+    ``started`` is when this session of the run began (``time.perf_counter``;
+    default now), so the checkpoint's elapsed time counts the set-up too.
+    """
+    started = time.perf_counter() if started is None else started
+    elapsed_before = float(saved_state["elapsed"]) if saved_state else 0.0
+    check_teachers(pool, spec)
+    try:
+        ensemble = Ensemble(pool, config.ensemble, reliability=config.reliability, logit_bound=config.logit_bound,
+                            gradient_bound=config.gradient_bound,
+                            zeroth_order=ZerothOrder(config.zo_directions, config.zo_radius, config.max_query_batch))
+    except ValueError as exc:
+        raise ConfigError(f"ensemble: {exc}") from None
+    if ensemble.aggregation != config.ensemble:
+        observer.stage(f"ensemble: {ensemble.aggregation} ({config.ensemble})")
+    test_inputs = spec.normalize(test.images) if test is not None else None
+    ckpt_path = run_dir / "checkpoint.pt"
+    ledger_path = run_dir / QUERY_LEDGER
+
+    answers: EnsembleAnswers | None = None
+    clients = [d.client for d in pool.descriptions]  # whose teachers, in the pool's order
+    if saved_state is not None:
+        saved_clients = saved_state.get("clients")  # absent from checkpoints of older versions: the count decides
+        if (saved_clients is not None and list(saved_clients) != clients) or len(saved_state["query_stats"]) != len(
+                clients):
+            written = (f"the teachers of clients {', '.join(map(str, saved_clients))}" if saved_clients is not None
+                       else f"{len(saved_state['query_stats'])} teachers")
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} was written with {written}, and the teachers of "
+                                  f"clients {', '.join(map(str, clients)) or 'none'} answer now; resume with the "
+                                  "same teachers")
+        if saved_state["answers"] is not None:
+            answers = EnsembleAnswers(saved_state["answers"]["ensemble"], list(saved_state["answers"]["members"]))
+        try:
+            # The ledger is written after every round, the checkpoint after every epoch: after a crash the
+            # ledger also holds the queries of the epoch that is about to be repeated (the teachers answered them).
+            pool.restore_stats(read_query_ledger(ledger_path, len(saved_state["query_stats"]))
+                               or saved_state["query_stats"])
+        except TypeError as exc:
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r}: field 'query_stats' does not "
+                                  f"fit this run: {exc}") from None
+    elif test_inputs is not None:
+        observer.stage(f"evaluating {len(ensemble)} teachers and their ensemble through queries")
+        answers = query_ensemble(ensemble, test_inputs, batch_size=config.max_query_batch)
+
+    torch.manual_seed(config.seed + 1)
+    student = build(config.student_model, spec)
+    method = build_method(config.method, MethodContext(config, spec, ensemble, student, device))
+    history: list[dict[str, Any]] = []
+    stages: list[tuple[int, Tensor]] = []
+    start_epoch = 0
+    if saved_state is not None:
+        try:
+            method.load_state_dict(saved_state["method"])
+            if saved_state.get("ensemble") is not None:  # absent from checkpoints of older versions
+                ensemble.load_state_dict(saved_state["ensemble"])
+            torch.set_rng_state(saved_state["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit this run "
+                                  f"({type(exc).__name__}: {exc})") from None
+        history = list(saved_state["history"])
+        stages = [(int(e), img) for e, img in zip(saved_state["stage_epochs"], saved_state["stage_images"])]
+        start_epoch = int(saved_state["epoch"])
+        observer.stage(f"resuming at epoch {start_epoch + 1} of {config.epochs}" if start_epoch < config.epochs
+                       else f"all {config.epochs} epochs were done before the restart; writing the results")
+
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    snapshots = stage_epochs(config.epochs, config.sample_stages)
+
+    def step() -> None:
+        observer.step()
+        write_query_ledger(pool.stats(), ledger_path)
+
+    for epoch in range(start_epoch, config.epochs):
+        observer.epoch_started(epoch, config.steps_per_epoch)
+        epoch_start = time.perf_counter()
+        train_metrics = method.train_epoch(epoch, step)
+        record: dict[str, Any] = {"epoch": epoch, "student_accuracy": None, "agreement": None, "loyalty": None}
+        if test is not None and test_inputs is not None and answers is not None:
+            student_logits = predict(method.student, test_inputs, device=device)
+            record.update(student_accuracy=accuracy(student_logits, test.labels),
+                          agreement=agreement(student_logits, answers.ensemble),
+                          loyalty=loyalty(student_logits, answers.ensemble))
+        record.update({
+            **train_metrics,
+            "epoch_seconds": time.perf_counter() - epoch_start,
+            "query_samples": sum(s.samples for s in pool.stats()),
+        })
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if epoch in snapshots:
+            stages.append((epoch, method.synthetic_samples()))
+        save_atomic({
+            "format": RUN_FORMAT,
+            "epoch": epoch + 1,
+            "method": method.state_dict(),
+            "history": history,
+            "stage_epochs": [e for e, _ in stages],
+            "stage_images": [img for _, img in stages],
+            "rng": torch.get_rng_state(),
+            "elapsed": elapsed_before + time.perf_counter() - started,
+            "answers": {"ensemble": answers.ensemble, "members": answers.members} if answers else None,
+            "query_stats": [s.as_dict() for s in pool.stats()],
+            "clients": clients,
+            "ensemble": ensemble.state_dict(),
+        }, ckpt_path)
+        observer.epoch_finished(record)
+
+    report = getattr(method, "report", None)
+    return Distillation(method.student, ensemble, answers, history, stages, report() if report is not None else {},
+                        elapsed_before)

@@ -1,0 +1,269 @@
+"""Combining many teachers' answers into one ensemble signal, as one autograd function.
+
+How the answers are combined is an :class:`~fedkd.coordinator.aggregation.Aggregator`
+(``ensemble=NAME``: logit-mean, prob-mean, class-weighted, ...), applied to the
+members' logits with plain torch operations, so it sits on both paths: the
+answers, and the gradients that flow back to each teacher.
+
+The whole ensemble is one node in the autograd graph: its forward is one
+fan-out of Forward queries through a :class:`~fedkd.coordinator.pool.TeacherPool`, and
+``loss.backward()`` sends one fan-out of Backward queries (each teacher gets the
+gradient of the loss w.r.t. its own logits and BN loss) and sums the gradients
+w.r.t. the inputs. When a teacher does not answer, the ensemble is formed from
+those that did (weights renormalised over them); a teacher that answered the
+Forward but misses the Backward only loses its term of the gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedkd.contract import FEATURE_STATISTICS, CurriculumState, requested_terms
+from fedkd.coordinator.aggregation import Aggregator, class_weights, resolve_aggregator
+from fedkd.coordinator.pool import TeacherPool, member_terms
+from fedkd.coordinator.robustness import AnswerBounds, Reliability, capped_counts
+
+
+@dataclass
+class EnsembleOutput:
+    logits: Tensor  # (B, C)
+    terms: dict[str, Tensor]  # per asked-for teacher-side term: its mean over the answering teachers computing it
+    members: list[int]  # which teachers answered, in pool order
+    member_logits: list[Tensor]  # their logits, aligned with ``members``
+
+    @property
+    def bn_loss(self) -> Tensor | None:
+        """The feature-statistics term (mean over the teachers with BatchNorm statistics), when asked for."""
+        return self.terms.get(FEATURE_STATISTICS)
+
+
+def _query(pool: TeacherPool, inputs: Tensor, state: CurriculumState, terms: Sequence[str],
+           min_answers: int | None, refs: dict[int, Any] | None = None
+           ) -> tuple[Tensor, list[int], Tensor, Tensor, Tensor]:
+    """One Forward fan-out: (the inputs as sent, members that answered, logits (K', B, C), term values
+    (K', T) in the order of ``terms`` (zero where a member did not compute one), which it computed (K', T)
+    bool) on the inputs' device. With ``refs``, a Backward will follow: the teachers keep their graphs and
+    ``refs`` receives what the Backward names, per member."""
+    x = inputs.detach().cpu().float().contiguous()
+    replies = pool.forward(x, state, terms=terms, min_answers=min_answers, keep=refs is not None)
+    if refs is not None:
+        refs.update({k: r.ref for k, r in replies.items() if r.ref is not None})
+    members = sorted(replies)
+    logits = torch.stack([replies[k].logits for k in members]).to(inputs.device)
+    values = torch.zeros(len(members), len(terms))
+    computed = torch.zeros(len(members), len(terms), dtype=torch.bool)
+    for i, k in enumerate(members):
+        for j, name in enumerate(terms):
+            if (value := replies[k].terms.get(name)) is not None:
+                values[i, j], computed[i, j] = value, True
+    return x, members, logits, values.to(inputs.device), computed
+
+
+@dataclass(frozen=True)
+class ZerothOrder:
+    """How the input gradient of a teacher that grants logits but not gradients is estimated (DFME, FedZGE):
+    ``directions`` random unit directions per sample (0 = that teacher's gradient term is left out), forward
+    differences of step ``radius`` in the teacher's input space. Each direction costs one extra Forward of the
+    batch to every such teacher (counted as query samples like any other)."""
+
+    directions: int = 0
+    radius: float = 1e-2
+    max_batch: int = 1024
+
+
+def zeroth_order_gradient(pool: TeacherPool, x: Tensor, teachers: list[int], grad_logits: dict[int, Tensor],
+                          base_logits: dict[int, Tensor], state: CurriculumState, zo: ZerothOrder,
+                          generator: torch.Generator | None = None) -> dict[int, Tensor]:
+    """Per teacher k, an estimate of d/dx sum_b <grad_logits[k][b], logits_k(x_b)> from Forward queries alone:
+    (d / m) sum_j (f_b(x_b + r u_j) - f_b(x_b)) / r * u_j, u_j uniform on the unit sphere of the input's d
+    dimensions, f_b(x_b) from the Forward already answered (``base_logits``)."""
+    b, d, m = len(x), x[0].numel(), zo.directions
+    u = torch.randn(m, *x.shape, generator=generator)
+    u = u / u.flatten(2).norm(dim=2).clamp_min(1e-12).view(m, b, *([1] * (x.dim() - 1)))
+    probes = (x.unsqueeze(0) + zo.radius * u).reshape(m * b, *x.shape[1:])
+    answers: dict[int, list[Tensor]] = {k: [] for k in teachers}
+    step = max(1, zo.max_batch // b) * b  # whole probe sets per query, within the teachers' batch limit
+    for start in range(0, len(probes), step):
+        replies = pool.forward(probes[start:start + step].contiguous(), state, min_answers=0, only=teachers)
+        for k in teachers:
+            if k in replies and k in answers:
+                answers[k].append(replies[k].logits)
+            else:
+                answers.pop(k, None)  # a teacher that missed part of the probes loses its term
+    out = {}
+    for k, parts in answers.items():
+        probed = torch.cat(parts).view(m, b, -1)  # (m, B, C)
+        f_probe = (probed * grad_logits[k].unsqueeze(0)).sum(-1)  # (m, B)
+        f_base = (base_logits[k] * grad_logits[k]).sum(-1)  # (B,)
+        slope = (f_probe - f_base.unsqueeze(0)) / zo.radius  # (m, B)
+        out[k] = (d / m) * (slope.view(m, b, *([1] * (x.dim() - 1))) * u).sum(0)
+    return out
+
+
+class _FanOut(torch.autograd.Function):
+    """inputs (B, ...) -> logits (K', B, C), term values (K', T) of the K' members that answered."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: Tensor, pool: TeacherPool, state: CurriculumState, terms: tuple[str, ...],
+                min_answers: int | None, answered: dict[str, Any], ensemble: Ensemble) -> tuple[Tensor, Tensor]:
+        refs: dict[int, Any] = {}
+        x, members, logits, values, computed = _query(pool, inputs, state, terms, min_answers, refs)
+        answered.update(members=members, computed=computed)
+        ctx.pool, ctx.state, ctx.members, ctx.terms, ctx.computed = pool, state, members, terms, computed
+        ctx.x, ctx.device, ctx.ensemble, ctx.refs = x, inputs.device, ensemble, refs
+        ctx.logits = logits.detach().cpu()
+        return logits, values
+
+    @staticmethod
+    def backward(ctx: Any, grad_logits: Tensor, grad_values: Tensor) -> tuple[Tensor | None, ...]:
+        g = grad_logits.detach().cpu().float().contiguous()
+        gv = grad_values.detach().cpu().float()
+        ensemble: Ensemble = ctx.ensemble
+        grads = {k: (g[i].contiguous(), {name: float(gv[i, j]) for j, name in enumerate(ctx.terms)
+                                          if ctx.computed[i, j]})
+                 for i, k in enumerate(ctx.members) if k in ensemble.gradient_members}
+        answers = ctx.pool.backward(ctx.x, grads, ctx.state, refs=ctx.refs)
+        # Labels-only teachers answer a step function: no gradient term, estimated or otherwise.
+        estimated = [k for k in ctx.members if k not in ensemble.gradient_members and k in ensemble.logits_members]
+        if estimated and ensemble.zeroth_order.directions > 0:
+            index = {k: i for i, k in enumerate(ctx.members)}
+            answers.update(zeroth_order_gradient(
+                ctx.pool, ctx.x, estimated, {k: g[index[k]] for k in estimated},
+                {k: ctx.logits[index[k]] for k in estimated}, ctx.state, ensemble.zeroth_order))
+        answers = ensemble.bounds.gradients(answers)
+        total = torch.zeros_like(ctx.x)
+        for grad in answers.values():
+            total += grad
+        return total.to(ctx.device), None, None, None, None, None, None
+
+
+class Ensemble:
+    """Queries every teacher of a pool with the same inputs and combines their logits."""
+
+    def __init__(self, pool: TeacherPool, aggregation: str = "auto", *, reliability: bool = True,
+                 logit_bound: float = 100.0, gradient_bound: float = 10.0,
+                 zeroth_order: ZerothOrder | None = None) -> None:
+        self.pool = pool
+        descriptions = pool.descriptions
+        if not descriptions:
+            raise ValueError("an ensemble needs at least one teacher")
+        classes = {d.num_classes for d in descriptions}
+        shapes = {d.input_shape for d in descriptions}
+        if len(classes) != 1 or len(shapes) != 1:
+            raise ValueError(f"teachers disagree on classes {classes} or input shape {shapes}")
+        self.descriptions = descriptions
+        self.num_classes = classes.pop()
+        self.aggregator: Aggregator = resolve_aggregator(
+            aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
+        counts, self.count_scale = capped_counts(descriptions, enabled=reliability)
+        self._class_weights = class_weights(counts, self.num_classes,
+                                            [d.num_samples for d in descriptions])  # (K, C)
+        # Backward goes only to the teachers that grant gradients; the others' gradient terms are estimated
+        # from Forward queries (``zeroth_order``) or left out.
+        self.gradient_members = {k for k, d in enumerate(descriptions) if "gradient" in d.access_modes}
+        self.logits_members = {k for k, d in enumerate(descriptions) if "logits" in d.access_modes}
+        self.zeroth_order = zeroth_order or ZerothOrder()
+        self.reliability = Reliability(len(descriptions), self.num_classes, enabled=reliability)
+        self.bounds = AnswerBounds(logit_bound, gradient_bound)
+
+    @property
+    def aggregation(self) -> str:
+        """The aggregator's name (``auto`` resolved)."""
+        return self.aggregator.name
+
+    @property
+    def label_counts_from(self) -> list[int] | None:
+        """The clients whose label counts the ensemble uses; None when its aggregator uses none."""
+        if not self.aggregator.needs_counts:
+            return None
+        return [d.client for d in self.descriptions if d.label_counts is not None]
+
+    def __len__(self) -> int:
+        return len(self.descriptions)
+
+    @property
+    def has_feature_statistics(self) -> bool:
+        return self.computes(FEATURE_STATISTICS)
+
+    def computes(self, term: str) -> bool:
+        """Whether any teacher that answers with logits computes the teacher-side term ``term``."""
+        return any(member_terms(d, (term,)) for d in self.descriptions)
+
+    def lacking(self, term: str) -> list[int]:
+        """The clients that do not compute ``term`` (labels-only clients compute none)."""
+        return [d.client for d in self.descriptions if not member_terms(d, (term,))]
+
+    def weights(self, members: Sequence[int]) -> Tensor | None:
+        """(K', C) weights over the answering members: class weights (when the aggregator uses label counts)
+        times each teacher's reliability, columns renormalised; None when every weight would be equal."""
+        members = list(members)
+        r = self.reliability.weights()[members]  # (K',)
+        if not self.aggregator.needs_counts and bool((r == 1).all()):
+            return None
+        if float(r.sum()) <= 0:  # nobody is trusted more than anybody: equal footing
+            r = torch.ones_like(r)
+        if self.aggregator.needs_counts:  # claimed counts, honoured as far as the answers back them, per class
+            base = self._class_weights[members] * self.reliability.class_weights()[members]
+        else:
+            base = torch.ones(len(members), self.num_classes)
+        w = base * r.unsqueeze(1)
+        column = w.sum(0, keepdim=True)
+        # A class only distrusted teachers speak for: their (count) weights as they were.
+        return torch.where(column > 0, w / column.clamp_min(1e-12), base / base.sum(0, keepdim=True).clamp_min(1e-12))
+
+    def combine(self, logits: Tensor, members: Sequence[int]) -> Tensor:
+        """The ensemble's (B, C) logits from the members' (K', B, C) logits."""
+        if not self.aggregator.takes_weights:  # an order statistic: leave the distrusted teachers out
+            r = self.reliability.weights()[list(members)]
+            keep = [i for i in range(len(r)) if r[i] > 0]
+            if keep and len(keep) < len(r):
+                logits = logits[keep]
+            return self.aggregator.combine(logits, None)
+        weights = self.weights(members)
+        return self.aggregator.combine(logits, None if weights is None else weights.to(logits.device))
+
+    def report(self) -> list[dict[str, Any]]:
+        """Per teacher: its reliability weight, its agreement with the others, and what was clipped."""
+        w = self.reliability.weights()
+        return [{"client": d.client, "weight": round(float(w[k]), 4), "count_scale": round(self.count_scale[k], 4),
+                 "agreement": round(float(self.reliability.agreement[k]), 4) if self.reliability.batches[k] else None,
+                 "clipped_logits": self.bounds.clipped_logits.get(k, 0),
+                 "clipped_gradients": self.bounds.clipped_gradients.get(k, 0)}
+                for k, d in enumerate(self.descriptions)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reliability": self.reliability.state_dict(), "bounds": self.bounds.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reliability.load_state_dict(state["reliability"])
+        self.bounds.load_state_dict(state["bounds"])
+
+    def __call__(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (), bn_loss: bool = False,
+                 require_all: bool = False) -> EnsembleOutput:
+        """Query the teachers; gradients flow back through Backward queries when ``inputs`` requires grad.
+
+        ``terms``: teacher-side terms (``fedkd.institution.terms``) to compute, each averaged over the answering
+        teachers that compute it (absent from the output when none does); ``bn_loss`` adds feature statistics."""
+        names = requested_terms(terms, bn_loss)
+        min_answers = len(self) if require_all else None
+        if inputs.requires_grad and torch.is_grad_enabled():
+            info: dict[str, Any] = {}
+            logits, values = _FanOut.apply(inputs, self.pool, state, names, min_answers, info, self)
+            answered, computed = info["members"], info["computed"]
+        else:
+            _, answered, logits, values, computed = _query(self.pool, inputs, state, names, min_answers)
+        logits = self.bounds.logits(answered, logits)
+        self.reliability.update(answered, logits)
+        combined = self.combine(logits, answered)
+        out_terms = {}
+        for j, name in enumerate(names):
+            rows = computed[:, j].nonzero().flatten().tolist()
+            if rows:
+                out_terms[name] = values[rows, j].mean()
+        return EnsembleOutput(combined, out_terms, answered, list(logits.unbind(0)))
+

@@ -1,0 +1,162 @@
+"""One coordinator flow for every entry point: ``fedkd run``, ``fedkd distill`` and the Flower ServerApp.
+
+    check the config -> claim (or resume) the run directory -> reach the teachers
+    -> distil -> end the session -> what only this entry point adds (federated
+    evaluation of the student, in memory) -> the summary, built once and written once
+
+The one thing the entry points differ in is where the teachers are and how
+the coordinator reaches them: a :class:`Teachers` (in-process hosts or
+loopback agent processes for ``fedkd run``, agents that dial in for ``fedkd
+distill``, Flower nodes for the ServerApp). Everything else is
+:func:`coordinate`, so a capability lands once for all three.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fedkd.config import RunConfig
+from fedkd.coordinator.distillation import Distillation, RunObserver, build, distill
+from fedkd.coordinator.pool import TeacherPool
+from fedkd.coordinator.rundir import claim_run_dir
+from fedkd.coordinator.summary import build_summary, save_student, write_results
+from fedkd.coordinator.synthetic_pool import pool_bytes
+from fedkd.data import SPECS, ImageData
+from fedkd.models import is_model_name, model_names
+from fedkd.options import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class LogObserver:
+    """The observer of a run without one: progress goes to the ``fedkd.coordinator.flow`` logger (INFO), nothing is
+    printed."""
+
+    def stage(self, message: str) -> None:
+        logger.info(message)
+
+    def epoch_started(self, epoch: int, total_steps: int) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def epoch_finished(self, record: dict[str, Any]) -> None:
+        if record["student_accuracy"] is None:
+            logger.info("epoch %d done", record["epoch"] + 1)
+        else:
+            logger.info("epoch %d: student accuracy %.4f", record["epoch"] + 1, record["student_accuracy"])
+
+
+@dataclass
+class Session:
+    """The teachers of one run as the coordinator reaches them, and what the entry point brings beside them."""
+
+    pool: TeacherPool
+    transport: str  # inprocess | grpc | flower, for the summary
+    test: ImageData | None = None  # the coordinator's own labelled data, None when it holds none
+    references: dict[str, Any] | None = None  # experiment-only references (one-shot FedAvg, centralised)
+    # Each client's own privacy record, where the coordinator may read it (a one-machine experiment).
+    privacy_records: Callable[[], list[dict[str, Any]]] | None = None
+    sections: dict[str, Any] = field(default_factory=dict)  # summary sections only this entry point has
+
+
+class Teachers(Protocol):
+    """Where a run's teachers are and how the coordinator reaches them."""
+
+    def session(self, run_dir: Path, device: torch.device, observer: RunObserver) -> AbstractContextManager[Session]:
+        """Reach the teachers (train them, start their agents, wait for them to dial in). Leaving ends the
+        session: afterwards the pool's ``client_reports`` hold what each client says it released."""
+        ...
+
+    def finish(self, result: Distillation, session: Session, observer: RunObserver) -> None:
+        """After the session ended: what only this entry point does with the student (in memory), recorded in
+        ``session.sections``."""
+        ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but no CUDA device is available; use device=auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable, else physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_pool_memory(config: RunConfig, memory: int | None = None) -> None:
+    """Refuse a synthetic pool that would take more than half the memory available, naming its size."""
+    spec = SPECS[config.dataset]
+    need = pool_bytes(config.pool_size, spec.input_shape, spec.num_classes)
+    memory = available_memory() if memory is None else memory
+    if need > memory // 2:
+        raise ConfigError(f"pool-size: {config.pool_size:,} samples of {config.dataset} would need "
+                          f"{need / 2**20:,.0f} MiB, more than half the {memory / 2**20:,.0f} MiB available; "
+                          f"lower pool-size")
+
+
+def check_names(config: RunConfig) -> None:
+    """Fail at start-up on a model that cannot be built for the dataset (an unknown name, a wide ResNet depth
+    that is not 6n+4, images too small), naming the key: built on the meta device, so nothing is allocated."""
+    spec = SPECS[config.dataset]
+    for key, names in (("teacher-model", config.teacher_models()), ("student-model", [config.student_model])):
+        for name in dict.fromkeys(names):
+            if not is_model_name(name):
+                raise ConfigError(f"{key}: unknown model {name!r}; valid: {', '.join(model_names())}")
+            try:
+                with torch.device("meta"):
+                    build(name, spec)
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"{key}: {exc.args[0] if exc.args else exc}") from None
+
+
+def setup(config: RunConfig) -> torch.device:
+    """Checks and settings every entry point does first."""
+    check_names(config)
+    check_pool_memory(config)
+    device = resolve_device(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    return device
+
+
+def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: bool = False,
+               observer: RunObserver | None = None) -> dict[str, Any]:
+    """Run (or resume) one distillation from ``teachers`` and return its summary (also written to summary.json)."""
+    observer = observer or LogObserver()
+    device = setup(config)
+    with claim_run_dir(config, run_dir, resume=resume) as saved_state:
+        started = time.perf_counter()
+        with teachers.session(run_dir, device, observer) as session:
+            result = distill(config, session.pool, SPECS[config.dataset], session.test, run_dir, device=device,
+                             saved_state=saved_state, observer=observer, started=started)
+        # The session has ended: the clients have reported what they released.
+        save_student(result, config, SPECS[config.dataset], run_dir / "student.pt")
+        teachers.finish(result, session, observer)
+        summary = build_summary(config, result, session.pool, test=session.test, transport=session.transport,
+                                wall=result.earlier_seconds + time.perf_counter() - started,
+                                references=session.references,
+                                privacy_records=session.privacy_records() if session.privacy_records else None,
+                                sections=session.sections)
+        write_results(summary, result, run_dir)
+    observer.stage(f"summary written to {run_dir / 'summary.json'}")
+    return summary

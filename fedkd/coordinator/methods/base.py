@@ -1,0 +1,232 @@
+"""What every distillation method provides to the driver, and the parts they share.
+
+A method is a short file that reads like its paper: its options dataclass
+(registered with it in ``fedkd.coordinator.methods``, keys ``METHOD.KEY``), its losses,
+and a loop over the shared building blocks: the :class:`~fedkd.coordinator.synthesis.Synthesizer`
+(generator, targets, best iterate), the :class:`~fedkd.coordinator.synthetic_pool.SyntheticPool`
+(every batch with the ensemble's answers), the :class:`~fedkd.coordinator.student.StudentTrainer`
+and the :class:`QueryBudget`. It reaches the teachers only through the ensemble.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fedkd.contract import CurriculumState
+from fedkd.coordinator.ensemble import Ensemble
+from fedkd.coordinator.student import StudentSettings, StudentTrainer
+from fedkd.coordinator.synthesis import SynthesisSettings, Synthesizer, SyntheticBatch
+from fedkd.coordinator.synthetic_pool import SyntheticPool
+from fedkd.data import DatasetSpec
+from fedkd.metrics import MetricAverager
+from fedkd.options import ConfigError
+
+if TYPE_CHECKING:
+    from fedkd.config import RunConfig
+
+NUM_SAMPLE_IMAGES = 10
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Everything a method is built from; passed explicitly, never through globals."""
+
+    config: RunConfig
+    spec: DatasetSpec
+    ensemble: Ensemble
+    student: nn.Module
+    device: torch.device
+
+
+class DistillationMethod(Protocol):
+    """A data-free distillation method run by the coordinator.
+
+    ``train_epoch`` runs one epoch and returns its scalar metrics; the driver
+    evaluates, checkpoints and reports around it. ``state_dict`` holds
+    everything needed to resume bit-for-bit (generator, optimisers, schedule, pool).
+    """
+
+    name: str
+    student: nn.Module
+
+    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]: ...
+
+    def curriculum_state(self, epoch: int) -> CurriculumState: ...
+
+    def synthetic_samples(self) -> Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def require_input_gradients(ensemble: Ensemble, method: str) -> None:
+    """Stop at start-up when a method that trains its generator through the teachers' input gradients can get
+    none: no client grants gradients and zeroth-order estimation is off."""
+    if ensemble.gradient_members or (ensemble.logits_members and ensemble.zeroth_order.directions > 0):
+        return
+    grants = ", ".join(f"client {d.client}: {'+'.join(d.access_modes)}" for d in ensemble.descriptions)
+    raise ConfigError(f"method={method} trains its generator through the teachers' input gradients and no client "
+                      f"grants gradient access ({grants}); set zo-directions > 0 to estimate them from logits, or "
+                      "have at least one client grant gradient (labels-only clients give no gradient at all)")
+
+
+def require_terms(ensemble: Ensemble, method: str, terms: dict[str, tuple[str, float]]) -> tuple[str, ...]:
+    """The teacher-side terms the method uses: those of ``terms`` (name -> the option that weights it, and its
+    value) weighted above 0. Stops at start-up when a client cannot compute one, naming the clients and what
+    they lack."""
+    used = tuple(term for term, (_, weight) in terms.items() if weight > 0)
+    for term in used:
+        option = terms[term][0]
+        lacking = ensemble.lacking(term)
+        if lacking:
+            clients = ", ".join(f"client {c}" for c in lacking)
+            raise ConfigError(f"method={method} needs the teacher-side term {term!r} from every client and "
+                              f"{clients} cannot compute it (labels-only access, or a teacher without the layers "
+                              f"it needs); set {method}.{option}=0 to go without it")
+    return used
+
+
+def synthesis_settings(config: RunConfig, **changes: Any) -> SynthesisSettings:
+    """The run-wide synthesis keys, as a method's synthesizer takes them (``changes`` override)."""
+    base = dict(batch_size=config.batch_size, latent_dim=config.latent_dim, width=config.generator_width,
+                lr=config.generator_lr, steps=config.synthesis_steps, latent_lr=config.latent_lr,
+                reset_every=config.generator_reset, shift=config.synthesis_shift,
+                conditional=config.conditional_generator, diversity=config.synthesis_diversity)
+    return SynthesisSettings(**{**base, **changes})
+
+
+def student_settings(config: RunConfig, **changes: Any) -> StudentSettings:
+    """The run-wide student keys (``changes`` override: a baseline's own optimiser or loss)."""
+    base = dict(lr=config.student_lr, momentum=config.student_momentum, weight_decay=config.student_weight_decay,
+                loss=config.student_loss, temperature=config.temperature, shift=config.student_shift,
+                total_steps=config.epochs * config.steps_per_epoch * config.student_steps)
+    return StudentSettings(**{**base, **changes})
+
+
+class QueryBudget:
+    """Query samples a method may still spend (``query-budget``; 0 = no limit), counted by the teacher pool.
+
+    The count is every sample of every Forward and Backward, summed over the
+    teachers, from the moment the budget was opened (the driver's evaluation
+    queries before distillation do not count against it).
+    """
+
+    def __init__(self, ensemble: Ensemble, limit: int) -> None:
+        self.ensemble, self.limit = ensemble, limit
+        self.start = self._total()
+        self.last_cost = 0
+
+    def _total(self) -> int:
+        return sum(s.samples for s in self.ensemble.pool.stats())
+
+    @property
+    def spent(self) -> int:
+        return self._total() - self.start
+
+    def allows(self, estimate: int) -> bool:
+        """Whether a round estimated to cost ``estimate`` samples (or what the last one cost) fits."""
+        return self.fits(max(estimate, self.last_cost))
+
+    def fits(self, cost: int) -> bool:
+        """Whether ``cost`` more query samples fit in the budget."""
+        return self.limit == 0 or self.spent + cost <= self.limit
+
+    def charge(self, before: int) -> None:
+        """Record what the round that began at ``spent == before`` cost."""
+        self.last_cost = self.spent - before
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "last_cost": self.last_cost}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start, self.last_cost = int(state["start"]), int(state["last_cost"])
+
+
+class GeneratorMethod:
+    """What the generator-based methods share: the synthesizer, the student trainer, the query budget, a
+    synthetic pool, the sample grid, and checkpointing of all of them. A method sets ``name``, builds its
+    options and losses, and writes ``train_epoch``; ``extra_state`` adds what else it must resume."""
+
+    name = "generator"
+    needs_gradients = True
+
+    def __init__(self, context: MethodContext, *, synthesis: SynthesisSettings, student: StudentSettings,
+                 pool_size: int | None = None) -> None:
+        cfg = context.config
+        self.config, self.spec, self.device = cfg, context.spec, context.device
+        self.options: Any = cfg.options
+        self.ensemble = context.ensemble
+        if self.needs_gradients:
+            require_input_gradients(self.ensemble, self.name)
+        self.student = context.student.to(self.device)
+        self.synthesizer = Synthesizer(self.spec, synthesis, self.device)
+        self.trainer = StudentTrainer(self.student, self.spec, student, self.device)
+        self.pool = SyntheticPool(pool_size or cfg.pool_size, self.spec.input_shape, self.spec.num_classes)
+        self.budget = QueryBudget(self.ensemble, cfg.query_budget)
+        self.fixed_latent = torch.randn(NUM_SAMPLE_IMAGES, synthesis.latent_dim,
+                                        generator=torch.Generator().manual_seed(cfg.seed + 7))
+
+    def curriculum_state(self, epoch: int) -> CurriculumState:
+        """Baselines have no curriculum: every query still carries the epoch and the student's step."""
+        return CurriculumState(epoch=epoch, step=self.trainer.steps)
+
+    def round_cost(self, steps: int | None = None) -> int:
+        """Query samples of one synthesis round: a Forward and a Backward of the batch per step per teacher."""
+        steps = self.synthesizer.settings.steps if steps is None else steps
+        return steps * self.synthesizer.settings.batch_size * 2 * len(self.ensemble)
+
+    def forward_cost(self) -> int:
+        """Query samples of one Forward of a batch to every teacher."""
+        return self.synthesizer.settings.batch_size * len(self.ensemble)
+
+    def synthesise(self, loss: Any, epoch: int) -> SyntheticBatch | None:
+        """One synthesis round with ``loss`` (a SynthesisLoss), or None when the budget does not allow one."""
+        if not self.budget.allows(self.round_cost()):
+            return None
+        before = self.budget.spent
+        batch = self.synthesizer.round(loss)
+        self.budget.charge(before)
+        return batch
+
+    def fresh_batch(self, epoch: int) -> SyntheticBatch | None:
+        """A batch from the generator as it is, answered by a Forward alone; None past the budget."""
+        if not self.budget.fits(self.forward_cost()):
+            return None
+        state = self.curriculum_state(epoch)
+        return self.synthesizer.draw(lambda x: self.ensemble(x, state).logits)
+
+    def student_step_on_pool(self) -> dict[str, float]:
+        images, answers = self.pool.sample(self.config.batch_size)
+        return self.trainer.step(images, answers)
+
+    def summarise(self, metrics: MetricAverager, rounds: int) -> dict[str, float]:
+        out = metrics.means()
+        out.update({"synthesis_rounds": rounds, "pool_size": len(self.pool), "budget_spent": self.budget.spent})
+        return out
+
+    def synthetic_samples(self) -> Tensor:
+        """Images in [0, 1] from fixed latents, (10, C, H, W): how the generator evolves."""
+        return self.synthesizer.samples(self.fixed_latent)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"synthesizer": self.synthesizer.state_dict(), "trainer": self.trainer.state_dict(),
+                "pool": self.pool.state_dict(), "budget": self.budget.state_dict(), "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.synthesizer.load_state_dict(state["synthesizer"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.pool.load_state_dict(state["pool"])
+        self.budget.load_state_dict(state["budget"])
+        self.load_extra_state(state["extra"])

@@ -1,0 +1,74 @@
+"""DFAD: data-free adversarial distillation (Fang et al., arXiv 1912.11006); docs/methods.md.
+
+Authors' code: VainF/Data-Free-Adversarial-Distillation (``DFAD_mnist.py``, ``DFAD_cifar.py``). No priors:
+the teachers and the student together are the discriminator. Per round:
+
+- ``dfad.student-steps`` (5) student steps, each on a fresh batch x = G(z) answered by a Forward alone:
+  L_S = mean_i ||S(x_i) - T(x_i)||_1 / C;
+- one generator step that maximises the same discrepancy: L_G = -mean_i ||S(x_i) - T(x_i)||_1 / C.
+
+The student sees every sample once, as in the paper (no pool); when the query budget is spent, it
+stops learning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from fedkd.contract import CurriculumState
+from fedkd.coordinator.losses import l1_per_sample
+from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
+from fedkd.coordinator.synthesis import SynthesisLoss
+from fedkd.metrics import MetricAverager
+from fedkd.options import bounded, validate_fields
+
+
+@dataclass(frozen=True)
+class DFADOptions:
+    """DFAD's own keys (``dfad.KEY``); defaults as the authors' scripts."""
+
+    student_steps: int = field(default=5, metadata=bounded(1, 1000))
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+class DFAD(GeneratorMethod):
+    name = "dfad"
+
+    def __init__(self, context: MethodContext) -> None:
+        cfg, opts = context.config, context.config.options
+        super().__init__(context, synthesis=synthesis_settings(cfg, steps=1, diversity=0.0),
+                         student=student_settings(cfg, loss="l1",
+                                                  total_steps=cfg.epochs * cfg.steps_per_epoch * opts.student_steps),
+                         pool_size=cfg.batch_size)
+
+    def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
+        def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+            t = self.ensemble(x, state).logits
+            self.student.eval()  # judged, not trained: its BatchNorm statistics stay put
+            loss = -l1_per_sample(self.student(x), t).mean()
+            self.student.train()
+            return loss, t, {"loss_generator": loss}
+
+        return loss_fn
+
+    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
+        metrics, rounds = MetricAverager(), 0
+        for _ in range(self.config.steps_per_epoch):
+            for _ in range(self.options.student_steps):
+                fresh = self.fresh_batch(epoch)
+                if fresh is None:
+                    break
+                metrics.add(self.trainer.step(fresh.images, fresh.answers))
+                self.pool.add(fresh.images, fresh.answers, fresh.targets)
+            batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
+            if batch is not None:
+                rounds += 1
+                metrics.add(batch.terms)
+            if on_step is not None:
+                on_step()
+        return self.summarise(metrics, rounds)

@@ -1,0 +1,163 @@
+"""The coordinator's view of all its teachers: one fan-out per query.
+
+A :class:`TeacherPool` sends the same query to every teacher at once and
+returns the answers of those that replied. The :class:`~fedkd.coordinator.ensemble.Ensemble`
+turns a pool into one autograd function, so method code is the same for
+in-process teachers (:class:`LocalPool`, here) and teachers behind the gRPC hub
+(``server.hub.HubPool``), which answers in parallel, with deadlines and a quorum.
+
+Members are indexed 0..K-1 in a fixed order. Answers are dicts keyed by member:
+a member missing from a reply did not answer (dropped out, missed the
+deadline, or refused); each pool counts that as ``missed`` in its stats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from fedkd.contract import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription
+from fedkd.institution.host import TeacherHost
+from fedkd.institution.privacy.ledger import BudgetExhausted
+
+logger = logging.getLogger(__name__)
+
+
+class QuorumError(RuntimeError):
+    """Fewer teachers answered a query than the run's quorum; the message says who and why."""
+
+
+class TeacherPool(Protocol):
+    """Every teacher of a run, queried together."""
+
+    @property
+    def descriptions(self) -> list[TeacherDescription]: ...
+
+    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
+                min_answers: int | None = None, only: Sequence[int] | None = None,
+                keep: bool = False) -> dict[int, ForwardReply]:
+        """Logits (and each of ``terms`` from the members that compute it) per answering member; ``only``
+        asks just those members (the others are not queried and not counted as missed). A member that grants
+        labels only is asked for labels; its reply carries them and their vote logits. ``keep``: a Backward
+        will follow; each reply's ``ref`` is what it names.
+
+        Raises :class:`QuorumError` when fewer than ``min_answers`` (default: the pool's quorum) answer.
+        """
+        ...
+
+    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, Mapping[str, float]]],
+                 state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
+        """Gradient w.r.t. ``inputs`` from each member in ``grads`` (its grad_logits, grad_terms) that answered;
+        a member with a ref in ``refs`` is sent that (its Forward's id) instead of the inputs."""
+        ...
+
+    def stats(self) -> list[QueryStats]:
+        """The coordinator's count of what each member answered (same order as ``descriptions``)."""
+        ...
+
+    def restore_stats(self, stats: Sequence[Mapping[str, int]]) -> None: ...
+
+    def client_reports(self) -> list[dict[str, Any]]:
+        """What each client itself says it released (its own accounting)."""
+        ...
+
+
+def forward_bytes(inputs: Tensor, reply: ForwardReply) -> int:
+    """Tensor payload of one Forward exchange (inputs out, logits (or labels) and the terms back)."""
+    if reply.labels is not None:
+        return inputs.nbytes + reply.labels.nbytes
+    return inputs.nbytes + reply.logits.nbytes + 4 * len(reply.terms)
+
+
+def member_terms(description: TeacherDescription, terms: Sequence[str]) -> tuple[str, ...]:
+    """Which of ``terms`` a member is asked for: those it computes (none for a labels-only client)."""
+    if "logits" not in description.access_modes:
+        return ()
+    return tuple(t for t in terms if t in description.available_terms)
+
+
+def backward_bytes(inputs: Tensor, grad_logits: Tensor, grad_inputs: Tensor, *, by_ref: bool = False) -> int:
+    """Tensor payload of one Backward exchange (the inputs only when they travel again)."""
+    return (0 if by_ref else inputs.nbytes) + grad_logits.nbytes + grad_inputs.nbytes
+
+
+class LocalPool:
+    """Teachers in this process (their hosts called one after another). Nothing fails over here."""
+
+    def __init__(self, hosts: Sequence[TeacherHost]) -> None:
+        if not hosts:
+            raise ValueError("a teacher pool needs at least one teacher")
+        self.hosts = list(hosts)
+        self._stats = [QueryStats() for _ in self.hosts]
+        self._refs = itertools.count(1)
+        self.exhausted: dict[int, str] = {}  # member -> why its privacy budget refused (it is asked no more)
+
+    @property
+    def descriptions(self) -> list[TeacherDescription]:
+        return [h.describe() for h in self.hosts]
+
+    def _exhausted(self, k: int, exc: QueryError) -> None:
+        """A member whose budget refused: counted as missed, and asked no more this run."""
+        self.exhausted[k] = exc.message
+        self._stats[k].missed += 1
+        logger.warning("client %d stops answering: %s", self.hosts[k].description.client, exc.message)
+
+    def _check_quorum(self, answered: int, need: int, what: str) -> None:
+        if answered < need:
+            why = "; ".join(f"client {self.hosts[k].description.client}: {m}" for k, m in self.exhausted.items())
+            raise QuorumError(f"{what}: {answered} of {len(self.hosts)} teachers answered, {need} needed ({why})")
+
+    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
+                min_answers: int | None = None, only: Sequence[int] | None = None,
+                keep: bool = False) -> dict[int, ForwardReply]:
+        replies = {}
+        for k, host in enumerate(self.hosts):
+            if (only is not None and k not in only) or k in self.exhausted:
+                continue
+            labels_only = "logits" not in host.description.access_modes
+            ref = next(self._refs) if keep and "gradient" in host.description.access_modes else None
+            try:
+                reply = host.forward(inputs, state, terms=member_terms(host.description, terms),
+                                     labels=labels_only, keep=ref)
+            except BudgetExhausted as exc:
+                self._exhausted(k, exc)
+                continue
+            if ref is not None:
+                reply = dataclasses.replace(reply, ref=ref)
+            self._stats[k].forward_calls += 1
+            self._stats[k].samples += len(inputs)
+            self._stats[k].bytes += forward_bytes(inputs, reply)
+            replies[k] = reply
+        self._check_quorum(len(replies), 1 if min_answers is None else min_answers, "Forward")
+        return replies
+
+    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, Mapping[str, float]]],
+                 state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
+        out = {}
+        for k, (grad_logits, grad_terms) in grads.items():
+            ref = (refs or {}).get(k)
+            try:
+                grad = self.hosts[k].backward(None if ref is not None else inputs, grad_logits, state,
+                                              grad_terms=grad_terms, forward_id=ref)
+            except BudgetExhausted as exc:
+                self._exhausted(k, exc)
+                continue
+            self._stats[k].backward_calls += 1
+            self._stats[k].samples += len(inputs)
+            self._stats[k].bytes += backward_bytes(inputs, grad_logits, grad, by_ref=ref is not None)
+            out[k] = grad
+        return out
+
+    def stats(self) -> list[QueryStats]:
+        return list(self._stats)
+
+    def restore_stats(self, stats: Sequence[Mapping[str, int]]) -> None:
+        self._stats = [QueryStats(**dict(s)) for s in stats]
+
+    def client_reports(self) -> list[dict[str, Any]]:
+        return [{"client": h.description.client, **h.stats.as_dict()} for h in self.hosts]

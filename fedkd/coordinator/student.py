@@ -1,0 +1,83 @@
+"""The shared student trainer: SGD with a cosine schedule over pool batches, per-sample weights.
+
+A step takes images in [0, 1] and the ensemble's cached logits, optionally
+shifts the images by a pixel or two (``student-shift``; the cached answer is
+kept, a small label noise that regularises), computes the per-sample
+distillation loss l_i (tau^2 KL at ``temperature``, or L1 on logits / C), asks
+the method for per-sample weights v_i (CuDFKD's self-paced curriculum; 1 when
+it has none) and minimises mean_i v_i l_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedkd.augment import random_shift
+from fedkd.coordinator.losses import distillation_per_sample
+from fedkd.data import DatasetSpec
+from fedkd.options import check_finite
+
+# per-sample losses (B,) -> weights (B,) in [0, 1], no gradient
+SampleWeights = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """The run-wide student keys (``student-*``, ``temperature``)."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    loss: str
+    temperature: float
+    total_steps: int
+    shift: int = 0
+    optimizer: str = "sgd"  # or "adam" (DAFL's and RDSKD's students; momentum and weight decay then unused)
+
+
+class StudentTrainer:
+    def __init__(self, student: nn.Module, spec: DatasetSpec, settings: StudentSettings,
+                 device: torch.device) -> None:
+        self.student, self.spec, self.settings, self.device = student.to(device), spec, settings, device
+        self.optimizer: torch.optim.Optimizer
+        if settings.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr)
+        else:
+            self.optimizer = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                             weight_decay=settings.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(settings.total_steps, 1))
+        self.steps = 0
+
+    def step(self, images: Tensor, answers: Tensor, weigh: SampleWeights | None = None) -> dict[str, float]:
+        """One update on a batch of images in [0, 1] (B, C, H, W) and the ensemble's logits (B, C)."""
+        self.student.train()
+        x = self.spec.normalize(random_shift(images.to(self.device), self.settings.shift))
+        losses = distillation_per_sample(self.student(x), answers.to(self.device), self.settings.loss,
+                                         self.settings.temperature)  # (B,)
+        weights = weigh(losses.detach()) if weigh is not None else torch.ones_like(losses)
+        loss = (weights * losses).mean()
+        check_finite(loss, "student-lr", self.settings.lr, "the student")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.steps < self.settings.total_steps:
+            self.schedule.step()
+        self.steps += 1
+        return {"loss_student": float(losses.detach().mean()), "admitted": float((weights >= 0.5).float().mean()),
+                "weight_mean": float(weights.mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.steps = int(state["steps"])
+

@@ -1,0 +1,316 @@
+"""The teacher host: the only code that touches a client's teacher.
+
+It answers the two calls of the query contract and nothing else:
+
+- ``forward(inputs, state, terms=...)`` -> logits (B, C), and the value of each
+  asked-for teacher-side term on those inputs (a scalar each; the registry is
+  ``fedkd.institution.terms``: BatchNorm feature statistics, DAFL's activation, ...);
+- ``backward(inputs, grad_logits, state, grad_terms=...)`` -> the gradient of
+  the server's loss w.r.t. the inputs: the vector-Jacobian product of
+  (logits, terms) with (grad_logits, grad_terms). Either stateless (the
+  inputs are sent again and the forward pass is recomputed) or naming the
+  Forward it follows: a Forward asked with ``keep=ID`` keeps its autograd
+  graph (the last ``keep_graphs`` of them), and ``backward(None, ...,
+  forward_id=ID)`` differentiates it without the inputs travelling again or
+  the teacher running twice.
+
+Every call carries the server's :class:`CurriculumState`, so each client can
+audit the schedule it is being queried under. Bad requests raise
+:class:`QueryError` with a gRPC-style status code and a message naming the
+problem; the host keeps serving afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from fedkd.contract import (
+    ACCESS_MODES,
+    FEATURE_STATISTICS,
+    CurriculumState,
+    ForwardReply,
+    QueryError,
+    QueryStats,
+    TeacherDescription,
+    requested_terms,
+    vote_logits,
+)
+from fedkd.institution.privacy import contract_status
+from fedkd.institution.terms import FeatureStatistics, TermSet, available_terms
+
+if TYPE_CHECKING:
+    from fedkd.institution.privacy.policy import ReleasePolicy
+
+logger = logging.getLogger(__name__)
+
+def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, share_label_counts: bool = True,
+                        access_modes: tuple[str, ...] = ACCESS_MODES,
+                        policy: ReleasePolicy | None = None) -> TeacherDescription:
+    """What the teacher in a ``fedkd.teacher.v1`` checkpoint says about itself (never its weights).
+
+    With a release ``policy`` (the client's privacy settings) the label histogram is released as the policy
+    says (declined, exact, or noisy and accounted) and the privacy status is the policy's. Without one, a DP
+    teacher releases nothing about its data outside the DP guarantee: no sample or label counts.
+    """
+    privacy = policy.status() if policy is not None else contract_status(ckpt.get("privacy"))
+    shape = tuple(int(d) for d in ckpt["input_shape"])
+    counts = tuple(int(c) for c in ckpt["label_counts"])
+    if policy is not None:
+        label_counts = policy.label_counts(counts if share_label_counts else None)
+        privacy = policy.status()  # after the histogram's cost
+    else:
+        label_counts = counts if share_label_counts and privacy is None else None
+    terms_released = policy is None or policy.releases_terms
+    if policy is not None and policy.mode == "pate":
+        access_modes = ("labels",)  # shard teachers answer labels (Confident-GNMax) and nothing else
+    return TeacherDescription(
+        client=client, model=ckpt["model"], num_classes=int(ckpt["num_classes"]),
+        input_shape=(shape[0], shape[1], shape[2]), mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]),
+        access_modes=access_modes,
+        has_feature_statistics=terms_released and bool(FeatureStatistics.bn_layers(model)),
+        terms=available_terms(model) if terms_released else (),
+        num_samples=int(ckpt["num_samples"]) if privacy is None else None,
+        label_counts=label_counts,
+        privacy=privacy,
+    )
+
+
+def _remember(memory: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Put ``key`` in a bounded memory as its newest entry; the oldest beyond ``limit`` are forgotten."""
+    memory[key] = value
+    memory.move_to_end(key)
+    while len(memory) > limit:
+        memory.popitem(last=False)
+
+
+class TeacherHost:
+    """Serves one teacher through the query contract, enforcing the client's limits."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        description: TeacherDescription,
+        *,
+        max_batch: int = 1024,
+        device: torch.device | str = "cpu",
+        remember: int = 64,
+        keep_graphs: int = 4,
+        policy: ReleasePolicy | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.terms = TermSet(self.model)
+        self.description = description
+        if claimed := [t for t in description.available_terms if t not in self.terms.available]:
+            if FEATURE_STATISTICS in claimed:
+                raise ValueError("description claims feature statistics but the model has no BatchNorm layers")
+            raise ValueError(f"description claims teacher-side term(s) {', '.join(claimed)} the model cannot compute")
+        self.max_batch = max_batch
+        # The client's release policy (privacy mode, noise, budget, ledger); None: answers as computed.
+        self.policy = policy
+        self.stats = QueryStats()
+        self.last_state: CurriculumState | None = None
+        self._lock = threading.Lock()
+        # Digests of the last ``remember`` Forward inputs: a Backward is only answered for inputs the
+        # host has answered a Forward for, so gradients are never released for arbitrary probes.
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._remember = remember
+        # Graphs of Forwards a Backward will follow (id -> inputs, logits, term values), bounded.
+        self._kept: OrderedDict[Any, tuple[Tensor, Tensor, dict[str, Tensor]]] = OrderedDict()
+        self._keep_graphs = keep_graphs
+
+    def describe(self) -> TeacherDescription:
+        """The description, with the privacy status as the ledger stands now."""
+        if self.policy is None:
+            return self.description
+        return dataclasses.replace(self.description, privacy=self.policy.status())
+
+    # The two calls -----------------------------------------------------------
+
+    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (), bn_loss: bool = False,
+                labels: bool = False, keep: Any = None) -> ForwardReply:
+        """Logits and the asked-for teacher-side ``terms`` (``bn_loss``: feature statistics, the original flag),
+        or with ``labels`` hard labels only (all a labels-only client releases). ``keep``: an id a Backward will
+        name; the graph is kept for it (only when this client grants gradients)."""
+        with self._lock:
+            self._check_inputs(inputs)
+            names = requested_terms(terms, bn_loss)
+            modes = self.description.access_modes
+            if not labels and "logits" not in modes:
+                self._refuse("FAILED_PRECONDITION", "this client grants hard labels only; ask for labels")
+            if names and "logits" not in modes:
+                self._refuse("FAILED_PRECONDITION", f"this client grants hard labels only, no teacher-side terms "
+                             f"(asked for {', '.join(names)})")
+            self._check_terms(names)
+            if self.policy is not None:
+                self._charge("labels" if labels else "logits", len(inputs))
+            self.last_state = state
+            self._remember_inputs(inputs)
+            x = inputs.to(self.device)
+            if keep is not None and "gradient" in modes and not labels:
+                x = x.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    logits, values = self.terms.run(self.model, x, names)
+                _remember(self._kept, keep, (x, logits, values), self._keep_graphs)
+            else:
+                with torch.no_grad():
+                    logits, values = self.terms.run(self.model, x, names)
+            if labels:
+                hard = (self.policy.release_labels(logits.detach()) if self.policy is not None
+                        else logits.argmax(-1).cpu())
+            elif self.policy is not None:
+                logits = self.policy.release("logits", logits.detach())
+            self.stats.forward_calls += 1
+            self.stats.samples += len(inputs)
+            if labels:
+                self.stats.bytes += inputs.nbytes + hard.nbytes
+                return ForwardReply(vote_logits(hard, self.description.num_classes), labels=hard)
+            self.stats.bytes += inputs.nbytes + logits.nbytes + 4 * len(values)
+            return ForwardReply(logits.detach().cpu(), {k: v.detach().cpu() for k, v in values.items()})
+
+    def backward(
+        self,
+        inputs: Tensor | None,
+        grad_logits: Tensor,
+        state: CurriculumState,
+        *,
+        grad_terms: Mapping[str, float] | None = None,
+        grad_bn_loss: float | None = None,
+        forward_id: Any = None,
+    ) -> Tensor:
+        """The input gradient of <grad_logits, logits> + sum_t grad_terms[t] * term_t (``grad_bn_loss``: the
+        feature-statistics entry, the original field); ``inputs`` None with ``forward_id`` naming a Forward asked
+        with ``keep``."""
+        with self._lock:
+            if "gradient" not in self.description.access_modes:
+                self._refuse("FAILED_PRECONDITION", "this client does not grant gradient access")
+            weights = dict(grad_terms or {})
+            if grad_bn_loss is not None:
+                weights[FEATURE_STATISTICS] = grad_bn_loss
+            kept = None
+            if forward_id is not None:
+                kept = self._kept.pop(forward_id, None)
+                if kept is None and inputs is None:
+                    self._refuse("FAILED_PRECONDITION", f"Backward names Forward {forward_id!r}, which this teacher "
+                                 f"does not keep (it keeps the last {self._keep_graphs} asked with keep); send the "
+                                 "inputs again or Forward first")
+            if kept is not None:
+                inputs = kept[0].detach()
+            if inputs is None:
+                self._refuse("INVALID_ARGUMENT", "Backward needs the inputs or the id of the Forward it follows")
+            assert inputs is not None
+            self._check_inputs(inputs)
+            expected = (len(inputs), self.description.num_classes)
+            if grad_logits.dtype != torch.float32 or tuple(grad_logits.shape) != expected:
+                self._refuse("INVALID_ARGUMENT", f"grad_logits must be float32 of shape {expected}, got "
+                             f"{grad_logits.dtype} {tuple(grad_logits.shape)}")
+            if not torch.isfinite(grad_logits).all():
+                self._refuse("INVALID_ARGUMENT", "grad_logits contains NaN or infinite values")
+            self._check_terms(list(weights))
+            for name, value in weights.items():
+                if not math.isfinite(value):
+                    self._refuse("INVALID_ARGUMENT", f"the gradient of term {name!r} is not finite")
+            if kept is None and self._digest(inputs) not in self._seen:
+                self._refuse("FAILED_PRECONDITION", "Backward for inputs this teacher has not answered a Forward "
+                             f"for (it keeps the last {self._remember}); send Forward first")
+            if kept is not None and (missing := [n for n in weights if n not in kept[2]]):
+                self._refuse("FAILED_PRECONDITION", f"Backward asks for the gradient of term(s) "
+                             f"{', '.join(map(repr, missing))}, which the Forward it names did not compute")
+            if self.policy is not None:
+                self._charge("input gradients", len(inputs))
+            self.last_state = state
+            with torch.enable_grad():
+                if kept is not None:
+                    x, logits, values = kept
+                else:
+                    x = inputs.to(self.device).detach().requires_grad_(True)
+                    logits, values = self.terms.run(self.model, x, list(weights))
+                outputs, grads = [logits], [grad_logits.to(self.device)]
+                for name, value in weights.items():
+                    if values[name].requires_grad:  # a layer-free term (no BN layer hit) is a constant
+                        outputs.append(values[name])
+                        grads.append(torch.tensor(float(value), device=self.device))
+                (grad_inputs,) = torch.autograd.grad(outputs, [x], grads)
+            if self.policy is not None:
+                grad_inputs = self.policy.release("input gradients", grad_inputs)
+            self.stats.backward_calls += 1
+            self.stats.samples += len(inputs)
+            # The inputs travelled (and are counted) once when the Backward names its Forward.
+            self.stats.bytes += (0 if kept is not None else inputs.nbytes) + grad_logits.nbytes + grad_inputs.nbytes
+            return grad_inputs.detach().cpu()
+
+    def forget_kept(self) -> None:
+        """Drop the kept graphs (a new session numbers its Forwards afresh)."""
+        with self._lock:
+            self._kept.clear()
+
+    # Helpers --------------------------------------------------------------------
+
+    def _charge(self, kind: str, rows: int) -> None:
+        """Record a release's privacy cost before it is made; past the budget, refuse (counted) and release nothing."""
+        from fedkd.institution.privacy.ledger import BudgetExhausted
+
+        assert self.policy is not None
+        try:
+            self.policy.charge_rows(kind, rows)
+        except BudgetExhausted as exc:
+            self.stats.refused += 1
+            exc.counted = True
+            raise
+
+    def _check_terms(self, names: Sequence[str]) -> None:
+        """Refuse, naming it, a term this host does not compute (unknown, or not possible for its model)."""
+        if names and self.policy is not None and not self.policy.releases_terms:
+            self._refuse("FAILED_PRECONDITION", f"privacy-mode={self.policy.mode} releases logits and input "
+                         f"gradients only, no teacher-side terms (asked for {', '.join(names)})")
+        for name in names:
+            if name not in self.terms.terms:
+                self._refuse("FAILED_PRECONDITION", f"unknown teacher-side term {name!r}; this client computes "
+                             f"{', '.join(self.description.available_terms) or 'none'}")
+            if name not in self.description.available_terms:
+                why = {FEATURE_STATISTICS: " (no BatchNorm layers)"}.get(name, "")
+                self._refuse("FAILED_PRECONDITION", f"this teacher does not compute the term {name!r}{why}; it "
+                             f"computes {', '.join(self.description.available_terms) or 'none'}")
+
+    @staticmethod
+    def _digest(inputs: Tensor) -> bytes:
+        return hashlib.blake2b(inputs.detach().cpu().contiguous().numpy().data, digest_size=16).digest()
+
+    def _remember_inputs(self, inputs: Tensor) -> None:
+        _remember(self._seen, self._digest(inputs), None, self._remember)
+
+    def _refuse(self, code: str, message: str) -> None:
+        self.stats.refused += 1
+        error = QueryError(code, message)
+        error.counted = True
+        raise error
+
+    def _check_inputs(self, inputs: Tensor) -> None:
+        shape = self.description.input_shape
+        if not isinstance(inputs, Tensor):
+            self._refuse("INVALID_ARGUMENT", f"inputs must be a tensor, got {type(inputs).__name__}")
+        if inputs.dtype != torch.float32:
+            self._refuse("INVALID_ARGUMENT", f"inputs must be float32, got {inputs.dtype}")
+        if inputs.ndim != 4 or tuple(inputs.shape[1:]) != shape:
+            self._refuse("INVALID_ARGUMENT", f"inputs must have shape (B, {', '.join(map(str, shape))}), "
+                         f"got {tuple(inputs.shape)}")
+        if len(inputs) == 0:
+            self._refuse("INVALID_ARGUMENT", "empty batch")
+        if len(inputs) > self.max_batch:
+            self._refuse("RESOURCE_EXHAUSTED", f"batch of {len(inputs)} exceeds this client's maximum of "
+                         f"{self.max_batch}")
+        if not torch.isfinite(inputs).all():
+            self._refuse("INVALID_ARGUMENT", "inputs contain NaN or infinite values")
+

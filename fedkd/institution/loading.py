@@ -1,0 +1,55 @@
+"""A teacher rebuilt from its ``fedkd.teacher.v1`` checkpoint, as it was trained: the registry architecture, the
+GroupNorm variant DP-SGD trained (with its DP-released feature statistics), or a PATE client's shard teachers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fedkd.checkpoint import TEACHER_FORMAT, CheckpointError, check_teacher_fields, field_error, load_safe
+from fedkd.institution.privacy.dpsgd import attach_statistics, make_private_model
+from fedkd.institution.privacy.pate import ShardVotes
+from fedkd.models import build_model
+
+
+def load_teacher(path: str | Path, *, expected_model: str | None = None,
+                 num_classes: int | None = None,
+                 input_shape: tuple[int, int, int] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a teacher from its checkpoint; fail clearly on a mismatch with what the run expects."""
+    path = Path(path)
+    ckpt = load_safe(path, TEACHER_FORMAT)
+    check_teacher_fields(ckpt, path)
+    name, shape = ckpt["model"], tuple(ckpt["input_shape"])
+    if expected_model is not None and name != expected_model:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {name!r} teacher, but the config asks for "
+                              f"{expected_model!r}; set teacher-model={name} or use another checkpoint")
+    if num_classes is not None and ckpt["num_classes"] != num_classes:
+        raise CheckpointError(f"checkpoint {str(path)!r} has {ckpt['num_classes']} classes, the dataset "
+                              f"has {num_classes}")
+    if input_shape is not None and shape != tuple(input_shape):
+        raise CheckpointError(f"checkpoint {str(path)!r} takes inputs {shape}, the dataset has {tuple(input_shape)}")
+    try:
+        model = build_model(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: a {name!r} teacher cannot be built for inputs {shape}: "
+                              f"{exc.args[0] if exc.args else exc}") from None
+    mechanism = (ckpt.get("privacy") or {}).get("mechanism")
+    if mechanism == "dp-sgd":
+        model = make_private_model(model)  # the architecture DP-SGD trained (GroupNorm for BatchNorm)
+        if ckpt["privacy"].get("feature_statistics"):
+            attach_statistics(model)  # the DP-released statistics' places, filled by load_state_dict
+    elif mechanism == "pate":
+        teachers = ckpt["privacy"].get("teachers")
+        if not isinstance(teachers, int) or not 2 <= teachers <= 10_000:
+            raise field_error(path, "privacy", f"records {teachers!r} PATE shard teachers, not an integer >= 2")
+        members = [model] + [build_model(name, num_classes=ckpt["num_classes"], channels=shape[0],
+                                         image_size=shape[1]) for _ in range(teachers - 1)]
+        model = ShardVotes(members, ckpt["num_classes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match a {name!r} architecture: "
+                              f"{str(exc).splitlines()[0][:300]}") from None
+    return model.eval(), ckpt

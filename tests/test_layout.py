@@ -1,0 +1,152 @@
+"""The layout keeps the trust boundary: no import cycle, and the institution's side never loads the coordinator's.
+
+The import graph is read from the source (every ``import``, function-local ones included; imports under
+``if TYPE_CHECKING:`` are left out, as they never run), so a cycle held together by a function-local import
+fails here as a top-level one would.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("fedkd", "server", "client")
+INSTITUTION = ("fedkd.institution", "client")
+COORDINATOR = ("fedkd.coordinator", "server")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST) -> list[str]:
+    """Every module an import statement names, outside ``if TYPE_CHECKING:`` blocks."""
+    found: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append(node.module)
+            found.extend(f"{node.module}.{alias.name}" for alias in node.names)  # submodules imported by name
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (a package's import reaches its ``__init__``)."""
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if "v1" not in p.relative_to(ROOT).parts]
+    modules = {_module_name(p): p for p in files}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imports(ast.parse(path.read_text())):
+            if imported in modules and imported != name:
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, as the modules along it, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_even_through_function_local_imports():
+    graph = import_graph()
+    assert "fedkd.coordinator.flow" in graph and "fedkd.institution.host" in graph  # the graph was read
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_institution_side_never_imports_the_coordinator_side():
+    graph = import_graph()
+    crossing = sorted(f"{a} -> {b}" for a, targets in graph.items() if a.startswith(INSTITUTION)
+                      for b in targets if b.startswith(COORDINATOR))
+    assert crossing == []
+    floor = sorted(f"{a} -> {b}" for a, targets in graph.items()
+                   if a.startswith("fedkd.") and not a.startswith((*INSTITUTION, *COORDINATOR, "fedkd.cli"))
+                   and a != "fedkd.config" for b in targets if b.startswith((*INSTITUTION, *COORDINATOR)))
+    assert floor == [], "the shared floor of fedkd imports a side"
+
+
+_INSTITUTION_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import torch
+from client.app import app  # the ClientApp
+from client.cli import host_from_checkpoint  # fedkd teacher
+from client.node import node_privacy
+from fedkd.checkpoint import save_teacher
+from fedkd.config import config_from_run_config
+from fedkd.models import build_model
+
+run_config = {"dataset": "digits", "num-clients": 2, "method": "tadfkd", "tadfkd.weight-bn": 3.0,
+              "cudfkd.weight-bn": 30.0, "ensemble": "class-weighted"}
+config = config_from_run_config(run_config, resolve=False)
+settings, own = node_privacy(config, {"privacy-mode": "output-noise"}, 0)
+model = build_model("lenet5", num_classes=10, channels=1, image_size=8)
+path = Path(sys.argv[1]) / "teacher.pt"
+save_teacher(path, model, model_name="lenet5", num_classes=10, input_shape=(1, 8, 8), num_samples=10,
+             label_counts=[1] * 10, mean=(0.5,), std=(0.5,))
+host = host_from_checkpoint(path, max_batch=64, client=0, privacy=settings)
+logits = host.forward(torch.zeros(2, 1, 8, 8), None).logits
+print(json.dumps({"modules": sorted(sys.modules), "shape": list(logits.shape), "mode": own.privacy_mode,
+                  "method": config.to_dict()["method"], "weight": config.to_dict()["tadfkd.weight-bn"]}))
+"""
+
+
+def test_an_institution_builds_its_config_and_host_without_the_coordinator(tmp_path):
+    """In a fresh interpreter: the ClientApp, fedkd teacher's host and a node's config load no coordinator
+    module (methods, ensemble, synthesis, student, pool, ...): an institution runs only its own side."""
+    out = subprocess.run([sys.executable, "-c", _INSTITUTION_SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [2, 10] and result["mode"] == "output-noise"
+    assert result["method"] == "tadfkd" and result["weight"] == 3.0  # the method's options kept, unread
+    loaded = [m for m in result["modules"] if m.startswith(("fedkd.coordinator", "server"))]
+    assert loaded == []
+    assert "fedkd.institution.host" in result["modules"]
