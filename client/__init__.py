@@ -1,5 +1,5 @@
 """The institution's entry points: the teacher agent that dials the coordinator's hub
-(:mod:`client.agent`, ``fedkd teacher``) and, with the Flower app, the ClientApp.
+(:mod:`fedkd.client.agent`, ``fedkd teacher``) and, with the Flower app, the ClientApp.
 
 The teacher recipe both use (partitions, training, DP-SGD and PATE) is
 :mod:`fedkd.institution.training`; the client side never imports the coordinator's

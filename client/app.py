@@ -32,9 +32,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
-from client.cli import host_from_checkpoint
-from client.node import NodeConfigError, count_correct, ensure_teacher, node_data, node_privacy, teacher_path
 from fedkd.checkpoint import CheckpointError
 from fedkd.codec import MiB
 from fedkd.config import RunConfig, config_from_run_config
@@ -45,6 +42,10 @@ from fedkd.institution.privacy.ledger import ledger_path
 from fedkd.institution.privacy.policy import ReleasePolicy
 from fedkd.models import build_model
 from fedkd.options import ConfigError
+
+from .agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
+from .cli import host_from_checkpoint
+from .node import NodeConfigError, count_correct, ensure_teacher, node_data, node_privacy, teacher_path
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
 from fedkd.checkpoint import CheckpointError
 from fedkd.codec import MiB
 from fedkd.contract import ACCESS_MODES, ALL_ACCESS_MODES
@@ -31,7 +30,30 @@ from fedkd.institution.privacy.policy import LABEL_COUNT_NOISE, MODES, PrivacySe
 from fedkd.options import BATCH_LIMIT, TIMEOUT_LIMIT, address, argument
 from fedkd.tls import read_certificates, read_private_key
 
+from .agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
+
 DEFAULT = PrivacySettings()  # the flags' defaults are the settings' own
+# The privacy flags, by the PrivacySettings field each sets: one table reads the flags into settings and writes
+# settings as flags (fedkd run's transport=grpc starts its agents with them).
+PRIVACY_FLAGS = {"mode": "--privacy-mode", "budget": "--privacy-budget", "delta": "--delta",
+                 "output_noise": "--output-noise", "output_clip": "--output-clip", "gradient_clip": "--gradient-clip",
+                 "label_count_noise": "--label-count-noise", "label_count_epsilon": "--label-count-epsilon",
+                 "pate_threshold": "--pate-threshold", "pate_sigma1": "--pate-sigma1", "pate_sigma2": "--pate-sigma2"}
+
+
+def privacy_from_args(args: argparse.Namespace) -> PrivacySettings:
+    """The client's privacy settings from its flags."""
+    values = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in PRIVACY_FLAGS.items()}
+    return PrivacySettings(**values, share_label_counts=not args.no_label_counts)
+
+
+def privacy_flags(settings: PrivacySettings) -> list[str]:
+    """``fedkd teacher``'s flags that give an agent ``settings`` (what :func:`privacy_from_args` reads back)."""
+    flags: list[str] = []
+    for name, flag in PRIVACY_FLAGS.items():
+        value = getattr(settings, name)
+        flags += [flag, value if isinstance(value, str) else repr(value)]
+    return flags + ([] if settings.share_label_counts else ["--no-label-counts"])
 
 
 def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
@@ -139,12 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         read_certificates(args.ca, "CA certificate (--ca)") if args.ca else None,
         read_certificates(args.cert, "certificate (--cert)") if args.cert else None,
         read_private_key(args.key, "key (--key)") if args.key else None)
-    privacy = PrivacySettings(mode=args.privacy_mode, budget=args.privacy_budget, delta=args.delta,
-                              output_noise=args.output_noise, output_clip=args.output_clip,
-                              gradient_clip=args.gradient_clip, share_label_counts=not args.no_label_counts,
-                              label_count_noise=args.label_count_noise, label_count_epsilon=args.label_count_epsilon,
-                              pate_threshold=args.pate_threshold, pate_sigma1=args.pate_sigma1,
-                              pate_sigma2=args.pate_sigma2)
+    privacy = privacy_from_args(args)
     host = host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=args.access.split(","),
                                 device=args.device, privacy=privacy, ledger=args.ledger)
     settings = AgentSettings(target=args.connect, token=token, tls=tls, session=args.session, name=args.name,

@@ -1,8 +1,8 @@
 """The ``fedkd`` command, for both parties: each command loads only its own side's code.
 
-``fedkd teacher ...`` is the institution's command (``client.cli``): it never imports the coordinator's
+``fedkd teacher ...`` is the institution's command (``fedkd.client.cli``): it never imports the coordinator's
 package. Every other command (``run``, ``distill``, ``hub``, ``certs``, ``simulate``, ``partition``,
-``keys``) is the coordinator's (``server.cli``), whose ``--help`` lists them all.
+``keys``) is the coordinator's (``fedkd.server.cli``), whose ``--help`` lists them all.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     first = next((i for i, a in enumerate(args) if a not in VERBOSE), None)
     if first is not None and args[first] == "teacher":
-        from client.cli import main as institution
+        from fedkd.client.cli import main as institution
 
         return institution([a for a in args[:first] if a in VERBOSE] + args[first + 1:])
-    from server.cli import main as coordinator
+    from fedkd.server.cli import main as coordinator
 
     return coordinator(args)
 

@@ -34,6 +34,7 @@ from fedkd.options import (
     bounded,
     choice,
     coerce,
+    described,
     kebab,
     validate_fields,
 )
@@ -59,156 +60,199 @@ def coordinator_registries() -> tuple[Mapping[str, Any], tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every setting of a fedkd run. Field metadata holds the validation rules."""
+    """Every setting of a fedkd run. Each field's metadata holds its rules, its meaning and where it applies
+    (``fedkd keys``, ``docs/configuration.md`` and the Flower app's table are generated from them)."""
 
     # Data and federation
     dataset: str = field(default="mnist5k", metadata=choice(
-        "mnist5k", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn"))
-    data_root: str = "data"
-    num_clients: int = field(default=5, metadata=bounded(1, 1000))
-    partition: str = field(default="dirichlet", metadata=choice("iid", "dirichlet", "pathological"))
-    alpha: float = field(default=0.5, metadata=bounded(0.0, 1e6, open_low=True))
-    classes_per_client: int = field(default=2, metadata=bounded(1, 1000))
-    min_partition_size: int = field(default=10, metadata=bounded(1, 10**9))
-    seed: int = field(default=0, metadata=bounded(0, None))
+        "mnist5k", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn",
+        help="the task's data: built-in mnist5k and digits, the others through torchvision from data-root"))
+    data_root: str = field(default="data", metadata=described("folder holding the torchvision datasets"))
+    num_clients: int = field(default=5, metadata=bounded(1, 1000, help="institutions, one teacher each"))
+    partition: str = field(default="dirichlet", metadata=choice(
+        "iid", "dirichlet", "pathological", help="how the training pool is split among the clients"))
+    alpha: float = field(default=0.5, metadata=bounded(
+        0.0, 1e6, open_low=True, help="partition=dirichlet: concentration (smaller: more label skew)"))
+    classes_per_client: int = field(default=2, metadata=bounded(
+        1, 1000, help="partition=pathological: classes each client holds"))
+    min_partition_size: int = field(default=10, metadata=bounded(
+        1, 10**9, help="partition=dirichlet: the fewest samples a client may get (redrawn until it holds)"))
+    seed: int = field(default=0, metadata=bounded(0, None, help="seeds the split, the teachers and the distillation"))
 
     # Teachers (trained by each client on its own partition only)
-    teacher_model: str = "lenet5"
-    teacher_epochs: int = field(default=40, metadata=bounded(0, None))
-    teacher_lr: float = field(default=1e-3, metadata=bounded(0.0, 10.0, open_low=True))
-    teacher_batch_size: int = field(default=64, metadata=bounded(1, BATCH_LIMIT))
-    teacher_label_smoothing: float = field(default=0.1, metadata=bounded(0.0, 1.0))
-    # What each simulated client grants (one mode for all, or one per client, comma-separated): gradient
-    # (Forward and Backward), logits (Forward only: its gradient term is estimated by zeroth order with
-    # zo-directions random directions per sample, each an extra Forward of the batch, or left out when 0) or
-    # labels (hard labels only: aggregated as smoothed votes, no gradient term).
+    teacher_model: str = field(default="lenet5", metadata=described(
+        "each client's teacher architecture: one model name, or one per client, comma-separated", scope="client"))
+    teacher_epochs: int = field(default=40, metadata=bounded(0, None, help="epochs a client trains its teacher",
+                                                             scope="client"))
+    teacher_lr: float = field(default=1e-3, metadata=bounded(
+        0.0, 10.0, open_low=True, help="teacher Adam learning rate", scope="client"))
+    teacher_batch_size: int = field(default=64, metadata=bounded(1, BATCH_LIMIT, help="teacher training batch",
+                                                                 scope="client"))
+    teacher_label_smoothing: float = field(default=0.1, metadata=bounded(
+        0.0, 1.0, help="label smoothing of teacher training", scope="client"))
     # An institution's own `fedkd teacher --access` is authoritative.
-    teacher_access: str = "gradient"
-    zo_directions: int = field(default=4, metadata=bounded(0, 256))
-    zo_radius: float = field(default=1e-2, metadata=bounded(0.0, 10.0, open_low=True))
-    max_query_batch: int = field(default=1024, metadata=bounded(1, BATCH_LIMIT))
+    teacher_access: str = field(default="gradient", metadata=described(
+        "what each client grants, one or one per client: gradient (Forward and Backward), logits (Forward only; "
+        "its gradient term estimated by zeroth order) or labels (hard labels only)", scope="client"))
+    zo_directions: int = field(default=4, metadata=bounded(
+        0, 256, help="logits-only clients: random directions per sample of the zeroth-order gradient (0: none)"))
+    zo_radius: float = field(default=1e-2, metadata=bounded(
+        0.0, 10.0, open_low=True, help="logits-only clients: step of the zeroth-order finite difference"))
+    max_query_batch: int = field(default=1024, metadata=bounded(
+        1, BATCH_LIMIT, help="the largest batch a teacher host answers", scope="client"))
 
-    # Student and generator. Defaults are tuned for the main job on a 2-core CPU
-    # (MNIST-5k; see the README's Results): a small generator, a faster generator
-    # learning rate and a stronger BN-statistics weight than the paper's CIFAR
+    # Student and generator. Defaults are tuned for the main job on a 2-core CPU (MNIST-5k; docs/results.md): a
+    # small generator, a faster generator learning rate and a stronger BN-statistics weight than the paper's CIFAR
     # scripts (generator width 64, lr 1e-3, weight-bn 1), which --set restores.
-    student_model: str = "lenet5-half"
-    method: str = "cudfkd"
-    epochs: int = field(default=10, metadata=bounded(1, None))
-    steps_per_epoch: int = field(default=20, metadata=bounded(1, None))  # synthesis rounds per epoch
-    student_steps: int = field(default=20, metadata=bounded(0, None))  # student steps (pool batches) per round
-    batch_size: int = field(default=128, metadata=bounded(2, BATCH_LIMIT))
-    student_lr: float = field(default=0.1, metadata=bounded(0.0, 10.0, open_low=True))
-    student_momentum: float = field(default=0.9, metadata=bounded(0.0, 1.0))
-    student_weight_decay: float = field(default=1e-4, metadata=bounded(0.0, 1.0))
-    student_loss: str = field(default="kl", metadata=choice("l1", "kl"))
-    student_shift: int = field(default=0, metadata=bounded(0, 8))  # pixels a pool image may move in a student step
-    temperature: float = field(default=4.0, metadata=bounded(0.0, 100.0, open_low=True))
-    ensemble: str = "auto"  # an aggregator of the coordinator's (fedkd.coordinator.aggregation), or auto
-    # Robustness to a teacher that answers wrong on purpose (fedkd/coordinator/robustness.py): per-teacher reliability
-    # from agreement with the others (multiplies the aggregator's weights), logits clipped to +-logit-bound, a
-    # teacher's per-sample input gradient clipped to gradient-bound x the median teacher's. With DP-SGD teachers
-    # set reliability=false: they barely agree on synthetic samples and it leaves honest ones out
-    # (docs/privacy.md: 0.857 against 0.833 at epsilon 8).
-    reliability: bool = True
-    logit_bound: float = field(default=100.0, metadata=bounded(1.0, 1e6))
-    gradient_bound: float = field(default=10.0, metadata=bounded(1.0, 1e6))
-    share_label_counts: bool = True
+    student_model: str = field(default="lenet5-half", metadata=described("the student's architecture"))
+    method: str = field(default="cudfkd", metadata=described("the distillation method; its options are METHOD.KEY"))
+    epochs: int = field(default=10, metadata=bounded(1, None, help="distillation epochs (evaluated and "
+                                                               "checkpointed after each)"))
+    steps_per_epoch: int = field(default=20, metadata=bounded(1, None, help="synthesis rounds per epoch"))
+    student_steps: int = field(default=20, metadata=bounded(0, None, help="student steps (pool batches) per round"))
+    batch_size: int = field(default=128, metadata=bounded(2, BATCH_LIMIT, help="synthetic batch and student batch"))
+    student_lr: float = field(default=0.1, metadata=bounded(
+        0.0, 10.0, open_low=True, help="student SGD learning rate (cosine schedule)"))
+    student_momentum: float = field(default=0.9, metadata=bounded(0.0, 1.0, help="student SGD momentum"))
+    student_weight_decay: float = field(default=1e-4, metadata=bounded(0.0, 1.0, help="student SGD weight decay"))
+    student_loss: str = field(default="kl", metadata=choice(
+        "l1", "kl", help="the student's distillation loss against the ensemble's logits"))
+    student_shift: int = field(default=0, metadata=bounded(0, 8, help="pixels a pool image may move in a student step"))
+    temperature: float = field(default=4.0, metadata=bounded(
+        0.0, 100.0, open_low=True, help="distillation temperature of student-loss=kl"))
+    ensemble: str = field(default="auto", metadata=described(
+        "how teachers' answers combine (an aggregator of fedkd/coordinator/aggregation.py); auto: class-weighted "
+        "when a client shares label counts, else prob-mean"))
+    # With DP-SGD teachers set reliability=false: they barely agree on synthetic samples and it leaves honest ones
+    # out (docs/privacy.md: 0.857 against 0.833 at epsilon 8).
+    reliability: bool = field(default=True, metadata=described(
+        "weight each teacher by its agreement with the others (robustness to teachers that answer wrong)"))
+    logit_bound: float = field(default=100.0, metadata=bounded(1.0, 1e6, help="answers' logits clipped to +-this"))
+    gradient_bound: float = field(default=10.0, metadata=bounded(
+        1.0, 1e6, help="a teacher's per-sample input gradient clipped to this x the median teacher's"))
+    share_label_counts: bool = field(default=True, metadata=described(
+        "clients share their label histogram (released with noise under a privacy mechanism)", scope="client"))
 
-    # The shared synthesizer (fedkd/coordinator/synthesis.py): the generator (class-conditional with
-    # `conditional-generator`, measured no better on the main job), `synthesis-steps`
-    # generator updates per round (best iterate kept), latents optimised per round when latent-lr > 0,
-    # re-initialised every `generator-reset` rounds (0 = never), images shifted by up to
-    # `synthesis-shift` pixels before the teachers see them, a mode-seeking diversity term weighted by
-    # `synthesis-diversity`; `synthesis-forward-batches` more batches per round drawn from the updated
-    # generator and answered by a Forward alone (half a round batch's query cost).
-    latent_dim: int = field(default=64, metadata=bounded(1, 4096))
-    generator_width: int = field(default=16, metadata=bounded(1, 1024))
-    generator_lr: float = field(default=1e-2, metadata=bounded(0.0, 10.0, open_low=True))
-    conditional_generator: bool = False
-    synthesis_steps: int = field(default=1, metadata=bounded(1, None))
-    latent_lr: float = field(default=0.0, metadata=bounded(0.0, 10.0))
-    generator_reset: int = field(default=0, metadata=bounded(0, None))
-    synthesis_shift: int = field(default=2, metadata=bounded(0, 8))
-    synthesis_diversity: float = field(default=20.0, metadata=bounded(0.0, 1e6))
-    synthesis_forward_batches: int = field(default=0, metadata=bounded(0, None))
+    # The shared synthesizer (fedkd/coordinator/synthesis.py)
+    latent_dim: int = field(default=64, metadata=bounded(1, 4096, help="the generator's latent size"))
+    generator_width: int = field(default=16, metadata=bounded(1, 1024, help="the generator's base channels"))
+    generator_lr: float = field(default=1e-2, metadata=bounded(0.0, 10.0, open_low=True,
+                                                               help="generator Adam learning rate"))
+    conditional_generator: bool = field(default=False, metadata=described(
+        "a class-conditional generator (measured no better on the main job)"))
+    synthesis_steps: int = field(default=1, metadata=bounded(
+        1, None, help="generator updates per synthesis round (the best iterate is kept)"))
+    latent_lr: float = field(default=0.0, metadata=bounded(
+        0.0, 10.0, help="learning rate of the latents optimised per round (0: latents not optimised)"))
+    generator_reset: int = field(default=0, metadata=bounded(
+        0, None, help="re-initialise the generator every this many rounds (0: never)"))
+    synthesis_shift: int = field(default=2, metadata=bounded(
+        0, 8, help="pixels images are shifted by before the teachers see them"))
+    synthesis_diversity: float = field(default=20.0, metadata=bounded(
+        0.0, 1e6, help="weight of the mode-seeking diversity term"))
+    synthesis_forward_batches: int = field(default=0, metadata=bounded(
+        0, None, help="more batches per round from the updated generator, answered by a Forward alone"))
 
-    # The synthetic pool (fedkd/coordinator/synthetic_pool.py) and the query budget, in query samples as the
-    # coordinator counts them (every sample of every Forward and Backward, summed over teachers);
-    # 0 = no budget. When spent, synthesis stops and the student keeps training on the pool.
-    pool_size: int = field(default=50_000, metadata=bounded(1, None))
-    query_budget: int = field(default=0, metadata=bounded(0, 10**15))
+    # The synthetic pool (fedkd/coordinator/synthetic_pool.py) and the query budget
+    pool_size: int = field(default=50_000, metadata=bounded(
+        1, None, help="synthetic samples kept with the ensemble's answers (the oldest dropped)"))
+    query_budget: int = field(default=0, metadata=bounded(
+        0, 10**15, help="query samples (every Forward and Backward sample, summed over teachers) the distillation "
+        "may spend; then the student trains on the pool (0: no budget)"))
 
     # The selected method's options (a frozen dataclass registered with the method; keys `METHOD.KEY`).
     options: Any = field(default=None, compare=True)
 
-    # Transport of the queries (docs/query-path.md). inprocess: teacher hosts called
-    # directly; grpc: a hub on loopback and one teacher agent process per client, TLS + tokens.
-    transport: str = field(default="inprocess", metadata=choice("inprocess", "grpc"))
-    quorum: int = field(default=0, metadata=bounded(0, 1000))  # teachers that must answer; 0 = a majority
-    query_timeout: float = field(default=60.0, metadata=bounded(0.0, TIMEOUT_LIMIT, open_low=True))  # seconds per query
-    rejoin_timeout: float = field(default=120.0, metadata=bounded(0.0, TIMEOUT_LIMIT))  # seconds to wait below quorum
-    max_message_mb: float = field(default=64.0, metadata=bounded(0.0, 2000.0, open_low=True))  # per gRPC message
+    # Transport of the queries (docs/query-path.md)
+    transport: str = field(default="inprocess", metadata=choice(
+        "inprocess", "grpc", help="fedkd run's teachers: hosts called in-process, or agent processes over gRPC on "
+        "loopback (TLS, tokens)"))
+    quorum: int = field(default=0, metadata=bounded(0, 1000, help="teachers that must answer a query; 0: a majority"))
+    query_timeout: float = field(default=60.0, metadata=bounded(
+        0.0, TIMEOUT_LIMIT, open_low=True, help="seconds a query waits for the teachers"))
+    rejoin_timeout: float = field(default=120.0, metadata=bounded(
+        0.0, TIMEOUT_LIMIT, help="seconds to wait for teachers to rejoin when fewer than the quorum are live"))
+    max_message_mb: float = field(default=64.0, metadata=bounded(
+        0.0, 2000.0, open_low=True, help="the largest gRPC message, MB"))
 
-    # Privacy, per client (docs/privacy.md). In a one-machine run the experimenter is
-    # every party, so these keys stand in for each client's own settings; a Flower SuperNode in a deployment
-    # takes them from its node config only, never from the coordinator's run config.
-    # privacy-mode (one value, or one per client): none; dp-sgd (the teacher is trained with Opacus DP-SGD to
-    # dp-epsilon at dp-delta, 0 = 1 / (10 n), batch dp-batch-size, lr dp-lr; every answer is post-processing);
-    # output-noise (every released logits / input-gradient row clipped to output-clip / gradient-clip with
-    # Gaussian noise of std output-noise x 2 x clip: a teacher-level guarantee, accounted per query sample).
-    # privacy-budget: the
-    # client's total epsilon (training included), enforced before every release; 0 = unlimited (reported).
-    # Label counts are released exactly without a mechanism, else with label-count-noise (gaussian or
-    # laplace) at label-count-epsilon; evaluation counts (Flower evaluate) at dp-eval-epsilon each.
-    privacy_mode: str = "none"
-    privacy_budget: float = field(default=0.0, metadata=bounded(0.0, 1e6))
-    dp_epsilon: float = field(default=8.0, metadata=bounded(0.0, 1e4, open_low=True))
-    dp_delta: float = field(default=0.0, metadata=bounded(0.0, 0.1))
-    dp_max_grad_norm: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
-    # DP-SGD's own batch size (expected: Poisson sampling at dp-batch-size / n) and Adam learning rate; larger
-    # batches than non-private training need (the noise is per batch): on the main job at epsilon 8, 256 / 3e-3
-    # gives the best student of 64 / 1e-3, 256 / 1e-2 and 256 / 3e-3 over 3 seeds (docs/privacy.md).
-    dp_batch_size: int = field(default=256, metadata=bounded(1, BATCH_LIMIT))
-    dp_lr: float = field(default=3e-3, metadata=bounded(0.0, 10.0, open_low=True))
-    # After DP-SGD, release the per-channel feature statistics at the teacher's normalisation layers (Gaussian
-    # mechanism, each record's statistics clipped to dp-feature-clip, costing dp-feature-epsilon, accounted with
-    # the training) so the BatchNorm-statistics term (cudfkd.weight-bn, DeepInversion) works with DP teachers;
-    # 0 = not released (the term is then unavailable from DP teachers).
-    dp_feature_epsilon: float = field(default=0.0, metadata=bounded(0.0, 1e4))
-    dp_feature_clip: float = field(default=5.0, metadata=bounded(0.0, 1e6, open_low=True))
-    dp_eval_epsilon: float = field(default=1.0, metadata=bounded(0.0, 1e4, open_low=True))
-    output_noise: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
-    output_clip: float = field(default=10.0, metadata=bounded(0.0, 1e6, open_low=True))
-    gradient_clip: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
-    label_count_noise: str = field(default="auto", metadata=choice("auto", "none", "gaussian", "laplace"))
-    label_count_epsilon: float = field(default=0.5, metadata=bounded(0.0, 1e4, open_low=True))
-    # privacy-mode=pate: the client trains pate-teachers shard teachers on disjoint shards of its records and
-    # answers labels only, by Confident-GNMax (answer when the top vote + N(0, pate-sigma1^2) >= pate-threshold,
-    # the argmax of the votes + N(0, pate-sigma2^2)); scale the threshold with pate-teachers.
-    pate_teachers: int = field(default=10, metadata=bounded(2, 10_000))
-    pate_threshold: float = field(default=7.0, metadata=bounded(0.0, 1e6))
-    pate_sigma1: float = field(default=2.0, metadata=bounded(0.0, 1e6, open_low=True))
-    pate_sigma2: float = field(default=1.0, metadata=bounded(0.0, 1e6, open_low=True))
+    # Privacy, per client (docs/privacy.md). In a one-machine run the experimenter is every party, so these keys
+    # stand in for each client's own settings; a Flower SuperNode in a deployment takes them from its node config
+    # only, never from the coordinator's run config.
+    privacy_mode: str = field(default="none", metadata=described(
+        "none, dp-sgd (DP-SGD teacher; answers are free), output-noise (clipped, noised answers, accounted per "
+        "row) or pate (shard teachers, labels by Confident-GNMax); one, or one per client", scope="client"))
+    privacy_budget: float = field(default=0.0, metadata=bounded(
+        0.0, 1e6, help="a client's total epsilon (training included), enforced before every release; 0: unlimited",
+        scope="client"))
+    dp_epsilon: float = field(default=8.0, metadata=bounded(
+        0.0, 1e4, open_low=True, help="dp-sgd: the training's epsilon", scope="client"))
+    dp_delta: float = field(default=0.0, metadata=bounded(
+        0.0, 0.1, help="delta of every guarantee; 0: 1 / (10 n), at most 1e-5", scope="client"))
+    dp_max_grad_norm: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="dp-sgd: per-sample gradient clip", scope="client"))
+    # DP-SGD wants larger batches than non-private training (the noise is per batch): on the main job at epsilon 8,
+    # 256 / 3e-3 gives the best student of 64 / 1e-3, 256 / 1e-2 and 256 / 3e-3 over 3 seeds (docs/privacy.md).
+    dp_batch_size: int = field(default=256, metadata=bounded(
+        1, BATCH_LIMIT, help="dp-sgd: expected batch (Poisson sampling at dp-batch-size / n)", scope="client"))
+    dp_lr: float = field(default=3e-3, metadata=bounded(
+        0.0, 10.0, open_low=True, help="dp-sgd: Adam learning rate", scope="client"))
+    dp_feature_epsilon: float = field(default=0.0, metadata=bounded(
+        0.0, 1e4, help="dp-sgd: epsilon of the DP-released feature statistics that let the BatchNorm-statistics "
+        "term work with DP teachers; 0: not released", scope="client"))
+    dp_feature_clip: float = field(default=5.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="dp-sgd: each record's feature statistics clipped to this", scope="client"))
+    dp_eval_epsilon: float = field(default=1.0, metadata=bounded(
+        0.0, 1e4, open_low=True, help="cost of one noisy federated-evaluation release (Flower evaluate)",
+        scope="client"))
+    output_noise: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="output-noise: Gaussian std per released row, in units of 2 x its clip",
+        scope="client"))
+    output_clip: float = field(default=10.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="output-noise: L2 norm each logits row is clipped to", scope="client"))
+    gradient_clip: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="output-noise: L2 norm each input-gradient row is clipped to", scope="client"))
+    label_count_noise: str = field(default="auto", metadata=choice(
+        "auto", "none", "gaussian", "laplace", help="noise on the released label histogram; auto: none without a "
+        "mechanism, else gaussian", scope="client"))
+    label_count_epsilon: float = field(default=0.5, metadata=bounded(
+        0.0, 1e4, open_low=True, help="cost of one noisy label histogram", scope="client"))
+    pate_teachers: int = field(default=10, metadata=bounded(
+        2, 10_000, help="pate: shard teachers trained on disjoint shards of a client's records", scope="client"))
+    pate_threshold: float = field(default=7.0, metadata=bounded(
+        0.0, 1e6, help="pate: answer a row only when its noisy top vote reaches this (scale with pate-teachers)",
+        scope="client"))
+    pate_sigma1: float = field(default=2.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="pate: noise std of the threshold check", scope="client"))
+    pate_sigma2: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="pate: noise std on each vote count for the answer", scope="client"))
 
-    # The Flower app only (`flwr run .`; `fedkd run` ignores them). run-dir: where the ServerApp
-    # writes run-<run id>/; evaluation: the coordinator's own test set, the clients' held-out data
-    # (evaluate messages), or both; hub-host: the name teachers dial to reach the hub (and its
-    # certificate's name), hub-port 0 = any free port; timeouts in seconds. resume-from: the run directory
-    # (run-dir/run-<run id>) of a ServerApp run that died, continued from its last epoch; empty = a new run.
-    run_dir: str = "runs/flower"
-    resume_from: str = ""
-    evaluation: str = field(default="both", metadata=choice("coordinator", "federated", "both"))
-    hub_host: str = "127.0.0.1"
-    hub_port: int = field(default=0, metadata=bounded(0, 65535))
-    nodes_timeout: float = field(default=120.0, metadata=bounded(0.0, TIMEOUT_LIMIT))
-    train_timeout: float = field(default=3600.0, metadata=bounded(0.0, TIMEOUT_LIMIT, open_low=True))
+    # The Flower app only (`flwr run .`; `fedkd run` ignores them)
+    run_dir: str = field(default="runs/flower", metadata=described(
+        "where the ServerApp writes run-<run id>/", scope="flower"))
+    resume_from: str = field(default="", metadata=described(
+        "the run directory of a ServerApp run that died, continued from its last epoch; empty: a new run",
+        scope="flower"))
+    evaluation: str = field(default="both", metadata=choice(
+        "coordinator", "federated", "both", help="the coordinator's own test set, the clients' held-out data "
+        "(evaluate messages), or both", scope="flower"))
+    hub_host: str = field(default="127.0.0.1", metadata=described(
+        "the name teachers dial to reach the hub (and its certificate's name)", scope="flower"))
+    hub_port: int = field(default=0, metadata=bounded(0, 65535, help="the hub's port; 0: any free port",
+                                                     scope="flower"))
+    nodes_timeout: float = field(default=120.0, metadata=bounded(
+        0.0, TIMEOUT_LIMIT, help="seconds the ServerApp waits for the nodes", scope="flower"))
+    train_timeout: float = field(default=3600.0, metadata=bounded(
+        0.0, TIMEOUT_LIMIT, open_low=True, help="seconds a node may take to train its teacher (and the TTL of "
+        "serve messages)", scope="flower"))
 
     # References and housekeeping
-    centralised: bool = False
-    device: str = field(default="auto", metadata=choice("auto", "cpu", "cuda"))
-    num_threads: int = field(default=0, metadata=bounded(0, 1024))
-    sample_stages: int = field(default=4, metadata=bounded(1, 20))
+    centralised: bool = field(default=False, metadata=described(
+        "also train the reference model on the pooled data (an experiment-only reference)"))
+    device: str = field(default="auto", metadata=choice(
+        "auto", "cpu", "cuda", help="torch device of the coordinator's models; auto: CUDA when present"))
+    num_threads: int = field(default=0, metadata=bounded(0, 1024, help="torch threads; 0: torch's choice"))
+    sample_stages: int = field(default=4, metadata=bounded(
+        1, 20, help="stages of training shown in plots/samples.png"))
 
     def __post_init__(self) -> None:
         validate_fields(self)

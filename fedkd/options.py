@@ -26,14 +26,28 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it."""
 
 
-def choice(*names: str) -> dict[str, Any]:
+# Where a key applies: every entry point, the Flower app only, or each institution's own setting (which a
+# one-machine run and a Flower simulation take from the run config, standing in for every client).
+SCOPES = {"run": "every entry point", "flower": "the Flower app only",
+          "client": "each client's own (a deployment's node config; fedkd run and simulations: the run config)"}
+
+
+def described(help: str, *, scope: str = "run") -> dict[str, Any]:
+    """Field metadata: what the setting means (one line) and where it applies (a key of :data:`SCOPES`)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
+    return {"help": help, "scope": scope}
+
+
+def choice(*names: str, help: str = "", scope: str = "run") -> dict[str, Any]:
     """Field metadata: the value must be one of ``names``."""
-    return {"choices": names}
+    return {"choices": names, **described(help, scope=scope)}
 
 
-def bounded(low: float | None = None, high: float | None = None, *, open_low: bool = False) -> dict[str, Any]:
+def bounded(low: float | None = None, high: float | None = None, *, open_low: bool = False, help: str = "",
+            scope: str = "run") -> dict[str, Any]:
     """Field metadata: the value must lie in [low, high] ((low, high] with ``open_low``)."""
-    return {"low": low, "high": high, "open_low": open_low}
+    return {"low": low, "high": high, "open_low": open_low, **described(help, scope=scope)}
 
 
 # The largest integer a key takes unless its field says otherwise: torch seeds, thread counts and tensor sizes

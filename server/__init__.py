@@ -1,1 +1,1 @@
-"""The coordinator's entry points: its `fedkd` commands (:mod:`server.cli`), the Flower ServerApp, the hub."""
+"""The coordinator's entry points: its `fedkd` commands (:mod:`fedkd.server.cli`), the Flower ServerApp, the hub."""

@@ -51,7 +51,8 @@ from fedkd.coordinator.distillation import Distillation, RunObserver
 from fedkd.coordinator.flow import Session, coordinate
 from fedkd.data import load_dataset
 from fedkd.tls import run_pki
-from server.hub import Hub, ServerTLS, issue_tokens
+
+from .hub import Hub, ServerTLS, issue_tokens
 
 app = ServerApp()
 

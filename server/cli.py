@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
@@ -20,12 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import fedkd.client.cli
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-import client.cli
 from fedkd.checkpoint import CheckpointError
 from fedkd.config import RunConfig, config_from_mapping, load_config_file, parse_assignments
 from fedkd.coordinator.experiment import run_experiment
@@ -34,9 +33,10 @@ from fedkd.coordinator.rundir import RunDirectoryError
 from fedkd.data import DatasetNotFoundError
 from fedkd.options import TIMEOUT_LIMIT, ConfigError, address, argument
 from fedkd.tls import CertificateError, make_dev_pki, read_certificates, read_private_key, run_pki
-from server.distill import run_distillation, teacher_names
-from server.hub import ListenError, ServerTLS
-from server.loopback import grpc_transport
+
+from .distill import run_distillation, teacher_names
+from .hub import ListenError, ServerTLS
+from .loopback import grpc_transport
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, RunDirectoryError, QuorumError, TimeoutError,
                FileNotFoundError, CertificateError, ListenError)
@@ -181,7 +181,7 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace, console: Console) -> int:
-    return client.cli.command(args)
+    return fedkd.client.cli.command(args)
 
 
 def cmd_certs(args: argparse.Namespace, console: Console) -> int:
@@ -195,38 +195,28 @@ def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _allowed(meta: Any) -> str:
-    allowed = ", ".join(meta["choices"]) if "choices" in meta else ""
-    if meta.get("low") is not None or meta.get("high") is not None:
-        low = meta.get("low")
-        allowed = f"{'>' if meta.get('open_low') else '>='} {low}" if low is not None else ""
-        if meta.get("high") is not None:
-            allowed += f", <= {meta['high']}"
-    return allowed
-
-
 def cmd_keys(args: argparse.Namespace, console: Console) -> int:
-    from fedkd.coordinator.methods import METHODS
+    from .keys import every_key, toml_value
 
-    table = Table(title="fedkd config keys (TOML, --set KEY=VALUE, Flower run config)")
-    table.add_column("key")
+    table = Table(title="fedkd config keys (TOML, --set KEY=VALUE, Flower run config); docs/configuration.md")
+    table.add_column("key", no_wrap=True)
     table.add_column("default")
     table.add_column("allowed")
-    for f in dataclasses.fields(RunConfig):
-        if f.name != "options":
-            table.add_row(f.name.replace("_", "-"), repr(f.default), _allowed(f.metadata))
-    for entry in METHODS.values():
-        table.add_section()
-        table.add_row(f"[bold]{entry.name}.*[/]", "", f"options of method={entry.name} ({entry.summary}); "
-                      f"a \\[{entry.name}] table in TOML")
-        for f in dataclasses.fields(entry.options):
-            table.add_row(f"{entry.name}.{f.name.replace('_', '-')}", repr(f.default), _allowed(f.metadata))
+    table.add_column("meaning")
+    where = {"run": "", "flower": "[dim](Flower app only)[/] ", "client": "[dim](each client's own)[/] "}
+    method = None
+    for row in every_key():
+        if row.method != method:
+            method = row.method
+            table.add_section()
+            table.add_row(f"[bold]{method}.*[/]", "", "", f"options of method={method}; a \\[{method}] table in TOML")
+        table.add_row(row.key, toml_value(row.default), row.allowed, where[row.scope] + row.meaning)
     console.print(table)
     return 0
 
 
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
-    from server.simulate import simulate
+    from .simulate import simulate
 
     values = _config_values(args)
     if args.clients is not None:
@@ -284,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for all teachers (default 600)")
         d.set_defaults(func=cmd_distill)
     teacher = sub.add_parser("teacher", help="institution: serve a teacher checkpoint to a coordinator's hub")
-    client.cli.add_arguments(teacher)
+    fedkd.client.cli.add_arguments(teacher)
     teacher.set_defaults(func=cmd_teacher)
     certs = sub.add_parser("certs", help="create a development CA, a hub certificate and teacher certificates")
     certs.add_argument("--out", required=True, help="directory for the PEM files")
@@ -315,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "teacher":
-        return client.cli.command(args)
+        return fedkd.client.cli.command(args)
     console = Console(stderr=False, log_path=False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])

@@ -19,7 +19,8 @@ from fedkd.config import RunConfig
 from fedkd.coordinator.distillation import Distillation, RunObserver
 from fedkd.coordinator.flow import Session, coordinate
 from fedkd.data import load_dataset
-from server.hub import Hub, ServerTLS, issue_tokens
+
+from .hub import Hub, ServerTLS, issue_tokens
 
 
 def teacher_names(count: int) -> list[str]:

@@ -18,13 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from fedkd.client.cli import privacy_flags
 
 from fedkd.config import RunConfig
 from fedkd.contract import access_modes
 from fedkd.coordinator.experiment import ClientTeacher
 from fedkd.coordinator.pool import TeacherPool
 from fedkd.tls import run_pki
-from server.hub import Hub, ServerTLS, issue_tokens
+
+from .hub import Hub, ServerTLS, issue_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +39,13 @@ def client_name(client: int) -> str:
 
 def agent_command(checkpoint: Path, port: int, token_file: Path, ca: Path, *, config: RunConfig, session: str,
                   device: torch.device, threads: int, access: str = "gradient", client: int = 0) -> list[str]:
-    cmd = [sys.executable, "-m", "client", "--checkpoint", str(checkpoint), "--connect", f"localhost:{port}",
+    cmd = [sys.executable, "-m", "fedkd.client", "--checkpoint", str(checkpoint), "--connect", f"localhost:{port}",
            "--token-file", str(token_file), "--ca", str(ca), "--session", session,
            "--max-batch", str(config.max_query_batch), "--max-message-mb", str(config.max_message_mb),
            "--device", device.type, "--num-threads", str(threads), "--give-up-after", str(config.rejoin_timeout),
            "--access", ",".join(access_modes(access))]
-    if not config.share_label_counts:
-        cmd.append("--no-label-counts")
-    privacy = config.client_privacy(client)  # one machine: the run config stands in for each client's own
-    cmd += ["--privacy-mode", privacy.mode, "--privacy-budget", repr(privacy.budget), "--delta", repr(privacy.delta),
-            "--output-noise", repr(privacy.output_noise), "--output-clip", repr(privacy.output_clip),
-            "--gradient-clip", repr(privacy.gradient_clip), "--label-count-noise", privacy.label_count_noise,
-            "--label-count-epsilon", repr(privacy.label_count_epsilon), "--pate-threshold",
-            repr(privacy.pate_threshold), "--pate-sigma1", repr(privacy.pate_sigma1), "--pate-sigma2",
-            repr(privacy.pate_sigma2)]
-    return cmd
+    # one machine: the run config stands in for each client's own privacy settings
+    return cmd + privacy_flags(config.client_privacy(client))
 
 
 @contextmanager

@@ -39,16 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedkd.client.cli import host_from_checkpoint
+from fedkd.server.hub import Hub, ServerTLS, issue_tokens
+from fedkd.server.loopback import agent_command, grpc_transport
 
-from client.cli import host_from_checkpoint
 from fedkd.config import config_from_mapping
 from fedkd.contract import CurriculumState
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.experiment import prepare_clients, run_experiment
 from fedkd.data import load_dataset
 from fedkd.tls import make_dev_pki
-from server.hub import Hub, ServerTLS, issue_tokens
-from server.loopback import agent_command, grpc_transport
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = CurriculumState()

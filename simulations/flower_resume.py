@@ -31,8 +31,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fedkd.server.simulate import run_processes, simulate  # noqa: E402
+
 from fedkd.institution.loading import load_teacher  # noqa: E402
-from server.simulate import run_processes, simulate  # noqa: E402
 
 
 def kill_server_app_after(flwr_home: Path, runs: Path, epochs: int, timeout: float) -> dict[str, Any]:

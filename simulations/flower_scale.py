@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.simulate import run_processes, simulate  # noqa: E402
+from fedkd.server.simulate import run_processes, simulate  # noqa: E402
 
 
 def _pss_kib(pid: int) -> int:

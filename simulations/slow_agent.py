@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 import torch
+from fedkd.client.agent import AgentSettings, ClientTLS, TeacherAgent
 
-from client.agent import AgentSettings, ClientTLS, TeacherAgent
 from fedkd.contract import TeacherDescription
 from fedkd.institution.host import TeacherHost
 

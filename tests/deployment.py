@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedkd.server.simulate import await_outcome
+
 from fedkd.tls import make_dev_pki, make_supernode_key
-from server.simulate import await_outcome
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,12 +5,12 @@ import json
 import shutil
 from fractions import Fraction
 
+import fedkd.client.cli
 import pytest
 import torch
+from fedkd.server.cli import main
 
-import client.cli
 from fedkd.checkpoint import save_atomic
-from server.cli import main
 
 SMALL = ["--set", "dataset=digits", "--set", "num-clients=2", "--set", "partition=iid", "--set", "epochs=2",
          "--set", "steps-per-epoch=2", "--set", "student-steps=1", "--set", "teacher-epochs=1",
@@ -72,7 +72,7 @@ def test_fedkd_teacher_names_what_is_wrong_with_its_checkpoint(finished_run, tmp
     make(finished_run, path)
     token = tmp_path / "t.token"
     token.write_text("x\n")
-    code = client.cli.main(["--checkpoint", str(path), "--connect", "127.0.0.1:1", "--token-file", str(token),
+    code = fedkd.client.cli.main(["--checkpoint", str(path), "--connect", "127.0.0.1:1", "--token-file", str(token),
                             "--insecure"])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -145,7 +145,7 @@ def test_fedkd_teacher_checks_its_ca_file_at_start_up(finished_run, tmp_path, ca
         path.write_text(content)
     token = tmp_path / "t.token"
     token.write_text("x\n")
-    code = client.cli.main(["--checkpoint", str(finished_run / "clients" / "client_00" / "teacher.pt"),
+    code = fedkd.client.cli.main(["--checkpoint", str(finished_run / "clients" / "client_00" / "teacher.pt"),
                             "--connect", "127.0.0.1:1", "--token-file", str(token), flag, str(path)])
     err = capsys.readouterr().err
     assert code == 2 and message.format(path=path) in err
@@ -176,7 +176,7 @@ def test_fedkd_teacher_refuses_bad_numbers_naming_the_flag(finished_run, tmp_pat
     token = tmp_path / "t.token"
     token.write_text("x\n")
     with pytest.raises(SystemExit) as exit_:
-        client.cli.main(["--checkpoint", str(finished_run / "clients" / "client_00" / "teacher.pt"),
+        fedkd.client.cli.main(["--checkpoint", str(finished_run / "clients" / "client_00" / "teacher.pt"),
                          "--connect", "127.0.0.1:1", "--token-file", str(token), "--insecure", flag, value])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
@@ -184,7 +184,7 @@ def test_fedkd_teacher_refuses_bad_numbers_naming_the_flag(finished_run, tmp_pat
 def test_a_token_file_that_is_not_text_is_named(finished_run, tmp_path, capsys):
     token = tmp_path / "t.token"
     token.write_bytes(b"\xff\xfe\x00garbage")
-    code = client.cli.main(["--checkpoint", str(finished_run / "clients" / "client_00" / "teacher.pt"),
+    code = fedkd.client.cli.main(["--checkpoint", str(finished_run / "clients" / "client_00" / "teacher.pt"),
                             "--connect", "127.0.0.1:1", "--token-file", str(token), "--insecure"])
     assert code == 2 and f"token file '{token}' is not a token" in capsys.readouterr().err
 

@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import pytest
-
-from server.cli import main
+from fedkd.server.cli import main
 
 SMALL = ["--set", "dataset=digits", "--set", "num-clients=2", "--set", "partition=iid", "--set", "epochs=1",
          "--set", "steps-per-epoch=2", "--set", "student-steps=1", "--set", "teacher-epochs=1",
@@ -100,9 +99,10 @@ def test_the_institution_s_command_never_loads_the_coordinator_s_package(tmp_pat
     code = ("import sys; from fedkd.cli import main; "
             f"rc = main(['-v', 'teacher', '--checkpoint', {str(tmp_path / 'none.pt')!r}, '--connect', "
             "'127.0.0.1:1', '--insecure', '--token-file', '/nonexistent']); "
-            "print('RC', rc, sorted({m.split('.')[0] for m in sys.modules} & {'server', 'client'}))")
+            "print('RC', rc, sorted({'.'.join(m.split('.')[:2]) for m in sys.modules}"
+            " & {'fedkd.server', 'fedkd.client'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "RC 2 ['client']" in out.stdout, out.stdout + out.stderr
+    assert "RC 2 ['fedkd.client']" in out.stdout, out.stdout + out.stderr
     assert "token file '/nonexistent' does not exist" in out.stderr
 
 
@@ -111,6 +111,28 @@ def test_the_client_side_never_imports_the_coordinator_s_driver():
     import sys
 
     code = ("import sys, client.app, client.cli, client.node; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'server' or m.startswith('fedkd.coordinator')))")
+            "print(sorted(m for m in sys.modules if m.startswith(('fedkd.server', 'fedkd.coordinator'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_an_agent_started_with_the_settings_flags_reads_back_the_same_settings():
+    """transport=grpc starts each agent with privacy_flags(settings): fedkd teacher's parser must read back
+    exactly those settings (one table, PRIVACY_FLAGS, for both directions)."""
+    import argparse
+
+    from fedkd.client.cli import PRIVACY_FLAGS, add_arguments, privacy_flags, privacy_from_args
+
+    from fedkd.institution.privacy.policy import PrivacySettings
+
+    settings = PrivacySettings(mode="output-noise", budget=7.5, delta=1e-6, output_noise=2.0, output_clip=3.0,
+                               gradient_clip=0.5, share_label_counts=False, label_count_noise="laplace",
+                               label_count_epsilon=0.25, pate_threshold=4.0, pate_sigma1=3.0, pate_sigma2=1.5)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", "t.pt", "--connect", "h:1", *privacy_flags(settings)])
+    assert privacy_from_args(args) == settings
+    defaults = parser.parse_args(["--checkpoint", "t.pt", "--connect", "h:1"])
+    assert privacy_from_args(defaults) == PrivacySettings()
+    every_field = {f for f in PrivacySettings.__dataclass_fields__ if f not in ("share_label_counts", "eval_epsilon")}
+    assert set(PRIVACY_FLAGS) == every_field

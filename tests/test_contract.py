@@ -98,9 +98,10 @@ def test_description_round_trips_and_is_validated():
 
 
 def test_a_query_serialised_once_is_the_message_the_contract_defines():
+    from fedkd.server.hub import Serialized, length_delimited
+
     from fedkd.codec import encode_state, encode_tensor
     from fedkd.contract import CurriculumState
-    from server.hub import Serialized, length_delimited
 
     x = encode_tensor(torch.randn(3, 1, 4, 4))
     state = encode_state(CurriculumState(epoch=2, step=5, lam=0.5, adv_weight=0.25))

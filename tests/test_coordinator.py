@@ -8,15 +8,18 @@ import socket
 import threading
 from pathlib import Path
 
+import fedkd.server.app
 import pytest
 import torch
+from fedkd.client.agent import AgentSettings, TeacherAgent
+from fedkd.client.app import app as client_app
+from fedkd.client.cli import host_from_checkpoint
+from fedkd.server.app import app as server_app
+from fedkd.server.distill import run_distillation, teacher_names
+from fedkd.server.hub import issue_tokens
 from flower_grid import InProcessGrid, app_run_config
 from flwr.app import Context, RecordDict
 
-import server.app
-from client.agent import AgentSettings, TeacherAgent
-from client.app import app as client_app
-from client.cli import host_from_checkpoint
 from fedkd.checkpoint import CheckpointError
 from fedkd.config import RunConfig, config_from_mapping
 from fedkd.coordinator.experiment import run_experiment
@@ -24,9 +27,6 @@ from fedkd.coordinator.flow import LogObserver
 from fedkd.coordinator.rundir import RunDirectoryError
 from fedkd.institution.loading import load_teacher
 from fedkd.options import ConfigError
-from server.app import app as server_app
-from server.distill import run_distillation, teacher_names
-from server.hub import issue_tokens
 
 TINY = {"dataset": "digits", "num-clients": 3, "teacher-epochs": 2, "epochs": 2, "steps-per-epoch": 3,
         "student-steps": 2, "batch-size": 32, "num-threads": 1, "sample-stages": 1, "nodes-timeout": 30.0}
@@ -129,7 +129,7 @@ def test_a_server_app_that_died_resumes_from_its_run_directory_and_ends_where_an
             raise Dies("the ServerApp's process died")
 
     with monkeypatch.context() as patch:
-        patch.setattr(server.app._Log, "step", dies_in_epoch_two)
+        patch.setattr(fedkd.server.app._Log, "step", dies_in_epoch_two)
         with pytest.raises(Dies):
             flower_run(cfg, run_id=2)
     died = Path(str(cfg["run-dir"])) / "run-2"

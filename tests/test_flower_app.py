@@ -9,20 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedkd.client.app import app as client_app
+from fedkd.client.node import NodeConfigError, node_data
+from fedkd.server.app import FlowerRunError, wait_for_nodes
+from fedkd.server.app import app as server_app
 from flower_grid import InProcessGrid, app_run_config
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.config import flatten_dict
 
-from client.app import app as client_app
-from client.node import NodeConfigError, node_data
 from fedkd.config import RunConfig, config_from_mapping, config_from_run_config, option_keys
 from fedkd.coordinator.experiment import prepare_clients
 from fedkd.coordinator.methods import METHODS
 from fedkd.data import SPECS, load_node_file
 from fedkd.institution.loading import load_teacher
 from fedkd.options import ConfigError
-from server.app import FlowerRunError, wait_for_nodes
-from server.app import app as server_app
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"dataset": "digits", "num-clients": 3, "teacher-epochs": 2, "epochs": 1, "steps-per-epoch": 2,
@@ -52,7 +52,7 @@ def run_server(grid: InProcessGrid, cfg: dict[str, object]) -> dict:
 def test_app_config_has_exactly_the_run_keys_with_their_defaults() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert app["components"] == {"serverapp": "fedkd.server.app:app", "clientapp": "fedkd.client.app:app"}
     table = flatten_dict(app["config"])  # as Flower reads it: [tool.flwr.app.config.cudfkd] -> cudfkd.KEY
     # every run-wide key, and every method's options (so `--run-config 'method="dafl" dafl.KEY=...'` works)
     every_option = {k for m in METHODS.values() for k in option_keys(m.options, m.name)}
@@ -203,10 +203,10 @@ def test_node_files_are_checked(tmp_path: Path) -> None:
 
 
 def test_namespaced_keys_reach_the_server_app_through_flowers_own_run_config_parsing() -> None:
+    from fedkd.server.simulate import run_config_arg
     from flwr.common.config import fuse_dicts, parse_config_args
 
     from fedkd.config import parse_assignments
-    from server.simulate import run_config_arg
 
     # as `fedkd simulate --set epochs=3 --set cudfkd.weight-bn=5` (command-line text) plus a TOML table
     changes = {**parse_assignments(["epochs=3", "cudfkd.weight-bn=5"]), "cudfkd": {"adv-mask": "none"},

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from deployment import Deployment
-
-from server.simulate import simulate, superlink_pids
+from fedkd.server.simulate import simulate, superlink_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"dataset": "digits", "teacher-epochs": 2, "epochs": 1, "steps-per-epoch": 2, "student-steps": 1,

@@ -7,10 +7,11 @@ import time
 import grpc
 import pytest
 import torch
+from fedkd.client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
+from fedkd.server.hub import Hub, ServerTLS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
 from fedkd.codec import encode_description, encode_tensor
 from fedkd.contract import CurriculumState, TeacherDescription
 from fedkd.coordinator.ensemble import Ensemble
@@ -20,7 +21,6 @@ from fedkd.models import build_model
 from fedkd.tls import make_dev_pki
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
-from server.hub import Hub, ServerTLS
 
 STATE = CurriculumState(epoch=1, step=7, lam=0.5, adv_weight=0.25)
 SHAPE = (1, 8, 8)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedkd.server.hub import Hub, ServerTLS, issue_tokens
+from fedkd.server.loopback import agent_command, grpc_transport
 
 from fedkd.checkpoint import load_safe
 from fedkd.config import config_from_mapping
 from fedkd.coordinator.experiment import run_experiment
 from fedkd.tls import make_dev_pki
-from server.hub import Hub, ServerTLS, issue_tokens
-from server.loopback import agent_command, grpc_transport
 
 TINY = {
     "dataset": "digits", "num-clients": 3, "partition": "iid", "teacher-model": "lenet5",
@@ -155,7 +155,7 @@ def test_fedkd_distill_and_fedkd_teacher_commands(in_process_run, tmp_path):
     port = _free_port()
     out = tmp_path / "coordinator"
     sets = [a for k, v in TINY.items() if k not in ("num-clients",) for a in ("--set", f"{k}={v}")]
-    fedkd = [sys.executable, "-m", "server.cli"]
+    fedkd = [sys.executable, "-m", "fedkd.server.cli"]
     coordinator = subprocess.Popen([*fedkd, "distill", "--listen", f"127.0.0.1:{port}", "--teachers", "2",
                                     "--out", str(out), "--wait", "60", *sets],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -190,12 +190,12 @@ def test_a_teacher_pointed_at_nothing_gives_up_with_a_clear_error(in_process_run
     token = tmp_path / "t.token"
     token.write_text("x\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "client", "--checkpoint", str(ref_dir / "clients" / "client_00" / "teacher.pt"),
+        [sys.executable, "-m", "fedkd.client", "--checkpoint", str(ref_dir / "clients" / "client_00" / "teacher.pt"),
          "--connect", f"127.0.0.1:{_free_port()}", "--token-file", str(token), "--insecure", "--give-up-after", "1"],
         capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "no session with the hub" in proc.stderr and "UNAVAILABLE" in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "client", "--checkpoint", str(Path(tmp_path) / "missing.pt"),
+    bad = subprocess.run([sys.executable, "-m", "fedkd.client", "--checkpoint", str(Path(tmp_path) / "missing.pt"),
                           "--connect", "127.0.0.1:1", "--token-file", str(token), "--insecure"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
@@ -204,7 +204,7 @@ def test_a_teacher_pointed_at_nothing_gives_up_with_a_clear_error(in_process_run
 def _distill(out, port, *extra):
     sets = [a for k, v in {**TINY, "epochs": 3, "steps-per-epoch": 6, "student-steps": 4}.items()
             if k != "num-clients" for a in ("--set", f"{k}={v}")]
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "distill", "--listen", f"127.0.0.1:{port}",
+    return subprocess.Popen([sys.executable, "-m", "fedkd.server.cli", "distill", "--listen", f"127.0.0.1:{port}",
                              "--teachers", "2", "--out", str(out), "--wait", "60", *sets, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -215,7 +215,8 @@ def _teachers(ref_dir, out, port):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     return [subprocess.Popen(
-        [sys.executable, "-m", "client", "--checkpoint", str(ref_dir / "clients" / f"client_{k:02d}" / "teacher.pt"),
+        [sys.executable, "-m", "fedkd.client", "--checkpoint",
+         str(ref_dir / "clients" / f"client_{k:02d}" / "teacher.pt"),
          "--connect", f"localhost:{port}", "--token-file", str(out / "tokens" / f"teacher-{k:03d}.token"),
          "--ca", str(out / "tls" / "ca.pem")], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
 

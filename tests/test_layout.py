@@ -15,14 +15,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fedkd", "server", "client")
-INSTITUTION = ("fedkd.institution", "client")
-COORDINATOR = ("fedkd.coordinator", "server")
+INSTITUTION = ("fedkd.institution", "fedkd.client")
+COORDINATOR = ("fedkd.coordinator", "fedkd.server")
 
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
+    if parts[0] in ("server", "client"):  # installed (and imported) as fedkd.server and fedkd.client
+        parts.insert(0, "fedkd")
     return ".".join(parts)
 
 
@@ -32,8 +34,9 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(tree: ast.AST) -> list[str]:
-    """Every module an import statement names, outside ``if TYPE_CHECKING:`` blocks."""
+def _imports(tree: ast.AST, package: str) -> list[str]:
+    """Every module an import statement names (relative ones resolved against ``package``), outside
+    ``if TYPE_CHECKING:`` blocks."""
     found: list[str] = []
 
     def visit(node: ast.AST) -> None:
@@ -43,9 +46,11 @@ def _imports(tree: ast.AST) -> list[str]:
             return
         if isinstance(node, ast.Import):
             found.extend(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append(node.module)
-            found.extend(f"{node.module}.{alias.name}" for alias in node.names)  # submodules imported by name
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.append(module)
+            found.extend(f"{module}.{alias.name}" for alias in node.names)  # submodules imported by name
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -60,7 +65,8 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         targets = set()
-        for imported in _imports(ast.parse(path.read_text())):
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for imported in _imports(ast.parse(path.read_text()), package):
             if imported in modules and imported != name:
                 targets.add(imported)
         graph[name] = targets
@@ -116,9 +122,9 @@ _INSTITUTION_SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import torch
-from client.app import app  # the ClientApp
-from client.cli import host_from_checkpoint  # fedkd teacher
-from client.node import node_privacy
+from fedkd.client.app import app  # the ClientApp
+from fedkd.client.cli import host_from_checkpoint  # fedkd teacher
+from fedkd.client.node import node_privacy
 from fedkd.checkpoint import save_teacher
 from fedkd.config import config_from_run_config
 from fedkd.models import build_model
@@ -147,6 +153,6 @@ def test_an_institution_builds_its_config_and_host_without_the_coordinator(tmp_p
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"] == [2, 10] and result["mode"] == "output-noise"
     assert result["method"] == "tadfkd" and result["weight"] == 3.0  # the method's options kept, unread
-    loaded = [m for m in result["modules"] if m.startswith(("fedkd.coordinator", "server"))]
+    loaded = [m for m in result["modules"] if m.startswith(COORDINATOR)]
     assert loaded == []
     assert "fedkd.institution.host" in result["modules"]

@@ -158,9 +158,10 @@ def test_vote_logits_of_an_abstention_is_uniform_and_the_hub_accepts_it():
 
 
 def test_a_federation_with_a_pate_client_runs_over_grpc_and_reports_both_bounds(tmp_path):
+    from fedkd.server.loopback import grpc_transport
+
     from fedkd.config import config_from_mapping
     from fedkd.coordinator.experiment import run_experiment
-    from server.loopback import grpc_transport
 
     cfg = config_from_mapping({"dataset": "digits", "num-clients": 2, "partition": "iid", "teacher-model": "lenet5",
                                "teacher-epochs": 3, "epochs": 1, "steps-per-epoch": 3, "student-steps": 2,

@@ -194,7 +194,8 @@ def test_output_noise_releases_no_teacher_side_terms():
 
 
 def test_a_node_s_privacy_comes_from_its_own_config_never_the_coordinator_s(tmp_path):
-    from client.node import NodeConfigError, node_privacy
+    from fedkd.client.node import NodeConfigError, node_privacy
+
     from fedkd.config import config_from_mapping
 
     coordinator = config_from_mapping({"dataset": "digits", "num-clients": 2, "privacy-mode": "none",
@@ -212,8 +213,8 @@ def test_a_node_s_privacy_comes_from_its_own_config_never_the_coordinator_s(tmp_
 
 
 def test_over_grpc_a_budget_refusal_reaches_the_coordinator_named_and_the_report_carries_the_spend(pki_dir):
-    from client.agent import AgentSettings, ClientTLS, TeacherAgent
-    from server.hub import Hub, ServerTLS
+    from fedkd.client.agent import AgentSettings, ClientTLS, TeacherAgent
+    from fedkd.server.hub import Hub, ServerTLS
 
     budget = rdp([(2.0, 1.0, 6)], 1e-5) * 1.0001
     policy = output_noise(budget=budget)

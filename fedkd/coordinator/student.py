@@ -10,7 +10,8 @@ it has none) and minimises mean_i v_i l_i.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,18 @@ from fedkd.options import check_finite
 
 # per-sample losses (B,) -> weights (B,) in [0, 1], no gradient
 SampleWeights = Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def judging(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block, then back in the mode it was in: a student judged, not trained (a
+    generator's adversarial term), keeps its BatchNorm statistics as they are."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @dataclass(frozen=True)

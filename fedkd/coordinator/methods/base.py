@@ -1,18 +1,20 @@
 """What every distillation method provides to the driver, and the parts they share.
 
-A method is a short file that reads like its paper: its options dataclass
-(registered with it in ``fedkd.coordinator.methods``, keys ``METHOD.KEY``), its losses,
-and a loop over the shared building blocks: the :class:`~fedkd.coordinator.synthesis.Synthesizer`
-(generator, targets, best iterate), the :class:`~fedkd.coordinator.synthetic_pool.SyntheticPool`
-(every batch with the ensemble's answers), the :class:`~fedkd.coordinator.student.StudentTrainer`
-and the :class:`QueryBudget`. It reaches the teachers only through the ensemble.
+A method is a short file that reads like its paper: its options dataclass (registered with it in
+``fedkd.coordinator.methods``, keys ``METHOD.KEY``), its losses, and what one step of an epoch does with the
+shared building blocks: the :class:`~fedkd.coordinator.synthesis.Synthesizer` (generator, targets, best
+iterate), the :class:`~fedkd.coordinator.synthetic_pool.SyntheticPool` (every batch with the ensemble's
+answers), the :class:`~fedkd.coordinator.student.StudentTrainer` and the :class:`QueryBudget`.
+:class:`GeneratorMethod` owns the epoch loop: a method writes ``synthesis_round`` (and, where its student
+trains otherwise than on pool batches, ``student_round``, or ``round`` when the two go in another order). It
+reaches the teachers only through the ensemble.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -148,10 +150,13 @@ class QueryBudget:
         self.start, self.last_cost = int(state["start"]), int(state["last_cost"])
 
 
-class GeneratorMethod:
-    """What the generator-based methods share: the synthesizer, the student trainer, the query budget, a
-    synthetic pool, the sample grid, and checkpointing of all of them. A method sets ``name``, builds its
-    options and losses, and writes ``train_epoch``; ``extra_state`` adds what else it must resume."""
+Options = TypeVar("Options")
+
+
+class GeneratorMethod(Generic[Options]):
+    """What the methods share: the synthesizer, the student trainer, the query budget, a synthetic pool, the
+    sample grid, the epoch loop, and checkpointing of all of them. A method sets ``name``, builds its losses and
+    writes :meth:`synthesis_round`; ``extra_state`` adds what else it must resume."""
 
     name = "generator"
     needs_gradients = True
@@ -160,7 +165,7 @@ class GeneratorMethod:
                  pool_size: int | None = None) -> None:
         cfg = context.config
         self.config, self.spec, self.device = cfg, context.spec, context.device
-        self.options: Any = cfg.options
+        self.options: Options = cfg.options
         self.ensemble = context.ensemble
         if self.needs_gradients:
             require_input_gradients(self.ensemble, self.name)
@@ -205,10 +210,48 @@ class GeneratorMethod:
         images, answers = self.pool.sample(self.config.batch_size)
         return self.trainer.step(images, answers)
 
-    def summarise(self, metrics: MetricAverager, rounds: int) -> dict[str, float]:
+    # The epoch loop ----------------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
+        """``steps-per-epoch`` steps of :meth:`round`; the epoch's mean metrics, the method's own
+        (:meth:`epoch_metrics`), then the rounds made, the pool's size and the budget spent."""
+        self.start_epoch(epoch)
+        metrics, rounds = MetricAverager(), 0
+        for _ in range(self.config.steps_per_epoch):
+            rounds += self.round(epoch, metrics)
+            if on_step is not None:
+                on_step()
         out = metrics.means()
+        out.update(self.epoch_metrics(epoch))
         out.update({"synthesis_rounds": rounds, "pool_size": len(self.pool), "budget_spent": self.budget.spent})
         return out
+
+    def start_epoch(self, epoch: int) -> None:
+        """What a method does once before an epoch's steps (nothing by default)."""
+
+    def round(self, epoch: int, metrics: MetricAverager) -> bool:
+        """One step of the epoch: a synthesis round, then the student's steps. Whether a round was made."""
+        made = self.synthesis_round(epoch, metrics)
+        self.student_round(metrics)
+        return made
+
+    def synthesis_round(self, epoch: int, metrics: MetricAverager) -> bool:
+        """Make (and answer) synthetic samples, add their metrics; False when the budget allows no round."""
+        raise NotImplementedError
+
+    def student_round(self, metrics: MetricAverager) -> None:
+        """``student-steps`` student steps on pool batches (none while the pool is empty)."""
+        if len(self.pool):
+            for _ in range(self.config.student_steps):
+                metrics.add(self.student_step())
+
+    def student_step(self) -> dict[str, float]:
+        """One student step on a pool batch (a method may weigh or mix the batch)."""
+        return self.student_step_on_pool()
+
+    def epoch_metrics(self, epoch: int) -> dict[str, float]:
+        """A method's own per-epoch figures (its schedule, its stage), reported before the common ones."""
+        return {}
 
     def synthetic_samples(self) -> Tensor:
         """Images in [0, 1] from fixed latents, (10, C, H, W): how the generator evolves."""
@@ -229,4 +272,5 @@ class GeneratorMethod:
         self.trainer.load_state_dict(state["trainer"])
         self.pool.load_state_dict(state["pool"])
         self.budget.load_state_dict(state["budget"])
-        self.load_extra_state(state["extra"])
+        # a CuDFKD checkpoint of an earlier version keeps its method state (the curriculum) at the top level
+        self.load_extra_state(state.get("extra", state))

@@ -27,7 +27,6 @@ see ``fedkd.coordinator.curriculum``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,39 +37,45 @@ from torch import Tensor
 from fedkd.contract import FEATURE_STATISTICS, CurriculumState
 from fedkd.coordinator.curriculum import REGULARISERS, Curriculum
 from fedkd.coordinator.losses import class_balance_entropy, kl_per_sample, onehot_loss
-from fedkd.coordinator.methods.base import (
-    MethodContext,
-    QueryBudget,
-    require_input_gradients,
-    student_settings,
-    synthesis_settings,
-)
-from fedkd.coordinator.student import StudentTrainer
-from fedkd.coordinator.synthesis import SynthesisLoss, Synthesizer
-from fedkd.coordinator.synthetic_pool import SyntheticPool
+from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
+from fedkd.coordinator.student import judging
+from fedkd.coordinator.synthesis import SynthesisLoss
 from fedkd.metrics import MetricAverager
 from fedkd.options import bounded, choice, validate_fields
-
-NUM_SAMPLE_IMAGES = 10
 
 
 @dataclass(frozen=True)
 class CuDFKDOptions:
     """CuDFKD's own keys (``cudfkd.KEY``). Defaults tuned on the main job (docs/results.md)."""
 
-    weight_entropy: float = field(default=20.0, metadata=bounded(0.0, 1e6))
-    weight_onehot: float = field(default=1.0, metadata=bounded(0.0, 1e6))
-    weight_bn: float = field(default=30.0, metadata=bounded(0.0, 1e6))
-    targets: str = field(default="argmax", metadata=choice("argmax", "balanced"))
-    adv_start: float = field(default=0.0, metadata=bounded(0.0, 1e6))
-    adv_step: float = field(default=0.5, metadata=bounded(0.0, 1e6))
-    adv_temperature: float = field(default=3.0, metadata=bounded(0.0, 100.0, open_low=True))
-    adv_mask: str = field(default="agree", metadata=choice("agree", "disagree", "none"))
-    self_paced: str = field(default="log", metadata=choice(*REGULARISERS))
-    admit_start: float = field(default=0.5, metadata=bounded(0.0, 1.0, open_low=True))
-    admit_end: float = field(default=1.0, metadata=bounded(0.0, 1.0, open_low=True))
-    lambda_start: float | None = field(default=None, metadata=bounded(0.0, 1e6, open_low=True))
-    lambda_growth: float | None = field(default=None, metadata=bounded(0.0, 1e6))
+    weight_entropy: float = field(default=20.0, metadata=bounded(
+        0.0, 1e6, help="weight of the class-balance entropy term of the generator loss"))
+    weight_onehot: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, help="weight of the one-hot (confidence) term"))
+    weight_bn: float = field(default=30.0, metadata=bounded(
+        0.0, 1e6, help="weight of the BatchNorm-statistics term (computed by each client)"))
+    targets: str = field(default="argmax", metadata=choice(
+        "argmax", "balanced", help="the one-hot term's target: the teachers' argmax (the paper's) or balanced classes"))
+    adv_start: float = field(default=0.0, metadata=bounded(
+        0.0, 1e6, help="adversarial weight at the first epoch"))
+    adv_step: float = field(default=0.5, metadata=bounded(
+        0.0, 1e6, help="adversarial weight added each epoch (the easy-to-hard ramp)"))
+    adv_temperature: float = field(default=3.0, metadata=bounded(
+        0.0, 100.0, open_low=True, help="temperature of the adversarial KL term"))
+    adv_mask: str = field(default="agree", metadata=choice(
+        "agree", "disagree", "none",
+        help="samples the adversarial term counts: where student and ensemble agree, disagree, or all"))
+    self_paced: str = field(default="log", metadata=choice(
+        *REGULARISERS, help="the self-paced regulariser weighting each sample of the student loss"))
+    admit_start: float = field(default=0.5, metadata=bounded(
+        0.0, 1.0, open_low=True, help="share of samples the curriculum admits at first"))
+    admit_end: float = field(default=1.0, metadata=bounded(
+        0.0, 1.0, open_low=True, help="share of samples admitted at the end"))
+    lambda_start: float | None = field(default=None, metadata=bounded(
+        0.0, 1e6, open_low=True,
+        help="absolute self-paced threshold at first; auto: from the first epoch's loss distribution"))
+    lambda_growth: float | None = field(default=None, metadata=bounded(
+        0.0, 1e6, help="absolute growth of the threshold per student step; auto: to reach admit-end at the end"))
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -84,20 +89,12 @@ def adversarial_loss_masked(student_logits: Tensor, teacher_logits: Tensor, temp
     return -(kl * m).mean()
 
 
-class CuDFKD:
+class CuDFKD(GeneratorMethod[CuDFKDOptions]):
     name = "cudfkd"
 
     def __init__(self, context: MethodContext) -> None:
         cfg = context.config
-        self.config, self.spec, self.device = cfg, context.spec, context.device
-        self.options: CuDFKDOptions = cfg.options
-        self.ensemble = context.ensemble
-        require_input_gradients(self.ensemble, "cudfkd")
-        self.student = context.student.to(self.device)
-        self.synthesizer = Synthesizer(self.spec, synthesis_settings(cfg), self.device)
-        self.trainer = StudentTrainer(self.student, self.spec, student_settings(cfg), self.device)
-        self.pool = SyntheticPool(cfg.pool_size, self.spec.input_shape, self.spec.num_classes)
-        self.budget = QueryBudget(self.ensemble, cfg.query_budget)
+        super().__init__(context, synthesis=synthesis_settings(cfg), student=student_settings(cfg))
         opts = self.options
         self.curriculum = Curriculum(
             epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch * cfg.student_steps,
@@ -106,18 +103,11 @@ class CuDFKD:
             lambda_start=opts.lambda_start, lambda_growth=opts.lambda_growth,
         )
         self.use_bn = opts.weight_bn > 0 and self.ensemble.has_feature_statistics
-        # Fixed latents for the sample grid, drawn from their own RNG so they do not shift training.
-        self.fixed_latent = torch.randn(NUM_SAMPLE_IMAGES, cfg.latent_dim,
-                                        generator=torch.Generator().manual_seed(cfg.seed + 7))
-
-    # Curriculum -------------------------------------------------------------------
 
     def curriculum_state(self, epoch: int) -> CurriculumState:
         lam = self.curriculum.lam(self.trainer.steps)
         return CurriculumState(epoch=epoch, step=self.trainer.steps, lam=float(min(lam, 1e30)),
                                adv_weight=self.curriculum.adv_weight(epoch))
-
-    # Training ---------------------------------------------------------------------
 
     def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
         opts = self.options
@@ -132,61 +122,39 @@ class CuDFKD:
             bn = opts.weight_bn * out.bn_loss if out.bn_loss is not None else zero
             adv = zero
             if state.adv_weight > 0:
-                self.student.eval()  # the student is judged, not trained, here: its BN statistics stay put
-                adv = state.adv_weight * adversarial_loss_masked(self.student(x), t, opts.adv_temperature,
-                                                                 opts.adv_mask)
-                self.student.train()
+                with judging(self.student) as student:
+                    adv = state.adv_weight * adversarial_loss_masked(student(x), t, opts.adv_temperature,
+                                                                     opts.adv_mask)
             loss = entropy + onehot + bn + adv
             return loss, t, {"loss_generator": loss, "loss_entropy": entropy, "loss_onehot": onehot,
                              "loss_bn": bn, "loss_adv": adv}
 
         return loss_fn
 
-    def synthesis_round(self, epoch: int) -> dict[str, float] | None:
-        """One round into the pool, or None when the query budget does not allow another."""
-        estimate = self.config.synthesis_steps * self.config.batch_size * 2 * len(self.ensemble)
-        if not self.budget.allows(estimate):
-            return None
+    def synthesis_round(self, epoch: int, metrics: MetricAverager) -> bool:
+        """One round into the pool (and synthesis-forward-batches more, answered by a Forward alone)."""
         state = self.curriculum_state(epoch)  # the student does not step during a round: one state serves it
-        before = self.budget.spent
-        batch = self.synthesizer.round(self.generator_loss(state))
-        self.budget.charge(before)
+        batch = self.synthesise(self.generator_loss(state), epoch)
+        if batch is None:
+            return False
         self.pool.add(batch.images, batch.answers, batch.targets)
         for _ in range(self.config.synthesis_forward_batches):
-            if not self.budget.fits(self.config.batch_size * len(self.ensemble)):
+            if not self.budget.fits(self.forward_cost()):
                 break
             extra = self.synthesizer.draw(lambda x: self.ensemble(x, state).logits)
             self.pool.add(extra.images, extra.answers, extra.targets)
-        return batch.terms
+        metrics.add(batch.terms)
+        return True
 
     def student_step(self) -> dict[str, float]:
         images, answers = self.pool.sample(self.config.batch_size)
         step = self.trainer.steps
         return self.trainer.step(images, answers, lambda losses: self.curriculum.weights(losses, step))
 
-    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-        metrics = MetricAverager()
-        rounds = 0
-        for _ in range(self.config.steps_per_epoch):
-            terms = self.synthesis_round(epoch)
-            if terms is not None:
-                metrics.add(terms)
-                rounds += 1
-            if len(self.pool):
-                for _ in range(self.config.student_steps):
-                    metrics.add(self.student_step())
-            if on_step is not None:
-                on_step()
-        out = metrics.means()
-        out.update({
-            "adv_weight": self.curriculum.adv_weight(epoch),
-            "lambda": self.curriculum.lam(max(self.trainer.steps - 1, 0)),
-            "admitted_target": self.curriculum.admitted_share(max(self.trainer.steps - 1, 0)),
-            "synthesis_rounds": rounds,
-            "pool_size": len(self.pool),
-            "budget_spent": self.budget.spent,
-        })
-        return out
+    def epoch_metrics(self, epoch: int) -> dict[str, float]:
+        last = max(self.trainer.steps - 1, 0)
+        return {"adv_weight": self.curriculum.adv_weight(epoch), "lambda": self.curriculum.lam(last),
+                "admitted_target": self.curriculum.admitted_share(last)}
 
     def report(self) -> dict[str, Any]:
         """Which clients' feature statistics the BatchNorm-statistics term used (a DP teacher's only when it
@@ -199,24 +167,8 @@ class CuDFKD:
         return {"feature_statistics": f"used, from client(s) {', '.join(map(str, users))}"
                 + (f"; client(s) {', '.join(map(str, lacking))} compute none" if lacking else "")}
 
-    def synthetic_samples(self) -> Tensor:
-        """Images in [0, 1] from fixed latents, one per class, (10, C, H, W): how the generator evolves."""
-        return self.synthesizer.samples(self.fixed_latent)
+    def extra_state(self) -> dict[str, Any]:
+        return {"curriculum": self.curriculum.state_dict()}
 
-    # Checkpointing -----------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "synthesizer": self.synthesizer.state_dict(),
-            "trainer": self.trainer.state_dict(),
-            "pool": self.pool.state_dict(),
-            "curriculum": self.curriculum.state_dict(),
-            "budget": self.budget.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.synthesizer.load_state_dict(state["synthesizer"])
-        self.trainer.load_state_dict(state["trainer"])
-        self.pool.load_state_dict(state["pool"])
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.curriculum.load_state_dict(state["curriculum"])
-        self.budget.load_state_dict(state["budget"])

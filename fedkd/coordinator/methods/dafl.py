@@ -17,7 +17,6 @@ it stops learning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -40,17 +39,22 @@ from fedkd.options import bounded, validate_fields
 class DAFLOptions:
     """DAFL's own keys (``dafl.KEY``); defaults as the authors' MNIST script."""
 
-    weight_onehot: float = field(default=1.0, metadata=bounded(0.0, 1e6))
-    weight_activation: float = field(default=0.1, metadata=bounded(0.0, 1e6))
-    weight_entropy: float = field(default=5.0, metadata=bounded(0.0, 1e6))
-    temperature: float = field(default=1.0, metadata=bounded(0.0, 100.0, open_low=True))
-    student_steps: int = field(default=1, metadata=bounded(1, 1000))
+    weight_onehot: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, help="weight of the one-hot term"))
+    weight_activation: float = field(default=0.1, metadata=bounded(
+        0.0, 1e6, help="weight of the (negated) activation term, computed by each client"))
+    weight_entropy: float = field(default=5.0, metadata=bounded(
+        0.0, 1e6, help="weight of the information-entropy term"))
+    temperature: float = field(default=1.0, metadata=bounded(
+        0.0, 100.0, open_low=True, help="temperature of the student's KL loss"))
+    student_steps: int = field(default=1, metadata=bounded(
+        1, 1000, help="student steps on each batch just made"))
 
     def __post_init__(self) -> None:
         validate_fields(self)
 
 
-class DAFL(GeneratorMethod):
+class DAFL(GeneratorMethod[DAFLOptions]):
     name = "dafl"
 
     def __init__(self, context: MethodContext) -> None:
@@ -63,7 +67,7 @@ class DAFL(GeneratorMethod):
                                    {ACTIVATION: ("weight-activation", opts.weight_activation)})
 
     def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
-        opts: DAFLOptions = self.options
+        opts = self.options
 
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
             out = self.ensemble(x, state, terms=self.terms)
@@ -76,16 +80,15 @@ class DAFL(GeneratorMethod):
 
         return loss_fn
 
-    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-        metrics, rounds = MetricAverager(), 0
-        for _ in range(self.config.steps_per_epoch):
-            batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
-            if batch is not None:
-                rounds += 1
-                metrics.add(batch.terms)
-                for _ in range(self.options.student_steps):  # the batch just made, as DAFL trains
-                    metrics.add(self.trainer.step(batch.images, batch.answers))
-                self.pool.add(batch.images, batch.answers, batch.targets)  # the last batch, for the checkpoint
-            if on_step is not None:
-                on_step()
-        return self.summarise(metrics, rounds)
+    def synthesis_round(self, epoch: int, metrics: MetricAverager) -> bool:
+        batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
+        if batch is None:
+            return False
+        metrics.add(batch.terms)
+        for _ in range(self.options.student_steps):  # the batch just made, as DAFL trains
+            metrics.add(self.trainer.step(batch.images, batch.answers))
+        self.pool.add(batch.images, batch.answers, batch.targets)  # the last batch, for the checkpoint
+        return True
+
+    def student_round(self, metrics: MetricAverager) -> None:
+        """None: the student trained on the batch just made, inside the synthesis round."""

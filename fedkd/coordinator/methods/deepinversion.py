@@ -19,7 +19,6 @@ Costly in queries by design: a Forward and a Backward per iteration.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +37,7 @@ from fedkd.coordinator.methods.base import (
     student_settings,
     synthesis_settings,
 )
+from fedkd.coordinator.student import judging
 from fedkd.coordinator.synthesis import balanced_targets
 from fedkd.coordinator.synthetic_pool import quantise
 from fedkd.metrics import MetricAverager
@@ -49,18 +49,24 @@ class DeepInversionOptions:
     """DeepInversion's own keys (``deepinversion.KEY``). Iterations are far fewer than the code's 2,000 (a
     2-core CPU and a query budget); the weights are the main job's BN scale and the code's priors."""
 
-    iterations: int = field(default=20, metadata=bounded(1, 100_000))
-    lr: float = field(default=0.1, metadata=bounded(0.0, 10.0, open_low=True))
-    weight_bn: float = field(default=10.0, metadata=bounded(0.0, 1e6))
-    weight_tv: float = field(default=1e-3, metadata=bounded(0.0, 1e6))
-    weight_l2: float = field(default=0.0, metadata=bounded(0.0, 1e6))
-    weight_adi: float = field(default=0.0, metadata=bounded(0.0, 1e6))
+    iterations: int = field(default=20, metadata=bounded(
+        1, 100_000, help="optimisation steps of each batch from noise"))
+    lr: float = field(default=0.1, metadata=bounded(
+        0.0, 10.0, open_low=True, help="Adam learning rate of the images"))
+    weight_bn: float = field(default=10.0, metadata=bounded(
+        0.0, 1e6, help="weight of the BatchNorm-statistics term"))
+    weight_tv: float = field(default=1e-3, metadata=bounded(
+        0.0, 1e6, help="weight of the total-variation prior"))
+    weight_l2: float = field(default=0.0, metadata=bounded(
+        0.0, 1e6, help="weight of the l2 prior"))
+    weight_adi: float = field(default=0.0, metadata=bounded(
+        0.0, 1e6, help="weight of ADI's competition term (student against the teachers)"))
 
     def __post_init__(self) -> None:
         validate_fields(self)
 
 
-class DeepInversion(GeneratorMethod):
+class DeepInversion(GeneratorMethod[DeepInversionOptions]):
     name = "deepinversion"
 
     def __init__(self, context: MethodContext) -> None:
@@ -75,7 +81,7 @@ class DeepInversion(GeneratorMethod):
 
     def invert(self, epoch: int) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
         """One batch optimised from noise: (images in [0, 1], the teachers' answers to them, targets, terms)."""
-        opts: DeepInversionOptions = self.options
+        opts = self.options
         b, shift = self.config.batch_size, self.config.synthesis_shift
         state = self.curriculum_state(epoch)
         targets = balanced_targets(b, self.spec.num_classes, self.device)
@@ -93,10 +99,9 @@ class DeepInversion(GeneratorMethod):
             prior = opts.weight_tv * total_variation(images) + opts.weight_l2 * images.norm()
             adi = ce * 0
             if opts.weight_adi > 0:
-                self.student.eval()
-                js = js_divergence_per_sample(self.student(self.spec.normalize(jittered)), out.logits, 3.0)
+                with judging(self.student) as student:
+                    js = js_divergence_per_sample(student(self.spec.normalize(jittered)), out.logits, 3.0)
                 adi = opts.weight_adi * (1 - js.mean().clamp(0, 1))
-                self.student.train()
             loss = ce + bn + prior + adi
             value = float(loss.detach())
             if best is None or value < best[0]:
@@ -111,23 +116,16 @@ class DeepInversion(GeneratorMethod):
         assert best is not None
         return best[1], best[2], targets, best[3]
 
-    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-        metrics, rounds = MetricAverager(), 0
-        for _ in range(self.config.steps_per_epoch):
-            if self.budget.allows(self.round_cost()):
-                before = self.budget.spent
-                images, answers, targets, terms = self.invert(epoch)
-                self.budget.charge(before)
-                self.pool.add(images, answers, targets)
-                self.last_images = images[:NUM_SAMPLE_IMAGES].cpu()
-                metrics.add(terms)
-                rounds += 1
-            if len(self.pool):
-                for _ in range(self.config.student_steps):
-                    metrics.add(self.student_step_on_pool())
-            if on_step is not None:
-                on_step()
-        return self.summarise(metrics, rounds)
+    def synthesis_round(self, epoch: int, metrics: MetricAverager) -> bool:
+        if not self.budget.allows(self.round_cost()):
+            return False
+        before = self.budget.spent
+        images, answers, targets, terms = self.invert(epoch)
+        self.budget.charge(before)
+        self.pool.add(images, answers, targets)
+        self.last_images = images[:NUM_SAMPLE_IMAGES].cpu()
+        metrics.add(terms)
+        return True
 
     def synthetic_samples(self) -> Tensor:
         """The first images of the last inverted batch (DeepInversion has no generator)."""

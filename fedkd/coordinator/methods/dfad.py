@@ -13,7 +13,6 @@ stops learning.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -21,6 +20,7 @@ from torch import Tensor
 from fedkd.contract import CurriculumState
 from fedkd.coordinator.losses import l1_per_sample
 from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
+from fedkd.coordinator.student import judging
 from fedkd.coordinator.synthesis import SynthesisLoss
 from fedkd.metrics import MetricAverager
 from fedkd.options import bounded, validate_fields
@@ -30,13 +30,14 @@ from fedkd.options import bounded, validate_fields
 class DFADOptions:
     """DFAD's own keys (``dfad.KEY``); defaults as the authors' scripts."""
 
-    student_steps: int = field(default=5, metadata=bounded(1, 1000))
+    student_steps: int = field(default=5, metadata=bounded(
+        1, 1000, help="fresh batches (student steps) per generator step"))
 
     def __post_init__(self) -> None:
         validate_fields(self)
 
 
-class DFAD(GeneratorMethod):
+class DFAD(GeneratorMethod[DFADOptions]):
     name = "dfad"
 
     def __init__(self, context: MethodContext) -> None:
@@ -49,26 +50,24 @@ class DFAD(GeneratorMethod):
     def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
             t = self.ensemble(x, state).logits
-            self.student.eval()  # judged, not trained: its BatchNorm statistics stay put
-            loss = -l1_per_sample(self.student(x), t).mean()
-            self.student.train()
+            with judging(self.student) as student:
+                loss = -l1_per_sample(student(x), t).mean()
             return loss, t, {"loss_generator": loss}
 
         return loss_fn
 
-    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-        metrics, rounds = MetricAverager(), 0
-        for _ in range(self.config.steps_per_epoch):
-            for _ in range(self.options.student_steps):
-                fresh = self.fresh_batch(epoch)
-                if fresh is None:
-                    break
-                metrics.add(self.trainer.step(fresh.images, fresh.answers))
-                self.pool.add(fresh.images, fresh.answers, fresh.targets)
-            batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
-            if batch is not None:
-                rounds += 1
-                metrics.add(batch.terms)
-            if on_step is not None:
-                on_step()
-        return self.summarise(metrics, rounds)
+    def round(self, epoch: int, metrics: MetricAverager) -> bool:
+        """The student first (on fresh batches), then the generator, as DFAD alternates them."""
+        for _ in range(self.options.student_steps):
+            fresh = self.fresh_batch(epoch)
+            if fresh is None:
+                break
+            metrics.add(self.trainer.step(fresh.images, fresh.answers))
+            self.pool.add(fresh.images, fresh.answers, fresh.targets)
+        return self.synthesis_round(epoch, metrics)
+
+    def synthesis_round(self, epoch: int, metrics: MetricAverager) -> bool:
+        batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
+        if batch is not None:
+            metrics.add(batch.terms)
+        return batch is not None

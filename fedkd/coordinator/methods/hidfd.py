@@ -30,7 +30,6 @@ says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +45,7 @@ from fedkd.coordinator.synthesis import SynthesisLoss
 from fedkd.coordinator.synthetic_pool import SyntheticPool
 from fedkd.data import load_public_pool
 from fedkd.metrics import MetricAverager
-from fedkd.options import ConfigError, bounded, validate_fields
+from fedkd.options import ConfigError, bounded, described, validate_fields
 
 
 def frequency_weights(counts: Tensor, beta: float = 0.99) -> Tensor:
@@ -78,27 +77,38 @@ class Discriminator(nn.Module):
 class HiDFDOptions:
     """HiDFD's own keys (``hidfd.KEY``)."""
 
-    public_pool: str = "auto"
-    public_samples: int = field(default=100, metadata=bounded(1, 1_000_000))
-    real_share: float = field(default=0.5, metadata=bounded(0.0, 1.0))
-    weight_gan: float = field(default=1.0, metadata=bounded(0.0, 1e6))
-    weight_ce: float = field(default=1.0, metadata=bounded(0.0, 1e6))
-    weight_reg: float = field(default=0.1, metadata=bounded(0.0, 1e6))
-    weight_regression: float = field(default=0.1, metadata=bounded(0.0, 1e6))
-    beta: float = field(default=0.99, metadata=bounded(0.0, 0.9999, open_low=True))
-    discriminator_lr: float = field(default=2e-4, metadata=bounded(0.0, 10.0, open_low=True))
+    public_pool: str = field(default="auto", metadata=described(
+        "the coordinator's few real public images: auto (a built-in dataset no client holds), a built-in "
+        "dataset's name, or a .npz file"))
+    public_samples: int = field(default=100, metadata=bounded(
+        1, 1_000_000, help="how many public images"))
+    real_share: float = field(default=0.5, metadata=bounded(
+        0.0, 1.0, help="share of each student batch taken from the public images"))
+    weight_gan: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, help="weight of the generator's adversarial (GAN) term"))
+    weight_ce: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, help="weight of the cross-entropy on the asked class"))
+    weight_reg: float = field(default=0.1, metadata=bounded(
+        0.0, 1e6, help="weight of the category-frequency regulariser"))
+    weight_regression: float = field(default=0.1, metadata=bounded(
+        0.0, 1e6, help="weight of the discriminator's regression of the teachers' logits"))
+    beta: float = field(default=0.99, metadata=bounded(
+        0.0, 0.9999, open_low=True,
+        help="category-frequency smoothing: w_c proportional to (1 - beta) / (1 - beta^n_c)"))
+    discriminator_lr: float = field(default=2e-4, metadata=bounded(
+        0.0, 10.0, open_low=True, help="discriminator Adam learning rate"))
 
     def __post_init__(self) -> None:
         validate_fields(self)
 
 
-class HiDFD(GeneratorMethod):
+class HiDFD(GeneratorMethod[HiDFDOptions]):
     name = "hidfd"
 
     def __init__(self, context: MethodContext) -> None:
         cfg = context.config
         super().__init__(context, synthesis=synthesis_settings(cfg, conditional=True), student=student_settings(cfg))
-        opts: HiDFDOptions = self.options
+        opts = self.options
         try:
             public = load_public_pool(opts.public_pool, self.spec, opts.public_samples, seed=cfg.seed,
                                       root=cfg.data_root)
@@ -118,7 +128,7 @@ class HiDFD(GeneratorMethod):
         self.class_counts = torch.zeros(self.spec.num_classes)
 
     def discriminator_step(self) -> dict[str, float]:
-        opts: HiDFDOptions = self.options
+        opts = self.options
         real, real_answers = self.real.sample(self.config.batch_size)
         real = self.spec.normalize(random_shift(real.to(self.device), self.config.student_shift))
         with torch.no_grad():
@@ -135,7 +145,7 @@ class HiDFD(GeneratorMethod):
         return {"loss_discriminator": float(loss.detach())}
 
     def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
-        opts: HiDFDOptions = self.options
+        opts = self.options
 
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
             t = self.ensemble(x, state).logits
@@ -162,21 +172,20 @@ class HiDFD(GeneratorMethod):
         answers = torch.cat([p[1] for p in parts])
         return self.trainer.step(images, answers)
 
-    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-        metrics, rounds = MetricAverager(), 0
-        for _ in range(self.config.steps_per_epoch):
-            if self.budget.allows(self.round_cost()):
-                metrics.add(self.discriminator_step())
-            batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
-            if batch is not None:
-                rounds += 1
-                metrics.add(batch.terms)
-                self.pool.add(batch.images, batch.answers, batch.targets)
-            for _ in range(self.config.student_steps):
-                metrics.add(self.student_step())
-            if on_step is not None:
-                on_step()
-        return self.summarise(metrics, rounds)
+    def synthesis_round(self, epoch: int, metrics: MetricAverager) -> bool:
+        if self.budget.allows(self.round_cost()):
+            metrics.add(self.discriminator_step())
+        batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
+        if batch is None:
+            return False
+        metrics.add(batch.terms)
+        self.pool.add(batch.images, batch.answers, batch.targets)
+        return True
+
+    def student_round(self, metrics: MetricAverager) -> None:
+        """``student-steps`` steps on batches of real public images and pool samples."""
+        for _ in range(self.config.student_steps):
+            metrics.add(self.student_step())
 
     def report(self) -> dict[str, Any]:
         return {"public_pool": self.public_source, "public_samples": len(self.real)}

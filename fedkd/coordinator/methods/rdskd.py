@@ -20,7 +20,6 @@ round from the frozen generator, answered by a Forward alone, into the synthetic
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,15 +53,18 @@ def rdskd_loss(images: Tensor, teacher_logits: Tensor, snapshot: dict[str, float
 class RDSKDOptions:
     """RDSKD's own keys (``rdskd.KEY``)."""
 
-    generator_share: float = field(default=0.5, metadata=bounded(0.01, 0.99))
-    temperature: float = field(default=10.0, metadata=bounded(0.0, 100.0, open_low=True))
-    fresh_batches: int = field(default=1, metadata=bounded(1, 100))
+    generator_share: float = field(default=0.5, metadata=bounded(
+        0.01, 0.99, help="share of a query budget the generator stage may spend"))
+    temperature: float = field(default=10.0, metadata=bounded(
+        0.0, 100.0, open_low=True, help="temperature of the student's KL loss"))
+    fresh_batches: int = field(default=1, metadata=bounded(
+        1, 100, help="fresh batches per round in the student stage (Forward only, into the pool)"))
 
     def __post_init__(self) -> None:
         validate_fields(self)
 
 
-class RDSKD(GeneratorMethod):
+class RDSKD(GeneratorMethod[RDSKDOptions]):
     name = "rdskd"
 
     def __init__(self, context: MethodContext) -> None:
@@ -85,41 +87,41 @@ class RDSKD(GeneratorMethod):
 
         return loss_fn
 
-    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-        metrics, rounds = MetricAverager(), 0
-        generator_stage = epoch < self.generator_epochs
-        if generator_stage and self.snapshot_epoch != epoch:  # the once-per-epoch snapshot
+    def start_epoch(self, epoch: int) -> None:
+        if epoch < self.generator_epochs and self.snapshot_epoch != epoch:  # the once-per-epoch snapshot
             self.snapshot = None if self.last_terms is None else {
                 "onehot": self.last_terms["loss_onehot"], "entropy": self.last_terms["loss_entropy"]}
             self.snapshot_epoch = epoch
-        for _ in range(self.config.steps_per_epoch):
-            # the generator stage spends at most its share of a query budget; the student stage has the rest
-            within_share = (not self.budget.limit or self.budget.spent + self.round_cost()
-                            <= self.options.generator_share * self.budget.limit)
-            if generator_stage and within_share:
-                batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
-                if batch is not None:
-                    rounds += 1
-                    metrics.add(batch.terms)
-                    if all(math.isfinite(v) for v in batch.terms.values()):
-                        self.last_terms = batch.terms
-                        if self.snapshot is None:
-                            self.snapshot = {"onehot": batch.terms["loss_onehot"],
-                                             "entropy": batch.terms["loss_entropy"]}
-            elif not generator_stage:
-                for _ in range(self.options.fresh_batches):
-                    fresh = self.fresh_batch(epoch)
-                    if fresh is None:
-                        break
-                    self.pool.add(fresh.images, fresh.answers, fresh.targets)
-                if len(self.pool):
-                    for _ in range(self.config.student_steps):
-                        metrics.add(self.student_step_on_pool())
-            if on_step is not None:
-                on_step()
-        out = self.summarise(metrics, rounds)
-        out["stage"] = 1.0 if generator_stage else 2.0
-        return out
+
+    def round(self, epoch: int, metrics: MetricAverager) -> bool:
+        """Stage 1 (the generator against the frozen teachers) or stage 2 (the student on the frozen generator)."""
+        if epoch >= self.generator_epochs:
+            for _ in range(self.options.fresh_batches):
+                fresh = self.fresh_batch(epoch)
+                if fresh is None:
+                    break
+                self.pool.add(fresh.images, fresh.answers, fresh.targets)
+            self.student_round(metrics)
+            return False
+        # the generator stage spends at most its share of a query budget; the student stage has the rest
+        share = self.options.generator_share * self.budget.limit
+        if self.budget.limit and self.budget.spent + self.round_cost() > share:
+            return False
+        return self.synthesis_round(epoch, metrics)
+
+    def synthesis_round(self, epoch: int, metrics: MetricAverager) -> bool:
+        batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
+        if batch is None:
+            return False
+        metrics.add(batch.terms)
+        if all(math.isfinite(v) for v in batch.terms.values()):
+            self.last_terms = batch.terms
+            if self.snapshot is None:
+                self.snapshot = {"onehot": batch.terms["loss_onehot"], "entropy": batch.terms["loss_entropy"]}
+        return True
+
+    def epoch_metrics(self, epoch: int) -> dict[str, float]:
+        return {"stage": 1.0 if epoch < self.generator_epochs else 2.0}
 
     def extra_state(self) -> dict[str, object]:
         return {"snapshot": self.snapshot, "last_terms": self.last_terms, "snapshot_epoch": self.snapshot_epoch}

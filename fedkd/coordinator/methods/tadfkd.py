@@ -20,7 +20,6 @@ fewer queries.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +36,7 @@ from fedkd.coordinator.methods.base import (
     student_settings,
     synthesis_settings,
 )
+from fedkd.coordinator.student import judging
 from fedkd.coordinator.synthesis import SynthesisLoss, SyntheticBatch
 from fedkd.metrics import MetricAverager
 from fedkd.options import bounded, validate_fields
@@ -62,18 +62,24 @@ def select_clean(teacher_logits: Tensor, score: float = 0.5, seed: int = 0) -> T
 class TADFKDOptions:
     """TA-DFKD's own keys (``tadfkd.KEY``); defaults as the authors' CIFAR script."""
 
-    weight_bn: float = field(default=10.0, metadata=bounded(0.0, 1e6))
-    weight_l2: float = field(default=6e-3, metadata=bounded(0.0, 1e6))
-    weight_tv: float = field(default=1.5e-5, metadata=bounded(0.0, 1e6))
-    adv_temperature: float = field(default=3.0, metadata=bounded(0.0, 100.0, open_low=True))
-    selection_score: float = field(default=0.5, metadata=bounded(0.0, 1.0))
-    fresh_batches: int = field(default=1, metadata=bounded(0, 100))
+    weight_bn: float = field(default=10.0, metadata=bounded(
+        0.0, 1e6, help="weight of the BatchNorm-statistics term"))
+    weight_l2: float = field(default=6e-3, metadata=bounded(
+        0.0, 1e6, help="weight of the l2 image prior"))
+    weight_tv: float = field(default=1.5e-5, metadata=bounded(
+        0.0, 1e6, help="weight of the total-variation image prior"))
+    adv_temperature: float = field(default=3.0, metadata=bounded(
+        0.0, 100.0, open_low=True, help="temperature of the JS-divergence adversarial term"))
+    selection_score: float = field(default=0.5, metadata=bounded(
+        0.0, 1.0, help="posterior of the 'kept' mixture component a sample needs to reach the pool"))
+    fresh_batches: int = field(default=1, metadata=bounded(
+        0, 100, help="fresh batches drawn per round until one is full of kept samples (at most this many)"))
 
     def __post_init__(self) -> None:
         validate_fields(self)
 
 
-class TADFKD(GeneratorMethod):
+class TADFKD(GeneratorMethod[TADFKDOptions]):
     name = "tadfkd"
 
     def __init__(self, context: MethodContext) -> None:
@@ -89,14 +95,13 @@ class TADFKD(GeneratorMethod):
         return select_clean(logits, self.options.selection_score, seed=self.config.seed * 100_003 + self.selections)
 
     def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
-        opts: TADFKDOptions = self.options
+        opts = self.options
 
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
             out = self.ensemble(x, state, terms=self.terms)
             kept = self._select(out.logits)
-            self.student.eval()
-            js = js_divergence_per_sample(self.student(x[kept]), out.logits[kept], opts.adv_temperature)
-            self.student.train()
+            with judging(self.student) as student:
+                js = js_divergence_per_sample(student(x[kept]), out.logits[kept], opts.adv_temperature)
             adv = 1 - js.mean().clamp(0, 1) if bool(kept.any()) else out.logits.sum() * 0
             bn = opts.weight_bn * out.terms[FEATURE_STATISTICS] if self.terms else adv * 0
             prior = opts.weight_l2 * x.norm() + opts.weight_tv * total_variation(x)  # normalised, as the code
@@ -111,25 +116,18 @@ class TADFKD(GeneratorMethod):
         self.pool.add(batch.images[kept], batch.answers[kept], batch.targets[kept])
         return float(kept.float().mean())
 
-    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-        metrics, rounds = MetricAverager(), 0
-        for _ in range(self.config.steps_per_epoch):
-            batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
-            if batch is not None:
-                rounds += 1
-                metrics.add(batch.terms)
-                metrics.add({"kept_share": self._keep(batch)})
-                for _ in range(self.options.fresh_batches):
-                    fresh = self.fresh_batch(epoch)
-                    if fresh is None:
-                        break
-                    metrics.add({"kept_share": self._keep(fresh)})
-            if len(self.pool):
-                for _ in range(self.config.student_steps):
-                    metrics.add(self.student_step_on_pool())
-            if on_step is not None:
-                on_step()
-        return self.summarise(metrics, rounds)
+    def synthesis_round(self, epoch: int, metrics: MetricAverager) -> bool:
+        batch = self.synthesise(self.generator_loss(self.curriculum_state(epoch)), epoch)
+        if batch is None:
+            return False
+        metrics.add(batch.terms)
+        metrics.add({"kept_share": self._keep(batch)})
+        for _ in range(self.options.fresh_batches):
+            fresh = self.fresh_batch(epoch)
+            if fresh is None:
+                break
+            metrics.add({"kept_share": self._keep(fresh)})
+        return True
 
     def extra_state(self) -> dict[str, int]:
         return {"selections": self.selections}
