@@ -17,7 +17,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +26,12 @@ import grpc
 from fedkd.codec import (
     MiB,
     channel_options,
-    decode_state,
-    decode_tensor,
+    decode_backward_request,
+    decode_forward_request,
+    encode_backward_reply,
     encode_description,
+    encode_forward_reply,
     encode_privacy,
-    encode_tensor,
 )
 from fedkd.contract import QueryError
 from fedkd.institution.host import TeacherHost
@@ -116,6 +117,13 @@ class AgentSettings:
     max_backoff: float = 30.0
     give_up_after: float = 600.0  # seconds without a working session
     server_name: str | None = None  # TLS name to expect, when it differs from the target's host
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A refusal by the host."""
+
+    error: QueryError
 
 
 class TeacherAgent:
@@ -251,56 +259,48 @@ class TeacherAgent:
     # Answers ------------------------------------------------------------------------------
 
     def _answer(self, msg: pb.HubMessage) -> pb.AgentMessage:
+        """The answer to one query. A refusal the host made is counted by the host; one made here (a message
+        that does not decode, an unexpected kind, an answer too large for the hub) is counted here."""
         kind = msg.WhichOneof("kind")
         try:
             if kind == "forward":
-                reply = self._forward(msg.forward, msg.id)
+                query = decode_forward_request(msg.forward, max_bytes=self._max_tensor_bytes)
+                keep = (self.sessions, msg.id) if query.keep else None  # ids are per session
+                reply = self._ask(lambda: encode_forward_reply(self.host.forward(
+                    query.inputs, query.state, terms=query.terms, labels=query.labels, keep=keep)))
             elif kind == "backward":
-                reply = self._backward(msg.backward)
+                request = decode_backward_request(msg.backward, max_bytes=self._max_tensor_bytes)
+                named = (self.sessions, request.forward_id) if request.forward_id else None
+                reply = self._ask(lambda: encode_backward_reply(self.host.backward(
+                    request.inputs, request.grad_logits, request.state, grad_terms=request.grad_terms,
+                    forward_id=named)))
             else:
                 raise QueryError("INVALID_ARGUMENT", f"unexpected {kind or 'empty'} message from the hub")
+            if isinstance(reply, _Refused):
+                refusal: QueryError = reply.error
+                return self._error(msg.id, refusal.code, refusal.message)
             limit = self.welcome.max_message_bytes if self.welcome and self.welcome.max_message_bytes else None
             if limit is not None and reply.ByteSize() > limit:
                 raise QueryError("RESOURCE_EXHAUSTED", f"the answer ({reply.ByteSize():,} bytes) exceeds the hub's "
                                                        f"message limit of {limit:,} bytes")
             reply.id = msg.id
             return reply
-        except QueryError as exc:
-            if not exc.counted:  # refused before it reached the host (decoding, message kind, size)
-                self.host.stats.refused += 1
+        except QueryError as exc:  # refused here, before the host (or after it, for the hub's size limit)
+            self.host.stats.refused += 1
             logger.debug("refused query %d: %s", msg.id, exc)
             return self._error(msg.id, exc.code, exc.message)
         except Exception as exc:  # a bug here must not take the teacher offline for everyone
             logger.exception("query %d failed", msg.id)
             return self._error(msg.id, "INTERNAL", f"{type(exc).__name__}: {exc}")
 
-    def _decode(self, msg: pb.Tensor, name: str) -> Any:
-        return decode_tensor(msg, field=name, max_bytes=self._max_tensor_bytes)
-
-    def _forward(self, request: pb.ForwardRequest, mid: int) -> pb.AgentMessage:
-        inputs = self._decode(request.inputs, "inputs")
-        state = decode_state(request.state)
-        keep = (self.sessions, mid) if request.keep else None  # ids are per session
-        reply = self.host.forward(inputs, state, terms=tuple(request.terms), bn_loss=request.bn_loss,
-                                  labels=request.labels, keep=keep)
-        if reply.labels is not None:
-            return pb.AgentMessage(forward=pb.ForwardReply(labels=encode_tensor(reply.labels)))
-        out = pb.ForwardReply(logits=encode_tensor(reply.logits))
-        for name, value in reply.terms.items():
-            out.terms[name] = float(value)
-        if reply.bn_loss is not None:  # the original field too, for a hub that predates ``terms``
-            out.bn_loss = float(reply.bn_loss)
-        return pb.AgentMessage(forward=out)
-
-    def _backward(self, request: pb.BackwardRequest) -> pb.AgentMessage:
-        named = request.forward_id != 0
-        inputs = self._decode(request.inputs, "inputs") if not named or request.HasField("inputs") else None
-        grad_logits = self._decode(request.grad_logits, "grad_logits")
-        state = decode_state(request.state)
-        grad_bn = request.grad_bn_loss if request.HasField("grad_bn_loss") else None
-        grad = self.host.backward(inputs, grad_logits, state, grad_terms=dict(request.grad_terms), grad_bn_loss=grad_bn,
-                                  forward_id=(self.sessions, request.forward_id) if named else None)
-        return pb.AgentMessage(backward=pb.BackwardReply(grad_inputs=encode_tensor(grad)))
+    @staticmethod
+    def _ask(call: Callable[[], pb.AgentMessage]) -> pb.AgentMessage | _Refused:
+        """The host's answer, or its refusal (which the host has counted)."""
+        try:
+            return call()
+        except QueryError as exc:
+            logger.debug("the host refused: %s", exc)
+            return _Refused(exc)
 
     def _error(self, mid: int, code: str, message: str) -> pb.AgentMessage:
         number = grpc.StatusCode[code].value[0] if code in grpc.StatusCode.__members__ else 2  # UNKNOWN

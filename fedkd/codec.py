@@ -1,4 +1,7 @@
-"""Converting between torch values and ``fedkd.v1`` messages.
+"""Converting between torch values and ``fedkd.v1`` messages: every message of the query path is built and read
+here (the hub's Forward/Backward requests and the answers it reads, the agent's side of the same), and only here
+are the original contract's compatibility fields (``bn_loss``, ``grad_bn_loss``) written or read: the Python API
+speaks of teacher-side terms only.
 
 Tensors travel as raw little-endian bytes with dtype and shape (never pickle).
 Decoding validates everything a peer controls: a dtype this codec does not
@@ -11,13 +14,22 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedkd.contract import TERM_NAMES, CurriculumState, QueryError, TeacherDescription
+from fedkd.contract import (
+    FEATURE_STATISTICS,
+    TERM_NAMES,
+    CurriculumState,
+    ForwardReply,
+    QueryError,
+    TeacherDescription,
+    vote_logits,
+)
 from fedkd.v1 import fedkd_pb2 as pb
 
 DTYPES: dict[torch.dtype, Any] = {  # values: fedkd.v1.DType
@@ -193,3 +205,169 @@ def _decode_description_privacy(msg: pb.TeacherDescription) -> dict[str, float |
         return decode_privacy(msg.privacy)
     except QueryError as exc:
         raise QueryError("INVALID_ARGUMENT", f"description: {exc.message}") from None
+
+
+# Framing: a query body serialised once for every teacher it goes to ----------------------------------------------
+
+def varint(n: int) -> bytes:
+    """A protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def length_delimited(field_number: int, data: bytes) -> bytes:
+    """One protobuf field of wire type 2 (bytes, string, message): tag, length, data."""
+    return varint(field_number << 3 | 2) + varint(len(data)) + data
+
+
+FORWARD_FIELD, BACKWARD_FIELD = 3, 4  # HubMessage.forward, HubMessage.backward
+
+
+@dataclass(frozen=True)
+class Serialized:
+    """A query body serialised once for every teacher it goes to: ``body`` is the bytes of the HubMessage field
+    ``field`` (3: forward, 4: backward); the fan-out adds each teacher's own message id around it."""
+
+    field: int
+    body: bytes
+
+    def message(self, mid: int) -> bytes:
+        return varint(1 << 3) + varint(mid) + length_delimited(self.field, self.body)
+
+
+# Queries, as the coordinator's hub writes them and reads the answers ---------------------------------------------
+# The original contract's ``bn_loss`` / ``grad_bn_loss`` fields are written and read here only, beside ``terms``:
+# a peer that predates ``terms`` still computes (and differentiates) its feature statistics.
+
+def forward_inputs(inputs: Tensor) -> bytes:
+    """The inputs of a Forward as field 1 of a ForwardRequest, serialised once for every teacher."""
+    return length_delimited(1, encode_tensor(inputs).SerializeToString())
+
+
+def forward_request(inputs: bytes, state: CurriculumState, *, terms: Sequence[str] = (), labels: bool = False,
+                    keep: bool = False) -> Serialized:
+    """One teacher's Forward: the shared ``inputs`` (:func:`forward_inputs`) and its own part of the query."""
+    flags = pb.ForwardRequest(state=encode_state(state), labels=labels, keep=keep, terms=list(terms),
+                              bn_loss=FEATURE_STATISTICS in terms)
+    return Serialized(FORWARD_FIELD, inputs + flags.SerializeToString())
+
+
+def backward_request(grad_logits: Tensor, grad_terms: Mapping[str, float], state: CurriculumState, *,
+                     inputs: pb.Tensor | None = None, forward_id: int = 0) -> pb.BackwardRequest:
+    """A Backward naming the Forward it follows (``forward_id``) or carrying the ``inputs`` again."""
+    request = pb.BackwardRequest(grad_logits=encode_tensor(grad_logits), state=encode_state(state),
+                                 forward_id=forward_id)
+    if inputs is not None:
+        request.inputs.CopyFrom(inputs)
+    for name, value in grad_terms.items():
+        request.grad_terms[name] = value
+    if FEATURE_STATISTICS in grad_terms:
+        request.grad_bn_loss = grad_terms[FEATURE_STATISTICS]
+    return request
+
+
+def decode_forward_reply(msg: pb.AgentMessage, batch: int, classes: int, *, labels: bool = False,
+                         terms: Sequence[str] = ()) -> ForwardReply:
+    """A teacher's answer to a Forward, checked against what was asked (INVALID_ARGUMENT naming the field)."""
+    if msg.WhichOneof("kind") != "forward":
+        raise QueryError("INVALID_ARGUMENT", f"answered a Forward with {msg.WhichOneof('kind')}")
+    if labels:
+        hard = decode_tensor(msg.forward.labels, field="labels", max_bytes=batch * 8)
+        if hard.dtype != torch.int64 or tuple(hard.shape) != (batch,):
+            raise QueryError("INVALID_ARGUMENT", f"labels {hard.dtype} {tuple(hard.shape)}, expected int64 "
+                                                 f"({batch},)")
+        if len(hard) and (int(hard.min()) < -1 or int(hard.max()) >= classes):
+            raise QueryError("INVALID_ARGUMENT", f"labels outside 0..{classes - 1} (or -1: abstain)")
+        return ForwardReply(vote_logits(hard, classes), labels=hard)
+    logits = decode_tensor(msg.forward.logits, field="logits", max_bytes=batch * classes * 4)
+    if logits.dtype != torch.float32 or tuple(logits.shape) != (batch, classes):
+        raise QueryError("INVALID_ARGUMENT", f"logits {logits.dtype} {tuple(logits.shape)}, expected float32 "
+                                             f"{(batch, classes)}")
+    if not torch.isfinite(logits).all():
+        raise QueryError("INVALID_ARGUMENT", "logits contain NaN or infinite values")
+    values = dict(msg.forward.terms)
+    if msg.forward.HasField("bn_loss"):  # the original field (an agent that predates ``terms`` sends only it)
+        values.setdefault(FEATURE_STATISTICS, msg.forward.bn_loss)
+    out = {}
+    for name, value in values.items():
+        if name not in terms:
+            raise QueryError("INVALID_ARGUMENT", f"answered term {name!r}, which was not asked for")
+        if not math.isfinite(value):
+            raise QueryError("INVALID_ARGUMENT", f"term {name!r} is not finite")
+        out[name] = torch.tensor(value, dtype=torch.float32)
+    return ForwardReply(logits, out)
+
+
+def decode_backward_reply(msg: pb.AgentMessage, inputs: Tensor, *, max_bytes: int | None = None) -> Tensor:
+    """A teacher's input gradient: the inputs' dtype and shape, finite (INVALID_ARGUMENT otherwise)."""
+    if msg.WhichOneof("kind") != "backward":
+        raise QueryError("INVALID_ARGUMENT", f"answered a Backward with {msg.WhichOneof('kind')}")
+    grad = decode_tensor(msg.backward.grad_inputs, field="grad_inputs", max_bytes=max_bytes)
+    if grad.dtype != inputs.dtype or grad.shape != inputs.shape:
+        raise QueryError("INVALID_ARGUMENT", f"grad_inputs {grad.dtype} {tuple(grad.shape)} does not "
+                                             f"match the inputs {tuple(inputs.shape)}")
+    if not torch.isfinite(grad).all():
+        raise QueryError("INVALID_ARGUMENT", "grad_inputs contain NaN or infinite values")
+    return grad
+
+
+# Queries, as an institution's agent reads them and writes its answers -------------------------------------------
+
+@dataclass(frozen=True)
+class ForwardQuery:
+    """A Forward as the host takes it."""
+
+    inputs: Tensor
+    state: CurriculumState
+    terms: tuple[str, ...]
+    labels: bool
+    keep: bool
+
+
+@dataclass(frozen=True)
+class BackwardQuery:
+    """A Backward as the host takes it: ``inputs`` None when it names the Forward it follows (``forward_id``)."""
+
+    inputs: Tensor | None
+    grad_logits: Tensor
+    state: CurriculumState
+    grad_terms: dict[str, float]
+    forward_id: int
+
+
+def decode_forward_request(request: pb.ForwardRequest, *, max_bytes: int | None = None) -> ForwardQuery:
+    terms = list(dict.fromkeys(request.terms))
+    if request.bn_loss and FEATURE_STATISTICS not in terms:  # the original flag (a hub that predates ``terms``)
+        terms.append(FEATURE_STATISTICS)
+    return ForwardQuery(decode_tensor(request.inputs, field="inputs", max_bytes=max_bytes),
+                        decode_state(request.state), tuple(terms), bool(request.labels), bool(request.keep))
+
+
+def decode_backward_request(request: pb.BackwardRequest, *, max_bytes: int | None = None) -> BackwardQuery:
+    named = request.forward_id != 0
+    inputs = (decode_tensor(request.inputs, field="inputs", max_bytes=max_bytes)
+              if not named or request.HasField("inputs") else None)
+    grad_logits = decode_tensor(request.grad_logits, field="grad_logits", max_bytes=max_bytes)
+    grad_terms = dict(request.grad_terms)
+    if request.HasField("grad_bn_loss"):  # the original field (a hub that predates ``grad_terms``)
+        grad_terms[FEATURE_STATISTICS] = request.grad_bn_loss
+    return BackwardQuery(inputs, grad_logits, decode_state(request.state), grad_terms, int(request.forward_id))
+
+
+def encode_forward_reply(reply: ForwardReply) -> pb.AgentMessage:
+    if reply.labels is not None:
+        return pb.AgentMessage(forward=pb.ForwardReply(labels=encode_tensor(reply.labels)))
+    out = pb.ForwardReply(logits=encode_tensor(reply.logits))
+    for name, value in reply.terms.items():
+        out.terms[name] = float(value)
+    if FEATURE_STATISTICS in reply.terms:  # the original field too, for a hub that predates ``terms``
+        out.bn_loss = float(reply.terms[FEATURE_STATISTICS])
+    return pb.AgentMessage(forward=out)
+
+
+def encode_backward_reply(grad_inputs: Tensor) -> pb.AgentMessage:
+    return pb.AgentMessage(backward=pb.BackwardReply(grad_inputs=encode_tensor(grad_inputs)))

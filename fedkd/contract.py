@@ -10,7 +10,6 @@ code. The wire form of each is ``fedkd.v1`` (``protos/fedkd/v1/fedkd.proto``); `
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,13 +60,12 @@ def vote_logits(labels: Tensor, num_classes: int) -> Tensor:
 
 
 class QueryError(ValueError):
-    """A query the host refuses. ``code`` is the gRPC status it maps to."""
+    """A query the host refuses (the host counts its own refusals). ``code`` is the gRPC status it maps to."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
-        self.counted = False  # set once a host has counted this refusal in its stats
 
 
 @dataclass(frozen=True)
@@ -112,11 +110,6 @@ class ForwardReply:
     labels: Tensor | None = None  # (B,) int64, when hard labels were asked for
     ref: Any = None  # what a Backward names to follow this Forward (when it was asked with keep)
 
-    @property
-    def bn_loss(self) -> Tensor | None:
-        """The feature-statistics term, when it was asked for (the original contract's ``bn_loss``)."""
-        return self.terms.get(FEATURE_STATISTICS)
-
 
 @dataclass
 class QueryStats:
@@ -133,10 +126,18 @@ class QueryStats:
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
+    def count_forward(self, inputs: Tensor, reply: ForwardReply) -> None:
+        """One Forward answered: its samples, and its tensor payload (inputs out; logits, or labels, and the terms
+        back). The host counts what it released, each pool what it received, with this one rule."""
+        self.forward_calls += 1
+        self.samples += len(inputs)
+        if reply.labels is not None:
+            self.bytes += inputs.nbytes + reply.labels.nbytes
+        else:
+            self.bytes += inputs.nbytes + reply.logits.nbytes + 4 * len(reply.terms)
 
-def requested_terms(terms: Iterable[str], bn_loss: bool) -> tuple[str, ...]:
-    """The terms a query asks for: its ``terms`` plus feature-statistics when it sets the old ``bn_loss``."""
-    names = list(dict.fromkeys(terms))
-    if bn_loss and FEATURE_STATISTICS not in names:
-        names.append(FEATURE_STATISTICS)
-    return tuple(names)
+    def count_backward(self, inputs: Tensor, grad_logits: Tensor, grad_inputs: Tensor, *, by_ref: bool = False) -> None:
+        """One Backward answered; the inputs travel (and are counted) again unless it named its Forward."""
+        self.backward_calls += 1
+        self.samples += len(inputs)
+        self.bytes += (0 if by_ref else inputs.nbytes) + grad_logits.nbytes + grad_inputs.nbytes

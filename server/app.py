@@ -52,7 +52,8 @@ from fedkd.coordinator.flow import Session, coordinate
 from fedkd.data import load_dataset
 from fedkd.tls import run_pki
 
-from .hub import Hub, ServerTLS, issue_tokens
+from .credentials import ServerTLS, issue_tokens
+from .hub import Hub
 
 app = ServerApp()
 

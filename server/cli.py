@@ -34,8 +34,9 @@ from fedkd.data import DatasetNotFoundError
 from fedkd.options import TIMEOUT_LIMIT, ConfigError, address, argument
 from fedkd.tls import CertificateError, make_dev_pki, read_certificates, read_private_key, run_pki
 
+from .credentials import ServerTLS
 from .distill import run_distillation, teacher_names
-from .hub import ListenError, ServerTLS
+from .hub import ListenError
 from .loopback import grpc_transport
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, RunDirectoryError, QuorumError, TimeoutError,

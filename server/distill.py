@@ -20,7 +20,8 @@ from fedkd.coordinator.distillation import Distillation, RunObserver
 from fedkd.coordinator.flow import Session, coordinate
 from fedkd.data import load_dataset
 
-from .hub import Hub, ServerTLS, issue_tokens
+from .credentials import ServerTLS, issue_tokens
+from .hub import Hub
 
 
 def teacher_names(count: int) -> list[str]:

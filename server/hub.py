@@ -1,15 +1,11 @@
-"""The coordinator's gRPC hub: teacher agents dial in, queries fan out to them.
+"""The coordinator's gRPC hub: teacher agents dial in, and the coordinator queries them through its pool.
 
-Each institution's agent opens one long-lived ``fedkd.v1.Hub/Session`` stream
-(institutions make outbound connections only). The hub authenticates it (TLS
-plus a per-teacher bearer token, or a client certificate under mutual TLS)
-before anything else, reads its Hello, and from then on sends it queries and
-matches the answers by id. :class:`HubPool` is the coordinator's
-:class:`~fedkd.coordinator.pool.TeacherPool` over the hub: every Forward/Backward goes to
-all live teachers at once, with a deadline; the run continues while a quorum
-answers, waits (bounded) for dropped teachers to rejoin when it does not, and
-records queries and bytes per teacher. gRPC health checking and server
-reflection are served beside the Hub service.
+Each institution's agent opens one long-lived ``fedkd.v1.Hub/Session`` stream (institutions make outbound
+connections only). The hub authenticates it (TLS plus a per-teacher bearer token, or a client certificate under
+mutual TLS) before anything else, reads its Hello, and from then on sends it queries and matches the answers by id.
+The rooms beside it: ``credentials`` (TLS and tokens), ``membership`` (a teacher's slot and its live connection),
+``hub_pool`` (the fan-out, the quorum and the accounting). gRPC health checking and server reflection are served
+beside the Hub service.
 """
 
 from __future__ import annotations
@@ -17,95 +13,38 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import hmac
-import itertools
 import logging
-import math
-import os
-import queue
-import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from torch import Tensor
 
 from fedkd.codec import (
     MiB,
     channel_options,
     decode_description,
-    decode_privacy,
-    decode_tensor,
-    encode_state,
-    encode_tensor,
 )
 from fedkd.config import RunConfig
 from fedkd.contract import (
-    FEATURE_STATISTICS,
-    CurriculumState,
-    ForwardReply,
     QueryError,
-    QueryStats,
-    TeacherDescription,
     unusable,
-    vote_logits,
 )
-from fedkd.coordinator.pool import QuorumError, backward_bytes, forward_bytes, member_terms
+from fedkd.coordinator.pool import QuorumError
 from fedkd.data import SPECS, DatasetSpec
-from fedkd.institution.privacy.ledger import BUDGET_REFUSAL
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
+
+from .credentials import ServerTLS
+from .hub_pool import HubPool
+from .membership import Connection, ConnectionLost, Slot, differences, spent_report
 
 logger = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Hub"].full_name  # "fedkd.v1.Hub"
-STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
-@dataclass(frozen=True)
-class ServerTLS:
-    """PEM bytes: the hub's certificate chain and key; ``client_ca`` turns on mutual TLS."""
-
-    certificate_chain: bytes
-    private_key: bytes
-    client_ca: bytes | None = None
-
-    def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)],
-                                           root_certificates=self.client_ca,
-                                           require_client_auth=self.client_ca is not None)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def length_delimited(field_number: int, data: bytes) -> bytes:
-    """One protobuf field of wire type 2 (bytes, string, message): tag, length, data."""
-    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
-
-
-@dataclass(frozen=True)
-class Serialized:
-    """A query body serialised once for every teacher it goes to: ``body`` is the bytes of the HubMessage field
-    ``field`` (3: forward, 4: backward); the fan-out adds each teacher's own message id around it."""
-
-    field: int
-    body: bytes
-
-    def message(self, mid: int) -> bytes:
-        return _varint(1 << 3) + _varint(mid) + length_delimited(self.field, self.body)
 
 
 def _serialize(msg: pb.HubMessage | bytes) -> bytes:
@@ -114,96 +53,6 @@ def _serialize(msg: pb.HubMessage | bytes) -> bytes:
 
 class ListenError(OSError):
     """The hub cannot listen on the address it was given; the message names it."""
-
-
-class ConnectionLost(RuntimeError):
-    """The teacher's stream closed while a query was in flight."""
-
-
-class _Connection:
-    """One live Session stream: an outbox the handler drains, and futures for the answers."""
-
-    def __init__(self, slot: _Slot, peer: str, limit: int) -> None:
-        self.slot = slot
-        self.peer = peer
-        self.limit = limit  # the largest message the agent accepts
-        self.outbox: queue.Queue[pb.HubMessage | bytes | None] = queue.Queue()
-        self.pending: dict[int, cf.Future[pb.AgentMessage]] = {}
-        self.lock = threading.Lock()
-        self.closed = threading.Event()
-        self.reason = ""
-        self._ids = itertools.count(1)
-
-    def send(self, serialized: Serialized | None = None, **kind: Any) -> tuple[int, cf.Future[pb.AgentMessage], int]:
-        """Queue a message (``kind`` fields, or a body serialised once for many teachers); returns its id, the
-        future of its answer and its size on the wire."""
-        future: cf.Future[pb.AgentMessage] = cf.Future()
-        with self.lock:
-            if self.closed.is_set():
-                raise ConnectionLost(self.reason)
-            mid = next(self._ids)
-            self.pending[mid] = future
-        if serialized is not None:
-            raw = serialized.message(mid)
-            self.outbox.put(raw)
-            return mid, future, len(raw)
-        msg = pb.HubMessage(id=mid, **kind)
-        self.outbox.put(msg)
-        return mid, future, msg.ByteSize()
-
-    def forget(self, mid: int) -> None:
-        with self.lock:
-            self.pending.pop(mid, None)
-
-    def deliver(self, msg: pb.AgentMessage) -> bool:
-        with self.lock:
-            future = self.pending.pop(msg.id, None)
-        if future is None:
-            return False
-        future.set_result(msg)
-        return True
-
-    def close(self, reason: str) -> bool:
-        """Close once; True when this call closed it."""
-        with self.lock:
-            if self.closed.is_set():
-                return False
-            self.closed.set()
-            self.reason = reason
-            pending, self.pending = self.pending, {}
-        self.outbox.put(None)
-        for future in pending.values():
-            future.set_exception(ConnectionLost(reason))
-        return True
-
-
-@dataclass
-class _Slot:
-    """A teacher of the run: the identity its token (or certificate) grants, and its current connection."""
-
-    name: str
-    index: int
-    token: str | None
-    description: TeacherDescription | None = None
-    connection: _Connection | None = None
-    stats: QueryStats = field(default_factory=QueryStats)
-    joins: int = 0
-    report: dict[str, Any] | None = None
-    refused: str | None = None  # why its last Hello was refused (its description), until it joins
-    exhausted: str | None = None  # why its privacy budget refused a query: it is asked no more this run
-
-    @property
-    def live(self) -> bool:
-        return self.connection is not None and not self.connection.closed.is_set()
-
-
-def _differences(joined: TeacherDescription, now: TeacherDescription) -> list[str]:
-    """The fields in which a rejoining agent differs from the teacher that left (privacy spend may move on)."""
-    return [f"{f.name} {getattr(now, f.name)!r} (joined as {getattr(joined, f.name)!r})"
-            for f in dataclasses.fields(TeacherDescription)
-            if f.name != "privacy" and getattr(joined, f.name) != getattr(now, f.name)]
-
-
 
 
 class Hub:
@@ -233,7 +82,7 @@ class Hub:
             missing = [name for name, token in slots.items() if not token]
             if missing:
                 raise ValueError(f"teachers {missing} have no token; tokens are required unless mutual TLS is on")
-        self.slots = [_Slot(name, i, token) for i, (name, token) in enumerate(slots.items())]
+        self.slots = [Slot(name, i, token) for i, (name, token) in enumerate(slots.items())]
         self._by_name = {s.name: s for s in self.slots}
         self.session = session
         self.address = address
@@ -322,10 +171,10 @@ class Hub:
 
     # Membership ---------------------------------------------------------------------------
 
-    def live(self) -> list[_Slot]:
+    def live(self) -> list[Slot]:
         return [s for s in self.slots if s.live]
 
-    def await_live(self, count: int, timeout: float) -> list[_Slot] | None:
+    def await_live(self, count: int, timeout: float) -> list[Slot] | None:
         """The live teachers once at least ``count`` are connected, or None after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._changed:
@@ -425,7 +274,7 @@ class Hub:
 
     # Called by the servicer ---------------------------------------------------------------
 
-    def _authenticate(self, context: grpc.ServicerContext) -> _Slot:
+    def _authenticate(self, context: grpc.ServicerContext) -> Slot:
         """The slot this peer may hold; aborts with UNAUTHENTICATED / PERMISSION_DENIED otherwise."""
         if self.tls is not None and self.tls.client_ca is not None:
             names = [n.decode() for n in context.auth_context().get("x509_common_name", [])]
@@ -461,13 +310,13 @@ class Hub:
         logger.warning("refused %s: %s", context.peer(), message)
         context.abort(code, message)
 
-    def _mark_refused(self, slot: _Slot, why: str) -> None:
+    def _mark_refused(self, slot: Slot, why: str) -> None:
         """Record why a slot's Hello was refused, and wake anyone waiting for teachers."""
         with self._changed:
             slot.refused = why
             self._changed.notify_all()
 
-    def _join(self, slot: _Slot, hello: pb.Hello, context: grpc.ServicerContext) -> _Connection:
+    def _join(self, slot: Slot, hello: pb.Hello, context: grpc.ServicerContext) -> Connection:
         if hello.session and hello.session != self.session:
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
                          f"unknown session {hello.session!r}; this hub runs session {self.session!r}")
@@ -481,13 +330,13 @@ class Hub:
         if self.spec is not None and (why := unusable(description, self.spec)) is not None:
             self._mark_refused(slot, f"description: {why}")
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{slot.name}: description: {why}")
-        if slot.description is not None and (changed := _differences(slot.description, description)):
+        if slot.description is not None and (changed := differences(slot.description, description)):
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
                          f"{slot.name} rejoined as a different teacher: {'; '.join(changed)}")
         limit = self.max_message_bytes
         if 0 < hello.max_message_bytes < limit:
             limit = int(hello.max_message_bytes)
-        connection = _Connection(slot, context.peer(), limit)
+        connection = Connection(slot, context.peer(), limit)
         with self._changed:
             old = slot.connection
             slot.connection = connection
@@ -500,13 +349,13 @@ class Hub:
         logger.info("%s joined from %s (%s, join %d)", slot.name, context.peer(), description.model, slot.joins)
         return connection
 
-    def _leave(self, connection: _Connection, reason: str) -> None:
+    def _leave(self, connection: Connection, reason: str) -> None:
         if connection.close(reason):
             logger.info("%s left (%s)", connection.slot.name, reason)
         with self._changed:
             self._changed.notify_all()
 
-    def _read(self, connection: _Connection, requests: Iterator[pb.AgentMessage]) -> None:
+    def _read(self, connection: Connection, requests: Iterator[pb.AgentMessage]) -> None:
         """Reader thread of one stream: match answers to queries until the stream ends."""
         reason = "teacher closed the stream"
         try:
@@ -514,7 +363,7 @@ class Hub:
                 connection.slot.stats.wire_bytes += msg.ByteSize()
                 kind = msg.WhichOneof("kind")
                 if kind == "spent":
-                    connection.slot.report = _spent_dict(connection.slot, msg.spent)
+                    connection.slot.report = spent_report(connection.slot, msg.spent)
                 if kind in (None, "hello") or not connection.deliver(msg):
                     # A duplicate Hello, an empty message, or an answer to nothing we asked (or asked and gave up
                     # on): count it and go on.
@@ -524,20 +373,6 @@ class Hub:
             reason = f"stream broke ({type(exc).__name__})"
         finally:
             self._leave(connection, reason)
-
-
-def _spent_dict(slot: _Slot, spent: pb.Spent) -> dict[str, Any]:
-    report: dict[str, Any] = {"client": slot.index, "name": slot.name, "forward_calls": spent.forward_calls,
-                              "backward_calls": spent.backward_calls, "samples": spent.samples,
-                              "bytes": spent.bytes, "refused": spent.refused}
-    try:
-        privacy = decode_privacy(spent.privacy) if spent.HasField("privacy") else None
-    except QueryError as exc:
-        report["privacy_error"] = exc.message  # a report is evidence, kept, but not believed
-        privacy = None
-    if privacy is not None:
-        report["privacy"] = privacy
-    return report
 
 
 class _HubServicer(pb_grpc.HubServicer):
@@ -572,280 +407,3 @@ class _HubServicer(pb_grpc.HubServicer):
             if msg is None:
                 return
             yield msg
-
-
-@dataclass
-class _Outcome:
-    answers: dict[int, pb.AgentMessage]
-    failures: dict[str, str]  # teacher name -> why it did not answer
-    lost: bool  # some teacher dropped out during the query (worth waiting for a rejoin)
-    ids: dict[int, tuple[_Connection, int]] = field(default_factory=dict)  # teacher -> (connection, message id)
-
-
-class HubPool:
-    """The coordinator's pool over a hub: parallel fan-out, deadlines, quorum, rejoin, per-teacher accounting."""
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-
-    @property
-    def descriptions(self) -> list[TeacherDescription]:
-        missing = [s.name for s in self.hub.slots if s.description is None]
-        if missing:
-            raise QuorumError(f"teachers {', '.join(missing)} have never connected; wait for them first")
-        return [s.description for s in self.hub.slots if s.description is not None]
-
-    # Fan-out ----------------------------------------------------------------------------
-
-    def _wait_for_quorum(self, need: int) -> list[_Slot]:
-        hub = self.hub
-        live = hub.await_live(need, hub.rejoin_timeout)
-        if live is None:
-            raise QuorumError(f"only {len(hub.live())} of {len(hub.slots)} teachers are connected and {need} must "
-                              f"answer; waited {hub.rejoin_timeout:.0f} s for {', '.join(hub.missing())} to rejoin")
-        return live
-
-    def _fan_out(self, messages: Mapping[int, dict[str, Any]]) -> _Outcome:
-        """Send ``messages[k]`` to teacher k (all at once) and gather the answers within the deadline."""
-        hub = self.hub
-        sent: dict[int, tuple[_Connection, int, cf.Future[pb.AgentMessage]]] = {}
-        ids: dict[int, tuple[_Connection, int]] = {}
-        failures: dict[str, str] = {}
-        lost = False
-        for k, kind in messages.items():
-            slot = hub.slots[k]
-            connection = slot.connection
-            if connection is None or connection.closed.is_set():
-                failures[slot.name] = "not connected"
-                lost = True
-                continue
-            size = (len(kind["serialized"].body) if "serialized" in kind
-                    else sum(m.ByteSize() for m in kind.values())) + 16  # + the envelope's id and tags
-            if size > connection.limit:
-                raise QueryError("RESOURCE_EXHAUSTED", f"a query of {size:,} bytes exceeds {slot.name}'s message "
-                                 f"limit of {connection.limit:,} bytes; lower batch-size or raise max-message-mb")
-            try:
-                mid, future, wire = connection.send(**kind)
-            except ConnectionLost as exc:
-                failures[slot.name] = f"disconnected ({exc})"
-                lost = True
-                continue
-            slot.stats.wire_bytes += wire
-            sent[k] = (connection, mid, future)
-            ids[k] = (connection, mid)
-        done, _ = cf.wait([f for _, _, f in sent.values()], timeout=hub.query_timeout)
-        answers = {}
-        for k, (connection, mid, future) in sent.items():
-            name = hub.slots[k].name
-            if future not in done:
-                connection.forget(mid)
-                failures[name] = f"no answer within {hub.query_timeout:g} s"
-                continue
-            try:
-                msg = future.result()
-            except ConnectionLost as exc:
-                failures[name] = f"disconnected ({exc})"
-                lost = True
-                continue
-            if msg.WhichOneof("kind") == "error":
-                code = STATUS_CODES.get(msg.error.code, grpc.StatusCode.UNKNOWN)
-                failures[name] = f"refused: {code.name}: {msg.error.message}"
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and msg.error.message.startswith(BUDGET_REFUSAL):
-                    hub.slots[k].exhausted = msg.error.message
-                    logger.warning("%s stops answering: %s", name, msg.error.message)
-                continue
-            answers[k] = msg
-        return _Outcome(answers, failures, lost, ids)
-
-    def _check_quorum(self, outcome: _Outcome, need: int, what: str) -> None:
-        if len(outcome.answers) < need:
-            reasons = {s.name: s.exhausted for s in self.hub.slots if s.exhausted is not None}
-            reasons.update(outcome.failures)
-            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(reasons.items()))
-            raise QuorumError(f"{what}: {len(outcome.answers)} of {len(self.hub.slots)} teachers answered, "
-                              f"{need} needed ({why})")
-
-    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
-                min_answers: int | None = None, only: Sequence[int] | None = None,
-                keep: bool = False) -> dict[int, ForwardReply]:
-        need = self.hub.quorum if min_answers is None else min_answers
-        asked = set(range(len(self.hub.slots)) if only is None else only)
-        asked -= {s.index for s in self.hub.slots if s.exhausted is not None}  # their budgets refused already
-        descriptions = self.descriptions
-        # The inputs, serialised once as field 1 of a ForwardRequest; each teacher's flags are appended to them.
-        x_field = length_delimited(1, encode_tensor(inputs).SerializeToString())
-        st = encode_state(state)
-        batch, classes = len(inputs), descriptions[0].num_classes
-        for attempt in range(3):
-            live = self._wait_for_quorum(need)
-            labels_only = {k for k, d in enumerate(descriptions) if "logits" not in d.access_modes}
-            asked_terms = {k: member_terms(d, terms) for k, d in enumerate(descriptions)}
-            messages = {s.index: {"serialized": Serialized(3, x_field + pb.ForwardRequest(
-                state=st, labels=s.index in labels_only,
-                keep=keep and "gradient" in descriptions[s.index].access_modes,
-                terms=asked_terms[s.index],
-                # the original flag too, so an agent that predates ``terms`` still computes its BN statistics
-                bn_loss=FEATURE_STATISTICS in asked_terms[s.index],
-            ).SerializeToString())} for s in live if s.index in asked}
-            outcome = self._fan_out(messages)
-            replies = {}
-            for k, msg in outcome.answers.items():
-                slot = self.hub.slots[k]
-                try:
-                    reply = self._forward_reply(msg, batch, classes, labels=k in labels_only,
-                                                terms=asked_terms[k])
-                except QueryError as exc:
-                    outcome.failures[slot.name] = f"bad answer: {exc.message}"
-                    continue
-                slot.stats.forward_calls += 1
-                slot.stats.samples += batch
-                slot.stats.bytes += forward_bytes(inputs, reply)
-                if keep and "gradient" in descriptions[k].access_modes:
-                    reply = dataclasses.replace(reply, ref=outcome.ids[k])  # the Backward names this query
-                replies[k] = reply
-            outcome.answers = {k: outcome.answers[k] for k in replies}
-            for slot in self.hub.slots:
-                if slot.index in asked and slot.index not in replies:
-                    slot.stats.missed += 1
-            self._log_failures(outcome, "Forward")
-            if len(replies) >= need or not outcome.lost or attempt == 2:
-                self._check_quorum(outcome, need, "Forward")
-                return replies
-            logger.warning("Forward below quorum after a teacher dropped out; waiting for it to rejoin")
-        raise AssertionError("unreachable")
-
-    def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, Mapping[str, float]]],
-                 state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
-        if not grads:
-            return {}
-        x: pb.Tensor | None = None
-        st = encode_state(state)
-        messages = {}
-        by_ref: set[int] = set()
-        for k, (grad_logits, grad_terms) in grads.items():
-            ref = (refs or {}).get(k)
-            slot = self.hub.slots[k]
-            connection = slot.connection
-            if ref is not None and connection is not None and ref[0] is connection and not connection.closed.is_set():
-                # the same stream that answered the Forward: name it, the inputs do not travel again
-                request = pb.BackwardRequest(forward_id=ref[1], grad_logits=encode_tensor(grad_logits), state=st)
-                by_ref.add(k)
-            else:  # no Forward to name (or the teacher reconnected since): carry the inputs
-                x = encode_tensor(inputs) if x is None else x
-                request = pb.BackwardRequest(inputs=x, grad_logits=encode_tensor(grad_logits), state=st)
-            for name, value in grad_terms.items():
-                request.grad_terms[name] = value
-            if FEATURE_STATISTICS in grad_terms:  # the original field too, for an agent that predates grad_terms
-                request.grad_bn_loss = grad_terms[FEATURE_STATISTICS]
-            messages[k] = {"backward": request}
-        outcome = self._fan_out(messages)
-        # A teacher that no longer keeps the named Forward's graph (evicted, or restarted) gets the inputs.
-        stale = [k for k in by_ref if "does not keep" in outcome.failures.get(self.hub.slots[k].name, "")]
-        if stale:
-            x = encode_tensor(inputs) if x is None else x
-            for k in stale:
-                messages[k]["backward"].inputs.CopyFrom(x)
-                messages[k]["backward"].forward_id = 0
-                del outcome.failures[self.hub.slots[k].name]
-                by_ref.discard(k)
-            retry = self._fan_out({k: messages[k] for k in stale})
-            outcome.answers.update(retry.answers)
-            outcome.failures.update(retry.failures)
-        out = {}
-        for k, msg in outcome.answers.items():
-            slot = self.hub.slots[k]
-            if msg.WhichOneof("kind") != "backward":
-                outcome.failures[slot.name] = f"answered a Backward with {msg.WhichOneof('kind')}"
-                continue
-            try:
-                grad = decode_tensor(msg.backward.grad_inputs, field="grad_inputs",
-                                     max_bytes=self.hub.max_message_bytes)
-                if grad.dtype != inputs.dtype or grad.shape != inputs.shape:
-                    raise QueryError("INVALID_ARGUMENT", f"grad_inputs {grad.dtype} {tuple(grad.shape)} does not "
-                                                         f"match the inputs {tuple(inputs.shape)}")
-                if not torch.isfinite(grad).all():
-                    raise QueryError("INVALID_ARGUMENT", "grad_inputs contain NaN or infinite values")
-            except QueryError as exc:
-                outcome.failures[slot.name] = f"bad answer: {exc.message}"
-                continue
-            slot.stats.backward_calls += 1
-            slot.stats.samples += len(inputs)
-            slot.stats.bytes += backward_bytes(inputs, grads[k][0], grad, by_ref=k in by_ref)
-            out[k] = grad
-        for k in grads:
-            if k not in out:
-                self.hub.slots[k].stats.missed += 1
-        outcome.answers = {k: outcome.answers[k] for k in out}
-        self._log_failures(outcome, "Backward")
-        # The Forward already met the quorum; a Backward a teacher misses only loses its gradient term.
-        self._check_quorum(outcome, 1, "Backward")
-        return out
-
-    @staticmethod
-    def _forward_reply(msg: pb.AgentMessage, batch: int, classes: int, *, labels: bool = False,
-                       terms: Sequence[str] = ()) -> ForwardReply:
-        if msg.WhichOneof("kind") != "forward":
-            raise QueryError("INVALID_ARGUMENT", f"answered a Forward with {msg.WhichOneof('kind')}")
-        if labels:
-            hard = decode_tensor(msg.forward.labels, field="labels", max_bytes=batch * 8)
-            if hard.dtype != torch.int64 or tuple(hard.shape) != (batch,):
-                raise QueryError("INVALID_ARGUMENT", f"labels {hard.dtype} {tuple(hard.shape)}, expected int64 "
-                                                     f"({batch},)")
-            if len(hard) and (int(hard.min()) < -1 or int(hard.max()) >= classes):
-                raise QueryError("INVALID_ARGUMENT", f"labels outside 0..{classes - 1} (or -1: abstain)")
-            return ForwardReply(vote_logits(hard, classes), labels=hard)
-        logits = decode_tensor(msg.forward.logits, field="logits", max_bytes=batch * classes * 4)
-        if logits.dtype != torch.float32 or tuple(logits.shape) != (batch, classes):
-            raise QueryError("INVALID_ARGUMENT", f"logits {logits.dtype} {tuple(logits.shape)}, expected float32 "
-                                                 f"{(batch, classes)}")
-        if not torch.isfinite(logits).all():
-            raise QueryError("INVALID_ARGUMENT", "logits contain NaN or infinite values")
-        values = dict(msg.forward.terms)
-        if msg.forward.HasField("bn_loss"):  # the original field (an agent that predates ``terms`` sends only it)
-            values.setdefault(FEATURE_STATISTICS, msg.forward.bn_loss)
-        out = {}
-        for name, value in values.items():
-            if name not in terms:
-                raise QueryError("INVALID_ARGUMENT", f"answered term {name!r}, which was not asked for")
-            if not math.isfinite(value):
-                raise QueryError("INVALID_ARGUMENT", f"term {name!r} is not finite")
-            out[name] = torch.tensor(value, dtype=torch.float32)
-        return ForwardReply(logits, out)
-
-    def _log_failures(self, outcome: _Outcome, what: str) -> None:
-        for name, reason in outcome.failures.items():
-            logger.warning("%s %s: %s", what, name, reason)
-
-    # Accounting --------------------------------------------------------------------------
-
-    def stats(self) -> list[QueryStats]:
-        return [s.stats for s in self.hub.slots]
-
-    def restore_stats(self, stats: Sequence[Mapping[str, int]]) -> None:
-        for slot, saved in zip(self.hub.slots, stats):
-            slot.stats = QueryStats(**dict(saved))
-
-    def client_reports(self) -> list[dict[str, Any]]:
-        return [s.report or {"client": s.index, "name": s.name, "reported": False} for s in self.hub.slots]
-
-
-
-def issue_tokens(directory: str | Path, names: Sequence[str]) -> dict[str, str]:
-    """One bearer token per teacher in ``directory/<name>.token`` (mode 0600); existing ones are kept,
-    so a resumed run admits the same agents. Returns name -> token, in the order given."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tokens = {}
-    for name in names:
-        path = d / f"{name}.token"
-        if path.exists():
-            token = path.read_text().strip()
-            if not token:
-                raise ValueError(f"token file {str(path)!r} is empty; delete it to issue a new token")
-        else:
-            token = secrets.token_urlsafe(32)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token + "\n")
-        tokens[name] = token
-    return tokens

@@ -26,7 +26,8 @@ from fedkd.coordinator.experiment import ClientTeacher
 from fedkd.coordinator.pool import TeacherPool
 from fedkd.tls import run_pki
 
-from .hub import Hub, ServerTLS, issue_tokens
+from .credentials import ServerTLS, issue_tokens
+from .hub import Hub
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 from fedkd.client.cli import host_from_checkpoint
-from fedkd.server.hub import Hub, ServerTLS, issue_tokens
+from fedkd.server.credentials import ServerTLS, issue_tokens
+from fedkd.server.hub import Hub
 from fedkd.server.loopback import agent_command, grpc_transport
 
 from fedkd.config import config_from_mapping

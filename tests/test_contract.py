@@ -98,9 +98,7 @@ def test_description_round_trips_and_is_validated():
 
 
 def test_a_query_serialised_once_is_the_message_the_contract_defines():
-    from fedkd.server.hub import Serialized, length_delimited
-
-    from fedkd.codec import encode_state, encode_tensor
+    from fedkd.codec import Serialized, encode_state, encode_tensor, length_delimited
     from fedkd.contract import CurriculumState
 
     x = encode_tensor(torch.randn(3, 1, 4, 4))
@@ -110,3 +108,51 @@ def test_a_query_serialised_once_is_the_message_the_contract_defines():
         for mid in (1, 300, 2**40):
             parsed = pb.HubMessage.FromString(Serialized(3, body).message(mid))
             assert parsed == pb.HubMessage(id=mid, forward=pb.ForwardRequest(inputs=x, state=state, **flags))
+
+
+def test_the_codec_s_query_messages_round_trip_and_speak_the_old_fields_for_old_peers():
+    """Every Forward/Backward message is built and read by the codec: what the hub writes, the agent reads back as
+    the same query, and the original ``bn_loss`` / ``grad_bn_loss`` fields ride along for peers that predate
+    ``terms`` (and are read when a peer sends only them)."""
+    from fedkd.codec import (
+        backward_request,
+        decode_backward_request,
+        decode_forward_reply,
+        decode_forward_request,
+        encode_backward_reply,
+        encode_forward_reply,
+        forward_inputs,
+        forward_request,
+    )
+    from fedkd.contract import FEATURE_STATISTICS, CurriculumState, ForwardReply
+
+    x, state = torch.randn(3, 1, 4, 4), CurriculumState(epoch=1, step=7, lam=0.25, adv_weight=0.5)
+    wire = pb.HubMessage.FromString(forward_request(forward_inputs(x), state, terms=(FEATURE_STATISTICS,),
+                                                    keep=True).message(9))
+    assert wire.forward.bn_loss and list(wire.forward.terms) == [FEATURE_STATISTICS]
+    query = decode_forward_request(wire.forward)
+    assert torch.equal(query.inputs, x) and query.state == state and query.keep and not query.labels
+    assert query.terms == (FEATURE_STATISTICS,)
+    old = decode_forward_request(pb.ForwardRequest(inputs=wire.forward.inputs, state=wire.forward.state, bn_loss=True))
+    assert old.terms == (FEATURE_STATISTICS,)
+
+    reply = ForwardReply(torch.randn(3, 10), {FEATURE_STATISTICS: torch.tensor(1.5)})
+    answer = encode_forward_reply(reply)
+    assert answer.forward.bn_loss == 1.5
+    back = decode_forward_reply(answer, 3, 10, terms=(FEATURE_STATISTICS,))
+    assert torch.equal(back.logits, reply.logits) and float(back.terms[FEATURE_STATISTICS]) == 1.5
+    old_answer = pb.AgentMessage(forward=pb.ForwardReply(logits=answer.forward.logits, bn_loss=2.5))
+    assert float(decode_forward_reply(old_answer, 3, 10, terms=(FEATURE_STATISTICS,)).terms[FEATURE_STATISTICS]) == 2.5
+    with pytest.raises(QueryError, match="not asked for"):
+        decode_forward_reply(answer, 3, 10, terms=())
+
+    g = torch.randn(3, 10)
+    request = backward_request(g, {FEATURE_STATISTICS: 0.5}, state, forward_id=9)
+    assert request.grad_bn_loss == 0.5 and not request.HasField("inputs")
+    query_back = decode_backward_request(request)
+    assert query_back.inputs is None and query_back.forward_id == 9 and torch.equal(query_back.grad_logits, g)
+    assert query_back.grad_terms == {FEATURE_STATISTICS: 0.5}
+    old_back = decode_backward_request(pb.BackwardRequest(inputs=wire.forward.inputs, grad_logits=request.grad_logits,
+                                                          state=request.state, grad_bn_loss=2.0))
+    assert old_back.grad_terms == {FEATURE_STATISTICS: 2.0} and torch.equal(old_back.inputs, x)
+    assert torch.equal(decode_tensor(encode_backward_reply(x).backward.grad_inputs), x)

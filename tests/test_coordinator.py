@@ -15,8 +15,8 @@ from fedkd.client.agent import AgentSettings, TeacherAgent
 from fedkd.client.app import app as client_app
 from fedkd.client.cli import host_from_checkpoint
 from fedkd.server.app import app as server_app
+from fedkd.server.credentials import issue_tokens
 from fedkd.server.distill import run_distillation, teacher_names
-from fedkd.server.hub import issue_tokens
 from flower_grid import InProcessGrid, app_run_config
 from flwr.app import Context, RecordDict
 

@@ -30,7 +30,7 @@ def test_mean_of_logits():
     ens = Ensemble(LocalPool([_teacher([1.0, 0.0, 0.0]), _teacher([0.0, 3.0, 0.0])]), "logit-mean")
     out = ens(torch.zeros(2, 1, 2, 2), CurriculumState())
     torch.testing.assert_close(out.logits, torch.tensor([[0.5, 1.5, 0.0]] * 2))
-    assert out.bn_loss is None and len(out.member_logits) == 2 and out.members == [0, 1]
+    assert out.terms == {} and len(out.member_logits) == 2 and out.members == [0, 1]
 
 
 def test_class_weights_follow_label_counts_and_decliners_count_as_uniform():

@@ -8,12 +8,13 @@ import grpc
 import pytest
 import torch
 from fedkd.client.agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
-from fedkd.server.hub import Hub, ServerTLS
+from fedkd.server.credentials import ServerTLS
+from fedkd.server.hub import Hub
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fedkd.codec import encode_description, encode_tensor
-from fedkd.contract import CurriculumState, TeacherDescription
+from fedkd.contract import FEATURE_STATISTICS, CurriculumState, TeacherDescription
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.pool import LocalPool, QuorumError
 from fedkd.institution.host import TeacherHost
@@ -121,11 +122,11 @@ def test_queries_over_tls_match_the_in_process_teachers(hub_factory, pki):
     local = Ensemble(LocalPool([make_host(0), make_host(1)]), "class-weighted")
     x = torch.randn(16, *SHAPE)
     xr, xl = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out_r, out_l = remote(xr, STATE, bn_loss=True), local(xl, STATE, bn_loss=True)
+    out_r, out_l = remote(xr, STATE, terms=(FEATURE_STATISTICS,)), local(xl, STATE, terms=(FEATURE_STATISTICS,))
     torch.testing.assert_close(out_r.logits, out_l.logits, rtol=0, atol=0)
-    torch.testing.assert_close(out_r.bn_loss, out_l.bn_loss, rtol=0, atol=0)
-    (out_r.logits.square().sum() + out_r.bn_loss).backward()
-    (out_l.logits.square().sum() + out_l.bn_loss).backward()
+    torch.testing.assert_close(out_r.terms[FEATURE_STATISTICS], out_l.terms[FEATURE_STATISTICS], rtol=0, atol=0)
+    (out_r.logits.square().sum() + out_r.terms[FEATURE_STATISTICS]).backward()
+    (out_l.logits.square().sum() + out_l.terms[FEATURE_STATISTICS]).backward()
     torch.testing.assert_close(xr.grad, xl.grad, rtol=1e-6, atol=1e-7)
     # Every query carried the curriculum state; every teacher accounted for what it released.
     assert all(h.last_state == STATE for h in hosts)
@@ -548,9 +549,9 @@ def test_old_style_bn_fields_still_work_against_an_agent_that_knows_terms():
     x = torch.randn(4, *SHAPE)
     reply = agent._answer(pb.HubMessage(id=3, forward=pb.ForwardRequest(
         inputs=encode_tensor(x), bn_loss=True, keep=True)))
-    expected = reference.forward(x, STATE, bn_loss=True)
-    assert reply.forward.HasField("bn_loss") and reply.forward.bn_loss == pytest.approx(float(expected.bn_loss))
-    assert dict(reply.forward.terms) == {"feature-statistics": pytest.approx(float(expected.bn_loss))}
+    expected = reference.forward(x, STATE, terms=(FEATURE_STATISTICS,)).terms[FEATURE_STATISTICS]
+    assert reply.forward.HasField("bn_loss") and reply.forward.bn_loss == pytest.approx(float(expected))
+    assert dict(reply.forward.terms) == {"feature-statistics": pytest.approx(float(expected))}
     g = torch.randn(4, 10)
     back = agent._answer(pb.HubMessage(id=4, backward=pb.BackwardRequest(
         forward_id=3, grad_logits=encode_tensor(g), grad_bn_loss=2.0)))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedkd.server.hub import Hub, ServerTLS, issue_tokens
+from fedkd.server.credentials import ServerTLS, issue_tokens
+from fedkd.server.hub import Hub
 from fedkd.server.loopback import agent_command, grpc_transport
 
 from fedkd.checkpoint import load_safe

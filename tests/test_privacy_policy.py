@@ -214,7 +214,8 @@ def test_a_node_s_privacy_comes_from_its_own_config_never_the_coordinator_s(tmp_
 
 def test_over_grpc_a_budget_refusal_reaches_the_coordinator_named_and_the_report_carries_the_spend(pki_dir):
     from fedkd.client.agent import AgentSettings, ClientTLS, TeacherAgent
-    from fedkd.server.hub import Hub, ServerTLS
+    from fedkd.server.credentials import ServerTLS
+    from fedkd.server.hub import Hub
 
     budget = rdp([(2.0, 1.0, 6)], 1e-5) * 1.0001
     policy = output_noise(budget=budget)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedkd.contract import CurriculumState, QueryError, TeacherDescription
+from fedkd.contract import FEATURE_STATISTICS, CurriculumState, QueryError, TeacherDescription
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.pool import LocalPool
 from fedkd.institution.host import TeacherHost
@@ -41,10 +41,10 @@ def test_forward_matches_the_model_and_records_the_state():
     model = _trained_bn_model()
     host = _host(model)
     x = torch.randn(6, 1, 8, 8)
-    reply = host.forward(x, STATE, bn_loss=True)
+    reply = host.forward(x, STATE, terms=(FEATURE_STATISTICS,))
     ref_logits, ref_loss = _reference(_trained_bn_model(), x)
     torch.testing.assert_close(reply.logits, ref_logits.detach())
-    torch.testing.assert_close(reply.bn_loss, ref_loss.detach())
+    torch.testing.assert_close(reply.terms[FEATURE_STATISTICS], ref_loss.detach())
     assert host.last_state == STATE
     assert host.stats.forward_calls == 1 and host.stats.samples == 6
 
@@ -55,7 +55,7 @@ def test_backward_equals_autograd_through_the_same_model():
     g_logits = torch.randn(5, 10)
     g_bn = 0.7
     host.forward(x, STATE)
-    got = host.backward(x, g_logits, STATE, grad_bn_loss=g_bn)
+    got = host.backward(x, g_logits, STATE, grad_terms={FEATURE_STATISTICS: g_bn})
 
     ref_model = _trained_bn_model()
     xr = x.clone().requires_grad_(True)
@@ -73,8 +73,8 @@ def test_a_queried_teacher_is_a_drop_in_autograd_function():
     host = _host()
     teacher = Ensemble(LocalPool([host]), "logit-mean")
     x = torch.randn(4, 1, 8, 8, requires_grad=True)
-    out = teacher(x, STATE, bn_loss=True)
-    logits, loss = out.logits, out.bn_loss
+    out = teacher(x, STATE, terms=(FEATURE_STATISTICS,))
+    logits, loss = out.logits, out.terms[FEATURE_STATISTICS]
     (logits.square().sum() + 2.0 * loss).backward()
 
     ref_model = _trained_bn_model()
@@ -88,7 +88,7 @@ def test_a_queried_teacher_is_a_drop_in_autograd_function():
 def test_no_backward_call_without_gradients():
     host = _host()
     out = Ensemble(LocalPool([host]), "logit-mean")(torch.randn(3, 1, 8, 8), STATE)
-    assert out.bn_loss is None and out.logits.shape == (3, 10)
+    assert out.terms == {} and out.logits.shape == (3, 10)
     assert host.stats.backward_calls == 0
 
 
@@ -129,11 +129,11 @@ def test_access_modes_and_missing_statistics_are_failed_preconditions():
                               std=(1.0,))
     no_bn = TeacherHost(plain, desc)
     with pytest.raises(QueryError, match=r"does not compute the term 'feature-statistics' \(no BatchNorm") as info:
-        no_bn.forward(torch.randn(2, 1, 8, 8), STATE, bn_loss=True)
+        no_bn.forward(torch.randn(2, 1, 8, 8), STATE, terms=(FEATURE_STATISTICS,))
     assert info.value.code == "FAILED_PRECONDITION"
     # The coordinator does not ask a teacher without statistics for them.
-    out = Ensemble(LocalPool([no_bn]))(torch.randn(2, 1, 8, 8), STATE, bn_loss=True)
-    assert out.bn_loss is None
+    out = Ensemble(LocalPool([no_bn]))(torch.randn(2, 1, 8, 8), STATE, terms=(FEATURE_STATISTICS,))
+    assert FEATURE_STATISTICS not in out.terms
 
 
 def test_feature_statistics_loss_is_zero_on_matching_statistics():

@@ -9,6 +9,7 @@ read after its own, so ``fedkd`` itself can only come from the wheel.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,9 +26,13 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complete
 
 
 def test_the_wheel_installs_under_the_fedkd_namespace_and_runs(tmp_path):
-    dist = tmp_path / "dist"
+    source, dist = tmp_path / "source", tmp_path / "dist"  # a copy: no build/ left in the tree, none reused
+    for part in ("fedkd", "server", "client"):
+        shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, source / part)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", str(dist), str(ROOT)], cwd=tmp_path)
+          "-w", str(dist), str(source)], cwd=tmp_path)
     (wheel,) = dist.glob("fedkd-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"fedkd", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1]

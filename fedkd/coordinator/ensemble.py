@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedkd.contract import FEATURE_STATISTICS, CurriculumState, requested_terms
+from fedkd.contract import FEATURE_STATISTICS, CurriculumState
 from fedkd.coordinator.aggregation import Aggregator, class_weights, resolve_aggregator
-from fedkd.coordinator.pool import TeacherPool, member_terms
+from fedkd.coordinator.pool import TeacherPool, plan
 from fedkd.coordinator.robustness import AnswerBounds, Reliability, capped_counts
 
 
@@ -35,11 +35,6 @@ class EnsembleOutput:
     terms: dict[str, Tensor]  # per asked-for teacher-side term: its mean over the answering teachers computing it
     members: list[int]  # which teachers answered, in pool order
     member_logits: list[Tensor]  # their logits, aligned with ``members``
-
-    @property
-    def bn_loss(self) -> Tensor | None:
-        """The feature-statistics term (mean over the teachers with BatchNorm statistics), when asked for."""
-        return self.terms.get(FEATURE_STATISTICS)
 
 
 def _query(pool: TeacherPool, inputs: Tensor, state: CurriculumState, terms: Sequence[str],
@@ -192,11 +187,11 @@ class Ensemble:
 
     def computes(self, term: str) -> bool:
         """Whether any teacher that answers with logits computes the teacher-side term ``term``."""
-        return any(member_terms(d, (term,)) for d in self.descriptions)
+        return any(plan(d, (term,)).terms for d in self.descriptions)
 
     def lacking(self, term: str) -> list[int]:
         """The clients that do not compute ``term`` (labels-only clients compute none)."""
-        return [d.client for d in self.descriptions if not member_terms(d, (term,))]
+        return [d.client for d in self.descriptions if not plan(d, (term,)).terms]
 
     def weights(self, members: Sequence[int]) -> Tensor | None:
         """(K', C) weights over the answering members: class weights (when the aggregator uses label counts)
@@ -243,13 +238,13 @@ class Ensemble:
         self.reliability.load_state_dict(state["reliability"])
         self.bounds.load_state_dict(state["bounds"])
 
-    def __call__(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (), bn_loss: bool = False,
+    def __call__(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
                  require_all: bool = False) -> EnsembleOutput:
         """Query the teachers; gradients flow back through Backward queries when ``inputs`` requires grad.
 
         ``terms``: teacher-side terms (``fedkd.institution.terms``) to compute, each averaged over the answering
-        teachers that compute it (absent from the output when none does); ``bn_loss`` adds feature statistics."""
-        names = requested_terms(terms, bn_loss)
+        teachers that compute it (absent from the output when none does)."""
+        names = tuple(dict.fromkeys(terms))
         min_answers = len(self) if require_all else None
         if inputs.requires_grad and torch.is_grad_enabled():
             info: dict[str, Any] = {}

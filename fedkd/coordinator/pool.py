@@ -4,7 +4,7 @@ A :class:`TeacherPool` sends the same query to every teacher at once and
 returns the answers of those that replied. The :class:`~fedkd.coordinator.ensemble.Ensemble`
 turns a pool into one autograd function, so method code is the same for
 in-process teachers (:class:`LocalPool`, here) and teachers behind the gRPC hub
-(``server.hub.HubPool``), which answers in parallel, with deadlines and a quorum.
+(``fedkd.server.hub_pool.HubPool``), which answers in parallel, with deadlines and a quorum.
 
 Members are indexed 0..K-1 in a fixed order. Answers are dicts keyed by member:
 a member missing from a reply did not answer (dropped out, missed the
@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -67,23 +68,20 @@ class TeacherPool(Protocol):
         ...
 
 
-def forward_bytes(inputs: Tensor, reply: ForwardReply) -> int:
-    """Tensor payload of one Forward exchange (inputs out, logits (or labels) and the terms back)."""
-    if reply.labels is not None:
-        return inputs.nbytes + reply.labels.nbytes
-    return inputs.nbytes + reply.logits.nbytes + 4 * len(reply.terms)
+@dataclass(frozen=True)
+class MemberQuery:
+    """One teacher's part of a query."""
+
+    labels: bool  # hard labels only: a labels-only client
+    terms: tuple[str, ...]  # the asked-for teacher-side terms it computes (none for a labels-only client)
+    keep: bool  # keep the graph for the Backward that follows (only a client that grants gradients)
 
 
-def member_terms(description: TeacherDescription, terms: Sequence[str]) -> tuple[str, ...]:
-    """Which of ``terms`` a member is asked for: those it computes (none for a labels-only client)."""
-    if "logits" not in description.access_modes:
-        return ()
-    return tuple(t for t in terms if t in description.available_terms)
-
-
-def backward_bytes(inputs: Tensor, grad_logits: Tensor, grad_inputs: Tensor, *, by_ref: bool = False) -> int:
-    """Tensor payload of one Backward exchange (the inputs only when they travel again)."""
-    return (0 if by_ref else inputs.nbytes) + grad_logits.nbytes + grad_inputs.nbytes
+def plan(description: TeacherDescription, terms: Sequence[str], keep: bool = False) -> MemberQuery:
+    """What a member is asked, given what it grants and computes: the one rule for every pool."""
+    labels = "logits" not in description.access_modes
+    asked = () if labels else tuple(t for t in terms if t in description.available_terms)
+    return MemberQuery(labels, asked, keep and "gradient" in description.access_modes)
 
 
 class LocalPool:
@@ -119,19 +117,16 @@ class LocalPool:
         for k, host in enumerate(self.hosts):
             if (only is not None and k not in only) or k in self.exhausted:
                 continue
-            labels_only = "logits" not in host.description.access_modes
-            ref = next(self._refs) if keep and "gradient" in host.description.access_modes else None
+            part = plan(host.description, terms, keep)
+            ref = next(self._refs) if part.keep else None
             try:
-                reply = host.forward(inputs, state, terms=member_terms(host.description, terms),
-                                     labels=labels_only, keep=ref)
+                reply = host.forward(inputs, state, terms=part.terms, labels=part.labels, keep=ref)
             except BudgetExhausted as exc:
                 self._exhausted(k, exc)
                 continue
             if ref is not None:
                 reply = dataclasses.replace(reply, ref=ref)
-            self._stats[k].forward_calls += 1
-            self._stats[k].samples += len(inputs)
-            self._stats[k].bytes += forward_bytes(inputs, reply)
+            self._stats[k].count_forward(inputs, reply)
             replies[k] = reply
         self._check_quorum(len(replies), 1 if min_answers is None else min_answers, "Forward")
         return replies
@@ -147,9 +142,7 @@ class LocalPool:
             except BudgetExhausted as exc:
                 self._exhausted(k, exc)
                 continue
-            self._stats[k].backward_calls += 1
-            self._stats[k].samples += len(inputs)
-            self._stats[k].bytes += backward_bytes(inputs, grad_logits, grad, by_ref=ref is not None)
+            self._stats[k].count_backward(inputs, grad_logits, grad, by_ref=ref is not None)
             out[k] = grad
         return out
 

@@ -42,7 +42,6 @@ from fedkd.contract import (
     QueryError,
     QueryStats,
     TeacherDescription,
-    requested_terms,
     vote_logits,
 )
 from fedkd.institution.privacy import contract_status
@@ -139,14 +138,14 @@ class TeacherHost:
 
     # The two calls -----------------------------------------------------------
 
-    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (), bn_loss: bool = False,
-                labels: bool = False, keep: Any = None) -> ForwardReply:
-        """Logits and the asked-for teacher-side ``terms`` (``bn_loss``: feature statistics, the original flag),
-        or with ``labels`` hard labels only (all a labels-only client releases). ``keep``: an id a Backward will
-        name; the graph is kept for it (only when this client grants gradients)."""
+    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (), labels: bool = False,
+                keep: Any = None) -> ForwardReply:
+        """Logits and the asked-for teacher-side ``terms``, or with ``labels`` hard labels only (all a labels-only
+        client releases). ``keep``: an id a Backward will name; the graph is kept for it (only when this client
+        grants gradients)."""
         with self._lock:
             self._check_inputs(inputs)
-            names = requested_terms(terms, bn_loss)
+            names = tuple(dict.fromkeys(terms))
             modes = self.description.access_modes
             if not labels and "logits" not in modes:
                 self._refuse("FAILED_PRECONDITION", "this client grants hard labels only; ask for labels")
@@ -172,13 +171,12 @@ class TeacherHost:
                         else logits.argmax(-1).cpu())
             elif self.policy is not None:
                 logits = self.policy.release("logits", logits.detach())
-            self.stats.forward_calls += 1
-            self.stats.samples += len(inputs)
             if labels:
-                self.stats.bytes += inputs.nbytes + hard.nbytes
-                return ForwardReply(vote_logits(hard, self.description.num_classes), labels=hard)
-            self.stats.bytes += inputs.nbytes + logits.nbytes + 4 * len(values)
-            return ForwardReply(logits.detach().cpu(), {k: v.detach().cpu() for k, v in values.items()})
+                reply = ForwardReply(vote_logits(hard, self.description.num_classes), labels=hard)
+            else:
+                reply = ForwardReply(logits.detach().cpu(), {k: v.detach().cpu() for k, v in values.items()})
+            self.stats.count_forward(inputs, reply)
+            return reply
 
     def backward(
         self,
@@ -187,18 +185,14 @@ class TeacherHost:
         state: CurriculumState,
         *,
         grad_terms: Mapping[str, float] | None = None,
-        grad_bn_loss: float | None = None,
         forward_id: Any = None,
     ) -> Tensor:
-        """The input gradient of <grad_logits, logits> + sum_t grad_terms[t] * term_t (``grad_bn_loss``: the
-        feature-statistics entry, the original field); ``inputs`` None with ``forward_id`` naming a Forward asked
-        with ``keep``."""
+        """The input gradient of <grad_logits, logits> + sum_t grad_terms[t] * term_t; ``inputs`` None with
+        ``forward_id`` naming a Forward asked with ``keep``."""
         with self._lock:
             if "gradient" not in self.description.access_modes:
                 self._refuse("FAILED_PRECONDITION", "this client does not grant gradient access")
             weights = dict(grad_terms or {})
-            if grad_bn_loss is not None:
-                weights[FEATURE_STATISTICS] = grad_bn_loss
             kept = None
             if forward_id is not None:
                 kept = self._kept.pop(forward_id, None)
@@ -245,10 +239,7 @@ class TeacherHost:
                 (grad_inputs,) = torch.autograd.grad(outputs, [x], grads)
             if self.policy is not None:
                 grad_inputs = self.policy.release("input gradients", grad_inputs)
-            self.stats.backward_calls += 1
-            self.stats.samples += len(inputs)
-            # The inputs travelled (and are counted) once when the Backward names its Forward.
-            self.stats.bytes += (0 if kept is not None else inputs.nbytes) + grad_logits.nbytes + grad_inputs.nbytes
+            self.stats.count_backward(inputs, grad_logits, grad_inputs, by_ref=kept is not None)
             return grad_inputs.detach().cpu()
 
     def forget_kept(self) -> None:
@@ -260,14 +251,12 @@ class TeacherHost:
 
     def _charge(self, kind: str, rows: int) -> None:
         """Record a release's privacy cost before it is made; past the budget, refuse (counted) and release nothing."""
-        from fedkd.institution.privacy.ledger import BudgetExhausted
 
         assert self.policy is not None
         try:
             self.policy.charge_rows(kind, rows)
-        except BudgetExhausted as exc:
+        except QueryError:  # the budget (or the mechanism) refuses: counted here, like every refusal of the host
             self.stats.refused += 1
-            exc.counted = True
             raise
 
     def _check_terms(self, names: Sequence[str]) -> None:
@@ -293,9 +282,7 @@ class TeacherHost:
 
     def _refuse(self, code: str, message: str) -> None:
         self.stats.refused += 1
-        error = QueryError(code, message)
-        error.counted = True
-        raise error
+        raise QueryError(code, message)
 
     def _check_inputs(self, inputs: Tensor) -> None:
         shape = self.description.input_shape

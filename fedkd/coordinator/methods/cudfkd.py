@@ -113,13 +113,14 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
         opts = self.options
 
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-            out = self.ensemble(x, state, bn_loss=self.use_bn)
+            out = self.ensemble(x, state, terms=(FEATURE_STATISTICS,) if self.use_bn else ())
             t = out.logits  # (B, C)
             zero = torch.zeros((), device=x.device)
             entropy = -opts.weight_entropy * class_balance_entropy(t)
             onehot = opts.weight_onehot * (F.cross_entropy(t, targets) if opts.targets == "balanced"
                                            else onehot_loss(t))
-            bn = opts.weight_bn * out.bn_loss if out.bn_loss is not None else zero
+            statistics = out.terms.get(FEATURE_STATISTICS)
+            bn = opts.weight_bn * statistics if statistics is not None else zero
             adv = zero
             if state.adv_weight > 0:
                 with judging(self.student) as student:
