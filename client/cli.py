@@ -1,7 +1,9 @@
-"""``fedkd teacher``: serve a teacher checkpoint to a coordinator's hub.
+"""``fedkd teacher``: serve a teacher (a checkpoint fedkd trained, or the institution's own model) to a hub.
 
     fedkd teacher --checkpoint teacher.pt --connect hub.example.org:50051 \\
                   --token-file teacher-00.token --ca ca.pem
+    fedkd teacher --model torchvision:resnet18 --model-args '{"num_classes": 7}' --weights derm.pt \\
+                  --task task.toml --connect hub.example.org:50051 --token-file teacher-00.token --ca ca.pem
 
 The agent dials out (no inbound port is opened), answers queries until the
 coordinator ends the session, and prints what it released.
@@ -10,11 +12,12 @@ coordinator ends the session, and prints what it released.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +26,13 @@ import torch
 from fedkd.checkpoint import CheckpointError
 from fedkd.codec import MiB
 from fedkd.contract import ACCESS_MODES, ALL_ACCESS_MODES
+from fedkd.institution.classifier import ModelError, load_classifier, parse_model_args
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
 from fedkd.institution.privacy.policy import LABEL_COUNT_NOISE, MODES, PrivacySettings, ReleasePolicy
 from fedkd.options import BATCH_LIMIT, TIMEOUT_LIMIT, address, argument
+from fedkd.task import Task
 from fedkd.tls import read_certificates, read_private_key
 
 from .agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
@@ -65,13 +70,53 @@ def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Seq
     settings = privacy or PrivacySettings(share_label_counts=share_label_counts)
     policy = ReleasePolicy(settings, num_records=int(ckpt["num_samples"]), training=ckpt.get("privacy"),
                            ledger_path=ledger or ledger_path(path))
+    description = describe_checkpoint(ckpt, model, client=client, share_label_counts=settings.share_label_counts,
+                                      access_modes=_granted(access), policy=policy)
+    return TeacherHost(model, description, max_batch=max_batch, device=device, policy=policy)
+
+
+def _granted(access: Sequence[str]) -> tuple[str, ...]:
+    """The access modes a client grants, checked (``--access``)."""
     unknown = set(access) - set(ALL_ACCESS_MODES)
     if unknown or not access:
         raise ValueError(f"--access: {sorted(unknown) or 'nothing'} given; choose from {', '.join(ALL_ACCESS_MODES)}")
     if "gradient" in access and "logits" not in access:
         raise ValueError("--access: gradient needs logits too (a Backward follows the Forward it differentiates)")
-    description = describe_checkpoint(ckpt, model, client=client, share_label_counts=settings.share_label_counts,
-                                      access_modes=tuple(a for a in ALL_ACCESS_MODES if a in access), policy=policy)
+    return tuple(a for a in ALL_ACCESS_MODES if a in access)
+
+
+def host_from_model(spec: str, task: Task, *, weights: str | Path | None = None,
+                    model_args: Mapping[str, Any] | None = None, label_counts: Sequence[int] | None = None,
+                    max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES, client: int = 0,
+                    device: str = "cpu", privacy: PrivacySettings | None = None,
+                    ledger: str | Path | None = None) -> TeacherHost:
+    """A host for the institution's own classifier (``spec``: see :mod:`fedkd.institution.classifier`) on
+    ``task``, with its own limits and release policy. Label counts are shared only when given (and as the policy
+    releases them); a DP-SGD or PATE guarantee is claimed only for teachers fedkd trained (``--checkpoint``)."""
+    model = load_classifier(spec, task, weights=weights, model_args=model_args)
+    settings = privacy or PrivacySettings(share_label_counts=label_counts is not None)
+    if settings.mode in ("dp-sgd", "pate"):
+        raise ModelError(f"--privacy-mode {settings.mode}: fedkd claims that guarantee only for a teacher it trained "
+                         "(fedkd train-teacher, then --checkpoint); serve your own model with output-noise or none")
+    counts = [int(c) for c in label_counts] if label_counts is not None else None
+    if counts is not None and (len(counts) != task.num_classes or any(c < 0 for c in counts)):
+        raise ModelError(f"--label-counts: {len(counts)} counts for {task.num_classes} classes; give one count per "
+                         "class of the task, in its order, each >= 0")
+    records = sum(counts) if counts else 0
+    if settings.mode != "none" and not settings.delta and not records:
+        raise ModelError("--delta: give the delta of the guarantee (its default, 1 / (10 n), needs the number of "
+                         "records n: give --label-counts)")
+    name = Path(spec).name if spec.endswith(".pt2") else spec
+    source = Path(weights) if weights is not None else Path(spec)
+    policy = ReleasePolicy(settings, num_records=max(records, 1), ledger_path=ledger or ledger_path(source))
+    card = {"model": name, "num_classes": task.num_classes, "input_shape": list(task.input_shape),
+            "mean": list(task.mean), "std": list(task.std), "label_counts": counts or [0] * task.num_classes,
+            "num_samples": records, "privacy": None}
+    description = describe_checkpoint(card, model, client=client,
+                                      share_label_counts=settings.share_label_counts and counts is not None,
+                                      access_modes=_granted(access), policy=policy)
+    if counts is None:
+        description = dataclasses.replace(description, num_samples=None)
     return TeacherHost(model, description, max_batch=max_batch, device=device, policy=policy)
 
 
@@ -85,7 +130,18 @@ def _read(path: str | None, what: str) -> bytes | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="the teacher checkpoint (fedkd.teacher.v1)")
+    teacher = parser.add_argument_group("the teacher: a checkpoint fedkd trained, or the institution's own model")
+    teacher.add_argument("--checkpoint", help="a teacher checkpoint fedkd trained (fedkd.teacher.v1)")
+    teacher.add_argument("--model", metavar="SPEC", help="your own classifier: torchvision:NAME, "
+                         "PACKAGE.MODULE:CALLABLE (your code, on PYTHONPATH), an exported program (.pt2), or a "
+                         "fedkd model name; with --task and --weights")
+    teacher.add_argument("--weights", help="--model's trained weights: a state dict saved with torch.save "
+                         "(read with weights_only=True)")
+    teacher.add_argument("--task", help="the task card (TOML: classes, input-shape, mean, std) --model serves")
+    teacher.add_argument("--model-args", metavar="JSON", help="keyword arguments for --model's constructor, as a "
+                         "JSON object (for example '{\"num_classes\": 7}')")
+    teacher.add_argument("--label-counts", metavar="N,N,...", help="--model: how many training records of each "
+                         "class, in the task's order (released as the privacy mode says); default: not shared")
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", type=address, help="the coordinator's hub")
     parser.add_argument("--token-file", help="file holding this teacher's token (from the coordinator)")
     parser.add_argument("--ca", help="CA certificate (PEM) that signed the hub's certificate; default: system roots")
@@ -162,14 +218,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         read_certificates(args.cert, "certificate (--cert)") if args.cert else None,
         read_private_key(args.key, "key (--key)") if args.key else None)
     privacy = privacy_from_args(args)
-    host = host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=args.access.split(","),
-                                device=args.device, privacy=privacy, ledger=args.ledger)
+    host = _host(args, privacy)
     settings = AgentSettings(target=args.connect, token=token, tls=tls, session=args.session, name=args.name,
                              max_message_bytes=int(args.max_message_mb * MiB), give_up_after=args.give_up_after,
                              server_name=args.server_name)
     agent = TeacherAgent(host, settings)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     return agent.serve()
+
+
+def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
+    """The host of ``--checkpoint``, or of ``--model`` on ``--task``."""
+    if bool(args.checkpoint) == bool(args.model):
+        raise ValueError("give --checkpoint (a teacher fedkd trained) or --model with --task and --weights (your own)")
+    access = args.access.split(",")
+    if args.checkpoint:
+        for flag in ("task", "weights", "model_args", "label_counts"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} goes with --model; a checkpoint carries its own")
+        return host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=access, device=args.device,
+                                    privacy=privacy, ledger=args.ledger)
+    if not args.task:
+        raise ValueError("--model needs --task: the task card of the run (classes, input-shape, mean, std)")
+    counts = None
+    if args.label_counts:
+        try:
+            counts = [int(c) for c in args.label_counts.split(",")]
+        except ValueError:
+            raise ValueError(f"--label-counts: {args.label_counts!r} is not a comma-separated list of counts") from None
+    return host_from_model(args.model, Task.from_toml(args.task), weights=args.weights,
+                           model_args=parse_model_args(args.model_args), label_counts=counts,
+                           max_batch=args.max_batch, access=access, device=args.device, privacy=privacy,
+                           ledger=args.ledger)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from fedkd.options import (
     kebab,
     validate_fields,
 )
+from fedkd.task import Task, run_task
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class RunConfig:
         "mnist5k", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn",
         help="the task's data: built-in mnist5k and digits, the others through torchvision from data-root"))
     data_root: str = field(default="data", metadata=described("folder holding the torchvision datasets"))
+    task: str = field(default="", metadata=described(
+        "a task card (TOML: classes, input-shape, mean, std) for teachers that are the institutions' own models; "
+        "the coordinator then needs no data (fedkd distill); empty: the dataset's task"))
     num_clients: int = field(default=5, metadata=bounded(1, 1000, help="institutions, one teacher each"))
     partition: str = field(default="dirichlet", metadata=choice(
         "iid", "dirichlet", "pathological", help="how the training pool is split among the clients"))
@@ -331,6 +335,10 @@ class RunConfig:
             out.update({f"{self.method}.{kebab(f.name)}": getattr(self.options, f.name)
                         for f in dataclasses.fields(self.options)})
         return out
+
+    def run_task(self) -> Task:
+        """The run's task: its task card, or the built-in dataset's."""
+        return run_task(self.task, self.dataset)
 
     @property
     def resolved(self) -> bool:

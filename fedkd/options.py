@@ -124,7 +124,7 @@ def coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
         if kind.startswith("str"):
             if not isinstance(value, str):
                 raise ValueError
-            return value
+            return str(value)  # a plain str: a CliValue would be pickled into checkpoints as a foreign class
     except (TypeError, ValueError):
         pass
     else:

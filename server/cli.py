@@ -82,9 +82,16 @@ def _build_config(args: argparse.Namespace) -> RunConfig:
     return config_from_mapping(_config_values(args))
 
 
+def _figure(value: float | None) -> str:
+    """A fraction for the table; "-" where nothing was measured (no labelled data at the coordinator)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
-    table = Table(title=f"fedkd {summary['method']} on {summary['dataset']} "
-                        f"({summary['num_clients']} clients, {summary['test_samples']} held-out test images)")
+    on = summary["dataset"] or f"task {summary['task']['name']!r}"
+    held_out = (f"{summary['test_samples']} held-out test images" if summary["test_samples"]
+                else "no labelled data at the coordinator")
+    table = Table(title=f"fedkd {summary['method']} on {on} ({summary['num_clients']} clients, {held_out})")
     table.add_column("model")
     table.add_column("who", style="dim")
     table.add_column("test acc", justify="right")
@@ -92,10 +99,9 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
     table.add_column("loyalty", justify="right")
     for t in summary["teachers"]:
         held = "sample count kept private" if t["num_samples"] is None else f"{t['num_samples']} private samples"
-        table.add_row(f"teacher {t['client']}", f"{t['model']}, {held}",
-                      f"{t['test_accuracy']:.4f}", "", "")
+        table.add_row(f"teacher {t['client']}", f"{t['model']}, {held}", _figure(t["test_accuracy"]), "", "")
     table.add_row("ensemble", f"{summary['ensemble']['aggregation']} of {len(summary['teachers'])} teachers",
-                  f"{summary['ensemble']['test_accuracy']:.4f}", "", "", style="green")
+                  _figure(summary["ensemble"]["test_accuracy"]), "", "", style="green")
     refs = summary["references"]
     if refs.get("fedavg"):
         table.add_row("one-shot FedAvg", "reference: needs teacher weights", f"{refs['fedavg']['test_accuracy']:.4f}",
@@ -104,14 +110,17 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
         table.add_row("centralised", "reference: needs pooled data", f"{refs['centralised']['test_accuracy']:.4f}",
                       "", "", style="dim")
     s = summary["student"]
-    table.add_row("student", f"{s['model']}, data-free", f"{s['test_accuracy']:.4f}", f"{s['agreement']:.4f}",
-                  f"{s['loyalty']:.4f}", style="bold")
+    table.add_row("student", f"{s['model']}, data-free", _figure(s["test_accuracy"]), _figure(s["agreement"]),
+                  _figure(s["loyalty"]), style="bold")
     q = summary["queries"]
-    table.caption = (f"accuracy over epochs: mean {100 * s['accuracy_mean']:.2f} %, variance "
-                     f"{1e4 * s['accuracy_var']:.2f} %^2 | queries: {q['samples']:,} samples, "
+    over_epochs = ("accuracy over epochs: not measured" if s["accuracy_mean"] is None else
+                   f"accuracy over epochs: mean {100 * s['accuracy_mean']:.2f} %, variance "
+                   f"{1e4 * s['accuracy_var']:.2f} %^2")
+    table.caption = (f"{over_epochs} | queries: {q['samples']:,} samples, "
                      f"{q['bytes'] / 1e6:,.1f} MB" + (f" (budget {q['budget']:,})" if q.get("budget") else "")
                      + f" | synthetic pool: {summary['pool']['samples'] or 0:,} samples | wall "
-                     f"{summary['wall_seconds']:.0f} s | run directory: {run_dir}")
+                     f"{summary['wall_seconds']:.0f} s | run directory: {run_dir} (student.pt, student.pt2, "
+                     "student.json)")
     return table
 
 
@@ -170,7 +179,8 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> int:
     config = config.replace(num_clients=args.teachers, transport="grpc")
     tls = _server_tls(args, out, console)
     token_dir = Path(args.token_dir) if args.token_dir else out / "tokens"
-    console.log(f"each teacher runs: fedkd teacher --checkpoint TEACHER.pt --connect {args.listen} "
+    serves = (f"--model SPEC --weights FILE --task {config.task}" if config.task else "--checkpoint TEACHER.pt")
+    console.log(f"each teacher runs: fedkd teacher {serves} --connect {args.listen} "
                 f"--token-file {token_dir}/<{teacher_names(1)[0]} ...>.token"
                 + (f" --ca {out / 'tls' / 'ca.pem'}" if tls and not args.cert else ""))
     with _progress(console) as progress:

@@ -54,9 +54,12 @@ class DialingTeachers:
             hub.drop_absent()
             observer.stage(f"{len(hub.slots)} teachers connected"
                            + (f" ({len(refused)} refused: {'; '.join(f'{n}: {r}' for n, r in refused.items())})"
-                              if refused else "") + f"; loading {config.dataset} for evaluation")
-            split = load_dataset(config.dataset, config.data_root, seed=config.seed)
-            yield Session(hub.pool, "grpc", test=split.test)
+                              if refused else "")
+                           + (f"; loading {config.dataset} for evaluation" if not config.task else
+                              "; no labelled data at the coordinator (task card): the student's accuracy is not "
+                              "measured here"))
+            test = None if config.task else load_dataset(config.dataset, config.data_root, seed=config.seed).test
+            yield Session(hub.pool, "grpc", test=test)
             hub.end_session()
 
     def finish(self, result: Distillation, session: Session, observer: RunObserver) -> None:

@@ -34,7 +34,7 @@ from fedkd.contract import (
     unusable,
 )
 from fedkd.coordinator.pool import QuorumError
-from fedkd.data import SPECS, DatasetSpec
+from fedkd.data import DatasetSpec
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
 
@@ -110,7 +110,7 @@ class Hub:
         return cls(slots, session=session, address=address, tls=tls,
                    max_message_bytes=int(config.max_message_mb * MiB), query_timeout=config.query_timeout,
                    rejoin_timeout=config.rejoin_timeout, quorum=config.quorum_size(len(slots)),
-                   spec=SPECS[config.dataset])
+                   spec=config.run_task().spec)
 
     # Lifecycle --------------------------------------------------------------------------
 

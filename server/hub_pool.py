@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from torch import Tensor
@@ -29,10 +29,7 @@ from fedkd.coordinator.pool import QuorumError, plan
 from fedkd.institution.privacy.ledger import BUDGET_REFUSAL
 from fedkd.v1 import fedkd_pb2 as pb
 
-from .membership import Connection, ConnectionLost, Slot
-
-if TYPE_CHECKING:
-    from .hub import Hub
+from .membership import Connection, ConnectionLost, Members, Slot
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +47,7 @@ class _Outcome:
 class HubPool:
     """The coordinator's pool over a hub: parallel fan-out, deadlines, quorum, rejoin, per-teacher accounting."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Members) -> None:
         self.hub = hub
 
     @property

@@ -10,7 +10,7 @@ import itertools
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fedkd.codec import Serialized, decode_privacy
 from fedkd.contract import QueryError, QueryStats, TeacherDescription
@@ -119,3 +119,19 @@ def spent_report(slot: Slot, spent: pb.Spent) -> dict[str, Any]:
     if privacy is not None:
         report["privacy"] = privacy
     return report
+
+
+class Members(Protocol):
+    """The hub as its pool sees it: the run's slots, who is live, and the limits of a query."""
+
+    slots: list[Slot]
+    quorum: int
+    query_timeout: float
+    rejoin_timeout: float
+    max_message_bytes: int
+
+    def live(self) -> list[Slot]: ...
+
+    def await_live(self, count: int, timeout: float) -> list[Slot] | None: ...
+
+    def missing(self) -> list[str]: ...

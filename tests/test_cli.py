@@ -22,6 +22,27 @@ def test_run_prints_a_results_table_and_writes_the_run_directory(tmp_path, capsy
     assert json.loads((out / "summary.json").read_text())["num_clients"] == 2
 
 
+def test_the_student_leaves_as_a_checkpoint_an_exported_program_and_a_model_card(tmp_path, capsys):
+    """Keys given on the command line are plain values in every file (a --set string once reached student.pt as
+    a foreign class, which weights_only loading refuses)."""
+    import torch
+
+    from fedkd.institution.loading import load_teacher
+
+    out = tmp_path / "run"
+    assert main(["run", *SMALL, "--set", "student-model=lenet5-half", "--out", str(out)]) == 0
+    student, ckpt = load_teacher(out / "student.pt")
+    assert ckpt["model"] == "lenet5-half" and type(ckpt["model"]) is str
+    program = torch.export.load(out / "student.pt2").module()
+    x = torch.randn(7, 1, 8, 8)
+    torch.testing.assert_close(program(x), student(x), rtol=1e-5, atol=1e-5)
+    card = json.loads((out / "student.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert card["architecture"] == "lenet5-half" and card["task"]["input-shape"] == [1, 8, 8]
+    assert card["accuracy"]["coordinator"]["value"] == summary["student"]["test_accuracy"]
+    assert "held-out data" in card["accuracy"]["coordinator"]["measured_on"]
+
+
 def test_config_file_and_set_override(tmp_path):
     cfg = tmp_path / "exp.toml"
     cfg.write_text('dataset = "digits"\nnum-clients = 3\n')

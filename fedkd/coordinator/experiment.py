@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from fedkd.config import RunConfig
 from fedkd.contract import TeacherDescription, access_modes
 from fedkd.coordinator.distillation import Distillation, RunObserver, build
-from fedkd.coordinator.flow import Session, coordinate
+from fedkd.coordinator.flow import Session, coordinate, refuse_task
 from fedkd.coordinator.pool import LocalPool, TeacherPool
 from fedkd.data import DataSplit, load_dataset
 from fedkd.institution.host import TeacherHost, describe_checkpoint
@@ -148,6 +148,7 @@ class LocalTeachers:
 def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = False,
                    observer: RunObserver | None = None, transport: Transport | None = None) -> dict[str, Any]:
     """Run (or resume) one experiment and return its summary (also written to summary.json)."""
+    refuse_task(config, "fedkd run")
     if transport is None:
         if config.transport != "inprocess":
             raise ConfigError(f"transport: {config.transport!r} needs the coordinator's hub; run it with "

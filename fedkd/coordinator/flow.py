@@ -26,11 +26,12 @@ import torch
 
 from fedkd.config import RunConfig
 from fedkd.coordinator.distillation import Distillation, RunObserver, build, distill
+from fedkd.coordinator.export import export_program, model_card, write_model_card
 from fedkd.coordinator.pool import TeacherPool
 from fedkd.coordinator.rundir import claim_run_dir
 from fedkd.coordinator.summary import build_summary, save_student, write_results
 from fedkd.coordinator.synthetic_pool import pool_bytes
-from fedkd.data import SPECS, ImageData
+from fedkd.data import ImageData
 from fedkd.models import is_model_name, model_names
 from fedkd.options import ConfigError
 
@@ -105,11 +106,11 @@ def available_memory() -> int:
 
 def check_pool_memory(config: RunConfig, memory: int | None = None) -> None:
     """Refuse a synthetic pool that would take more than half the memory available, naming its size."""
-    spec = SPECS[config.dataset]
+    spec = config.run_task().spec
     need = pool_bytes(config.pool_size, spec.input_shape, spec.num_classes)
     memory = available_memory() if memory is None else memory
     if need > memory // 2:
-        raise ConfigError(f"pool-size: {config.pool_size:,} samples of {config.dataset} would need "
+        raise ConfigError(f"pool-size: {config.pool_size:,} samples of {spec.name} would need "
                           f"{need / 2**20:,.0f} MiB, more than half the {memory / 2**20:,.0f} MiB available; "
                           f"lower pool-size")
 
@@ -117,7 +118,7 @@ def check_pool_memory(config: RunConfig, memory: int | None = None) -> None:
 def check_names(config: RunConfig) -> None:
     """Fail at start-up on a model that cannot be built for the dataset (an unknown name, a wide ResNet depth
     that is not 6n+4, images too small), naming the key: built on the meta device, so nothing is allocated."""
-    spec = SPECS[config.dataset]
+    spec = config.run_task().spec
     for key, names in (("teacher-model", config.teacher_models()), ("student-model", [config.student_model])):
         for name in dict.fromkeys(names):
             if not is_model_name(name):
@@ -127,6 +128,14 @@ def check_names(config: RunConfig) -> None:
                     build(name, spec)
             except (KeyError, ValueError) as exc:
                 raise ConfigError(f"{key}: {exc.args[0] if exc.args else exc}") from None
+
+
+def refuse_task(config: RunConfig, what: str) -> None:
+    """An entry point whose clients train their teachers on a built-in dataset cannot take a task card."""
+    if config.task:
+        raise ConfigError(f"task: {what} trains each client's teacher on a built-in dataset; with a task card the "
+                          "institutions serve their own models: run fedkd distill, and at each institution fedkd "
+                          "teacher --model SPEC --weights FILE --task CARD")
 
 
 def setup(config: RunConfig) -> torch.device:
@@ -144,13 +153,15 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
     """Run (or resume) one distillation from ``teachers`` and return its summary (also written to summary.json)."""
     observer = observer or LogObserver()
     device = setup(config)
+    task = config.run_task()
     with claim_run_dir(config, run_dir, resume=resume) as saved_state:
         started = time.perf_counter()
         with teachers.session(run_dir, device, observer) as session:
-            result = distill(config, session.pool, SPECS[config.dataset], session.test, run_dir, device=device,
+            result = distill(config, session.pool, task.spec, session.test, run_dir, device=device,
                              saved_state=saved_state, observer=observer, started=started)
         # The session has ended: the clients have reported what they released.
-        save_student(result, config, SPECS[config.dataset], run_dir / "student.pt")
+        save_student(result, config, task.spec, run_dir / "student.pt")
+        export_error = export_program(result.student, task.input_shape, run_dir / "student.pt2")
         teachers.finish(result, session, observer)
         summary = build_summary(config, result, session.pool, test=session.test, transport=session.transport,
                                 wall=result.earlier_seconds + time.perf_counter() - started,
@@ -158,5 +169,7 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
                                 privacy_records=session.privacy_records() if session.privacy_records else None,
                                 sections=session.sections)
         write_results(summary, result, run_dir)
+        write_model_card(model_card(summary, task, result.student, export_error=export_error),
+                         run_dir / "student.json")
     observer.stage(f"summary written to {run_dir / 'summary.json'}")
     return summary

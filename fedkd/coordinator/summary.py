@@ -99,7 +99,8 @@ def build_summary(config: RunConfig, result: Distillation, pool: TeacherPool, *,
                        reconciliation["differences"])
     summary = {
         "method": config.method,
-        "dataset": config.dataset,
+        "dataset": config.dataset if not config.task else None,
+        "task": config.run_task().to_dict(),
         "num_clients": config.num_clients,
         "seed": config.seed,
         "teachers": [

@@ -1,0 +1,101 @@
+"""The student leaves fedkd as plain artefacts: an exported program and a model card.
+
+``student.pt2`` is a ``torch.export`` program with a dynamic batch dimension: ``torch.export.load(path).module()``
+takes normalised (N, C, H, W) float inputs and returns logits, with no fedkd and no Python model code.
+``student.json`` says what the student is and how it was made: the task, the architecture, its parameters, the
+method, the teachers and what each released, the epsilon each client spent, the accuracies with where they were
+measured, the query samples.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedkd.models import count_parameters
+from fedkd.task import Task
+
+logger = logging.getLogger(__name__)
+
+CARD_FORMAT = "fedkd.student-card.v1"
+MAX_BATCH = 65536
+
+
+def export_program(model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> str | None:
+    """Write ``model`` (in eval mode) as an exported program with a dynamic batch dimension; None when it was
+    written, else why not (the run goes on: the state dict in student.pt is still there)."""
+    was_training = model.training
+    model.eval()
+    try:
+        example = torch.zeros(2, *input_shape, device=next(model.parameters()).device)
+        (name,) = list(inspect.signature(model.forward).parameters)[:1]
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        program = torch.export.export(model, (example,), dynamic_shapes={name: {0: batch}})
+        tmp = path.with_name(f".writing-{path.name}")  # torch.export wants the .pt2 ending
+        torch.export.save(program, tmp)
+        os.replace(tmp, path)
+        return None
+    except Exception as exc:  # torch.export refuses some models; the student is still saved as a state dict
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        logger.warning("the student could not be exported (%s); student.pt holds its weights", why)
+        return why
+    finally:
+        model.train(was_training)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fedkd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def model_card(summary: dict[str, Any], task: Task, student: nn.Module, *, export_error: str | None) -> dict[str, Any]:
+    """The student's model card, from the run's summary."""
+    test_samples = summary.get("test_samples") or 0
+    federated = summary.get("federated_evaluation") or {}
+    accuracy = {
+        "coordinator": None if summary["student"].get("test_accuracy") is None else {
+            "value": summary["student"]["test_accuracy"], "measured_on": f"the coordinator's held-out data "
+                                                                          f"({test_samples} samples)"},
+        "federated": None if federated.get("student_accuracy") is None else {
+            "value": federated["student_accuracy"],
+            "measured_on": "the institutions' own held-out data (counts released through their ledgers)"},
+    }
+    privacy = summary.get("privacy") or {}
+    return {
+        "format": CARD_FORMAT,
+        "fedkd_version": _version(),
+        "task": task.to_dict(),
+        "architecture": summary["config"].get("student-model"),
+        "parameters": count_parameters(student),
+        "files": {"state_dict": "student.pt", "exported_program": None if export_error else "student.pt2"},
+        "export_error": export_error,
+        "inputs": "float32 (N, C, H, W), normalised: (x - mean) / std per channel, x in [0, 1]; outputs: logits in "
+                  "the task's class order",
+        "method": summary["method"],
+        "teachers": [{"client": t["client"], "model": t["model"], "num_samples": t["num_samples"]}
+                     for t in summary["teachers"]],
+        "released_by_teachers": summary["queries"].get("per_client"),
+        "epsilon_spent_per_client": [
+            {"client": c.get("client"), "epsilon": c.get("epsilon_spent"),
+             "mechanism": c.get("mechanism", c.get("mode"))}
+            for c in privacy.get("clients") or privacy.get("teachers") or []],
+        "accuracy": accuracy,
+        "agreement_with_ensemble": summary["student"].get("agreement"),
+        "query_samples": summary["queries"]["samples"],
+    }
+
+
+def write_model_card(card: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, path)
