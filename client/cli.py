@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedkd.checkpoint import CheckpointError
 from fedkd.codec import MiB
 from fedkd.contract import ACCESS_MODES, ALL_ACCESS_MODES
-from fedkd.institution.classifier import ModelError, load_classifier, parse_model_args
+from fedkd.institution.classifier import ModelError, dry_forward, load_classifier, parse_model_args
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
@@ -86,14 +87,28 @@ def _granted(access: Sequence[str]) -> tuple[str, ...]:
 
 
 def host_from_model(spec: str, task: Task, *, weights: str | Path | None = None,
-                    model_args: Mapping[str, Any] | None = None, label_counts: Sequence[int] | None = None,
-                    max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES, client: int = 0,
-                    device: str = "cpu", privacy: PrivacySettings | None = None,
-                    ledger: str | Path | None = None) -> TeacherHost:
+                    model_args: Mapping[str, Any] | None = None, ledger: str | Path | None = None,
+                    **host: Any) -> TeacherHost:
     """A host for the institution's own classifier (``spec``: see :mod:`fedkd.institution.classifier`) on
-    ``task``, with its own limits and release policy. Label counts are shared only when given (and as the policy
-    releases them); a DP-SGD or PATE guarantee is claimed only for teachers fedkd trained (``--checkpoint``)."""
+    ``task``; ``host`` as :func:`host_from_module` takes it. The ledger is kept beside the weights (or the
+    exported program) unless ``ledger`` says where."""
     model = load_classifier(spec, task, weights=weights, model_args=model_args)
+    source = Path(weights) if weights is not None else Path(spec)
+    return host_from_module(model, task, name=Path(spec).name if spec.endswith(".pt2") else spec,
+                            ledger=ledger or ledger_path(source), checked=True, **host)
+
+
+def host_from_module(model: nn.Module, task: Task, *, name: str, label_counts: Sequence[int] | None = None,
+                     max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES, client: int = 0,
+                     device: str = "cpu", privacy: PrivacySettings | None = None,
+                     ledger: str | Path | None = None, checked: bool = False) -> TeacherHost:
+    """A host for a classifier the institution holds as an ``nn.Module`` (checked against the task with a dry
+    forward unless ``checked``), with its own limits and release policy. Label counts are shared only when given
+    (and as the policy releases them); a DP-SGD or PATE guarantee is claimed only for teachers fedkd trained
+    (``--checkpoint``)."""
+    if not checked:
+        model.eval()
+        dry_forward(model, task, f"the model {name!r}")
     settings = privacy or PrivacySettings(share_label_counts=label_counts is not None)
     if settings.mode in ("dp-sgd", "pate"):
         raise ModelError(f"--privacy-mode {settings.mode}: fedkd claims that guarantee only for a teacher it trained "
@@ -106,9 +121,7 @@ def host_from_model(spec: str, task: Task, *, weights: str | Path | None = None,
     if settings.mode != "none" and not settings.delta and not records:
         raise ModelError("--delta: give the delta of the guarantee (its default, 1 / (10 n), needs the number of "
                          "records n: give --label-counts)")
-    name = Path(spec).name if spec.endswith(".pt2") else spec
-    source = Path(weights) if weights is not None else Path(spec)
-    policy = ReleasePolicy(settings, num_records=max(records, 1), ledger_path=ledger or ledger_path(source))
+    policy = ReleasePolicy(settings, num_records=max(records, 1), ledger_path=ledger)
     card = {"model": name, "num_classes": task.num_classes, "input_shape": list(task.input_shape),
             "mean": list(task.mean), "std": list(task.std), "label_counts": counts or [0] * task.num_classes,
             "num_samples": records, "privacy": None}

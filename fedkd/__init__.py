@@ -13,6 +13,7 @@ folders, and nothing else.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -20,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 _PACKAGE = Path(__file__).resolve().parent
 _ENTRY_POINTS = ("server", "client")
@@ -41,3 +43,15 @@ class _SourceTreeEntryPoints(importlib.abc.MetaPathFinder):
 if not (_PACKAGE / "server").is_dir() and (_PACKAGE.parent / "server" / "__init__.py").is_file():
     if not any(isinstance(finder, _SourceTreeEntryPoints) for finder in sys.meta_path):
         sys.meta_path.append(_SourceTreeEntryPoints())
+
+
+_API = {"Task": "fedkd.task", "TaskError": "fedkd.task", "distill": "fedkd.api", "serve": "fedkd.api",
+        "Distilled": "fedkd.api"}
+
+
+def __getattr__(name: str) -> Any:
+    """The Python API (``fedkd.Task``, ``fedkd.distill``, ``fedkd.serve``), imported when first used: ``import
+    fedkd`` alone loads neither side."""
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'fedkd' has no attribute {name!r}")

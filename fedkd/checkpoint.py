@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedkd.models import is_model_name, model_names
+from fedkd.models import is_student_spec, model_names
 
 TEACHER_FORMAT = "fedkd.teacher.v1"
 RUN_FORMAT = "fedkd.run.v1"
@@ -91,7 +91,7 @@ def check_teacher_fields(ckpt: dict[str, Any], path: Path) -> None:
         return isinstance(value, int) and not isinstance(value, bool)
 
     name = need("model")
-    if not isinstance(name, str) or not is_model_name(name):
+    if not isinstance(name, str) or not is_student_spec(name):
         raise field_error(path, "model", f"is {name!r}, not a known model ({', '.join(model_names())})")
     classes = need("num_classes")
     if not integer(classes) or not 2 <= classes <= 100_000:
@@ -127,7 +127,7 @@ def check_teacher_fields(ckpt: dict[str, Any], path: Path) -> None:
 def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_classes: int,
                  input_shape: tuple[int, int, int], num_samples: int, label_counts: list[int],
                  mean: tuple[float, ...], std: tuple[float, ...],
-                 privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+                 privacy: dict[str, Any] | None = None, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """A teacher with what its host needs to describe itself (input normalisation, DP guarantee).
 
     Returns the checkpoint as written (what :func:`load_teacher` would return with it)."""
@@ -138,6 +138,8 @@ def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_cla
         "privacy": dict(privacy) if privacy else None,
         "state_dict": model.state_dict(),
     }
+    if model_args:
+        ckpt["model_args"] = dict(model_args)  # a torchvision student's arguments (plain values only)
     save_atomic(ckpt, path)
     return ckpt
 

@@ -23,9 +23,10 @@ from torch import Tensor
 
 from fedkd.contract import (
     FEATURE_STATISTICS,
+    PURPOSES,
     TERM_NAMES,
-    CurriculumState,
     ForwardReply,
+    QueryContext,
     QueryError,
     TeacherDescription,
     vote_logits,
@@ -109,16 +110,38 @@ def decode_tensor(msg: pb.Tensor, *, field: str = "tensor", max_bytes: int | Non
     return t if little_endian else _swap_bytes(t)
 
 
-def encode_state(state: CurriculumState) -> pb.CurriculumState:
-    return pb.CurriculumState(epoch=state.epoch, step=state.step, lam=state.lam, adv_weight=state.adv_weight)
+MAX_SCHEDULE = 32  # named numbers in a query context
+MAX_NAME = 64
 
 
-def decode_state(msg: pb.CurriculumState) -> CurriculumState:
+def encode_state(state: QueryContext) -> pb.CurriculumState:
+    """The query context on the wire; CuDFKD's two numbers also in the first contract's fields (old agents)."""
+    msg = pb.CurriculumState(epoch=state.epoch, step=state.step, lam=state.lam, adv_weight=state.adv_weight,
+                             purpose=state.purpose, method=state.method)
+    for name, value in state.schedule:
+        msg.schedule[name] = value
+    return msg
+
+
+def decode_state(msg: pb.CurriculumState) -> QueryContext:
+    """A query context from a peer, checked: finite numbers, a known purpose, bounded names."""
     for name in ("lam", "adv_weight"):
         if not math.isfinite(getattr(msg, name)):
             raise QueryError("INVALID_ARGUMENT", f"state.{name} is not finite")
-    return CurriculumState(epoch=int(msg.epoch), step=int(msg.step), lam=float(msg.lam),
-                           adv_weight=float(msg.adv_weight))
+    if msg.purpose and msg.purpose not in PURPOSES:
+        raise QueryError("INVALID_ARGUMENT", f"state.purpose {msg.purpose[:MAX_NAME]!r} is not one of "
+                                             f"{', '.join(PURPOSES)}")
+    if len(msg.method) > MAX_NAME or len(msg.schedule) > MAX_SCHEDULE:
+        raise QueryError("INVALID_ARGUMENT", f"state: a method name of at most {MAX_NAME} characters and at most "
+                                             f"{MAX_SCHEDULE} schedule entries")
+    schedule = dict(msg.schedule)
+    for name, value in schedule.items():
+        if len(name) > MAX_NAME or not math.isfinite(value):
+            raise QueryError("INVALID_ARGUMENT", f"state.schedule[{name[:MAX_NAME]!r}] is not a finite number with "
+                                                 "a short name")
+    if not schedule:  # a coordinator that predates the schedule: CuDFKD's numbers in their own fields
+        schedule = {k: float(v) for k, v in (("lambda", msg.lam), ("adv_weight", msg.adv_weight)) if v}
+    return QueryContext(int(msg.epoch), int(msg.step), msg.purpose, msg.method, tuple(sorted(schedule.items())))
 
 
 def encode_privacy(privacy: Mapping[str, float | str] | None) -> pb.PrivacyStatus:
@@ -248,7 +271,7 @@ def forward_inputs(inputs: Tensor) -> bytes:
     return length_delimited(1, encode_tensor(inputs).SerializeToString())
 
 
-def forward_request(inputs: bytes, state: CurriculumState, *, terms: Sequence[str] = (), labels: bool = False,
+def forward_request(inputs: bytes, state: QueryContext, *, terms: Sequence[str] = (), labels: bool = False,
                     keep: bool = False) -> Serialized:
     """One teacher's Forward: the shared ``inputs`` (:func:`forward_inputs`) and its own part of the query."""
     flags = pb.ForwardRequest(state=encode_state(state), labels=labels, keep=keep, terms=list(terms),
@@ -256,7 +279,7 @@ def forward_request(inputs: bytes, state: CurriculumState, *, terms: Sequence[st
     return Serialized(FORWARD_FIELD, inputs + flags.SerializeToString())
 
 
-def backward_request(grad_logits: Tensor, grad_terms: Mapping[str, float], state: CurriculumState, *,
+def backward_request(grad_logits: Tensor, grad_terms: Mapping[str, float], state: QueryContext, *,
                      inputs: pb.Tensor | None = None, forward_id: int = 0) -> pb.BackwardRequest:
     """A Backward naming the Forward it follows (``forward_id``) or carrying the ``inputs`` again."""
     request = pb.BackwardRequest(grad_logits=encode_tensor(grad_logits), state=encode_state(state),
@@ -322,7 +345,7 @@ class ForwardQuery:
     """A Forward as the host takes it."""
 
     inputs: Tensor
-    state: CurriculumState
+    state: QueryContext
     terms: tuple[str, ...]
     labels: bool
     keep: bool
@@ -334,7 +357,7 @@ class BackwardQuery:
 
     inputs: Tensor | None
     grad_logits: Tensor
-    state: CurriculumState
+    state: QueryContext
     grad_terms: dict[str, float]
     forward_id: int
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ class RunConfig:
     task: str = field(default="", metadata=described(
         "a task card (TOML: classes, input-shape, mean, std) for teachers that are the institutions' own models; "
         "the coordinator then needs no data (fedkd distill); empty: the dataset's task"))
+    eval_data: str = field(default="", metadata=described(
+        "labelled data the coordinator evaluates on: an ImageFolder directory (class sub-folders named as the "
+        "task's classes), for fedkd distill; empty: the dataset's test split, none with a task card"))
     num_clients: int = field(default=5, metadata=bounded(1, 1000, help="institutions, one teacher each"))
     partition: str = field(default="dirichlet", metadata=choice(
         "iid", "dirichlet", "pathological", help="how the training pool is split among the clients"))
@@ -108,7 +112,10 @@ class RunConfig:
     # Student and generator. Defaults are tuned for the main job on a 2-core CPU (MNIST-5k; docs/results.md): a
     # small generator, a faster generator learning rate and a stronger BN-statistics weight than the paper's CIFAR
     # scripts (generator width 64, lr 1e-3, weight-bn 1), which --set restores.
-    student_model: str = field(default="lenet5-half", metadata=described("the student's architecture"))
+    student_model: str = field(default="lenet5-half", metadata=described(
+        "the student's architecture: a fedkd model name, or torchvision:NAME (a torchvision classifier)"))
+    student_args: str = field(default="", metadata=described(
+        "keyword arguments of a torchvision student, a JSON object (num_classes is the task's)"))
     method: str = field(default="cudfkd", metadata=described("the distillation method; its options are METHOD.KEY"))
     epochs: int = field(default=10, metadata=bounded(1, None, help="distillation epochs (evaluated and "
                                                                "checkpointed after each)"))
@@ -335,6 +342,18 @@ class RunConfig:
             out.update({f"{self.method}.{kebab(f.name)}": getattr(self.options, f.name)
                         for f in dataclasses.fields(self.options)})
         return out
+
+    def student_arguments(self) -> dict[str, Any]:
+        """``student-args`` as keyword arguments; ConfigError naming the key when it is not a JSON object."""
+        if not self.student_args:
+            return {}
+        try:
+            args = json.loads(self.student_args)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"student-args: {self.student_args!r} is not JSON ({exc.msg})") from None
+        if not isinstance(args, dict):
+            raise ConfigError(f"student-args: give a JSON object of keyword arguments, got {self.student_args!r}")
+        return args
 
     def run_task(self) -> Task:
         """The run's task: its task card, or the built-in dataset's."""

@@ -1,10 +1,11 @@
 """The contract between an institution and the coordinator, as Python types: what crosses the trust boundary.
 
 Both sides import this module and nothing on either side is imported by it: the query context every call
-carries (:class:`CurriculumState`), what a teacher says about itself (:class:`TeacherDescription`), what a
-Forward answers (:class:`ForwardReply`), what a client has released (:class:`QueryStats`), the access modes a
-client grants, the names of the teacher-side terms, and :class:`QueryError`, a refusal with its gRPC status
-code. The wire form of each is ``fedkd.v1`` (``protos/fedkd/v1/fedkd.proto``); ``fedkd.codec`` converts.
+carries (:class:`QueryContext`: purpose, method, schedule), what a teacher says about itself
+(:class:`TeacherDescription`), what a Forward answers (:class:`ForwardReply`), what a client has released
+(:class:`QueryStats`), the access modes a client grants, the names of the teacher-side terms, and
+:class:`QueryError`, a refusal with its gRPC status code. The wire form of each is ``fedkd.v1``
+(``protos/fedkd/v1/fedkd.proto``); ``fedkd.codec`` converts.
 """
 
 from __future__ import annotations
@@ -68,14 +69,47 @@ class QueryError(ValueError):
         self.message = message
 
 
+PURPOSES = ("synthesis", "distill", "evaluate")  # why the coordinator asks
+
+
 @dataclass(frozen=True)
-class CurriculumState:
-    """The server's curriculum at the time of a query (docs/methods.md, CuDFKD)."""
+class QueryContext:
+    """What every query carries besides its inputs: the epoch and student step it is asked at, why it is asked
+    (``purpose``: synthesis, a generator learning from the answers; distill, answers the student trains on;
+    evaluate, measuring teachers and ensemble), the method that asks, and the method's schedule as named numbers
+    (CuDFKD's curriculum: ``lambda`` and ``adv_weight``, docs/methods.md). The coordinator decides all of it; an
+    institution can audit what it answers under."""
 
     epoch: int = 0
     step: int = 0
-    lam: float = 0.0
-    adv_weight: float = 0.0
+    purpose: str = ""
+    method: str = ""
+    schedule: tuple[tuple[str, float], ...] = ()  # (name, value) pairs, sorted by name
+
+    @classmethod
+    def of(cls, *, epoch: int = 0, step: int = 0, purpose: str = "", method: str = "",
+           **schedule: float) -> QueryContext:
+        """A context with the schedule given as keywords: ``QueryContext.of(epoch=2, lam=0.5)`` (``lam`` is the
+        schedule's ``lambda``)."""
+        named = {("lambda" if k == "lam" else k): float(v) for k, v in schedule.items()}
+        return cls(epoch, step, purpose, method, tuple(sorted(named.items())))
+
+    def value(self, name: str, default: float = 0.0) -> float:
+        """A number of the schedule (``default`` when the method's schedule has none of that name)."""
+        return dict(self.schedule).get(name, default)
+
+    @property
+    def lam(self) -> float:
+        """CuDFKD's self-paced threshold lambda_t."""
+        return self.value("lambda")
+
+    @property
+    def adv_weight(self) -> float:
+        """CuDFKD's adversarial weight a_adv(epoch)."""
+        return self.value("adv_weight")
+
+    def asked_for(self, purpose: str) -> QueryContext:
+        return dataclasses.replace(self, purpose=purpose)
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,53 @@ def load_node_file(path: str | Path, spec: DatasetSpec) -> tuple[ImageData, Imag
     return train, part("x_test", "y_test") if "x_test" in arrays else None
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def load_image_folder(root: str | Path, classes: tuple[str, ...], input_shape: tuple[int, int, int]) -> ImageData:
+    """Labelled images in torchvision's ImageFolder layout (``root/<class name>/<image>``), resized to the task's
+    input shape, in [0, 1]; labels in the task's class order. A folder that is not one of the task's classes, a
+    class without a folder, or an image PIL cannot read is refused, naming it."""
+    import torchvision
+    from torchvision import transforms
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"image folder {str(root)!r} does not exist (class sub-folders of images)")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    unknown = [f for f in folders if f not in classes]
+    missing = [c for c in classes if c not in folders]
+    if unknown or missing:
+        raise ValueError(f"image folder {str(root)!r}: " + "; ".join(
+            ([f"sub-folder(s) {', '.join(map(repr, unknown))} name no class of the task"] if unknown else [])
+            + ([f"no sub-folder for class(es) {', '.join(map(repr, missing))}"] if missing else []))
+            + f" (the task's classes: {', '.join(classes)})")
+    channels, height, width = input_shape
+    steps: list[Any] = [transforms.Resize((height, width))]
+    if channels == 1:
+        steps.append(transforms.Grayscale(1))
+    steps.append(transforms.ToTensor())
+    dataset = torchvision.datasets.ImageFolder(str(root), transform=transforms.Compose(steps),
+                                               is_valid_file=lambda f: f.lower().endswith(IMAGE_SUFFIXES))
+    order = {name: classes.index(name) for name in dataset.classes}
+    images, labels = [], []
+    for path, folder_label in dataset.samples:
+        try:
+            image = dataset.loader(path)
+        except Exception as exc:  # PIL raises many kinds for a file that is not an image it reads
+            raise ValueError(f"image folder {str(root)!r}: {path!r} is not an image PIL can read "
+                             f"({type(exc).__name__})") from None
+        x = dataset.transform(image) if dataset.transform is not None else image
+        if x.shape[0] != channels:
+            raise ValueError(f"image folder {str(root)!r}: {path!r} has {x.shape[0]} channels, the task takes "
+                             f"{channels}")
+        images.append(x)
+        labels.append(order[dataset.classes[folder_label]])
+    if not images:
+        raise ValueError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return ImageData(torch.stack(images).float(), torch.tensor(labels, dtype=torch.int64))
+
+
 def holdout_indices(test_labels: Tensor, num_clients: int, seed: int) -> list[np.ndarray]:
     """Each simulated client's local held-out data: an IID share of the test split."""
     return partition_indices(test_labels, num_clients, "iid", seed=seed + 7919)

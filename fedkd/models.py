@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,44 @@ def model_names() -> list[str]:
 
 def is_model_name(name: str) -> bool:
     return name in MODELS or bool(_WRN.match(name))
+
+
+TORCHVISION = "torchvision:"
+
+
+def is_student_spec(spec: str) -> bool:
+    """A student fedkd can build: a registry name, or ``torchvision:NAME`` (a classifier of torchvision.models)."""
+    return is_model_name(spec) or spec.startswith(TORCHVISION)
+
+
+def torchvision_classifier(name: str, args: dict[str, Any]) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=None, **args)``, for a classification model only;
+    ValueError naming what is wrong (nothing is downloaded)."""
+    import torchvision
+
+    classifiers = torchvision.models.list_models(module=torchvision.models)
+    if name not in classifiers:
+        close = [n for n in classifiers if name.lower() in n]
+        raise ValueError(f"torchvision:{name} is not a classification model of torchvision.models"
+                         + (f"; did you mean {', '.join(close[:5])}?" if close else ""))
+    args = dict(args)
+    if args.pop("weights", None) not in (None, "None"):
+        raise ValueError(f"torchvision:{name}: pretrained weights would download; give your weights as a state dict")
+    try:
+        return torchvision.models.get_model(name, weights=None, **args)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"torchvision:{name} with arguments {args}: {exc}") from None
+
+
+def build_student(spec: str, *, num_classes: int, channels: int, image_size: int,
+                  args: dict[str, Any] | None = None) -> nn.Module:
+    """The student a spec names, for the task's classes (a torchvision model gets ``num_classes`` unless
+    ``args`` say otherwise)."""
+    if spec.startswith(TORCHVISION):
+        return torchvision_classifier(spec[len(TORCHVISION):], {"num_classes": num_classes, **(args or {})})
+    if args:
+        raise ValueError(f"student-args: fedkd's own model {spec!r} takes none")
+    return build_model(spec, num_classes=num_classes, channels=channels, image_size=image_size)
 
 
 def build_model(name: str, *, num_classes: int, channels: int, image_size: int) -> nn.Module:

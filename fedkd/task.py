@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedkd.data import SPECS, DatasetSpec
+from fedkd.data import SPECS, DatasetSpec, ImageData, load_image_folder
 from fedkd.options import ConfigError
 
 MAX_CLASSES = 100_000
@@ -46,6 +46,15 @@ class Task:
     name: str = "task"
 
     def __post_init__(self) -> None:
+        classes: Any = self.classes
+        if isinstance(classes, int) and not isinstance(classes, bool):
+            classes = [str(c) for c in range(classes)]
+        object.__setattr__(self, "classes", tuple(str(c) for c in classes))
+        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.input_shape) != 3:
+            raise TaskError(f"task: input_shape must be (channels, height, width), got {self.input_shape}")
         check(self, "task")
 
     @property
@@ -107,6 +116,10 @@ class Task:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise TaskError(f"task card {str(path)!r} is not valid TOML: {exc}") from None
         return cls.from_mapping(values, where=f"task card {str(path)!r}")
+
+    def load_images(self, root: str | Path) -> ImageData:
+        """Labelled images of this task from an ImageFolder directory (class sub-folders named as its classes)."""
+        return load_image_folder(root, self.classes, self.input_shape)
 
     def to_dict(self) -> dict[str, Any]:
         """The task card's keys (as a run's summary and the student's model card record them)."""

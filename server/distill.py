@@ -55,10 +55,16 @@ class DialingTeachers:
             observer.stage(f"{len(hub.slots)} teachers connected"
                            + (f" ({len(refused)} refused: {'; '.join(f'{n}: {r}' for n, r in refused.items())})"
                               if refused else "")
-                           + (f"; loading {config.dataset} for evaluation" if not config.task else
+                           + (f"; evaluating on {config.eval_data}" if config.eval_data else
+                              f"; loading {config.dataset} for evaluation" if not config.task else
                               "; no labelled data at the coordinator (task card): the student's accuracy is not "
                               "measured here"))
-            test = None if config.task else load_dataset(config.dataset, config.data_root, seed=config.seed).test
+            if config.eval_data:
+                test = config.run_task().load_images(config.eval_data)
+            elif config.task:
+                test = None
+            else:
+                test = load_dataset(config.dataset, config.data_root, seed=config.seed).test
             yield Session(hub.pool, "grpc", test=test)
             hub.end_session()
 

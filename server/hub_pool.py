@@ -24,7 +24,7 @@ from fedkd.codec import (
     forward_inputs,
     forward_request,
 )
-from fedkd.contract import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription
+from fedkd.contract import ForwardReply, QueryContext, QueryError, QueryStats, TeacherDescription
 from fedkd.coordinator.pool import QuorumError, plan
 from fedkd.institution.privacy.ledger import BUDGET_REFUSAL
 from fedkd.v1 import fedkd_pb2 as pb
@@ -127,7 +127,7 @@ class HubPool:
             raise QuorumError(f"{what}: {len(outcome.answers)} of {len(self.hub.slots)} teachers answered, "
                               f"{need} needed ({why})")
 
-    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
+    def forward(self, inputs: Tensor, state: QueryContext, *, terms: Sequence[str] = (),
                 min_answers: int | None = None, only: Sequence[int] | None = None,
                 keep: bool = False) -> dict[int, ForwardReply]:
         need = self.hub.quorum if min_answers is None else min_answers
@@ -167,7 +167,7 @@ class HubPool:
         raise AssertionError("unreachable")
 
     def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, Mapping[str, float]]],
-                 state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
+                 state: QueryContext, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
         if not grads:
             return {}
         x: pb.Tensor | None = None

@@ -45,14 +45,14 @@ from fedkd.server.hub import Hub
 from fedkd.server.loopback import agent_command, grpc_transport
 
 from fedkd.config import config_from_mapping
-from fedkd.contract import CurriculumState
+from fedkd.contract import QueryContext
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.experiment import prepare_clients, run_experiment
 from fedkd.data import load_dataset
 from fedkd.tls import make_dev_pki
 
 ROOT = Path(__file__).resolve().parent.parent
-STATE = CurriculumState()
+STATE = QueryContext()
 
 
 class _Quiet:

@@ -43,7 +43,7 @@ from compare import _key, run_one  # noqa: E402
 from privacy_utility import mapping  # noqa: E402
 
 from fedkd.config import config_from_mapping  # noqa: E402
-from fedkd.contract import CurriculumState  # noqa: E402
+from fedkd.contract import QueryContext  # noqa: E402
 from fedkd.data import ImageData, load_dataset  # noqa: E402
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher  # noqa: E402
@@ -66,7 +66,7 @@ STUDENT_AUC_TARGET = 0.55
 def _through_host(host: TeacherHost, inputs: torch.Tensor) -> torch.Tensor:
     """The logits the coordinator gets for ``inputs``: Forward queries, as many as the host's batch limit needs."""
     step = host.max_batch
-    return torch.cat([host.forward(inputs[i:i + step], CurriculumState()).logits for i in range(0, len(inputs), step)])
+    return torch.cat([host.forward(inputs[i:i + step], QueryContext()).logits for i in range(0, len(inputs), step)])
 
 
 def _shadow_data(train: ImageData, exclude: np.ndarray, counts: list[int], rng: np.random.Generator) -> np.ndarray:

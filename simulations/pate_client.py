@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fedkd.config import config_from_mapping
-from fedkd.contract import CurriculumState
+from fedkd.contract import QueryContext
 from fedkd.data import load_dataset
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.privacy.pate import ABSTAIN, pate_record
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                     "input_shape": list(spec.input_shape), "mean": list(spec.mean), "std": list(spec.std),
                     "num_samples": len(data), "label_counts": data.label_counts(spec.num_classes), "privacy": record}
             host = TeacherHost(model, describe_checkpoint(ckpt, model, client=0, policy=policy), policy=policy)
-            labels = torch.cat([host.forward(x[i:i + 256], CurriculumState(), labels=True).labels
+            labels = torch.cat([host.forward(x[i:i + 256], QueryContext(), labels=True).labels
                                 for i in range(0, len(x), 256)])
             out = policy.record()
         answered = labels != ABSTAIN

@@ -99,10 +99,10 @@ def test_description_round_trips_and_is_validated():
 
 def test_a_query_serialised_once_is_the_message_the_contract_defines():
     from fedkd.codec import Serialized, encode_state, encode_tensor, length_delimited
-    from fedkd.contract import CurriculumState
+    from fedkd.contract import QueryContext
 
     x = encode_tensor(torch.randn(3, 1, 4, 4))
-    state = encode_state(CurriculumState(epoch=2, step=5, lam=0.5, adv_weight=0.25))
+    state = encode_state(QueryContext.of(epoch=2, step=5, lam=0.5, adv_weight=0.25))
     for flags in ({}, {"keep": True}, {"labels": True, "bn_loss": True}):
         body = length_delimited(1, x.SerializeToString()) + pb.ForwardRequest(state=state, **flags).SerializeToString()
         for mid in (1, 300, 2**40):
@@ -124,9 +124,9 @@ def test_the_codec_s_query_messages_round_trip_and_speak_the_old_fields_for_old_
         forward_inputs,
         forward_request,
     )
-    from fedkd.contract import FEATURE_STATISTICS, CurriculumState, ForwardReply
+    from fedkd.contract import FEATURE_STATISTICS, ForwardReply, QueryContext
 
-    x, state = torch.randn(3, 1, 4, 4), CurriculumState(epoch=1, step=7, lam=0.25, adv_weight=0.5)
+    x, state = torch.randn(3, 1, 4, 4), QueryContext.of(epoch=1, step=7, lam=0.25, adv_weight=0.5)
     wire = pb.HubMessage.FromString(forward_request(forward_inputs(x), state, terms=(FEATURE_STATISTICS,),
                                                     keep=True).message(9))
     assert wire.forward.bn_loss and list(wire.forward.terms) == [FEATURE_STATISTICS]
@@ -156,3 +156,27 @@ def test_the_codec_s_query_messages_round_trip_and_speak_the_old_fields_for_old_
                                                           state=request.state, grad_bn_loss=2.0))
     assert old_back.grad_terms == {FEATURE_STATISTICS: 2.0} and torch.equal(old_back.inputs, x)
     assert torch.equal(decode_tensor(encode_backward_reply(x).backward.grad_inputs), x)
+
+
+def test_the_query_context_round_trips_and_an_old_coordinator_s_curriculum_is_read_as_a_schedule():
+    from fedkd.codec import decode_state, encode_state
+    from fedkd.contract import QueryContext
+
+    context = QueryContext.of(epoch=3, step=40, purpose="synthesis", method="cudfkd", lam=0.7, adv_weight=1.5)
+    wire = encode_state(context)
+    assert (wire.lam, wire.adv_weight, dict(wire.schedule)) == (0.7, 1.5, {"lambda": 0.7, "adv_weight": 1.5})
+    assert decode_state(pb.CurriculumState.FromString(wire.SerializeToString())) == context
+    old = decode_state(pb.CurriculumState(epoch=1, lam=0.25, adv_weight=0.5))
+    assert old.lam == 0.25 and old.adv_weight == 0.5 and old.purpose == ""
+    assert decode_state(pb.CurriculumState(epoch=1)).schedule == ()
+    with pytest.raises(QueryError, match="state.purpose 'spy' is not one of"):
+        decode_state(pb.CurriculumState(purpose="spy"))
+    bad = pb.CurriculumState()
+    bad.schedule["lambda"] = float("nan")
+    with pytest.raises(QueryError, match="is not a finite number"):
+        decode_state(bad)
+    many = pb.CurriculumState()
+    for k in range(40):
+        many.schedule[f"n{k}"] = 1.0
+    with pytest.raises(QueryError, match="at most 32 schedule entries"):
+        decode_state(many)

@@ -10,7 +10,7 @@ from torch import nn
 
 from fedkd.checkpoint import save_teacher
 from fedkd.config import config_from_mapping
-from fedkd.contract import FEATURE_STATISTICS, CurriculumState
+from fedkd.contract import FEATURE_STATISTICS, QueryContext
 from fedkd.data import load_dataset
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
@@ -75,7 +75,7 @@ def test_a_dp_teacher_with_released_statistics_serves_the_term_and_the_ledger_co
     host = TeacherHost(loaded, describe_checkpoint(ckpt, loaded, client=0, policy=policy), policy=policy)
     assert FEATURE_STATISTICS in host.describe().available_terms
     x = spec.normalize(data.images[:32])
-    reply = host.forward(x, CurriculumState(), terms=[FEATURE_STATISTICS])
+    reply = host.forward(x, QueryContext(), terms=[FEATURE_STATISTICS])
     expected = sum(torch.norm(m - layer.released_mean) + torch.norm(v - layer.released_var)
                    for layer, (m, v) in zip(statistics_layers(loaded), _exact_statistics(loaded, x)))
     assert reply.terms[FEATURE_STATISTICS].item() == pytest.approx(float(expected), rel=1e-5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedkd.contract import CurriculumState, TeacherDescription
+from fedkd.contract import QueryContext, TeacherDescription
 from fedkd.coordinator.aggregation import AGGREGATORS, class_weights, resolve_aggregator
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.pool import LocalPool
@@ -28,7 +28,7 @@ def _teacher(row, counts=None, client=0):
 
 def test_mean_of_logits():
     ens = Ensemble(LocalPool([_teacher([1.0, 0.0, 0.0]), _teacher([0.0, 3.0, 0.0])]), "logit-mean")
-    out = ens(torch.zeros(2, 1, 2, 2), CurriculumState())
+    out = ens(torch.zeros(2, 1, 2, 2), QueryContext())
     torch.testing.assert_close(out.logits, torch.tensor([[0.5, 1.5, 0.0]] * 2))
     assert out.terms == {} and len(out.member_logits) == 2 and out.members == [0, 1]
 
@@ -46,9 +46,9 @@ def test_class_weights_follow_label_counts_and_decliners_count_as_uniform():
 
 def test_class_weighted_probabilities_and_logits():
     teachers = [_teacher([4.0, 4.0], [10, 0]), _teacher([0.0, 2.0], [0, 10])]
-    out = Ensemble(LocalPool(teachers), "class-weighted-logits")(torch.zeros(1, 1, 2, 2), CurriculumState())
+    out = Ensemble(LocalPool(teachers), "class-weighted-logits")(torch.zeros(1, 1, 2, 2), QueryContext())
     torch.testing.assert_close(out.logits, torch.tensor([[4.0, 2.0]]))
-    out = Ensemble(LocalPool(teachers), "class-weighted")(torch.zeros(1, 1, 2, 2), CurriculumState())
+    out = Ensemble(LocalPool(teachers), "class-weighted")(torch.zeros(1, 1, 2, 2), QueryContext())
     # p(c) ~ w[0, c] p_0(c) + w[1, c] p_1(c) = (0.5, softmax([0, 2])[1])
     p1 = torch.softmax(torch.tensor([0.0, 2.0]), 0)[1]
     expected = torch.tensor([0.5, float(p1)])
@@ -63,14 +63,14 @@ def test_a_teacher_that_saw_two_classes_does_not_dominate_the_class_weighted_ans
     teachers = [_teacher(confident_zero, [50, 50] + [0] * 8, 0),
                 _teacher(seven, [50] * 10, 1), _teacher(seven, [50] * 10, 2)]
     x = torch.zeros(1, 1, 2, 2)
-    assert Ensemble(LocalPool(teachers), "logit-mean")(x, CurriculumState()).logits.argmax(1).item() == 0
+    assert Ensemble(LocalPool(teachers), "logit-mean")(x, QueryContext()).logits.argmax(1).item() == 0
     for name in ("class-weighted", "class-weighted-logits"):
-        assert Ensemble(LocalPool(teachers), name)(x, CurriculumState()).logits.argmax(1).item() == 7, name
+        assert Ensemble(LocalPool(teachers), name)(x, QueryContext()).logits.argmax(1).item() == 7, name
 
 
 def test_confidence_weighting_prefers_the_sure_teacher_per_sample():
     sure, unsure = _teacher([0.0, 8.0, 0.0]), _teacher([0.4, 0.0, 0.5])
-    out = Ensemble(LocalPool([sure, unsure]), "confidence")(torch.zeros(3, 1, 2, 2), CurriculumState())
+    out = Ensemble(LocalPool([sure, unsure]), "confidence")(torch.zeros(3, 1, 2, 2), QueryContext())
     assert out.logits.argmax(1).tolist() == [1, 1, 1]
     assert torch.allclose(out.logits.exp().sum(1), torch.ones(3))
 
@@ -83,7 +83,7 @@ def test_gradients_flow_through_every_aggregator_to_every_teacher(name):
         label_counts=(5, 3, 1 + k))) for k in range(2)]
     ens = Ensemble(LocalPool(hosts), name)
     x = torch.randn(4, 1, 2, 2, requires_grad=True)
-    out = ens(x, CurriculumState())
+    out = ens(x, QueryContext())
     loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1, 2, 0]))
     (grad,) = torch.autograd.grad(loss, x)
     # the same loss through local copies of the teachers: the fan-out's gradient is exact

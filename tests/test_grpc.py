@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fedkd.codec import encode_description, encode_tensor
-from fedkd.contract import FEATURE_STATISTICS, CurriculumState, TeacherDescription
+from fedkd.contract import FEATURE_STATISTICS, QueryContext, TeacherDescription
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.pool import LocalPool, QuorumError
 from fedkd.institution.host import TeacherHost
@@ -23,7 +23,7 @@ from fedkd.tls import make_dev_pki
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
 
-STATE = CurriculumState(epoch=1, step=7, lam=0.5, adv_weight=0.25)
+STATE = QueryContext.of(epoch=1, step=7, lam=0.5, adv_weight=0.25)
 SHAPE = (1, 8, 8)
 
 

@@ -144,3 +144,28 @@ def test_a_wrong_method_name_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="method: 'cmi' is not one of cudfkd, tadfkd, rdskd, hidfd, dafl, dfad, "
                                           "deepinversion"):
         config_from_mapping({"method": "cmi"})
+
+
+def test_every_query_carries_why_it_is_asked_which_method_asks_and_its_schedule(teachers, tmp_path, monkeypatch):
+    """The query context: evaluation queries say so; CuDFKD's synthesis queries carry its curriculum (lambda and
+    the adversarial weight) as named numbers; answers the student trains on say distill."""
+    from fedkd.institution.host import TeacherHost
+
+    seen = []
+    original = TeacherHost.forward
+
+    def recording(self, inputs, state, **kwargs):
+        seen.append(state)
+        return original(self, inputs, state, **kwargs)
+
+    monkeypatch.setattr(TeacherHost, "forward", recording)
+    shutil.copytree(teachers, tmp_path / "clients")
+    run_experiment(config_from_mapping({**BASE, "epochs": 2, "steps-per-epoch": 2, "synthesis-forward-batches": 1,
+                                        "cudfkd.adv-start": 0.5}), tmp_path)
+    purposes = {s.purpose for s in seen}
+    assert purposes == {"evaluate", "synthesis", "distill"}
+    synthesis = [s for s in seen if s.purpose == "synthesis"]
+    assert {s.method for s in synthesis} == {"cudfkd"} and {s.epoch for s in synthesis} == {0, 1}
+    assert all(dict(s.schedule).keys() == {"lambda", "adv_weight"} for s in synthesis)
+    assert max(s.adv_weight for s in synthesis) >= 0.5
+    assert all(s.method == "" and s.schedule == () for s in seen if s.purpose == "evaluate")

@@ -10,7 +10,7 @@ import torch
 from fedkd.client.cli import host_from_model
 from torch import nn
 
-from fedkd.contract import FEATURE_STATISTICS, CurriculumState
+from fedkd.contract import FEATURE_STATISTICS, QueryContext
 from fedkd.institution.classifier import ModelError, load_classifier
 from fedkd.institution.privacy.policy import PrivacySettings
 from fedkd.task import Task
@@ -64,7 +64,7 @@ def test_the_institution_s_own_module_serves_with_its_weights(clinic, tmp_path):
     host = host_from_model("clinic_models:Clinic", DIGITS, weights=weights, label_counts=[5] * 10)
     assert host.description.has_feature_statistics and FEATURE_STATISTICS in host.description.available_terms
     assert host.description.label_counts == tuple([5] * 10) and host.description.num_samples == 50
-    reply = host.forward(x, CurriculumState(), terms=(FEATURE_STATISTICS,))
+    reply = host.forward(x, QueryContext(), terms=(FEATURE_STATISTICS,))
     assert reply.logits.shape == (4, 10) and FEATURE_STATISTICS in reply.terms
 
 
@@ -121,7 +121,7 @@ def test_a_torchvision_classifier_with_its_own_head_serves_an_rgb_task(tmp_path)
     assert host.description.has_feature_statistics and host.description.model == "torchvision:resnet18"
     assert host.description.label_counts is None and host.description.num_samples is None
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(host.forward(x, CurriculumState()).logits, model.eval()(x))
+    torch.testing.assert_close(host.forward(x, QueryContext()).logits, model.eval()(x))
     with pytest.raises(ModelError, match="answers \\(2, 1000\\)"):
         torch.save(torchvision.models.get_model("resnet18", weights=None).state_dict(), tmp_path / "r1000.pt")
         load_classifier("torchvision:resnet18", RGB, weights=tmp_path / "r1000.pt")
@@ -138,14 +138,14 @@ def test_an_exported_program_serves_without_python_code_and_without_the_statisti
     host = host_from_model(str(path), DIGITS, privacy=PrivacySettings(mode="output-noise", delta=1e-5))
     assert host.description.model == "teacher.pt2" and not host.description.has_feature_statistics
     x = torch.randn(3, 1, 8, 8)
-    assert host.forward(x, CurriculumState()).logits.shape == (3, 10)
+    assert host.forward(x, QueryContext()).logits.shape == (3, 10)
     # input gradients through the exported graph, as autograd gives them
     plain = host_from_model(str(path), DIGITS, ledger=tmp_path / "plain.json")
     g = torch.randn(3, 10)
-    plain.forward(x, CurriculumState())
+    plain.forward(x, QueryContext())
     xr = x.clone().requires_grad_(True)
     (reference(xr) * g).sum().backward()
-    torch.testing.assert_close(plain.backward(x, g, CurriculumState()), xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain.backward(x, g, QueryContext()), xr.grad, rtol=1e-5, atol=1e-6)
     assert host.policy is not None and host.policy.ledger.spent > 0  # noise on what it released, accounted
     not_a_program = tmp_path / "fake.pt2"
     not_a_program.write_bytes(b"not a zip")

@@ -12,7 +12,7 @@ from scipy.stats import norm
 from test_privacy_policy import rdp as rdp_epsilon  # the RDP accountant, independently of the ledger
 
 from fedkd.checkpoint import save_teacher
-from fedkd.contract import CurriculumState, QueryError, vote_logits
+from fedkd.contract import QueryContext, QueryError, vote_logits
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy import BudgetExhausted, PrivacySettings, ReleasePolicy, recompute_epsilon
@@ -28,7 +28,7 @@ from fedkd.institution.privacy.pate import (
 )
 from fedkd.models import build_model
 
-STATE = CurriculumState()
+STATE = QueryContext()
 SHAPE = (1, 8, 8)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedkd.contract import CurriculumState, QueryError, TeacherDescription
+from fedkd.contract import QueryContext, QueryError, TeacherDescription
 from fedkd.coordinator.pool import LocalPool, QuorumError
 from fedkd.institution.host import TeacherHost
 from fedkd.institution.privacy import (
@@ -21,7 +21,7 @@ from fedkd.institution.privacy import (
 )
 from fedkd.models import build_model
 
-STATE = CurriculumState(epoch=0, step=0, lam=0.5, adv_weight=0.0)
+STATE = QueryContext.of(epoch=0, step=0, lam=0.5, adv_weight=0.0)
 SHAPE = (1, 8, 8)
 TRAINING = {"mechanism": "dp-sgd", "epsilon_budget": 4.0, "epsilon_spent": 3.9, "delta": 1e-5, "unit": "record",
             "noise_multiplier": 1.1, "sample_rate": 0.02, "steps": 600, "max_grad_norm": 1.0, "accountant": "prv"}

@@ -5,7 +5,7 @@ import logging
 import torch
 from torch import nn
 
-from fedkd.contract import CurriculumState, TeacherDescription
+from fedkd.contract import QueryContext, TeacherDescription
 from fedkd.coordinator.aggregation import AGGREGATORS
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.pool import LocalPool
@@ -115,8 +115,8 @@ def test_a_hostile_teacher_claiming_large_counts_does_not_own_the_class_weighted
         assert robust.aggregation == "class-weighted"
         with caplog.at_level(logging.WARNING, logger="fedkd.coordinator.robustness"):
             for step in range(3):  # a few batches of evidence
-                robust(_inputs(64, step), CurriculumState())
-        accuracy = {name: float((ens(x, CurriculumState()).logits.argmax(-1) == _truth(x)).float().mean())
+                robust(_inputs(64, step), QueryContext())
+        accuracy = {name: float((ens(x, QueryContext()).logits.argmax(-1) == _truth(x)).float().mean())
                     for name, ens in (("trusting", trusting), ("robust", robust))}
         assert accuracy["robust"] > 0.95, accuracy
         if not liar.random:
@@ -129,9 +129,9 @@ def test_a_hostile_teacher_claiming_large_counts_does_not_own_the_class_weighted
 def test_order_statistic_aggregators_leave_the_distrusted_teacher_out():
     robust = Ensemble(LocalPool(_federation(Liar())), "trimmed-mean")
     for step in range(3):
-        robust(_inputs(64, step), CurriculumState())
+        robust(_inputs(64, step), QueryContext())
     x = _inputs(128, 7)
-    assert float((robust(x, CurriculumState()).logits.argmax(-1) == _truth(x)).float().mean()) > 0.95
+    assert float((robust(x, QueryContext()).logits.argmax(-1) == _truth(x)).float().mean()) > 0.95
 
 
 def test_absurd_logits_are_clipped_and_counted():
@@ -163,10 +163,10 @@ def test_the_gradient_through_the_ensemble_caps_a_hostile_hosts_huge_gradient():
     hosts.append(HugeGradients(Reads(4), hosts[0].description, max_batch=1024))
     ens = Ensemble(LocalPool(hosts), "prob-mean", reliability=False)
     x = _inputs(16, 3).requires_grad_(True)
-    ens(x, CurriculumState()).logits[:, 3].sum().backward()
+    ens(x, QueryContext()).logits[:, 3].sum().backward()
     honest = Ensemble(LocalPool(_federation(Reads(9))[:4]), "prob-mean", reliability=False)
     y = x.detach().clone().requires_grad_(True)
-    honest(y, CurriculumState()).logits[:, 3].sum().backward()
+    honest(y, QueryContext()).logits[:, 3].sum().backward()
     assert ens.bounds.clipped_gradients == {4: 16}
     honest_norm = y.grad.flatten(1).norm(dim=1)
     assert float(honest_norm.min()) > 0.01  # the honest teachers do give a gradient
@@ -201,7 +201,7 @@ def test_the_zeroth_order_estimate_approximates_the_true_input_gradient_of_a_lin
     x = torch.randn(8, 1, 4, 4)
     g = torch.randn(8, C)
     base = host.model(x).detach()
-    estimate = zeroth_order_gradient(pool, x, [0], {0: g}, {0: base}, CurriculumState(),
+    estimate = zeroth_order_gradient(pool, x, [0], {0: g}, {0: base}, QueryContext(),
                                      ZerothOrder(directions=4000, radius=1e-3, max_batch=1024),
                                      generator=torch.Generator().manual_seed(0))[0]
     truth = (g @ host.model.weight.detach()).view_as(x)  # d/dx <g, W x> = W^T g
@@ -221,7 +221,7 @@ def test_backward_goes_only_to_teachers_that_grant_gradients_the_others_are_esti
         ens = Ensemble(LocalPool(hosts), "logit-mean", zeroth_order=ZerothOrder(directions, 1e-3))
         assert ens.gradient_members == {0}
         x.grad = None
-        ens(x, CurriculumState()).logits[:, 3].sum().backward()
+        ens(x, QueryContext()).logits[:, 3].sum().backward()
         assert hosts[1].stats.backward_calls == 0 and hosts[1].stats.refused == 0  # never asked for a gradient
         exact = 0.5 * hosts[0].model.weight.detach()[3]  # the gradient teacher's term alone
         if directions == 0:
@@ -255,11 +255,11 @@ def test_a_labels_only_teacher_refuses_logits_and_the_ensemble_asks_it_for_label
     labels_host = _linear_host(2, ("labels",))
     x = torch.randn(6, 1, 4, 4)
     with pytest.raises(QueryError, match="FAILED_PRECONDITION: this client grants hard labels only"):
-        labels_host.forward(x, CurriculumState())
+        labels_host.forward(x, QueryContext())
     assert labels_host.stats.refused == 1
     hosts = [_linear_host(0, ("gradient", "logits")), _linear_host(1, ("logits",)), labels_host]
     ens = Ensemble(LocalPool(hosts), "prob-mean")
-    out = ens(x, CurriculumState())
+    out = ens(x, QueryContext())
     assert labels_host.stats.refused == 1  # the coordinator read the description and asked for labels
     truth = labels_host.model(x).argmax(-1)
     votes = out.member_logits[2].softmax(-1)
@@ -293,9 +293,9 @@ class OverClaims(nn.Module):
 def test_a_teacher_that_over_claims_a_class_is_not_trusted_for_it():
     robust = Ensemble(LocalPool(_federation(OverClaims())), "auto")
     for step in range(4):
-        robust(_inputs(128, step), CurriculumState())
+        robust(_inputs(128, step), QueryContext())
     factors = robust.reliability.class_weights()
     assert float(factors[4, 1]) < 0.5  # says "1" far more often than the others do: its claim on 1 is discounted
     assert bool((factors[:4] == 1).all())
     x = _inputs(256, 42)
-    assert float((robust(x, CurriculumState()).logits.argmax(-1) == _truth(x)).float().mean()) > 0.9
+    assert float((robust(x, QueryContext()).logits.argmax(-1) == _truth(x)).float().mean()) > 0.9

@@ -6,7 +6,7 @@ from torch import nn
 
 from fedkd.augment import random_shift
 from fedkd.config import config_from_mapping
-from fedkd.contract import CurriculumState, TeacherDescription
+from fedkd.contract import QueryContext, TeacherDescription
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.flow import check_pool_memory
 from fedkd.coordinator.methods import QueryBudget
@@ -121,7 +121,7 @@ def test_synthesizer_keeps_the_best_iterate_with_the_answers_to_exactly_its_imag
     seen = []
 
     def loss_fn(x, targets):
-        out = ensemble(x, CurriculumState())
+        out = ensemble(x, QueryContext())
         loss = torch.nn.functional.cross_entropy(out.logits, targets)
         seen.append(float(loss.detach()))
         return loss, out.logits, {"loss": loss}
@@ -130,7 +130,7 @@ def test_synthesizer_keeps_the_best_iterate_with_the_answers_to_exactly_its_imag
     assert len(seen) == 4 and batch.terms["loss"] == min(seen)
     assert batch.images.shape == (20, 1, 8, 8) and torch.equal(torch.round(batch.images * 255), batch.images * 255)
     # the stored answers are what the ensemble says about the stored images
-    again = ensemble(SPEC.normalize(batch.images), CurriculumState()).logits
+    again = ensemble(SPEC.normalize(batch.images), QueryContext()).logits
     torch.testing.assert_close(batch.answers, again)
     assert torch.bincount(batch.targets, minlength=10).tolist() == [2] * 10
     # 4 steps, each a Forward and a Backward of 20 samples to each of the 2 teachers
@@ -143,7 +143,7 @@ def test_generator_reset_rebuilds_the_generator_every_n_rounds():
                         torch.device("cpu"))
 
     def loss_fn(x, targets):
-        out = ensemble(x, CurriculumState())
+        out = ensemble(x, QueryContext())
         return out.logits.mean(), out.logits, {}
 
     ids = []
@@ -155,11 +155,11 @@ def test_generator_reset_rebuilds_the_generator_every_n_rounds():
 
 def test_query_budget_counts_from_its_opening_and_refuses_a_round_that_would_overrun():
     ensemble = _ensemble(2)
-    ensemble(torch.zeros(5, 1, 8, 8), CurriculumState())  # before the budget opens: not counted
+    ensemble(torch.zeros(5, 1, 8, 8), QueryContext())  # before the budget opens: not counted
     budget = QueryBudget(ensemble, limit=100)
     assert budget.spent == 0 and budget.allows(100) and not budget.allows(101)
     before = budget.spent
-    ensemble(torch.zeros(20, 1, 8, 8), CurriculumState())
+    ensemble(torch.zeros(20, 1, 8, 8), QueryContext())
     budget.charge(before)
     assert budget.spent == 40 and budget.last_cost == 40
     assert budget.allows(10) and not budget.allows(70)  # the last round's cost is the estimate's floor
@@ -170,8 +170,8 @@ def test_a_drawn_batch_costs_one_forward_and_its_answers_fit_its_images():
     ensemble = _ensemble(2)
     synth = Synthesizer(SPEC, SynthesisSettings(batch_size=12, latent_dim=8, width=4, lr=0.05, shift=1),
                         torch.device("cpu"))
-    batch = synth.draw(lambda x: ensemble(x, CurriculumState()).logits)
+    batch = synth.draw(lambda x: ensemble(x, QueryContext()).logits)
     assert [s.forward_calls for s in ensemble.pool.stats()] == [1, 1]
     assert [s.backward_calls for s in ensemble.pool.stats()] == [0, 0]
     assert sum(s.samples for s in ensemble.pool.stats()) == 12 * 2
-    torch.testing.assert_close(batch.answers, ensemble(SPEC.normalize(batch.images), CurriculumState()).logits)
+    torch.testing.assert_close(batch.answers, ensemble(SPEC.normalize(batch.images), QueryContext()).logits)

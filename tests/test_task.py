@@ -65,3 +65,41 @@ def test_a_bad_task_card_is_refused_naming_the_file_and_the_field(tmp_path, card
 def test_a_missing_task_card_is_named(tmp_path):
     with pytest.raises(TaskError, match="does not exist"):
         Task.from_toml(tmp_path / "none.toml")
+
+
+def _write_pngs(root, counts, size=(10, 12), mode="L"):
+    from PIL import Image
+
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new(mode, size, color=40 * i % 255).save(root / name / f"{i}.png")
+
+
+def test_an_image_folder_loads_resized_with_labels_in_the_task_s_order(tmp_path):
+    task = Task(("zebra", "apple", "mango"), (1, 8, 8), (0.5,), (0.5,))
+    _write_pngs(tmp_path / "val", {"apple": 2, "mango": 1, "zebra": 3})
+    data = task.load_images(tmp_path / "val")
+    assert data.images.shape == (6, 1, 8, 8) and 0.0 <= float(data.images.min()) <= float(data.images.max()) <= 1.0
+    assert sorted(data.labels.tolist()) == [0, 0, 0, 1, 1, 2]  # zebra is the task's class 0, whatever the folder order
+    rgb = Task(("a", "b"), (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    _write_pngs(tmp_path / "rgb", {"a": 1, "b": 1}, mode="RGB")
+    assert rgb.load_images(tmp_path / "rgb").images.shape == (2, 3, 16, 16)
+
+
+def test_a_bad_image_folder_is_refused_naming_the_class_or_the_file(tmp_path):
+    task = Task(("cat", "dog"), (1, 8, 8), (0.5,), (0.5,))
+    _write_pngs(tmp_path / "extra", {"cat": 1, "dog": 1, "cow": 1})
+    with pytest.raises(ValueError, match="'cow' name no class of the task"):
+        task.load_images(tmp_path / "extra")
+    _write_pngs(tmp_path / "short", {"cat": 1})
+    with pytest.raises(ValueError, match="no sub-folder for class\\(es\\) 'dog'"):
+        task.load_images(tmp_path / "short")
+    _write_pngs(tmp_path / "broken", {"cat": 1, "dog": 1})
+    (tmp_path / "broken" / "dog" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png' is not an image PIL can read"):
+        task.load_images(tmp_path / "broken")
+    from fedkd.data import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        task.load_images(tmp_path / "nowhere")

@@ -2,14 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedkd.contract import FEATURE_STATISTICS, CurriculumState, QueryError, TeacherDescription
+from fedkd.contract import FEATURE_STATISTICS, QueryContext, QueryError, TeacherDescription
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.pool import LocalPool
 from fedkd.institution.host import TeacherHost
 from fedkd.institution.terms import FeatureStatistics
 from fedkd.models import build_model
 
-STATE = CurriculumState(epoch=2, step=10, lam=1.5, adv_weight=0.5)
+STATE = QueryContext.of(epoch=2, step=10, lam=1.5, adv_weight=0.5)
 
 
 def _trained_bn_model(seed=0):
@@ -173,18 +173,18 @@ def test_backward_only_for_inputs_the_host_answered_a_forward_for():
 def test_a_backward_naming_its_forward_differentiates_the_kept_graph():
     host = _host()
     x, g = torch.randn(4, *host.description.input_shape), torch.randn(4, host.description.num_classes)
-    host.forward(x, CurriculumState(), keep="a")
-    by_name = host.backward(None, g, CurriculumState(), forward_id="a")
+    host.forward(x, QueryContext(), keep="a")
+    by_name = host.backward(None, g, QueryContext(), forward_id="a")
     fresh = _host()
-    fresh.forward(x, CurriculumState())
-    torch.testing.assert_close(by_name, fresh.backward(x, g, CurriculumState()))
+    fresh.forward(x, QueryContext())
+    torch.testing.assert_close(by_name, fresh.backward(x, g, QueryContext()))
     # the inputs are counted once (with the Forward), not again with the Backward
     assert host.stats.bytes == fresh.stats.bytes - x.nbytes
     with pytest.raises(QueryError, match="FAILED_PRECONDITION: Backward names Forward 'a', which this teacher "
                                          "does not keep"):
-        host.backward(None, g, CurriculumState(), forward_id="a")  # a graph is differentiated once
+        host.backward(None, g, QueryContext(), forward_id="a")  # a graph is differentiated once
     for k in range(6):  # only the last keep_graphs (4) are kept
-        host.forward(x, CurriculumState(), keep=k)
+        host.forward(x, QueryContext(), keep=k)
     with pytest.raises(QueryError, match="does not keep"):
-        host.backward(None, g, CurriculumState(), forward_id=0)
-    assert host.backward(None, g, CurriculumState(), forward_id=5).shape == x.shape
+        host.backward(None, g, QueryContext(), forward_id=0)
+    assert host.backward(None, g, QueryContext(), forward_id=5).shape == x.shape

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedkd.contract import FEATURE_STATISTICS, CurriculumState
+from fedkd.contract import FEATURE_STATISTICS, QueryContext
 from fedkd.coordinator.aggregation import Aggregator, class_weights, resolve_aggregator
 from fedkd.coordinator.pool import TeacherPool, plan
 from fedkd.coordinator.robustness import AnswerBounds, Reliability, capped_counts
@@ -37,7 +37,7 @@ class EnsembleOutput:
     member_logits: list[Tensor]  # their logits, aligned with ``members``
 
 
-def _query(pool: TeacherPool, inputs: Tensor, state: CurriculumState, terms: Sequence[str],
+def _query(pool: TeacherPool, inputs: Tensor, state: QueryContext, terms: Sequence[str],
            min_answers: int | None, refs: dict[int, Any] | None = None
            ) -> tuple[Tensor, list[int], Tensor, Tensor, Tensor]:
     """One Forward fan-out: (the inputs as sent, members that answered, logits (K', B, C), term values
@@ -72,7 +72,7 @@ class ZerothOrder:
 
 
 def zeroth_order_gradient(pool: TeacherPool, x: Tensor, teachers: list[int], grad_logits: dict[int, Tensor],
-                          base_logits: dict[int, Tensor], state: CurriculumState, zo: ZerothOrder,
+                          base_logits: dict[int, Tensor], state: QueryContext, zo: ZerothOrder,
                           generator: torch.Generator | None = None) -> dict[int, Tensor]:
     """Per teacher k, an estimate of d/dx sum_b <grad_logits[k][b], logits_k(x_b)> from Forward queries alone:
     (d / m) sum_j (f_b(x_b + r u_j) - f_b(x_b)) / r * u_j, u_j uniform on the unit sphere of the input's d
@@ -104,7 +104,7 @@ class _FanOut(torch.autograd.Function):
     """inputs (B, ...) -> logits (K', B, C), term values (K', T) of the K' members that answered."""
 
     @staticmethod
-    def forward(ctx: Any, inputs: Tensor, pool: TeacherPool, state: CurriculumState, terms: tuple[str, ...],
+    def forward(ctx: Any, inputs: Tensor, pool: TeacherPool, state: QueryContext, terms: tuple[str, ...],
                 min_answers: int | None, answered: dict[str, Any], ensemble: Ensemble) -> tuple[Tensor, Tensor]:
         refs: dict[int, Any] = {}
         x, members, logits, values, computed = _query(pool, inputs, state, terms, min_answers, refs)
@@ -238,7 +238,7 @@ class Ensemble:
         self.reliability.load_state_dict(state["reliability"])
         self.bounds.load_state_dict(state["bounds"])
 
-    def __call__(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
+    def __call__(self, inputs: Tensor, state: QueryContext, *, terms: Sequence[str] = (),
                  require_all: bool = False) -> EnsembleOutput:
         """Query the teachers; gradients flow back through Backward queries when ``inputs`` requires grad.
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedkd.contract import CurriculumState
+from fedkd.contract import QueryContext
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.losses import js_distance
 
@@ -33,8 +33,11 @@ class EnsembleAnswers:
 
 
 @torch.no_grad()
-def query_ensemble(ensemble: Ensemble, inputs: Tensor, *, batch_size: int) -> EnsembleAnswers:
-    state = CurriculumState()
+def query_ensemble(ensemble: Ensemble, inputs: Tensor, *, batch_size: int,
+                   state: QueryContext | None = None) -> EnsembleAnswers:
+    """Every teacher's answers and the ensemble's on ``inputs`` (all must answer), asked to evaluate unless
+    ``state`` says otherwise."""
+    state = state or QueryContext(purpose="evaluate")
     outs = [ensemble(inputs[i:i + batch_size], state, require_all=True) for i in range(0, len(inputs), batch_size)]
     members = [torch.cat([o.member_logits[k] for o in outs]) for k in range(len(ensemble))]
     return EnsembleAnswers(torch.cat([o.logits for o in outs]), members)

@@ -32,7 +32,7 @@ from fedkd.coordinator.rundir import claim_run_dir
 from fedkd.coordinator.summary import build_summary, save_student, write_results
 from fedkd.coordinator.synthetic_pool import pool_bytes
 from fedkd.data import ImageData
-from fedkd.models import is_model_name, model_names
+from fedkd.models import build_student, is_model_name, is_student_spec, model_names
 from fedkd.options import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -119,15 +119,27 @@ def check_names(config: RunConfig) -> None:
     """Fail at start-up on a model that cannot be built for the dataset (an unknown name, a wide ResNet depth
     that is not 6n+4, images too small), naming the key: built on the meta device, so nothing is allocated."""
     spec = config.run_task().spec
-    for key, names in (("teacher-model", config.teacher_models()), ("student-model", [config.student_model])):
-        for name in dict.fromkeys(names):
-            if not is_model_name(name):
-                raise ConfigError(f"{key}: unknown model {name!r}; valid: {', '.join(model_names())}")
-            try:
-                with torch.device("meta"):
-                    build(name, spec)
-            except (KeyError, ValueError) as exc:
-                raise ConfigError(f"{key}: {exc.args[0] if exc.args else exc}") from None
+    for name in dict.fromkeys(config.teacher_models()):
+        if not is_model_name(name):
+            raise ConfigError(f"teacher-model: unknown model {name!r}; valid: {', '.join(model_names())}")
+        try:
+            with torch.device("meta"):
+                build(name, spec)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"teacher-model: {exc.args[0] if exc.args else exc}") from None
+    if not is_student_spec(config.student_model):
+        raise ConfigError(f"student-model: unknown model {config.student_model!r}; valid: {', '.join(model_names())}, "
+                          "or torchvision:NAME")
+    try:
+        with torch.device("meta"):
+            student = build_student(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
+                                    image_size=spec.image_size, args=config.student_arguments())
+            out = student.eval()(torch.zeros(2, *spec.input_shape))
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise ConfigError(f"student-model: {exc.args[0] if exc.args else exc}") from None
+    if tuple(out.shape) != (2, spec.num_classes):
+        raise ConfigError(f"student-model: {config.student_model!r} answers {tuple(out.shape)} for a batch of 2; the "
+                          f"task has {spec.num_classes} classes")
 
 
 def refuse_task(config: RunConfig, what: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from fedkd.contract import CurriculumState, ForwardReply, QueryError, QueryStats, TeacherDescription
+from fedkd.contract import ForwardReply, QueryContext, QueryError, QueryStats, TeacherDescription
 from fedkd.institution.host import TeacherHost
 from fedkd.institution.privacy.ledger import BudgetExhausted
 
@@ -39,7 +39,7 @@ class TeacherPool(Protocol):
     @property
     def descriptions(self) -> list[TeacherDescription]: ...
 
-    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
+    def forward(self, inputs: Tensor, state: QueryContext, *, terms: Sequence[str] = (),
                 min_answers: int | None = None, only: Sequence[int] | None = None,
                 keep: bool = False) -> dict[int, ForwardReply]:
         """Logits (and each of ``terms`` from the members that compute it) per answering member; ``only``
@@ -52,7 +52,7 @@ class TeacherPool(Protocol):
         ...
 
     def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, Mapping[str, float]]],
-                 state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
+                 state: QueryContext, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
         """Gradient w.r.t. ``inputs`` from each member in ``grads`` (its grad_logits, grad_terms) that answered;
         a member with a ref in ``refs`` is sent that (its Forward's id) instead of the inputs."""
         ...
@@ -110,7 +110,7 @@ class LocalPool:
             why = "; ".join(f"client {self.hosts[k].description.client}: {m}" for k, m in self.exhausted.items())
             raise QuorumError(f"{what}: {answered} of {len(self.hosts)} teachers answered, {need} needed ({why})")
 
-    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (),
+    def forward(self, inputs: Tensor, state: QueryContext, *, terms: Sequence[str] = (),
                 min_answers: int | None = None, only: Sequence[int] | None = None,
                 keep: bool = False) -> dict[int, ForwardReply]:
         replies = {}
@@ -132,7 +132,7 @@ class LocalPool:
         return replies
 
     def backward(self, inputs: Tensor, grads: Mapping[int, tuple[Tensor, Mapping[str, float]]],
-                 state: CurriculumState, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
+                 state: QueryContext, refs: Mapping[int, Any] | None = None) -> dict[int, Tensor]:
         out = {}
         for k, (grad_logits, grad_terms) in grads.items():
             ref = (refs or {}).get(k)

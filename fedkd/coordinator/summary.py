@@ -141,7 +141,8 @@ def build_summary(config: RunConfig, result: Distillation, pool: TeacherPool, *,
 
 def save_student(result: Distillation, config: RunConfig, spec: DatasetSpec, path: Path) -> None:
     """The distilled model, in the teacher checkpoint format (load_teacher reads it; it could serve as a teacher)."""
-    save_teacher(path, result.student, model_name=config.student_model, num_classes=spec.num_classes,
+    save_teacher(path, result.student, model_name=config.student_model, model_args=config.student_arguments(),
+                 num_classes=spec.num_classes,
                  input_shape=spec.input_shape, num_samples=0, label_counts=[0] * spec.num_classes, mean=spec.mean,
                  std=spec.std)
 

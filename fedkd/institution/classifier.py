@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedkd.models import build_model, is_model_name
+from fedkd.models import build_model, is_model_name, torchvision_classifier
 from fedkd.options import ConfigError
 from fedkd.task import Task
 
@@ -72,20 +72,10 @@ def build(spec: str, task: Task, model_args: Mapping[str, Any] | None = None) ->
 
 
 def _torchvision(name: str, args: dict[str, Any]) -> nn.Module:
-    import torchvision
-
-    classifiers = torchvision.models.list_models(module=torchvision.models)
-    if name not in classifiers:
-        close = [n for n in classifiers if name.lower() in n]
-        raise ModelError(f"--model torchvision:{name}: not a classification model of torchvision.models"
-                         + (f"; did you mean {', '.join(close[:5])}?" if close else ""))
-    if args.get("weights") not in (None, "None"):
-        raise ModelError(f"--model-args: weights={args['weights']!r} would download; give your weights with --weights")
-    args.pop("weights", None)
     try:
-        return torchvision.models.get_model(name, weights=None, **args)
-    except (TypeError, ValueError) as exc:
-        raise ModelError(f"--model torchvision:{name} with --model-args {json.dumps(args)}: {exc}") from None
+        return torchvision_classifier(name, args)
+    except ValueError as exc:
+        raise ModelError(f"--model {exc}") from None
 
 
 def _callable(spec: str, args: dict[str, Any]) -> nn.Module:

@@ -14,7 +14,7 @@ It answers the two calls of the query contract and nothing else:
   forward_id=ID)`` differentiates it without the inputs travelling again or
   the teacher running twice.
 
-Every call carries the server's :class:`CurriculumState`, so each client can
+Every call carries the server's :class:`QueryContext`, so each client can
 audit the schedule it is being queried under. Bad requests raise
 :class:`QueryError` with a gRPC-style status code and a message naming the
 problem; the host keeps serving afterwards.
@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from fedkd.contract import (
     ACCESS_MODES,
     FEATURE_STATISTICS,
-    CurriculumState,
     ForwardReply,
+    QueryContext,
     QueryError,
     QueryStats,
     TeacherDescription,
@@ -120,7 +120,7 @@ class TeacherHost:
         # The client's release policy (privacy mode, noise, budget, ledger); None: answers as computed.
         self.policy = policy
         self.stats = QueryStats()
-        self.last_state: CurriculumState | None = None
+        self.last_state: QueryContext | None = None
         self._lock = threading.Lock()
         # Digests of the last ``remember`` Forward inputs: a Backward is only answered for inputs the
         # host has answered a Forward for, so gradients are never released for arbitrary probes.
@@ -138,7 +138,7 @@ class TeacherHost:
 
     # The two calls -----------------------------------------------------------
 
-    def forward(self, inputs: Tensor, state: CurriculumState, *, terms: Sequence[str] = (), labels: bool = False,
+    def forward(self, inputs: Tensor, state: QueryContext, *, terms: Sequence[str] = (), labels: bool = False,
                 keep: Any = None) -> ForwardReply:
         """Logits and the asked-for teacher-side ``terms``, or with ``labels`` hard labels only (all a labels-only
         client releases). ``keep``: an id a Backward will name; the graph is kept for it (only when this client
@@ -182,7 +182,7 @@ class TeacherHost:
         self,
         inputs: Tensor | None,
         grad_logits: Tensor,
-        state: CurriculumState,
+        state: QueryContext,
         *,
         grad_terms: Mapping[str, float] | None = None,
         forward_id: Any = None,

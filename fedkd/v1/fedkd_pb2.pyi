@@ -43,16 +43,29 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class CurriculumState(_message.Message):
-    __slots__ = ("epoch", "step", "lam", "adv_weight")
+    __slots__ = ("epoch", "step", "lam", "adv_weight", "purpose", "method", "schedule")
+    class ScheduleEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAM_FIELD_NUMBER: _ClassVar[int]
     ADV_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     step: int
     lam: float
     adv_weight: float
-    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., lam: _Optional[float] = ..., adv_weight: _Optional[float] = ...) -> None: ...
+    purpose: str
+    method: str
+    schedule: _containers.ScalarMap[str, float]
+    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., lam: _Optional[float] = ..., adv_weight: _Optional[float] = ..., purpose: _Optional[str] = ..., method: _Optional[str] = ..., schedule: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PrivacyStatus(_message.Message):
     __slots__ = ("mechanism", "epsilon_budget", "epsilon_spent", "delta", "unit")

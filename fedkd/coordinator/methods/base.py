@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
-from fedkd.contract import CurriculumState
+from fedkd.contract import QueryContext
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.student import StudentSettings, StudentTrainer
 from fedkd.coordinator.synthesis import SynthesisSettings, Synthesizer, SyntheticBatch
@@ -58,7 +58,7 @@ class DistillationMethod(Protocol):
 
     def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[str, float]: ...
 
-    def curriculum_state(self, epoch: int) -> CurriculumState: ...
+    def curriculum_state(self, epoch: int) -> QueryContext: ...
 
     def synthetic_samples(self) -> Tensor: ...
 
@@ -177,9 +177,10 @@ class GeneratorMethod(Generic[Options]):
         self.fixed_latent = torch.randn(NUM_SAMPLE_IMAGES, synthesis.latent_dim,
                                         generator=torch.Generator().manual_seed(cfg.seed + 7))
 
-    def curriculum_state(self, epoch: int) -> CurriculumState:
-        """Baselines have no curriculum: every query still carries the epoch and the student's step."""
-        return CurriculumState(epoch=epoch, step=self.trainer.steps)
+    def curriculum_state(self, epoch: int) -> QueryContext:
+        """The context of a synthesis query: the epoch, the student's step, the method (and its schedule, for a
+        method that has one)."""
+        return QueryContext.of(epoch=epoch, step=self.trainer.steps, purpose="synthesis", method=self.name)
 
     def round_cost(self, steps: int | None = None) -> int:
         """Query samples of one synthesis round: a Forward and a Backward of the batch per step per teacher."""
@@ -203,7 +204,7 @@ class GeneratorMethod(Generic[Options]):
         """A batch from the generator as it is, answered by a Forward alone; None past the budget."""
         if not self.budget.fits(self.forward_cost()):
             return None
-        state = self.curriculum_state(epoch)
+        state = self.curriculum_state(epoch).asked_for("distill")  # answers the student trains on
         return self.synthesizer.draw(lambda x: self.ensemble(x, state).logits)
 
     def student_step_on_pool(self) -> dict[str, float]:

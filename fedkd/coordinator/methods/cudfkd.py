@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedkd.contract import FEATURE_STATISTICS, CurriculumState
+from fedkd.contract import FEATURE_STATISTICS, QueryContext
 from fedkd.coordinator.curriculum import REGULARISERS, Curriculum
 from fedkd.coordinator.losses import class_balance_entropy, kl_per_sample, onehot_loss
 from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
@@ -104,12 +104,13 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
         )
         self.use_bn = opts.weight_bn > 0 and self.ensemble.has_feature_statistics
 
-    def curriculum_state(self, epoch: int) -> CurriculumState:
+    def curriculum_state(self, epoch: int) -> QueryContext:
         lam = self.curriculum.lam(self.trainer.steps)
-        return CurriculumState(epoch=epoch, step=self.trainer.steps, lam=float(min(lam, 1e30)),
+        return QueryContext.of(epoch=epoch, step=self.trainer.steps, purpose="synthesis", method=self.name,
+                               lam=float(min(lam, 1e30)),
                                adv_weight=self.curriculum.adv_weight(epoch))
 
-    def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
+    def generator_loss(self, state: QueryContext) -> SynthesisLoss:
         opts = self.options
 
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -142,7 +143,7 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
         for _ in range(self.config.synthesis_forward_batches):
             if not self.budget.fits(self.forward_cost()):
                 break
-            extra = self.synthesizer.draw(lambda x: self.ensemble(x, state).logits)
+            extra = self.synthesizer.draw(lambda x: self.ensemble(x, state.asked_for("distill")).logits)
             self.pool.add(extra.images, extra.answers, extra.targets)
         metrics.add(batch.terms)
         return True

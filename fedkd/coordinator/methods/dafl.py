@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from fedkd.contract import ACTIVATION, CurriculumState
+from fedkd.contract import ACTIVATION, QueryContext
 from fedkd.coordinator.losses import mean_prediction_negentropy, onehot_loss
 from fedkd.coordinator.methods.base import (
     GeneratorMethod,
@@ -66,7 +66,7 @@ class DAFL(GeneratorMethod[DAFLOptions]):
         self.terms = require_terms(self.ensemble, self.name,
                                    {ACTIVATION: ("weight-activation", opts.weight_activation)})
 
-    def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
+    def generator_loss(self, state: QueryContext) -> SynthesisLoss:
         opts = self.options
 
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from fedkd.contract import CurriculumState
+from fedkd.contract import QueryContext
 from fedkd.coordinator.losses import l1_per_sample
 from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
 from fedkd.coordinator.student import judging
@@ -47,7 +47,7 @@ class DFAD(GeneratorMethod[DFADOptions]):
                                                   total_steps=cfg.epochs * cfg.steps_per_epoch * opts.student_steps),
                          pool_size=cfg.batch_size)
 
-    def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
+    def generator_loss(self, state: QueryContext) -> SynthesisLoss:
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
             t = self.ensemble(x, state).logits
             with judging(self.student) as student:

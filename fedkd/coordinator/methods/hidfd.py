@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedkd.augment import random_shift
-from fedkd.contract import CurriculumState
+from fedkd.contract import QueryContext
 from fedkd.coordinator.evaluation import query_ensemble
 from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
 from fedkd.coordinator.synthesis import SynthesisLoss
@@ -118,7 +118,8 @@ class HiDFD(GeneratorMethod[HiDFDOptions]):
                               "of the coordinator's images under 'x'") from None
         self.public_source = public.source
         # The teachers answer for the public images once (counted like every query); the answers are cached.
-        answers = query_ensemble(self.ensemble, self.spec.normalize(public.images), batch_size=cfg.max_query_batch)
+        answers = query_ensemble(self.ensemble, self.spec.normalize(public.images), batch_size=cfg.max_query_batch,
+                                 state=QueryContext(purpose="distill", method=self.name))
         self.real = SyntheticPool(len(public), self.spec.input_shape, self.spec.num_classes)
         self.real.add(public.images, answers.ensemble)
         self.discriminator = Discriminator(self.spec.channels, self.spec.image_size, self.spec.num_classes).to(
@@ -144,7 +145,7 @@ class HiDFD(GeneratorMethod[HiDFDOptions]):
         self.d_optimizer.step()
         return {"loss_discriminator": float(loss.detach())}
 
-    def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
+    def generator_loss(self, state: QueryContext) -> SynthesisLoss:
         opts = self.options
 
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

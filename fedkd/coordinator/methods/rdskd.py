@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedkd.contract import CurriculumState
+from fedkd.contract import QueryContext
 from fedkd.coordinator.losses import mean_prediction_negentropy, onehot_loss
 from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
 from fedkd.coordinator.synthesis import SynthesisLoss
@@ -79,7 +79,7 @@ class RDSKD(GeneratorMethod[RDSKDOptions]):
         self.last_terms: dict[str, float] | None = None
         self.snapshot_epoch = -1
 
-    def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
+    def generator_loss(self, state: QueryContext) -> SynthesisLoss:
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
             t = self.ensemble(x, state).logits
             loss, terms = rdskd_loss(x, t, self.snapshot)

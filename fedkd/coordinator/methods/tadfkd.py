@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedkd.contract import FEATURE_STATISTICS, CurriculumState
+from fedkd.contract import FEATURE_STATISTICS, QueryContext
 from fedkd.coordinator.losses import js_divergence_per_sample, total_variation
 from fedkd.coordinator.methods.base import (
     GeneratorMethod,
@@ -94,7 +94,7 @@ class TADFKD(GeneratorMethod[TADFKDOptions]):
         self.selections += 1
         return select_clean(logits, self.options.selection_score, seed=self.config.seed * 100_003 + self.selections)
 
-    def generator_loss(self, state: CurriculumState) -> SynthesisLoss:
+    def generator_loss(self, state: QueryContext) -> SynthesisLoss:
         opts = self.options
 
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

@@ -1,0 +1,92 @@
+"""The Python API, called as a researcher would: nn.Modules in a notebook, a task, keyword config keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fedkd
+from fedkd.options import ConfigError
+
+
+def _teacher(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 10)).eval()
+
+
+def test_distil_nn_modules_in_process_with_keyword_config_keys(tmp_path):
+    task = fedkd.Task(classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.38,), name="tiny")
+    images, labels = torch.rand(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    result = fedkd.distill(teachers=[_teacher(0), _teacher(1)], task=task, out=tmp_path / "run",
+                           label_counts=[[4] * 10, None], eval_data=(images, labels), epochs=1, steps_per_epoch=2,
+                           student_steps=1, batch_size=16, cudfkd_weight_bn=5.0)
+    assert isinstance(result.student, nn.Module) and not result.student.training
+    assert result.summary["config"]["cudfkd.weight-bn"] == 5.0 and result.summary["config"]["epochs"] == 1
+    assert result.summary["test_samples"] == 40 and result.summary["student"]["test_accuracy"] is not None
+    assert result.summary["ensemble"]["label_counts_from"] == [0]  # only the first teacher shared its counts
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["task"]["name"] == "tiny"
+    exported = torch.export.load(result.export(tmp_path / "student.pt2")).module()
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(exported(x), result.student(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_api_checks_what_it_is_given_with_the_config_s_named_errors(tmp_path):
+    task = fedkd.Task(classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.38,))
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        fedkd.distill(teachers=[_teacher(0)], task=task, out=tmp_path / "a", epoch=3)
+    with pytest.raises(ConfigError, match="label_counts: 1 entries for 2 teachers"):
+        fedkd.distill(teachers=[_teacher(0), _teacher(1)], task=task, out=tmp_path / "b", label_counts=[None])
+    with pytest.raises(ConfigError, match="answers \\(2, 3\\)"):
+        fedkd.distill(teachers=[nn.Sequential(nn.Flatten(), nn.Linear(64, 3))], task=task, out=tmp_path / "c")
+    with pytest.raises(ConfigError, match="eval_data: images of shape"):
+        fedkd.distill(teachers=[_teacher(0)], task=task, out=tmp_path / "d",
+                      eval_data=(torch.rand(4, 3, 8, 8), torch.zeros(4)))
+    with pytest.raises(fedkd.TaskError, match="input-shape"):
+        fedkd.Task(classes=3, input_shape=(1, 10, 10), mean=(0.5,), std=(0.5,))
+
+
+def test_import_fedkd_alone_loads_neither_side():
+    import subprocess
+    import sys
+
+    code = "import sys, fedkd; print(sorted(m for m in sys.modules if m.startswith(('fedkd.', 'torch'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_torchvision_student_is_built_saved_reloaded_and_exported(tmp_path):
+    from fedkd.institution.loading import load_teacher
+
+    task = fedkd.Task(classes=4, input_shape=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    teachers = [nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(4, 4)).eval() for _ in range(2)]
+    result = fedkd.distill(teachers=teachers, task=task, out=tmp_path / "run", student="torchvision:resnet18",
+                           student_args='{"zero_init_residual": true}', epochs=1, steps_per_epoch=1,
+                           student_steps=1, batch_size=8)
+    assert result.summary["student"]["model"] == "torchvision:resnet18"
+    reloaded, ckpt = load_teacher(tmp_path / "run" / "student.pt")
+    assert ckpt["model_args"] == {"zero_init_residual": True}
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(reloaded(x), result.student(x))
+    program = torch.export.load(tmp_path / "run" / "student.pt2").module()
+    torch.testing.assert_close(program(x), result.student(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="student-model: torchvision:fasterrcnn"):
+        fedkd.distill(teachers=teachers, task=task, out=tmp_path / "bad", student="torchvision:fasterrcnn_resnet50_fpn")
+
+
+def test_eval_data_from_an_image_folder(tmp_path):
+    from PIL import Image
+
+    task = fedkd.Task(classes=["a", "b"], input_shape=(1, 8, 8), mean=(0.5,), std=(0.25,))
+    for name in ("a", "b"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), color=60 * i).save(tmp_path / "val" / name / f"{i}.png")
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval()
+    result = fedkd.distill(teachers=[teacher], task=task, out=tmp_path / "run", eval_data=tmp_path / "val",
+                           epochs=1, steps_per_epoch=1, student_steps=1, batch_size=8, cudfkd_weight_bn=0.0)
+    assert result.summary["test_samples"] == 6 and 0.0 <= result.summary["student"]["test_accuracy"] <= 1.0
