@@ -27,6 +27,7 @@ from torch import nn
 from fedkd.checkpoint import CheckpointError
 from fedkd.codec import MiB
 from fedkd.contract import ACCESS_MODES, ALL_ACCESS_MODES
+from fedkd.data import count_image_folder
 from fedkd.institution.classifier import ModelError, dry_forward, load_classifier, parse_model_args
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
@@ -153,8 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     teacher.add_argument("--task", help="the task card (TOML: classes, input-shape, mean, std) --model serves")
     teacher.add_argument("--model-args", metavar="JSON", help="keyword arguments for --model's constructor, as a "
                          "JSON object (for example '{\"num_classes\": 7}')")
-    teacher.add_argument("--label-counts", metavar="N,N,...", help="--model: how many training records of each "
-                         "class, in the task's order (released as the privacy mode says); default: not shared")
+    teacher.add_argument("--label-counts", metavar="N,N,...|DIR", help="--model: how many training records of "
+                         "each class, in the task's order, or the training data's ImageFolder to count them (released "
+                         "as the privacy mode says); default: not shared")
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", type=address, help="the coordinator's hub")
     parser.add_argument("--token-file", help="file holding this teacher's token (from the coordinator)")
     parser.add_argument("--ca", help="CA certificate (PEM) that signed the hub's certificate; default: system roots")
@@ -253,13 +255,17 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
                                     privacy=privacy, ledger=args.ledger)
     if not args.task:
         raise ValueError("--model needs --task: the task card of the run (classes, input-shape, mean, std)")
+    task = Task.from_toml(args.task)
     counts = None
-    if args.label_counts:
+    if args.label_counts and Path(args.label_counts).is_dir():  # the training data's ImageFolder: counted
+        counts = count_image_folder(args.label_counts, task.classes)
+    elif args.label_counts:
         try:
             counts = [int(c) for c in args.label_counts.split(",")]
         except ValueError:
-            raise ValueError(f"--label-counts: {args.label_counts!r} is not a comma-separated list of counts") from None
-    return host_from_model(args.model, Task.from_toml(args.task), weights=args.weights,
+            raise ValueError(f"--label-counts: {args.label_counts!r} is neither a comma-separated list of counts nor "
+                             "an ImageFolder directory") from None
+    return host_from_model(args.model, task, weights=args.weights,
                            model_args=parse_model_args(args.model_args), label_counts=counts,
                            max_batch=args.max_batch, access=access, device=args.device, privacy=privacy,
                            ledger=args.ledger)

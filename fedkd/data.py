@@ -310,14 +310,8 @@ def load_node_file(path: str | Path, spec: DatasetSpec) -> tuple[ImageData, Imag
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def load_image_folder(root: str | Path, classes: tuple[str, ...], input_shape: tuple[int, int, int]) -> ImageData:
-    """Labelled images in torchvision's ImageFolder layout (``root/<class name>/<image>``), resized to the task's
-    input shape, in [0, 1]; labels in the task's class order. A folder that is not one of the task's classes, a
-    class without a folder, or an image PIL cannot read is refused, naming it."""
-    import torchvision
-    from torchvision import transforms
-
-    root = Path(root)
+def _class_folders(root: Path, classes: tuple[str, ...]) -> None:
+    """Refuse an ImageFolder whose class sub-folders are not exactly the task's classes, naming the difference."""
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {str(root)!r} does not exist (class sub-folders of images)")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -328,6 +322,27 @@ def load_image_folder(root: str | Path, classes: tuple[str, ...], input_shape: t
             ([f"sub-folder(s) {', '.join(map(repr, unknown))} name no class of the task"] if unknown else [])
             + ([f"no sub-folder for class(es) {', '.join(map(repr, missing))}"] if missing else []))
             + f" (the task's classes: {', '.join(classes)})")
+
+
+def count_image_folder(root: str | Path, classes: tuple[str, ...]) -> list[int]:
+    """How many images of each class (in the task's order) an ImageFolder holds, without reading them."""
+    root = Path(root)
+    _class_folders(root, classes)
+    return [sum(1 for f in (root / c).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            for c in classes]
+
+
+def load_image_folder(root: str | Path, classes: tuple[str, ...], input_shape: tuple[int, int, int],
+                      paths: list[str] | None = None) -> ImageData:
+    """Labelled images in torchvision's ImageFolder layout (``root/<class name>/<image>``), resized to the task's
+    input shape, in [0, 1]; labels in the task's class order (each file's path appended to ``paths`` when given).
+    A folder that is not one of the task's classes, a class without a folder, or an image PIL cannot read is
+    refused, naming it."""
+    import torchvision
+    from torchvision import transforms
+
+    root = Path(root)
+    _class_folders(root, classes)
     channels, height, width = input_shape
     steps: list[Any] = [transforms.Resize((height, width))]
     if channels == 1:
@@ -349,6 +364,8 @@ def load_image_folder(root: str | Path, classes: tuple[str, ...], input_shape: t
                              f"{channels}")
         images.append(x)
         labels.append(order[dataset.classes[folder_label]])
+        if paths is not None:
+            paths.append(path)
     if not images:
         raise ValueError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return ImageData(torch.stack(images).float(), torch.tensor(labels, dtype=torch.int64))

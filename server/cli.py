@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -251,6 +252,61 @@ def cmd_partition(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    """The run's exported student on a labelled ImageFolder: per-class accuracy, and every prediction as CSV."""
+    import csv
+
+    import torch
+
+    from fedkd.data import load_image_folder
+    from fedkd.task import Task
+
+    run = Path(args.student)
+    card_path = run / "student.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{str(card_path)!r} does not exist; --student takes a run directory fedkd wrote")
+    try:
+        card = json.loads(card_path.read_text())
+        task = Task.from_mapping(card["task"], where=str(card_path))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{str(card_path)!r} is not a student's model card ({exc})") from None
+    program = run / "student.pt2"
+    if not program.is_file():
+        raise FileNotFoundError(f"{str(program)!r} does not exist (the run's exported student)")
+    try:
+        student = torch.export.load(program).module()
+    except Exception as exc:  # torch raises many kinds for a file that is not an exported program
+        raise ConfigError(f"{str(program)!r} is not a torch.export program ({type(exc).__name__})") from None
+    paths: list[str] = []
+    try:
+        data = load_image_folder(args.data, task.classes, task.input_shape, paths=paths)
+    except DatasetNotFoundError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"--data: {exc}") from None
+    inputs = task.spec.normalize(data.images)
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(student(inputs[i:i + 512]), 1) for i in range(0, len(inputs), 512)])
+    predicted = probs.argmax(1)
+    table = Table(title=f"the student of {run} on {args.data} ({len(data)} images)")
+    for column, justify in (("class", "left"), ("images", "right"), ("accuracy", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for k, name in enumerate(task.classes):
+        mine = data.labels == k
+        table.add_row(name, str(int(mine.sum())), f"{float((predicted[mine] == k).float().mean()):.4f}"
+                      if bool(mine.any()) else "-")
+    table.add_row("all", str(len(data)), f"{float((predicted == data.labels).float().mean()):.4f}", style="bold")
+    console.print(table)
+    out = Path(args.out) if args.out else run / "predictions.csv"
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "prediction", "confidence"])
+        for path, label, guess, p in zip(paths, data.labels.tolist(), predicted.tolist(), probs.max(1).values):
+            writer.writerow([path, task.classes[label], task.classes[guess], f"{float(p):.4f}"])
+    console.print(f"predictions: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedkd", description="Federated data-free knowledge distillation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -308,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
     part.add_argument("--out", required=True, help="directory for client-NNN.npz")
     part.set_defaults(func=cmd_partition)
+    predict = sub.add_parser("predict", help="a run's exported student on a labelled ImageFolder: per-class "
+                             "accuracy, and predictions as CSV")
+    predict.add_argument("--student", required=True, metavar="RUN_DIR", help="the run directory (student.pt2, "
+                         "student.json)")
+    predict.add_argument("--data", required=True, metavar="DIR", help="an ImageFolder: one sub-folder per class, "
+                         "named as the task's classes")
+    predict.add_argument("--out", help="the CSV of predictions (default RUN_DIR/predictions.csv)")
+    predict.set_defaults(func=cmd_predict)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     return parser

@@ -157,3 +157,26 @@ def test_an_agent_started_with_the_settings_flags_reads_back_the_same_settings()
     assert privacy_from_args(defaults) == PrivacySettings()
     every_field = {f for f in PrivacySettings.__dataclass_fields__ if f not in ("share_label_counts", "eval_epsilon")}
     assert set(PRIVACY_FLAGS) == every_field
+
+
+def test_predict_evaluates_the_exported_student_per_class_and_writes_a_csv(tmp_path, capsys):
+    import csv
+
+    from PIL import Image
+
+    out = tmp_path / "run"
+    assert main(["run", *SMALL, "--out", str(out)]) == 0
+    data = tmp_path / "val"
+    for c in range(10):
+        (data / str(c)).mkdir(parents=True)
+        Image.new("L", (8, 8), color=25 * c).save(data / str(c) / "a.png")
+    capsys.readouterr()
+    assert main(["predict", "--student", str(out), "--data", str(data), "--out", str(tmp_path / "p.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "all" in printed and "10" in printed
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert len(rows) == 10 and {r["label"] for r in rows} == {str(c) for c in range(10)}
+    assert all(r["prediction"] in {str(c) for c in range(10)} and 0 < float(r["confidence"]) <= 1 for r in rows)
+    (data / "11").mkdir()
+    assert main(["predict", "--student", str(out), "--data", str(data)]) == 2
+    assert "'11' name no class of the task" in capsys.readouterr().err

@@ -238,3 +238,21 @@ def test_fedkd_run_and_the_flower_app_refuse_a_task_card_naming_what_to_run(tmp_
     card.write_text('classes = 10\ninput-shape = [1, 8, 8]\nmean = [0.3]\nstd = [0.38]\n')
     assert main(["run", "--set", f"task={card}", "--set", "dataset=digits", "--out", str(tmp_path / "r")]) == 2
     assert "fedkd distill" in capsys.readouterr().err
+
+
+def test_label_counts_from_the_training_data_s_image_folder(clinic, tmp_path):
+    from PIL import Image
+
+    from fedkd.data import count_image_folder
+
+    _, weights = clinic
+    root = tmp_path / "train"
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(c + 1):
+            Image.new("L", (8, 8)).save(root / str(c) / f"{i}.png")
+    (root / "3" / "notes.txt").write_text("not an image")
+    counts = count_image_folder(root, DIGITS.classes)
+    assert counts == [c + 1 for c in range(10)]
+    host = host_from_model("clinic_models:Clinic", DIGITS, weights=weights, label_counts=counts)
+    assert host.description.num_samples == 55
