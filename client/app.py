@@ -40,7 +40,7 @@ from fedkd.data import DatasetNotFoundError
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
 from fedkd.institution.privacy.policy import ReleasePolicy
-from fedkd.models import build_student
+from fedkd.models import build_classifier
 from fedkd.options import ConfigError
 
 from .agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
@@ -175,7 +175,7 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
     if data.holdout is None or len(data.holdout) == 0:
         raise NodeConfigError("this node has no held-out data for evaluation (add x_test, y_test to its data-path)")
     spec = data.spec
-    student = build_student(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
+    student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
                             image_size=spec.image_size, args=config.student_arguments())
     arrays = msg.content["student"]
     try:

@@ -195,10 +195,10 @@ def torchvision_classifier(name: str, args: dict[str, Any]) -> nn.Module:
         raise ValueError(f"torchvision:{name} with arguments {args}: {exc}") from None
 
 
-def build_student(spec: str, *, num_classes: int, channels: int, image_size: int,
-                  args: dict[str, Any] | None = None) -> nn.Module:
-    """The student a spec names, for the task's classes (a torchvision model gets ``num_classes`` unless
-    ``args`` say otherwise)."""
+def build_classifier(spec: str, *, num_classes: int, channels: int, image_size: int,
+                     args: dict[str, Any] | None = None) -> nn.Module:
+    """The classifier a spec names (a student, or a teacher fedkd trains), for the task's classes (a torchvision
+    model gets ``num_classes`` unless ``args`` say otherwise)."""
     if spec.startswith(TORCHVISION):
         return torchvision_classifier(spec[len(TORCHVISION):], {"num_classes": num_classes, **(args or {})})
     if args:

@@ -256,3 +256,44 @@ def test_label_counts_from_the_training_data_s_image_folder(clinic, tmp_path):
     assert counts == [c + 1 for c in range(10)]
     host = host_from_model("clinic_models:Clinic", DIGITS, weights=weights, label_counts=counts)
     assert host.description.num_samples == 55
+
+
+def test_train_teacher_from_an_image_folder_then_serve_its_checkpoint(tmp_path, capsys):
+    """An institution with data but no model: fedkd train-teacher on its ImageFolder (DP-SGD too), and the
+    checkpoint serves with fedkd teacher --checkpoint, its DP guarantee carried into the host's ledger."""
+    import json
+
+    from fedkd.client.cli import host_from_checkpoint
+    from PIL import Image
+
+    from fedkd.cli import main
+
+    card = tmp_path / "task.toml"
+    card.write_text('classes = ["a", "b", "c"]\ninput-shape = [1, 8, 8]\nmean = [0.5]\nstd = [0.25]\n')
+    for k, name in enumerate("abc"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(6 + k):
+            Image.new("L", (8, 8), color=80 * k + i).save(tmp_path / "train" / name / f"{i}.png")
+    out = tmp_path / "teacher.pt"
+    assert main(["train-teacher", "--task", str(card), "--data", str(tmp_path / "train"), "--model", "lenet5",
+                 "--set", "teacher-epochs=2", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["records"] == 21 and report["label_counts"] == [6, 7, 8] and report["epsilon_spent"] is None
+    host = host_from_checkpoint(out)
+    assert host.description.num_classes == 3 and host.description.label_counts == (6, 7, 8)
+    assert host.description.input_shape == (1, 8, 8) and host.description.mean == (0.5,)
+
+    private = tmp_path / "dp.pt"
+    assert main(["train-teacher", "--task", str(card), "--data", str(tmp_path / "train"), "--privacy-mode",
+                 "dp-sgd", "--set", "teacher-epochs=2", "--set", "dp-epsilon=4", "--set", "dp-batch-size=8",
+                 "--out", str(private)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < report["epsilon_spent"] <= 4.0 + 1e-6
+    dp_host = host_from_checkpoint(private, privacy=PrivacySettings(mode="dp-sgd", share_label_counts=False),
+                                   ledger=tmp_path / "dp.ledger.json")
+    assert dp_host.description.privacy["mechanism"] == "dp-sgd" and dp_host.description.label_counts is None
+    assert 0 < dp_host.description.privacy["epsilon_spent"] <= 4.0 + 1e-6  # the training, in its ledger
+
+    assert main(["train-teacher", "--task", str(card), "--data", str(tmp_path / "train"), "--set", "epochs=3",
+                 "--out", str(tmp_path / "x.pt")]) == 2
+    assert "not a teacher's training setting" in capsys.readouterr().err

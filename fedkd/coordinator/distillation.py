@@ -27,7 +27,7 @@ from fedkd.coordinator.pool import TeacherPool
 from fedkd.coordinator.rundir import QUERY_LEDGER, read_query_ledger, write_query_ledger
 from fedkd.data import DatasetSpec, ImageData
 from fedkd.metrics import accuracy, predict
-from fedkd.models import build_model, build_student
+from fedkd.models import build_classifier, build_model
 from fedkd.options import ConfigError
 
 
@@ -125,7 +125,7 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         answers = query_ensemble(ensemble, test_inputs, batch_size=config.max_query_batch)
 
     torch.manual_seed(config.seed + 1)
-    student = build_student(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
+    student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
                             image_size=spec.image_size, args=config.student_arguments())
     method = build_method(config.method, MethodContext(config, spec, ensemble, student, device))
     history: list[dict[str, Any]] = []

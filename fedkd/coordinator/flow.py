@@ -32,7 +32,7 @@ from fedkd.coordinator.rundir import claim_run_dir
 from fedkd.coordinator.summary import build_summary, save_student, write_results
 from fedkd.coordinator.synthetic_pool import pool_bytes
 from fedkd.data import ImageData
-from fedkd.models import build_student, is_model_name, is_student_spec, model_names
+from fedkd.models import build_classifier, is_model_name, is_student_spec, model_names
 from fedkd.options import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def check_names(config: RunConfig) -> None:
                           "or torchvision:NAME")
     try:
         with torch.device("meta"):
-            student = build_student(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
+            student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
                                     image_size=spec.image_size, args=config.student_arguments())
             out = student.eval()(torch.zeros(2, *spec.input_shape))
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:

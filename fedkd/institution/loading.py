@@ -11,7 +11,7 @@ from torch import nn
 from fedkd.checkpoint import TEACHER_FORMAT, CheckpointError, check_teacher_fields, field_error, load_safe
 from fedkd.institution.privacy.dpsgd import attach_statistics, make_private_model
 from fedkd.institution.privacy.pate import ShardVotes
-from fedkd.models import build_model, build_student
+from fedkd.models import build_classifier, build_model
 
 
 def load_teacher(path: str | Path, *, expected_model: str | None = None,
@@ -31,7 +31,7 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
     if input_shape is not None and shape != tuple(input_shape):
         raise CheckpointError(f"checkpoint {str(path)!r} takes inputs {shape}, the dataset has {tuple(input_shape)}")
     try:
-        model = build_student(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1],
+        model = build_classifier(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1],
                               args=ckpt.get("model_args") or None)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: a {name!r} teacher cannot be built for inputs {shape}: "

@@ -84,8 +84,8 @@ def _shift(x: torch.Tensor, rng: torch.Generator, max_shift: int = 2) -> torch.T
 
 
 def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *, init_seed: int,
-                  order_seed: int, device: torch.device | str = "cpu",
-                  dp: bool = False, pate: int = 0) -> tuple[nn.Module, dict[str, Any] | None]:
+                  order_seed: int, device: torch.device | str = "cpu", dp: bool = False, pate: int = 0,
+                  model_args: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
     """A client's teacher: built from ``init_seed``, trained on ``data`` only with the teacher settings.
 
     With ``dp`` (the client's privacy-mode is dp-sgd) it is trained with Opacus DP-SGD (BatchNorm
@@ -94,7 +94,7 @@ def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConf
     :class:`~fedkd.institution.privacy.pate.ShardVotes` (its output: their vote counts), with a PATE record;
     otherwise the privacy record is None.
     """
-    from fedkd.models import build_model
+    from fedkd.models import build_classifier
 
     if pate:
         from fedkd.institution.privacy.pate import ShardVotes, pate_record, shards
@@ -107,7 +107,8 @@ def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConf
 
     with _INIT_LOCK:  # the global RNG: teachers trained in threads of one process must not interleave here
         torch.manual_seed(init_seed)
-        model = build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+        model = build_classifier(name, num_classes=spec.num_classes, channels=spec.channels,
+                                 image_size=spec.image_size, args=model_args)
     if not dp:
         return train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
                                 batch_size=config.teacher_batch_size, seed=order_seed,

@@ -1,0 +1,100 @@
+"""``fedkd train-teacher``: an institution with data but no model trains a teacher with fedkd's recipe.
+
+    fedkd train-teacher --task task.toml --data train/ --model lenet5 --out teacher.pt
+    fedkd train-teacher --task task.toml --data train/ --model torchvision:resnet18 --privacy-mode dp-sgd \\
+                        --set dp-epsilon=8 --set teacher-epochs=30 --out teacher.pt
+
+The data is an ImageFolder (one sub-folder per class, named as the task card's classes) or an ``.npz`` with
+``x_train``/``y_train``; it never leaves this machine. The checkpoint (``fedkd.teacher.v1``) records the task's
+shape and normalisation, the label counts and, with DP-SGD, the privacy guarantee; ``fedkd teacher --checkpoint``
+serves it, and the guarantee is what its ledger starts from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fedkd.checkpoint import save_teacher
+from fedkd.config import config_from_mapping, default_values, parse_assignments
+from fedkd.data import DatasetNotFoundError, load_node_file
+from fedkd.institution.classifier import parse_model_args
+from fedkd.institution.training import train_teacher
+from fedkd.models import is_student_spec
+from fedkd.options import ConfigError
+from fedkd.task import Task
+
+# What a teacher's training reads from the settings (--set KEY=VALUE); anything else is the coordinator's.
+TRAINING_KEYS = ("seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing",
+                 "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size", "dp-lr", "dp-feature-epsilon",
+                 "dp-feature-clip", "device", "num-threads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedkd train-teacher", description=__doc__.splitlines()[0])
+    parser.add_argument("--task", required=True, help="the task card (TOML: classes, input-shape, mean, std)")
+    parser.add_argument("--data", required=True, help="the training data: an ImageFolder directory, or a .npz "
+                        "with x_train, y_train")
+    parser.add_argument("--model", default="lenet5", metavar="SPEC", help="a fedkd model name or torchvision:NAME "
+                        "(default lenet5)")
+    parser.add_argument("--model-args", metavar="JSON", help="keyword arguments of a torchvision model")
+    parser.add_argument("--privacy-mode", choices=("none", "dp-sgd"), default="none",
+                        help="dp-sgd: train with Opacus DP-SGD (dp-epsilon, dp-delta, ... via --set)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"a training setting: {', '.join(TRAINING_KEYS)}")
+    parser.add_argument("--out", required=True, help="the checkpoint to write (fedkd.teacher.v1)")
+    return parser
+
+
+def train(args: argparse.Namespace) -> dict[str, object]:
+    task = Task.from_toml(args.task)
+    values = parse_assignments(args.set)
+    other = [k for k in values if k not in TRAINING_KEYS]
+    if other:
+        raise ConfigError(f"--set {other[0]}: not a teacher's training setting; give {', '.join(TRAINING_KEYS)}")
+    config = config_from_mapping({**values, "privacy-mode": args.privacy_mode}, resolve=False)
+    if not is_student_spec(args.model):
+        raise ConfigError(f"--model {args.model!r}: give a fedkd model name or torchvision:NAME (to serve a model "
+                          "you built yourself, train it and use fedkd teacher --model)")
+    model_args = parse_model_args(args.model_args)
+    data_path = Path(args.data)
+    if data_path.suffix == ".npz":
+        data, _ = load_node_file(data_path, task.spec)
+    elif data_path.is_dir():
+        data = task.load_images(data_path)
+    else:
+        raise DatasetNotFoundError(f"--data {args.data!r} is neither an ImageFolder directory nor a .npz file")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    model, privacy = train_teacher(args.model, data, task.spec, config, init_seed=config.seed * 1000,
+                                   order_seed=config.seed * 1000, device=device,
+                                   dp=args.privacy_mode == "dp-sgd", model_args=model_args)
+    counts = data.label_counts(task.num_classes)
+    save_teacher(args.out, model.cpu(), model_name=args.model, model_args=model_args, num_classes=task.num_classes,
+                 input_shape=task.input_shape, num_samples=len(data), label_counts=counts, mean=task.mean,
+                 std=task.std, privacy=privacy)
+    return {"checkpoint": str(args.out), "model": args.model, "records": len(data), "label_counts": counts,
+            "seconds": round(time.perf_counter() - started, 1),
+            "epsilon_spent": None if privacy is None else privacy.get("epsilon_spent"),
+            "defaults": {k: default_values()[k] for k in TRAINING_KEYS if k not in values}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = train(args)
+    except (ConfigError, DatasetNotFoundError, ValueError, FileNotFoundError) as exc:
+        print(f"fedkd train-teacher: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report), flush=True)
+    return 0
