@@ -37,8 +37,7 @@ TRAINING_KEYS = ("seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "
                  "dp-feature-clip", "device", "num-threads")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedkd train-teacher", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, help="the task card (TOML: classes, input-shape, mean, std)")
     parser.add_argument("--data", required=True, help="the training data: an ImageFolder directory, or a .npz "
                         "with x_train, y_train")
@@ -50,7 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"a training setting: {', '.join(TRAINING_KEYS)}")
     parser.add_argument("--out", required=True, help="the checkpoint to write (fedkd.teacher.v1)")
-    return parser
 
 
 def train(args: argparse.Namespace) -> dict[str, object]:
@@ -89,7 +87,12 @@ def train(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="fedkd train-teacher", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return command(parser.parse_args(argv))
+
+
+def command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         report = train(args)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import fedkd.client.cli
+import fedkd.client.train
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -340,9 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--wait", type=argument(float, 0.0, TIMEOUT_LIMIT), default=600.0,
                        help="seconds to wait for all teachers (default 600)")
         d.set_defaults(func=cmd_distill)
-    teacher = sub.add_parser("teacher", help="institution: serve a teacher checkpoint to a coordinator's hub")
+    teacher = sub.add_parser("teacher", help="institution: serve a teacher (a checkpoint, or your own model) to a "
+                             "coordinator's hub")
     fedkd.client.cli.add_arguments(teacher)
     teacher.set_defaults(func=cmd_teacher)
+    train = sub.add_parser("train-teacher", help="institution: train a teacher on your own data (an ImageFolder), "
+                           "DP-SGD optional")
+    fedkd.client.train.add_arguments(train)
     certs = sub.add_parser("certs", help="create a development CA, a hub certificate and teacher certificates")
     certs.add_argument("--out", required=True, help="directory for the PEM files")
     certs.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses the hub is reached at")
@@ -381,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "teacher":
         return fedkd.client.cli.command(args)
+    if args.command == "train-teacher":
+        return fedkd.client.train.command(args)
     console = Console(stderr=False, log_path=False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])

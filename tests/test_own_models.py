@@ -297,3 +297,7 @@ def test_train_teacher_from_an_image_folder_then_serve_its_checkpoint(tmp_path, 
     assert main(["train-teacher", "--task", str(card), "--data", str(tmp_path / "train"), "--set", "epochs=3",
                  "--out", str(tmp_path / "x.pt")]) == 2
     assert "not a teacher's training setting" in capsys.readouterr().err
+    from fedkd.server.cli import main as listed  # the command `fedkd --help` lists goes the same way
+
+    assert listed(["train-teacher", "--task", str(card), "--data", str(tmp_path / "none"), "--out", "x.pt"]) == 2
+    assert "neither an ImageFolder directory nor a .npz" in capsys.readouterr().err
