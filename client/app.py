@@ -176,7 +176,7 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
         raise NodeConfigError("this node has no held-out data for evaluation (add x_test, y_test to its data-path)")
     spec = data.spec
     student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
-                            image_size=spec.image_size, args=config.student_arguments())
+                               image_size=spec.image_size, args=config.student_arguments())
     arrays = msg.content["student"]
     try:
         student.load_state_dict(arrays.to_torch_state_dict())  # type: ignore[union-attr]

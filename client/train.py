@@ -28,7 +28,7 @@ from fedkd.data import DatasetNotFoundError, load_node_file
 from fedkd.institution.classifier import parse_model_args
 from fedkd.institution.training import train_teacher
 from fedkd.models import is_student_spec
-from fedkd.options import ConfigError
+from fedkd.options import ConfigError, resolve_device
 from fedkd.task import Task
 
 # What a teacher's training reads from the settings (--set KEY=VALUE); anything else is the coordinator's.
@@ -71,7 +71,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
         raise DatasetNotFoundError(f"--data {args.data!r} is neither an ImageFolder directory nor a .npz file")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    device = "cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    device = resolve_device(config.device)
     started = time.perf_counter()
     model, privacy = train_teacher(args.model, data, task.spec, config, init_seed=config.seed * 1000,
                                    order_seed=config.seed * 1000, device=device,
@@ -83,7 +83,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     return {"checkpoint": str(args.out), "model": args.model, "records": len(data), "label_counts": counts,
             "seconds": round(time.perf_counter() - started, 1),
             "epsilon_spent": None if privacy is None else privacy.get("epsilon_spent"),
-            "defaults": {k: default_values()[k] for k in TRAINING_KEYS if k not in values}}
+            "defaults": {k: v for k, v in default_values().items() if k in TRAINING_KEYS and k not in values}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,6 +60,7 @@ class _ModulesAsTeachers:
 
     def __init__(self, hosts: list[Any], test: ImageData | None) -> None:
         self.hosts, self.test = hosts, test
+        self.student: nn.Module | None = None
 
     @contextmanager
     def session(self, run_dir: Path, device: torch.device, observer: RunObserver) -> Iterator[Session]:
@@ -69,7 +70,7 @@ class _ModulesAsTeachers:
         yield Session(LocalPool(self.hosts), "inprocess", test=self.test)
 
     def finish(self, result: Distillation, session: Session, observer: RunObserver) -> None:
-        pass
+        self.student = result.student  # the trained student, in memory
 
 
 def _eval_data(eval_data: Any, task: Task) -> ImageData | None:
@@ -115,18 +116,16 @@ def distill(*, teachers: Sequence[nn.Module], task: Task | str | Path, out: str 
                           "shares none)")
     out.mkdir(parents=True, exist_ok=True)
     card = out / "task.toml"
-    card.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in task.to_dict().items()))
+    card.write_text(task.to_toml())
     values = {_key(k): v for k, v in keys.items()}
     values.update({"task": str(card), "student-model": student, "num-clients": len(teachers)})
     config = config_from_mapping(values)
     hosts = [host_from_module(model, task, name=type(model).__name__, label_counts=c, client=k)
              for k, (model, c) in enumerate(zip(teachers, counts))]
-    summary = coordinate(config, out, _ModulesAsTeachers(hosts, _eval_data(eval_data, task)), resume=resume,
-                         observer=observer)
-    from fedkd.institution.loading import load_teacher
-
-    model, _ = load_teacher(out / "student.pt")
-    return Distilled(model.eval(), summary, out, task)
+    source = _ModulesAsTeachers(hosts, _eval_data(eval_data, task))
+    summary = coordinate(config, out, source, resume=resume, observer=observer)
+    assert source.student is not None  # coordinate calls finish() with the result
+    return Distilled(source.student.eval(), summary, out, task)
 
 
 def serve(model: nn.Module, task: Task | str | Path, *, connect: str, token_file: str | Path | None = None,
@@ -157,11 +156,3 @@ def _key(name: str) -> str:
         if name.startswith(method + "_"):
             return f"{method}.{name[len(method) + 1:].replace('_', '-')}"
     return name.replace("_", "-")
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)

@@ -44,7 +44,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             os.unlink(tmp)
 
 
-def _unreadable(exc: Exception) -> str:
+def unreadable(exc: Exception) -> str:
     """Why torch could not read a file, in fedkd's words (never torch's advice to unpickle it anyway)."""
     text = str(exc)
     if "Unsupported global" in text:
@@ -68,7 +68,7 @@ def load_safe(path: str | Path, expected_format: str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a fedkd checkpoint ({_unreadable(exc)}); "
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a fedkd checkpoint ({unreadable(exc)}); "
                               "delete it or point to a good copy") from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__

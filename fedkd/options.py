@@ -10,6 +10,7 @@ nothing of fedkd.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,29 @@ class CliValue(str):
     """Text typed on the command line (``--set KEY=VALUE``): converted to the key's type. A string anywhere
     else (TOML, Flower's run config) must already have the key's type: ``epochs = "5"`` is refused."""
 
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device a ``device`` setting names: auto is CUDA when present; cuda without one is refused."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but no CUDA device is available; use device=auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def toml_value(value: Any) -> str:
+    """A setting's value as TOML writes it (what ``--run-config``, pyproject.toml and task cards read); None, an
+    optional key left unset, is "auto"."""
+    if value is None:
+        return '"auto"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: the same escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
 
 
 def validate_fields(obj: Any, prefix: str = "") -> None:

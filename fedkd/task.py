@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkd.data import SPECS, DatasetSpec, ImageData, load_image_folder
-from fedkd.options import ConfigError
+from fedkd.options import ConfigError, toml_value
 
 MAX_CLASSES = 100_000
 MAX_SIDE = 1024
@@ -125,6 +125,10 @@ class Task:
         """The task card's keys (as a run's summary and the student's model card record them)."""
         return {"name": self.name, "classes": list(self.classes), "input-shape": list(self.input_shape),
                 "mean": list(self.mean), "std": list(self.std)}
+
+    def to_toml(self) -> str:
+        """The task card's text (what :meth:`from_toml` reads back)."""
+        return "".join(f"{key} = {toml_value(value)}\n" for key, value in self.to_dict().items())
 
 
 def _numbers(value: Any, where: str, key: str, kind: type) -> Sequence[float]:

@@ -209,7 +209,9 @@ def cmd_certs(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_keys(args: argparse.Namespace, console: Console) -> int:
-    from .keys import every_key, toml_value
+    from fedkd.options import toml_value
+
+    from .keys import every_key
 
     table = Table(title="fedkd config keys (TOML, --set KEY=VALUE, Flower run config); docs/configuration.md")
     table.add_column("key", no_wrap=True)

@@ -19,7 +19,7 @@ from fedkd.config import FOLLOW_FEDERATION, RunConfig, coordinator_registries
 from fedkd.contract import ALL_ACCESS_MODES
 from fedkd.institution.privacy.policy import MODES as PRIVACY_MODES
 from fedkd.models import model_names
-from fedkd.options import SCOPES, kebab
+from fedkd.options import SCOPES, kebab, toml_value
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = ROOT / "pyproject.toml"
@@ -85,17 +85,6 @@ def every_key() -> list[Key]:
     for entry in coordinator_registries()[0].values():
         rows += _rows(entry.options, f"{entry.name}.", entry.name, registry)
     return rows
-
-
-def toml_value(value: Any) -> str:
-    """A default as TOML writes it; None (an optional key left unset) is "auto"."""
-    if value is None:
-        return '"auto"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
 
 
 def flower_table() -> str:

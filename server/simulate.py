@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkd.config import RunConfig, config_from_mapping, split_namespaced
+from fedkd.options import toml_value
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,17 +45,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def toml_value(value: Any) -> str:
-    """A run-config value as Flower's ``--run-config`` parses it (TOML)."""
-    if value is None:
-        return '"auto"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
 
 
 def run_config_arg(changes: Mapping[str, Any], config: RunConfig) -> str:

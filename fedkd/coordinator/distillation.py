@@ -126,7 +126,7 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
 
     torch.manual_seed(config.seed + 1)
     student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
-                            image_size=spec.image_size, args=config.student_arguments())
+                               image_size=spec.image_size, args=config.student_arguments())
     method = build_method(config.method, MethodContext(config, spec, ensemble, student, device))
     history: list[dict[str, Any]] = []
     stages: list[tuple[int, Tensor]] = []

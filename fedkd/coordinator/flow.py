@@ -31,9 +31,10 @@ from fedkd.coordinator.pool import TeacherPool
 from fedkd.coordinator.rundir import claim_run_dir
 from fedkd.coordinator.summary import build_summary, save_student, write_results
 from fedkd.coordinator.synthetic_pool import pool_bytes
-from fedkd.data import ImageData
+from fedkd.data import DatasetSpec, ImageData
 from fedkd.models import build_classifier, is_model_name, is_student_spec, model_names
-from fedkd.options import ConfigError
+from fedkd.options import ConfigError, resolve_device
+from fedkd.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +86,6 @@ class Teachers(Protocol):
         ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was asked for but no CUDA device is available; use device=auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def available_memory() -> int:
     """Bytes of memory available to this process now (MemAvailable, else physical memory)."""
     try:
@@ -104,9 +97,10 @@ def available_memory() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def check_pool_memory(config: RunConfig, memory: int | None = None) -> None:
-    """Refuse a synthetic pool that would take more than half the memory available, naming its size."""
-    spec = config.run_task().spec
+def check_pool_memory(config: RunConfig, memory: int | None = None, spec: DatasetSpec | None = None) -> None:
+    """Refuse a synthetic pool that would take more than half the memory available, naming its size (``spec``:
+    the run task's, read from the config when not given)."""
+    spec = spec or config.run_task().spec
     need = pool_bytes(config.pool_size, spec.input_shape, spec.num_classes)
     memory = available_memory() if memory is None else memory
     if need > memory // 2:
@@ -115,10 +109,9 @@ def check_pool_memory(config: RunConfig, memory: int | None = None) -> None:
                           f"lower pool-size")
 
 
-def check_names(config: RunConfig) -> None:
-    """Fail at start-up on a model that cannot be built for the dataset (an unknown name, a wide ResNet depth
+def check_names(config: RunConfig, spec: DatasetSpec) -> None:
+    """Fail at start-up on a model that cannot be built for the task (an unknown name, a wide ResNet depth
     that is not 6n+4, images too small), naming the key: built on the meta device, so nothing is allocated."""
-    spec = config.run_task().spec
     for name in dict.fromkeys(config.teacher_models()):
         if not is_model_name(name):
             raise ConfigError(f"teacher-model: unknown model {name!r}; valid: {', '.join(model_names())}")
@@ -133,7 +126,7 @@ def check_names(config: RunConfig) -> None:
     try:
         with torch.device("meta"):
             student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
-                                    image_size=spec.image_size, args=config.student_arguments())
+                                       image_size=spec.image_size, args=config.student_arguments())
             out = student.eval()(torch.zeros(2, *spec.input_shape))
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise ConfigError(f"student-model: {exc.args[0] if exc.args else exc}") from None
@@ -150,10 +143,12 @@ def refuse_task(config: RunConfig, what: str) -> None:
                           "teacher --model SPEC --weights FILE --task CARD")
 
 
-def setup(config: RunConfig) -> torch.device:
-    """Checks and settings every entry point does first."""
-    check_names(config)
-    check_pool_memory(config)
+def setup(config: RunConfig, task: Task | None = None) -> torch.device:
+    """Checks and settings every entry point does first (``task``: the run's, read from the config when not
+    given)."""
+    spec = (task or config.run_task()).spec
+    check_names(config, spec)
+    check_pool_memory(config, spec=spec)
     device = resolve_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -164,8 +159,8 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
                observer: RunObserver | None = None) -> dict[str, Any]:
     """Run (or resume) one distillation from ``teachers`` and return its summary (also written to summary.json)."""
     observer = observer or LogObserver()
-    device = setup(config)
     task = config.run_task()
+    device = setup(config, task)
     with claim_run_dir(config, run_dir, resume=resume) as saved_state:
         started = time.perf_counter()
         with teachers.session(run_dir, device, observer) as session:
@@ -175,7 +170,7 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
         save_student(result, config, task.spec, run_dir / "student.pt")
         export_error = export_program(result.student, task.input_shape, run_dir / "student.pt2")
         teachers.finish(result, session, observer)
-        summary = build_summary(config, result, session.pool, test=session.test, transport=session.transport,
+        summary = build_summary(config, task, result, session.pool, test=session.test, transport=session.transport,
                                 wall=result.earlier_seconds + time.perf_counter() - started,
                                 references=session.references,
                                 privacy_records=session.privacy_records() if session.privacy_records else None,

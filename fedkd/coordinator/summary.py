@@ -23,6 +23,7 @@ from fedkd.coordinator.plots import plot_accuracy, plot_curriculum, plot_queries
 from fedkd.coordinator.pool import TeacherPool
 from fedkd.data import DatasetSpec, ImageData
 from fedkd.metrics import accuracy, mean_and_variance
+from fedkd.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def privacy_summary(pool: TeacherPool, records: list[dict[str, Any]] | None = No
     return {**(seen or {}), "clients": records, "max_epsilon_spent": max(spent, default=0.0)}
 
 
-def build_summary(config: RunConfig, result: Distillation, pool: TeacherPool, *, test: ImageData | None,
+def build_summary(config: RunConfig, task: Task, result: Distillation, pool: TeacherPool, *, test: ImageData | None,
                   transport: str, wall: float, references: Mapping[str, Any] | None = None,
                   privacy_records: list[dict[str, Any]] | None = None,
                   sections: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def build_summary(config: RunConfig, result: Distillation, pool: TeacherPool, *,
     summary = {
         "method": config.method,
         "dataset": config.dataset if not config.task else None,
-        "task": config.run_task().to_dict(),
+        "task": task.to_dict(),
         "num_clients": config.num_clients,
         "seed": config.seed,
         "teachers": [

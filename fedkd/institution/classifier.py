@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedkd.checkpoint import unreadable
 from fedkd.models import build_model, is_model_name, torchvision_classifier
 from fedkd.options import ConfigError
 from fedkd.task import Task
@@ -136,9 +136,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"--weights {str(path)!r} does not exist") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+    except Exception as exc:  # torch raises several types for truncated or foreign files
         raise ModelError(f"--weights {str(path)!r} is not a state dict torch can read safely "
-                         f"({str(exc).splitlines()[0][:200]})") from None
+                         f"({unreadable(exc)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -147,9 +147,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        parts = ([f"missing keys {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")] if missing
-                 else []) + ([f"unexpected keys {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")]
-                             if unexpected else [])
+        parts = [f"{what} keys {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise ModelError(f"--weights {str(path)!r} do not fit the model: {'; '.join(parts)}")
     wrong = [f"{k} {tuple(state[k].shape)} (the model's {tuple(v.shape)})" for k, v in own.items()
              if tuple(state[k].shape) != tuple(v.shape)]

@@ -32,7 +32,7 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
         raise CheckpointError(f"checkpoint {str(path)!r} takes inputs {shape}, the dataset has {tuple(input_shape)}")
     try:
         model = build_classifier(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1],
-                              args=ckpt.get("model_args") or None)
+                                 args=ckpt.get("model_args") or None)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: a {name!r} teacher cannot be built for inputs {shape}: "
                               f"{exc.args[0] if exc.args else exc}") from None
