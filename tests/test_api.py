@@ -90,3 +90,35 @@ def test_eval_data_from_an_image_folder(tmp_path):
     result = fedkd.distill(teachers=[teacher], task=task, out=tmp_path / "run", eval_data=tmp_path / "val",
                            epochs=1, steps_per_epoch=1, student_steps=1, batch_size=8, cudfkd_weight_bn=0.0)
     assert result.summary["test_samples"] == 6 and 0.0 <= result.summary["student"]["test_accuracy"] <= 1.0
+
+
+def test_serve_connects_a_module_to_a_hub_and_returns_what_it_released(tmp_path):
+    import threading
+
+    from fedkd.server.credentials import ServerTLS, issue_tokens
+    from fedkd.server.hub import Hub
+
+    from fedkd.contract import QueryContext
+    from fedkd.tls import make_dev_pki
+
+    pki = make_dev_pki(tmp_path / "pki")
+    tokens = issue_tokens(tmp_path / "tokens", ["teacher-000"])
+    hub = Hub(tokens, session="s", tls=ServerTLS(pki.server_cert.read_bytes(), pki.server_key.read_bytes()))
+    port = hub.start()
+    task = fedkd.Task(classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.38,))
+    served: dict = {}
+    thread = threading.Thread(target=lambda: served.update(fedkd.serve(
+        _teacher(0), task, connect=f"localhost:{port}", token_file=tmp_path / "tokens" / "teacher-000.token",
+        ca=pki.ca_cert, label_counts=[3] * 10)))
+    thread.start()
+    try:
+        hub.wait_for_teachers(timeout=30)
+        (description,) = hub.pool.descriptions
+        assert description.label_counts == tuple([3] * 10) and description.model == "Sequential"
+        replies = hub.pool.forward(torch.randn(2, 1, 8, 8), QueryContext(purpose="evaluate"), min_answers=1)
+        assert replies[0].logits.shape == (2, 10)
+        hub.end_session()
+        thread.join(30)
+    finally:
+        hub.stop()
+    assert not thread.is_alive() and served["forward_calls"] == 1
