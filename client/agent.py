@@ -117,6 +117,17 @@ class AgentSettings:
     max_backoff: float = 30.0
     give_up_after: float = 600.0  # seconds without a working session
     server_name: str | None = None  # TLS name to expect, when it differs from the target's host
+    status_every: float = 60.0  # seconds between status lines while connected (0: none)
+
+
+def privacy_line(privacy: dict[str, float | str] | None) -> str:
+    """What this teacher has spent of its privacy budget, for the operator's log."""
+    if not privacy:
+        return "privacy: none (answers released as computed, no guarantee)"
+    spent = float(privacy.get("epsilon_spent", 0.0))
+    budget = float(privacy.get("epsilon_budget", 0.0) or 0.0)
+    left = f" of {budget:g} ({max(budget - spent, 0.0):.3g} left)" if budget else " (no budget: unlimited)"
+    return f"privacy: {privacy.get('mechanism', '?')}, epsilon {spent:.3g} spent{left}"
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,8 @@ class TeacherAgent:
         self.welcome: pb.Welcome | None = None
         self.goodbye: pb.Goodbye | None = None  # the hub's last word, once it has said it
         self._stop = threading.Event()
+        self._stopped_serving = threading.Event()
+        self._connected = threading.Event()
         self._call: Any = None
         shape = host.description.input_shape
         # Upper bound on a query tensor before it is decoded (float64 is the largest dtype accepted by the codec).
@@ -144,7 +157,23 @@ class TeacherAgent:
     # Public -------------------------------------------------------------------------------
 
     def serve(self) -> dict[str, int]:
-        """Connect, answer queries, reconnect when dropped; returns what was released when the hub says goodbye."""
+        """Connect, answer queries, reconnect when dropped; returns what was released when the hub says goodbye.
+
+        It says what it is doing at INFO (``fedkd teacher`` shows it): connecting, connected (the session, what it
+        grants, its privacy budget), a status line every ``status_every`` seconds while connected (queries
+        answered, epsilon spent), a lost connection and the retry, and the end."""
+        s = self.settings
+        logger.info("connecting to the hub at %s (%s)%s", s.target, "plaintext" if s.tls is None else "TLS",
+                    f" as {s.name!r}" if s.name else "")
+        status = threading.Thread(target=self._status_lines, name="fedkd-agent-status", daemon=True)
+        status.start()
+        try:
+            return self._serve()
+        finally:
+            self._stopped_serving.set()
+            logger.info("stopped: %s; %s", self._answered(), privacy_line(self.host.describe().privacy))
+
+    def _serve(self) -> dict[str, int]:
         s = self.settings
         backoff = s.initial_backoff
         last_ok = time.monotonic()
@@ -180,6 +209,18 @@ class TeacherAgent:
             self._stop.wait(delay)
             backoff = min(backoff * 2, s.max_backoff)
         return self.host.stats.as_dict()
+
+    def _answered(self) -> str:
+        st = self.host.stats
+        return (f"answered {st.forward_calls:,} forward and {st.backward_calls:,} backward queries ({st.samples:,} "
+                f"samples, {st.wire_bytes / 1e6:,.1f} MB on the wire), refused {st.refused:,}")
+
+    def _status_lines(self) -> None:
+        """Every ``status_every`` seconds while connected: what has been answered and spent so far."""
+        every = self.settings.status_every
+        while every > 0 and not self._stopped_serving.wait(every):
+            if self._connected.is_set():
+                logger.info("serving: %s; %s", self._answered(), privacy_line(self.host.describe().privacy))
 
     def stop(self) -> None:
         """Leave the session (from another thread or a signal handler)."""
@@ -232,8 +273,11 @@ class TeacherAgent:
                         self.welcome = msg.welcome
                         self.sessions += 1
                         self.host.forget_kept()  # graphs kept for the last session's Backwards
-                        logger.info("joined session %r at %s as %s", msg.welcome.session, self.settings.target,
-                                    msg.welcome.teacher)
+                        self._connected.set()
+                        logger.info("connected: session %r at %s as %s; granting %s; %s", msg.welcome.session,
+                                    self.settings.target, msg.welcome.teacher,
+                                    ", ".join(self.host.description.access_modes),
+                                    privacy_line(self.host.describe().privacy))
                     elif kind == "goodbye":
                         # Report, half-close, and read on until the hub closes its side (so the report is
                         # delivered before the channel goes).
@@ -246,12 +290,15 @@ class TeacherAgent:
                     elif goodbye:
                         continue
                     else:
-                        outbox.put(self._answer(msg))
+                        answer = self._answer(msg)
+                        self.host.stats.wire_bytes += msg.ByteSize() + answer.ByteSize()  # as the hub counts them
+                        outbox.put(answer)
             except grpc.RpcError as exc:
                 if goodbye or (exc.code() == grpc.StatusCode.CANCELLED and self._stop.is_set()):
                     return goodbye
                 raise
             finally:
+                self._connected.clear()
                 outbox.put(None)
                 self._call = None
             return goodbye

@@ -32,35 +32,12 @@ from fedkd.institution.classifier import ModelError, dry_forward, load_classifie
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
-from fedkd.institution.privacy.policy import LABEL_COUNT_NOISE, MODES, PrivacySettings, ReleasePolicy
-from fedkd.options import BATCH_LIMIT, TIMEOUT_LIMIT, address, argument
+from fedkd.institution.privacy.policy import PrivacySettings, ReleasePolicy
 from fedkd.task import Task
 from fedkd.tls import read_certificates, read_private_key
 
 from .agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
-
-DEFAULT = PrivacySettings()  # the flags' defaults are the settings' own
-# The privacy flags, by the PrivacySettings field each sets: one table reads the flags into settings and writes
-# settings as flags (fedkd run's transport=grpc starts its agents with them).
-PRIVACY_FLAGS = {"mode": "--privacy-mode", "budget": "--privacy-budget", "delta": "--delta",
-                 "output_noise": "--output-noise", "output_clip": "--output-clip", "gradient_clip": "--gradient-clip",
-                 "label_count_noise": "--label-count-noise", "label_count_epsilon": "--label-count-epsilon",
-                 "pate_threshold": "--pate-threshold", "pate_sigma1": "--pate-sigma1", "pate_sigma2": "--pate-sigma2"}
-
-
-def privacy_from_args(args: argparse.Namespace) -> PrivacySettings:
-    """The client's privacy settings from its flags."""
-    values = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in PRIVACY_FLAGS.items()}
-    return PrivacySettings(**values, share_label_counts=not args.no_label_counts)
-
-
-def privacy_flags(settings: PrivacySettings) -> list[str]:
-    """``fedkd teacher``'s flags that give an agent ``settings`` (what :func:`privacy_from_args` reads back)."""
-    flags: list[str] = []
-    for name, flag in PRIVACY_FLAGS.items():
-        value = getattr(settings, name)
-        flags += [flag, value if isinstance(value, str) else repr(value)]
-    return flags + ([] if settings.share_label_counts else ["--no-label-counts"])
+from .flags import privacy_from_args, teacher_parser
 
 
 def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
@@ -143,71 +120,6 @@ def _read(path: str | None, what: str) -> bytes | None:
     return p.read_bytes()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    teacher = parser.add_argument_group("the teacher: a checkpoint fedkd trained, or the institution's own model")
-    teacher.add_argument("--checkpoint", help="a teacher checkpoint fedkd trained (fedkd.teacher.v1)")
-    teacher.add_argument("--model", metavar="SPEC", help="your own classifier: torchvision:NAME, "
-                         "PACKAGE.MODULE:CALLABLE (your code, on PYTHONPATH), an exported program (.pt2), or a "
-                         "fedkd model name; with --task and --weights")
-    teacher.add_argument("--weights", help="--model's trained weights: a state dict saved with torch.save "
-                         "(read with weights_only=True)")
-    teacher.add_argument("--task", help="the task card (TOML: classes, input-shape, mean, std) --model serves")
-    teacher.add_argument("--model-args", metavar="JSON", help="keyword arguments for --model's constructor, as a "
-                         "JSON object (for example '{\"num_classes\": 7}')")
-    teacher.add_argument("--label-counts", metavar="N,N,...|DIR", help="--model: how many training records of "
-                         "each class, in the task's order, or the training data's ImageFolder to count them (released "
-                         "as the privacy mode says); default: not shared")
-    parser.add_argument("--connect", required=True, metavar="HOST:PORT", type=address, help="the coordinator's hub")
-    parser.add_argument("--token-file", help="file holding this teacher's token (from the coordinator)")
-    parser.add_argument("--ca", help="CA certificate (PEM) that signed the hub's certificate; default: system roots")
-    parser.add_argument("--cert", help="this teacher's client certificate (PEM), for mutual TLS")
-    parser.add_argument("--key", help="the key of --cert (PEM)")
-    parser.add_argument("--insecure", action="store_true", help="plaintext, no TLS (loopback experiments only)")
-    parser.add_argument("--server-name", help="TLS name to expect when it differs from the host in --connect")
-    parser.add_argument("--session", default="", help="the run to join (refused when the hub runs another)")
-    parser.add_argument("--name", default="", help="a name for this teacher in the hub's logs")
-    parser.add_argument("--max-batch", type=argument(int, 1, BATCH_LIMIT), default=1024,
-                        help="largest query batch answered (default 1024)")
-    parser.add_argument("--access", default="logits,gradient",
-                        help="access modes granted: gradient,logits (default), logits, or labels (hard labels "
-                        "only)")
-    parser.add_argument("--no-label-counts", action="store_true", help="do not share the label histogram")
-    privacy = parser.add_argument_group("privacy (this client's own; nothing the coordinator sends changes it)")
-    privacy.add_argument("--privacy-mode", choices=MODES, default=DEFAULT.mode,
-                         help="none; dp-sgd (the checkpoint was trained with DP-SGD; answers are free); "
-                         "output-noise (clipped, noised logits and input gradients, accounted per query sample); "
-                         "pate (the checkpoint holds shard teachers; labels by Confident-GNMax, accounted per row)")
-    privacy.add_argument("--privacy-budget", type=argument(float, 0.0, 1e6), default=DEFAULT.budget,
-                         help="total epsilon this client allows, training included; 0 = unlimited (reported)")
-    privacy.add_argument("--delta", type=argument(float, 0.0, 0.1), default=DEFAULT.delta,
-                         help="delta of the guarantee (default: the training's, else 1 / (10 n))")
-    privacy.add_argument("--output-noise", type=argument(float, 1e-6, 1e6), default=DEFAULT.output_noise,
-                         help="output-noise: Gaussian std / (2 x clip) per released row (default %(default)s)")
-    privacy.add_argument("--output-clip", type=argument(float, 1e-6, 1e6), default=DEFAULT.output_clip,
-                         help="output-noise: L2 norm logits rows are clipped to (default %(default)s)")
-    privacy.add_argument("--gradient-clip", type=argument(float, 1e-6, 1e6), default=DEFAULT.gradient_clip,
-                         help="output-noise: L2 norm input-gradient rows are clipped to (default %(default)s)")
-    privacy.add_argument("--label-count-noise", choices=LABEL_COUNT_NOISE, default=DEFAULT.label_count_noise,
-                         help="noise on the released label histogram (auto: none without a mechanism, else gaussian)")
-    privacy.add_argument("--label-count-epsilon", type=argument(float, 1e-6, 1e4), default=DEFAULT.label_count_epsilon,
-                         help="what the noisy label histogram costs (default %(default)s)")
-    privacy.add_argument("--pate-threshold", type=argument(float, 0.0, 1e6), default=DEFAULT.pate_threshold,
-                         help="pate: answer a row only when its noisy top vote reaches this (default %(default)s)")
-    privacy.add_argument("--pate-sigma1", type=argument(float, 1e-6, 1e6), default=DEFAULT.pate_sigma1,
-                         help="pate: noise std of the threshold check (default %(default)s)")
-    privacy.add_argument("--pate-sigma2", type=argument(float, 1e-6, 1e6), default=DEFAULT.pate_sigma2,
-                         help="pate: noise std on each vote count for the answer (default %(default)s)")
-    privacy.add_argument("--ledger", help="file of this client's privacy ledger (default: beside the checkpoint, "
-                         "NAME.ledger.json); every release is recorded there before it is made")
-    parser.add_argument("--max-message-mb", type=argument(float, 0.01, 2000.0), default=64.0,
-                        help="largest gRPC message (default 64)")
-    parser.add_argument("--give-up-after", type=argument(float, 0.0, TIMEOUT_LIMIT), default=600.0,
-                        help="seconds without a session before giving up (default 600)")
-    parser.add_argument("--device", default="cpu", help="torch device for the teacher (default cpu)")
-    parser.add_argument("--num-threads", type=argument(int, 0, 1024), default=0,
-                        help="torch threads (default: torch's choice)")
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Serve until the hub ends the session; returns what was released."""
     if args.num_threads:
@@ -272,11 +184,7 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedkd teacher", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return command(args)
+    return command(teacher_parser().parse_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ from torch import nn
 
 from fedkd.config import RunConfig, config_from_mapping, default_values
 from fedkd.data import SPECS, DatasetSpec, ImageData, holdout_indices, load_dataset, load_node_file
-from fedkd.institution.privacy.policy import PrivacySettings
+from fedkd.institution.privacy.settings import PrivacySettings
 from fedkd.institution.training import client_partitions, load_or_train_teacher
 from fedkd.metrics import predict
 from fedkd.options import ConfigError

@@ -31,24 +31,7 @@ from fedkd.models import is_student_spec
 from fedkd.options import ConfigError, resolve_device
 from fedkd.task import Task
 
-# What a teacher's training reads from the settings (--set KEY=VALUE); anything else is the coordinator's.
-TRAINING_KEYS = ("seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing",
-                 "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size", "dp-lr", "dp-feature-epsilon",
-                 "dp-feature-clip", "device", "num-threads")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, help="the task card (TOML: classes, input-shape, mean, std)")
-    parser.add_argument("--data", required=True, help="the training data: an ImageFolder directory, or a .npz "
-                        "with x_train, y_train")
-    parser.add_argument("--model", default="lenet5", metavar="SPEC", help="a fedkd model name or torchvision:NAME "
-                        "(default lenet5)")
-    parser.add_argument("--model-args", metavar="JSON", help="keyword arguments of a torchvision model")
-    parser.add_argument("--privacy-mode", choices=("none", "dp-sgd"), default="none",
-                        help="dp-sgd: train with Opacus DP-SGD (dp-epsilon, dp-delta, ... via --set)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"a training setting: {', '.join(TRAINING_KEYS)}")
-    parser.add_argument("--out", required=True, help="the checkpoint to write (fedkd.teacher.v1)")
+from .flags import TRAINING_KEYS, training_parser
 
 
 def train(args: argparse.Namespace) -> dict[str, object]:
@@ -87,9 +70,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedkd train-teacher", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return command(parser.parse_args(argv))
+    return command(training_parser().parse_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:

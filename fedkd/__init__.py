@@ -46,12 +46,12 @@ if not (_PACKAGE / "server").is_dir() and (_PACKAGE.parent / "server" / "__init_
 
 
 _API = {"Task": "fedkd.task", "TaskError": "fedkd.task", "distill": "fedkd.api", "serve": "fedkd.api",
-        "Distilled": "fedkd.api"}
+        "Distilled": "fedkd.api", "load_student": "fedkd.api"}
 
 
 def __getattr__(name: str) -> Any:
-    """The Python API (``fedkd.Task``, ``fedkd.distill``, ``fedkd.serve``), imported when first used: ``import
-    fedkd`` alone loads neither side."""
+    """The Python API (``fedkd.Task``, ``fedkd.distill``, ``fedkd.serve``, ``fedkd.load_student``), imported
+    when first used: ``import fedkd`` alone loads neither side."""
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'fedkd' has no attribute {name!r}")

@@ -7,6 +7,7 @@
     result.student      # the trained nn.Module, in eval mode
     result.summary      # the summary.json dict
     result.export("student.pt2")
+    student = fedkd.load_student("runs/derm")   # a finished run's student, as an nn.Module
 
     fedkd.serve(model, task, connect="hub.example.org:50051", token_file="teacher-000.token", ca="ca.pem")
 
@@ -156,3 +157,18 @@ def _key(name: str) -> str:
         if name.startswith(method + "_"):
             return f"{method}.{name[len(method) + 1:].replace('_', '-')}"
     return name.replace("_", "-")
+
+
+def load_student(run: str | Path) -> nn.Module:
+    """The distilled student of a run directory (or its ``student.pt``) as an ``nn.Module`` of its architecture,
+    in eval mode: to fine-tune or inspect it in Python. To deploy it without fedkd, load ``student.pt2`` with
+    ``torch.export.load(path).module()`` instead; ``student.json`` says what it takes and returns."""
+    from fedkd.institution.loading import load_teacher  # the student is kept in the teacher checkpoint format
+
+    path = Path(run)
+    file = path / "student.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(file)!r} does not exist; give a run directory fedkd wrote (it holds "
+                                "student.pt once the run has finished) or the student.pt itself")
+    student, _ = load_teacher(file)
+    return student

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedkd.institution.privacy.policy import MODES as PRIVACY_MODES
-from fedkd.institution.privacy.policy import PrivacySettings
+from fedkd.institution.privacy.settings import MODES as PRIVACY_MODES
+from fedkd.institution.privacy.settings import PrivacySettings
 from fedkd.options import (
     BATCH_LIMIT,
     TIMEOUT_LIMIT,

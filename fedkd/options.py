@@ -4,7 +4,7 @@ A setting is a dataclass field whose metadata says what it accepts (:func:`choic
 :func:`validate_fields` checks an instance against it and :func:`coerce` turns a TOML, command-line or
 Flower value into the field's type, each failing with :class:`ConfigError` naming the key. Both sides of
 the trust boundary build on this module (methods, privacy, the trainers, ``fedkd.config``); it imports
-nothing of fedkd.
+nothing of fedkd, and not torch (``fedkd --help`` and a config error stay fast).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: parsing and checking options must not pay for it
+    import torch
 
 
 def kebab(name: str) -> str:
@@ -67,6 +68,8 @@ class CliValue(str):
 
 def resolve_device(name: str) -> torch.device:
     """The torch device a ``device`` setting names: auto is CUDA when present; cuda without one is refused."""
+    import torch
+
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' was asked for but no CUDA device is available; use device=auto or cpu")
     if name == "auto":

@@ -21,9 +21,10 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedkd.data import SPECS, DatasetSpec, ImageData, load_image_folder
+if TYPE_CHECKING:  # fedkd.data (torch) loads where a task's data or spec is used: reading a card stays light
+    from fedkd.data import DatasetSpec, ImageData
 from fedkd.options import ConfigError, toml_value
 
 MAX_CLASSES = 100_000
@@ -64,6 +65,8 @@ class Task:
     @property
     def spec(self) -> DatasetSpec:
         """The task as the models and the synthesizer take it (square inputs)."""
+        from fedkd.data import DatasetSpec
+
         return DatasetSpec(self.name, self.num_classes, self.input_shape[0], self.input_shape[1], self.mean, self.std)
 
     @classmethod
@@ -119,6 +122,8 @@ class Task:
 
     def load_images(self, root: str | Path) -> ImageData:
         """Labelled images of this task from an ImageFolder directory (class sub-folders named as its classes)."""
+        from fedkd.data import load_image_folder
+
         return load_image_folder(root, self.classes, self.input_shape)
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,4 +168,6 @@ def check(task: Task, where: str) -> None:
 
 def run_task(task_card: str, dataset: str) -> Task:
     """The task of a run: its task card when it names one, else the built-in dataset's."""
+    from fedkd.data import SPECS
+
     return Task.from_toml(task_card) if task_card else Task.from_spec(SPECS[dataset])

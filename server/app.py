@@ -47,7 +47,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedkd.config import FOLLOW_FEDERATION, RunConfig, config_from_run_config
-from fedkd.coordinator.distillation import Distillation, RunObserver
+from fedkd.coordinator.distillation import Distillation, RunObserver, epoch_line
 from fedkd.coordinator.flow import Session, coordinate, refuse_task
 from fedkd.data import load_dataset
 from fedkd.tls import run_pki
@@ -95,12 +95,11 @@ class _Log:
     def step(self) -> None:
         pass
 
+    def __init__(self, epochs: int | None = None) -> None:
+        self.epochs = epochs
+
     def epoch_finished(self, record: dict[str, Any]) -> None:
-        acc = record.get("student_accuracy")
-        shown = f"student accuracy {acc:.4f}" if acc is not None else "done"
-        queries = record.get("query_samples")
-        asked = f", {queries:,} query samples so far" if isinstance(queries, int) else ""
-        log(INFO, "[fedkd] epoch %d: %s (%.1f s%s)", record["epoch"] + 1, shown, record["epoch_seconds"], asked)
+        log(INFO, "[fedkd] %s", epoch_line(record, self.epochs))
 
 
 @app.main()
@@ -164,7 +163,7 @@ class FederatedDistillation:
 
     def __init__(self, grid: Grid, config: RunConfig, run_dir: Path, *, run_id: int, resumed: bool = False) -> None:
         self.grid, self.config, self.run_dir, self.run_id, self.resumed = grid, config, run_dir, run_id, resumed
-        self.observer = _Log()
+        self.observer = _Log(config.epochs)
         self.nodes: dict[int, NodeRecord] = {}
 
     # Helpers ---------------------------------------------------------------------------------

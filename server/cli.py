@@ -7,6 +7,9 @@
     fedkd simulate [--clients N] [--set KEY=VALUE ...]   # the Flower app: flwr run . --stream, offline
     fedkd partition --out DIR [--set KEY=VALUE ...]      # one .npz per client, to try a deployment
     fedkd keys            # every config key with its default and allowed values
+
+The parser and ``--help`` load neither torch nor a model: each command imports what it runs once its
+arguments are read.
 """
 
 from __future__ import annotations
@@ -14,58 +17,99 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fedkd.client.cli
-import fedkd.client.train
+from fedkd.client.flags import add_teacher_arguments, add_training_arguments
 from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fedkd.checkpoint import CheckpointError
-from fedkd.config import RunConfig, config_from_mapping, load_config_file, parse_assignments
-from fedkd.coordinator.experiment import run_experiment
-from fedkd.coordinator.pool import QuorumError
-from fedkd.coordinator.rundir import RunDirectoryError
-from fedkd.data import DatasetNotFoundError
 from fedkd.options import TIMEOUT_LIMIT, ConfigError, address, argument
-from fedkd.tls import CertificateError, make_dev_pki, read_certificates, read_private_key, run_pki
+from fedkd.provenance import version
 
-from .credentials import ServerTLS
-from .distill import run_distillation, teacher_names
-from .hub import ListenError
-from .loopback import grpc_transport
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
-USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, RunDirectoryError, QuorumError, TimeoutError,
-               FileNotFoundError, CertificateError, ListenError)
+    from fedkd.config import RunConfig
+
+    from .credentials import ServerTLS
+
+# Errors that name what the user gave (printed as one line, exit 2), by the module that defines them: a command
+# that never loaded a module cannot have raised its error, so none is imported to check.
+USER_ERRORS = {"fedkd.checkpoint": "CheckpointError", "fedkd.data": "DatasetNotFoundError",
+               "fedkd.coordinator.rundir": "RunDirectoryError", "fedkd.coordinator.pool": "QuorumError",
+               "fedkd.tls": "CertificateError", "fedkd.server.hub": "ListenError"}
 
 
-class RichObserver:
-    """Progress bar and stage messages for a run."""
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ConfigError, TimeoutError, FileNotFoundError)):
+        return True
+    return any(isinstance(exc, getattr(sys.modules[module], name)) for module, name in USER_ERRORS.items()
+               if module in sys.modules)
 
-    def __init__(self, console: Console, progress: Progress, *, epochs: int, steps_per_epoch: int) -> None:
+
+class ConsoleObserver:
+    """What a run shows while it runs: stage messages, and per epoch a live progress bar on a terminal, or one
+    line (student accuracy, seconds, query samples so far) when the output is a file, a pipe or a batch log.
+    The bar starts with the first epoch, so nothing of it is drawn before an error at start-up."""
+
+    def __init__(self, console: Console, *, epochs: int, steps_per_epoch: int) -> None:
         self.console = console
-        self.progress = progress
+        self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
-        self.task = progress.add_task("distilling", total=epochs * steps_per_epoch, start=False)
+        self.progress: Progress | None = None
+        self.task: Any = None
         self.last = ""
 
+    def __enter__(self) -> ConsoleObserver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
     def stage(self, message: str) -> None:
-        self.console.log(message)
+        if self.console.is_terminal:
+            self.console.log(message)
+        else:
+            self.console.print(f"{time.strftime('%H:%M:%S')} {message}", soft_wrap=True, markup=False,
+                               highlight=False)
 
     def epoch_started(self, epoch: int, total_steps: int) -> None:
-        self.progress.start_task(self.task)
-        self.progress.update(self.task, description=f"epoch {epoch + 1}{self.last}")
+        if not self.console.is_terminal:
+            return
+        if self.progress is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=self.console)
+            self.task = self.progress.add_task("distilling", total=self.epochs * self.steps_per_epoch,
+                                               completed=epoch * self.steps_per_epoch)
+            self.progress.start()
+        self.progress.update(self.task, description=f"epoch {epoch + 1}/{self.epochs}{self.last}")
 
     def step(self) -> None:
-        self.progress.advance(self.task)
+        if self.progress is not None:
+            self.progress.advance(self.task)
 
     def epoch_finished(self, record: dict[str, Any]) -> None:
+        from fedkd.coordinator.distillation import epoch_line
+
+        if self.progress is None:
+            self.stage(epoch_line(record, self.epochs))
+            return
         acc = record["student_accuracy"]
         self.last = f" (student {acc:.3f})" if acc is not None else ""
         self.progress.update(self.task, completed=(record["epoch"] + 1) * self.steps_per_epoch)
@@ -73,6 +117,8 @@ class RichObserver:
 
 def _config_values(args: argparse.Namespace) -> dict[str, Any]:
     """The keys given by --config and --set (later wins), unresolved."""
+    from fedkd.config import load_config_file, parse_assignments
+
     values: dict[str, Any] = {}
     if args.config:
         values.update(load_config_file(args.config))
@@ -81,12 +127,51 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _build_config(args: argparse.Namespace) -> RunConfig:
-    return config_from_mapping(_config_values(args))
+    """The run's config: --config and --set; with --resume, the run directory's own config.json, which --config
+    and --set may change only where a resumed run allows it (checked when the directory is opened)."""
+    from fedkd.config import config_from_mapping
+
+    values = _config_values(args)
+    if getattr(args, "resume", False):
+        if not args.out:
+            raise ConfigError("--resume needs --out DIR: the run directory to continue (its config.json holds the "
+                              "run's settings)")
+        saved = Path(args.out) / "config.json"
+        if saved.is_file():
+            from fedkd.coordinator.rundir import read_config_json
+
+            values = {**read_config_json(saved), **values}
+    return config_from_mapping(values)
 
 
 def _figure(value: float | None) -> str:
     """A fraction for the table; "-" where nothing was measured (no labelled data at the coordinator)."""
     return "-" if value is None else f"{value:.4f}"
+
+
+def _results_footer(summary: dict[str, Any], run_dir: Path) -> list[str]:
+    """The lines under the results table: what its columns mean, then the run's costs and where the student is."""
+    s, q = summary["student"], summary["queries"]
+    lines = ["test acc, agreement and loyalty are fractions (1 = all). agreement: share of test images where the "
+             "student picks the ensemble's class; loyalty: 1 - sqrt(Jensen-Shannon distance) between their "
+             "probabilities, averaged (1 = identical)" if s["agreement"] is not None else
+             "no labelled data at the coordinator: nothing was scored (give eval-data=DIR to score the student)"]
+    if s["accuracy_mean"] is not None:
+        lines.append(f"student accuracy over the epochs: mean {s['accuracy_mean']:.4f}, standard deviation "
+                     f"{s['accuracy_var'] ** 0.5:.4f}")
+    lines.append(f"queries: {q['samples']:,} samples, {q['bytes'] / 1e6:,.1f} MB"
+                 + (f" (budget {q['budget']:,})" if q.get("budget") else "")
+                 + f"; synthetic pool: {summary['pool']['samples'] or 0:,} samples; wall "
+                 f"{summary['wall_seconds']:.0f} s")
+    lines.append(f"the student: {run_dir / 'student.pt2'} (deploy: torch.export.load(...).module()), its card "
+                 f"student.json, its weights student.pt (fedkd.load_student); everything else: {run_dir}")
+    return lines
+
+
+def _print_results(console: Console, summary: dict[str, Any], run_dir: Path) -> None:
+    console.print(_results_table(summary, run_dir))
+    for line in _results_footer(summary, run_dir):
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
@@ -114,43 +199,38 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
     s = summary["student"]
     table.add_row("student", f"{s['model']}, data-free", _figure(s["test_accuracy"]), _figure(s["agreement"]),
                   _figure(s["loyalty"]), style="bold")
-    q = summary["queries"]
-    over_epochs = ("accuracy over epochs: not measured" if s["accuracy_mean"] is None else
-                   f"accuracy over epochs: mean {100 * s['accuracy_mean']:.2f} %, variance "
-                   f"{1e4 * s['accuracy_var']:.2f} %^2")
-    table.caption = (f"{over_epochs} | queries: {q['samples']:,} samples, "
-                     f"{q['bytes'] / 1e6:,.1f} MB" + (f" (budget {q['budget']:,})" if q.get("budget") else "")
-                     + f" | synthetic pool: {summary['pool']['samples'] or 0:,} samples | wall "
-                     f"{summary['wall_seconds']:.0f} s | run directory: {run_dir} (student.pt, student.pt2, "
-                     "student.json)")
     return table
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
 
 
 def _out(args: argparse.Namespace, config: RunConfig) -> Path:
     if config.resume_from:
         raise ConfigError(f"resume-from: {config.resume_from!r} is the Flower app's way to continue a run; here "
                           f"pass --out {config.resume_from} --resume")
-    default_out = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{config.dataset}-{config.method}")
-    return Path(args.out) if args.out else default_out
+    name = config.dataset if not config.task else Path(config.task).stem
+    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{name}-{config.method}")
+    args.run_dir = out  # named by the Ctrl-C message
+    return out
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from fedkd.coordinator.experiment import run_experiment
+
+    from .loopback import grpc_transport
+
     config = _build_config(args)
     out = _out(args, config)
     transport = grpc_transport if config.transport == "grpc" else None
-    with _progress(console) as progress:
-        observer = RichObserver(console, progress, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch)
+    with ConsoleObserver(console, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch) as observer:
         summary = run_experiment(config, out, resume=args.resume, observer=observer, transport=transport)
-    console.print(_results_table(summary, out))
+    _print_results(console, summary, out)
     return 0
 
 
 def _server_tls(args: argparse.Namespace, out: Path, console: Console) -> ServerTLS | None:
+    from fedkd.tls import read_certificates, read_private_key, run_pki
+
+    from .credentials import ServerTLS
+
     if args.insecure:
         if args.cert or args.client_ca:
             raise ConfigError("--insecure cannot be combined with --cert or --client-ca")
@@ -174,6 +254,8 @@ def _server_tls(args: argparse.Namespace, out: Path, console: Console) -> Server
 
 
 def cmd_distill(args: argparse.Namespace, console: Console) -> int:
+    from .distill import run_distillation, teacher_names
+
     config = _build_config(args)
     out = _out(args, config)
     if config.transport != "inprocess":
@@ -185,19 +267,18 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> int:
     console.log(f"each teacher runs: fedkd teacher {serves} --connect {args.listen} "
                 f"--token-file {token_dir}/<{teacher_names(1)[0]} ...>.token"
                 + (f" --ca {out / 'tls' / 'ca.pem'}" if tls and not args.cert else ""))
-    with _progress(console) as progress:
-        observer = RichObserver(console, progress, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch)
+    with ConsoleObserver(console, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch) as observer:
         summary = run_distillation(config, out, listen=args.listen, teachers=args.teachers, tls=tls,
                                    token_dir=token_dir, wait=args.wait, resume=args.resume, observer=observer)
-    console.print(_results_table(summary, out))
+    _print_results(console, summary, out)
     return 0
 
 
-def cmd_teacher(args: argparse.Namespace, console: Console) -> int:
-    return fedkd.client.cli.command(args)
-
-
 def cmd_certs(args: argparse.Namespace, console: Console) -> int:
+    from fedkd.tls import make_dev_pki
+
+    from .distill import teacher_names
+
     hosts = [h for h in args.hosts.split(",") if h]
     pki = make_dev_pki(args.out, hosts=hosts, clients=teacher_names(args.clients), days=args.days)
     console.print(f"CA: {pki.ca_cert}\nhub: --cert {pki.server_cert} --key {pki.server_key} (valid for "
@@ -261,7 +342,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
     import torch
 
-    from fedkd.data import load_image_folder
+    from fedkd.data import DatasetNotFoundError, load_image_folder
     from fedkd.task import Task
 
     run = Path(args.student)
@@ -310,28 +391,60 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+RUN_EPILOG = """examples:
+  fedkd run                                       the main job: MNIST-5k, 5 clients, CuDFKD
+  fedkd run --set dataset=digits --set epochs=2   any config key as --set KEY=VALUE (fedkd keys lists them)
+  fedkd run --config exp.toml --out runs/exp      keys from a TOML file, into a chosen run directory
+  fedkd run --out runs/exp --resume               continue an interrupted run with its own settings
+
+The run directory holds config.json, metrics.jsonl, summary.json, plots/ and the student (student.pt2 to
+deploy with torch.export, student.json its card, student.pt its weights)."""
+
+DISTILL_EPILOG = """The coordinator needs no data: it needs the task the teachers serve, either a built-in dataset's
+(--set dataset=NAME; their held-out images then score the student) or a task card (--set task=task.toml, for
+institutions' own models; --set eval-data=DIR to score the student on a labelled ImageFolder you hold).
+
+examples:
+  fedkd distill --listen 0.0.0.0:50051 --teachers 3 --set task=derm7.toml
+  fedkd distill --listen 127.0.0.1:50051 --teachers 2 --insecure --set dataset=digits"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedkd", description="Federated data-free knowledge distillation.")
+    parser = argparse.ArgumentParser(prog="fedkd", description="Federated data-free knowledge distillation: one "
+                                     "student from many institutions' classifiers, without sharing their data.",
+                                     epilog="Config keys (fedkd keys) go after a command as --set KEY=VALUE.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"fedkd {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    formatted = argparse.RawDescriptionHelpFormatter
     run = sub.add_parser("run", help="run an experiment on one machine (teachers in-process, or with "
-                         "transport=grpc as agent processes on loopback)")
+                         "transport=grpc as agent processes on loopback)", formatter_class=formatted,
+                         description="Run an experiment on one machine: train each client's teacher on its share "
+                         "of a built-in dataset, distil a student from them data-free, and score it.",
+                         epilog=RUN_EPILOG)
     run.add_argument("--config", help="TOML file of config keys")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable; fedkd keys "
+                     "lists them)")
     run.add_argument("--out", help="run directory (default: runs/<time>-<dataset>-<method>)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                     "with the settings in its config.json")
     run.set_defaults(func=cmd_run)
     for name in ("distill", "hub"):
         d = sub.add_parser(name, help="coordinator: open the hub, wait for teachers to dial in, distil"
-                           + (" (same as distill)" if name == "hub" else ""))
+                           + (" (same as distill)" if name == "hub" else ""), formatter_class=formatted,
+                           description="The coordinator of a real consortium: open the hub, issue each "
+                           "institution's token, wait for the teachers to dial in, distil the student.",
+                           epilog=DISTILL_EPILOG)
         d.add_argument("--listen", required=True, metavar="HOST:PORT", type=address,
                        help="address to listen on, e.g. 0.0.0.0:50051")
         d.add_argument("--teachers", type=argument(int, 1, 1000), required=True,
                        help="number of teachers that will connect")
         d.add_argument("--config", help="TOML file of config keys")
-        d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
+        d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable; fedkd "
+                       "keys lists them)")
         d.add_argument("--out", help="run directory (default: runs/<time>-<dataset>-<method>)")
-        d.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        d.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                       "with the settings in its config.json")
         d.add_argument("--cert", help="hub certificate chain (PEM); default: a development CA in <out>/tls")
         d.add_argument("--key", help="key of --cert (PEM)")
         d.add_argument("--hosts", default="", help="extra names/addresses for the development certificate")
@@ -345,11 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
         d.set_defaults(func=cmd_distill)
     teacher = sub.add_parser("teacher", help="institution: serve a teacher (a checkpoint, or your own model) to a "
                              "coordinator's hub")
-    fedkd.client.cli.add_arguments(teacher)
-    teacher.set_defaults(func=cmd_teacher)
+    add_teacher_arguments(teacher)
     train = sub.add_parser("train-teacher", help="institution: train a teacher on your own data (an ImageFolder), "
                            "DP-SGD optional")
-    fedkd.client.train.add_arguments(train)
+    add_training_arguments(train)
     certs = sub.add_parser("certs", help="create a development CA, a hub certificate and teacher certificates")
     certs.add_argument("--out", required=True, help="directory for the PEM files")
     certs.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses the hub is reached at")
@@ -364,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", help="TOML file of config keys")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
     sim.add_argument("--flwr-home", help="FLWR_HOME for the local SuperLink (default ~/.cache/fedkd/flwr-home)")
+    sim.add_argument("--raw", action="store_true", help="Flower's whole log as it streams (default: fedkd's "
+                     "lines, Flower's warnings and errors)")
     sim.set_defaults(func=cmd_simulate)
     part = sub.add_parser("partition", help="write one .npz per client (its partition and held-out share) to try "
                           "a deployment with --node-config data-path")
@@ -379,28 +493,80 @@ def build_parser() -> argparse.ArgumentParser:
                          "named as the task's classes")
     predict.add_argument("--out", help="the CSV of predictions (default RUN_DIR/predictions.csv)")
     predict.set_defaults(func=cmd_predict)
-    keys = sub.add_parser("keys", help="list every config key with its default")
+    keys = sub.add_parser("keys", help="list every config key: its default, allowed values, meaning and where it "
+                          "applies")
     keys.set_defaults(func=cmd_keys)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)  # where a misuse of the command is reported
     return parser
 
 
+FLAG = re.compile(r"--([a-z][a-z0-9_.-]*)(?:=(.*))?$")
+
+
+def _flag_hint(unknown: list[str]) -> str | None:
+    """For ``fedkd run --epochs 2``: the --set that was meant, when the flag is a config key."""
+    match = FLAG.match(unknown[0]) if unknown else None
+    if match is None:
+        return None
+    from .keys import every_key
+
+    key = match.group(1).replace("_", "-")
+    if key not in {row.key for row in every_key()}:
+        return None
+    value = match.group(2) if match.group(2) is not None else (
+        unknown[1] if len(unknown) > 1 and not unknown[1].startswith("--") else "VALUE")
+    return (f"{unknown[0].split('=')[0]} is a config key, not an option: give it as --set {key}={value} (fedkd "
+            "keys lists them)")
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; a config key given as a flag (``--epochs 2``) is pointed to ``--set epochs=2``."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        hint = _flag_hint(unknown)
+        where = getattr(args, "command_parser", parser)
+        if hint is None:
+            import difflib
+
+            flags = [o for action in where._actions for o in action.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+            hint = f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {close[0]}?" if close else "")
+        where.error(hint)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     if args.command == "teacher":
-        return fedkd.client.cli.command(args)
+        from fedkd.client.cli import command as teacher
+
+        return teacher(args)
     if args.command == "train-teacher":
-        return fedkd.client.train.command(args)
+        from fedkd.client.train import command as train
+
+        return train(args)
+    from rich.logging import RichHandler
+
     console = Console(stderr=False, log_path=False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     try:
         return int(args.func(args, console))
-    except USER_ERRORS as exc:
+    except KeyboardInterrupt:
+        run_dir = getattr(args, "run_dir", None)
+        again = (f"fedkd {args.command} --out {run_dir} --resume" if run_dir is not None else None)
+        if again and args.command in ("distill", "hub"):
+            again = (f"fedkd {args.command} --listen {args.listen} --teachers {args.teachers} --out {run_dir} "
+                     "--resume (and the same --cert/--key or --insecure)")
+        print("fedkd: interrupted" + (f"; continue with: {again}" if again else ""), file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         print(f"fedkd: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fedkd: interrupted; continue with --resume and the same --out", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 from fedkd.config import FOLLOW_FEDERATION, RunConfig, coordinator_registries
 from fedkd.contract import ALL_ACCESS_MODES
-from fedkd.institution.privacy.policy import MODES as PRIVACY_MODES
+from fedkd.institution.privacy.settings import MODES as PRIVACY_MODES
 from fedkd.models import model_names
 from fedkd.options import SCOPES, kebab, toml_value
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from fedkd.client.cli import privacy_flags
+from fedkd.client.flags import privacy_flags
 
 from fedkd.config import RunConfig
 from fedkd.contract import access_modes

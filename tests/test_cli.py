@@ -142,7 +142,7 @@ def test_an_agent_started_with_the_settings_flags_reads_back_the_same_settings()
     exactly those settings (one table, PRIVACY_FLAGS, for both directions)."""
     import argparse
 
-    from fedkd.client.cli import PRIVACY_FLAGS, add_arguments, privacy_flags, privacy_from_args
+    from fedkd.client.flags import PRIVACY_FLAGS, add_teacher_arguments, privacy_flags, privacy_from_args
 
     from fedkd.institution.privacy.policy import PrivacySettings
 
@@ -150,7 +150,7 @@ def test_an_agent_started_with_the_settings_flags_reads_back_the_same_settings()
                                gradient_clip=0.5, share_label_counts=False, label_count_noise="laplace",
                                label_count_epsilon=0.25, pate_threshold=4.0, pate_sigma1=3.0, pate_sigma2=1.5)
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_teacher_arguments(parser)
     args = parser.parse_args(["--checkpoint", "t.pt", "--connect", "h:1", *privacy_flags(settings)])
     assert privacy_from_args(args) == settings
     defaults = parser.parse_args(["--checkpoint", "t.pt", "--connect", "h:1"])

@@ -43,6 +43,18 @@ class RunObserver(Protocol):
     def epoch_finished(self, record: dict[str, Any]) -> None: ...
 
 
+def epoch_line(record: dict[str, Any], epochs: int | None = None) -> str:
+    """One epoch of ``metrics.jsonl`` as one log line: the student's accuracy (and agreement with its ensemble)
+    where the coordinator holds labelled data, the epoch's seconds, the query samples so far."""
+    done = f"epoch {record['epoch'] + 1}" + (f"/{epochs}" if epochs else "")
+    acc = record.get("student_accuracy")
+    shown = "done" if acc is None else f"student accuracy {acc:.4f}" + (
+        f", agreement {record['agreement']:.4f}" if record.get("agreement") is not None else "")
+    queries = record.get("query_samples")
+    asked = f", {queries:,} query samples so far" if isinstance(queries, int) else ""
+    return f"{done}: {shown} ({record['epoch_seconds']:.1f} s{asked})"
+
+
 @dataclass
 class Distillation:
     """What a distillation produced: the student, in memory, and everything its summary is built from."""

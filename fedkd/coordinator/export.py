@@ -13,7 +13,6 @@ import inspect
 import json
 import logging
 import os
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from fedkd.models import count_parameters
+from fedkd.provenance import provenance
 from fedkd.task import Task
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,6 @@ def export_program(model: nn.Module, input_shape: tuple[int, int, int], path: Pa
         model.train(was_training)
 
 
-def _version() -> str:
-    try:
-        return metadata.version("fedkd")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def model_card(summary: dict[str, Any], task: Task, student: nn.Module, *, export_error: str | None) -> dict[str, Any]:
     """The student's model card, from the run's summary."""
     test_samples = summary.get("test_samples") or 0
@@ -73,7 +66,7 @@ def model_card(summary: dict[str, Any], task: Task, student: nn.Module, *, expor
     privacy = summary.get("privacy") or {}
     return {
         "format": CARD_FORMAT,
-        "fedkd_version": _version(),
+        **provenance(),  # fedkd_version, commit
         "task": task.to_dict(),
         "architecture": summary["config"].get("student-model"),
         "parameters": count_parameters(student),

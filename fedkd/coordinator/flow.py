@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from fedkd.config import RunConfig
-from fedkd.coordinator.distillation import Distillation, RunObserver, build, distill
+from fedkd.coordinator.distillation import Distillation, RunObserver, build, distill, epoch_line
 from fedkd.coordinator.export import export_program, model_card, write_model_card
 from fedkd.coordinator.pool import TeacherPool
 from fedkd.coordinator.rundir import claim_run_dir
@@ -53,10 +53,7 @@ class LogObserver:
         pass
 
     def epoch_finished(self, record: dict[str, Any]) -> None:
-        if record["student_accuracy"] is None:
-            logger.info("epoch %d done", record["epoch"] + 1)
-        else:
-            logger.info("epoch %d: student accuracy %.4f", record["epoch"] + 1, record["student_accuracy"])
+        logger.info("%s", epoch_line(record))
 
 
 @dataclass

@@ -40,8 +40,12 @@ def _check_resume_config(saved: dict[str, Any], config: RunConfig, path: Path) -
                      if saved.get(k) != current.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ConfigError(f"cannot resume {str(path)!r} with a different config ({detail}); "
-                          "use the original settings or start a new run directory")
+        why = (" The student's learning-rate schedule and the curriculum span the run's epochs, so a longer run is "
+               "a new run, not a continuation." if "epochs" in changed else "")
+        raise ConfigError(f"cannot resume {str(path)!r} with a different config ({detail}): a run continues with "
+                          f"the settings it started with (its config.json; no --set needed), and only "
+                          f"{', '.join(sorted(RESUMABLE_CHANGES - {'resume-from'}))} may change.{why} Drop those "
+                          "--set, or start a new run directory with them")
 
 
 def read_config_json(path: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from fedkd.coordinator.plots import plot_accuracy, plot_curriculum, plot_queries
 from fedkd.coordinator.pool import TeacherPool
 from fedkd.data import DatasetSpec, ImageData
 from fedkd.metrics import accuracy, mean_and_variance
+from fedkd.provenance import provenance
 from fedkd.task import Task
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
         "test_samples": len(test) if test is not None else 0,
         "wall_seconds": wall,
         "config": config.to_dict(),
+        **provenance(),  # fedkd_version, commit: the code that made these figures
     }
     for key, value in (sections or {}).items():
         if key in summary:
