@@ -37,7 +37,7 @@ from fedkd.task import Task
 from fedkd.tls import read_certificates, read_private_key
 
 from .agent import AgentError, AgentSettings, ClientTLS, SessionAborted, TeacherAgent
-from .flags import privacy_from_args, teacher_parser
+from .flags import LOG_FORMAT, privacy_from_args, teacher_parser
 
 
 def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
@@ -188,8 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    # Opacus configures the root logger when it is imported (at WARNING), which would silence the agent's status
+    # lines: the level is the command's whoever configured it first (fedkd's entry point does so before importing)
+    logging.getLogger().setLevel(level)
     try:
         spent = run(args)
     except SessionAborted as exc:

@@ -11,6 +11,7 @@ import argparse
 from fedkd.institution.privacy.settings import LABEL_COUNT_NOISE, MODES, PrivacySettings
 from fedkd.options import BATCH_LIMIT, TIMEOUT_LIMIT, address, argument
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # an institution's operator reads these lines
 DEFAULT = PrivacySettings()  # the flags' defaults are the settings' own
 # The privacy flags, by the PrivacySettings field each sets: one table reads the flags into settings and writes
 # settings as flags (fedkd run's transport=grpc starts its agents with them).

@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger().setLevel(logging.INFO)  # Opacus, once imported, has configured it at WARNING
     try:
         report = train(args)
     except (ConfigError, DatasetNotFoundError, ValueError, FileNotFoundError) as exc:

@@ -147,6 +147,14 @@ def _torchvision_data(dataset: Any) -> ImageData:
     return ImageData(images.contiguous(), torch.as_tensor(np.asarray(targets), dtype=torch.long))
 
 
+# Where torchvision's dataset classes look under their root (download=False).
+_TV_FILES = {"mnist": ("MNIST/raw", "the four *-ubyte files"),
+             "fashion-mnist": ("FashionMNIST/raw", "the four *-ubyte files"),
+             "cifar10": ("cifar-10-batches-py", "the python version of CIFAR-10, unpacked"),
+             "cifar100": ("cifar-100-python", "the python version of CIFAR-100, unpacked"),
+             "svhn": (".", "train_32x32.mat and test_32x32.mat")}
+
+
 def _torchvision_loader(name: str) -> Callable[[Path, int], DataSplit]:
     def load(root: Path, seed: int) -> DataSplit:
         from torchvision import datasets as tvd
@@ -163,11 +171,13 @@ def _torchvision_loader(name: str) -> Callable[[Path, int], DataSplit]:
                            "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
                     train = cls(str(root), train=True, download=False)
                     test = cls(str(root), train=False, download=False)
-        except RuntimeError as exc:
+        except RuntimeError:
             raise DatasetNotFoundError(
-                f"dataset {name!r} not found under data-root {str(root)!r} ({exc}). Put the torchvision "
-                f"files there (for example torchvision.datasets.{_TV_NAMES[name]}(root, download=True) on a "
-                "machine with internet) or set data-root to where they are."
+                f"dataset {name!r} not found under data-root {str(root)!r}: torchvision's "
+                f"{_TV_NAMES[name]} reads {str(root / _TV_FILES[name][0])!r} ({_TV_FILES[name][1]}). fedkd "
+                "downloads nothing: copy the "
+                "files there, or set data-root to the folder that holds them (the built-in datasets mnist5k and "
+                "digits need no files)."
             ) from None
         return DataSplit(spec, _torchvision_data(train), _torchvision_data(test))
 

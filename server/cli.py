@@ -199,6 +199,10 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
     s = summary["student"]
     table.add_row("student", f"{s['model']}, data-free", _figure(s["test_accuracy"]), _figure(s["agreement"]),
                   _figure(s["loyalty"]), style="bold")
+    federated = summary.get("federated_evaluation") or {}
+    if federated.get("student_accuracy") is not None:
+        table.add_row("student", f"on {int(federated.get('num_examples') or 0)} examples the nodes hold (federated)",
+                      _figure(federated["student_accuracy"]), "", "", style="bold")
     return table
 
 
@@ -317,10 +321,13 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     values = _config_values(args)
     if args.clients is not None:
         values["num-clients"] = args.clients
-    code, status = simulate(values, flwr_home=Path(args.flwr_home) if args.flwr_home else None)
+    code, status = simulate(values, flwr_home=Path(args.flwr_home) if args.flwr_home else None, raw=args.raw)
     detail = status.get("status-details")
     console.print(f"Flower run {status.get('run-id', '?')}: {status.get('status')}"
-                  + (f" ({detail})" if detail and detail != "N/A" else ""))
+                  + (f" ({detail})" if detail and detail != "N/A" else ""), soft_wrap=True, highlight=False)
+    run_dir = Path(status["run-dir"]) if status.get("run-dir") else None
+    if code == 0 and run_dir is not None and (run_dir / "summary.json").is_file():
+        _print_results(console, json.loads((run_dir / "summary.json").read_text()), run_dir)
     return code
 
 

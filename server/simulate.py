@@ -18,6 +18,11 @@ What it sets, and why (docs/flower.md):
   types it, on the federation's defaults (num-clients 0 follows them).
 - the run's status from ``flwr list``: ``flwr run --stream`` exits 0 even
   when the run failed; this command exits 1 then.
+- a readable log (:class:`LogFilter`): Flower's stream shows every ServerApp
+  line twice (once with ANSI colours, once with a timestamp), its DEBUG lines
+  and notices that do not apply to this command; the filter keeps one copy of
+  each line, no escape codes, no DEBUG, and every warning and error that is
+  not a known notice. ``raw=True`` passes the stream through unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +44,48 @@ from fedkd.config import RunConfig, config_from_mapping, split_namespaced
 from fedkd.options import toml_value
 
 ROOT = Path(__file__).resolve().parent.parent
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+LEVELLED = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s?(.*)$")  # Flower's console format
+TIMESTAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(DEBUG|INFO|WARNING|ERROR|CRITICAL):(.*)$")  # its copy
+RUN_DIR = re.compile(r"\[fedkd\] run directory (.+)$")
+# Flower's notices that say nothing about this run (fedkd simulate sets the federation's size itself).
+NOTICES = ("default simulated SuperNodes changed", "To change federation size", "flwr federation simulation-config",
+           "Flower configuration not found", "Created default configuration", "Starting logstream",
+           "Starting local SuperLink", "Using SuperLink:", "Successfully installed fedkd to",
+           "Starting Flower Simulation", "simulated SuperNodes)")
+
+
+class LogFilter:
+    """Flower's stream of a simulation, one line per event: each ServerApp line once (the coloured copy's text,
+    the timestamped copy dropped), no ANSI codes, no DEBUG, no notices that do not apply; warnings and errors
+    kept. The run directory the ServerApp names is remembered for the results table."""
+
+    def __init__(self) -> None:
+        self.run_dir: str | None = None
+        self.shown: set[str] = set()
+
+    def __call__(self, line: str) -> str | None:
+        """The line to show (without its newline), or None to drop it."""
+        text = ANSI.sub("", line).rstrip()
+        stamped = TIMESTAMPED.match(text)
+        if stamped:  # the second copy of a line: shown only for an error the coloured copy did not carry
+            level, message = stamped.group(1), stamped.group(2).strip()
+            if level in ("ERROR", "CRITICAL") and message not in self.shown:
+                self.shown.add(message)
+                return f"{level}: {message}"
+            return None
+        levelled = LEVELLED.match(text)
+        level, message = (levelled.group(1), levelled.group(2).strip()) if levelled else ("", text.strip())
+        found = RUN_DIR.search(message)
+        if found:
+            self.run_dir = found.group(1).strip()
+        if not message or level == "DEBUG" or any(n in message for n in NOTICES):
+            return None
+        self.shown.add(message)
+        if message.startswith("[fedkd] "):
+            return message[len("[fedkd] "):]
+        return f"{level}: {message}" if level in ("WARNING", "ERROR", "CRITICAL") else message
 
 
 def _free_port() -> int:
@@ -155,8 +202,10 @@ def await_outcome(run_id: str, env: Mapping[str, str], *, timeout: float) -> dic
 
 
 def simulate(changes: Mapping[str, Any], *, app: Path = ROOT, flwr_home: Path | None = None,
-             timeout: float | None = None, stream: Any = None, bare: bool = False) -> tuple[int, dict[str, Any]]:
-    """Run the app in simulation; returns (exit code, the run's status record from ``flwr list``)."""
+             timeout: float | None = None, stream: Any = None, bare: bool = False,
+             raw: bool = False) -> tuple[int, dict[str, Any]]:
+    """Run the app in simulation; returns (exit code, the run's status record from ``flwr list``, with the run
+    directory the ServerApp wrote as ``run-dir`` when it said). ``raw``: Flower's stream unfiltered."""
     config = config_from_mapping({**changes, "num-clients": changes.get("num-clients") or 1} if bare else changes)
     n = config.num_clients  # (checked above, naming the key, before anything starts)
     home = (flwr_home or Path(os.environ.get("FEDKD_FLWR_HOME", "") or Path.home() / ".cache/fedkd/flwr-home"))
@@ -170,14 +219,17 @@ def simulate(changes: Mapping[str, Any], *, app: Path = ROOT, flwr_home: Path | 
     if changes:
         cmd += ["--run-config", run_config_arg(changes, config)]
     out = stream or sys.stdout
+    shown = LogFilter()
     run_id = None
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         started = time.monotonic()
         for line in proc.stdout:
-            out.write(line)
-            out.flush()
+            kept = line.rstrip("\n") if raw else shown(line)
+            if kept is not None:
+                out.write(kept + "\n")
+                out.flush()
             match = re.search(r"Successfully started run (\d+)", line)
             if match:
                 run_id = match.group(1)
@@ -188,6 +240,8 @@ def simulate(changes: Mapping[str, Any], *, app: Path = ROOT, flwr_home: Path | 
         if run_id is None:
             return (code or 1), {"status": "not started", "status-details": f"flwr run exited with {code}"}
         status = await_outcome(run_id, env, timeout=10.0)
+        if shown.run_dir is not None:
+            status["run-dir"] = shown.run_dir
         ok = status.get("status") == "finished:completed"
         return (0 if ok else 1), status
     finally:

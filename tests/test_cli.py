@@ -57,7 +57,9 @@ def test_bad_input_exits_2_with_a_message_naming_it(tmp_path, capsys):
     assert "unknown config key 'epoch'; did you mean 'epochs'?" in capsys.readouterr().err
     assert main(["run", "--set", "dataset=cifar10", "--set", f"data-root={tmp_path}", "--out",
                  str(tmp_path / "b")]) == 2
-    assert "'cifar10' not found under data-root" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'cifar10' not found under data-root" in err and "cifar-10-batches-py" in err
+    assert "download=True" not in err  # torchvision's advice: fedkd downloads nothing
     assert main(["run", "--out", str(tmp_path / "c"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
 

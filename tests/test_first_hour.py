@@ -81,6 +81,12 @@ def test_resume_reads_the_run_s_own_settings_and_ends_where_an_uninterrupted_run
     assert resumed["config"]["dataset"] == "digits" and resumed["config"]["epochs"] == 2
     assert resumed["student"]["test_accuracy"] == uninterrupted["student"]["test_accuracy"]
     assert resumed["queries"]["samples"] == uninterrupted["queries"]["samples"]
+    # the in-process teachers started again with the resumed run: their own counts are smaller, as expected
+    reconciliation = resumed["queries"]["reconciliation"]
+    assert reconciliation["differences"] and reconciliation["agree"]
+    assert all(d["expected"] and d["why"].startswith("expected: the run was resumed")
+               for d in reconciliation["differences"])
+    assert resumed["fedkd_version"] == "0.1.0" and "commit" in resumed
     assert main(["run", "--resume"]) == 2
     assert "--resume needs --out DIR" in capsys.readouterr().err
 
@@ -146,3 +152,60 @@ def test_the_teacher_agent_says_what_it_is_doing_and_counts_its_wire_bytes(tmp_p
     # the agent's own report counts the bytes it exchanged, as the hub does (the hub adds the closing report)
     hub_bytes = hub.pool.stats()[0].wire_bytes
     assert 0 < served["wire_bytes"] <= hub_bytes < 2 * served["wire_bytes"]
+
+
+def test_the_simulation_log_shows_each_line_once_without_escape_codes_or_debug():
+    from fedkd.server.simulate import LogFilter
+
+    stream = [
+        "\n", "Flower configuration not found. Created default configuration at /x/config.toml\n",
+        "Successfully started run 42\n",
+        "\x1b[92mINFO \x1b[0m:      Starting logstream for run_id `42`\n",
+        "\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.\n",
+        "\x1b[92mINFO \x1b[0m:      [fedkd] run directory /runs/run-42\n",
+        "11/23/2026 13:21:59:INFO:[fedkd] run directory /runs/run-42\n",
+        "11/23/2026 13:22:00:DEBUG:Initialising: RayBackend\n",
+        "\x1b[92mINFO \x1b[0m:      [fedkd] epoch 1/2: student accuracy 0.5000 (1.0 s)\n",
+        "11/23/2026 13:22:24:INFO:[fedkd] epoch 1/2: student accuracy 0.5000 (1.0 s)\n",
+        "\x1b[93mWARNING \x1b[0m:   node 3 is slow\n",
+        "11/23/2026 13:22:33:ERROR:ServerApp crashed: boom\n",
+        "\x1b[92mINFO \x1b[0m:      \n",
+    ]
+    keep = LogFilter()
+    shown = [line for line in map(keep, stream) if line is not None]
+    assert shown == ["Successfully started run 42", "run directory /runs/run-42",
+                     "epoch 1/2: student accuracy 0.5000 (1.0 s)", "WARNING: node 3 is slow",
+                     "ERROR: ServerApp crashed: boom"]
+    assert keep.run_dir == "/runs/run-42"
+
+
+def test_a_tls_failure_is_one_line_of_fedkd_not_grpc_s_own(tmp_path):
+    import os
+
+    from fedkd.server.credentials import ServerTLS, issue_tokens
+    from fedkd.server.hub import Hub
+
+    from fedkd.checkpoint import save_teacher
+    from fedkd.models import build_model
+    from fedkd.tls import make_dev_pki
+
+    pki, other = make_dev_pki(tmp_path / "pki"), make_dev_pki(tmp_path / "other")
+    tokens = issue_tokens(tmp_path / "tokens", ["teacher-000"])
+    hub = Hub(tokens, session="s", tls=ServerTLS(pki.server_cert.read_bytes(), pki.server_key.read_bytes()))
+    port = hub.start()
+    save_teacher(tmp_path / "t.pt", build_model("lenet5", num_classes=10, channels=1, image_size=8),
+                 model_name="lenet5", num_classes=10, input_shape=(1, 8, 8), num_samples=10, label_counts=[1] * 10,
+                 mean=(0.3,), std=(0.3,))
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    try:
+        out = subprocess.run([sys.executable, "-c", "import sys; from fedkd.cli import main; sys.exit(main())",
+                              "teacher", "--checkpoint", str(tmp_path / "t.pt"), "--connect", f"localhost:{port}",
+                              "--token-file", str(tmp_path / "tokens" / "teacher-000.token"), "--ca",
+                              str(other.ca_cert), "--give-up-after", "20"], capture_output=True, text=True,
+                             timeout=120, env=env)
+    finally:
+        hub.stop()
+    assert out.returncode == 2
+    assert "does not verify against the CA given with --ca" in out.stderr
+    assert f"connecting to the hub at localhost:{port} (TLS)" in out.stderr
+    assert "ssl_transport_security" not in out.stderr and "Handshake failed" not in out.stderr, out.stderr

@@ -29,6 +29,11 @@ def test_flwr_run_simulation_with_three_clients(tmp_path: Path) -> None:
     assert (code, status["status"]) == (0, "finished:completed"), log.getvalue()[-3000:]
     summary = json.loads(next((tmp_path / "runs").glob("run-*/summary.json")).read_text())
     assert summary["flower"]["failed"] == [] and len(summary["flower"]["nodes"]) == 3
+    # one line per event: no escape codes, no DEBUG, no copies, no notices that do not apply
+    text = log.getvalue()
+    assert "\x1b[" not in text and "DEBUG" not in text and "SuperNodes changed" not in text
+    assert text.count("summary written to") == 1 and text.count("epoch 1/1: student accuracy") == 1
+    assert Path(status["run-dir"]) == next((tmp_path / "runs").glob("run-*"))
     assert summary["federated_evaluation"]["num_examples"] == 359
     assert superlink_pids(home) == []  # the SuperLink it started is gone
 

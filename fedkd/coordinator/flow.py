@@ -172,7 +172,7 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
                                 references=session.references,
                                 privacy_records=session.privacy_records() if session.privacy_records else None,
                                 sections=session.sections)
-        write_results(summary, result, run_dir)
+        write_results(summary, result, run_dir, task)
         write_model_card(model_card(summary, task, result.student, export_error=export_error),
                          run_dir / "student.json")
     observer.stage(f"summary written to {run_dir / 'summary.json'}")

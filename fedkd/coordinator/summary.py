@@ -16,11 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedkd.checkpoint import save_teacher
 from fedkd.config import RunConfig
 from fedkd.coordinator.distillation import Distillation
 from fedkd.coordinator.plots import plot_accuracy, plot_curriculum, plot_queries, plot_samples
 from fedkd.coordinator.pool import TeacherPool
+from fedkd.coordinator.student import judging
 from fedkd.data import DatasetSpec, ImageData
 from fedkd.metrics import accuracy, mean_and_variance
 from fedkd.provenance import provenance
@@ -31,12 +34,15 @@ logger = logging.getLogger(__name__)
 NO_REFERENCES: dict[str, Any] = {"fedavg": None, "centralised": None}
 
 
-def reconcile_queries(per_client: list[dict[str, Any]], reported: list[dict[str, Any]]) -> dict[str, Any]:
+def reconcile_queries(per_client: list[dict[str, Any]], reported: list[dict[str, Any]], *,
+                      resumed: bool = False) -> dict[str, Any]:
     """Compare the coordinator's count of each teacher's queries with what the teacher reports it released.
 
     They differ when answers reached a teacher but not the coordinator's count (late past query-timeout, refused
     as malformed, or in flight when the coordinator was killed: the ledger is written after every round), or
-    when a teacher's own count started again (its agent or host process restarted).
+    when a teacher's own count started again (its agent or host process restarted). In a ``resumed`` run the
+    latter is expected: the teachers' processes started again with the run, the coordinator's count covers the
+    whole run; such a difference says so (``expected``), and ``agree`` counts only the unexpected ones.
     """
     differences = []
     for counted, report in zip(per_client, reported):
@@ -49,11 +55,15 @@ def reconcile_queries(per_client: list[dict[str, Any]], reported: list[dict[str,
                  for k in ("forward_calls", "backward_calls", "samples") if report.get(k) != counted.get(k)}
         if not delta:
             continue
+        fewer = all(v < 0 for v in delta.values())
         why = ("the teacher answered queries the coordinator did not count: late past query-timeout, refused as "
                "malformed, or in flight when the coordinator stopped" if all(v > 0 for v in delta.values()) else
+               "expected: the run was resumed, and the teacher's own count started again with its process while "
+               "the coordinator's covers the whole run" if resumed and fewer else
                "the teacher's own count started again: its agent or host process restarted during the run")
-        differences.append({"client": client, "reported_minus_counted": delta, "why": why})
-    return {"agree": not differences, "differences": differences}
+        differences.append({"client": client, "reported_minus_counted": delta, "why": why,
+                            "expected": bool(resumed and fewer)})
+    return {"agree": all(d.get("expected") for d in differences), "differences": differences}
 
 
 def privacy_summary(pool: TeacherPool, records: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
@@ -95,7 +105,7 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
     stats = pool.stats()
     per_client = [{"client": d.client, **s.as_dict()} for d, s in zip(pool.descriptions, stats)]
     reports = pool.client_reports()
-    reconciliation = reconcile_queries(per_client, reports)
+    reconciliation = reconcile_queries(per_client, reports, resumed=result.earlier_seconds > 0)
     if not reconciliation["agree"]:
         logger.warning("the teachers' own query counts differ from the coordinator's: %s",
                        reconciliation["differences"])
@@ -150,14 +160,30 @@ def save_student(result: Distillation, config: RunConfig, spec: DatasetSpec, pat
                  std=spec.std)
 
 
-def write_results(summary: dict[str, Any], result: Distillation, run_dir: Path) -> None:
-    """summary.json and the plots (accuracy, curriculum, queries, synthetic samples) in the run directory."""
+def write_results(summary: dict[str, Any], result: Distillation, run_dir: Path, task: Task | None = None) -> None:
+    """summary.json and the plots (accuracy, curriculum, queries, synthetic samples) in the run directory, each
+    titled with the run; under the synthetic samples, the final student's class for each (the coordinator's own
+    model: no query, nothing released)."""
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
+    on = summary["dataset"] or (task.name if task is not None else "a task")
+    title = f"{summary['method']} on {on}, {summary['num_clients']} clients ({run_dir.name})"
     if result.answers is not None:
         best_teacher = max(t["test_accuracy"] for t in summary["teachers"])
-        plot_accuracy(result.history, summary["ensemble"]["test_accuracy"], best_teacher, plots / "accuracy.png")
-        plot_queries(result.history, summary["ensemble"]["test_accuracy"], plots / "queries.png")
-    plot_curriculum(result.history, plots / "curriculum.png")
-    plot_samples(result.stages, plots / "samples.png")
+        plot_accuracy(result.history, summary["ensemble"]["test_accuracy"], best_teacher, plots / "accuracy.png",
+                      title)
+        plot_queries(result.history, summary["ensemble"]["test_accuracy"], plots / "queries.png", title)
+    plot_curriculum(result.history, plots / "curriculum.png", title)
+    labels = None
+    if task is not None and result.stages:
+        labels = [_student_labels(result.student, images, task) for _, images in result.stages]
+    plot_samples(result.stages, plots / "samples.png", title, labels)
+
+
+def _student_labels(student: torch.nn.Module, images: torch.Tensor, task: Task) -> list[str]:
+    """What the student takes each image in [0, 1] for: its class name and probability."""
+    device = next(student.parameters(), torch.empty(0)).device
+    with torch.no_grad(), judging(student):
+        probs = torch.softmax(student(task.spec.normalize(images).to(device)), 1).cpu()
+    return [f"{task.classes[int(k)][:10]} {float(p):.2f}" for p, k in zip(*probs.max(1))]
