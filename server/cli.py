@@ -141,6 +141,11 @@ def _build_config(args: argparse.Namespace) -> RunConfig:
             from fedkd.coordinator.rundir import read_config_json
 
             values = {**read_config_json(saved), **values}
+    try:  # the run-wide keys first, torch-free: a wrong value is named at once, before torch is imported
+        config_from_mapping(values, resolve=False)
+    except ConfigError as exc:
+        if not str(exc).startswith("unknown config key"):  # (an unknown key may be a method's option: the full
+            raise                                           # check below names the method it belongs to)
     return config_from_mapping(values)
 
 
@@ -217,12 +222,12 @@ def _out(args: argparse.Namespace, config: RunConfig) -> Path:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    config = _build_config(args)  # (before torch is imported: a wrong key is named at once)
+    out = _out(args, config)
     from fedkd.coordinator.experiment import run_experiment
 
     from .loopback import grpc_transport
 
-    config = _build_config(args)
-    out = _out(args, config)
     transport = grpc_transport if config.transport == "grpc" else None
     with ConsoleObserver(console, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch) as observer:
         summary = run_experiment(config, out, resume=args.resume, observer=observer, transport=transport)
@@ -258,11 +263,11 @@ def _server_tls(args: argparse.Namespace, out: Path, console: Console) -> Server
 
 
 def cmd_distill(args: argparse.Namespace, console: Console) -> int:
+    config = _build_config(args)
     from .distill import run_distillation, teacher_names
 
-    config = _build_config(args)
     out = _out(args, config)
-    if config.transport != "inprocess":
+    if "transport" in _config_values(args):  # (a resumed run's config.json says grpc: distill wrote it)
         raise ConfigError("transport: fedkd distill always serves teachers over gRPC; leave transport unset")
     config = config.replace(num_clients=args.teachers, transport="grpc")
     tls = _server_tls(args, out, console)

@@ -18,7 +18,8 @@ def test_help_version_and_argument_errors_never_import_torch():
 import sys
 from fedkd.cli import main
 for argv in (['--help'], ['run', '--help'], ['distill', '--help'], ['teacher', '--help'], ['train-teacher', '--help'],
-             ['--version'], ['run', '--out']):
+             ['--version'], ['run', '--out'], ['run', '--set', 'seed=-1'], ['run', '--set', 'epochs=two'],
+             ['distill', '--listen', '127.0.0.1:0', '--teachers', '2', '--set', 'alpha=0']):
     try:
         main(argv)
     except SystemExit:
@@ -28,6 +29,8 @@ print('LOADED', sorted(m for m in ('torch', 'numpy', 'opacus', 'flwr') if m in s
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "LOADED []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert "fedkd 0.1.0" in out.stdout  # --version
+    assert "seed: -1 is out of range" in out.stderr and "epochs: 'two' is not an integer" in out.stderr
+    assert "alpha: 0" in out.stderr
     assert "fedkd keys" in out.stdout  # run --help points to the key list
     assert "needs no data" in out.stdout and "task card" in out.stdout  # distill --help says what it needs
 
