@@ -161,6 +161,11 @@ def decode_privacy(msg: pb.PrivacyStatus) -> dict[str, float | str] | None:
             raise QueryError("INVALID_ARGUMENT", f"privacy.{name} must be a finite number >= 0, got {value!r}")
     if msg.delta >= 1:
         raise QueryError("INVALID_ARGUMENT", f"privacy.delta must be below 1, got {msg.delta!r}")
+    for name in ("mechanism", "unit"):
+        text = getattr(msg, name)
+        if len(text) > MAX_TEXT or not text.isprintable():
+            raise QueryError("INVALID_ARGUMENT", f"privacy.{name} must be printable text of at most {MAX_TEXT} "
+                                                 f"characters, got {len(text):,} characters")
     if msg.mechanism in ("", "none"):
         return None
     return {"mechanism": msg.mechanism, "epsilon_budget": msg.epsilon_budget, "epsilon_spent": msg.epsilon_spent,
@@ -179,6 +184,8 @@ def encode_description(d: TeacherDescription, *, name: str = "", max_batch: int 
 
 # What a description may announce: more would be an error or an attack, not a teacher.
 MAX_CLASSES = 100_000
+MAX_TEXT = 200  # characters of a name, a model, a mechanism: a 3 MB model name once reached summary.json
+MAX_TERMS = 64
 MAX_SIDE = 4096
 MAX_NORMALISATION = 1e3
 
@@ -188,6 +195,14 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
     def bad(text: str) -> QueryError:
         return QueryError("INVALID_ARGUMENT", f"description: {text}")
 
+    for name in ("name", "model"):  # shown in logs, summary.json and the results table
+        text = getattr(msg, name)
+        if len(text) > MAX_TEXT or not text.isprintable():
+            raise bad(f"{name} must be printable text of at most {MAX_TEXT} characters, got {len(text):,} "
+                      "characters" + ("" if text.isprintable() else " with control characters"))
+    if len(msg.terms) > MAX_TERMS or len(msg.access_modes) > 3:
+        raise bad(f"at most {MAX_TERMS} terms and 3 access modes, got {len(msg.terms):,} and "
+                  f"{len(msg.access_modes):,}")
     if not 2 <= msg.num_classes <= MAX_CLASSES:
         raise bad(f"num_classes must be from 2 to {MAX_CLASSES}, got {msg.num_classes}")
     if len(msg.input_shape) != 3 or any(not 1 <= d <= MAX_SIDE for d in msg.input_shape):

@@ -131,6 +131,8 @@ def coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
     expected = _TYPE_WORDS.get(kind.split(" ")[0].replace("|", ""), kind)
     if isinstance(value, str) and not isinstance(value, CliValue) and not kind.startswith("str"):
         raise ConfigError(f"{key}: {value!r} is a string, the key takes {expected}; write it without quotes")
+    if kind.startswith("int") and isinstance(value, float):  # TOML's 3.0 is a float: its types are not guessed
+        raise ConfigError(f"{key}: {value!r} is a float, the key takes {expected}; write it without a decimal point")
     try:
         if kind.startswith("bool"):
             if isinstance(value, bool):
@@ -141,7 +143,7 @@ def coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
                 return False
             raise ValueError
         if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, bool) or isinstance(value, float):
                 raise ValueError
             return int(value)
         if kind.startswith("float"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedkd.files import write_atomic
 
 
 class CertificateError(ValueError):
@@ -74,14 +75,11 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+PUBLIC = (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if private:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
+    write_atomic(path, data, private=private)  # a killed coordinator leaves no half-written CA or key
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -197,8 +195,10 @@ def run_pki(directory: str | Path, *, hosts: Sequence[str], days: int = 30) -> D
     if server_pem.exists() and server_key_pem.exists():
         try:
             cert = x509.load_pem_x509_certificate(server_pem.read_bytes())
-            serialization.load_pem_private_key(server_key_pem.read_bytes(), password=None)
-            reuse = (cert.issuer == ca_cert.subject and cert.not_valid_after_utc > soon and _covers(cert, hosts))
+            key = serialization.load_pem_private_key(server_key_pem.read_bytes(), password=None)
+            matches = cert.public_key().public_bytes(*PUBLIC) == key.public_key().public_bytes(*PUBLIC)
+            reuse = (matches and cert.issuer == ca_cert.subject and cert.not_valid_after_utc > soon
+                     and _covers(cert, hosts))
         except ValueError:
             reuse = False
     if not reuse:

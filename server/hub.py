@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedkd.codec import (
+    MAX_TEXT,
     MiB,
     channel_options,
     decode_description,
@@ -317,6 +318,9 @@ class Hub:
             self._changed.notify_all()
 
     def _join(self, slot: Slot, hello: pb.Hello, context: grpc.ServicerContext) -> Connection:
+        if len(hello.session) > MAX_TEXT or len(hello.agent_version) > MAX_TEXT:
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{slot.name}: Hello: session and agent_version take at most {MAX_TEXT} characters")
         if hello.session and hello.session != self.session:
             self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
                          f"unknown session {hello.session!r}; this hub runs session {self.session!r}")

@@ -208,3 +208,61 @@ def test_an_address_the_hub_cannot_bind_is_named(tmp_path, capsys):
     assert main(args) == 2  # 192.0.2.1 (TEST-NET-1) is no interface of this machine
     assert "cannot listen on '192.0.2.1:50051'" in capsys.readouterr().err
     assert not (out / "config.json").exists()  # nothing ran: the same --out can be used again
+
+
+def test_a_run_killed_while_writing_its_results_is_not_finished_and_resume_writes_them(run_copy, capsys,
+                                                                                      monkeypatch):
+    """summary.json marks a run finished, so it is written last and whole: a crash while plotting leaves none,
+    and --resume writes every result."""
+    import fedkd.coordinator.summary as summary_module
+
+    (run_copy / "summary.json").unlink()
+    shutil.rmtree(run_copy / "plots")
+    original = summary_module.plot_samples
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while plotting")
+
+    monkeypatch.setattr(summary_module, "plot_samples", killed)
+    with pytest.raises(RuntimeError, match="killed while plotting"):
+        main(["run", "--out", str(run_copy), "--resume"])
+    assert not (run_copy / "summary.json").exists()
+    monkeypatch.setattr(summary_module, "plot_samples", original)
+    assert main(["run", "--out", str(run_copy), "--resume"]) == 0
+    assert (run_copy / "plots" / "samples.png").is_file() and (run_copy / "student.json").is_file()
+    assert json.loads((run_copy / "summary.json").read_text())["student"]["test_accuracy"] is not None
+
+
+def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    import os
+
+    from fedkd.files import write_atomic
+
+    path = tmp_path / "config.json"
+    write_atomic(path, '{"old": 1}')
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, '{"new": 2, "much": "' + "x" * 10000 + '"}')
+    assert path.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_a_development_server_key_that_does_not_match_its_certificate_is_issued_again(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedkd.tls import PUBLIC, make_dev_pki, run_pki
+
+    pki = make_dev_pki(tmp_path / "tls", hosts=["localhost"])
+    other = ec.generate_private_key(ec.SECP256R1())
+    pki.server_key.write_bytes(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    again = run_pki(tmp_path / "tls", hosts=["localhost"])
+    cert = x509.load_pem_x509_certificate(again.server_cert.read_bytes())
+    key = serialization.load_pem_private_key(again.server_key.read_bytes(), password=None)
+    assert cert.public_key().public_bytes(*PUBLIC) == key.public_key().public_bytes(*PUBLIC)
+    assert again.ca_cert.read_bytes() == pki.ca_cert.read_bytes()  # the same CA: the teachers keep trusting it

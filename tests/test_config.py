@@ -26,6 +26,19 @@ def test_a_typed_source_does_not_coerce_strings(key, value):
         config_from_mapping({key: value})
 
 
+@pytest.mark.parametrize("key", ["num-clients", "epochs", "pool-size"])
+def test_a_float_is_not_taken_as_an_integer(tmp_path, key):
+    """TOML's 3.0 is a float: an integer key refuses it, naming the key (it was truncated to 3)."""
+    from fedkd.config import load_config_file
+
+    card = tmp_path / "exp.toml"
+    card.write_text(f"{key} = 3.0\n")
+    with pytest.raises(ConfigError, match=f"{key}: 3.0 is a float, the key takes an integer; write it without a "
+                                          "decimal point"):
+        config_from_mapping(load_config_file(card))
+    assert config_from_mapping(parse_assignments([f"{key}=3"])).to_dict()[key] == 3  # the command line: text
+
+
 def test_unknown_key_names_the_key_and_suggests():
     with pytest.raises(ConfigError, match="unknown config key 'batchsize'.*'batch-size'"):
         config_from_mapping({"batchsize": 3})
@@ -41,7 +54,7 @@ def test_snake_case_key_is_rejected_with_the_kebab_spelling():
     ("alpha", 0.0, "alpha: 0.0 is out of range"),
     ("partition", "random", "partition: 'random' is not one of"),
     ("epochs", parse_assignments(["e=ten"])["e"], "epochs: 'ten' is not an integer"),
-    ("epochs", 2.5, "epochs: 2.5 is not an integer"),
+    ("epochs", 2.5, "epochs: 2.5 is a float, the key takes an integer"),
     ("centralised", parse_assignments(["c=maybe"])["c"], "centralised: 'maybe' is not true or false"),
     ("student-momentum", 1.5, "student-momentum: 1.5 is out of range"),
 ])

@@ -270,6 +270,10 @@ def _described(**changes):
                   "unit": "record"}}, "privacy.epsilon_budget must be a finite number"),
     ({"privacy": {"mechanism": "dp-sgd", "epsilon_budget": 8.0, "epsilon_spent": -1.0, "delta": 1e-5,
                   "unit": "record"}}, "privacy.epsilon_spent must be a finite number >= 0"),
+    ({"model": "m" * 3_000_000}, "model must be printable text of at most 200 characters, got 3,000,000"),
+    ({"model": "lenet5\x1b[2J"}, "with control characters"),
+    ({"privacy": {"mechanism": "dp-sgd" * 1000, "epsilon_budget": 8.0, "epsilon_spent": 1.0, "delta": 1e-5,
+                  "unit": "record"}}, "privacy.mechanism must be printable text of at most 200"),
 ])
 def test_a_hostile_hello_is_refused_and_the_slot_stays_usable_by_its_teacher(hub_factory, pki, changes, text):
     hub = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedkd.files import write_atomic
 from fedkd.models import count_parameters
 from fedkd.provenance import provenance
 from fedkd.task import Task
@@ -89,6 +90,4 @@ def model_card(summary: dict[str, Any], task: Task, student: nn.Module, *, expor
 
 
 def write_model_card(card: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(card, indent=2) + "\n")

@@ -172,8 +172,8 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
                                 references=session.references,
                                 privacy_records=session.privacy_records() if session.privacy_records else None,
                                 sections=session.sections)
-        write_results(summary, result, run_dir, task)
         write_model_card(model_card(summary, task, result.student, export_error=export_error),
                          run_dir / "student.json")
+        write_results(summary, result, run_dir, task)  # summary.json last: the run is finished once it exists
     observer.stage(f"summary written to {run_dir / 'summary.json'}")
     return summary

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from fedkd.checkpoint import load_run_state
 from fedkd.config import RunConfig
 from fedkd.contract import QueryStats
+from fedkd.files import write_atomic
 from fedkd.options import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def open_run_dir(config: RunConfig, run_dir: Path, *, resume: bool) -> dict[str,
         raise RunDirectoryError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue "
                                 "it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_atomic(config_path, json.dumps(config.to_dict(), indent=2) + "\n")
     return saved_state
 
 
@@ -104,9 +104,7 @@ def claim_run_dir(config: RunConfig, run_dir: Path, *, resume: bool) -> Iterator
 
 def write_query_ledger(stats: Sequence[QueryStats], path: Path) -> None:
     """The coordinator's count of each teacher's queries, replaced atomically (after every round)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([s.as_dict() for s in stats]))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps([s.as_dict() for s in stats]))
 
 
 def read_query_ledger(path: Path, teachers: int) -> list[dict[str, int]] | None:

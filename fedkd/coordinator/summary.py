@@ -25,6 +25,7 @@ from fedkd.coordinator.plots import plot_accuracy, plot_curriculum, plot_queries
 from fedkd.coordinator.pool import TeacherPool
 from fedkd.coordinator.student import judging
 from fedkd.data import DatasetSpec, ImageData
+from fedkd.files import write_atomic
 from fedkd.metrics import accuracy, mean_and_variance
 from fedkd.provenance import provenance
 from fedkd.task import Task
@@ -163,8 +164,8 @@ def save_student(result: Distillation, config: RunConfig, spec: DatasetSpec, pat
 def write_results(summary: dict[str, Any], result: Distillation, run_dir: Path, task: Task | None = None) -> None:
     """summary.json and the plots (accuracy, curriculum, queries, synthetic samples) in the run directory, each
     titled with the run; under the synthetic samples, the final student's class for each (the coordinator's own
-    model: no query, nothing released)."""
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    model: no query, nothing released). summary.json is written last, whole or not at all: a run counts as
+    finished once it exists, so everything else must be there by then."""
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     on = summary["dataset"] or (task.name if task is not None else "a task")
@@ -179,6 +180,7 @@ def write_results(summary: dict[str, Any], result: Distillation, run_dir: Path, 
     if task is not None and result.stages:
         labels = [_student_labels(result.student, images, task) for _, images in result.stages]
     plot_samples(result.stages, plots / "samples.png", title, labels)
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def _student_labels(student: torch.nn.Module, images: torch.Tensor, task: Task) -> list[str]:
