@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import warnings
 
 import pytest
@@ -295,3 +296,55 @@ def test_where_prv_cannot_discretise_the_ledger_falls_back_to_rdp_and_recomputes
     ledger.charge(Entry("feature statistics", 0.0249, 1.0, 1), enforce=False)
     assert ledger.spent == pytest.approx(rdp(history, 1e-5), rel=1e-9)
     assert recompute_epsilon(ledger.record()) == pytest.approx(ledger.spent, rel=1e-9)
+
+
+@pytest.mark.parametrize("entry, named", [
+    ({"steps": -1000000}, "entries[0].steps is -1000000, not a non-negative integer"),
+    ({"steps": "many"}, "entries[0].steps is 'many', not a non-negative integer"),
+    ({"noise_multiplier": 1e9}, "entries[0].noise_multiplier is 1000000000.0, not a Gaussian release's"),
+    ({"noise_multiplier": float("nan")}, "entries[0].noise_multiplier is nan, not a finite number"),
+    ({"sample_rate": 2.0}, "entries[0].sample_rate is 2.0, not in (0, 1]"),
+    ({"laplace_epsilon": 0.5}, "entries[0].noise_multiplier is 2.0, but a Laplace release has none"),
+    ({"free": True}, "entries[0] is not a ledger entry"),
+])
+def test_a_malformed_ledger_fails_closed_naming_the_file_and_the_field(tmp_path, entry, named):
+    """A ledger entry with steps -1000000 once loaded: epsilon became -841,448 and nothing was refused after."""
+    path = tmp_path / "teacher.ledger.json"
+    good = {"kind": "logits", "noise_multiplier": 2.0, "sample_rate": 1.0, "steps": 5, "sensitivity": 20.0,
+            "laplace_epsilon": 0.0}
+    path.write_text(json.dumps({"format": "fedkd.ledger.v1", "epsilon_spent": 0.0, "epsilon_budget": 5.0,
+                                "delta": 1e-5, "accountant": "prv", "refused": 0, "entries": [{**good, **entry}]}))
+    with pytest.raises(ValueError, match=re.escape(named)) as err:
+        PrivacyLedger(delta=1e-5, budget=5.0, path=path)
+    assert "teacher.ledger.json' cannot be read" in str(err.value)
+
+
+CHARGER = """
+import sys
+from fedkd.institution.privacy.ledger import BudgetExhausted, Entry, PrivacyLedger
+ledger = PrivacyLedger(delta=1e-5, budget=5.0, path=sys.argv[1])
+released = 0
+for _ in range(40):
+    try:
+        ledger.charge(Entry("label counts", 0.0, 1.0, 1, laplace_epsilon=0.1), what="a release")
+        released += 1
+    except BudgetExhausted:
+        pass
+print(released)
+"""
+
+
+def test_two_processes_of_one_client_share_its_ledger_and_its_budget(tmp_path):
+    """Two `fedkd teacher` processes on one checkpoint share the default ledger file: together they may release
+    what the budget allows, no more (each once released up to the budget on its own, the last writer winning)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "teacher.ledger.json"
+    procs = [subprocess.Popen([sys.executable, "-c", CHARGER, str(path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    released = [int(p.communicate(timeout=120)[0].strip()) for p in procs]
+    assert sum(released) == 50  # 50 releases of epsilon 0.1 make the budget of 5
+    saved = json.loads(path.read_text())
+    assert saved["entries"][0]["steps"] == 50 and saved["epsilon_spent"] == pytest.approx(5.0)
+    assert saved["sequence"] >= 50

@@ -14,6 +14,14 @@ The budget is enforced before a release, not after: :meth:`PrivacyLedger.charge`
 computes the epsilon the ledger would hold with the release and refuses it
 (:class:`BudgetExhausted`, RESOURCE_EXHAUSTED) when that exceeds the budget,
 so a budget is never exceeded, not by one query.
+
+One file, one budget, however many processes of the client use it: every
+charge takes an exclusive lock on ``NAME.lock`` beside the ledger, reads what
+the other processes added, charges and writes before the lock is released
+(and before anything is sent). The file fails closed: every field is checked
+when it is read, and a ledger that cannot be read, or holds an implausible
+value, stops the client naming the file and the field. Each write increments
+``sequence``, a counter the client can compare with what it last saw.
 """
 
 from __future__ import annotations
@@ -21,13 +29,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from fedkd.files import write_atomic
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: one process per ledger file (the lock below is then this process's only)
+    fcntl = None  # type: ignore[assignment]
 
 from fedkd.contract import QueryError
 
@@ -62,6 +77,41 @@ class Entry:
     laplace_epsilon: float = 0.0  # per step, for a Laplace entry (pure DP)
 
 
+MAX_NOISE = 1e6  # the largest noise multiplier a client's flags allow (--output-noise); more is not a ledger's
+MAX_TEXT = 200
+
+
+def _entry(raw: Any, where: str) -> Entry:
+    """An entry read from a ledger file, every field checked: ValueError naming ``where`` and the field."""
+    if not isinstance(raw, dict) or set(raw) - {f.name for f in fields(Entry)}:
+        raise ValueError(f"{where} is not a ledger entry ({raw!r:.80})")
+    try:
+        entry = Entry(**raw)
+    except TypeError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+    def bad(field: str, wants: str) -> ValueError:
+        return ValueError(f"{where}.{field} is {getattr(entry, field)!r}, {wants}")
+
+    if not isinstance(entry.kind, str) or not entry.kind or len(entry.kind) > MAX_TEXT:
+        raise bad("kind", "not the name of a release")
+    if not isinstance(entry.steps, int) or isinstance(entry.steps, bool) or entry.steps < 0:
+        raise bad("steps", "not a non-negative integer")
+    for field in ("noise_multiplier", "sample_rate", "sensitivity", "laplace_epsilon"):
+        value = getattr(entry, field)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise bad(field, "not a finite number >= 0")
+    if not 0 < entry.sample_rate <= 1:
+        raise bad("sample_rate", "not in (0, 1]")
+    if entry.sensitivity <= 0:
+        raise bad("sensitivity", "not > 0")
+    if entry.laplace_epsilon == 0 and not 0 < entry.noise_multiplier <= MAX_NOISE:
+        raise bad("noise_multiplier", f"not a Gaussian release's (in (0, {MAX_NOISE:g}])")
+    if entry.laplace_epsilon > 0 and entry.noise_multiplier != 0:
+        raise bad("noise_multiplier", "but a Laplace release has none")
+    return entry
+
+
 def _epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
     from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -87,7 +137,7 @@ def _epsilon(history: Sequence[tuple[float, float, int]], delta: float, accounta
 
 def recompute_epsilon(record: dict[str, Any]) -> float:
     """The epsilon a ledger's record (:meth:`PrivacyLedger.record`) states, recomputed from its parameters alone."""
-    entries = [Entry(**e) for e in record["entries"]]
+    entries = [_entry(e, f"entries[{i}]") for i, e in enumerate(record["entries"])]
     gaussian = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.laplace_epsilon == 0]
     pure = sum(e.laplace_epsilon * e.steps for e in entries)
     return _epsilon(gaussian, record["delta"], record["accountant"]) + pure
@@ -112,51 +162,121 @@ class PrivacyLedger:
         self.accountant = accountant
         self.entries: list[Entry] = []
         self.refused = 0
+        self.sequence = 0  # writes of the file so far (by every process of the client)
         self._spent = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file as this process last read or wrote it
+        self._held = False  # this process holds the file lock
         # What was released once and may be repeated at no cost (post-processing), e.g. the noisy label histogram.
         self.released: dict[str, Any] = {}
         # Figures kept for the report only, never to allow a release (PATE's data-dependent RDP curve).
         self.reports: dict[str, Any] = {}
         # Kept on the client's disk after every charge, so a restarted client goes on from what it has spent.
         self.path = Path(path) if path is not None else None
-        if self.path is not None and self.path.exists():
-            self._load(self.path)
+        if self.path is not None:
+            with self._exclusive():
+                if self.sequence == 0:
+                    logger.warning("privacy ledger %s does not exist: this client starts with nothing spent. If it "
+                                   "released anything before (a deleted or moved ledger), that spend is not counted",
+                                   self.path)
+
+    def _stat(self) -> tuple[int, int] | None:
+        assert self.path is not None
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This process's lock and, with a file, the client's: what other processes added is read first, and
+        whatever is charged inside is written before any of them can charge."""
+        with self._lock:
+            if self.path is None or self._held:  # (held already by this thread: one flock per process)
+                yield
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                if fcntl is not None:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                self._held = True
+                try:
+                    if self._stat() != self._seen:
+                        if self._seen is not None and self._stat() is None:
+                            raise ValueError(f"privacy ledger {str(self.path)!r} was deleted while this client "
+                                             "used it; its releases would go uncounted: restore it")
+                        if self._stat() is not None:
+                            self._load(self.path)
+                    yield
+                finally:
+                    self._held = False
+                    if fcntl is not None:
+                        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _load(self, path: Path) -> None:
+        def unreadable(why: str) -> ValueError:
+            return ValueError(f"privacy ledger {str(path)!r} cannot be read: {why}. It records what this client "
+                              "has released, so it is never silently replaced or trusted: restore it, or move it "
+                              "away knowingly")
+
         try:
             saved = json.loads(path.read_text())
-            if saved.get("format") != LEDGER_FORMAT:
-                raise ValueError(f"format {saved.get('format')!r}, expected {LEDGER_FORMAT!r}")
-            entries = [Entry(**e) for e in saved["entries"]]
-            delta, accountant = float(saved["delta"]), str(saved["accountant"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"privacy ledger {str(path)!r} cannot be read ({exc}); it records what this client "
-                             "has released, so it is never silently replaced: restore it, or move it away "
-                             "knowingly") from None
+        except (OSError, ValueError) as exc:
+            raise unreadable(f"it is not readable JSON ({exc})") from None
+        if not isinstance(saved, dict) or saved.get("format") != LEDGER_FORMAT:
+            raise unreadable(f"it is not a {LEDGER_FORMAT} ledger")
+        if not isinstance(saved.get("entries"), list):
+            raise unreadable("field 'entries' is missing or not a list")
+        try:
+            entries = [_entry(e, f"entries[{i}]") for i, e in enumerate(saved["entries"])]
+        except ValueError as exc:
+            raise unreadable(str(exc)) from None
+        delta, accountant = saved.get("delta"), saved.get("accountant")
+        if not isinstance(delta, float) or not 0 < delta < 1 or accountant not in ACCOUNTANTS:
+            raise unreadable(f"delta {delta!r} or accountant {accountant!r} is not a ledger's")
+        for field in ("refused", "sequence"):
+            value = saved.get(field, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise unreadable(f"field {field!r} is {value!r:.80}, not a count")
+        for field in ("released", "reports"):
+            if not isinstance(saved.get(field, {}), dict):
+                raise unreadable(f"field {field!r} is not a table")
         if (delta, accountant) != (self.delta, self.accountant):
             raise ValueError(f"privacy ledger {str(path)!r} was kept at delta {delta:g} with the {accountant} "
                              f"accountant; these settings say delta {self.delta:g}, {self.accountant}: keep them")
+        if saved.get("sequence", 0) < self.sequence:
+            raise unreadable(f"it was rolled back (write {saved.get('sequence', 0)}, this client has seen write "
+                             f"{self.sequence})")
         self.entries = entries
-        self.refused = int(saved.get("refused", 0))
+        self.refused = saved.get("refused", 0)
+        self.sequence = saved.get("sequence", 0)
         self.released = dict(saved.get("released", {}))
         self.reports = dict(saved.get("reports", {}))
         self._spent = self._cost(entries)
+        self._seen = self._stat()
 
     def reload(self) -> None:
         """Read the ledger again from its file (another process of the same client may have added to it)."""
-        if self.path is not None and self.path.exists():
-            with self._lock:
-                self._load(self.path)
+        if self.path is not None:
+            with self._exclusive():
+                pass
+
+    def remember(self, key: str, value: Any) -> None:
+        """Keep what was released once (``released[key]``: repeating it is post-processing), written at once."""
+        with self._exclusive():
+            self.released[key] = value
+            self.save()
 
     def save(self) -> None:
+        """Write the ledger (the caller holds :meth:`_exclusive` when it changes what was charged)."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"format": LEDGER_FORMAT, **self._record(), "released": self.released,
-                                   "reports": self.reports}))
-        os.replace(tmp, self.path)
+        with self._exclusive():
+            self.sequence += 1
+            write_atomic(self.path, json.dumps({"format": LEDGER_FORMAT, **self._record(), "sequence": self.sequence,
+                                                "released": self.released, "reports": self.reports}))
+            self._seen = self._stat()
 
     @property
     def spent(self) -> float:
@@ -207,7 +327,7 @@ class PrivacyLedger:
         entries = [entry] if isinstance(entry, Entry) else list(entry)
         if all(e.steps <= 0 for e in entries):
             return self._spent
-        with self._lock:
+        with self._exclusive():
             combined, after = self._compose(entries)
             if enforce:
                 steps = sum(e.steps for e in entries)
@@ -223,7 +343,7 @@ class PrivacyLedger:
         its worst case first, then :meth:`charge` what it cost with ``enforce=False``."""
         if not self.budget:
             return
-        with self._lock:
+        with self._exclusive():
             self._refuse_past_budget(self._compose(entries)[1], what, "could")
 
     def record(self) -> dict[str, Any]:

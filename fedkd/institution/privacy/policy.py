@@ -193,8 +193,7 @@ class ReleasePolicy:
         except BudgetExhausted:
             return None
         released = tuple(int(v) for v in values.round().clamp_min(0))
-        self.ledger.released["label counts"] = list(released)
-        self.ledger.save()
+        self.ledger.remember("label counts", list(released))
         return released
 
     def evaluation_counts(self, correct: int, total: int) -> tuple[float, float]:
