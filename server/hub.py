@@ -266,9 +266,15 @@ class Hub:
                 continue
         for slot, future in waits:
             try:
-                future.result(timeout=timeout)
+                answer = future.result(timeout=timeout)
             except (cf.TimeoutError, ConnectionLost):
                 logger.warning("%s did not report its spend before the session closed", slot.name)
+            else:  # the one report a session takes: the answer to its goodbye, nothing sent before or after
+                if answer.WhichOneof("kind") == "spent":
+                    slot.report = spent_report(slot, answer.spent)
+                else:
+                    logger.warning("%s answered the goodbye with %s, not its report", slot.name,
+                                   answer.WhichOneof("kind") or "an empty message")
             if slot.connection is not None:
                 slot.connection.close("session ended")
         return self.pool.client_reports()
@@ -366,11 +372,9 @@ class Hub:
             for msg in requests:
                 connection.slot.stats.wire_bytes += msg.ByteSize()
                 kind = msg.WhichOneof("kind")
-                if kind == "spent":
-                    connection.slot.report = spent_report(connection.slot, msg.spent)
                 if kind in (None, "hello") or not connection.deliver(msg):
                     # A duplicate Hello, an empty message, or an answer to nothing we asked (or asked and gave up
-                    # on): count it and go on.
+                    # on; a spend report nobody asked for is one): count it and go on.
                     self.protocol_errors += 1
                     logger.debug("%s: unexpected %s message with id %d", connection.slot.name, kind, msg.id)
         except Exception as exc:  # grpc raises when the peer goes away or the call is cancelled

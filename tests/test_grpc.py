@@ -579,3 +579,43 @@ def test_a_term_the_teacher_cannot_compute_is_refused_naming_it():
         pb.HubMessage(id=6, forward=pb.ForwardRequest(inputs=x, terms=["activation"])))
     assert reply.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert "does not compute the term 'activation'" in reply.error.message
+
+
+@pytest.mark.parametrize("reports", [True, False])
+def test_a_spend_report_nobody_asked_for_is_ignored(hub_factory, pki, reports):
+    """Only the answer to the goodbye is a teacher's report: a false one sent before it (10^9 calls) was once
+    taken as the report of a teacher that then sent none, or was replaced by one sent after it."""
+    import queue
+
+    hub = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki))
+    outbox: queue.Queue = queue.Queue()
+    outbox.put(_hello())
+    outbox.put(pb.AgentMessage(id=999, spent=pb.Spent(forward_calls=10**9, samples=10**12)))
+
+    def requests():
+        while (msg := outbox.get()) is not None:
+            yield msg
+
+    with grpc.secure_channel(f"localhost:{hub.port}", client_tls(pki).credentials()) as channel:
+        call = pb_grpc.HubStub(channel).Session(requests(), metadata=[("authorization", "Bearer token-zero")],
+                                                timeout=30)
+
+        def answer():
+            for msg in call:
+                if msg.WhichOneof("kind") == "goodbye":
+                    if reports:
+                        outbox.put(pb.AgentMessage(id=msg.id, spent=pb.Spent(forward_calls=0, samples=0)))
+                    outbox.put(pb.AgentMessage(id=msg.id + 1, spent=pb.Spent(forward_calls=10**9, samples=10**12)))
+                    outbox.put(None)
+
+        reader = threading.Thread(target=answer, daemon=True)
+        reader.start()
+        hub.wait_for_teachers(timeout=20)
+        time.sleep(0.3)  # the first false report has arrived
+        (report,) = hub.end_session(timeout=3)
+        reader.join(10)
+    if reports:
+        assert report["forward_calls"] == 0 and report["samples"] == 0
+    else:
+        assert report == {"client": 0, "name": "teacher-000", "reported": False}
+    assert hub.protocol_errors >= 1

@@ -57,11 +57,13 @@ def reconcile_queries(per_client: list[dict[str, Any]], reported: list[dict[str,
         if not delta:
             continue
         fewer = all(v < 0 for v in delta.values())
-        why = ("the teacher answered queries the coordinator did not count: late past query-timeout, refused as "
-               "malformed, or in flight when the coordinator stopped" if all(v > 0 for v in delta.values()) else
+        why = ("the teacher's report contradicts the coordinator's count: it claims answers the coordinator did not "
+               "count (late past query-timeout, refused as malformed, in flight when the coordinator stopped), or "
+               "its report is false" if all(v > 0 for v in delta.values()) else
                "expected: the run was resumed, and the teacher's own count started again with its process while "
                "the coordinator's covers the whole run" if resumed and fewer else
-               "the teacher's own count started again: its agent or host process restarted during the run")
+               "the teacher's report contradicts the coordinator's count: its own count started again (its agent "
+               "or host process restarted during the run), or its report is false")
         differences.append({"client": client, "reported_minus_counted": delta, "why": why,
                             "expected": bool(resumed and fewer)})
     return {"agree": all(d.get("expected") for d in differences), "differences": differences}
