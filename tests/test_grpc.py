@@ -619,3 +619,48 @@ def test_a_spend_report_nobody_asked_for_is_ignored(hub_factory, pki, reports):
     else:
         assert report == {"client": 0, "name": "teacher-000", "reported": False}
     assert hub.protocol_errors >= 1
+
+
+def test_silent_streams_of_one_token_cannot_lock_the_other_teachers_out(hub_factory, pki):
+    """14 streams that authenticate with one teacher's token and never say Hello once filled the hub's
+    concurrent-call limit: the other teachers got RESOURCE_EXHAUSTED. A slot holds one pending stream."""
+    hub = hub_factory({"teacher-000": "token-zero", "teacher-001": "token-one"}, tls=server_tls(pki))
+    silence = threading.Event()
+
+    def nothing():
+        silence.wait(30)
+        return
+        yield  # a generator that sends nothing until the test ends
+
+    calls = []
+    with grpc.secure_channel(f"localhost:{hub.port}", client_tls(pki).credentials()) as channel:
+        try:
+            for _ in range(14):
+                calls.append(pb_grpc.HubStub(channel).Session(
+                    nothing(), metadata=[("authorization", "Bearer token-zero")], timeout=30))
+                time.sleep(0.02)
+            time.sleep(0.3)
+            honest = Running(make_host(1), hub.port, token="token-one", tls=client_tls(pki))
+            deadline = time.monotonic() + 10
+            while hub.slots[1].connection is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert hub.slots[1].connection is not None, honest.result
+            assert hub.replaced_streams >= 12  # each silent stream was cancelled by the next one
+        finally:
+            silence.set()
+            for call in calls:
+                call.cancel()
+
+
+def test_a_flood_of_bad_tokens_is_counted_not_logged_line_by_line(hub_factory, pki, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="fedkd.server.hub")
+    hub = hub_factory({"teacher-000": "token-zero"}, tls=server_tls(pki))
+    with grpc.secure_channel(f"localhost:{hub.port}", client_tls(pki).credentials()) as channel:
+        for _ in range(60):
+            with pytest.raises(grpc.RpcError):
+                _open(channel, [_hello()], [("authorization", "Bearer wrong")])
+    assert hub.refused_peers == 60
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert 1 <= len(refusals) <= 6 and "the next are logged once a minute" in caplog.text
