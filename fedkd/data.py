@@ -272,7 +272,11 @@ def partition_indices(
 
 def _images_from_array(array: np.ndarray, spec: DatasetSpec, path: Path, key: str) -> Tensor:
     """uint8 in [0, 255] or float in [0, 1]; (N, H, W), (N, H, W, C) or (N, C, H, W) -> (N, C, H, W) float32."""
-    x = torch.as_tensor(np.asarray(array))
+    array = np.asarray(array)
+    if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{str(path)!r}: {key} holds {array.dtype} values; store uint8 pixels in [0, 255] or "
+                         "floats in [0, 1]")
+    x = torch.as_tensor(array)
     if x.ndim == 3:
         x = x.unsqueeze(1)
     elif x.ndim == 4 and x.shape[-1] == spec.channels and x.shape[1] != spec.channels:
@@ -282,10 +286,16 @@ def _images_from_array(array: np.ndarray, spec: DatasetSpec, path: Path, key: st
                          f"takes images {spec.input_shape} (C, H, W), (H, W) or (H, W, C)")
     if x.dtype == torch.uint8:
         return x.to(torch.float32).div_(255.0).contiguous()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{str(path)!r}: {key} holds {int((~torch.isfinite(x)).sum()):,} NaN or infinite values; "
+                         "every pixel must be a number in [0, 1]")
     x = x.to(torch.float32)
     if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
         raise ValueError(f"{str(path)!r}: {key} holds floats outside [0, 1]; store uint8 pixels or floats in [0, 1]")
     return x.contiguous()
+
+
+MIN_NODE_RECORDS = 10  # fewer training records make no teacher: an empty file once served a random one
 
 
 def load_node_file(path: str | Path, spec: DatasetSpec) -> tuple[ImageData, ImageData | None]:
@@ -305,7 +315,11 @@ def load_node_file(path: str | Path, spec: DatasetSpec) -> tuple[ImageData, Imag
                          "and x_test with y_test for local evaluation")
 
     def part(xk: str, yk: str) -> ImageData:
-        y = torch.as_tensor(np.asarray(arrays[yk]).astype(np.int64).reshape(-1))
+        labels = np.asarray(arrays[yk])
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{str(path)!r}: {yk} holds {labels.dtype} values; labels are integers "
+                             f"0..{spec.num_classes - 1} (floats would be truncated, text guessed)")
+        y = torch.as_tensor(labels.astype(np.int64).reshape(-1))
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
             raise ValueError(f"{str(path)!r}: {yk} has labels outside 0..{spec.num_classes - 1}")
         x = _images_from_array(arrays[xk], spec, path, xk)
@@ -314,7 +328,13 @@ def load_node_file(path: str | Path, spec: DatasetSpec) -> tuple[ImageData, Imag
         return ImageData(x, y)
 
     train = part("x_train", "y_train")
-    return train, part("x_test", "y_test") if "x_test" in arrays else None
+    if len(train) < MIN_NODE_RECORDS:
+        raise ValueError(f"{str(path)!r}: x_train holds {len(train)} records; a teacher needs at least "
+                         f"{MIN_NODE_RECORDS}")
+    held_out = part("x_test", "y_test") if "x_test" in arrays else None
+    if held_out is not None and len(held_out) == 0:
+        raise ValueError(f"{str(path)!r}: x_test and y_test are empty; leave them out, or give held-out records")
+    return train, held_out
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -180,19 +181,37 @@ def test_dp_sgd_nodes_release_only_accounted_values(tmp_path: Path) -> None:
     grid.close()
 
 
+@pytest.mark.parametrize("arrays, named", [
+    ({"x_train": np.full((12, 8, 8), np.nan, np.float32)}, "x_train holds 768 NaN or infinite values"),
+    ({"x_test": np.full((3, 8, 8), np.inf), "y_test": np.arange(3)}, "x_test holds 192 NaN or infinite values"),
+    ({"x_train": np.zeros((0, 8, 8), np.uint8), "y_train": np.zeros(0, np.int64)},
+     "x_train holds 0 records; a teacher needs at least 10"),
+    ({"y_train": np.arange(12, dtype=np.float64) % 10}, "y_train holds float64 values; labels are integers 0..9"),
+    ({"y_train": np.array([str(i % 10) for i in range(12)])}, "y_train holds <U1 values"),
+    ({"x_train": np.zeros((12, 8, 8), np.int64)}, "x_train holds int64 values; store uint8 pixels in [0, 255]"),
+    ({"x_test": np.zeros((0, 8, 8), np.uint8), "y_test": np.zeros(0, np.int64)}, "x_test and y_test are empty"),
+])
+def test_every_node_file_field_is_checked_and_named(tmp_path: Path, arrays: dict, named: str) -> None:
+    good = {"x_train": np.zeros((12, 8, 8), np.uint8), "y_train": np.arange(12) % 10}
+    path = tmp_path / "node.npz"
+    np.savez(path, **{**good, **arrays})
+    with pytest.raises(ValueError, match=re.escape(named)):
+        load_node_file(path, SPECS["digits"])
+
+
 def test_node_files_are_checked(tmp_path: Path) -> None:
     spec = SPECS["digits"]
     path = tmp_path / "n.npz"
-    np.savez(path, x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.arange(4))
+    np.savez(path, x_train=np.zeros((12, 8, 8), np.uint8), y_train=np.arange(12) % 10)
     train, held = load_node_file(path, spec)
-    assert train.images.shape == (4, 1, 8, 8) and held is None
+    assert train.images.shape == (12, 1, 8, 8) and held is None
     np.savez(path, x_train=np.zeros((4, 28, 28), np.uint8), y_train=np.arange(4))
     with pytest.raises(ValueError, match=r"x_train has shape \(4, 28, 28\).*'digits'"):
         load_node_file(path, spec)
     np.savez(path, images=np.zeros((4, 8, 8)))
     with pytest.raises(ValueError, match="needs x_train and y_train"):
         load_node_file(path, spec)
-    np.savez(path, x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.array([0, 1, 2, 10]))
+    np.savez(path, x_train=np.zeros((12, 8, 8), np.uint8), y_train=np.array([0, 1, 2, 10] * 3))
     with pytest.raises(ValueError, match="labels outside 0..9"):
         load_node_file(path, spec)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
