@@ -17,6 +17,10 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
   without it. Target: student within 0.02 of the default run.
 - ``access``: the main job with every client granting logits only (zeroth-order gradient estimates). Target:
   student >= 0.95 x the gradient-mode student; the extra query samples reported.
+- ``poisoned``: digits (5 clients, Dirichlet(0.5)) and the main job, honest, then with one and with two
+  teachers whose logits are honest and whose input gradients are -8 times the honest ones (issue 27's probe:
+  0.610 -> 0.156 on digits before the coordinator judged gradients). Target: student within 0.03 of the
+  honest run.
 - ``aggregators``: no distillation: every aggregator's test accuracy on the teachers of the IID,
   Dirichlet(0.5), Dirichlet(0.1) and pathological splits (what picked ``ensemble=auto``).
 
@@ -34,6 +38,8 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,7 @@ from fedkd.coordinator.evaluation import query_ensemble
 from fedkd.coordinator.experiment import in_process, prepare_clients, run_experiment
 from fedkd.coordinator.flow import setup
 from fedkd.data import load_dataset
+from fedkd.institution.host import TeacherHost
 from fedkd.metrics import accuracy
 
 RUNS: dict[str, dict[str, Any]] = {
@@ -65,12 +72,21 @@ RUNS: dict[str, dict[str, Any]] = {
     "hostile-random-trusting": {"reliability": False},
     # Every client grants logits only: the teachers' input gradients are estimated by zeroth order.
     "logits-only": {"teacher-access": "logits"},
+    # Gradient poisoning on digits: clients 0 (and 1) answer honest logits and -8x the honest input gradient.
+    "digits": {"dataset": "digits"},
+    "digits-poison-1": {"dataset": "digits"},
+    "digits-poison-2": {"dataset": "digits"},
+    # ... and on the main job
+    "poison-1": {},
+    "poison-2": {},
 }
+POISONED = {"digits-poison-1": {0}, "digits-poison-2": {0, 1}, "poison-1": {0}, "poison-2": {0, 1}}
 GROUPS = {"default": ["default"], "one-client": ["one-client"], "pathological": ["pathological"],
           "curriculum": ["default", "curriculum-soft", "curriculum-hard", "curriculum-none"],
           "hostile": ["default", "hostile-fixed", "hostile-fixed-trusting", "hostile-random",
                       "hostile-random-trusting"],
-          "access": ["default", "logits-only"]}
+          "access": ["default", "logits-only"],
+          "poisoned": ["digits", "digits-poison-1", "digits-poison-2", "default", "poison-1", "poison-2"]}
 SPLITS = {"iid": {"partition": "iid"}, "dirichlet-0.5": {"alpha": 0.5}, "dirichlet-0.1": {"alpha": 0.1},
           "pathological": {"partition": "pathological", "classes-per-client": 2}}
 
@@ -115,6 +131,23 @@ def doctor_teacher(path: Path, kind: str, seed: int) -> None:
     save_atomic(ckpt, path)
 
 
+@contextmanager
+def poisoned_gradients(clients: set[int], factor: float = -8.0) -> Iterator[None]:
+    """Teachers of ``clients`` answer every Backward with ``factor`` times the honest input gradient (their
+    logits stay honest): the in-process hosts' backward, wrapped for the duration."""
+    original = TeacherHost.backward
+
+    def backward(self: TeacherHost, *args: Any, **kwargs: Any) -> torch.Tensor:
+        grad = original(self, *args, **kwargs)
+        return grad * factor if self.description.client in clients else grad
+
+    TeacherHost.backward = backward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        TeacherHost.backward = original  # type: ignore[method-assign]
+
+
 def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
     config = config_from_mapping({**RUNS[name], "seed": seed})
     out = out_root / f"{name}-seed{seed}"
@@ -124,7 +157,8 @@ def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
         prepare_clients(config, data, out, setup(config), _Quiet())
         doctor_teacher(out / "clients" / "client_00" / "teacher.pt", name.split("-")[1], seed)
         (out / "config.json").unlink(missing_ok=True)
-    summary = run_experiment(config, out, observer=_Quiet())
+    with poisoned_gradients(POISONED.get(name, set())):
+        summary = run_experiment(config, out, observer=_Quiet())
     best = max(t["test_accuracy"] for t in summary["teachers"])
     return {"seed": seed, "student": summary["student"]["test_accuracy"],
             "ensemble": summary["ensemble"]["test_accuracy"],
@@ -132,6 +166,7 @@ def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
             "query_samples": summary["queries"]["samples"], "wall_seconds": summary["wall_seconds"],
             "admitted": [json.loads(line).get("admitted") for line in (out / "metrics.jsonl").read_text().splitlines()],
             "teacher_weights": [t["weight"] for t in summary["ensemble"]["teachers"]],
+            "gradient_weights": [t.get("gradient_weight") for t in summary["ensemble"]["teachers"]],
             "run_dir": str(out)}
 
 
@@ -160,6 +195,10 @@ def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]]
         return [("student >= 0.95 x gradient-mode student", f"{student / reference:.4f}",
                  student >= 0.95 * reference),
                 ("query samples vs gradient mode (reported)", f"{extra:.2f}x", True)]
+    if name in POISONED and default:
+        reference = _mean_std([r["student"] for r in default])[0]
+        return [("student >= honest run - 0.03", f"{student:.4f} vs {reference - 0.03:.4f}",
+                 student >= reference - 0.03)]
     if name in ("hostile-fixed", "hostile-random") and default:
         reference = _mean_std([r["student"] for r in default])[0]
         return [("student >= default - 0.02", f"{student:.4f} vs {reference - 0.02:.4f}",
@@ -216,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             print(f"running {name}, seed {seed} ...", file=sys.stderr, flush=True)
             runs.append(distil(name, seed, out_root))
-        default = results["experiments"].get("default", {}).get("runs")
+        reference = "digits" if name.startswith("digits-") else "default"  # what a variant is compared with
+        default = results["experiments"].get(reference, {}).get("runs")
         results["experiments"][name] = {"overrides": RUNS[name], "runs": runs, "targets": [
             {"target": t, "measured": m, "met": ok} for t, m, ok in targets(name, runs, default)]}
     if "aggregators" in groups:

@@ -9,7 +9,7 @@ from fedkd.contract import QueryContext, TeacherDescription
 from fedkd.coordinator.aggregation import AGGREGATORS
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.pool import LocalPool
-from fedkd.coordinator.robustness import AnswerBounds, Reliability
+from fedkd.coordinator.robustness import AnswerBounds, GradientAgreement, Reliability
 from fedkd.institution.host import TeacherHost
 
 C = 10
@@ -299,3 +299,60 @@ def test_a_teacher_that_over_claims_a_class_is_not_trusted_for_it():
     assert bool((factors[:4] == 1).all())
     x = _inputs(256, 42)
     assert float((robust(x, QueryContext()).logits.argmax(-1) == _truth(x)).float().mean()) > 0.9
+
+
+# Input gradients: a teacher honest in its logits, adversarial in its gradients --------------------------------
+
+
+def test_gradient_checks_are_drawn_from_the_run_s_seed_and_decide_by_consistency_alone():
+    check = GradientAgreement(3, seed=7)
+    drawn = [check.due() for _ in range(2000)]
+    assert drawn[:3] == [True, True, True]  # the first three Backwards, always
+    assert 150 < sum(drawn[3:]) < 250  # then about one in ten ...
+    again = GradientAgreement(3, seed=7)
+    assert [again.due() for _ in range(2000)] == drawn  # ... the same for a resumed run of the same seed ...
+    other = GradientAgreement(3, seed=8)
+    assert [other.due() for _ in range(2000)] != drawn  # ... and unpredictable without it
+    check.record_consistency({0: 1.03, 1: -0.125, 2: 0.9})
+    assert check.weights().tolist() == [1.0, 0.0, 1.0]
+    for _ in range(4):  # a teacher that answers consistently again earns its term back
+        check.record_consistency({1: 1.0})
+    assert check.weights().tolist() == [1.0, 1.0, 1.0]
+    g = torch.randn(8, 16)
+    check.update({0: g, 1: -8 * g, 2: g + 0.1 * torch.randn(8, 16)})  # the peer cosine is reported, not judged
+    assert float(check.cosine[1]) < 0 and check.weights().tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_teacher_with_honest_logits_and_flipped_gradients_loses_its_gradient_term_not_its_say(caplog):
+    class FlippedGradients(TeacherHost):
+        """Honest answers, and every Backward answered with -8 times the honest input gradient."""
+
+        def backward(self, inputs, grad_logits, state, **kwargs):
+            return -8 * super().backward(inputs, grad_logits, state, **kwargs)
+
+    modes = ("gradient", "logits")
+    caplog.set_level(logging.WARNING)
+    flipped = FlippedGradients(Linear(1), _linear_host(1, modes).description)
+    checked = Ensemble(LocalPool([_linear_host(0, modes), flipped]), "prob-mean")
+    x = torch.rand(16, 1, 4, 4).requires_grad_(True)
+    checked(x, QueryContext()).logits[:, 3].sum().backward()
+    report = {t["client"]: t for t in checked.report()}
+    # two teachers, no majority: the flipped one is caught by its own answers (a step along its gradient
+    # lowers what the gradient claims would raise, by 1/8 of the claim), the honest one's slope is its claim
+    assert report[1]["gradient_weight"] == 0.0 and abs(report[1]["gradient_consistency"] + 1 / 8) < 0.01
+    assert report[0]["gradient_weight"] == 1.0 and abs(report[0]["gradient_consistency"] - 1) < 0.01
+    assert report[1]["weight"] == 1.0  # its logits are honest: they keep their say
+    assert "teacher 1's input gradients are left out" in caplog.text and "by -0.13 x what the gradient" in caplog.text
+    # five teachers: the flipped term is out of the sum, the gradient is the four honest teachers'
+    hosts = [_linear_host(k, modes) for k in range(4)]
+    hosts.append(FlippedGradients(Linear(4), _linear_host(4, modes).description))
+    ens = Ensemble(LocalPool(hosts), "prob-mean")
+    four = Ensemble(LocalPool([_linear_host(k, modes) for k in range(4)]), "prob-mean")
+    for _ in range(3):
+        x = torch.rand(16, 1, 4, 4).requires_grad_(True)
+        ens(x, QueryContext()).logits[:, 3].sum().backward()
+    assert [t["gradient_weight"] for t in ens.report()] == [1.0, 1.0, 1.0, 1.0, 0.0]
+    y = x.detach().clone().requires_grad_(True)
+    four(y, QueryContext()).logits[:, 3].sum().backward()
+    # the ensemble's gradient points where the four honest teachers' does (the flipped term once turned it over)
+    assert float(torch.nn.functional.cosine_similarity(x.grad.flatten(1), y.grad.flatten(1), dim=1).min()) > 0.5

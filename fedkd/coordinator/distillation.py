@@ -102,7 +102,8 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     try:
         ensemble = Ensemble(pool, config.ensemble, reliability=config.reliability, logit_bound=config.logit_bound,
                             gradient_bound=config.gradient_bound,
-                            zeroth_order=ZerothOrder(config.zo_directions, config.zo_radius, config.max_query_batch))
+                            zeroth_order=ZerothOrder(config.zo_directions, config.zo_radius, config.max_query_batch),
+                            check_seed=config.seed)
     except ValueError as exc:
         raise ConfigError(f"ensemble: {exc}") from None
     if ensemble.aggregation != config.ensemble:

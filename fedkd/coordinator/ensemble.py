@@ -16,6 +16,7 @@ Forward but misses the Backward only loses its term of the gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from torch import Tensor
 from fedkd.contract import FEATURE_STATISTICS, QueryContext
 from fedkd.coordinator.aggregation import Aggregator, class_weights, resolve_aggregator
 from fedkd.coordinator.pool import TeacherPool, plan
-from fedkd.coordinator.robustness import AnswerBounds, Reliability, capped_counts
+from fedkd.coordinator.robustness import AnswerBounds, GradientAgreement, Reliability, capped_counts
 
 
 @dataclass
@@ -100,6 +101,37 @@ def zeroth_order_gradient(pool: TeacherPool, x: Tensor, teachers: list[int], gra
     return out
 
 
+# How far a consistency check steps along a teacher's gradient: the batch moves by this L2 distance per sample on
+# average (normalised inputs), small enough for first order, large enough for float32 logits.
+CONSISTENCY_STEP = 0.05
+
+
+def gradient_consistency(pool: TeacherPool, x: Tensor, grads: dict[int, Tensor],
+                         asked: dict[int, tuple[Tensor, dict[str, float]]], base_logits: dict[int, Tensor],
+                         base_terms: dict[int, dict[str, float]], state: QueryContext) -> dict[int, float]:
+    """Per teacher k, the slope of its own objective (sum_b <grad_logits_b, logits_b> + sum_t w_t term_t) along
+    the direction of the gradient it returned, measured with one Forward a step along it, over the slope that
+    gradient claims (its norm): about 1 for an honest answer. Teachers that do not answer are left out."""
+    ratios = {}
+    for k, grad in grads.items():
+        claimed = float(grad.norm())
+        if not math.isfinite(claimed) or claimed < 1e-12:
+            continue
+        step = CONSISTENCY_STEP * math.sqrt(len(x))
+        g_logits, g_terms = asked[k]
+        replies = pool.forward((x + step * grad / claimed).contiguous(), state, terms=tuple(g_terms), min_answers=0,
+                               only=[k])
+        if k not in replies:
+            continue
+        reply = replies[k]
+        change = float((g_logits * (reply.logits.float() - base_logits[k])).sum())
+        for name, weight in g_terms.items():
+            if name in reply.terms and name in base_terms[k]:
+                change += weight * (float(reply.terms[name]) - base_terms[k][name])
+        ratios[k] = change / step / claimed
+    return ratios
+
+
 class _FanOut(torch.autograd.Function):
     """inputs (B, ...) -> logits (K', B, C), term values (K', T) of the K' members that answered."""
 
@@ -112,6 +144,7 @@ class _FanOut(torch.autograd.Function):
         ctx.pool, ctx.state, ctx.members, ctx.terms, ctx.computed = pool, state, members, terms, computed
         ctx.x, ctx.device, ctx.ensemble, ctx.refs = x, inputs.device, ensemble, refs
         ctx.logits = logits.detach().cpu()
+        ctx.values = values.detach().cpu()
         return logits, values
 
     @staticmethod
@@ -123,17 +156,32 @@ class _FanOut(torch.autograd.Function):
                                           if ctx.computed[i, j]})
                  for i, k in enumerate(ctx.members) if k in ensemble.gradient_members}
         answers = ctx.pool.backward(ctx.x, grads, ctx.state, refs=ctx.refs)
+        index = {k: i for i, k in enumerate(ctx.members)}
+        check = ensemble.gradient_agreement
+        if ensemble.gradient_check_due():
+            checked = {k: v for k, v in answers.items() if ensemble.consistency_checked(k)}
+            check.record_consistency(gradient_consistency(
+                ctx.pool, ctx.x, checked, grads, {k: ctx.logits[index[k]] for k in checked},
+                {k: {name: float(ctx.values[index[k], j]) for j, name in enumerate(ctx.terms)
+                     if ctx.computed[index[k], j]} for k in checked}, ctx.state))
+        check.update(answers)  # the gradients the teachers sent (directions only: the bounds below do not matter)
+        trust = check.weights()
+        # A teacher whose gradients are not trusted is treated like one that grants logits only: its term is
+        # estimated from its logits (zeroth order) where estimates are on, and left out otherwise.
+        distrusted = [k for k in answers if trust[k] == 0]
+        for k in distrusted:
+            del answers[k]
         # Labels-only teachers answer a step function: no gradient term, estimated or otherwise.
-        estimated = [k for k in ctx.members if k not in ensemble.gradient_members and k in ensemble.logits_members]
+        estimated = [k for k in ctx.members if (k not in ensemble.gradient_members or k in distrusted)
+                     and k in ensemble.logits_members]
         if estimated and ensemble.zeroth_order.directions > 0:
-            index = {k: i for i, k in enumerate(ctx.members)}
             answers.update(zeroth_order_gradient(
                 ctx.pool, ctx.x, estimated, {k: g[index[k]] for k in estimated},
                 {k: ctx.logits[index[k]] for k in estimated}, ctx.state, ensemble.zeroth_order))
         answers = ensemble.bounds.gradients(answers)
         total = torch.zeros_like(ctx.x)
-        for grad in answers.values():
-            total += grad
+        for k, grad in answers.items():
+            total += grad if k in estimated or trust[k] == 1 else trust[k] * grad
         return total.to(ctx.device), None, None, None, None, None, None
 
 
@@ -142,7 +190,7 @@ class Ensemble:
 
     def __init__(self, pool: TeacherPool, aggregation: str = "auto", *, reliability: bool = True,
                  logit_bound: float = 100.0, gradient_bound: float = 10.0,
-                 zeroth_order: ZerothOrder | None = None) -> None:
+                 zeroth_order: ZerothOrder | None = None, check_seed: int = 0) -> None:
         self.pool = pool
         descriptions = pool.descriptions
         if not descriptions:
@@ -164,7 +212,18 @@ class Ensemble:
         self.logits_members = {k for k, d in enumerate(descriptions) if "logits" in d.access_modes}
         self.zeroth_order = zeroth_order or ZerothOrder()
         self.reliability = Reliability(len(descriptions), self.num_classes, enabled=reliability)
+        self.gradient_agreement = GradientAgreement(len(descriptions), enabled=reliability, seed=check_seed)
         self.bounds = AnswerBounds(logit_bound, gradient_bound)
+
+    def gradient_check_due(self) -> bool:
+        """Whether this Backward's gradients are checked against the teachers' own Forwards."""
+        return self.gradient_agreement.due() and bool(self.gradient_members)
+
+    def consistency_checked(self, k: int) -> bool:
+        """Teacher ``k``'s gradients are checked against its own answers unless it declares output noise (its
+        answers are noisy by design; the peer check judges it)."""
+        privacy = self.descriptions[k].privacy or {}
+        return privacy.get("mechanism") != "output-noise"
 
     @property
     def aggregation(self) -> str:
@@ -224,19 +283,27 @@ class Ensemble:
 
     def report(self) -> list[dict[str, Any]]:
         """Per teacher: its reliability weight, its agreement with the others, and what was clipped."""
-        w = self.reliability.weights()
+        w, gw = self.reliability.weights(), self.gradient_agreement.weights()
+        judged = self.gradient_agreement.batches
         return [{"client": d.client, "weight": round(float(w[k]), 4), "count_scale": round(self.count_scale[k], 4),
                  "agreement": round(float(self.reliability.agreement[k]), 4) if self.reliability.batches[k] else None,
+                 "gradient_weight": round(float(gw[k]), 4),
+                 "gradient_cosine": round(float(self.gradient_agreement.cosine[k]), 4) if judged[k] else None,
+                 "gradient_consistency": (round(float(self.gradient_agreement.ratio[k]), 4)
+                                          if self.gradient_agreement.checks[k] else None),
                  "clipped_logits": self.bounds.clipped_logits.get(k, 0),
                  "clipped_gradients": self.bounds.clipped_gradients.get(k, 0)}
                 for k, d in enumerate(self.descriptions)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reliability": self.reliability.state_dict(), "bounds": self.bounds.state_dict()}
+        return {"reliability": self.reliability.state_dict(), "bounds": self.bounds.state_dict(),
+                "gradient_agreement": self.gradient_agreement.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reliability.load_state_dict(state["reliability"])
         self.bounds.load_state_dict(state["bounds"])
+        if "gradient_agreement" in state:  # (a run checkpointed before gradients were judged starts afresh)
+            self.gradient_agreement.load_state_dict(state["gradient_agreement"])
 
     def __call__(self, inputs: Tensor, state: QueryContext, *, terms: Sequence[str] = (),
                  require_all: bool = False) -> EnsembleOutput:

@@ -19,13 +19,40 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
   ``gradient_bound`` times the median norm of the teachers' gradients for that sample (when at least three answered:
   no absolute scale is needed).
 
-Both count what they did per teacher; the summary reports it (``ensemble.teachers``) and a down-weighted teacher
+- :class:`GradientAgreement`: a teacher may answer honest logits and adversarial input gradients (a sign flip
+  scaled up drops a student to chance, and keeps the teacher's full weight: its logits agree). Two checks, either
+  of which takes a teacher's gradient term out of the sum the generator follows (its logits keep their say):
+
+  *Consistency with its own answers* (:func:`fedkd.coordinator.ensemble.gradient_consistency`): the gradient a
+  teacher returns claims how its own objective (logits weighted by the coordinator's grad_logits, plus the asked
+  terms) changes along any direction; along the gradient's own direction the claim is its norm. The
+  coordinator asks the teacher a Forward a small step along that direction and measures the change: an honest
+  teacher's ratio of measured to claimed slope is close to 1, a sign flip's is negative, a scaled answer's is
+  1/scale. Needs no honest majority and costs one Forward of the batch per teacher per check (counted like any
+  query): the first three Backwards, then one in ``every`` drawn at random from the run's seed, which no
+  teacher knows, so a teacher cannot poison only the Backwards that go unchecked. Not run for a teacher that
+  declares output noise (its answers are noisy by design).
+
+  *Agreement with the others*, reported only: per Backward, each
+  teacher's per-sample gradient direction is compared with the coordinate-wise median direction of every
+  teacher that answered (unit vectors, so no teacher's scale owns the median); a moving average of the cosine is
+  kept per teacher (``gradient_cosine`` in the summary). It does not decide anything: on the main job an honest
+  teacher's average dipped to -0.24 for whole stretches of a run (its gradient legitimately points elsewhere on
+  some synthetic batches), where a -8x sign flip sat at -0.26, so a threshold would have cut honest teachers.
+
+  A teacher whose check fails loses its gradient term; its logits keep their say, and the ensemble estimates
+  its term from them by zeroth order where estimates are on. Gradients the coordinator estimates itself are
+  not judged. Not caught: gradients that are merely noise whose slope happens to fall within the bounds; the
+  norm bound limits those.
+
+Each counts what it did per teacher; the summary reports it (``ensemble.teachers``) and a down-weighted teacher
 is logged as a warning.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +164,93 @@ class Reliability:
         self._warned = {int(k) for k in state["warned"]}
         self.class_agreement = state["class_agreement"].clone().float()
         self.class_seen = state["class_seen"].clone().bool()
+
+
+class GradientAgreement:
+    """Per teacher, how its input gradients point relative to the other teachers', and the weight its gradient
+    term keeps in the sum the generator follows."""
+
+    # a measured slope within [1/RATIO, RATIO] x the claimed one is consistent (first order, ReLU kinks allowed)
+    RATIO = 2.0
+
+    def __init__(self, teachers: int, *, decay: float = 0.8, enabled: bool = True, first: int = 3,
+                 every: int = 10, seed: int = 0) -> None:
+        self.teachers, self.decay, self.enabled = teachers, decay, enabled
+        self.first, self.every, self.seed = first, every, seed
+        self.cosine = torch.zeros(teachers)
+        self.batches = torch.zeros(teachers, dtype=torch.long)
+        self.consistency = torch.ones(teachers)  # moving average of "the measured slope backs the claimed one"
+        self.checks = torch.zeros(teachers, dtype=torch.long)
+        self.ratio = torch.zeros(teachers)  # the last measured / claimed slope, for the report
+        self.backwards = 0
+        self._warned: set[int] = set()
+
+    def due(self) -> bool:
+        """Whether this Backward's answers are checked against the teachers' own Forwards (counts Backwards)."""
+        self.backwards += 1
+        drawn = random.Random(f"{self.seed}:{self.backwards}").random() < 1.0 / self.every
+        return self.enabled and (self.backwards <= self.first or drawn)
+
+    def record_consistency(self, ratios: dict[int, float]) -> None:
+        """Account one consistency check: measured / claimed slope per teacher checked."""
+        for k, ratio in ratios.items():
+            ok = float(1.0 / self.RATIO <= ratio <= self.RATIO)
+            first = self.checks[k] == 0
+            self.consistency[k] = ok if first else self.decay * float(self.consistency[k]) + (1 - self.decay) * ok
+            self.checks[k] += 1
+            self.ratio[k] = ratio
+        self._log_changes()
+
+    @torch.no_grad()
+    def update(self, grads: dict[int, Tensor]) -> None:
+        """Account one Backward: ``grads`` maps each teacher that answered to its (B, ...) input gradient."""
+        if not self.enabled or len(grads) < 3:
+            return
+        keys = sorted(grads)
+        g = torch.stack([grads[k].detach().float().flatten(1) for k in keys])  # (K', B, D)
+        g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        median = g.median(0).values  # (B, D): each coordinate's median over the teachers' directions
+        cosine = F.cosine_similarity(g, median.unsqueeze(0), dim=-1, eps=1e-30)  # (K', B)
+        for i, k in enumerate(keys):
+            first = self.batches[k] == 0
+            value = cosine[i].mean()
+            self.cosine[k] = value if first else self.decay * self.cosine[k] + (1 - self.decay) * value
+            self.batches[k] += 1
+        self._log_changes()
+
+    def weights(self) -> Tensor:
+        """(K,) weights of each teacher's gradient term: 0 while its consistency average is below one half, else
+        1 (and 1 until it has been checked)."""
+        if not self.enabled:
+            return torch.ones(self.teachers)
+        return torch.where(self.consistency < CUT, torch.zeros(self.teachers), torch.ones(self.teachers))
+
+    def _log_changes(self) -> None:
+        w = self.weights()
+        for k in range(self.teachers):
+            if w[k] < CUT and k not in self._warned:
+                self._warned.add(k)
+                logger.warning("teacher %d's input gradients are left out: they contradict its own answers (a step "
+                               "along its gradient changed its objective by %.2f x what the gradient claims); its "
+                               "logits keep their say", k, float(self.ratio[k]))
+            elif w[k] >= CUT and k in self._warned:
+                self._warned.discard(k)
+                logger.warning("teacher %d's input gradients are trusted again (its last check: %.2f x the claim)", k,
+                               float(self.ratio[k]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cosine": self.cosine.clone(), "batches": self.batches.clone(), "warned": sorted(self._warned),
+                "consistency": self.consistency.clone(), "checks": self.checks.clone(), "ratio": self.ratio.clone(),
+                "backwards": self.backwards}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cosine = state["cosine"].clone().float()
+        self.batches = state["batches"].clone().long()
+        self._warned = {int(k) for k in state["warned"]}
+        self.consistency = state["consistency"].clone().float()
+        self.checks = state["checks"].clone().long()
+        self.ratio = state["ratio"].clone().float()
+        self.backwards = int(state["backwards"])
 
 
 # No client's claimed label counts weigh more than this many times the median client's total (robust default).
