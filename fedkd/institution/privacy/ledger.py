@@ -173,12 +173,10 @@ class PrivacyLedger:
         self.reports: dict[str, Any] = {}
         # Kept on the client's disk after every charge, so a restarted client goes on from what it has spent.
         self.path = Path(path) if path is not None else None
-        if self.path is not None:
-            with self._exclusive():
-                if self.sequence == 0:
-                    logger.warning("privacy ledger %s does not exist: this client starts with nothing spent. If it "
-                                   "released anything before (a deleted or moved ledger), that spend is not counted",
-                                   self.path)
+        self.fresh = self.path is None or not self.path.exists()  # nothing recorded before: see ReleasePolicy
+        if not self.fresh:
+            with self._exclusive():  # (read under the client's lock: another process may be writing it)
+                pass
 
     def _stat(self) -> tuple[int, int] | None:
         assert self.path is not None

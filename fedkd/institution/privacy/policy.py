@@ -31,6 +31,7 @@ Modes (``privacy-mode``):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -46,6 +47,7 @@ from fedkd.institution.privacy.ledger import BudgetExhausted, Entry, PrivacyLedg
 from fedkd.institution.privacy.pate import ABSTAIN, confident_gnmax, data_dependent_rdp, rdp_to_epsilon
 from fedkd.institution.privacy.settings import LABEL_COUNT_NOISE, MODES, PrivacySettings, settings_keys
 
+logger = logging.getLogger(__name__)
 TRAINING = "dp-sgd training"
 FEATURE_STATISTICS = "feature statistics"  # DP-released with a DP-SGD teacher (dp-feature-epsilon)
 ROW_NAMES = {"logits": "logits", "input gradients": "input-gradient"}  # what a host releases per query row
@@ -79,6 +81,9 @@ class ReleasePolicy:
                                     accountant="rdp" if self.mode in ("output-noise", "pate") else "prv",
                                     path=ledger_path)
         self.generator = generator
+        if self.ledger.fresh and ledger_path is not None and self.mode != "none":
+            logger.warning("privacy ledger %s does not exist: this client starts with nothing spent. If it released "
+                           "anything before (a deleted or moved ledger), that spend is not counted", ledger_path)
         if self.training and trained == "dp-sgd":
             training_entry = Entry(TRAINING, float(self.training["noise_multiplier"]),
                                    float(self.training["sample_rate"]), int(self.training["steps"]))
