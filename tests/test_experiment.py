@@ -89,20 +89,25 @@ def test_curriculum_admits_a_rising_share_and_the_pool_grows(finished_run):
     assert admitted[0] < 0.8 and admitted[-1] > 0.9 and admitted[-1] > admitted[0] + 0.2
     assert [h["pool_size"] for h in history] == [15 * 64 * (e + 1) for e in range(4)]
     assert summary["pool"]["samples"] == 4 * 15 * 64
-    # every sample in the pool was answered once: one Forward and one Backward per synthesis round and teacher
-    assert summary["queries"]["distillation_samples"] == 4 * 15 * 64 * 2 * 3
+    # every sample in the pool was answered once: one Forward and one Backward per synthesis round and teacher,
+    # and one Forward of the batch per gradient check (the first three rounds, then about one in ten)
+    checks = [t["gradient_checks"] for t in summary["ensemble"]["teachers"]]
+    assert all(c >= 3 for c in checks) and sum(checks) < 3 * (3 + 60 // 4)
+    assert summary["queries"]["distillation_samples"] == 4 * 15 * 64 * 2 * 3 + sum(checks) * 64
     assert summary["ensemble"]["aggregation"] == "class-weighted" and summary["ensemble"]["requested"] == "auto"
     assert summary["ensemble"]["label_counts_from"] == [0, 1, 2]
     assert (out / "plots" / "queries.png").stat().st_size > 1000
 
 
 def test_query_budget_stops_synthesis_and_the_student_keeps_training(tmp_path):
+    # three rounds of 64 samples to 3 teachers, each a Forward, a Backward and a gradient check (the first three
+    # rounds are always checked; the checks count against the budget like any query)
     config = config_from_mapping({**TINY, "epochs": 2, "steps-per-epoch": 4, "student-steps": 2,
-                                  "query-budget": 3 * 64 * 2 * 3})  # three rounds of 64 samples, 3 teachers
+                                  "query-budget": 3 * 64 * 3 * 3})
     summary = run_experiment(config, tmp_path / "budget")
     history = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
     assert [h["synthesis_rounds"] for h in history] == [3, 0]
-    assert summary["queries"]["distillation_samples"] == 3 * 64 * 2 * 3 <= config.query_budget
+    assert summary["queries"]["distillation_samples"] == 3 * 64 * 3 * 3 <= config.query_budget
     assert summary["pool"]["samples"] == 3 * 64
     checkpoint = torch.load(tmp_path / "budget" / "checkpoint.pt", weights_only=True)
     assert checkpoint["method"]["trainer"]["steps"] == 2 * 4 * 2  # the student trained in every round

@@ -118,8 +118,9 @@ def two_teacher_hub(hub_factory, pki, **kwargs):
 
 def test_queries_over_tls_match_the_in_process_teachers(hub_factory, pki):
     hub, hosts, agents = two_teacher_hub(hub_factory, pki)
-    remote = Ensemble(hub.pool, "class-weighted")
-    local = Ensemble(LocalPool([make_host(0), make_host(1)]), "class-weighted")
+    # The query path alone: reliability=False, so no gradient-consistency check adds a Forward to the count
+    remote = Ensemble(hub.pool, "class-weighted", reliability=False)
+    local = Ensemble(LocalPool([make_host(0), make_host(1)]), "class-weighted", reliability=False)
     x = torch.randn(16, *SHAPE)
     xr, xl = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out_r, out_l = remote(xr, STATE, terms=(FEATURE_STATISTICS,)), local(xl, STATE, terms=(FEATURE_STATISTICS,))

@@ -95,7 +95,8 @@ class KillAndRestart:
 
 def test_a_teacher_killed_mid_run_the_run_completes_and_it_rejoins(in_process_run, tmp_path):
     ref_dir, _ = in_process_run
-    config = config_from_mapping({**TINY, "epochs": 3, "rejoin-timeout": 60})
+    # (reliability off: the counts below are the rounds' queries, without the gradient checks' Forwards)
+    config = config_from_mapping({**TINY, "epochs": 3, "rejoin-timeout": 60, "reliability": False})
     observer = KillAndRestart(kill_at=5, restart_at=15)
     pki = make_dev_pki(tmp_path / "tls")
     names = ["client-000", "client-001", "client-002"]
@@ -289,10 +290,14 @@ def test_a_mixed_run_of_gradient_logits_and_labels_teachers_gives_the_same_stude
         summary = run_experiment(config, out, transport=grpc_transport if transport == "grpc" else None)
         per_client = summary["queries"]["per_client"]
         # the logits teacher was never sent a Backward, its gradient was estimated from extra Forwards; the
-        # labels teacher answered Forwards (labels) only
+        # labels teacher answered Forwards (labels) only, one per fan-out; the gradient teacher one per fan-out
+        # and one per check of its gradients against its own answers
+        fan_outs = per_client[2]["forward_calls"]
+        checks = summary["ensemble"]["teachers"][0]["gradient_checks"]
         assert per_client[1]["backward_calls"] == 0 and per_client[0]["backward_calls"] > 0
-        assert per_client[1]["forward_calls"] > per_client[0]["forward_calls"]
-        assert per_client[2]["backward_calls"] == 0 and per_client[2]["forward_calls"] == per_client[0]["forward_calls"]
+        assert per_client[1]["forward_calls"] > fan_outs and per_client[2]["backward_calls"] == 0
+        assert checks >= 3 and per_client[0]["forward_calls"] == fan_outs + checks
+        assert [t["gradient_checks"] for t in summary["ensemble"]["teachers"][1:]] == [0, 0]  # estimates: not judged
         assert per_client[2]["bytes"] == per_client[2]["samples"] * (8 * 8 * 4 + 8)  # inputs out, int64 labels back
         assert all(r.get("refused", 0) == 0 for r in summary["queries"]["reported_by_clients"])
         students.append(load_safe(out / "checkpoint.pt", "fedkd.run.v1")["method"]["trainer"]["student"])

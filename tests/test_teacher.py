@@ -82,7 +82,12 @@ def test_a_queried_teacher_is_a_drop_in_autograd_function():
     ref_logits, ref_loss = _reference(ref_model, xr)
     (ref_logits.square().sum() + 2.0 * ref_loss).backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
-    assert host.stats.forward_calls == 1 and host.stats.backward_calls == 1
+    # the second Forward: the ensemble checked the returned gradient against the teacher's own answers (a step
+    # along it, BatchNorm-statistics term included), and the honest teacher passed
+    assert host.stats.forward_calls == 2 and host.stats.backward_calls == 1
+    (report,) = teacher.report()
+    assert report["gradient_checks"] == 1 and 0.5 <= report["gradient_consistency"] <= 2.0
+    assert report["gradient_weight"] == 1.0
 
 
 def test_no_backward_call_without_gradients():

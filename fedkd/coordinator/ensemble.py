@@ -291,6 +291,7 @@ class Ensemble:
                  "gradient_cosine": round(float(self.gradient_agreement.cosine[k]), 4) if judged[k] else None,
                  "gradient_consistency": (round(float(self.gradient_agreement.ratio[k]), 4)
                                           if self.gradient_agreement.checks[k] else None),
+                 "gradient_checks": int(self.gradient_agreement.checks[k]),
                  "clipped_logits": self.bounds.clipped_logits.get(k, 0),
                  "clipped_gradients": self.bounds.clipped_gradients.get(k, 0)}
                 for k, d in enumerate(self.descriptions)]
