@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -562,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.logging import RichHandler
 
     console = Console(stderr=False, log_path=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 120  # a log file or a pipe: rich's 80 columns would fold every row of the results table
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     try:
