@@ -156,6 +156,7 @@ class QueryStats:
     refused: int = 0
     missed: int = 0  # queries a teacher did not answer (dropped out, deadline, refusal): coordinator side
     wire_bytes: int = 0  # serialized messages both ways, when a transport has a wire
+    answer_ms: int = 0  # milliseconds the coordinator waited for this teacher's answers, summed: coordinator side
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +46,11 @@ class _Outcome:
     ids: dict[int, tuple[Connection, int]] = field(default_factory=dict)  # teacher -> (connection, message id)
 
 
+def _stamp(times: dict[int, float], k: int, _: cf.Future[pb.AgentMessage]) -> None:
+    """When teacher k's answer arrived (a future's done-callback)."""
+    times[k] = time.monotonic()
+
+
 class HubPool:
     """The coordinator's pool over a hub: parallel fan-out, deadlines, quorum, rejoin, per-teacher accounting."""
 
@@ -71,6 +78,8 @@ class HubPool:
         """Send ``messages[k]`` to teacher k (all at once) and gather the answers within the deadline."""
         hub = self.hub
         sent: dict[int, tuple[Connection, int, cf.Future[pb.AgentMessage]]] = {}
+        sent_at: dict[int, float] = {}
+        answered_at: dict[int, float] = {}
         ids: dict[int, tuple[Connection, int]] = {}
         failures: dict[str, str] = {}
         lost = False
@@ -93,12 +102,18 @@ class HubPool:
                 lost = True
                 continue
             slot.stats.wire_bytes += wire
+            sent_at[k] = time.monotonic()
+            future.add_done_callback(functools.partial(_stamp, answered_at, k))
             sent[k] = (connection, mid, future)
             ids[k] = (connection, mid)
         done, _ = cf.wait([f for _, _, f in sent.values()], timeout=hub.query_timeout)
         answers = {}
         for k, (connection, mid, future) in sent.items():
             name = hub.slots[k].name
+            # how long the coordinator waited for this teacher (the whole deadline for one that never answered)
+            waited = answered_at.get(k, sent_at[k] + hub.query_timeout) - sent_at[k] if future in done else \
+                hub.query_timeout
+            hub.slots[k].stats.answer_ms += round(1000 * waited)
             if future not in done:
                 connection.forget(mid)
                 failures[name] = f"no answer within {hub.query_timeout:g} s"

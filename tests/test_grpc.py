@@ -665,3 +665,30 @@ def test_a_flood_of_bad_tokens_is_counted_not_logged_line_by_line(hub_factory, p
     assert hub.refused_peers == 60
     refusals = [r for r in caplog.records if "refused" in r.getMessage()]
     assert 1 <= len(refusals) <= 6 and "the next are logged once a minute" in caplog.text
+
+
+def test_what_the_coordinator_waits_for_each_teacher_is_counted_per_teacher(hub_factory, pki):
+    """A slow teacher sets the pace of every query: its latency is in its stats (and the summary), over gRPC as
+    in-process."""
+
+    class Slow(TeacherHost):
+        def forward(self, *args, **kwargs):
+            time.sleep(0.3)
+            return super().forward(*args, **kwargs)
+
+    def slow_host():
+        fast = make_host(1)
+        return Slow(fast.model, fast.description, max_batch=256)
+
+    hub = hub_factory({"teacher-000": "token-zero", "teacher-001": "token-one"}, tls=server_tls(pki))
+    agents = [Running(h, hub.port, token=t, tls=client_tls(pki))
+              for h, t in zip([make_host(0), slow_host()], ["token-zero", "token-one"])]
+    hub.wait_for_teachers(timeout=20)
+    local = LocalPool([make_host(0), slow_host()])
+    for pool in (hub.pool, local):
+        for _ in range(2):
+            pool.forward(torch.randn(4, *SHAPE), STATE)
+        fast, slow = pool.stats()
+        assert slow.answer_ms >= 2 * 300 and fast.answer_ms < slow.answer_ms / 2, (fast, slow)
+    hub.end_session()
+    assert all(isinstance(a.join(), dict) for a in agents)

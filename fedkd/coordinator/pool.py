@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -119,11 +120,13 @@ class LocalPool:
                 continue
             part = plan(host.description, terms, keep)
             ref = next(self._refs) if part.keep else None
+            started = time.perf_counter()
             try:
                 reply = host.forward(inputs, state, terms=part.terms, labels=part.labels, keep=ref)
             except BudgetExhausted as exc:
                 self._exhausted(k, exc)
                 continue
+            self._stats[k].answer_ms += round(1000 * (time.perf_counter() - started))
             if ref is not None:
                 reply = dataclasses.replace(reply, ref=ref)
             self._stats[k].count_forward(inputs, reply)
@@ -136,12 +139,14 @@ class LocalPool:
         out = {}
         for k, (grad_logits, grad_terms) in grads.items():
             ref = (refs or {}).get(k)
+            started = time.perf_counter()
             try:
                 grad = self.hosts[k].backward(None if ref is not None else inputs, grad_logits, state,
                                               grad_terms=grad_terms, forward_id=ref)
             except BudgetExhausted as exc:
                 self._exhausted(k, exc)
                 continue
+            self._stats[k].answer_ms += round(1000 * (time.perf_counter() - started))
             self._stats[k].count_backward(inputs, grad_logits, grad, by_ref=ref is not None)
             out[k] = grad
         return out

@@ -106,7 +106,10 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
                    "accuracy_mean": acc_mean, "accuracy_var": acc_var}
     ensemble = result.ensemble
     stats = pool.stats()
-    per_client = [{"client": d.client, **s.as_dict()} for d, s in zip(pool.descriptions, stats)]
+    # answer_ms: what the coordinator waited for each teacher (a straggler sets the pace of every query)
+    per_client = [{"client": d.client, **s.as_dict(),
+                   "mean_answer_ms": round(s.answer_ms / max(1, s.forward_calls + s.backward_calls + s.missed), 1)}
+                  for d, s in zip(pool.descriptions, stats)]
     reports = pool.client_reports()
     reconciliation = reconcile_queries(per_client, reports, resumed=result.earlier_seconds > 0)
     if not reconciliation["agree"]:
