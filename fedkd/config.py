@@ -374,10 +374,14 @@ class RunConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "options"}
 
 
+class UnknownKeyError(ConfigError):
+    """A key no setting has: without the coordinator's registries it may still be a method's option."""
+
+
 def _unknown_key(key: str, known: list[str], what: str = "config key") -> ConfigError:
     close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(known)}"
-    return ConfigError(f"unknown {what} {key!r}{hint}")
+    return UnknownKeyError(f"unknown {what} {key!r}{hint}")
 
 
 def option_keys(options_type: type, namespace: str) -> list[str]:
@@ -454,7 +458,7 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
     def unknown(key: str) -> ConfigError:
         own = f"{selected}.{key.replace('_', '-')}"
         if own in known:
-            return ConfigError(f"unknown config key {key!r}; did you mean {own!r}? (a method's options take "
+            return UnknownKeyError(f"unknown config key {key!r}; did you mean {own!r}? (a method's options take "
                                "its name as prefix)")
         return _unknown_key(key, known)
 
@@ -466,7 +470,7 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
             continue
         if namespace not in methods:
             first = f"{namespace}.{next(iter(options), '')}"
-            raise ConfigError(f"unknown config key {first!r}: {namespace!r} is not a method; method options are "
+            raise UnknownKeyError(f"unknown config key {first!r}: {namespace!r} is not a method; method options are "
                               f"namespaced by method ({', '.join(methods)})")
         unselected = methods[namespace].options()
         given = _options_from_mapping(namespace, type(unselected), options, unselected)

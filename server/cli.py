@@ -127,12 +127,13 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _build_config(args: argparse.Namespace) -> RunConfig:
-    """The run's config: --config and --set; with --resume, the run directory's own config.json, which --config
-    and --set may change only where a resumed run allows it (checked when the directory is opened)."""
-    from fedkd.config import config_from_mapping
+def _build_config(args: argparse.Namespace, given: dict[str, Any] | None = None) -> RunConfig:
+    """The run's config: --config and --set (``given``, when the caller read them already); with --resume, the
+    run directory's own config.json, which --config and --set may change only where a resumed run allows it
+    (checked when the directory is opened)."""
+    from fedkd.config import UnknownKeyError, config_from_mapping
 
-    values = _config_values(args)
+    values = _config_values(args) if given is None else dict(given)
     if getattr(args, "resume", False):
         if not args.out:
             raise ConfigError("--resume needs --out DIR: the run directory to continue (its config.json holds the "
@@ -144,9 +145,8 @@ def _build_config(args: argparse.Namespace) -> RunConfig:
             values = {**read_config_json(saved), **values}
     try:  # the run-wide keys first, torch-free: a wrong value is named at once, before torch is imported
         config_from_mapping(values, resolve=False)
-    except ConfigError as exc:
-        if not str(exc).startswith("unknown config key"):  # (an unknown key may be a method's option: the full
-            raise                                           # check below names the method it belongs to)
+    except UnknownKeyError:
+        pass  # it may be a method's option: the full check below names the method it belongs to
     return config_from_mapping(values)
 
 
@@ -264,11 +264,12 @@ def _server_tls(args: argparse.Namespace, out: Path, console: Console) -> Server
 
 
 def cmd_distill(args: argparse.Namespace, console: Console) -> int:
-    config = _build_config(args)
+    given = _config_values(args)
+    config = _build_config(args, given)
     from .distill import run_distillation, teacher_names
 
     out = _out(args, config)
-    if "transport" in _config_values(args):  # (a resumed run's config.json says grpc: distill wrote it)
+    if "transport" in given:  # (the user's keys: a resumed run's config.json says grpc, which distill wrote)
         raise ConfigError("transport: fedkd distill always serves teachers over gRPC; leave transport unset")
     config = config.replace(num_clients=args.teachers, transport="grpc")
     tls = _server_tls(args, out, console)

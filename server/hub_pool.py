@@ -110,9 +110,9 @@ class HubPool:
         answers = {}
         for k, (connection, mid, future) in sent.items():
             name = hub.slots[k].name
-            # how long the coordinator waited for this teacher (the whole deadline for one that never answered)
-            waited = answered_at.get(k, sent_at[k] + hub.query_timeout) - sent_at[k] if future in done else \
-                hub.query_timeout
+            # how long the coordinator waited for this teacher (the whole deadline for one that never answered). A
+            # future's done-callbacks run after its waiters wake: an answer not stamped yet arrived just now.
+            waited = answered_at.get(k, time.monotonic()) - sent_at[k] if future in done else hub.query_timeout
             hub.slots[k].stats.answer_ms += round(1000 * waited)
             if future not in done:
                 connection.forget(mid)

@@ -164,10 +164,10 @@ class _FanOut(torch.autograd.Function):
                 ctx.pool, ctx.x, checked, grads, {k: ctx.logits[index[k]] for k in checked},
                 {k: {name: float(ctx.values[index[k], j]) for j, name in enumerate(ctx.terms)
                      if ctx.computed[index[k], j]} for k in checked}, ctx.state))
-        check.update(answers)  # the gradients the teachers sent (directions only: the bounds below do not matter)
-        trust = check.weights()
+        check.update(answers)  # the peer cosine, reported (directions only: the bounds below do not matter)
         # A teacher whose gradients are not trusted is treated like one that grants logits only: its term is
         # estimated from its logits (zeroth order) where estimates are on, and left out otherwise.
+        trust = check.weights()
         distrusted = [k for k in answers if trust[k] == 0]
         for k in distrusted:
             del answers[k]
@@ -180,8 +180,8 @@ class _FanOut(torch.autograd.Function):
                 {k: ctx.logits[index[k]] for k in estimated}, ctx.state, ensemble.zeroth_order))
         answers = ensemble.bounds.gradients(answers)
         total = torch.zeros_like(ctx.x)
-        for k, grad in answers.items():
-            total += grad if k in estimated or trust[k] == 1 else trust[k] * grad
+        for grad in answers.values():  # (trusted gradients and estimates: a distrusted answer was replaced above)
+            total += grad
         return total.to(ctx.device), None, None, None, None, None, None
 
 
@@ -221,7 +221,7 @@ class Ensemble:
 
     def consistency_checked(self, k: int) -> bool:
         """Teacher ``k``'s gradients are checked against its own answers unless it declares output noise (its
-        answers are noisy by design; the peer check judges it)."""
+        answers are noisy by design; only the norm bound applies to its gradients)."""
         privacy = self.descriptions[k].privacy or {}
         return privacy.get("mechanism") != "output-noise"
 

@@ -20,8 +20,9 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
   no absolute scale is needed).
 
 - :class:`GradientAgreement`: a teacher may answer honest logits and adversarial input gradients (a sign flip
-  scaled up drops a student to chance, and keeps the teacher's full weight: its logits agree). Two checks, either
-  of which takes a teacher's gradient term out of the sum the generator follows (its logits keep their say):
+  scaled up drops a student to chance, and keeps the teacher's full weight: its logits agree). One check decides
+  whether a teacher's gradient term stays in the sum the generator follows (its logits keep their say either
+  way), a second is reported beside it:
 
   *Consistency with its own answers* (:func:`fedkd.coordinator.ensemble.gradient_consistency`): the gradient a
   teacher returns claims how its own objective (logits weighted by the coordinator's grad_logits, plus the asked
@@ -167,8 +168,8 @@ class Reliability:
 
 
 class GradientAgreement:
-    """Per teacher, how its input gradients point relative to the other teachers', and the weight its gradient
-    term keeps in the sum the generator follows."""
+    """Per teacher, whether its input gradients agree with its own answers (which decides whether its gradient
+    term stays in the sum the generator follows) and how they point relative to the other teachers' (reported)."""
 
     # a measured slope within [1/RATIO, RATIO] x the claimed one is consistent (first order, ReLU kinks allowed)
     RATIO = 2.0
@@ -216,7 +217,6 @@ class GradientAgreement:
             value = cosine[i].mean()
             self.cosine[k] = value if first else self.decay * self.cosine[k] + (1 - self.decay) * value
             self.batches[k] += 1
-        self._log_changes()
 
     def weights(self) -> Tensor:
         """(K,) weights of each teacher's gradient term: 0 while its consistency average is below one half, else

@@ -200,12 +200,12 @@ class PrivacyLedger:
                     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
                 self._held = True
                 try:
-                    if self._stat() != self._seen:
-                        if self._seen is not None and self._stat() is None:
-                            raise ValueError(f"privacy ledger {str(self.path)!r} was deleted while this client "
-                                             "used it; its releases would go uncounted: restore it")
-                        if self._stat() is not None:
-                            self._load(self.path)
+                    now = self._stat()  # the file as it is under the lock: one stat, not one per question
+                    if now is None and self._seen is not None:
+                        raise ValueError(f"privacy ledger {str(self.path)!r} was deleted while this client "
+                                         "used it; its releases would go uncounted: restore it")
+                    if now is not None and now != self._seen:
+                        self._load(self.path)
                     yield
                 finally:
                     self._held = False
