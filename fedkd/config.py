@@ -69,7 +69,8 @@ class RunConfig:
     dataset: str = field(default="mnist5k", metadata=choice(
         "mnist5k", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn",
         help="the task's data: built-in mnist5k and digits, the others through torchvision from data-root"))
-    data_root: str = field(default="data", metadata=described("folder holding the torchvision datasets"))
+    data_root: str = field(default="data", metadata=described(
+        "folder holding the torchvision datasets, or the four IDX files of mnist or fashion-mnist"))
     task: str = field(default="", metadata=described(
         "a task card (TOML: classes, input-shape, mean, std) for teachers that are the institutions' own models; "
         "the coordinator then needs no data (fedkd distill); empty: the dataset's task"))
