@@ -86,10 +86,13 @@ def run_one(mapping: dict[str, Any], runs: Path, cache: Path) -> dict[str, Any]:
             "curve": [(h["query_samples"], h["student_accuracy"]) for h in history]}
 
 
-def cached(mapping: dict[str, Any], results: Path, runs: Path) -> dict[str, Any]:
+def cached(mapping: dict[str, Any], results: Path, runs: Path, compute: bool = True) -> dict[str, Any] | None:
+    """The run's record, computed unless it is cached (None when it is not and ``compute`` is off)."""
     path = results / "runs" / f"a{mapping['alpha']}-s{mapping['seed']}-{_key(mapping)}.json"
     if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping:
         return record
+    if not compute:
+        return None
     print(f"running alpha={mapping['alpha']} seed={mapping['seed']} student={mapping.get('student-model', 'default')}"
           f" ...", file=sys.stderr, flush=True)
     record = run_one(mapping, runs, runs)
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="names this variant's table and plot")
     parser.add_argument("--runs", default="runs/fashion-mnist", help="teachers and run directories")
     parser.add_argument("--results", default="simulations/results/fashion-mnist")
+    parser.add_argument("--cached", action="store_true",
+                        help="tabulate the runs already computed (the others are left out, and said so); run nothing")
     args = parser.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -187,13 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_assignments(args.set)
     results, runs = Path(args.results), Path(args.runs)
     rows: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    missing: list[str] = []
     for alpha in alphas:
         for student in students:
             for seed in seeds:
                 mapping = {"dataset": "fashion-mnist", "data-root": args.data_root, "num-clients": 5,
                            "partition": "dirichlet", "alpha": alpha, "seed": seed, **STUDENTS[student], **overrides}
                 config_from_mapping(mapping)  # a bad --set fails before hours of work
-                rows.setdefault((alpha, student), []).append(cached(mapping, results, runs))
+                record = cached(mapping, results, runs, compute=not args.cached)
+                if record is None:
+                    missing.append(f"alpha={alpha} seed={seed} student={student}")
+                else:
+                    rows.setdefault((alpha, student), []).append(record)
+    if missing:
+        print(f"not computed yet, left out: {'; '.join(missing)}", file=sys.stderr)
+    if not rows:
+        parser.error("no run computed yet for these alphas, seeds and students (drop --cached to run them)")
     name = "fashion-mnist" + (f"-{args.tag}" if args.tag else "")
     lines = [f"Full Fashion-MNIST, 5 clients (`python simulations/fashion_mnist.py "
              f"{' '.join(a for a in (argv if argv is not None else sys.argv[1:]))}`"

@@ -1,0 +1,77 @@
+"""The Fashion-MNIST benchmark harness on small IDX files it writes: teachers once per split, runs cached, the
+table with DENSE's published rows and the targets, the --cached table of what is done."""
+
+import gzip
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "simulations"))
+
+import fashion_mnist  # noqa: E402
+
+TINY = ["--set", "teacher-epochs=1", "--set", "epochs=1", "--set", "steps-per-epoch=2", "--set", "student-steps=2",
+        "--set", "batch-size=32", "--tag", "tiny"]
+
+
+def _write_idx_gz(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">I", 0x0803 if array.ndim == 3 else 0x0801) + b"".join(
+        struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture
+def idx_root(tmp_path: Path) -> Path:
+    root = tmp_path / "fashion"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 300), ("t10k", 60)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, (n, 28, 28))
+        for c in range(10):  # each class a bright band of its own: a teacher learns it in one epoch
+            images[labels == c, 2 * c:2 * c + 6, :] = 220
+        _write_idx_gz(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx_gz(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, monkeypatch, capsys):
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    args = ["--data-root", str(idx_root), "--alphas", "0.5", "--seeds", "0", "--results", str(results),
+            "--runs", str(runs), *TINY]
+    ran = []
+    real = fashion_mnist.run_one
+    monkeypatch.setattr(fashion_mnist, "run_one", lambda m, r, c: ran.append(m.get("student-model")) or real(m, r, c))
+    assert fashion_mnist.main(args) == 0
+    assert ran == [None, "lenet5"]  # fedkd's default student, then one as large as the teachers
+    assert len(list((runs / "teachers").glob("teachers-*"))) == 1  # both distil from the same five teachers
+    table = (results / "fashion-mnist-tiny.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 0.5 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["default", "teacher-size", "DENSE (published)"]
+    assert "| 0.5 | DENSE (published) | | | 0.8942 | | 0.8594 |" in table
+    assert "Dirichlet(0.5): student" in table and ">= 0.8800" in table  # the target, printed beside the result
+    assert (results / "fashion-mnist-tiny.png").stat().st_size > 0
+    record = json.loads(next((results / "runs").glob("*.json")).read_text())
+    assert 0.0 <= record["student"] <= 1.0 and record["query_samples"] > 0
+    assert record["best_teacher"] == max(record["teachers"]) and len(record["teachers"]) == 5
+
+    ran.clear()
+    assert fashion_mnist.main(args) == 0  # everything cached: nothing runs again
+    assert ran == []
+    capsys.readouterr()
+    assert fashion_mnist.main([*args[:4], "--seeds", "0,1", *args[6:], "--cached"]) == 0
+    assert ran == [] and "left out: alpha=0.5 seed=1 student=default" in capsys.readouterr().err
+
+
+def test_a_variant_needs_a_tag_and_a_missing_root_says_what_to_install(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fashion_mnist.main(["--data-root", str(tmp_path), "--set", "epochs=2"])
+    assert "--tag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fashion_mnist.main(["--data-root", str(tmp_path / "absent")])
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
