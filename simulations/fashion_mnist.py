@@ -11,7 +11,8 @@ student of that split distils from the same teachers. Students: fedkd's default 
 one as large as the teachers (LeNet-5, ``teacher-size``: DENSE distils into the same network its clients train).
 Per run: the best teacher, the run's ensemble (``ensemble=auto``: class-weighted), the plain probability mean of
 the same teachers, the student, student / ensemble, query samples and wall time. Results are cached per run (one
-JSON each, keyed by the whole configuration) in ``--results``; a rerun computes only what is missing.
+JSON each, keyed by the whole configuration, in ``--results``/records, committed with the table); a rerun computes
+only what is missing, and ``--cached`` tabulates what is done.
 Writes ``fashion-mnist[-TAG].md`` (the table, DENSE's published rows and the targets) and a plot of student
 accuracy against query samples per split.
 """
@@ -70,6 +71,56 @@ def teachers(mapping: dict[str, Any], cache: Path) -> tuple[Path, dict[str, floa
     return path / "clients", json.loads(scores.read_text())
 
 
+def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, float]:
+    """What the run's student reaches on REAL data with the run's own student schedule and trainer (steps, batch,
+    SGD, cosine, temperature): distilled from the same teachers' class-weighted ensemble on the real training
+    images (no labels: the ceiling a perfect synthesizer would give), and trained on the pooled labelled data (the
+    student's capacity). Experiment-only: no deployment holds either."""
+    from fedkd.coordinator.aggregation import AGGREGATORS, class_weights
+    from fedkd.coordinator.methods.base import student_settings
+    from fedkd.coordinator.student import StudentTrainer
+    from fedkd.institution.loading import load_teacher
+    from fedkd.models import build_model
+
+    path = results / "records" / f"references-a{mapping['alpha']}-s{mapping['seed']}-{_key(mapping)}.json"
+    if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping:
+        return record["references"]
+    clients, _ = teachers(mapping, runs / "teachers")
+    config = config_from_mapping(mapping)
+    device = setup(config)
+    data = load_dataset(config.dataset, config.data_root, seed=config.seed)
+    spec, train = data.spec, data.train
+    loaded = [load_teacher(p) for p in sorted(clients.glob("client_*/teacher.pt"))]
+    weights = class_weights([ckpt["label_counts"] for _, ckpt in loaded], spec.num_classes)
+    logits = torch.stack([predict(m, spec.normalize(train.images), device=device) for m, _ in loaded])
+    answers = AGGREGATORS["class-weighted"].combine(logits, weights)
+    settings = student_settings(config)
+    out = {}
+    for name in ("real_kd", "real_labels"):
+        torch.manual_seed(config.seed)
+        student = build_model(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
+                              image_size=spec.image_size)
+        trainer = StudentTrainer(student, spec, settings, device)  # the run's optimiser, schedule and loss
+        draw = torch.Generator().manual_seed(config.seed)
+        for _ in range(settings.total_steps):
+            idx = torch.randint(0, len(train), (config.batch_size,), generator=draw)
+            if name == "real_kd":
+                trainer.step(train.images[idx], answers[idx])
+            else:  # the same optimiser and schedule, cross-entropy on the labels
+                student.train()
+                loss = torch.nn.functional.cross_entropy(student(spec.normalize(train.images[idx].to(device))),
+                                                         train.labels[idx].to(device))
+                trainer.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                trainer.optimizer.step()
+                trainer.schedule.step()
+        guess = predict(student, spec.normalize(data.test.images), device=device).argmax(1)
+        out[name] = float((guess == data.test.labels).float().mean())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": mapping, "references": out}, indent=1))
+    return out
+
+
 def run_one(mapping: dict[str, Any], runs: Path, cache: Path) -> dict[str, Any]:
     clients, scores = teachers(mapping, runs / "teachers")
     config = config_from_mapping(mapping)
@@ -88,7 +139,7 @@ def run_one(mapping: dict[str, Any], runs: Path, cache: Path) -> dict[str, Any]:
 
 def cached(mapping: dict[str, Any], results: Path, runs: Path, compute: bool = True) -> dict[str, Any] | None:
     """The run's record, computed unless it is cached (None when it is not and ``compute`` is off)."""
-    path = results / "runs" / f"a{mapping['alpha']}-s{mapping['seed']}-{_key(mapping)}.json"
+    path = results / "records" / f"a{mapping['alpha']}-s{mapping['seed']}-{_key(mapping)}.json"
     if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping:
         return record
     if not compute:
@@ -107,6 +158,19 @@ def _ms(values: list[float]) -> str:
     return f"{mean:.4f} ± {statistics.pstdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
+def reference_table(refs: dict[tuple[float, str], list[dict[str, float]]],
+                    rows: dict[tuple[float, str], list[dict[str, Any]]]) -> list[str]:
+    lines = ["The same students with the same schedule on real data (`--references`): distilled from the same "
+             "ensemble on the 60,000 real training images without their labels, and trained on them with labels.",
+             "", "| Dirichlet alpha | student | seeds | data-free student | distilled on real images | trained on "
+             "real labels |", "|---|---|---|---|---|---|"]
+    for key, values in sorted(refs.items()):
+        free = _ms([r["student"] for r in rows[key]]) if key in rows else ""
+        lines.append(f"| {key[0]} | {key[1]} | {len(values)} | {free} | {_ms([v['real_kd'] for v in values])} "
+                     f"| {_ms([v['real_labels'] for v in values])} |")
+    return lines
+
+
 def table(rows: dict[tuple[float, str], list[dict[str, Any]]]) -> list[str]:
     lines = ["| Dirichlet alpha | student | seeds | best teacher | ensemble (class-weighted) | plain probability mean "
              "| student | student / ensemble | query samples | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -117,8 +181,8 @@ def table(rows: dict[tuple[float, str], list[dict[str, Any]]]) -> list[str]:
             f"| **{_ms([r['student'] for r in records])}** | {_ms([r['student'] / r['ensemble'] for r in records])} "
             f"| {statistics.fmean(r['query_samples'] for r in records):,.0f} "
             f"| {statistics.fmean(r['wall_seconds'] for r in records):.0f} |")
-    for alpha, (ens, student) in sorted(DENSE.items()):
-        lines.append(f"| {alpha} | DENSE (published) | | | {ens:.4f} | | {student:.4f} | {student / ens:.4f} | | |")
+    for alpha, (ens, dense) in sorted(DENSE.items()):
+        lines.append(f"| {alpha} | DENSE (published) | | | {ens:.4f} | | {dense:.4f} | {dense / ens:.4f} | | |")
     return lines
 
 
@@ -176,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="names this variant's table and plot")
     parser.add_argument("--runs", default="runs/fashion-mnist", help="teachers and run directories")
     parser.add_argument("--results", default="simulations/results/fashion-mnist")
+    parser.add_argument("--references", action="store_true",
+                        help="also train each student on the real data (distilled from the ensemble, and on labels)")
     parser.add_argument("--cached", action="store_true",
                         help="tabulate the runs already computed (the others are left out, and said so); run nothing")
     args = parser.parse_args(argv)
@@ -193,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     results, runs = Path(args.results), Path(args.runs)
     rows: dict[tuple[float, str], list[dict[str, Any]]] = {}
     missing: list[str] = []
+    refs: dict[tuple[float, str], list[dict[str, float]]] = {}
     for alpha in alphas:
         for student in students:
             for seed in seeds:
@@ -204,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                     missing.append(f"alpha={alpha} seed={seed} student={student}")
                 else:
                     rows.setdefault((alpha, student), []).append(record)
+                if args.references and (record is not None or not args.cached):
+                    refs.setdefault((alpha, student), []).append(references(mapping, runs, results))
     if missing:
         print(f"not computed yet, left out: {'; '.join(missing)}", file=sys.stderr)
     if not rows:
@@ -212,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Full Fashion-MNIST, 5 clients (`python simulations/fashion_mnist.py "
              f"{' '.join(a for a in (argv if argv is not None else sys.argv[1:]))}`"
              f"{''.join(f', {s}' for s in args.set)})".replace(" `)", "`)"), "", *table(rows), "",
-             *targets(rows)]
+             *targets(rows), *(["", *reference_table(refs, rows)] if refs else [])]
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(rows, results / f"{name}.png")

@@ -56,7 +56,7 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     assert "| 0.5 | DENSE (published) | | | 0.8942 | | 0.8594 |" in table
     assert "Dirichlet(0.5): student" in table and ">= 0.8800" in table  # the target, printed beside the result
     assert (results / "fashion-mnist-tiny.png").stat().st_size > 0
-    record = json.loads(next((results / "runs").glob("*.json")).read_text())
+    record = json.loads(next((results / "records").glob("*.json")).read_text())
     assert 0.0 <= record["student"] <= 1.0 and record["query_samples"] > 0
     assert record["best_teacher"] == max(record["teachers"]) and len(record["teachers"]) == 5
 
@@ -66,6 +66,14 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     capsys.readouterr()
     assert fashion_mnist.main([*args[:4], "--seeds", "0,1", *args[6:], "--cached"]) == 0
     assert ran == [] and "left out: alpha=0.5 seed=1 student=default" in capsys.readouterr().err
+
+    # The same students on the real data: distilled from the ensemble on the real images, and on their labels.
+    assert fashion_mnist.main([*args, "--references"]) == 0
+    assert ran == []
+    refs = [json.loads(p.read_text())["references"] for p in (results / "records").glob("references-*.json")]
+    assert len(refs) == 2 and all(0.0 <= v <= 1.0 for r in refs for v in r.values())
+    table = (results / "fashion-mnist-tiny.md").read_text()
+    assert "| distilled on real images | trained on real labels |" in table
 
 
 def test_a_variant_needs_a_tag_and_a_missing_root_says_what_to_install(tmp_path, capsys):
