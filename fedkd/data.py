@@ -184,43 +184,32 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     if len(raw) != expected:
         raise ValueError(f"{str(path)!r}: its header promises {' x '.join(map(str, dims))} values "
                          f"({expected:,} bytes) but the file holds {len(raw):,}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()  # (writable, like any array)
 
 
 def _idx_paths(root: Path) -> dict[str, tuple[Path, Path]] | None:
     """The four IDX files directly under ``root`` (each plain or ``.gz``), or None when none of them is there."""
-    found: dict[str, tuple[Path, Path]] = {}
-    missing: list[str] = []
-    for part, names in IDX_FILES.items():
-        paths = []
-        for name in names:
-            path = next((root / (name + s) for s in (".gz", "") if (root / (name + s)).is_file()), None)
-            if path is None:
-                missing.append(name)
-            else:
-                paths.append(path)
-        if len(paths) == 2:
-            found[part] = (paths[0], paths[1])
-    if not found and len(missing) == 4:
+    names = [name for pair in IDX_FILES.values() for name in pair]
+    found = {name: path for name in names
+             if (path := next((root / (name + s) for s in (".gz", "") if (root / (name + s)).is_file()), None))}
+    missing = [name for name in names if name not in found]
+    if not found:
         return None
     if missing:
         raise DatasetNotFoundError(f"data-root {str(root)!r} holds some of the IDX files but not "
                                    f"{', '.join(missing)} (plain or .gz): all four are needed")
-    return found
+    return {part: (found[images], found[labels]) for part, (images, labels) in IDX_FILES.items()}
 
 
 def _idx_part(images_path: Path, labels_path: Path, spec: DatasetSpec) -> ImageData:
     images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
-    if images.shape[1:] != (spec.image_size, spec.image_size):
-        raise ValueError(f"{str(images_path)!r} holds {images.shape[1]}x{images.shape[2]} images; "
-                         f"{spec.name} images are {spec.image_size}x{spec.image_size}")
     if len(images) != len(labels):
         raise ValueError(f"{str(images_path)!r} holds {len(images):,} images but {str(labels_path)!r} "
                          f"{len(labels):,} labels")
     if len(labels) and int(labels.max()) >= spec.num_classes:
         raise ValueError(f"{str(labels_path)!r} has labels outside 0..{spec.num_classes - 1}")
-    x = torch.from_numpy(images.copy()).unsqueeze(1).to(torch.float32).div_(255.0)
-    return ImageData(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+    x = _images_from_array(images, spec, images_path, "the images")  # (its shape checked against the dataset's)
+    return ImageData(x, torch.from_numpy(labels.astype(np.int64)))
 
 
 def _torchvision_loader(name: str) -> Callable[[Path, int], DataSplit]:

@@ -121,7 +121,7 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
     return out
 
 
-def run_one(mapping: dict[str, Any], runs: Path, cache: Path) -> dict[str, Any]:
+def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
     clients, scores = teachers(mapping, runs / "teachers")
     config = config_from_mapping(mapping)
     out = runs / f"a{mapping['alpha']}-s{mapping['seed']}-{_key(mapping)}"
@@ -146,7 +146,7 @@ def cached(mapping: dict[str, Any], results: Path, runs: Path, compute: bool = T
         return None
     print(f"running alpha={mapping['alpha']} seed={mapping['seed']} student={mapping.get('student-model', 'default')}"
           f" ...", file=sys.stderr, flush=True)
-    record = run_one(mapping, runs, runs)
+    record = run_one(mapping, runs)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
     path.with_suffix(".tmp").replace(path)
@@ -278,10 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         parser.error("no run computed yet for these alphas, seeds and students (drop --cached to run them)")
     name = "fashion-mnist" + (f"-{args.tag}" if args.tag else "")
-    lines = [f"Full Fashion-MNIST, 5 clients (`python simulations/fashion_mnist.py "
-             f"{' '.join(a for a in (argv if argv is not None else sys.argv[1:]))}`"
-             f"{''.join(f', {s}' for s in args.set)})".replace(" `)", "`)"), "", *table(rows), "",
-             *targets(rows), *(["", *reference_table(refs, rows)] if refs else [])]
+    command = " ".join(["python simulations/fashion_mnist.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [f"Full Fashion-MNIST, 5 clients (`{command}`)", "", *table(rows), "", *targets(rows),
+             *(["", *reference_table(refs, rows)] if refs else [])]
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(rows, results / f"{name}.png")

@@ -46,7 +46,7 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
             "--runs", str(runs), *TINY]
     ran = []
     real = fashion_mnist.run_one
-    monkeypatch.setattr(fashion_mnist, "run_one", lambda m, r, c: ran.append(m.get("student-model")) or real(m, r, c))
+    monkeypatch.setattr(fashion_mnist, "run_one", lambda m, r: ran.append(m.get("student-model")) or real(m, r))
     assert fashion_mnist.main(args) == 0
     assert ran == [None, "lenet5"]  # fedkd's default student, then one as large as the teachers
     assert len(list((runs / "teachers").glob("teachers-*"))) == 1  # both distil from the same five teachers
