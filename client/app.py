@@ -40,7 +40,7 @@ from fedkd.data import DatasetNotFoundError
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
 from fedkd.institution.privacy.policy import ReleasePolicy
-from fedkd.models import build_classifier
+from fedkd.models import build_classifier, is_code_spec
 from fedkd.options import ConfigError
 
 from .agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
@@ -175,6 +175,9 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
     if data.holdout is None or len(data.holdout) == 0:
         raise NodeConfigError("this node has no held-out data for evaluation (add x_test, y_test to its data-path)")
     spec = data.spec
+    if is_code_spec(config.student_model):  # the run config would name code for this node to import
+        raise NodeConfigError(f"student-model {config.student_model!r} names code; this node imports none that a run "
+                              "config names, so it evaluates only fedkd's own and torchvision students")
     student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
                                image_size=spec.image_size, args=config.student_arguments())
     arrays = msg.content["student"]

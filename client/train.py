@@ -27,7 +27,7 @@ from fedkd.config import config_from_mapping, default_values, parse_assignments
 from fedkd.data import DatasetNotFoundError, load_node_file
 from fedkd.institution.classifier import parse_model_args
 from fedkd.institution.training import train_teacher
-from fedkd.models import is_student_spec
+from fedkd.models import is_code_spec, is_student_spec
 from fedkd.options import ConfigError, resolve_device
 from fedkd.task import Task
 
@@ -41,7 +41,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     if other:
         raise ConfigError(f"--set {other[0]}: not a teacher's training setting; give {', '.join(TRAINING_KEYS)}")
     config = config_from_mapping({**values, "privacy-mode": args.privacy_mode}, resolve=False)
-    if not is_student_spec(args.model):
+    if not is_student_spec(args.model) or is_code_spec(args.model):
         raise ConfigError(f"--model {args.model!r}: give a fedkd model name or torchvision:NAME (to serve a model "
                           "you built yourself, train it and use fedkd teacher --model)")
     model_args = parse_model_args(args.model_args)

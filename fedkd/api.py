@@ -18,9 +18,10 @@ argument (dashes as underscores), checked with the same named errors, and the te
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from fedkd.config import config_from_mapping
 from fedkd.coordinator.distillation import Distillation, RunObserver
 from fedkd.coordinator.export import export_program
-from fedkd.coordinator.flow import Session, coordinate
+from fedkd.coordinator.flow import Session, check_names, coordinate
 from fedkd.coordinator.pool import LocalPool
 from fedkd.data import ImageData
 from fedkd.options import ConfigError
@@ -115,15 +116,20 @@ def distill(*, teachers: Sequence[nn.Module], task: Task | str | Path, out: str 
     if len(counts) != len(teachers):
         raise ConfigError(f"label_counts: {len(counts)} entries for {len(teachers)} teachers (None where a teacher "
                           "shares none)")
-    out.mkdir(parents=True, exist_ok=True)
-    card = out / "task.toml"
-    card.write_text(task.to_toml())
     values = {_key(k): v for k, v in keys.items()}
-    values.update({"task": str(card), "student-model": student, "num-clients": len(teachers)})
-    config = config_from_mapping(values)
+    values.update({"student-model": student, "num-clients": len(teachers)})
+    with tempfile.TemporaryDirectory() as scratch:  # everything is checked before anything is written to out
+        card = Path(scratch) / "task.toml"
+        card.write_text(task.to_toml())
+        config = config_from_mapping({**values, "task": str(card)})
+        check_names(config, task.spec)
     hosts = [host_from_module(model, task, name=type(model).__name__, label_counts=c, client=k)
              for k, (model, c) in enumerate(zip(teachers, counts))]
     source = _ModulesAsTeachers(hosts, _eval_data(eval_data, task))
+    out.mkdir(parents=True, exist_ok=True)
+    card = out / "task.toml"
+    card.write_text(task.to_toml())
+    config = replace(config, task=str(card))
     summary = coordinate(config, out, source, resume=resume, observer=observer)
     assert source.student is not None  # coordinate calls finish() with the result
     return Distilled(source.student.eval(), summary, out, task)
@@ -159,10 +165,13 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def load_student(run: str | Path) -> nn.Module:
+def load_student(run: str | Path, *, trust_code: bool = False) -> nn.Module:
     """The distilled student of a run directory (or its ``student.pt``) as an ``nn.Module`` of its architecture,
     in eval mode: to fine-tune or inspect it in Python. To deploy it without fedkd, load ``student.pt2`` with
-    ``torch.export.load(path).module()`` instead; ``student.json`` says what it takes and returns."""
+    ``torch.export.load(path).module()`` instead; ``student.json`` says what it takes and returns.
+
+    A student of your own code (``student-model=PACKAGE.MODULE:CALLABLE``) is rebuilt by importing that code,
+    which a file must not make fedkd do on its own: pass ``trust_code=True`` for a run of yours."""
     from fedkd.institution.loading import load_teacher  # the student is kept in the teacher checkpoint format
 
     path = Path(run)
@@ -170,5 +179,5 @@ def load_student(run: str | Path) -> nn.Module:
     if not file.is_file():
         raise FileNotFoundError(f"{str(file)!r} does not exist; give a run directory fedkd wrote (it holds "
                                 "student.pt once the run has finished) or the student.pt itself")
-    student, _ = load_teacher(file)
+    student, _ = load_teacher(file, trust_code=trust_code)
     return student

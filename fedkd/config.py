@@ -114,9 +114,11 @@ class RunConfig:
     # small generator, a faster generator learning rate and a stronger BN-statistics weight than the paper's CIFAR
     # scripts (generator width 64, lr 1e-3, weight-bn 1), which --set restores.
     student_model: str = field(default="lenet5-half", metadata=described(
-        "the student's architecture: a fedkd model name, or torchvision:NAME (a torchvision classifier)"))
+        "the student's architecture: a fedkd model name, torchvision:NAME (a torchvision classifier) or "
+        "PACKAGE.MODULE:CALLABLE (your own code, called with student-args)"))
     student_args: str = field(default="", metadata=described(
-        "keyword arguments of a torchvision student, a JSON object (num_classes is the task's)"))
+        "keyword arguments of a torchvision student (num_classes is the task's unless given) or of your own "
+        "callable, a JSON object"))
     method: str = field(default="cudfkd", metadata=described("the distillation method; its options are METHOD.KEY"))
     epochs: int = field(default=10, metadata=bounded(1, None, help="distillation epochs (evaluated and "
                                                                "checkpointed after each)"))

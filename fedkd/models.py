@@ -169,11 +169,41 @@ def is_model_name(name: str) -> bool:
 
 
 TORCHVISION = "torchvision:"
+_CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+def is_code_spec(spec: str) -> bool:
+    """``PACKAGE.MODULE:CALLABLE``: a model built by the user's own code (imported when it is built)."""
+    return not spec.startswith(TORCHVISION) and bool(_CALLABLE.match(spec))
 
 
 def is_student_spec(spec: str) -> bool:
-    """A student fedkd can build: a registry name, or ``torchvision:NAME`` (a classifier of torchvision.models)."""
-    return is_model_name(spec) or spec.startswith(TORCHVISION)
+    """A student fedkd can build: a registry name, ``torchvision:NAME`` (a classifier of torchvision.models) or
+    ``PACKAGE.MODULE:CALLABLE`` (the user's own code)."""
+    return is_model_name(spec) or spec.startswith(TORCHVISION) or is_code_spec(spec)
+
+
+def code_classifier(spec: str, args: dict[str, Any]) -> nn.Module:
+    """``PACKAGE.MODULE:CALLABLE`` called with ``args``: the user's own model code (a class or a factory; timm's
+    and Hugging Face's work too). ValueError naming the spec: a module that does not import, a callable that
+    is missing, arguments it refuses, a result that is not an ``nn.Module``."""
+    import importlib
+
+    module_name, _, attribute = spec.rpartition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{spec!r}: module {module_name!r} does not import ({exc}); is it on PYTHONPATH?") from None
+    factory = getattr(module, attribute, None)
+    if factory is None or not callable(factory):
+        raise ValueError(f"{spec!r}: module {module_name!r} has no callable {attribute!r}")
+    try:
+        model = factory(**args)
+    except TypeError as exc:
+        raise ValueError(f"{spec!r} with arguments {args}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec!r}: {attribute}(...) returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def torchvision_classifier(name: str, args: dict[str, Any]) -> nn.Module:
@@ -198,9 +228,12 @@ def torchvision_classifier(name: str, args: dict[str, Any]) -> nn.Module:
 def build_classifier(spec: str, *, num_classes: int, channels: int, image_size: int,
                      args: dict[str, Any] | None = None) -> nn.Module:
     """The classifier a spec names (a student, or a teacher fedkd trains), for the task's classes (a torchvision
-    model gets ``num_classes`` unless ``args`` say otherwise)."""
+    model gets ``num_classes`` unless ``args`` say otherwise; the user's own callable gets ``args`` only: its
+    output is checked against the task where it is built)."""
     if spec.startswith(TORCHVISION):
         return torchvision_classifier(spec[len(TORCHVISION):], {"num_classes": num_classes, **(args or {})})
+    if is_code_spec(spec):
+        return code_classifier(spec, dict(args or {}))
     if args:
         raise ValueError(f"student-args: fedkd's own model {spec!r} takes none")
     return build_model(spec, num_classes=num_classes, channels=channels, image_size=image_size)

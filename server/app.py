@@ -48,7 +48,7 @@ from torch import nn
 
 from fedkd.config import FOLLOW_FEDERATION, RunConfig, config_from_run_config
 from fedkd.coordinator.distillation import Distillation, RunObserver, epoch_line
-from fedkd.coordinator.flow import Session, coordinate, refuse_task
+from fedkd.coordinator.flow import Session, coordinate, refuse_code_student, refuse_task
 from fedkd.data import load_dataset
 from fedkd.tls import run_pki
 
@@ -112,6 +112,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "[fedkd] num-clients=0: the federation has %d nodes, one client each", counted)
     config = config_from_run_config(run_config, num_clients=counted)
     refuse_task(config, "the Flower app")
+    refuse_code_student(config, "the Flower app")
     if config.resume_from:  # a run that died: continue it in its own run directory
         run_dir = Path(config.resume_from).expanduser().resolve()
         log(INFO, "[fedkd] resuming the run in %s", run_dir)

@@ -122,3 +122,45 @@ def test_serve_connects_a_module_to_a_hub_and_returns_what_it_released(tmp_path)
     finally:
         hub.stop()
     assert not thread.is_alive() and served["forward_calls"] == 1
+
+
+STUDENT_CODE = '''
+from torch import nn
+
+
+def tiny(classes=10, width=4):
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(width * 64, classes))
+
+
+def not_a_model():
+    return "tiny"
+'''
+
+
+def test_a_student_of_the_users_own_code_is_built_exported_and_reloaded_only_on_trust(tmp_path, monkeypatch):
+    from fedkd.checkpoint import CheckpointError
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "my_students.py").write_text(STUDENT_CODE)
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    task = fedkd.Task(classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.38,))
+    result = fedkd.distill(teachers=[_teacher(0), _teacher(1)], task=task, out=tmp_path / "run",
+                           student="my_students:tiny", student_args='{"width": 6}', epochs=1, steps_per_epoch=1,
+                           student_steps=1, batch_size=8)
+    assert result.summary["student"]["model"] == "my_students:tiny"
+    assert result.student[0].out_channels == 6  # student-args reached the callable
+    x = torch.randn(3, 1, 8, 8)
+    program = torch.export.load(tmp_path / "run" / "student.pt2").module()
+    torch.testing.assert_close(program(x), result.student(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match="imports no code a file names; .*trust_code=True"):
+        fedkd.load_student(tmp_path / "run")
+    torch.testing.assert_close(fedkd.load_student(tmp_path / "run", trust_code=True)(x), result.student(x))
+    for spec, args, named in [("my_students:missing", "", "has no callable 'missing'"),
+                              ("my_students:not_a_model", "", "returned a str, not a torch.nn.Module"),
+                              ("my_students:tiny", '{"depth": 3}', "unexpected keyword argument 'depth'"),
+                              ("my_students:tiny", '{"classes": 3}', "answers \\(2, 3\\)"),
+                              ("no_such_module.nets:Net", "", "module 'no_such_module.nets' does not import")]:
+        with pytest.raises(ConfigError, match=f"student-model: .*{named}"):
+            fedkd.distill(teachers=[_teacher(0)], task=task, out=tmp_path / "bad", student=spec, student_args=args)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

@@ -158,6 +158,14 @@ def test_client_handlers_name_their_errors(tmp_path: Path) -> None:
     reply = ask(grid, RecordDict({"student": wrong}), "evaluate", node=102)
     assert reply.has_error() and "do not fit a 'lenet5-half'" in (reply.error.reason or "")
     grid.close()
+    # a student of the coordinator's own code: a node imports no code the run config names
+    grid = InProcessGrid(client_app, simulated(3), run_config(tmp_path, student_model="os:getcwd"))
+    reply = ask(grid, RecordDict({"student": wrong}), "evaluate", node=102)
+    assert reply.has_error() and "'os:getcwd' names code" in (reply.error.reason or "")
+    grid.close()
+    with pytest.raises(ConfigError, match="student-model: 'os:getcwd' is built by your own code"):
+        run_server(InProcessGrid(client_app, simulated(2), cfg := run_config(tmp_path, student_model="os:getcwd")),
+                   cfg)
 
 
 def test_dp_sgd_nodes_release_only_accounted_values(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from fedkd.coordinator.rundir import claim_run_dir
 from fedkd.coordinator.summary import build_summary, save_student, write_results
 from fedkd.coordinator.synthetic_pool import pool_bytes
 from fedkd.data import DatasetSpec, ImageData
-from fedkd.models import build_classifier, is_model_name, is_student_spec, model_names
+from fedkd.models import build_classifier, is_code_spec, is_model_name, is_student_spec, model_names
 from fedkd.options import ConfigError, resolve_device
 from fedkd.task import Task
 
@@ -119,7 +119,7 @@ def check_names(config: RunConfig, spec: DatasetSpec) -> None:
             raise ConfigError(f"teacher-model: {exc.args[0] if exc.args else exc}") from None
     if not is_student_spec(config.student_model):
         raise ConfigError(f"student-model: unknown model {config.student_model!r}; valid: {', '.join(model_names())}, "
-                          "or torchvision:NAME")
+                          "torchvision:NAME or PACKAGE.MODULE:CALLABLE (your own code)")
     try:
         with torch.device("meta"):
             student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
@@ -138,6 +138,15 @@ def refuse_task(config: RunConfig, what: str) -> None:
         raise ConfigError(f"task: {what} trains each client's teacher on a built-in dataset; with a task card the "
                           "institutions serve their own models: run fedkd distill, and at each institution fedkd "
                           "teacher --model SPEC --weights FILE --task CARD")
+
+
+def refuse_code_student(config: RunConfig, what: str) -> None:
+    """An entry point whose institutions rebuild the student (to evaluate it) cannot take a student of the
+    coordinator's own code: a node imports no code that a run config names."""
+    if is_code_spec(config.student_model):
+        raise ConfigError(f"student-model: {config.student_model!r} is built by your own code, and in {what} every "
+                          "institution rebuilds the student to evaluate it, which would make it import code the run "
+                          "config names; give a fedkd model name or torchvision:NAME, or run fedkd distill")
 
 
 def setup(config: RunConfig, task: Task | None = None) -> torch.device:

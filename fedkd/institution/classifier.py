@@ -20,7 +20,6 @@ anything an institution sends.
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from fedkd.checkpoint import unreadable
-from fedkd.models import build_model, is_model_name, torchvision_classifier
+from fedkd.models import build_model, code_classifier, is_model_name, torchvision_classifier
 from fedkd.options import ConfigError
 from fedkd.task import Task
 
@@ -79,23 +78,10 @@ def _torchvision(name: str, args: dict[str, Any]) -> nn.Module:
 
 
 def _callable(spec: str, args: dict[str, Any]) -> nn.Module:
-    module_name, _, attribute = spec.rpartition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"--model {spec!r}: module {module_name!r} does not import ({exc}); is it on "
-                         "PYTHONPATH?") from None
-    factory = getattr(module, attribute, None)
-    if factory is None or not callable(factory):
-        raise ModelError(f"--model {spec!r}: module {module_name!r} has no callable {attribute!r}")
-    try:
-        model = factory(**args)
-    except TypeError as exc:
-        raise ModelError(f"--model {spec!r} with --model-args {json.dumps(args)}: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"--model {spec!r}: {attribute}(...) returned a {type(model).__name__}, not a "
-                         "torch.nn.Module")
-    return model
+        return code_classifier(spec, args)
+    except ValueError as exc:
+        raise ModelError(f"--model {exc}".replace("with arguments", "with --model-args")) from None
 
 
 class ExportedClassifier(nn.Module):

@@ -11,13 +11,17 @@ from torch import nn
 from fedkd.checkpoint import TEACHER_FORMAT, CheckpointError, check_teacher_fields, field_error, load_safe
 from fedkd.institution.privacy.dpsgd import attach_statistics, make_private_model
 from fedkd.institution.privacy.pate import ShardVotes
-from fedkd.models import build_classifier, build_model
+from fedkd.models import build_classifier, build_model, is_code_spec
 
 
 def load_teacher(path: str | Path, *, expected_model: str | None = None,
                  num_classes: int | None = None,
-                 input_shape: tuple[int, int, int] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a teacher from its checkpoint; fail clearly on a mismatch with what the run expects."""
+                 input_shape: tuple[int, int, int] | None = None,
+                 trust_code: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a teacher from its checkpoint; fail clearly on a mismatch with what the run expects.
+
+    A checkpoint whose model is ``PACKAGE.MODULE:CALLABLE`` (a student built by the user's own code) is built
+    only with ``trust_code``: a file never makes fedkd import code it names."""
     path = Path(path)
     ckpt = load_safe(path, TEACHER_FORMAT)
     check_teacher_fields(ckpt, path)
@@ -30,6 +34,10 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
                               f"has {num_classes}")
     if input_shape is not None and shape != tuple(input_shape):
         raise CheckpointError(f"checkpoint {str(path)!r} takes inputs {shape}, the dataset has {tuple(input_shape)}")
+    if is_code_spec(name) and not trust_code:
+        raise CheckpointError(f"checkpoint {str(path)!r}: its model {name!r} is built by code that the file names, "
+                              "and fedkd imports no code a file names; for your own run pass trust_code=True "
+                              "(fedkd.load_student), or load student.pt2 with torch.export.load(path).module()")
     try:
         model = build_classifier(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1],
                                  args=ckpt.get("model_args") or None)
