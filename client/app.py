@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +47,16 @@ from fedkd.options import ConfigError
 
 from .agent import AgentError, AgentSettings, ClientTLS, TeacherAgent
 from .cli import host_from_checkpoint
-from .node import NodeConfigError, count_correct, ensure_teacher, node_data, node_privacy, teacher_path
+from .node import (
+    NodeConfigError,
+    count_correct,
+    ensure_teacher,
+    node_data,
+    node_privacy,
+    own_model,
+    own_model_host,
+    teacher_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +110,19 @@ def _client(asked: Any, context: Context) -> int:
 
 def _train(msg: Message, context: Context) -> RecordDict:
     client = _client(msg.content["train"]["client"], context)
-    _, config = node_privacy(_run_config(context, msg.content["train"]), context.node_config, client)
+    settings, config = node_privacy(_run_config(context, msg.content["train"]), context.node_config, client)
+    own = own_model(context.node_config)
+    if own is not None:  # the institution's own classifier: nothing to train, checked now so errors come early
+        started = time.perf_counter()
+        host = own_model_host(own, config, settings, client)
+        logger.info("serving the institution's own model %s on task %r", own.spec, own.task.name)
+        return RecordDict({"metrics": MetricRecord({"client": client, "trained": 0,
+                                                    "seconds": time.perf_counter() - started}),
+                           "teacher": ConfigRecord({"model": host.description.model, "data": "own model"})})
+    if config.task:
+        raise NodeConfigError(f"the run has a task card ({config.task}): each institution serves its own model; "
+                              "start this SuperNode with --node-config 'model=\"SPEC\" weights=\"FILE\" "
+                              "task=\"CARD\"'")
     data = node_data(config, context.node_config)
     teacher = ensure_teacher(config, context.node_config, data, client)
     spec = data.spec
@@ -127,11 +150,16 @@ def _serve(msg: Message, context: Context) -> RecordDict:
     hub = msg.content["hub"]
     client = _client(hub["client"], context)
     privacy, config = node_privacy(_run_config(context, hub), context.node_config, client)
-    path = teacher_path(config, context.node_config, client)
-    if not path.exists():
-        raise CheckpointError(f"no teacher at {str(path)!r}: the train round has not run on this node")
-    host = host_from_checkpoint(path, max_batch=config.max_query_batch, client=client, privacy=privacy,
-                                access=access_modes(config.teacher_access_modes()[client]))
+    own = own_model(context.node_config)
+    if own is not None:
+        host = own_model_host(own, config, privacy, client)
+        path = Path(own.weights or own.spec)
+    else:
+        path = teacher_path(config, context.node_config, client)
+        if not path.exists():
+            raise CheckpointError(f"no teacher at {str(path)!r}: the train round has not run on this node")
+        host = host_from_checkpoint(path, max_batch=config.max_query_batch, client=client, privacy=privacy,
+                                    access=access_modes(config.teacher_access_modes()[client]))
     ca = hub.get("ca")
     settings = AgentSettings(target=str(hub["address"]), token=str(hub["token"]),
                              tls=ClientTLS(bytes(ca)) if ca else None,  # type: ignore[arg-type]
@@ -171,10 +199,17 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
     client = _client(msg.content["config"]["client"] if "config" in msg.content else 0, context)
     settings = msg.content["config"] if "config" in msg.content else None
     privacy, config = node_privacy(_run_config(context, settings), context.node_config, client)
-    data = node_data(config, context.node_config)
-    if data.holdout is None or len(data.holdout) == 0:
-        raise NodeConfigError("this node has no held-out data for evaluation (add x_test, y_test to its data-path)")
-    spec = data.spec
+    own = own_model(context.node_config)
+    if own is not None:
+        if own.eval_data is None:  # nothing to evaluate on: no examples, which the ServerApp weighs as none
+            return RecordDict({"metrics": MetricRecord({"num-examples": 0})})
+        spec, holdout = own.task.spec, own.task.load_images(own.eval_data)
+    else:
+        data = node_data(config, context.node_config)
+        if data.holdout is None or len(data.holdout) == 0:
+            raise NodeConfigError("this node has no held-out data for evaluation (add x_test, y_test to its "
+                                  "data-path)")
+        spec, holdout = data.spec, data.holdout
     if is_code_spec(config.student_model):  # the run config would name code for this node to import
         raise NodeConfigError(f"student-model {config.student_model!r} names code; this node imports none that a run "
                               "config names, so it evaluates only fedkd's own and torchvision students")
@@ -186,13 +221,16 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
     except RuntimeError as exc:
         raise ValueError(f"the student's weights do not fit a {config.student_model!r}: "
                          f"{str(exc).splitlines()[0][:200]}") from None
-    correct, total = count_correct(student, data.holdout, spec)
+    correct, total = count_correct(student, holdout, spec)
     metrics: dict[str, Any]
     if privacy.mode == "none":
         metrics = {"accuracy": correct / total, "num-examples": total}
     else:  # a release on private data: through this node's policy and ledger (refused past its budget)
-        path = teacher_path(config, context.node_config, client)
-        ckpt_privacy = load_teacher(path)[1].get("privacy") if path.exists() else None
+        if own is not None:
+            path, ckpt_privacy = Path(own.weights or own.spec), None
+        else:
+            path = teacher_path(config, context.node_config, client)
+            ckpt_privacy = load_teacher(path)[1].get("privacy") if path.exists() else None
         policy = ReleasePolicy(privacy, num_records=total, training=ckpt_privacy, ledger_path=ledger_path(path))
         before = policy.ledger.spent
         noisy_correct, noisy_total = policy.evaluation_counts(correct, total)

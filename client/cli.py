@@ -76,6 +76,20 @@ def host_from_model(spec: str, task: Task, *, weights: str | Path | None = None,
                             ledger=ledger or ledger_path(source), checked=True, **host)
 
 
+def parse_label_counts(text: str | None, task: Task, what: str = "--label-counts") -> list[int] | None:
+    """Label counts as an institution gives them: comma-separated counts, or the training data's ImageFolder
+    directory (counted); None when not given (not shared)."""
+    if not text:
+        return None
+    if Path(text).is_dir():
+        return count_image_folder(text, task.classes)
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is neither a comma-separated list of counts nor an ImageFolder "
+                         "directory") from None
+
+
 def host_from_module(model: nn.Module, task: Task, *, name: str, label_counts: Sequence[int] | None = None,
                      max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES, client: int = 0,
                      device: str = "cpu", privacy: PrivacySettings | None = None,
@@ -168,17 +182,9 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
     if not args.task:
         raise ValueError("--model needs --task: the task card of the run (classes, input-shape, mean, std)")
     task = Task.from_toml(args.task)
-    counts = None
-    if args.label_counts and Path(args.label_counts).is_dir():  # the training data's ImageFolder: counted
-        counts = count_image_folder(args.label_counts, task.classes)
-    elif args.label_counts:
-        try:
-            counts = [int(c) for c in args.label_counts.split(",")]
-        except ValueError:
-            raise ValueError(f"--label-counts: {args.label_counts!r} is neither a comma-separated list of counts nor "
-                             "an ImageFolder directory") from None
     return host_from_model(args.model, task, weights=args.weights,
-                           model_args=parse_model_args(args.model_args), label_counts=counts,
+                           model_args=parse_model_args(args.model_args),
+                           label_counts=parse_label_counts(args.label_counts, task),
                            max_batch=args.max_batch, access=access, device=args.device, privacy=privacy,
                            ledger=args.ledger)
 

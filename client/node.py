@@ -12,6 +12,12 @@ Where the data comes from (the node's Flower ``node_config``):
   it (so the teachers are the same), and an IID share of the test split as
   the node's held-out data.
 
+Or the institution's own classifier (a deployment), named by its node config as ``fedkd teacher`` takes it:
+``model`` (``torchvision:NAME``, ``PACKAGE.MODULE:CALLABLE``, an exported ``.pt2`` or a fedkd model name),
+``weights`` (a state dict), ``task`` (the run's task card, a path on the node), and optionally ``model-args``
+(JSON), ``label-counts`` (counts, or the training data's ImageFolder directory) and ``eval-data`` (an ImageFolder
+directory to evaluate the student on). The node then trains nothing and holds no training data.
+
 The teacher checkpoint lives on the node: at ``teacher-ckpt`` when the node
 config names one (loaded when it exists, trained and written there when not),
 otherwise in ``$FEDKD_CACHE_DIR`` (default ``~/.cache/fedkd``) under a
@@ -35,11 +41,17 @@ import torch
 from torch import nn
 
 from fedkd.config import RunConfig, config_from_mapping, default_values
+from fedkd.contract import access_modes
 from fedkd.data import SPECS, DatasetSpec, ImageData, holdout_indices, load_dataset, load_node_file
+from fedkd.institution.classifier import parse_model_args
+from fedkd.institution.host import TeacherHost
 from fedkd.institution.privacy.settings import PrivacySettings
 from fedkd.institution.training import client_partitions, load_or_train_teacher
 from fedkd.metrics import predict
 from fedkd.options import ConfigError
+from fedkd.task import Task
+
+from .cli import host_from_model, parse_label_counts
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +152,55 @@ def node_privacy(config: RunConfig, node_config: Mapping[str, Any], client: int)
         except ConfigError as exc:
             raise NodeConfigError(f"node config: {exc}") from None
     return own.client_privacy(client), own
+
+
+OWN_MODEL_KEYS = ("model", "weights", "task", "model-args", "label-counts", "eval-data")
+
+
+@dataclass(frozen=True)
+class OwnModel:
+    """The institution's own classifier, as its node config names it (read on the node only)."""
+
+    spec: str
+    task: Task
+    weights: str | None
+    model_args: dict[str, Any]
+    label_counts: list[int] | None
+    eval_data: str | None
+
+
+def own_model(node_config: Mapping[str, Any]) -> OwnModel | None:
+    """The node's own classifier (node config ``model``), None when the node trains fedkd's teacher instead;
+    NodeConfigError naming the key that is missing or contradicts the rest."""
+    if "model" not in node_config:
+        stray = [k for k in OWN_MODEL_KEYS if k in node_config]
+        if stray:
+            raise NodeConfigError(f"node config: {stray[0]} goes with model (your own classifier), which is not set")
+        return None
+    other = [k for k in ("data-path", "teacher-ckpt") if k in node_config]
+    if other:
+        raise NodeConfigError(f"node config: model serves your own classifier and {other[0]} is for a teacher fedkd "
+                              "trains; give one or the other")
+    if "task" not in node_config:
+        raise NodeConfigError("node config: model needs task, the run's task card (a path on this node)")
+    task = Task.from_toml(str(node_config["task"]))
+    try:
+        counts = parse_label_counts(str(node_config["label-counts"]) if "label-counts" in node_config else None,
+                                    task, "node config label-counts")
+        args = parse_model_args(str(node_config["model-args"]) if "model-args" in node_config else None)
+    except ValueError as exc:
+        raise NodeConfigError(str(exc).replace("--model-args", "node config model-args")) from None
+    return OwnModel(str(node_config["model"]), task,
+                    str(node_config["weights"]) if "weights" in node_config else None, args, counts,
+                    str(node_config["eval-data"]) if "eval-data" in node_config else None)
+
+
+def own_model_host(own: OwnModel, config: RunConfig, privacy: PrivacySettings, client: int) -> TeacherHost:
+    """The host of the node's own classifier, checked (SPEC, weights, a dry forward on the task) as ``fedkd
+    teacher --model`` checks it."""
+    return host_from_model(own.spec, own.task, weights=own.weights, model_args=own.model_args,
+                           label_counts=own.label_counts, max_batch=config.max_query_batch, client=client,
+                           privacy=privacy, access=access_modes(config.teacher_access_modes()[client]))
 
 
 @dataclass

@@ -73,10 +73,12 @@ class RunConfig:
         "folder holding the torchvision datasets, or the four IDX files of mnist or fashion-mnist"))
     task: str = field(default="", metadata=described(
         "a task card (TOML: classes, input-shape, mean, std) for teachers that are the institutions' own models; "
-        "the coordinator then needs no data (fedkd distill); empty: the dataset's task"))
+        "the coordinator then needs no data (fedkd distill, or the Flower app with SuperNodes that name their "
+        "model); empty: the dataset's task"))
     eval_data: str = field(default="", metadata=described(
         "labelled data the coordinator evaluates on: an ImageFolder directory (class sub-folders named as the "
-        "task's classes), for fedkd distill; empty: the dataset's test split, none with a task card"))
+        "task's classes), for fedkd distill and the Flower app; empty: the dataset's test split, none with a "
+        "task card"))
     num_clients: int = field(default=5, metadata=bounded(1, 1000, help="institutions, one teacher each"))
     partition: str = field(default="dirichlet", metadata=choice(
         "iid", "dirichlet", "pathological", help="how the training pool is split among the clients"))
@@ -267,6 +269,9 @@ class RunConfig:
     num_threads: int = field(default=0, metadata=bounded(0, 1024, help="torch threads; 0: torch's choice"))
     sample_stages: int = field(default=4, metadata=bounded(
         1, 20, help="stages of training shown in plots/samples.png"))
+    synthetic_check: int = field(default=1000, metadata=bounded(
+        0, 100_000, help="fresh synthetic samples on which, without labelled data at the coordinator, the "
+        "student's agreement with its ensemble is measured at the end (their queries count); 0: none"))
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -48,7 +48,7 @@ from torch import nn
 
 from fedkd.config import FOLLOW_FEDERATION, RunConfig, config_from_run_config
 from fedkd.coordinator.distillation import Distillation, RunObserver, epoch_line
-from fedkd.coordinator.flow import Session, coordinate, refuse_code_student, refuse_task
+from fedkd.coordinator.flow import Session, coordinate, refuse_code_student
 from fedkd.data import load_dataset
 from fedkd.tls import run_pki
 
@@ -111,7 +111,6 @@ def main(grid: Grid, context: Context) -> None:
         counted = federation_size(grid, timeout)
         log(INFO, "[fedkd] num-clients=0: the federation has %d nodes, one client each", counted)
     config = config_from_run_config(run_config, num_clients=counted)
-    refuse_task(config, "the Flower app")
     refuse_code_student(config, "the Flower app")
     if config.resume_from:  # a run that died: continue it in its own run directory
         run_dir = Path(config.resume_from).expanduser().resolve()
@@ -242,7 +241,11 @@ class FederatedDistillation:
             self._check_quorum("connecting the teachers")  # names every failed node, before the hub would
             hub.drop_absent()
             test = None
-            if config.evaluation in ("coordinator", "both"):
+            if config.evaluation in ("coordinator", "both") and config.task:  # the institutions' own models
+                if config.eval_data:
+                    observer.stage(f"loading {config.eval_data} (the coordinator's own labelled data)")
+                    test = config.run_task().load_images(config.eval_data)
+            elif config.evaluation in ("coordinator", "both"):
                 observer.stage(f"loading {config.dataset} (the coordinator's own test set)")
                 test = load_dataset(config.dataset, config.data_root, seed=config.seed).test
             yield Session(hub.pool, "flower", test=test)
@@ -331,9 +334,9 @@ class FederatedDistillation:
             metrics = dict(reply.content["metrics"])
             self.nodes[nid].evaluation = metrics
             rows.append({"node_id": nid, **metrics})
-        examples = [float(r["num-examples"]) for r in rows]
+        examples = [float(r["num-examples"]) for r in rows]  # 0: a node with nothing to evaluate on
         total = sum(examples)
-        accuracy = (sum(float(r["accuracy"]) * n for r, n in zip(rows, examples)) / total) if total else None
+        accuracy = (sum(float(r.get("accuracy", 0.0)) * n for r, n in zip(rows, examples)) / total) if total else None
         if accuracy is not None:
             self.observer.stage(f"federated evaluation: student accuracy {accuracy:.4f} on {total:.0f} examples "
                                 f"held by {len(rows)} nodes")

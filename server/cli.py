@@ -158,10 +158,19 @@ def _figure(value: float | None) -> str:
 def _results_footer(summary: dict[str, Any], run_dir: Path) -> list[str]:
     """The lines under the results table: what its columns mean, then the run's costs and where the student is."""
     s, q = summary["student"], summary["queries"]
-    lines = ["test acc, agreement and loyalty are fractions (1 = all). agreement: share of test images where the "
-             "student picks the ensemble's class; loyalty: 1 - sqrt(Jensen-Shannon distance) between their "
-             "probabilities, averaged (1 = identical)" if s["agreement"] is not None else
-             "no labelled data at the coordinator: nothing was scored (give eval-data=DIR to score the student)"]
+    check = s.get("synthetic_check") or {}
+    if s["agreement"] is not None:
+        lines = ["test acc, agreement and loyalty are fractions (1 = all). agreement: share of test images where the "
+                 "student picks the ensemble's class; loyalty: 1 - sqrt(Jensen-Shannon distance) between their "
+                 "probabilities, averaged (1 = identical)"]
+    elif check.get("agreement") is not None:
+        lines = [f"no labelled data at the coordinator: accuracy was not measured (give eval-data=DIR). agreement and "
+                 f"loyalty (*) were measured on {check['samples']:,} fresh synthetic samples the student never trained "
+                 f"on (the ensemble's mean confidence there {check['ensemble_confidence']:.2f}): how closely the "
+                 "student follows its teachers, not how accurate either is"]
+    else:
+        lines = ["no labelled data at the coordinator: nothing was scored (give eval-data=DIR to score the student)"
+                 + (f"; {check['note']}" if check.get("note") else "")]
     if s["accuracy_mean"] is not None:
         lines.append(f"student accuracy over the epochs: mean {s['accuracy_mean']:.4f}, standard deviation "
                      f"{s['accuracy_var'] ** 0.5:.4f}")
@@ -203,8 +212,12 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
         table.add_row("centralised", "reference: needs pooled data", f"{refs['centralised']['test_accuracy']:.4f}",
                       "", "", style="dim")
     s = summary["student"]
-    table.add_row("student", f"{s['model']}, data-free", _figure(s["test_accuracy"]), _figure(s["agreement"]),
-                  _figure(s["loyalty"]), style="bold")
+    check = s.get("synthetic_check") or {}
+    unlabelled = s["agreement"] is None and check.get("agreement") is not None  # measured on synthetic samples
+    table.add_row("student", f"{s['model']}, data-free", _figure(s["test_accuracy"]),
+                  _figure(check["agreement"] if unlabelled else s["agreement"]) + ("*" if unlabelled else ""),
+                  _figure(check["loyalty"] if unlabelled else s["loyalty"]) + ("*" if unlabelled else ""),
+                  style="bold")
     federated = summary.get("federated_evaluation") or {}
     if federated.get("student_accuracy") is not None:
         table.add_row("student", f"on {int(federated.get('num_examples') or 0)} examples the nodes hold (federated)",

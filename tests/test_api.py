@@ -164,3 +164,27 @@ def test_a_student_of_the_users_own_code_is_built_exported_and_reloaded_only_on_
         with pytest.raises(ConfigError, match=f"student-model: .*{named}"):
             fedkd.distill(teachers=[_teacher(0)], task=task, out=tmp_path / "bad", student=spec, student_args=args)
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_without_labelled_data_the_student_is_judged_on_fresh_synthetic_samples(tmp_path):
+    task = fedkd.Task(classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.38,))
+    common = dict(epochs=1, steps_per_epoch=2, student_steps=1, batch_size=16)
+    checked = fedkd.distill(teachers=[_teacher(0), _teacher(1)], task=task, out=tmp_path / "a", synthetic_check=150,
+                            **common)
+    plain = fedkd.distill(teachers=[_teacher(0), _teacher(1)], task=task, out=tmp_path / "b", synthetic_check=0,
+                          **common)
+    check = checked.summary["student"]["synthetic_check"]
+    assert check["samples"] == 150 and 0.0 <= check["agreement"] <= 1.0 and 0.0 < check["loyalty"] <= 1.0
+    assert 0.1 <= check["ensemble_confidence"] <= 1.0
+    assert plain.summary["student"]["synthetic_check"] is None
+    # the check's queries are counted, and it leaves the run as it was: the same student either way
+    assert checked.summary["queries"]["samples"] == plain.summary["queries"]["samples"] + 150 * 2
+    for a, b in zip(checked.student.state_dict().values(), plain.student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    card = json.loads((tmp_path / "a" / "student.json").read_text())
+    assert card["agreement_with_ensemble"]["value"] == check["agreement"]
+    assert "150 fresh synthetic samples" in card["agreement_with_ensemble"]["measured_on"]
+    inverted = fedkd.distill(teachers=[_teacher(0)], task=task, out=tmp_path / "c", method="deepinversion",
+                             deepinversion_iterations=2, **common)
+    assert inverted.summary["student"]["synthetic_check"]["agreement"] is None
+    assert "no generator" in inverted.summary["student"]["synthetic_check"]["note"]

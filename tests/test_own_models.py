@@ -219,6 +219,10 @@ def test_institutions_own_models_distil_over_grpc_with_only_a_task_card_at_the_c
     assert [t["model"] for t in summary["teachers"]] == ["clinic_models:Clinic", "teacher.pt2"]
     assert summary["student"]["test_accuracy"] is None and summary["test_samples"] == 0
     assert summary["queries"]["samples"] > 0
+    check = summary["student"]["synthetic_check"]  # what needs no labels: fresh synthetic samples, asked over gRPC
+    assert check["samples"] == 1000 and 0.0 <= check["agreement"] <= 1.0
+    output = procs[0].stdout.read().decode()
+    assert "loyalty (*) were measured on 1,000 fresh synthetic samples" in output, output[-2000:]
     student_card = json.loads((out / "student.json").read_text())
     assert student_card["task"] == summary["task"] and student_card["files"]["exported_program"] == "student.pt2"
     assert student_card["accuracy"] == {"coordinator": None, "federated": None}
@@ -231,13 +235,70 @@ def test_institutions_own_models_distil_over_grpc_with_only_a_task_card_at_the_c
     torch.testing.assert_close(exported(x), student(x), rtol=1e-5, atol=1e-5)
 
 
-def test_fedkd_run_and_the_flower_app_refuse_a_task_card_naming_what_to_run(tmp_path, capsys):
+def test_fedkd_run_refuses_a_task_card_naming_what_to_run(tmp_path, capsys):
     from fedkd.server.cli import main
 
     card = tmp_path / "t.toml"
     card.write_text('classes = 10\ninput-shape = [1, 8, 8]\nmean = [0.3]\nstd = [0.38]\n')
     assert main(["run", "--set", f"task={card}", "--set", "dataset=digits", "--out", str(tmp_path / "r")]) == 2
     assert "fedkd distill" in capsys.readouterr().err
+
+
+def test_a_flower_deployment_serves_each_institution_s_own_model_from_its_node_config(clinic, tmp_path):
+    """The real ServerApp and ClientApp (an in-process grid, nodes with their own node config): two SuperNodes name
+    their own model, weights and task card; the coordinator holds only the card; the node with its own labelled
+    images evaluates the student, the other has none and says so."""
+    import json
+
+    from fedkd.client.app import app as client_app
+    from fedkd.server.app import app as server_app
+    from flower_grid import InProcessGrid, app_run_config
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from PIL import Image
+
+    reference, weights = clinic
+    program = tmp_path / "teacher.pt2"
+    torch.export.save(torch.export.export(reference.eval(), (torch.zeros(2, 1, 8, 8),), dynamic_shapes={
+        "x": {0: torch.export.Dim("batch", min=1, max=4096)}}), program)
+    card = tmp_path / "task.toml"
+    card.write_text(DIGITS.to_toml())
+    for c in range(10):
+        (tmp_path / "val" / str(c)).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), color=20 * c + i).save(tmp_path / "val" / str(c) / f"{i}.png")
+    nodes = [{"model": "clinic_models:Clinic", "weights": str(weights), "task": str(card),
+              "label-counts": ",".join(["9"] * 10), "eval-data": str(tmp_path / "val")},
+             {"model": str(program), "task": str(card)}]
+    cfg = app_run_config(tmp_path / "runs", {"task": str(card), "num-clients": 2, "epochs": 1, "steps-per-epoch": 2,
+                                             "student-steps": 1, "batch-size": 16, "num-threads": 1,
+                                             "sample-stages": 1, "nodes-timeout": 20.0, "synthetic-check": 100})
+    grid = InProcessGrid(client_app, nodes, cfg)
+    try:
+        server_app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    finally:
+        grid.close()
+    summary = json.loads(next((tmp_path / "runs").glob("run-*/summary.json")).read_text())
+    assert [t["model"] for t in summary["teachers"]] == ["clinic_models:Clinic", "teacher.pt2"]
+    assert summary["dataset"] is None and summary["task"]["name"] == "digits" and summary["test_samples"] == 0
+    assert [n["train"]["trained"] for n in summary["flower"]["nodes"]] == [0, 0] and not summary["flower"]["failed"]
+    assert summary["teachers"][0]["num_samples"] == 90 and summary["teachers"][1]["num_samples"] is None
+    federated = summary["federated_evaluation"]
+    assert federated["num_examples"] == 20 and 0.0 <= federated["student_accuracy"] <= 1.0
+    assert [r["num-examples"] for r in federated["nodes"]] == [20, 0]
+    assert summary["student"]["synthetic_check"]["samples"] == 100
+
+    # a node that names no model in a task-card run, and a node config key without model, are named
+    grid = InProcessGrid(client_app, [{"data-path": str(tmp_path / "x.npz")}, {"weights": str(weights)}], cfg)
+    try:
+        replies = list(grid.send_and_receive([Message(RecordDict({"train": ConfigRecord({"client": k})}),
+                                                      dst_node_id=101 + k, message_type="train") for k in (0, 1)],
+                                             timeout=60))
+    finally:
+        grid.close()
+    reasons = sorted(r.error.reason for r in replies if r.has_error())
+    assert len(reasons) == 2
+    assert "each institution serves its own model" in reasons[0]
+    assert "node config: weights goes with model" in reasons[1]
 
 
 def test_label_counts_from_the_training_data_s_image_folder(clinic, tmp_path):

@@ -19,11 +19,12 @@ from torch import Tensor, nn
 
 from fedkd.checkpoint import RUN_FORMAT, CheckpointError, save_atomic
 from fedkd.config import RunConfig
-from fedkd.contract import unusable
+from fedkd.contract import QueryContext, QueryError, unusable
 from fedkd.coordinator.ensemble import Ensemble, ZerothOrder
 from fedkd.coordinator.evaluation import EnsembleAnswers, agreement, loyalty, query_ensemble
 from fedkd.coordinator.methods import MethodContext, build_method
-from fedkd.coordinator.pool import TeacherPool
+from fedkd.coordinator.methods.base import DistillationMethod
+from fedkd.coordinator.pool import QuorumError, TeacherPool
 from fedkd.coordinator.rundir import QUERY_LEDGER, read_query_ledger, write_query_ledger
 from fedkd.data import DatasetSpec, ImageData
 from fedkd.metrics import accuracy, predict
@@ -66,6 +67,8 @@ class Distillation:
     stages: list[tuple[int, Tensor]]  # (epoch, synthetic samples) for the samples plot
     method_report: dict[str, Any]
     earlier_seconds: float  # wall time of the run's earlier sessions (a resumed run), 0 for a run in one go
+    # Without labelled data at the coordinator: the student against its ensemble on fresh synthetic samples
+    synthetic_check: dict[str, Any] | None = None
 
 
 def build(name: str, spec: DatasetSpec) -> nn.Module:
@@ -204,5 +207,35 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         observer.epoch_finished(record)
 
     report = getattr(method, "report", None)
+    check = None
+    if test is None and config.synthetic_check:
+        observer.stage(f"judging the student against its ensemble on {config.synthetic_check:,} fresh synthetic "
+                       "samples (no labelled data here)")
+        check = synthetic_check(method, ensemble, config, device)
+        write_query_ledger(pool.stats(), ledger_path)
     return Distillation(method.student, ensemble, answers, history, stages, report() if report is not None else {},
-                        elapsed_before)
+                        elapsed_before, check)
+
+
+def synthetic_check(method: DistillationMethod, ensemble: Ensemble, config: RunConfig,
+                    device: torch.device) -> dict[str, Any]:
+    """The student's agreement and loyalty with its ensemble on ``synthetic-check`` fresh samples of the final
+    generator: how closely it follows the teachers where they were never asked during training, which needs
+    no labels (it does not say how accurate either is). The teachers are asked to evaluate; a refusal (a spent
+    budget) is reported, not raised: the student is finished."""
+    inputs = method.fresh_inputs(config.synthetic_check, config.seed + 101)
+    if inputs is None:
+        return {"samples": 0, "agreement": None, "loyalty": None,
+                "note": f"method {config.method} has no generator to draw fresh samples from"}
+    state, step = QueryContext(purpose="evaluate"), config.max_query_batch
+    try:  # the run's quorum, as in training: a teacher that left does not void the check
+        with torch.no_grad():
+            ensemble_logits = torch.cat([ensemble(inputs[i:i + step], state).logits
+                                         for i in range(0, len(inputs), step)])
+    except (QueryError, QuorumError) as exc:
+        return {"samples": len(inputs), "agreement": None, "loyalty": None, "note": f"not answered: {exc}"}
+    student_logits = predict(method.student, inputs, device=device)
+    return {"samples": len(inputs), "agreement": agreement(student_logits, ensemble_logits),
+            "loyalty": loyalty(student_logits, ensemble_logits),
+            # how sure the ensemble itself is there: agreeing with confident answers means more
+            "ensemble_confidence": float(torch.softmax(ensemble_logits.double(), 1).amax(1).mean())}

@@ -84,9 +84,21 @@ def model_card(summary: dict[str, Any], task: Task, student: nn.Module, *, expor
              "mechanism": c.get("mechanism", c.get("mode"))}
             for c in privacy.get("clients") or privacy.get("teachers") or []],
         "accuracy": accuracy,
-        "agreement_with_ensemble": summary["student"].get("agreement"),
+        "agreement_with_ensemble": _agreement(summary),
         "query_samples": summary["queries"]["samples"],
     }
+
+
+def _agreement(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The student's agreement with its ensemble, with where it was measured."""
+    student, check = summary["student"], summary["student"].get("synthetic_check") or {}
+    if student.get("agreement") is not None:
+        return {"value": student["agreement"], "loyalty": student.get("loyalty"),
+                "measured_on": f"the coordinator's held-out data ({summary.get('test_samples') or 0} samples)"}
+    if check.get("agreement") is not None:
+        return {"value": check["agreement"], "loyalty": check["loyalty"],
+                "measured_on": f"{check['samples']} fresh synthetic samples (no labelled data at the coordinator)"}
+    return None
 
 
 def write_model_card(card: dict[str, Any], path: Path) -> None:

@@ -137,7 +137,8 @@ def refuse_task(config: RunConfig, what: str) -> None:
     if config.task:
         raise ConfigError(f"task: {what} trains each client's teacher on a built-in dataset; with a task card the "
                           "institutions serve their own models: run fedkd distill, and at each institution fedkd "
-                          "teacher --model SPEC --weights FILE --task CARD")
+                          "teacher --model SPEC --weights FILE --task CARD (or a Flower deployment whose "
+                          "SuperNodes name their model in --node-config)")
 
 
 def refuse_code_student(config: RunConfig, what: str) -> None:

@@ -95,7 +95,9 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
         accuracies: list[float | None] = [None] * len(pool.descriptions)
         ensemble_accuracy = None
         student: dict[str, Any] = {"model": config.student_model, "test_accuracy": None, "best_accuracy": None,
-                                   "agreement": None, "loyalty": None, "accuracy_mean": None, "accuracy_var": None}
+                                   "agreement": None, "loyalty": None, "accuracy_mean": None, "accuracy_var": None,
+                                   # what needs no labels: the student against its ensemble on fresh synthetic data
+                                   "synthetic_check": result.synthetic_check}
     else:
         accuracies = [accuracy(logits, test.labels) for logits in answers.members]
         ensemble_accuracy = accuracy(answers.ensemble, test.labels)

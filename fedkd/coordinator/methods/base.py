@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fedkd.contract import QueryContext
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.student import StudentSettings, StudentTrainer
-from fedkd.coordinator.synthesis import SynthesisSettings, Synthesizer, SyntheticBatch
+from fedkd.coordinator.synthesis import SynthesisSettings, Synthesizer, SyntheticBatch, balanced_targets
 from fedkd.coordinator.synthetic_pool import SyntheticPool
 from fedkd.data import DatasetSpec
 from fedkd.metrics import MetricAverager
@@ -65,6 +65,11 @@ class DistillationMethod(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def fresh_inputs(self, count: int, seed: int) -> Tensor | None:
+        """``count`` normalised inputs the student never trained on, for judging it without labels; None where
+        the method has nothing to draw them from. Leaves the run's state (random streams, models) as it was."""
+        ...
 
 
 def require_input_gradients(ensemble: Ensemble, method: str) -> None:
@@ -257,6 +262,27 @@ class GeneratorMethod(Generic[Options]):
     def synthetic_samples(self) -> Tensor:
         """Images in [0, 1] from fixed latents, (10, C, H, W): how the generator evolves."""
         return self.synthesizer.samples(self.fixed_latent)
+
+    @torch.no_grad()
+    def fresh_inputs(self, count: int, seed: int) -> Tensor | None:
+        """``count`` normalised images from the final generator with fresh latents and balanced classes, drawn as
+        its batches were made (batch statistics, no shift); the run's random streams and the generator's
+        BatchNorm statistics are left as they were."""
+        synthesizer = self.synthesizer
+        kept = {k: v.clone() for k, v in synthesizer.generator.state_dict().items()}
+        size = synthesizer.settings.batch_size
+        out = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            synthesizer.generator.train()
+            for start in range(0, count, size):
+                n = min(size, count - start)
+                m = max(n, 2)  # batch statistics need two samples
+                z = synthesizer.generator.sample_latent(m, self.device)
+                targets = balanced_targets(m, self.spec.num_classes, self.device)
+                out.append(self.spec.normalize(synthesizer.generate(z, targets))[:n].cpu())
+        synthesizer.generator.load_state_dict(kept)
+        return torch.cat(out)
 
     def extra_state(self) -> dict[str, Any]:
         return {}

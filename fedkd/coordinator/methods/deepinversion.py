@@ -131,6 +131,11 @@ class DeepInversion(GeneratorMethod[DeepInversionOptions]):
         """The first images of the last inverted batch (DeepInversion has no generator)."""
         return self.last_images.clone()
 
+    def fresh_inputs(self, count: int, seed: int) -> Tensor | None:
+        """None: DeepInversion has no generator to draw unseen inputs from (inverting more would cost a round's
+        queries per batch)."""
+        return None
+
     def extra_state(self) -> dict[str, Any]:
         return {"last_images": self.last_images}
 
