@@ -33,6 +33,7 @@ from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
 from fedkd.institution.privacy.policy import PrivacySettings, ReleasePolicy
+from fedkd.options import resolve_device
 from fedkd.task import Task
 from fedkd.tls import read_certificates, read_private_key
 
@@ -177,7 +178,8 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
         for flag in ("task", "weights", "model_args", "label_counts"):
             if getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} goes with --model; a checkpoint carries its own")
-        return host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=access, device=args.device,
+        return host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=access,
+                                    device=str(resolve_device(args.device)),
                                     privacy=privacy, ledger=args.ledger)
     if not args.task:
         raise ValueError("--model needs --task: the task card of the run (classes, input-shape, mean, std)")
@@ -185,7 +187,8 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
     return host_from_model(args.model, task, weights=args.weights,
                            model_args=parse_model_args(args.model_args),
                            label_counts=parse_label_counts(args.label_counts, task),
-                           max_batch=args.max_batch, access=access, device=args.device, privacy=privacy,
+                           max_batch=args.max_batch, access=access, device=str(resolve_device(args.device)),
+                           privacy=privacy,
                            ledger=args.ledger)
 
 

@@ -96,7 +96,8 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest gRPC message (default 64)")
     parser.add_argument("--give-up-after", type=argument(float, 0.0, TIMEOUT_LIMIT), default=600.0,
                         help="seconds without a session before giving up (default 600)")
-    parser.add_argument("--device", default="cpu", help="torch device for the teacher (default cpu)")
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                        help="torch device for the teacher: cpu (default), cuda, or auto (CUDA when present)")
     parser.add_argument("--num-threads", type=argument(int, 0, 1024), default=0,
                         help="torch threads (default: torch's choice)")
 

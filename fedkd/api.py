@@ -34,7 +34,7 @@ from fedkd.coordinator.export import export_program
 from fedkd.coordinator.flow import Session, check_names, coordinate
 from fedkd.coordinator.pool import LocalPool
 from fedkd.data import ImageData
-from fedkd.options import ConfigError
+from fedkd.options import ConfigError, resolve_device
 from fedkd.task import Task
 
 
@@ -123,7 +123,8 @@ def distill(*, teachers: Sequence[nn.Module], task: Task | str | Path, out: str 
         card.write_text(task.to_toml())
         config = config_from_mapping({**values, "task": str(card)})
         check_names(config, task.spec)
-    hosts = [host_from_module(model, task, name=type(model).__name__, label_counts=c, client=k)
+    device = str(resolve_device(config.device))  # the teachers in process go where the student goes
+    hosts = [host_from_module(model, task, name=type(model).__name__, label_counts=c, client=k, device=device)
              for k, (model, c) in enumerate(zip(teachers, counts))]
     source = _ModulesAsTeachers(hosts, _eval_data(eval_data, task))
     out.mkdir(parents=True, exist_ok=True)

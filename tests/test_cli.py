@@ -41,6 +41,25 @@ def test_the_student_leaves_as_a_checkpoint_an_exported_program_and_a_model_card
     assert card["architecture"] == "lenet5-half" and card["task"]["input-shape"] == [1, 8, 8]
     assert card["accuracy"]["coordinator"]["value"] == summary["student"]["test_accuracy"]
     assert "held-out data" in card["accuracy"]["coordinator"]["measured_on"]
+    # ONNX, as the onnx extra (installed with the test extra) writes it: the same answers, any batch size
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    assert card["files"]["onnx"] == "student.onnx" and card["onnx_error"] is None
+    graph = onnx.load(out / "student.onnx")
+    onnx.checker.check_model(graph)
+    for n in (1, 7):
+        x = torch.randn(n, 1, 8, 8)
+        (answer,) = ReferenceEvaluator(graph).run(None, {graph.graph.input[0].name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(answer), student(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_no_writes_none_and_says_why_in_the_card(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", *SMALL, "--set", "export-onnx=no", "--out", str(out)]) == 0
+    card = json.loads((out / "student.json").read_text())
+    assert not (out / "student.onnx").exists() and card["files"]["onnx"] is None
+    assert card["onnx_error"] == "export-onnx=no"
 
 
 def test_config_file_and_set_override(tmp_path):

@@ -362,3 +362,24 @@ def test_train_teacher_from_an_image_folder_then_serve_its_checkpoint(tmp_path, 
 
     assert listed(["train-teacher", "--task", str(card), "--data", str(tmp_path / "none"), "--out", "x.pt"]) == 2
     assert "neither an ImageFolder directory nor a .npz" in capsys.readouterr().err
+
+
+def test_fedkd_teacher_device_auto_takes_cuda_where_present_and_cuda_without_one_is_refused(clinic, tmp_path):
+    from fedkd.client.cli import _host
+    from fedkd.client.flags import teacher_parser
+
+    from fedkd.options import ConfigError
+
+    _, weights = clinic
+    card = tmp_path / "task.toml"
+    card.write_text(DIGITS.to_toml())
+    flags = ["--model", "clinic_models:Clinic", "--weights", str(weights), "--task", str(card), "--connect",
+             "127.0.0.1:1", "--insecure"]
+    host = _host(teacher_parser().parse_args([*flags, "--device", "auto"]), PrivacySettings())
+    assert host.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert next(host.model.parameters()).device.type == host.device.type
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device is available"):
+            _host(teacher_parser().parse_args([*flags, "--device", "cuda"]), PrivacySettings())
+    with pytest.raises(SystemExit):
+        teacher_parser().parse_args([*flags, "--device", "tpu"])

@@ -9,10 +9,12 @@ measured, the query samples.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,29 +32,70 @@ CARD_FORMAT = "fedkd.student-card.v1"
 MAX_BATCH = 65536
 
 
+def _program(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[Any, torch.Tensor]:
+    """``model`` (in eval mode) as a ``torch.export`` program with a dynamic batch dimension, and its example."""
+    example = torch.zeros(2, *input_shape, device=next(model.parameters()).device)
+    (name,) = list(inspect.signature(model.forward).parameters)[:1]
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    return torch.export.export(model, (example,), dynamic_shapes={name: {0: batch}}), example
+
+
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
 def export_program(model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> str | None:
     """Write ``model`` (in eval mode) as an exported program with a dynamic batch dimension; None when it was
     written, else why not (the run goes on: the state dict in student.pt is still there)."""
     was_training = model.training
     model.eval()
     try:
-        example = torch.zeros(2, *input_shape, device=next(model.parameters()).device)
-        (name,) = list(inspect.signature(model.forward).parameters)[:1]
-        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-        program = torch.export.export(model, (example,), dynamic_shapes={name: {0: batch}})
+        program, _ = _program(model, input_shape)
         tmp = path.with_name(f".writing-{path.name}")  # torch.export wants the .pt2 ending
         torch.export.save(program, tmp)
         os.replace(tmp, path)
         return None
     except Exception as exc:  # torch.export refuses some models; the student is still saved as a state dict
-        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        why = _why(exc)
         logger.warning("the student could not be exported (%s); student.pt holds its weights", why)
         return why
     finally:
         model.train(was_training)
 
 
-def model_card(summary: dict[str, Any], task: Task, student: nn.Module, *, export_error: str | None) -> dict[str, Any]:
+def onnx_available() -> bool:
+    """Whether the ``onnx`` extra (onnx and onnxscript, which torch's ONNX exporter needs) is installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript"))
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> str | None:
+    """Write ``model`` (in eval mode) as ONNX with a dynamic batch dimension (torch's exporter, from the same
+    exported program as student.pt2; the file checked with ``onnx.checker``); None when it was written, else why
+    not (the run goes on)."""
+    was_training = model.training
+    model.eval()
+    tmp = path.with_name(f".writing-{path.name}")
+    try:
+        import onnx
+
+        program, example = _program(model, input_shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on opsets and deprecations
+            torch.onnx.export(program, (example,), str(tmp), dynamo=True, verbose=False)
+        onnx.checker.check_model(str(tmp))
+        os.replace(tmp, path)
+        return None
+    except Exception as exc:  # an operator without an ONNX form, for instance
+        tmp.unlink(missing_ok=True)
+        why = _why(exc)
+        logger.warning("the student could not be written as ONNX (%s); student.pt2 holds it", why)
+        return why
+    finally:
+        model.train(was_training)
+
+
+def model_card(summary: dict[str, Any], task: Task, student: nn.Module, *, export_error: str | None,
+               onnx_error: str | None = "not asked for") -> dict[str, Any]:
     """The student's model card, from the run's summary."""
     test_samples = summary.get("test_samples") or 0
     federated = summary.get("federated_evaluation") or {}
@@ -71,8 +114,10 @@ def model_card(summary: dict[str, Any], task: Task, student: nn.Module, *, expor
         "task": task.to_dict(),
         "architecture": summary["config"].get("student-model"),
         "parameters": count_parameters(student),
-        "files": {"state_dict": "student.pt", "exported_program": None if export_error else "student.pt2"},
+        "files": {"state_dict": "student.pt", "exported_program": None if export_error else "student.pt2",
+                  "onnx": None if onnx_error else "student.onnx"},
         "export_error": export_error,
+        "onnx_error": onnx_error,  # why there is no student.onnx (the extra not installed, export-onnx=no, ...)
         "inputs": "float32 (N, C, H, W), normalised: (x - mean) / std per channel, x in [0, 1]; outputs: logits in "
                   "the task's class order",
         "method": summary["method"],

@@ -26,7 +26,7 @@ import torch
 
 from fedkd.config import RunConfig
 from fedkd.coordinator.distillation import Distillation, RunObserver, build, distill, epoch_line
-from fedkd.coordinator.export import export_program, model_card, write_model_card
+from fedkd.coordinator.export import export_onnx, export_program, model_card, onnx_available, write_model_card
 from fedkd.coordinator.pool import TeacherPool
 from fedkd.coordinator.rundir import claim_run_dir
 from fedkd.coordinator.summary import build_summary, save_student, write_results
@@ -156,6 +156,8 @@ def setup(config: RunConfig, task: Task | None = None) -> torch.device:
     spec = (task or config.run_task()).spec
     check_names(config, spec)
     check_pool_memory(config, spec=spec)
+    if config.export_onnx == "yes" and not onnx_available():
+        raise ConfigError("export-onnx: yes needs the onnx extra (onnx and onnxscript): pip install 'fedkd[onnx]'")
     device = resolve_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -176,13 +178,17 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
         # The session has ended: the clients have reported what they released.
         save_student(result, config, task.spec, run_dir / "student.pt")
         export_error = export_program(result.student, task.input_shape, run_dir / "student.pt2")
+        onnx_error = (export_onnx(result.student, task.input_shape, run_dir / "student.onnx")
+                      if config.export_onnx == "yes" or (config.export_onnx == "auto" and onnx_available())
+                      else "export-onnx=no" if config.export_onnx == "no"
+                      else "the onnx extra is not installed (pip install 'fedkd[onnx]')")
         teachers.finish(result, session, observer)
         summary = build_summary(config, task, result, session.pool, test=session.test, transport=session.transport,
                                 wall=result.earlier_seconds + time.perf_counter() - started,
                                 references=session.references,
                                 privacy_records=session.privacy_records() if session.privacy_records else None,
                                 sections=session.sections)
-        write_model_card(model_card(summary, task, result.student, export_error=export_error),
+        write_model_card(model_card(summary, task, result.student, export_error=export_error, onnx_error=onnx_error),
                          run_dir / "student.json")
         write_results(summary, result, run_dir, task)  # summary.json last: the run is finished once it exists
     observer.stage(f"summary written to {run_dir / 'summary.json'}")
