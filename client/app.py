@@ -214,7 +214,7 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
         raise NodeConfigError(f"student-model {config.student_model!r} names code; this node imports none that a run "
                               "config names, so it evaluates only fedkd's own and torchvision students")
     student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
-                               image_size=spec.image_size, args=config.student_arguments())
+                               image_size=spec.side, args=config.student_arguments())
     arrays = msg.content["student"]
     try:
         student.load_state_dict(arrays.to_torch_state_dict())  # type: ignore[union-attr]

@@ -28,7 +28,7 @@ from fedkd.checkpoint import CheckpointError
 from fedkd.codec import MiB
 from fedkd.contract import ACCESS_MODES, ALL_ACCESS_MODES
 from fedkd.data import count_image_folder
-from fedkd.institution.classifier import ModelError, dry_forward, load_classifier, parse_model_args
+from fedkd.institution.classifier import ModelError, as_classifier, dry_forward, load_classifier, parse_model_args
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
@@ -91,7 +91,8 @@ def parse_label_counts(text: str | None, task: Task, what: str = "--label-counts
                          "directory") from None
 
 
-def host_from_module(model: nn.Module, task: Task, *, name: str, label_counts: Sequence[int] | None = None,
+def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task, *, name: str,
+                     label_counts: Sequence[int] | None = None,
                      max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES, client: int = 0,
                      device: str = "cpu", privacy: PrivacySettings | None = None,
                      ledger: str | Path | None = None, checked: bool = False) -> TeacherHost:
@@ -99,8 +100,8 @@ def host_from_module(model: nn.Module, task: Task, *, name: str, label_counts: S
     forward unless ``checked``), with its own limits and release policy. Label counts are shared only when given
     (and as the policy releases them); a DP-SGD or PATE guarantee is claimed only for teachers fedkd trained
     (``--checkpoint``)."""
+    model = as_classifier(given)  # eval mode (an exported program's module keeps its own)
     if not checked:
-        model.eval()
         dry_forward(model, task, f"the model {name!r}")
     settings = privacy or PrivacySettings(share_label_counts=label_counts is not None)
     if settings.mode in ("dp-sgd", "pate"):

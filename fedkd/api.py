@@ -95,7 +95,7 @@ def _eval_data(eval_data: Any, task: Task) -> ImageData | None:
     return data
 
 
-def distill(*, teachers: Sequence[nn.Module], task: Task | str | Path, out: str | Path,
+def distill(*, teachers: Sequence[nn.Module | torch.export.ExportedProgram], task: Task | str | Path, out: str | Path,
             student: str = "lenet5-half", label_counts: Sequence[Sequence[int] | None] | None = None,
             eval_data: str | Path | ImageData | tuple[Tensor, Tensor] | None = None, resume: bool = False,
             observer: RunObserver | None = None, **keys: Any) -> Distilled:
@@ -136,7 +136,8 @@ def distill(*, teachers: Sequence[nn.Module], task: Task | str | Path, out: str 
     return Distilled(source.student.eval(), summary, out, task)
 
 
-def serve(model: nn.Module, task: Task | str | Path, *, connect: str, token_file: str | Path | None = None,
+def serve(model: nn.Module | torch.export.ExportedProgram, task: Task | str | Path, *, connect: str,
+          token_file: str | Path | None = None,
           ca: str | Path | None = None, label_counts: Sequence[int] | None = None, session: str = "",
           insecure: bool = False, **host: Any) -> dict[str, int]:
     """Serve ``model`` to the coordinator's hub at ``connect`` until the session ends (as ``fedkd teacher``);

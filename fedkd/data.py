@@ -40,13 +40,19 @@ class DatasetSpec:
     name: str
     num_classes: int
     channels: int
-    image_size: int
+    image_size: int  # the height; the width too unless image_width says otherwise
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    image_width: int = 0  # 0: square
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.image_size, self.image_size)
+        return (self.channels, self.image_size, self.image_width or self.image_size)
+
+    @property
+    def side(self) -> int | tuple[int, int]:
+        """The image size as the models and the generator take it: one side, or (height, width)."""
+        return (self.image_size, self.image_width) if self.image_width not in (0, self.image_size) else self.image_size
 
     def normalize(self, images: Tensor) -> Tensor:
         """Map [0, 1] images to the normalised inputs the models take."""
@@ -505,6 +511,9 @@ def _fit_images(x: Tensor, spec: DatasetSpec) -> Tensor:
     (to the inner 20/28 of an MNIST-sized image, as MNIST centres its digits), bilinear with antialiasing."""
     if x.shape[1] != spec.channels:
         x = x.mean(1, keepdim=True).expand(-1, spec.channels, -1, -1) if spec.channels != 1 else x.mean(1, keepdim=True)
+    if spec.input_shape[1] != spec.input_shape[2]:  # another shape altogether: resized as it is
+        return F.interpolate(x.float(), size=spec.input_shape[1:], mode="bilinear", antialias=True,
+                             align_corners=False).clamp(0, 1).contiguous()
     side = spec.image_size
     if x.shape[-1] == 28 and side < 20:  # an MNIST-sized image shrunk to a small one: its digit area only
         x = x[..., 4:24, 4:24]

@@ -17,11 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+Side = int | tuple[int, ...]  # one side of a square image, or (height, width)
+
+
+def sides(image_size: Side) -> tuple[int, int]:
+    """(height, width) of an image size given as one side or as (height, width)."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
 
 class LeNet5(nn.Module):
     """LeNet-5 with BatchNorm; ``width`` 0.5 gives LeNet-5-half."""
 
-    def __init__(self, num_classes: int, channels: int, image_size: int, width: float = 1.0) -> None:
+    def __init__(self, num_classes: int, channels: int, image_size: Side, width: float = 1.0) -> None:
         super().__init__()
         c1, c2 = int(6 * width), int(16 * width)
         f1, f2 = int(120 * width), int(84 * width)
@@ -29,10 +39,10 @@ class LeNet5(nn.Module):
             nn.Conv2d(channels, c1, 5, padding=2), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 5, padding=2), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
         )
-        side = image_size // 4
+        height, image_width = sides(image_size)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c2 * side * side, f1), nn.ReLU(), nn.Linear(f1, f2), nn.ReLU(),
-            nn.Linear(f2, num_classes),
+            nn.Flatten(), nn.Linear(c2 * (height // 4) * (image_width // 4), f1), nn.ReLU(), nn.Linear(f1, f2),
+            nn.ReLU(), nn.Linear(f2, num_classes),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -42,15 +52,15 @@ class LeNet5(nn.Module):
 class SmallCNN(nn.Module):
     """Two conv blocks (32, 64 channels) with BatchNorm and a 128-unit head."""
 
-    def __init__(self, num_classes: int, channels: int, image_size: int) -> None:
+    def __init__(self, num_classes: int, channels: int, image_size: Side) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
         )
-        side = image_size // 4
+        height, width = sides(image_size)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), nn.Linear(128, num_classes)
+            nn.Flatten(), nn.Linear(64 * (height // 4) * (width // 4), 128), nn.ReLU(), nn.Linear(128, num_classes)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -148,7 +158,7 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-_Builder = Callable[[int, int, int], nn.Module]
+_Builder = Callable[[int, int, Side], nn.Module]
 
 MODELS: dict[str, _Builder] = {
     "lenet5": lambda c, ch, s: LeNet5(c, ch, s),
@@ -225,7 +235,7 @@ def torchvision_classifier(name: str, args: dict[str, Any]) -> nn.Module:
         raise ValueError(f"torchvision:{name} with arguments {args}: {exc}") from None
 
 
-def build_classifier(spec: str, *, num_classes: int, channels: int, image_size: int,
+def build_classifier(spec: str, *, num_classes: int, channels: int, image_size: Side,
                      args: dict[str, Any] | None = None) -> nn.Module:
     """The classifier a spec names (a student, or a teacher fedkd trains), for the task's classes (a torchvision
     model gets ``num_classes`` unless ``args`` say otherwise; the user's own callable gets ``args`` only: its
@@ -239,11 +249,12 @@ def build_classifier(spec: str, *, num_classes: int, channels: int, image_size: 
     return build_model(spec, num_classes=num_classes, channels=channels, image_size=image_size)
 
 
-def build_model(name: str, *, num_classes: int, channels: int, image_size: int) -> nn.Module:
+def build_model(name: str, *, num_classes: int, channels: int, image_size: Side) -> nn.Module:
     """Build a model by name; unknown names fail with the list of valid ones."""
     if name in MODELS:
-        if name.startswith(("lenet5", "cnn")) and image_size < 4:
-            raise ValueError(f"model {name!r} needs images of at least 4x4, got {image_size}")
+        if name.startswith(("lenet5", "cnn")) and min(sides(image_size)) < 4:
+            height, width = sides(image_size)
+            raise ValueError(f"model {name!r} needs images of at least 4x4, got {height}x{width}")
         return MODELS[name](num_classes, channels, image_size)
     match = _WRN.match(name)
     if match:

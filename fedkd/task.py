@@ -64,10 +64,12 @@ class Task:
 
     @property
     def spec(self) -> DatasetSpec:
-        """The task as the models and the synthesizer take it (square inputs)."""
+        """The task as the models and the synthesizer take it."""
         from fedkd.data import DatasetSpec
 
-        return DatasetSpec(self.name, self.num_classes, self.input_shape[0], self.input_shape[1], self.mean, self.std)
+        channels, height, width = self.input_shape
+        return DatasetSpec(self.name, self.num_classes, channels, height, self.mean, self.std,
+                           image_width=0 if width == height else width)
 
     @classmethod
     def from_spec(cls, spec: DatasetSpec) -> Task:
@@ -152,11 +154,10 @@ def check(task: Task, where: str) -> None:
     channels, height, width = task.input_shape
     if not 1 <= channels <= 16:
         raise TaskError(f"{where}: field 'input-shape' has {channels} channels; give 1 to 16")
-    if height != width:
-        raise TaskError(f"{where}: field 'input-shape' is {height}x{width}; fedkd's generator makes square "
-                        "images: resize to a square input")
-    if not (4 <= height <= MAX_SIDE and height % 4 == 0):
-        raise TaskError(f"{where}: field 'input-shape' has side {height}; give a multiple of 4 from 4 to {MAX_SIDE}")
+    for side in (height, width):  # the generator upsamples twice from a quarter of each side
+        if not (4 <= side <= MAX_SIDE and side % 4 == 0):
+            raise TaskError(f"{where}: field 'input-shape' has side {side}; give multiples of 4 from 4 to "
+                            f"{MAX_SIDE}")
     if len(task.classes) < 2 or len(set(task.classes)) != len(task.classes):
         raise TaskError(f"{where}: field 'classes' must name at least 2 classes, each once")
     for key, values in (("mean", task.mean), ("std", task.std)):

@@ -13,9 +13,11 @@ institution serves its model with ``fedkd teacher --model SPEC --weights FILE --
 Last, the plain script evaluates the exported student (``student.pt2``) on the held-out images, beside each
 teacher and the teachers' ensemble (the mean of their probabilities) as it computes them itself.
 
-    .venv/bin/python simulations/own_models.py [--out runs/own-models] [--set KEY=VALUE ...]
+    .venv/bin/python simulations/own_models.py [--out runs/own-models] [--set KEY=VALUE ...] [--api]
 
-Prints a table and writes ``simulations/results/own-models.md``.
+Prints a table and writes ``simulations/results/own-models.md``. ``--api`` runs the same consortium through the
+Python API in one process (``fedkd.distill`` with the three models as ``nn.Module``s and the exported program)
+and writes ``own-models-api.md``.
 """
 
 from __future__ import annotations
@@ -184,11 +186,32 @@ def distil(card: Path, teachers: list[list[str]], run: Path, sets: list[str]) ->
     return time.perf_counter() - started
 
 
+def distil_in_python(card: Path, models: Path, run: Path, sets: list[str]) -> float:
+    """The same consortium through the Python API in one process: the user's three models as nn.Modules (the
+    exported one as its program), the task card, the same settings as keywords."""
+    import fedkd
+
+    resnet = torchvision.models.resnet18(num_classes=10)
+    resnet.load_state_dict(torch.load(models / "resnet18.pt", weights_only=True))
+    clinic = ClinicNet()
+    clinic.load_state_dict(torch.load(models / "clinic.pt", weights_only=True))
+    program = torch.export.load(models / "hospital.pt2")
+    keys = {}
+    for item in sets:
+        key, _, value = item.partition("=")
+        keys[key.replace("-", "_").replace(".", "_")] = value
+    started = time.perf_counter()
+    fedkd.distill(teachers=[resnet, clinic, program], task=fedkd.Task.from_toml(card), out=run, **keys)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/own-models")
     parser.add_argument("--teacher-epochs", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], help="fedkd distill settings (KEY=VALUE)")
+    parser.add_argument("--api", action="store_true", help="distil through the Python API in one process "
+                        "(fedkd.distill) instead of fedkd distill and three fedkd teacher agents")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     folders, models, run = out / "images", out / "institutions", out / "run"
@@ -200,7 +223,7 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(run)
-    wall = distil(card, teachers, run, args.set)
+    wall = distil_in_python(card, models, run, args.set) if args.api else distil(card, teachers, run, args.set)
     results = evaluate(folders, models, run)
     summary = json.loads((run / "summary.json").read_text())
     best = max(v for k, v in results.items() if k.startswith(("resnet", "ClinicNet")))
@@ -208,12 +231,14 @@ def main() -> None:
     lines = ["| model (evaluated by the plain script on 1,000 held-out PNGs) | accuracy |", "|---|---|"]
     lines += [f"| {name} | {acc:.4f} |" for name, acc in results.items()]
     lines += ["", f"student / best teacher {student / best:.3f}; student / ensemble {student / ensemble:.3f}; "
-              f"query samples {summary['queries']['samples']:,}; distillation wall {wall:.0f} s (fedkd distill, "
-              f"3 fedkd teacher agents, loopback TLS); settings {' '.join(args.set) or 'defaults'}"]
+              f"query samples {summary['queries']['samples']:,}; distillation wall {wall:.0f} s ("
+              + ("fedkd.distill in one process" if args.api else "fedkd distill, 3 fedkd teacher agents, loopback TLS")
+              + f"); settings {' '.join(args.set) or 'defaults'}"]
     table = "\n".join(lines)
     print(table)
-    results_file = ROOT / "simulations" / "results" / "own-models.md"
-    results_file.write_text("# Institutions' own models, end to end\n\n`.venv/bin/python simulations/own_models.py"
+    results_file = ROOT / "simulations" / "results" / f"own-models{'-api' if args.api else ''}.md"
+    results_file.write_text("# Institutions' own models, end to end" + (" (Python API)" if args.api else "")
+                            + "\n\n`.venv/bin/python simulations/own_models.py" + (" --api" if args.api else "")
                             + "".join(f" --set {s}" for s in args.set) + "`\n\n" + table + "\n")
 
 

@@ -188,3 +188,34 @@ def test_without_labelled_data_the_student_is_judged_on_fresh_synthetic_samples(
                              deepinversion_iterations=2, **common)
     assert inverted.summary["student"]["synthetic_check"]["agreement"] is None
     assert "no generator" in inverted.summary["student"]["synthetic_check"]["note"]
+
+
+def test_an_exported_program_or_its_module_is_a_teacher_and_anything_else_is_named(tmp_path):
+    """torch refuses to switch an exported module's train/eval mode; the API serves it as it was exported."""
+    task = fedkd.Task(classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.38,))
+    program = torch.export.export(_teacher(0), (torch.zeros(2, 1, 8, 8),),
+                                  dynamic_shapes={"input": {0: torch.export.Dim("batch", min=1, max=4096)}})
+    result = fedkd.distill(teachers=[program, program.module(), _teacher(1)], task=task, out=tmp_path / "run",
+                           epochs=1, steps_per_epoch=1, student_steps=1, batch_size=8, synthetic_check=20)
+    assert [t["model"] for t in result.summary["teachers"]] == ["ExportedProgram", "GraphModule", "Sequential"]
+    assert result.summary["queries"]["per_client"][0]["samples"] > 0
+    with pytest.raises(ConfigError, match="a teacher must be a torch.nn.Module or a torch.export program, got a str"):
+        fedkd.distill(teachers=["model.pt"], task=task, out=tmp_path / "bad")
+
+
+def test_a_task_of_non_square_images_is_distilled_end_to_end(tmp_path):
+    """A 3x8x16 task: the generator makes 8x16 images, fedkd's own LeNet-5 student and a torchvision one take them,
+    the exported student answers them."""
+    task = fedkd.Task(classes=4, input_shape=(3, 8, 16), mean=(0.5,) * 3, std=(0.25,) * 3, name="wide")
+    teachers = [nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 8 * 16, 4)).eval() for _ in range(2)]
+    for student in ("lenet5-half", "torchvision:resnet18"):
+        result = fedkd.distill(teachers=teachers, task=task, out=tmp_path / student.replace(":", "-"),
+                               student=student, epochs=1, steps_per_epoch=2, student_steps=1, batch_size=8,
+                               synthetic_check=16)
+        assert result.summary["task"]["input-shape"] == [3, 8, 16]
+        assert result.summary["student"]["synthetic_check"]["samples"] == 16
+        x = torch.rand(3, 3, 8, 16)
+        program = torch.export.load(result.run_dir / "student.pt2").module()
+        assert program(x).shape == (3, 4)
+        torch.testing.assert_close(program(x), result.student(x), rtol=1e-4, atol=1e-4)

@@ -72,7 +72,7 @@ class Distillation:
 
 
 def build(name: str, spec: DatasetSpec) -> nn.Module:
-    return build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.image_size)
+    return build_model(name, num_classes=spec.num_classes, channels=spec.channels, image_size=spec.side)
 
 
 def stage_epochs(epochs: int, stages: int) -> set[int]:
@@ -142,7 +142,7 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
 
     torch.manual_seed(config.seed + 1)
     student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
-                               image_size=spec.image_size, args=config.student_arguments())
+                               image_size=spec.side, args=config.student_arguments())
     method = build_method(config.method, MethodContext(config, spec, ensemble, student, device))
     history: list[dict[str, Any]] = []
     stages: list[tuple[int, Tensor]] = []

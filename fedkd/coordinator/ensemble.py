@@ -287,6 +287,10 @@ class Ensemble:
         judged = self.gradient_agreement.batches
         return [{"client": d.client, "weight": round(float(w[k]), 4), "count_scale": round(self.count_scale[k], 4),
                  "agreement": round(float(self.reliability.agreement[k]), 4) if self.reliability.batches[k] else None,
+                 # how sure its own answers are (mean top probability): weak and unsure is not the same as sure
+                 # and contradicting
+                 "confidence": (round(float(self.reliability.confidence[k]), 4) if self.reliability.batches[k]
+                                else None),
                  "gradient_weight": round(float(gw[k]), 4),
                  "gradient_cosine": round(float(self.gradient_agreement.cosine[k]), 4) if judged[k] else None,
                  "gradient_consistency": (round(float(self.gradient_agreement.ratio[k]), 4)

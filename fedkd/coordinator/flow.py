@@ -123,10 +123,13 @@ def check_names(config: RunConfig, spec: DatasetSpec) -> None:
     try:
         with torch.device("meta"):
             student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
-                                       image_size=spec.image_size, args=config.student_arguments())
+                                       image_size=spec.side, args=config.student_arguments())
             out = student.eval()(torch.zeros(2, *spec.input_shape))
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise ConfigError(f"student-model: {exc.args[0] if exc.args else exc}") from None
+        hint = (f" (torchvision's classifiers take 3 channels and the task has {spec.channels}: give a fedkd model or "
+                "your own PACKAGE.MODULE:CALLABLE)" if config.student_model.startswith("torchvision:")
+                and spec.channels != 3 else "")
+        raise ConfigError(f"student-model: {exc.args[0] if exc.args else exc}{hint}") from None
     if tuple(out.shape) != (2, spec.num_classes):
         raise ConfigError(f"student-model: {config.student_model!r} answers {tuple(out.shape)} for a batch of 2; the "
                           f"task has {spec.num_classes} classes")

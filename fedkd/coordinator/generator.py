@@ -18,15 +18,16 @@ from torch import Tensor, nn
 
 
 class Generator(nn.Module):
-    def __init__(self, *, latent_dim: int, width: int, channels: int, image_size: int,
+    def __init__(self, *, latent_dim: int, width: int, channels: int, image_size: int | tuple[int, int],
                  num_classes: int | None = None) -> None:
         super().__init__()
-        if image_size % 4 != 0:
-            raise ValueError(f"the generator needs an image size divisible by 4, got {image_size}")
+        height, image_width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if height % 4 or image_width % 4:
+            raise ValueError(f"the generator needs image sides divisible by 4, got {height}x{image_width}")
         self.latent_dim = latent_dim
-        self.init_size = image_size // 4
+        self.init_size = (height // 4, image_width // 4)
         self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        self.project = nn.Linear(latent_dim, 2 * width * self.init_size**2)
+        self.project = nn.Linear(latent_dim, 2 * width * self.init_size[0] * self.init_size[1])
         self.blocks = nn.Sequential(
             nn.BatchNorm2d(2 * width),
             nn.Upsample(scale_factor=2),
@@ -46,8 +47,8 @@ class Generator(nn.Module):
             if labels is None:
                 raise ValueError("a class-conditional generator needs the target labels")
             z = z + self.embed(labels)  # (B, latent)
-        out = self.project(z).view(len(z), -1, self.init_size, self.init_size)  # (B, 2w, s/4, s/4)
-        return self.blocks(out)  # (B, C, s, s) in [0, 1]
+        out = self.project(z).view(len(z), -1, *self.init_size)  # (B, 2w, H/4, W/4)
+        return self.blocks(out)  # (B, C, H, W) in [0, 1]
 
     def sample_latent(self, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
         return torch.randn(batch_size, self.latent_dim, device=device)

@@ -77,6 +77,7 @@ class Reliability:
         self.teachers, self.num_classes = teachers, num_classes
         self.decay, self.tolerance, self.enabled = decay, tolerance, enabled
         self.agreement = torch.zeros(teachers)
+        self.confidence = torch.zeros(teachers)  # moving average of the teacher's mean top probability
         self.batches = torch.zeros(teachers, dtype=torch.long)
         # Per class c: overlap of the samples the teacher calls c with those the others' consensus calls c.
         self.class_agreement = torch.zeros(teachers, num_classes)
@@ -95,6 +96,7 @@ class Reliability:
             consensus = median_of(others).argmax(-1)  # (B,)
             agrees = (votes[i] == consensus).float()
             self.agreement[k] = self._ema(self.agreement[k], agrees.mean(), self.batches[k] == 0)
+            self.confidence[k] = self._ema(self.confidence[k], p[i].max(-1).values.mean(), self.batches[k] == 0)
             self.batches[k] += 1
             # Per class, the overlap (intersection over union) of "the teacher says c" and "the others say c":
             # a teacher that says c everywhere (recall 1, precision low) scores as low as one that never does.
@@ -156,11 +158,13 @@ class Reliability:
                 logger.warning("teacher %d is trusted again (weight %.2f)", k, float(w[k]))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"agreement": self.agreement.clone(), "batches": self.batches.clone(), "warned": sorted(self._warned),
+        return {"agreement": self.agreement.clone(), "confidence": self.confidence.clone(),
+                "batches": self.batches.clone(), "warned": sorted(self._warned),
                 "class_agreement": self.class_agreement.clone(), "class_seen": self.class_seen.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.agreement = state["agreement"].clone().float()
+        self.confidence = state.get("confidence", torch.zeros_like(self.agreement)).clone().float()
         self.batches = state["batches"].clone().long()
         self._warned = {int(k) for k in state["warned"]}
         self.class_agreement = state["class_agreement"].clone().float()

@@ -98,7 +98,7 @@ class Synthesizer:
     def _build(self) -> None:
         s = self.settings
         self.generator = Generator(latent_dim=s.latent_dim, width=s.width, channels=self.spec.channels,
-                                   image_size=self.spec.image_size,
+                                   image_size=self.spec.side,
                                    num_classes=self.num_classes if s.conditional else None).to(self.device)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=s.lr, betas=(0.9, 0.99))
 

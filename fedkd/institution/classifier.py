@@ -63,7 +63,7 @@ def build(spec: str, task: Task, model_args: Mapping[str, Any] | None = None) ->
     if is_model_name(spec):
         try:
             return build_model(spec, num_classes=task.num_classes, channels=task.input_shape[0],
-                               image_size=task.input_shape[1], **args)
+                               image_size=task.input_shape[1:], **args)
         except (TypeError, ValueError, KeyError) as exc:
             raise ModelError(f"--model {spec!r}: {exc}") from None
     raise ModelError(f"--model {spec!r}: give torchvision:NAME, PACKAGE.MODULE:CALLABLE, an exported program "
@@ -101,6 +101,23 @@ class ExportedClassifier(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> ExportedClassifier:
         object.__setattr__(self, "program", self.program._apply(fn))
         return self
+
+
+def as_classifier(model: Any) -> nn.Module:
+    """A model as given in Python, ready to serve: a ``torch.export`` program (or its ``.module()``, whose
+    train/eval mode torch refuses to switch) is held as :class:`ExportedClassifier`; an ``nn.Module`` as it is;
+    anything else is refused naming its type."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return ExportedClassifier(model.module())
+    if isinstance(model, ExportedClassifier):
+        return model
+    if isinstance(model, nn.Module):
+        try:
+            model.eval()
+        except NotImplementedError:  # an exported program's module: its mode was fixed when it was exported
+            return ExportedClassifier(model)
+        return model
+    raise ModelError(f"a teacher must be a torch.nn.Module or a torch.export program, got a {type(model).__name__}")
 
 
 def _exported(path: Path) -> nn.Module:

@@ -39,7 +39,7 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
                               "and fedkd imports no code a file names; for your own run pass trust_code=True "
                               "(fedkd.load_student), or load student.pt2 with torch.export.load(path).module()")
     try:
-        model = build_classifier(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1],
+        model = build_classifier(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1:],
                                  args=ckpt.get("model_args") or None)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: a {name!r} teacher cannot be built for inputs {shape}: "
@@ -54,7 +54,7 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
         if not isinstance(teachers, int) or not 2 <= teachers <= 10_000:
             raise field_error(path, "privacy", f"records {teachers!r} PATE shard teachers, not an integer >= 2")
         members = [model] + [build_model(name, num_classes=ckpt["num_classes"], channels=shape[0],
-                                         image_size=shape[1]) for _ in range(teachers - 1)]
+                                         image_size=shape[1:]) for _ in range(teachers - 1)]
         model = ShardVotes(members, ckpt["num_classes"])
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -108,7 +108,7 @@ def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConf
     with _INIT_LOCK:  # the global RNG: teachers trained in threads of one process must not interleave here
         torch.manual_seed(init_seed)
         model = build_classifier(name, num_classes=spec.num_classes, channels=spec.channels,
-                                 image_size=spec.image_size, args=model_args)
+                                 image_size=spec.side, args=model_args)
     if not dp:
         return train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
                                 batch_size=config.teacher_batch_size, seed=order_seed,

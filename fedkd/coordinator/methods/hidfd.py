@@ -58,15 +58,15 @@ def frequency_weights(counts: Tensor, beta: float = 0.99) -> Tensor:
 class Discriminator(nn.Module):
     """Two strided convolutions, then two heads: a real/fake logit and the teachers' C logits."""
 
-    def __init__(self, channels: int, image_size: int, num_classes: int, width: int = 16) -> None:
+    def __init__(self, channels: int, image_size: int | tuple[int, int], num_classes: int, width: int = 16) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 3, 2, 1), nn.LeakyReLU(0.2),
             nn.Conv2d(width, 2 * width, 3, 2, 1), nn.LeakyReLU(0.2), nn.Flatten())
-        side = (image_size + 1) // 2
-        side = (side + 1) // 2
-        self.real = nn.Linear(2 * width * side * side, 1)
-        self.teacher = nn.Linear(2 * width * side * side, num_classes)
+        height, image_width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        area = ((height + 1) // 2 + 1) // 2 * (((image_width + 1) // 2 + 1) // 2)  # after two strided convolutions
+        self.real = nn.Linear(2 * width * area, 1)
+        self.teacher = nn.Linear(2 * width * area, num_classes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.body(x)
@@ -122,7 +122,7 @@ class HiDFD(GeneratorMethod[HiDFDOptions]):
                                  state=QueryContext(purpose="distill", method=self.name))
         self.real = SyntheticPool(len(public), self.spec.input_shape, self.spec.num_classes)
         self.real.add(public.images, answers.ensemble)
-        self.discriminator = Discriminator(self.spec.channels, self.spec.image_size, self.spec.num_classes).to(
+        self.discriminator = Discriminator(self.spec.channels, self.spec.side, self.spec.num_classes).to(
             self.device)
         self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=opts.discriminator_lr,
                                             betas=(0.5, 0.999))
