@@ -113,10 +113,13 @@ def train_teachers(folders: Path, out: Path, epochs: int) -> list[list[str]]:
     shares = np.array_split(np.random.default_rng(1).permutation(len(data)), 3)
     subsets = [torch.utils.data.Subset(data, s.tolist()) for s in shares]
     out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)  # each model's initial weights too: the same teachers on every run
     resnet = train(torchvision.models.resnet18(num_classes=10), subsets[0], epochs, seed=0)
     torch.save(resnet.state_dict(), out / "resnet18.pt")
+    torch.manual_seed(1)
     clinic = train(ClinicNet(), subsets[1], epochs, seed=1)
     torch.save(clinic.state_dict(), out / "clinic.pt")
+    torch.manual_seed(2)
     exported = train(ClinicNet(), subsets[2], epochs, seed=2)
     program = torch.export.export(exported, (torch.zeros(2, 3, 28, 28),),
                                   dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}})
