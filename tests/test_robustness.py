@@ -297,6 +297,9 @@ def test_a_teacher_that_over_claims_a_class_is_not_trusted_for_it():
     factors = robust.reliability.class_weights()
     assert float(factors[4, 1]) < 0.5  # says "1" far more often than the others do: its claim on 1 is discounted
     assert bool((factors[:4] == 1).all())
+    report = robust.report()  # per teacher and class, in summary.json
+    assert report[4]["class_trust"][1] == round(float(factors[4, 1]), 3) and report[0]["class_trust"] == [1.0] * C
+    assert report[4]["class_overlap"][1] < min(r["class_overlap"][1] for r in report[:4])
     x = _inputs(256, 42)
     assert float((robust(x, QueryContext()).logits.argmax(-1) == _truth(x)).float().mean()) > 0.9
 

@@ -284,6 +284,8 @@ class Ensemble:
     def report(self) -> list[dict[str, Any]]:
         """Per teacher: its reliability weight, its agreement with the others, and what was clipped."""
         w, gw = self.reliability.weights(), self.gradient_agreement.weights()
+        trust, overlap, seen = (self.reliability.class_weights(), self.reliability.class_agreement,
+                                self.reliability.class_seen)
         judged = self.gradient_agreement.batches
         return [{"client": d.client, "weight": round(float(w[k]), 4), "count_scale": round(self.count_scale[k], 4),
                  "agreement": round(float(self.reliability.agreement[k]), 4) if self.reliability.batches[k] else None,
@@ -291,6 +293,10 @@ class Ensemble:
                  # and contradicting
                  "confidence": (round(float(self.reliability.confidence[k]), 4) if self.reliability.batches[k]
                                 else None),
+                 # per class: the overlap of the inputs it calls c with those the others call c, and the factor
+                 # that scales its claimed count for c (a teacher honest but on one class shows there)
+                 "class_overlap": [round(float(v), 3) if bool(s) else None for v, s in zip(overlap[k], seen[k])],
+                 "class_trust": [round(float(v), 3) for v in trust[k]],
                  "gradient_weight": round(float(gw[k]), 4),
                  "gradient_cosine": round(float(self.gradient_agreement.cosine[k]), 4) if judged[k] else None,
                  "gradient_consistency": (round(float(self.gradient_agreement.ratio[k]), 4)
