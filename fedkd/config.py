@@ -269,9 +269,10 @@ class RunConfig:
     num_threads: int = field(default=0, metadata=bounded(0, 1024, help="torch threads; 0: torch's choice"))
     sample_stages: int = field(default=4, metadata=bounded(
         1, 20, help="stages of training shown in plots/samples.png"))
-    export_onnx: str = field(default="auto", metadata=choice(
-        "auto", "yes", "no", help="also write the student as student.onnx; auto: when the onnx extra is installed "
-        "(pip install 'fedkd[onnx]'), yes: refuse to start without it"))
+    export_onnx: str = field(default="no", metadata=choice(
+        "auto", "yes", "no", help="also write the student as student.onnx (about a second per run): yes needs the "
+        "onnx extra (pip install 'fedkd[onnx]') and refuses to start without it, auto writes it when the extra is "
+        "installed"))
     synthetic_check: int = field(default=1000, metadata=bounded(
         0, 100_000, help="fresh synthetic samples on which, without labelled data at the coordinator, the "
         "student's agreement with its ensemble is measured at the end (their queries count); 0: none"))

@@ -100,3 +100,42 @@ def test_deployment_with_tls_and_supernode_auth(tmp_path: Path) -> None:
     assert all((tmp_path / f"node-{i}" / "teacher.pt").is_file() for i in range(2))
     assert {n["train"]["data"] for n in summary["flower"]["nodes"]} == {
         f"file:{tmp_path}/data/client-00{i}.npz" for i in range(2)}
+
+
+def test_a_deployment_whose_supernodes_serve_their_own_models_from_node_config(tmp_path: Path) -> None:
+    """Two SuperNode processes name an exported program and a task card in --node-config (one also its labelled
+    images); the run config names the card; the coordinator holds no data."""
+    import torch
+    from PIL import Image
+    from torch import nn
+
+    card = tmp_path / "task.toml"
+    card.write_text('name = "digits-like"\nclasses = 10\ninput-shape = [1, 8, 8]\nmean = [0.3]\nstd = [0.38]\n')
+    for i in range(2):
+        torch.manual_seed(i)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(256, 10)).eval()
+        program = torch.export.export(model, (torch.zeros(2, 1, 8, 8),),
+                                      dynamic_shapes={"input": {0: torch.export.Dim("batch", min=1, max=4096)}})
+        torch.export.save(program, tmp_path / f"hospital-{i}.pt2")
+    for c in range(10):
+        (tmp_path / "val" / str(c)).mkdir(parents=True)
+        Image.new("L", (8, 8), color=25 * c).save(tmp_path / "val" / str(c) / "0.png")
+    nodes = [f'model="{tmp_path}/hospital-0.pt2" task="{card}" eval-data="{tmp_path}/val"',
+             f'model="{tmp_path}/hospital-1.pt2" task="{card}" label-counts="9,9,9,9,9,9,9,9,9,9"']
+    deployment = Deployment(tmp_path, nodes, tls=True, auth=True)
+    try:
+        deployment.start()
+        config = " ".join(f"{k}={json.dumps(v)}" for k, v in {
+            **SMALL, "task": str(card), "num-clients": 2, "synthetic-check": 64,
+            "run-dir": str(tmp_path / "runs")}.items())
+        run_id, status, text = deployment.run(config)
+        assert status.get("status") == "finished:completed", text[-3000:]
+    finally:
+        deployment.stop()
+    summary = json.loads((tmp_path / "runs" / f"run-{run_id}" / "summary.json").read_text())
+    assert summary["dataset"] is None and summary["task"]["name"] == "digits-like" and summary["test_samples"] == 0
+    assert sorted(t["model"] for t in summary["teachers"]) == ["hospital-0.pt2", "hospital-1.pt2"]
+    assert summary["flower"]["failed"] == [] and [n["train"]["trained"] for n in summary["flower"]["nodes"]] == [0, 0]
+    assert summary["federated_evaluation"]["num_examples"] == 10
+    assert summary["student"]["synthetic_check"]["samples"] == 64

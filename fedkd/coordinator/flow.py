@@ -183,7 +183,7 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
         export_error = export_program(result.student, task.input_shape, run_dir / "student.pt2")
         onnx_error = (export_onnx(result.student, task.input_shape, run_dir / "student.onnx")
                       if config.export_onnx == "yes" or (config.export_onnx == "auto" and onnx_available())
-                      else "export-onnx=no" if config.export_onnx == "no"
+                      else "not asked for (export-onnx=yes writes it)" if config.export_onnx == "no"
                       else "the onnx extra is not installed (pip install 'fedkd[onnx]')")
         teachers.finish(result, session, observer)
         summary = build_summary(config, task, result, session.pool, test=session.test, transport=session.transport,
