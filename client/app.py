@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,7 +152,7 @@ def _serve(msg: Message, context: Context) -> RecordDict:
     own = own_model(context.node_config)
     if own is not None:
         host = own_model_host(own, config, privacy, client)
-        path = Path(own.weights or own.spec)
+        path = own.source
     else:
         path = teacher_path(config, context.node_config, client)
         if not path.exists():
@@ -227,7 +226,7 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
         metrics = {"accuracy": correct / total, "num-examples": total}
     else:  # a release on private data: through this node's policy and ledger (refused past its budget)
         if own is not None:
-            path, ckpt_privacy = Path(own.weights or own.spec), None
+            path, ckpt_privacy = own.source, None
         else:
             path = teacher_path(config, context.node_config, client)
             ckpt_privacy = load_teacher(path)[1].get("privacy") if path.exists() else None

@@ -168,6 +168,11 @@ class OwnModel:
     label_counts: list[int] | None
     eval_data: str | None
 
+    @property
+    def source(self) -> Path:
+        """The file the model comes from (its weights, or the exported program): its ledger is kept beside it."""
+        return Path(self.weights or self.spec)
+
 
 def own_model(node_config: Mapping[str, Any]) -> OwnModel | None:
     """The node's own classifier (node config ``model``), None when the node trains fedkd's teacher instead;
@@ -183,16 +188,16 @@ def own_model(node_config: Mapping[str, Any]) -> OwnModel | None:
                               "trains; give one or the other")
     if "task" not in node_config:
         raise NodeConfigError("node config: model needs task, the run's task card (a path on this node)")
+    def text(key: str) -> str | None:
+        return str(node_config[key]) if key in node_config else None
+
     task = Task.from_toml(str(node_config["task"]))
     try:
-        counts = parse_label_counts(str(node_config["label-counts"]) if "label-counts" in node_config else None,
-                                    task, "node config label-counts")
-        args = parse_model_args(str(node_config["model-args"]) if "model-args" in node_config else None)
+        counts = parse_label_counts(text("label-counts"), task, "node config label-counts")
+        args = parse_model_args(text("model-args"))
     except ValueError as exc:
         raise NodeConfigError(str(exc).replace("--model-args", "node config model-args")) from None
-    return OwnModel(str(node_config["model"]), task,
-                    str(node_config["weights"]) if "weights" in node_config else None, args, counts,
-                    str(node_config["eval-data"]) if "eval-data" in node_config else None)
+    return OwnModel(str(node_config["model"]), task, text("weights"), args, counts, text("eval-data"))
 
 
 def own_model_host(own: OwnModel, config: RunConfig, privacy: PrivacySettings, client: int) -> TeacherHost:

@@ -48,8 +48,7 @@ from torch import nn
 
 from fedkd.config import FOLLOW_FEDERATION, RunConfig, config_from_run_config
 from fedkd.coordinator.distillation import Distillation, RunObserver, epoch_line
-from fedkd.coordinator.flow import Session, coordinate, refuse_code_student
-from fedkd.data import load_dataset
+from fedkd.coordinator.flow import Session, coordinate, coordinator_test_data, refuse_code_student
 from fedkd.tls import run_pki
 
 from .credentials import ServerTLS, issue_tokens
@@ -241,13 +240,11 @@ class FederatedDistillation:
             self._check_quorum("connecting the teachers")  # names every failed node, before the hub would
             hub.drop_absent()
             test = None
-            if config.evaluation in ("coordinator", "both") and config.task:  # the institutions' own models
-                if config.eval_data:
-                    observer.stage(f"loading {config.eval_data} (the coordinator's own labelled data)")
-                    test = config.run_task().load_images(config.eval_data)
-            elif config.evaluation in ("coordinator", "both"):
-                observer.stage(f"loading {config.dataset} (the coordinator's own test set)")
-                test = load_dataset(config.dataset, config.data_root, seed=config.seed).test
+            if config.evaluation in ("coordinator", "both"):
+                if config.eval_data or not config.task:
+                    observer.stage(f"loading {config.eval_data or config.dataset} (the coordinator's own labelled "
+                                   "data)")
+                test = coordinator_test_data(config)
             yield Session(hub.pool, "flower", test=test)
             hub.end_session()
             by_name = {s.name: s.report for s in hub.slots}

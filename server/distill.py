@@ -17,8 +17,7 @@ import torch
 
 from fedkd.config import RunConfig
 from fedkd.coordinator.distillation import Distillation, RunObserver
-from fedkd.coordinator.flow import Session, coordinate
-from fedkd.data import load_dataset
+from fedkd.coordinator.flow import Session, coordinate, coordinator_test_data
 
 from .credentials import ServerTLS, issue_tokens
 from .hub import Hub
@@ -59,12 +58,7 @@ class DialingTeachers:
                               f"; loading {config.dataset} for evaluation" if not config.task else
                               "; no labelled data at the coordinator (task card): the student's accuracy is not "
                               "measured here"))
-            if config.eval_data:
-                test = config.run_task().load_images(config.eval_data)
-            elif config.task:
-                test = None
-            else:
-                test = load_dataset(config.dataset, config.data_root, seed=config.seed).test
+            test = coordinator_test_data(config)
             yield Session(hub.pool, "grpc", test=test)
             hub.end_session()
 

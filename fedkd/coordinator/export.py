@@ -94,6 +94,16 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path)
         model.train(was_training)
 
 
+def write_onnx(mode: str, model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> str | None:
+    """student.onnx as ``export-onnx`` says (yes, or auto with the extra installed); None when it was written,
+    else why not."""
+    if mode == "no":
+        return "not asked for (export-onnx=yes writes it)"
+    if mode == "auto" and not onnx_available():
+        return "the onnx extra is not installed (pip install 'fedkd[onnx]')"
+    return export_onnx(model, input_shape, path)
+
+
 def model_card(summary: dict[str, Any], task: Task, student: nn.Module, *, export_error: str | None,
                onnx_error: str | None = "not asked for") -> dict[str, Any]:
     """The student's model card, from the run's summary."""

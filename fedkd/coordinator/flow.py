@@ -26,12 +26,12 @@ import torch
 
 from fedkd.config import RunConfig
 from fedkd.coordinator.distillation import Distillation, RunObserver, build, distill, epoch_line
-from fedkd.coordinator.export import export_onnx, export_program, model_card, onnx_available, write_model_card
+from fedkd.coordinator.export import export_program, model_card, onnx_available, write_model_card, write_onnx
 from fedkd.coordinator.pool import TeacherPool
 from fedkd.coordinator.rundir import claim_run_dir
 from fedkd.coordinator.summary import build_summary, save_student, write_results
 from fedkd.coordinator.synthetic_pool import pool_bytes
-from fedkd.data import DatasetSpec, ImageData
+from fedkd.data import DatasetSpec, ImageData, load_dataset
 from fedkd.models import build_classifier, is_code_spec, is_model_name, is_student_spec, model_names
 from fedkd.options import ConfigError, resolve_device
 from fedkd.task import Task
@@ -153,6 +153,16 @@ def refuse_code_student(config: RunConfig, what: str) -> None:
                           "config names; give a fedkd model name or torchvision:NAME, or run fedkd distill")
 
 
+def coordinator_test_data(config: RunConfig) -> ImageData | None:
+    """The coordinator's own labelled data: ``eval-data`` when given, none with a task card (the institutions'
+    own models: nothing built in to evaluate on), else the built-in dataset's test split."""
+    if config.eval_data:
+        return config.run_task().load_images(config.eval_data)
+    if config.task:
+        return None
+    return load_dataset(config.dataset, config.data_root, seed=config.seed).test
+
+
 def setup(config: RunConfig, task: Task | None = None) -> torch.device:
     """Checks and settings every entry point does first (``task``: the run's, read from the config when not
     given)."""
@@ -181,10 +191,7 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
         # The session has ended: the clients have reported what they released.
         save_student(result, config, task.spec, run_dir / "student.pt")
         export_error = export_program(result.student, task.input_shape, run_dir / "student.pt2")
-        onnx_error = (export_onnx(result.student, task.input_shape, run_dir / "student.onnx")
-                      if config.export_onnx == "yes" or (config.export_onnx == "auto" and onnx_available())
-                      else "not asked for (export-onnx=yes writes it)" if config.export_onnx == "no"
-                      else "the onnx extra is not installed (pip install 'fedkd[onnx]')")
+        onnx_error = write_onnx(config.export_onnx, result.student, task.input_shape, run_dir / "student.onnx")
         teachers.finish(result, session, observer)
         summary = build_summary(config, task, result, session.pool, test=session.test, transport=session.transport,
                                 wall=result.earlier_seconds + time.perf_counter() - started,

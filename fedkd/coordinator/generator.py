@@ -16,12 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fedkd.models import Side, sides
+
 
 class Generator(nn.Module):
-    def __init__(self, *, latent_dim: int, width: int, channels: int, image_size: int | tuple[int, int],
+    def __init__(self, *, latent_dim: int, width: int, channels: int, image_size: Side,
                  num_classes: int | None = None) -> None:
         super().__init__()
-        height, image_width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        height, image_width = sides(image_size)
         if height % 4 or image_width % 4:
             raise ValueError(f"the generator needs image sides divisible by 4, got {height}x{image_width}")
         self.latent_dim = latent_dim

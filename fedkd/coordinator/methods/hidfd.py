@@ -45,6 +45,7 @@ from fedkd.coordinator.synthesis import SynthesisLoss
 from fedkd.coordinator.synthetic_pool import SyntheticPool
 from fedkd.data import load_public_pool
 from fedkd.metrics import MetricAverager
+from fedkd.models import Side, sides
 from fedkd.options import ConfigError, bounded, described, validate_fields
 
 
@@ -58,12 +59,12 @@ def frequency_weights(counts: Tensor, beta: float = 0.99) -> Tensor:
 class Discriminator(nn.Module):
     """Two strided convolutions, then two heads: a real/fake logit and the teachers' C logits."""
 
-    def __init__(self, channels: int, image_size: int | tuple[int, int], num_classes: int, width: int = 16) -> None:
+    def __init__(self, channels: int, image_size: Side, num_classes: int, width: int = 16) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 3, 2, 1), nn.LeakyReLU(0.2),
             nn.Conv2d(width, 2 * width, 3, 2, 1), nn.LeakyReLU(0.2), nn.Flatten())
-        height, image_width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        height, image_width = sides(image_size)
         area = ((height + 1) // 2 + 1) // 2 * (((image_width + 1) // 2 + 1) // 2)  # after two strided convolutions
         self.real = nn.Linear(2 * width * area, 1)
         self.teacher = nn.Linear(2 * width * area, num_classes)
