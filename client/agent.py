@@ -116,6 +116,7 @@ class AgentSettings:
     initial_backoff: float = 0.5
     max_backoff: float = 30.0
     give_up_after: float = 600.0  # seconds without a working session
+    welcome_timeout: float = 30.0  # seconds a connection may wait for the hub's Welcome before it is dropped
     server_name: str | None = None  # TLS name to expect, when it differs from the target's host
     status_every: float = 60.0  # seconds between status lines while connected (0: none)
 
@@ -128,6 +129,10 @@ def privacy_line(privacy: dict[str, float | str] | None) -> str:
     budget = float(privacy.get("epsilon_budget", 0.0) or 0.0)
     left = f" of {budget:g} ({max(budget - spent, 0.0):.3g} left)" if budget else " (no budget: unlimited)"
     return f"privacy: {privacy.get('mechanism', '?')}, epsilon {spent:.3g} spent{left}"
+
+
+class _NoWelcome(Exception):
+    """The hub did not welcome this agent in time (a session attempt that failed, not a fatal error)."""
 
 
 @dataclass(frozen=True)
@@ -179,12 +184,17 @@ class TeacherAgent:
         last_ok = time.monotonic()
         closed_in_setup = 0
         while not self._stop.is_set():
+            # A peer that accepts the connection and never welcomes us (not a hub; a hub wedged in set-up; a
+            # loopback socket that connected to itself) must not hold the agent past its give-up time.
+            wait = min(s.welcome_timeout, max(s.give_up_after - (time.monotonic() - last_ok), 2.0))
             try:
-                if self._session():
+                if self._session(wait):
                     if self.goodbye is not None and self.goodbye.aborted:
                         raise SessionAborted(self.goodbye.reason, self.host.stats.as_dict())
                     return self.host.stats.as_dict()
                 reason = "the hub closed the stream"
+            except _NoWelcome:
+                reason = f"no Welcome within {wait:.0f} s of connecting: is {s.target} a fedkd hub?"
             except grpc.RpcError as exc:
                 code, details = exc.code(), str(exc.details())
                 if code in FATAL:
@@ -246,8 +256,9 @@ class TeacherAgent:
         return pb.AgentMessage(hello=pb.Hello(session=s.session, description=description,
                                               agent_version=AGENT_VERSION, max_message_bytes=s.max_message_bytes))
 
-    def _session(self) -> bool:
-        """One stream; True when it ended with the hub's goodbye."""
+    def _session(self, welcome_within: float) -> bool:
+        """One stream; True when it ended with the hub's goodbye. Raises _NoWelcome when the hub has not
+        welcomed this agent ``welcome_within`` seconds after the call started."""
         outbox: queue.Queue[pb.AgentMessage | None] = queue.Queue()
         outbox.put(self._hello())
 
@@ -265,6 +276,16 @@ class TeacherAgent:
             if self._stop.is_set():
                 call.cancel()
             goodbye = welcomed = False
+            no_welcome = threading.Event()
+
+            def give_up_waiting() -> None:
+                if not welcomed:
+                    no_welcome.set()
+                    call.cancel()
+
+            timer = threading.Timer(welcome_within, give_up_waiting)
+            timer.daemon = True
+            timer.start()
             try:
                 for msg in call:
                     kind = msg.WhichOneof("kind")
@@ -296,8 +317,11 @@ class TeacherAgent:
             except grpc.RpcError as exc:
                 if goodbye or (exc.code() == grpc.StatusCode.CANCELLED and self._stop.is_set()):
                     return goodbye
+                if no_welcome.is_set() and exc.code() == grpc.StatusCode.CANCELLED:
+                    raise _NoWelcome from None
                 raise
             finally:
+                timer.cancel()
                 self._connected.clear()
                 outbox.put(None)
                 self._call = None

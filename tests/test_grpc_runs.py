@@ -203,6 +203,24 @@ def test_a_teacher_pointed_at_nothing_gives_up_with_a_clear_error(in_process_run
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
+def test_a_teacher_connected_to_a_peer_that_never_answers_gives_up_in_time(in_process_run, tmp_path):
+    """A peer that accepts the connection and never speaks (not a hub, a wedged hub, or a loopback socket that
+    connected to itself) held the agent forever: each attempt now waits for the Welcome a bounded time."""
+    ref_dir, _ = in_process_run
+    token = tmp_path / "t.token"
+    token.write_text("x\n")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nothing ever reads or writes
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedkd.client", "--checkpoint",
+             str(ref_dir / "clients" / "client_00" / "teacher.pt"), "--connect",
+             f"127.0.0.1:{silent.getsockname()[1]}", "--token-file", str(token), "--insecure", "--give-up-after", "1"],
+            capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "no session with the hub" in proc.stderr and "no Welcome within 2 s" in proc.stderr
+
+
 def _distill(out, port, *extra):
     sets = [a for k, v in {**TINY, "epochs": 3, "steps-per-epoch": 6, "student-steps": 4}.items()
             if k != "num-clients" for a in ("--set", f"{k}={v}")]
