@@ -3,7 +3,8 @@
 The agent holds the teacher (in a :class:`~fedkd.institution.host.TeacherHost`, which
 enforces the client's own limits: maximum batch, the access modes it grants,
 Backward only for inputs it has answered) and never sends anything but
-answers: no data, no weights. It opens one ``fedkd.v1.Hub/Session`` stream,
+answers: no data, no weights (and, when the institution evaluates the final student on held-out data of its
+own, that evaluation's counts). It opens one ``fedkd.v1.Hub/Session`` stream,
 announces itself, answers Forward/Backward queries one after another, and
 when the hub says goodbye reports what it released and returns. A dropped
 connection is retried with jittered exponential backoff; a refusal of its
@@ -27,9 +28,11 @@ from fedkd.codec import (
     MiB,
     channel_options,
     decode_backward_request,
+    decode_evaluate_request,
     decode_forward_request,
     encode_backward_reply,
     encode_description,
+    encode_evaluation,
     encode_forward_reply,
     encode_privacy,
 )
@@ -345,6 +348,14 @@ class TeacherAgent:
                 reply = self._ask(lambda: encode_backward_reply(self.host.backward(
                     request.inputs, request.grad_logits, request.state, grad_terms=request.grad_terms,
                     forward_id=named)))
+            elif kind == "evaluate":
+                student, state = decode_evaluate_request(msg.evaluate, max_bytes=self.settings.max_message_bytes)
+                logger.info("evaluating the student (%s) on this institution's held-out data", student.model)
+                reply = self._ask(lambda: encode_evaluation(self.host.evaluate_student(student, state)))
+                if not isinstance(reply, _Refused):
+                    e = reply.evaluation
+                    logger.info("released the student's accuracy %.4f on %.0f examples%s", e.correct / e.examples,
+                                e.examples, f" (noised; epsilon {e.epsilon:.3g})" if e.epsilon else "")
             else:
                 raise QueryError("INVALID_ARGUMENT", f"unexpected {kind or 'empty'} message from the hub")
             if isinstance(reply, _Refused):

@@ -38,6 +38,7 @@ from fedkd.codec import MiB
 from fedkd.config import RunConfig, config_from_run_config
 from fedkd.contract import access_modes
 from fedkd.data import DatasetNotFoundError
+from fedkd.institution.host import load_error
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
 from fedkd.institution.privacy.policy import ReleasePolicy
@@ -218,8 +219,7 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
     try:
         student.load_state_dict(arrays.to_torch_state_dict())  # type: ignore[union-attr]
     except RuntimeError as exc:
-        raise ValueError(f"the student's weights do not fit a {config.student_model!r}: "
-                         f"{str(exc).splitlines()[0][:200]}") from None
+        raise ValueError(f"the student's weights do not fit a {config.student_model!r}: {load_error(exc)}") from None
     correct, total = count_correct(student, holdout, spec)
     metrics: dict[str, Any]
     if privacy.mode == "none":

@@ -27,7 +27,7 @@ from torch import nn
 from fedkd.checkpoint import CheckpointError
 from fedkd.codec import MiB
 from fedkd.contract import ACCESS_MODES, ALL_ACCESS_MODES
-from fedkd.data import count_image_folder
+from fedkd.data import ImageData, count_image_folder
 from fedkd.institution.classifier import ModelError, as_classifier, dry_forward, load_classifier, parse_model_args
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
@@ -43,16 +43,25 @@ from .flags import LOG_FORMAT, privacy_from_args, teacher_parser
 
 def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
                          share_label_counts: bool = True, client: int = 0, device: str = "cpu",
-                         privacy: PrivacySettings | None = None, ledger: str | Path | None = None) -> TeacherHost:
+                         privacy: PrivacySettings | None = None, ledger: str | Path | None = None,
+                         eval_data: str | Path | None = None) -> TeacherHost:
     """A host for the teacher in a ``fedkd.teacher.v1`` checkpoint, with the client's own limits and release
-    policy (``privacy``; its ledger kept at ``ledger``, default ``teacher.ledger.json`` beside ``teacher.pt``)."""
+    policy (``privacy``; its ledger kept at ``ledger``, default ``teacher.ledger.json`` beside ``teacher.pt``);
+    with ``eval_data`` (an ImageFolder whose class folders are named 0, 1, ...) it evaluates the final student."""
     model, ckpt = load_teacher(path)
     settings = privacy or PrivacySettings(share_label_counts=share_label_counts)
     policy = ReleasePolicy(settings, num_records=int(ckpt["num_samples"]), training=ckpt.get("privacy"),
                            ledger_path=ledger or ledger_path(path))
     description = describe_checkpoint(ckpt, model, client=client, share_label_counts=settings.share_label_counts,
                                       access_modes=_granted(access), policy=policy)
-    return TeacherHost(model, description, max_batch=max_batch, device=device, policy=policy)
+    evaluation = checkpoint_task(ckpt).load_images(eval_data) if eval_data else None
+    return TeacherHost(model, description, max_batch=max_batch, device=device, policy=policy, evaluation=evaluation)
+
+
+def checkpoint_task(ckpt: Mapping[str, Any]) -> Task:
+    """The task a fedkd checkpoint's teacher serves: its classes (named by index), input shape and normalisation."""
+    return Task(tuple(str(c) for c in range(int(ckpt["num_classes"]))), tuple(ckpt["input_shape"]),
+                tuple(ckpt["mean"]), tuple(ckpt["std"]), str(ckpt.get("dataset") or "checkpoint"))
 
 
 def _granted(access: Sequence[str]) -> tuple[str, ...]:
@@ -95,11 +104,13 @@ def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task
                      label_counts: Sequence[int] | None = None,
                      max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES, client: int = 0,
                      device: str = "cpu", privacy: PrivacySettings | None = None,
-                     ledger: str | Path | None = None, checked: bool = False) -> TeacherHost:
+                     ledger: str | Path | None = None, checked: bool = False,
+                     eval_data: str | Path | ImageData | None = None) -> TeacherHost:
     """A host for a classifier the institution holds as an ``nn.Module`` (checked against the task with a dry
     forward unless ``checked``), with its own limits and release policy. Label counts are shared only when given
     (and as the policy releases them); a DP-SGD or PATE guarantee is claimed only for teachers fedkd trained
-    (``--checkpoint``)."""
+    (``--checkpoint``). With ``eval_data`` (the task's ImageFolder, or images already loaded) the institution
+    evaluates the final student on it and releases the counts through its policy."""
     model = as_classifier(given)  # eval mode (an exported program's module keeps its own)
     if not checked:
         dry_forward(model, task, f"the model {name!r}")
@@ -124,7 +135,8 @@ def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task
                                       access_modes=_granted(access), policy=policy)
     if counts is None:
         description = dataclasses.replace(description, num_samples=None)
-    return TeacherHost(model, description, max_batch=max_batch, device=device, policy=policy)
+    evaluation = task.load_images(eval_data) if isinstance(eval_data, (str, Path)) else eval_data
+    return TeacherHost(model, description, max_batch=max_batch, device=device, policy=policy, evaluation=evaluation)
 
 
 def _read(path: str | None, what: str) -> bytes | None:
@@ -181,7 +193,7 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
                 raise ValueError(f"--{flag.replace('_', '-')} goes with --model; a checkpoint carries its own")
         return host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=access,
                                     device=str(resolve_device(args.device)),
-                                    privacy=privacy, ledger=args.ledger)
+                                    privacy=privacy, ledger=args.ledger, eval_data=args.eval_data)
     if not args.task:
         raise ValueError("--model needs --task: the task card of the run (classes, input-shape, mean, std)")
     task = Task.from_toml(args.task)
@@ -189,8 +201,7 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
                            model_args=parse_model_args(args.model_args),
                            label_counts=parse_label_counts(args.label_counts, task),
                            max_batch=args.max_batch, access=access, device=str(resolve_device(args.device)),
-                           privacy=privacy,
-                           ledger=args.ledger)
+                           privacy=privacy, ledger=args.ledger, eval_data=args.eval_data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,6 +50,10 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     teacher.add_argument("--label-counts", metavar="N,N,...|DIR", help="--model: how many training records of "
                          "each class, in the task's order, or the training data's ImageFolder to count them (released "
                          "as the privacy mode says); default: not shared")
+    teacher.add_argument("--eval-data", metavar="DIR", help="held-out labelled images of your own (an ImageFolder: "
+                         "one sub-folder per class of the task, named as its classes; a --checkpoint's classes are "
+                         "named 0, 1, ...): at the end of the run this institution evaluates the student on them and "
+                         "releases only the counts, through its privacy policy and ledger")
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", type=address, help="the coordinator's hub")
     parser.add_argument("--token-file", help="file holding this teacher's token (from the coordinator)")
     parser.add_argument("--ca", help="CA certificate (PEM) that signed the hub's certificate; default: system roots")

@@ -142,7 +142,9 @@ def serve(model: nn.Module | torch.export.ExportedProgram, task: Task | str | Pa
           insecure: bool = False, **host: Any) -> dict[str, int]:
     """Serve ``model`` to the coordinator's hub at ``connect`` until the session ends (as ``fedkd teacher``);
     returns what was released. ``host``: the host's limits and release policy (``access``, ``privacy`` a
-    :class:`~fedkd.institution.privacy.policy.PrivacySettings`, ``ledger``, ``max_batch``, ``device``)."""
+    :class:`~fedkd.institution.privacy.policy.PrivacySettings`, ``ledger``, ``max_batch``, ``device``) and
+    ``eval_data`` (held-out labelled images of the institution's own, an ImageFolder of the task: the final
+    student is evaluated on them and only the counts are released, through the policy)."""
     from fedkd.client.agent import AgentSettings, ClientTLS, TeacherAgent
     from fedkd.client.cli import host_from_module
     from fedkd.tls import read_certificates

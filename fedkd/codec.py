@@ -12,6 +12,7 @@ with INVALID_ARGUMENT or RESOURCE_EXHAUSTED and a message naming the field.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,8 @@ from fedkd.contract import (
     ForwardReply,
     QueryContext,
     QueryError,
+    StudentEvaluation,
+    StudentToEvaluate,
     TeacherDescription,
     vote_logits,
 )
@@ -178,7 +181,7 @@ def encode_description(d: TeacherDescription, *, name: str = "", max_batch: int 
         mean=list(d.mean), std=list(d.std), access_modes=list(d.access_modes),
         has_feature_statistics=d.has_feature_statistics, num_samples=d.num_samples or 0,
         label_counts=list(d.label_counts or ()), max_batch=max_batch,
-        privacy=encode_privacy(d.privacy), terms=list(d.available_terms),
+        privacy=encode_privacy(d.privacy), terms=list(d.available_terms), evaluates_student=d.evaluates_student,
     )
 
 
@@ -233,6 +236,7 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         privacy=_decode_description_privacy(msg),
         # terms this coordinator knows (an agent newer than the hub may announce more; they are never asked for)
         terms=tuple(t for t in dict.fromkeys(msg.terms) if t in TERM_NAMES),
+        evaluates_student=bool(msg.evaluates_student),
     )
 
 
@@ -409,3 +413,66 @@ def encode_forward_reply(reply: ForwardReply) -> pb.AgentMessage:
 
 def encode_backward_reply(grad_inputs: Tensor) -> pb.AgentMessage:
     return pb.AgentMessage(backward=pb.BackwardReply(grad_inputs=encode_tensor(grad_inputs)))
+
+
+# The final student, for the institutions that evaluate it -------------------------------------------------------
+
+MAX_WEIGHTS = 100_000  # named tensors in a student's state dict
+MAX_ARGS = 10_000  # characters of the constructor's arguments (JSON)
+MAX_EXAMPLES = 1e12  # examples an evaluation may report
+
+
+def evaluate_request(student: StudentToEvaluate, state: QueryContext) -> pb.EvaluateRequest:
+    msg = pb.EvaluateRequest(model=student.model, args_json=json.dumps(student.args), state=encode_state(state))
+    for name, tensor in student.weights.items():
+        msg.weights.add(name=name, tensor=encode_tensor(tensor))
+    return msg
+
+
+def decode_evaluate_request(msg: pb.EvaluateRequest, *,
+                            max_bytes: int | None = None) -> tuple[StudentToEvaluate, QueryContext]:
+    """What the hub asks an institution to evaluate, checked (the institution decides separately whether it builds
+    the model it names)."""
+    def bad(text: str) -> QueryError:
+        return QueryError("INVALID_ARGUMENT", f"evaluate: {text}")
+
+    if not msg.model or len(msg.model) > MAX_TEXT or not msg.model.isprintable():
+        raise bad(f"model must be printable text of 1 to {MAX_TEXT} characters")
+    if len(msg.args_json) > MAX_ARGS:
+        raise bad(f"args_json has {len(msg.args_json):,} characters, at most {MAX_ARGS:,}")
+    try:
+        args = json.loads(msg.args_json or "{}")
+    except json.JSONDecodeError as exc:
+        raise bad(f"args_json is not JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise bad(f"args_json must be a JSON object, got {type(args).__name__}")
+    if not 0 < len(msg.weights) <= MAX_WEIGHTS:
+        raise bad(f"weights must hold 1 to {MAX_WEIGHTS:,} named tensors, got {len(msg.weights):,}")
+    weights: dict[str, Tensor] = {}
+    for entry in msg.weights:
+        if not entry.name or len(entry.name) > MAX_TEXT or not entry.name.isprintable() or entry.name in weights:
+            raise bad(f"weights: a tensor name must be printable, unique and 1 to {MAX_TEXT} characters, got "
+                      f"{entry.name[:MAX_NAME]!r}")
+        weights[entry.name] = decode_tensor(entry.tensor, field=f"weights[{entry.name!r}]", max_bytes=max_bytes)
+    return StudentToEvaluate(msg.model, args, weights), decode_state(msg.state)
+
+
+def encode_evaluation(evaluation: StudentEvaluation) -> pb.AgentMessage:
+    return pb.AgentMessage(evaluation=pb.Evaluation(correct=evaluation.correct, examples=evaluation.examples,
+                                                    epsilon=evaluation.epsilon,
+                                                    privacy=encode_privacy(evaluation.privacy)))
+
+
+def decode_evaluation(msg: pb.AgentMessage) -> StudentEvaluation:
+    """An institution's evaluation of the student, as untrusted as any answer: finite counts, 0 <= correct <=
+    examples <= 1e12, an epsilon >= 0; INVALID_ARGUMENT naming the field otherwise."""
+    if msg.WhichOneof("kind") != "evaluation":
+        raise QueryError("INVALID_ARGUMENT", f"answered an EvaluateRequest with {msg.WhichOneof('kind') or 'nothing'}")
+    e = msg.evaluation
+    if not (math.isfinite(e.correct) and math.isfinite(e.examples) and 0 <= e.correct <= e.examples <= MAX_EXAMPLES):
+        raise QueryError("INVALID_ARGUMENT", f"evaluation: needs 0 <= correct <= examples <= {MAX_EXAMPLES:g}, got "
+                                             f"correct={e.correct!r}, examples={e.examples!r}")
+    if not math.isfinite(e.epsilon) or e.epsilon < 0:
+        raise QueryError("INVALID_ARGUMENT", f"evaluation: epsilon must be a finite number >= 0, got {e.epsilon!r}")
+    privacy = decode_privacy(e.privacy) if e.HasField("privacy") else None
+    return StudentEvaluation(float(e.correct), float(e.examples), float(e.epsilon), privacy)

@@ -128,12 +128,39 @@ class TeacherDescription:
     label_counts: tuple[int, ...] | None = None
     privacy: dict[str, float | str] | None = None
     terms: tuple[str, ...] = ()  # teacher-side terms it computes (fedkd.institution.terms), besides feature statistics
+    evaluates_student: bool = False  # it evaluates the final student on held-out data of its own
 
     @property
     def available_terms(self) -> tuple[str, ...]:
         """Every teacher-side term this teacher computes (feature statistics as the old flag states it)."""
         extra = (FEATURE_STATISTICS,) if self.has_feature_statistics and FEATURE_STATISTICS not in self.terms else ()
         return tuple(self.terms) + extra
+
+
+@dataclass(frozen=True)
+class StudentToEvaluate:
+    """The final student as an institution that evaluates it receives it: a fedkd model name or ``torchvision:NAME``
+    (never code: the institution imports none that the coordinator names), the constructor's arguments, and every
+    parameter and buffer by name."""
+
+    model: str
+    args: dict[str, Any]
+    weights: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class StudentEvaluation:
+    """An institution's evaluation of the student on its own held-out data, as its release policy released it
+    (exact without a privacy mechanism; else noised and accounted in its ledger)."""
+
+    correct: float
+    examples: float
+    epsilon: float = 0.0  # what this release cost
+    privacy: dict[str, float | str] | None = None  # the ledger after it
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.examples if self.examples > 0 else None
 
 
 @dataclass(frozen=True)

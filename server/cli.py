@@ -171,6 +171,14 @@ def _results_footer(summary: dict[str, Any], run_dir: Path) -> list[str]:
     else:
         lines = ["no labelled data at the coordinator: nothing was scored (give eval-data=DIR to score the student)"
                  + (f"; {check['note']}" if check.get("note") else "")]
+    federated = summary.get("federated_evaluation") or {}
+    if "clients" in federated:  # institutions that evaluated the student on held-out data of their own
+        rows = federated["clients"]
+        refused = "; ".join(f"client {r['client']}: {r['why']}" for r in rows if not r["evaluated"])
+        lines.append(f"the federated row: {sum(r['evaluated'] for r in rows)} of {len(rows)} institutions evaluated "
+                     "the student on their own held-out data and released only the counts"
+                     + (" (noised by their privacy policies)" if federated.get("noised") else "")
+                     + (f"; not evaluated: {refused}" if refused else ""))
     if s["accuracy_mean"] is not None:
         lines.append(f"student accuracy over the epochs: mean {s['accuracy_mean']:.4f}, standard deviation "
                      f"{s['accuracy_var'] ** 0.5:.4f}")
@@ -220,7 +228,9 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
                   style="bold")
     federated = summary.get("federated_evaluation") or {}
     if federated.get("student_accuracy") is not None:
-        table.add_row("student", f"on {int(federated.get('num_examples') or 0)} examples the nodes hold (federated)",
+        where = "the nodes hold" if "nodes" in federated else "the institutions hold"
+        noised = ", noised counts" if federated.get("noised") else ""
+        table.add_row("student", f"on {int(federated.get('num_examples') or 0)} examples {where} (federated{noised})",
                       _figure(federated["student_accuracy"]), "", "", style="bold")
     return table
 

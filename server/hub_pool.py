@@ -21,12 +21,22 @@ from torch import Tensor
 from fedkd.codec import (
     backward_request,
     decode_backward_reply,
+    decode_evaluation,
     decode_forward_reply,
     encode_tensor,
+    evaluate_request,
     forward_inputs,
     forward_request,
 )
-from fedkd.contract import ForwardReply, QueryContext, QueryError, QueryStats, TeacherDescription
+from fedkd.contract import (
+    ForwardReply,
+    QueryContext,
+    QueryError,
+    QueryStats,
+    StudentEvaluation,
+    StudentToEvaluate,
+    TeacherDescription,
+)
 from fedkd.coordinator.pool import QuorumError, plan
 from fedkd.institution.privacy.ledger import BUDGET_REFUSAL
 from fedkd.v1 import fedkd_pb2 as pb
@@ -36,6 +46,7 @@ from .membership import Connection, ConnectionLost, Members, Slot
 logger = logging.getLogger(__name__)
 
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+EVALUATION_TIMEOUT = 300.0  # seconds an institution may take to evaluate the student on its held-out data
 
 
 @dataclass
@@ -74,9 +85,11 @@ class HubPool:
                               f"answer; waited {hub.rejoin_timeout:.0f} s for {', '.join(hub.missing())} to rejoin")
         return live
 
-    def _fan_out(self, messages: Mapping[int, dict[str, Any]]) -> _Outcome:
-        """Send ``messages[k]`` to teacher k (all at once) and gather the answers within the deadline."""
+    def _fan_out(self, messages: Mapping[int, dict[str, Any]], timeout: float | None = None) -> _Outcome:
+        """Send ``messages[k]`` to teacher k (all at once) and gather the answers within the deadline (the hub's
+        query timeout unless ``timeout`` says otherwise)."""
         hub = self.hub
+        timeout = hub.query_timeout if timeout is None else timeout
         sent: dict[int, tuple[Connection, int, cf.Future[pb.AgentMessage]]] = {}
         sent_at: dict[int, float] = {}
         answered_at: dict[int, float] = {}
@@ -106,17 +119,17 @@ class HubPool:
             future.add_done_callback(functools.partial(_stamp, answered_at, k))
             sent[k] = (connection, mid, future)
             ids[k] = (connection, mid)
-        done, _ = cf.wait([f for _, _, f in sent.values()], timeout=hub.query_timeout)
+        done, _ = cf.wait([f for _, _, f in sent.values()], timeout=timeout)
         answers = {}
         for k, (connection, mid, future) in sent.items():
             name = hub.slots[k].name
             # how long the coordinator waited for this teacher (the whole deadline for one that never answered). A
             # future's done-callbacks run after its waiters wake: an answer not stamped yet arrived just now.
-            waited = answered_at.get(k, time.monotonic()) - sent_at[k] if future in done else hub.query_timeout
+            waited = answered_at.get(k, time.monotonic()) - sent_at[k] if future in done else timeout
             hub.slots[k].stats.answer_ms += round(1000 * waited)
             if future not in done:
                 connection.forget(mid)
-                failures[name] = f"no answer within {hub.query_timeout:g} s"
+                failures[name] = f"no answer within {timeout:g} s"
                 continue
             try:
                 msg = future.result()
@@ -233,6 +246,34 @@ class HubPool:
         self._log_failures(outcome, "Backward")
         # The Forward already met the quorum; a Backward a teacher misses only loses its gradient term.
         self._check_quorum(outcome, 1, "Backward")
+        return out
+
+    def evaluate_student(self, student: StudentToEvaluate,
+                         state: QueryContext) -> dict[int, StudentEvaluation | str]:
+        """Ask each connected teacher that evaluates students to evaluate ``student`` on its own held-out data:
+        its released counts, or why there are none (keyed by teacher). Nothing here fails the run."""
+        request = evaluate_request(student, state)
+        size = request.ByteSize() + 16
+        out: dict[int, StudentEvaluation | str] = {}
+        messages = {}
+        for slot in self.hub.live():
+            if slot.description is None or not slot.description.evaluates_student:
+                continue
+            if slot.connection is not None and size > slot.connection.limit:
+                out[slot.index] = (f"the student ({size:,} bytes) exceeds {slot.name}'s message limit of "
+                                   f"{slot.connection.limit:,} bytes (its --max-message-mb)")
+                continue
+            messages[slot.index] = {"evaluate": request}
+        outcome = self._fan_out(messages, timeout=max(self.hub.query_timeout, EVALUATION_TIMEOUT))
+        for k, msg in outcome.answers.items():
+            try:
+                out[k] = decode_evaluation(msg)
+            except QueryError as exc:
+                outcome.failures[self.hub.slots[k].name] = f"bad answer: {exc.message}"
+        for slot in self.hub.slots:
+            if slot.name in outcome.failures:
+                out[slot.index] = outcome.failures[slot.name]
+        self._log_failures(outcome, "Evaluate")
         return out
 
     def _log_failures(self, outcome: _Outcome, what: str) -> None:

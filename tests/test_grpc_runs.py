@@ -167,11 +167,18 @@ def test_fedkd_distill_and_fedkd_teacher_commands(in_process_run, tmp_path):
         while not (out / "tokens" / "teacher-001.token").exists() or not (out / "tls" / "ca.pem").exists():
             assert time.monotonic() < deadline and coordinator.poll() is None, coordinator.stdout.read().decode()
             time.sleep(0.2)
+        from PIL import Image
+
+        for c in range(10):  # teacher 1's held-out images: a checkpoint's classes are named 0, 1, ...
+            (tmp_path / "held-out" / str(c)).mkdir(parents=True)
+            for i in range(2):
+                Image.new("L", (8, 8), color=25 * c + 7 * i).save(tmp_path / "held-out" / str(c) / f"{i}.png")
         for k in range(2):
             teachers.append(subprocess.Popen(
                 [*fedkd, "teacher", "--checkpoint", str(ref_dir / "clients" / f"client_{k:02d}" / "teacher.pt"),
                  "--connect", f"localhost:{port}", "--token-file", str(out / "tokens" / f"teacher-{k:03d}.token"),
-                 "--ca", str(out / "tls" / "ca.pem")], stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                 "--ca", str(out / "tls" / "ca.pem"), *(["--eval-data", str(tmp_path / "held-out")] if k else [])],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         log = coordinator.communicate(timeout=300)[0].decode()
         assert coordinator.returncode == 0, log
         results = [t.communicate(timeout=30) for t in teachers]
@@ -185,6 +192,9 @@ def test_fedkd_distill_and_fedkd_teacher_commands(in_process_run, tmp_path):
     assert summary["transport"] == "grpc" and len(summary["teachers"]) == 2
     assert [r["forward_calls"] for r in released] == [c["forward_calls"] for c in summary["queries"]["per_client"]]
     assert "student" in log and summary["student"]["test_accuracy"] > 0.2
+    rows = summary["federated_evaluation"]["clients"]  # the coordinator's test set and teacher 1's own, both
+    assert [(r["client"], r["evaluated"], r["num-examples"]) for r in rows] == [(1, True, 20.0)]
+    assert "released the student's accuracy" in results[1][1].decode() and 0.0 <= rows[0]["accuracy"] <= 1.0
 
 
 def test_a_teacher_pointed_at_nothing_gives_up_with_a_clear_error(in_process_run, tmp_path):

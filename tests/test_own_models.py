@@ -173,10 +173,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _image_folder(root, classes=10, per_class=2):
+    from PIL import Image
+
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("L", (8, 8), color=23 * c + 9 * i).save(root / str(c) / f"{i}.png")
+    return root
+
+
 def test_institutions_own_models_distil_over_grpc_with_only_a_task_card_at_the_coordinator(clinic, tmp_path):
     """fedkd distill with task=CARD and no data; two institutions serve models fedkd never trained (their own
     module with its weights, an exported program) with fedkd teacher --model; the student leaves as an exported
-    program and a model card, and the program answers as the saved state dict does."""
+    program and a model card, and the program answers as the saved state dict does. The first institution
+    evaluates the student on held-out images of its own (--eval-data): the summary has its counts."""
     import json
     import os
     import subprocess
@@ -201,7 +212,9 @@ def test_institutions_own_models_distil_over_grpc_with_only_a_task_card_at_the_c
         while not (out / "tokens" / "teacher-001.token").exists() or not (out / "tls" / "ca.pem").exists():
             assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].stdout.read().decode()
             time.sleep(0.2)
-        own = [["--model", "clinic_models:Clinic", "--weights", str(weights), "--label-counts", ",".join(["9"] * 10)],
+        held_out = _image_folder(tmp_path / "held-out")
+        own = [["--model", "clinic_models:Clinic", "--weights", str(weights), "--label-counts", ",".join(["9"] * 10),
+                "--eval-data", str(held_out)],
                ["--model", str(program), "--access", "logits,gradient"]]
         for k, flags in enumerate(own):
             procs.append(subprocess.Popen(
@@ -225,7 +238,6 @@ def test_institutions_own_models_distil_over_grpc_with_only_a_task_card_at_the_c
     assert "loyalty (*) were measured on 1,000 fresh synthetic samples" in output, output[-2000:]
     student_card = json.loads((out / "student.json").read_text())
     assert student_card["task"] == summary["task"] and student_card["files"]["exported_program"] == "student.pt2"
-    assert student_card["accuracy"] == {"coordinator": None, "federated": None}
     assert student_card["parameters"] > 0 and student_card["query_samples"] == summary["queries"]["samples"]
     exported = torch.export.load(out / "student.pt2").module()
     from fedkd.institution.loading import load_teacher
@@ -233,6 +245,17 @@ def test_institutions_own_models_distil_over_grpc_with_only_a_task_card_at_the_c
     student, _ = load_teacher(out / "student.pt")
     x = torch.randn(5, 1, 8, 8)
     torch.testing.assert_close(exported(x), student(x), rtol=1e-5, atol=1e-5)
+    # The institution's evaluation: exact counts (no privacy mechanism), the student it received = the one saved.
+    images = Task.from_toml(card).load_images(held_out)
+    correct = int((student((images.images - 0.3) / 0.38).argmax(1) == images.labels).sum())
+    federated = summary["federated_evaluation"]
+    assert federated["clients"] == [{"client": 0, "evaluated": True, "accuracy": correct / 20, "num-examples": 20.0,
+                                     "epsilon": 0.0}]
+    assert federated["student_accuracy"] == correct / 20 and federated["num_examples"] == 20
+    assert student_card["accuracy"]["coordinator"] is None
+    assert student_card["accuracy"]["federated"]["value"] == correct / 20
+    assert "the institutions' evaluation: 1 of 1 evaluated the student" in output, output[-3000:]
+    assert "the federated row: 1 of 1 institutions evaluated the student" in output
 
 
 def test_fedkd_run_refuses_a_task_card_naming_what_to_run(tmp_path, capsys):

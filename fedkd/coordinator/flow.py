@@ -26,6 +26,7 @@ import torch
 
 from fedkd.config import RunConfig
 from fedkd.coordinator.distillation import Distillation, RunObserver, build, distill, epoch_line
+from fedkd.coordinator.evaluation import evaluate_at_institutions
 from fedkd.coordinator.export import export_program, model_card, onnx_available, write_model_card, write_onnx
 from fedkd.coordinator.pool import TeacherPool
 from fedkd.coordinator.rundir import claim_run_dir
@@ -188,6 +189,16 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
         with teachers.session(run_dir, device, observer) as session:
             result = distill(config, session.pool, task.spec, session.test, run_dir, device=device,
                              saved_state=saved_state, observer=observer, started=started)
+            # Institutions that hold labelled data of their own judge the student before the session ends.
+            evaluated = evaluate_at_institutions(session.pool, result.student, model=config.student_model,
+                                                 args=config.student_arguments(), method=config.method)
+            if evaluated is not None:
+                session.sections["federated_evaluation"] = evaluated
+                done = [r for r in evaluated["clients"] if r["evaluated"]]
+                observer.stage(f"the institutions' evaluation: {len(done)} of {len(evaluated['clients'])} evaluated "
+                               "the student" + (f", accuracy {evaluated['student_accuracy']:.4f} on "
+                                                f"{evaluated['num_examples']:.0f} examples"
+                                                if evaluated["student_accuracy"] is not None else ""))
         # The session has ended: the clients have reported what they released.
         save_student(result, config, task.spec, run_dir / "student.pt")
         export_error = export_program(result.student, task.input_shape, run_dir / "student.pt2")

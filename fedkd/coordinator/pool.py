@@ -23,7 +23,15 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from fedkd.contract import ForwardReply, QueryContext, QueryError, QueryStats, TeacherDescription
+from fedkd.contract import (
+    ForwardReply,
+    QueryContext,
+    QueryError,
+    QueryStats,
+    StudentEvaluation,
+    StudentToEvaluate,
+    TeacherDescription,
+)
 from fedkd.institution.host import TeacherHost
 from fedkd.institution.privacy.ledger import BudgetExhausted
 
@@ -66,6 +74,12 @@ class TeacherPool(Protocol):
 
     def client_reports(self) -> list[dict[str, Any]]:
         """What each client itself says it released (its own accounting)."""
+        ...
+
+    def evaluate_student(self, student: StudentToEvaluate,
+                         state: QueryContext) -> dict[int, StudentEvaluation | str]:
+        """Each member that evaluates students (its description says so) evaluates ``student`` on its own held-out
+        data: the counts it released, or why there are none. Never raises for a member's refusal."""
         ...
 
 
@@ -159,3 +173,14 @@ class LocalPool:
 
     def client_reports(self) -> list[dict[str, Any]]:
         return [{"client": h.description.client, **h.stats.as_dict()} for h in self.hosts]
+
+    def evaluate_student(self, student: StudentToEvaluate,
+                         state: QueryContext) -> dict[int, StudentEvaluation | str]:
+        out: dict[int, StudentEvaluation | str] = {}
+        for k, host in enumerate(self.hosts):
+            if host.describe().evaluates_student:
+                try:
+                    out[k] = host.evaluate_student(student, state)
+                except QueryError as exc:
+                    out[k] = f"refused: {exc.code}: {exc.message}"
+        return out

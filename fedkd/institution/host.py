@@ -41,16 +41,29 @@ from fedkd.contract import (
     QueryContext,
     QueryError,
     QueryStats,
+    StudentEvaluation,
+    StudentToEvaluate,
     TeacherDescription,
     vote_logits,
 )
 from fedkd.institution.privacy import contract_status
 from fedkd.institution.terms import FeatureStatistics, TermSet, available_terms
+from fedkd.models import build_classifier, is_code_spec
 
 if TYPE_CHECKING:
+    from fedkd.data import ImageData
     from fedkd.institution.privacy.policy import ReleasePolicy
 
 logger = logging.getLogger(__name__)
+
+def load_error(exc: BaseException, limit: int = 300) -> str:
+    """What ``load_state_dict`` (or building a model) said, on one line: the missing and unexpected keys and the
+    shape mismatches, without torch's "Error(s) in loading state_dict for X:" preamble."""
+    text = " ".join(str(exc.args[0] if exc.args else exc).split())
+    if text.startswith("Error(s) in loading state_dict for") and ":" in text:
+        text = text.split(":", 1)[1].strip()
+    return text[:limit]
+
 
 def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, share_label_counts: bool = True,
                         access_modes: tuple[str, ...] = ACCESS_MODES,
@@ -105,6 +118,7 @@ class TeacherHost:
         remember: int = 64,
         keep_graphs: int = 4,
         policy: ReleasePolicy | None = None,
+        evaluation: ImageData | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -117,6 +131,17 @@ class TeacherHost:
                 raise ValueError("description claims feature statistics but the model has no BatchNorm layers")
             raise ValueError(f"description claims teacher-side term(s) {', '.join(claimed)} the model cannot compute")
         self.max_batch = max_batch
+        # Held-out data of the institution's own on which it evaluates the final student when the hub asks (it
+        # says so in its description); the counts are released through the policy, like every answer.
+        self.evaluation = evaluation
+        if evaluation is not None:
+            if len(evaluation) == 0:
+                raise ValueError("the evaluation data holds no images")
+            if tuple(evaluation.images.shape[1:]) != tuple(description.input_shape):
+                raise ValueError(f"the evaluation images have shape {tuple(evaluation.images.shape[1:])}, the "
+                                 f"teacher takes {tuple(description.input_shape)}")
+            description = dataclasses.replace(description, evaluates_student=True)
+            self.description = description
         # The client's release policy (privacy mode, noise, budget, ledger); None: answers as computed.
         self.policy = policy
         self.stats = QueryStats()
@@ -241,6 +266,54 @@ class TeacherHost:
                 grad_inputs = self.policy.release("input gradients", grad_inputs)
             self.stats.count_backward(inputs, grad_logits, grad_inputs, by_ref=kept is not None)
             return grad_inputs.detach().cpu()
+
+    def evaluate_student(self, student: StudentToEvaluate, state: QueryContext) -> StudentEvaluation:
+        """The final student's (correct, examples) on this institution's held-out data, released through its
+        policy. The student is rebuilt from a fedkd model name or ``torchvision:NAME`` (code the hub names is
+        refused) on the meta device, so an architecture the weights do not fill allocates nothing."""
+        if self.evaluation is None:
+            self._refuse("FAILED_PRECONDITION", "this institution evaluates no student (it was given no evaluation "
+                                                "data)")
+        assert self.evaluation is not None
+        if is_code_spec(student.model):
+            self._refuse("FAILED_PRECONDITION", f"the student {student.model!r} is built by code, and this "
+                         "institution imports none that the coordinator names")
+        channels, height, width = self.description.input_shape
+        try:
+            with torch.device("meta"):
+                model = build_classifier(student.model, num_classes=self.description.num_classes, channels=channels,
+                                         image_size=(height, width), args=student.args)
+            model.load_state_dict(student.weights, strict=True, assign=True)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            self._refuse("INVALID_ARGUMENT", f"the student {student.model!r} cannot be rebuilt from the weights "
+                         f"sent: {load_error(exc)}")
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            self._refuse("INVALID_ARGUMENT", f"the student's weights leave {', '.join(left[:3])} unset")
+        model = model.float().to(self.device).eval()
+        mean = torch.tensor(self.description.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.description.std).view(1, -1, 1, 1)
+        correct, data = 0, self.evaluation
+        with torch.no_grad():
+            for start in range(0, len(data), self.max_batch):
+                images = (data.images[start:start + self.max_batch] - mean) / std
+                logits = model(images.to(self.device))
+                if logits.shape != (len(images), self.description.num_classes):
+                    self._refuse("INVALID_ARGUMENT", f"the student answers {tuple(logits.shape)} for a batch of "
+                                 f"{len(images)}; the task has {self.description.num_classes} classes")
+                correct += int((logits.argmax(1).cpu() == data.labels[start:start + self.max_batch]).sum())
+        with self._lock:
+            self.last_state = state
+            if self.policy is None:
+                return StudentEvaluation(float(correct), float(len(data)))
+            before = self.policy.ledger.spent
+            try:
+                released = self.policy.evaluation_counts(correct, len(data))
+            except QueryError:
+                self.stats.refused += 1
+                raise
+            return StudentEvaluation(*released, epsilon=self.policy.ledger.spent - before,
+                                     privacy=self.policy.status())
 
     def forget_kept(self) -> None:
         """Drop the kept graphs (a new session numbers its Forwards afresh)."""

@@ -82,7 +82,7 @@ class PrivacyStatus(_message.Message):
     def __init__(self, mechanism: _Optional[str] = ..., epsilon_budget: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., unit: _Optional[str] = ...) -> None: ...
 
 class TeacherDescription(_message.Message):
-    __slots__ = ("name", "client", "model", "num_classes", "input_shape", "mean", "std", "access_modes", "has_feature_statistics", "num_samples", "label_counts", "privacy", "max_batch", "terms")
+    __slots__ = ("name", "client", "model", "num_classes", "input_shape", "mean", "std", "access_modes", "has_feature_statistics", "num_samples", "label_counts", "privacy", "max_batch", "terms", "evaluates_student")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class TeacherDescription(_message.Message):
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     TERMS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATES_STUDENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     client: int
     model: str
@@ -111,7 +112,8 @@ class TeacherDescription(_message.Message):
     privacy: PrivacyStatus
     max_batch: int
     terms: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ..., terms: _Optional[_Iterable[str]] = ...) -> None: ...
+    evaluates_student: bool
+    def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ..., terms: _Optional[_Iterable[str]] = ..., evaluates_student: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("inputs", "state", "bn_loss", "labels", "keep", "terms")
@@ -201,6 +203,38 @@ class Spent(_message.Message):
     privacy: PrivacyStatus
     def __init__(self, forward_calls: _Optional[int] = ..., backward_calls: _Optional[int] = ..., samples: _Optional[int] = ..., bytes: _Optional[int] = ..., refused: _Optional[int] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ...) -> None: ...
 
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("model", "args_json", "weights", "state")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    args_json: str
+    weights: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    state: CurriculumState
+    def __init__(self, model: _Optional[str] = ..., args_json: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., state: _Optional[_Union[CurriculumState, _Mapping]] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("correct", "examples", "epsilon", "privacy")
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    correct: float
+    examples: float
+    epsilon: float
+    privacy: PrivacyStatus
+    def __init__(self, correct: _Optional[float] = ..., examples: _Optional[float] = ..., epsilon: _Optional[float] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ...) -> None: ...
+
 class Hello(_message.Message):
     __slots__ = ("session", "description", "agent_version", "max_message_bytes")
     SESSION_FIELD_NUMBER: _ClassVar[int]
@@ -232,31 +266,35 @@ class Goodbye(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., aborted: _Optional[bool] = ...) -> None: ...
 
 class HubMessage(_message.Message):
-    __slots__ = ("id", "welcome", "forward", "backward", "goodbye")
+    __slots__ = ("id", "welcome", "forward", "backward", "goodbye", "evaluate")
     ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
     id: int
     welcome: Welcome
     forward: ForwardRequest
     backward: BackwardRequest
     goodbye: Goodbye
-    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., forward: _Optional[_Union[ForwardRequest, _Mapping]] = ..., backward: _Optional[_Union[BackwardRequest, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
+    evaluate: EvaluateRequest
+    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., forward: _Optional[_Union[ForwardRequest, _Mapping]] = ..., backward: _Optional[_Union[BackwardRequest, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateRequest, _Mapping]] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("id", "hello", "forward", "backward", "error", "spent")
+    __slots__ = ("id", "hello", "forward", "backward", "error", "spent", "evaluation")
     ID_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     id: int
     hello: Hello
     forward: ForwardReply
     backward: BackwardReply
     error: Status
     spent: Spent
-    def __init__(self, id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., forward: _Optional[_Union[ForwardReply, _Mapping]] = ..., backward: _Optional[_Union[BackwardReply, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., spent: _Optional[_Union[Spent, _Mapping]] = ...) -> None: ...
+    evaluation: Evaluation
+    def __init__(self, id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., forward: _Optional[_Union[ForwardReply, _Mapping]] = ..., backward: _Optional[_Union[BackwardReply, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., spent: _Optional[_Union[Spent, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
