@@ -188,6 +188,10 @@ class RunConfig:
         0.0, TIMEOUT_LIMIT, open_low=True, help="seconds a query waits for the teachers"))
     rejoin_timeout: float = field(default=120.0, metadata=bounded(
         0.0, TIMEOUT_LIMIT, help="seconds to wait for teachers to rejoin when fewer than the quorum are live"))
+    straggler_factor: float = field(default=0.0, metadata=bounded(
+        0.0, 1e6, help="once the quorum has answered a query, the other teachers get this many times the median "
+                       "answer time (at least 1 s) before the query goes on without them (counted as late); 0: "
+                       "every teacher is waited for up to query-timeout"))
     max_message_mb: float = field(default=64.0, metadata=bounded(
         0.0, 2000.0, open_low=True, help="the largest gRPC message, MB"))
 

@@ -184,6 +184,7 @@ class QueryStats:
     missed: int = 0  # queries a teacher did not answer (dropped out, deadline, refusal): coordinator side
     wire_bytes: int = 0  # serialized messages both ways, when a transport has a wire
     answer_ms: int = 0  # milliseconds the coordinator waited for this teacher's answers, summed: coordinator side
+    late: int = 0  # queries the straggler policy went on without (also counted as missed): coordinator side
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)

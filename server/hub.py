@@ -82,6 +82,7 @@ class Hub:
         quorum: int | None = None,
         hello_timeout: float = 5.0,
         spec: DatasetSpec | None = None,
+        straggler_factor: float = 0.0,
     ) -> None:
         if not slots:
             raise ValueError("a hub needs at least one teacher slot")
@@ -97,6 +98,7 @@ class Hub:
         self.max_message_bytes = int(max_message_bytes)
         self.query_timeout = query_timeout
         self.rejoin_timeout = rejoin_timeout
+        self.straggler_factor = straggler_factor  # 0: wait for every teacher up to query_timeout
         self.quorum = quorum if quorum is not None else len(self.slots) // 2 + 1
         if not 1 <= self.quorum <= len(self.slots):
             raise ValueError(f"quorum {self.quorum} must be between 1 and the {len(self.slots)} teachers")
@@ -118,11 +120,12 @@ class Hub:
     @classmethod
     def for_run(cls, slots: Mapping[str, str | None], config: RunConfig, *, session: str, address: str,
                 tls: ServerTLS | None) -> Hub:
-        """A hub with the run's limits: message size, deadline, rejoin wait and quorum from ``config``."""
+        """A hub with the run's limits: message size, deadline, straggler policy, rejoin wait and quorum from
+        ``config``."""
         return cls(slots, session=session, address=address, tls=tls,
                    max_message_bytes=int(config.max_message_mb * MiB), query_timeout=config.query_timeout,
                    rejoin_timeout=config.rejoin_timeout, quorum=config.quorum_size(len(slots)),
-                   spec=config.run_task().spec)
+                   spec=config.run_task().spec, straggler_factor=config.straggler_factor)
 
     # Lifecycle --------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from .membership import Connection, ConnectionLost, Members, Slot
 logger = logging.getLogger(__name__)
 
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+STRAGGLER_FLOOR = 1.0  # seconds: the straggler rule never cuts a teacher sooner (jitter is not slowness)
 EVALUATION_TIMEOUT = 300.0  # seconds an institution may take to evaluate the student on its held-out data
 
 
@@ -85,9 +86,12 @@ class HubPool:
                               f"answer; waited {hub.rejoin_timeout:.0f} s for {', '.join(hub.missing())} to rejoin")
         return live
 
-    def _fan_out(self, messages: Mapping[int, dict[str, Any]], timeout: float | None = None) -> _Outcome:
+    def _fan_out(self, messages: Mapping[int, dict[str, Any]], timeout: float | None = None,
+                 enough: int = 0) -> _Outcome:
         """Send ``messages[k]`` to teacher k (all at once) and gather the answers within the deadline (the hub's
-        query timeout unless ``timeout`` says otherwise)."""
+        query timeout unless ``timeout`` says otherwise). With the hub's ``straggler_factor`` F > 0, once ``enough``
+        teachers have answered the others get F times the median answer time so far (at least
+        STRAGGLER_FLOOR seconds) and the query goes on without them: late, counted and named."""
         hub = self.hub
         timeout = hub.query_timeout if timeout is None else timeout
         sent: dict[int, tuple[Connection, int, cf.Future[pb.AgentMessage]]] = {}
@@ -119,17 +123,22 @@ class HubPool:
             future.add_done_callback(functools.partial(_stamp, answered_at, k))
             sent[k] = (connection, mid, future)
             ids[k] = (connection, mid)
-        done, _ = cf.wait([f for _, _, f in sent.values()], timeout=timeout)
+        done, late = self._gather(sent, sent_at, answered_at, timeout, enough)
         answers = {}
         for k, (connection, mid, future) in sent.items():
             name = hub.slots[k].name
             # how long the coordinator waited for this teacher (the whole deadline for one that never answered). A
             # future's done-callbacks run after its waiters wake: an answer not stamped yet arrived just now.
-            waited = answered_at.get(k, time.monotonic()) - sent_at[k] if future in done else timeout
+            waited = answered_at.get(k, time.monotonic()) - sent_at[k] if future in done else (late or timeout)
             hub.slots[k].stats.answer_ms += round(1000 * waited)
             if future not in done:
                 connection.forget(mid)
-                failures[name] = f"no answer within {timeout:g} s"
+                if late is not None:
+                    hub.slots[k].stats.late += 1
+                    failures[name] = (f"late: no answer within {late:.2g} s, {hub.straggler_factor:g} x the median "
+                                      "answer time of the teachers that answered (straggler-factor)")
+                else:
+                    failures[name] = f"no answer within {timeout:g} s"
                 continue
             try:
                 msg = future.result()
@@ -146,6 +155,30 @@ class HubPool:
                 continue
             answers[k] = msg
         return _Outcome(answers, failures, lost, ids)
+
+    def _gather(self, sent: Mapping[int, tuple[Connection, int, cf.Future[pb.AgentMessage]]],
+                sent_at: Mapping[int, float], answered_at: Mapping[int, float], timeout: float,
+                enough: int) -> tuple[set[cf.Future[pb.AgentMessage]], float | None]:
+        """The futures answered before the query's deadline: ``timeout`` after it was sent, or, under the straggler
+        policy, F x the median answer time once ``enough`` have answered (never below STRAGGLER_FLOOR); and the
+        seconds after which the straggler rule cut the others (None when it cut nobody)."""
+        futures = {k: f for k, (_, _, f) in sent.items()}
+        start = min(sent_at.values(), default=time.monotonic())
+        deadline, cut = start + timeout, None
+        factor = self.hub.straggler_factor
+        pending = set(futures.values())
+        while pending:
+            now = time.monotonic()
+            limit = deadline
+            answered = [k for k, f in futures.items() if f not in pending]
+            if factor > 0 and answered and len(answered) >= max(enough, 1):
+                times = sorted(answered_at.get(k, now) - sent_at[k] for k in answered)
+                limit = min(deadline, start + max(STRAGGLER_FLOOR, factor * times[len(times) // 2]))
+            if now >= limit:
+                cut = limit - start if limit < deadline else None
+                break
+            _, pending = cf.wait(pending, timeout=limit - now, return_when=cf.FIRST_COMPLETED)
+        return {f for f in futures.values() if f not in pending}, cut
 
     def _check_quorum(self, outcome: _Outcome, need: int, what: str) -> None:
         if len(outcome.answers) < need:
@@ -170,7 +203,7 @@ class HubPool:
             messages = {s.index: {"serialized": forward_request(
                 x_field, state, terms=parts[s.index].terms, labels=parts[s.index].labels, keep=parts[s.index].keep,
             )} for s in live if s.index in asked}
-            outcome = self._fan_out(messages)
+            outcome = self._fan_out(messages, enough=need)
             replies = {}
             for k, msg in outcome.answers.items():
                 slot = self.hub.slots[k]
@@ -213,7 +246,7 @@ class HubPool:
                 x = encode_tensor(inputs) if x is None else x
                 request = backward_request(grad_logits, grad_terms, state, inputs=x)
             messages[k] = {"backward": request}
-        outcome = self._fan_out(messages)
+        outcome = self._fan_out(messages, enough=1)
         # A teacher that no longer keeps the named Forward's graph (evicted, or restarted) gets the inputs.
         stale = [k for k in by_ref if "does not keep" in outcome.failures.get(self.hub.slots[k].name, "")]
         if stale:
@@ -264,7 +297,8 @@ class HubPool:
                                    f"{slot.connection.limit:,} bytes (its --max-message-mb)")
                 continue
             messages[slot.index] = {"evaluate": request}
-        outcome = self._fan_out(messages, timeout=max(self.hub.query_timeout, EVALUATION_TIMEOUT))
+        outcome = self._fan_out(messages, timeout=max(self.hub.query_timeout, EVALUATION_TIMEOUT),
+                                enough=len(messages))  # an evaluation is never cut as a straggler
         for k, msg in outcome.answers.items():
             try:
                 out[k] = decode_evaluation(msg)

@@ -129,6 +129,7 @@ class Members(Protocol):
     query_timeout: float
     rejoin_timeout: float
     max_message_bytes: int
+    straggler_factor: float
 
     def live(self) -> list[Slot]: ...
 

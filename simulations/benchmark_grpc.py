@@ -1,7 +1,7 @@
 """Benchmark of the gRPC query path: printed figures, not asserted in tests.
 
     python simulations/benchmark_grpc.py                 # everything below
-    python simulations/benchmark_grpc.py --only queries  # one part: queries, fanout or run
+    python simulations/benchmark_grpc.py --only queries  # one part: queries, fanout, straggler or run
 
 Parts:
 - ``queries``: one teacher agent process (LeNet-5 on MNIST-5k shapes) behind the
@@ -17,6 +17,10 @@ Parts:
   one 2-core machine hosts all eight, so these teachers compute almost nothing
   (a pooled linear layer) and the figure measures the hub's fan-out: messages
   encoded, sent and answered in parallel. Target: 8 teachers <= 1.15 x 1 teacher.
+- ``straggler``: five such teachers, one of them answering after 1 s instead of 50 ms; time of a generator
+  step's queries with every teacher waited for (``straggler-factor=0``, the default) and with the straggler
+  policy (``straggler-factor=3``: once the quorum has answered, the others get 3 x the median answer time, at
+  least 1 s), and how often the slow teacher's answers were used.
 - ``run``: the main job (``fedkd run``) in-process and with ``transport=grpc``
   (five agent processes), from the same trained teachers.
   Target: gRPC wall time <= 1.05 x in-process.
@@ -183,6 +187,45 @@ def bench_fanout(repeats: int) -> dict[str, Any]:
     return figures
 
 
+def bench_straggler(repeats: int) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    latencies = [0.05, 0.05, 0.05, 0.05, 1.0]
+    for factor in (0.0, 3.0):
+        with tempfile.TemporaryDirectory() as tmp:
+            pki = make_dev_pki(Path(tmp))
+            names = [f"client-{k:03d}" for k in range(len(latencies))]
+            tokens = {n: f"token-{n}" for n in names}
+            hub = Hub(tokens, session="straggler", straggler_factor=factor,
+                      tls=ServerTLS(pki.server_cert.read_bytes(), pki.server_key.read_bytes()))
+            port = hub.start()
+            agents = [subprocess.Popen([sys.executable, "-m", "simulations.slow_agent", "--connect",
+                                        f"localhost:{port}", "--token", tokens[name], "--ca", str(pki.ca_cert),
+                                        "--client", str(k), "--latency", str(latency)], cwd=ROOT)
+                      for k, (name, latency) in enumerate(zip(names, latencies))]
+            try:
+                hub.wait_for_teachers(timeout=120)
+                ensemble = Ensemble(hub.pool, reliability=False)
+                used = []
+
+                def step(ensemble: Ensemble = ensemble, used: list[bool] = used) -> None:
+                    x = torch.randn(128, 1, 28, 28, requires_grad=True)
+                    out = ensemble(x, STATE)
+                    out.logits[:, 0].sum().backward()
+                    used.append(len(latencies) - 1 in out.members)
+
+                times = _timed(step, repeats)
+                figures[f"factor_{factor:g}"] = {"step_ms": 1e3 * statistics.median(times),
+                                                 "slow_teacher_used": sum(used) / len(used),
+                                                 "late": hub.pool.stats()[-1].late}
+            finally:
+                hub.end_session(timeout=2)
+                for agent in agents:
+                    agent.kill()
+                    agent.wait(30)
+                hub.stop()
+    return figures
+
+
 def bench_run(cache: Path, out_root: Path) -> dict[str, Any]:
     figures = {}
     for name, overrides, transport in [("in-process", {}, None), ("grpc", {"transport": "grpc"}, grpc_transport)]:
@@ -200,11 +243,11 @@ def bench_run(cache: Path, out_root: Path) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["queries", "fanout", "run"], action="append")
+    parser.add_argument("--only", choices=["queries", "fanout", "straggler", "run"], action="append")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out-root", default=str(ROOT / "runs"))
     args = parser.parse_args()
-    parts = args.only or ["queries", "fanout", "run"]
+    parts = args.only or ["queries", "fanout", "straggler", "run"]
     torch.set_num_threads(2)
     cache = _teachers(Path(args.out_root) / "benchmark-grpc-teachers")
     results: dict[str, Any] = {"machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
@@ -215,6 +258,9 @@ def main() -> int:
     if "fanout" in parts:
         print("- fan-out with 50 ms teachers", flush=True)
         results["fanout"] = bench_fanout(max(10, args.repeats // 5))
+    if "straggler" in parts:
+        print("- one teacher of five at 1 s, the others at 50 ms", flush=True)
+        results["straggler"] = bench_straggler(max(5, args.repeats // 10))
     if "run" in parts:
         results["run"] = bench_run(cache, Path(args.out_root))
 
@@ -232,6 +278,11 @@ def main() -> int:
         print(f"| generator-step queries, 1 teacher at 50 ms | {f['1_teachers_step_ms']:.0f} ms |")
         print(f"| generator-step queries, 8 teachers at 50 ms | {f['8_teachers_step_ms']:.0f} ms "
               f"({f['ratio']:.2f}x; target <= 1.15x: {'met' if f['ratio'] <= 1.15 else 'MISSED'}) |")
+    if "straggler" in results:
+        for factor, f in results["straggler"].items():
+            print(f"| generator-step queries, one of five teachers at 1 s, straggler-{factor.replace('_', '=')} | "
+                  f"{f['step_ms']:.0f} ms; the slow teacher's answers used in {100 * f['slow_teacher_used']:.0f} % "
+                  f"of the steps |")
     if "run" in results:
         r = results["run"]
         for where in ("in-process", "grpc"):

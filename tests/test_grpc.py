@@ -497,6 +497,34 @@ def test_a_slow_teacher_misses_the_deadline_and_the_quorum_carries_on(hub_factor
     assert Ensemble(hub.pool)(torch.randn(4, *SHAPE), STATE).members == [0, 1]
 
 
+def test_the_straggler_policy_goes_on_without_a_slow_teacher_once_the_quorum_has_answered(hub_factory, pki, caplog):
+    """A teacher that always answers just inside query-timeout would set the pace of every query; with
+    straggler-factor F the others wait F x the median answer time (at least 1 s) once the quorum has answered."""
+    hub, hosts, agents = two_teacher_hub(hub_factory, pki, query_timeout=30.0, quorum=1, straggler_factor=3.0)
+    original = hosts[1].forward
+
+    def slow(*args, **kwargs):
+        time.sleep(4.0)
+        return original(*args, **kwargs)
+
+    hosts[1].forward = slow
+    started = time.monotonic()
+    out = Ensemble(hub.pool, reliability=False)(torch.randn(4, *SHAPE), STATE)
+    waited = time.monotonic() - started
+    assert out.members == [0] and 1.0 <= waited < 3.0  # the 1 s floor, not the teacher's 4 s nor the 30 s deadline
+    stats = hub.pool.stats()[1]
+    assert (stats.late, stats.missed, stats.forward_calls) == (1, 1, 0)
+    assert 900 <= stats.answer_ms < 3000 and hub.pool.stats()[0].late == 0
+    assert "teacher-001: late: no answer within 1 s, 3 x the median answer time" in caplog.text
+    hosts[1].forward = original
+    time.sleep(4.5)  # the late answers arrive and are dropped
+    hub.straggler_factor = 0.0  # off: every teacher is waited for, as before
+    hosts[1].forward = slow
+    started = time.monotonic()
+    assert Ensemble(hub.pool, reliability=False)(torch.randn(4, *SHAPE), STATE).members == [0, 1]
+    assert time.monotonic() - started >= 4.0
+
+
 def test_a_refusing_teacher_is_left_out_and_named(hub_factory, pki):
     hub = hub_factory({"teacher-000": "a", "teacher-001": "b"}, tls=server_tls(pki), quorum=1)
     small = make_host(1, max_batch=4)
