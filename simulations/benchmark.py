@@ -21,6 +21,9 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
   teachers whose logits are honest and whose input gradients are -8 times the honest ones (issue 27's probe:
   0.610 -> 0.156 on digits before the coordinator judged gradients). Target: student within 0.03 of the
   honest run.
+- ``swap``: the main job with one (then two colluding) teachers honest except that they swap the classes 3 and
+  5 (targeted poisoning, their histograms honest). Target: the student's recall on those classes within 0.05 of
+  the honest run's.
 - ``aggregators``: no distillation: every aggregator's test accuracy on the teachers of the IID,
   Dirichlet(0.5), Dirichlet(0.1) and pathological splits (what picked ``ensemble=auto``).
 
@@ -70,6 +73,11 @@ RUNS: dict[str, dict[str, Any]] = {
     "hostile-fixed-trusting": {"reliability": False},
     "hostile-random": {},
     "hostile-random-trusting": {"reliability": False},
+    # Targeted poisoning: client 0 (and 1, colluding) honest except that it answers class 5 for class 3 and the
+    # reverse (the digits 3 and 5 on MNIST-5k): its last layer's two rows swapped, its label histogram honest.
+    # What it costs is measured as the student's recall on those two classes.
+    "swap-1": {},
+    "swap-2": {},
     # Every client grants logits only: the teachers' input gradients are estimated by zeroth order.
     "logits-only": {"teacher-access": "logits"},
     # Gradient poisoning on digits: clients 0 (and 1) answer honest logits and -8x the honest input gradient.
@@ -86,7 +94,10 @@ GROUPS = {"default": ["default"], "one-client": ["one-client"], "pathological": 
           "hostile": ["default", "hostile-fixed", "hostile-fixed-trusting", "hostile-random",
                       "hostile-random-trusting"],
           "access": ["default", "logits-only"],
-          "poisoned": ["digits", "digits-poison-1", "digits-poison-2", "default", "poison-1", "poison-2"]}
+          "poisoned": ["digits", "digits-poison-1", "digits-poison-2", "default", "poison-1", "poison-2"],
+          "swap": ["default", "swap-1", "swap-2"]}
+SWAPPED = (3, 5)  # the classes a targeted-poisoning teacher swaps
+SWAPPERS = {"swap-1": (0,), "swap-2": (0, 1)}
 SPLITS = {"iid": {"partition": "iid"}, "dirichlet-0.5": {"alpha": 0.5}, "dirichlet-0.1": {"alpha": 0.1},
           "pathological": {"partition": "pathological", "classes-per-client": 2}}
 
@@ -117,6 +128,12 @@ def doctor_teacher(path: Path, kind: str, seed: int) -> None:
     classes = ckpt["num_classes"]
     last = [k for k, v in state.items() if k.endswith(".weight") and v.dim() == 2 and v.shape[0] == classes][-1]
     bias = last[: -len("weight")] + "bias"
+    if kind == "swap":  # honest except for two classes, its histogram honest too
+        a, b = SWAPPED
+        for key in (last, bias):
+            state[key][[a, b]] = state[key][[b, a]].clone()
+        save_atomic(ckpt, path)
+        return
     if kind == "fixed":
         state[last] = torch.zeros_like(state[last])
         state[bias] = torch.zeros_like(state[bias])
@@ -152,10 +169,12 @@ def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
     config = config_from_mapping({**RUNS[name], "seed": seed})
     out = out_root / f"{name}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    if name.startswith("hostile-"):  # the honest federation's teachers, then client 0 turns hostile
+    if name.startswith(("hostile-", "swap-")):  # the honest federation's teachers, then some turn hostile
         data = load_dataset(config.dataset, config.data_root, seed=seed)
         prepare_clients(config, data, out, setup(config), _Quiet())
-        doctor_teacher(out / "clients" / "client_00" / "teacher.pt", name.split("-")[1], seed)
+        for client in SWAPPERS.get(name, (0,)):
+            doctor_teacher(out / "clients" / f"client_{client:02d}" / "teacher.pt",
+                           "swap" if name.startswith("swap-") else name.split("-")[1], seed)
         (out / "config.json").unlink(missing_ok=True)
     with poisoned_gradients(POISONED.get(name, set())):
         summary = run_experiment(config, out, observer=_Quiet())
@@ -167,7 +186,19 @@ def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
             "admitted": [json.loads(line).get("admitted") for line in (out / "metrics.jsonl").read_text().splitlines()],
             "teacher_weights": [t["weight"] for t in summary["ensemble"]["teachers"]],
             "gradient_weights": [t.get("gradient_weight") for t in summary["ensemble"]["teachers"]],
-            "run_dir": str(out)}
+            "swapped_recall": _recall(out, config, SWAPPED), "run_dir": str(out)}
+
+
+def _recall(out: Path, config: Any, classes: tuple[int, ...]) -> float:
+    """The run's student's recall on ``classes`` of the test set (what a targeted swap of them costs)."""
+    from fedkd.institution.loading import load_teacher
+    from fedkd.metrics import predict
+
+    student, _ = load_teacher(out / "student.pt")
+    data = load_dataset(config.dataset, config.data_root, seed=config.seed)
+    guess = predict(student, data.spec.normalize(data.test.images)).argmax(1)
+    mask = torch.isin(data.test.labels, torch.tensor(classes))
+    return float((guess[mask] == data.test.labels[mask]).float().mean())
 
 
 def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]] | None = None
@@ -199,6 +230,11 @@ def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]]
         reference = _mean_std([r["student"] for r in default])[0]
         return [("student >= honest run - 0.03", f"{student:.4f} vs {reference - 0.03:.4f}",
                  student >= reference - 0.03)]
+    if name in SWAPPERS and default:
+        reference = statistics.fmean(r["swapped_recall"] for r in default)
+        recall = statistics.fmean(r["swapped_recall"] for r in runs)
+        return [("recall on the swapped classes >= honest run - 0.05", f"{recall:.4f} vs {reference - 0.05:.4f}",
+                 recall >= reference - 0.05)]
     if name in ("hostile-fixed", "hostile-random") and default:
         reference = _mean_std([r["student"] for r in default])[0]
         return [("student >= default - 0.02", f"{student:.4f} vs {reference - 0.02:.4f}",
