@@ -5,6 +5,8 @@ NeurIPS 2022, Table 1): 5 clients, Dirichlet(0.1), (0.3) and (0.5) splits, 3 see
     python simulations/fashion_mnist.py        # the whole table: 9 splits x 2 students (hours on 2 cores)
     python simulations/fashion_mnist.py --alphas 0.5 --seeds 0 --students default      # one run
     python simulations/fashion_mnist.py --alphas 0.5 --tag gen32 --set generator-width=32    # one factor
+    python simulations/fashion_mnist.py --factors    # every factor measured so far, from the records
+    python simulations/fashion_mnist.py --diagnose runs/fashion-mnist/a0.5-s0-...   # where one student falls short
 
 Each (alpha, seed) trains its five LeNet-5 teachers once (fedkd's client recipe, cached under ``--runs``); every
 student of that split distils from the same teachers. Students: fedkd's default (LeNet-5-half, ``default``) and
@@ -202,6 +204,89 @@ def targets(rows: dict[tuple[float, str], list[dict[str, Any]]]) -> list[str]:
     return out
 
 
+SPLIT_KEYS = ("dataset", "data-root", "num-clients", "partition", "alpha", "seed")
+
+
+def factors(results: Path, alpha: float) -> list[str]:
+    """Every cached variant of the default student at ``alpha`` against the defaults on the same seeds (the
+    factor table: what each change does), the largest gain first; read from the records, nothing runs."""
+    variants: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in sorted((results / "records").glob(f"a{alpha}-s*.json")):
+        record = json.loads(path.read_text())
+        config = record["config"]
+        if config.get("student-model") or config.get("alpha") != alpha:
+            continue  # the teacher-size student has its own rows in the main table
+        change = " ".join(f"{k}={v}" for k, v in sorted(config.items()) if k not in SPLIT_KEYS) or "(the defaults)"
+        variants.setdefault(change, {})[config["seed"]] = record
+    base = variants.get("(the defaults)", {})
+    lines = [f"Dirichlet({alpha}), the default student: each change (`--set`) against the defaults on the same seeds "
+             "(`python simulations/fashion_mnist.py --factors`)", "",
+             "| change | seeds | student | vs the defaults, same seeds | query samples | wall (s) |",
+             "|---|---|---|---|---|---|"]
+
+    def mean(records: list[dict[str, Any]], key: str) -> float:
+        return statistics.fmean(r[key] for r in records)
+
+    rows = []
+    for change, by_seed in variants.items():
+        seeds = sorted(s for s in by_seed if s in base)
+        if not seeds:
+            continue
+        runs = [by_seed[s] for s in seeds]
+        delta = mean(runs, "student") - mean([base[s] for s in seeds], "student")
+        rows.append((delta, f"| `{change}` | {','.join(map(str, seeds))} "
+                     f"| {_ms([r['student'] for r in runs])} | {delta:+.4f} | {mean(runs, 'query_samples'):,.0f} "
+                     f"| {mean(runs, 'wall_seconds'):.0f} |"))
+    return lines + [row for _, row in sorted(rows, reverse=True)]
+
+
+def diagnose(run_dir: Path, data_root: str) -> list[str]:
+    """Where a run's student falls short of its ensemble, from its run directory: recall per class (student,
+    plain probability mean of the teachers), the student with its BatchNorm statistics re-estimated on the real
+    test images (AdaBN: is the gap in the statistics?), and the synthetic pool against the real images (mean,
+    total variation, the ensemble's top probability per class)."""
+    from fedkd.institution.loading import load_teacher
+
+    data = load_dataset("fashion-mnist", data_root, seed=0)
+    x, y = data.spec.normalize(data.test.images), data.test.labels
+    student, _ = load_teacher(run_dir / "student.pt")
+    teachers = [load_teacher(p)[0] for p in sorted(run_dir.glob("clients/client_*/teacher.pt"))]
+    with torch.no_grad():
+        guess = student.eval()(x).argmax(1)
+        mean = torch.stack([t.eval()(x).softmax(1) for t in teachers]).mean(0).argmax(1)
+        for m in student.modules():  # AdaBN: running statistics from the real test images
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        student.train()
+        for i in range(0, len(x), 500):
+            student(x[i:i + 500])
+        adabn = student.eval()(x).argmax(1)
+    lines = [f"{run_dir}: student {float((guess == y).float().mean()):.4f}, with BatchNorm statistics from the "
+             f"real test images {float((adabn == y).float().mean()):.4f}, plain probability mean of the teachers "
+             f"{float((mean == y).float().mean()):.4f}", "", "| class | student recall | teachers' mean recall |",
+             "|---|---|---|"]
+    for c in range(data.spec.num_classes):
+        k = y == c
+        recall = [float((answer[k] == c).float().mean()) for answer in (guess, mean)]
+        lines.append(f"| {c} | {recall[0]:.3f} | {recall[1]:.3f} |")
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")["method"]["pool"]
+    pool = state["images"].float() / 255
+
+    def tv(images: torch.Tensor) -> float:
+        return float((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+                     + (images[..., :, 1:] - images[..., :, :-1]).abs().mean())
+
+    top = state["answers"].float().softmax(1)
+    best = top.argmax(1)
+    lines += ["", f"pixels: real test images mean {float(data.test.images.mean()):.3f}, total variation "
+                  f"{tv(data.test.images):.3f}; the synthetic pool ({len(pool):,}) mean {float(pool.mean()):.3f}, "
+                  f"total variation {tv(pool):.3f}",
+              "the ensemble's top probability on the pool, per class it picks: "
+              + ", ".join(f"{c}: {float(top.max(1).values[best == c].mean()):.2f}" for c in range(top.shape[1]))]
+    return lines
+
+
 def plot(rows: dict[tuple[float, str], list[dict[str, Any]]], path: Path) -> None:
     import matplotlib
 
@@ -244,7 +329,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="also train each student on the real data (distilled from the ensemble, and on labels)")
     parser.add_argument("--cached", action="store_true",
                         help="tabulate the runs already computed (the others are left out, and said so); run nothing")
+    parser.add_argument("--factors", action="store_true",
+                        help="print the factor table of Dirichlet(0.5) from the records (every --set variant "
+                             "against the defaults on the same seeds); run nothing")
+    parser.add_argument("--diagnose", metavar="RUN_DIR",
+                        help="where one run's student falls short of its ensemble (per-class recall, its BatchNorm "
+                             "statistics, the synthetic pool against real images); run nothing")
     args = parser.parse_args(argv)
+    if args.diagnose:
+        print("\n".join(diagnose(Path(args.diagnose), args.data_root)))
+        return 0
+    if args.factors:
+        print("\n".join(factors(Path(args.results), 0.5)))
+        return 0
     alphas = [float(a) for a in args.alphas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     students = args.students.split(",")
