@@ -75,6 +75,17 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     table = (results / "fashion-mnist-tiny.md").read_text()
     assert "| distilled on real images | trained on real labels |" in table
 
+    # Where the student falls short, from its run directory: recall per class beside the teachers' mean, its
+    # BatchNorm statistics from the real images, the synthetic pool against the real images.
+    capsys.readouterr()
+    run_dir = next(p for p in runs.glob("a0.5-s0-*") if json.loads((p / "config.json").read_text()).get(
+        "student-model") != "lenet5")
+    assert fashion_mnist.main(["--data-root", str(idx_root), "--diagnose", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "with BatchNorm statistics from the real test images" in out
+    assert len([line for line in out.splitlines() if line[:4] in {f"| {c} " for c in range(10)}]) == 10
+    assert "the synthetic pool (64)" in out  # 2 rounds of 32
+
 
 def test_a_variant_needs_a_tag_and_a_missing_root_says_what_to_install(tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -83,3 +94,28 @@ def test_a_variant_needs_a_tag_and_a_missing_root_says_what_to_install(tmp_path,
     with pytest.raises(SystemExit):
         fashion_mnist.main(["--data-root", str(tmp_path / "absent")])
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_the_factor_table_compares_each_variant_with_the_defaults_on_its_own_seeds(tmp_path, capsys):
+    records = tmp_path / "records"
+    records.mkdir()
+    split = {"dataset": "fashion-mnist", "data-root": "/x", "num-clients": 5, "partition": "dirichlet",
+             "alpha": 0.5}
+
+    def record(name, student, seed, **changes):
+        (records / f"a0.5-s{seed}-{name}.json").write_text(json.dumps({
+            "config": {**split, "seed": seed, **changes}, "student": student, "query_samples": 1000,
+            "wall_seconds": 10.0}))
+
+    record("d0", 0.70, 0)
+    record("d1", 0.60, 1)
+    record("v0", 0.75, 0, epochs=30)  # seed 0 only: compared with the defaults' seed 0 alone
+    record("w0", 0.66, 0, **{"generator-lr": 0.05})
+    record("w1", 0.66, 1, **{"generator-lr": 0.05})
+    record("t0", 0.99, 0, **{"student-model": "lenet5"})  # the teacher-size student: not a factor
+    assert fashion_mnist.main(["--results", str(tmp_path), "--factors"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert rows[0].startswith("| `epochs=30` | 0 | 0.7500 | +0.0500 |")
+    assert rows[1].startswith("| `generator-lr=0.05` | 0,1 | 0.6600 ± 0.0000 | +0.0100 |")
+    assert rows[2].startswith("| `(the defaults)` | 0,1 | 0.6500 ± 0.0500 | +0.0000 |")
+    assert len(rows) == 3
