@@ -48,6 +48,7 @@ from fedkd.contract import (
 )
 from fedkd.institution.privacy import contract_status
 from fedkd.institution.terms import FeatureStatistics, TermSet, available_terms
+from fedkd.metrics import predict
 from fedkd.models import build_classifier, is_code_spec
 
 if TYPE_CHECKING:
@@ -290,18 +291,18 @@ class TeacherHost:
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
             self._refuse("INVALID_ARGUMENT", f"the student's weights leave {', '.join(left[:3])} unset")
-        model = model.float().to(self.device).eval()
+        data = self.evaluation
         mean = torch.tensor(self.description.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.description.std).view(1, -1, 1, 1)
-        correct, data = 0, self.evaluation
-        with torch.no_grad():
-            for start in range(0, len(data), self.max_batch):
-                images = (data.images[start:start + self.max_batch] - mean) / std
-                logits = model(images.to(self.device))
-                if logits.shape != (len(images), self.description.num_classes):
-                    self._refuse("INVALID_ARGUMENT", f"the student answers {tuple(logits.shape)} for a batch of "
-                                 f"{len(images)}; the task has {self.description.num_classes} classes")
-                correct += int((logits.argmax(1).cpu() == data.labels[start:start + self.max_batch]).sum())
+        try:
+            logits = predict(model.float().to(self.device), (data.images - mean) / std, batch_size=self.max_batch,
+                             device=self.device)
+        except RuntimeError as exc:
+            self._refuse("INVALID_ARGUMENT", f"the student fails on this task's inputs: {load_error(exc)}")
+        if logits.shape != (len(data), self.description.num_classes):
+            self._refuse("INVALID_ARGUMENT", f"the student answers {tuple(logits.shape)} for {len(data)} inputs; the "
+                         f"task has {self.description.num_classes} classes")
+        correct = int((logits.argmax(1) == data.labels).sum())
         with self._lock:
             self.last_state = state
             if self.policy is None:
