@@ -296,10 +296,10 @@ def partition_indices(
     ``iid``: uniform random shards; ``dirichlet``: per-class proportions drawn
     from Dirichlet(alpha) (resampled until every client has
     ``min_partition_size`` samples); ``pathological``: ``classes_per_client``
-    classes per client. Deterministic for a seed; partitions are disjoint.
+    classes per client, every class owned when the clients' classes cover them (:func:`_pathological`). Deterministic for a seed; partitions are disjoint.
     """
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     y = np.asarray(labels, dtype=np.int64)
     if num_clients > len(y):
@@ -317,10 +317,7 @@ def partition_indices(
         num_classes = len(np.unique(y))
         if classes_per_client > num_classes:
             raise ValueError(f"classes-per-client={classes_per_client} exceeds the {num_classes} classes")
-        partitioner = PathologicalPartitioner(
-            num_partitions=num_clients, partition_by="label", num_classes_per_partition=classes_per_client,
-            class_assignment_mode="first-deterministic", seed=seed,
-        )
+        return _pathological(y, num_clients, classes_per_client, seed)
     else:
         raise ValueError(f"unknown partition scheme {scheme!r}; valid: iid, dirichlet, pathological")
     partitioner.dataset = table
@@ -334,6 +331,34 @@ def partition_indices(
             f"partition {scheme!r} left clients {empty} with no data; use fewer clients or more classes per client"
         )
     return parts
+
+
+def _pathological(y: np.ndarray, num_clients: int, classes_per_client: int, seed: int) -> list[np.ndarray]:
+    """``classes_per_client`` classes per client, every class owned whenever num_clients x classes_per_client
+    covers the classes: the classes in an order the seed draws, dealt round-robin (client i holds the classes at
+    positions i k, ..., i k + k - 1 of that order, wrapping around); each class's samples split evenly among its
+    owners. Flower Datasets' ``PathologicalPartitioner`` draws every class but the first at random, which can
+    leave classes to nobody (seed 11, 5 clients x 2 classes: 8 and 9 unowned); none of its modes deals the
+    classes out, so fedkd does it here."""
+    classes = np.unique(y)
+    rng = np.random.default_rng(seed)
+    order = classes[rng.permutation(len(classes))]
+    held = [[order[(i * classes_per_client + j) % len(classes)] for j in range(classes_per_client)]
+            for i in range(num_clients)]
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in classes:
+        owners = [i for i in range(num_clients) if c in held[i]]
+        if not owners:
+            continue
+        members = rng.permutation(np.flatnonzero(y == c))
+        for owner, share in zip(owners, np.array_split(members, len(owners))):
+            parts[owner].append(share)
+    out = [np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts]
+    empty = [i for i, p in enumerate(out) if len(p) == 0]
+    if empty:
+        raise ValueError(f"partition 'pathological' left clients {empty} with no data; use fewer clients or more "
+                         "classes per client")
+    return out
 
 
 # One institution's own data (a deployment node) ------------------------------

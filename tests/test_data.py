@@ -197,9 +197,30 @@ def test_iid_covers_everything_evenly():
 
 def test_pathological_gives_k_classes_per_client():
     parts = partition_indices(LABELS, 5, "pathological", classes_per_client=2, seed=0)
-    assert all(len(set(LABELS[p].tolist())) <= 2 for p in parts)
-    # Flower's first-deterministic assignment: client i always holds class i, the rest are drawn.
-    assert all(i in set(LABELS[p].tolist()) for i, p in enumerate(parts))
+    assert all(len(set(LABELS[p].tolist())) == 2 for p in parts)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pathological_leaves_no_class_without_an_owner(seed):
+    # Flower's first-deterministic assignment left classes 8 and 9 to nobody with seed 11 (5 x 2 = 10 classes).
+    parts = partition_indices(LABELS, 5, "pathological", classes_per_client=2, seed=seed)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(LABELS)))  # every sample, once
+    held = [frozenset(LABELS[p].tolist()) for p in parts]
+    assert all(len(h) == 2 for h in held)
+
+
+def test_pathological_pairings_are_drawn_by_the_seed_and_shared_classes_split_evenly():
+    pairings = {tuple(sorted(tuple(sorted(set(LABELS[p].tolist()))) for p in
+                             partition_indices(LABELS, 5, "pathological", classes_per_client=2, seed=s)))
+                for s in range(10)}
+    assert len(pairings) > 1
+    parts = partition_indices(LABELS, 4, "pathological", classes_per_client=3, seed=3)  # 12 slots, 10 classes
+    owners = np.zeros(10, dtype=int)
+    for p in parts:
+        for c in set(LABELS[p].tolist()):
+            owners[c] += 1
+            assert np.sum(LABELS[p] == c) in (60, 30)  # whole, or half of a class two clients share
+    assert owners.min() >= 1 and owners.sum() == 12
 
 
 def test_dirichlet_small_alpha_is_skewed_and_respects_min_size():
