@@ -108,6 +108,8 @@ def _fingerprint(config: RunConfig, source: str, model_name: str, client: int) -
     settings["data-root"] = str(Path(config.data_root).resolve())
     settings["dp-sgd"] = config.privacy_modes()[client] == "dp-sgd"
     settings["pate"] = config.privacy_modes()[client] == "pate"
+    if config.teacher_recipe != "closed":  # (closed teachers keep the fingerprints they had before the key)
+        settings["teacher-recipe"] = config.teacher_recipe
     if source.startswith("file:") and Path(source[5:]).exists():
         stat = Path(source[5:]).stat()
         source += f":{stat.st_size}:{stat.st_mtime_ns}"

@@ -117,6 +117,8 @@ def check_teacher_fields(ckpt: dict[str, Any], path: Path) -> None:
     if (not isinstance(counts, (list, tuple)) or (counts and len(counts) != classes)
             or not all(integer(c) and c >= 0 for c in counts)):
         raise field_error(path, "label_counts", f"is not {classes} non-negative integers")
+    if not isinstance(ckpt.get("unknown_output", False), bool):
+        raise field_error(path, "unknown_output", f"is {ckpt['unknown_output']!r}, not true or false")
     privacy = ckpt.get("privacy")
     if privacy is not None and not isinstance(privacy, dict):
         raise field_error(path, "privacy", f"is a {type(privacy).__name__}, not a table")
@@ -127,8 +129,10 @@ def check_teacher_fields(ckpt: dict[str, Any], path: Path) -> None:
 def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_classes: int,
                  input_shape: tuple[int, int, int], num_samples: int, label_counts: list[int],
                  mean: tuple[float, ...], std: tuple[float, ...],
-                 privacy: dict[str, Any] | None = None, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A teacher with what its host needs to describe itself (input normalisation, DP guarantee).
+                 privacy: dict[str, Any] | None = None, model_args: dict[str, Any] | None = None,
+                 unknown_output: bool = False) -> dict[str, Any]:
+    """A teacher with what its host needs to describe itself (input normalisation, DP guarantee). With
+    ``unknown_output`` the model has ``num_classes + 1`` outputs, the last "unknown" (teacher-recipe=open-set).
 
     Returns the checkpoint as written (what :func:`load_teacher` would return with it)."""
     ckpt = {
@@ -138,6 +142,8 @@ def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_cla
         "privacy": dict(privacy) if privacy else None,
         "state_dict": model.state_dict(),
     }
+    if unknown_output:
+        ckpt["unknown_output"] = True
     if model_args:
         ckpt["model_args"] = dict(model_args)  # a torchvision student's arguments (plain values only)
     save_atomic(ckpt, path)

@@ -182,6 +182,7 @@ def encode_description(d: TeacherDescription, *, name: str = "", max_batch: int 
         has_feature_statistics=d.has_feature_statistics, num_samples=d.num_samples or 0,
         label_counts=list(d.label_counts or ()), max_batch=max_batch,
         privacy=encode_privacy(d.privacy), terms=list(d.available_terms), evaluates_student=d.evaluates_student,
+        unknown_output=d.unknown_output,
     )
 
 
@@ -237,6 +238,7 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         # terms this coordinator knows (an agent newer than the hub may announce more; they are never asked for)
         terms=tuple(t for t in dict.fromkeys(msg.terms) if t in TERM_NAMES),
         evaluates_student=bool(msg.evaluates_student),
+        unknown_output=bool(msg.unknown_output),
     )
 
 
@@ -313,8 +315,11 @@ def backward_request(grad_logits: Tensor, grad_terms: Mapping[str, float], state
 
 
 def decode_forward_reply(msg: pb.AgentMessage, batch: int, classes: int, *, labels: bool = False,
-                         terms: Sequence[str] = ()) -> ForwardReply:
-    """A teacher's answer to a Forward, checked against what was asked (INVALID_ARGUMENT naming the field)."""
+                         terms: Sequence[str] = (),
+                         outputs: int | None = None) -> ForwardReply:
+    """A teacher's answer to a Forward, checked against what was asked (INVALID_ARGUMENT naming the field).
+    ``outputs``: the width of its logits (``classes``, or one more from a teacher with an unknown output)."""
+    width = outputs or classes
     if msg.WhichOneof("kind") != "forward":
         raise QueryError("INVALID_ARGUMENT", f"answered a Forward with {msg.WhichOneof('kind')}")
     if labels:
@@ -325,10 +330,10 @@ def decode_forward_reply(msg: pb.AgentMessage, batch: int, classes: int, *, labe
         if len(hard) and (int(hard.min()) < -1 or int(hard.max()) >= classes):
             raise QueryError("INVALID_ARGUMENT", f"labels outside 0..{classes - 1} (or -1: abstain)")
         return ForwardReply(vote_logits(hard, classes), labels=hard)
-    logits = decode_tensor(msg.forward.logits, field="logits", max_bytes=batch * classes * 4)
-    if logits.dtype != torch.float32 or tuple(logits.shape) != (batch, classes):
+    logits = decode_tensor(msg.forward.logits, field="logits", max_bytes=batch * width * 4)
+    if logits.dtype != torch.float32 or tuple(logits.shape) != (batch, width):
         raise QueryError("INVALID_ARGUMENT", f"logits {logits.dtype} {tuple(logits.shape)}, expected float32 "
-                                             f"{(batch, classes)}")
+                                             f"{(batch, width)}")
     if not torch.isfinite(logits).all():
         raise QueryError("INVALID_ARGUMENT", "logits contain NaN or infinite values")
     values = dict(msg.forward.terms)

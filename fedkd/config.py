@@ -101,6 +101,10 @@ class RunConfig:
                                                                  scope="client"))
     teacher_label_smoothing: float = field(default=0.1, metadata=bounded(
         0.0, 1.0, help="label smoothing of teacher training", scope="client"))
+    teacher_recipe: str = field(default="closed", metadata=choice(
+        "closed", "open-set", help="how clients train their teachers: closed (the classes only) or open-set (one "
+        "more output, 'unknown', learned from the client's own images corrupted; the ensemble weighs each answer "
+        "by 1 - p(unknown)); not with dp-sgd or pate", scope="client"))
     # An institution's own `fedkd teacher --access` is authoritative.
     teacher_access: str = field(default="gradient", metadata=described(
         "what each client grants, one or one per client: gradient (Forward and Backward), logits (Forward only; "
@@ -305,6 +309,10 @@ class RunConfig:
         if len(privacy) != self.num_clients or any(m not in PRIVACY_MODES for m in privacy):
             raise ConfigError(f"privacy-mode: {self.privacy_mode!r}; give {', '.join(PRIVACY_MODES)}, for all "
                               f"clients or one per client (num-clients={self.num_clients}), comma-separated")
+        if self.teacher_recipe == "open-set" and (clash := sorted({m for m in privacy if m in ("dp-sgd", "pate")})):
+            raise ConfigError(f"teacher-recipe=open-set: clients with privacy-mode {' or '.join(clash)} cannot train "
+                              "it (DP-SGD and PATE know the classes only); use privacy-mode none or output-noise, or "
+                              "teacher-recipe=closed")
         names = self.teacher_models()
         if len(names) not in (1, self.num_clients):
             raise ConfigError(

@@ -129,6 +129,12 @@ class TeacherDescription:
     privacy: dict[str, float | str] | None = None
     terms: tuple[str, ...] = ()  # teacher-side terms it computes (fedkd.institution.terms), besides feature statistics
     evaluates_student: bool = False  # it evaluates the final student on held-out data of its own
+    unknown_output: bool = False  # its answers carry one more output, "unknown" (teacher-recipe=open-set)
+
+    @property
+    def outputs(self) -> int:
+        """The width of its logits: the classes, and "unknown" when it has that output."""
+        return self.num_classes + int(self.unknown_output)
 
     @property
     def available_terms(self) -> tuple[str, ...]:
@@ -165,7 +171,8 @@ class StudentEvaluation:
 
 @dataclass(frozen=True)
 class ForwardReply:
-    logits: Tensor  # (B, C) float32 (for a labels answer: the smoothed vote, see vote_logits)
+    logits: Tensor  # (B, C) float32, (B, C + 1) from a teacher with an unknown output (for a labels answer: the
+    # smoothed vote over the C classes, see vote_logits)
     # labels below: -1 where a PATE client abstains
     terms: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # 0-d float32 per asked-for term
     labels: Tensor | None = None  # (B,) int64, when hard labels were asked for

@@ -296,7 +296,8 @@ def partition_indices(
     ``iid``: uniform random shards; ``dirichlet``: per-class proportions drawn
     from Dirichlet(alpha) (resampled until every client has
     ``min_partition_size`` samples); ``pathological``: ``classes_per_client``
-    classes per client, every class owned when the clients' classes cover them (:func:`_pathological`). Deterministic for a seed; partitions are disjoint.
+    classes per client, every class owned when the clients' classes cover them
+    (:func:`_pathological`). Deterministic for a seed; partitions are disjoint.
     """
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner

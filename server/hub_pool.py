@@ -208,7 +208,8 @@ class HubPool:
             for k, msg in outcome.answers.items():
                 slot = self.hub.slots[k]
                 try:
-                    reply = decode_forward_reply(msg, batch, classes, labels=parts[k].labels, terms=parts[k].terms)
+                    reply = decode_forward_reply(msg, batch, classes, labels=parts[k].labels, terms=parts[k].terms,
+                                                 outputs=descriptions[k].outputs)
                 except QueryError as exc:
                     outcome.failures[slot.name] = f"bad answer: {exc.message}"
                     continue

@@ -28,7 +28,12 @@ in probability space return log-probabilities, which are valid logits:
 Per-teacher weights (label counts, and the reliability estimate of
 ``fedkd.coordinator.robustness``) reach the aggregators as a (K', C) matrix whose columns
 sum to 1; the order statistics (median, trimmed mean) take no weights: an
-unreliable teacher is left out of them instead.
+unreliable teacher is left out of them instead. Teachers with an "unknown"
+output (``teacher-recipe=open-set``) add a per-input factor, each teacher's
+1 - p(unknown | x) (:func:`competence`): the weights become (K', B, C), and
+the aggregators that work in probability space (prob-mean, class-weighted,
+confidence) sum each teacher's probabilities scaled by it, FedOV's soft vote
+(``utils.py`` ``compute_accuracy_vote_soft``) weighted like any other vote.
 - ``auto`` (a config value, not an aggregator): ``class-weighted`` when at
   least one client shares its label counts, else ``prob-mean``.
 
@@ -58,6 +63,7 @@ class Aggregator:
     needs_counts: bool = False
     description: str = ""
     takes_weights: bool = True  # False: an order statistic; unreliable members are left out instead
+    takes_competence: bool = False  # sums probabilities, so a per-input weight (1 - p(unknown)) scales each vote
 
 
 def class_weights(counts: Sequence[LabelCounts], num_classes: int, num_samples: Sequence[int | None] | None = None
@@ -84,6 +90,19 @@ def class_weights(counts: Sequence[LabelCounts], num_classes: int, num_samples: 
     return torch.where(column > 0, n / column.clamp_min(1e-12), torch.full_like(n, 1.0 / len(n)))
 
 
+def competence(logits: Tensor, num_classes: int, has_unknown: Tensor) -> Tensor:
+    """(K', B) per-input weights from (K', B, C + 1) logits: 1 - p(unknown | x) for the teachers with an unknown
+    output (``has_unknown`` (K',) bool), 1 for the others (their last column is ignored)."""
+    known = torch.logsumexp(logits[..., :num_classes], -1)
+    gate = torch.sigmoid(known - logits[..., num_classes])  # = 1 - softmax(logits)[..., C]
+    return torch.where(has_unknown.view(-1, 1), gate, torch.ones_like(gate))
+
+
+def _per_input(weights: Tensor) -> Tensor:
+    """Weights (K', C) or per input (K', B, C), broadcastable against (K', B, C) probabilities."""
+    return weights.unsqueeze(1) if weights.dim() == 2 else weights
+
+
 def _log_normalise(p: Tensor) -> Tensor:
     """log of p normalised over the last dimension, safe at p = 0."""
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -93,23 +112,23 @@ def _log_normalise(p: Tensor) -> Tensor:
 def _logit_mean(logits: Tensor, weights: Tensor | None) -> Tensor:
     if weights is None:
         return logits.mean(0)
-    return (logits * weights.unsqueeze(1)).sum(0)
+    return (logits * _per_input(weights)).sum(0)
 
 
 def _prob_mean(logits: Tensor, weights: Tensor | None) -> Tensor:
     if weights is None:
         return _log_normalise(F.softmax(logits, -1).mean(0))
-    return _log_normalise((F.softmax(logits, -1) * weights.unsqueeze(1)).sum(0))
+    return _log_normalise((F.softmax(logits, -1) * _per_input(weights)).sum(0))
 
 
 def _class_weighted(logits: Tensor, weights: Tensor | None) -> Tensor:
     assert weights is not None
-    return _log_normalise((F.softmax(logits, -1) * weights.unsqueeze(1)).sum(0))  # (B, C)
+    return _log_normalise((F.softmax(logits, -1) * _per_input(weights)).sum(0))  # (B, C)
 
 
 def _class_weighted_logits(logits: Tensor, weights: Tensor | None) -> Tensor:
     assert weights is not None
-    return (logits * weights.unsqueeze(1)).sum(0)
+    return (logits * _per_input(weights)).sum(0)
 
 
 def _confidence(logits: Tensor, weights: Tensor | None) -> Tensor:
@@ -117,8 +136,10 @@ def _confidence(logits: Tensor, weights: Tensor | None) -> Tensor:
     entropy = -(p * F.log_softmax(logits, -1)).sum(-1)  # (K', B)
     w = F.softmax(-entropy, 0).unsqueeze(-1)  # (K', B, 1)
     if weights is not None:  # per-teacher weights (the class-mean of each row) scale the per-sample ones
-        w = w * weights.mean(1).view(-1, 1, 1)
-        w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
+        mean = weights.mean(-1)  # (K',) or, with competence, (K', B)
+        w = w * (mean.view(-1, 1, 1) if mean.dim() == 1 else mean.unsqueeze(-1))
+        if weights.dim() == 2:
+            w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
     return _log_normalise((w * p).sum(0))
 
 
@@ -144,12 +165,13 @@ def _trimmed_mean(logits: Tensor, weights: Tensor | None) -> Tensor:
 
 AGGREGATORS: dict[str, Aggregator] = {a.name: a for a in (
     Aggregator("logit-mean", _logit_mean, description="mean of the teachers' logits"),
-    Aggregator("prob-mean", _prob_mean, description="mean of the teachers' probabilities"),
-    Aggregator("class-weighted", _class_weighted, needs_counts=True,
+    Aggregator("prob-mean", _prob_mean, takes_competence=True, description="mean of the teachers' probabilities"),
+    Aggregator("class-weighted", _class_weighted, needs_counts=True, takes_competence=True,
                description="probabilities weighted per class by the teachers' label counts (FedFTG)"),
     Aggregator("class-weighted-logits", _class_weighted_logits, needs_counts=True,
                description="logits weighted per class by the teachers' label counts"),
-    Aggregator("confidence", _confidence, description="probabilities weighted per sample by low entropy"),
+    Aggregator("confidence", _confidence, takes_competence=True,
+               description="probabilities weighted per sample by low entropy"),
     Aggregator("median", _median, takes_weights=False,
                description="coordinate-wise median of the teachers' probabilities"),
     Aggregator("trimmed-mean", _trimmed_mean, takes_weights=False,

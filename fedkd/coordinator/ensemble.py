@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fedkd.contract import FEATURE_STATISTICS, QueryContext
-from fedkd.coordinator.aggregation import Aggregator, class_weights, resolve_aggregator
+from fedkd.coordinator.aggregation import Aggregator, class_weights, competence, resolve_aggregator
 from fedkd.coordinator.pool import TeacherPool, plan
 from fedkd.coordinator.robustness import AnswerBounds, GradientAgreement, Reliability, capped_counts
 
@@ -50,7 +51,10 @@ def _query(pool: TeacherPool, inputs: Tensor, state: QueryContext, terms: Sequen
     if refs is not None:
         refs.update({k: r.ref for k, r in replies.items() if r.ref is not None})
     members = sorted(replies)
-    logits = torch.stack([replies[k].logits for k in members]).to(inputs.device)
+    # Teachers with an "unknown" output answer one column more; the others are padded (the column is ignored).
+    width = max((replies[k].logits.shape[-1] for k in members), default=0)
+    logits = torch.stack([F.pad(replies[k].logits, (0, width - replies[k].logits.shape[-1]))
+                          for k in members]).to(inputs.device)
     values = torch.zeros(len(members), len(terms))
     computed = torch.zeros(len(members), len(terms), dtype=torch.bool)
     for i, k in enumerate(members):
@@ -149,11 +153,14 @@ class _FanOut(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_logits: Tensor, grad_values: Tensor) -> tuple[Tensor | None, ...]:
-        g = grad_logits.detach().cpu().float().contiguous()
-        gv = grad_values.detach().cpu().float()
         ensemble: Ensemble = ctx.ensemble
-        grads = {k: (g[i].contiguous(), {name: float(gv[i, j]) for j, name in enumerate(ctx.terms)
-                                          if ctx.computed[i, j]})
+        # each member's part at its own width (a teacher without an unknown output was padded by one column)
+        widths = [ensemble.descriptions[k].outputs for k in ctx.members]
+        g = [row[:, :w].contiguous() for row, w in zip(grad_logits.detach().cpu().float(), widths)]
+        base = [row[:, :w] for row, w in zip(ctx.logits, widths)]
+        gv = grad_values.detach().cpu().float()
+        grads = {k: (g[i], {name: float(gv[i, j]) for j, name in enumerate(ctx.terms)
+                            if ctx.computed[i, j]})
                  for i, k in enumerate(ctx.members) if k in ensemble.gradient_members}
         answers = ctx.pool.backward(ctx.x, grads, ctx.state, refs=ctx.refs)
         index = {k: i for i, k in enumerate(ctx.members)}
@@ -161,7 +168,7 @@ class _FanOut(torch.autograd.Function):
         if ensemble.gradient_check_due():
             checked = {k: v for k, v in answers.items() if ensemble.consistency_checked(k)}
             check.record_consistency(gradient_consistency(
-                ctx.pool, ctx.x, checked, grads, {k: ctx.logits[index[k]] for k in checked},
+                ctx.pool, ctx.x, checked, grads, {k: base[index[k]] for k in checked},
                 {k: {name: float(ctx.values[index[k], j]) for j, name in enumerate(ctx.terms)
                      if ctx.computed[index[k], j]} for k in checked}, ctx.state))
         check.update(answers)  # the peer cosine, reported (directions only: the bounds below do not matter)
@@ -177,7 +184,7 @@ class _FanOut(torch.autograd.Function):
         if estimated and ensemble.zeroth_order.directions > 0:
             answers.update(zeroth_order_gradient(
                 ctx.pool, ctx.x, estimated, {k: g[index[k]] for k in estimated},
-                {k: ctx.logits[index[k]] for k in estimated}, ctx.state, ensemble.zeroth_order))
+                {k: base[index[k]] for k in estimated}, ctx.state, ensemble.zeroth_order))
         answers = ensemble.bounds.gradients(answers)
         total = torch.zeros_like(ctx.x)
         for grad in answers.values():  # (trusted gradients and estimates: a distrusted answer was replaced above)
@@ -201,6 +208,10 @@ class Ensemble:
             raise ValueError(f"teachers disagree on classes {classes} or input shape {shapes}")
         self.descriptions = descriptions
         self.num_classes = classes.pop()
+        # Teachers whose answers carry an "unknown" output (teacher-recipe=open-set): each answer is weighted per
+        # input by 1 - p(unknown) in the aggregators that sum probabilities (fedkd.coordinator.aggregation).
+        # (A labels-only teacher answers votes, abstaining where "unknown" is its top: no column to weigh by.)
+        self.has_unknown = torch.tensor([d.unknown_output and "logits" in d.access_modes for d in descriptions])
         self.aggregator: Aggregator = resolve_aggregator(
             aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
         counts, self.count_scale = capped_counts(descriptions, enabled=reliability)
@@ -270,8 +281,15 @@ class Ensemble:
         # A class only distrusted teachers speak for: their (count) weights as they were.
         return torch.where(column > 0, w / column.clamp_min(1e-12), base / base.sum(0, keepdim=True).clamp_min(1e-12))
 
-    def combine(self, logits: Tensor, members: Sequence[int]) -> Tensor:
-        """The ensemble's (B, C) logits from the members' (K', B, C) logits."""
+    def combine(self, logits: Tensor, members: Sequence[int], competence: Tensor | None = None) -> Tensor:
+        """The ensemble's (B, C) logits from the members' (K', B, C) logits; ``competence`` (K', B): per input, each
+        member's 1 - p(unknown) (1 for members without that output), used by the aggregators that sum
+        probabilities."""
+        if competence is not None and self.aggregator.takes_competence:
+            base = self.weights(members)
+            if base is None:  # equal footing: the probability mean's own weights
+                base = torch.full((len(members), self.num_classes), 1.0 / len(members))
+            return self.aggregator.combine(logits, base.to(logits.device).unsqueeze(1) * competence.unsqueeze(-1))
         if not self.aggregator.takes_weights:  # an order statistic: leave the distrusted teachers out
             r = self.reliability.weights()[list(members)]
             keep = [i for i in range(len(r)) if r[i] > 0]
@@ -331,8 +349,13 @@ class Ensemble:
         else:
             _, answered, logits, values, computed = _query(self.pool, inputs, state, names, min_answers)
         logits = self.bounds.logits(answered, logits)
+        gate = None
+        if logits.shape[-1] > self.num_classes:  # some member has an unknown output
+            has_unknown = self.has_unknown[answered].to(logits.device)
+            gate = competence(logits, self.num_classes, has_unknown) if bool(has_unknown.any()) else None
+            logits = logits[..., :self.num_classes]
         self.reliability.update(answered, logits)
-        combined = self.combine(logits, answered)
+        combined = self.combine(logits, answered, gate)
         out_terms = {}
         for j, name in enumerate(names):
             rows = computed[:, j].nonzero().flatten().tolist()

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from fedkd.config import RunConfig
 from fedkd.contract import TeacherDescription, access_modes
-from fedkd.coordinator.distillation import Distillation, RunObserver, build
+from fedkd.coordinator.distillation import Distillation, RunObserver
 from fedkd.coordinator.flow import Session, coordinate, refuse_task
 from fedkd.coordinator.pool import LocalPool, TeacherPool
 from fedkd.data import DataSplit, load_dataset
@@ -35,7 +35,7 @@ from fedkd.institution.privacy.ledger import ledger_path
 from fedkd.institution.privacy.policy import ReleasePolicy
 from fedkd.institution.training import client_partitions, load_or_train_teacher, train_teacher
 from fedkd.metrics import accuracy, predict
-from fedkd.models import average_weights
+from fedkd.models import average_weights, build_model
 from fedkd.options import ConfigError
 
 
@@ -97,10 +97,12 @@ def _references(config: RunConfig, split: DataSplit, clients: list[ClientTeacher
     names = config.teacher_models()
     spec = split.spec
     if len(set(names)) == 1 and set(config.privacy_modes()) == {"none"}:  # private teachers are not averaged
-        avg = build(names[0], spec)
+        unknown = int(config.teacher_recipe == "open-set")  # open-set teachers: "unknown" last, left out here
+        avg = build_model(names[0], num_classes=spec.num_classes + unknown, channels=spec.channels,
+                          image_size=spec.side)
         avg.load_state_dict(average_weights([c.model for c in clients]))
         refs["fedavg"] = {"model": names[0], "test_accuracy": accuracy(
-            predict(avg.to(device), test_inputs, device=device), split.test.labels)}
+            predict(avg.to(device), test_inputs, device=device)[:, :spec.num_classes], split.test.labels)}
     if config.centralised:
         observer.stage(f"centralised reference: training {names[0]} on the pooled {len(split.train)} samples")
         seed = config.seed * 1000 + 999

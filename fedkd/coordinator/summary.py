@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from fedkd.checkpoint import save_teacher
 from fedkd.config import RunConfig
@@ -93,7 +94,7 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
     last = history[-1]
     if test is None or answers is None:  # no coordinator data: only what the queries and training tell
         accuracies: list[float | None] = [None] * len(pool.descriptions)
-        ensemble_accuracy = None
+        ensemble_accuracy = prob_mean = None
         student: dict[str, Any] = {"model": config.student_model, "test_accuracy": None, "best_accuracy": None,
                                    "agreement": None, "loyalty": None, "accuracy_mean": None, "accuracy_var": None,
                                    # what needs no labels: the student against its ensemble on fresh synthetic data
@@ -101,6 +102,8 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
     else:
         accuracies = [accuracy(logits, test.labels) for logits in answers.members]
         ensemble_accuracy = accuracy(answers.ensemble, test.labels)
+        # what the run's aggregation bought: the plain probability mean of the same teachers' answers
+        prob_mean = accuracy(torch.stack([F.softmax(m.float(), -1) for m in answers.members]).mean(0), test.labels)
         accs = [h["student_accuracy"] for h in history]
         acc_mean, acc_var = mean_and_variance(accs)
         student = {"model": config.student_model, "test_accuracy": last["student_accuracy"],
@@ -134,7 +137,8 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
                      # per teacher: reliability weight, agreement with the others, what was clipped
                      "teachers": ensemble.report()},
         "student": student,
-        "references": dict(references or NO_REFERENCES),
+        "references": {**dict(references or NO_REFERENCES),
+                       "prob_mean_ensemble": None if prob_mean is None else {"test_accuracy": prob_mean}},
         "transport": transport,
         "pool": {"samples": last.get("pool_size"), "size_limit": config.pool_size},
         "queries": {

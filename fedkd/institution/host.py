@@ -95,6 +95,7 @@ def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, 
         num_samples=int(ckpt["num_samples"]) if privacy is None else None,
         label_counts=label_counts,
         privacy=privacy,
+        unknown_output=bool(ckpt.get("unknown_output", False)),
     )
 
 
@@ -195,6 +196,8 @@ class TeacherHost:
             if labels:
                 hard = (self.policy.release_labels(logits.detach()) if self.policy is not None
                         else logits.argmax(-1).cpu())
+                if self.description.unknown_output:  # "unknown" on top: the teacher abstains
+                    hard = torch.where(hard >= self.description.num_classes, torch.full_like(hard, -1), hard)
             elif self.policy is not None:
                 logits = self.policy.release("logits", logits.detach())
             if labels:
@@ -232,7 +235,7 @@ class TeacherHost:
                 self._refuse("INVALID_ARGUMENT", "Backward needs the inputs or the id of the Forward it follows")
             assert inputs is not None
             self._check_inputs(inputs)
-            expected = (len(inputs), self.description.num_classes)
+            expected = (len(inputs), self.description.outputs)
             if grad_logits.dtype != torch.float32 or tuple(grad_logits.shape) != expected:
                 self._refuse("INVALID_ARGUMENT", f"grad_logits must be float32 of shape {expected}, got "
                              f"{grad_logits.dtype} {tuple(grad_logits.shape)}")

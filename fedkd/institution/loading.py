@@ -38,8 +38,9 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
         raise CheckpointError(f"checkpoint {str(path)!r}: its model {name!r} is built by code that the file names, "
                               "and fedkd imports no code a file names; for your own run pass trust_code=True "
                               "(fedkd.load_student), or load student.pt2 with torch.export.load(path).module()")
+    outputs = ckpt["num_classes"] + int(ckpt.get("unknown_output", False))  # "unknown" last (teacher-recipe)
     try:
-        model = build_classifier(name, num_classes=ckpt["num_classes"], channels=shape[0], image_size=shape[1:],
+        model = build_classifier(name, num_classes=outputs, channels=shape[0], image_size=shape[1:],
                                  args=ckpt.get("model_args") or None)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: a {name!r} teacher cannot be built for inputs {shape}: "
@@ -50,6 +51,8 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
         if ckpt["privacy"].get("feature_statistics"):
             attach_statistics(model)  # the DP-released statistics' places, filled by load_state_dict
     elif mechanism == "pate":
+        if outputs != ckpt["num_classes"]:
+            raise field_error(path, "unknown_output", "is true, but PATE shard teachers vote over the classes only")
         teachers = ckpt["privacy"].get("teachers")
         if not isinstance(teachers, int) or not 2 <= teachers <= 10_000:
             raise field_error(path, "privacy", f"records {teachers!r} PATE shard teachers, not an integer >= 2")

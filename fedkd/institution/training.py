@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedkd.checkpoint import save_teacher
+from fedkd.checkpoint import CheckpointError, save_teacher
 from fedkd.config import RunConfig
 from fedkd.data import DatasetSpec, ImageData, partition_indices
 from fedkd.institution.loading import load_teacher
+from fedkd.institution.open_set import HARDENING_STEP, open_set_loss
 from fedkd.options import check_finite
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def train_classifier(
     batch_size: int,
     seed: int,
     label_smoothing: float = 0.0,
+    open_set: bool = False,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
     """Train with Adam and a cosine schedule on ``data`` only; deterministic for a seed.
@@ -44,7 +46,8 @@ def train_classifier(
     partitions clients hold; label smoothing keeps the teachers' logits on a
     comparable scale, which the logit-averaging ensemble needs (measured on
     MNIST-5k, 5 Dirichlet(0.5) clients, 20 epochs: mean-logit ensemble 0.84
-    without, 0.91 with 0.1). Returns the model in eval mode.
+    without, 0.91 with 0.1). With ``open_set`` the model has ``C + 1`` outputs and learns the last, "unknown",
+    from its own images corrupted (:mod:`fedkd.institution.open_set`). Returns the model in eval mode.
     """
     model.to(device).train()
     if epochs == 0 or len(data) == 0:
@@ -54,6 +57,7 @@ def train_classifier(
     steps = epochs * max(1, -(-len(data) // batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     inputs = spec.normalize(data.images)
+    hardening = HARDENING_STEP / (sum(spec.std) / len(spec.std))  # one pixel-space step, in normalised units
     for epoch in range(epochs):
         order = torch.randperm(len(data), generator=rng)
         total = 0.0
@@ -61,8 +65,12 @@ def train_classifier(
             idx = order[i:i + batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one sample
                 continue
-            x = _shift(inputs[idx], rng).to(device)
-            loss = F.cross_entropy(model(x), data.labels[idx].to(device), label_smoothing=label_smoothing)
+            x, y = _shift(inputs[idx], rng).to(device), data.labels[idx].to(device)
+            if open_set:
+                loss = open_set_loss(model, x, y, rng, num_classes=spec.num_classes,
+                                     label_smoothing=label_smoothing, hardening_step=hardening)
+            else:
+                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
             number = check_finite(loss, "teacher-lr", lr, f"training in epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -85,17 +93,22 @@ def _shift(x: torch.Tensor, rng: torch.Generator, max_shift: int = 2) -> torch.T
 
 def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConfig, *, init_seed: int,
                   order_seed: int, device: torch.device | str = "cpu", dp: bool = False, pate: int = 0,
-                  model_args: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
+                  model_args: dict[str, Any] | None = None,
+                  open_set: bool = False) -> tuple[nn.Module, dict[str, Any] | None]:
     """A client's teacher: built from ``init_seed``, trained on ``data`` only with the teacher settings.
 
     With ``dp`` (the client's privacy-mode is dp-sgd) it is trained with Opacus DP-SGD (BatchNorm
     replaced by GroupNorm) and the privacy record comes back with it; with ``pate`` (privacy-mode=pate,
     pate-teachers) it is ``pate`` shard teachers, one per disjoint shard of ``data``, as one
     :class:`~fedkd.institution.privacy.pate.ShardVotes` (its output: their vote counts), with a PATE record;
-    otherwise the privacy record is None.
+    otherwise the privacy record is None. With ``open_set`` (teacher-recipe=open-set) the teacher has one more
+    output, "unknown" (:mod:`fedkd.institution.open_set`); not with DP-SGD or PATE.
     """
     from fedkd.models import build_classifier
 
+    if open_set and (dp or pate):
+        raise ValueError("teacher-recipe=open-set trains without DP-SGD or PATE (their training and votes know the "
+                         "classes only); use privacy-mode=none or output-noise")
     if pate:
         from fedkd.institution.privacy.pate import ShardVotes, pate_record, shards
 
@@ -107,12 +120,13 @@ def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConf
 
     with _INIT_LOCK:  # the global RNG: teachers trained in threads of one process must not interleave here
         torch.manual_seed(init_seed)
-        model = build_classifier(name, num_classes=spec.num_classes, channels=spec.channels,
+        model = build_classifier(name, num_classes=spec.num_classes + int(open_set), channels=spec.channels,
                                  image_size=spec.side, args=model_args)
     if not dp:
         return train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
                                 batch_size=config.teacher_batch_size, seed=order_seed,
-                                label_smoothing=config.teacher_label_smoothing, device=device), None
+                                label_smoothing=config.teacher_label_smoothing, open_set=open_set,
+                                device=device), None
     from fedkd.institution.privacy import DPSettings, make_private_model, train_dp_sgd
     from fedkd.institution.privacy.dpsgd import release_feature_statistics
 
@@ -144,16 +158,23 @@ def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetS
     Training starts from a shared initialisation per architecture, as a one-shot FL server would
     broadcast; only the data order differs between clients (it makes the FedAvg reference meaningful).
     """
+    open_set = config.teacher_recipe == "open-set"
     if path.exists():
         stage(f"client {client}: loading teacher from {path}")
         model, ckpt = load_teacher(path, expected_model=expected_model, num_classes=spec.num_classes,
                                    input_shape=spec.input_shape)
+        if bool(ckpt.get("unknown_output", False)) != open_set:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds a {'open-set' if not open_set else 'closed'} teacher, but the "
+                f"config asks for teacher-recipe={config.teacher_recipe}; use another run directory or set "
+                f"teacher-recipe={'open-set' if not open_set else 'closed'}")
         return model, ckpt, False
     how = " with DP-SGD" if dp else f" x {pate} shard teachers (PATE)" if pate else ""
     stage(f"client {client}: training {name}{how} on {len(data)} private samples")
     model, privacy = train_teacher(name, data, spec, config, init_seed=config.seed * 1000,
-                                   order_seed=config.seed * 1000 + client, device=device, dp=dp, pate=pate)
+                                   order_seed=config.seed * 1000 + client, device=device, dp=dp, pate=pate,
+                                   open_set=open_set)
     ckpt = save_teacher(path, model, model_name=name, num_classes=spec.num_classes, input_shape=spec.input_shape,
                         num_samples=len(data), label_counts=data.label_counts(spec.num_classes),
-                        mean=spec.mean, std=spec.std, privacy=privacy)
+                        mean=spec.mean, std=spec.std, privacy=privacy, unknown_output=open_set)
     return model, ckpt, True
