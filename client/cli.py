@@ -76,14 +76,14 @@ def _granted(access: Sequence[str]) -> tuple[str, ...]:
 
 def host_from_model(spec: str, task: Task, *, weights: str | Path | None = None,
                     model_args: Mapping[str, Any] | None = None, ledger: str | Path | None = None,
-                    **host: Any) -> TeacherHost:
+                    unknown_output: bool = False, **host: Any) -> TeacherHost:
     """A host for the institution's own classifier (``spec``: see :mod:`fedkd.institution.classifier`) on
     ``task``; ``host`` as :func:`host_from_module` takes it. The ledger is kept beside the weights (or the
     exported program) unless ``ledger`` says where."""
-    model = load_classifier(spec, task, weights=weights, model_args=model_args)
+    model = load_classifier(spec, task, weights=weights, model_args=model_args, unknown_output=unknown_output)
     source = Path(weights) if weights is not None else Path(spec)
     return host_from_module(model, task, name=Path(spec).name if spec.endswith(".pt2") else spec,
-                            ledger=ledger or ledger_path(source), checked=True, **host)
+                            ledger=ledger or ledger_path(source), checked=True, unknown_output=unknown_output, **host)
 
 
 def parse_label_counts(text: str | None, task: Task, what: str = "--label-counts") -> list[int] | None:
@@ -105,15 +105,16 @@ def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task
                      max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES, client: int = 0,
                      device: str = "cpu", privacy: PrivacySettings | None = None,
                      ledger: str | Path | None = None, checked: bool = False,
-                     eval_data: str | Path | ImageData | None = None) -> TeacherHost:
+                     eval_data: str | Path | ImageData | None = None, unknown_output: bool = False) -> TeacherHost:
     """A host for a classifier the institution holds as an ``nn.Module`` (checked against the task with a dry
     forward unless ``checked``), with its own limits and release policy. Label counts are shared only when given
     (and as the policy releases them); a DP-SGD or PATE guarantee is claimed only for teachers fedkd trained
     (``--checkpoint``). With ``eval_data`` (the task's ImageFolder, or images already loaded) the institution
-    evaluates the final student on it and releases the counts through its policy."""
+    evaluates the final student on it and releases the counts through its policy. With ``unknown_output`` the
+    model answers one logit more than the task has classes, last "unknown" (an open-set model)."""
     model = as_classifier(given)  # eval mode (an exported program's module keeps its own)
     if not checked:
-        dry_forward(model, task, f"the model {name!r}")
+        dry_forward(model, task, f"the model {name!r}", unknown_output=unknown_output)
     settings = privacy or PrivacySettings(share_label_counts=label_counts is not None)
     if settings.mode in ("dp-sgd", "pate"):
         raise ModelError(f"--privacy-mode {settings.mode}: fedkd claims that guarantee only for a teacher it trained "
@@ -129,7 +130,7 @@ def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task
     policy = ReleasePolicy(settings, num_records=max(records, 1), ledger_path=ledger)
     card = {"model": name, "num_classes": task.num_classes, "input_shape": list(task.input_shape),
             "mean": list(task.mean), "std": list(task.std), "label_counts": counts or [0] * task.num_classes,
-            "num_samples": records, "privacy": None}
+            "num_samples": records, "privacy": None, "unknown_output": unknown_output}
     description = describe_checkpoint(card, model, client=client,
                                       share_label_counts=settings.share_label_counts and counts is not None,
                                       access_modes=_granted(access), policy=policy)
@@ -188,7 +189,7 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
         raise ValueError("give --checkpoint (a teacher fedkd trained) or --model with --task and --weights (your own)")
     access = args.access.split(",")
     if args.checkpoint:
-        for flag in ("task", "weights", "model_args", "label_counts"):
+        for flag in ("task", "weights", "model_args", "label_counts", "unknown_output"):
             if getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} goes with --model; a checkpoint carries its own")
         return host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=access,
@@ -201,7 +202,8 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
                            model_args=parse_model_args(args.model_args),
                            label_counts=parse_label_counts(args.label_counts, task),
                            max_batch=args.max_batch, access=access, device=str(resolve_device(args.device)),
-                           privacy=privacy, ledger=args.ledger, eval_data=args.eval_data)
+                           privacy=privacy, ledger=args.ledger, eval_data=args.eval_data,
+                           unknown_output=args.unknown_output)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

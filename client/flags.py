@@ -54,6 +54,9 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
                          "one sub-folder per class of the task, named as its classes; a --checkpoint's classes are "
                          "named 0, 1, ...): at the end of the run this institution evaluates the student on them and "
                          "releases only the counts, through its privacy policy and ledger")
+    teacher.add_argument("--unknown-output", action="store_true", help="--model answers one logit more than the task "
+                         "has classes, last: 'unknown', its own estimate that an input is none of what it learned (an "
+                         "open-set model); the coordinator weighs its answers by 1 - p(unknown)")
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", type=address, help="the coordinator's hub")
     parser.add_argument("--token-file", help="file holding this teacher's token (from the coordinator)")
     parser.add_argument("--ca", help="CA certificate (PEM) that signed the hub's certificate; default: system roots")
@@ -108,8 +111,8 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
 
 # What a teacher's training reads from the settings (--set KEY=VALUE); anything else is the coordinator's.
 TRAINING_KEYS = ("seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing",
-                 "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size", "dp-lr", "dp-feature-epsilon",
-                 "dp-feature-clip", "device", "num-threads")
+                 "teacher-recipe", "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size", "dp-lr",
+                 "dp-feature-epsilon", "dp-feature-clip", "device", "num-threads")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:

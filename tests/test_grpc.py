@@ -44,16 +44,17 @@ def client_tls(pki, name=None):
     return ClientTLS(pki.ca_cert.read_bytes(), cert.read_bytes(), key.read_bytes())
 
 
-def make_host(seed, max_batch=256):
+def make_host(seed, max_batch=256, unknown_output=False):
     torch.manual_seed(seed)
-    model = build_model("lenet5-half", num_classes=10, channels=1, image_size=8)
+    model = build_model("lenet5-half", num_classes=10 + int(unknown_output), channels=1, image_size=8)
     model.train()
     with torch.no_grad():  # give the BN layers non-trivial running statistics
         for _ in range(3):
             model(torch.randn(32, *SHAPE) * (1 + seed))
     desc = TeacherDescription(client=seed, model="lenet5-half", num_classes=10, input_shape=SHAPE, mean=(0.5,),
                               std=(0.25,), has_feature_statistics=True, num_samples=100,
-                              label_counts=tuple(range(1, 11)), terms=("feature-statistics", "activation"))
+                              label_counts=tuple(range(1, 11)), terms=("feature-statistics", "activation"),
+                              unknown_output=unknown_output)
     return TeacherHost(model.eval(), desc, max_batch=max_batch)
 
 
@@ -142,6 +143,27 @@ def test_queries_over_tls_match_the_in_process_teachers(hub_factory, pki):
     inputs, logits, grads = 16 * 64 * 4, 16 * 10 * 4, 16 * 64 * 4
     assert [s.bytes for s in hub.pool.stats()] == [inputs + logits + 4 + logits + grads] * 2
     assert [r["bytes"] for r in reports] == [inputs + logits + 4 + logits + grads] * 2
+
+
+def test_an_open_set_teacher_beside_a_closed_one_over_grpc_matches_in_process(hub_factory, pki):
+    hub = hub_factory({"teacher-000": "token-zero", "teacher-001": "token-one"}, tls=server_tls(pki))
+    hosts = [make_host(0, unknown_output=True), make_host(1)]
+    agents = [Running(h, hub.port, token=t, tls=client_tls(pki)) for h, t in zip(hosts, ["token-zero", "token-one"])]
+    hub.wait_for_teachers(timeout=20)
+    assert [d.unknown_output for d in hub.pool.descriptions] == [True, False]
+    remote = Ensemble(hub.pool, "class-weighted", reliability=False)
+    local = Ensemble(LocalPool([make_host(0, unknown_output=True), make_host(1)]), "class-weighted",
+                     reliability=False)
+    x = torch.randn(8, *SHAPE)
+    xr, xl = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_r, out_l = remote(xr, STATE), local(xl, STATE)
+    torch.testing.assert_close(out_r.logits, out_l.logits, rtol=0, atol=0)
+    assert out_r.logits.shape == (8, 10)
+    out_r.logits.square().sum().backward()
+    out_l.logits.square().sum().backward()
+    torch.testing.assert_close(xr.grad, xl.grad, rtol=1e-6, atol=1e-7)
+    hub.end_session()
+    assert all(a.join()["backward_calls"] == 1 for a in agents)
 
 
 def test_an_old_style_backward_carrying_the_inputs_still_works(hub_factory, pki):

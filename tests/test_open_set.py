@@ -144,6 +144,22 @@ def test_the_wire_carries_the_flag_and_checks_the_width():
         decode_forward_reply(msg, 4, 10)  # a closed teacher answering 11 columns is refused
 
 
+def test_an_institution_serves_its_own_open_set_model_with_the_flag():
+    from fedkd.client.cli import host_from_module
+    from fedkd.institution.classifier import ModelError
+    from fedkd.task import Task
+
+    task = Task(tuple("abc"), (1, 4, 4), (0.5,), (0.5,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))  # three classes and "unknown"
+    host = host_from_module(model, task, name="mine", unknown_output=True)
+    assert host.description.unknown_output and host.forward(torch.rand(2, 1, 4, 4), STATE).logits.shape == (2, 4)
+    with pytest.raises(ModelError, match=r"answers \(2, 4\) for a batch of 2; the task has 3 classes, so logits "
+                                         r"must be \(2, 3\)"):
+        host_from_module(model, task, name="mine")
+    with pytest.raises(ModelError, match=r"3 classes and 'unknown' \(--unknown-output\), so logits must be \(2, 4\)"):
+        host_from_module(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), task, name="mine", unknown_output=True)
+
+
 # The ensemble -------------------------------------------------------------------------------------------------
 
 

@@ -359,3 +359,40 @@ def test_a_teacher_with_honest_logits_and_flipped_gradients_loses_its_gradient_t
     four(y, QueryContext()).logits[:, 3].sum().backward()
     # the ensemble's gradient points where the four honest teachers' does (the flipped term once turned it over)
     assert float(torch.nn.functional.cosine_similarity(x.grad.flatten(1), y.grad.flatten(1), dim=1).min()) > 0.5
+
+
+class WithUnknown(nn.Module):
+    """A teacher with an "unknown" output: the wrapped model's logits, then a constant unknown logit."""
+
+    def __init__(self, model, unknown: float) -> None:
+        super().__init__()
+        self.model, self.unknown = model, unknown
+
+    def forward(self, x):
+        out = self.model(x)
+        return torch.cat([out, torch.full((len(out), 1), self.unknown)], 1)
+
+
+def test_a_hostile_open_set_teacher_claiming_to_know_everything_does_not_win_the_gate():
+    # The honest open-set teachers are unsure whether the inputs are theirs (p(unknown) ~ 0.5 of their mass); the
+    # liar says "mine" to everything (unknown logit -30) and answers class 0: the gate alone would give it the
+    # biggest weight on every input, the reliability estimate still takes it out.
+    def federation():
+        honest = [TeacherHost(WithUnknown(Reads(k), 5.0), TeacherDescription(
+            client=k, model="toy", num_classes=C, input_shape=(1, 2, 2), mean=(0.0,), std=(1.0,),
+            label_counts=(100,) * C, num_samples=100 * C, unknown_output=True)) for k in range(4)]
+        liar = TeacherHost(WithUnknown(Liar(), -30.0), TeacherDescription(
+            client=4, model="toy", num_classes=C, input_shape=(1, 2, 2), mean=(0.0,), std=(1.0,),
+            label_counts=(10_000,) * C, num_samples=10_000 * C, unknown_output=True))
+        return honest + [liar]
+
+    x = _inputs(256, 99)
+    trusting = Ensemble(LocalPool(federation()), "auto", reliability=False)
+    robust = Ensemble(LocalPool(federation()), "auto")
+    for step in range(3):
+        robust(_inputs(64, step), QueryContext())
+    accuracy = {name: float((ens(x, QueryContext()).logits.argmax(-1) == _truth(x)).float().mean())
+                for name, ens in (("trusting", trusting), ("robust", robust))}
+    assert accuracy["trusting"] < 0.3, accuracy  # the gate and its claimed counts hand it the ensemble
+    assert accuracy["robust"] > 0.95, accuracy
+    assert robust.report()[4]["weight"] == 0.0

@@ -51,8 +51,10 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
     return args
 
 
-def build(spec: str, task: Task, model_args: Mapping[str, Any] | None = None) -> nn.Module:
-    """The model a SPEC names, with fresh weights (an exported program keeps its own)."""
+def build(spec: str, task: Task, model_args: Mapping[str, Any] | None = None, *, unknown_output: bool = False
+          ) -> nn.Module:
+    """The model a SPEC names, with fresh weights (an exported program keeps its own); a fedkd model name with
+    ``unknown_output`` gets one output more than the task's classes."""
     args = dict(model_args or {})
     if spec.endswith(".pt2"):
         return _exported(Path(spec))
@@ -62,7 +64,7 @@ def build(spec: str, task: Task, model_args: Mapping[str, Any] | None = None) ->
         return _callable(spec, args)
     if is_model_name(spec):
         try:
-            return build_model(spec, num_classes=task.num_classes, channels=task.input_shape[0],
+            return build_model(spec, num_classes=task.num_classes + int(unknown_output), channels=task.input_shape[0],
                                image_size=task.input_shape[1:], **args)
         except (TypeError, ValueError, KeyError) as exc:
             raise ModelError(f"--model {spec!r}: {exc}") from None
@@ -160,8 +162,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
-def dry_forward(model: nn.Module, task: Task, what: str) -> None:
-    """One zero batch of the task's shape through the model: it must answer (2, classes) finite logits."""
+def dry_forward(model: nn.Module, task: Task, what: str, *, unknown_output: bool = False) -> None:
+    """One zero batch of the task's shape through the model: it must answer (2, classes) finite logits, (2, classes
+    + 1) with ``unknown_output``."""
     x = torch.zeros(2, *task.input_shape)
     try:
         with torch.no_grad():
@@ -169,18 +172,20 @@ def dry_forward(model: nn.Module, task: Task, what: str) -> None:
     except Exception as exc:  # the institution's own code: anything may fail, and is named
         raise ModelError(f"{what} does not take the task's inputs (2, {', '.join(map(str, task.input_shape))}): "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
-    if not isinstance(out, torch.Tensor) or out.shape != (2, task.num_classes):
+    width = task.num_classes + int(unknown_output)
+    if not isinstance(out, torch.Tensor) or out.shape != (2, width):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"{what} answers {shape} for a batch of 2; the task has {task.num_classes} classes, so "
-                         f"logits must be (2, {task.num_classes})")
+        extra = " and 'unknown' (--unknown-output)" if unknown_output else ""
+        raise ModelError(f"{what} answers {shape} for a batch of 2; the task has {task.num_classes} classes{extra}, "
+                         f"so logits must be (2, {width})")
     if not out.is_floating_point() or not torch.isfinite(out).all():
         raise ModelError(f"{what} answers logits that are not finite floats on a zero batch")
 
 
 def load_classifier(spec: str, task: Task, *, weights: str | Path | None = None,
-                    model_args: Mapping[str, Any] | None = None) -> nn.Module:
+                    model_args: Mapping[str, Any] | None = None, unknown_output: bool = False) -> nn.Module:
     """The institution's classifier, checked against the task, in eval mode."""
-    model = build(spec, task, model_args)
+    model = build(spec, task, model_args, unknown_output=unknown_output)
     if weights is not None:
         if spec.endswith(".pt2"):
             raise ModelError(f"--weights: an exported program ({spec}) carries its own weights; drop --weights")
@@ -188,5 +193,5 @@ def load_classifier(spec: str, task: Task, *, weights: str | Path | None = None,
     elif not spec.endswith(".pt2"):
         raise ModelError(f"--weights: the model {spec!r} needs its trained weights (a state dict)")
     model.eval()
-    dry_forward(model, task, f"the model {spec!r}")
+    dry_forward(model, task, f"the model {spec!r}", unknown_output=unknown_output)
     return model
