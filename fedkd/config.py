@@ -85,7 +85,8 @@ class RunConfig:
     alpha: float = field(default=0.5, metadata=bounded(
         0.0, 1e6, open_low=True, help="partition=dirichlet: concentration (smaller: more label skew)"))
     classes_per_client: int = field(default=2, metadata=bounded(
-        1, 1000, help="partition=pathological: classes each client holds"))
+        1, 1000, help="partition=pathological: classes each client holds (dealt out in an order the seed draws: every "
+        "class has an owner when num-clients x classes-per-client covers the classes)"))
     min_partition_size: int = field(default=10, metadata=bounded(
         1, 10**9, help="partition=dirichlet: the fewest samples a client may get (redrawn until it holds)"))
     seed: int = field(default=0, metadata=bounded(0, None, help="seeds the split, the teachers and the distillation"))

@@ -26,7 +26,8 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
   5 (targeted poisoning, their histograms honest). Target: the student's recall on those classes within 0.05 of
   the honest run's.
 - ``aggregators``: no distillation: every aggregator's test accuracy on the teachers of the IID,
-  Dirichlet(0.5), Dirichlet(0.1) and pathological splits (what picked ``ensemble=auto``).
+  Dirichlet(0.5), Dirichlet(0.1) and pathological splits (what picked ``ensemble=auto``), and on the
+  pathological split's open-set teachers (``teacher-recipe=open-set``).
 
 Prints Markdown tables (pasted into the README) and writes ``simulations/results/benchmark.json``;
 ``--only`` keeps the other experiments' last results in that file. Run directories go under
@@ -103,7 +104,10 @@ GROUPS = {"default": ["default"], "one-client": ["one-client"],
 SWAPPED = (3, 5)  # the classes a targeted-poisoning teacher swaps
 SWAPPERS = {"swap-1": (0,), "swap-2": (0, 1)}
 SPLITS = {"iid": {"partition": "iid"}, "dirichlet-0.5": {"alpha": 0.5}, "dirichlet-0.1": {"alpha": 0.1},
-          "pathological": {"partition": "pathological", "classes-per-client": 2}}
+          "pathological": {"partition": "pathological", "classes-per-client": 2},
+          # the same split's teachers trained to say "not mine" (teacher-recipe=open-set)
+          "pathological-open-set": {"partition": "pathological", "classes-per-client": 2,
+                                    "teacher-recipe": "open-set"}}
 
 
 class _Quiet:
@@ -260,10 +264,11 @@ def aggregators(seeds: list[int], out_root: Path) -> dict[str, Any]:
             clients = prepare_clients(config, data, out_root / f"aggregators-{split}-seed{seed}", device, _Quiet())
             inputs = data.spec.normalize(data.test.images)
             with in_process(clients, config, out_root, device) as pool:
-                members = query_ensemble(Ensemble(pool, "logit-mean"), inputs, batch_size=1024).members
+                answers = query_ensemble(Ensemble(pool, "logit-mean"), inputs, batch_size=1024)
+                members, gate = answers.members, answers.competence
                 logits = torch.stack(members)  # (K, N, C): asked once, combined every way below
-                row = {name: accuracy(Ensemble(pool, name).combine(logits, range(len(members))), data.test.labels)
-                       for name in AGGREGATORS}
+                row = {name: accuracy(Ensemble(pool, name).combine(logits, range(len(members)), gate),
+                                      data.test.labels) for name in AGGREGATORS}
                 row["best teacher"] = max(accuracy(m, data.test.labels) for m in members)
             per_seed.append(row)
         table[split] = {name: _mean_std([r[name] for r in per_seed]) for name in per_seed[0]}

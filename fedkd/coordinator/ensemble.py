@@ -36,7 +36,8 @@ class EnsembleOutput:
     logits: Tensor  # (B, C)
     terms: dict[str, Tensor]  # per asked-for teacher-side term: its mean over the answering teachers computing it
     members: list[int]  # which teachers answered, in pool order
-    member_logits: list[Tensor]  # their logits, aligned with ``members``
+    member_logits: list[Tensor]  # their logits over the classes, aligned with ``members``
+    competence: Tensor | None = None  # (K', B) 1 - p(unknown) per member and input, when some member has that output
 
 
 def _query(pool: TeacherPool, inputs: Tensor, state: QueryContext, terms: Sequence[str],
@@ -361,5 +362,5 @@ class Ensemble:
             rows = computed[:, j].nonzero().flatten().tolist()
             if rows:
                 out_terms[name] = values[rows, j].mean()
-        return EnsembleOutput(combined, out_terms, answered, list(logits.unbind(0)))
+        return EnsembleOutput(combined, out_terms, answered, list(logits.unbind(0)), gate)
 

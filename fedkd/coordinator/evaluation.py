@@ -34,6 +34,7 @@ class EnsembleAnswers:
 
     ensemble: Tensor  # (N, C)
     members: list[Tensor]  # K x (N, C)
+    competence: Tensor | None = None  # (K, N): 1 - p(unknown), when some teacher has an unknown output
 
 
 @torch.no_grad()
@@ -44,7 +45,9 @@ def query_ensemble(ensemble: Ensemble, inputs: Tensor, *, batch_size: int,
     state = state or QueryContext(purpose="evaluate")
     outs = [ensemble(inputs[i:i + batch_size], state, require_all=True) for i in range(0, len(inputs), batch_size)]
     members = [torch.cat([o.member_logits[k] for o in outs]) for k in range(len(ensemble))]
-    return EnsembleAnswers(torch.cat([o.logits for o in outs]), members)
+    gates = [o.competence for o in outs]
+    competence = torch.cat([g for g in gates if g is not None], 1) if all(g is not None for g in gates) else None
+    return EnsembleAnswers(torch.cat([o.logits for o in outs]), members, competence)
 
 
 def evaluate_at_institutions(pool: TeacherPool, student: nn.Module, *, model: str, args: dict[str, Any],
