@@ -46,7 +46,7 @@ DENSE = {0.1: (0.6771, 0.5029), 0.3: (0.8725, 0.8396), 0.5: (0.8942, 0.8594)}
 # The targets, by alpha: (student at least, student / ensemble at least) for the default student.
 TARGETS = {0.5: (0.88, 0.96), 0.3: (0.8396, 0.95), 0.1: (0.80, 0.0)}
 TEACHER_KEYS = ("dataset", "data-root", "num-clients", "partition", "alpha", "seed", "teacher-model",
-                "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing")
+                "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing", "teacher-recipe")
 
 
 def _key(mapping: dict[str, Any]) -> str:
@@ -65,7 +65,8 @@ def teachers(mapping: dict[str, Any], cache: Path) -> tuple[Path, dict[str, floa
         device = setup(config)
         clients = prepare_clients(config, data, path, device, LogObserver())
         inputs = data.spec.normalize(data.test.images)
-        probs = [torch.softmax(predict(c.model, inputs, device=device), 1) for c in clients]
+        classes = data.spec.num_classes  # (open-set teachers answer "unknown" last: the classes only here)
+        probs = [torch.softmax(predict(c.model, inputs, device=device)[:, :classes], 1) for c in clients]
         labels = data.test.labels
         per = [float((p.argmax(1) == labels).float().mean()) for p in probs]
         mean = float((torch.stack(probs).mean(0).argmax(1) == labels).float().mean())
@@ -94,7 +95,8 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
     spec, train = data.spec, data.train
     loaded = [load_teacher(p) for p in sorted(clients.glob("client_*/teacher.pt"))]
     weights = class_weights([ckpt["label_counts"] for _, ckpt in loaded], spec.num_classes)
-    logits = torch.stack([predict(m, spec.normalize(train.images), device=device) for m, _ in loaded])
+    logits = torch.stack([predict(m, spec.normalize(train.images), device=device)[:, :spec.num_classes]
+                          for m, _ in loaded])
     answers = AGGREGATORS["class-weighted"].combine(logits, weights)
     settings = student_settings(config)
     out = {}
