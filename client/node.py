@@ -156,7 +156,7 @@ def node_privacy(config: RunConfig, node_config: Mapping[str, Any], client: int)
     return own.client_privacy(client), own
 
 
-OWN_MODEL_KEYS = ("model", "weights", "task", "model-args", "label-counts", "eval-data")
+OWN_MODEL_KEYS = ("model", "weights", "task", "model-args", "label-counts", "eval-data", "unknown-output")
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,7 @@ class OwnModel:
     model_args: dict[str, Any]
     label_counts: list[int] | None
     eval_data: str | None
+    unknown_output: bool = False  # the model answers one logit more, last "unknown" (fedkd teacher --unknown-output)
 
     @property
     def source(self) -> Path:
@@ -199,7 +200,12 @@ def own_model(node_config: Mapping[str, Any]) -> OwnModel | None:
         args = parse_model_args(text("model-args"))
     except ValueError as exc:
         raise NodeConfigError(str(exc).replace("--model-args", "node config model-args")) from None
-    return OwnModel(str(node_config["model"]), task, text("weights"), args, counts, text("eval-data"))
+    unknown = node_config.get("unknown-output", False)
+    if isinstance(unknown, str) and unknown.lower() in ("true", "false"):
+        unknown = unknown.lower() == "true"
+    if not isinstance(unknown, bool):
+        raise NodeConfigError(f"node config: unknown-output is {unknown!r}; give true or false")
+    return OwnModel(str(node_config["model"]), task, text("weights"), args, counts, text("eval-data"), unknown)
 
 
 def own_model_host(own: OwnModel, config: RunConfig, privacy: PrivacySettings, client: int) -> TeacherHost:
@@ -207,7 +213,8 @@ def own_model_host(own: OwnModel, config: RunConfig, privacy: PrivacySettings, c
     teacher --model`` checks it."""
     return host_from_model(own.spec, own.task, weights=own.weights, model_args=own.model_args,
                            label_counts=own.label_counts, max_batch=config.max_query_batch, client=client,
-                           privacy=privacy, access=access_modes(config.teacher_access_modes()[client]))
+                           privacy=privacy, access=access_modes(config.teacher_access_modes()[client]),
+                           unknown_output=own.unknown_output)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from fedkd.data import load_dataset
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.open_set import CORRUPTIONS, corrupt, open_set_loss
+from fedkd.institution.privacy.settings import PrivacySettings
 from fedkd.institution.training import train_teacher
 from fedkd.options import ConfigError
 
@@ -146,6 +147,7 @@ def test_the_wire_carries_the_flag_and_checks_the_width():
 
 def test_an_institution_serves_its_own_open_set_model_with_the_flag():
     from fedkd.client.cli import host_from_module
+
     from fedkd.institution.classifier import ModelError
     from fedkd.task import Task
 
@@ -209,3 +211,23 @@ def test_gradients_reach_open_and_closed_teachers_at_their_own_widths():
     F.cross_entropy(out.logits, torch.tensor([0, 1])).backward()
     assert calls == {0: (2, 4), 1: (2, 3)}
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_a_flower_node_serves_its_own_open_set_model_with_the_node_config_key(tmp_path):
+    from fedkd.client.node import NodeConfigError, own_model, own_model_host
+
+    card = tmp_path / "task.toml"
+    card.write_text('classes = ["a", "b", "c"]\ninput-shape = [1, 4, 4]\nmean = [0.5]\nstd = [0.5]\n')
+    torch.save(four_outputs().state_dict(), tmp_path / "w.pt")
+    own = own_model({"model": "tests.test_open_set:four_outputs", "weights": str(tmp_path / "w.pt"),
+                     "task": str(card), "unknown-output": "true"})
+    assert own is not None and own.unknown_output
+    host = own_model_host(own, RunConfig(num_clients=1), PrivacySettings(), 0)
+    assert host.description.unknown_output and host.description.outputs == 4
+    with pytest.raises(NodeConfigError, match="unknown-output is 'maybe'; give true or false"):
+        own_model({"model": "x", "task": str(card), "unknown-output": "maybe"})
+
+
+def four_outputs():
+    """Three classes and "unknown" (a node's own model, named as PACKAGE.MODULE:CALLABLE)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
