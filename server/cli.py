@@ -213,6 +213,9 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
     table.add_row("ensemble", f"{summary['ensemble']['aggregation']} of {len(summary['teachers'])} teachers",
                   _figure(summary["ensemble"]["test_accuracy"]), "", "", style="green")
     refs = summary["references"]
+    if (refs.get("prob_mean_ensemble") or {}).get("test_accuracy") is not None:  # what the aggregation bought
+        table.add_row("probability mean", "reference: the same answers, plainly averaged",
+                      _figure(refs["prob_mean_ensemble"]["test_accuracy"]), "", "", style="dim")
     if refs.get("fedavg"):
         table.add_row("one-shot FedAvg", "reference: needs teacher weights", f"{refs['fedavg']['test_accuracy']:.4f}",
                       "", "", style="dim")
