@@ -56,14 +56,15 @@ def train(args: argparse.Namespace) -> dict[str, object]:
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
     started = time.perf_counter()
+    open_set = config.teacher_recipe == "open-set"
     model, privacy = train_teacher(args.model, data, task.spec, config, init_seed=config.seed * 1000,
                                    order_seed=config.seed * 1000, device=device,
                                    dp=args.privacy_mode == "dp-sgd", model_args=model_args,
-                                   open_set=config.teacher_recipe == "open-set")
+                                   open_set=open_set)
     counts = data.label_counts(task.num_classes)
     save_teacher(args.out, model.cpu(), model_name=args.model, model_args=model_args, num_classes=task.num_classes,
                  input_shape=task.input_shape, num_samples=len(data), label_counts=counts, mean=task.mean,
-                 std=task.std, privacy=privacy, unknown_output=config.teacher_recipe == "open-set")
+                 std=task.std, privacy=privacy, unknown_output=open_set)
     return {"checkpoint": str(args.out), "model": args.model, "records": len(data), "label_counts": counts,
             "seconds": round(time.perf_counter() - started, 1),
             "epsilon_spent": None if privacy is None else privacy.get("epsilon_spent"),

@@ -4,6 +4,7 @@ per-input weights."""
 import pytest
 import torch
 import torch.nn.functional as F
+from test_ensemble import Fixed  # logits that are a fixed row, whatever the input
 from torch import nn
 
 from fedkd.checkpoint import save_teacher
@@ -22,17 +23,6 @@ from fedkd.institution.training import train_teacher
 from fedkd.options import ConfigError
 
 STATE = QueryContext(purpose="distill")
-
-
-class Fixed(nn.Module):
-    """Logits that are a fixed row, whatever the input (differentiable in the input, slope 0)."""
-
-    def __init__(self, row):
-        super().__init__()
-        self.row = nn.Parameter(torch.tensor(row))
-
-    def forward(self, x):
-        return self.row.expand(len(x), -1) + 0 * x.flatten(1)[:, :1]
 
 
 def _host(row, *, unknown, client=0, access=("gradient", "logits")):
@@ -122,6 +112,23 @@ def test_a_registry_teacher_with_an_unknown_output_reloads_as_it_was_trained(tmp
     x = torch.rand(2, 1, 8, 8)
     torch.testing.assert_close(again(x), model(x))
     assert ckpt["unknown_output"] is True
+
+
+def test_a_run_directory_with_teachers_of_the_other_recipe_is_refused_naming_the_key(tmp_path):
+    from fedkd.checkpoint import CheckpointError
+    from fedkd.institution.training import load_or_train_teacher
+    from fedkd.models import build_classifier
+
+    split = load_dataset("digits")
+    spec = split.spec
+    save_teacher(tmp_path / "t.pt", build_classifier("lenet5", num_classes=10, channels=1, image_size=8),
+                 model_name="lenet5", num_classes=10, input_shape=(1, 8, 8), num_samples=0, label_counts=[0] * 10,
+                 mean=spec.mean, std=spec.std)  # a closed teacher
+    with pytest.raises(CheckpointError, match="holds a teacher of teacher-recipe=closed, but the config asks for "
+                                              "teacher-recipe=open-set"):
+        load_or_train_teacher(tmp_path / "t.pt", "lenet5", split.train, spec,
+                              RunConfig(dataset="digits", teacher_recipe="open-set"), client=0, device="cpu",
+                              expected_model="lenet5", stage=lambda message: None)
 
 
 def test_a_labels_answer_abstains_where_unknown_is_on_top():

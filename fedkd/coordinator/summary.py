@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from fedkd.checkpoint import save_teacher
 from fedkd.config import RunConfig
+from fedkd.coordinator.aggregation import AGGREGATORS
 from fedkd.coordinator.distillation import Distillation
 from fedkd.coordinator.plots import plot_accuracy, plot_curriculum, plot_queries, plot_samples
 from fedkd.coordinator.pool import TeacherPool
@@ -103,7 +103,7 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
         accuracies = [accuracy(logits, test.labels) for logits in answers.members]
         ensemble_accuracy = accuracy(answers.ensemble, test.labels)
         # what the run's aggregation bought: the plain probability mean of the same teachers' answers
-        prob_mean = accuracy(torch.stack([F.softmax(m.float(), -1) for m in answers.members]).mean(0), test.labels)
+        prob_mean = accuracy(AGGREGATORS["prob-mean"].combine(torch.stack(answers.members).float(), None), test.labels)
         accs = [h["student_accuracy"] for h in history]
         acc_mean, acc_var = mean_and_variance(accs)
         student = {"model": config.student_model, "test_accuracy": last["student_accuracy"],

@@ -163,11 +163,11 @@ def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetS
         stage(f"client {client}: loading teacher from {path}")
         model, ckpt = load_teacher(path, expected_model=expected_model, num_classes=spec.num_classes,
                                    input_shape=spec.input_shape)
-        if bool(ckpt.get("unknown_output", False)) != open_set:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} holds a {'open-set' if not open_set else 'closed'} teacher, but the "
-                f"config asks for teacher-recipe={config.teacher_recipe}; use another run directory or set "
-                f"teacher-recipe={'open-set' if not open_set else 'closed'}")
+        held = "open-set" if ckpt.get("unknown_output", False) else "closed"
+        if held != config.teacher_recipe:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds a teacher of teacher-recipe={held}, but the config "
+                                  f"asks for teacher-recipe={config.teacher_recipe}; use another run directory or set "
+                                  f"teacher-recipe={held}")
         return model, ckpt, False
     how = " with DP-SGD" if dp else f" x {pate} shard teachers (PATE)" if pate else ""
     stage(f"client {client}: training {name}{how} on {len(data)} private samples")
