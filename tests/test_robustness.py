@@ -126,6 +126,17 @@ def test_a_hostile_teacher_claiming_large_counts_does_not_own_the_class_weighted
         assert "teacher 4 is left out of the ensemble" in caplog.text
 
 
+def test_a_teacher_hovering_at_the_cut_is_announced_once_and_trusted_again_only_when_clearly_back(caplog):
+    r = Reliability(5, C)
+    hovering = [0.0, 0.52, 0.0, 0.55, 0.0, 0.6, 0.8]
+    with caplog.at_level(logging.WARNING, logger="fedkd.coordinator.robustness"):
+        for w in hovering:
+            r.weights = lambda w=w: torch.tensor([1.0, 1.0, 1.0, 1.0, w])  # type: ignore[method-assign]
+            r._log_changes()
+    assert caplog.text.count("teacher 4 is left out") == 1
+    assert caplog.text.count("teacher 4 is trusted again") == 1 and "(weight 0.80)" in caplog.text
+
+
 def test_order_statistic_aggregators_leave_the_distrusted_teacher_out():
     robust = Ensemble(LocalPool(_federation(Liar())), "trimmed-mean")
     for step in range(3):

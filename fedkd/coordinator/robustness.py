@@ -67,6 +67,9 @@ from fedkd.coordinator.aggregation import median_of
 
 logger = logging.getLogger(__name__)
 CUT = 0.5  # a reliability below this leaves the teacher out of the ensemble
+# A teacher left out is announced as trusted again only once its weight is back to this (logging only: a teacher at
+# the edge, its weight hovering about the cut, wrote a pair of lines every few batches of the main job).
+TRUSTED_AGAIN = 0.75
 
 
 class Reliability:
@@ -153,7 +156,7 @@ class Reliability:
                                "%.0f%% of the queries (the median teacher: %.0f%%)", k, float(w[k]),
                                100 * float(self.agreement[k]),
                                100 * float(self.agreement[self.batches > 0].median()))
-            elif w[k] >= CUT and k in self._warned:
+            elif w[k] >= TRUSTED_AGAIN and k in self._warned:
                 self._warned.discard(k)
                 logger.warning("teacher %d is trusted again (weight %.2f)", k, float(w[k]))
 
