@@ -274,3 +274,17 @@ def test_a_flower_node_serves_its_own_open_set_model_with_the_node_config_key(tm
 def four_outputs():
     """Three classes and "unknown" (a node's own model, named as PACKAGE.MODULE:CALLABLE)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+
+
+def test_the_outliers_leave_the_batchnorm_running_statistics_to_the_teachers_own_images():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 4))
+    twin = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 4))
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.rand(8, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    open_set_loss(model.train(), x, y, torch.Generator().manual_seed(0), num_classes=3, label_smoothing=0.0,
+                  hardening_step=0.01)
+    twin.train()(x)  # the own images alone, once
+    bn, own = model[1], twin[1]
+    assert torch.allclose(bn.running_mean, own.running_mean) and torch.allclose(bn.running_var, own.running_var)
+    assert int(bn.num_batches_tracked) == 1

@@ -33,6 +33,8 @@ and weighs each answer by 1 - p(unknown) (``fedkd.coordinator.aggregation``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +126,26 @@ def corrupt(x: Tensor, rng: torch.Generator) -> Tensor:
     return out
 
 
+@contextmanager
+def running_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise with the batch as usual inside, but their running statistics come out as they
+    went in: they describe the teacher's own images only, not the outliers it learns to call unknown (the
+    coordinator's synthesis matches them, ``fedkd.institution.terms``)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # momentum 0 keeps each running statistic as it is (an in-place restore afterwards would break the backward
+    # pass, which saved those buffers); the count of batches is put back
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(layers, saved):
+            m.momentum = momentum
+            if tracked is not None and m.num_batches_tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
 def open_set_loss(model: nn.Module, x: Tensor, y: Tensor, rng: torch.Generator, *, num_classes: int,
                   label_smoothing: float, hardening_step: float) -> Tensor:
     """The recipe's loss on one batch of normalised inputs ``x`` with labels ``y`` (the module docstring);
@@ -137,12 +159,13 @@ def open_set_loss(model: nn.Module, x: Tensor, y: Tensor, rng: torch.Generator, 
     masked = out - UNKNOWN_MARGIN * F.one_hot(y, num_classes + 1).to(out.dtype)
     loss = loss + F.cross_entropy(masked, unknown)
     outliers = corrupt(x.detach(), rng)
-    loss = loss + F.cross_entropy(model(outliers), unknown)
-    if hardening_step > 0:
-        probe = outliers.clone().requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(model(probe), unknown), probe)
-        hardened = (outliers + hardening_step * grad.sign()).detach()
-        loss = loss + F.cross_entropy(model(hardened), unknown)
+    with running_statistics_kept(model):
+        loss = loss + F.cross_entropy(model(outliers), unknown)
+        if hardening_step > 0:
+            probe = outliers.clone().requires_grad_(True)
+            grad, = torch.autograd.grad(F.cross_entropy(model(probe), unknown), probe)
+            hardened = (outliers + hardening_step * grad.sign()).detach()
+            loss = loss + F.cross_entropy(model(hardened), unknown)
     return loss
 
 
