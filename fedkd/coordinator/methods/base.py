@@ -5,9 +5,11 @@ A method is a short file that reads like its paper: its options dataclass (regis
 shared building blocks: the :class:`~fedkd.coordinator.synthesis.Synthesizer` (generator, targets, best
 iterate), the :class:`~fedkd.coordinator.synthetic_pool.SyntheticPool` (every batch with the ensemble's
 answers), the :class:`~fedkd.coordinator.student.StudentTrainer` and the :class:`QueryBudget`.
-:class:`GeneratorMethod` owns the epoch loop: a method writes ``synthesis_round`` (and, where its student
-trains otherwise than on pool batches, ``student_round``, or ``round`` when the two go in another order). It
-reaches the teachers only through the ensemble.
+:class:`PoolMethod` owns the epoch loop, the pool, the student and the budget: a method writes
+``synthesis_round`` (and, where its student trains otherwise than on pool batches, ``student_round``, or
+``round`` when the two go in another order). :class:`GeneratorMethod` adds the generator (six of the seven
+methods); DeepInversion, which optimises pixels, has none. A method reaches the teachers only through the
+ensemble.
 """
 
 from __future__ import annotations
@@ -158,16 +160,15 @@ class QueryBudget:
 Options = TypeVar("Options")
 
 
-class GeneratorMethod(Generic[Options]):
-    """What the methods share: the synthesizer, the student trainer, the query budget, a synthetic pool, the
-    sample grid, the epoch loop, and checkpointing of all of them. A method sets ``name``, builds its losses and
-    writes :meth:`synthesis_round`; ``extra_state`` adds what else it must resume."""
+class PoolMethod(Generic[Options]):
+    """What every method shares: the student trainer, the query budget, a synthetic pool, the epoch loop, and
+    checkpointing of all of them. A method sets ``name``, builds its losses and writes :meth:`synthesis_round`;
+    ``extra_state`` adds what else it must resume."""
 
-    name = "generator"
+    name = "pool"
     needs_gradients = True
 
-    def __init__(self, context: MethodContext, *, synthesis: SynthesisSettings, student: StudentSettings,
-                 pool_size: int | None = None) -> None:
+    def __init__(self, context: MethodContext, *, student: StudentSettings, pool_size: int | None = None) -> None:
         cfg = context.config
         self.config, self.spec, self.device = cfg, context.spec, context.device
         self.options: Options = cfg.options
@@ -175,42 +176,23 @@ class GeneratorMethod(Generic[Options]):
         if self.needs_gradients:
             require_input_gradients(self.ensemble, self.name)
         self.student = context.student.to(self.device)
-        self.synthesizer = Synthesizer(self.spec, synthesis, self.device)
+        self.build_synthesis()
         self.trainer = StudentTrainer(self.student, self.spec, student, self.device)
         self.pool = SyntheticPool(pool_size or cfg.pool_size, self.spec.input_shape, self.spec.num_classes)
         self.budget = QueryBudget(self.ensemble, cfg.query_budget)
-        self.fixed_latent = torch.randn(NUM_SAMPLE_IMAGES, synthesis.latent_dim,
-                                        generator=torch.Generator().manual_seed(cfg.seed + 7))
+
+    def build_synthesis(self) -> None:
+        """Build what makes the synthetic samples before the student trainer (nothing here: the generator of
+        :class:`GeneratorMethod`)."""
 
     def curriculum_state(self, epoch: int) -> QueryContext:
         """The context of a synthesis query: the epoch, the student's step, the method (and its schedule, for a
         method that has one)."""
         return QueryContext.of(epoch=epoch, step=self.trainer.steps, purpose="synthesis", method=self.name)
 
-    def round_cost(self, steps: int | None = None) -> int:
+    def round_cost(self, steps: int = 1) -> int:
         """Query samples of one synthesis round: a Forward and a Backward of the batch per step per teacher."""
-        steps = self.synthesizer.settings.steps if steps is None else steps
-        return steps * self.synthesizer.settings.batch_size * 2 * len(self.ensemble)
-
-    def forward_cost(self) -> int:
-        """Query samples of one Forward of a batch to every teacher."""
-        return self.synthesizer.settings.batch_size * len(self.ensemble)
-
-    def synthesise(self, loss: Any, epoch: int) -> SyntheticBatch | None:
-        """One synthesis round with ``loss`` (a SynthesisLoss), or None when the budget does not allow one."""
-        if not self.budget.allows(self.round_cost()):
-            return None
-        before = self.budget.spent
-        batch = self.synthesizer.round(loss)
-        self.budget.charge(before)
-        return batch
-
-    def fresh_batch(self, epoch: int) -> SyntheticBatch | None:
-        """A batch from the generator as it is, answered by a Forward alone; None past the budget."""
-        if not self.budget.fits(self.forward_cost()):
-            return None
-        state = self.curriculum_state(epoch).asked_for("distill")  # answers the student trains on
-        return self.synthesizer.draw(lambda x: self.ensemble(x, state).logits)
+        return steps * self.config.batch_size * 2 * len(self.ensemble)
 
     def student_step_on_pool(self) -> dict[str, float]:
         images, answers = self.pool.sample(self.config.batch_size)
@@ -260,6 +242,75 @@ class GeneratorMethod(Generic[Options]):
         return {}
 
     def synthetic_samples(self) -> Tensor:
+        """Images in [0, 1], (10, C, H, W): what the synthesis makes now."""
+        raise NotImplementedError
+
+    def fresh_inputs(self, count: int, seed: int) -> Tensor | None:
+        """``count`` normalised inputs the student never trained on; None where the method has nothing to draw
+        them from."""
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trainer": self.trainer.state_dict(), "pool": self.pool.state_dict(),
+                "budget": self.budget.state_dict(), "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.pool.load_state_dict(state["pool"])
+        self.budget.load_state_dict(state["budget"])
+        # a CuDFKD checkpoint of an earlier version keeps its method state (the curriculum) at the top level
+        self.load_extra_state(state.get("extra", state))
+
+
+class GeneratorMethod(PoolMethod[Options]):
+    """A method whose synthetic samples come from the shared generator (:class:`Synthesizer`): the synthesizer,
+    the sample grid from fixed latents, fresh inputs from the final generator, and their checkpoint."""
+
+    name = "generator"
+
+    def __init__(self, context: MethodContext, *, synthesis: SynthesisSettings, student: StudentSettings,
+                 pool_size: int | None = None) -> None:
+        self._synthesis = synthesis
+        super().__init__(context, student=student, pool_size=pool_size)
+        self.fixed_latent = torch.randn(NUM_SAMPLE_IMAGES, synthesis.latent_dim,
+                                        generator=torch.Generator().manual_seed(context.config.seed + 7))
+
+    def build_synthesis(self) -> None:
+        """The generator, built before the student trainer (the order the runs' random streams follow)."""
+        self.synthesizer = Synthesizer(self.spec, self._synthesis, self.device)
+
+    def round_cost(self, steps: int | None = None) -> int:
+        """Query samples of one synthesis round: a Forward and a Backward of the batch per step per teacher."""
+        steps = self.synthesizer.settings.steps if steps is None else steps
+        return steps * self.synthesizer.settings.batch_size * 2 * len(self.ensemble)
+
+    def forward_cost(self) -> int:
+        """Query samples of one Forward of a batch to every teacher."""
+        return self.synthesizer.settings.batch_size * len(self.ensemble)
+
+    def synthesise(self, loss: Any, epoch: int) -> SyntheticBatch | None:
+        """One synthesis round with ``loss`` (a SynthesisLoss), or None when the budget does not allow one."""
+        if not self.budget.allows(self.round_cost()):
+            return None
+        before = self.budget.spent
+        batch = self.synthesizer.round(loss)
+        self.budget.charge(before)
+        return batch
+
+    def fresh_batch(self, epoch: int) -> SyntheticBatch | None:
+        """A batch from the generator as it is, answered by a Forward alone; None past the budget."""
+        if not self.budget.fits(self.forward_cost()):
+            return None
+        state = self.curriculum_state(epoch).asked_for("distill")  # answers the student trains on
+        return self.synthesizer.draw(lambda x: self.ensemble(x, state).logits)
+
+    def synthetic_samples(self) -> Tensor:
         """Images in [0, 1] from fixed latents, (10, C, H, W): how the generator evolves."""
         return self.synthesizer.samples(self.fixed_latent)
 
@@ -284,20 +335,9 @@ class GeneratorMethod(Generic[Options]):
         synthesizer.generator.load_state_dict(kept)
         return torch.cat(out)
 
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
-
     def state_dict(self) -> dict[str, Any]:
-        return {"synthesizer": self.synthesizer.state_dict(), "trainer": self.trainer.state_dict(),
-                "pool": self.pool.state_dict(), "budget": self.budget.state_dict(), "extra": self.extra_state()}
+        return {"synthesizer": self.synthesizer.state_dict(), **super().state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.synthesizer.load_state_dict(state["synthesizer"])
-        self.trainer.load_state_dict(state["trainer"])
-        self.pool.load_state_dict(state["pool"])
-        self.budget.load_state_dict(state["budget"])
-        # a CuDFKD checkpoint of an earlier version keeps its method state (the curriculum) at the top level
-        self.load_extra_state(state.get("extra", state))
+        super().load_state_dict(state)

@@ -29,14 +29,7 @@ from torch import Tensor
 from fedkd.augment import random_shift
 from fedkd.contract import FEATURE_STATISTICS
 from fedkd.coordinator.losses import js_divergence_per_sample, total_variation
-from fedkd.coordinator.methods.base import (
-    NUM_SAMPLE_IMAGES,
-    GeneratorMethod,
-    MethodContext,
-    require_terms,
-    student_settings,
-    synthesis_settings,
-)
+from fedkd.coordinator.methods.base import NUM_SAMPLE_IMAGES, MethodContext, PoolMethod, require_terms, student_settings
 from fedkd.coordinator.student import judging
 from fedkd.coordinator.synthesis import balanced_targets
 from fedkd.coordinator.synthetic_pool import quantise
@@ -66,17 +59,16 @@ class DeepInversionOptions:
         validate_fields(self)
 
 
-class DeepInversion(GeneratorMethod[DeepInversionOptions]):
+class DeepInversion(PoolMethod[DeepInversionOptions]):
     name = "deepinversion"
 
     def __init__(self, context: MethodContext) -> None:
-        cfg = context.config
-        super().__init__(context, synthesis=synthesis_settings(cfg), student=student_settings(cfg))
+        super().__init__(context, student=student_settings(context.config))
         self.terms = require_terms(self.ensemble, self.name,
                                    {FEATURE_STATISTICS: ("weight-bn", self.options.weight_bn)})
         self.last_images = torch.zeros(0, *self.spec.input_shape)
 
-    def round_cost(self, steps: int | None = None) -> int:
+    def round_cost(self, steps: int = 1) -> int:
         return super().round_cost(self.options.iterations)
 
     def invert(self, epoch: int) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
@@ -130,11 +122,6 @@ class DeepInversion(GeneratorMethod[DeepInversionOptions]):
     def synthetic_samples(self) -> Tensor:
         """The first images of the last inverted batch (DeepInversion has no generator)."""
         return self.last_images.clone()
-
-    def fresh_inputs(self, count: int, seed: int) -> Tensor | None:
-        """None: DeepInversion has no generator to draw unseen inputs from (inverting more would cost a round's
-        queries per batch)."""
-        return None
 
     def extra_state(self) -> dict[str, Any]:
         return {"last_images": self.last_images}
