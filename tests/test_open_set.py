@@ -288,3 +288,15 @@ def test_the_outliers_leave_the_batchnorm_running_statistics_to_the_teachers_own
     bn, own = model[1], twin[1]
     assert torch.allclose(bn.running_mean, own.running_mean) and torch.allclose(bn.running_var, own.running_var)
     assert int(bn.num_batches_tracked) == 1
+
+
+def test_the_known_term_rewards_samples_some_teacher_calls_its_own():
+    from fedkd.coordinator.losses import known_loss
+
+    nobody = torch.tensor([[0.1, 0.05], [0.1, 0.02]])  # (K'=2, B=2): neither teacher claims either sample
+    somebody = torch.tensor([[0.9, 0.05], [0.1, 0.8]])
+    assert known_loss(somebody) < 0.25 < 2.0 < known_loss(nobody)
+    assert float(known_loss(torch.ones(3, 4))) == 0.0  # closed teachers (g = 1): no pull at all
+    g = torch.tensor([[0.2], [0.4]], requires_grad=True)
+    known_loss(g).backward()
+    assert g.grad is not None and float(g.grad[0, 0]) == 0.0 and float(g.grad[1, 0]) < 0  # the best teacher's g up

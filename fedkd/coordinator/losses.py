@@ -24,6 +24,12 @@ def onehot_loss(teacher_logits: Tensor) -> Tensor:
     return F.cross_entropy(teacher_logits, teacher_logits.argmax(1))
 
 
+def known_loss(competence: Tensor) -> Tensor:
+    """-mean_i log max_k g_k(x_i), ``competence`` (K', B) each teacher's 1 - p(unknown | x_i): rewards samples
+    that some teacher calls its own (open-set teachers; 0 where a closed teacher answers, whose g is 1)."""
+    return -torch.log(competence.max(0).values.clamp_min(1e-6)).mean()
+
+
 def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """tau^2 * KL(p_T^tau || p_S^tau) for each sample, shape (B,)."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)

@@ -15,6 +15,8 @@ G(z, y) with class-balanced targets y when the generator is class-conditional):
                                                     #   CE(T(x), y), the asked class)
           + w_bn * L_bn(x)                          # teacher BN statistics, computed by each client
           + a_adv(e) * L_adv,  L_adv = -tau_a^2 mean_i m_i KL(p_T^tau_a(x_i) || p_S^tau_a(x_i))
+          + w_known * -mean_i log max_k g_k(x_i)    # open-set teachers only: samples some trusted teacher
+                                                    #   calls its own (g_k = 1 - p_k(unknown | x))
 
 with the easy-to-hard ramp a_adv(e) (0 for the first quarter of training: the
 warm-up) and the mask m_i = [argmax S(x_i) = argmax T(x_i)] as CuDFKD's own
@@ -36,7 +38,7 @@ from torch import Tensor
 
 from fedkd.contract import FEATURE_STATISTICS, QueryContext
 from fedkd.coordinator.curriculum import REGULARISERS, Curriculum
-from fedkd.coordinator.losses import class_balance_entropy, kl_per_sample, onehot_loss
+from fedkd.coordinator.losses import class_balance_entropy, kl_per_sample, known_loss, onehot_loss
 from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
 from fedkd.coordinator.student import judging
 from fedkd.coordinator.synthesis import SynthesisLoss
@@ -54,6 +56,8 @@ class CuDFKDOptions:
         0.0, 1e6, help="weight of the one-hot (confidence) term"))
     weight_bn: float = field(default=30.0, metadata=bounded(
         0.0, 1e6, help="weight of the BatchNorm-statistics term (computed by each client)"))
+    weight_known: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, help="weight of the term that keeps samples where some open-set teacher says 'mine' (0 = off)"))
     targets: str = field(default="argmax", metadata=choice(
         "argmax", "balanced", help="the one-hot term's target: the teachers' argmax (the paper's) or balanced classes"))
     adv_start: float = field(default=0.0, metadata=bounded(
@@ -128,8 +132,18 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
                     adv = state.adv_weight * adversarial_loss_masked(student(x), t, opts.adv_temperature,
                                                                      opts.adv_mask)
             loss = entropy + onehot + bn + adv
-            return loss, t, {"loss_generator": loss, "loss_entropy": entropy, "loss_onehot": onehot,
-                             "loss_bn": bn, "loss_adv": adv}
+            terms = {"loss_generator": loss, "loss_entropy": entropy, "loss_onehot": onehot, "loss_bn": bn,
+                     "loss_adv": adv}
+            if out.competence is not None and opts.weight_known > 0:
+                # Open-set teachers: a sample no teacher calls its own teaches the student nothing about real
+                # inputs (measured: 70-86 % of a pathological run's pool without this term). Distrusted teachers'
+                # say is left out.
+                trusted = self.ensemble.reliability.weights()[out.members] > 0
+                known = opts.weight_known * known_loss(out.competence[trusted] if bool(trusted.any())
+                                                       else out.competence)
+                loss = loss + known
+                terms.update(loss_generator=loss, loss_known=known)
+            return loss, t, terms
 
         return loss_fn
 
