@@ -18,14 +18,6 @@ and its loss is
 FedOV also mixes penultimate embeddings of different classes (weight 0.01); that needs a model split at its
 features, which institutions' own models do not offer, so fedkd leaves it out.
 
-After training, each teacher calibrates its "unknown" output on its own training images
-(:func:`calibrate_unknown`): the unknown logit's bias moves so that the teacher calls 95 % of its own images
-known. Teachers trained apart say "unknown" on very different scales (on a pathological MNIST-5k split one
-teacher called 98 % of its own class-1 test images unknown, others called a foreign class known 94 % of the
-time), and the coordinator compares their 1 - p(unknown) per input; the shift puts them on one scale. Measured on
-the pathological MNIST-5k split, the same teachers, the test ensemble: 0.796 / 0.805 / 0.792 uncalibrated,
-0.789 / 0.830 / 0.839 calibrated at 95 % (seeds 0, 1, 2); on Dirichlet(0.5) 0.954 -> 0.958 on average.
-
 The coordinator learns from the description (``unknown_output``) that a teacher's answers carry the extra output
 and weighs each answer by 1 - p(unknown) (``fedkd.coordinator.aggregation``).
 """
@@ -43,7 +35,6 @@ from torchvision.transforms.v2 import functional as TF
 
 RECIPES = ("closed", "open-set")
 HARDENING_STEP = 0.01  # pixels in [0, 1]: FedOV's five steps of 0.002, as one
-KNOWN_SHARE = 0.95  # after training, each teacher calls this share of its own training images known
 UNKNOWN_MARGIN = 1e4  # what masks the true class out of the runner-up loss
 
 
@@ -167,45 +158,3 @@ def open_set_loss(model: nn.Module, x: Tensor, y: Tensor, rng: torch.Generator, 
             hardened = (outliers + hardening_step * grad.sign()).detach()
             loss = loss + F.cross_entropy(model(hardened), unknown)
     return loss
-
-
-def unknown_margin(logits: Tensor, num_classes: int) -> Tensor:
-    """log p(known) - log p(unknown) per input, from (B, C + 1) logits: positive where the teacher calls it its own."""
-    return torch.logsumexp(logits[..., :num_classes], -1) - logits[..., num_classes]
-
-
-@torch.no_grad()
-def calibrate_unknown(model: nn.Module, inputs: Tensor, num_classes: int, *, known_share: float = KNOWN_SHARE,
-                      batch_size: int = 1024) -> float:
-    """Move the bias of the model's "unknown" output so that it calls ``known_share`` of ``inputs`` (its own
-    normalised training images) known; returns the shift (added to the unknown logit's bias).
-
-    The shift goes to the bias of the last ``nn.Linear`` with ``C + 1`` outputs, and is checked: on the inputs the
-    unknown logit must move by exactly it and no other output at all. A model whose outputs are not a linear
-    layer's with a bias (an institution's own design) is left as it is (returns 0.0)."""
-    if len(inputs) == 0:
-        return 0.0
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    probe = inputs[:min(len(inputs), 64)].to(device)
-
-    def margins() -> Tensor:
-        return torch.cat([unknown_margin(model(inputs[i:i + batch_size].to(device)), num_classes).cpu()
-                          for i in range(0, len(inputs), batch_size)])
-
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes + 1
-             and m.bias is not None]
-    shift = 0.0
-    if heads:
-        before = model(probe)
-        shift = float(torch.quantile(margins(), 1.0 - known_share))
-        heads[-1].bias[num_classes] += shift
-        after = model(probe)
-        moved = after - before
-        if not (torch.allclose(moved[:, num_classes], torch.full_like(moved[:, num_classes], shift), atol=1e-3)
-                and torch.allclose(moved[:, :num_classes], torch.zeros_like(moved[:, :num_classes]), atol=1e-4)):
-            heads[-1].bias[num_classes] -= shift  # not the output layer after all: leave the model as it was
-            shift = 0.0
-    model.train(was_training)
-    return shift

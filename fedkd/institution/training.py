@@ -20,7 +20,7 @@ from fedkd.checkpoint import CheckpointError, save_teacher
 from fedkd.config import RunConfig
 from fedkd.data import DatasetSpec, ImageData, partition_indices
 from fedkd.institution.loading import load_teacher
-from fedkd.institution.open_set import HARDENING_STEP, calibrate_unknown, open_set_loss
+from fedkd.institution.open_set import HARDENING_STEP, open_set_loss
 from fedkd.options import check_finite
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ def train_classifier(
     comparable scale, which the logit-averaging ensemble needs (measured on
     MNIST-5k, 5 Dirichlet(0.5) clients, 20 epochs: mean-logit ensemble 0.84
     without, 0.91 with 0.1). With ``open_set`` the model has ``C + 1`` outputs and learns the last, "unknown",
-    from its own images corrupted, then calibrated to call 95 % of ``data`` known (:mod:`fedkd.institution.open_set`).
-    Returns the model in eval mode.
+    from its own images corrupted (:mod:`fedkd.institution.open_set`). Returns the model in eval mode.
     """
     model.to(device).train()
     if epochs == 0 or len(data) == 0:
@@ -79,9 +78,6 @@ def train_classifier(
             schedule.step()
             total += number * len(idx)
         logger.debug("epoch %d: loss %.4f", epoch, total / len(data))
-    if open_set:
-        shift = calibrate_unknown(model, inputs, spec.num_classes)
-        logger.debug("unknown output calibrated: bias shifted by %.3f", shift)
     return model.eval()
 
 
