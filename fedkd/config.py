@@ -134,6 +134,9 @@ class RunConfig:
     batch_size: int = field(default=128, metadata=bounded(2, BATCH_LIMIT, help="synthetic batch and student batch"))
     student_lr: float = field(default=0.1, metadata=bounded(
         0.0, 10.0, open_low=True, help="student SGD learning rate (cosine schedule)"))
+    student_warmup: float = field(default=0.0, metadata=bounded(
+        0.0, 0.9, help="share of the student's steps over which its learning rate rises linearly "
+        "to student-lr before the cosine schedule (0 = none)"))
     student_momentum: float = field(default=0.9, metadata=bounded(0.0, 1.0, help="student SGD momentum"))
     student_weight_decay: float = field(default=1e-4, metadata=bounded(0.0, 1.0, help="student SGD weight decay"))
     student_loss: str = field(default="kl", metadata=choice(

@@ -117,3 +117,29 @@ def test_absolute_overrides_and_state_round_trip():
     assert again.lam(30) == other.lam(30)
     with pytest.raises(ValueError, match="window"):
         _curriculum("log", window=8).load_state_dict(other.state_dict())
+
+
+def test_the_student_learning_rate_warms_up_then_follows_the_cosine():
+    from torch import nn
+
+    from fedkd.coordinator.student import StudentSettings, StudentTrainer
+    from fedkd.data import DatasetSpec
+    spec = DatasetSpec(name="t", num_classes=2, channels=1, image_size=4, mean=(0.0,), std=(1.0,))
+
+    def rates(warmup: float) -> list[float]:
+        settings = StudentSettings(lr=0.1, momentum=0.9, weight_decay=0.0, loss="kl", temperature=1.0,
+                                   total_steps=100, warmup=warmup)
+        trainer = StudentTrainer(nn.Linear(16, 2), spec, settings, torch.device("cpu"))
+        out = []
+        for _ in range(100):
+            out.append(trainer.optimizer.param_groups[0]["lr"])
+            trainer.optimizer.step()
+            trainer.schedule.step()
+        return out
+
+    plain, warm = rates(0.0), rates(0.1)
+    assert plain[0] == pytest.approx(0.1) and plain[50] == pytest.approx(0.05)
+    assert warm[0] == pytest.approx(0.01)  # (t + 1) / 10 of the rate, times the cosine factor
+    assert warm[4] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 4 / 100)))
+    assert warm[9] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 9 / 100)))
+    assert warm[60:] == pytest.approx(plain[60:])  # then the same cosine

@@ -1,4 +1,5 @@
-"""The shared student trainer: SGD with a cosine schedule over pool batches, per-sample weights.
+"""The shared student trainer: SGD with a cosine schedule over pool batches (after a linear warm-up of
+``student-warmup`` of its steps, where set), per-sample weights.
 
 A step takes images in [0, 1] and the ensemble's cached logits, optionally
 shifts the images by a pixel or two (``student-shift``; the cached answer is
@@ -10,6 +11,7 @@ it has none) and minimises mean_i v_i l_i.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ class StudentSettings:
     total_steps: int
     shift: int = 0
     optimizer: str = "sgd"  # or "adam" (DAFL's and RDSKD's students; momentum and weight decay then unused)
+    warmup: float = 0.0  # share of total_steps over which the learning rate rises linearly before the cosine
 
 
 class StudentTrainer:
@@ -63,7 +66,14 @@ class StudentTrainer:
         else:
             self.optimizer = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=settings.momentum,
                                              weight_decay=settings.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(settings.total_steps, 1))
+        total = max(settings.total_steps, 1)
+        warm = round(settings.warmup * settings.total_steps)
+        self.schedule: torch.optim.lr_scheduler.LRScheduler
+        if warm > 0:  # lr x min(1, (t + 1) / warm) x the cosine factor
+            self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: min(1.0, (t + 1) / warm) * 0.5
+                                                              * (1 + math.cos(math.pi * min(t, total) / total)))
+        else:
+            self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
         self.steps = 0
 
     def step(self, images: Tensor, answers: Tensor, weigh: SampleWeights | None = None) -> dict[str, float]:

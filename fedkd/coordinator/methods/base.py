@@ -114,7 +114,7 @@ def student_settings(config: RunConfig, **changes: Any) -> StudentSettings:
     """The run-wide student keys (``changes`` override: a baseline's own optimiser or loss)."""
     base = dict(lr=config.student_lr, momentum=config.student_momentum, weight_decay=config.student_weight_decay,
                 loss=config.student_loss, temperature=config.temperature, shift=config.student_shift,
-                total_steps=config.epochs * config.steps_per_epoch * config.student_steps)
+                total_steps=config.epochs * config.steps_per_epoch * config.student_steps, warmup=config.student_warmup)
     return StudentSettings(**{**base, **changes})
 
 
