@@ -14,6 +14,11 @@ ensemble's own class, all an unconditional generator's pool offers) or ``targets
 for: meaningful only in a run with ``conditional-generator=true`` and ``cudfkd.targets=balanced``).
 
     python simulations/gate_probe.py runs/benchmark/pathological-open-set-seed0 [more run directories]
+    python simulations/gate_probe.py --no-gate RUN...    # only who owns the pool: the shares below
+
+Each run's line also gives, for open-set teachers, the share of the last 5,000 pool samples and of the test images
+that every teacher calls unknown (1 - p(unknown) < 0.5 for all): how far the synthesis strays from anything a
+teacher calls its own.
 """
 
 from __future__ import annotations
@@ -64,7 +69,13 @@ def features(kind: str, images: Tensor, logits: Tensor, num_classes: int) -> Ten
     return probs
 
 
-def probe(run: Path, epochs: int, seed: int) -> dict[str, float]:
+def unknown_to_all(logits: Tensor, num_classes: int) -> float:
+    """The share of inputs that every teacher calls unknown (1 - p(unknown) < 0.5 for all)."""
+    has = torch.ones(len(logits), dtype=torch.bool)
+    return float((competence(logits, num_classes, has).max(0).values < 0.5).float().mean())
+
+
+def probe(run: Path, epochs: int, seed: int, train_gate: bool = True) -> dict[str, float]:
     config = json.loads((run / "config.json").read_text())
     split = load_dataset(config["dataset"], config["data-root"], seed=config["seed"])
     spec = split.spec
@@ -85,6 +96,11 @@ def probe(run: Path, epochs: int, seed: int) -> dict[str, float]:
     y_test = split.test.labels
     plain_test = combine(test_logits, weights, has_unknown, c)
     out = {"plain": float((plain_test.argmax(1) == y_test).float().mean())}
+    if bool(has_unknown.all()):
+        out["pool unknown to all (last 5,000)"] = unknown_to_all(pool_logits[:, -5000:], c)
+        out["test unknown to all"] = unknown_to_all(test_logits, c)
+    if not train_gate:
+        return out
     plain_pool = combine(pool_logits, weights, has_unknown, c)
     labels = {"self": plain_pool.argmax(1)}
     if config.get("conditional-generator") and config.get("cudfkd.targets") == "balanced":
@@ -123,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories (teachers and checkpoint.pt)")
     parser.add_argument("--epochs", type=int, default=20, help="gate training epochs over the pool")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-gate", action="store_true", help="only the shares of inputs unknown to every teacher")
     args = parser.parse_args(argv)
     results = {}
     for run in args.runs:
-        results[str(run)] = probe(run, args.epochs, args.seed)
+        results[str(run)] = probe(run, args.epochs, args.seed, train_gate=not args.no_gate)
         print(run, json.dumps({k: round(v, 4) for k, v in results[str(run)].items()}), flush=True)
     rows = sorted({k for r in results.values() for k in r}, key=lambda k: (k != "plain", k))
     print("\n| test accuracy of the ensemble | " + " | ".join(Path(r).name for r in results) + " | mean |")
