@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedkd.data import DatasetSpec, ImageData
+from fedkd.institution.privacy import load_opacus
 from fedkd.options import check_finite
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def make_private_model(model: nn.Module) -> nn.Module:
     frozen or non-affine BatchNorm would slip through and leak its running
     statistics: refuse any BatchNorm and any buffer that remains.
     """
+    load_opacus()
     from opacus.validators import ModuleValidator
 
     fixed = ModuleValidator.fix(model)
@@ -78,6 +80,7 @@ def train_dp_sgd(model: nn.Module, data: ImageData, spec: DatasetSpec, settings:
     record: mechanism, target and spent epsilon, delta, noise multiplier,
     sample rate, steps.
     """
+    load_opacus()
     from opacus import PrivacyEngine
 
     n = len(data)
@@ -201,6 +204,7 @@ def release_feature_statistics(model: nn.Module, data: ImageData, spec: DatasetS
 
 def release_noise_multiplier(epsilon: float, delta: float) -> float:
     """The Gaussian noise multiplier for one release at sample rate 1 costing ``epsilon`` at ``delta``."""
+    load_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
