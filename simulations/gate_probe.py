@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedkd.checkpoint import load_run_state
-from fedkd.coordinator.aggregation import class_weights, competence
+from fedkd.coordinator.aggregation import AGGREGATORS, class_weights, competence
 from fedkd.data import load_dataset
 from fedkd.institution.loading import load_teacher
 
@@ -55,8 +55,7 @@ def combine(logits: Tensor, weights: Tensor, has_unknown: Tensor, num_classes: i
     w = weights.unsqueeze(1) * comp.unsqueeze(-1)
     if gate is not None:
         w = w * gate.T.unsqueeze(-1)
-    q = (w * F.softmax(logits[..., :num_classes], -1)).sum(0)
-    return torch.log(q / q.sum(-1, keepdim=True).clamp_min(1e-30) + 1e-30)
+    return AGGREGATORS["class-weighted"].combine(logits[..., :num_classes], w)  # per-input weights (K, N, C)
 
 
 def features(kind: str, images: Tensor, logits: Tensor, num_classes: int) -> Tensor:

@@ -190,9 +190,14 @@ class PoolMethod(Generic[Options]):
         method that has one)."""
         return QueryContext.of(epoch=epoch, step=self.trainer.steps, purpose="synthesis", method=self.name)
 
+    @property
+    def synthesis_batch_size(self) -> int:
+        """Samples in one synthetic batch."""
+        return self.config.batch_size
+
     def round_cost(self, steps: int = 1) -> int:
         """Query samples of one synthesis round: a Forward and a Backward of the batch per step per teacher."""
-        return steps * self.config.batch_size * 2 * len(self.ensemble)
+        return steps * self.synthesis_batch_size * 2 * len(self.ensemble)
 
     def student_step_on_pool(self) -> dict[str, float]:
         images, answers = self.pool.sample(self.config.batch_size)
@@ -285,14 +290,17 @@ class GeneratorMethod(PoolMethod[Options]):
         """The generator, built before the student trainer (the order the runs' random streams follow)."""
         self.synthesizer = Synthesizer(self.spec, self._synthesis, self.device)
 
+    @property
+    def synthesis_batch_size(self) -> int:
+        return self.synthesizer.settings.batch_size
+
     def round_cost(self, steps: int | None = None) -> int:
-        """Query samples of one synthesis round: a Forward and a Backward of the batch per step per teacher."""
-        steps = self.synthesizer.settings.steps if steps is None else steps
-        return steps * self.synthesizer.settings.batch_size * 2 * len(self.ensemble)
+        """Query samples of one synthesis round: ``synthesis-steps`` generator updates unless ``steps`` says."""
+        return super().round_cost(self.synthesizer.settings.steps if steps is None else steps)
 
     def forward_cost(self) -> int:
         """Query samples of one Forward of a batch to every teacher."""
-        return self.synthesizer.settings.batch_size * len(self.ensemble)
+        return self.synthesis_batch_size * len(self.ensemble)
 
     def synthesise(self, loss: Any, epoch: int) -> SyntheticBatch | None:
         """One synthesis round with ``loss`` (a SynthesisLoss), or None when the budget does not allow one."""
