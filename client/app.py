@@ -158,14 +158,14 @@ def _serve(msg: Message, context: Context) -> RecordDict:
         path = teacher_path(config, context.node_config, client)
         if not path.exists():
             raise CheckpointError(f"no teacher at {str(path)!r}: the train round has not run on this node")
-        host = host_from_checkpoint(path, max_batch=config.max_query_batch, client=client, privacy=privacy,
+        host = host_from_checkpoint(path, max_batch=config.teachers.max_query_batch, client=client, privacy=privacy,
                                     access=access_modes(config.teacher_access_modes()[client]))
     ca = hub.get("ca")
     settings = AgentSettings(target=str(hub["address"]), token=str(hub["token"]),
                              tls=ClientTLS(bytes(ca)) if ca else None,  # type: ignore[arg-type]
                              session=str(hub["session"]), name=str(hub["name"]),
-                             max_message_bytes=int(config.max_message_mb * MiB),
-                             give_up_after=max(config.rejoin_timeout, 30.0),
+                             max_message_bytes=int(config.queries.max_message_mb * MiB),
+                             give_up_after=max(config.queries.rejoin_timeout, 30.0),
                              server_name=str(hub["server-name"]) if hub.get("server-name") else None)
     logger.info("serving %s to the hub at %s", path, settings.target)
     agent = TeacherAgent(host, settings)
@@ -210,16 +210,16 @@ def _evaluate(msg: Message, context: Context) -> RecordDict:
             raise NodeConfigError("this node has no held-out data for evaluation (add x_test, y_test to its "
                                   "data-path)")
         spec, holdout = data.spec, data.holdout
-    if is_code_spec(config.student_model):  # the run config would name code for this node to import
-        raise NodeConfigError(f"student-model {config.student_model!r} names code; this node imports none that a run "
+    if is_code_spec(config.student.model):  # the run config would name code for this node to import
+        raise NodeConfigError(f"student-model {config.student.model!r} names code; this node imports none that a run "
                               "config names, so it evaluates only fedkd's own and torchvision students")
-    student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
-                               image_size=spec.side, args=config.student_arguments())
+    student = build_classifier(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
+                               image_size=spec.side, args=config.student.arguments())
     arrays = msg.content["student"]
     try:
         student.load_state_dict(arrays.to_torch_state_dict())  # type: ignore[union-attr]
     except RuntimeError as exc:
-        raise ValueError(f"the student's weights do not fit a {config.student_model!r}: {load_error(exc)}") from None
+        raise ValueError(f"the student's weights do not fit a {config.student.model!r}: {load_error(exc)}") from None
     correct, total = count_correct(student, holdout, spec)
     metrics: dict[str, Any]
     if privacy.mode == "none":

@@ -40,12 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedkd.config import RunConfig, config_from_mapping, default_values
+from fedkd.config import RunConfig, config_from_mapping
 from fedkd.contract import access_modes
 from fedkd.data import SPECS, DatasetSpec, ImageData, holdout_indices, load_dataset, load_node_file
 from fedkd.institution.classifier import parse_model_args
 from fedkd.institution.host import TeacherHost
-from fedkd.institution.privacy.settings import PrivacySettings
+from fedkd.institution.privacy.settings import DPTrainingSettings, PrivacySettings, privacy_keys
 from fedkd.institution.training import client_partitions, load_or_train_teacher
 from fedkd.metrics import predict
 from fedkd.options import ConfigError
@@ -108,8 +108,8 @@ def _fingerprint(config: RunConfig, source: str, model_name: str, client: int) -
     settings["data-root"] = str(Path(config.data_root).resolve())
     settings["dp-sgd"] = config.privacy_modes()[client] == "dp-sgd"
     settings["pate"] = config.privacy_modes()[client] == "pate"
-    if config.teacher_recipe != "closed":  # (closed teachers keep the fingerprints they had before the key)
-        settings["teacher-recipe"] = config.teacher_recipe
+    if config.teachers.recipe != "closed":  # (closed teachers keep the fingerprints they had before the key)
+        settings["teacher-recipe"] = config.teachers.recipe
     if source.startswith("file:") and Path(source[5:]).exists():
         stat = Path(source[5:]).stat()
         source += f":{stat.st_size}:{stat.st_mtime_ns}"
@@ -131,13 +131,10 @@ def teacher_path(config: RunConfig, node_config: Mapping[str, Any], client: int)
     return cache_dir() / "teachers" / f"{name}-{_fingerprint(config, source, name, client)}.pt"
 
 
-# The keys of a node's privacy settings. In a deployment they come from the node config only (defaults
-# otherwise), never from the coordinator's run config; in a simulation (``partition-id``) the experimenter is
-# every party and the run config stands in for each node's own.
-PRIVACY_KEYS = ("privacy-mode", "privacy-budget", "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size",
-                "dp-lr", "dp-feature-epsilon", "dp-feature-clip", "dp-eval-epsilon",
-                "output-noise", "output-clip", "gradient-clip", "label-count-noise", "label-count-epsilon",
-                "share-label-counts", "pate-teachers", "pate-threshold", "pate-sigma1", "pate-sigma2")
+# The keys of a node's privacy settings (the privacy and DP-training sections). In a deployment they come from the
+# node config only (defaults otherwise), never from the coordinator's run config; in a simulation
+# (``partition-id``) the experimenter is every party and the run config stands in for each node's own.
+PRIVACY_KEYS = privacy_keys()
 
 
 def node_privacy(config: RunConfig, node_config: Mapping[str, Any], client: int) -> tuple[PrivacySettings, RunConfig]:
@@ -145,15 +142,15 @@ def node_privacy(config: RunConfig, node_config: Mapping[str, Any], client: int)
     if "partition-id" in node_config:
         own = config
     else:
-        defaults = default_values()
-        values = {key: node_config.get(key, defaults[key]) for key in PRIVACY_KEYS}
-        if "," in str(values["privacy-mode"]):
+        values = {key: node_config[key] for key in PRIVACY_KEYS if key in node_config}
+        if "," in str(values.get("privacy-mode", "")):
             raise NodeConfigError(f"privacy-mode: {values['privacy-mode']!r}; a node sets one mode, its own")
         try:  # one mode stands for every client of the run config; this node only ever uses its own
-            own = config_from_mapping(values, base=config)
+            own = config_from_mapping(values, base=config.replace(privacy=PrivacySettings(),
+                                                                  dp_training=DPTrainingSettings()))
         except ConfigError as exc:
             raise NodeConfigError(f"node config: {exc}") from None
-    return own.client_privacy(client), own
+    return own.privacy.for_client(client), own
 
 
 OWN_MODEL_KEYS = ("model", "weights", "task", "model-args", "label-counts", "eval-data", "unknown-output")
@@ -201,10 +198,9 @@ def own_model(node_config: Mapping[str, Any]) -> OwnModel | None:
     except ValueError as exc:
         raise NodeConfigError(str(exc).replace("--model-args", "node config model-args")) from None
     unknown = node_config.get("unknown-output", False)
-    if isinstance(unknown, str) and unknown.lower() in ("true", "false"):
-        unknown = unknown.lower() == "true"
-    if not isinstance(unknown, bool):
-        raise NodeConfigError(f"node config: unknown-output is {unknown!r}; give true or false")
+    if not isinstance(unknown, bool):  # as every boolean key: TOML's true or false, never a quoted string
+        quoted = "; write it without quotes" if isinstance(unknown, str) else ""
+        raise NodeConfigError(f"node config: unknown-output is {unknown!r}; give true or false{quoted}")
     return OwnModel(str(node_config["model"]), task, text("weights"), args, counts, text("eval-data"), unknown)
 
 
@@ -212,7 +208,7 @@ def own_model_host(own: OwnModel, config: RunConfig, privacy: PrivacySettings, c
     """The host of the node's own classifier, checked (SPEC, weights, a dry forward on the task) as ``fedkd
     teacher --model`` checks it."""
     return host_from_model(own.spec, own.task, weights=own.weights, model_args=own.model_args,
-                           label_counts=own.label_counts, max_batch=config.max_query_batch, client=client,
+                           label_counts=own.label_counts, max_batch=config.teachers.max_query_batch, client=client,
                            privacy=privacy, access=access_modes(config.teacher_access_modes()[client]),
                            unknown_output=own.unknown_output)
 
@@ -247,7 +243,7 @@ def ensure_teacher(config: RunConfig, node_config: Mapping[str, Any], data: Node
     model, ckpt, trained = load_or_train_teacher(path, name, data.train, data.spec, config, client=k,
                                                  device=device, expected_model=expected, stage=logger.info,
                                                  dp=config.privacy_modes()[client] == "dp-sgd",
-                                                 pate=config.pate_teachers
+                                                 pate=config.dp_training.pate_teachers
                                                  if config.privacy_modes()[client] == "pate" else 0)
     return NodeTeacher(path, model.cpu(), ckpt, trained, time.perf_counter() - started)
 

@@ -56,7 +56,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
     started = time.perf_counter()
-    open_set = config.teacher_recipe == "open-set"
+    open_set = config.teachers.recipe == "open-set"
     model, privacy = train_teacher(args.model, data, task.spec, config, init_seed=config.seed * 1000,
                                    order_seed=config.seed * 1000, device=device,
                                    dp=args.privacy_mode == "dp-sgd", model_args=model_args,

@@ -18,28 +18,38 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedkd.coordinator.settings import (
+    EnsembleSettings,
+    FlowerSettings,
+    PoolSettings,
+    QuerySettings,
+    StudentSettings,
+    SynthesisSettings,
+)
 from fedkd.institution.privacy.settings import MODES as PRIVACY_MODES
-from fedkd.institution.privacy.settings import PrivacySettings
+from fedkd.institution.privacy.settings import DPTrainingSettings, PrivacySettings
+from fedkd.institution.settings import TeacherSettings
 from fedkd.options import (
     BATCH_LIMIT,
-    TIMEOUT_LIMIT,
     CliValue,
     ConfigError,
     bounded,
     choice,
     coerce,
     described,
+    field_key,
     kebab,
     validate_fields,
 )
 from fedkd.task import Task, run_task
+
+SECTION = {"section": True}  # a RunConfig field that holds a settings section
 
 
 @dataclass(frozen=True)
@@ -62,8 +72,11 @@ def coordinator_registries() -> tuple[Mapping[str, Any], tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every setting of a fedkd run. Each field's metadata holds its rules, its meaning and where it applies
-    (``fedkd keys``, ``docs/configuration.md`` and the Flower app's table are generated from them)."""
+    """Every setting of a fedkd run: the run-wide keys, then one section per concern, each declared beside the code
+    that reads it (the teachers' and the privacy sections at the institution, the others at the coordinator). Each
+    field's metadata holds its rules, its meaning, where it applies and, in a section, its key (keys are flat:
+    ``student-lr`` sets ``student.lr``); ``fedkd keys``, ``docs/configuration.md`` and the Flower app's table are
+    generated from them."""
 
     # Data and federation
     dataset: str = field(default="mnist5k", metadata=choice(
@@ -91,187 +104,27 @@ class RunConfig:
         1, 10**9, help="partition=dirichlet: the fewest samples a client may get (redrawn until it holds)"))
     seed: int = field(default=0, metadata=bounded(0, None, help="seeds the split, the teachers and the distillation"))
 
-    # Teachers (trained by each client on its own partition only)
-    teacher_model: str = field(default="lenet5", metadata=described(
-        "each client's teacher architecture: one model name, or one per client, comma-separated", scope="client"))
-    teacher_epochs: int = field(default=40, metadata=bounded(0, None, help="epochs a client trains its teacher",
-                                                             scope="client"))
-    teacher_lr: float = field(default=1e-3, metadata=bounded(
-        0.0, 10.0, open_low=True, help="teacher Adam learning rate", scope="client"))
-    teacher_batch_size: int = field(default=64, metadata=bounded(1, BATCH_LIMIT, help="teacher training batch",
-                                                                 scope="client"))
-    teacher_label_smoothing: float = field(default=0.1, metadata=bounded(
-        0.0, 1.0, help="label smoothing of teacher training", scope="client"))
-    teacher_recipe: str = field(default="closed", metadata=choice(
-        "closed", "open-set", help="how clients train their teachers: closed (the classes only) or open-set (one "
-        "more output, 'unknown', learned from the client's own images corrupted; the ensemble weighs each answer "
-        "by 1 - p(unknown)); not with dp-sgd or pate", scope="client"))
-    # An institution's own `fedkd teacher --access` is authoritative.
-    teacher_access: str = field(default="gradient", metadata=described(
-        "what each client grants, one or one per client: gradient (Forward and Backward), logits (Forward only; "
-        "its gradient term estimated by zeroth order) or labels (hard labels only)", scope="client"))
-    zo_directions: int = field(default=4, metadata=bounded(
-        0, 256, help="logits-only clients: random directions per sample of the zeroth-order gradient (0: none)"))
-    zo_radius: float = field(default=1e-2, metadata=bounded(
-        0.0, 10.0, open_low=True, help="logits-only clients: step of the zeroth-order finite difference"))
-    max_query_batch: int = field(default=1024, metadata=bounded(
-        1, BATCH_LIMIT, help="the largest batch a teacher host answers", scope="client"))
-
-    # Student and generator. Defaults are tuned for the main job on a 2-core CPU (MNIST-5k; docs/results.md): a
-    # small generator, a faster generator learning rate and a stronger BN-statistics weight than the paper's CIFAR
-    # scripts (generator width 64, lr 1e-3, weight-bn 1), which --set restores.
-    student_model: str = field(default="lenet5-half", metadata=described(
-        "the student's architecture: a fedkd model name, torchvision:NAME (a torchvision classifier) or "
-        "PACKAGE.MODULE:CALLABLE (your own code, called with student-args)"))
-    student_args: str = field(default="", metadata=described(
-        "keyword arguments of a torchvision student (num_classes is the task's unless given) or of your own "
-        "callable, a JSON object"))
+    # The distillation (a method's own options are its section, `METHOD.KEY`)
     method: str = field(default="cudfkd", metadata=described("the distillation method; its options are METHOD.KEY"))
     epochs: int = field(default=10, metadata=bounded(1, None, help="distillation epochs (evaluated and "
                                                                "checkpointed after each)"))
     steps_per_epoch: int = field(default=20, metadata=bounded(1, None, help="synthesis rounds per epoch"))
     student_steps: int = field(default=20, metadata=bounded(0, None, help="student steps (pool batches) per round"))
     batch_size: int = field(default=128, metadata=bounded(2, BATCH_LIMIT, help="synthetic batch and student batch"))
-    student_lr: float = field(default=0.1, metadata=bounded(
-        0.0, 10.0, open_low=True, help="student SGD learning rate (cosine schedule)"))
-    student_warmup: float = field(default=0.0, metadata=bounded(
-        0.0, 0.9, help="share of the student's steps over which its learning rate rises linearly "
-        "to student-lr before the cosine schedule (0 = none)"))
-    student_momentum: float = field(default=0.9, metadata=bounded(0.0, 1.0, help="student SGD momentum"))
-    student_weight_decay: float = field(default=1e-4, metadata=bounded(0.0, 1.0, help="student SGD weight decay"))
-    student_loss: str = field(default="kl", metadata=choice(
-        "l1", "kl", help="the student's distillation loss against the ensemble's logits"))
-    student_shift: int = field(default=0, metadata=bounded(0, 8, help="pixels a pool image may move in a student step"))
-    temperature: float = field(default=4.0, metadata=bounded(
-        0.0, 100.0, open_low=True, help="distillation temperature of student-loss=kl"))
-    ensemble: str = field(default="auto", metadata=described(
-        "how teachers' answers combine (an aggregator of fedkd/coordinator/aggregation.py); auto: class-weighted "
-        "when a client shares label counts, else prob-mean"))
-    # With DP-SGD teachers set reliability=false: they barely agree on synthetic samples and it leaves honest ones
-    # out (docs/privacy.md: 0.857 against 0.833 at epsilon 8).
-    reliability: bool = field(default=True, metadata=described(
-        "weight each teacher by its agreement with the others (robustness to teachers that answer wrong)"))
-    logit_bound: float = field(default=100.0, metadata=bounded(1.0, 1e6, help="answers' logits clipped to +-this"))
-    gradient_bound: float = field(default=10.0, metadata=bounded(
-        1.0, 1e6, help="a teacher's per-sample input gradient clipped to this x the median teacher's"))
-    share_label_counts: bool = field(default=True, metadata=described(
-        "clients share their label histogram (released with noise under a privacy mechanism)", scope="client"))
 
-    # The shared synthesizer (fedkd/coordinator/synthesis.py)
-    latent_dim: int = field(default=64, metadata=bounded(1, 4096, help="the generator's latent size"))
-    generator_width: int = field(default=16, metadata=bounded(1, 1024, help="the generator's base channels"))
-    generator_lr: float = field(default=1e-2, metadata=bounded(0.0, 10.0, open_low=True,
-                                                               help="generator Adam learning rate"))
-    conditional_generator: bool = field(default=False, metadata=described(
-        "a class-conditional generator (measured no better on the main job)"))
-    synthesis_steps: int = field(default=1, metadata=bounded(
-        1, None, help="generator updates per synthesis round (the best iterate is kept)"))
-    latent_lr: float = field(default=0.0, metadata=bounded(
-        0.0, 10.0, help="learning rate of the latents optimised per round (0: latents not optimised)"))
-    generator_reset: int = field(default=0, metadata=bounded(
-        0, None, help="re-initialise the generator every this many rounds (0: never)"))
-    synthesis_shift: int = field(default=2, metadata=bounded(
-        0, 8, help="pixels images are shifted by before the teachers see them"))
-    synthesis_diversity: float = field(default=20.0, metadata=bounded(
-        0.0, 1e6, help="weight of the mode-seeking diversity term"))
-    synthesis_forward_batches: int = field(default=0, metadata=bounded(
-        0, None, help="more batches per round from the updated generator, answered by a Forward alone"))
-
-    # The synthetic pool (fedkd/coordinator/synthetic_pool.py) and the query budget
-    pool_size: int = field(default=50_000, metadata=bounded(
-        1, None, help="synthetic samples kept with the ensemble's answers (the oldest dropped)"))
-    query_budget: int = field(default=0, metadata=bounded(
-        0, 10**15, help="query samples (every Forward and Backward sample, summed over teachers) the distillation "
-        "may spend; then the student trains on the pool (0: no budget)"))
+    # Sections, each declared beside the code that reads it; their keys are flat (`student-lr`: student.lr).
+    teachers: TeacherSettings = field(default_factory=TeacherSettings, metadata=SECTION)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings, metadata=SECTION)
+    dp_training: DPTrainingSettings = field(default_factory=DPTrainingSettings, metadata=SECTION)
+    student: StudentSettings = field(default_factory=StudentSettings, metadata=SECTION)
+    synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata=SECTION)
+    ensemble: EnsembleSettings = field(default_factory=EnsembleSettings, metadata=SECTION)
+    pool: PoolSettings = field(default_factory=PoolSettings, metadata=SECTION)
+    queries: QuerySettings = field(default_factory=QuerySettings, metadata=SECTION)
+    flower: FlowerSettings = field(default_factory=FlowerSettings, metadata=SECTION)
 
     # The selected method's options (a frozen dataclass registered with the method; keys `METHOD.KEY`).
     options: Any = field(default=None, compare=True)
-
-    # Transport of the queries (docs/query-path.md)
-    transport: str = field(default="inprocess", metadata=choice(
-        "inprocess", "grpc", help="fedkd run's teachers: hosts called in-process, or agent processes over gRPC on "
-        "loopback (TLS, tokens)"))
-    quorum: int = field(default=0, metadata=bounded(0, 1000, help="teachers that must answer a query; 0: a majority"))
-    query_timeout: float = field(default=60.0, metadata=bounded(
-        0.0, TIMEOUT_LIMIT, open_low=True, help="seconds a query waits for the teachers"))
-    rejoin_timeout: float = field(default=120.0, metadata=bounded(
-        0.0, TIMEOUT_LIMIT, help="seconds to wait for teachers to rejoin when fewer than the quorum are live"))
-    straggler_factor: float = field(default=0.0, metadata=bounded(
-        0.0, 1e6, help="once the quorum has answered a query, the other teachers get this many times the median "
-                       "answer time (at least 1 s) before the query goes on without them (counted as late); 0: "
-                       "every teacher is waited for up to query-timeout"))
-    max_message_mb: float = field(default=64.0, metadata=bounded(
-        0.0, 2000.0, open_low=True, help="the largest gRPC message, MB"))
-
-    # Privacy, per client (docs/privacy.md). In a one-machine run the experimenter is every party, so these keys
-    # stand in for each client's own settings; a Flower SuperNode in a deployment takes them from its node config
-    # only, never from the coordinator's run config.
-    privacy_mode: str = field(default="none", metadata=described(
-        "none, dp-sgd (DP-SGD teacher; answers are free), output-noise (clipped, noised answers, accounted per "
-        "row) or pate (shard teachers, labels by Confident-GNMax); one, or one per client", scope="client"))
-    privacy_budget: float = field(default=0.0, metadata=bounded(
-        0.0, 1e6, help="a client's total epsilon (training included), enforced before every release; 0: unlimited",
-        scope="client"))
-    dp_epsilon: float = field(default=8.0, metadata=bounded(
-        0.0, 1e4, open_low=True, help="dp-sgd: the training's epsilon", scope="client"))
-    dp_delta: float = field(default=0.0, metadata=bounded(
-        0.0, 0.1, help="delta of every guarantee; 0: 1 / (10 n), at most 1e-5", scope="client"))
-    dp_max_grad_norm: float = field(default=1.0, metadata=bounded(
-        0.0, 1e6, open_low=True, help="dp-sgd: per-sample gradient clip", scope="client"))
-    # DP-SGD wants larger batches than non-private training (the noise is per batch): on the main job at epsilon 8,
-    # 256 / 3e-3 gives the best student of 64 / 1e-3, 256 / 1e-2 and 256 / 3e-3 over 3 seeds (docs/privacy.md).
-    dp_batch_size: int = field(default=256, metadata=bounded(
-        1, BATCH_LIMIT, help="dp-sgd: expected batch (Poisson sampling at dp-batch-size / n)", scope="client"))
-    dp_lr: float = field(default=3e-3, metadata=bounded(
-        0.0, 10.0, open_low=True, help="dp-sgd: Adam learning rate", scope="client"))
-    dp_feature_epsilon: float = field(default=0.0, metadata=bounded(
-        0.0, 1e4, help="dp-sgd: epsilon of the DP-released feature statistics that let the BatchNorm-statistics "
-        "term work with DP teachers; 0: not released", scope="client"))
-    dp_feature_clip: float = field(default=5.0, metadata=bounded(
-        0.0, 1e6, open_low=True, help="dp-sgd: each record's feature statistics clipped to this", scope="client"))
-    dp_eval_epsilon: float = field(default=1.0, metadata=bounded(
-        0.0, 1e4, open_low=True, help="cost of one noisy federated-evaluation release (Flower evaluate)",
-        scope="client"))
-    output_noise: float = field(default=1.0, metadata=bounded(
-        0.0, 1e6, open_low=True, help="output-noise: Gaussian std per released row, in units of 2 x its clip",
-        scope="client"))
-    output_clip: float = field(default=10.0, metadata=bounded(
-        0.0, 1e6, open_low=True, help="output-noise: L2 norm each logits row is clipped to", scope="client"))
-    gradient_clip: float = field(default=1.0, metadata=bounded(
-        0.0, 1e6, open_low=True, help="output-noise: L2 norm each input-gradient row is clipped to", scope="client"))
-    label_count_noise: str = field(default="auto", metadata=choice(
-        "auto", "none", "gaussian", "laplace", help="noise on the released label histogram; auto: none without a "
-        "mechanism, else gaussian", scope="client"))
-    label_count_epsilon: float = field(default=0.5, metadata=bounded(
-        0.0, 1e4, open_low=True, help="cost of one noisy label histogram", scope="client"))
-    pate_teachers: int = field(default=10, metadata=bounded(
-        2, 10_000, help="pate: shard teachers trained on disjoint shards of a client's records", scope="client"))
-    pate_threshold: float = field(default=7.0, metadata=bounded(
-        0.0, 1e6, help="pate: answer a row only when its noisy top vote reaches this (scale with pate-teachers)",
-        scope="client"))
-    pate_sigma1: float = field(default=2.0, metadata=bounded(
-        0.0, 1e6, open_low=True, help="pate: noise std of the threshold check", scope="client"))
-    pate_sigma2: float = field(default=1.0, metadata=bounded(
-        0.0, 1e6, open_low=True, help="pate: noise std on each vote count for the answer", scope="client"))
-
-    # The Flower app only (`flwr run .`; `fedkd run` ignores them)
-    run_dir: str = field(default="runs/flower", metadata=described(
-        "where the ServerApp writes run-<run id>/", scope="flower"))
-    resume_from: str = field(default="", metadata=described(
-        "the run directory of a ServerApp run that died, continued from its last epoch; empty: a new run",
-        scope="flower"))
-    evaluation: str = field(default="both", metadata=choice(
-        "coordinator", "federated", "both", help="the coordinator's own test set, the clients' held-out data "
-        "(evaluate messages), or both", scope="flower"))
-    hub_host: str = field(default="127.0.0.1", metadata=described(
-        "the name teachers dial to reach the hub (and its certificate's name)", scope="flower"))
-    hub_port: int = field(default=0, metadata=bounded(0, 65535, help="the hub's port; 0: any free port",
-                                                     scope="flower"))
-    nodes_timeout: float = field(default=120.0, metadata=bounded(
-        0.0, TIMEOUT_LIMIT, help="seconds the ServerApp waits for the nodes", scope="flower"))
-    train_timeout: float = field(default=3600.0, metadata=bounded(
-        0.0, TIMEOUT_LIMIT, open_low=True, help="seconds a node may take to train its teacher (and the TTL of "
-        "serve messages)", scope="flower"))
 
     # References and housekeeping
     centralised: bool = field(default=False, metadata=described(
@@ -291,14 +144,17 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        for name, kind in SECTIONS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name}: {type(getattr(self, name)).__name__} is not a {kind.__name__}")
         if isinstance(self.options, UnresolvedOptions):  # an institution's config: the coordinator's keys unread
             if self.options.method != self.method:
                 raise ConfigError(f"options: unread options of method {self.options.method!r}, but "
                                   f"method={self.method}")
         else:
             methods, ensembles = coordinator_registries()
-            if self.ensemble not in ensembles:
-                raise ConfigError(f"ensemble: {self.ensemble!r} is not one of {', '.join(ensembles)}")
+            if self.ensemble.rule not in ensembles:
+                raise ConfigError(f"ensemble: {self.ensemble.rule!r} is not one of {', '.join(ensembles)}")
             expected = _method_entry(self.method, methods).options
             if self.options is None:
                 object.__setattr__(self, "options", expected())
@@ -307,29 +163,23 @@ class RunConfig:
                                   f"{self.method!r} ({expected.__name__})")
         modes = self.teacher_access_modes()
         if len(modes) != self.num_clients or any(m not in ("gradient", "logits", "labels") for m in modes):
-            raise ConfigError(f"teacher-access: {self.teacher_access!r}; give gradient, logits or labels, for all "
+            raise ConfigError(f"teacher-access: {self.teachers.access!r}; give gradient, logits or labels, for all "
                               f"clients or one per client (num-clients={self.num_clients}), comma-separated")
-        privacy = self.privacy_modes()
-        if len(privacy) != self.num_clients or any(m not in PRIVACY_MODES for m in privacy):
-            raise ConfigError(f"privacy-mode: {self.privacy_mode!r}; give {', '.join(PRIVACY_MODES)}, for all "
+        privacy = self.privacy.modes
+        if len(privacy) not in (1, self.num_clients):
+            raise ConfigError(f"privacy-mode: {self.privacy.mode!r}; give {', '.join(PRIVACY_MODES)}, for all "
                               f"clients or one per client (num-clients={self.num_clients}), comma-separated")
-        if self.teacher_recipe == "open-set" and (clash := sorted({m for m in privacy if m in ("dp-sgd", "pate")})):
+        if self.teachers.recipe == "open-set" and (clash := sorted({m for m in privacy if m in ("dp-sgd", "pate")})):
             raise ConfigError(f"teacher-recipe=open-set: clients with privacy-mode {' or '.join(clash)} cannot train "
                               "it (DP-SGD and PATE know the classes only); use privacy-mode none or output-noise, or "
                               "teacher-recipe=closed")
         names = self.teacher_models()
         if len(names) not in (1, self.num_clients):
             raise ConfigError(
-                f"teacher-model: got {len(names)} names ({self.teacher_model!r}) for "
+                f"teacher-model: got {len(names)} names ({self.teachers.model!r}) for "
                 f"num-clients={self.num_clients}; give one name for all clients or one per client, "
                 "comma-separated"
             )
-
-    def quorum_size(self, teachers: int) -> int:
-        """How many of ``teachers`` must answer each query (``quorum``, or a majority when 0)."""
-        if self.quorum > teachers:
-            raise ConfigError(f"quorum: {self.quorum} is more than the {teachers} teachers in the run")
-        return self.quorum or teachers // 2 + 1
 
     def _per_client(self, value: str) -> list[str]:
         """A comma-separated key that takes one value for all clients or one per client, as a list per client."""
@@ -338,50 +188,32 @@ class RunConfig:
 
     def teacher_access_modes(self) -> list[str]:
         """What each client grants (``teacher-access``, one value or one per client)."""
-        return self._per_client(self.teacher_access)
+        return self._per_client(self.teachers.access)
 
     def privacy_modes(self) -> list[str]:
         """Each client's privacy mode (``privacy-mode``, one value or one per client)."""
-        return self._per_client(self.privacy_mode)
-
-    def client_privacy(self, client: int) -> PrivacySettings:
-        """Client ``client``'s privacy settings, as these keys state them (a one-machine run only)."""
-        try:
-            return PrivacySettings(
-                mode=self.privacy_modes()[client], budget=self.privacy_budget, delta=self.dp_delta,
-                output_noise=self.output_noise, output_clip=self.output_clip, gradient_clip=self.gradient_clip,
-                share_label_counts=self.share_label_counts, label_count_noise=self.label_count_noise,
-                label_count_epsilon=self.label_count_epsilon, eval_epsilon=self.dp_eval_epsilon,
-                pate_threshold=self.pate_threshold, pate_sigma1=self.pate_sigma1, pate_sigma2=self.pate_sigma2)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        return self._per_client(self.privacy.mode)
 
     def teacher_models(self) -> list[str]:
         """The teacher architecture of each client (``teacher-model`` may list one per client)."""
-        return self._per_client(self.teacher_model)
+        return self._per_client(self.teachers.model)
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved configuration with kebab-case keys (as written to summary.json); the method's
+        """The resolved configuration with its flat kebab-case keys (as written to summary.json); the method's
         options as ``METHOD.KEY``."""
-        out = {kebab(f.name): getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in SECTIONS:
+                section = getattr(self, f.name)
+                out.update({field_key(g): getattr(section, g.name) for g in dataclasses.fields(section)})
+            elif f.name != "options":
+                out[kebab(f.name)] = getattr(self, f.name)
         if isinstance(self.options, UnresolvedOptions):
             out.update({f"{self.method}.{key}": value for key, value in self.options.values})
         else:
             out.update({f"{self.method}.{kebab(f.name)}": getattr(self.options, f.name)
                         for f in dataclasses.fields(self.options)})
         return out
-
-    def student_arguments(self) -> dict[str, Any]:
-        """``student-args`` as keyword arguments; ConfigError naming the key when it is not a JSON object."""
-        if not self.student_args:
-            return {}
-        try:
-            args = json.loads(self.student_args)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"student-args: {self.student_args!r} is not JSON ({exc.msg})") from None
-        if not isinstance(args, dict):
-            raise ConfigError(f"student-args: give a JSON object of keyword arguments, got {self.student_args!r}")
-        return args
 
     def run_task(self) -> Task:
         """The run's task: its task card, or the built-in dataset's."""
@@ -393,13 +225,35 @@ class RunConfig:
         return not isinstance(self.options, UnresolvedOptions)
 
     def replace(self, **changes: Any) -> RunConfig:
+        """A copy with fields (run-wide values, whole sections) changed; :meth:`with_keys` changes keys."""
         if "method" in changes and changes["method"] != self.method and "options" not in changes:
             # another method: its default options (unread ones for an institution's config)
             changes["options"] = None if self.resolved else UnresolvedOptions(changes["method"])
         return dataclasses.replace(self, **changes)
 
+    def with_keys(self, values: Mapping[str, Any]) -> RunConfig:
+        """A copy with config keys changed (``{"student-lr": 0.05}``), checked as every entry point checks them."""
+        return config_from_mapping(values, base=self)
 
-_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "options"}
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)  # type: ignore[misc]
+                             if f.metadata.get("section")}
+
+
+def _key_table() -> dict[str, tuple[str | None, dataclasses.Field[Any]]]:
+    """Every run key -> (its section, None for a run-wide key; the field that holds it), in RunConfig's order."""
+    table: dict[str, tuple[str | None, dataclasses.Field[Any]]] = {}
+    for f in dataclasses.fields(RunConfig):
+        entries = ([(field_key(g), name, g) for name in [f.name] for g in dataclasses.fields(SECTIONS[f.name])]
+                   if f.name in SECTIONS else [] if f.name == "options" else [(kebab(f.name), None, f)])
+        for key, section, holder in entries:
+            if key in table:
+                raise AssertionError(f"config key {key!r} is declared twice")
+            table[key] = (section, holder)
+    return table
+
+
+KEYS = _key_table()
 
 
 class UnknownKeyError(ConfigError):
@@ -477,11 +331,11 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
     if not resolve:
         return _unresolved_config(flat, namespaced, base)
     methods, _ = coordinator_registries()
-    base = base if base is not None and base.resolved else RunConfig(**_run_wide(base))
+    base = base if base is not None and base.resolved else RunConfig(**_fields(base))
     selected = str(flat.get("method", base.method))
     # the selected method's options first, so a bare option key is pointed to the method that runs
     order = sorted(methods.values(), key=lambda m: m.name != selected)
-    known = [kebab(n) for n in _FIELDS] + [k for m in order for k in option_keys(m.options, m.name)]
+    known = list(KEYS) + [k for m in order for k in option_keys(m.options, m.name)]
 
     def unknown(key: str) -> ConfigError:
         own = f"{selected}.{key.replace('_', '-')}"
@@ -490,7 +344,7 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
                                "its name as prefix)")
         return _unknown_key(key, known)
 
-    changes = _coerced(flat, _FIELDS, "", unknown)
+    changes = _with_keys(base, flat, unknown)
     method = changes.get("method", base.method)
     entry = _method_entry(method, methods)
     for namespace, options in namespaced.items():
@@ -514,22 +368,45 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
     return dataclasses.replace(base, **changes)
 
 
+def _with_keys(base: RunConfig | None, values: Mapping[str, Any],
+               unknown: Callable[[str], ConfigError]) -> dict[str, Any]:
+    """The fields of RunConfig that ``values`` (flat kebab-case keys) change, each value coerced to its key's type:
+    run-wide values, and whole sections rebuilt from ``base``'s (defaults for None) with their keys changed, so each
+    section checks its own values."""
+    changes: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if key not in KEYS or "_" in key:
+            raise unknown(key)
+        section, holder = KEYS[key]
+        coerced = coerce(key, holder, value)
+        if section is None:
+            changes[holder.name] = coerced
+        else:
+            sections.setdefault(section, {})[holder.name] = coerced
+    for section, fields in sections.items():
+        current = getattr(base, section) if base is not None else SECTIONS[section]()
+        changes[section] = dataclasses.replace(current, **fields)
+    return changes
+
+
 def default_values() -> dict[str, Any]:
-    """Every run-wide key's default, kebab-case (no config is built: nothing of either side is imported)."""
-    return {kebab(name): f.default for name, f in _FIELDS.items()}
+    """Every run key's default, kebab-case (no config is built: nothing of either side is imported)."""
+    return {key: holder.default for key, (_, holder) in KEYS.items()}
 
 
-def _run_wide(config: RunConfig | None) -> dict[str, Any]:
-    """The run-wide fields of ``config`` (none for None), without its method options."""
-    return {} if config is None else {name: getattr(config, name) for name in _FIELDS}
+def _fields(config: RunConfig | None) -> dict[str, Any]:
+    """The fields of ``config`` (none for None): its run-wide values and sections, without its method options."""
+    return {} if config is None else {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                      if f.name != "options"}
 
 
 def _unresolved_config(flat: Mapping[str, Any], namespaced: Mapping[str, Mapping[str, Any]],
                        base: RunConfig | None) -> RunConfig:
-    """An institution's config: run-wide keys checked, the selected method's options kept as given."""
-    known = [kebab(n) for n in _FIELDS]
-    changes = _coerced(flat, _FIELDS, "", lambda key: _unknown_key(key, known))
-    fields = {**_run_wide(base), **changes}
+    """An institution's config: run-wide keys and sections checked, the selected method's options kept as given."""
+    known = list(KEYS)
+    changes = _with_keys(base, flat, lambda key: _unknown_key(key, known))
+    fields = {**_fields(base), **changes}
     method = fields.get("method", RunConfig.method)
     given: dict[str, Any] = {}
     if base is not None and isinstance(base.options, UnresolvedOptions) and base.method == method:

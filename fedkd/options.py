@@ -34,22 +34,29 @@ SCOPES = {"run": "every entry point", "flower": "the Flower app only",
           "client": "each client's own (a deployment's node config; fedkd run and simulations: the run config)"}
 
 
-def described(help: str, *, scope: str = "run") -> dict[str, Any]:
-    """Field metadata: what the setting means (one line) and where it applies (a key of :data:`SCOPES`)."""
+def described(help: str, *, scope: str = "run", key: str | None = None) -> dict[str, Any]:
+    """Field metadata: what the setting means (one line), where it applies (a key of :data:`SCOPES`) and, for a
+    field of a settings section, the key that sets it (``student-lr`` for ``StudentSettings.lr``; by default the
+    field's name, kebab-case)."""
     if scope not in SCOPES:
         raise ValueError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
-    return {"help": help, "scope": scope}
+    return {"help": help, "scope": scope, **({"key": key} if key else {})}
 
 
-def choice(*names: str, help: str = "", scope: str = "run") -> dict[str, Any]:
+def choice(*names: str, help: str = "", scope: str = "run", key: str | None = None) -> dict[str, Any]:
     """Field metadata: the value must be one of ``names``."""
-    return {"choices": names, **described(help, scope=scope)}
+    return {"choices": names, **described(help, scope=scope, key=key)}
 
 
 def bounded(low: float | None = None, high: float | None = None, *, open_low: bool = False, help: str = "",
-            scope: str = "run") -> dict[str, Any]:
+            scope: str = "run", key: str | None = None) -> dict[str, Any]:
     """Field metadata: the value must lie in [low, high] ((low, high] with ``open_low``)."""
-    return {"low": low, "high": high, "open_low": open_low, **described(help, scope=scope)}
+    return {"low": low, "high": high, "open_low": open_low, **described(help, scope=scope, key=key)}
+
+
+def field_key(f: dataclasses.Field[Any], prefix: str = "") -> str:
+    """The config key that sets a settings field: its metadata's ``key``, else ``prefix`` + its name, kebab-case."""
+    return f.metadata.get("key") or prefix + kebab(f.name)
 
 
 # The largest integer a key takes unless its field says otherwise: torch seeds, thread counts and tensor sizes
@@ -92,14 +99,15 @@ def toml_value(value: Any) -> str:
 
 
 def validate_fields(obj: Any, prefix: str = "") -> None:
-    """Check a config dataclass's values against its field metadata (options call it from __post_init__)."""
+    """Check a config dataclass's values against its field metadata (options and settings sections call it from
+    __post_init__; a section held by another, marked ``section`` in its metadata, checks itself)."""
     for f in dataclasses.fields(obj):
-        if f.name != "options":
+        if f.name != "options" and not f.metadata.get("section"):
             validate_value(f, getattr(obj, f.name), prefix)
 
 
 def validate_value(f: dataclasses.Field[Any], value: Any, prefix: str = "") -> None:
-    key = prefix + kebab(f.name)
+    key = field_key(f, prefix)
     meta = f.metadata
     if value is None:
         if f.default is not None:

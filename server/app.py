@@ -49,6 +49,7 @@ from torch import nn
 from fedkd.config import FOLLOW_FEDERATION, RunConfig, config_from_run_config
 from fedkd.coordinator.distillation import Distillation, RunObserver, epoch_line
 from fedkd.coordinator.flow import Session, coordinate, coordinator_test_data, refuse_code_student
+from fedkd.coordinator.settings import FlowerSettings
 from fedkd.tls import run_pki
 
 from .credentials import ServerTLS, issue_tokens
@@ -106,17 +107,17 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     counted = None
     if run_config.get("num-clients") == FOLLOW_FEDERATION:
-        timeout = float(run_config.get("nodes-timeout", RunConfig().nodes_timeout))  # type: ignore[arg-type]
+        timeout = float(run_config.get("nodes-timeout", FlowerSettings().nodes_timeout))  # type: ignore[arg-type]
         counted = federation_size(grid, timeout)
         log(INFO, "[fedkd] num-clients=0: the federation has %d nodes, one client each", counted)
     config = config_from_run_config(run_config, num_clients=counted)
     refuse_code_student(config, "the Flower app")
-    if config.resume_from:  # a run that died: continue it in its own run directory
-        run_dir = Path(config.resume_from).expanduser().resolve()
+    if config.flower.resume_from:  # a run that died: continue it in its own run directory
+        run_dir = Path(config.flower.resume_from).expanduser().resolve()
         log(INFO, "[fedkd] resuming the run in %s", run_dir)
     else:
-        run_dir = Path(config.run_dir).expanduser().resolve() / f"run-{context.run_id}"
-    FederatedDistillation(grid, config, run_dir, run_id=context.run_id, resumed=bool(config.resume_from)).run()
+        run_dir = Path(config.flower.run_dir).expanduser().resolve() / f"run-{context.run_id}"
+    FederatedDistillation(grid, config, run_dir, run_id=context.run_id, resumed=bool(config.flower.resume_from)).run()
 
 
 def federation_size(grid: Grid, timeout: float, settle: float = SETTLE) -> int:
@@ -171,7 +172,7 @@ class FederatedDistillation:
         return [n for n in self.nodes.values() if n.status == "ok"]
 
     def _check_quorum(self, stage: str) -> None:
-        need = self.config.quorum_size(self.config.num_clients)
+        need = self.config.queries.quorum_size(self.config.num_clients)
         if len(self._live()) < need:
             failed = "; ".join(f"node {n.node_id}: {n.error}" for n in self.nodes.values() if n.status != "ok")
             raise FlowerRunError(f"after {stage}, {len(self._live())} of {self.config.num_clients} nodes are left "
@@ -208,16 +209,16 @@ class FederatedDistillation:
     def session(self, run_dir: Path, device: torch.device, observer: RunObserver) -> Iterator[Session]:
         config = self.config
         observer.stage(f"run directory {run_dir}")
-        observer.stage(f"waiting up to {config.nodes_timeout:.0f} s for {config.num_clients} nodes")
-        node_ids = wait_for_nodes(self.grid, config.num_clients, config.nodes_timeout)
+        observer.stage(f"waiting up to {config.flower.nodes_timeout:.0f} s for {config.num_clients} nodes")
+        node_ids = wait_for_nodes(self.grid, config.num_clients, config.flower.nodes_timeout)
         self.nodes = {nid: NodeRecord(nid, k) for k, nid in enumerate(node_ids)}
         self._train_round()
         names = {n.node_id: f"node-{n.node_id}" for n in self._live()}  # in client order: the pool's order
         tokens = issue_tokens(run_dir / "tokens", list(names.values()))
-        host = config.hub_host
+        host = config.flower.hub_host
         pki = run_pki(run_dir / "tls", hosts=sorted({host, "localhost", "127.0.0.1"}))
         bind = "127.0.0.1" if host in LOOPBACK else "0.0.0.0"
-        hub = Hub.for_run(dict(tokens), config, session=run_dir.name, address=f"{bind}:{config.hub_port}",
+        hub = Hub.for_run(dict(tokens), config, session=run_dir.name, address=f"{bind}:{config.flower.hub_port}",
                           tls=ServerTLS(pki.server_cert.read_bytes(), pki.server_key.read_bytes()))
         with hub:
             address = f"{host}:{hub.port}"
@@ -229,18 +230,18 @@ class FederatedDistillation:
                 content = RecordDict({"hub": ConfigRecord({
                     "address": address, "token": tokens[name], "ca": ca, "session": run_dir.name, "name": name,
                     "client": node.client, "num-clients": config.num_clients})})
-                serving[nid] = self._message(node, content, "query.serve", config.train_timeout)
+                serving[nid] = self._message(node, content, "query.serve", config.flower.train_timeout)
             ids = dict(zip(serving, self.grid.push_messages(list(serving.values()))))
             early = self._await_teachers(hub, names, ids)
             node_of = {name: nid for nid, name in names.items()}
             for name in hub.never_connected():
                 if self.nodes[node_of[name]].status == "ok":
                     self.nodes[node_of[name]].fail("serve", f"its teacher did not connect to the hub within "
-                                                            f"nodes-timeout={config.nodes_timeout:.0f} s")
+                                                            f"nodes-timeout={config.flower.nodes_timeout:.0f} s")
             self._check_quorum("connecting the teachers")  # names every failed node, before the hub would
             hub.drop_absent()
             test = None
-            if config.evaluation in ("coordinator", "both"):
+            if config.flower.evaluation in ("coordinator", "both"):
                 if config.eval_data or not config.task:
                     observer.stage(f"loading {config.eval_data or config.dataset} (the coordinator's own labelled "
                                    "data)")
@@ -256,7 +257,7 @@ class FederatedDistillation:
         self._collect_serve_replies(ids, early)
 
     def finish(self, result: Distillation, session: Session, observer: RunObserver) -> None:
-        if self.config.evaluation in ("federated", "both"):
+        if self.config.flower.evaluation in ("federated", "both"):
             session.sections["federated_evaluation"] = self._federated_evaluation(result.student)
         nodes = sorted(self.nodes.values(), key=lambda n: n.client)
         session.sections["flower"] = {"run_id": self.run_id, "resumed": self.resumed,
@@ -271,7 +272,7 @@ class FederatedDistillation:
         self.observer.stage(f"train round: {len(self.nodes)} nodes train or load their teachers")
         replies = self._round("train", {n.node_id: RecordDict({"train": ConfigRecord({
             "client": n.client, "num-clients": config.num_clients})}) for n in self._live()}, "train",
-            config.train_timeout)
+            config.flower.train_timeout)
         for nid, reply in replies.items():
             metrics = dict(reply.content["metrics"])
             self.nodes[nid].client = int(metrics.pop("client", self.nodes[nid].client))  # type: ignore[arg-type]
@@ -285,7 +286,7 @@ class FederatedDistillation:
 
     def _await_teachers(self, hub: Hub, names: dict[int, str], ids: dict[int, str]) -> dict[int, Message]:
         """Wait until every serving node's teacher joined, or replied (a failure), or nodes-timeout passed."""
-        deadline = time.monotonic() + self.config.nodes_timeout
+        deadline = time.monotonic() + self.config.flower.nodes_timeout
         early: dict[int, Message] = {}
         while time.monotonic() < deadline:
             for reply in self.grid.pull_messages([i for nid, i in ids.items() if nid not in early]):
@@ -325,7 +326,7 @@ class FederatedDistillation:
                                                                       "client": n.client,
                                                                       "num-clients": self.config.num_clients})})
                                            for n in targets},
-                              "evaluate", self.config.train_timeout)
+                              "evaluate", self.config.flower.train_timeout)
         rows: list[dict[str, Any]] = []
         for nid, reply in replies.items():
             metrics = dict(reply.content["metrics"])

@@ -22,6 +22,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -239,9 +240,9 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
 
 
 def _out(args: argparse.Namespace, config: RunConfig) -> Path:
-    if config.resume_from:
-        raise ConfigError(f"resume-from: {config.resume_from!r} is the Flower app's way to continue a run; here "
-                          f"pass --out {config.resume_from} --resume")
+    if config.flower.resume_from:
+        raise ConfigError(f"resume-from: {config.flower.resume_from!r} is the Flower app's way to continue a run; here "
+                          f"pass --out {config.flower.resume_from} --resume")
     name = config.dataset if not config.task else Path(config.task).stem
     out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{name}-{config.method}")
     args.run_dir = out  # named by the Ctrl-C message
@@ -255,7 +256,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     from .loopback import grpc_transport
 
-    transport = grpc_transport if config.transport == "grpc" else None
+    transport = grpc_transport if config.queries.transport == "grpc" else None
     with ConsoleObserver(console, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch) as observer:
         summary = run_experiment(config, out, resume=args.resume, observer=observer, transport=transport)
     _print_results(console, summary, out)
@@ -297,7 +298,7 @@ def cmd_distill(args: argparse.Namespace, console: Console) -> int:
     out = _out(args, config)
     if "transport" in given:  # (the user's keys: a resumed run's config.json says grpc, which distill wrote)
         raise ConfigError("transport: fedkd distill always serves teachers over gRPC; leave transport unset")
-    config = config.replace(num_clients=args.teachers, transport="grpc")
+    config = config.replace(num_clients=args.teachers, queries=replace(config.queries, transport="grpc"))
     tls = _server_tls(args, out, console)
     token_dir = Path(args.token_dir) if args.token_dir else out / "tokens"
     serves = (f"--model SPEC --weights FILE --task {config.task}" if config.task else "--checkpoint TEACHER.pt")

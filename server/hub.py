@@ -123,9 +123,9 @@ class Hub:
         """A hub with the run's limits: message size, deadline, straggler policy, rejoin wait and quorum from
         ``config``."""
         return cls(slots, session=session, address=address, tls=tls,
-                   max_message_bytes=int(config.max_message_mb * MiB), query_timeout=config.query_timeout,
-                   rejoin_timeout=config.rejoin_timeout, quorum=config.quorum_size(len(slots)),
-                   spec=config.run_task().spec, straggler_factor=config.straggler_factor)
+                   max_message_bytes=int(config.queries.max_message_mb * MiB), query_timeout=config.queries.timeout,
+                   rejoin_timeout=config.queries.rejoin_timeout, quorum=config.queries.quorum_size(len(slots)),
+                   spec=config.run_task().spec, straggler_factor=config.queries.straggler_factor)
 
     # Lifecycle --------------------------------------------------------------------------
 

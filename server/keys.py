@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedkd.config import FOLLOW_FEDERATION, RunConfig, coordinator_registries
+from fedkd.config import FOLLOW_FEDERATION, KEYS, SECTIONS, coordinator_registries
 from fedkd.contract import ALL_ACCESS_MODES
 from fedkd.institution.privacy.settings import MODES as PRIVACY_MODES
 from fedkd.models import model_names
@@ -51,6 +51,7 @@ class Key:
     meaning: str
     scope: str  # a key of fedkd.options.SCOPES
     method: str | None = None  # the method whose option it is
+    section: str | None = None  # the RunConfig section that holds it (None: run-wide or a method's option)
 
 
 def _allowed(key: str, meta: dict[str, Any], registry: dict[str, Callable[[], str]]) -> str:
@@ -67,23 +68,21 @@ def _allowed(key: str, meta: dict[str, Any], registry: dict[str, Callable[[], st
     return ", ".join(parts)
 
 
-def _rows(settings: type, prefix: str, method: str | None, registry: dict[str, Callable[[], str]]) -> list[Key]:
-    rows = []
-    for f in dataclasses.fields(settings):
-        if f.name == "options":
-            continue
-        key = prefix + kebab(f.name)
-        rows.append(Key(key, f.default, _allowed(key, dict(f.metadata), registry), f.metadata.get("help", ""),
-                        f.metadata.get("scope", "run"), method))
-    return rows
+def _row(key: str, f: dataclasses.Field[Any], method: str | None, registry: dict[str, Callable[[], str]],
+         section: str | None = None) -> Key:
+    return Key(key, f.default, _allowed(key, dict(f.metadata), registry), f.metadata.get("help", ""),
+               f.metadata.get("scope", "run"), method, section)
 
 
 def every_key() -> list[Key]:
-    """The run-wide keys in their order, then each method's options under its name."""
+    """The run-wide keys, then each section's keys, in RunConfig's order; then each method's options under its
+    name."""
     registry = _registry_choices()
-    rows = _rows(RunConfig, "", None, registry)
+    rows = [_row(key, holder, None, registry, section) for key, (section, holder) in KEYS.items()]
+    rows.sort(key=lambda row: row.section is not None)  # stable: the run-wide keys first
     for entry in coordinator_registries()[0].values():
-        rows += _rows(entry.options, f"{entry.name}.", entry.name, registry)
+        rows += [_row(f"{entry.name}.{kebab(f.name)}", f, entry.name, registry)
+                 for f in dataclasses.fields(entry.options)]
     return rows
 
 
@@ -112,16 +111,26 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|") if text else ""
 
 
+def _heading(row: Key) -> str:
+    """A group of keys as docs/configuration.md titles it: where its settings are declared."""
+    if row.method:
+        return f"`{row.method}` (method = {row.method})"
+    if row.section is None:
+        return "Run-wide keys (`RunConfig`, fedkd/config.py)"
+    kind = SECTIONS[row.section]
+    return f"`{row.section}`: `{kind.__name__}` ({kind.__module__.replace('.', '/')}.py)"
+
+
 def markdown_table() -> str:
     """The key table of docs/configuration.md."""
     scope_names = {"run": "all", "flower": "Flower app", "client": "each client's own"}
     lines = [DOCS_BEGIN, "", "Applies to: " + "; ".join(f"*{scope_names[s]}*: {SCOPES[s]}" for s in SCOPES) + ".",
              ""]
-    method = None
+    group: tuple[str | None, str | None] | None = None
     for row in every_key():
-        if row.method != method or not lines[-1].startswith("|"):
-            method = row.method
-            lines += ["", f"### {f'`{method}` (method = {method})' if method else 'Run-wide keys'}", "",
+        if (row.method, row.section) != group or not lines[-1].startswith("|"):
+            group = (row.method, row.section)
+            lines += ["", f"### {_heading(row)}", "",
                       "| key | default | allowed | meaning | applies to |", "|---|---|---|---|---|"]
         default = toml_value(row.default)
         lines.append(f"| `{row.key}` | `{default}` | {_cell(row.allowed)} | {_cell(row.meaning)} | "

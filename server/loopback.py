@@ -42,11 +42,12 @@ def agent_command(checkpoint: Path, port: int, token_file: Path, ca: Path, *, co
                   device: torch.device, threads: int, access: str = "gradient", client: int = 0) -> list[str]:
     cmd = [sys.executable, "-m", "fedkd.client", "--checkpoint", str(checkpoint), "--connect", f"localhost:{port}",
            "--token-file", str(token_file), "--ca", str(ca), "--session", session,
-           "--max-batch", str(config.max_query_batch), "--max-message-mb", str(config.max_message_mb),
-           "--device", device.type, "--num-threads", str(threads), "--give-up-after", str(config.rejoin_timeout),
+           "--max-batch", str(config.teachers.max_query_batch),
+           "--max-message-mb", str(config.queries.max_message_mb), "--device", device.type,
+           "--num-threads", str(threads), "--give-up-after", str(config.queries.rejoin_timeout),
            "--access", ",".join(access_modes(access))]
     # one machine: the run config stands in for each client's own privacy settings
-    return cmd + privacy_flags(config.client_privacy(client))
+    return cmd + privacy_flags(config.privacy.for_client(client))
 
 
 @contextmanager

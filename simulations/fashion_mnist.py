@@ -80,7 +80,6 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
     images (no labels: the ceiling a perfect synthesizer would give), and trained on the pooled labelled data (the
     student's capacity). Experiment-only: no deployment holds either."""
     from fedkd.coordinator.aggregation import AGGREGATORS, class_weights
-    from fedkd.coordinator.methods.base import student_settings
     from fedkd.coordinator.student import StudentTrainer
     from fedkd.institution.loading import load_teacher
     from fedkd.models import build_model
@@ -98,15 +97,15 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
     logits = torch.stack([predict(m, spec.normalize(train.images), device=device)[:, :spec.num_classes]
                           for m, _ in loaded])
     answers = AGGREGATORS["class-weighted"].combine(logits, weights)
-    settings = student_settings(config)
+    total_steps = config.epochs * config.steps_per_epoch * config.student_steps  # as the run's student trainer
     out = {}
     for name in ("real_kd", "real_labels"):
         torch.manual_seed(config.seed)
-        student = build_model(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
+        student = build_model(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
                               image_size=spec.image_size)
-        trainer = StudentTrainer(student, spec, settings, device)  # the run's optimiser, schedule and loss
-        draw = torch.Generator().manual_seed(config.seed)
-        for _ in range(settings.total_steps):
+        trainer = StudentTrainer(student, spec, config.student, device, total_steps=total_steps)  # the run's
+        draw = torch.Generator().manual_seed(config.seed)  # optimiser, schedule and loss
+        for _ in range(total_steps):
             idx = torch.randint(0, len(train), (config.batch_size,), generator=draw)
             if name == "real_kd":
                 trainer.step(train.images[idx], answers[idx])

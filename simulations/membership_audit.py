@@ -101,7 +101,7 @@ def audit_run(run_dir: Path, *, client: int = 0, shadows: int = 8, seed: int = 0
 
     teacher_path = run_dir / "clients" / f"client_{client:02d}" / "teacher.pt"
     model, ckpt = load_teacher(teacher_path)
-    settings = config.client_privacy(client)
+    settings = config.privacy.for_client(client)
     with tempfile.TemporaryDirectory() as tmp:  # the audit's queries go to a copy of the ledger, not the run's
         ledger = Path(tmp) / "teacher.ledger.json"
         if ledger_path(teacher_path).exists():

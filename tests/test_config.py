@@ -1,6 +1,13 @@
 import pytest
 
-from fedkd.config import RunConfig, config_from_mapping, config_from_run_config, load_config_file, parse_assignments
+from fedkd.config import (
+    KEYS,
+    RunConfig,
+    config_from_mapping,
+    config_from_run_config,
+    load_config_file,
+    parse_assignments,
+)
 from fedkd.coordinator.methods import METHODS
 from fedkd.coordinator.methods.cudfkd import CuDFKDOptions
 from fedkd.options import ConfigError
@@ -9,7 +16,7 @@ from fedkd.options import ConfigError
 def test_defaults_are_the_main_job():
     cfg = RunConfig()
     assert (cfg.dataset, cfg.num_clients, cfg.partition, cfg.alpha) == ("mnist5k", 5, "dirichlet", 0.5)
-    assert (cfg.teacher_model, cfg.student_model, cfg.method) == ("lenet5", "lenet5-half", "cudfkd")
+    assert (cfg.teachers.model, cfg.student.model, cfg.method) == ("lenet5", "lenet5-half", "cudfkd")
 
 
 def test_command_line_text_is_converted_to_each_keys_type():
@@ -175,7 +182,7 @@ def _every_key():
     """(key, field) for every run-wide key and every method option."""
     import dataclasses
 
-    keys = [(f.name.replace("_", "-"), f) for f in dataclasses.fields(RunConfig) if f.name != "options"]
+    keys = [(key, holder) for key, (_, holder) in KEYS.items()]
     for entry in METHODS.values():
         keys += [(f"{entry.name}.{f.name.replace('_', '-')}", f) for f in dataclasses.fields(entry.options)]
     return keys

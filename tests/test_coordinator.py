@@ -62,7 +62,7 @@ def distill_run(config: RunConfig, teachers: list[Path], out: Path) -> dict:
     port = free_port()
     names = teacher_names(len(teachers))
     tokens = issue_tokens(out / "tokens", names)
-    agents = [TeacherAgent(host_from_checkpoint(path, client=k, max_batch=config.max_query_batch),
+    agents = [TeacherAgent(host_from_checkpoint(path, client=k, max_batch=config.teachers.max_query_batch),
                            AgentSettings(target=f"127.0.0.1:{port}", token=tokens[name], name=name,
                                          initial_backoff=0.05, max_backoff=0.2, give_up_after=60))
               for k, (path, name) in enumerate(zip(teachers, names))]

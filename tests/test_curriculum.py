@@ -122,14 +122,14 @@ def test_absolute_overrides_and_state_round_trip():
 def test_the_student_learning_rate_warms_up_then_follows_the_cosine():
     from torch import nn
 
-    from fedkd.coordinator.student import StudentSettings, StudentTrainer
+    from fedkd.coordinator.settings import StudentSettings
+    from fedkd.coordinator.student import StudentTrainer
     from fedkd.data import DatasetSpec
     spec = DatasetSpec(name="t", num_classes=2, channels=1, image_size=4, mean=(0.0,), std=(1.0,))
 
     def rates(warmup: float) -> list[float]:
-        settings = StudentSettings(lr=0.1, momentum=0.9, weight_decay=0.0, loss="kl", temperature=1.0,
-                                   total_steps=100, warmup=warmup)
-        trainer = StudentTrainer(nn.Linear(16, 2), spec, settings, torch.device("cpu"))
+        settings = StudentSettings(lr=0.1, momentum=0.9, weight_decay=0.0, loss="kl", temperature=1.0, warmup=warmup)
+        trainer = StudentTrainer(nn.Linear(16, 2), spec, settings, torch.device("cpu"), total_steps=100)
         out = []
         for _ in range(100):
             out.append(trainer.optimizer.param_groups[0]["lr"])

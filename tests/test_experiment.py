@@ -107,7 +107,7 @@ def test_query_budget_stops_synthesis_and_the_student_keeps_training(tmp_path):
     summary = run_experiment(config, tmp_path / "budget")
     history = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
     assert [h["synthesis_rounds"] for h in history] == [3, 0]
-    assert summary["queries"]["distillation_samples"] == 3 * 64 * 3 * 3 <= config.query_budget
+    assert summary["queries"]["distillation_samples"] == 3 * 64 * 3 * 3 <= config.pool.query_budget
     assert summary["pool"]["samples"] == 3 * 64
     checkpoint = torch.load(tmp_path / "budget" / "checkpoint.pt", weights_only=True)
     assert checkpoint["method"]["trainer"]["steps"] == 2 * 4 * 2  # the student trained in every round

@@ -7,7 +7,7 @@ import dataclasses
 from fedkd.server import keys
 from fedkd.server.cli import main
 
-from fedkd.config import RunConfig
+from fedkd.config import KEYS, RunConfig
 from fedkd.coordinator.methods import METHODS
 
 
@@ -26,9 +26,9 @@ def test_a_changed_default_makes_the_flower_table_stale(monkeypatch):
 
 def test_every_key_has_a_meaning_and_the_registries_choices():
     rows = {row.key: row for row in keys.every_key()}
-    run_wide = [f.name for f in dataclasses.fields(RunConfig) if f.name != "options"]
     options = [f"{m.name}.{f.name.replace('_', '-')}" for m in METHODS.values() for f in dataclasses.fields(m.options)]
-    assert sorted(rows) == sorted([n.replace("_", "-") for n in run_wide] + options)
+    assert sorted(rows) == sorted([*KEYS, *options])
+    assert len(KEYS) == 89 and rows["student-lr"].default == 0.1 and rows["generator-width"].default == 16
     assert [k for k, row in rows.items() if not row.meaning] == []
     assert rows["method"].allowed == ", ".join(METHODS)
     for key, expected in (("ensemble", "class-weighted"), ("teacher-model", "lenet5"), ("student-model", "resnet18"),

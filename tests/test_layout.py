@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fedkd", "server", "client")
 INSTITUTION = ("fedkd.institution", "fedkd.client")
 COORDINATOR = ("fedkd.coordinator", "fedkd.server")
+# The coordinator's settings sections: declarations an institution's config holds (unused) beside its own. Torch-free
+# and importing nothing of the coordinator's code (checked below), they are all of the coordinator that the
+# institution's side may load.
+DECLARATIONS = ("fedkd.coordinator", "fedkd.coordinator.settings")
 
 
 def _module_name(path: Path) -> str:
@@ -140,7 +144,7 @@ save_teacher(path, model, model_name="lenet5", num_classes=10, input_shape=(1, 8
              label_counts=[1] * 10, mean=(0.5,), std=(0.5,))
 host = host_from_checkpoint(path, max_batch=64, client=0, privacy=settings)
 logits = host.forward(torch.zeros(2, 1, 8, 8), None).logits
-print(json.dumps({"modules": sorted(sys.modules), "shape": list(logits.shape), "mode": own.privacy_mode,
+print(json.dumps({"modules": sorted(sys.modules), "shape": list(logits.shape), "mode": own.privacy.mode,
                   "method": config.to_dict()["method"], "weight": config.to_dict()["tadfkd.weight-bn"]}))
 """
 
@@ -154,6 +158,18 @@ def test_an_institution_builds_its_config_and_host_without_the_coordinator(tmp_p
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"] == [2, 10] and result["mode"] == "output-noise"
     assert result["method"] == "tadfkd" and result["weight"] == 3.0  # the method's options kept, unread
-    loaded = [m for m in result["modules"] if m.startswith(COORDINATOR)]
+    loaded = [m for m in result["modules"] if m.startswith(COORDINATOR) and m not in DECLARATIONS]
     assert loaded == []
     assert "fedkd.institution.host" in result["modules"]
+
+
+def test_the_coordinator_s_settings_are_declarations_that_load_no_coordinator_code():
+    """What an institution's config loads of the coordinator: its package (a docstring) and its settings
+    sections, which import the options floor only (no torch, no coordinator module)."""
+    graph = import_graph()
+    assert graph["fedkd.coordinator"] == set()
+    assert graph["fedkd.coordinator.settings"] == {"fedkd.options"}
+    code = ("import sys, fedkd.config; print(sorted(m for m in sys.modules if m.startswith(('torch', "
+            "'fedkd.coordinator', 'fedkd.server'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == str(sorted(DECLARATIONS)), out.stdout + out.stderr

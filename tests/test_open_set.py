@@ -9,7 +9,7 @@ from torch import nn
 
 from fedkd.checkpoint import save_teacher
 from fedkd.codec import decode_description, decode_forward_reply, encode_description, encode_forward_reply
-from fedkd.config import RunConfig
+from fedkd.config import RunConfig, config_from_mapping
 from fedkd.contract import ForwardReply, QueryContext, QueryError, TeacherDescription
 from fedkd.coordinator.aggregation import competence
 from fedkd.coordinator.ensemble import Ensemble
@@ -58,7 +58,7 @@ def test_an_open_set_teacher_says_unknown_on_classes_it_never_saw():
     split = load_dataset("digits")
     spec = split.spec
     mine = (split.train.labels < 5).nonzero().flatten()
-    config = RunConfig(dataset="digits", teacher_epochs=30, teacher_recipe="open-set")
+    config = config_from_mapping({"dataset": "digits", "teacher-epochs": 30, "teacher-recipe": "open-set"})
     model, privacy = train_teacher("lenet5", split.train.subset(mine.numpy()), spec, config, init_seed=0, order_seed=0,
                                    open_set=True)
     assert privacy is None
@@ -76,11 +76,11 @@ def test_an_open_set_teacher_says_unknown_on_classes_it_never_saw():
 
 def test_open_set_is_refused_with_dp_sgd_and_pate():
     with pytest.raises(ConfigError, match="teacher-recipe=open-set.*dp-sgd"):
-        RunConfig(teacher_recipe="open-set", privacy_mode="dp-sgd")
+        config_from_mapping({"teacher-recipe": "open-set", "privacy-mode": "dp-sgd"})
     with pytest.raises(ConfigError, match="teacher-recipe=open-set.*pate"):
-        RunConfig(teacher_recipe="open-set", privacy_mode="none,pate,none,none,none")
+        config_from_mapping({"teacher-recipe": "open-set", "privacy-mode": "none,pate,none,none,none"})
     with pytest.raises(ConfigError, match="teacher-recipe"):
-        RunConfig(teacher_recipe="open")
+        config_from_mapping({"teacher-recipe": "open"})
 
 
 # The contract: the checkpoint, the description, the host, the wire ---------------------------------------------
@@ -103,7 +103,7 @@ def test_checkpoint_description_and_host_carry_the_unknown_output(tmp_path):
 
 def test_a_registry_teacher_with_an_unknown_output_reloads_as_it_was_trained(tmp_path):
     split = load_dataset("digits")
-    config = RunConfig(dataset="digits", teacher_epochs=1, teacher_recipe="open-set")
+    config = config_from_mapping({"dataset": "digits", "teacher-epochs": 1, "teacher-recipe": "open-set"})
     model, _ = train_teacher("lenet5", split.train.subset(range(64)), split.spec, config, init_seed=0, order_seed=0,
                              open_set=True)
     save_teacher(tmp_path / "t.pt", model, model_name="lenet5", num_classes=10, input_shape=(1, 8, 8),
@@ -127,8 +127,8 @@ def test_a_run_directory_with_teachers_of_the_other_recipe_is_refused_naming_the
     with pytest.raises(CheckpointError, match="holds a teacher of teacher-recipe=closed, but the config asks for "
                                               "teacher-recipe=open-set"):
         load_or_train_teacher(tmp_path / "t.pt", "lenet5", split.train, spec,
-                              RunConfig(dataset="digits", teacher_recipe="open-set"), client=0, device="cpu",
-                              expected_model="lenet5", stage=lambda message: None)
+                              config_from_mapping({"dataset": "digits", "teacher-recipe": "open-set"}), client=0,
+                              device="cpu", expected_model="lenet5", stage=lambda message: None)
 
 
 def test_a_labels_answer_abstains_where_unknown_is_on_top():
@@ -221,18 +221,23 @@ def test_gradients_reach_open_and_closed_teachers_at_their_own_widths():
 
 
 def test_a_flower_node_serves_its_own_open_set_model_with_the_node_config_key(tmp_path):
-    from fedkd.client.node import NodeConfigError, own_model, own_model_host
+    from fedkd.client.node import NodeConfigError, node_privacy, own_model, own_model_host
 
     card = tmp_path / "task.toml"
     card.write_text('classes = ["a", "b", "c"]\ninput-shape = [1, 4, 4]\nmean = [0.5]\nstd = [0.5]\n')
     torch.save(four_outputs().state_dict(), tmp_path / "w.pt")
     own = own_model({"model": "tests.test_open_set:four_outputs", "weights": str(tmp_path / "w.pt"),
-                     "task": str(card), "unknown-output": "true"})
+                     "task": str(card), "unknown-output": True})
     assert own is not None and own.unknown_output
     host = own_model_host(own, RunConfig(num_clients=1), PrivacySettings(), 0)
     assert host.description.unknown_output and host.description.outputs == 4
     with pytest.raises(NodeConfigError, match="unknown-output is 'maybe'; give true or false"):
         own_model({"model": "x", "task": str(card), "unknown-output": "maybe"})
+    # a quoted "true" is refused as every boolean key refuses it (share-label-counts = "true" in a node config)
+    with pytest.raises(NodeConfigError, match="unknown-output is 'true'; give true or false; write it without quotes"):
+        own_model({"model": "x", "task": str(card), "unknown-output": "true"})
+    with pytest.raises(NodeConfigError, match="share-label-counts: 'true' is a string"):
+        node_privacy(RunConfig(), {"share-label-counts": "true"}, 0)
 
 
 def four_outputs():

@@ -157,15 +157,28 @@ def test_label_counts_under_a_mechanism_are_noisy_accounted_and_released_once(tm
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"output_noise": -1.0}, r"output-noise: -1.0 must be a finite number > 0"),
-    ({"delta": 1.5}, r"dp-delta: 1.5 must lie in \(0, 1\)"),
-    ({"budget": float("nan")}, r"privacy-budget: nan must be a finite number >= 0"),
+    ({"output_noise": -1.0}, r"output-noise: -1.0 is out of range \(must be > 0"),
+    ({"delta": 1.5}, r"dp-delta: 1.5 is out of range \(must be <= 0.1\)"),
+    ({"budget": float("nan")}, r"privacy-budget: nan is not a finite number"),
     ({"mode": "gnmax"}, r"privacy-mode: 'gnmax' is not one of none, dp-sgd, output-noise, pate"),
     ({"label_count_noise": "poisson"}, r"label-count-noise: 'poisson' is not one of"),
 ])
 def test_bad_privacy_parameters_name_the_parameter(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PrivacySettings(**kwargs)
+
+
+def test_a_run_s_settings_name_a_mode_per_client_and_a_policy_applies_one_only():
+    """A run's privacy section may list one mode per client; each client gets its own, and a release policy
+    handed the list refuses to start (it would otherwise match no mode and release unnoised)."""
+    run = PrivacySettings(mode="none,output-noise,none", budget=4.0)
+    assert run.modes == ["none", "output-noise", "none"]
+    assert run.for_client(1) == PrivacySettings(mode="output-noise", budget=4.0)
+    assert PrivacySettings(mode="pate").for_client(2).mode == "pate"
+    with pytest.raises(ValueError, match="names one mode per client"):
+        ReleasePolicy(run, num_records=100, training=None)
+    with pytest.raises(ValueError, match="privacy-mode: 'none,gnmax' is not one of"):
+        PrivacySettings(mode="none,gnmax")
 
 
 def test_start_up_refuses_a_budget_below_training_and_dp_sgd_without_dp_training(tmp_path):

@@ -11,13 +11,16 @@ from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.flow import check_pool_memory
 from fedkd.coordinator.methods import QueryBudget
 from fedkd.coordinator.pool import LocalPool
-from fedkd.coordinator.synthesis import SynthesisSettings, Synthesizer, balanced_targets
+from fedkd.coordinator.settings import SynthesisSettings
+from fedkd.coordinator.synthesis import Synthesizer, balanced_targets
 from fedkd.coordinator.synthetic_pool import SyntheticPool, pool_bytes, quantise
 from fedkd.data import SPECS
 from fedkd.institution.host import TeacherHost
 from fedkd.options import ConfigError
 
 SPEC = SPECS["digits"]  # 1 x 8 x 8, 10 classes
+
+PLAIN = {"conditional": True, "shift": 0, "diversity": 0.0}  # a conditional generator, unshifted, no diversity term
 
 
 def _images(n, seed=0):
@@ -116,8 +119,8 @@ def _ensemble(k=2):
 def test_synthesizer_keeps_the_best_iterate_with_the_answers_to_exactly_its_images():
     ensemble = _ensemble()
     torch.manual_seed(1)
-    synth = Synthesizer(SPEC, SynthesisSettings(batch_size=20, latent_dim=8, width=4, lr=0.05, steps=4,
-                                                latent_lr=0.1), torch.device("cpu"))
+    synth = Synthesizer(SPEC, SynthesisSettings(latent_dim=8, width=4, lr=0.05, steps=4, latent_lr=0.1, **PLAIN),
+                        20, torch.device("cpu"))
     seen = []
 
     def loss_fn(x, targets):
@@ -139,7 +142,7 @@ def test_synthesizer_keeps_the_best_iterate_with_the_answers_to_exactly_its_imag
 
 def test_generator_reset_rebuilds_the_generator_every_n_rounds():
     ensemble = _ensemble(1)
-    synth = Synthesizer(SPEC, SynthesisSettings(batch_size=10, latent_dim=8, width=4, lr=0.05, reset_every=2),
+    synth = Synthesizer(SPEC, SynthesisSettings(latent_dim=8, width=4, lr=0.05, reset_every=2, **PLAIN), 10,
                         torch.device("cpu"))
 
     def loss_fn(x, targets):
@@ -168,8 +171,8 @@ def test_query_budget_counts_from_its_opening_and_refuses_a_round_that_would_ove
 
 def test_a_drawn_batch_costs_one_forward_and_its_answers_fit_its_images():
     ensemble = _ensemble(2)
-    synth = Synthesizer(SPEC, SynthesisSettings(batch_size=12, latent_dim=8, width=4, lr=0.05, shift=1),
-                        torch.device("cpu"))
+    synth = Synthesizer(SPEC, SynthesisSettings(latent_dim=8, width=4, lr=0.05, conditional=True, diversity=0.0,
+                                                shift=1), 12, torch.device("cpu"))
     batch = synth.draw(lambda x: ensemble(x, QueryContext()).logits)
     assert [s.forward_calls for s in ensemble.pool.stats()] == [1, 1]
     assert [s.backward_calls for s in ensemble.pool.stats()] == [0, 0]

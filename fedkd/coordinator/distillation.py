@@ -103,14 +103,16 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     elapsed_before = float(saved_state["elapsed"]) if saved_state else 0.0
     check_teachers(pool, spec)
     try:
-        ensemble = Ensemble(pool, config.ensemble, reliability=config.reliability, logit_bound=config.logit_bound,
-                            gradient_bound=config.gradient_bound,
-                            zeroth_order=ZerothOrder(config.zo_directions, config.zo_radius, config.max_query_batch),
+        guard = config.ensemble
+        ensemble = Ensemble(pool, guard.rule, reliability=guard.reliability, logit_bound=guard.logit_bound,
+                            gradient_bound=guard.gradient_bound,
+                            zeroth_order=ZerothOrder(guard.zo_directions, guard.zo_radius,
+                                                     config.teachers.max_query_batch),
                             check_seed=config.seed)
     except ValueError as exc:
         raise ConfigError(f"ensemble: {exc}") from None
-    if ensemble.aggregation != config.ensemble:
-        observer.stage(f"ensemble: {ensemble.aggregation} ({config.ensemble})")
+    if ensemble.aggregation != config.ensemble.rule:
+        observer.stage(f"ensemble: {ensemble.aggregation} ({config.ensemble.rule})")
     test_inputs = spec.normalize(test.images) if test is not None else None
     ckpt_path = run_dir / "checkpoint.pt"
     ledger_path = run_dir / QUERY_LEDGER
@@ -138,11 +140,11 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
                                   f"fit this run: {exc}") from None
     elif test_inputs is not None:
         observer.stage(f"evaluating {len(ensemble)} teachers and their ensemble through queries")
-        answers = query_ensemble(ensemble, test_inputs, batch_size=config.max_query_batch)
+        answers = query_ensemble(ensemble, test_inputs, batch_size=config.teachers.max_query_batch)
 
     torch.manual_seed(config.seed + 1)
-    student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
-                               image_size=spec.side, args=config.student_arguments())
+    student = build_classifier(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
+                               image_size=spec.side, args=config.student.arguments())
     method = build_method(config.method, MethodContext(config, spec, ensemble, student, device))
     history: list[dict[str, Any]] = []
     stages: list[tuple[int, Tensor]] = []
@@ -227,7 +229,7 @@ def synthetic_check(method: DistillationMethod, ensemble: Ensemble, config: RunC
     if inputs is None:
         return {"samples": 0, "agreement": None, "loyalty": None,
                 "note": f"method {config.method} has no generator to draw fresh samples from"}
-    state, step = QueryContext(purpose="evaluate"), config.max_query_batch
+    state, step = QueryContext(purpose="evaluate"), config.teachers.max_query_batch
     try:  # the run's quorum, as in training: a teacher that left does not void the check
         with torch.no_grad():
             ensemble_logits = torch.cat([ensemble(inputs[i:i + step], state).logits

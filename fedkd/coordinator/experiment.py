@@ -59,7 +59,7 @@ Transport = Callable[[list[ClientTeacher], RunConfig, Path, torch.device], Abstr
 @contextmanager
 def in_process(clients: list[ClientTeacher], config: RunConfig, run_dir: Path,
                device: torch.device) -> Iterator[TeacherPool]:
-    yield LocalPool([TeacherHost(c.model, c.description, max_batch=config.max_query_batch, device=device,
+    yield LocalPool([TeacherHost(c.model, c.description, max_batch=config.teachers.max_query_batch, device=device,
                                  policy=c.policy) for c in clients])
 
 
@@ -74,17 +74,17 @@ def prepare_clients(config: RunConfig, split: DataSplit, run_dir: Path, device: 
     for k, (indices, model_name) in enumerate(zip(client_partitions(config, split.train.labels),
                                                   config.teacher_models())):
         path = _teacher_path(run_dir, k)
-        settings = config.client_privacy(k)
+        settings = config.privacy.for_client(k)
         model, ckpt, _ = load_or_train_teacher(path, model_name, split.train.subset(indices), split.spec, config,
                                                client=k, device=device, expected_model=model_name,
                                                stage=observer.stage, dp=settings.mode == "dp-sgd",
-                                               pate=config.pate_teachers if settings.mode == "pate" else 0)
+                                               pate=config.dp_training.pate_teachers if settings.mode == "pate" else 0)
         try:
             policy = ReleasePolicy(settings, num_records=len(indices), training=ckpt.get("privacy"),
                                    ledger_path=ledger_path(path))
         except ValueError as exc:
             raise ConfigError(f"client {k}: {exc}") from None
-        description = describe_checkpoint(ckpt, model, client=k, share_label_counts=config.share_label_counts,
+        description = describe_checkpoint(ckpt, model, client=k, share_label_counts=config.privacy.share_label_counts,
                                           access_modes=access_modes(config.teacher_access_modes()[k]), policy=policy)
         clients.append(ClientTeacher(k, model_name, model, path, description, policy))
     return clients
@@ -97,7 +97,7 @@ def _references(config: RunConfig, split: DataSplit, clients: list[ClientTeacher
     names = config.teacher_models()
     spec = split.spec
     if len(set(names)) == 1 and set(config.privacy_modes()) == {"none"}:  # private teachers are not averaged
-        unknown = int(config.teacher_recipe == "open-set")  # open-set teachers: "unknown" last, left out here
+        unknown = int(config.teachers.recipe == "open-set")  # open-set teachers: "unknown" last, left out here
         avg = build_model(names[0], num_classes=spec.num_classes + unknown, channels=spec.channels,
                           image_size=spec.side)
         avg.load_state_dict(average_weights([c.model for c in clients]))
@@ -130,7 +130,7 @@ class LocalTeachers:
         test_inputs = split.spec.normalize(split.test.images)
         references = _references(config, split, self.clients, test_inputs, device, observer)
         with self.transport(self.clients, config, run_dir, device) as pool:
-            yield Session(pool, config.transport, test=split.test,
+            yield Session(pool, config.queries.transport, test=split.test,
                           references=references, privacy_records=self.privacy_records)
 
     def finish(self, result: Distillation, session: Session, observer: RunObserver) -> None:
@@ -152,8 +152,8 @@ def run_experiment(config: RunConfig, run_dir: str | Path, *, resume: bool = Fal
     """Run (or resume) one experiment and return its summary (also written to summary.json)."""
     refuse_task(config, "fedkd run")
     if transport is None:
-        if config.transport != "inprocess":
-            raise ConfigError(f"transport: {config.transport!r} needs the coordinator's hub; run it with "
+        if config.queries.transport != "inprocess":
+            raise ConfigError(f"transport: {config.queries.transport!r} needs the coordinator's hub; run it with "
                               "`fedkd run` (or pass server.loopback.grpc_transport)")
         transport = in_process
     return coordinate(config, Path(run_dir), LocalTeachers(config, transport), resume=resume, observer=observer)

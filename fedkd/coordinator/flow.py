@@ -99,10 +99,10 @@ def check_pool_memory(config: RunConfig, memory: int | None = None, spec: Datase
     """Refuse a synthetic pool that would take more than half the memory available, naming its size (``spec``:
     the run task's, read from the config when not given)."""
     spec = spec or config.run_task().spec
-    need = pool_bytes(config.pool_size, spec.input_shape, spec.num_classes)
+    need = pool_bytes(config.pool.size, spec.input_shape, spec.num_classes)
     memory = available_memory() if memory is None else memory
     if need > memory // 2:
-        raise ConfigError(f"pool-size: {config.pool_size:,} samples of {spec.name} would need "
+        raise ConfigError(f"pool-size: {config.pool.size:,} samples of {spec.name} would need "
                           f"{need / 2**20:,.0f} MiB, more than half the {memory / 2**20:,.0f} MiB available; "
                           f"lower pool-size")
 
@@ -118,21 +118,21 @@ def check_names(config: RunConfig, spec: DatasetSpec) -> None:
                 build(name, spec)
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"teacher-model: {exc.args[0] if exc.args else exc}") from None
-    if not is_student_spec(config.student_model):
-        raise ConfigError(f"student-model: unknown model {config.student_model!r}; valid: {', '.join(model_names())}, "
+    if not is_student_spec(config.student.model):
+        raise ConfigError(f"student-model: unknown model {config.student.model!r}; valid: {', '.join(model_names())}, "
                           "torchvision:NAME or PACKAGE.MODULE:CALLABLE (your own code)")
     try:
         with torch.device("meta"):
-            student = build_classifier(config.student_model, num_classes=spec.num_classes, channels=spec.channels,
-                                       image_size=spec.side, args=config.student_arguments())
+            student = build_classifier(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
+                                       image_size=spec.side, args=config.student.arguments())
             out = student.eval()(torch.zeros(2, *spec.input_shape))
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         hint = (f" (torchvision's classifiers take 3 channels and the task has {spec.channels}: give a fedkd model or "
-                "your own PACKAGE.MODULE:CALLABLE)" if config.student_model.startswith("torchvision:")
+                "your own PACKAGE.MODULE:CALLABLE)" if config.student.model.startswith("torchvision:")
                 and spec.channels != 3 else "")
         raise ConfigError(f"student-model: {exc.args[0] if exc.args else exc}{hint}") from None
     if tuple(out.shape) != (2, spec.num_classes):
-        raise ConfigError(f"student-model: {config.student_model!r} answers {tuple(out.shape)} for a batch of 2; the "
+        raise ConfigError(f"student-model: {config.student.model!r} answers {tuple(out.shape)} for a batch of 2; the "
                           f"task has {spec.num_classes} classes")
 
 
@@ -148,8 +148,8 @@ def refuse_task(config: RunConfig, what: str) -> None:
 def refuse_code_student(config: RunConfig, what: str) -> None:
     """An entry point whose institutions rebuild the student (to evaluate it) cannot take a student of the
     coordinator's own code: a node imports no code that a run config names."""
-    if is_code_spec(config.student_model):
-        raise ConfigError(f"student-model: {config.student_model!r} is built by your own code, and in {what} every "
+    if is_code_spec(config.student.model):
+        raise ConfigError(f"student-model: {config.student.model!r} is built by your own code, and in {what} every "
                           "institution rebuilds the student to evaluate it, which would make it import code the run "
                           "config names; give a fedkd model name or torchvision:NAME, or run fedkd distill")
 
@@ -190,8 +190,8 @@ def coordinate(config: RunConfig, run_dir: Path, teachers: Teachers, *, resume: 
             result = distill(config, session.pool, task.spec, session.test, run_dir, device=device,
                              saved_state=saved_state, observer=observer, started=started)
             # Institutions that hold labelled data of their own judge the student before the session ends.
-            evaluated = evaluate_at_institutions(session.pool, result.student, model=config.student_model,
-                                                 args=config.student_arguments(), method=config.method)
+            evaluated = evaluate_at_institutions(session.pool, result.student, model=config.student.model,
+                                                 args=config.student.arguments(), method=config.method)
             if evaluated is not None:
                 session.sections["federated_evaluation"] = evaluated
                 done = [r for r in evaluated["clients"] if r["evaluated"]]

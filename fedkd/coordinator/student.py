@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from fedkd.augment import random_shift
 from fedkd.coordinator.losses import distillation_per_sample
+from fedkd.coordinator.settings import StudentSettings
 from fedkd.data import DatasetSpec
 from fedkd.options import check_finite
 
@@ -41,33 +41,17 @@ def judging(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-@dataclass(frozen=True)
-class StudentSettings:
-    """The run-wide student keys (``student-*``, ``temperature``)."""
-
-    lr: float
-    momentum: float
-    weight_decay: float
-    loss: str
-    temperature: float
-    total_steps: int
-    shift: int = 0
-    optimizer: str = "sgd"  # or "adam" (DAFL's and RDSKD's students; momentum and weight decay then unused)
-    warmup: float = 0.0  # share of total_steps over which the learning rate rises linearly before the cosine
-
-
 class StudentTrainer:
-    def __init__(self, student: nn.Module, spec: DatasetSpec, settings: StudentSettings,
-                 device: torch.device) -> None:
+    """Trains the student with SGD over a schedule of ``total_steps`` steps, as the ``student-*`` keys say."""
+
+    def __init__(self, student: nn.Module, spec: DatasetSpec, settings: StudentSettings, device: torch.device, *,
+                 total_steps: int) -> None:
         self.student, self.spec, self.settings, self.device = student.to(device), spec, settings, device
-        self.optimizer: torch.optim.Optimizer
-        if settings.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(student.parameters(), lr=settings.lr)
-        else:
-            self.optimizer = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                             weight_decay=settings.weight_decay)
-        total = max(settings.total_steps, 1)
-        warm = round(settings.warmup * settings.total_steps)
+        self.total_steps = total_steps
+        self.optimizer = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                         weight_decay=settings.weight_decay)
+        total = max(total_steps, 1)
+        warm = round(settings.warmup * total_steps)
         self.schedule: torch.optim.lr_scheduler.LRScheduler
         if warm > 0:  # lr x min(1, (t + 1) / warm) x the cosine factor
             self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: min(1.0, (t + 1) / warm) * 0.5
@@ -88,7 +72,7 @@ class StudentTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if self.steps < self.settings.total_steps:
+        if self.steps < self.total_steps:
             self.schedule.step()
         self.steps += 1
         return {"loss_student": float(losses.detach().mean()), "admitted": float((weights >= 0.5).float().mean()),

@@ -95,7 +95,7 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
     if test is None or answers is None:  # no coordinator data: only what the queries and training tell
         accuracies: list[float | None] = [None] * len(pool.descriptions)
         ensemble_accuracy = prob_mean = None
-        student: dict[str, Any] = {"model": config.student_model, "test_accuracy": None, "best_accuracy": None,
+        student: dict[str, Any] = {"model": config.student.model, "test_accuracy": None, "best_accuracy": None,
                                    "agreement": None, "loyalty": None, "accuracy_mean": None, "accuracy_var": None,
                                    # what needs no labels: the student against its ensemble on fresh synthetic data
                                    "synthetic_check": result.synthetic_check}
@@ -106,7 +106,7 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
         prob_mean = accuracy(AGGREGATORS["prob-mean"].combine(torch.stack(answers.members).float(), None), test.labels)
         accs = [h["student_accuracy"] for h in history]
         acc_mean, acc_var = mean_and_variance(accs)
-        student = {"model": config.student_model, "test_accuracy": last["student_accuracy"],
+        student = {"model": config.student.model, "test_accuracy": last["student_accuracy"],
                    "best_accuracy": max(accs), "agreement": last["agreement"], "loyalty": last["loyalty"],
                    "accuracy_mean": acc_mean, "accuracy_var": acc_var}
     ensemble = result.ensemble
@@ -130,7 +130,7 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
             {"client": d.client, "model": d.model, "num_samples": d.num_samples, "test_accuracy": acc}
             for d, acc in zip(pool.descriptions, accuracies)
         ],
-        "ensemble": {"aggregation": ensemble.aggregation, "requested": config.ensemble,
+        "ensemble": {"aggregation": ensemble.aggregation, "requested": config.ensemble.rule,
                      "test_accuracy": ensemble_accuracy,
                      # a release by the clients (their label histograms), visible here; None = not used
                      "label_counts_from": ensemble.label_counts_from,
@@ -140,11 +140,11 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
         "references": {**dict(references or NO_REFERENCES),
                        "prob_mean_ensemble": None if prob_mean is None else {"test_accuracy": prob_mean}},
         "transport": transport,
-        "pool": {"samples": last.get("pool_size"), "size_limit": config.pool_size},
+        "pool": {"samples": last.get("pool_size"), "size_limit": config.pool.size},
         "queries": {
             "samples": sum(s.samples for s in stats),
             "distillation_samples": last.get("budget_spent"),
-            "budget": config.query_budget or None,
+            "budget": config.pool.query_budget or None,
             "bytes": sum(s.bytes for s in stats),
             "per_client": per_client,
             "reported_by_clients": reports,
@@ -166,7 +166,7 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
 
 def save_student(result: Distillation, config: RunConfig, spec: DatasetSpec, path: Path) -> None:
     """The distilled model, in the teacher checkpoint format (load_teacher reads it; it could serve as a teacher)."""
-    save_teacher(path, result.student, model_name=config.student_model, model_args=config.student_arguments(),
+    save_teacher(path, result.student, model_name=config.student.model, model_args=config.student.arguments(),
                  num_classes=spec.num_classes,
                  input_shape=spec.input_shape, num_samples=0, label_counts=[0] * spec.num_classes, mean=spec.mean,
                  std=spec.std)

@@ -43,27 +43,12 @@ from torch import Tensor
 
 from fedkd.augment import random_shift
 from fedkd.coordinator.generator import Generator
+from fedkd.coordinator.settings import SynthesisSettings
 from fedkd.coordinator.synthetic_pool import quantise
 from fedkd.data import DatasetSpec
 
 # (normalised inputs (B, C, H, W), targets (B,)) -> (loss, ensemble logits (B, C), named terms)
 SynthesisLoss = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]]
-
-
-@dataclass(frozen=True)
-class SynthesisSettings:
-    """The run-wide synthesis keys (``batch-size``, ``latent-dim``, ``generator-*``, ``synthesis-*``)."""
-
-    batch_size: int
-    latent_dim: int
-    width: int
-    lr: float
-    steps: int = 1
-    latent_lr: float = 0.0
-    reset_every: int = 0
-    shift: int = 0
-    conditional: bool = True
-    diversity: float = 0.0
 
 
 @dataclass
@@ -89,8 +74,8 @@ def mode_seeking(images: Tensor, latents: Tensor) -> Tensor:
 
 
 class Synthesizer:
-    def __init__(self, spec: DatasetSpec, settings: SynthesisSettings, device: torch.device) -> None:
-        self.spec, self.settings, self.device = spec, settings, device
+    def __init__(self, spec: DatasetSpec, settings: SynthesisSettings, batch_size: int, device: torch.device) -> None:
+        self.spec, self.settings, self.batch_size, self.device = spec, settings, batch_size, device
         self.num_classes = spec.num_classes
         self.rounds = 0
         self._build()
@@ -109,7 +94,7 @@ class Synthesizer:
     def latents_and_targets(self, paired: bool) -> tuple[Tensor, Tensor]:
         """Fresh latents (B, latent_dim) and balanced targets (B,); ``paired``: the two halves ask for the
         same classes (the mode-seeking term compares them)."""
-        b, c = self.settings.batch_size, self.num_classes
+        b, c = self.batch_size, self.num_classes
         z = self.generator.sample_latent(b, self.device)
         if not paired:
             return z, balanced_targets(b, c, self.device)

@@ -123,21 +123,22 @@ def train_teacher(name: str, data: ImageData, spec: DatasetSpec, config: RunConf
         model = build_classifier(name, num_classes=spec.num_classes + int(open_set), channels=spec.channels,
                                  image_size=spec.side, args=model_args)
     if not dp:
-        return train_classifier(model, data, spec, epochs=config.teacher_epochs, lr=config.teacher_lr,
-                                batch_size=config.teacher_batch_size, seed=order_seed,
-                                label_smoothing=config.teacher_label_smoothing, open_set=open_set,
+        return train_classifier(model, data, spec, epochs=config.teachers.epochs, lr=config.teachers.lr,
+                                batch_size=config.teachers.batch_size, seed=order_seed,
+                                label_smoothing=config.teachers.label_smoothing, open_set=open_set,
                                 device=device), None
     from fedkd.institution.privacy import DPSettings, make_private_model, train_dp_sgd
     from fedkd.institution.privacy.dpsgd import release_feature_statistics
 
+    private = config.dp_training
     model, record = train_dp_sgd(make_private_model(model), data, spec,
-                                 DPSettings(config.dp_epsilon, config.dp_delta, config.dp_max_grad_norm),
-                                 epochs=config.teacher_epochs, lr=config.dp_lr, batch_size=config.dp_batch_size,
-                                 seed=order_seed, label_smoothing=config.teacher_label_smoothing, device=device)
-    if config.dp_feature_epsilon > 0:
+                                 DPSettings(private.epsilon, config.privacy.delta, private.max_grad_norm),
+                                 epochs=config.teachers.epochs, lr=private.lr, batch_size=private.batch_size,
+                                 seed=order_seed, label_smoothing=config.teachers.label_smoothing, device=device)
+    if private.feature_epsilon > 0:
         record["feature_statistics"] = release_feature_statistics(
-            model, data, spec, epsilon=config.dp_feature_epsilon, delta=record["delta"],
-            clip=config.dp_feature_clip, seed=order_seed, device=device)
+            model, data, spec, epsilon=private.feature_epsilon, delta=record["delta"],
+            clip=private.feature_clip, seed=order_seed, device=device)
     return model.eval(), record
 
 
@@ -158,15 +159,15 @@ def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetS
     Training starts from a shared initialisation per architecture, as a one-shot FL server would
     broadcast; only the data order differs between clients (it makes the FedAvg reference meaningful).
     """
-    open_set = config.teacher_recipe == "open-set"
+    open_set = config.teachers.recipe == "open-set"
     if path.exists():
         stage(f"client {client}: loading teacher from {path}")
         model, ckpt = load_teacher(path, expected_model=expected_model, num_classes=spec.num_classes,
                                    input_shape=spec.input_shape)
         held = "open-set" if ckpt.get("unknown_output", False) else "closed"
-        if held != config.teacher_recipe:
+        if held != config.teachers.recipe:
             raise CheckpointError(f"checkpoint {str(path)!r} holds a teacher of teacher-recipe={held}, but the config "
-                                  f"asks for teacher-recipe={config.teacher_recipe}; use another run directory or set "
+                                  f"asks for teacher-recipe={config.teachers.recipe}; use another run directory or set "
                                   f"teacher-recipe={held}")
         return model, ckpt, False
     how = " with DP-SGD" if dp else f" x {pate} shard teachers (PATE)" if pate else ""

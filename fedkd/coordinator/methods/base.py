@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from fedkd.contract import QueryContext
 from fedkd.coordinator.ensemble import Ensemble
-from fedkd.coordinator.student import StudentSettings, StudentTrainer
-from fedkd.coordinator.synthesis import SynthesisSettings, Synthesizer, SyntheticBatch, balanced_targets
+from fedkd.coordinator.settings import StudentSettings, SynthesisSettings
+from fedkd.coordinator.student import StudentTrainer
+from fedkd.coordinator.synthesis import Synthesizer, SyntheticBatch, balanced_targets
 from fedkd.coordinator.synthetic_pool import SyntheticPool
 from fedkd.data import DatasetSpec
 from fedkd.metrics import MetricAverager
@@ -101,23 +102,6 @@ def require_terms(ensemble: Ensemble, method: str, terms: dict[str, tuple[str, f
     return used
 
 
-def synthesis_settings(config: RunConfig, **changes: Any) -> SynthesisSettings:
-    """The run-wide synthesis keys, as a method's synthesizer takes them (``changes`` override)."""
-    base = dict(batch_size=config.batch_size, latent_dim=config.latent_dim, width=config.generator_width,
-                lr=config.generator_lr, steps=config.synthesis_steps, latent_lr=config.latent_lr,
-                reset_every=config.generator_reset, shift=config.synthesis_shift,
-                conditional=config.conditional_generator, diversity=config.synthesis_diversity)
-    return SynthesisSettings(**{**base, **changes})
-
-
-def student_settings(config: RunConfig, **changes: Any) -> StudentSettings:
-    """The run-wide student keys (``changes`` override: a baseline's own optimiser or loss)."""
-    base = dict(lr=config.student_lr, momentum=config.student_momentum, weight_decay=config.student_weight_decay,
-                loss=config.student_loss, temperature=config.temperature, shift=config.student_shift,
-                total_steps=config.epochs * config.steps_per_epoch * config.student_steps, warmup=config.student_warmup)
-    return StudentSettings(**{**base, **changes})
-
-
 class QueryBudget:
     """Query samples a method may still spend (``query-budget``; 0 = no limit), counted by the teacher pool.
 
@@ -168,7 +152,10 @@ class PoolMethod(Generic[Options]):
     name = "pool"
     needs_gradients = True
 
-    def __init__(self, context: MethodContext, *, student: StudentSettings, pool_size: int | None = None) -> None:
+    def __init__(self, context: MethodContext, *, student: StudentSettings | None = None,
+                 student_total_steps: int | None = None, pool_size: int | None = None) -> None:
+        """``student``: the student keys as the method trains with them (default: as given);
+        ``student_total_steps`` the steps of its schedule (default: ``student-steps`` in every round)."""
         cfg = context.config
         self.config, self.spec, self.device = cfg, context.spec, context.device
         self.options: Options = cfg.options
@@ -177,9 +164,11 @@ class PoolMethod(Generic[Options]):
             require_input_gradients(self.ensemble, self.name)
         self.student = context.student.to(self.device)
         self.build_synthesis()
-        self.trainer = StudentTrainer(self.student, self.spec, student, self.device)
-        self.pool = SyntheticPool(pool_size or cfg.pool_size, self.spec.input_shape, self.spec.num_classes)
-        self.budget = QueryBudget(self.ensemble, cfg.query_budget)
+        total = cfg.epochs * cfg.steps_per_epoch * cfg.student_steps if student_total_steps is None else \
+            student_total_steps
+        self.trainer = StudentTrainer(self.student, self.spec, student or cfg.student, self.device, total_steps=total)
+        self.pool = SyntheticPool(pool_size or cfg.pool.size, self.spec.input_shape, self.spec.num_classes)
+        self.budget = QueryBudget(self.ensemble, cfg.pool.query_budget)
 
     def build_synthesis(self) -> None:
         """Build what makes the synthetic samples before the student trainer (nothing here: the generator of
@@ -279,20 +268,23 @@ class GeneratorMethod(PoolMethod[Options]):
 
     name = "generator"
 
-    def __init__(self, context: MethodContext, *, synthesis: SynthesisSettings, student: StudentSettings,
+    def __init__(self, context: MethodContext, *, synthesis: SynthesisSettings | None = None,
+                 student: StudentSettings | None = None, student_total_steps: int | None = None,
                  pool_size: int | None = None) -> None:
-        self._synthesis = synthesis
-        super().__init__(context, student=student, pool_size=pool_size)
-        self.fixed_latent = torch.randn(NUM_SAMPLE_IMAGES, synthesis.latent_dim,
+        """``synthesis``: the synthesis keys as the method uses them (default: as given); the rest as
+        :class:`PoolMethod`'s."""
+        self._synthesis = synthesis or context.config.synthesis
+        super().__init__(context, student=student, student_total_steps=student_total_steps, pool_size=pool_size)
+        self.fixed_latent = torch.randn(NUM_SAMPLE_IMAGES, self._synthesis.latent_dim,
                                         generator=torch.Generator().manual_seed(context.config.seed + 7))
 
     def build_synthesis(self) -> None:
         """The generator, built before the student trainer (the order the runs' random streams follow)."""
-        self.synthesizer = Synthesizer(self.spec, self._synthesis, self.device)
+        self.synthesizer = Synthesizer(self.spec, self._synthesis, self.config.batch_size, self.device)
 
     @property
     def synthesis_batch_size(self) -> int:
-        return self.synthesizer.settings.batch_size
+        return self.synthesizer.batch_size
 
     def round_cost(self, steps: int | None = None) -> int:
         """Query samples of one synthesis round: ``synthesis-steps`` generator updates unless ``steps`` says."""
@@ -329,7 +321,7 @@ class GeneratorMethod(PoolMethod[Options]):
         BatchNorm statistics are left as they were."""
         synthesizer = self.synthesizer
         kept = {k: v.clone() for k, v in synthesizer.generator.state_dict().items()}
-        size = synthesizer.settings.batch_size
+        size = synthesizer.batch_size
         out = []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)

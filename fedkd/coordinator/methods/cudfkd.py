@@ -39,7 +39,7 @@ from torch import Tensor
 from fedkd.contract import FEATURE_STATISTICS, QueryContext
 from fedkd.coordinator.curriculum import REGULARISERS, Curriculum
 from fedkd.coordinator.losses import class_balance_entropy, kl_per_sample, known_loss, onehot_loss
-from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
+from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext
 from fedkd.coordinator.student import judging
 from fedkd.coordinator.synthesis import SynthesisLoss
 from fedkd.metrics import MetricAverager
@@ -98,7 +98,7 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
 
     def __init__(self, context: MethodContext) -> None:
         cfg = context.config
-        super().__init__(context, synthesis=synthesis_settings(cfg), student=student_settings(cfg))
+        super().__init__(context)
         opts = self.options
         self.curriculum = Curriculum(
             epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch * cfg.student_steps,
@@ -155,7 +155,7 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
         if batch is None:
             return False
         self.pool.add(batch.images, batch.answers, batch.targets)
-        for _ in range(self.config.synthesis_forward_batches):
+        for _ in range(self.config.synthesis.forward_batches):
             if not self.budget.fits(self.forward_cost()):
                 break
             extra = self.synthesizer.draw(lambda x: self.ensemble(x, state.asked_for("distill")).logits)

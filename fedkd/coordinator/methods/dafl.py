@@ -17,7 +17,7 @@ it stops learning.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
@@ -27,8 +27,6 @@ from fedkd.coordinator.methods.base import (
     GeneratorMethod,
     MethodContext,
     require_terms,
-    student_settings,
-    synthesis_settings,
 )
 from fedkd.coordinator.synthesis import SynthesisLoss
 from fedkd.metrics import MetricAverager
@@ -59,9 +57,9 @@ class DAFL(GeneratorMethod[DAFLOptions]):
 
     def __init__(self, context: MethodContext) -> None:
         cfg, opts = context.config, context.config.options
-        super().__init__(context, synthesis=synthesis_settings(cfg, steps=1, diversity=0.0),
-                         student=student_settings(cfg, loss="kl", temperature=opts.temperature,
-                                                  total_steps=cfg.epochs * cfg.steps_per_epoch * opts.student_steps),
+        super().__init__(context, synthesis=replace(cfg.synthesis, steps=1, diversity=0.0),
+                         student=replace(cfg.student, loss="kl", temperature=opts.temperature),
+                         student_total_steps=cfg.epochs * cfg.steps_per_epoch * opts.student_steps,
                          pool_size=cfg.batch_size)
         self.terms = require_terms(self.ensemble, self.name,
                                    {ACTIVATION: ("weight-activation", opts.weight_activation)})

@@ -29,7 +29,7 @@ from torch import Tensor
 from fedkd.augment import random_shift
 from fedkd.contract import FEATURE_STATISTICS
 from fedkd.coordinator.losses import js_divergence_per_sample, total_variation
-from fedkd.coordinator.methods.base import NUM_SAMPLE_IMAGES, MethodContext, PoolMethod, require_terms, student_settings
+from fedkd.coordinator.methods.base import NUM_SAMPLE_IMAGES, MethodContext, PoolMethod, require_terms
 from fedkd.coordinator.student import judging
 from fedkd.coordinator.synthesis import balanced_targets
 from fedkd.coordinator.synthetic_pool import quantise
@@ -63,7 +63,7 @@ class DeepInversion(PoolMethod[DeepInversionOptions]):
     name = "deepinversion"
 
     def __init__(self, context: MethodContext) -> None:
-        super().__init__(context, student=student_settings(context.config))
+        super().__init__(context)
         self.terms = require_terms(self.ensemble, self.name,
                                    {FEATURE_STATISTICS: ("weight-bn", self.options.weight_bn)})
         self.last_images = torch.zeros(0, *self.spec.input_shape)
@@ -74,7 +74,7 @@ class DeepInversion(PoolMethod[DeepInversionOptions]):
     def invert(self, epoch: int) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
         """One batch optimised from noise: (images in [0, 1], the teachers' answers to them, targets, terms)."""
         opts = self.options
-        b, shift = self.config.batch_size, self.config.synthesis_shift
+        b, shift = self.config.batch_size, self.config.synthesis.shift
         state = self.curriculum_state(epoch)
         targets = balanced_targets(b, self.spec.num_classes, self.device)
         pixels = torch.rand(b, *self.spec.input_shape, device=self.device).requires_grad_(True)

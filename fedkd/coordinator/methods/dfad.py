@@ -13,13 +13,13 @@ stops learning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
 from fedkd.contract import QueryContext
 from fedkd.coordinator.losses import l1_per_sample
-from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
+from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext
 from fedkd.coordinator.student import judging
 from fedkd.coordinator.synthesis import SynthesisLoss
 from fedkd.metrics import MetricAverager
@@ -42,9 +42,9 @@ class DFAD(GeneratorMethod[DFADOptions]):
 
     def __init__(self, context: MethodContext) -> None:
         cfg, opts = context.config, context.config.options
-        super().__init__(context, synthesis=synthesis_settings(cfg, steps=1, diversity=0.0),
-                         student=student_settings(cfg, loss="l1",
-                                                  total_steps=cfg.epochs * cfg.steps_per_epoch * opts.student_steps),
+        super().__init__(context, synthesis=replace(cfg.synthesis, steps=1, diversity=0.0),
+                         student=replace(cfg.student, loss="l1"),
+                         student_total_steps=cfg.epochs * cfg.steps_per_epoch * opts.student_steps,
                          pool_size=cfg.batch_size)
 
     def generator_loss(self, state: QueryContext) -> SynthesisLoss:

@@ -30,7 +30,7 @@ says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from fedkd.augment import random_shift
 from fedkd.contract import QueryContext
 from fedkd.coordinator.evaluation import query_ensemble
-from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
+from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext
 from fedkd.coordinator.synthesis import SynthesisLoss
 from fedkd.coordinator.synthetic_pool import SyntheticPool
 from fedkd.data import load_public_pool
@@ -108,7 +108,7 @@ class HiDFD(GeneratorMethod[HiDFDOptions]):
 
     def __init__(self, context: MethodContext) -> None:
         cfg = context.config
-        super().__init__(context, synthesis=synthesis_settings(cfg, conditional=True), student=student_settings(cfg))
+        super().__init__(context, synthesis=replace(cfg.synthesis, conditional=True))
         opts = self.options
         try:
             public = load_public_pool(opts.public_pool, self.spec, opts.public_samples, seed=cfg.seed,
@@ -119,7 +119,8 @@ class HiDFD(GeneratorMethod[HiDFDOptions]):
                               "of the coordinator's images under 'x'") from None
         self.public_source = public.source
         # The teachers answer for the public images once (counted like every query); the answers are cached.
-        answers = query_ensemble(self.ensemble, self.spec.normalize(public.images), batch_size=cfg.max_query_batch,
+        answers = query_ensemble(self.ensemble, self.spec.normalize(public.images),
+                                 batch_size=cfg.teachers.max_query_batch,
                                  state=QueryContext(purpose="distill", method=self.name))
         self.real = SyntheticPool(len(public), self.spec.input_shape, self.spec.num_classes)
         self.real.add(public.images, answers.ensemble)
@@ -132,7 +133,7 @@ class HiDFD(GeneratorMethod[HiDFDOptions]):
     def discriminator_step(self) -> dict[str, float]:
         opts = self.options
         real, real_answers = self.real.sample(self.config.batch_size)
-        real = self.spec.normalize(random_shift(real.to(self.device), self.config.student_shift))
+        real = self.spec.normalize(random_shift(real.to(self.device), self.config.student.shift))
         with torch.no_grad():
             z, y = self.synthesizer.latents_and_targets(paired=False)
             fake = self.spec.normalize(self.synthesizer.generate(z, y))

@@ -20,14 +20,14 @@ round from the frozen generator, answered by a Forward alone, into the synthetic
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from fedkd.contract import QueryContext
 from fedkd.coordinator.losses import mean_prediction_negentropy, onehot_loss
-from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext, student_settings, synthesis_settings
+from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext
 from fedkd.coordinator.synthesis import SynthesisLoss
 from fedkd.metrics import MetricAverager
 from fedkd.options import bounded, validate_fields
@@ -72,9 +72,9 @@ class RDSKD(GeneratorMethod[RDSKDOptions]):
         self.generator_epochs = max(1, min(cfg.epochs - 1, round(opts.generator_share * cfg.epochs))) \
             if cfg.epochs > 1 else 1
         student_epochs = max(cfg.epochs - self.generator_epochs, 1)
-        super().__init__(context, synthesis=synthesis_settings(cfg, conditional=False, diversity=0.0),
-                         student=student_settings(cfg, loss="kl", temperature=opts.temperature,
-                                                  total_steps=student_epochs * cfg.steps_per_epoch * cfg.student_steps))
+        super().__init__(context, synthesis=replace(cfg.synthesis, conditional=False, diversity=0.0),
+                         student=replace(cfg.student, loss="kl", temperature=opts.temperature),
+                         student_total_steps=student_epochs * cfg.steps_per_epoch * cfg.student_steps)
         self.snapshot: dict[str, float] | None = None
         self.last_terms: dict[str, float] | None = None
         self.snapshot_epoch = -1

@@ -20,7 +20,7 @@ fewer queries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,8 +33,6 @@ from fedkd.coordinator.methods.base import (
     GeneratorMethod,
     MethodContext,
     require_terms,
-    student_settings,
-    synthesis_settings,
 )
 from fedkd.coordinator.student import judging
 from fedkd.coordinator.synthesis import SynthesisLoss, SyntheticBatch
@@ -84,8 +82,8 @@ class TADFKD(GeneratorMethod[TADFKDOptions]):
 
     def __init__(self, context: MethodContext) -> None:
         cfg = context.config
-        super().__init__(context, synthesis=synthesis_settings(cfg, conditional=False),
-                         student=student_settings(cfg, loss="l1"))
+        super().__init__(context, synthesis=replace(cfg.synthesis, conditional=False),
+                         student=replace(cfg.student, loss="l1"))
         self.terms = require_terms(self.ensemble, self.name,
                                    {FEATURE_STATISTICS: ("weight-bn", self.options.weight_bn)})
         self.selections = 0

@@ -61,6 +61,9 @@ class ReleasePolicy:
 
     def __init__(self, settings: PrivacySettings, *, num_records: int, training: dict[str, Any] | None = None,
                  ledger_path: str | Path | None = None, generator: torch.Generator | None = None) -> None:
+        if len(settings.modes) != 1:  # a run's settings for every client: this client's are for_client(k)
+            raise ValueError(f"privacy-mode: {settings.mode!r} names one mode per client; a client applies its own "
+                             "one")
         if settings.mode == "dp-sgd" and not (training and training.get("mechanism") == "dp-sgd"):
             raise ValueError("privacy-mode: dp-sgd needs a teacher trained with DP-SGD, and this teacher's checkpoint "
                              "records no DP-SGD training; train it with privacy-mode=dp-sgd, or serve it with "

@@ -5,8 +5,9 @@ what the settings do is :mod:`fedkd.institution.privacy.policy`.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
+
+from fedkd.options import BATCH_LIMIT, ConfigError, bounded, choice, described, field_key, validate_fields
 
 MODES = ("none", "dp-sgd", "output-noise", "pate")
 LABEL_COUNT_NOISE = ("auto", "none", "gaussian", "laplace")
@@ -14,39 +15,59 @@ LABEL_COUNT_NOISE = ("auto", "none", "gaussian", "laplace")
 
 @dataclass(frozen=True, kw_only=True)
 class PrivacySettings:
-    """A client's privacy settings, validated on construction (each error names the parameter)."""
+    """A client's privacy settings: what its release policy applies to every answer, checked on construction
+    (each error names the key). A run's config holds one for every client, where ``mode`` may list one mode per
+    client (:meth:`for_client` picks one); a client's own settings hold its one mode."""
 
-    mode: str = "none"
-    budget: float = 0.0  # total epsilon the client allows (training included); 0 = unlimited, spend reported
-    delta: float = 0.0  # of every guarantee; 0 = 1 / (10 n), at most 1e-5
-    output_noise: float = 1.0  # output-noise: Gaussian std / L2 sensitivity (2 x clip) per released row
-    output_clip: float = 10.0  # output-noise: L2 norm each logits row is clipped to
-    gradient_clip: float = 1.0  # output-noise: L2 norm each input-gradient row is clipped to
-    share_label_counts: bool = True
-    label_count_noise: str = "auto"  # auto: none without a mechanism, gaussian with one
-    label_count_epsilon: float = 0.5  # cost of one noisy label histogram
-    eval_epsilon: float = 1.0  # cost of one noisy (correct, total) evaluation release
-    pate_threshold: float = 7.0  # pate: answer a row only when its noisy top vote reaches this (of pate-teachers)
-    pate_sigma1: float = 2.0  # pate: Gaussian noise std on the top vote for the threshold check
-    pate_sigma2: float = 1.0  # pate: Gaussian noise std on each vote count for the answer (GNMax)
+    mode: str = field(default="none", metadata=described(
+        "none, dp-sgd (DP-SGD teacher; answers are free), output-noise (clipped, noised answers, accounted per "
+        "row) or pate (shard teachers, labels by Confident-GNMax); one, or one per client", scope="client",
+        key="privacy-mode"))
+    budget: float = field(default=0.0, metadata=bounded(
+        0.0, 1e6, help="a client's total epsilon (training included), enforced before every release; 0: unlimited",
+        scope="client", key="privacy-budget"))
+    delta: float = field(default=0.0, metadata=bounded(
+        0.0, 0.1, help="delta of every guarantee; 0: 1 / (10 n), at most 1e-5", scope="client", key="dp-delta"))
+    output_noise: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="output-noise: Gaussian std per released row, in units of 2 x its clip",
+        scope="client"))
+    output_clip: float = field(default=10.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="output-noise: L2 norm each logits row is clipped to", scope="client"))
+    gradient_clip: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="output-noise: L2 norm each input-gradient row is clipped to", scope="client"))
+    share_label_counts: bool = field(default=True, metadata=described(
+        "clients share their label histogram (released with noise under a privacy mechanism)", scope="client"))
+    label_count_noise: str = field(default="auto", metadata=choice(
+        *LABEL_COUNT_NOISE, help="noise on the released label histogram; auto: none without a mechanism, else "
+        "gaussian", scope="client"))
+    label_count_epsilon: float = field(default=0.5, metadata=bounded(
+        0.0, 1e4, open_low=True, help="cost of one noisy label histogram", scope="client"))
+    eval_epsilon: float = field(default=1.0, metadata=bounded(
+        0.0, 1e4, open_low=True, help="cost of one noisy federated-evaluation release (Flower evaluate)",
+        scope="client", key="dp-eval-epsilon"))
+    pate_threshold: float = field(default=7.0, metadata=bounded(
+        0.0, 1e6, help="pate: answer a row only when its noisy top vote reaches this (scale with pate-teachers)",
+        scope="client"))
+    pate_sigma1: float = field(default=2.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="pate: noise std of the threshold check", scope="client"))
+    pate_sigma2: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="pate: noise std on each vote count for the answer", scope="client"))
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"privacy-mode: {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.label_count_noise not in LABEL_COUNT_NOISE:
-            raise ValueError(f"label-count-noise: {self.label_count_noise!r} is not one of "
-                             f"{', '.join(LABEL_COUNT_NOISE)}")
-        for name, low, strict in (("budget", 0.0, False), ("delta", 0.0, False), ("output_noise", 0.0, True),
-                                  ("output_clip", 0.0, True), ("gradient_clip", 0.0, True),
-                                  ("label_count_epsilon", 0.0, True), ("eval_epsilon", 0.0, True),
-                                  ("pate_threshold", 0.0, False), ("pate_sigma1", 0.0, True),
-                                  ("pate_sigma2", 0.0, True)):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (
-                    strict and value == low):
-                raise ValueError(f"{_key(name)}: {value!r} must be a finite number {'>' if strict else '>='} {low:g}")
-        if self.delta >= 1:
-            raise ValueError(f"{_key('delta')}: {self.delta!r} must lie in (0, 1) (0 = 1 / (10 n))")
+        validate_fields(self)
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ConfigError(f"privacy-mode: {self.mode!r} is not one of {', '.join(MODES)} (or one per client, "
+                              "comma-separated)")
+
+    @property
+    def modes(self) -> list[str]:
+        """The modes ``mode`` names: one, or one per client."""
+        return [m.strip() for m in self.mode.split(",") if m.strip()]
+
+    def for_client(self, client: int) -> PrivacySettings:
+        """Client ``client``'s own settings: its one mode (``mode`` names one for all clients or one per client)."""
+        modes = self.modes
+        return replace(self, mode=modes[0] if len(modes) == 1 else modes[client])
 
     @property
     def noisy_label_counts(self) -> str:
@@ -56,14 +77,42 @@ class PrivacySettings:
         return "none" if self.mode == "none" else "gaussian"
 
 
-_KEYS = {"mode": "privacy-mode", "budget": "privacy-budget", "delta": "dp-delta"}
+@dataclass(frozen=True)
+class DPTrainingSettings:
+    """How a client trains a private teacher: DP-SGD (:mod:`fedkd.institution.privacy.dpsgd`) or PATE's shard
+    teachers; the guarantee's delta is :attr:`PrivacySettings.delta`."""
 
+    epsilon: float = field(default=8.0, metadata=bounded(
+        0.0, 1e4, open_low=True, help="dp-sgd: the training's epsilon", scope="client", key="dp-epsilon"))
+    max_grad_norm: float = field(default=1.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="dp-sgd: per-sample gradient clip", scope="client", key="dp-max-grad-norm"))
+    # DP-SGD wants larger batches than non-private training (the noise is per batch): on the main job at epsilon 8,
+    # 256 / 3e-3 gives the best student of 64 / 1e-3, 256 / 1e-2 and 256 / 3e-3 over 3 seeds (docs/privacy.md).
+    batch_size: int = field(default=256, metadata=bounded(
+        1, BATCH_LIMIT, help="dp-sgd: expected batch (Poisson sampling at dp-batch-size / n)", scope="client",
+        key="dp-batch-size"))
+    lr: float = field(default=3e-3, metadata=bounded(
+        0.0, 10.0, open_low=True, help="dp-sgd: Adam learning rate", scope="client", key="dp-lr"))
+    feature_epsilon: float = field(default=0.0, metadata=bounded(
+        0.0, 1e4, help="dp-sgd: epsilon of the DP-released feature statistics that let the BatchNorm-statistics "
+        "term work with DP teachers; 0: not released", scope="client", key="dp-feature-epsilon"))
+    feature_clip: float = field(default=5.0, metadata=bounded(
+        0.0, 1e6, open_low=True, help="dp-sgd: each record's feature statistics clipped to this", scope="client",
+        key="dp-feature-clip"))
+    pate_teachers: int = field(default=10, metadata=bounded(
+        2, 10_000, help="pate: shard teachers trained on disjoint shards of a client's records", scope="client",
+        key="pate-teachers"))
 
-def _key(name: str) -> str:
-    """A settings field as the client's configuration names it."""
-    return _KEYS.get(name, name.replace("_", "-"))
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 def settings_keys() -> dict[str, str]:
-    """Configuration key -> settings field."""
-    return {_key(f.name): f.name for f in fields(PrivacySettings)}
+    """Configuration key -> :class:`PrivacySettings` field."""
+    return {field_key(f): f.name for f in fields(PrivacySettings)}
+
+
+def privacy_keys() -> tuple[str, ...]:
+    """Every key of a client's privacy: what it releases (:class:`PrivacySettings`) and how it trains
+    (:class:`DPTrainingSettings`). A deployed node takes them from its own node config only."""
+    return tuple(field_key(f) for settings in (PrivacySettings, DPTrainingSettings) for f in fields(settings))
