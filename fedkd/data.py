@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fedkd.imports import load as load_heavy
+
 logger = logging.getLogger(__name__)
 
 
@@ -220,6 +222,7 @@ def _idx_part(images_path: Path, labels_path: Path, spec: DatasetSpec) -> ImageD
 
 def _torchvision_loader(name: str) -> Callable[[Path, int], DataSplit]:
     def load(root: Path, seed: int) -> DataSplit:
+        load_heavy("torchvision")
         from torchvision import datasets as tvd
 
         spec = SPECS[name]
@@ -463,6 +466,7 @@ def load_image_folder(root: str | Path, classes: tuple[str, ...], input_shape: t
     input shape, in [0, 1]; labels in the task's class order (each file's path appended to ``paths`` when given).
     A folder that is not one of the task's classes, a class without a folder, or an image PIL cannot read is
     refused, naming it."""
+    load_heavy("torchvision")
     import torchvision
     from torchvision import transforms
 

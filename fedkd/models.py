@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedkd.imports import load as load_heavy
+
 Side = int | tuple[int, ...]  # one side of a square image, or (height, width)
 
 
@@ -219,6 +221,7 @@ def code_classifier(spec: str, args: dict[str, Any]) -> nn.Module:
 def torchvision_classifier(name: str, args: dict[str, Any]) -> nn.Module:
     """``torchvision.models.get_model(name, weights=None, **args)``, for a classification model only;
     ValueError naming what is wrong (nothing is downloaded)."""
+    load_heavy("torchvision")
     import torchvision
 
     classifiers = torchvision.models.list_models(module=torchvision.models)

@@ -173,3 +173,24 @@ def test_the_coordinator_s_settings_are_declarations_that_load_no_coordinator_co
             "'fedkd.coordinator', 'fedkd.server'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == str(sorted(DECLARATIONS)), out.stdout + out.stderr
+
+
+def test_every_import_of_opacus_or_torchvision_goes_through_the_lock():
+    """Flower runs ClientApps and the ServerApp in threads of one process; two threads importing Opacus and
+    torchvision for the first time at once can meet a torch.distributed module half initialised (it failed CI
+    twice). Every import of either in the package follows a call that imports it under fedkd.imports' lock."""
+    import re
+
+    pattern = re.compile(r"\s*(from|import) (opacus|torchvision)\b")
+    guards = ("load_opacus()", 'load("torchvision")', 'load_heavy("torchvision")', 'load("opacus")')
+    sites, unguarded = 0, []
+    for path in [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p.name != "imports.py"]:
+        lines = path.read_text().splitlines()
+        for n, line in enumerate(lines):
+            if not pattern.match(line) or pattern.match(lines[n - 1]):  # the first of consecutive imports
+                continue
+            sites += 1
+            if lines[n - 1].strip().split("  #")[0] not in guards:
+                unguarded.append(f"{path.relative_to(ROOT)}:{n + 1}")
+    assert sites >= 10  # the ledger, PATE, DP-SGD, the open-set recipe, datasets, torchvision models
+    assert unguarded == [], "imports of Opacus or torchvision without the lock first"

@@ -361,22 +361,3 @@ def test_two_processes_of_one_client_share_its_ledger_and_its_budget(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["entries"][0]["steps"] == 50 and saved["epsilon_spent"] == pytest.approx(5.0)
     assert saved["sequence"] >= 50
-
-
-
-def test_every_import_from_opacus_on_first_use_goes_through_the_lock():
-    # Simulated Flower nodes start in threads of one process, and two threads importing Opacus at once can meet a
-    # torch module half initialised (it failed CI once). Every import of Opacus inside fedkd's functions must follow
-    # load_opacus(), which imports it one thread at a time.
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1] / "fedkd"
-    sites = []
-    for path in sorted(root.rglob("*.py")):
-        lines = path.read_text().splitlines()
-        for n, line in enumerate(lines):
-            if line.startswith((" ", "\t")) and re.match(r"\s+(from opacus|import opacus)", line):
-                sites.append((path.name, n + 1, lines[n - 1].strip()))
-    assert len(sites) >= 6  # the ledger, PATE and DP-SGD import Opacus on first use
-    unguarded = [(name, n) for name, n, before in sites if before != "load_opacus()" and name != "__init__.py"]
-    assert not unguarded, f"imports of Opacus without load_opacus() first: {unguarded}"

@@ -31,7 +31,11 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms.v2 import functional as TF
+
+from fedkd.imports import load
+
+load("torchvision")  # first, under the lock that keeps two threads from importing torch.distributed at once
+from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
 RECIPES = ("closed", "open-set")
 HARDENING_STEP = 0.01  # pixels in [0, 1]: FedOV's five steps of 0.002, as one

@@ -9,8 +9,9 @@ does not import Opacus or torch.
 from __future__ import annotations
 
 import importlib
-import threading
 from typing import TYPE_CHECKING, Any
+
+from fedkd.imports import load
 
 if TYPE_CHECKING:
     from fedkd.institution.privacy.dpsgd import (
@@ -26,16 +27,10 @@ if TYPE_CHECKING:
     from fedkd.institution.privacy.policy import ReleasePolicy
     from fedkd.institution.privacy.settings import MODES, PrivacySettings
 
-_OPACUS = threading.Lock()
-
-
 def load_opacus() -> None:
-    """Import Opacus (and the parts of torch.distributed it pulls in) once, one thread at a time. Simulated Flower
-    nodes start in threads of one process, and two threads importing Opacus at once can meet a torch module half
-    initialised (measured in CI: ``ImportError: cannot import name '_CUSTOM_SHARDED_OPS'``, one run in many).
-    Every function that imports from Opacus on first use calls this first."""
-    with _OPACUS:
-        import opacus  # noqa: F401
+    """Import Opacus (and the parts of torch.distributed it pulls in) once, one thread at a time
+    (:mod:`fedkd.imports`). Every function that imports from Opacus on first use calls this first."""
+    load("opacus")
 
 
 _WHERE = {"MECHANISM": "dpsgd", "DPSettings": "dpsgd", "contract_status": "dpsgd", "default_delta": "dpsgd",
