@@ -35,3 +35,25 @@ def test_unknown_to_all_counts_the_inputs_no_teacher_calls_its_own():
     somebody = _logits([6.0, 0.0], [0.0, 6.0])
     assert gate_probe.unknown_to_all(nobody, 2) == 1.0
     assert gate_probe.unknown_to_all(somebody, 2) == 0.0
+
+
+def test_the_student_ceiling_trains_the_run_s_student_on_real_images_three_ways(tmp_path, capsys):
+    """simulations/student_ceiling.py on a finished digits run: its ensemble is the run's, and the three students
+    (soft answers, the ensemble's class, the true labels) train with the run's own schedule."""
+    import json
+
+    import student_ceiling
+
+    from fedkd.cli import main
+
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--set", "dataset=digits", "--set", "num-clients=2", "--set",
+                 "partition=iid", "--set", "teacher-epochs=10", "--set", "epochs=1", "--set", "steps-per-epoch=4",
+                 "--set", "student-steps=1", "--set", "batch-size=32", "--set", "generator-width=4", "--set",
+                 "latent-dim=8"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    # 4 x 1 steps would teach nothing: the ceiling takes the run's keys with the student's schedule changed
+    out = student_ceiling.ceiling(run, student_ceiling.parse_assignments(["student-steps=50"]))
+    assert set(out) == {"ensemble", "ensemble on train", "kd", "hard", "labels"}
+    assert abs(out["ensemble"] - summary["ensemble"]["test_accuracy"]) <= 0.02
+    assert out["labels"] > 0.5 and out["hard"] > 0.3  # 200 steps of the true labels learn digits; chance is 0.1
