@@ -74,19 +74,24 @@ def unknown_to_all(logits: Tensor, num_classes: int) -> float:
     return float((competence(logits, num_classes, has).max(0).values < 0.5).float().mean())
 
 
-def probe(run: Path, epochs: int, seed: int, train_gate: bool = True) -> dict[str, float]:
-    config = json.loads((run / "config.json").read_text())
-    split = load_dataset(config["dataset"], config["data-root"], seed=config["seed"])
-    spec = split.spec
+def run_teachers(run: Path, num_classes: int) -> tuple[list[torch.nn.Module], Tensor, Tensor]:
+    """A finished run's teachers (``RUN/clients``), in eval mode, with the run's class weights (K, C) and which of
+    them answer an unknown output (K,)."""
     teachers, counts, unknown = [], [], []
     for path in sorted((run / "clients").glob("client_*/teacher.pt")):
         model, ckpt = load_teacher(path)
         teachers.append(model.eval())
         counts.append(ckpt.get("label_counts"))
         unknown.append(bool(ckpt.get("unknown_output", False)))
+    return teachers, class_weights(counts, num_classes), torch.tensor(unknown)
+
+
+def probe(run: Path, epochs: int, seed: int, train_gate: bool = True) -> dict[str, float]:
+    config = json.loads((run / "config.json").read_text())
+    split = load_dataset(config["dataset"], config["data-root"], seed=config["seed"])
+    spec = split.spec
     c = spec.num_classes
-    weights = class_weights(counts, c)
-    has_unknown = torch.tensor(unknown)
+    teachers, weights, has_unknown = run_teachers(run, c)
     pool = load_run_state(run / "checkpoint.pt")["method"]["pool"]
     pool_x = spec.normalize(pool["images"].float() / 255)
     pool_logits = answers(teachers, pool_x)

@@ -22,13 +22,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gate_probe import answers, combine  # noqa: E402
+from gate_probe import answers, combine, run_teachers  # noqa: E402
 
 from fedkd.config import config_from_mapping, parse_assignments  # noqa: E402
-from fedkd.coordinator.aggregation import class_weights  # noqa: E402
 from fedkd.coordinator.student import StudentTrainer  # noqa: E402
 from fedkd.data import load_dataset  # noqa: E402
-from fedkd.institution.loading import load_teacher  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
 MODES = ("kd", "hard", "labels")
@@ -39,14 +37,8 @@ def ceiling(run: Path, overrides: dict[str, str]) -> dict[str, float]:
     config = config_from_mapping({**saved, **overrides})
     split = load_dataset(config.dataset, config.data_root, seed=config.seed)
     spec, train, test = split.spec, split.train, split.test
-    teachers, counts, unknown = [], [], []
-    for path in sorted((run / "clients").glob("client_*/teacher.pt")):
-        model, ckpt = load_teacher(path)
-        teachers.append(model.eval())
-        counts.append(ckpt.get("label_counts"))
-        unknown.append(bool(ckpt.get("unknown_output", False)))
     c = spec.num_classes
-    weights, has_unknown = class_weights(counts, c), torch.tensor(unknown)
+    teachers, weights, has_unknown = run_teachers(run, c)
     targets = combine(answers(teachers, spec.normalize(train.images)), weights, has_unknown, c)  # (N, C) log-probs
     on_test = combine(answers(teachers, spec.normalize(test.images)), weights, has_unknown, c)
     out = {"ensemble": float((on_test.argmax(1) == test.labels).float().mean()),
