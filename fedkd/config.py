@@ -201,13 +201,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration with its flat kebab-case keys (as written to summary.json); the method's
         options as ``METHOD.KEY``."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name in SECTIONS:
-                section = getattr(self, f.name)
-                out.update({field_key(g): getattr(section, g.name) for g in dataclasses.fields(section)})
-            elif f.name != "options":
-                out[kebab(f.name)] = getattr(self, f.name)
+        out = {key: getattr(self if section is None else getattr(self, section), holder.name)
+               for key, (section, holder) in KEYS.items()}
         if isinstance(self.options, UnresolvedOptions):
             out.update({f"{self.method}.{key}": value for key, value in self.options.values})
         else:
@@ -225,15 +220,12 @@ class RunConfig:
         return not isinstance(self.options, UnresolvedOptions)
 
     def replace(self, **changes: Any) -> RunConfig:
-        """A copy with fields (run-wide values, whole sections) changed; :meth:`with_keys` changes keys."""
+        """A copy with fields (run-wide values, whole sections) changed; ``config_from_mapping(values, base=...)``
+        changes keys."""
         if "method" in changes and changes["method"] != self.method and "options" not in changes:
             # another method: its default options (unread ones for an institution's config)
             changes["options"] = None if self.resolved else UnresolvedOptions(changes["method"])
         return dataclasses.replace(self, **changes)
-
-    def with_keys(self, values: Mapping[str, Any]) -> RunConfig:
-        """A copy with config keys changed (``{"student-lr": 0.05}``), checked as every entry point checks them."""
-        return config_from_mapping(values, base=self)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)  # type: ignore[misc]
@@ -242,14 +234,15 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 
 def _key_table() -> dict[str, tuple[str | None, dataclasses.Field[Any]]]:
     """Every run key -> (its section, None for a run-wide key; the field that holds it), in RunConfig's order."""
-    table: dict[str, tuple[str | None, dataclasses.Field[Any]]] = {}
+    entries: list[tuple[str, str | None, dataclasses.Field[Any]]] = []
     for f in dataclasses.fields(RunConfig):
-        entries = ([(field_key(g), name, g) for name in [f.name] for g in dataclasses.fields(SECTIONS[f.name])]
-                   if f.name in SECTIONS else [] if f.name == "options" else [(kebab(f.name), None, f)])
-        for key, section, holder in entries:
-            if key in table:
-                raise AssertionError(f"config key {key!r} is declared twice")
-            table[key] = (section, holder)
+        if f.name in SECTIONS:
+            entries += [(field_key(g), f.name, g) for g in dataclasses.fields(SECTIONS[f.name])]
+        elif f.name != "options":
+            entries.append((kebab(f.name), None, f))
+    table = {key: (section, holder) for key, section, holder in entries}
+    if len(table) != len(entries):
+        raise AssertionError("a config key is declared twice")
     return table
 
 

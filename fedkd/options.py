@@ -98,6 +98,13 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
+class Section:
+    """A settings section (a frozen dataclass whose fields carry their rules): checked on construction."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
 def validate_fields(obj: Any, prefix: str = "") -> None:
     """Check a config dataclass's values against its field metadata (options and settings sections call it from
     __post_init__; a section held by another, marked ``section`` in its metadata, checks itself)."""

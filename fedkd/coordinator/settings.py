@@ -14,14 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedkd.options import TIMEOUT_LIMIT, ConfigError, bounded, choice, described, validate_fields
-
-
-class Section:
-    """A settings section: its fields are checked against their rules on construction."""
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
+from fedkd.options import TIMEOUT_LIMIT, ConfigError, Section, bounded, choice, described
 
 
 @dataclass(frozen=True)

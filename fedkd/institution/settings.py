@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedkd.options import BATCH_LIMIT, bounded, choice, described, validate_fields
+from fedkd.options import BATCH_LIMIT, Section, bounded, choice, described
 
 
 @dataclass(frozen=True)
-class TeacherSettings:
+class TeacherSettings(Section):
     """How each client trains its teacher (on its own partition only) and what its host serves. In a one-machine
     run and a Flower simulation these keys stand in for every client's own."""
 
@@ -40,6 +40,3 @@ class TeacherSettings:
         key="teacher-access"))
     max_query_batch: int = field(default=1024, metadata=bounded(
         1, BATCH_LIMIT, help="the largest batch a teacher host answers", scope="client", key="max-query-batch"))
-
-    def __post_init__(self) -> None:
-        validate_fields(self)

@@ -164,8 +164,9 @@ class PoolMethod(Generic[Options]):
             require_input_gradients(self.ensemble, self.name)
         self.student = context.student.to(self.device)
         self.build_synthesis()
-        total = cfg.epochs * cfg.steps_per_epoch * cfg.student_steps if student_total_steps is None else \
-            student_total_steps
+        total = student_total_steps
+        if total is None:
+            total = cfg.epochs * cfg.steps_per_epoch * cfg.student_steps
         self.trainer = StudentTrainer(self.student, self.spec, student or cfg.student, self.device, total_steps=total)
         self.pool = SyntheticPool(pool_size or cfg.pool.size, self.spec.input_shape, self.spec.num_classes)
         self.budget = QueryBudget(self.ensemble, cfg.pool.query_budget)
@@ -179,14 +180,9 @@ class PoolMethod(Generic[Options]):
         method that has one)."""
         return QueryContext.of(epoch=epoch, step=self.trainer.steps, purpose="synthesis", method=self.name)
 
-    @property
-    def synthesis_batch_size(self) -> int:
-        """Samples in one synthetic batch."""
-        return self.config.batch_size
-
     def round_cost(self, steps: int = 1) -> int:
         """Query samples of one synthesis round: a Forward and a Backward of the batch per step per teacher."""
-        return steps * self.synthesis_batch_size * 2 * len(self.ensemble)
+        return steps * self.config.batch_size * 2 * len(self.ensemble)
 
     def student_step_on_pool(self) -> dict[str, float]:
         images, answers = self.pool.sample(self.config.batch_size)
@@ -282,17 +278,13 @@ class GeneratorMethod(PoolMethod[Options]):
         """The generator, built before the student trainer (the order the runs' random streams follow)."""
         self.synthesizer = Synthesizer(self.spec, self._synthesis, self.config.batch_size, self.device)
 
-    @property
-    def synthesis_batch_size(self) -> int:
-        return self.synthesizer.batch_size
-
     def round_cost(self, steps: int | None = None) -> int:
         """Query samples of one synthesis round: ``synthesis-steps`` generator updates unless ``steps`` says."""
         return super().round_cost(self.synthesizer.settings.steps if steps is None else steps)
 
     def forward_cost(self) -> int:
         """Query samples of one Forward of a batch to every teacher."""
-        return self.synthesis_batch_size * len(self.ensemble)
+        return self.config.batch_size * len(self.ensemble)
 
     def synthesise(self, loss: Any, epoch: int) -> SyntheticBatch | None:
         """One synthesis round with ``loss`` (a SynthesisLoss), or None when the budget does not allow one."""

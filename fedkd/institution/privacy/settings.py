@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from fedkd.options import BATCH_LIMIT, ConfigError, bounded, choice, described, field_key, validate_fields
+from fedkd.options import BATCH_LIMIT, ConfigError, Section, bounded, choice, described, field_key
 
 MODES = ("none", "dp-sgd", "output-noise", "pate")
 LABEL_COUNT_NOISE = ("auto", "none", "gaussian", "laplace")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PrivacySettings:
+class PrivacySettings(Section):
     """A client's privacy settings: what its release policy applies to every answer, checked on construction
     (each error names the key). A run's config holds one for every client, where ``mode`` may list one mode per
     client (:meth:`for_client` picks one); a client's own settings hold its one mode."""
@@ -54,7 +54,7 @@ class PrivacySettings:
         0.0, 1e6, open_low=True, help="pate: noise std on each vote count for the answer", scope="client"))
 
     def __post_init__(self) -> None:
-        validate_fields(self)
+        super().__post_init__()
         if not self.modes or any(m not in MODES for m in self.modes):
             raise ConfigError(f"privacy-mode: {self.mode!r} is not one of {', '.join(MODES)} (or one per client, "
                               "comma-separated)")
@@ -78,7 +78,7 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
-class DPTrainingSettings:
+class DPTrainingSettings(Section):
     """How a client trains a private teacher: DP-SGD (:mod:`fedkd.institution.privacy.dpsgd`) or PATE's shard
     teachers; the guarantee's delta is :attr:`PrivacySettings.delta`."""
 
@@ -102,9 +102,6 @@ class DPTrainingSettings:
     pate_teachers: int = field(default=10, metadata=bounded(
         2, 10_000, help="pate: shard teachers trained on disjoint shards of a client's records", scope="client",
         key="pate-teachers"))
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
 
 
 def settings_keys() -> dict[str, str]:
