@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedkd.imports import load as load_heavy
+from fedkd.imports import load_heavy
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ these for the first time at once, by different routes (Opacus for a privacy ledg
 dataset or the open-set recipe in another), can meet a ``torch.distributed`` module half initialised: Python
 lets a concurrent circular import through with a partial module, and the import fails (measured in CI, one run
 in many: ``ImportError: cannot import name 'ShardedTensor'``, ``... '_CUSTOM_SHARDED_OPS'``). Every first import
-of either in fedkd goes through :func:`load` (tests/test_layout.py checks it), which takes one lock for both.
+of either in fedkd goes through :func:`load_heavy` (tests/test_layout.py checks it), which takes one lock for both.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ HEAVY = ("opacus", "torchvision")
 _LOCK = threading.RLock()  # reentrant: importing one may import the other
 
 
-def load(name: str) -> ModuleType:
+def load_heavy(name: str) -> ModuleType:
     """Import ``name`` (one of :data:`HEAVY`) under the lock, once per process; later calls return it at once."""
     if name not in HEAVY:
         raise ValueError(f"{name!r} is not one of the libraries imported under the lock ({', '.join(HEAVY)})")

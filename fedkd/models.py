@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedkd.imports import load as load_heavy
+from fedkd.imports import load_heavy
 
 Side = int | tuple[int, ...]  # one side of a square image, or (height, width)
 

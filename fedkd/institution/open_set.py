@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedkd.imports import load
+from fedkd.imports import load_heavy
 
-load("torchvision")  # first, under the lock that keeps two threads from importing torch.distributed at once
+load_heavy("torchvision")  # first, under the lock that keeps two threads from importing torch.distributed at once
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
 RECIPES = ("closed", "open-set")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from fedkd.imports import load
-
 if TYPE_CHECKING:
     from fedkd.institution.privacy.dpsgd import (
         MECHANISM,
@@ -26,12 +24,6 @@ if TYPE_CHECKING:
     from fedkd.institution.privacy.ledger import BudgetExhausted, Entry, PrivacyLedger, recompute_epsilon
     from fedkd.institution.privacy.policy import ReleasePolicy
     from fedkd.institution.privacy.settings import MODES, PrivacySettings
-
-def load_opacus() -> None:
-    """Import Opacus (and the parts of torch.distributed it pulls in) once, one thread at a time
-    (:mod:`fedkd.imports`). Every function that imports from Opacus on first use calls this first."""
-    load("opacus")
-
 
 _WHERE = {"MECHANISM": "dpsgd", "DPSettings": "dpsgd", "contract_status": "dpsgd", "default_delta": "dpsgd",
           "make_private_model": "dpsgd", "release_noise_multiplier": "dpsgd", "train_dp_sgd": "dpsgd",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedkd.data import DatasetSpec, ImageData
-from fedkd.institution.privacy import load_opacus
+from fedkd.imports import load_heavy
 from fedkd.options import check_finite
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def make_private_model(model: nn.Module) -> nn.Module:
     frozen or non-affine BatchNorm would slip through and leak its running
     statistics: refuse any BatchNorm and any buffer that remains.
     """
-    load_opacus()
+    load_heavy("opacus")
     from opacus.validators import ModuleValidator
 
     fixed = ModuleValidator.fix(model)
@@ -80,7 +80,7 @@ def train_dp_sgd(model: nn.Module, data: ImageData, spec: DatasetSpec, settings:
     record: mechanism, target and spent epsilon, delta, noise multiplier,
     sample rate, steps.
     """
-    load_opacus()
+    load_heavy("opacus")
     from opacus import PrivacyEngine
 
     n = len(data)
@@ -204,7 +204,7 @@ def release_feature_statistics(model: nn.Module, data: ImageData, spec: DatasetS
 
 def release_noise_multiplier(epsilon: float, delta: float) -> float:
     """The Gaussian noise multiplier for one release at sample rate 1 costing ``epsilon`` at ``delta``."""
-    load_opacus()
+    load_heavy("opacus")
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkd.files import write_atomic
-from fedkd.institution.privacy import load_opacus
+from fedkd.imports import load_heavy
 
 try:
     import fcntl
@@ -114,7 +114,7 @@ def _entry(raw: Any, where: str) -> Entry:
 
 
 def _epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    load_opacus()
+    load_heavy("opacus")
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     if not history:

@@ -39,14 +39,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedkd.institution.privacy import load_opacus
+from fedkd.imports import load_heavy
 
 MECHANISM = "pate"
 ABSTAIN = -1  # the label a PATE client answers a row it is not confident about with
 
 def _orders() -> np.ndarray:
     """The Renyi orders of Opacus's RDP accountant, so both bounds are converted alike."""
-    load_opacus()
+    load_heavy("opacus")
     from opacus.accountants import RDPAccountant
 
     return np.asarray(RDPAccountant.DEFAULT_ALPHAS, dtype=np.float64)
@@ -156,7 +156,7 @@ def rdp_to_epsilon(rdp: np.ndarray, delta: float, orders: np.ndarray = ORDERS) -
     with the ledger's data-independent figure)."""
     import warnings
 
-    load_opacus()
+    load_heavy("opacus")
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
     with warnings.catch_warnings():
