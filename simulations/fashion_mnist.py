@@ -79,10 +79,10 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
     SGD, cosine, temperature): distilled from the same teachers' class-weighted ensemble on the real training
     images (no labels: the ceiling a perfect synthesizer would give), and trained on the pooled labelled data (the
     student's capacity). Experiment-only: no deployment holds either."""
+    from student_ceiling import train_on_real
+
     from fedkd.coordinator.aggregation import AGGREGATORS, class_weights
-    from fedkd.coordinator.student import StudentTrainer
     from fedkd.institution.loading import load_teacher
-    from fedkd.models import build_model
 
     path = results / "records" / f"references-a{mapping['alpha']}-s{mapping['seed']}-{_key(mapping)}.json"
     if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping:
@@ -97,26 +97,9 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
     logits = torch.stack([predict(m, spec.normalize(train.images), device=device)[:, :spec.num_classes]
                           for m, _ in loaded])
     answers = AGGREGATORS["class-weighted"].combine(logits, weights)
-    total_steps = config.epochs * config.steps_per_epoch * config.student_steps  # as the run's student trainer
     out = {}
-    for name in ("real_kd", "real_labels"):
-        torch.manual_seed(config.seed)
-        student = build_model(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
-                              image_size=spec.image_size)
-        trainer = StudentTrainer(student, spec, config.student, device, total_steps=total_steps)  # the run's
-        draw = torch.Generator().manual_seed(config.seed)  # optimiser, schedule and loss
-        for _ in range(total_steps):
-            idx = torch.randint(0, len(train), (config.batch_size,), generator=draw)
-            if name == "real_kd":
-                trainer.step(train.images[idx], answers[idx])
-            else:  # the same optimiser and schedule, cross-entropy on the labels
-                student.train()
-                loss = torch.nn.functional.cross_entropy(student(spec.normalize(train.images[idx].to(device))),
-                                                         train.labels[idx].to(device))
-                trainer.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                trainer.optimizer.step()
-                trainer.schedule.step()
+    for name, mode in (("real_kd", "kd"), ("real_labels", "labels")):
+        student = train_on_real(config, spec, train, answers, mode, device)
         guess = predict(student, spec.normalize(data.test.images), device=device).argmax(1)
         out[name] = float((guess == data.test.labels).float().mean())
     path.parent.mkdir(parents=True, exist_ok=True)

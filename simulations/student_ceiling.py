@@ -20,16 +20,43 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gate_probe import answers, combine, run_teachers  # noqa: E402
 
-from fedkd.config import config_from_mapping, parse_assignments  # noqa: E402
+from fedkd.config import RunConfig, config_from_mapping, parse_assignments  # noqa: E402
 from fedkd.coordinator.student import StudentTrainer  # noqa: E402
-from fedkd.data import load_dataset  # noqa: E402
+from fedkd.data import DatasetSpec, ImageData, load_dataset  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
 MODES = ("kd", "hard", "labels")
+
+
+def train_on_real(config: RunConfig, spec: DatasetSpec, train: ImageData, targets: Tensor, mode: str,
+                  device: torch.device) -> nn.Module:
+    """The run's student trained afresh on the real images ``train`` with the run's trainer, optimiser, schedule,
+    batch and step count: through the run's loss on ``targets`` (N, C), the ensemble's answers (``kd``), or with
+    cross-entropy on their class (``hard``) or on the true labels (``labels``)."""
+    total = config.epochs * config.steps_per_epoch * config.student_steps  # as the run's student trainer
+    torch.manual_seed(config.seed)
+    student = build_model(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
+                          image_size=spec.image_size)
+    trainer = StudentTrainer(student, spec, config.student, device, total_steps=total)
+    draw = torch.Generator().manual_seed(config.seed)
+    for _ in range(total):
+        idx = torch.randint(0, len(train), (config.batch_size,), generator=draw)
+        if mode == "kd":
+            trainer.step(train.images[idx], targets[idx])
+            continue
+        labels = targets[idx].argmax(1) if mode == "hard" else train.labels[idx]
+        student.train()  # the same optimiser and schedule, cross-entropy
+        loss = F.cross_entropy(student(spec.normalize(train.images[idx].to(device))), labels.to(device))
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.schedule.step()
+    return student
 
 
 def ceiling(run: Path, overrides: dict[str, str]) -> dict[str, float]:
@@ -43,25 +70,8 @@ def ceiling(run: Path, overrides: dict[str, str]) -> dict[str, float]:
     on_test = combine(answers(teachers, spec.normalize(test.images)), weights, has_unknown, c)
     out = {"ensemble": float((on_test.argmax(1) == test.labels).float().mean()),
            "ensemble on train": float((targets.argmax(1) == train.labels).float().mean())}
-    total = config.epochs * config.steps_per_epoch * config.student_steps
     for mode in MODES:
-        torch.manual_seed(config.seed)
-        student = build_model(config.student.model, num_classes=c, channels=spec.channels,
-                              image_size=spec.image_size)
-        trainer = StudentTrainer(student, spec, config.student, torch.device("cpu"), total_steps=total)
-        draw = torch.Generator().manual_seed(config.seed)
-        for _ in range(total):
-            idx = torch.randint(0, len(train), (config.batch_size,), generator=draw)
-            if mode == "kd":
-                trainer.step(train.images[idx], targets[idx])
-                continue
-            labels = targets[idx].argmax(1) if mode == "hard" else train.labels[idx]
-            student.train()  # the same optimiser and schedule, cross-entropy
-            loss = F.cross_entropy(student(spec.normalize(train.images[idx])), labels)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            trainer.optimizer.step()
-            trainer.schedule.step()
+        student = train_on_real(config, spec, train, targets, mode, torch.device("cpu"))
         student.eval()
         with torch.no_grad():
             out[mode] = float((student(spec.normalize(test.images)).argmax(1) == test.labels).float().mean())
