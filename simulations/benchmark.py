@@ -17,7 +17,8 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
 - ``curriculum``: the main job with ``cudfkd.self-paced`` = log / soft / hard / none (log is the default).
 - ``hostile``: the main job with client 0's teacher replaced by a hostile one (a fixed wrong class, or
   random logits; both claiming a large label histogram), with the reliability estimate (the default) and
-  without it. Target: student within 0.02 of the default run.
+  without it; and a fixed-class liar less sure than the honest teachers (``hostile-unsure``). Target: student
+  within 0.02 of the default run.
 - ``access``: the main job with every client granting logits only (zeroth-order gradient estimates). Target:
   student >= 0.95 x the gradient-mode student; the extra query samples reported.
 - ``poisoned``: digits (5 clients, Dirichlet(0.5)) and the main job, honest, then with one and with two
@@ -81,6 +82,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "hostile-fixed-trusting": {"reliability": False},
     "hostile-random": {},
     "hostile-random-trusting": {"reliability": False},
+    # "unsure" answers class 0 with logit 2 (top probability 0.45, below the honest teachers' 0.48-0.53): a liar
+    # that stays less sure than the median teacher, so the reliability estimate keeps its voice.
+    "hostile-unsure": {},
     # Targeted poisoning: client 0 (and 1, colluding) honest except that it answers class 5 for class 3 and the
     # reverse (the digits 3 and 5 on MNIST-5k): its last layer's two rows swapped, its label histogram honest.
     # What it costs is measured as the student's recall on those two classes.
@@ -102,7 +106,7 @@ GROUPS = {"default": ["default"], "one-client": ["one-client"],
           "open-set": ["default-open-set", "pathological-open-set"],
           "curriculum": ["default", "curriculum-soft", "curriculum-hard", "curriculum-none"],
           "hostile": ["default", "hostile-fixed", "hostile-fixed-trusting", "hostile-random",
-                      "hostile-random-trusting"],
+                      "hostile-random-trusting", "hostile-unsure"],
           "access": ["default", "logits-only"],
           "poisoned": ["digits", "digits-poison-1", "digits-poison-2", "default", "poison-1", "poison-2"],
           "swap": ["default", "swap-1", "swap-2"]}
@@ -135,7 +139,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def doctor_teacher(path: Path, kind: str, seed: int) -> None:
     """Turn the teacher checkpoint at ``path`` into a hostile one (the last layer rewritten) that claims a large,
-    balanced label histogram: ``fixed`` answers class 0 with logit 20, ``random`` random logits of scale 10."""
+    balanced label histogram: ``fixed`` answers class 0 with logit 20, ``unsure`` class 0 with logit 2 (top
+    probability 0.45), ``random`` random logits of scale 10."""
     ckpt = torch.load(path, weights_only=True)
     state = ckpt["state_dict"]
     classes = ckpt["num_classes"]
@@ -147,10 +152,10 @@ def doctor_teacher(path: Path, kind: str, seed: int) -> None:
             state[key][[a, b]] = state[key][[b, a]].clone()
         save_atomic(ckpt, path)
         return
-    if kind == "fixed":
+    if kind in ("fixed", "unsure"):
         state[last] = torch.zeros_like(state[last])
         state[bias] = torch.zeros_like(state[bias])
-        state[bias][0] = 20.0
+        state[bias][0] = 20.0 if kind == "fixed" else 2.0
     else:
         g = torch.Generator().manual_seed(seed)
         weight = torch.randn(state[last].shape, generator=g)
@@ -252,7 +257,7 @@ def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]]
         recall = statistics.fmean(r["swapped_recall"] for r in runs)
         return [("recall on the swapped classes >= honest run - 0.05", f"{recall:.4f} vs {reference - 0.05:.4f}",
                  recall >= reference - 0.05)]
-    if name in ("hostile-fixed", "hostile-random") and default:
+    if name in ("hostile-fixed", "hostile-random", "hostile-unsure") and default:
         reference = _mean_std([r["student"] for r in default])[0]
         return [("student >= default - 0.02", f"{student:.4f} vs {reference - 0.02:.4f}",
                  student >= reference - 0.02)]

@@ -6,8 +6,8 @@
 Every client trains its teacher with Opacus DP-SGD (``privacy-mode=dp-sgd``, ``dp-epsilon=E``, delta
 1 / (10 n) at most 1e-5, PRV accountant) and releases its label histogram with Gaussian noise at
 ``label-count-epsilon`` (0.5, accounted in its ledger with the training), so the class-weighted ensemble
-stays available; every answer after training is post-processing. The DP runs turn the coordinator's
-reliability weighting off (``reliability=false``; docs/privacy.md). Runs are cached like
+stays available; every answer after training is post-processing. The coordinator keeps its defaults, the
+reliability estimate included (docs/privacy.md). Runs are cached like
 ``simulations/compare.py`` (same run files). Writes ``privacy-utility.md`` and ``privacy-utility.png``
 (student accuracy against the epsilon each client spent) under ``--results`` and prints the target:
 at epsilon 8 the student keeps at least 0.90 of the accuracy of the same run without DP.
@@ -33,10 +33,8 @@ TARGET = 0.90
 def mapping(epsilon: float | None, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
     run: dict[str, Any] = {"method": "cudfkd", "seed": seed, "dataset": "mnist5k", **extra}
     if epsilon is not None:
-        # The DP-SGD recipe is spelled out so that the cache key changes with it. Reliability weighting is off:
-        # DP-SGD teachers barely agree on synthetic samples, and it leaves honest ones out (docs/privacy.md).
-        run.update({"privacy-mode": "dp-sgd", "dp-epsilon": epsilon, "dp-batch-size": 256, "dp-lr": 0.003,
-                    "reliability": False})
+        # The DP-SGD recipe is spelled out so that the cache key changes with it.
+        run.update({"privacy-mode": "dp-sgd", "dp-epsilon": epsilon, "dp-batch-size": 256, "dp-lr": 0.003})
     return run
 
 

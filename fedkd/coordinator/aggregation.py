@@ -73,6 +73,16 @@ def class_weights(counts: Sequence[LabelCounts], num_classes: int, num_samples: 
     A teacher whose counts are None (declined) is treated as uniform over the
     classes, with its sample count when it shares one (else one sample per class).
     """
+    n = claimed_counts(counts, num_classes, num_samples)
+    column = n.sum(0, keepdim=True)
+    # A class no teacher saw: every teacher speaks for it equally.
+    return torch.where(column > 0, n / column.clamp_min(1e-12), torch.full_like(n, 1.0 / len(n)))
+
+
+def claimed_counts(counts: Sequence[LabelCounts], num_classes: int,
+                   num_samples: Sequence[int | None] | None = None) -> Tensor:
+    """(K, C) the records each teacher claims per class, as :func:`class_weights` weighs them (a teacher that
+    declined counted uniform over its samples)."""
     rows = []
     for k, row in enumerate(counts):
         if row is None or sum(row) == 0:
@@ -84,10 +94,7 @@ def class_weights(counts: Sequence[LabelCounts], num_classes: int, num_samples: 
             if any(c < 0 for c in row):
                 raise ValueError(f"teacher {k}: label histogram has negative counts")
             rows.append(torch.tensor([float(c) for c in row]))
-    n = torch.stack(rows)  # (K, C)
-    column = n.sum(0, keepdim=True)
-    # A class no teacher saw: every teacher speaks for it equally.
-    return torch.where(column > 0, n / column.clamp_min(1e-12), torch.full_like(n, 1.0 / len(n)))
+    return torch.stack(rows)
 
 
 def competence(logits: Tensor, num_classes: int, has_unknown: Tensor) -> Tensor:

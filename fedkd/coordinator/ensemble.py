@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedkd.contract import FEATURE_STATISTICS, QueryContext
-from fedkd.coordinator.aggregation import Aggregator, class_weights, competence, resolve_aggregator
+from fedkd.coordinator.aggregation import Aggregator, claimed_counts, class_weights, competence, resolve_aggregator
 from fedkd.coordinator.pool import TeacherPool, plan
 from fedkd.coordinator.robustness import AnswerBounds, GradientAgreement, Reliability, capped_counts
 
@@ -216,6 +216,7 @@ class Ensemble:
         self.aggregator: Aggregator = resolve_aggregator(
             aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
         counts, self.count_scale = capped_counts(descriptions, enabled=reliability)
+        claimed = claimed_counts(counts, self.num_classes, [d.num_samples for d in descriptions])  # (K, C)
         self._class_weights = class_weights(counts, self.num_classes,
                                             [d.num_samples for d in descriptions])  # (K, C)
         # Backward goes only to the teachers that grant gradients; the others' gradient terms are estimated
@@ -223,7 +224,9 @@ class Ensemble:
         self.gradient_members = {k for k, d in enumerate(descriptions) if "gradient" in d.access_modes}
         self.logits_members = {k for k, d in enumerate(descriptions) if "logits" in d.access_modes}
         self.zeroth_order = zeroth_order or ZerothOrder()
-        self.reliability = Reliability(len(descriptions), self.num_classes, enabled=reliability)
+        self.reliability = Reliability(len(descriptions), self.num_classes, enabled=reliability,
+                                       claims=claimed if self.aggregator.needs_counts else None,
+                                       noisy=[bool((d.privacy or {}).get("mechanism")) for d in descriptions])
         self.gradient_agreement = GradientAgreement(len(descriptions), enabled=reliability, seed=check_seed)
         self.bounds = AnswerBounds(logit_bound, gradient_bound)
 

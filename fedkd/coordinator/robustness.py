@@ -6,13 +6,24 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
 
 - :class:`Reliability`: for every Forward the ensemble makes, each answering teacher's top-1 answer is compared
   with the leave-one-out consensus (coordinate-wise median of the other teachers' probabilities); an exponential
-  moving average of that agreement rate is kept per teacher. A teacher whose agreement above chance is at least
-  ``tolerance`` times the median teacher's keeps full weight; below that its weight falls linearly to 0 at
-  chance level, and a weight under 0.5 is cut to 0 (the teacher is left out). The weight multiplies whatever
-  weights the aggregator uses (label counts included: a claimed histogram of any size does not buy trust back);
-  order-statistic aggregators leave a teacher with weight 0 out. On honest
-  federations every teacher keeps weight 1 (measured: docs/robustness.md); in a pathological split, where
-  honest teachers legitimately disagree, the comparison is relative to the median teacher, not absolute.
+  moving average of that agreement rate is kept per teacher. Where the aggregator weighs label counts, a teacher is
+  held to what it claims: each input counts in its agreement in proportion to the teacher's share of the claimed
+  records of the class the others name (a client that never saw a class is not faulted for not knowing it; one
+  that claims a class is judged on it, and a liar claiming every class is judged everywhere). A teacher whose
+  agreement above chance is at least ``tolerance`` times the median teacher's keeps full weight; below that its
+  weight falls linearly to 0 at chance level, and a weight under 0.5 is cut to 0 (the teacher is left out). Only a
+  teacher *sure and contradicting* loses weight: one whose answers are no more confident (mean top probability)
+  than the median teacher's keeps full weight whatever its agreement, because weak and unsure is what an honest
+  noisy teacher (DP-SGD) or the one expert of a class the others cannot judge looks like, and its unsure answers
+  move a probability average little; its claimed records count for no more than the median client's total, for a
+  class only as far as its own answers name that class, and are still checked class by class (below). The
+  class-by-class check judges a teacher that declares a privacy mechanism (noisy by design) only on inputs where
+  the others are sure (their median probability of the class they name reaches ``SURE``). The weight multiplies
+  whatever weights the aggregator uses (label counts included: a claimed histogram of any size does not buy trust
+  back); order-statistic aggregators leave a teacher with weight 0 out. On honest federations every teacher keeps
+  weight 1 (measured: docs/robustness.md, docs/privacy.md); in a pathological split, where honest
+  teachers legitimately disagree, the comparison is relative to the median teacher, not absolute. The rule assumes
+  fewer than half the teachers lie (so that the medians, of answers and of confidence, are honest ones).
 - :func:`capped_counts`: no client's claimed label counts weigh more than 4x the median client's total.
 - :class:`AnswerBounds`: logits are clipped to +-``logit_bound`` (a softmax is saturated long before; this only
   stops an absurd scale from owning a logit average); per sample, a teacher's input gradient is clipped to
@@ -67,6 +78,7 @@ from fedkd.coordinator.aggregation import median_of
 
 logger = logging.getLogger(__name__)
 CUT = 0.5  # a reliability below this leaves the teacher out of the ensemble
+SURE = 0.3  # the others judge a teacher's class claims only on inputs where their median probability reaches this
 # A teacher left out is announced as trusted again only once its weight is back to this (logging only: a teacher at
 # the edge, its weight hovering about the cut, wrote a pair of lines every few batches of the main job).
 TRUSTED_AGAIN = 0.75
@@ -76,15 +88,31 @@ class Reliability:
     """Per-teacher agreement with the leave-one-out consensus, and the weight it earns."""
 
     def __init__(self, teachers: int, num_classes: int, *, decay: float = 0.9, tolerance: float = 0.5,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, claims: Tensor | None = None, noisy: Sequence[bool] | None = None) -> None:
+        """``claims`` (K, C): the records each teacher claims per class (as the aggregator weighs them); a
+        teacher's share of a class's claims weighs the inputs of that class it is judged on. None: every input
+        counts the same (an aggregator that ignores label counts gives every teacher the same say everywhere).
+        ``noisy`` (K,): the teachers that declare a privacy mechanism (their answers noisy by design); their class
+        claims are judged only where the others are sure (``SURE``), the others' on every input."""
         self.teachers, self.num_classes = teachers, num_classes
         self.decay, self.tolerance, self.enabled = decay, tolerance, enabled
+        if claims is not None and tuple(claims.shape) != (teachers, num_classes):
+            raise ValueError(f"claims must be ({teachers}, {num_classes}), got {tuple(claims.shape)}")
+        self.claims = claims.detach().double().cpu() if claims is not None else None
+        self.noisy = [bool(v) for v in noisy] if noisy is not None else [False] * teachers
+        if len(self.noisy) != teachers:
+            raise ValueError(f"noisy must name {teachers} teachers, got {len(self.noisy)}")
+        if self.claims is not None:
+            column = self.claims.sum(0, keepdim=True)
+            self.shares = torch.where(column > 0, self.claims / column.clamp_min(1e-12),
+                                      torch.full_like(self.claims, 1.0 / teachers)).float()
         self.agreement = torch.zeros(teachers)
         self.confidence = torch.zeros(teachers)  # moving average of the teacher's mean top probability
         self.batches = torch.zeros(teachers, dtype=torch.long)
         # Per class c: overlap of the samples the teacher calls c with those the others' consensus calls c.
         self.class_agreement = torch.zeros(teachers, num_classes)
         self.class_seen = torch.zeros(teachers, num_classes, dtype=torch.bool)
+        self.vote_rate = torch.zeros(teachers, num_classes)  # moving average of how often it names each class
         self._warned: set[int] = set()
 
     @torch.no_grad()
@@ -96,16 +124,30 @@ class Reliability:
         votes = p.argmax(-1)  # (K', B)
         for i, k in enumerate(members):
             others = torch.cat([p[:i], p[i + 1:]])
-            consensus = median_of(others).argmax(-1)  # (B,)
+            median = median_of(others)  # (B, C)
+            consensus = median.argmax(-1)  # (B,)
             agrees = (votes[i] == consensus).float()
-            self.agreement[k] = self._ema(self.agreement[k], agrees.mean(), self.batches[k] == 0)
-            self.confidence[k] = self._ema(self.confidence[k], p[i].max(-1).values.mean(), self.batches[k] == 0)
-            self.batches[k] += 1
+            # Each input weighs as much as the teacher's claim to the class the others name.
+            say = self.shares[k, consensus] if self.claims is not None else torch.ones_like(agrees)
+            if float(say.sum()) > 0:  # (a batch only of classes it never claimed says nothing about it)
+                first = self.batches[k] == 0
+                self.agreement[k] = self._ema(self.agreement[k], (say * agrees).sum() / say.sum(), first)
+                self.confidence[k] = self._ema(self.confidence[k], p[i].max(-1).values.mean(), first)
+                rate = torch.bincount(votes[i], minlength=self.num_classes).float() / len(agrees)
+                self.vote_rate[k] = self._ema(self.vote_rate[k], rate, first)
+                self.batches[k] += 1
             # Per class, the overlap (intersection over union) of "the teacher says c" and "the others say c":
             # a teacher that says c everywhere (recall 1, precision low) scores as low as one that never does.
-            count = torch.bincount(consensus, minlength=self.num_classes).float()
-            said = torch.bincount(votes[i], minlength=self.num_classes).float()
-            hits = torch.bincount(consensus, weights=agrees, minlength=self.num_classes)
+            # A noisy teacher's claims are judged only where the others are sure (their median probability of the
+            # class they name reaches SURE): among noisy teachers (DP-SGD), on the inputs of a class they never saw
+            # the others are unsure, so the one client that knows it is not judged there by teachers that cannot
+            # tell. Everyone else is judged on every input: where two colluders swing the others' median, fewer
+            # inputs would leave the honest experts of the class less evidence than the colluders.
+            sure = median.max(-1).values >= SURE if self.noisy[k] else torch.ones_like(agrees, dtype=torch.bool)
+            judged, vote = consensus[sure], votes[i][sure]
+            count = torch.bincount(judged, minlength=self.num_classes).float()
+            said = torch.bincount(vote, minlength=self.num_classes).float()
+            hits = torch.bincount(judged, weights=agrees[sure], minlength=self.num_classes)
             present = count > 0
             per_class = hits / (count + said - hits).clamp_min(1)
             updated = self._ema(self.class_agreement[k], per_class, ~self.class_seen[k])
@@ -119,41 +161,64 @@ class Reliability:
 
     def weights(self) -> Tensor:
         """(K,) weights in [0, 1]: 1 for every teacher until there is evidence."""
+        return self._judged()[0]
+
+    def _judged(self) -> tuple[Tensor, Tensor]:
+        """(weights (K,), unsure (K,) bool: the teachers whose agreement would have left them out but whose answers
+        are no surer than the median teacher's, so they keep their say)."""
         seen = self.batches > 0
+        ones, none = torch.ones(self.teachers), torch.zeros(self.teachers, dtype=torch.bool)
         if not self.enabled or int(seen.sum()) < 3:
-            return torch.ones(self.teachers)
+            return ones, none
         chance = 1.0 / self.num_classes
         typical = float(self.agreement[seen].median()) - chance
         if typical <= 0.05:  # the teachers hardly agree at all: no basis for singling one out
-            return torch.ones(self.teachers)
+            return ones, none
         w = ((self.agreement - chance) / (self.tolerance * typical)).clamp(0.0, 1.0)
         # Below half weight a teacher is out altogether: a distrusted teacher's claimed label counts (any size)
         # must not buy back what its disagreement lost.
         w = torch.where(w < CUT, torch.zeros_like(w), w)
-        return torch.where(seen, w, torch.ones_like(w))
+        w = torch.where(seen, w, ones)
+        # Unsure is not contradicting: a teacher no surer than the median teacher keeps its say.
+        unsure = seen & (self.confidence <= self.confidence[seen].median())
+        return torch.where(unsure, ones, w), unsure & (w < CUT)
 
     def class_weights(self) -> Tensor:
         """(K, C) factors in [0, 1] for the label-count weights: a teacher's claim to speak for class c is
         honoured in proportion to how well the inputs it calls c match those the others' consensus calls c
         (intersection over union), relative to the teacher best at c (full weight at ``tolerance`` of the best
-        above chance). A claimed histogram is thus checked
-        class by class against the answers; an honest teacher loses weight only on classes it barely saw, where
-        its counts gave it little weight anyway."""
+        above chance), for a teacher that declares a privacy mechanism counted only on inputs where the others are
+        sure (``SURE``). A claimed histogram is thus
+        checked class by class against the answers; an honest teacher loses weight only on classes it barely saw,
+        where its counts gave it little weight anyway."""
         if not self.enabled or int((self.batches > 0).sum()) < 3:
             return torch.ones(self.teachers, self.num_classes)
         chance = 1.0 / self.num_classes
         best = (self.class_agreement * self.class_seen).max(0).values - chance  # (C,)
         r = ((self.class_agreement - chance) / (self.tolerance * best.clamp_min(1e-6))).clamp(0.0, 1.0)
         informative = (best > 0.05).unsqueeze(0) & self.class_seen
-        return torch.where(informative, r, torch.ones_like(r))
+        factors = torch.where(informative, r, torch.ones_like(r))
+        # A teacher kept only because it is unsure keeps its voice, not a large claimed say. On a class only it and
+        # one honest client claim (which the others cannot judge), an unverifiable histogram would otherwise drown
+        # the honest expert, even with answers that never name the class. So its claimed records count for no more
+        # than the median client's total, and for a class only as far as its own answers name it (in full once
+        # they name it as often as a uniform guess would).
+        unsure = self._judged()[1]
+        if self.claims is None or not bool(unsure.any()):
+            return factors
+        totals = self.claims.sum(1)
+        cap = (totals.median() / totals.clamp_min(1e-12)).clamp(max=1.0).float().unsqueeze(1)
+        named = (self.num_classes * self.vote_rate).clamp(max=1.0)
+        return torch.where(unsure.unsqueeze(1), factors * cap * named, factors)
 
     def _log_changes(self) -> None:
         w = self.weights()
         for k in range(self.teachers):
             if w[k] < CUT and k not in self._warned:
                 self._warned.add(k)
-                logger.warning("teacher %d is left out of the ensemble (weight %.2f): it agrees with the others on "
-                               "%.0f%% of the queries (the median teacher: %.0f%%)", k, float(w[k]),
+                logger.warning("teacher %d is left out of the ensemble (weight %.2f): answering surer than the median "
+                               "teacher, it agrees with the others on %.0f%% of the inputs of the classes it claims "
+                               "(the median teacher: %.0f%%)", k, float(w[k]),
                                100 * float(self.agreement[k]),
                                100 * float(self.agreement[self.batches > 0].median()))
             elif w[k] >= TRUSTED_AGAIN and k in self._warned:
@@ -163,7 +228,8 @@ class Reliability:
     def state_dict(self) -> dict[str, Any]:
         return {"agreement": self.agreement.clone(), "confidence": self.confidence.clone(),
                 "batches": self.batches.clone(), "warned": sorted(self._warned),
-                "class_agreement": self.class_agreement.clone(), "class_seen": self.class_seen.clone()}
+                "class_agreement": self.class_agreement.clone(), "class_seen": self.class_seen.clone(),
+                "vote_rate": self.vote_rate.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.agreement = state["agreement"].clone().float()
@@ -172,6 +238,8 @@ class Reliability:
         self._warned = {int(k) for k in state["warned"]}
         self.class_agreement = state["class_agreement"].clone().float()
         self.class_seen = state["class_seen"].clone().bool()
+        # (a checkpoint from before the vote rates were kept: every class counts as named until answers come)
+        self.vote_rate = state.get("vote_rate", torch.ones(self.teachers, self.num_classes)).clone().float()
 
 
 class GradientAgreement:
