@@ -73,7 +73,11 @@ def class_weights(counts: Sequence[LabelCounts], num_classes: int, num_samples: 
     A teacher whose counts are None (declined) is treated as uniform over the
     classes, with its sample count when it shares one (else one sample per class).
     """
-    n = claimed_counts(counts, num_classes, num_samples)
+    return column_shares(claimed_counts(counts, num_classes, num_samples))
+
+
+def column_shares(n: Tensor) -> Tensor:
+    """(K, C) each teacher's share of each class's claimed records ``n`` (K, C): columns sum to 1."""
     column = n.sum(0, keepdim=True)
     # A class no teacher saw: every teacher speaks for it equally.
     return torch.where(column > 0, n / column.clamp_min(1e-12), torch.full_like(n, 1.0 / len(n)))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedkd.contract import FEATURE_STATISTICS, QueryContext
-from fedkd.coordinator.aggregation import Aggregator, claimed_counts, class_weights, competence, resolve_aggregator
+from fedkd.coordinator.aggregation import Aggregator, claimed_counts, column_shares, competence, resolve_aggregator
 from fedkd.coordinator.pool import TeacherPool, plan
 from fedkd.coordinator.robustness import AnswerBounds, GradientAgreement, Reliability, capped_counts
 
@@ -217,8 +217,7 @@ class Ensemble:
             aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
         counts, self.count_scale = capped_counts(descriptions, enabled=reliability)
         claimed = claimed_counts(counts, self.num_classes, [d.num_samples for d in descriptions])  # (K, C)
-        self._class_weights = class_weights(counts, self.num_classes,
-                                            [d.num_samples for d in descriptions])  # (K, C)
+        self._class_weights = column_shares(claimed)  # (K, C)
         # Backward goes only to the teachers that grant gradients; the others' gradient terms are estimated
         # from Forward queries (``zeroth_order``) or left out.
         self.gradient_members = {k for k, d in enumerate(descriptions) if "gradient" in d.access_modes}

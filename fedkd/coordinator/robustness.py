@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedkd.contract import TeacherDescription
-from fedkd.coordinator.aggregation import median_of
+from fedkd.coordinator.aggregation import column_shares, median_of
 
 logger = logging.getLogger(__name__)
 CUT = 0.5  # a reliability below this leaves the teacher out of the ensemble
@@ -103,9 +103,7 @@ class Reliability:
         if len(self.noisy) != teachers:
             raise ValueError(f"noisy must name {teachers} teachers, got {len(self.noisy)}")
         if self.claims is not None:
-            column = self.claims.sum(0, keepdim=True)
-            self.shares = torch.where(column > 0, self.claims / column.clamp_min(1e-12),
-                                      torch.full_like(self.claims, 1.0 / teachers)).float()
+            self.shares = column_shares(self.claims).float()
         self.agreement = torch.zeros(teachers)
         self.confidence = torch.zeros(teachers)  # moving average of the teacher's mean top probability
         self.batches = torch.zeros(teachers, dtype=torch.long)
