@@ -48,21 +48,40 @@ def test_every_method_lifts_the_student_well_above_chance(method, teachers, tmp_
         assert summary["method_report"]["public_samples"] == 50
 
 
+class _Interrupted(Exception):
+    pass
+
+
+class _StopAfter(LogObserver):
+    """Interrupts the run after ``epochs`` epochs, like a crash would (the checkpoint of the last one written)."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def epoch_finished(self, record):
+        super().epoch_finished(record)
+        if record["epoch"] + 1 == self.epochs:
+            raise _Interrupted
+
+
 def test_a_run_resumed_mid_way_ends_where_an_uninterrupted_one_ends_for_a_baseline(teachers, tmp_path):
-    """Every method's state (pool, snapshot, selection count) is in the run checkpoint."""
-    mapping = {**BASE, "method": "rdskd", "epochs": 3, "steps-per-epoch": 3}
+    """Every method's state (pool, snapshot, selection count) is in the run checkpoint: a run interrupted after
+    its second epoch and resumed ends with the uninterrupted run's student, bit for bit."""
+    config = config_from_mapping({**BASE, "method": "rdskd", "epochs": 3, "steps-per-epoch": 3})
     whole, part = tmp_path / "whole", tmp_path / "part"
     for out in (whole, part):
         shutil.copytree(teachers, out / "clients")
-    expected = run_experiment(config_from_mapping(mapping), whole)
-    run_experiment(config_from_mapping({**mapping, "epochs": 2}), part)
-    (part / "summary.json").unlink()
-    import json
-    saved = json.loads((part / "config.json").read_text())
-    saved["epochs"] = 3
-    (part / "config.json").write_text(json.dumps(saved))
-    resumed = run_experiment(config_from_mapping(mapping), part, resume=True)
-    assert resumed["student"]["test_accuracy"] == pytest.approx(expected["student"]["test_accuracy"], abs=0.03)
+    expected = run_experiment(config, whole)
+    with pytest.raises(_Interrupted):
+        run_experiment(config, part, observer=_StopAfter(2))
+    resumed = run_experiment(config, part, resume=True)
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)["method"]["trainer"]["student"]
+    b = torch.load(part / "checkpoint.pt", weights_only=True)["method"]["trainer"]["student"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert resumed["student"]["test_accuracy"] == expected["student"]["test_accuracy"]
+    assert resumed["queries"]["samples"] == expected["queries"]["samples"]
 
 
 def test_the_mixture_selection_keeps_the_low_loss_component():

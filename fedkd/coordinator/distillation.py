@@ -129,7 +129,8 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
                                   f"clients {', '.join(map(str, clients)) or 'none'} answer now; resume with the "
                                   "same teachers")
         if saved_state["answers"] is not None:
-            answers = EnsembleAnswers(saved_state["answers"]["ensemble"], list(saved_state["answers"]["members"]))
+            answers = EnsembleAnswers(saved_state["answers"]["ensemble"], list(saved_state["answers"]["members"]),
+                                      saved_state["answers"].get("competence"))
         try:
             # The ledger is written after every round, the checkpoint after every epoch: after a crash the
             # ledger also holds the queries of the epoch that is about to be repeated (the teachers answered them).
@@ -178,6 +179,7 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         train_metrics = method.train_epoch(epoch, step)
         record: dict[str, Any] = {"epoch": epoch, "student_accuracy": None, "agreement": None, "loyalty": None}
         if test is not None and test_inputs is not None and answers is not None:
+            answers = answers.recombined(ensemble)  # the ensemble as the method has weighed it so far
             student_logits = predict(method.student, test_inputs, device=device)
             record.update(student_accuracy=accuracy(student_logits, test.labels),
                           agreement=agreement(student_logits, answers.ensemble),
@@ -201,13 +203,16 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
             "stage_images": [img for _, img in stages],
             "rng": torch.get_rng_state(),
             "elapsed": elapsed_before + time.perf_counter() - started,
-            "answers": {"ensemble": answers.ensemble, "members": answers.members} if answers else None,
+            "answers": ({"ensemble": answers.ensemble, "members": answers.members, "competence": answers.competence}
+                        if answers else None),
             "query_stats": [s.as_dict() for s in pool.stats()],
             "clients": clients,
             "ensemble": ensemble.state_dict(),
         }, ckpt_path)
         observer.epoch_finished(record)
 
+    if answers is not None:  # the summary's ensemble: the one the student learned from last
+        answers = answers.recombined(ensemble)
     report = getattr(method, "report", None)
     check = None
     if test is None and config.synthetic_check:

@@ -280,9 +280,15 @@ class Ensemble:
         else:
             base = torch.ones(len(members), self.num_classes)
         w = base * r.unsqueeze(1)
+        # A class only distrusted teachers speak for: their count weights as they were, before the class check (or,
+        # when none of the answering teachers claims the class, all of them alike). A column of zeros would give
+        # the class probability 0 on every input: a logit of -69 that a student trained on logits chases.
+        fallback = (self._class_weights[members] if self.aggregator.needs_counts
+                    else torch.ones(len(members), self.num_classes))
+        fallback = torch.where(fallback.sum(0, keepdim=True) > 0, fallback, torch.ones_like(fallback))
         column = w.sum(0, keepdim=True)
-        # A class only distrusted teachers speak for: their (count) weights as they were.
-        return torch.where(column > 0, w / column.clamp_min(1e-12), base / base.sum(0, keepdim=True).clamp_min(1e-12))
+        return torch.where(column > 0, w / column.clamp_min(1e-12),
+                           fallback / fallback.sum(0, keepdim=True).clamp_min(1e-12))
 
     def combine(self, logits: Tensor, members: Sequence[int], competence: Tensor | None = None) -> Tensor:
         """The ensemble's (B, C) logits from the members' (K', B, C) logits; ``competence`` (K', B): per input, each
@@ -305,8 +311,8 @@ class Ensemble:
     def report(self) -> list[dict[str, Any]]:
         """Per teacher: its reliability weight, its agreement with the others, and what was clipped."""
         w, gw = self.reliability.weights(), self.gradient_agreement.weights()
-        trust, overlap, seen = (self.reliability.class_weights(), self.reliability.class_agreement,
-                                self.reliability.class_seen)
+        rel = self.reliability
+        trust = rel.class_weights()
         judged = self.gradient_agreement.batches
         return [{"client": d.client, "weight": round(float(w[k]), 4), "count_scale": round(self.count_scale[k], 4),
                  "agreement": round(float(self.reliability.agreement[k]), 4) if self.reliability.batches[k] else None,
@@ -314,9 +320,13 @@ class Ensemble:
                  # and contradicting
                  "confidence": (round(float(self.reliability.confidence[k]), 4) if self.reliability.batches[k]
                                 else None),
-                 # per class: the overlap of the inputs it calls c with those the others call c, and the factor
-                 # that scales its claimed count for c (a teacher honest but on one class shows there)
-                 "class_overlap": [round(float(v), 3) if bool(s) else None for v, s in zip(overlap[k], seen[k])],
+                 # per class: how many of the inputs the others call c it calls c (recall), how often its surer
+                 # "c" stands where all the others name one class (precision), and the factor that scales its
+                 # claimed count for c (a teacher honest but on one class shows there)
+                 "class_recall": [round(float(v), 3) if bool(s) else None
+                                  for v, s in zip(rel.class_recall[k], rel.class_seen[k])],
+                 "class_precision": [round(float(v), 3) if bool(s) else None
+                                     for v, s in zip(rel.class_precision[k], rel.precision_seen[k])],
                  "class_trust": [round(float(v), 3) for v in trust[k]],
                  "gradient_weight": round(float(gw[k]), 4),
                  "gradient_cosine": round(float(self.gradient_agreement.cosine[k]), 4) if judged[k] else None,
@@ -357,7 +367,11 @@ class Ensemble:
             has_unknown = self.has_unknown[answered].to(logits.device)
             gate = competence(logits, self.num_classes, has_unknown) if bool(has_unknown.any()) else None
             logits = logits[..., :self.num_classes]
-        self.reliability.update(answered, logits)
+        # The estimate learns only from what the method asks; measuring on the coordinator's own (test) images
+        # must not teach it: a data-free coordinator has none, and an ensemble judged on the images it is scored
+        # on would be scored in-sample.
+        if state.purpose != "evaluate":
+            self.reliability.update(answered, logits)
         combined = self.combine(logits, answered, gate)
         out_terms = {}
         for j, name in enumerate(names):

@@ -36,6 +36,12 @@ class EnsembleAnswers:
     members: list[Tensor]  # K x (N, C)
     competence: Tensor | None = None  # (K, N): 1 - p(unknown), when some teacher has an unknown output
 
+    def recombined(self, ensemble: Ensemble) -> EnsembleAnswers:
+        """The same members' answers combined with the ensemble's weights as they are now (no query): the ensemble
+        as the method sees it at this point of the run."""
+        combined = ensemble.combine(torch.stack(self.members), range(len(self.members)), self.competence)
+        return EnsembleAnswers(combined, self.members, self.competence)
+
 
 @torch.no_grad()
 def query_ensemble(ensemble: Ensemble, inputs: Tensor, *, batch_size: int,

@@ -16,9 +16,15 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
   than the median teacher's keeps full weight whatever its agreement, because weak and unsure is what an honest
   noisy teacher (DP-SGD) or the one expert of a class the others cannot judge looks like, and its unsure answers
   move a probability average little; its claimed records count for no more than the median client's total, for a
-  class only as far as its own answers name that class, and are still checked class by class (below). The
-  class-by-class check judges a teacher that declares a privacy mechanism (noisy by design) only on inputs where
-  the others are sure (their median probability of the class they name reaches ``SURE``). The weight multiplies
+  class only as far as its own answers name that class, and are still checked class by class. The class-by-class
+  check scales each teacher's claimed count for class c by two relative scores: recall (of the inputs the others'
+  consensus calls c, how many it calls c: a teacher that swaps c for another class never does) and precision
+  where contradicting is plain (of the inputs where all the others name one class and it, surer than they are,
+  names c, how many are c, each weighed by its claim to the others' class: a teacher naming c everywhere is
+  caught, a client naming one of its own classes on a class it never saw is not); it needs at least four
+  answering teachers (``CLASS_CHECK``). A teacher that declares a
+  privacy mechanism (noisy by design) is held to recall only on inputs where the others are sure (their median
+  probability of the class they name reaches ``SURE``). The weight multiplies
   whatever weights the aggregator uses (label counts included: a claimed histogram of any size does not buy trust
   back); order-statistic aggregators leave a teacher with weight 0 out. On honest federations every teacher keeps
   weight 1 (measured: docs/robustness.md, docs/privacy.md); in a pathological split, where honest
@@ -78,6 +84,9 @@ from fedkd.coordinator.aggregation import column_shares, median_of
 
 logger = logging.getLogger(__name__)
 CUT = 0.5  # a reliability below this leaves the teacher out of the ensemble
+# Claims are checked class by class only on batches at least this many teachers answered: among three, the "others"
+# are two, and one of them swings what they call a class (measured: 3 IID digits teachers, docs/robustness.md).
+CLASS_CHECK = 4
 SURE = 0.3  # the others judge a teacher's class claims only on inputs where their median probability reaches this
 # A teacher left out is announced as trusted again only once its weight is back to this (logging only: a teacher at
 # the edge, its weight hovering about the cut, wrote a pair of lines every few batches of the main job).
@@ -107,9 +116,14 @@ class Reliability:
         self.agreement = torch.zeros(teachers)
         self.confidence = torch.zeros(teachers)  # moving average of the teacher's mean top probability
         self.batches = torch.zeros(teachers, dtype=torch.long)
-        # Per class c: overlap of the samples the teacher calls c with those the others' consensus calls c.
-        self.class_agreement = torch.zeros(teachers, num_classes)
+        # Per class c, two moving averages. Recall: of the inputs the others' consensus calls c, the share the
+        # teacher calls c too. Precision: of the inputs where the others all name one class and the teacher, surer
+        # than they are, names c, the share where that class is c (each input weighed by the teacher's claim to
+        # the others' class).
+        self.class_recall = torch.zeros(teachers, num_classes)
         self.class_seen = torch.zeros(teachers, num_classes, dtype=torch.bool)
+        self.class_precision = torch.ones(teachers, num_classes)
+        self.precision_seen = torch.zeros(teachers, num_classes, dtype=torch.bool)
         self.vote_rate = torch.zeros(teachers, num_classes)  # moving average of how often it names each class
         self._warned: set[int] = set()
 
@@ -134,23 +148,39 @@ class Reliability:
                 rate = torch.bincount(votes[i], minlength=self.num_classes).float() / len(agrees)
                 self.vote_rate[k] = self._ema(self.vote_rate[k], rate, first)
                 self.batches[k] += 1
-            # Per class, the overlap (intersection over union) of "the teacher says c" and "the others say c":
-            # a teacher that says c everywhere (recall 1, precision low) scores as low as one that never does.
-            # A noisy teacher's claims are judged only where the others are sure (their median probability of the
-            # class they name reaches SURE): among noisy teachers (DP-SGD), on the inputs of a class they never saw
-            # the others are unsure, so the one client that knows it is not judged there by teachers that cannot
-            # tell. Everyone else is judged on every input: where two colluders swing the others' median, fewer
-            # inputs would leave the honest experts of the class less evidence than the colluders.
+            if len(members) < CLASS_CHECK:  # two others are no consensus on a class
+                continue
+            # Per class, the recall of "the others say c" by "the teacher says c": a teacher is held to recognising
+            # what the others call c, on the classes it claims. Recall, not the overlap (intersection over union):
+            # where two colluders swap two classes, the others' consensus on those classes is theirs as much as
+            # the honest experts', and an overlap counts every input an honest expert rightly names against it
+            # (measured: docs/robustness.md). A noisy teacher's claims are judged only where the others are sure
+            # (their median probability of the class they name reaches SURE): among noisy teachers (DP-SGD), on the
+            # inputs of a class they never saw the others are unsure, so the one client that knows it is not judged
+            # there by teachers that cannot tell.
             sure = median.max(-1).values >= SURE if self.noisy[k] else torch.ones_like(agrees, dtype=torch.bool)
-            judged, vote = consensus[sure], votes[i][sure]
+            judged = consensus[sure]
             count = torch.bincount(judged, minlength=self.num_classes).float()
-            said = torch.bincount(vote, minlength=self.num_classes).float()
             hits = torch.bincount(judged, weights=agrees[sure], minlength=self.num_classes)
             present = count > 0
-            per_class = hits / (count + said - hits).clamp_min(1)
-            updated = self._ema(self.class_agreement[k], per_class, ~self.class_seen[k])
-            self.class_agreement[k] = torch.where(present, updated, self.class_agreement[k])
+            updated = self._ema(self.class_recall[k], hits / count.clamp_min(1), ~self.class_seen[k])
+            self.class_recall[k] = torch.where(present, updated, self.class_recall[k])
             self.class_seen[k] |= present
+            # Recall alone is won by naming c everywhere. Against that, precision where contradicting is plain:
+            # the others all name one class and the teacher, surer than their median, names another. Each such
+            # input weighs as much as the teacher's claim to the others' class, so a client that never saw that
+            # class is not faulted for naming one of its own there (what non-IID teachers do).
+            rest = torch.cat([votes[:i], votes[i + 1:]])
+            top = p.max(-1).values
+            plain = (rest == rest[0]).all(0) & (top[i] > torch.cat([top[:i], top[i + 1:]]).median(0).values)
+            theirs, mine = rest[0][plain], votes[i][plain]
+            weight = self.shares[k, theirs] if self.claims is not None else torch.ones(len(theirs))
+            said = torch.bincount(mine, weights=weight, minlength=self.num_classes)
+            right = torch.bincount(mine, weights=weight * (mine == theirs).float(), minlength=self.num_classes)
+            named = said > 1e-6
+            updated = self._ema(self.class_precision[k], right / said.clamp_min(1e-12), ~self.precision_seen[k])
+            self.class_precision[k] = torch.where(named, updated, self.class_precision[k])
+            self.precision_seen[k] |= named
         self._log_changes()
 
     def _ema(self, current: Tensor, value: Tensor, first: Tensor) -> Tensor:
@@ -182,20 +212,17 @@ class Reliability:
         return torch.where(unsure, ones, w), unsure & (w < CUT)
 
     def class_weights(self) -> Tensor:
-        """(K, C) factors in [0, 1] for the label-count weights: a teacher's claim to speak for class c is
-        honoured in proportion to how well the inputs it calls c match those the others' consensus calls c
-        (intersection over union), relative to the teacher best at c (full weight at ``tolerance`` of the best
-        above chance), for a teacher that declares a privacy mechanism counted only on inputs where the others are
-        sure (``SURE``). A claimed histogram is thus
+        """(K, C) factors in [0, 1] for the label-count weights: a teacher's claim to speak for class c is honoured
+        as far as it recognises the inputs the others' consensus calls c (recall, relative to the teacher best at
+        c: full weight at ``tolerance`` of the best above chance; for a teacher that declares a privacy mechanism
+        counted only on inputs where the others are sure, ``SURE``) and as far as its surer "c" is not
+        contradicted by all the others at once (precision, relative likewise). A claimed histogram is thus
         checked class by class against the answers; an honest teacher loses weight only on classes it barely saw,
         where its counts gave it little weight anyway."""
         if not self.enabled or int((self.batches > 0).sum()) < 3:
             return torch.ones(self.teachers, self.num_classes)
-        chance = 1.0 / self.num_classes
-        best = (self.class_agreement * self.class_seen).max(0).values - chance  # (C,)
-        r = ((self.class_agreement - chance) / (self.tolerance * best.clamp_min(1e-6))).clamp(0.0, 1.0)
-        informative = (best > 0.05).unsqueeze(0) & self.class_seen
-        factors = torch.where(informative, r, torch.ones_like(r))
+        factors = (self._relative(self.class_recall, self.class_seen)
+                   * self._relative(self.class_precision, self.precision_seen))
         # A teacher kept only because it is unsure keeps its voice, not a large claimed say. On a class only it and
         # one honest client claim (which the others cannot judge), an unverifiable histogram would otherwise drown
         # the honest expert, even with answers that never name the class. So its claimed records count for no more
@@ -208,6 +235,14 @@ class Reliability:
         cap = (totals.median() / totals.clamp_min(1e-12)).clamp(max=1.0).float().unsqueeze(1)
         named = (self.num_classes * self.vote_rate).clamp(max=1.0)
         return torch.where(unsure.unsqueeze(1), factors * cap * named, factors)
+
+    def _relative(self, score: Tensor, seen: Tensor) -> Tensor:
+        """(K, C) factors: per class, ``score`` above chance relative to the best teacher's (full at ``tolerance``
+        of it); 1 where there is no evidence, or where even the best is within 0.05 of chance."""
+        chance = 1.0 / self.num_classes
+        best = (score * seen).max(0).values - chance  # (C,)
+        r = ((score - chance) / (self.tolerance * best.clamp_min(1e-6))).clamp(0.0, 1.0)
+        return torch.where((best > 0.05).unsqueeze(0) & seen, r, torch.ones_like(r))
 
     def _log_changes(self) -> None:
         w = self.weights()
@@ -226,7 +261,8 @@ class Reliability:
     def state_dict(self) -> dict[str, Any]:
         return {"agreement": self.agreement.clone(), "confidence": self.confidence.clone(),
                 "batches": self.batches.clone(), "warned": sorted(self._warned),
-                "class_agreement": self.class_agreement.clone(), "class_seen": self.class_seen.clone(),
+                "class_recall": self.class_recall.clone(), "class_seen": self.class_seen.clone(),
+                "class_precision": self.class_precision.clone(), "precision_seen": self.precision_seen.clone(),
                 "vote_rate": self.vote_rate.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -234,8 +270,13 @@ class Reliability:
         self.confidence = state.get("confidence", torch.zeros_like(self.agreement)).clone().float()
         self.batches = state["batches"].clone().long()
         self._warned = {int(k) for k in state["warned"]}
-        self.class_agreement = state["class_agreement"].clone().float()
+        # (a checkpoint from before recall and precision were kept: its per-class overlap stands in for the recall,
+        # and precision starts without evidence)
+        recall = state["class_recall"] if "class_recall" in state else state["class_agreement"]
+        self.class_recall = recall.clone().float()
         self.class_seen = state["class_seen"].clone().bool()
+        self.class_precision = state.get("class_precision", torch.ones_like(self.class_recall)).clone().float()
+        self.precision_seen = state.get("precision_seen", torch.zeros_like(self.class_seen)).clone().bool()
         # (a checkpoint from before the vote rates were kept: every class counts as named until answers come)
         self.vote_rate = state.get("vote_rate", torch.ones(self.teachers, self.num_classes)).clone().float()
 
