@@ -283,8 +283,7 @@ class Ensemble:
         # A class only distrusted teachers speak for: their count weights as they were, before the class check (or,
         # when none of the answering teachers claims the class, all of them alike). A column of zeros would give
         # the class probability 0 on every input: a logit of -69 that a student trained on logits chases.
-        fallback = (self._class_weights[members] if self.aggregator.needs_counts
-                    else torch.ones(len(members), self.num_classes))
+        fallback = self._class_weights[members] if self.aggregator.needs_counts else base
         fallback = torch.where(fallback.sum(0, keepdim=True) > 0, fallback, torch.ones_like(fallback))
         column = w.sum(0, keepdim=True)
         return torch.where(column > 0, w / column.clamp_min(1e-12),

@@ -134,6 +134,7 @@ class Reliability:
             return
         p = F.softmax(logits.detach().float().cpu(), -1)
         votes = p.argmax(-1)  # (K', B)
+        top = p.max(-1).values  # (K', B): how sure each answer is
         for i, k in enumerate(members):
             others = torch.cat([p[:i], p[i + 1:]])
             median = median_of(others)  # (B, C)
@@ -144,7 +145,7 @@ class Reliability:
             if float(say.sum()) > 0:  # (a batch only of classes it never claimed says nothing about it)
                 first = self.batches[k] == 0
                 self.agreement[k] = self._ema(self.agreement[k], (say * agrees).sum() / say.sum(), first)
-                self.confidence[k] = self._ema(self.confidence[k], p[i].max(-1).values.mean(), first)
+                self.confidence[k] = self._ema(self.confidence[k], top[i].mean(), first)
                 rate = torch.bincount(votes[i], minlength=self.num_classes).float() / len(agrees)
                 self.vote_rate[k] = self._ema(self.vote_rate[k], rate, first)
                 self.batches[k] += 1
@@ -171,7 +172,6 @@ class Reliability:
             # input weighs as much as the teacher's claim to the others' class, so a client that never saw that
             # class is not faulted for naming one of its own there (what non-IID teachers do).
             rest = torch.cat([votes[:i], votes[i + 1:]])
-            top = p.max(-1).values
             plain = (rest == rest[0]).all(0) & (top[i] > torch.cat([top[:i], top[i + 1:]]).median(0).values)
             theirs, mine = rest[0][plain], votes[i][plain]
             weight = self.shares[k, theirs] if self.claims is not None else torch.ones(len(theirs))
