@@ -194,31 +194,34 @@ SPLIT_KEYS = ("dataset", "data-root", "num-clients", "partition", "alpha", "seed
 def factors(results: Path, alpha: float) -> list[str]:
     """Every cached variant of the default student at ``alpha`` against the defaults on the same seeds (the
     factor table: what each change does), the largest gain first; read from the records, nothing runs."""
-    variants: dict[str, dict[int, dict[str, Any]]] = {}
+    # A variant is compared with the defaults run with the same torch threads (results differ between 1 and 2).
+    variants: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
     for path in sorted((results / "records").glob(f"a{alpha}-s*.json")):
         record = json.loads(path.read_text())
         config = record["config"]
         if config.get("student-model") or config.get("alpha") != alpha:
             continue  # the teacher-size student has its own rows in the main table
-        change = " ".join(f"{k}={v}" for k, v in sorted(config.items()) if k not in SPLIT_KEYS) or "(the defaults)"
-        variants.setdefault(change, {})[config["seed"]] = record
-    base = variants.get("(the defaults)", {})
+        change = " ".join(f"{k}={v}" for k, v in sorted(config.items())
+                          if k not in (*SPLIT_KEYS, "num-threads")) or "(the defaults)"
+        variants.setdefault((change, int(config.get("num-threads", 0))), {})[config["seed"]] = record
     lines = [f"Dirichlet({alpha}), the default student: each change (`--set`) against the defaults on the same seeds "
-             "(`python simulations/fashion_mnist.py --factors`)", "",
-             "| change | seeds | student | vs the defaults, same seeds | query samples | wall (s) |",
-             "|---|---|---|---|---|---|"]
+             "and torch threads (`python simulations/fashion_mnist.py --factors`; threads 0: torch's choice, 2 "
+             "here)", "",
+             "| change | threads | seeds | student | vs the defaults, same seeds | query samples | wall (s) |",
+             "|---|---|---|---|---|---|---|"]
 
     def mean(records: list[dict[str, Any]], key: str) -> float:
         return statistics.fmean(r[key] for r in records)
 
     rows = []
-    for change, by_seed in variants.items():
+    for (change, threads), by_seed in variants.items():
+        base = variants.get(("(the defaults)", threads), {})
         seeds = sorted(s for s in by_seed if s in base)
         if not seeds:
             continue
         runs = [by_seed[s] for s in seeds]
         delta = mean(runs, "student") - mean([base[s] for s in seeds], "student")
-        rows.append((delta, f"| `{change}` | {','.join(map(str, seeds))} "
+        rows.append((delta, f"| `{change}` | {threads} | {','.join(map(str, seeds))} "
                      f"| {_ms([r['student'] for r in runs])} | {delta:+.4f} | {mean(runs, 'query_samples'):,.0f} "
                      f"| {mean(runs, 'wall_seconds'):.0f} |"))
     return lines + [row for _, row in sorted(rows, reverse=True)]

@@ -179,3 +179,34 @@ def test_an_aggregator_that_needs_counts_names_the_clients_when_none_shares_them
     with pytest.raises(ConfigError, match=r"ensemble: ensemble=class-weighted needs the label counts.*clients 0, 1"):
         run_experiment(config, tmp_path / "nocounts")
 
+
+
+def test_student_refit_trains_a_fresh_student_on_the_final_pool_without_a_query(finished_run, tmp_path):
+    config, full_out, full = finished_run
+    refit = config_from_mapping({**TINY, "student-refit": 1.0})
+    out = tmp_path / "refit"
+    with pytest.raises(Interrupt):  # stopped once the last epoch is checkpointed: the resume refits from there
+        run_experiment(refit, out, observer=StopAfter(4))
+    summary = run_experiment(refit, out, resume=True)
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h.get("stage") for h in history] == [None] * 4 + ["refit"]
+    record = history[-1]
+    assert record["refit_steps"] == 4 * 15 * 5 and record["refit_samples"] == 4 * 15 * 64 == summary["pool"]["samples"]
+    # the epochs are the run without the refit, bit for bit; the refit asks the teachers nothing
+    assert history[3]["student_accuracy"] == full["student"]["test_accuracy"]
+    assert summary["queries"]["samples"] == full["queries"]["samples"] == record["query_samples"]
+    # the summary and the saved student are the refitted one, not the student trained along the way
+    assert summary["student"]["test_accuracy"] == record["student_accuracy"] > 0.35
+    online = torch.load(out / "checkpoint.pt", weights_only=True)["method"]["trainer"]["student"]
+    saved = torch.load(out / "student.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(online[k], saved[k]) for k in online)
+
+
+def test_student_refit_leaves_the_student_of_a_method_without_a_pool(tmp_path):
+    plain = {k: v for k, v in TINY.items() if not k.startswith("cudfkd.")}
+    config = config_from_mapping({**plain, "method": "dfad", "epochs": 1, "steps-per-epoch": 4, "student-steps": 2,
+                                  "student-refit": 1.0})
+    summary = run_experiment(config, tmp_path / "dfad")
+    history = [json.loads(line) for line in (tmp_path / "dfad" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and "stage" not in history[0]
+    assert summary["student"]["test_accuracy"] == history[0]["student_accuracy"]

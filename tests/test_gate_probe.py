@@ -57,3 +57,27 @@ def test_the_student_ceiling_trains_the_run_s_student_on_real_images_three_ways(
     assert set(out) == {"ensemble", "ensemble on train", "kd", "hard", "labels"}
     assert abs(out["ensemble"] - summary["ensemble"]["test_accuracy"]) <= 0.02
     assert out["labels"] > 0.5 and out["hard"] > 0.3  # 200 steps of the true labels learn digits; chance is 0.1
+
+
+def test_pool_targets_trains_the_run_s_student_on_its_own_pool_with_each_aggregation(tmp_path):
+    """simulations/pool_targets.py on a finished digits run: the final pool read back, the same teachers'
+    answers combined each way (class weights raised to 0 are the plain probability mean), a student per way."""
+    import json
+
+    import pool_targets
+
+    from fedkd.cli import main
+
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--set", "dataset=digits", "--set", "num-clients=2", "--set",
+                 "partition=iid", "--set", "teacher-epochs=10", "--set", "epochs=1", "--set", "steps-per-epoch=4",
+                 "--set", "student-steps=5", "--set", "batch-size=32", "--set", "generator-width=4", "--set",
+                 "latent-dim=8", "--set", "reliability=false"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    rows = {r["targets"]: r for r in pool_targets.pool_targets(run, ["stored", "class-weighted", "pow0", "prob-mean"])}
+    assert all(r["pool"] == summary["pool"]["samples"] == 4 * 32 for r in rows.values())
+    assert rows["stored"]["ensemble_on_test"] is None
+    # the run's own rule, recomputed from the teachers' files, scores what the run reported
+    assert rows["class-weighted"]["ensemble_on_test"] == summary["ensemble"]["test_accuracy"]
+    assert rows["pow0"]["ensemble_on_test"] == rows["prob-mean"]["ensemble_on_test"]
+    assert all(0.0 <= r["student"] <= 1.0 and 0.1 <= r["mean_top_probability_on_pool"] <= 1.0 for r in rows.values())

@@ -213,18 +213,60 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
 
     if answers is not None:  # the summary's ensemble: the one the student learned from last
         answers = answers.recombined(ensemble)
+    final: nn.Module = method.student
+    if config.student.refit > 0:
+        final = refit(method, config, spec, device, observer, history, test, answers)
+        if history and history[-1].get("stage") == "refit":
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(history[-1]) + "\n")
     report = getattr(method, "report", None)
     check = None
     if test is None and config.synthetic_check:
         observer.stage(f"judging the student against its ensemble on {config.synthetic_check:,} fresh synthetic "
                        "samples (no labelled data here)")
-        check = synthetic_check(method, ensemble, config, device)
+        check = synthetic_check(method, final, ensemble, config, device)
         write_query_ledger(pool.stats(), ledger_path)
-    return Distillation(method.student, ensemble, answers, history, stages, report() if report is not None else {},
+    return Distillation(final, ensemble, answers, history, stages, report() if report is not None else {},
                         elapsed_before, check)
 
 
-def synthetic_check(method: DistillationMethod, ensemble: Ensemble, config: RunConfig,
+def refit(method: DistillationMethod, config: RunConfig, spec: DatasetSpec, device: torch.device,
+          observer: RunObserver, history: list[dict[str, Any]], test: ImageData | None,
+          answers: EnsembleAnswers | None) -> nn.Module:
+    """``student-refit``: a student built afresh and trained on the whole final pool (no query); its record is
+    appended to ``history`` (``"stage": "refit"``, ``"epoch"`` one past the last: the summary reports it, the
+    last epoch's record keeps the student trained along the way). Run again on a resume: it depends only on the
+    checkpointed pool and the seed. The method's own student, when the method keeps no pool to refit on."""
+    steps = max(1, round(config.student.refit * config.epochs * config.steps_per_epoch * config.student_steps))
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 2)
+        student = build_classifier(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
+                                   image_size=spec.side, args=config.student.arguments())
+    samples = method.refit(student, steps, config.seed + 2)
+    if not samples:
+        observer.stage(f"student-refit: method {config.method} keeps no pool beyond its last batch; the student "
+                       "trained along the way is the run's")
+        return method.student
+    last = history[-1] if history else {}
+    record: dict[str, Any] = {"epoch": config.epochs, "stage": "refit", "refit_steps": steps,
+                              "refit_samples": samples, "student_accuracy": None, "agreement": None, "loyalty": None,
+                              **{k: last.get(k) for k in ("query_samples", "pool_size", "budget_spent")}}
+    if test is not None and answers is not None:
+        logits = predict(student, spec.normalize(test.images), device=device)
+        record.update(student_accuracy=accuracy(logits, test.labels), agreement=agreement(logits, answers.ensemble),
+                      loyalty=loyalty(logits, answers.ensemble))
+    record["epoch_seconds"] = time.perf_counter() - started
+    history.append(record)
+    before = last.get("student_accuracy")
+    done = (f": test accuracy {record['student_accuracy']:.4f}" if record["student_accuracy"] is not None else "")
+    done += f" (the student trained along the way: {before:.4f})" if before is not None and done else ""
+    observer.stage(f"student refitted afresh on the final pool ({samples:,} samples, {steps:,} steps, no "
+                   f"queries){done}")
+    return student
+
+
+def synthetic_check(method: DistillationMethod, student: nn.Module, ensemble: Ensemble, config: RunConfig,
                     device: torch.device) -> dict[str, Any]:
     """The student's agreement and loyalty with its ensemble on ``synthetic-check`` fresh samples of the final
     generator: how closely it follows the teachers where they were never asked during training, which needs
@@ -241,7 +283,7 @@ def synthetic_check(method: DistillationMethod, ensemble: Ensemble, config: RunC
                                          for i in range(0, len(inputs), step)])
     except (QueryError, QuorumError) as exc:
         return {"samples": len(inputs), "agreement": None, "loyalty": None, "note": f"not answered: {exc}"}
-    student_logits = predict(method.student, inputs, device=device)
+    student_logits = predict(student, inputs, device=device)
     return {"samples": len(inputs), "agreement": agreement(student_logits, ensemble_logits),
             "loyalty": loyalty(student_logits, ensemble_logits),
             # how sure the ensemble itself is there: agreeing with confident answers means more

@@ -57,6 +57,7 @@ CURRICULUM_PANELS = (
 
 def plot_curriculum(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
     """The schedule panels a method reports (any of lambda, adversarial weight, admitted share)."""
+    history = [h for h in history if "stage" not in h]  # the epochs only (student-refit adds a record after them)
     panels = [(k, t) for k, t in CURRICULUM_PANELS if any(h.get(k) is not None for h in history)]
     if not panels:
         return
