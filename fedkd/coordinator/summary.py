@@ -105,7 +105,8 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
         # what the run's aggregation bought: the plain probability mean of the same teachers' answers
         prob_mean = accuracy(AGGREGATORS["prob-mean"].combine(torch.stack(answers.members).float(), None), test.labels)
         accs = [h["student_accuracy"] for h in history]
-        acc_mean, acc_var = mean_and_variance(accs)
+        # over the epochs (a student-refit record after them is the run's student, not an epoch)
+        acc_mean, acc_var = mean_and_variance([h["student_accuracy"] for h in history if "stage" not in h])
         student = {"model": config.student.model, "test_accuracy": last["student_accuracy"],
                    "best_accuracy": max(accs), "agreement": last["agreement"], "loyalty": last["loyalty"],
                    "accuracy_mean": acc_mean, "accuracy_var": acc_var}
