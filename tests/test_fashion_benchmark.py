@@ -113,9 +113,13 @@ def test_the_factor_table_compares_each_variant_with_the_defaults_on_its_own_see
     record("w0", 0.66, 0, **{"generator-lr": 0.05})
     record("w1", 0.66, 1, **{"generator-lr": 0.05})
     record("t0", 0.99, 0, **{"student-model": "lenet5"})  # the teacher-size student: not a factor
+    # one torch thread: compared with the defaults run at one thread, not with those at torch's choice
+    record("d0t1", 0.80, 0, **{"num-threads": 1})
+    record("r0t1", 0.82, 0, **{"num-threads": 1, "student-refit": 1.0})
     assert fashion_mnist.main(["--results", str(tmp_path), "--factors"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
-    assert rows[0].startswith("| `epochs=30` | 0 | 0.7500 | +0.0500 |")
-    assert rows[1].startswith("| `generator-lr=0.05` | 0,1 | 0.6600 ± 0.0000 | +0.0100 |")
-    assert rows[2].startswith("| `(the defaults)` | 0,1 | 0.6500 ± 0.0500 | +0.0000 |")
-    assert len(rows) == 3
+    assert rows[0].startswith("| `epochs=30` | 0 | 0 | 0.7500 | +0.0500 |")
+    assert rows[1].startswith("| `student-refit=1.0` | 1 | 0 | 0.8200 | +0.0200 |")
+    assert rows[2].startswith("| `generator-lr=0.05` | 0 | 0,1 | 0.6600 ± 0.0000 | +0.0100 |")
+    assert sorted(rows[3:]) == ["| `(the defaults)` | 0 | 0,1 | 0.6500 ± 0.0500 | +0.0000 | 1,000 | 10 |",
+                                "| `(the defaults)` | 1 | 0 | 0.8000 | +0.0000 | 1,000 | 10 |"]
