@@ -237,13 +237,12 @@ def refit(method: DistillationMethod, config: RunConfig, spec: DatasetSpec, devi
     appended to ``history`` (``"stage": "refit"``, ``"epoch"`` one past the last: the summary reports it, the
     last epoch's record keeps the student trained along the way). Run again on a resume: it depends only on the
     checkpointed pool and the seed. The method's own student, when the method keeps no pool to refit on."""
-    steps = max(1, round(config.student.refit * config.epochs * config.steps_per_epoch * config.student_steps))
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 2)
         student = build_classifier(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
                                    image_size=spec.side, args=config.student.arguments())
-    samples = method.refit(student, steps, config.seed + 2)
+    samples, steps = method.refit(student, config.student.refit, config.seed + 2)
     if not samples:
         observer.stage(f"student-refit: method {config.method} keeps no pool beyond its last batch; the student "
                        "trained along the way is the run's")

@@ -74,11 +74,11 @@ class DistillationMethod(Protocol):
         the method has nothing to draw them from. Leaves the run's state (random streams, models) as it was."""
         ...
 
-    def refit(self, student: nn.Module, steps: int, seed: int) -> int:
-        """Train ``student`` (freshly built) for ``steps`` steps on the whole final pool, with the method's student
-        settings and a schedule of its own; no query. Returns the pool samples it trained on (0: the method keeps
-        no pool beyond its last batch, and ``student`` is left untouched). Leaves the run's random streams as
-        they were."""
+    def refit(self, student: nn.Module, share: float, seed: int) -> tuple[int, int]:
+        """Train ``student`` (freshly built) on the whole final pool for ``share`` of the steps the method's own
+        student took, with the method's student settings and a schedule of its own; no query. Returns (the pool
+        samples, the steps) it trained on; (0, 0) where the method keeps no pool beyond its last batch, and
+        ``student`` is left untouched. Leaves the run's random streams as they were."""
         ...
 
 
@@ -247,13 +247,13 @@ class PoolMethod(Generic[Options]):
         them from."""
         return None
 
-    def refit(self, student: nn.Module, steps: int, seed: int) -> int:
+    def refit(self, student: nn.Module, share: float, seed: int) -> tuple[int, int]:
         """See :class:`DistillationMethod`. The pool is sampled uniformly (the run's student saw the early
         samples far more often than the last ones, and through the method's curriculum): what ``student-refit``
         measured on Fashion-MNIST (docs/results.md)."""
         if len(self.pool) <= self.config.batch_size:  # DAFL, DFAD: fresh samples only, the pool is the last batch
-            return 0
-        settings = self.trainer.settings
+            return 0, 0
+        settings, steps = self.trainer.settings, max(1, round(share * self.trainer.total_steps))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             draw = torch.Generator().manual_seed(seed)
@@ -261,7 +261,7 @@ class PoolMethod(Generic[Options]):
             for _ in range(steps):
                 images, answers = self.pool.sample(self.config.batch_size, generator=draw)
                 trainer.step(images, answers)
-        return len(self.pool)
+        return len(self.pool), steps
 
     def extra_state(self) -> dict[str, Any]:
         return {}
