@@ -144,8 +144,7 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         answers = query_ensemble(ensemble, test_inputs, batch_size=config.teachers.max_query_batch)
 
     torch.manual_seed(config.seed + 1)
-    student = build_classifier(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
-                               image_size=spec.side, args=config.student.arguments())
+    student = build_student(config, spec)
     method = build_method(config.method, MethodContext(config, spec, ensemble, student, device))
     history: list[dict[str, Any]] = []
     stages: list[tuple[int, Tensor]] = []
@@ -180,10 +179,7 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         record: dict[str, Any] = {"epoch": epoch, "student_accuracy": None, "agreement": None, "loyalty": None}
         if test is not None and test_inputs is not None and answers is not None:
             answers = answers.recombined(ensemble)  # the ensemble as the method has weighed it so far
-            student_logits = predict(method.student, test_inputs, device=device)
-            record.update(student_accuracy=accuracy(student_logits, test.labels),
-                          agreement=agreement(student_logits, answers.ensemble),
-                          loyalty=loyalty(student_logits, answers.ensemble))
+            record.update(scores(method.student, test_inputs, test.labels, answers, device))
         record.update({
             **train_metrics,
             "epoch_seconds": time.perf_counter() - epoch_start,
@@ -215,10 +211,12 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         answers = answers.recombined(ensemble)
     final: nn.Module = method.student
     if config.student.refit > 0:
-        final = refit(method, config, spec, device, observer, history, test, answers)
-        if history and history[-1].get("stage") == "refit":
+        final, refitted = refit(method, config, spec, device, observer, history[-1] if history else {}, test_inputs,
+                                test.labels if test is not None else None, answers)
+        if refitted is not None:
+            history.append(refitted)
             with metrics_path.open("a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
+                f.write(json.dumps(refitted) + "\n")
     report = getattr(method, "report", None)
     check = None
     if test is None and config.synthetic_check:
@@ -230,39 +228,48 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
                         elapsed_before, check)
 
 
+def build_student(config: RunConfig, spec: DatasetSpec) -> nn.Module:
+    """The run's student architecture, freshly initialised from torch's current random stream."""
+    return build_classifier(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
+                            image_size=spec.side, args=config.student.arguments())
+
+
+def scores(student: nn.Module, test_inputs: Tensor, labels: Tensor, answers: EnsembleAnswers,
+           device: torch.device) -> dict[str, float]:
+    """A student's test accuracy, and its agreement and loyalty with the ensemble's cached test answers."""
+    logits = predict(student, test_inputs, device=device)
+    return {"student_accuracy": accuracy(logits, labels), "agreement": agreement(logits, answers.ensemble),
+            "loyalty": loyalty(logits, answers.ensemble)}
+
+
 def refit(method: DistillationMethod, config: RunConfig, spec: DatasetSpec, device: torch.device,
-          observer: RunObserver, history: list[dict[str, Any]], test: ImageData | None,
-          answers: EnsembleAnswers | None) -> nn.Module:
-    """``student-refit``: a student built afresh and trained on the whole final pool (no query); its record is
-    appended to ``history`` (``"stage": "refit"``, ``"epoch"`` one past the last: the summary reports it, the
-    last epoch's record keeps the student trained along the way). Run again on a resume: it depends only on the
-    checkpointed pool and the seed. The method's own student, when the method keeps no pool to refit on."""
+          observer: RunObserver, last: dict[str, Any], test_inputs: Tensor | None, labels: Tensor | None,
+          answers: EnsembleAnswers | None) -> tuple[nn.Module, dict[str, Any] | None]:
+    """``student-refit``: a student built afresh and trained on the whole final pool (no query), with its record
+    for ``metrics.jsonl`` (``"stage": "refit"``, ``"epoch"`` one past the last epoch's record ``last``, which keeps
+    the student trained along the way). Run again on a resume: it depends only on the checkpointed pool and the
+    seed. The method's own student and no record, when the method keeps no pool to refit on."""
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 2)
-        student = build_classifier(config.student.model, num_classes=spec.num_classes, channels=spec.channels,
-                                   image_size=spec.side, args=config.student.arguments())
+        student = build_student(config, spec)
     samples, steps = method.refit(student, config.student.refit, config.seed + 2)
     if not samples:
         observer.stage(f"student-refit: method {config.method} keeps no pool beyond its last batch; the student "
                        "trained along the way is the run's")
-        return method.student
-    last = history[-1] if history else {}
+        return method.student, None
     record: dict[str, Any] = {"epoch": config.epochs, "stage": "refit", "refit_steps": steps,
                               "refit_samples": samples, "student_accuracy": None, "agreement": None, "loyalty": None,
                               **{k: last.get(k) for k in ("query_samples", "pool_size", "budget_spent")}}
-    if test is not None and answers is not None:
-        logits = predict(student, spec.normalize(test.images), device=device)
-        record.update(student_accuracy=accuracy(logits, test.labels), agreement=agreement(logits, answers.ensemble),
-                      loyalty=loyalty(logits, answers.ensemble))
+    if test_inputs is not None and labels is not None and answers is not None:
+        record.update(scores(student, test_inputs, labels, answers, device))
     record["epoch_seconds"] = time.perf_counter() - started
-    history.append(record)
     before = last.get("student_accuracy")
     done = (f": test accuracy {record['student_accuracy']:.4f}" if record["student_accuracy"] is not None else "")
     done += f" (the student trained along the way: {before:.4f})" if before is not None and done else ""
     observer.stage(f"student refitted afresh on the final pool ({samples:,} samples, {steps:,} steps, no "
                    f"queries){done}")
-    return student
+    return student, record
 
 
 def synthetic_check(method: DistillationMethod, student: nn.Module, ensemble: Ensemble, config: RunConfig,
