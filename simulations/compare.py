@@ -99,7 +99,7 @@ def run_one(mapping: dict[str, Any], runs: Path, cache: Path) -> dict[str, Any]:
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     student, ensemble = summary["student"], summary["ensemble"]["test_accuracy"]
     return {
-        "config": mapping,
+        "config": mapping, "resolved": config.to_dict(),
         "student": student["test_accuracy"], "ensemble": ensemble,
         "best_teacher": max(t["test_accuracy"] for t in summary["teachers"]),
         "agreement": student["agreement"], "loyalty": student["loyalty"],
@@ -117,7 +117,8 @@ def cached_run(mapping: dict[str, Any], results: Path, runs: Path, cache: Path) 
     path = results / "runs" / f"{mapping['method']}-{mapping['dataset']}-{_key(mapping)}.json"
     if path.exists():
         record = json.loads(path.read_text())
-        if record.get("config") == mapping:
+        # reused only while every setting it resolves to is the same: a changed default reruns what it changes
+        if record.get("config") == mapping and record.get("resolved") == config_from_mapping(mapping).to_dict():
             return record, False
     record = run_one(mapping, runs, cache)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ STUDENTS = {"default": {}, "teacher-size": {"student-model": "lenet5"}}
 DENSE = {0.1: (0.6771, 0.5029), 0.3: (0.8725, 0.8396), 0.5: (0.8942, 0.8594)}
 # The issue's targets, by alpha: (student at least, student / ensemble at least) for the default student.
 TARGETS = {0.5: (0.88, 0.96), 0.3: (0.8396, 0.95), 0.1: (0.80, 0.0)}
+DEFAULTS = "(the defaults)"  # the factor table's name for a record with no change
 TEACHER_KEYS = ("dataset", "data-root", "num-clients", "partition", "alpha", "seed", "teacher-model",
                 "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing", "teacher-recipe")
 
@@ -117,7 +118,7 @@ def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
     summary = run_experiment(config, out)
     wall = time.perf_counter() - started
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"config": mapping, **scores, "ensemble": summary["ensemble"]["test_accuracy"],
+    return {"config": mapping, "resolved": config.to_dict(), **scores, "ensemble": summary["ensemble"]["test_accuracy"],
             "student": summary["student"]["test_accuracy"], "agreement": summary["student"]["agreement"],
             "query_samples": summary["queries"]["samples"], "wall_seconds": wall,
             "curve": [(h["query_samples"], h["student_accuracy"]) for h in history]}
@@ -126,7 +127,8 @@ def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
 def cached(mapping: dict[str, Any], results: Path, runs: Path, compute: bool = True) -> dict[str, Any] | None:
     """The run's record, computed unless it is cached (None when it is not and ``compute`` is off)."""
     path = results / "records" / f"a{mapping['alpha']}-s{mapping['seed']}-{_key(mapping)}.json"
-    if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping:
+    if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping and \
+            record.get("resolved") == config_from_mapping(mapping).to_dict():  # a changed default reruns
         return record
     if not compute:
         return None
@@ -193,35 +195,43 @@ SPLIT_KEYS = ("dataset", "data-root", "num-clients", "partition", "alpha", "seed
 
 def factors(results: Path, alpha: float) -> list[str]:
     """Every cached variant of the default student at ``alpha`` against the defaults on the same seeds (the
-    factor table: what each change does), the largest gain first; read from the records, nothing runs."""
-    # A variant is compared with the defaults run with the same torch threads (results differ between 1 and 2).
-    variants: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    factor table: what each change does), the largest gain first; read from the records, nothing runs.
+
+    A variant is compared with the defaults run with the same torch threads (results differ between 1 and 2) and
+    the same ``student-refit`` (the refit changes every student; the records measured before it became the default
+    say ``student-refit=0``); the defaults with a refit are compared with the defaults without one."""
+    default_refit = config_from_mapping({}).student.refit
+    variants: dict[tuple[str, int, float], dict[int, dict[str, Any]]] = {}
     for path in sorted((results / "records").glob(f"a{alpha}-s*.json")):
         record = json.loads(path.read_text())
         config = record["config"]
         if config.get("student-model") or config.get("alpha") != alpha:
             continue  # the teacher-size student has its own rows in the main table
         change = " ".join(f"{k}={v}" for k, v in sorted(config.items())
-                          if k not in (*SPLIT_KEYS, "num-threads")) or "(the defaults)"
-        variants.setdefault((change, int(config.get("num-threads", 0))), {})[config["seed"]] = record
-    lines = [f"Dirichlet({alpha}), the default student: each change (`--set`) against the defaults on the same seeds "
-             "and torch threads (`python simulations/fashion_mnist.py --factors`; threads 0: torch's choice, 2 "
-             "here)", "",
-             "| change | threads | seeds | student | vs the defaults, same seeds | query samples | wall (s) |",
-             "|---|---|---|---|---|---|---|"]
+                          if k not in (*SPLIT_KEYS, "num-threads", "student-refit")) or DEFAULTS
+        context = (int(config.get("num-threads", 0)), float(config.get("student-refit", default_refit)))
+        variants.setdefault((change, *context), {})[config["seed"]] = record
+    lines = [f"Dirichlet({alpha}), the default student: each change (`--set`) against the defaults on the same seeds, "
+             "torch threads and `student-refit` (`python simulations/fashion_mnist.py --factors`; threads 0: torch's "
+             f"choice, 2 here; refit {default_refit:g} is the default, 0 the records from before it was)", "",
+             "| change | threads | refit | seeds | student | vs the defaults, same seeds | query samples | wall (s) |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def mean(records: list[dict[str, Any]], key: str) -> float:
         return statistics.fmean(r[key] for r in records)
 
     rows = []
-    for (change, threads), by_seed in variants.items():
-        base = variants.get(("(the defaults)", threads), {})
+    for (change, threads, refit), by_seed in variants.items():
+        if change == DEFAULTS and refit:  # the refit itself, against the defaults without one
+            label, base = f"student-refit={refit:g}", variants.get((DEFAULTS, threads, 0.0), {})
+        else:
+            label, base = change, variants.get((DEFAULTS, threads, refit), {})
         seeds = sorted(s for s in by_seed if s in base)
         if not seeds:
             continue
         runs = [by_seed[s] for s in seeds]
         delta = mean(runs, "student") - mean([base[s] for s in seeds], "student")
-        rows.append((delta, f"| `{change}` | {threads} | {','.join(map(str, seeds))} "
+        rows.append((delta, f"| `{label}` | {threads} | {refit:g} | {','.join(map(str, seeds))} "
                      f"| {_ms([r['student'] for r in runs])} | {delta:+.4f} | {mean(runs, 'query_samples'):,.0f} "
                      f"| {mean(runs, 'wall_seconds'):.0f} |"))
     return lines + [row for _, row in sorted(rows, reverse=True)]

@@ -141,7 +141,9 @@ def test_a_server_app_that_died_resumes_from_its_run_directory_and_ends_where_an
     summary = json.loads((died / "summary.json").read_text())
     reference = json.loads((whole / "summary.json").read_text())
     assert summary["flower"]["resumed"] and not reference["flower"]["resumed"]
-    assert [h["epoch"] for h in map(json.loads, (died / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2]
+    records = [json.loads(line) for line in (died / "metrics.jsonl").read_text().splitlines()]
+    # the three epochs once each, then the student refitted on the final pool (student-refit, the default)
+    assert [(h["epoch"], h.get("stage")) for h in records] == [(0, None), (1, None), (2, None), (3, "refit")]
     assert_same_student(died / "student.pt", whole / "student.pt")
     assert summary["student"]["test_accuracy"] == reference["student"]["test_accuracy"]
     # The coordinator's query count is the uninterrupted run's plus the repeated part of epoch 2.

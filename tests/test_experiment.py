@@ -19,6 +19,12 @@ TINY = {
 }
 
 
+def epochs(out):
+    """The run's epoch records (metrics.jsonl without the refit's record after them)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "stage" not in r]
+
+
 class Interrupt(Exception):
     pass
 
@@ -75,7 +81,9 @@ def test_summary_and_run_directory(finished_run):
     assert on_disk["config"] == config.to_dict()
     assert on_disk["references"]["fedavg"]["test_accuracy"] >= 0.0
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2, 3]
+    # the four epochs, then the student refitted on the final pool (student-refit, the default)
+    assert [(json.loads(line)["epoch"], json.loads(line).get("stage")) for line in lines] == [
+        (0, None), (1, None), (2, None), (3, None), (4, "refit")]
     for name in ("accuracy.png", "curriculum.png", "samples.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     for k in range(3):
@@ -84,7 +92,7 @@ def test_summary_and_run_directory(finished_run):
 
 def test_curriculum_admits_a_rising_share_and_the_pool_grows(finished_run):
     _, out, summary = finished_run
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    history = epochs(out)
     admitted = [h["admitted"] for h in history]
     assert admitted[0] < 0.8 and admitted[-1] > 0.9 and admitted[-1] > admitted[0] + 0.2
     assert [h["pool_size"] for h in history] == [15 * 64 * (e + 1) for e in range(4)]
@@ -105,7 +113,7 @@ def test_query_budget_stops_synthesis_and_the_student_keeps_training(tmp_path):
     config = config_from_mapping({**TINY, "epochs": 2, "steps-per-epoch": 4, "student-steps": 2,
                                   "query-budget": 3 * 64 * 3 * 3})
     summary = run_experiment(config, tmp_path / "budget")
-    history = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    history = epochs(tmp_path / "budget")
     assert [h["synthesis_rounds"] for h in history] == [3, 0]
     assert summary["queries"]["distillation_samples"] == 3 * 64 * 3 * 3 <= config.pool.query_budget
     assert summary["pool"]["samples"] == 3 * 64
@@ -130,7 +138,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(finished_run, tmp_path):
     assert torch.equal(a["pool"]["answers"], b["pool"]["answers"])
     assert resumed["student"]["test_accuracy"] == full["student"]["test_accuracy"]
     assert resumed["queries"]["samples"] == full["queries"]["samples"]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    assert len(epochs(out)) == 4 and len((out / "metrics.jsonl").read_text().splitlines()) == 5  # + the refit
 
 
 def test_run_directory_rules(finished_run, tmp_path):
@@ -181,8 +189,8 @@ def test_an_aggregator_that_needs_counts_names_the_clients_when_none_shares_them
 
 
 
-def test_student_refit_trains_a_fresh_student_on_the_final_pool_without_a_query(finished_run, tmp_path):
-    config, full_out, full = finished_run
+def test_student_refit_trains_a_fresh_student_on_the_final_pool_without_a_query(tmp_path):
+    full = run_experiment(config_from_mapping({**TINY, "student-refit": 0.0}), tmp_path / "along-the-way")
     refit = config_from_mapping({**TINY, "student-refit": 1.0})
     out = tmp_path / "refit"
     with pytest.raises(Interrupt):  # stopped once the last epoch is checkpointed: the resume refits from there

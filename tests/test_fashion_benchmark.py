@@ -107,19 +107,26 @@ def test_the_factor_table_compares_each_variant_with_the_defaults_on_its_own_see
             "config": {**split, "seed": seed, **changes}, "student": student, "query_samples": 1000,
             "wall_seconds": 10.0}))
 
-    record("d0", 0.70, 0)
-    record("d1", 0.60, 1)
-    record("v0", 0.75, 0, epochs=30)  # seed 0 only: compared with the defaults' seed 0 alone
-    record("w0", 0.66, 0, **{"generator-lr": 0.05})
-    record("w1", 0.66, 1, **{"generator-lr": 0.05})
+    before = {"student-refit": "0"}  # the records from before the refit was the default say so
+    record("d0", 0.70, 0, **before)
+    record("d1", 0.60, 1, **before)
+    record("v0", 0.75, 0, epochs=30, **before)  # seed 0 only: compared with the defaults' seed 0 alone
+    record("w0", 0.66, 0, **{"generator-lr": 0.05}, **before)
+    record("w1", 0.66, 1, **{"generator-lr": 0.05}, **before)
     record("t0", 0.99, 0, **{"student-model": "lenet5"})  # the teacher-size student: not a factor
     # one torch thread: compared with the defaults run at one thread, not with those at torch's choice
-    record("d0t1", 0.80, 0, **{"num-threads": 1})
+    record("d0t1", 0.80, 0, **{"num-threads": 1}, **before)
     record("r0t1", 0.82, 0, **{"num-threads": 1, "student-refit": 1.0})
+    # today's defaults (the refit, no key): the refit row against the defaults without it; a variant of today's
+    # defaults against today's defaults, not against those of before
+    record("n0t1", 0.86, 0, **{"num-threads": 1})
+    record("x0t1", 0.84, 0, **{"num-threads": 1, "pool-size": 6400})
     assert fashion_mnist.main(["--results", str(tmp_path), "--factors"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
-    assert rows[0].startswith("| `epochs=30` | 0 | 0 | 0.7500 | +0.0500 |")
-    assert rows[1].startswith("| `student-refit=1.0` | 1 | 0 | 0.8200 | +0.0200 |")
-    assert rows[2].startswith("| `generator-lr=0.05` | 0 | 0,1 | 0.6600 ± 0.0000 | +0.0100 |")
-    assert sorted(rows[3:]) == ["| `(the defaults)` | 0 | 0,1 | 0.6500 ± 0.0500 | +0.0000 | 1,000 | 10 |",
-                                "| `(the defaults)` | 1 | 0 | 0.8000 | +0.0000 | 1,000 | 10 |"]
+    assert rows[0].startswith("| `student-refit=2` | 1 | 2 | 0 | 0.8600 | +0.0600 |")
+    assert rows[1].startswith("| `epochs=30` | 0 | 0 | 0 | 0.7500 | +0.0500 |")
+    assert rows[2].startswith("| `student-refit=1` | 1 | 1 | 0 | 0.8200 | +0.0200 |")
+    assert rows[3].startswith("| `generator-lr=0.05` | 0 | 0 | 0,1 | 0.6600 ± 0.0000 | +0.0100 |")
+    assert rows[6].startswith("| `pool-size=6400` | 1 | 2 | 0 | 0.8400 | -0.0200 |")
+    assert sorted(rows[4:6]) == ["| `(the defaults)` | 0 | 0 | 0,1 | 0.6500 ± 0.0500 | +0.0000 | 1,000 | 10 |",
+                                "| `(the defaults)` | 1 | 0 | 0 | 0.8000 | +0.0000 | 1,000 | 10 |"]

@@ -73,7 +73,7 @@ class StudentSettings(Section):
                                                    key="student-shift"))
     temperature: float = field(default=4.0, metadata=bounded(
         0.0, 100.0, open_low=True, help="distillation temperature of student-loss=kl", key="temperature"))
-    refit: float = field(default=0.0, metadata=bounded(
+    refit: float = field(default=2.0, metadata=bounded(
         0.0, 10.0, help="after the last epoch, train the student afresh on the whole final pool for this share of "
         "its steps (plain distillation, no curriculum, no queries; 0 = keep the student trained along the way)",
         key="student-refit"))
