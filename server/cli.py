@@ -226,7 +226,13 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
     s = summary["student"]
     check = s.get("synthetic_check") or {}
     unlabelled = s["agreement"] is None and check.get("agreement") is not None  # measured on synthetic samples
-    table.add_row("student", f"{s['model']}, data-free", _figure(s["test_accuracy"]),
+    refit = s.get("refit") or {}
+    along = refit.get("along_the_way") or {}
+    if along.get("accuracy") is not None:  # student-refit: what the run's epochs left, before the refit
+        table.add_row("along the way", "the student the epochs trained, before the refit", _figure(along["accuracy"]),
+                      _figure(along["agreement"]), _figure(along["loyalty"]), style="dim")
+    table.add_row("student", f"{s['model']}, data-free" + (", refitted on the final pool" if refit else ""),
+                  _figure(s["test_accuracy"]),
                   _figure(check["agreement"] if unlabelled else s["agreement"]) + ("*" if unlabelled else ""),
                   _figure(check["loyalty"] if unlabelled else s["loyalty"]) + ("*" if unlabelled else ""),
                   style="bold")

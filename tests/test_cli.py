@@ -19,7 +19,13 @@ def test_run_prints_a_results_table_and_writes_the_run_directory(tmp_path, capsy
     printed = capsys.readouterr().out
     assert "teacher 0" in printed and "ensemble" in printed and "student" in printed
     assert str(out) in printed.replace("\n", "")
-    assert json.loads((out / "summary.json").read_text())["num_clients"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_clients"] == 2
+    # student-refit (the default): the refitted student is the run's, the one the epochs left is shown beside it
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["student"]["refit"]["steps"] == epochs[-1]["refit_steps"] == 2 * (1 * 2 * 1)  # 2x its steps
+    assert summary["student"]["refit"]["along_the_way"]["accuracy"] == epochs[0]["student_accuracy"]
+    assert "refitted on the final pool" in printed and "along the way" in printed
 
 
 def test_the_student_leaves_as_a_checkpoint_an_exported_program_and_a_model_card(tmp_path, capsys):

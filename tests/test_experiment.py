@@ -205,6 +205,11 @@ def test_student_refit_trains_a_fresh_student_on_the_final_pool_without_a_query(
     assert summary["queries"]["samples"] == full["queries"]["samples"] == record["query_samples"]
     # the summary and the saved student are the refitted one, not the student trained along the way
     assert summary["student"]["test_accuracy"] == record["student_accuracy"] > 0.35
+    assert summary["student"]["refit"] == {"steps": record["refit_steps"], "samples": record["refit_samples"],
+                                           "along_the_way": {"accuracy": history[3]["student_accuracy"],
+                                                             "agreement": history[3]["agreement"],
+                                                             "loyalty": history[3]["loyalty"]}}
+    assert full["student"]["refit"] is None
     # "over the epochs" stays over the epochs
     assert summary["student"]["accuracy_mean"] == pytest.approx(sum(h["student_accuracy"] for h in history[:4]) / 4)
     online = torch.load(out / "checkpoint.pt", weights_only=True)["method"]["trainer"]["student"]

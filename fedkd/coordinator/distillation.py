@@ -250,6 +250,8 @@ def refit(method: DistillationMethod, config: RunConfig, spec: DatasetSpec, devi
     the student trained along the way). Run again on a resume: it depends only on the checkpointed pool and the
     seed. The method's own student and no record, when the method keeps no pool to refit on."""
     started = time.perf_counter()
+    observer.stage(f"student-refit: a fresh student, {config.student.refit:g}x the run's student steps on the final "
+                   "pool, no queries ...")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 2)
         student = build_student(config, spec)

@@ -22,10 +22,17 @@ def _epochs_axis(ax: Any) -> None:
 
 def _student_accuracy(x: Sequence[float], history: Sequence[dict[str, Any]], xlabel: str,
                       lines: Sequence[tuple[float, str, str, str]], path: Path, title: str) -> None:
-    """Student accuracy against ``x``, with horizontal reference lines (value, label, colour, style)."""
+    """Student accuracy against ``x``, with horizontal reference lines (value, label, colour, style); the student
+    refitted on the final pool (``student-refit``'s record after the epochs) as its own point."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.set_title(title, fontsize=9)
-    ax.plot(x, [h["student_accuracy"] for h in history], marker="o", label="student")
+    epochs = [(at, h) for at, h in zip(x, history) if "stage" not in h]
+    ax.plot([at for at, _ in epochs], [h["student_accuracy"] for _, h in epochs], marker="o",
+            label="student (trained along the way)" if len(epochs) < len(history) else "student")
+    for at, h in zip(x, history):
+        if "stage" in h and h.get("student_accuracy") is not None:
+            ax.plot([at], [h["student_accuracy"]], marker="*", markersize=12, linestyle="none", color="tab:purple",
+                    label=f"student refitted on the final pool ({h['student_accuracy']:.3f})")
     for value, label, color, style in lines:
         ax.axhline(value, color=color, linestyle=style, label=f"{label} ({value:.3f})")
     if xlabel == "epoch":

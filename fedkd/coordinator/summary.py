@@ -110,6 +110,13 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
         student = {"model": config.student.model, "test_accuracy": last["student_accuracy"],
                    "best_accuracy": max(accs), "agreement": last["agreement"], "loyalty": last["loyalty"],
                    "accuracy_mean": acc_mean, "accuracy_var": acc_var}
+    refitted = next((h for h in history if h.get("stage") == "refit"), None)
+    along = [h for h in history if "stage" not in h]
+    # student-refit: the student above was trained afresh on the final pool; the one trained along the way beside it
+    student["refit"] = None if refitted is None else {
+        "steps": refitted["refit_steps"], "samples": refitted["refit_samples"],
+        "along_the_way": {k: along[-1][f"student_{k}" if k == "accuracy" else k] if along else None
+                          for k in ("accuracy", "agreement", "loyalty")}}
     ensemble = result.ensemble
     stats = pool.stats()
     # answer_ms: what the coordinator waited for each teacher (a straggler sets the pace of every query)
