@@ -198,6 +198,8 @@ def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
         summary = run_experiment(config, out, observer=_Quiet())
     best = max(t["test_accuracy"] for t in summary["teachers"])
     return {"seed": seed, "student": summary["student"]["test_accuracy"],
+            # the same run's student before student-refit trained one afresh on the final pool (None: no refit)
+            "along_the_way": ((summary["student"].get("refit") or {}).get("along_the_way") or {}).get("accuracy"),
             "ensemble": summary["ensemble"]["test_accuracy"],
             # the plain probability mean of the same teachers: what the run's aggregation bought
             "prob_mean_ensemble": (summary["references"].get("prob_mean_ensemble") or {}).get("test_accuracy"),
@@ -332,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_tables(results: dict[str, Any]) -> None:
     exps = results["experiments"]
     print("| experiment | seeds | best teacher | ensemble | student (mean ± std) | student / ensemble | "
-          "query samples | wall (s) | targets |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "query samples | wall (s) | targets | student along the way |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, exp in exps.items():
         runs = exp["runs"]
 
@@ -342,11 +344,13 @@ def print_tables(results: dict[str, Any]) -> None:
             return f"{m:.4f} ± {s:.4f}"
 
         ratio = statistics.fmean(r["student"] / r["ensemble"] for r in runs)
+        # the student before the refit (student-refit), where every run recorded it
+        along = ms("along_the_way") if all(r.get("along_the_way") is not None for r in runs) else ""
         met = "; ".join(f"{t['target']}: {t['measured']} {'met' if t['met'] else '**missed**'}"
                         for t in exp["targets"])
         print(f"| {name} | {','.join(str(r['seed']) for r in runs)} | {ms('best_teacher')} | {ms('ensemble')} | "
               f"{ms('student')} | {ratio:.4f} | {max(r['query_samples'] for r in runs):,} | "
-              f"{statistics.fmean(r['wall_seconds'] for r in runs):.0f} | {met} |")
+              f"{statistics.fmean(r['wall_seconds'] for r in runs):.0f} | {met} | {along} |")
     if "aggregators" in results:
         table = results["aggregators"]
         names = list(next(iter(table.values())))
