@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import cached_run  # noqa: E402
 
+from fedkd.config import config_from_mapping, parse_assignments  # noqa: E402
+
 TARGET = 0.90
 
 
@@ -45,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="simulations/results/privacy")
     parser.add_argument("--runs", default="runs/privacy")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config key for every run (repeatable; for example student-refit=0, the "
+                        "defaults before stop 40); the table and plot get a -set suffix")
     args = parser.parse_args(argv)
+    extra = parse_assignments(args.set)
+    config_from_mapping({"dataset": "mnist5k", **extra})  # a bad --set fails before anything runs
+    suffix = "-set" if extra else ""
     if args.threads:
         torch.set_num_threads(args.threads)
     epsilons: list[float | None] = [None, *[float(e) for e in args.epsilons.split(",")]]
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for eps in epsilons:
         recs = []
         for seed in seeds:
-            record, fresh = cached_run(mapping(eps, seed, {}), results, runs, runs / "teachers")
+            record, fresh = cached_run(mapping(eps, seed, extra), results, runs, runs / "teachers")
             print(f"epsilon {eps or 'none'} seed {seed}: student {record['student']:.4f} "
                   f"({'ran' if fresh else 'cached'}, {record['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
             recs.append(record)
@@ -66,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                      "ensemble": statistics.fmean(r["ensemble"] for r in recs),
                      "best_teacher": statistics.fmean(r["best_teacher"] for r in recs)})
     base = rows[0]["student"]
-    lines = [f"Made by `python simulations/privacy_utility.py --epsilons {args.epsilons} --seeds {args.seeds}` "
+    sets = "".join(f" --set {item}" for item in args.set)
+    lines = [f"Made by `python simulations/privacy_utility.py --epsilons {args.epsilons} --seeds {args.seeds}{sets}` "
              "(main job, MNIST-5k, 5 clients, Dirichlet(0.5); DP-SGD teachers, noisy label counts).", "",
              "| teachers | epsilon spent (max over clients) | student | student / no DP | ensemble | best teacher |",
              "|---|---|---|---|---|---|"]
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"of the no-DP student (target >= {TARGET})"]
     text = "\n".join(lines) + "\n"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "privacy-utility.md").write_text(text)
+    (results / f"privacy-utility{suffix}.md").write_text(text)
     print(text)
     import matplotlib
 
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(results / "privacy-utility.png", dpi=110)
+    fig.savefig(results / f"privacy-utility{suffix}.png", dpi=110)
     return 0
 
 
