@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import cached_run  # noqa: E402
 
 from fedkd.config import config_from_mapping, parse_assignments  # noqa: E402
+from fedkd.options import ConfigError  # noqa: E402
 
 TARGET = 0.90
 
@@ -51,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="a run-config key for every run (repeatable; for example student-refit=0, the "
                         "defaults before stop 40); the table and plot get a -set suffix")
     args = parser.parse_args(argv)
-    extra = parse_assignments(args.set)
-    config_from_mapping({"dataset": "mnist5k", **extra})  # a bad --set fails before anything runs
+    try:  # a bad --set fails before anything runs, naming the key
+        extra = parse_assignments(args.set)
+        config_from_mapping(mapping(None, 0, extra))
+    except ConfigError as exc:
+        parser.error(str(exc))
     suffix = "-set" if extra else ""
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -72,3 +72,14 @@ def test_set_with_a_bad_key_stops_before_anything_runs(tmp_path, capsys):
                       "--runs", str(tmp_path / "runs")])
     assert "unknown config key 'epochz'; did you mean 'epochs'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_privacy_utility_set_with_a_bad_key_stops_before_anything_runs(tmp_path, capsys):
+    import privacy_utility
+    import pytest
+
+    with pytest.raises(SystemExit):
+        privacy_utility.main(["--set", "student-refitt=0", "--results", str(tmp_path / "r"),
+                              "--runs", str(tmp_path / "runs")])
+    assert "unknown config key 'student-refitt'; did you mean 'student-refit'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()

@@ -92,6 +92,9 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
     """The run's summary.json, from the distillation's result and the pool after the session ended."""
     history, answers = result.history, result.answers
     last = history[-1]
+    # the epochs' records: student-refit appends the run's student's record after them
+    epochs = [h for h in history if "stage" not in h]
+    refitted = next((h for h in history if h.get("stage") == "refit"), None)
     if test is None or answers is None:  # no coordinator data: only what the queries and training tell
         accuracies: list[float | None] = [None] * len(pool.descriptions)
         ensemble_accuracy = prob_mean = None
@@ -105,18 +108,16 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
         # what the run's aggregation bought: the plain probability mean of the same teachers' answers
         prob_mean = accuracy(AGGREGATORS["prob-mean"].combine(torch.stack(answers.members).float(), None), test.labels)
         accs = [h["student_accuracy"] for h in history]
-        # over the epochs (a student-refit record after them is the run's student, not an epoch)
-        acc_mean, acc_var = mean_and_variance([h["student_accuracy"] for h in history if "stage" not in h])
+        acc_mean, acc_var = mean_and_variance([h["student_accuracy"] for h in epochs])  # over the epochs only
         student = {"model": config.student.model, "test_accuracy": last["student_accuracy"],
                    "best_accuracy": max(accs), "agreement": last["agreement"], "loyalty": last["loyalty"],
                    "accuracy_mean": acc_mean, "accuracy_var": acc_var}
-    refitted = next((h for h in history if h.get("stage") == "refit"), None)
-    along = [h for h in history if "stage" not in h]
     # student-refit: the student above was trained afresh on the final pool; the one trained along the way beside it
+    along = epochs[-1] if epochs else {}
     student["refit"] = None if refitted is None else {
         "steps": refitted["refit_steps"], "samples": refitted["refit_samples"],
-        "along_the_way": {k: along[-1][f"student_{k}" if k == "accuracy" else k] if along else None
-                          for k in ("accuracy", "agreement", "loyalty")}}
+        "along_the_way": {"accuracy": along.get("student_accuracy"), "agreement": along.get("agreement"),
+                          "loyalty": along.get("loyalty")}}
     ensemble = result.ensemble
     stats = pool.stats()
     # answer_ms: what the coordinator waited for each teacher (a straggler sets the pace of every query)
