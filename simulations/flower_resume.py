@@ -68,7 +68,8 @@ def result(run_dir: Path) -> dict[str, Any]:
     return {"student": summary["student"]["test_accuracy"],
             "federated": summary["federated_evaluation"]["student_accuracy"],
             "queries": summary["queries"]["samples"], "resumed": summary["flower"]["resumed"],
-            "epochs": len((run_dir / "metrics.jsonl").read_text().splitlines())}
+            "epochs": sum(json.loads(line).get("stage") != "refit"
+                          for line in (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 def main(argv: list[str] | None = None) -> int:
