@@ -96,12 +96,13 @@ def _eval_data(eval_data: Any, task: Task) -> ImageData | None:
 
 
 def distill(*, teachers: Sequence[nn.Module | torch.export.ExportedProgram], task: Task | str | Path, out: str | Path,
-            student: str = "lenet5-half", label_counts: Sequence[Sequence[int] | None] | None = None,
+            student: str | None = None, label_counts: Sequence[Sequence[int] | None] | None = None,
             eval_data: str | Path | ImageData | tuple[Tensor, Tensor] | None = None, resume: bool = False,
             observer: RunObserver | None = None, **keys: Any) -> Distilled:
     """Distil one student from ``teachers`` (in-process ``nn.Module`` classifiers of ``task``) into ``out``.
 
-    ``label_counts``: per teacher, its training records per class (None: not shared). ``eval_data``: labelled
+    ``student``: the student's architecture (``student-model``; None: its default). ``label_counts``: per teacher,
+    its training records per class (None: not shared). ``eval_data``: labelled
     data to measure accuracy on, an ImageFolder directory or (images in [0, 1], labels); without it only what
     needs no labels is reported. Any config key is a keyword (``epochs=10``, ``method="tadfkd"``,
     ``cudfkd_weight_bn=30`` for ``cudfkd.weight-bn``).
@@ -117,7 +118,9 @@ def distill(*, teachers: Sequence[nn.Module | torch.export.ExportedProgram], tas
         raise ConfigError(f"label_counts: {len(counts)} entries for {len(teachers)} teachers (None where a teacher "
                           "shares none)")
     values = {_key(k): v for k, v in keys.items()}
-    values.update({"student-model": student, "num-clients": len(teachers)})
+    values["num-clients"] = len(teachers)
+    if student is not None:  # else the config's student-model
+        values["student-model"] = student
     with tempfile.TemporaryDirectory() as scratch:  # everything is checked before anything is written to out
         card = Path(scratch) / "task.toml"
         card.write_text(task.to_toml())

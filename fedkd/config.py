@@ -109,7 +109,7 @@ class RunConfig:
     epochs: int = field(default=10, metadata=bounded(1, None, help="distillation epochs (evaluated and "
                                                                "checkpointed after each)"))
     steps_per_epoch: int = field(default=20, metadata=bounded(1, None, help="synthesis rounds per epoch"))
-    student_steps: int = field(default=20, metadata=bounded(0, None, help="student steps (pool batches) per round"))
+    student_steps: int = field(default=5, metadata=bounded(0, None, help="student steps (pool batches) per round"))
     batch_size: int = field(default=128, metadata=bounded(2, BATCH_LIMIT, help="synthetic batch and student batch"))
 
     # Sections, each declared beside the code that reads it; their keys are flat (`student-lr`: student.lr).

@@ -2,15 +2,17 @@
 NeurIPS 2022, Table 1): 5 clients, Dirichlet(0.1), (0.3) and (0.5) splits, 3 seeds each.
 
     apt-get install dataset-fashion-mnist      # the four IDX files in /usr/share/datasets/fashion-mnist
-    python simulations/fashion_mnist.py        # the whole table: 9 splits x 2 students (hours on 2 cores)
+    python simulations/fashion_mnist.py        # the whole table: 9 splits, the default student (hours on 2 cores)
     python simulations/fashion_mnist.py --alphas 0.5 --seeds 0 --students default      # one run
     python simulations/fashion_mnist.py --alphas 0.5 --tag gen32 --set generator-width=32    # one factor
     python simulations/fashion_mnist.py --factors    # every factor measured so far, from the records
     python simulations/fashion_mnist.py --diagnose runs/fashion-mnist/a0.5-s0-...   # where one student falls short
 
 Each (alpha, seed) trains its five LeNet-5 teachers once (fedkd's client recipe, cached under ``--runs``); every
-student of that split distils from the same teachers. Students: fedkd's default (LeNet-5-half, ``default``) and
-one as large as the teachers (LeNet-5, ``teacher-size``: DENSE distils into the same network its clients train).
+student of that split distils from the same teachers. Students (``--students``): fedkd's default (``default``:
+LeNet-5, as large as the teachers, as DENSE distils into the network its clients train), ``half`` (LeNet-5-half,
+the default until issue 26's measurements) and ``teacher-size`` (LeNet-5 by name: the records from when it was
+not the default).
 Per run: the best teacher, the run's ensemble (``ensemble=auto``: class-weighted), the plain probability mean of
 the same teachers, the student, student / ensemble, query samples and wall time. Results are cached per run (one
 JSON each, keyed by the whole configuration, in ``--results``/records, committed with the table); a rerun computes
@@ -40,7 +42,9 @@ from fedkd.data import load_dataset
 from fedkd.metrics import predict
 
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
-STUDENTS = {"default": {}, "teacher-size": {"student-model": "lenet5"}}
+# fedkd's default student (LeNet-5 since issue 26 measured it: the teachers' size, as DENSE distils), the previous
+# default at half the width, and the teachers' size by name (the records of before, when it was not the default)
+STUDENTS = {"default": {}, "half": {"student-model": "lenet5-half"}, "teacher-size": {"student-model": "lenet5"}}
 # DENSE (NeurIPS 2022), Table 1, Fashion-MNIST, 5 clients: ensemble and DENSE's student, by Dirichlet alpha.
 DENSE = {0.1: (0.6771, 0.5029), 0.3: (0.8725, 0.8396), 0.5: (0.8942, 0.8594)}
 # The issue's targets, by alpha: (student at least, student / ensemble at least) for the default student.
@@ -193,45 +197,58 @@ def targets(rows: dict[tuple[float, str], list[dict[str, Any]]]) -> list[str]:
 SPLIT_KEYS = ("dataset", "data-root", "num-clients", "partition", "alpha", "seed")
 
 
+RECIPE_KEYS = ("student-model", "student-steps", "student-refit")  # how the student is trained: the context
+BASE_RECIPE = ("lenet5-half", 20, 0.0)  # the student as issue 26 found it: LeNet-5-half, 20 steps a round, no refit
+
+
 def factors(results: Path, alpha: float) -> list[str]:
-    """Every cached variant of the default student at ``alpha`` against the defaults on the same seeds (the
-    factor table: what each change does), the largest gain first; read from the records, nothing runs.
+    """Every cached variant at ``alpha`` against the defaults on the same seeds (the factor table: what each change
+    does), the largest gain first; read from the records, nothing runs.
 
     A variant is compared with the defaults run with the same torch threads (results differ between 1 and 2) and
-    the same ``student-refit`` (the refit changes every student; the records measured before it became the default
-    say ``student-refit=0``); the defaults with a refit are compared with the defaults without one."""
-    default_refit = config_from_mapping({}).student.refit
-    variants: dict[tuple[str, int, float], dict[int, dict[str, Any]]] = {}
+    the same student recipe (``student-model``, ``student-steps``, ``student-refit``; a key a record does not set is
+    today's default, and the records made before a default changed set the old value); a recipe other than the one
+    issue 26 started from, with no other change, is compared with the defaults under that one."""
+    today = config_from_mapping({})
+    default = {"student-model": today.student.model, "student-steps": today.student_steps,
+               "student-refit": today.student.refit}
+    variants: dict[tuple[str, int, tuple[str, int, float]], dict[int, dict[str, Any]]] = {}
     for path in sorted((results / "records").glob(f"a{alpha}-s*.json")):
         record = json.loads(path.read_text())
         config = record["config"]
-        if config.get("student-model") or config.get("alpha") != alpha:
-            continue  # the teacher-size student has its own rows in the main table
+        if config.get("alpha") != alpha:
+            continue
         change = " ".join(f"{k}={v}" for k, v in sorted(config.items())
-                          if k not in (*SPLIT_KEYS, "num-threads", "student-refit")) or DEFAULTS
-        context = (int(config.get("num-threads", 0)), float(config.get("student-refit", default_refit)))
-        variants.setdefault((change, *context), {})[config["seed"]] = record
-    lines = [f"Dirichlet({alpha}), the default student: each change (`--set`) against the defaults on the same seeds, "
-             "torch threads and `student-refit` (`python simulations/fashion_mnist.py --factors`; threads 0: torch's "
-             f"choice, 2 here; refit {default_refit:g} is the default, 0 the records from before it was)", "",
-             "| change | threads | refit | seeds | student | vs the defaults, same seeds | query samples | wall (s) |",
+                          if k not in (*SPLIT_KEYS, "num-threads", *RECIPE_KEYS)) or DEFAULTS
+        recipe = (str(config.get("student-model", default["student-model"])),
+                  int(config.get("student-steps", default["student-steps"])),
+                  float(config.get("student-refit", default["student-refit"])))
+        variants.setdefault((change, int(config.get("num-threads", 0)), recipe), {})[config["seed"]] = record
+    lines = [f"Dirichlet({alpha}): each change (`--set`) against the defaults on the same seeds, torch threads and "
+             "student recipe (`python simulations/fashion_mnist.py --factors`; threads 0: torch's choice, 2 here; "
+             "student: model, student steps per round, refit)", "",
+             "| change | threads | student | seeds | student accuracy | vs the defaults, same seeds | query samples "
+             "| wall (s) |",
              "|---|---|---|---|---|---|---|---|"]
 
     def mean(records: list[dict[str, Any]], key: str) -> float:
         return statistics.fmean(r[key] for r in records)
 
     rows = []
-    for (change, threads, refit), by_seed in variants.items():
-        if change == DEFAULTS and refit:  # the refit itself, against the defaults without one
-            label, base = f"student-refit={refit:g}", variants.get((DEFAULTS, threads, 0.0), {})
+    for (change, threads, recipe), by_seed in variants.items():
+        if change == DEFAULTS and recipe != BASE_RECIPE:  # the recipe itself, against the one issue 26 started from
+            label = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v, b in zip(RECIPE_KEYS, recipe, BASE_RECIPE) if v != b)
+            base = variants.get((DEFAULTS, threads, BASE_RECIPE), {})
         else:
-            label, base = change, variants.get((DEFAULTS, threads, refit), {})
+            label, base = change, variants.get((DEFAULTS, threads, recipe), {})
         seeds = sorted(s for s in by_seed if s in base)
         if not seeds:
             continue
         runs = [by_seed[s] for s in seeds]
         delta = mean(runs, "student") - mean([base[s] for s in seeds], "student")
-        rows.append((delta, f"| `{label}` | {threads} | {refit:g} | {','.join(map(str, seeds))} "
+        student = f"{recipe[0]}, {recipe[1]}, {recipe[2]:g}"
+        rows.append((delta, f"| `{label}` | {threads} | {student} | {','.join(map(str, seeds))} "
                      f"| {_ms([r['student'] for r in runs])} | {delta:+.4f} | {mean(runs, 'query_samples'):,.0f} "
                      f"| {mean(runs, 'wall_seconds'):.0f} |"))
     return lines + [row for _, row in sorted(rows, reverse=True)]
@@ -316,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=DEBIAN_ROOT, help=f"the IDX files (default {DEBIAN_ROOT})")
     parser.add_argument("--alphas", default="0.1,0.3,0.5")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--students", default=",".join(STUDENTS), help=f"of {', '.join(STUDENTS)}")
+    parser.add_argument("--students", default="default", help=f"of {', '.join(STUDENTS)} (default: default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a run-config key for every run (repeatable); give such runs a --tag")
     parser.add_argument("--tag", default="", help="names this variant's table and plot")

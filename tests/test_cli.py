@@ -23,7 +23,7 @@ def test_run_prints_a_results_table_and_writes_the_run_directory(tmp_path, capsy
     assert summary["num_clients"] == 2
     # student-refit (the default): the refitted student is the run's, the one the epochs left is shown beside it
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert summary["student"]["refit"]["steps"] == epochs[-1]["refit_steps"] == 2 * (1 * 2 * 1)  # 2x its steps
+    assert summary["student"]["refit"]["steps"] == epochs[-1]["refit_steps"] == 8 * (1 * 2 * 1)  # 8x its steps
     assert summary["student"]["refit"]["along_the_way"]["accuracy"] == epochs[0]["student_accuracy"]
     assert "refitted on the final pool" in printed and "along the way" in printed
 

@@ -16,7 +16,9 @@ from fedkd.options import ConfigError
 def test_defaults_are_the_main_job():
     cfg = RunConfig()
     assert (cfg.dataset, cfg.num_clients, cfg.partition, cfg.alpha) == ("mnist5k", 5, "dirichlet", 0.5)
-    assert (cfg.teachers.model, cfg.student.model, cfg.method) == ("lenet5", "lenet5-half", "cudfkd")
+    assert (cfg.teachers.model, cfg.student.model, cfg.method) == ("lenet5", "lenet5", "cudfkd")
+    # few student steps along the way, many on the final pool (docs/results.md, issue 26)
+    assert (cfg.student_steps, cfg.student.refit) == (5, 8.0)
 
 
 def test_command_line_text_is_converted_to_each_keys_type():

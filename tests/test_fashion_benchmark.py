@@ -43,16 +43,16 @@ def idx_root(tmp_path: Path) -> Path:
 def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, monkeypatch, capsys):
     results, runs = tmp_path / "results", tmp_path / "runs"
     args = ["--data-root", str(idx_root), "--alphas", "0.5", "--seeds", "0", "--results", str(results),
-            "--runs", str(runs), *TINY]
+            "--runs", str(runs), "--students", "default,half", *TINY]
     ran = []
     real = fashion_mnist.run_one
     monkeypatch.setattr(fashion_mnist, "run_one", lambda m, r: ran.append(m.get("student-model")) or real(m, r))
     assert fashion_mnist.main(args) == 0
-    assert ran == [None, "lenet5"]  # fedkd's default student, then one as large as the teachers
+    assert ran == [None, "lenet5-half"]  # fedkd's default student, then the one of half its width
     assert len(list((runs / "teachers").glob("teachers-*"))) == 1  # both distil from the same five teachers
     table = (results / "fashion-mnist-tiny.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| 0.5 |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["default", "teacher-size", "DENSE (published)"]
+    assert [r.split("|")[2].strip() for r in rows] == ["default", "half", "DENSE (published)"]
     assert "| 0.5 | DENSE (published) | | | 0.8942 | | 0.8594 |" in table
     assert "Dirichlet(0.5): student" in table and ">= 0.8800" in table  # the target, printed beside the result
     assert (results / "fashion-mnist-tiny.png").stat().st_size > 0
@@ -78,8 +78,7 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     # Where the student falls short, from its run directory: recall per class beside the teachers' mean, its
     # BatchNorm statistics from the real images, the synthetic pool against the real images.
     capsys.readouterr()
-    run_dir = next(p for p in runs.glob("a0.5-s0-*") if json.loads((p / "config.json").read_text()).get(
-        "student-model") != "lenet5")
+    run_dir = next(runs.glob("a0.5-s0-*"))
     assert fashion_mnist.main(["--data-root", str(idx_root), "--diagnose", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "with BatchNorm statistics from the real test images" in out
@@ -107,26 +106,31 @@ def test_the_factor_table_compares_each_variant_with_the_defaults_on_its_own_see
             "config": {**split, "seed": seed, **changes}, "student": student, "query_samples": 1000,
             "wall_seconds": 10.0}))
 
-    before = {"student-refit": "0"}  # the records from before the refit was the default say so
+    # the records made before the student's defaults changed name the old recipe: LeNet-5-half, 20 steps, no refit
+    before = {"student-model": "lenet5-half", "student-steps": "20", "student-refit": "0"}
     record("d0", 0.70, 0, **before)
     record("d1", 0.60, 1, **before)
     record("v0", 0.75, 0, epochs=30, **before)  # seed 0 only: compared with the defaults' seed 0 alone
     record("w0", 0.66, 0, **{"generator-lr": 0.05}, **before)
     record("w1", 0.66, 1, **{"generator-lr": 0.05}, **before)
-    record("t0", 0.99, 0, **{"student-model": "lenet5"})  # the teacher-size student: not a factor
+    record("t0", 0.99, 0, **{**before, "student-model": "lenet5"})  # a student as large as the teachers
     # one torch thread: compared with the defaults run at one thread, not with those at torch's choice
     record("d0t1", 0.80, 0, **{"num-threads": 1}, **before)
-    record("r0t1", 0.82, 0, **{"num-threads": 1, "student-refit": 1.0})
-    # today's defaults (the refit, no key): the refit row against the defaults without it; a variant of today's
-    # defaults against today's defaults, not against those of before
+    record("r0t1", 0.82, 0, **{"num-threads": 1, **before, "student-refit": 1.0})
+    # today's defaults (no key): against the recipe of before; a variant of today's defaults against today's
     record("n0t1", 0.86, 0, **{"num-threads": 1})
     record("x0t1", 0.84, 0, **{"num-threads": 1, "pool-size": 6400})
+    record("a0t1", 0.50, 0, **{"num-threads": 1, "alpha": 0.1})  # another split: not in Dirichlet(0.5)'s table
     assert fashion_mnist.main(["--results", str(tmp_path), "--factors"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
-    assert rows[0].startswith("| `student-refit=2` | 1 | 2 | 0 | 0.8600 | +0.0600 |")
-    assert rows[1].startswith("| `epochs=30` | 0 | 0 | 0 | 0.7500 | +0.0500 |")
-    assert rows[2].startswith("| `student-refit=1` | 1 | 1 | 0 | 0.8200 | +0.0200 |")
-    assert rows[3].startswith("| `generator-lr=0.05` | 0 | 0 | 0,1 | 0.6600 ± 0.0000 | +0.0100 |")
-    assert rows[6].startswith("| `pool-size=6400` | 1 | 2 | 0 | 0.8400 | -0.0200 |")
-    assert sorted(rows[4:6]) == ["| `(the defaults)` | 0 | 0 | 0,1 | 0.6500 ± 0.0500 | +0.0000 | 1,000 | 10 |",
-                                "| `(the defaults)` | 1 | 0 | 0 | 0.8000 | +0.0000 | 1,000 | 10 |"]
+    assert rows[0].startswith("| `student-model=lenet5` | 0 | lenet5, 20, 0 | 0 | 0.9900 | +0.2900 |")
+    assert rows[1].startswith("| `student-model=lenet5 student-steps=5 student-refit=8` | 1 | lenet5, 5, 8 | 0 "
+                              "| 0.8600 | +0.0600 |")
+    assert rows[2].startswith("| `epochs=30` | 0 | lenet5-half, 20, 0 | 0 | 0.7500 | +0.0500 |")
+    assert rows[3].startswith("| `student-refit=1` | 1 | lenet5-half, 20, 1 | 0 | 0.8200 | +0.0200 |")
+    assert rows[4].startswith("| `generator-lr=0.05` | 0 | lenet5-half, 20, 0 | 0,1 | 0.6600 ± 0.0000 | +0.0100 |")
+    assert rows[7].startswith("| `pool-size=6400` | 1 | lenet5, 5, 8 | 0 | 0.8400 | -0.0200 |")
+    assert sorted(rows[5:7]) == [
+        "| `(the defaults)` | 0 | lenet5-half, 20, 0 | 0,1 | 0.6500 ± 0.0500 | +0.0000 | 1,000 | 10 |",
+        "| `(the defaults)` | 1 | lenet5-half, 20, 0 | 0 | 0.8000 | +0.0000 | 1,000 | 10 |"]
+    assert len(rows) == 8  # today's defaults have no row of their own against themselves beyond the recipe's

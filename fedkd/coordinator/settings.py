@@ -52,7 +52,7 @@ class StudentSettings(Section):
     """The student and how it learns (:mod:`fedkd.coordinator.student`). A method may train it otherwise (its
     own loss, temperature or optimiser: ``dataclasses.replace`` of these)."""
 
-    model: str = field(default="lenet5-half", metadata=described(
+    model: str = field(default="lenet5", metadata=described(
         "the student's architecture: a fedkd model name, torchvision:NAME (a torchvision classifier) or "
         "PACKAGE.MODULE:CALLABLE (your own code, called with student-args)", key="student-model"))
     args: str = field(default="", metadata=described(
@@ -73,7 +73,7 @@ class StudentSettings(Section):
                                                    key="student-shift"))
     temperature: float = field(default=4.0, metadata=bounded(
         0.0, 100.0, open_low=True, help="distillation temperature of student-loss=kl", key="temperature"))
-    refit: float = field(default=2.0, metadata=bounded(
+    refit: float = field(default=8.0, metadata=bounded(
         0.0, 10.0, help="after the last epoch, train the student afresh on the whole final pool for this share of "
         "its steps (plain distillation, no curriculum, no queries; 0 = keep the student trained along the way)",
         key="student-refit"))
