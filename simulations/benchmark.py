@@ -208,7 +208,14 @@ def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
             "admitted": [json.loads(line).get("admitted") for line in (out / "metrics.jsonl").read_text().splitlines()],
             "teacher_weights": [t["weight"] for t in summary["ensemble"]["teachers"]],
             "gradient_weights": [t.get("gradient_weight") for t in summary["ensemble"]["teachers"]],
-            "swapped_recall": _recall(out, config, SWAPPED), "run_dir": str(out)}
+            "swapped_recall": _recall(out, config, SWAPPED), "run_dir": str(out),
+            # how the student was trained (the defaults change; a table that mixes records says which is which)
+            "student_recipe": _recipe(config)}
+
+
+def _recipe(config: Any) -> str:
+    """The student's model, its steps per synthesis round and its refit share: what changed the students most."""
+    return f"{config.student.model}, {config.student_steps}, {config.student.refit:g}"
 
 
 def _recall(out: Path, config: Any, classes: tuple[int, ...]) -> float:
@@ -333,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_tables(results: dict[str, Any]) -> None:
     exps = results["experiments"]
-    print("| experiment | seeds | best teacher | ensemble | student (mean ± std) | student / ensemble | "
-          "query samples | wall (s) | targets | student along the way |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| experiment | seeds | student: model, steps per round, refit | best teacher | ensemble | student (mean ± "
+          "std) | student / ensemble | query samples | wall (s) | targets | student along the way |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, exp in exps.items():
         runs = exp["runs"]
 
@@ -348,7 +355,9 @@ def print_tables(results: dict[str, Any]) -> None:
         along = ms("along_the_way") if all(r.get("along_the_way") is not None for r in runs) else ""
         met = "; ".join(f"{t['target']}: {t['measured']} {'met' if t['met'] else '**missed**'}"
                         for t in exp["targets"])
-        print(f"| {name} | {','.join(str(r['seed']) for r in runs)} | {ms('best_teacher')} | {ms('ensemble')} | "
+        recipe = " / ".join(dict.fromkeys(str(r.get("student_recipe", "?")) for r in runs))
+        print(f"| {name} | {','.join(str(r['seed']) for r in runs)} | {recipe} | {ms('best_teacher')} | "
+              f"{ms('ensemble')} | "
               f"{ms('student')} | {ratio:.4f} | {max(r['query_samples'] for r in runs):,} | "
               f"{statistics.fmean(r['wall_seconds'] for r in runs):.0f} | {met} | {along} |")
     if "aggregators" in results:

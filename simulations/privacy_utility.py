@@ -8,7 +8,7 @@ Every client trains its teacher with Opacus DP-SGD (``privacy-mode=dp-sgd``, ``d
 ``label-count-epsilon`` (0.5, accounted in its ledger with the training), so the class-weighted ensemble
 stays available; every answer after training is post-processing. The coordinator keeps its defaults, the
 reliability estimate included (docs/privacy.md). Runs are cached like
-``simulations/compare.py`` (same run files). Writes ``privacy-utility.md`` and ``privacy-utility.png``
+``simulations/compare.py`` (same run files). Writes ``privacy-utility[-TAG].md`` and ``.png``
 (student accuracy against the epsilon each client spent) under ``--results`` and prints the target:
 at epsilon 8 the student keeps at least 0.90 of the accuracy of the same run without DP.
 """
@@ -50,14 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a run-config key for every run (repeatable; for example student-refit=0, the "
-                        "defaults before stop 40); the table and plot get a -set suffix")
+                        "defaults before stop 40); the table and plot get a -set suffix unless --tag names them")
+    parser.add_argument("--tag", default="", help="suffix of the table and plot (privacy-utility-TAG.md)")
     args = parser.parse_args(argv)
     try:  # a bad --set fails before anything runs, naming the key
         extra = parse_assignments(args.set)
         config_from_mapping(mapping(None, 0, extra))
     except ConfigError as exc:
         parser.error(str(exc))
-    suffix = "-set" if extra else ""
+    suffix = f"-{args.tag}" if args.tag else "-set" if extra else ""
     if args.threads:
         torch.set_num_threads(args.threads)
     epsilons: list[float | None] = [None, *[float(e) for e in args.epsilons.split(",")]]
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                      "ensemble": statistics.fmean(r["ensemble"] for r in recs),
                      "best_teacher": statistics.fmean(r["best_teacher"] for r in recs)})
     base = rows[0]["student"]
-    sets = "".join(f" --set {item}" for item in args.set)
+    sets = "".join(f" --set {item}" for item in args.set) + (f" --tag {args.tag}" if args.tag else "")
     lines = [f"Made by `python simulations/privacy_utility.py --epsilons {args.epsilons} --seeds {args.seeds}{sets}` "
              "(main job, MNIST-5k, 5 clients, Dirichlet(0.5); DP-SGD teachers, noisy label counts).", "",
              "| teachers | epsilon spent (max over clients) | student | student / no DP | ensemble | best teacher |",
