@@ -156,7 +156,7 @@ def test_client_handlers_name_their_errors(tmp_path: Path) -> None:
     assert reply.has_error() and "train round has not run" in (reply.error.reason or "")
     wrong = ArrayRecord({"w": torch.zeros(3)})
     reply = ask(grid, RecordDict({"student": wrong}), "evaluate", node=102)
-    assert reply.has_error() and "do not fit a 'lenet5-half'" in (reply.error.reason or "")
+    assert reply.has_error() and "do not fit a 'lenet5'" in (reply.error.reason or "")
     grid.close()
     # a student of the coordinator's own code: a node imports no code the run config names
     grid = InProcessGrid(client_app, simulated(3), run_config(tmp_path, student_model="os:getcwd"))
@@ -178,7 +178,7 @@ def test_dp_sgd_nodes_release_only_accounted_values(tmp_path: Path) -> None:
     assert "train-accuracy" not in metrics and "num-examples" not in metrics  # not covered by the guarantee
     from fedkd.models import build_model
 
-    student = build_model("lenet5-half", num_classes=10, channels=1, image_size=8)
+    student = build_model("lenet5", num_classes=10, channels=1, image_size=8)  # the run's student-model
     spent = []
     for _ in range(2):
         reply = ask(grid, RecordDict({"student": ArrayRecord(student.state_dict())}), "evaluate")
