@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/privacy")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a run-config key for every run (repeatable; for example student-refit=0, the "
-                        "defaults before stop 40); the table and plot get a -set suffix unless --tag names them")
+                        help="a run-config key for every run (repeatable; for example student-model=lenet5-half "
+                        "student-steps=20 student-refit=0, the student before stop 40); the table and plot get a "
+                        "-set suffix unless --tag names them")
     parser.add_argument("--tag", default="", help="suffix of the table and plot (privacy-utility-TAG.md)")
     args = parser.parse_args(argv)
     try:  # a bad --set fails before anything runs, naming the key
