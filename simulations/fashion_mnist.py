@@ -256,9 +256,10 @@ def factors(results: Path, alpha: float) -> list[str]:
 
 def diagnose(run_dir: Path, data_root: str) -> list[str]:
     """Where a run's student falls short of its ensemble, from its run directory: recall per class (student,
-    plain probability mean of the teachers), the student with its BatchNorm statistics re-estimated on the real
-    test images (AdaBN: is the gap in the statistics?), and the synthetic pool against the real images (mean,
-    total variation, the ensemble's top probability per class)."""
+    plain probability mean of the teachers) and how often each calls a class (a class the student seldom
+    predicts on real images though the pool holds it), the student with its BatchNorm statistics re-estimated on
+    the real test images (AdaBN: is the gap in the statistics?), and the synthetic pool against the real images
+    (mean, total variation, the ensemble's top probability per class)."""
     from fedkd.institution.loading import load_teacher
 
     data = load_dataset("fashion-mnist", data_root, seed=0)
@@ -278,14 +279,17 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
         adabn = student.eval()(x).argmax(1)
     lines = [f"{run_dir}: student {float((guess == y).float().mean()):.4f}, with BatchNorm statistics from the "
              f"real test images {float((adabn == y).float().mean()):.4f}, plain probability mean of the teachers "
-             f"{float((mean == y).float().mean()):.4f}", "", "| class | student recall | teachers' mean recall |",
-             "|---|---|---|"]
+             f"{float((mean == y).float().mean()):.4f}", "",
+             "| class | student recall | teachers' mean recall | test images the student calls it | the teachers' "
+             "mean calls it | pool samples the ensemble calls it |", "|---|---|---|---|---|---|"]
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")["method"]["pool"]
+    pool = state["images"].float() / 255
+    calls = [torch.bincount(a, minlength=data.spec.num_classes).tolist()
+             for a in (guess, mean, state["answers"].argmax(1))]
     for c in range(data.spec.num_classes):
         k = y == c
         recall = [float((answer[k] == c).float().mean()) for answer in (guess, mean)]
-        lines.append(f"| {c} | {recall[0]:.3f} | {recall[1]:.3f} |")
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")["method"]["pool"]
-    pool = state["images"].float() / 255
+        lines.append(f"| {c} | {recall[0]:.3f} | {recall[1]:.3f} | {calls[0][c]} | {calls[1][c]} | {calls[2][c]} |")
 
     def tv(images: torch.Tensor) -> float:
         return float((images[..., 1:, :] - images[..., :-1, :]).abs().mean()

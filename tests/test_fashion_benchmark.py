@@ -82,7 +82,11 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     assert fashion_mnist.main(["--data-root", str(idx_root), "--diagnose", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "with BatchNorm statistics from the real test images" in out
-    assert len([line for line in out.splitlines() if line[:4] in {f"| {c} " for c in range(10)}]) == 10
+    rows = [line.split(" | ") for line in out.splitlines() if line[:4] in {f"| {c} " for c in range(10)}]
+    assert len(rows) == 10
+    # how often each classifies a test image as the class: every test image counted once, every pool sample once
+    assert sum(int(r[3]) for r in rows) == sum(int(r[4]) for r in rows) == 60
+    assert sum(int(r[5].rstrip(" |")) for r in rows) == 64
     assert "the synthetic pool (64)" in out  # 2 rounds of 32
 
 
