@@ -284,8 +284,8 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
              "mean calls it | pool samples the ensemble calls it |", "|---|---|---|---|---|---|"]
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")["method"]["pool"]
     pool = state["images"].float() / 255
-    calls = [torch.bincount(a, minlength=data.spec.num_classes).tolist()
-             for a in (guess, mean, state["answers"].argmax(1))]
+    best = state["answers"].argmax(1)  # the class the ensemble picks for each pool sample
+    calls = [torch.bincount(a, minlength=data.spec.num_classes).tolist() for a in (guess, mean, best)]
     for c in range(data.spec.num_classes):
         k = y == c
         recall = [float((answer[k] == c).float().mean()) for answer in (guess, mean)]
@@ -296,7 +296,6 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
                      + (images[..., :, 1:] - images[..., :, :-1]).abs().mean())
 
     top = state["answers"].float().softmax(1)
-    best = top.argmax(1)
     lines += ["", f"pixels: real test images mean {float(data.test.images.mean()):.3f}, total variation "
                   f"{tv(data.test.images):.3f}; the synthetic pool ({len(pool):,}) mean {float(pool.mean()):.3f}, "
                   f"total variation {tv(pool):.3f}",
