@@ -231,7 +231,9 @@ def _results_table(summary: dict[str, Any], run_dir: Path) -> Table:
     if along.get("accuracy") is not None:  # student-refit: what the run's epochs left, before the refit
         table.add_row("along the way", "the student the epochs trained, before the refit", _figure(along["accuracy"]),
                       _figure(along["agreement"]), _figure(along["loyalty"]), style="dim")
-    table.add_row("student", f"{s['model']}, data-free" + (", refitted on the final pool" if refit else ""),
+    refitted = (", refitted on the final pool" + (f" and {refit['blends']:,} blends" if refit.get("blends") else "")
+                if refit else "")
+    table.add_row("student", f"{s['model']}, data-free{refitted}",
                   _figure(s["test_accuracy"]),
                   _figure(check["agreement"] if unlabelled else s["agreement"]) + ("*" if unlabelled else ""),
                   _figure(check["loyalty"] if unlabelled else s["loyalty"]) + ("*" if unlabelled else ""),

@@ -206,6 +206,7 @@ def test_student_refit_trains_a_fresh_student_on_the_final_pool_without_a_query(
     # the summary and the saved student are the refitted one, not the student trained along the way
     assert summary["student"]["test_accuracy"] == record["student_accuracy"] > 0.35
     assert summary["student"]["refit"] == {"steps": record["refit_steps"], "samples": record["refit_samples"],
+                                           "blends": 0,
                                            "along_the_way": {"accuracy": history[3]["student_accuracy"],
                                                              "agreement": history[3]["agreement"],
                                                              "loyalty": history[3]["loyalty"]}}
@@ -215,6 +216,52 @@ def test_student_refit_trains_a_fresh_student_on_the_final_pool_without_a_query(
     online = torch.load(out / "checkpoint.pt", weights_only=True)["method"]["trainer"]["student"]
     saved = torch.load(out / "student.pt", weights_only=True)["state_dict"]
     assert any(not torch.equal(online[k], saved[k]) for k in online)
+
+
+class StopAtStage(StopAfter):
+    """Interrupts the run at the first stage message that starts with ``prefix``."""
+
+    def __init__(self, prefix):
+        super().__init__(None)
+        self.prefix = prefix
+
+    def stage(self, message):
+        if message.startswith(self.prefix):
+            raise Interrupt
+
+
+def test_student_refit_mixup_asks_for_the_blends_once_counts_them_and_keeps_to_the_budget(tmp_path):
+    mixup = {**TINY, "student-refit": 1.0, "student-refit-mixup": 0.5}
+    pool = 4 * 15 * 64  # the epochs' samples
+    out = tmp_path / "mixup"
+    with pytest.raises(Interrupt):  # stopped once the blends are answered and checkpointed, before the refit
+        run_experiment(config_from_mapping(mixup), out, observer=StopAtStage("student-refit-mixup"))
+    messages = []
+
+    class Log(StopAfter):
+        def stage(self, message):
+            messages.append(message)
+
+    summary = run_experiment(config_from_mapping(mixup), out, resume=True, observer=Log(None))
+    *runs, record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["stage"] == "refit" and record["refit_blends"] == pool // 2 == summary["student"]["refit"]["blends"]
+    assert record["refit_samples"] == pool + pool // 2 == summary["student"]["refit"]["samples"]
+    # one Forward of each blend to each of the 3 teachers, counted once: the resume asked nothing again
+    assert summary["queries"]["samples"] == record["query_samples"] == runs[-1]["query_samples"] + 3 * (pool // 2)
+    assert record["budget_spent"] == runs[-1]["budget_spent"] + 3 * (pool // 2)
+    assert any("blends of pool samples answered" in m and "kept from before the restart" in m for m in messages)
+    assert summary["student"]["test_accuracy"] > 0.35
+
+    # a query budget that leaves room for a share of them: the asking stops there, the refit uses what came back
+    batch = config_from_mapping(mixup).teachers.max_query_batch
+    budget = {**mixup, "query-budget": runs[-1]["budget_spent"] + 3 * batch + 1}
+    messages.clear()
+    short = run_experiment(config_from_mapping(budget), tmp_path / "budget", observer=Log(None))
+    assert any(f"query-budget reached after {batch:,} of {pool // 2:,} blends" in m for m in messages)
+    *runs, report = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert short["student"]["refit"]["blends"] == batch and report["refit_samples"] == pool + batch
+    assert short["queries"]["samples"] == runs[-1]["query_samples"] + 3 * batch and report["budget_spent"] <= budget[
+        "query-budget"]
 
 
 def test_student_refit_leaves_the_student_of_a_method_without_a_pool(tmp_path):

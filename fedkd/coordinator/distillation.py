@@ -172,6 +172,23 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         observer.step()
         write_query_ledger(pool.stats(), ledger_path)
 
+    def checkpoint(next_epoch: int) -> None:
+        save_atomic({
+            "format": RUN_FORMAT,
+            "epoch": next_epoch,
+            "method": method.state_dict(),
+            "history": history,
+            "stage_epochs": [e for e, _ in stages],
+            "stage_images": [img for _, img in stages],
+            "rng": torch.get_rng_state(),
+            "elapsed": elapsed_before + time.perf_counter() - started,
+            "answers": ({"ensemble": answers.ensemble, "members": answers.members, "competence": answers.competence}
+                        if answers else None),
+            "query_stats": [s.as_dict() for s in pool.stats()],
+            "clients": clients,
+            "ensemble": ensemble.state_dict(),
+        }, ckpt_path)
+
     for epoch in range(start_epoch, config.epochs):
         observer.epoch_started(epoch, config.steps_per_epoch)
         epoch_start = time.perf_counter()
@@ -190,30 +207,30 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
             f.write(json.dumps(record) + "\n")
         if epoch in snapshots:
             stages.append((epoch, method.synthetic_samples()))
-        save_atomic({
-            "format": RUN_FORMAT,
-            "epoch": epoch + 1,
-            "method": method.state_dict(),
-            "history": history,
-            "stage_epochs": [e for e, _ in stages],
-            "stage_images": [img for _, img in stages],
-            "rng": torch.get_rng_state(),
-            "elapsed": elapsed_before + time.perf_counter() - started,
-            "answers": ({"ensemble": answers.ensemble, "members": answers.members, "competence": answers.competence}
-                        if answers else None),
-            "query_stats": [s.as_dict() for s in pool.stats()],
-            "clients": clients,
-            "ensemble": ensemble.state_dict(),
-        }, ckpt_path)
+        checkpoint(epoch + 1)
         observer.epoch_finished(record)
 
     if answers is not None:  # the summary's ensemble: the one the student learned from last
         answers = answers.recombined(ensemble)
     final: nn.Module = method.student
+    blends = None
+    if config.student.refit > 0 and config.student.refit_mixup > 0:
+        blends = method.answer_blends(config.student.refit_mixup, config.seed + 3, step)
+        if blends.asked:  # the answers go into the checkpoint: a resume asks the teachers nothing again
+            write_query_ledger(pool.stats(), ledger_path)
+            checkpoint(config.epochs)
+        observer.stage(f"student-refit-mixup: {blends.answered:,} blends of pool samples answered by the teachers"
+                       + (" (kept from before the restart)" if blends.answered and not blends.asked else "")
+                       + (f"; {blends.stopped}" if blends.stopped else ""))
     if config.student.refit > 0:
         final, refitted = refit(method, config, spec, device, observer, history[-1] if history else {}, test_inputs,
                                 test.labels if test is not None else None, answers)
         if refitted is not None:
+            if blends is not None:  # the blends' queries counted like the epochs'
+                total, before = sum(s.samples for s in pool.stats()), refitted.get("query_samples")
+                if isinstance(before, int) and isinstance(refitted.get("budget_spent"), int):
+                    refitted["budget_spent"] += total - before
+                refitted.update(query_samples=total, refit_blends=blends.answered)
             history.append(refitted)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(refitted) + "\n")

@@ -77,6 +77,10 @@ class StudentSettings(Section):
         0.0, 10.0, help="after the last epoch, train the student afresh on the whole final pool for this share of "
         "its steps (plain distillation, no curriculum, no queries; 0 = keep the student trained along the way)",
         key="student-refit"))
+    refit_mixup: float = field(default=0.0, metadata=bounded(
+        0.0, 4.0, help="before student-refit, blend random pairs of pool samples (a uniform weight each) into this "
+        "share of the pool's size, answered again by the teachers (counted query samples within query-budget), and "
+        "refit on the pool and the blends (0 = none)", key="student-refit-mixup"))
 
     def arguments(self) -> dict[str, Any]:
         """``student-args`` as keyword arguments; ConfigError naming the key when it is not a JSON object."""

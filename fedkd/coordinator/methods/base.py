@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
-from fedkd.contract import QueryContext
+from fedkd.contract import QueryContext, QueryError
 from fedkd.coordinator.ensemble import Ensemble
+from fedkd.coordinator.pool import QuorumError
 from fedkd.coordinator.settings import StudentSettings, SynthesisSettings
 from fedkd.coordinator.student import StudentTrainer
 from fedkd.coordinator.synthesis import Synthesizer, SyntheticBatch, balanced_targets
@@ -74,11 +75,19 @@ class DistillationMethod(Protocol):
         the method has nothing to draw them from. Leaves the run's state (random streams, models) as it was."""
         ...
 
+    def answer_blends(self, share: float, seed: int, on_batch: Callable[[], None] | None = None) -> Blends:
+        """Blend random pairs of pool samples into ``share`` x the pool's size new samples and have the teachers
+        answer them (a Forward, counted, within the query budget), for :meth:`refit` to train on beside the pool;
+        kept in :meth:`state_dict`, so a method that holds them already asks nothing. ``on_batch`` after each
+        answered batch. Leaves the run's random streams as they were."""
+        ...
+
     def refit(self, student: nn.Module, share: float, seed: int) -> tuple[int, int]:
-        """Train ``student`` (freshly built) on the whole final pool for ``share`` of the steps the method's own
-        student took, with the method's student settings and a schedule of its own; no query. Returns (the pool
-        samples, the steps) it trained on; (0, 0) where the method keeps no pool beyond its last batch, and
-        ``student`` is left untouched. Leaves the run's random streams as they were."""
+        """Train ``student`` (freshly built) on the whole final pool (and the blends :meth:`answer_blends` had
+        answered) for ``share`` of the steps the method's own student took, with the method's student settings
+        and a schedule of its own; no query. Returns (the samples, the steps) it trained on; (0, 0) where the
+        method keeps no pool beyond its last batch, and ``student`` is left untouched. Leaves the run's random
+        streams as they were."""
         ...
 
 
@@ -151,6 +160,17 @@ class QueryBudget:
 Options = TypeVar("Options")
 
 
+@dataclass(frozen=True)
+class Blends:
+    """What :meth:`DistillationMethod.answer_blends` left: the blended samples answered (all of them, or as many
+    as the budget and the teachers allowed), those asked in this session (0 when the checkpoint held them) and,
+    when it stopped short, why."""
+
+    answered: int
+    asked: int = 0
+    stopped: str = ""
+
+
 class PoolMethod(Generic[Options]):
     """What every method shares: the student trainer, the query budget, a synthetic pool, the epoch loop, and
     checkpointing of all of them. A method sets ``name``, builds its losses and writes :meth:`synthesis_round`;
@@ -177,6 +197,10 @@ class PoolMethod(Generic[Options]):
         self.trainer = StudentTrainer(self.student, self.spec, student or cfg.student, self.device, total_steps=total)
         self.pool = SyntheticPool(pool_size or cfg.pool.size, self.spec.input_shape, self.spec.num_classes)
         self.budget = QueryBudget(self.ensemble, cfg.pool.query_budget)
+        # student-refit-mixup: blends of pool samples the teachers answered after the last epoch (uint8 images,
+        # the ensemble's logits), or None before they are asked
+        self.blends: tuple[Tensor, Tensor] | None = None
+        self.blends_stopped = ""
 
     def build_synthesis(self) -> None:
         """Build what makes the synthetic samples before the student trainer (nothing here: the generator of
@@ -247,21 +271,67 @@ class PoolMethod(Generic[Options]):
         them from."""
         return None
 
+    def answer_blends(self, share: float, seed: int, on_batch: Callable[[], None] | None = None) -> Blends:
+        """See :class:`DistillationMethod`. Each blend is ``w * a + (1 - w) * b`` of two pool images drawn at
+        random, ``w`` uniform in [0, 1] (mixup with a uniform weight), quantised like every pool image, so the
+        stored blend is exactly what the teachers saw. They are asked as the pool's last batches were (the last
+        epoch's context, purpose ``distill``): release policies, client budgets and the reliability estimate
+        apply as to any answer. A refusal (a client's budget spent, too few teachers) or the run's query budget
+        stops the asking; what was answered is kept."""
+        if self.blends is not None:
+            return Blends(len(self.blends[0]), 0, self.blends_stopped)
+        wanted = round(share * len(self.pool)) if len(self.pool) > self.config.batch_size else 0
+        batch = self.config.teachers.max_query_batch
+        state = self.curriculum_state(self.config.epochs - 1).asked_for("distill")
+        stored = self.pool.images[:len(self.pool)]
+        images, answers, stopped = [], [], ""
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            draw = torch.Generator().manual_seed(seed)
+            for start in range(0, wanted, batch):
+                n = min(batch, wanted - start)
+                if not self.budget.fits(n * len(self.ensemble)):
+                    stopped = f"query-budget reached after {start:,} of {wanted:,} blends"
+                    break
+                a, b = (torch.randint(0, len(stored), (n,), generator=draw) for _ in range(2))
+                w = torch.rand(n, 1, 1, 1, generator=draw)
+                mixed = torch.round(w * stored[a].float() + (1 - w) * stored[b].float()).to(torch.uint8)
+                try:
+                    logits = self.ensemble(self.spec.normalize(mixed.float() / 255), state).logits
+                except (QueryError, QuorumError) as exc:
+                    stopped = f"the teachers stopped answering after {start:,} of {wanted:,} blends ({exc})"
+                    break
+                images.append(mixed)
+                answers.append(logits.detach().float().cpu())
+                if on_batch is not None:
+                    on_batch()
+        shape = (0, *self.spec.input_shape)
+        self.blends = (torch.cat(images) if images else torch.zeros(shape, dtype=torch.uint8),
+                       torch.cat(answers) if answers else torch.zeros(0, self.spec.num_classes))
+        self.blends_stopped = stopped
+        return Blends(len(self.blends[0]), len(self.blends[0]), stopped)
+
     def refit(self, student: nn.Module, share: float, seed: int) -> tuple[int, int]:
         """See :class:`DistillationMethod`. The pool is sampled uniformly (the run's student saw the early
         samples far more often than the last ones, and through the method's curriculum): what ``student-refit``
-        measured on Fashion-MNIST (docs/results.md)."""
+        measured on Fashion-MNIST (docs/results.md); the blends, where there are any, are drawn alike beside it."""
         if len(self.pool) <= self.config.batch_size:  # DAFL, DFAD: fresh samples only, the pool is the last batch
             return 0, 0
         settings, steps = self.trainer.settings, max(1, round(share * self.trainer.total_steps))
+        blends = self.blends if self.blends is not None and len(self.blends[0]) else None
+        if blends is not None:
+            images = torch.cat([self.pool.images[:len(self.pool)], blends[0]])
+            answers = torch.cat([self.pool.answers[:len(self.pool)], blends[1]])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             draw = torch.Generator().manual_seed(seed)
             trainer = StudentTrainer(student, self.spec, settings, self.device, total_steps=steps)
             for _ in range(steps):
-                images, answers = self.pool.sample(self.config.batch_size, generator=draw)
-                trainer.step(images, answers)
-        return len(self.pool), steps
+                if blends is None:
+                    trainer.step(*self.pool.sample(self.config.batch_size, generator=draw))
+                else:
+                    idx = torch.randperm(len(images), generator=draw)[:self.config.batch_size]
+                    trainer.step(images[idx].float() / 255, answers[idx])
+        return len(self.pool) + (len(blends[0]) if blends is not None else 0), steps
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -270,13 +340,20 @@ class PoolMethod(Generic[Options]):
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"trainer": self.trainer.state_dict(), "pool": self.pool.state_dict(),
-                "budget": self.budget.state_dict(), "extra": self.extra_state()}
+        state = {"trainer": self.trainer.state_dict(), "pool": self.pool.state_dict(),
+                 "budget": self.budget.state_dict(), "extra": self.extra_state()}
+        if self.blends is not None:
+            state["blends"] = {"images": self.blends[0], "answers": self.blends[1], "stopped": self.blends_stopped}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trainer.load_state_dict(state["trainer"])
         self.pool.load_state_dict(state["pool"])
         self.budget.load_state_dict(state["budget"])
+        blends = state.get("blends")  # answered after the last epoch (student-refit-mixup); absent before
+        if blends is not None:
+            self.blends = (blends["images"].to(torch.uint8), blends["answers"].float())
+            self.blends_stopped = str(blends["stopped"])
         # a CuDFKD checkpoint of an earlier version keeps its method state (the curriculum) at the top level
         self.load_extra_state(state.get("extra", state))
 
