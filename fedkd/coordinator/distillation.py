@@ -224,7 +224,8 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
                        + (f"; {blends.stopped}" if blends.stopped else ""))
     if config.student.refit > 0:
         final, refitted = refit(method, config, spec, device, observer, history[-1] if history else {}, test_inputs,
-                                test.labels if test is not None else None, answers)
+                                test.labels if test is not None else None, answers,
+                                blends.answered if blends is not None else 0)
         if refitted is not None:
             if blends is not None:  # the blends' queries counted like the epochs'
                 total, before = sum(s.samples for s in pool.stats()), refitted.get("query_samples")
@@ -261,14 +262,16 @@ def scores(student: nn.Module, test_inputs: Tensor, labels: Tensor, answers: Ens
 
 def refit(method: DistillationMethod, config: RunConfig, spec: DatasetSpec, device: torch.device,
           observer: RunObserver, last: dict[str, Any], test_inputs: Tensor | None, labels: Tensor | None,
-          answers: EnsembleAnswers | None) -> tuple[nn.Module, dict[str, Any] | None]:
-    """``student-refit``: a student built afresh and trained on the whole final pool (no query), with its record
+          answers: EnsembleAnswers | None, blends: int = 0) -> tuple[nn.Module, dict[str, Any] | None]:
+    """``student-refit``: a student built afresh and trained on the whole final pool and the ``blends`` the teachers
+    answered after the epochs (``student-refit-mixup``; the refit itself asks nothing), with its record
     for ``metrics.jsonl`` (``"stage": "refit"``, ``"epoch"`` one past the last epoch's record ``last``, which keeps
     the student trained along the way). Run again on a resume: it depends only on the checkpointed pool and the
     seed. The method's own student and no record, when the method keeps no pool to refit on."""
     started = time.perf_counter()
-    observer.stage(f"student-refit: a fresh student, {config.student.refit:g}x the run's student steps on the final "
-                   "pool, no queries ...")
+    what = "the final pool" + (f" and {blends:,} blends" if blends else "")
+    observer.stage(f"student-refit: a fresh student, {config.student.refit:g}x the run's student steps on {what}, "
+                   "no queries ...")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 2)
         student = build_student(config, spec)
@@ -286,8 +289,7 @@ def refit(method: DistillationMethod, config: RunConfig, spec: DatasetSpec, devi
     before = last.get("student_accuracy")
     done = (f": test accuracy {record['student_accuracy']:.4f}" if record["student_accuracy"] is not None else "")
     done += f" (the student trained along the way: {before:.4f})" if before is not None and done else ""
-    observer.stage(f"student refitted afresh on the final pool ({samples:,} samples, {steps:,} steps, no "
-                   f"queries){done}")
+    observer.stage(f"student refitted afresh on {what} ({samples:,} samples, {steps:,} steps, no queries){done}")
     return student, record
 
 
