@@ -295,6 +295,32 @@ def test_a_run_goes_on_without_a_client_whose_budget_ran_out_and_reports_every_l
     assert ledger["epsilon_spent"] == pytest.approx(noisy["epsilon_spent"])
 
 
+def test_the_refits_blends_are_asked_like_any_query_and_a_spent_client_keeps_to_its_budget(tmp_path):
+    from fedkd.config import config_from_mapping
+    from fedkd.coordinator.experiment import run_experiment
+
+    base = {"dataset": "digits", "num-clients": 2, "partition": "iid", "teacher-model": "lenet5",
+            "teacher-epochs": 1, "epochs": 2, "steps-per-epoch": 4, "student-steps": 2, "batch-size": 16,
+            "latent-dim": 16, "num-threads": 2, "sample-stages": 1, "privacy-mode": "output-noise,none",
+            "privacy-budget": 1000.0, "output-noise": 2.0, "student-refit": 1.0}
+    # with room in its budget, the noisy client releases its answers on the blends too, and accounts them
+    roomy = run_experiment(config_from_mapping({**base, "student-refit-mixup": 0.5}), tmp_path / "roomy")
+    plain = run_experiment(config_from_mapping(base), tmp_path / "plain")
+    def logit_rows(summary):
+        return sum(e["steps"] for e in summary["privacy"]["clients"][0]["entries"] if e["kind"] == "logits")
+
+    assert roomy["student"]["refit"]["blends"] == 64 and logit_rows(roomy) == logit_rows(plain) + 64
+    assert roomy["queries"]["samples"] == plain["queries"]["samples"] + 2 * 64
+    # a budget the epochs spend whole: the client refuses the blends, the other teacher answers them alone
+    budget = plain["privacy"]["clients"][0]["epsilon_spent"] * 1.0001
+    spent = run_experiment(config_from_mapping({**base, "privacy-budget": budget, "student-refit-mixup": 0.5}),
+                           tmp_path / "spent")
+    noisy = spent["privacy"]["clients"][0]
+    assert noisy["refused"] >= 1 and noisy["epsilon_spent"] <= budget
+    assert spent["student"]["refit"]["blends"] == 64 and spent["queries"]["samples"] == plain["queries"]["samples"] + 64
+    assert spent["queries"]["per_client"][0]["missed"] > 0 and spent["queries"]["per_client"][1]["missed"] == 0
+
+
 def test_where_prv_cannot_discretise_the_ledger_falls_back_to_rdp_and_recomputes_alike():
     # DP-SGD training beside a release with very little noise: Opacus's PRV discretisation raises.
     history = [(2.08, 0.256, 160), (0.0249, 1.0, 1)]
