@@ -242,6 +242,15 @@ def test_student_refit_mixup_asks_for_the_blends_once_counts_them_and_keeps_to_t
         def stage(self, message):
             messages.append(message)
 
+    # blends that do not fit the run (a checkpoint edited, or another task's) stop the resume, naming them
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    kept = saved["method"]["blends"]["answers"]
+    saved["method"]["blends"]["answers"] = kept[:, :5]
+    torch.save(saved, out / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"saved blends are images \(1920, 1, 8, 8\) with answers \(1920, 5\)"):
+        run_experiment(config_from_mapping(mixup), out, resume=True)
+    saved["method"]["blends"]["answers"] = kept
+    torch.save(saved, out / "checkpoint.pt")
     summary = run_experiment(config_from_mapping(mixup), out, resume=True, observer=Log(None))
     *runs, record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["stage"] == "refit" and record["refit_blends"] == pool // 2 == summary["student"]["refit"]["blends"]
@@ -267,8 +276,15 @@ def test_student_refit_mixup_asks_for_the_blends_once_counts_them_and_keeps_to_t
 def test_student_refit_leaves_the_student_of_a_method_without_a_pool(tmp_path):
     plain = {k: v for k, v in TINY.items() if not k.startswith("cudfkd.")}
     config = config_from_mapping({**plain, "method": "dfad", "epochs": 1, "steps-per-epoch": 4, "student-steps": 2,
-                                  "student-refit": 1.0})
-    summary = run_experiment(config, tmp_path / "dfad")
+                                  "student-refit": 1.0, "student-refit-mixup": 1.0})
+    messages = []
+
+    class Log(StopAfter):
+        def stage(self, message):
+            messages.append(message)
+
+    summary = run_experiment(config, tmp_path / "dfad", observer=Log(None))
+    assert any("0 blends" in m and "method dfad keeps no pool beyond its last batch" in m for m in messages)
     history = [json.loads(line) for line in (tmp_path / "dfad" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 1 and "stage" not in history[0]
     assert summary["student"]["test_accuracy"] == history[0]["student_accuracy"]

@@ -280,11 +280,13 @@ class PoolMethod(Generic[Options]):
         stops the asking; what was answered is kept."""
         if self.blends is not None:
             return Blends(len(self.blends[0]), 0, self.blends_stopped)
-        wanted = round(share * len(self.pool)) if len(self.pool) > self.config.batch_size else 0
+        kept = len(self.pool) > self.config.batch_size  # DAFL, DFAD: the pool is the last batch, nothing to refit on
+        wanted = round(share * len(self.pool)) if kept else 0
         batch = self.config.teachers.max_query_batch
         state = self.curriculum_state(self.config.epochs - 1).asked_for("distill")
         stored = self.pool.images[:len(self.pool)]
-        images, answers, stopped = [], [], ""
+        images, answers = [], []
+        stopped = "" if kept else f"method {self.name} keeps no pool beyond its last batch, nothing to blend"
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             draw = torch.Generator().manual_seed(seed)
             for start in range(0, wanted, batch):
@@ -352,7 +354,13 @@ class PoolMethod(Generic[Options]):
         self.budget.load_state_dict(state["budget"])
         blends = state.get("blends")  # answered after the last epoch (student-refit-mixup); absent before
         if blends is not None:
-            self.blends = (blends["images"].to(torch.uint8), blends["answers"].float())
+            images, answers = blends["images"], blends["answers"]
+            if tuple(images.shape[1:]) != tuple(self.spec.input_shape) or tuple(answers.shape) != (
+                    len(images), self.spec.num_classes):
+                raise ValueError(f"the saved blends are images {tuple(images.shape)} with answers "
+                                 f"{tuple(answers.shape)}; this run's samples are {self.spec.input_shape} with "
+                                 f"{self.spec.num_classes} classes")
+            self.blends = (images.to(torch.uint8), answers.float())
             self.blends_stopped = str(blends["stopped"])
         # a CuDFKD checkpoint of an earlier version keeps its method state (the curriculum) at the top level
         self.load_extra_state(state.get("extra", state))
