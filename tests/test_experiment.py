@@ -218,6 +218,17 @@ def test_student_refit_trains_a_fresh_student_on_the_final_pool_without_a_query(
     assert any(not torch.equal(online[k], saved[k]) for k in online)
 
 
+class StageLog(StopAfter):
+    """Keeps every stage message of the run."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.messages = []
+
+    def stage(self, message):
+        self.messages.append(message)
+
+
 class StopAtStage(StopAfter):
     """Interrupts the run at the first stage message that starts with ``prefix``."""
 
@@ -236,12 +247,6 @@ def test_student_refit_mixup_asks_for_the_blends_once_counts_them_and_keeps_to_t
     out = tmp_path / "mixup"
     with pytest.raises(Interrupt):  # stopped once the blends are answered and checkpointed, before the refit
         run_experiment(config_from_mapping(mixup), out, observer=StopAtStage("student-refit-mixup"))
-    messages = []
-
-    class Log(StopAfter):
-        def stage(self, message):
-            messages.append(message)
-
     # blends that do not fit the run (a checkpoint edited, or another task's) stop the resume, naming them
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
     kept = saved["method"]["blends"]["answers"]
@@ -251,22 +256,23 @@ def test_student_refit_mixup_asks_for_the_blends_once_counts_them_and_keeps_to_t
         run_experiment(config_from_mapping(mixup), out, resume=True)
     saved["method"]["blends"]["answers"] = kept
     torch.save(saved, out / "checkpoint.pt")
-    summary = run_experiment(config_from_mapping(mixup), out, resume=True, observer=Log(None))
+    log = StageLog()
+    summary = run_experiment(config_from_mapping(mixup), out, resume=True, observer=log)
     *runs, record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["stage"] == "refit" and record["refit_blends"] == pool // 2 == summary["student"]["refit"]["blends"]
     assert record["refit_samples"] == pool + pool // 2 == summary["student"]["refit"]["samples"]
     # one Forward of each blend to each of the 3 teachers, counted once: the resume asked nothing again
     assert summary["queries"]["samples"] == record["query_samples"] == runs[-1]["query_samples"] + 3 * (pool // 2)
     assert record["budget_spent"] == runs[-1]["budget_spent"] + 3 * (pool // 2)
-    assert any("blends of pool samples answered" in m and "kept from before the restart" in m for m in messages)
+    assert any("blends of pool samples answered" in m and "kept from before the restart" in m for m in log.messages)
     assert summary["student"]["test_accuracy"] > 0.35
 
     # a query budget that leaves room for a share of them: the asking stops there, the refit uses what came back
     batch = config_from_mapping(mixup).teachers.max_query_batch
     budget = {**mixup, "query-budget": runs[-1]["budget_spent"] + 3 * batch + 1}
-    messages.clear()
-    short = run_experiment(config_from_mapping(budget), tmp_path / "budget", observer=Log(None))
-    assert any(f"query-budget reached after {batch:,} of {pool // 2:,} blends" in m for m in messages)
+    log = StageLog()
+    short = run_experiment(config_from_mapping(budget), tmp_path / "budget", observer=log)
+    assert any(f"query-budget reached after {batch:,} of {pool // 2:,} blends" in m for m in log.messages)
     *runs, report = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
     assert short["student"]["refit"]["blends"] == batch and report["refit_samples"] == pool + batch
     assert short["queries"]["samples"] == runs[-1]["query_samples"] + 3 * batch and report["budget_spent"] <= budget[
@@ -277,14 +283,9 @@ def test_student_refit_leaves_the_student_of_a_method_without_a_pool(tmp_path):
     plain = {k: v for k, v in TINY.items() if not k.startswith("cudfkd.")}
     config = config_from_mapping({**plain, "method": "dfad", "epochs": 1, "steps-per-epoch": 4, "student-steps": 2,
                                   "student-refit": 1.0, "student-refit-mixup": 1.0})
-    messages = []
-
-    class Log(StopAfter):
-        def stage(self, message):
-            messages.append(message)
-
-    summary = run_experiment(config, tmp_path / "dfad", observer=Log(None))
-    assert any("0 blends" in m and "method dfad keeps no pool beyond its last batch" in m for m in messages)
+    log = StageLog()
+    summary = run_experiment(config, tmp_path / "dfad", observer=log)
+    assert any("0 blends" in m and "method dfad keeps no pool beyond its last batch" in m for m in log.messages)
     history = [json.loads(line) for line in (tmp_path / "dfad" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 1 and "stage" not in history[0]
     assert summary["student"]["test_accuracy"] == history[0]["student_accuracy"]

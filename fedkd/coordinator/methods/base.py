@@ -271,6 +271,11 @@ class PoolMethod(Generic[Options]):
         them from."""
         return None
 
+    def keeps_pool(self) -> bool:
+        """Whether the pool holds more than the last batch (DAFL, DFAD train on fresh samples only: theirs is the
+        last batch, nothing to refit on or blend)."""
+        return len(self.pool) > self.config.batch_size
+
     def answer_blends(self, share: float, seed: int, on_batch: Callable[[], None] | None = None) -> Blends:
         """See :class:`DistillationMethod`. Each blend is ``w * a + (1 - w) * b`` of two pool images drawn at
         random, ``w`` uniform in [0, 1] (mixup with a uniform weight), quantised like every pool image, so the
@@ -280,7 +285,7 @@ class PoolMethod(Generic[Options]):
         stops the asking; what was answered is kept."""
         if self.blends is not None:
             return Blends(len(self.blends[0]), 0, self.blends_stopped)
-        kept = len(self.pool) > self.config.batch_size  # DAFL, DFAD: the pool is the last batch, nothing to refit on
+        kept = self.keeps_pool()
         wanted = round(share * len(self.pool)) if kept else 0
         batch = self.config.teachers.max_query_batch
         state = self.curriculum_state(self.config.epochs - 1).asked_for("distill")
@@ -316,7 +321,7 @@ class PoolMethod(Generic[Options]):
         """See :class:`DistillationMethod`. The pool is sampled uniformly (the run's student saw the early
         samples far more often than the last ones, and through the method's curriculum): what ``student-refit``
         measured on Fashion-MNIST (docs/results.md); the blends, where there are any, are drawn alike beside it."""
-        if len(self.pool) <= self.config.batch_size:  # DAFL, DFAD: fresh samples only, the pool is the last batch
+        if not self.keeps_pool():
             return 0, 0
         settings, steps = self.trainer.settings, max(1, round(share * self.trainer.total_steps))
         blends = self.blends if self.blends is not None and len(self.blends[0]) else None
