@@ -173,6 +173,10 @@ class RunConfig:
             raise ConfigError(f"teacher-recipe=open-set: clients with privacy-mode {' or '.join(clash)} cannot train "
                               "it (DP-SGD and PATE know the classes only); use privacy-mode none or output-noise, or "
                               "teacher-recipe=closed")
+        if self.student.refit_warp > 0 and self.student.refit_mixup == 0:
+            raise ConfigError(f"student-refit-warp={self.student.refit_warp:g} warps the blends of "
+                              "student-refit-mixup, which is 0 here: set student-refit-mixup > 0 as well, or leave "
+                              "student-refit-warp at 0")
         names = self.teacher_models()
         if len(names) not in (1, self.num_clients):
             raise ConfigError(

@@ -230,3 +230,10 @@ def test_non_finite_or_huge_text_on_the_command_line_is_refused_for_every_number
             continue
         with pytest.raises(ConfigError, match=f"^{key}: "):
             config_from_mapping(parse_assignments([f"{key}={text}"]))
+
+
+def test_student_refit_warp_without_blends_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"student-refit-warp=15 warps the blends of student-refit-mixup, which is 0"):
+        config_from_mapping({"student-refit-warp": 15})
+    config = config_from_mapping({"student-refit-warp": 15, "student-refit-mixup": 0.5})
+    assert config.student.refit_warp == 15.0 and config.student.refit_mixup == 0.5

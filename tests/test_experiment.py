@@ -279,6 +279,24 @@ def test_student_refit_mixup_asks_for_the_blends_once_counts_them_and_keeps_to_t
         "query-budget"]
 
 
+def test_student_refit_warp_warps_the_blends_and_asks_for_as_many(tmp_path):
+    mixup = {**TINY, "student-refit": 1.0, "student-refit-mixup": 0.5, "student-refit-warp": 0.0}
+    for name, warp in (("plain", 0.0), ("warped", 30.0)):
+        with pytest.raises(Interrupt):  # stopped once the blends are answered and checkpointed
+            run_experiment(config_from_mapping({**mixup, "student-refit-warp": warp}), tmp_path / name,
+                           observer=StopAtStage("student-refit-mixup"))
+    plain, warped = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=False)["method"]
+                     for n in ("plain", "warped"))
+    assert torch.equal(plain["pool"]["images"], warped["pool"]["images"])  # the same epochs before the blends
+    assert plain["blends"]["images"].shape == warped["blends"]["images"].shape == (4 * 15 * 64 // 2, 1, 8, 8)
+    moved = (plain["blends"]["images"] != warped["blends"]["images"]).flatten(1).any(1)
+    assert float(moved.float().mean()) > 0.95  # nearly every blend is another image
+    assert not torch.equal(plain["blends"]["answers"], warped["blends"]["answers"])  # and the teachers answered it
+    asked = [sum(t["samples"] for t in json.loads((tmp_path / n / "queries.json").read_text()))
+             for n in ("plain", "warped")]
+    assert asked[0] == asked[1]  # as many queries either way
+
+
 def test_student_refit_leaves_the_student_of_a_method_without_a_pool(tmp_path):
     plain = {k: v for k, v in TINY.items() if not k.startswith("cudfkd.")}
     config = config_from_mapping({**plain, "method": "dfad", "epochs": 1, "steps-per-epoch": 4, "student-steps": 2,

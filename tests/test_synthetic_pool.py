@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedkd.augment import random_shift
+from fedkd.augment import random_affine, random_shift
 from fedkd.config import config_from_mapping
 from fedkd.contract import QueryContext, TeacherDescription
 from fedkd.coordinator.ensemble import Ensemble
@@ -92,6 +92,23 @@ def test_random_shift_moves_whole_pixels_and_keeps_values():
     assert rows.min() >= 1 and rows.max() <= 5 and cols.min() >= 2 and cols.max() <= 6
     assert len({(int(r), int(c)) for r, c in zip(rows, cols)}) > 10  # each image gets its own offset
     assert torch.equal(random_shift(x, 0), x)
+
+
+def test_random_affine_warps_each_image_its_own_way_within_its_strength():
+    x = torch.zeros(32, 1, 16, 16)
+    x[:, 0, 7:9, 7:9] = 1.0  # a block at the centre, where rotation and scaling move nothing
+    x[:, 0, 2, 2] = 1.0  # and a pixel near a corner, which they do
+    y = random_affine(x, 20, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    centre = y[:, 0, 4:12, 4:12]
+    rows = (centre.sum(2) * torch.arange(4, 12)).sum(1) / centre.sum((1, 2))
+    cols = (centre.sum(1) * torch.arange(4, 12)).sum(1) / centre.sum((1, 2))
+    assert float((rows - 7.5).abs().max()) <= 20 / 200 * 16 + 1e-4  # moved by at most strength / 200 of the size
+    assert float((cols - 7.5).abs().max()) <= 20 / 200 * 16 + 1e-4
+    assert len({tuple(img.flatten().round(decimals=3).tolist()) for img in y}) == 32  # each image its own map
+    assert torch.equal(y, random_affine(x, 20, torch.Generator().manual_seed(0)))  # drawn from the generator only
+    assert not torch.equal(y, random_affine(x, 20, torch.Generator().manual_seed(1)))
+    assert torch.equal(random_affine(x, 0, torch.Generator().manual_seed(0)), x)
 
 
 def test_balanced_targets_ask_for_every_class_equally():

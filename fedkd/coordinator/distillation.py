@@ -215,11 +215,14 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
     final: nn.Module = method.student
     blends = None
     if config.student.refit > 0 and config.student.refit_mixup > 0:
-        blends = method.answer_blends(config.student.refit_mixup, config.seed + 3, step)
+        blends = method.answer_blends(config.student.refit_mixup, config.seed + 3, step, config.student.refit_warp)
         if blends.asked:  # the answers go into the checkpoint: a resume asks the teachers nothing again
             write_query_ledger(pool.stats(), ledger_path)
             checkpoint(config.epochs)
-        observer.stage(f"student-refit-mixup: {blends.answered:,} blends of pool samples answered by the teachers"
+        warped = f" (each image warped first, student-refit-warp={config.student.refit_warp:g})" \
+            if config.student.refit_warp > 0 else ""
+        observer.stage(f"student-refit-mixup: {blends.answered:,} blends of pool samples{warped} answered by the "
+                       "teachers"
                        + (" (kept from before the restart)" if blends.answered and not blends.asked else "")
                        + (f"; {blends.stopped}" if blends.stopped else ""))
     if config.student.refit > 0:

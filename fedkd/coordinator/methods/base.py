@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
+from fedkd.augment import random_affine
 from fedkd.contract import QueryContext, QueryError
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.pool import QuorumError
@@ -75,11 +76,13 @@ class DistillationMethod(Protocol):
         the method has nothing to draw them from. Leaves the run's state (random streams, models) as it was."""
         ...
 
-    def answer_blends(self, share: float, seed: int, on_batch: Callable[[], None] | None = None) -> Blends:
+    def answer_blends(self, share: float, seed: int, on_batch: Callable[[], None] | None = None,
+                      warp: float = 0.0) -> Blends:
         """Blend random pairs of pool samples into ``share`` x the pool's size new samples and have the teachers
         answer them (a Forward, counted, within the query budget), for :meth:`refit` to train on beside the pool;
-        kept in :meth:`state_dict`, so a method that holds them already asks nothing. ``on_batch`` after each
-        answered batch. Leaves the run's random streams as they were."""
+        kept in :meth:`state_dict`, so a method that holds them already asks nothing. ``warp`` > 0: each image
+        of a pair warped by a random affine map of that strength first (:func:`fedkd.augment.random_affine`).
+        ``on_batch`` after each answered batch. Leaves the run's random streams as they were."""
         ...
 
     def refit(self, student: nn.Module, share: float, seed: int) -> tuple[int, int]:
@@ -276,9 +279,11 @@ class PoolMethod(Generic[Options]):
         last batch, nothing to refit on or blend)."""
         return len(self.pool) > self.config.batch_size
 
-    def answer_blends(self, share: float, seed: int, on_batch: Callable[[], None] | None = None) -> Blends:
+    def answer_blends(self, share: float, seed: int, on_batch: Callable[[], None] | None = None,
+                      warp: float = 0.0) -> Blends:
         """See :class:`DistillationMethod`. Each blend is ``w * a + (1 - w) * b`` of two pool images drawn at
-        random, ``w`` uniform in [0, 1] (mixup with a uniform weight), quantised like every pool image, so the
+        random (each warped first where ``warp`` > 0), ``w`` uniform in [0, 1] (mixup with a uniform weight),
+        quantised like every pool image, so the
         stored blend is exactly what the teachers saw. They are asked as the pool's last batches were (the last
         epoch's context, purpose ``distill``): release policies, client budgets and the reliability estimate
         apply as to any answer. A refusal (a client's budget spent, too few teachers) or the run's query budget
@@ -301,7 +306,8 @@ class PoolMethod(Generic[Options]):
                     break
                 a, b = (torch.randint(0, len(stored), (n,), generator=draw) for _ in range(2))
                 w = torch.rand(n, 1, 1, 1, generator=draw)
-                mixed = torch.round(w * stored[a].float() + (1 - w) * stored[b].float()).to(torch.uint8)
+                first, second = (random_affine(stored[i].float(), warp, draw) for i in (a, b))
+                mixed = torch.round(w * first + (1 - w) * second).clamp(0, 255).to(torch.uint8)
                 try:
                     logits = self.ensemble(self.spec.normalize(mixed.float() / 255), state).logits
                 except (QueryError, QuorumError) as exc:
