@@ -5,6 +5,7 @@ NeurIPS 2022, Table 1): 5 clients, Dirichlet(0.1), (0.3) and (0.5) splits, 3 see
     python simulations/fashion_mnist.py        # the whole table: 9 splits, the default student (hours on 2 cores)
     python simulations/fashion_mnist.py --alphas 0.5 --seeds 0 --students default      # one run
     python simulations/fashion_mnist.py --alphas 0.5 --tag gen32 --set generator-width=32    # one factor
+    python simulations/fashion_mnist.py --alphas pathological --tag patho   # 2 classes per client, each an owner
     python simulations/fashion_mnist.py --factors    # every factor measured so far, from the records
     python simulations/fashion_mnist.py --diagnose runs/fashion-mnist/a0.5-s0-...   # where one student falls short
 
@@ -50,19 +51,50 @@ DENSE = {0.1: (0.6771, 0.5029), 0.3: (0.8725, 0.8396), 0.5: (0.8942, 0.8594)}
 # The issue's targets, by alpha: (student at least, student / ensemble at least) for the default student.
 TARGETS = {0.5: (0.88, 0.96), 0.3: (0.8396, 0.95), 0.1: (0.80, 0.0)}
 DEFAULTS = "(the defaults)"  # the factor table's name for a record with no change
-TEACHER_KEYS = ("dataset", "data-root", "num-clients", "partition", "alpha", "seed", "teacher-model",
-                "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing", "teacher-recipe")
+TEACHER_KEYS = ("dataset", "data-root", "num-clients", "partition", "alpha", "classes-per-client", "seed",
+                "teacher-model", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing",
+                "teacher-recipe")
 
 
 def _key(mapping: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(mapping, sort_keys=True).encode()).hexdigest()[:16]
 
 
+PATHOLOGICAL = "pathological"  # the split of --alphas that is not a Dirichlet alpha: 2 classes per client
+
+
+def split_part(split: str) -> dict[str, Any]:
+    """The run-config keys of one entry of ``--alphas``: a Dirichlet alpha, or the pathological split."""
+    if split == PATHOLOGICAL:
+        return {"partition": "pathological", "classes-per-client": 2}
+    return {"partition": "dirichlet", "alpha": float(split)}
+
+
+def split_of(mapping: dict[str, Any]) -> str:
+    """How a run's split is named in tables (``0.5``, ``pathological``)."""
+    return str(mapping["alpha"]) if mapping.get("partition", "dirichlet") == "dirichlet" else PATHOLOGICAL
+
+
+def _prefix(mapping: dict[str, Any]) -> str:
+    """The start of a run's file names: ``a0.5-s0`` (Dirichlet, as always), ``pathological-s0``."""
+    split = split_of(mapping)
+    return f"{'' if split == PATHOLOGICAL else 'a'}{split}-s{mapping['seed']}"
+
+
+def _order(item: tuple[tuple[str, str], Any]) -> tuple[bool, float, str]:
+    (split, student), _ = item
+    return split == PATHOLOGICAL, 0.0 if split == PATHOLOGICAL else float(split), student
+
+
+def _dense(split: str) -> tuple[float, float] | None:
+    return None if split == PATHOLOGICAL else DENSE.get(float(split))
+
+
 def teachers(mapping: dict[str, Any], cache: Path) -> tuple[Path, dict[str, float]]:
     """The split's five teachers, trained once, and what they score on the test set on their own and as a plain
     probability mean (the reference every aggregator is measured against)."""
     keys = {k: v for k, v in mapping.items() if k in TEACHER_KEYS}
-    path = cache / f"teachers-a{mapping['alpha']}-s{mapping['seed']}-{_key(keys)}"
+    path = cache / f"teachers-{_prefix(mapping)}-{_key(keys)}"
     scores = path / "scores.json"
     if not scores.exists():
         config = config_from_mapping(keys)
@@ -89,7 +121,7 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
     from fedkd.coordinator.aggregation import AGGREGATORS, class_weights
     from fedkd.institution.loading import load_teacher
 
-    path = results / "records" / f"references-a{mapping['alpha']}-s{mapping['seed']}-{_key(mapping)}.json"
+    path = results / "records" / f"references-{_prefix(mapping)}-{_key(mapping)}.json"
     if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping:
         return record["references"]
     clients, _ = teachers(mapping, runs / "teachers")
@@ -115,7 +147,7 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
 def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
     clients, scores = teachers(mapping, runs / "teachers")
     config = config_from_mapping(mapping)
-    out = runs / f"a{mapping['alpha']}-s{mapping['seed']}-{_key(mapping)}"
+    out = runs / f"{_prefix(mapping)}-{_key(mapping)}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(clients, out / "clients")
     started = time.perf_counter()
@@ -130,13 +162,13 @@ def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
 
 def cached(mapping: dict[str, Any], results: Path, runs: Path, compute: bool = True) -> dict[str, Any] | None:
     """The run's record, computed unless it is cached (None when it is not and ``compute`` is off)."""
-    path = results / "records" / f"a{mapping['alpha']}-s{mapping['seed']}-{_key(mapping)}.json"
+    path = results / "records" / f"{_prefix(mapping)}-{_key(mapping)}.json"
     if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping and \
             record.get("resolved") == config_from_mapping(mapping).to_dict():  # a changed default reruns
         return record
     if not compute:
         return None
-    print(f"running alpha={mapping['alpha']} seed={mapping['seed']} student={mapping.get('student-model', 'default')}"
+    print(f"running split={split_of(mapping)} seed={mapping['seed']} student={mapping.get('student-model', 'default')}"
           f" ...", file=sys.stderr, flush=True)
     record = run_one(mapping, runs)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,40 +182,40 @@ def _ms(values: list[float]) -> str:
     return f"{mean:.4f} ± {statistics.pstdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
-def reference_table(refs: dict[tuple[float, str], list[dict[str, float]]],
-                    rows: dict[tuple[float, str], list[dict[str, Any]]]) -> list[str]:
+def reference_table(refs: dict[tuple[str, str], list[dict[str, float]]],
+                    rows: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
     lines = ["The same students with the same schedule on real data (`--references`): distilled from the same "
              "ensemble on the 60,000 real training images without their labels, and trained on them with labels.",
              "", "| Dirichlet alpha | student | seeds | data-free student | distilled on real images | trained on "
              "real labels |", "|---|---|---|---|---|---|"]
-    for key, values in sorted(refs.items()):
+    for key, values in sorted(refs.items(), key=_order):
         free = _ms([r["student"] for r in rows[key]]) if key in rows else ""
         lines.append(f"| {key[0]} | {key[1]} | {len(values)} | {free} | {_ms([v['real_kd'] for v in values])} "
                      f"| {_ms([v['real_labels'] for v in values])} |")
     return lines
 
 
-def table(rows: dict[tuple[float, str], list[dict[str, Any]]]) -> list[str]:
+def table(rows: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
     lines = ["| Dirichlet alpha | student | seeds | best teacher | ensemble (class-weighted) | plain probability mean "
              "| student | student / ensemble | query samples | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (alpha, student), records in sorted(rows.items()):
+    for (alpha, student), records in sorted(rows.items(), key=_order):
         lines.append(
             f"| {alpha} | {student} | {len(records)} | {_ms([r['best_teacher'] for r in records])} "
             f"| {_ms([r['ensemble'] for r in records])} | {_ms([r['prob_mean'] for r in records])} "
             f"| **{_ms([r['student'] for r in records])}** | {_ms([r['student'] / r['ensemble'] for r in records])} "
             f"| {statistics.fmean(r['query_samples'] for r in records):,.0f} "
             f"| {statistics.fmean(r['wall_seconds'] for r in records):.0f} |")
-    for alpha, (ens, dense) in sorted(DENSE.items()):
-        lines.append(f"| {alpha} | DENSE (published) | | | {ens:.4f} | | {dense:.4f} | {dense / ens:.4f} | | |")
+    for published, (ens, dense) in sorted(DENSE.items()):
+        lines.append(f"| {published} | DENSE (published) | | | {ens:.4f} | | {dense:.4f} | {dense / ens:.4f} | | |")
     return lines
 
 
-def targets(rows: dict[tuple[float, str], list[dict[str, Any]]]) -> list[str]:
+def targets(rows: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
     out = []
-    for (alpha, student), records in sorted(rows.items()):
-        if student != "default" or alpha not in TARGETS:
+    for (alpha, student), records in sorted(rows.items(), key=_order):
+        if student != "default" or alpha == PATHOLOGICAL or float(alpha) not in TARGETS:
             continue
-        floor, ratio = TARGETS[alpha]
+        floor, ratio = TARGETS[float(alpha)]
         acc = statistics.fmean(r["student"] for r in records)
         got = statistics.fmean(r["student"] / r["ensemble"] for r in records)
         out.append(f"[{'met' if acc >= floor else 'MISSED'}] Dirichlet({alpha}): student {acc:.4f} >= {floor:.4f} "
@@ -304,13 +336,13 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
     return lines
 
 
-def plot(rows: dict[tuple[float, str], list[dict[str, Any]]], path: Path) -> None:
+def plot(rows: dict[tuple[str, str], list[dict[str, Any]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    alphas = sorted({a for a, _ in rows})
+    alphas = [a for (a, _), _ in sorted({(a, ""): 0 for a, _ in rows}.items(), key=_order)]
     fig, axes = plt.subplots(1, len(alphas), figsize=(5 * len(alphas), 4), squeeze=False)
     for ax, alpha in zip(axes[0], alphas):
         for (a, student), records in sorted(rows.items()):
@@ -322,8 +354,10 @@ def plot(rows: dict[tuple[float, str], list[dict[str, Any]]], path: Path) -> Non
                         label=f"{student} student" if i == 0 else None)
             ax.axhline(statistics.fmean(r["ensemble"] for r in records), color="gray", ls="--",
                        label="ensemble" if student == "default" else None)
-        ax.axhline(DENSE[alpha][1], color="C3", ls=":", label="DENSE's student") if alpha in DENSE else None
-        ax.set(title=f"Fashion-MNIST, Dirichlet({alpha}), 5 clients", xlabel="query samples (thousands)",
+        dense = _dense(alpha)
+        ax.axhline(dense[1], color="C3", ls=":", label="DENSE's student") if dense else None
+        name = "pathological (2 classes per client)" if alpha == PATHOLOGICAL else f"Dirichlet({alpha})"
+        ax.set(title=f"Fashion-MNIST, {name}, 5 clients", xlabel="query samples (thousands)",
                ylabel="student test accuracy")
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -334,7 +368,8 @@ def plot(rows: dict[tuple[float, str], list[dict[str, Any]]], path: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=DEBIAN_ROOT, help=f"the IDX files (default {DEBIAN_ROOT})")
-    parser.add_argument("--alphas", default="0.1,0.3,0.5")
+    parser.add_argument("--alphas", default="0.1,0.3,0.5",
+                        help=f"Dirichlet alphas, and {PATHOLOGICAL} for 2 classes per client (every class an owner)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--students", default="default", help=f"of {', '.join(STUDENTS)} (default: default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -359,7 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.factors:
         print("\n".join(factors(Path(args.results), 0.5)))
         return 0
-    alphas = [float(a) for a in args.alphas.split(",")]
+    alphas = [a.strip() for a in args.alphas.split(",")]
+    for a in alphas:
+        try:
+            split_part(a)
+        except ValueError:
+            parser.error(f"--alphas: {a!r} is neither a Dirichlet alpha nor {PATHOLOGICAL}")
     seeds = [int(s) for s in args.seeds.split(",")]
     students = args.students.split(",")
     unknown = [s for s in students if s not in STUDENTS]
@@ -371,22 +411,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.data_root} does not exist: apt-get install dataset-fashion-mnist, or give --data-root")
     overrides = parse_assignments(args.set)
     results, runs = Path(args.results), Path(args.runs)
-    rows: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     missing: list[str] = []
-    refs: dict[tuple[float, str], list[dict[str, float]]] = {}
+    refs: dict[tuple[str, str], list[dict[str, float]]] = {}
     for alpha in alphas:
         for student in students:
             for seed in seeds:
                 mapping = {"dataset": "fashion-mnist", "data-root": args.data_root, "num-clients": 5,
-                           "partition": "dirichlet", "alpha": alpha, "seed": seed, **STUDENTS[student], **overrides}
+                           **split_part(alpha), "seed": seed, **STUDENTS[student], **overrides}
+                label = split_of(mapping)
                 config_from_mapping(mapping)  # a bad --set fails before hours of work
                 record = cached(mapping, results, runs, compute=not args.cached)
                 if record is None:
-                    missing.append(f"alpha={alpha} seed={seed} student={student}")
+                    missing.append(f"{'alpha=' if label != PATHOLOGICAL else ''}{label} seed={seed} "
+                                   f"student={student}")
                 else:
-                    rows.setdefault((alpha, student), []).append(record)
+                    rows.setdefault((label, student), []).append(record)
                 if args.references and (record is not None or not args.cached):
-                    refs.setdefault((alpha, student), []).append(references(mapping, runs, results))
+                    refs.setdefault((label, student), []).append(references(mapping, runs, results))
     if missing:
         print(f"not computed yet, left out: {'; '.join(missing)}", file=sys.stderr)
     if not rows:

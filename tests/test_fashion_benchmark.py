@@ -90,6 +90,25 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     assert "the synthetic pool (64)" in out  # 2 rounds of 32
 
 
+def test_the_pathological_split_runs_beside_the_dirichlet_ones_with_teachers_of_two_classes(tmp_path, idx_root):
+    import torch
+
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    args = ["--data-root", str(idx_root), "--alphas", "pathological,0.5", "--seeds", "0", "--results", str(results),
+            "--runs", str(runs), *TINY]
+    assert fashion_mnist.main(args) == 0
+    assert sorted(p.name.split("-")[1] for p in (runs / "teachers").glob("teachers-*")) == ["a0.5", "pathological"]
+    teachers = next((runs / "teachers").glob("teachers-pathological-s0-*")) / "clients"
+    owned = [torch.load(p, weights_only=False)["label_counts"] for p in sorted(teachers.glob("client_*/teacher.pt"))]
+    assert [sum(1 for n in counts if n > 0) for counts in owned] == [2] * 5  # two classes each
+    assert sorted(c for counts in owned for c, n in enumerate(counts) if n > 0) == list(range(10))  # each an owner
+    assert len(list((results / "records").glob("pathological-s0-*.json"))) == 1
+    table = (results / "fashion-mnist-tiny.md").read_text().splitlines()
+    labels = [line.split("|")[1].strip() for line in table if line.startswith("| ") and "default" in line]
+    assert labels == ["0.5", "pathological"]  # the Dirichlet split first, then the pathological one
+    assert not any("pathological" in line for line in table if line.startswith("["))  # no DENSE target for it
+
+
 def test_a_variant_needs_a_tag_and_a_missing_root_says_what_to_install(tmp_path, capsys):
     with pytest.raises(SystemExit):
         fashion_mnist.main(["--data-root", str(tmp_path), "--set", "epochs=2"])
@@ -97,6 +116,9 @@ def test_a_variant_needs_a_tag_and_a_missing_root_says_what_to_install(tmp_path,
     with pytest.raises(SystemExit):
         fashion_mnist.main(["--data-root", str(tmp_path / "absent")])
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fashion_mnist.main(["--data-root", str(tmp_path), "--alphas", "0.5,skewed"])
+    assert "--alphas: 'skewed' is neither a Dirichlet alpha nor pathological" in capsys.readouterr().err
 
 
 def test_the_factor_table_compares_each_variant_with_the_defaults_on_its_own_seeds(tmp_path, capsys):
