@@ -81,9 +81,15 @@ def _prefix(mapping: dict[str, Any]) -> str:
     return f"{'' if split == PATHOLOGICAL else 'a'}{split}-s{mapping['seed']}"
 
 
+def _split_rank(split: str) -> tuple[bool, float]:
+    """Dirichlet splits by alpha, the pathological one after them."""
+    return split == PATHOLOGICAL, 0.0 if split == PATHOLOGICAL else float(split)
+
+
 def _order(item: tuple[tuple[str, str], Any]) -> tuple[bool, float, str]:
+    """A row of a table by (split, student)."""
     (split, student), _ = item
-    return split == PATHOLOGICAL, 0.0 if split == PATHOLOGICAL else float(split), student
+    return *_split_rank(split), student
 
 
 def _dense(split: str) -> tuple[float, float] | None:
@@ -342,7 +348,7 @@ def plot(rows: dict[tuple[str, str], list[dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    alphas = [a for (a, _), _ in sorted({(a, ""): 0 for a, _ in rows}.items(), key=_order)]
+    alphas = sorted({a for a, _ in rows}, key=_split_rank)
     fig, axes = plt.subplots(1, len(alphas), figsize=(5 * len(alphas), 4), squeeze=False)
     for ax, alpha in zip(axes[0], alphas):
         for (a, student), records in sorted(rows.items()):
