@@ -29,6 +29,7 @@ from fedkd.codec import MiB
 from fedkd.contract import ACCESS_MODES, ALL_ACCESS_MODES
 from fedkd.data import ImageData, count_image_folder
 from fedkd.institution.classifier import ModelError, as_classifier, dry_forward, load_classifier, parse_model_args
+from fedkd.institution.density import WithDensity, fit_density
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
@@ -105,16 +106,32 @@ def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task
                      max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES, client: int = 0,
                      device: str = "cpu", privacy: PrivacySettings | None = None,
                      ledger: str | Path | None = None, checked: bool = False,
-                     eval_data: str | Path | ImageData | None = None, unknown_output: bool = False) -> TeacherHost:
+                     eval_data: str | Path | ImageData | None = None, unknown_output: bool = False,
+                     density_data: str | Path | ImageData | None = None) -> TeacherHost:
     """A host for a classifier the institution holds as an ``nn.Module`` (checked against the task with a dry
     forward unless ``checked``), with its own limits and release policy. Label counts are shared only when given
     (and as the policy releases them); a DP-SGD or PATE guarantee is claimed only for teachers fedkd trained
     (``--checkpoint``). With ``eval_data`` (the task's ImageFolder, or images already loaded) the institution
     evaluates the final student on it and releases the counts through its policy. With ``unknown_output`` the
-    model answers one logit more than the task has classes, last "unknown" (an open-set model)."""
+    model answers one logit more than the task has classes, last "unknown" (an open-set model). With
+    ``density_data`` (the institution's own images, an ImageFolder of the task, or images already loaded) the host
+    fits their density and answers each input's log-density as one output more (``teacher-density``,
+    :mod:`fedkd.institution.density`): the coordinator weighs its answers by the posterior of who knows the
+    input."""
     model = as_classifier(given)  # eval mode (an exported program's module keeps its own)
     if not checked:
         dry_forward(model, task, f"the model {name!r}", unknown_output=unknown_output)
+    density = None
+    if density_data is not None:
+        if unknown_output:
+            raise ModelError("--density-data and --unknown-output both add the answers' one extra output (a "
+                             "log-density, 'unknown'); choose one")
+        own = task.load_images(density_data) if isinstance(density_data, (str, Path)) else density_data
+        try:
+            density = fit_density(task.spec.normalize(own.images), own.labels, task.num_classes)
+        except ValueError as exc:
+            raise ModelError(f"--density-data: {exc}") from None
+        model = WithDensity(model, density).eval()
     settings = privacy or PrivacySettings(share_label_counts=label_counts is not None)
     if settings.mode in ("dp-sgd", "pate"):
         raise ModelError(f"--privacy-mode {settings.mode}: fedkd claims that guarantee only for a teacher it trained "
@@ -131,6 +148,8 @@ def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task
     card = {"model": name, "num_classes": task.num_classes, "input_shape": list(task.input_shape),
             "mean": list(task.mean), "std": list(task.std), "label_counts": counts or [0] * task.num_classes,
             "num_samples": records, "privacy": None, "unknown_output": unknown_output}
+    if density is not None:
+        card["density"] = density.to_state()
     description = describe_checkpoint(card, model, client=client,
                                       share_label_counts=settings.share_label_counts and counts is not None,
                                       access_modes=_granted(access), policy=policy)
@@ -189,7 +208,7 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
         raise ValueError("give --checkpoint (a teacher fedkd trained) or --model with --task and --weights (your own)")
     access = args.access.split(",")
     if args.checkpoint:
-        for flag in ("task", "weights", "model_args", "label_counts", "unknown_output"):
+        for flag in ("task", "weights", "model_args", "label_counts", "unknown_output", "density_data"):
             if getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} goes with --model; a checkpoint carries its own")
         return host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=access,
@@ -203,7 +222,7 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
                            label_counts=parse_label_counts(args.label_counts, task),
                            max_batch=args.max_batch, access=access, device=str(resolve_device(args.device)),
                            privacy=privacy, ledger=args.ledger, eval_data=args.eval_data,
-                           unknown_output=args.unknown_output)
+                           unknown_output=args.unknown_output, density_data=args.density_data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,6 +57,11 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     teacher.add_argument("--unknown-output", action="store_true", help="--model answers one logit more than the task "
                          "has classes, last: 'unknown', its own estimate that an input is none of what it learned (an "
                          "open-set model); the coordinator weighs its answers by 1 - p(unknown)")
+    teacher.add_argument("--density-data", metavar="DIR", help="--model: your own training images (an ImageFolder "
+                         "of the task): their density is fitted here and every answer carries the input's "
+                         "log-density under it, one output more; the coordinator weighs your answers by how much "
+                         "the input looks like your data (a fedkd-trained --checkpoint: train-teacher --set "
+                         "teacher-density=on)")
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", type=address, help="the coordinator's hub")
     parser.add_argument("--token-file", help="file holding this teacher's token (from the coordinator)")
     parser.add_argument("--ca", help="CA certificate (PEM) that signed the hub's certificate; default: system roots")
@@ -111,8 +116,8 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
 
 # What a teacher's training reads from the settings (--set KEY=VALUE); anything else is the coordinator's.
 TRAINING_KEYS = ("seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing",
-                 "teacher-recipe", "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size", "dp-lr",
-                 "dp-feature-epsilon", "dp-feature-clip", "device", "num-threads")
+                 "teacher-recipe", "teacher-density", "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size",
+                 "dp-lr", "dp-feature-epsilon", "dp-feature-clip", "device", "num-threads")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:

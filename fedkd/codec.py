@@ -182,7 +182,7 @@ def encode_description(d: TeacherDescription, *, name: str = "", max_batch: int 
         has_feature_statistics=d.has_feature_statistics, num_samples=d.num_samples or 0,
         label_counts=list(d.label_counts or ()), max_batch=max_batch,
         privacy=encode_privacy(d.privacy), terms=list(d.available_terms), evaluates_student=d.evaluates_student,
-        unknown_output=d.unknown_output,
+        unknown_output=d.unknown_output, log_density_output=d.log_density_output,
     )
 
 
@@ -227,6 +227,9 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
                   f"{list(msg.access_modes)}")
     if msg.label_counts and (len(msg.label_counts) != msg.num_classes or min(msg.label_counts) < 0):
         raise bad(f"label_counts must have {msg.num_classes} non-negative entries")
+    if msg.unknown_output and msg.log_density_output:
+        raise bad("unknown_output and log_density_output both announce the one extra output; a teacher has one "
+                  "or the other")
     return TeacherDescription(
         client=int(msg.client), model=msg.model, num_classes=int(msg.num_classes),
         input_shape=(int(msg.input_shape[0]), int(msg.input_shape[1]), int(msg.input_shape[2])),
@@ -238,7 +241,7 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         # terms this coordinator knows (an agent newer than the hub may announce more; they are never asked for)
         terms=tuple(t for t in dict.fromkeys(msg.terms) if t in TERM_NAMES),
         evaluates_student=bool(msg.evaluates_student),
-        unknown_output=bool(msg.unknown_output),
+        unknown_output=bool(msg.unknown_output), log_density_output=bool(msg.log_density_output),
     )
 
 

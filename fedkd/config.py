@@ -173,6 +173,13 @@ class RunConfig:
             raise ConfigError(f"teacher-recipe=open-set: clients with privacy-mode {' or '.join(clash)} cannot train "
                               "it (DP-SGD and PATE know the classes only); use privacy-mode none or output-noise, or "
                               "teacher-recipe=closed")
+        if self.teachers.density and (clash := sorted({m for m in privacy if m in ("dp-sgd", "pate")})):
+            raise ConfigError(f"teacher-density=on: clients with privacy-mode {' or '.join(clash)} cannot release it "
+                              "(the density is fitted to the raw images, outside DP-SGD's and PATE's guarantee); use "
+                              "privacy-mode none or output-noise, or teacher-density=off")
+        if self.teachers.density and self.teachers.recipe == "open-set":
+            raise ConfigError("teacher-density=on and teacher-recipe=open-set both add the answers' one extra output "
+                              "(a log-density, 'unknown'); choose one")
         if self.student.refit_warp > 0 and self.student.refit_mixup == 0:
             raise ConfigError(f"student-refit-warp={self.student.refit_warp:g} warps the blends of "
                               "student-refit-mixup, which is 0 here: set student-refit-mixup > 0 as well, or leave "

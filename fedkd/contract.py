@@ -130,11 +130,14 @@ class TeacherDescription:
     terms: tuple[str, ...] = ()  # teacher-side terms it computes (fedkd.institution.terms), besides feature statistics
     evaluates_student: bool = False  # it evaluates the final student on held-out data of its own
     unknown_output: bool = False  # its answers carry one more output, "unknown" (teacher-recipe=open-set)
+    # its answers carry one more output, the input's log-density per input value under its own data
+    # (teacher-density=on); never with unknown_output
+    log_density_output: bool = False
 
     @property
     def outputs(self) -> int:
-        """The width of its logits: the classes, and "unknown" when it has that output."""
-        return self.num_classes + int(self.unknown_output)
+        """The width of its logits: the classes, and "unknown" or the log-density when it has that output."""
+        return self.num_classes + int(self.unknown_output or self.log_density_output)
 
     @property
     def available_terms(self) -> tuple[str, ...]:

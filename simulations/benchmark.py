@@ -72,6 +72,10 @@ RUNS: dict[str, dict[str, Any]] = {
     "pathological-open-set": {"partition": "pathological", "classes-per-client": 2, "teacher-recipe": "open-set"},
     # ... and the main job with them (what open-set teachers cost or buy where the clients overlap)
     "default-open-set": {"teacher-recipe": "open-set"},
+    # ... with closed teachers that answer each input's log-density under their own images (teacher-density=on:
+    # the ensemble weighs them by the posterior of who knows the input), on the pathological split and the main job
+    "pathological-density": {"partition": "pathological", "classes-per-client": 2, "teacher-density": True},
+    "default-density": {"teacher-density": True},
     "curriculum-soft": {"cudfkd.self-paced": "soft"},
     "curriculum-hard": {"cudfkd.self-paced": "hard"},
     "curriculum-none": {"cudfkd.self-paced": "none"},
@@ -85,6 +89,11 @@ RUNS: dict[str, dict[str, Any]] = {
     # "unsure" answers class 0 with logit 2 (top probability 0.45, below the honest teachers' 0.48-0.53): a liar
     # that stays less sure than the median teacher, so the reliability estimate keeps its voice.
     "hostile-unsure": {},
+    # Teachers with densities (teacher-density=on), client 0 hostile: "fixed-density" answers class 0 (logit 20)
+    # with its honest density; "claims-density" does the same and claims every input as its own (its density
+    # raised by 5 nats per input value, far above any honest teacher's): it must not win the gate.
+    "hostile-fixed-density": {"teacher-density": True},
+    "hostile-claims-density": {"teacher-density": True},
     # Targeted poisoning: client 0 (and 1, colluding) honest except that it answers class 5 for class 3 and the
     # reverse (the digits 3 and 5 on MNIST-5k): its last layer's two rows swapped, its label histogram honest.
     # What it costs is measured as the student's recall on those two classes.
@@ -102,8 +111,9 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 POISONED = {"digits-poison-1": {0}, "digits-poison-2": {0, 1}, "poison-1": {0}, "poison-2": {0, 1}}
 GROUPS = {"default": ["default"], "one-client": ["one-client"],
-          "pathological": ["pathological", "pathological-open-set"],
+          "pathological": ["pathological", "pathological-open-set", "pathological-density"],
           "open-set": ["default-open-set", "pathological-open-set"],
+          "density": ["default-density", "pathological-density", "hostile-fixed-density", "hostile-claims-density"],
           "curriculum": ["default", "curriculum-soft", "curriculum-hard", "curriculum-none"],
           "hostile": ["default", "hostile-fixed", "hostile-fixed-trusting", "hostile-random",
                       "hostile-random-trusting", "hostile-unsure"],
@@ -140,7 +150,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def doctor_teacher(path: Path, kind: str, seed: int) -> None:
     """Turn the teacher checkpoint at ``path`` into a hostile one (the last layer rewritten) that claims a large,
     balanced label histogram: ``fixed`` answers class 0 with logit 20, ``unsure`` class 0 with logit 2 (top
-    probability 0.45), ``random`` random logits of scale 10."""
+    probability 0.45), ``random`` random logits of scale 10; ``claims`` is ``fixed`` whose density (a teacher with
+    teacher-density=on) is raised by 5 nats per input value, claiming every input as its own."""
     ckpt = torch.load(path, weights_only=True)
     state = ckpt["state_dict"]
     classes = ckpt["num_classes"]
@@ -152,6 +163,10 @@ def doctor_teacher(path: Path, kind: str, seed: int) -> None:
             state[key][[a, b]] = state[key][[b, a]].clone()
         save_atomic(ckpt, path)
         return
+    if kind == "claims":
+        density = ckpt["density"]
+        density["log_prior"] = density["log_prior"] + 5.0 * density["means"].shape[1]
+        kind = "fixed"
     if kind in ("fixed", "unsure"):
         state[last] = torch.zeros_like(state[last])
         state[bias] = torch.zeros_like(state[bias])
@@ -243,12 +258,12 @@ def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]]
                 ("student >= 0.99 x ensemble", f"{ratio:.4f}", ratio >= 0.99),
                 ("query samples <= 300 k", f"{queries:,}", queries <= 300_000),
                 ("wall <= 300 s", f"{wall:.0f} s", wall <= 300)]
-    if name == "default-open-set":
+    if name in ("default-open-set", "default-density"):
         return [("student >= 0.955", f"{student:.4f}", student >= 0.955)]
     if name == "one-client":
         ratio = statistics.fmean(r["student"] / r["best_teacher"] for r in runs)
         return [("student >= 0.99 x teacher", f"{ratio:.4f}", ratio >= 0.99)]
-    if name in ("pathological", "pathological-open-set"):
+    if name in ("pathological", "pathological-open-set", "pathological-density"):
         return [("student >= 0.85", f"{student:.4f}", student >= 0.85)]
     if name == "logits-only" and default:
         reference = _mean_std([r["student"] for r in default])[0]
@@ -266,7 +281,8 @@ def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]]
         recall = statistics.fmean(r["swapped_recall"] for r in runs)
         return [("recall on the swapped classes >= honest run - 0.05", f"{recall:.4f} vs {reference - 0.05:.4f}",
                  recall >= reference - 0.05)]
-    if name in ("hostile-fixed", "hostile-random", "hostile-unsure") and default:
+    if name in ("hostile-fixed", "hostile-random", "hostile-unsure", "hostile-fixed-density",
+                "hostile-claims-density") and default:
         reference = _mean_std([r["student"] for r in default])[0]
         return [("student >= default - 0.02", f"{student:.4f} vs {reference - 0.02:.4f}",
                  student >= reference - 0.02)]
@@ -323,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             print(f"running {name}, seed {seed} ...", file=sys.stderr, flush=True)
             runs.append(distil(name, seed, out_root))
-        reference = "digits" if name.startswith("digits-") else "default"  # what a variant is compared with
+        # what a variant is compared with: the honest runs of the same teachers
+        reference = ("digits" if name.startswith("digits-") else
+                     "default-density" if name.startswith("hostile-") and name.endswith("-density") else "default")
         default = results["experiments"].get(reference, {}).get("runs")
         results["experiments"][name] = {"overrides": RUNS[name], "runs": runs, "targets": [
             {"target": t, "measured": m, "met": ok} for t, m, ok in targets(name, runs, default)]}

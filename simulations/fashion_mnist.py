@@ -53,7 +53,7 @@ TARGETS = {0.5: (0.88, 0.96), 0.3: (0.8396, 0.95), 0.1: (0.80, 0.0)}
 DEFAULTS = "(the defaults)"  # the factor table's name for a record with no change
 TEACHER_KEYS = ("dataset", "data-root", "num-clients", "partition", "alpha", "classes-per-client", "seed",
                 "teacher-model", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing",
-                "teacher-recipe")
+                "teacher-recipe", "teacher-density")
 
 
 def _key(mapping: dict[str, Any]) -> str:

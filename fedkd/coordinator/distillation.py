@@ -108,7 +108,7 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
                             gradient_bound=guard.gradient_bound,
                             zeroth_order=ZerothOrder(guard.zo_directions, guard.zo_radius,
                                                      config.teachers.max_query_batch),
-                            check_seed=config.seed)
+                            check_seed=config.seed, density_sharpness=guard.density_sharpness)
     except ValueError as exc:
         raise ConfigError(f"ensemble: {exc}") from None
     if ensemble.aggregation != config.ensemble.rule:

@@ -37,7 +37,7 @@ class EnsembleOutput:
     terms: dict[str, Tensor]  # per asked-for teacher-side term: its mean over the answering teachers computing it
     members: list[int]  # which teachers answered, in pool order
     member_logits: list[Tensor]  # their logits over the classes, aligned with ``members``
-    competence: Tensor | None = None  # (K', B) 1 - p(unknown) per member and input, when some member has that output
+    competence: Tensor | None = None  # (K', B) per member and input: 1 - p(unknown), or the density gate
 
 
 def _query(pool: TeacherPool, inputs: Tensor, state: QueryContext, terms: Sequence[str],
@@ -198,7 +198,7 @@ class Ensemble:
 
     def __init__(self, pool: TeacherPool, aggregation: str = "auto", *, reliability: bool = True,
                  logit_bound: float = 100.0, gradient_bound: float = 10.0,
-                 zeroth_order: ZerothOrder | None = None, check_seed: int = 0) -> None:
+                 zeroth_order: ZerothOrder | None = None, check_seed: int = 0, density_sharpness: float = 4.0) -> None:
         self.pool = pool
         descriptions = pool.descriptions
         if not descriptions:
@@ -213,6 +213,11 @@ class Ensemble:
         # input by 1 - p(unknown) in the aggregators that sum probabilities (fedkd.coordinator.aggregation).
         # (A labels-only teacher answers votes, abstaining where "unknown" is its top: no column to weigh by.)
         self.has_unknown = torch.tensor([d.unknown_output and "logits" in d.access_modes for d in descriptions])
+        # Teachers whose last column is the input's log-density under their own data (teacher-density=on): per
+        # input, the posterior over them of who knows it, tempered by ``density_sharpness``.
+        self.has_density = torch.tensor([d.log_density_output and "logits" in d.access_modes and
+                                         not d.unknown_output for d in descriptions])
+        self.density_sharpness = density_sharpness
         self.aggregator: Aggregator = resolve_aggregator(
             aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
         counts, self.count_scale = capped_counts(descriptions, enabled=reliability)
@@ -362,9 +367,13 @@ class Ensemble:
             _, answered, logits, values, computed = _query(self.pool, inputs, state, names, min_answers)
         logits = self.bounds.logits(answered, logits)
         gate = None
-        if logits.shape[-1] > self.num_classes:  # some member has an unknown output
+        if logits.shape[-1] > self.num_classes:  # some member has an unknown output or a log-density
             has_unknown = self.has_unknown[answered].to(logits.device)
-            gate = competence(logits, self.num_classes, has_unknown) if bool(has_unknown.any()) else None
+            has_density = self.has_density[answered].to(logits.device)
+            if bool(has_unknown.any()) or bool(has_density.any()):
+                kept = self.reliability.weights()[list(answered)].to(logits.device) > 0
+                gate = competence(logits, self.num_classes, has_unknown, has_density,
+                                  sharpness=self.density_sharpness, kept=kept)
             logits = logits[..., :self.num_classes]
         # The estimate learns only from what the method asks; measuring on the coordinator's own (test) images
         # must not teach it: a data-free coordinator has none, and an ensemble judged on the images it is scored

@@ -30,6 +30,7 @@ from fedkd.coordinator.distillation import Distillation, RunObserver
 from fedkd.coordinator.flow import Session, coordinate, refuse_task
 from fedkd.coordinator.pool import LocalPool, TeacherPool
 from fedkd.data import DataSplit, load_dataset
+from fedkd.institution.density import classifier_of
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.privacy.ledger import ledger_path
 from fedkd.institution.privacy.policy import ReleasePolicy
@@ -100,7 +101,7 @@ def _references(config: RunConfig, split: DataSplit, clients: list[ClientTeacher
         unknown = int(config.teachers.recipe == "open-set")  # open-set teachers: "unknown" last, left out here
         avg = build_model(names[0], num_classes=spec.num_classes + unknown, channels=spec.channels,
                           image_size=spec.side)
-        avg.load_state_dict(average_weights([c.model for c in clients]))
+        avg.load_state_dict(average_weights([classifier_of(c.model) for c in clients]))
         refs["fedavg"] = {"model": names[0], "test_accuracy": accuracy(
             predict(avg.to(device), test_inputs, device=device)[:, :spec.num_classes], split.test.labels)}
     if config.centralised:

@@ -114,6 +114,10 @@ class EnsembleSettings(Section):
         key="reliability"))
     logit_bound: float = field(default=100.0, metadata=bounded(1.0, 1e6, help="answers' logits clipped to +-this",
                                                                key="logit-bound"))
+    density_sharpness: float = field(default=4.0, metadata=bounded(
+        0.0, 1e4, open_low=True, help="teachers answering a log-density (teacher-density=on): each answer weighed "
+        "per input by the softmax over the teachers of this x their log-densities per input value (larger: sharper)",
+        key="density-sharpness"))
     gradient_bound: float = field(default=10.0, metadata=bounded(
         1.0, 1e6, help="a teacher's per-sample input gradient clipped to this x the median teacher's",
         key="gradient-bound"))

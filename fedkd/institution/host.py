@@ -96,6 +96,7 @@ def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, 
         label_counts=label_counts,
         privacy=privacy,
         unknown_output=bool(ckpt.get("unknown_output", False)),
+        log_density_output="density" in ckpt,
     )
 
 
@@ -194,8 +195,10 @@ class TeacherHost:
                 with torch.no_grad():
                     logits, values = self.terms.run(self.model, x, names)
             if labels:
-                hard = (self.policy.release_labels(logits.detach()) if self.policy is not None
-                        else logits.argmax(-1).cpu())
+                votes = logits.detach()
+                if self.description.log_density_output:  # a vote names a class, never the density column
+                    votes = votes[..., :self.description.num_classes]
+                hard = (self.policy.release_labels(votes) if self.policy is not None else votes.argmax(-1).cpu())
                 if self.description.unknown_output:  # "unknown" on top: the teacher abstains
                     hard = torch.where(hard >= self.description.num_classes, torch.full_like(hard, -1), hard)
             elif self.policy is not None:

@@ -3,12 +3,14 @@ GroupNorm variant DP-SGD trained (with its DP-released feature statistics), or a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from fedkd.checkpoint import TEACHER_FORMAT, CheckpointError, check_teacher_fields, field_error, load_safe
+from fedkd.institution.density import GaussianDensity, WithDensity
 from fedkd.institution.privacy.dpsgd import attach_statistics, make_private_model
 from fedkd.institution.privacy.pate import ShardVotes
 from fedkd.models import build_classifier, build_model, is_code_spec
@@ -64,4 +66,16 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match a {name!r} architecture: "
                               f"{str(exc).splitlines()[0][:300]}") from None
+    if "density" in ckpt:  # teacher-density=on: the log-density of the client's own images as one output more
+        if outputs != ckpt["num_classes"] or mechanism in ("dp-sgd", "pate"):
+            raise field_error(path, "density", "is given, but the teacher already has an unknown output or is a "
+                              f"{mechanism} teacher; a density goes with a closed teacher without DP-SGD or PATE")
+        try:
+            density = GaussianDensity(**ckpt["density"])
+        except (TypeError, ValueError) as exc:
+            raise field_error(path, "density", str(exc)) from None
+        if density.dims != math.prod(shape):
+            raise field_error(path, "density", f"was fitted to inputs of {density.dims} values, the teacher takes "
+                              f"{math.prod(shape)}")
+        model = WithDensity(model, density)
     return model.eval(), ckpt

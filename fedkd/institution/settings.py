@@ -33,6 +33,11 @@ class TeacherSettings(Section):
         "closed", "open-set", help="how clients train their teachers: closed (the classes only) or open-set (one "
         "more output, 'unknown', learned from the client's own images corrupted; the ensemble weighs each answer "
         "by 1 - p(unknown)); not with dp-sgd or pate", scope="client", key="teacher-recipe"))
+    density: bool = field(default=False, metadata=described(
+        "each client also fits a density of its own images (per class, a probabilistic-PCA Gaussian) and answers "
+        "every input's log-density with its logits; the ensemble weighs each answer by the posterior of who knows "
+        "the input (density-sharpness); not with dp-sgd, pate or teacher-recipe=open-set", scope="client",
+        key="teacher-density"))
     # An institution's own `fedkd teacher --access` is authoritative.
     access: str = field(default="gradient", metadata=described(
         "what each client grants, one or one per client: gradient (Forward and Backward), logits (Forward only; "

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from fedkd.checkpoint import CheckpointError, save_teacher
 from fedkd.config import RunConfig
 from fedkd.data import DatasetSpec, ImageData, partition_indices
+from fedkd.institution.density import WithDensity, fit_density
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.open_set import HARDENING_STEP, open_set_loss
 from fedkd.options import check_finite
@@ -169,13 +170,24 @@ def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetS
             raise CheckpointError(f"checkpoint {str(path)!r} holds a teacher of teacher-recipe={held}, but the config "
                                   f"asks for teacher-recipe={config.teachers.recipe}; use another run directory or set "
                                   f"teacher-recipe={held}")
+        held_density = "density" in ckpt
+        if held_density != config.teachers.density:
+            on, asked = ("on" if held_density else "off"), ("on" if config.teachers.density else "off")
+            raise CheckpointError(f"checkpoint {str(path)!r} holds a teacher of teacher-density={on}, but the config "
+                                  f"asks for teacher-density={asked}; use another run directory or set "
+                                  f"teacher-density={on}")
         return model, ckpt, False
     how = " with DP-SGD" if dp else f" x {pate} shard teachers (PATE)" if pate else ""
     stage(f"client {client}: training {name}{how} on {len(data)} private samples")
     model, privacy = train_teacher(name, data, spec, config, init_seed=config.seed * 1000,
                                    order_seed=config.seed * 1000 + client, device=device, dp=dp, pate=pate,
                                    open_set=open_set)
+    density = None
+    if config.teachers.density:  # the density of its own images, fitted once, beside the classifier
+        stage(f"client {client}: fitting the density of its {len(data)} images (teacher-density)")
+        density = fit_density(spec.normalize(data.images), data.labels, spec.num_classes)
     ckpt = save_teacher(path, model, model_name=name, num_classes=spec.num_classes, input_shape=spec.input_shape,
                         num_samples=len(data), label_counts=data.label_counts(spec.num_classes),
-                        mean=spec.mean, std=spec.std, privacy=privacy, unknown_output=open_set)
-    return model, ckpt, True
+                        mean=spec.mean, std=spec.std, privacy=privacy, unknown_output=open_set,
+                        density=None if density is None else density.to_state())
+    return (model if density is None else WithDensity(model, density).eval()), ckpt, True

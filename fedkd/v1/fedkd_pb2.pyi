@@ -82,7 +82,7 @@ class PrivacyStatus(_message.Message):
     def __init__(self, mechanism: _Optional[str] = ..., epsilon_budget: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., unit: _Optional[str] = ...) -> None: ...
 
 class TeacherDescription(_message.Message):
-    __slots__ = ("name", "client", "model", "num_classes", "input_shape", "mean", "std", "access_modes", "has_feature_statistics", "num_samples", "label_counts", "privacy", "max_batch", "terms", "evaluates_student", "unknown_output")
+    __slots__ = ("name", "client", "model", "num_classes", "input_shape", "mean", "std", "access_modes", "has_feature_statistics", "num_samples", "label_counts", "privacy", "max_batch", "terms", "evaluates_student", "unknown_output", "log_density_output")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class TeacherDescription(_message.Message):
     TERMS_FIELD_NUMBER: _ClassVar[int]
     EVALUATES_STUDENT_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    LOG_DENSITY_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     client: int
     model: str
@@ -115,7 +116,8 @@ class TeacherDescription(_message.Message):
     terms: _containers.RepeatedScalarFieldContainer[str]
     evaluates_student: bool
     unknown_output: bool
-    def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ..., terms: _Optional[_Iterable[str]] = ..., evaluates_student: _Optional[bool] = ..., unknown_output: _Optional[bool] = ...) -> None: ...
+    log_density_output: bool
+    def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ..., terms: _Optional[_Iterable[str]] = ..., evaluates_student: _Optional[bool] = ..., unknown_output: _Optional[bool] = ..., log_density_output: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("inputs", "state", "bn_loss", "labels", "keep", "terms")

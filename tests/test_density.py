@@ -1,0 +1,265 @@
+"""Teachers that answer each input's log-density under their own images (teacher-density=on): the density, the
+checkpoint and the contract that carry it, and the ensemble's posterior over who knows the input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_ensemble import Fixed  # logits that are a fixed row, whatever the input
+from torch import nn
+
+from fedkd.checkpoint import CheckpointError, save_teacher
+from fedkd.codec import decode_description, encode_description
+from fedkd.config import config_from_mapping
+from fedkd.contract import QueryContext, QueryError, TeacherDescription
+from fedkd.coordinator.aggregation import competence, density_gate
+from fedkd.coordinator.ensemble import Ensemble
+from fedkd.coordinator.pool import LocalPool
+from fedkd.data import load_dataset
+from fedkd.institution.density import WithDensity, check_density, fit_density
+from fedkd.institution.host import TeacherHost, describe_checkpoint
+from fedkd.institution.loading import load_teacher
+from fedkd.options import ConfigError
+
+STATE = QueryContext(purpose="distill")
+
+
+def _two_kinds(n=200, seed=0):
+    """Images (n, 1, 4, 4) of two kinds: bright on the left half (class 0) or on the right half (class 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn(n, 1, 4, 4, generator=g)
+    y = torch.arange(n) % 2
+    x[y == 0, :, :, :2] += 2.0
+    x[y == 1, :, :, 2:] += 2.0
+    return x, y
+
+
+# The density --------------------------------------------------------------------------------------------------
+
+
+def test_a_standard_normal_fitted_gives_its_entropy_per_value():
+    x = torch.randn(4000, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    density = fit_density(x, torch.zeros(4000, dtype=torch.long), 2, rank=3)
+    fresh = torch.randn(2000, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    # the mean log-density per value of N(0, 1) samples is -(1/2) log(2 pi e) = -1.419
+    assert abs(float(density(fresh).mean()) + 0.5 * math.log(2 * math.pi * math.e)) < 0.03
+
+
+def test_own_images_are_likelier_than_anothers_and_the_fit_is_deterministic():
+    x, y = _two_kinds()
+    density = fit_density(x[y == 0], y[y == 0], 2, rank=4)
+    fresh, fy = _two_kinds(seed=1)
+    own, other = density(fresh[fy == 0]), density(fresh[fy == 1])
+    assert float(own.min()) > float(other.max())  # every own image above every foreign one
+    again = fit_density(x[y == 0], y[y == 0], 2, rank=4)
+    torch.testing.assert_close(again(fresh), density(fresh))
+
+
+def test_a_class_with_fewer_images_than_the_rank_keeps_a_proper_density():
+    x, y = _two_kinds()
+    keep = torch.cat([(y == 0).nonzero().flatten(), (y == 1).nonzero().flatten()[:6]])  # 6 images of class 1
+    density = fit_density(x[keep], y[keep], 2, rank=10)
+    assert density.bases.shape == (2, 16, 10)
+    assert int((density.bases[1].abs().sum(0) > 0).sum()) == 4  # 6 images: 4 directions, the rest isotropic
+    assert bool(torch.isfinite(density(x)).all())
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fit_density(x[:1], y[:1], 2)
+
+
+def test_the_log_density_is_differentiable_for_the_teacher_side_gradients():
+    x, y = _two_kinds()
+    model = WithDensity(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), fit_density(x, y, 2, rank=4))
+    probe = x[:3].clone().requires_grad_(True)
+    out = model(probe)
+    assert out.shape == (3, 3)
+    out[:, 2].sum().backward()
+    assert probe.grad is not None and bool(torch.isfinite(probe.grad).all()) and float(probe.grad.abs().sum()) > 0
+
+
+def test_a_density_that_does_not_hold_together_is_refused_naming_the_field():
+    x, y = _two_kinds()
+    state = fit_density(x, y, 2, rank=4).to_state()
+    check_density(state)
+    for field, value, match in (("variances", -state["variances"], "above 0"),
+                                ("noise", state["noise"] * float("nan"), "noise holds a value that is not finite"),
+                                ("bases", state["bases"][:, :, :0].repeat(1, 2, 1), "density bases have shape"),
+                                ("log_prior", state["log_prior"][:1], "do not match")):
+        with pytest.raises(ValueError, match=match):
+            check_density({**state, field: value})
+    with pytest.raises(ValueError, match="not a table of the tensors"):
+        check_density({k: v for k, v in state.items() if k != "means"})
+
+
+# The checkpoint, the host and the wire ------------------------------------------------------------------------
+
+
+def _saved(tmp_path, density):
+    """A registry teacher of two classes on 4 x 4 images, saved with ``density``."""
+    from fedkd.models import build_classifier
+
+    model = build_classifier("lenet5", num_classes=2, channels=1, image_size=4)
+    return model, save_teacher(tmp_path / "t.pt", model, model_name="lenet5", num_classes=2, input_shape=(1, 4, 4),
+                               num_samples=200, label_counts=[100, 100], mean=(0.0,), std=(1.0,), density=density)
+
+
+def test_a_teacher_with_a_density_reloads_answering_it_and_the_host_says_so(tmp_path):
+    x, y = _two_kinds()
+    density = fit_density(x, y, 2, rank=4)
+    model, ckpt = _saved(tmp_path, density.to_state())
+    again, loaded = load_teacher(tmp_path / "t.pt", num_classes=2)
+    assert isinstance(again, WithDensity)
+    with torch.no_grad():
+        out = again(x[:5])
+        torch.testing.assert_close(out[:, :2], model.eval()(x[:5]))
+        torch.testing.assert_close(out[:, 2], density(x[:5]))
+    desc = describe_checkpoint(loaded, again, client=0)
+    assert desc.log_density_output and not desc.unknown_output and desc.outputs == 3
+    host = TeacherHost(again, desc)
+    assert host.forward(x[:4], STATE).logits.shape == (4, 3)
+    assert host.backward(x[:4], torch.ones(4, 3), STATE).shape == (4, 1, 4, 4)
+
+
+def test_a_labels_answer_names_a_class_never_the_density_column():
+    desc = TeacherDescription(client=0, model="fixed", num_classes=2, input_shape=(1, 4, 4), mean=(0.0,),
+                              std=(1.0,), access_modes=("labels",), log_density_output=True)
+    reply = TeacherHost(Fixed([0.0, 1.0, 5.0]), desc).forward(torch.rand(3, 1, 4, 4), STATE, labels=True)
+    assert reply.labels.tolist() == [1, 1, 1] and reply.logits.shape == (3, 2)
+
+
+def test_a_checkpoint_whose_density_is_broken_or_for_other_inputs_is_refused(tmp_path):
+    x, y = _two_kinds()
+    state = fit_density(x, y, 2, rank=4).to_state()
+    _saved(tmp_path, {**state, "noise": -state["noise"]})
+    with pytest.raises(CheckpointError, match="field 'density'.*above 0|density.*above 0"):
+        load_teacher(tmp_path / "t.pt")
+    wide = fit_density(torch.randn(50, 1, 5, 5), torch.zeros(50, dtype=torch.long), 2, rank=3).to_state()
+    _saved(tmp_path, wide)
+    with pytest.raises(CheckpointError, match="fitted to inputs of 25 values, the teacher takes 16"):
+        load_teacher(tmp_path / "t.pt")
+
+
+def test_a_run_directory_with_teachers_without_a_density_is_refused_naming_the_key(tmp_path):
+    from fedkd.institution.training import load_or_train_teacher
+    from fedkd.models import build_classifier
+
+    split = load_dataset("digits")
+    spec = split.spec
+    save_teacher(tmp_path / "t.pt", build_classifier("lenet5", num_classes=10, channels=1, image_size=8),
+                 model_name="lenet5", num_classes=10, input_shape=(1, 8, 8), num_samples=0, label_counts=[0] * 10,
+                 mean=spec.mean, std=spec.std)  # a teacher without a density
+    with pytest.raises(CheckpointError, match="holds a teacher of teacher-density=off, but the config asks for "
+                                              "teacher-density=on"):
+        load_or_train_teacher(tmp_path / "t.pt", "lenet5", split.train, split.spec,
+                              config_from_mapping({"dataset": "digits", "teacher-density": True}), client=0,
+                              device="cpu", expected_model="lenet5", stage=lambda message: None)
+
+
+def test_the_wire_carries_the_flag_and_refuses_both_extra_outputs():
+    desc = TeacherDescription(client=1, model="m", num_classes=10, input_shape=(1, 8, 8), mean=(0.5,), std=(0.5,),
+                              log_density_output=True)
+    back = decode_description(encode_description(desc))
+    assert back.log_density_output and not back.unknown_output and back.outputs == 11
+    both = encode_description(desc)
+    both.unknown_output = True
+    with pytest.raises(QueryError, match="unknown_output and log_density_output both"):
+        decode_description(both)
+
+
+def test_the_density_is_refused_where_its_release_would_not_be_covered():
+    with pytest.raises(ConfigError, match="teacher-density=on: clients with privacy-mode dp-sgd"):
+        config_from_mapping({"teacher-density": True, "privacy-mode": "dp-sgd"})
+    with pytest.raises(ConfigError, match="teacher-density=on: clients with privacy-mode pate"):
+        config_from_mapping({"teacher-density": True, "privacy-mode": "none,pate,none,none,none"})
+    with pytest.raises(ConfigError, match="teacher-density=on and teacher-recipe=open-set"):
+        config_from_mapping({"teacher-density": True, "teacher-recipe": "open-set"})
+    assert config_from_mapping({"teacher-density": True, "privacy-mode": "output-noise"}).teachers.density
+
+
+# The ensemble -------------------------------------------------------------------------------------------------
+
+
+def test_the_gate_is_the_tempered_posterior_and_a_teacher_left_out_takes_no_share():
+    log_density = torch.tensor([[0.5, -2.0], [-1.0, -2.0], [-3.0, -2.0]])  # (M=3, B=2)
+    gate = density_gate(log_density, sharpness=2.0)
+    torch.testing.assert_close(gate, 3 * F.softmax(2.0 * log_density, 0))
+    torch.testing.assert_close(gate.mean(0), torch.ones(2))
+    left = density_gate(log_density, sharpness=2.0, kept=torch.tensor([False, True, True]))
+    assert float(left[0].abs().max()) == 0.0 and float(left[1, 0]) > float(left[2, 0])
+    # every teacher left out: equal shares instead of nothing
+    torch.testing.assert_close(density_gate(log_density, kept=torch.zeros(3, dtype=torch.bool)), torch.ones(3, 2))
+    # a density teacher among open-set and plain ones: each gets its own kind of weight
+    logits = torch.tensor([[[1.0, 0.0, 0.5]], [[1.0, 0.0, 3.0]], [[1.0, 0.0, -1.0]]])  # (K'=3, B=1, C+1=3)
+    gate = competence(logits, 2, torch.tensor([False, True, False]), torch.tensor([True, False, True]),
+                      sharpness=1.0)
+    torch.testing.assert_close(gate[1], 1 - F.softmax(logits[1], -1)[:, 2])
+    torch.testing.assert_close(gate[[0, 2]], 2 * F.softmax(torch.tensor([[0.5], [-1.0]]), 0))
+
+
+def _density_host(row, log_density, client):
+    desc = TeacherDescription(client=client, model="fixed", num_classes=len(row), input_shape=(1, 4, 4),
+                              mean=(0.0,), std=(1.0,), log_density_output=True)
+    return TeacherHost(Fixed([*row, log_density]), desc)
+
+
+def test_the_teacher_whose_data_the_input_resembles_wins_it_and_a_distrusted_one_cannot():
+    # Teacher 0 is sure of class 0 on every input but the input is nothing like its data (log-density -3 per
+    # value); teacher 1's data looks like it (-0.5) and it says class 1.
+    foreign, owner = _density_host([4.0, 0.0], -3.0, 0), _density_host([0.0, 2.0], -0.5, 1)
+    x = torch.rand(2, 1, 4, 4)
+    out = Ensemble(LocalPool([foreign, owner]), "prob-mean", reliability=False, density_sharpness=4.0)(x, STATE)
+    assert out.logits.argmax(1).tolist() == [1, 1]
+    p = F.softmax(torch.tensor([[4.0, 0.0], [0.0, 2.0]]), -1)
+    w = F.softmax(torch.tensor([-12.0, -2.0]), 0)
+    torch.testing.assert_close(out.logits.softmax(1)[0], (w[:, None] * p).sum(0))
+    assert [m.shape for m in out.member_logits] == [(2, 2), (2, 2)]  # the classes only, for the reports
+    # the same answers without densities follow the surer foreigner
+    plain = LocalPool([TeacherHost(Fixed([4.0, 0.0]), TeacherDescription(
+        client=0, model="fixed", num_classes=2, input_shape=(1, 4, 4), mean=(0.0,), std=(1.0,))),
+        TeacherHost(Fixed([0.0, 2.0]), TeacherDescription(
+            client=1, model="fixed", num_classes=2, input_shape=(1, 4, 4), mean=(0.0,), std=(1.0,)))])
+    assert Ensemble(plain, "prob-mean", reliability=False)(x, STATE).logits.argmax(1).tolist() == [0, 0]
+    # a teacher the reliability estimate leaves out claims every input in vain
+    liar = _density_host([4.0, 0.0], 50.0, 0)
+    ensemble = Ensemble(LocalPool([liar, owner]), "prob-mean", reliability=True)
+    ensemble.reliability.weights = lambda: torch.tensor([0.0, 1.0])  # as if judged hostile
+    assert ensemble(x, STATE).logits.argmax(1).tolist() == [1, 1]
+
+
+@pytest.mark.slow
+def test_a_pathological_run_with_densities_beats_the_same_teachers_without(tmp_path):
+    """digits, 5 clients of 2 classes: the ensemble of closed teachers is far below the one gated by the
+    teachers' densities (measured 0.35 and 0.95 with these settings)."""
+    from fedkd.coordinator.experiment import run_experiment
+
+    base = {"dataset": "digits", "partition": "pathological", "classes-per-client": 2, "teacher-epochs": 10,
+            "epochs": 1, "student-refit": 0, "query-budget": 20_000, "num-threads": 1}
+    results = {}
+    for density in (False, True):
+        config = config_from_mapping({**base, "teacher-density": density})
+        out = run_experiment(config, tmp_path / f"d{int(density)}")
+        results[density] = out["ensemble"]["test_accuracy"]
+    assert results[True] > results[False] + 0.2, results
+
+
+def test_an_institution_adds_a_density_of_its_own_images_to_its_own_model(tmp_path):
+    from fedkd.client.cli import host_from_module
+    from fedkd.data import ImageData
+    from fedkd.institution.classifier import ModelError
+    from fedkd.task import Task
+
+    task = Task(("a", "b"), (1, 4, 4), (0.5,), (0.5,))
+    x, y = _two_kinds()
+    own = ImageData(((x * 0.5 + 0.5).clamp(0, 1)), y)  # images in [0, 1], as the task's loader gives them
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    host = host_from_module(model, task, name="mine", density_data=own)
+    assert host.description.log_density_output and host.description.outputs == 3
+    inputs = task.spec.normalize(own.images[:4])
+    answer = host.forward(inputs, STATE).logits
+    expected = fit_density(task.spec.normalize(own.images), own.labels, 2)(inputs)
+    torch.testing.assert_close(answer[:, 2], expected)
+    with pytest.raises(ModelError, match="--density-data and --unknown-output both"):
+        host_from_module(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), task, name="mine", density_data=own,
+                         unknown_output=True)
+    with pytest.raises(ModelError, match="--density-data: a density needs at least 2 images"):
+        host_from_module(model, task, name="mine", density_data=ImageData(own.images[:1], own.labels[:1]))
