@@ -110,6 +110,8 @@ def _fingerprint(config: RunConfig, source: str, model_name: str, client: int) -
     settings["pate"] = config.privacy_modes()[client] == "pate"
     if config.teachers.recipe != "closed":  # (closed teachers keep the fingerprints they had before the key)
         settings["teacher-recipe"] = config.teachers.recipe
+    if config.teachers.density:  # a teacher with a density is another checkpoint (teachers without keep theirs)
+        settings["teacher-density"] = True
     if source.startswith("file:") and Path(source[5:]).exists():
         stat = Path(source[5:]).stat()
         source += f":{stat.st_size}:{stat.st_mtime_ns}"
@@ -153,7 +155,8 @@ def node_privacy(config: RunConfig, node_config: Mapping[str, Any], client: int)
     return own.privacy.for_client(client), own
 
 
-OWN_MODEL_KEYS = ("model", "weights", "task", "model-args", "label-counts", "eval-data", "unknown-output")
+OWN_MODEL_KEYS = ("model", "weights", "task", "model-args", "label-counts", "eval-data", "unknown-output",
+                  "density-data")
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class OwnModel:
     label_counts: list[int] | None
     eval_data: str | None
     unknown_output: bool = False  # the model answers one logit more, last "unknown" (fedkd teacher --unknown-output)
+    density_data: str | None = None  # its own images, whose density it answers too (fedkd teacher --density-data)
 
     @property
     def source(self) -> Path:
@@ -201,7 +205,8 @@ def own_model(node_config: Mapping[str, Any]) -> OwnModel | None:
     if not isinstance(unknown, bool):  # as every boolean key: TOML's true or false, never a quoted string
         quoted = "; write it without quotes" if isinstance(unknown, str) else ""
         raise NodeConfigError(f"node config: unknown-output is {unknown!r}; give true or false{quoted}")
-    return OwnModel(str(node_config["model"]), task, text("weights"), args, counts, text("eval-data"), unknown)
+    return OwnModel(str(node_config["model"]), task, text("weights"), args, counts, text("eval-data"), unknown,
+                    text("density-data"))
 
 
 def own_model_host(own: OwnModel, config: RunConfig, privacy: PrivacySettings, client: int) -> TeacherHost:
@@ -210,7 +215,7 @@ def own_model_host(own: OwnModel, config: RunConfig, privacy: PrivacySettings, c
     return host_from_model(own.spec, own.task, weights=own.weights, model_args=own.model_args,
                            label_counts=own.label_counts, max_batch=config.teachers.max_query_batch, client=client,
                            privacy=privacy, access=access_modes(config.teacher_access_modes()[client]),
-                           unknown_output=own.unknown_output)
+                           unknown_output=own.unknown_output, density_data=own.density_data)
 
 
 @dataclass

@@ -11,14 +11,17 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
   wall time <= 300 s on a 2-core CPU.
 - ``one-client``: one client holding the whole training pool, IID. Target: student >= 0.99 x teacher.
 - ``pathological``: 2 classes per client, 5 clients (every class owned). Target: student >= 0.85. Beside it
-  ``pathological-open-set``: the same with ``teacher-recipe=open-set`` (teachers that can say "not mine").
+  ``pathological-open-set``: the same with ``teacher-recipe=open-set`` (teachers that can say "not mine"), and
+  ``pathological-density``: with ``teacher-density=on`` (teachers that answer how much an input looks like their
+  data; group ``density``, with the main job and two hostile teachers with densities).
 - ``default-open-set``: the main job with ``teacher-recipe=open-set`` (group ``open-set``, with
   ``pathological-open-set``): the target is the main job's, student >= 0.955.
 - ``curriculum``: the main job with ``cudfkd.self-paced`` = log / soft / hard / none (log is the default).
 - ``hostile``: the main job with client 0's teacher replaced by a hostile one (a fixed wrong class, or
   random logits; both claiming a large label histogram), with the reliability estimate (the default) and
   without it; and a fixed-class liar less sure than the honest teachers (``hostile-unsure``). Target: student
-  within 0.02 of the default run.
+  within 0.02 of the default run. With ``teacher-density=on`` (``hostile-fixed-density``, and
+  ``hostile-claims-density`` whose density claims every input): within 0.02 of ``default-density``.
 - ``access``: the main job with every client granting logits only (zeroth-order gradient estimates). Target:
   student >= 0.95 x the gradient-mode student; the extra query samples reported.
 - ``poisoned``: digits (5 clients, Dirichlet(0.5)) and the main job, honest, then with one and with two
@@ -30,7 +33,8 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
   the honest run's.
 - ``aggregators``: no distillation: every aggregator's test accuracy on the teachers of the IID,
   Dirichlet(0.5), Dirichlet(0.1) and pathological splits (what picked ``ensemble=auto``), and on the
-  pathological split's open-set teachers (``teacher-recipe=open-set``).
+  pathological split's open-set teachers (``teacher-recipe=open-set``), and on teachers that answer their inputs'
+  log-densities (``teacher-density=on``) at Dirichlet(0.5), Dirichlet(0.1) and pathological.
 
 Prints Markdown tables (pasted into the README) and writes ``simulations/results/benchmark.json``;
 ``--only`` keeps the other experiments' last results in that file. Run directories go under
@@ -126,7 +130,11 @@ SPLITS = {"iid": {"partition": "iid"}, "dirichlet-0.5": {"alpha": 0.5}, "dirichl
           "pathological": {"partition": "pathological", "classes-per-client": 2},
           # the same split's teachers trained to say "not mine" (teacher-recipe=open-set)
           "pathological-open-set": {"partition": "pathological", "classes-per-client": 2,
-                                    "teacher-recipe": "open-set"}}
+                                    "teacher-recipe": "open-set"},
+          # closed teachers that answer their inputs' log-densities (teacher-density=on)
+          "dirichlet-0.5-density": {"alpha": 0.5, "teacher-density": True},
+          "dirichlet-0.1-density": {"alpha": 0.1, "teacher-density": True},
+          "pathological-density": {"partition": "pathological", "classes-per-client": 2, "teacher-density": True}}
 
 
 class _Quiet:

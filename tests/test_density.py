@@ -244,6 +244,7 @@ def test_a_pathological_run_with_densities_beats_the_same_teachers_without(tmp_p
 
 def test_an_institution_adds_a_density_of_its_own_images_to_its_own_model(tmp_path):
     from fedkd.client.cli import host_from_module
+
     from fedkd.data import ImageData
     from fedkd.institution.classifier import ModelError
     from fedkd.task import Task
@@ -263,3 +264,47 @@ def test_an_institution_adds_a_density_of_its_own_images_to_its_own_model(tmp_pa
                          unknown_output=True)
     with pytest.raises(ModelError, match="--density-data: a density needs at least 2 images"):
         host_from_module(model, task, name="mine", density_data=ImageData(own.images[:1], own.labels[:1]))
+
+
+def test_a_flower_node_keeps_teachers_with_and_without_a_density_apart():
+    from fedkd.client.node import teacher_path
+
+    from fedkd.config import RunConfig
+
+    node = {"partition-id": 0, "num-partitions": 5}
+    plain = teacher_path(RunConfig(), node, 0)
+    assert teacher_path(config_from_mapping({"teacher-density": True}), node, 0) != plain
+    assert teacher_path(config_from_mapping({"teacher-density": False}), node, 0) == plain  # unchanged without
+
+
+def test_a_flower_node_serves_its_own_model_with_a_density_from_the_node_config(tmp_path):
+    from fedkd.client.node import NodeConfigError, own_model, own_model_host
+
+    from fedkd.config import RunConfig
+    from fedkd.institution.privacy.settings import PrivacySettings
+    from fedkd.task import Task
+
+    card = tmp_path / "task.toml"
+    card.write_text('classes = ["a", "b"]\ninput-shape = [1, 4, 4]\nmean = [0.5]\nstd = [0.5]\n')
+    task = Task.from_toml(card)
+    x, y = _two_kinds()
+    images = (x * 0.5 + 0.5).clamp(0, 1)
+    for c, name in enumerate(task.classes):  # an ImageFolder of the task
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in (y == c).nonzero().flatten()[:20].tolist():
+            from torchvision.utils import save_image
+            save_image(images[i], tmp_path / "train" / name / f"{i}.png")
+    torch.save(two_outputs().state_dict(), tmp_path / "w.pt")
+    own = own_model({"model": "tests.test_density:two_outputs", "weights": str(tmp_path / "w.pt"),
+                     "task": str(card), "density-data": str(tmp_path / "train")})
+    assert own is not None and own.density_data == str(tmp_path / "train")
+    host = own_model_host(own, RunConfig(num_clients=1), PrivacySettings(), 0)
+    assert host.description.log_density_output and host.description.outputs == 3
+    with pytest.raises(NodeConfigError, match="density-data goes with model"):
+        own_model({"density-data": str(tmp_path / "train")})
+
+
+def two_outputs():
+    """Two classes (a node's own model, named as PACKAGE.MODULE:CALLABLE)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+

@@ -16,7 +16,9 @@ G(z, y) with class-balanced targets y when the generator is class-conditional):
           + w_bn * L_bn(x)                          # teacher BN statistics, computed by each client
           + a_adv(e) * L_adv,  L_adv = -tau_a^2 mean_i m_i KL(p_T^tau_a(x_i) || p_S^tau_a(x_i))
           + w_known * -mean_i log max_k g_k(x_i)    # open-set teachers only: samples some trusted teacher
-                                                    #   calls its own (g_k = 1 - p_k(unknown | x))
+                                                    #   calls its own (g_k = 1 - p_k(unknown | x)); with
+                                                    #   teachers' densities g_k is the density gate (K' x the
+                                                    #   posterior): samples one teacher's data clearly claims
 
 with the easy-to-hard ramp a_adv(e) (0 for the first quarter of training: the
 warm-up) and the mask m_i = [argmax S(x_i) = argmax T(x_i)] as CuDFKD's own
@@ -57,7 +59,8 @@ class CuDFKDOptions:
     weight_bn: float = field(default=30.0, metadata=bounded(
         0.0, 1e6, help="weight of the BatchNorm-statistics term (computed by each client)"))
     weight_known: float = field(default=1.0, metadata=bounded(
-        0.0, 1e6, help="weight of the term that keeps samples where some open-set teacher says 'mine' (0 = off)"))
+        0.0, 1e6, help="weight of the term that keeps samples where some open-set teacher says 'mine' (or, with "
+        "teacher-density=on, that one teacher's density clearly claims) (0 = off)"))
     targets: str = field(default="argmax", metadata=choice(
         "argmax", "balanced", help="the one-hot term's target: the teachers' argmax (the paper's) or balanced classes"))
     adv_start: float = field(default=0.0, metadata=bounded(
