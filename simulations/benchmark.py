@@ -297,10 +297,13 @@ def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]]
     return []
 
 
-def aggregators(seeds: list[int], out_root: Path) -> dict[str, Any]:
-    """Test accuracy of every aggregator on each split's teachers (the same teachers for all)."""
+def aggregators(seeds: list[int], out_root: Path, splits: list[str] | None = None) -> dict[str, Any]:
+    """Test accuracy of every aggregator on each split's teachers (the same teachers for all); ``splits``: only
+    those (default: every split)."""
     table: dict[str, Any] = {}
     for split, overrides in SPLITS.items():
+        if splits and split not in splits:
+            continue
         per_seed = []
         for seed in seeds:
             config = config_from_mapping({**overrides, "seed": seed})
@@ -322,6 +325,9 @@ def aggregators(seeds: list[int], out_root: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--splits", type=lambda text: text.split(","), default=None,
+                        help="with --only aggregators: these splits only, comma-separated (the others' last results "
+                        f"are kept); of {', '.join(SPLITS)}")
     parser.add_argument("--only", choices=sorted({*GROUPS, *RUNS, "aggregators"}), action="append",
                         help="an experiment group, one experiment, or aggregators (repeatable)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
@@ -355,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             {"target": t, "measured": m, "met": ok} for t, m, ok in targets(name, runs, default)]}
     if "aggregators" in groups:
         print("aggregators ...", file=sys.stderr, flush=True)
-        results["aggregators"] = aggregators(seeds, out_root)
+        # --splits measures some columns again and keeps the others' last results
+        kept = results.get("aggregators", {}) if args.splits else {}
+        results["aggregators"] = {**kept, **aggregators(seeds, out_root, args.splits)}
     results["seconds"] = time.perf_counter() - started
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
