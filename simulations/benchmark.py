@@ -218,7 +218,13 @@ def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
                            "swap" if name.startswith("swap-") else name.split("-")[1], seed)
         (out / "config.json").unlink(missing_ok=True)
     with poisoned_gradients(POISONED.get(name, set())):
-        summary = run_experiment(config, out, observer=_Quiet())
+        run_experiment(config, out, observer=_Quiet())
+    return record(out, config, seed)
+
+
+def record(out: Path, config: Any, seed: int) -> dict[str, Any]:
+    """What the benchmark keeps of the finished run in ``out`` (its summary, metrics and student)."""
+    summary = json.loads((out / "summary.json").read_text())
     best = max(t["test_accuracy"] for t in summary["teachers"])
     return {"seed": seed, "student": summary["student"]["test_accuracy"],
             # the same run's student before student-refit trained one afresh on the final pool (None: no refit)

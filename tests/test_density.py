@@ -307,4 +307,3 @@ def test_a_flower_node_serves_its_own_model_with_a_density_from_the_node_config(
 def two_outputs():
     """Two classes (a node's own model, named as PACKAGE.MODULE:CALLABLE)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
-
