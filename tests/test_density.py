@@ -307,3 +307,30 @@ def test_a_flower_node_serves_its_own_model_with_a_density_from_the_node_config(
 def two_outputs():
     """Two classes (a node's own model, named as PACKAGE.MODULE:CALLABLE)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+
+
+def test_train_teacher_saves_a_density_that_its_checkpoint_serves_and_a_checkpoint_takes_no_density_flag(
+        tmp_path, capsys):
+    from fedkd.client.cli import _host, host_from_checkpoint
+    from fedkd.client.flags import teacher_parser
+    from PIL import Image
+
+    from fedkd.cli import main
+
+    card = tmp_path / "task.toml"
+    card.write_text('classes = ["a", "b", "c"]\ninput-shape = [1, 8, 8]\nmean = [0.5]\nstd = [0.25]\n')
+    for k, name in enumerate("abc"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(6 + k):
+            Image.new("L", (8, 8), color=80 * k + i).save(tmp_path / "train" / name / f"{i}.png")
+    out = tmp_path / "teacher.pt"
+    assert main(["train-teacher", "--task", str(card), "--data", str(tmp_path / "train"), "--model", "lenet5",
+                 "--set", "teacher-epochs=1", "--set", "teacher-density=on", "--out", str(out)]) == 0
+    capsys.readouterr()
+    host = host_from_checkpoint(out)
+    assert host.description.log_density_output and host.description.outputs == 4
+    assert host.forward(torch.zeros(2, 1, 8, 8), STATE).logits.shape == (2, 4)
+    args = teacher_parser().parse_args(["--checkpoint", str(out), "--density-data", str(tmp_path / "train"),
+                                        "--connect", "127.0.0.1:1", "--insecure"])
+    with pytest.raises(ValueError, match="--density-data goes with --model; a checkpoint carries its own"):
+        _host(args, None)
