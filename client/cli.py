@@ -29,7 +29,7 @@ from fedkd.codec import MiB
 from fedkd.contract import ACCESS_MODES, ALL_ACCESS_MODES
 from fedkd.data import ImageData, count_image_folder
 from fedkd.institution.classifier import ModelError, as_classifier, dry_forward, load_classifier, parse_model_args
-from fedkd.institution.density import WithDensity, fit_density
+from fedkd.institution.density import WithDensity, density_of
 from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
@@ -128,7 +128,7 @@ def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task
                              "log-density, 'unknown'); choose one")
         own = task.load_images(density_data) if isinstance(density_data, (str, Path)) else density_data
         try:
-            density = fit_density(task.spec.normalize(own.images), own.labels, task.num_classes)
+            density = density_of(own, task.spec)
         except ValueError as exc:
             raise ModelError(f"--density-data: {exc}") from None
         model = WithDensity(model, density).eval()

@@ -169,11 +169,12 @@ class RunConfig:
         if len(privacy) not in (1, self.num_clients):
             raise ConfigError(f"privacy-mode: {self.privacy.mode!r}; give {', '.join(PRIVACY_MODES)}, for all "
                               f"clients or one per client (num-clients={self.num_clients}), comma-separated")
-        if self.teachers.recipe == "open-set" and (clash := sorted({m for m in privacy if m in ("dp-sgd", "pate")})):
+        clash = sorted({m for m in privacy if m in ("dp-sgd", "pate")})  # modes whose guarantee a recipe must keep
+        if self.teachers.recipe == "open-set" and clash:
             raise ConfigError(f"teacher-recipe=open-set: clients with privacy-mode {' or '.join(clash)} cannot train "
                               "it (DP-SGD and PATE know the classes only); use privacy-mode none or output-noise, or "
                               "teacher-recipe=closed")
-        if self.teachers.density and (clash := sorted({m for m in privacy if m in ("dp-sgd", "pate")})):
+        if self.teachers.density and clash:
             raise ConfigError(f"teacher-density=on: clients with privacy-mode {' or '.join(clash)} cannot release it "
                               "(the density is fitted to the raw images, outside DP-SGD's and PATE's guarantee); use "
                               "privacy-mode none or output-noise, or teacher-density=off")

@@ -313,16 +313,11 @@ def test_train_teacher_saves_a_density_that_its_checkpoint_serves_and_a_checkpoi
         tmp_path, capsys):
     from fedkd.client.cli import _host, host_from_checkpoint
     from fedkd.client.flags import teacher_parser
-    from PIL import Image
+    from test_own_models import image_folder_task
 
     from fedkd.cli import main
 
-    card = tmp_path / "task.toml"
-    card.write_text('classes = ["a", "b", "c"]\ninput-shape = [1, 8, 8]\nmean = [0.5]\nstd = [0.25]\n')
-    for k, name in enumerate("abc"):
-        (tmp_path / "train" / name).mkdir(parents=True)
-        for i in range(6 + k):
-            Image.new("L", (8, 8), color=80 * k + i).save(tmp_path / "train" / name / f"{i}.png")
+    card = image_folder_task(tmp_path)
     out = tmp_path / "teacher.pt"
     assert main(["train-teacher", "--task", str(card), "--data", str(tmp_path / "train"), "--model", "lenet5",
                  "--set", "teacher-epochs=1", "--set", "teacher-density=on", "--out", str(out)]) == 0

@@ -342,22 +342,30 @@ def test_label_counts_from_the_training_data_s_image_folder(clinic, tmp_path):
     assert host.description.num_samples == 55
 
 
+def image_folder_task(root):
+    """A task card of three classes of 8 x 8 grey images (``root``/task.toml, returned) and its training
+    ImageFolder (``root``/train: 6, 7 and 8 images)."""
+    from PIL import Image
+
+    card = root / "task.toml"
+    card.write_text('classes = ["a", "b", "c"]\ninput-shape = [1, 8, 8]\nmean = [0.5]\nstd = [0.25]\n')
+    for k, name in enumerate("abc"):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(6 + k):
+            Image.new("L", (8, 8), color=80 * k + i).save(root / "train" / name / f"{i}.png")
+    return card
+
+
 def test_train_teacher_from_an_image_folder_then_serve_its_checkpoint(tmp_path, capsys):
     """An institution with data but no model: fedkd train-teacher on its ImageFolder (DP-SGD too), and the
     checkpoint serves with fedkd teacher --checkpoint, its DP guarantee carried into the host's ledger."""
     import json
 
     from fedkd.client.cli import host_from_checkpoint
-    from PIL import Image
 
     from fedkd.cli import main
 
-    card = tmp_path / "task.toml"
-    card.write_text('classes = ["a", "b", "c"]\ninput-shape = [1, 8, 8]\nmean = [0.5]\nstd = [0.25]\n')
-    for k, name in enumerate("abc"):
-        (tmp_path / "train" / name).mkdir(parents=True)
-        for i in range(6 + k):
-            Image.new("L", (8, 8), color=80 * k + i).save(tmp_path / "train" / name / f"{i}.png")
+    card = image_folder_task(tmp_path)
     out = tmp_path / "teacher.pt"
     assert main(["train-teacher", "--task", str(card), "--data", str(tmp_path / "train"), "--model", "lenet5",
                  "--set", "teacher-epochs=2", "--out", str(out)]) == 0

@@ -371,7 +371,8 @@ class Ensemble:
             has_unknown = self.has_unknown[answered].to(logits.device)
             has_density = self.has_density[answered].to(logits.device)
             if bool(has_unknown.any()) or bool(has_density.any()):
-                kept = self.reliability.weights()[list(answered)].to(logits.device) > 0
+                kept = (self.reliability.weights()[list(answered)].to(logits.device) > 0
+                        if bool(has_density.any()) else None)  # who may take a share of the density posterior
                 gate = competence(logits, self.num_classes, has_unknown, has_density,
                                   sharpness=self.density_sharpness, kept=kept)
             logits = logits[..., :self.num_classes]

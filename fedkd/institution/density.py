@@ -27,10 +27,13 @@ noised by the release policy).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fedkd.data import DatasetSpec, ImageData
 
 DEFAULT_RANK = 30  # principal directions per class (measured: docs/robustness.md)
 MIN_CLASS_IMAGES = 5  # fewer images of a class than this: the class is left out of the mixture
@@ -135,6 +138,11 @@ def fit_density(images: Tensor, labels: Tensor, num_classes: int, *, rank: int =
         prior.append(math.log(len(rows) / total))
     return GaussianDensity(torch.stack(means).float(), torch.stack(bases).float(), torch.stack(variances).float(),
                            torch.stack(noise).float(), torch.tensor(prior)).eval()
+
+
+def density_of(data: ImageData, spec: DatasetSpec) -> GaussianDensity:
+    """The density of a client's own labelled images (in [0, 1], normalised here as the teacher sees them)."""
+    return fit_density(spec.normalize(data.images), data.labels, spec.num_classes)
 
 
 class WithDensity(nn.Module):

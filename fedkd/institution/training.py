@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from fedkd.checkpoint import CheckpointError, save_teacher
 from fedkd.config import RunConfig
 from fedkd.data import DatasetSpec, ImageData, partition_indices
-from fedkd.institution.density import WithDensity, fit_density
+from fedkd.institution.density import WithDensity, density_of
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.open_set import HARDENING_STEP, open_set_loss
 from fedkd.options import check_finite
@@ -185,7 +185,7 @@ def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetS
     density = None
     if config.teachers.density:  # the density of its own images, fitted once, beside the classifier
         stage(f"client {client}: fitting the density of its {len(data)} images (teacher-density)")
-        density = fit_density(spec.normalize(data.images), data.labels, spec.num_classes)
+        density = density_of(data, spec)
     ckpt = save_teacher(path, model, model_name=name, num_classes=spec.num_classes, input_shape=spec.input_shape,
                         num_samples=len(data), label_counts=data.label_counts(spec.num_classes),
                         mean=spec.mean, std=spec.std, privacy=privacy, unknown_output=open_set,
