@@ -196,10 +196,24 @@ def test_the_gate_is_the_tempered_posterior_and_a_teacher_left_out_takes_no_shar
     torch.testing.assert_close(gate[[0, 2]], 2 * F.softmax(torch.tensor([[0.5], [-1.0]]), 0))
 
 
+class _StandardNormal(nn.Module):
+    """A fixed row, then the log-density per value of N(0, I): a proper density."""
+
+    def __init__(self, row):
+        super().__init__()
+        self.row = torch.tensor(row)
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        per_value = -0.5 * flat.pow(2).mean(1) - 0.5 * math.log(2 * math.pi)
+        return torch.cat([self.row.expand(len(x), -1), per_value.unsqueeze(1)], 1)
+
+
 def _density_host(row, log_density, client):
+    """A teacher answering ``row`` and a constant log-density per value (None: N(0, I)'s)."""
     desc = TeacherDescription(client=client, model="fixed", num_classes=len(row), input_shape=(1, 4, 4),
                               mean=(0.0,), std=(1.0,), log_density_output=True)
-    return TeacherHost(Fixed([*row, log_density]), desc)
+    return TeacherHost(_StandardNormal(row) if log_density is None else Fixed([*row, log_density]), desc)
 
 
 def test_the_teacher_whose_data_the_input_resembles_wins_it_and_a_distrusted_one_cannot():
@@ -219,11 +233,74 @@ def test_the_teacher_whose_data_the_input_resembles_wins_it_and_a_distrusted_one
         TeacherHost(Fixed([0.0, 2.0]), TeacherDescription(
             client=1, model="fixed", num_classes=2, input_shape=(1, 4, 4), mean=(0.0,), std=(1.0,)))])
     assert Ensemble(plain, "prob-mean", reliability=False)(x, STATE).logits.argmax(1).tolist() == [0, 0]
-    # a teacher the reliability estimate leaves out claims every input in vain
-    liar = _density_host([4.0, 0.0], 50.0, 0)
+    # a teacher the reliability estimate leaves out claims every input in vain (the density check passes it: its
+    # density is a proper one, N(0, I), only far above the owner's here)
+    liar = _density_host([4.0, 0.0], None, 0)
     ensemble = Ensemble(LocalPool([liar, owner]), "prob-mean", reliability=True)
+    ensemble.density_check.pending = []  # (the owner's constant -0.5 per value is no density; checked below)
     ensemble.reliability.weights = lambda: torch.tensor([0.0, 1.0])  # as if judged hostile
     assert ensemble(x, STATE).logits.argmax(1).tolist() == [1, 1]
+
+
+class _Honest(nn.Module):
+    """A classifier answering a fixed row, then a real density's log-density per value (``WithDensity``'s layout)."""
+
+    def __init__(self, row, density):
+        super().__init__()
+        self.row, self.density = torch.tensor(row), density
+
+    def forward(self, x):
+        return torch.cat([self.row.expand(len(x), -1), self.density(x).unsqueeze(1)], 1)
+
+
+def test_a_density_that_claims_more_mass_than_one_is_refuted_and_takes_no_share_of_the_gate():
+    """Markov's inequality on probes the coordinator draws: a fitted density passes, the same density raised by 10
+    nats per value (a claim on every input) is refuted and out of the gate; the check is one counted Forward."""
+    x, y = _two_kinds()
+    honest = fit_density(x, y, 2, rank=4)
+    raised = fit_density(x, y, 2, rank=4)
+    raised.log_prior += 10.0 * 16
+    desc = {"model": "fixed", "num_classes": 2, "input_shape": (1, 4, 4), "mean": (0.0,), "std": (1.0,),
+            "log_density_output": True}
+    hosts = [TeacherHost(_Honest([0.0, 3.0], honest), TeacherDescription(client=0, **desc)),
+             TeacherHost(_Honest([3.0, 0.0], raised), TeacherDescription(client=1, **desc)),
+             TeacherHost(_Honest([0.0, 3.0], honest), TeacherDescription(client=2, **desc))]
+    pool = LocalPool(hosts)
+    ensemble = Ensemble(pool, "prob-mean")
+    out = ensemble(x[:8], STATE)
+    check = ensemble.density_check
+    assert check.refuted == {1} and not check.due
+    assert check.log_mass[0] < math.log(1e6) < check.log_mass[1]
+    assert out.competence[1].abs().max() == 0 and out.logits.argmax(1).tolist() == [1] * 8
+    assert [s.samples for s in pool.stats()] == [8 + 128] * 3  # the probes, counted, asked once
+    ensemble(x[:8], STATE)
+    assert [s.samples for s in pool.stats()] == [16 + 128] * 3
+    report = ensemble.report()
+    assert [r["density_refuted"] for r in report] == [False, True, False]
+    assert report[1]["density_log_mass"] > 13.8
+    # a resumed run keeps the verdicts and asks no probe again
+    again = Ensemble(LocalPool(hosts), "prob-mean")
+    again.load_state_dict(ensemble.state_dict())
+    assert again.density_check.refuted == {1} and not again.density_check.due
+    # reliability=off: no check (the defences are off), the raised density wins the gate
+    trusting = Ensemble(LocalPool(hosts), "prob-mean", reliability=False)
+    assert trusting(x[:8], STATE).logits.argmax(1).tolist() == [0] * 8 and not trusting.density_check.due
+
+
+def test_the_density_checks_bound_holds_for_an_exact_density():
+    """For N(0, I) itself (the log-density exactly that of a density integrating to one) the check's statistic,
+    the log of an unbiased estimate of its mass on the probes' support, stays near 0: far from refuting."""
+    from fedkd.coordinator.robustness import DensityCheck
+
+    check = DensityCheck([0], (1, 6, 6), seed=3)
+    probes, log_q = check.draw()
+    flat = probes.flatten(1).double()
+    exact = (-0.5 * flat.pow(2).sum(1) - 18 * math.log(2 * math.pi)) / 36
+    check.judge({0: exact.float()}, log_q)
+    assert abs(check.log_mass[0]) < 3 and not check.refuted
+    check2 = DensityCheck([0], (1, 6, 6), seed=3)
+    check2.judge({0: torch.full((128,), float("nan"))}, log_q)  # an answer that is no number refutes
+    assert check2.refuted == {0}
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The gRPC query path with real servers on 127.0.0.1: hub, agents (threads and processes), TLS, tokens, fuzzing."""
 
+import dataclasses
 import random
 import threading
 import time
@@ -164,6 +165,44 @@ def test_an_open_set_teacher_beside_a_closed_one_over_grpc_matches_in_process(hu
     torch.testing.assert_close(xr.grad, xl.grad, rtol=1e-6, atol=1e-7)
     hub.end_session()
     assert all(a.join()["backward_calls"] == 1 for a in agents)
+
+
+def make_density_host(seed, raised=0.0):
+    """A teacher with a density of its own images (teacher-density=on); ``raised``: nats per value added to it
+    (a claim on every input)."""
+    from fedkd.institution.density import WithDensity, fit_density
+
+    host = make_host(seed)
+    g = torch.Generator().manual_seed(seed)
+    images = 0.5 * torch.randn(200, *SHAPE, generator=g) + seed
+    density = fit_density(images, torch.arange(200) % 10, 10, rank=3)
+    density.log_prior += raised * density.dims
+    desc = dataclasses.replace(host.description, log_density_output=True)
+    return TeacherHost(WithDensity(host.model, density), desc)
+
+
+def test_teachers_with_densities_over_grpc_match_in_process_and_a_claimant_is_refuted_over_the_wire(
+        hub_factory, pki):
+    """The density gate and its check over TLS: the answers' extra column travels, the check's probes are one
+    Forward to each density teacher (counted by the hub and by the teachers), the raised density is refuted."""
+    tokens = {f"teacher-00{k}": f"token-{k}" for k in range(3)}
+    hub = hub_factory(tokens, tls=server_tls(pki))
+    hosts = [make_density_host(0), make_density_host(1), make_density_host(2, raised=10.0)]
+    agents = [Running(h, hub.port, token=t, tls=client_tls(pki)) for h, t in zip(hosts, tokens.values())]
+    hub.wait_for_teachers(timeout=20)
+    assert [d.log_density_output for d in hub.pool.descriptions] == [True] * 3
+    remote = Ensemble(hub.pool, "class-weighted")
+    local = Ensemble(LocalPool([make_density_host(0), make_density_host(1), make_density_host(2, raised=10.0)]),
+                     "class-weighted")
+    x = torch.randn(8, *SHAPE)
+    out_r, out_l = remote(x, STATE), local(x, STATE)
+    torch.testing.assert_close(out_r.logits, out_l.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out_r.competence, out_l.competence, rtol=0, atol=0)
+    assert remote.density_check.refuted == {2} and float(out_r.competence[2].abs().max()) == 0
+    assert [s.samples for s in hub.pool.stats()] == [128 + 8] * 3
+    reports = hub.end_session()
+    assert [r["samples"] for r in reports] == [128 + 8] * 3
+    assert all(a.join()["forward_calls"] == 2 for a in agents)
 
 
 def test_an_old_style_backward_carrying_the_inputs_still_works(hub_factory, pki):

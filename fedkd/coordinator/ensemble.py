@@ -28,7 +28,7 @@ from torch import Tensor
 from fedkd.contract import FEATURE_STATISTICS, QueryContext
 from fedkd.coordinator.aggregation import Aggregator, claimed_counts, column_shares, competence, resolve_aggregator
 from fedkd.coordinator.pool import TeacherPool, plan
-from fedkd.coordinator.robustness import AnswerBounds, GradientAgreement, Reliability, capped_counts
+from fedkd.coordinator.robustness import AnswerBounds, DensityCheck, GradientAgreement, Reliability, capped_counts
 
 
 @dataclass
@@ -218,6 +218,13 @@ class Ensemble:
         self.has_density = torch.tensor([d.log_density_output and "logits" in d.access_modes and
                                          not d.unknown_output for d in descriptions])
         self.density_sharpness = density_sharpness
+        # Each density is checked once, before the gate first weighs by it, to integrate to at most one (a teacher
+        # claiming every input cannot); a teacher that declares output noise is not (its column is noised), nor
+        # any with reliability=off (the hostile-teacher defences off).
+        self.density_check = DensityCheck(
+            [k for k, d in enumerate(descriptions) if reliability and bool(self.has_density[k])
+             and (d.privacy or {}).get("mechanism") != "output-noise"],
+            descriptions[0].input_shape, seed=check_seed)
         self.aggregator: Aggregator = resolve_aggregator(
             aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
         counts, self.count_scale = capped_counts(descriptions, enabled=reliability)
@@ -337,19 +344,36 @@ class Ensemble:
                  "gradient_consistency": (round(float(self.gradient_agreement.ratio[k]), 4)
                                           if self.gradient_agreement.checks[k] else None),
                  "gradient_checks": int(self.gradient_agreement.checks[k]),
+                 # teacher-density=on: log of the mean of p(x) / q(x) on the density check's probes (at most
+                 # log 1e6 for a density that integrates to one, but once in a million), and the verdict
+                 "density_log_mass": (round(self.density_check.log_mass[k], 1) if k in self.density_check.log_mass
+                                      else None),
+                 "density_refuted": k in self.density_check.refuted,
                  "clipped_logits": self.bounds.clipped_logits.get(k, 0),
                  "clipped_gradients": self.bounds.clipped_gradients.get(k, 0)}
                 for k, d in enumerate(self.descriptions)]
 
+    def _check_densities(self, state: QueryContext) -> None:
+        """Ask the density teachers not yet checked for their log-densities on the check's probes (one Forward,
+        counted like any query) and judge them (:class:`fedkd.coordinator.robustness.DensityCheck`)."""
+        x, log_q = self.density_check.draw()
+        replies = self.pool.forward(x, state, min_answers=0, only=self.density_check.pending)
+        self.density_check.judge({k: r.logits[:, self.num_classes].float() for k, r in replies.items()
+                                  if r.logits.dim() == 2 and r.logits.shape == (len(x), self.num_classes + 1)},
+                                 log_q)
+
     def state_dict(self) -> dict[str, Any]:
         return {"reliability": self.reliability.state_dict(), "bounds": self.bounds.state_dict(),
-                "gradient_agreement": self.gradient_agreement.state_dict()}
+                "gradient_agreement": self.gradient_agreement.state_dict(),
+                "density_check": self.density_check.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reliability.load_state_dict(state["reliability"])
         self.bounds.load_state_dict(state["bounds"])
         if "gradient_agreement" in state:  # (a run checkpointed before gradients were judged starts afresh)
             self.gradient_agreement.load_state_dict(state["gradient_agreement"])
+        if "density_check" in state:  # (a run checkpointed before densities were checked checks them on resume)
+            self.density_check.load_state_dict(state["density_check"])
 
     def __call__(self, inputs: Tensor, state: QueryContext, *, terms: Sequence[str] = (),
                  require_all: bool = False) -> EnsembleOutput:
@@ -371,8 +395,12 @@ class Ensemble:
             has_unknown = self.has_unknown[answered].to(logits.device)
             has_density = self.has_density[answered].to(logits.device)
             if bool(has_unknown.any()) or bool(has_density.any()):
-                kept = (self.reliability.weights()[list(answered)].to(logits.device) > 0
-                        if bool(has_density.any()) else None)  # who may take a share of the density posterior
+                kept = None
+                if bool(has_density.any()):  # who may take a share of the density posterior
+                    if self.density_check.due:
+                        self._check_densities(state)
+                    refuted = torch.tensor([k in self.density_check.refuted for k in answered])
+                    kept = ((self.reliability.weights()[list(answered)] > 0) & ~refuted).to(logits.device)
                 gate = competence(logits, self.num_classes, has_unknown, has_density,
                                   sharpness=self.density_sharpness, kept=kept)
             logits = logits[..., :self.num_classes]

@@ -63,6 +63,21 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
   not judged. Not caught: gradients that are merely noise whose slope happens to fall within the bounds; the
   norm bound limits those.
 
+- :class:`DensityCheck`: a teacher with ``teacher-density=on`` answers each input's log-density under its own
+  data, and the density gate gives it, per input, a share that grows with that claim; a teacher that claims every
+  input as its own would take every answer. Nothing about one answer shows a lie, but a density must integrate to
+  one, and that the coordinator can test without seeing inside it: it draws ``DENSITY_PROBES`` inputs from a
+  distribution q of its own (a mixture of isotropic Gaussians about the task's mean in the normalised input
+  space, at scales ``DENSITY_SCALES``, whose density it knows exactly), asks each density teacher once, and
+  computes the mean of p(x) / q(x). For any density p that integrates to at most one, its expectation under q is
+  at most one, so by Markov's inequality the mean exceeds 1 / ``DENSITY_ALPHA`` with probability at most
+  ``DENSITY_ALPHA``: an honest teacher is refuted by mistake at most once in a million, whatever its density.
+  A refuted teacher takes no share of the gate for the rest of the run (it is out of the gated ensemble). On the
+  benchmark's teachers the mean sits 320-560 nats below the threshold (log scale, over 784 values), so a claim
+  raised by 0.4-0.7 nats per value or more is refuted; a density raised by less, or one that puts its whole mass
+  of one on the inputs the coordinator queries (it sees them), is not, and the reliability estimate is what is
+  left against it. Not run for a teacher that declares output noise (its log-density is noised by design).
+
 Each counts what it did per teacher; the summary reports it (``ensemble.teachers``) and a down-weighted teacher
 is logged as a warning.
 """
@@ -70,6 +85,7 @@ is logged as a warning.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,6 +104,12 @@ CUT = 0.5  # a reliability below this leaves the teacher out of the ensemble
 # are two, and one of them swings what they call a class (measured: 3 IID digits teachers, docs/robustness.md).
 CLASS_CHECK = 4
 SURE = 0.3  # the others judge a teacher's class claims only on inputs where their median probability reaches this
+# The density check (DensityCheck): how many probe inputs each density teacher answers once, at which scales of the
+# normalised input space they are drawn (a mixture: the probes cover tasks whose images spread more or less about
+# their mean), and the chance of refuting an honest density.
+DENSITY_PROBES = 128
+DENSITY_SCALES = (0.25, 0.5, 1.0)
+DENSITY_ALPHA = 1e-6
 # A teacher left out is announced as trusted again only once its weight is back to this (logging only: a teacher at
 # the edge, its weight hovering about the cut, wrote a pair of lines every few batches of the main job).
 TRUSTED_AGAIN = 0.75
@@ -369,6 +391,64 @@ class GradientAgreement:
 
 # No client's claimed label counts weigh more than this many times the median client's total (robust default).
 MAX_COUNT_RATIO = 4.0
+
+
+class DensityCheck:
+    """Whether each density teacher's claimed log-densities integrate to at most one (module docstring)."""
+
+    def __init__(self, teachers: Sequence[int], input_shape: Sequence[int], *, seed: int = 0,
+                 probes: int = DENSITY_PROBES, scales: Sequence[float] = DENSITY_SCALES,
+                 alpha: float = DENSITY_ALPHA) -> None:
+        """``teachers``: the members to check (their answers carry a log-density per input value)."""
+        self.pending = sorted(set(teachers))
+        self.input_shape = tuple(input_shape)
+        self.seed, self.probes, self.scales, self.alpha = seed, probes, tuple(scales), alpha
+        self.log_mass: dict[int, float] = {}  # log of the mean of p(x) / q(x) over the probes
+        self.refuted: set[int] = set()
+
+    @property
+    def due(self) -> bool:
+        return bool(self.pending)
+
+    def draw(self) -> tuple[Tensor, Tensor]:
+        """The probe inputs (N, *input_shape), normalised, and log q of each (N,): x = s * N(0, I), s drawn
+        uniformly from the scales (the same probes on every call: the draw depends on the run's seed alone)."""
+        g = torch.Generator().manual_seed(self.seed)
+        d = math.prod(self.input_shape)
+        scales = torch.tensor(self.scales, dtype=torch.float64)
+        pick = torch.randint(len(scales), (self.probes,), generator=g)
+        x = torch.randn(self.probes, d, generator=g, dtype=torch.float64) * scales[pick].unsqueeze(1)
+        sq = x.pow(2).sum(1, keepdim=True)  # (N, 1)
+        per_scale = -0.5 * sq / scales.pow(2) - 0.5 * d * torch.log(2 * math.pi * scales.pow(2))  # (N, S)
+        log_q = torch.logsumexp(per_scale, 1) - math.log(len(scales))
+        return x.float().view(self.probes, *self.input_shape), log_q
+
+    def judge(self, answers: dict[int, Tensor], log_q: Tensor) -> None:
+        """``answers``: per member, its log-densities per input value on the probes (N,). A member that did not
+        answer stays pending (asked again with the next batch that needs the gate)."""
+        d = math.prod(self.input_shape)
+        for k, per_value in answers.items():
+            if k not in self.pending:
+                continue
+            self.pending.remove(k)
+            ratio = d * per_value.detach().double().cpu() - log_q
+            ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, math.inf), ratio)
+            mass = float(torch.logsumexp(ratio, 0) - math.log(len(ratio)))
+            self.log_mass[k] = mass
+            if mass > math.log(1 / self.alpha):
+                self.refuted.add(k)
+                logger.warning("teacher %d takes no share of the density gate: its log-densities claim %s times "
+                               "the mass a density has on probes the coordinator drew (log %.0f; an honest density "
+                               "passes this with probability >= %g)", k,
+                               "infinitely many" if math.isinf(mass) else f"e^{mass:.0f}", mass, 1 - self.alpha)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending": list(self.pending), "log_mass": dict(self.log_mass), "refuted": sorted(self.refuted)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = sorted(int(k) for k in state["pending"])
+        self.log_mass = {int(k): float(v) for k, v in state["log_mass"].items()}
+        self.refuted = {int(k) for k in state["refuted"]}
 
 
 def capped_counts(descriptions: Sequence[TeacherDescription], *, enabled: bool = True) -> tuple[list[Any], list[float]]:
