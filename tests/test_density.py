@@ -301,6 +301,13 @@ def test_the_density_checks_bound_holds_for_an_exact_density():
     check2 = DensityCheck([0], (1, 6, 6), seed=3)
     check2.judge({0: torch.full((128,), float("nan"))}, log_q)  # an answer that is no number refutes
     assert check2.refuted == {0}
+    # a teacher that never answers the probes is asked again, then refuted on the third miss
+    check3 = DensityCheck([0, 1], (1, 6, 6), seed=3)
+    for _ in range(2):
+        check3.judge({1: exact.float()}, log_q)
+        assert check3.pending == [0] and not check3.refuted
+    check3.judge({}, log_q)
+    assert check3.refuted == {0} and not check3.due and 1 not in check3.refuted
 
 
 @pytest.mark.slow

@@ -72,7 +72,8 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
   computes the mean of p(x) / q(x). For any density p that integrates to at most one, its expectation under q is
   at most one, so by Markov's inequality the mean exceeds 1 / ``DENSITY_ALPHA`` with probability at most
   ``DENSITY_ALPHA``: an honest teacher is refuted by mistake at most once in a million, whatever its density.
-  A refuted teacher takes no share of the gate for the rest of the run (it is out of the gated ensemble). On the
+  A refuted teacher takes no share of the gate for the rest of the run (it is out of the gated ensemble); so does
+  one that leaves the probes unanswered ``DENSITY_ATTEMPTS`` times (they are asked again with each gated batch). On the
   benchmark's teachers the mean sits 320-560 nats below the threshold (log scale, over 784 values), so a claim
   raised by 0.4-0.7 nats per value or more is refuted; a density raised by less, or one that puts its whole mass
   of one on the inputs the coordinator queries (it sees them), is not, and the reliability estimate is what is
@@ -110,6 +111,7 @@ SURE = 0.3  # the others judge a teacher's class claims only on inputs where the
 DENSITY_PROBES = 128
 DENSITY_SCALES = (0.25, 0.5, 1.0)
 DENSITY_ALPHA = 1e-6
+DENSITY_ATTEMPTS = 3  # probes a density teacher may leave unanswered before it is refuted for evading the check
 # A teacher left out is announced as trusted again only once its weight is back to this (logging only: a teacher at
 # the edge, its weight hovering about the cut, wrote a pair of lines every few batches of the main job).
 TRUSTED_AGAIN = 0.75
@@ -405,6 +407,7 @@ class DensityCheck:
         self.seed, self.probes, self.scales, self.alpha = seed, probes, tuple(scales), alpha
         self.log_mass: dict[int, float] = {}  # log of the mean of p(x) / q(x) over the probes
         self.refuted: set[int] = set()
+        self.missed: dict[int, int] = {}  # probes each pending teacher left unanswered
 
     @property
     def due(self) -> bool:
@@ -424,9 +427,17 @@ class DensityCheck:
         return x.float().view(self.probes, *self.input_shape), log_q
 
     def judge(self, answers: dict[int, Tensor], log_q: Tensor) -> None:
-        """``answers``: per member, its log-densities per input value on the probes (N,). A member that did not
-        answer stays pending (asked again with the next batch that needs the gate)."""
+        """``answers``: per member, its log-densities per input value on the probes (N,). A pending member that did
+        not answer is asked again with the next batch that needs the gate; one that leaves ``DENSITY_ATTEMPTS``
+        probes unanswered is refuted (a teacher that answers every query but never the check is evading it)."""
         d = math.prod(self.input_shape)
+        for k in [k for k in self.pending if k not in answers]:
+            self.missed[k] = self.missed.get(k, 0) + 1
+            if self.missed[k] >= DENSITY_ATTEMPTS:
+                self.pending.remove(k)
+                self.refuted.add(k)
+                logger.warning("teacher %d takes no share of the density gate: it left the density check's probes "
+                               "unanswered %d times", k, self.missed[k])
         for k, per_value in answers.items():
             if k not in self.pending:
                 continue
@@ -443,12 +454,14 @@ class DensityCheck:
                                "infinitely many" if math.isinf(mass) else f"e^{mass:.0f}", mass, 1 - self.alpha)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pending": list(self.pending), "log_mass": dict(self.log_mass), "refuted": sorted(self.refuted)}
+        return {"pending": list(self.pending), "log_mass": dict(self.log_mass), "refuted": sorted(self.refuted),
+                "missed": dict(self.missed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pending = sorted(int(k) for k in state["pending"])
         self.log_mass = {int(k): float(v) for k, v in state["log_mass"].items()}
         self.refuted = {int(k) for k in state["refuted"]}
+        self.missed = {int(k): int(v) for k, v in state.get("missed", {}).items()}
 
 
 def capped_counts(descriptions: Sequence[TeacherDescription], *, enabled: bool = True) -> tuple[list[Any], list[float]]:
