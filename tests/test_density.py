@@ -287,6 +287,26 @@ def test_a_density_that_claims_more_mass_than_one_is_refuted_and_takes_no_share_
     assert trusting(x[:8], STATE).logits.argmax(1).tolist() == [0] * 8 and not trusting.density_check.due
 
 
+def test_a_teacher_declaring_output_noise_answers_ungated_whatever_density_it_claims():
+    """Its column is noised by design (it would route at random) and cannot be checked: it is ignored, so a liar
+    declaring noise without adding any claims nothing."""
+    x, y = _two_kinds()
+    honest = fit_density(x, y, 2, rank=4)
+    raised = fit_density(x, y, 2, rank=4)
+    raised.log_prior += 10.0 * 16
+    desc = {"model": "fixed", "num_classes": 2, "input_shape": (1, 4, 4), "mean": (0.0,), "std": (1.0,),
+            "log_density_output": True}
+    noisy = {"mechanism": "output-noise", "epsilon_budget": 8.0, "epsilon_spent": 0.0}
+    hosts = [TeacherHost(_Honest([0.0, 3.0], honest), TeacherDescription(client=0, **desc)),
+             TeacherHost(_Honest([3.0, 0.0], raised), TeacherDescription(client=1, privacy=noisy, **desc)),
+             TeacherHost(_Honest([0.0, 3.0], honest), TeacherDescription(client=2, **desc))]
+    ensemble = Ensemble(LocalPool(hosts), "prob-mean")
+    assert ensemble.has_density.tolist() == [True, False, True] and ensemble.density_check.pending == [0, 2]
+    out = ensemble(x[:8], STATE)
+    assert out.competence[1].tolist() == [1.0] * 8  # ungated: its say is a closed teacher's
+    assert out.logits.argmax(1).tolist() == [1] * 8 and not ensemble.density_check.refuted
+
+
 def test_the_density_checks_bound_holds_for_an_exact_density():
     """For N(0, I) itself (the log-density exactly that of a density integrating to one) the check's statistic,
     the log of an unbiased estimate of its mass on the probes' support, stays near 0: far from refuting."""

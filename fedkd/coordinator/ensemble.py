@@ -215,15 +215,18 @@ class Ensemble:
         self.has_unknown = torch.tensor([d.unknown_output and "logits" in d.access_modes for d in descriptions])
         # Teachers whose last column is the input's log-density under their own data (teacher-density=on): per
         # input, the posterior over them of who knows it, tempered by ``density_sharpness``.
+        # A teacher that declares output noise releases its log-density noised like any logit (a standard deviation
+        # of 2 x output-noise x output-clip per value, 20 at the defaults), which would route inputs at random; its
+        # column is ignored and it answers ungated, like a closed teacher (so declaring noise also buys a liar
+        # nothing: its density cannot be checked, and it is not used).
         self.has_density = torch.tensor([d.log_density_output and "logits" in d.access_modes and
-                                         not d.unknown_output for d in descriptions])
+                                         not d.unknown_output and (d.privacy or {}).get("mechanism") != "output-noise"
+                                         for d in descriptions])
         self.density_sharpness = density_sharpness
         # Each density is checked once, before the gate first weighs by it, to integrate to at most one (a teacher
-        # claiming every input cannot); a teacher that declares output noise is not (its column is noised), nor
-        # any with reliability=off (the hostile-teacher defences off).
+        # claiming every input cannot); not with reliability=off (the hostile-teacher defences off).
         self.density_check = DensityCheck(
-            [k for k, d in enumerate(descriptions) if reliability and bool(self.has_density[k])
-             and (d.privacy or {}).get("mechanism") != "output-noise"],
+            [k for k in range(len(descriptions)) if reliability and bool(self.has_density[k])],
             descriptions[0].input_shape, seed=check_seed)
         self.aggregator: Aggregator = resolve_aggregator(
             aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])

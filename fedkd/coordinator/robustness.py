@@ -77,7 +77,8 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
   benchmark's teachers the mean sits 320-560 nats below the threshold (log scale, over 784 values), so a claim
   raised by 0.4-0.7 nats per value or more is refuted; a density raised by less, or one that puts its whole mass
   of one on the inputs the coordinator queries (it sees them), is not, and the reliability estimate is what is
-  left against it. Not run for a teacher that declares output noise (its log-density is noised by design).
+  left against it. A teacher that declares output noise has no density the gate uses (``Ensemble.has_density``),
+  so there is nothing to check.
 
 Each counts what it did per teacher; the summary reports it (``ensemble.teachers``) and a down-weighted teacher
 is logged as a warning.

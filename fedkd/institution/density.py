@@ -21,7 +21,7 @@ own on Fashion-MNIST; the density does not depend on the classifier at all.
 
 Privacy: the density is fitted on the client's raw images, so it is not covered by DP-SGD's or PATE's guarantee;
 fedkd refuses it with those modes. Under ``output-noise`` the extra output is released like any logit (clipped and
-noised by the release policy).
+noised by the release policy), so noised that the coordinator ignores it (the teacher answers ungated).
 """
 
 from __future__ import annotations
