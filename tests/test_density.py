@@ -253,18 +253,24 @@ class _Honest(nn.Module):
         return torch.cat([self.row.expand(len(x), -1), self.density(x).unsqueeze(1)], 1)
 
 
-def test_a_density_that_claims_more_mass_than_one_is_refuted_and_takes_no_share_of_the_gate():
-    """Markov's inequality on probes the coordinator draws: a fitted density passes, the same density raised by 10
-    nats per value (a claim on every input) is refuted and out of the gate; the check is one counted Forward."""
+def _honest_raised_honest(privacy=None):
+    """Images of two kinds and three teachers fitted to them: two honest ones that say class 1, between them one
+    that says class 0 and whose density is raised by 10 nats per value (``privacy``: what it declares)."""
     x, y = _two_kinds()
     honest = fit_density(x, y, 2, rank=4)
     raised = fit_density(x, y, 2, rank=4)
     raised.log_prior += 10.0 * 16
     desc = {"model": "fixed", "num_classes": 2, "input_shape": (1, 4, 4), "mean": (0.0,), "std": (1.0,),
             "log_density_output": True}
-    hosts = [TeacherHost(_Honest([0.0, 3.0], honest), TeacherDescription(client=0, **desc)),
-             TeacherHost(_Honest([3.0, 0.0], raised), TeacherDescription(client=1, **desc)),
-             TeacherHost(_Honest([0.0, 3.0], honest), TeacherDescription(client=2, **desc))]
+    return x, [TeacherHost(_Honest([0.0, 3.0], honest), TeacherDescription(client=0, **desc)),
+               TeacherHost(_Honest([3.0, 0.0], raised), TeacherDescription(client=1, privacy=privacy, **desc)),
+               TeacherHost(_Honest([0.0, 3.0], honest), TeacherDescription(client=2, **desc))]
+
+
+def test_a_density_that_claims_more_mass_than_one_is_refuted_and_takes_no_share_of_the_gate():
+    """Markov's inequality on probes the coordinator draws: a fitted density passes, the same density raised by 10
+    nats per value (a claim on every input) is refuted and out of the gate; the check is one counted Forward."""
+    x, hosts = _honest_raised_honest()
     pool = LocalPool(hosts)
     ensemble = Ensemble(pool, "prob-mean")
     out = ensemble(x[:8], STATE)
@@ -290,16 +296,8 @@ def test_a_density_that_claims_more_mass_than_one_is_refuted_and_takes_no_share_
 def test_a_teacher_declaring_output_noise_answers_ungated_whatever_density_it_claims():
     """Its column is noised by design (it would route at random) and cannot be checked: it is ignored, so a liar
     declaring noise without adding any claims nothing."""
-    x, y = _two_kinds()
-    honest = fit_density(x, y, 2, rank=4)
-    raised = fit_density(x, y, 2, rank=4)
-    raised.log_prior += 10.0 * 16
-    desc = {"model": "fixed", "num_classes": 2, "input_shape": (1, 4, 4), "mean": (0.0,), "std": (1.0,),
-            "log_density_output": True}
-    noisy = {"mechanism": "output-noise", "epsilon_budget": 8.0, "epsilon_spent": 0.0}
-    hosts = [TeacherHost(_Honest([0.0, 3.0], honest), TeacherDescription(client=0, **desc)),
-             TeacherHost(_Honest([3.0, 0.0], raised), TeacherDescription(client=1, privacy=noisy, **desc)),
-             TeacherHost(_Honest([0.0, 3.0], honest), TeacherDescription(client=2, **desc))]
+    x, hosts = _honest_raised_honest(
+        privacy={"mechanism": "output-noise", "epsilon_budget": 8.0, "epsilon_spent": 0.0})
     ensemble = Ensemble(LocalPool(hosts), "prob-mean")
     assert ensemble.has_density.tolist() == [True, False, True] and ensemble.density_check.pending == [0, 2]
     out = ensemble(x[:8], STATE)
