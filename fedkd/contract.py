@@ -140,6 +140,11 @@ class TeacherDescription:
         return self.num_classes + int(self.unknown_output or self.log_density_output)
 
     @property
+    def mechanism(self) -> str:
+        """The privacy mechanism it declares (``privacy["mechanism"]``: dp-sgd, output-noise, pate), "" for none."""
+        return str((self.privacy or {}).get("mechanism") or "")
+
+    @property
     def available_terms(self) -> tuple[str, ...]:
         """Every teacher-side term this teacher computes (feature statistics as the old flag states it)."""
         extra = (FEATURE_STATISTICS,) if self.has_feature_statistics and FEATURE_STATISTICS not in self.terms else ()

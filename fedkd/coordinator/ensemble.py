@@ -220,7 +220,7 @@ class Ensemble:
         # column is ignored and it answers ungated, like a closed teacher (so declaring noise also buys a liar
         # nothing: its density cannot be checked, and it is not used).
         self.has_density = torch.tensor([d.log_density_output and "logits" in d.access_modes and
-                                         not d.unknown_output and (d.privacy or {}).get("mechanism") != "output-noise"
+                                         not d.unknown_output and d.mechanism != "output-noise"
                                          for d in descriptions])
         self.density_sharpness = density_sharpness
         # Each density is checked once, before the gate first weighs by it, to integrate to at most one (a teacher
@@ -240,7 +240,7 @@ class Ensemble:
         self.zeroth_order = zeroth_order or ZerothOrder()
         self.reliability = Reliability(len(descriptions), self.num_classes, enabled=reliability,
                                        claims=claimed if self.aggregator.needs_counts else None,
-                                       noisy=[bool((d.privacy or {}).get("mechanism")) for d in descriptions])
+                                       noisy=[bool(d.mechanism) for d in descriptions])
         self.gradient_agreement = GradientAgreement(len(descriptions), enabled=reliability, seed=check_seed)
         self.bounds = AnswerBounds(logit_bound, gradient_bound)
 
@@ -251,8 +251,7 @@ class Ensemble:
     def consistency_checked(self, k: int) -> bool:
         """Teacher ``k``'s gradients are checked against its own answers unless it declares output noise (its
         answers are noisy by design; only the norm bound applies to its gradients)."""
-        privacy = self.descriptions[k].privacy or {}
-        return privacy.get("mechanism") != "output-noise"
+        return self.descriptions[k].mechanism != "output-noise"
 
     @property
     def aggregation(self) -> str:
@@ -362,8 +361,7 @@ class Ensemble:
         x, log_q = self.density_check.draw()
         replies = self.pool.forward(x, state, min_answers=0, only=self.density_check.pending)
         self.density_check.judge({k: r.logits[:, self.num_classes].float() for k, r in replies.items()
-                                  if r.logits.dim() == 2 and r.logits.shape == (len(x), self.num_classes + 1)},
-                                 log_q)
+                                  if r.logits.shape == (len(x), self.num_classes + 1)}, log_q)
 
     def state_dict(self) -> dict[str, Any]:
         return {"reliability": self.reliability.state_dict(), "bounds": self.bounds.state_dict(),
