@@ -81,3 +81,49 @@ def test_pool_targets_trains_the_run_s_student_on_its_own_pool_with_each_aggrega
     assert rows["class-weighted"]["ensemble_on_test"] == summary["ensemble"]["test_accuracy"]
     assert rows["pow0"]["ensemble_on_test"] == rows["prob-mean"]["ensemble_on_test"]
     assert all(0.0 <= r["student"] <= 1.0 and 0.1 <= r["mean_top_probability_on_pool"] <= 1.0 for r in rows.values())
+
+
+def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_extra_samples(tmp_path):
+    """simulations/refit_probe.py on a finished digits run: the pool alone (and its weight averages), another
+    loss, the pool plus blends answered by the teachers, by refitted students (no query), and plus fresh samples of
+    the run's final generator; the refit of the pool is the same when asked again."""
+    import json
+
+    import refit_probe
+
+    from fedkd.cli import main
+
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--set", "dataset=digits", "--set", "num-clients=2", "--set",
+                 "partition=iid", "--set", "teacher-epochs=10", "--set", "epochs=1", "--set", "steps-per-epoch=4",
+                 "--set", "student-steps=5", "--set", "batch-size=32", "--set", "generator-width=4", "--set",
+                 "latent-dim=8", "--set", "reliability=false", "--set", "student-refit=2"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    pool = summary["pool"]["samples"]
+    assert pool == 4 * 32
+    rows = {r["variant"]: r for r in refit_probe.refit_probe(run, ["pool", "mse", "kl2", "blends", "surrogate",
+                                                                   "fresh"], students=2)}
+    assert set(rows) == {"pool", "ema", "swa", "mse", "kl2", "blends", "surrogate", "fresh"}
+    assert all(r["steps"] == 2 * 4 * 5 for r in rows.values())  # student-refit's share of the run's steps
+    assert all(rows[v]["samples"] == pool for v in ("pool", "ema", "swa", "mse", "kl2"))
+    assert all(rows[v]["samples"] == 2 * pool for v in ("blends", "surrogate", "fresh"))
+    assert rows["blends"]["extra_query_samples"] == rows["fresh"]["extra_query_samples"] == 2 * pool
+    assert rows["surrogate"]["extra_query_samples"] == 0
+    assert rows["surrogate"]["students"][0] == rows["pool"]["student"]  # the surrogate's first student is the pool's
+    assert len(rows["surrogate"]["students"]) == 2
+    assert 0.0 <= rows["surrogate"]["agreement_with_teachers"] <= 1.0
+    assert 0.1 <= rows["fresh"]["mean_top_probability"] <= 1.0
+    assert all(0.0 <= r["student"] <= 1.0 for r in rows.values())
+    again = refit_probe.refit_probe(run, ["pool"])
+    assert again[0]["variant"] == "pool" and again[0]["student"] == rows["pool"]["student"]
+
+
+def test_the_refit_probe_s_blends_are_quantised_pool_pairs():
+    import refit_probe
+
+    images = torch.rand(64, 1, 8, 8)
+    blends = refit_probe.blends_of(images, 0)
+    assert blends.shape == images.shape
+    assert torch.equal(blends, refit_probe.blends_of(images, 0))
+    assert torch.allclose(blends * 255, torch.round(blends * 255))
+    assert float(blends.min()) >= 0.0 and float(blends.max()) <= 1.0

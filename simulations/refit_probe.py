@@ -1,0 +1,223 @@
+"""What the refit should train on, and how: probes on a finished run's own final pool (issue 26).
+
+For each run directory (``fedkd run --out RUN`` or a ``simulations/fashion_mnist.py`` run: its teachers under
+``RUN/clients``, its final pool and generator in ``RUN/checkpoint.pt``), the run's student is trained afresh with
+the run's trainer and optimiser for ``student-refit``'s steps, as the refit does, in each way named by
+``--variants``:
+
+- ``pool``: the final pool and its stored answers (what ``student-refit`` does), with beside it the same
+  training's weights averaged (``ema``: an exponential average, decay 0.999; ``swa``: a uniform average over the
+  second half of the steps; BatchNorm buffers averaged alike, ``torch.optim.swa_utils``);
+- ``l1``, ``mse``, ``klT`` (for example ``kl2``): the pool with another loss (L1 on the logits, squared error on
+  logits centred per row, KL at temperature T);
+- ``blends``: the pool plus as many random blends of pool pairs (a uniform weight each), answered by the teachers
+  (what ``student-refit-mixup=1`` asks: one Forward of each blend by every teacher);
+- ``surrogate``: the pool plus the same blends answered by the ensemble of ``--students`` students refitted on the
+  pool (no query: whether the blends' value is the blending or the teachers' answers);
+- ``fresh``: the pool plus as many fresh samples of the run's final generator (batch statistics, the run's shift),
+  answered by the teachers (the same queries as ``blends``).
+
+Every refit of the pool alone uses seed 100 (the ``pool`` row; the surrogate's students 100, 101, ...), every refit
+with extra samples seed 200: rows differ by what they train on, not by their random stream. The refit's own spread
+over seeds is printed too (``students``: the surrogate's students one by one, and their ensemble). Experiment-only:
+it reads the teachers' files, which a deployment's coordinator does not hold.
+
+    python simulations/refit_probe.py runs/fashion-mnist/a0.5-s0-... --variants pool,blends,surrogate,fresh
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gate_probe import answers, combine, run_teachers  # noqa: E402
+
+import fedkd.coordinator.student as student_module  # noqa: E402
+from fedkd.augment import random_shift  # noqa: E402
+from fedkd.config import RunConfig, config_from_mapping  # noqa: E402
+from fedkd.coordinator.generator import Generator  # noqa: E402
+from fedkd.coordinator.losses import distillation_per_sample  # noqa: E402
+from fedkd.coordinator.student import StudentTrainer  # noqa: E402
+from fedkd.coordinator.synthetic_pool import quantise  # noqa: E402
+from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
+from fedkd.metrics import predict  # noqa: E402
+from fedkd.models import build_model  # noqa: E402
+
+VARIANTS = ("pool", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh")
+POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED = 100, 200, 123, 7
+
+
+def loss_of(name: str):
+    """The per-sample student loss ``name`` in place of the run's (``student-loss`` keeps its signature)."""
+    def loss(student: Tensor, teacher: Tensor, kind: str, temperature: float = 1.0) -> Tensor:
+        if name == "mse":
+            centred = (student - student.mean(1, keepdim=True)) - (teacher - teacher.mean(1, keepdim=True))
+            return centred.pow(2).mean(1)
+        if name == "l1":
+            return distillation_per_sample(student, teacher, "l1")
+        return distillation_per_sample(student, teacher, "kl", float(name[2:]))
+    return loss
+
+
+class Refit:
+    """The run's student trained afresh, as ``student-refit`` trains it, on images in [0, 1] and logits."""
+
+    def __init__(self, config: RunConfig, spec: DatasetSpec) -> None:
+        self.config, self.spec = config, spec
+        total = config.epochs * config.steps_per_epoch * config.student_steps
+        self.steps = max(1, round(max(config.student.refit, 1.0) * total))
+
+    def __call__(self, images: Tensor, targets: Tensor, seed: int, loss: str = "",
+                 averages: bool = False) -> tuple[nn.Module, dict[str, nn.Module]]:
+        torch.manual_seed(seed)
+        student = build_model(self.config.student.model, num_classes=self.spec.num_classes,
+                              channels=self.spec.channels, image_size=self.spec.image_size)
+        trainer = StudentTrainer(student, self.spec, self.config.student, torch.device("cpu"), total_steps=self.steps)
+        ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True) if averages else None
+        swa = AveragedModel(student, use_buffers=True) if averages else None
+        draw = torch.Generator().manual_seed(seed)
+        kept = student_module.distillation_per_sample
+        if loss:
+            student_module.distillation_per_sample = loss_of(loss)
+        try:
+            for step in range(self.steps):
+                idx = torch.randint(0, len(images), (self.config.batch_size,), generator=draw)
+                trainer.step(images[idx], targets[idx])
+                if ema is not None and swa is not None:
+                    ema.update_parameters(student)
+                    if step >= self.steps // 2:
+                        swa.update_parameters(student)
+        finally:
+            student_module.distillation_per_sample = kept
+        return student, ({"ema": ema.module, "swa": swa.module} if ema is not None and swa is not None else {})
+
+
+def blends_of(images: Tensor, seed: int) -> Tensor:
+    """As many blends of random pool pairs as the pool holds, a uniform weight each, quantised like pool images."""
+    draw = torch.Generator().manual_seed(seed)
+    n = len(images)
+    first, second = torch.randint(0, n, (n,), generator=draw), torch.randint(0, n, (n,), generator=draw)
+    w = torch.rand(n, 1, 1, 1, generator=draw)
+    return torch.round((w * images[first] + (1 - w) * images[second]) * 255) / 255
+
+
+def fresh_of(run_state: dict[str, Any], config: RunConfig, spec: DatasetSpec, count: int, seed: int) -> Tensor:
+    """``count`` samples of the run's final generator, made as its pool batches were (batch statistics, the
+    run's shift, quantised)."""
+    s = config.synthesis
+    generator = Generator(latent_dim=s.latent_dim, width=s.width, channels=spec.channels, image_size=spec.side,
+                          num_classes=spec.num_classes if s.conditional else None)
+    generator.load_state_dict(run_state["method"]["synthesizer"]["generator"])
+    generator.train()
+    torch.manual_seed(seed)
+    out, batch = [], config.batch_size
+    with torch.no_grad():
+        for _ in range(0, count, batch):
+            z = torch.randn(max(batch, 2), s.latent_dim)
+            labels = torch.arange(len(z)) % spec.num_classes
+            out.append(random_shift(quantise(generator(z, labels if s.conditional else None)), s.shift))
+    return torch.cat(out)[:count]
+
+
+def refit_probe(run: Path, variants: list[str], students: int = 3) -> list[dict[str, Any]]:
+    saved = {k: v for k, v in json.loads((run / "config.json").read_text()).items() if v is not None}
+    config = config_from_mapping(saved)
+    split = load_dataset(config.dataset, config.data_root, seed=config.seed)
+    spec, test = split.spec, split.test
+    c = spec.num_classes
+    state = torch.load(run / "checkpoint.pt", weights_only=False, map_location="cpu")
+    pool = state["method"]["pool"]
+    images, stored = pool["images"].float() / 255, pool["answers"].float()
+    teachers, weights, has_unknown = run_teachers(run, c)
+    refit = Refit(config, spec)
+    test_x = spec.normalize(test.images)
+
+    def accuracy(model: nn.Module) -> float:
+        return float((predict(model, test_x, device="cpu").argmax(1) == test.labels).float().mean())
+
+    def teachers_on(x: Tensor) -> Tensor:
+        return combine(answers(teachers, spec.normalize(x)), weights, has_unknown, c)  # (N, C) log-probabilities
+
+    rows: list[dict[str, Any]] = []
+
+    def row(variant: str, samples: int, model: nn.Module, **extra: Any) -> None:
+        rows.append({"run": run.name, "variant": variant, "samples": samples, "steps": refit.steps,
+                     "student": accuracy(model), **extra})
+
+    fitted: list[nn.Module] = []
+    if "pool" in variants or "surrogate" in variants:
+        first, averaged = refit(images, stored, POOL_SEED, averages=True)
+        fitted.append(first)
+        row("pool", len(images), first)
+        for name, model in averaged.items():
+            row(name, len(images), model)
+    for name in (v for v in variants if v in ("l1", "mse") or v.startswith("kl")):
+        row(name, len(images), refit(images, stored, POOL_SEED, loss=name)[0])
+    blends = blends_of(images, BLEND_SEED) if {"blends", "surrogate"} & set(variants) else None
+    answered = teachers_on(blends) if blends is not None else None
+    if "blends" in variants and blends is not None and answered is not None:
+        row("blends", 2 * len(images), refit(torch.cat([images, blends]), torch.cat([stored, answered]),
+                                             EXTRA_SEED)[0], extra_query_samples=len(blends) * len(teachers))
+    if "surrogate" in variants and blends is not None and answered is not None:
+        for k in range(1, students):
+            fitted.append(refit(images, stored, POOL_SEED + k)[0])
+        with torch.no_grad():
+            def mean_probs(x: Tensor) -> Tensor:
+                return torch.stack([F.softmax(predict(m, spec.normalize(x), device="cpu"), 1) for m in fitted]).mean(0)
+            labels = mean_probs(blends).clamp_min(1e-8).log()
+            together = float((mean_probs(test.images).argmax(1) == test.labels).float().mean())
+        each = [accuracy(m) for m in fitted]
+        row("surrogate", 2 * len(images), refit(torch.cat([images, blends]), torch.cat([stored, labels]),
+                                                EXTRA_SEED)[0],
+            extra_query_samples=0, students=each, students_ensemble=together,
+            agreement_with_teachers=float((labels.argmax(1) == answered.argmax(1)).float().mean()))
+    if "fresh" in variants:
+        fresh = fresh_of(state, config, spec, len(images), FRESH_SEED)
+        answered_fresh = teachers_on(fresh)
+        row("fresh", 2 * len(images), refit(torch.cat([images, fresh]), torch.cat([stored, answered_fresh]),
+                                            EXTRA_SEED)[0], extra_query_samples=len(fresh) * len(teachers),
+            mean_top_probability=float(answered_fresh.exp().amax(1).mean()),
+            pool_mean_top_probability=float(F.softmax(stored, 1).amax(1).mean()))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--variants", default="pool,blends,surrogate,fresh",
+                        help=f"comma-separated, of {', '.join(VARIANTS)} (klT for any temperature T)")
+    parser.add_argument("--students", type=int, default=3, help="students in the surrogate's ensemble (>= 1)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS and not (v.startswith("kl") and v[2:].replace(".", "", 1).isdigit()):
+            parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, or klT")
+    if args.students < 1:
+        parser.error("--students must be at least 1")
+    for run in args.runs:
+        if not (run / "checkpoint.pt").is_file() or not (run / "clients").is_dir():
+            parser.error(f"{run} is not a finished run directory (checkpoint.pt and clients/ are needed)")
+    torch.set_num_threads(args.threads)
+    print("| run | variant | samples | student | more |")
+    print("|---|---|---|---|---|")
+    for run in args.runs:
+        for r in refit_probe(run, variants, args.students):
+            more = {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] if isinstance(v, list)
+                        else v) for k, v in r.items() if k not in ("run", "variant", "samples", "student", "steps")}
+            print(f"| {r['run']} | {r['variant']} | {r['samples']:,} | {r['student']:.4f} | "
+                  f"{json.dumps(more) if more else ''} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
