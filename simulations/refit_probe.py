@@ -14,8 +14,8 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   (what ``student-refit-mixup=1`` asks: one Forward of each blend by every teacher);
 - ``surrogate``: the pool plus the same blends answered by the ensemble of ``--students`` students refitted on the
   pool (no query: whether the blends' value is the blending or the teachers' answers);
-- ``fresh``: the pool plus as many fresh samples of the run's final generator (batch statistics, the run's shift),
-  answered by the teachers (the same queries as ``blends``).
+- ``fresh``: the pool plus as many fresh samples of the run's final generator, drawn as the run draws its
+  Forward-only batches (``Synthesizer.draw``), answered by the teachers (the same queries as ``blends``).
 
 Every refit of the pool alone uses seed 100 (the ``pool`` row; the surrogate's students 100, 101, ...), every refit
 with extra samples seed 200: rows differ by what they train on, not by their random stream. The refit's own spread
@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gate_probe import answers, combine, run_teachers  # noqa: E402
 
 import fedkd.coordinator.student as student_module  # noqa: E402
-from fedkd.augment import random_shift  # noqa: E402
 from fedkd.config import RunConfig, config_from_mapping  # noqa: E402
-from fedkd.coordinator.generator import Generator  # noqa: E402
 from fedkd.coordinator.losses import distillation_per_sample  # noqa: E402
 from fedkd.coordinator.student import StudentTrainer  # noqa: E402
-from fedkd.coordinator.synthetic_pool import quantise  # noqa: E402
+from fedkd.coordinator.synthesis import Synthesizer  # noqa: E402
 from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
 from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
@@ -110,22 +110,15 @@ def blends_of(images: Tensor, seed: int) -> Tensor:
     return torch.round((w * images[first] + (1 - w) * images[second]) * 255) / 255
 
 
-def fresh_of(run_state: dict[str, Any], config: RunConfig, spec: DatasetSpec, count: int, seed: int) -> Tensor:
-    """``count`` samples of the run's final generator, made as its pool batches were (batch statistics, the
-    run's shift, quantised)."""
-    s = config.synthesis
-    generator = Generator(latent_dim=s.latent_dim, width=s.width, channels=spec.channels, image_size=spec.side,
-                          num_classes=spec.num_classes if s.conditional else None)
-    generator.load_state_dict(run_state["method"]["synthesizer"]["generator"])
-    generator.train()
+def fresh_of(run_state: dict[str, Any], config: RunConfig, spec: DatasetSpec, count: int, seed: int,
+             answer: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """``count`` samples of the run's final generator (the run's synthesizer restored, drawing as it drew its
+    Forward-only batches: batch statistics, the run's shift, quantised) and ``answer``'s logits for them."""
+    synthesizer = Synthesizer(spec, config.synthesis, config.batch_size, torch.device("cpu"))
+    synthesizer.load_state_dict(run_state["method"]["synthesizer"])
     torch.manual_seed(seed)
-    out, batch = [], config.batch_size
-    with torch.no_grad():
-        for _ in range(0, count, batch):
-            z = torch.randn(max(batch, 2), s.latent_dim)
-            labels = torch.arange(len(z)) % spec.num_classes
-            out.append(random_shift(quantise(generator(z, labels if s.conditional else None)), s.shift))
-    return torch.cat(out)[:count]
+    batches = [synthesizer.draw(answer) for _ in range(math.ceil(count / config.batch_size))]
+    return torch.cat([b.images for b in batches])[:count], torch.cat([b.answers for b in batches])[:count]
 
 
 def refit_probe(run: Path, variants: list[str], students: int = 3) -> list[dict[str, Any]]:
@@ -181,8 +174,8 @@ def refit_probe(run: Path, variants: list[str], students: int = 3) -> list[dict[
             extra_query_samples=0, students=each, students_ensemble=together,
             agreement_with_teachers=float((labels.argmax(1) == answered.argmax(1)).float().mean()))
     if "fresh" in variants:
-        fresh = fresh_of(state, config, spec, len(images), FRESH_SEED)
-        answered_fresh = teachers_on(fresh)
+        fresh, answered_fresh = fresh_of(state, config, spec, len(images), FRESH_SEED,
+                                         lambda x: combine(answers(teachers, x), weights, has_unknown, c))
         row("fresh", 2 * len(images), refit(torch.cat([images, fresh]), torch.cat([stored, answered_fresh]),
                                             EXTRA_SEED)[0], extra_query_samples=len(fresh) * len(teachers),
             mean_top_probability=float(answered_fresh.exp().amax(1).mean()),
