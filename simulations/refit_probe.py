@@ -15,7 +15,11 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
 - ``surrogate``: the pool plus the same blends answered by the ensemble of ``--students`` students refitted on the
   pool (no query: whether the blends' value is the blending or the teachers' answers);
 - ``fresh``: the pool plus as many fresh samples of the run's final generator, drawn as the run draws its
-  Forward-only batches (``Synthesizer.draw``), answered by the teachers (the same queries as ``blends``).
+  Forward-only batches (``Synthesizer.draw``), answered by the teachers (the same queries as ``blends``);
+- ``flips``: the pool plus every pool image mirrored left to right, with the stored answer of the image it mirrors
+  (no query: whether the task's labels survive a flip is assumed, as DENSE's student training assumes it; wrong for
+  digits);
+- ``flipsq``: the same mirrored images answered by the teachers (the queries of ``blends``).
 
 Every refit of the pool alone uses seed 100 (the ``pool`` row; the surrogate's students 100, 101, ...), every refit
 with extra samples seed 200: rows differ by what they train on, not by their random stream. The refit's own spread
@@ -52,7 +56,7 @@ from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
 from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
-VARIANTS = ("pool", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh")
+VARIANTS = ("pool", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq")
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED = 100, 200, 123, 7
 
 
@@ -180,6 +184,16 @@ def refit_probe(run: Path, variants: list[str], students: int = 3) -> list[dict[
                                             EXTRA_SEED)[0], extra_query_samples=len(fresh) * len(teachers),
             mean_top_probability=float(answered_fresh.exp().amax(1).mean()),
             pool_mean_top_probability=float(F.softmax(stored, 1).amax(1).mean()))
+    if "flips" in variants or "flipsq" in variants:
+        mirrored = images.flip(-1)
+        if "flips" in variants:
+            row("flips", 2 * len(images), refit(torch.cat([images, mirrored]), torch.cat([stored, stored]),
+                                                EXTRA_SEED)[0], extra_query_samples=0)
+        if "flipsq" in variants:
+            asked = teachers_on(mirrored)
+            row("flipsq", 2 * len(images), refit(torch.cat([images, mirrored]), torch.cat([stored, asked]),
+                                                 EXTRA_SEED)[0], extra_query_samples=len(mirrored) * len(teachers),
+                agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()))
     return rows
 
 

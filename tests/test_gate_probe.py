@@ -86,7 +86,8 @@ def test_pool_targets_trains_the_run_s_student_on_its_own_pool_with_each_aggrega
 def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_extra_samples(tmp_path):
     """simulations/refit_probe.py on a finished digits run: the pool alone (and its weight averages), another
     loss, the pool plus blends answered by the teachers, by refitted students (no query), and plus fresh samples of
-    the run's final generator; the refit of the pool is the same when asked again."""
+    the run's final generator, and plus the pool's mirror images (stored answers, or the teachers'); the refit of
+    the pool is the same when asked again."""
     import json
 
     import refit_probe
@@ -102,13 +103,15 @@ def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_ex
     pool = summary["pool"]["samples"]
     assert pool == 4 * 32
     rows = {r["variant"]: r for r in refit_probe.refit_probe(run, ["pool", "mse", "kl2", "blends", "surrogate",
-                                                                   "fresh"], students=2)}
-    assert set(rows) == {"pool", "ema", "swa", "mse", "kl2", "blends", "surrogate", "fresh"}
+                                                                   "fresh", "flips", "flipsq"], students=2)}
+    assert set(rows) == {"pool", "ema", "swa", "mse", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq"}
     assert all(r["steps"] == 2 * 4 * 5 for r in rows.values())  # student-refit's share of the run's steps
     assert all(rows[v]["samples"] == pool for v in ("pool", "ema", "swa", "mse", "kl2"))
-    assert all(rows[v]["samples"] == 2 * pool for v in ("blends", "surrogate", "fresh"))
-    assert rows["blends"]["extra_query_samples"] == rows["fresh"]["extra_query_samples"] == 2 * pool
-    assert rows["surrogate"]["extra_query_samples"] == 0
+    assert all(rows[v]["samples"] == 2 * pool for v in ("blends", "surrogate", "fresh", "flips", "flipsq"))
+    assert (rows["blends"]["extra_query_samples"] == rows["fresh"]["extra_query_samples"]
+            == rows["flipsq"]["extra_query_samples"] == 2 * pool)
+    assert rows["surrogate"]["extra_query_samples"] == rows["flips"]["extra_query_samples"] == 0
+    assert 0.0 <= rows["flipsq"]["agreement_with_stored"] <= 1.0
     assert rows["surrogate"]["students"][0] == rows["pool"]["student"]  # the surrogate's first student is the pool's
     assert len(rows["surrogate"]["students"]) == 2
     assert 0.0 <= rows["surrogate"]["agreement_with_teachers"] <= 1.0
