@@ -1,5 +1,6 @@
 """Every distillation method: runs on digits with tiny models, its own pieces, and what it refuses at start-up."""
 
+import json
 import math
 import shutil
 
@@ -82,6 +83,13 @@ def test_a_run_resumed_mid_way_ends_where_an_uninterrupted_one_ends_for_a_baseli
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert resumed["student"]["test_accuracy"] == expected["student"]["test_accuracy"]
     assert resumed["queries"]["samples"] == expected["queries"]["samples"]
+    # RDSKD's epoch records carry its own stage (1, 2): they are still the epochs the summary is over
+    history = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    epochs = [h for h in history if h.get("stage") != "refit"]
+    assert len(epochs) == 3 and {h["stage"] for h in epochs} <= {1.0, 2.0}
+    student = expected["student"]
+    assert student["accuracy_mean"] == pytest.approx(sum(h["student_accuracy"] for h in epochs) / 3)
+    assert student["refit"]["along_the_way"]["accuracy"] == epochs[-1]["student_accuracy"]
 
 
 def test_the_mixture_selection_keeps_the_low_loss_component():

@@ -92,8 +92,9 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
     """The run's summary.json, from the distillation's result and the pool after the session ended."""
     history, answers = result.history, result.answers
     last = history[-1]
-    # the epochs' records: student-refit appends the run's student's record after them
-    epochs = [h for h in history if "stage" not in h]
+    # the epochs' records: student-refit appends the run's student's record after them (stage "refit"; a method's
+    # own epoch records may carry a numeric stage of their own, RDSKD's 1 and 2)
+    epochs = [h for h in history if h.get("stage") != "refit"]
     refitted = next((h for h in history if h.get("stage") == "refit"), None)
     if test is None or answers is None:  # no coordinator data: only what the queries and training tell
         accuracies: list[float | None] = [None] * len(pool.descriptions)
