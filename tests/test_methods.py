@@ -47,6 +47,8 @@ def test_every_method_lifts_the_student_well_above_chance(method, teachers, tmp_
     if method == "hidfd":
         assert "mnist5k" in summary["method_report"]["public_pool"]
         assert summary["method_report"]["public_samples"] == 50
+        # the refit trains as HiDFD's student does: on the public images beside the pool
+        assert summary["student"]["refit"]["samples"] == summary["pool"]["samples"] + 50
 
 
 class _Interrupted(Exception):

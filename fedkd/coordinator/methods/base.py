@@ -334,17 +334,31 @@ class PoolMethod(Generic[Options]):
         if blends is not None:
             images = torch.cat([self.pool.images[:len(self.pool)], blends[0]])
             answers = torch.cat([self.pool.answers[:len(self.pool)], blends[1]])
+
+        def pool_batch(size: int, draw: torch.Generator) -> tuple[Tensor, Tensor]:
+            if blends is None:
+                return self.pool.sample(size, generator=draw)
+            idx = torch.randperm(len(images), generator=draw)[:size]
+            return images[idx].float() / 255, answers[idx]
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             draw = torch.Generator().manual_seed(seed)
             trainer = StudentTrainer(student, self.spec, settings, self.device, total_steps=steps)
             for _ in range(steps):
-                if blends is None:
-                    trainer.step(*self.pool.sample(self.config.batch_size, generator=draw))
-                else:
-                    idx = torch.randperm(len(images), generator=draw)[:self.config.batch_size]
-                    trainer.step(images[idx].float() / 255, answers[idx])
-        return len(self.pool) + (len(blends[0]) if blends is not None else 0), steps
+                trainer.step(*self.refit_batch(pool_batch, draw))
+        return len(self.pool) + (len(blends[0]) if blends is not None else 0) + self.refit_extra_samples(), steps
+
+    def refit_batch(self, pool_batch: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
+                    draw: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One batch of the refit (images in [0, 1], answers): ``pool_batch(size, draw)`` draws from the pool and
+        the blends. A method whose own student learns from more than the pool (HiDFD's real public images) mixes
+        that in here, as its student steps do, and counts it in :meth:`refit_extra_samples`."""
+        return pool_batch(self.config.batch_size, draw)
+
+    def refit_extra_samples(self) -> int:
+        """Samples beside the pool and the blends that :meth:`refit_batch` draws from."""
+        return 0
 
     def extra_state(self) -> dict[str, Any]:
         return {}
