@@ -166,26 +166,25 @@ class HiDFD(GeneratorMethod[HiDFDOptions]):
 
         return loss_fn
 
-    def student_step(self) -> dict[str, float]:
-        b = self.config.batch_size
-        n_real = round(self.options.real_share * b)
-        parts = [self.real.sample(n_real)] if n_real else []
-        if b - n_real and len(self.pool):
-            parts.append(self.pool.sample(b - n_real))
-        images = torch.cat([p[0] for p in parts])
-        answers = torch.cat([p[1] for p in parts])
-        return self.trainer.step(images, answers)
-
-    def refit_batch(self, pool_batch: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
-                    draw: torch.Generator) -> tuple[Tensor, Tensor]:
-        """The refit's batches are made as the student's: ``hidfd.real-share`` real public images, the rest from
-        the pool (a refit on the pool alone lost 10-18 points on digits: docs/results.md)."""
+    def mixed_batch(self, pool_batch: Callable[[int], tuple[Tensor, Tensor]],
+                    draw: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """A student batch: ``hidfd.real-share`` of it real public images (drawn with ``draw``), the rest
+        ``pool_batch(size)``."""
         b = self.config.batch_size
         n_real = round(self.options.real_share * b)
         parts = [self.real.sample(n_real, generator=draw)] if n_real else []
-        if b - n_real:
-            parts.append(pool_batch(b - n_real, draw))
+        if b - n_real and len(self.pool):
+            parts.append(pool_batch(b - n_real))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def student_step(self) -> dict[str, float]:
+        return self.trainer.step(*self.mixed_batch(self.pool.sample))
+
+    def refit_batch(self, pool_batch: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
+                    draw: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The refit's batches are made as the student's (a refit on the pool alone lost 10-18 points on digits:
+        docs/results.md)."""
+        return self.mixed_batch(lambda size: pool_batch(size, draw), draw)
 
     def refit_extra_samples(self) -> int:
         return len(self.real) if round(self.options.real_share * self.config.batch_size) else 0
