@@ -19,10 +19,16 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
 - ``flips``: the pool plus every pool image mirrored left to right, with the stored answer of the image it mirrors
   (no query: whether the task's labels survive a flip is assumed, as DENSE's student training assumes it; wrong for
   digits);
-- ``flipsq``: the same mirrored images answered by the teachers (the queries of ``blends``).
+- ``flipsq``: the same mirrored images answered by the teachers (the queries of ``blends``);
+- ``jacobian``: the pool, the student also trained to match the ensemble's input gradients there (Jacobian matching,
+  Srinivas and Fleuret, ICML 2018): per sample, the direction of d log p_ens(y|x) / dx for y the stored answer's
+  class, which the coordinator could get with one Forward and one Backward of every pool sample by every teacher
+  (the Backward's grad_logits is d log p_ens(y) / d logits_k; both counted), against the direction of the
+  student's own d log p_S(y|x) / dx, squared distance weighted by ``JACOBIAN_WEIGHT`` (weight 10 diverged).
 
-Every refit of the pool alone uses seed 100 (the ``pool`` row; the surrogate's students 100, 101, ...), every refit
-with extra samples seed 200: rows differ by what they train on, not by their random stream. The refit's own spread
+Every refit of the pool alone uses seed 100 (``--refit-seed``; the ``pool`` and ``jacobian`` rows; the surrogate's
+students 100, 101, ...), every refit with extra samples seed 200: rows differ by what they train on, not by their
+random stream. The refit's own spread
 over seeds is printed too (``students``: the surrogate's students one by one, and their ensemble). Experiment-only:
 it reads the teachers' files, which a deployment's coordinator does not hold.
 
@@ -56,8 +62,9 @@ from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
 from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
-VARIANTS = ("pool", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq")
+VARIANTS = ("pool", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq", "jacobian")
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED = 100, 200, 123, 7
+JACOBIAN_WEIGHT = 1.0
 
 
 def loss_of(name: str):
@@ -80,8 +87,10 @@ class Refit:
         total = config.epochs * config.steps_per_epoch * config.student_steps
         self.steps = max(1, round(max(config.student.refit, 1.0) * total))
 
-    def __call__(self, images: Tensor, targets: Tensor, seed: int, loss: str = "",
-                 averages: bool = False) -> tuple[nn.Module, dict[str, nn.Module]]:
+    def __call__(self, images: Tensor, targets: Tensor, seed: int, loss: str = "", averages: bool = False,
+                 gradients: Tensor | None = None) -> tuple[nn.Module, dict[str, nn.Module]]:
+        """``gradients``: the ensemble's unit input gradients per image (:func:`ensemble_gradients`), matched by the
+        student's as well (the ``jacobian`` variant)."""
         torch.manual_seed(seed)
         student = build_model(self.config.student.model, num_classes=self.spec.num_classes,
                               channels=self.spec.channels, image_size=self.spec.image_size)
@@ -95,7 +104,10 @@ class Refit:
         try:
             for step in range(self.steps):
                 idx = torch.randint(0, len(images), (self.config.batch_size,), generator=draw)
-                trainer.step(images[idx], targets[idx])
+                if gradients is None:
+                    trainer.step(images[idx], targets[idx])
+                else:
+                    jacobian_step(trainer, images[idx], targets[idx], gradients[idx], JACOBIAN_WEIGHT)
                 if ema is not None and swa is not None:
                     ema.update_parameters(student)
                     if step >= self.steps // 2:
@@ -103,6 +115,50 @@ class Refit:
         finally:
             student_module.distillation_per_sample = kept
         return student, ({"ema": ema.module, "swa": swa.module} if ema is not None and swa is not None else {})
+
+
+def unit(g: Tensor) -> Tensor:
+    """Each sample's gradient scaled to unit L2 norm."""
+    return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
+
+
+def ensemble_gradients(teachers: list[nn.Module], weights: Tensor, has_unknown: Tensor, spec: DatasetSpec,
+                       images: Tensor, classes: Tensor, batch: int = 512) -> Tensor:
+    """Per image in [0, 1], the unit direction of d log p_ens(class | x) / dx in the normalised input space the
+    student sees (the ensemble as :func:`gate_probe.combine` forms it)."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = spec.normalize(images[i:i + batch]).requires_grad_(True)
+        rows = [t(x) for t in teachers]
+        width = max(r.shape[-1] for r in rows)
+        logp = combine(torch.stack([F.pad(r, (0, width - r.shape[-1])) for r in rows]), weights, has_unknown,
+                       spec.num_classes)
+        grad, = torch.autograd.grad(logp.gather(1, classes[i:i + batch, None]).sum(), x)
+        out.append(unit(grad))
+    return torch.cat(out)
+
+
+def jacobian_step(trainer: StudentTrainer, images: Tensor, answers: Tensor, gradients: Tensor,
+                  weight: float) -> float:
+    """One refit step with the Jacobian-matching term beside the run's distillation loss; returns the term."""
+    student, settings = trainer.student, trainer.settings
+    if settings.shift:
+        raise ValueError("the jacobian variant needs student-shift=0 (a shifted image's gradient is not the "
+                         "stored one)")
+    student.train()
+    x = trainer.spec.normalize(images).requires_grad_(True)
+    logits = student(x)
+    loss = distillation_per_sample(logits, answers, settings.loss, settings.temperature).mean()
+    classes = answers.argmax(1, keepdim=True)
+    own, = torch.autograd.grad(F.log_softmax(logits, 1).gather(1, classes).sum(), x, create_graph=True)
+    term = (unit(own) - gradients).pow(2).flatten(1).sum(1).mean()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    (loss + weight * term).backward()
+    trainer.optimizer.step()
+    if trainer.steps < trainer.total_steps:
+        trainer.schedule.step()
+    trainer.steps += 1
+    return float(term.detach())
 
 
 def blends_of(images: Tensor, seed: int) -> Tensor:
@@ -125,7 +181,8 @@ def fresh_of(run_state: dict[str, Any], config: RunConfig, spec: DatasetSpec, co
     return torch.cat([b.images for b in batches])[:count], torch.cat([b.answers for b in batches])[:count]
 
 
-def refit_probe(run: Path, variants: list[str], students: int = 3) -> list[dict[str, Any]]:
+def refit_probe(run: Path, variants: list[str], students: int = 3,
+                pool_seed: int = POOL_SEED) -> list[dict[str, Any]]:
     saved = {k: v for k, v in json.loads((run / "config.json").read_text()).items() if v is not None}
     config = config_from_mapping(saved)
     split = load_dataset(config.dataset, config.data_root, seed=config.seed)
@@ -152,13 +209,13 @@ def refit_probe(run: Path, variants: list[str], students: int = 3) -> list[dict[
 
     fitted: list[nn.Module] = []
     if "pool" in variants or "surrogate" in variants:
-        first, averaged = refit(images, stored, POOL_SEED, averages=True)
+        first, averaged = refit(images, stored, pool_seed, averages=True)
         fitted.append(first)
         row("pool", len(images), first)
         for name, model in averaged.items():
             row(name, len(images), model)
     for name in (v for v in variants if v in ("l1", "mse") or v.startswith("kl")):
-        row(name, len(images), refit(images, stored, POOL_SEED, loss=name)[0])
+        row(name, len(images), refit(images, stored, pool_seed, loss=name)[0])
     blends = blends_of(images, BLEND_SEED) if {"blends", "surrogate"} & set(variants) else None
     answered = teachers_on(blends) if blends is not None else None
     if "blends" in variants and blends is not None and answered is not None:
@@ -166,7 +223,7 @@ def refit_probe(run: Path, variants: list[str], students: int = 3) -> list[dict[
                                              EXTRA_SEED)[0], extra_query_samples=len(blends) * len(teachers))
     if "surrogate" in variants and blends is not None and answered is not None:
         for k in range(1, students):
-            fitted.append(refit(images, stored, POOL_SEED + k)[0])
+            fitted.append(refit(images, stored, pool_seed + k)[0])
         with torch.no_grad():
             def mean_probs(x: Tensor) -> Tensor:
                 return torch.stack([F.softmax(predict(m, spec.normalize(x), device="cpu"), 1) for m in fitted]).mean(0)
@@ -194,6 +251,13 @@ def refit_probe(run: Path, variants: list[str], students: int = 3) -> list[dict[
             row("flipsq", 2 * len(images), refit(torch.cat([images, mirrored]), torch.cat([stored, asked]),
                                                  EXTRA_SEED)[0], extra_query_samples=len(mirrored) * len(teachers),
                 agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()))
+    if "jacobian" in variants:
+        with torch.enable_grad():
+            for t in teachers:
+                t.requires_grad_(False)
+            gradients = ensemble_gradients(teachers, weights, has_unknown, spec, images, stored.argmax(1))
+        row("jacobian", len(images), refit(images, stored, pool_seed, gradients=gradients)[0],
+            extra_query_samples=2 * len(images) * len(teachers))
     return rows
 
 
@@ -204,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, of {', '.join(VARIANTS)} (klT for any temperature T)")
     parser.add_argument("--students", type=int, default=3, help="students in the surrogate's ensemble (>= 1)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--refit-seed", type=int, default=POOL_SEED,
+                        help="the random stream of the refits on the pool alone and of jacobian's "
+                             "(default %(default)s)")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     for v in variants:
@@ -218,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | variant | samples | student | more |")
     print("|---|---|---|---|---|")
     for run in args.runs:
-        for r in refit_probe(run, variants, args.students):
+        for r in refit_probe(run, variants, args.students, args.refit_seed):
             more = {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] if isinstance(v, list)
                         else v) for k, v in r.items() if k not in ("run", "variant", "samples", "student", "steps")}
             print(f"| {r['run']} | {r['variant']} | {r['samples']:,} | {r['student']:.4f} | "

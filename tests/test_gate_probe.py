@@ -103,10 +103,13 @@ def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_ex
     pool = summary["pool"]["samples"]
     assert pool == 4 * 32
     rows = {r["variant"]: r for r in refit_probe.refit_probe(run, ["pool", "mse", "kl2", "blends", "surrogate",
-                                                                   "fresh", "flips", "flipsq"], students=2)}
-    assert set(rows) == {"pool", "ema", "swa", "mse", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq"}
+                                                                   "fresh", "flips", "flipsq", "jacobian"],
+                                                                  students=2)}
+    assert set(rows) == {"pool", "ema", "swa", "mse", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq",
+                         "jacobian"}
     assert all(r["steps"] == 2 * 4 * 5 for r in rows.values())  # student-refit's share of the run's steps
-    assert all(rows[v]["samples"] == pool for v in ("pool", "ema", "swa", "mse", "kl2"))
+    assert all(rows[v]["samples"] == pool for v in ("pool", "ema", "swa", "mse", "kl2", "jacobian"))
+    assert rows["jacobian"]["extra_query_samples"] == 2 * pool * 2  # a Forward and a Backward by both teachers
     assert all(rows[v]["samples"] == 2 * pool for v in ("blends", "surrogate", "fresh", "flips", "flipsq"))
     assert (rows["blends"]["extra_query_samples"] == rows["fresh"]["extra_query_samples"]
             == rows["flipsq"]["extra_query_samples"] == 2 * pool)
@@ -130,3 +133,37 @@ def test_the_refit_probe_s_blends_are_quantised_pool_pairs():
     assert torch.equal(blends, refit_probe.blends_of(images, 0))
     assert torch.allclose(blends * 255, torch.round(blends * 255))
     assert float(blends.min()) >= 0.0 and float(blends.max()) <= 1.0
+
+
+def test_the_refit_probe_s_ensemble_gradients_are_unit_directions_of_the_ensemble_s_log_probability():
+    """A small step along the returned direction raises log p_ens(class | x) by about the step times the
+    gradient's norm (first order), and each direction has unit length."""
+    import refit_probe
+    from gate_probe import combine
+
+    from fedkd.data import DatasetSpec
+
+    torch.manual_seed(0)
+    spec = DatasetSpec(name="t", num_classes=3, channels=1, image_size=6, mean=(0.5,), std=(0.25,))
+    teachers = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 3)).double() for _ in range(2)]
+    weights = torch.tensor([[0.7, 0.2, 0.5], [0.3, 0.8, 0.5]], dtype=torch.float64)
+    has_unknown = torch.tensor([False, False])
+    images = torch.rand(5, 1, 6, 6, dtype=torch.float64)
+    classes = torch.tensor([0, 1, 2, 0, 1])
+    g = refit_probe.ensemble_gradients(teachers, weights, has_unknown, spec, images, classes)
+    assert torch.allclose(g.flatten(1).norm(dim=1), torch.ones(5, dtype=torch.float64))
+
+    def logp(x):
+        with torch.no_grad():
+            rows = torch.stack([t(x) for t in teachers])
+            return combine(rows, weights, has_unknown, 3).gather(1, classes[:, None]).squeeze(1)
+
+    x = spec.normalize(images)
+    step = 1e-4
+    up, down = logp(x + step * g), logp(x - step * g)
+    slope = (up - down) / (2 * step)  # the directional derivative along g: the gradient's norm, > 0
+    assert bool((slope > 0).all())
+    other = torch.randn_like(g)
+    other = refit_probe.unit(other)
+    assert bool(((logp(x + step * other) - logp(x - step * other)) / (2 * step) <= slope + 1e-6).all())
