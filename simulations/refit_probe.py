@@ -24,7 +24,10 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   Srinivas and Fleuret, ICML 2018): per sample, the direction of d log p_ens(y|x) / dx for y the stored answer's
   class, which the coordinator could get with one Forward and one Backward of every pool sample by every teacher
   (the Backward's grad_logits is d log p_ens(y) / d logits_k; both counted), against the direction of the
-  student's own d log p_S(y|x) / dx, squared distance weighted by ``JACOBIAN_WEIGHT`` (weight 10 diverged).
+  student's own d log p_S(y|x) / dx, squared distance weighted by ``JACOBIAN_WEIGHT`` (weight 10 diverged);
+- ``jacobian-logits``: the same with the gradient of each teacher's centred logit of y, weighted by its class share,
+  summed (the Backward's grad_logits w[k, y] (onehot(y) - 1/C) needs no Forward: one Backward per sample and
+  teacher), against the student's own centred logit's.
 
 Every refit of the pool alone uses seed 100 (``--refit-seed``; the ``pool`` and ``jacobian`` rows; the surrogate's
 students 100, 101, ...), every refit with extra samples seed 200: rows differ by what they train on, not by their
@@ -62,7 +65,8 @@ from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
 from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
-VARIANTS = ("pool", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq", "jacobian")
+VARIANTS = ("pool", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq", "jacobian",
+            "jacobian-logits")
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED = 100, 200, 123, 7
 JACOBIAN_WEIGHT = 1.0
 
@@ -88,7 +92,7 @@ class Refit:
         self.steps = max(1, round(max(config.student.refit, 1.0) * total))
 
     def __call__(self, images: Tensor, targets: Tensor, seed: int, loss: str = "", averages: bool = False,
-                 gradients: Tensor | None = None) -> tuple[nn.Module, dict[str, nn.Module]]:
+                 gradients: Tensor | None = None, of: str = "") -> tuple[nn.Module, dict[str, nn.Module]]:
         """``gradients``: the ensemble's unit input gradients per image (:func:`ensemble_gradients`), matched by the
         student's as well (the ``jacobian`` variant)."""
         torch.manual_seed(seed)
@@ -107,7 +111,7 @@ class Refit:
                 if gradients is None:
                     trainer.step(images[idx], targets[idx])
                 else:
-                    jacobian_step(trainer, images[idx], targets[idx], gradients[idx], JACOBIAN_WEIGHT)
+                    jacobian_step(trainer, images[idx], targets[idx], gradients[idx], JACOBIAN_WEIGHT, of)
                 if ema is not None and swa is not None:
                     ema.update_parameters(student)
                     if step >= self.steps // 2:
@@ -122,25 +126,41 @@ def unit(g: Tensor) -> Tensor:
     return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
 
 
+def centred(logits: Tensor) -> Tensor:
+    """Logits less their mean over the classes (the last dimension)."""
+    return logits - logits.mean(-1, keepdim=True)
+
+
 def ensemble_gradients(teachers: list[nn.Module], weights: Tensor, has_unknown: Tensor, spec: DatasetSpec,
-                       images: Tensor, classes: Tensor, batch: int = 512) -> Tensor:
-    """Per image in [0, 1], the unit direction of d log p_ens(class | x) / dx in the normalised input space the
-    student sees (the ensemble as :func:`gate_probe.combine` forms it)."""
+                       images: Tensor, classes: Tensor, of: str = "log-probability", batch: int = 512) -> Tensor:
+    """Per image in [0, 1], the unit direction, in the normalised input space the student sees, of the gradient of
+    ``of``: ``log-probability``, log p_ens(class | x) of the ensemble as :func:`gate_probe.combine` forms it (the
+    coordinator needs each teacher's logits for the Backward's grad_logits: a Forward and a Backward each), or
+    ``logits``, sum_k w[k, class] (z_k(x)[class] - mean_c z_k(x)[c]), each teacher's centred logit of the class
+    weighted by its class share (grad_logits w[k, class] (onehot - 1/C) needs no answer: a Backward each)."""
     out = []
     for i in range(0, len(images), batch):
         x = spec.normalize(images[i:i + batch]).requires_grad_(True)
+        asked = classes[i:i + batch]
         rows = [t(x) for t in teachers]
-        width = max(r.shape[-1] for r in rows)
-        logp = combine(torch.stack([F.pad(r, (0, width - r.shape[-1])) for r in rows]), weights, has_unknown,
-                       spec.num_classes)
-        grad, = torch.autograd.grad(logp.gather(1, classes[i:i + batch, None]).sum(), x)
+        if of == "logits":
+            picked = torch.stack([centred(r[:, :spec.num_classes]).gather(1, asked[:, None]).squeeze(1)
+                                  for r in rows])  # (K, B)
+            value = (weights[:, asked] * picked).sum()
+        else:
+            width = max(r.shape[-1] for r in rows)
+            logp = combine(torch.stack([F.pad(r, (0, width - r.shape[-1])) for r in rows]), weights, has_unknown,
+                           spec.num_classes)
+            value = logp.gather(1, asked[:, None]).sum()
+        grad, = torch.autograd.grad(value, x)
         out.append(unit(grad))
     return torch.cat(out)
 
 
 def jacobian_step(trainer: StudentTrainer, images: Tensor, answers: Tensor, gradients: Tensor,
-                  weight: float) -> float:
-    """One refit step with the Jacobian-matching term beside the run's distillation loss; returns the term."""
+                  weight: float, of: str = "log-probability") -> float:
+    """One refit step with the Jacobian-matching term beside the run's distillation loss (the student's own
+    gradient of what :func:`ensemble_gradients` took ``of``); returns the term."""
     student, settings = trainer.student, trainer.settings
     if settings.shift:
         raise ValueError("the jacobian variant needs student-shift=0 (a shifted image's gradient is not the "
@@ -150,7 +170,8 @@ def jacobian_step(trainer: StudentTrainer, images: Tensor, answers: Tensor, grad
     logits = student(x)
     loss = distillation_per_sample(logits, answers, settings.loss, settings.temperature).mean()
     classes = answers.argmax(1, keepdim=True)
-    own, = torch.autograd.grad(F.log_softmax(logits, 1).gather(1, classes).sum(), x, create_graph=True)
+    mine = centred(logits) if of == "logits" else F.log_softmax(logits, 1)
+    own, = torch.autograd.grad(mine.gather(1, classes).sum(), x, create_graph=True)
     term = (unit(own) - gradients).pow(2).flatten(1).sum(1).mean()
     trainer.optimizer.zero_grad(set_to_none=True)
     (loss + weight * term).backward()
@@ -251,13 +272,13 @@ def refit_probe(run: Path, variants: list[str], students: int = 3,
             row("flipsq", 2 * len(images), refit(torch.cat([images, mirrored]), torch.cat([stored, asked]),
                                                  EXTRA_SEED)[0], extra_query_samples=len(mirrored) * len(teachers),
                 agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()))
-    if "jacobian" in variants:
-        with torch.enable_grad():
+    for variant, of, asks in (("jacobian", "log-probability", 2), ("jacobian-logits", "logits", 1)):
+        if variant in variants:
             for t in teachers:
                 t.requires_grad_(False)
-            gradients = ensemble_gradients(teachers, weights, has_unknown, spec, images, stored.argmax(1))
-        row("jacobian", len(images), refit(images, stored, pool_seed, gradients=gradients)[0],
-            extra_query_samples=2 * len(images) * len(teachers))
+            gradients = ensemble_gradients(teachers, weights, has_unknown, spec, images, stored.argmax(1), of)
+            row(variant, len(images), refit(images, stored, pool_seed, gradients=gradients, of=of)[0],
+                extra_query_samples=asks * len(images) * len(teachers))
     return rows
 
 

@@ -103,13 +103,15 @@ def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_ex
     pool = summary["pool"]["samples"]
     assert pool == 4 * 32
     rows = {r["variant"]: r for r in refit_probe.refit_probe(run, ["pool", "mse", "kl2", "blends", "surrogate",
-                                                                   "fresh", "flips", "flipsq", "jacobian"],
-                                                                  students=2)}
+                                                                   "fresh", "flips", "flipsq", "jacobian",
+                                                                   "jacobian-logits"], students=2)}
     assert set(rows) == {"pool", "ema", "swa", "mse", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq",
-                         "jacobian"}
+                         "jacobian", "jacobian-logits"}
     assert all(r["steps"] == 2 * 4 * 5 for r in rows.values())  # student-refit's share of the run's steps
-    assert all(rows[v]["samples"] == pool for v in ("pool", "ema", "swa", "mse", "kl2", "jacobian"))
+    assert all(rows[v]["samples"] == pool for v in ("pool", "ema", "swa", "mse", "kl2", "jacobian",
+                                                        "jacobian-logits"))
     assert rows["jacobian"]["extra_query_samples"] == 2 * pool * 2  # a Forward and a Backward by both teachers
+    assert rows["jacobian-logits"]["extra_query_samples"] == pool * 2  # a Backward by both
     assert all(rows[v]["samples"] == 2 * pool for v in ("blends", "surrogate", "fresh", "flips", "flipsq"))
     assert (rows["blends"]["extra_query_samples"] == rows["fresh"]["extra_query_samples"]
             == rows["flipsq"]["extra_query_samples"] == 2 * pool)
@@ -151,19 +153,25 @@ def test_the_refit_probe_s_ensemble_gradients_are_unit_directions_of_the_ensembl
     has_unknown = torch.tensor([False, False])
     images = torch.rand(5, 1, 6, 6, dtype=torch.float64)
     classes = torch.tensor([0, 1, 2, 0, 1])
-    g = refit_probe.ensemble_gradients(teachers, weights, has_unknown, spec, images, classes)
-    assert torch.allclose(g.flatten(1).norm(dim=1), torch.ones(5, dtype=torch.float64))
+    x = spec.normalize(images)
+    step = 1e-4
 
     def logp(x):
         with torch.no_grad():
             rows = torch.stack([t(x) for t in teachers])
             return combine(rows, weights, has_unknown, 3).gather(1, classes[:, None]).squeeze(1)
 
-    x = spec.normalize(images)
-    step = 1e-4
-    up, down = logp(x + step * g), logp(x - step * g)
-    slope = (up - down) / (2 * step)  # the directional derivative along g: the gradient's norm, > 0
-    assert bool((slope > 0).all())
-    other = torch.randn_like(g)
-    other = refit_probe.unit(other)
-    assert bool(((logp(x + step * other) - logp(x - step * other)) / (2 * step) <= slope + 1e-6).all())
+    def weighted_logit(x):
+        with torch.no_grad():
+            rows = refit_probe.centred(torch.stack([t(x) for t in teachers]))  # (K, B, C)
+            return (weights[:, classes] * rows.gather(2, classes.view(1, -1, 1).expand(2, -1, 1)).squeeze(-1)).sum(0)
+
+    for of, value in (("log-probability", logp), ("logits", weighted_logit)):
+        g = refit_probe.ensemble_gradients(teachers, weights, has_unknown, spec, images, classes, of)
+        assert torch.allclose(g.flatten(1).norm(dim=1), torch.ones(5, dtype=torch.float64))
+        slope = (value(x + step * g) - value(x - step * g)) / (2 * step)  # along g: the gradient's norm, > 0
+        assert bool((slope > 0).all())
+        other = refit_probe.unit(torch.randn_like(g))
+        assert bool(((value(x + step * other) - value(x - step * other)) / (2 * step) <= slope + 1e-6).all())
+    assert not torch.allclose(g, refit_probe.ensemble_gradients(teachers, weights, has_unknown, spec, images,
+                                                                classes))  # two different quantities
