@@ -29,11 +29,11 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   summed (the Backward's grad_logits w[k, y] (onehot(y) - 1/C) needs no Forward: one Backward per sample and
   teacher), against the student's own centred logit's.
 
-Every refit of the pool alone uses seed 100 (``--refit-seed``; the ``pool`` and ``jacobian`` rows; the surrogate's
-students 100, 101, ...), every refit with extra samples seed 200: rows differ by what they train on, not by their
-random stream. The refit's own spread
-over seeds is printed too (``students``: the surrogate's students one by one, and their ensemble). Experiment-only:
-it reads the teachers' files, which a deployment's coordinator does not hold.
+Every refit of the pool alone uses seed 100 (``--refit-seed``: the ``pool``, loss and ``jacobian`` rows; the
+surrogate's students 100, 101, ...), every refit with extra samples seed 200: rows differ by what they train on, not
+by their random stream. The refit's own spread over seeds is printed too (``students``: the surrogate's students
+one by one, and their ensemble). Experiment-only: it reads the teachers' files, which a deployment's coordinator
+does not hold.
 
     python simulations/refit_probe.py runs/fashion-mnist/a0.5-s0-... --variants pool,blends,surrogate,fresh
 """
@@ -92,9 +92,10 @@ class Refit:
         self.steps = max(1, round(max(config.student.refit, 1.0) * total))
 
     def __call__(self, images: Tensor, targets: Tensor, seed: int, loss: str = "", averages: bool = False,
-                 gradients: Tensor | None = None, of: str = "") -> tuple[nn.Module, dict[str, nn.Module]]:
+                 gradients: Tensor | None = None, of: str = "log-probability"
+                 ) -> tuple[nn.Module, dict[str, nn.Module]]:
         """``gradients``: the ensemble's unit input gradients per image (:func:`ensemble_gradients`), matched by the
-        student's as well (the ``jacobian`` variant)."""
+        student's as well, of the quantity ``of`` names (the ``jacobian`` variants)."""
         torch.manual_seed(seed)
         student = build_model(self.config.student.model, num_classes=self.spec.num_classes,
                               channels=self.spec.channels, image_size=self.spec.image_size)
@@ -173,12 +174,7 @@ def jacobian_step(trainer: StudentTrainer, images: Tensor, answers: Tensor, grad
     mine = centred(logits) if of == "logits" else F.log_softmax(logits, 1)
     own, = torch.autograd.grad(mine.gather(1, classes).sum(), x, create_graph=True)
     term = (unit(own) - gradients).pow(2).flatten(1).sum(1).mean()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    (loss + weight * term).backward()
-    trainer.optimizer.step()
-    if trainer.steps < trainer.total_steps:
-        trainer.schedule.step()
-    trainer.steps += 1
+    trainer.update(loss + weight * term)
     return float(term.detach())
 
 
@@ -274,8 +270,6 @@ def refit_probe(run: Path, variants: list[str], students: int = 3,
                 agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()))
     for variant, of, asks in (("jacobian", "log-probability", 2), ("jacobian-logits", "logits", 1)):
         if variant in variants:
-            for t in teachers:
-                t.requires_grad_(False)
             gradients = ensemble_gradients(teachers, weights, has_unknown, spec, images, stored.argmax(1), of)
             row(variant, len(images), refit(images, stored, pool_seed, gradients=gradients, of=of)[0],
                 extra_query_samples=asks * len(images) * len(teachers))

@@ -51,11 +51,7 @@ def train_on_real(config: RunConfig, spec: DatasetSpec, train: ImageData, target
             continue
         labels = targets[idx].argmax(1) if mode == "hard" else train.labels[idx]
         student.train()  # the same optimiser and schedule, cross-entropy
-        loss = F.cross_entropy(student(spec.normalize(train.images[idx].to(device))), labels.to(device))
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.optimizer.step()
-        trainer.schedule.step()
+        trainer.update(F.cross_entropy(student(spec.normalize(train.images[idx].to(device))), labels.to(device)))
     return student
 
 

@@ -137,9 +137,10 @@ def test_the_refit_probe_s_blends_are_quantised_pool_pairs():
     assert float(blends.min()) >= 0.0 and float(blends.max()) <= 1.0
 
 
-def test_the_refit_probe_s_ensemble_gradients_are_unit_directions_of_the_ensemble_s_log_probability():
-    """A small step along the returned direction raises log p_ens(class | x) by about the step times the
-    gradient's norm (first order), and each direction has unit length."""
+def test_the_refit_probe_s_ensemble_gradients_are_unit_directions_of_steepest_ascent_of_what_they_are_of():
+    """For the ensemble's log p_ens(class | x) and for the class-share-weighted centred logits: each direction has
+    unit length, a small step along it raises the quantity, and no random unit direction raises it faster (central
+    differences)."""
     import refit_probe
     from gate_probe import combine
 

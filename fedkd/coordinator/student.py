@@ -67,7 +67,13 @@ class StudentTrainer:
         losses = distillation_per_sample(self.student(x), answers.to(self.device), self.settings.loss,
                                          self.settings.temperature)  # (B,)
         weights = weigh(losses.detach()) if weigh is not None else torch.ones_like(losses)
-        loss = (weights * losses).mean()
+        self.update((weights * losses).mean())
+        return {"loss_student": float(losses.detach().mean()), "admitted": float((weights >= 0.5).float().mean()),
+                "weight_mean": float(weights.mean())}
+
+    def update(self, loss: Tensor) -> None:
+        """One optimiser step on ``loss`` (stopped, naming ``student-lr``, if it is not finite) and one step of the
+        schedule: :meth:`step`'s update, for a caller with a loss of its own."""
         check_finite(loss, "student-lr", self.settings.lr, "the student")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -75,8 +81,6 @@ class StudentTrainer:
         if self.steps < self.total_steps:
             self.schedule.step()
         self.steps += 1
-        return {"loss_student": float(losses.detach().mean()), "admitted": float((weights >= 0.5).float().mean()),
-                "weight_mean": float(weights.mean())}
 
     def state_dict(self) -> dict[str, Any]:
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
