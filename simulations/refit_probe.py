@@ -27,7 +27,13 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   student's own d log p_S(y|x) / dx, squared distance weighted by ``JACOBIAN_WEIGHT`` (weight 10 diverged);
 - ``jacobian-logits``: the same with the gradient of each teacher's centred logit of y, weighted by its class share,
   summed (the Backward's grad_logits w[k, y] (onehot(y) - 1/C) needs no Forward: one Backward per sample and
-  teacher), against the student's own centred logit's.
+  teacher), against the student's own centred logit's;
+- ``odsE`` (for example ``ods8``): the pool plus every pool image moved by one step of output-diversified sampling
+  (Tashiro et al., NeurIPS 2020; the hard samples Co-Boosting's student trains on, ICLR 2024): E/255 in pixels
+  along the sign of the input gradient of w . (each teacher's centred logits, weighted by its class shares), w a
+  random direction in the classes per image, then answered by the teachers (a Backward with grad_logits a - mean a,
+  a = w_k * w for teacher k's class shares w_k, needs no answer; then a Forward of the moved image: two query
+  samples per image and teacher).
 
 Every refit of the pool alone uses seed 100 (``--refit-seed``: the ``pool``, loss and ``jacobian`` rows; the
 surrogate's students 100, 101, ...), every refit with extra samples seed 200: rows differ by what they train on, not
@@ -67,7 +73,7 @@ from fedkd.models import build_model  # noqa: E402
 
 VARIANTS = ("pool", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq", "jacobian",
             "jacobian-logits")
-POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED = 100, 200, 123, 7
+POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED, ODS_SEED = 100, 200, 123, 7, 11
 JACOBIAN_WEIGHT = 1.0
 
 
@@ -178,6 +184,33 @@ def jacobian_step(trainer: StudentTrainer, images: Tensor, answers: Tensor, grad
     return float(term.detach())
 
 
+def ods_step(variant: str) -> float | None:
+    """The pixel step of an ``odsE`` variant (E/255), None for any other name."""
+    if variant.startswith("ods") and variant[3:].replace(".", "", 1).isdigit() and float(variant[3:]) > 0:
+        return float(variant[3:]) / 255
+    return None
+
+
+def ods_of(teachers: list[nn.Module], weights: Tensor, spec: DatasetSpec, images: Tensor, step: float, seed: int,
+           batch: int = 512) -> Tensor:
+    """Each image in [0, 1] moved by ``step`` along the sign of the input gradient of w . sum_k w[k] centred(z_k(x)),
+    w uniform in [-1, 1]^C per image (output-diversified sampling on the class-share-weighted logits), clamped to
+    [0, 1] and quantised like pool images."""
+    draw = torch.Generator().manual_seed(seed)
+    directions = torch.rand(len(images), spec.num_classes, generator=draw) * 2 - 1
+    out = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].clone().requires_grad_(True)
+        z = spec.normalize(x)
+        w = directions[i:i + batch]
+        value = sum((weights[k][None, :] * w * centred(t(z)[:, :spec.num_classes])).sum()
+                    for k, t in enumerate(teachers))
+        grad, = torch.autograd.grad(value, x)
+        moved = (images[i:i + batch] + step * grad.sign()).clamp(0, 1)
+        out.append(torch.round(moved * 255) / 255)
+    return torch.cat(out)
+
+
 def blends_of(images: Tensor, seed: int) -> Tensor:
     """As many blends of random pool pairs as the pool holds, a uniform weight each, quantised like pool images."""
     draw = torch.Generator().manual_seed(seed)
@@ -268,6 +301,15 @@ def refit_probe(run: Path, variants: list[str], students: int = 3,
             row("flipsq", 2 * len(images), refit(torch.cat([images, mirrored]), torch.cat([stored, asked]),
                                                  EXTRA_SEED)[0], extra_query_samples=len(mirrored) * len(teachers),
                 agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()))
+    for variant in variants:
+        step = ods_step(variant)
+        if step is not None:
+            moved = ods_of(teachers, weights, spec, images, step, ODS_SEED)
+            asked = teachers_on(moved)
+            row(variant, 2 * len(images), refit(torch.cat([images, moved]), torch.cat([stored, asked]),
+                                                EXTRA_SEED)[0], extra_query_samples=2 * len(moved) * len(teachers),
+                agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()),
+                mean_pixel_change=float((moved - images).abs().mean()))
     for variant, of, asks in (("jacobian", "log-probability", 2), ("jacobian-logits", "logits", 1)):
         if variant in variants:
             gradients = ensemble_gradients(teachers, weights, has_unknown, spec, images, stored.argmax(1), of)
@@ -280,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--variants", default="pool,blends,surrogate,fresh",
-                        help=f"comma-separated, of {', '.join(VARIANTS)} (klT for any temperature T)")
+                        help=f"comma-separated, of {', '.join(VARIANTS)} (klT for any temperature T, odsE for "
+                             "an output-diversified step of E/255)")
     parser.add_argument("--students", type=int, default=3, help="students in the surrogate's ensemble (>= 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--refit-seed", type=int, default=POOL_SEED,
@@ -289,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     for v in variants:
-        if v not in VARIANTS and not (v.startswith("kl") and v[2:].replace(".", "", 1).isdigit()):
-            parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, or klT")
+        temperature = v.startswith("kl") and v[2:].replace(".", "", 1).isdigit()
+        if v not in VARIANTS and not temperature and ods_step(v) is None:
+            parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT or odsE")
     if args.students < 1:
         parser.error("--students must be at least 1")
     for run in args.runs:

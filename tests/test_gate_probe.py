@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,14 +105,18 @@ def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_ex
     assert pool == 4 * 32
     rows = {r["variant"]: r for r in refit_probe.refit_probe(run, ["pool", "mse", "kl2", "blends", "surrogate",
                                                                    "fresh", "flips", "flipsq", "jacobian",
-                                                                   "jacobian-logits"], students=2)}
+                                                                   "jacobian-logits", "ods8"], students=2)}
     assert set(rows) == {"pool", "ema", "swa", "mse", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq",
-                         "jacobian", "jacobian-logits"}
+                         "jacobian", "jacobian-logits", "ods8"}
     assert all(r["steps"] == 2 * 4 * 5 for r in rows.values())  # student-refit's share of the run's steps
     assert all(rows[v]["samples"] == pool for v in ("pool", "ema", "swa", "mse", "kl2", "jacobian",
                                                         "jacobian-logits"))
     assert rows["jacobian"]["extra_query_samples"] == 2 * pool * 2  # a Forward and a Backward by both teachers
     assert rows["jacobian-logits"]["extra_query_samples"] == pool * 2  # a Backward by both
+    assert rows["ods8"]["samples"] == 2 * pool
+    assert rows["ods8"]["extra_query_samples"] == 2 * pool * 2  # a Backward, then a Forward of the moved image
+    assert 0.0 < rows["ods8"]["mean_pixel_change"] <= 8 / 255 + 1e-6
+    assert 0.0 <= rows["ods8"]["agreement_with_stored"] <= 1.0
     assert all(rows[v]["samples"] == 2 * pool for v in ("blends", "surrogate", "fresh", "flips", "flipsq"))
     assert (rows["blends"]["extra_query_samples"] == rows["fresh"]["extra_query_samples"]
             == rows["flipsq"]["extra_query_samples"] == 2 * pool)
@@ -135,6 +140,37 @@ def test_the_refit_probe_s_blends_are_quantised_pool_pairs():
     assert torch.equal(blends, refit_probe.blends_of(images, 0))
     assert torch.allclose(blends * 255, torch.round(blends * 255))
     assert float(blends.min()) >= 0.0 and float(blends.max()) <= 1.0
+
+
+def test_the_refit_probe_s_output_diversified_step_moves_each_image_by_the_step_up_its_random_direction():
+    """ods_of: every pixel moves by at most the step (quantised, within [0, 1]); the same seed gives the same images;
+    and the move raises w . (the class-share-weighted centred logits) for each image's own random w."""
+    import refit_probe
+
+    from fedkd.data import DatasetSpec
+
+    torch.manual_seed(0)
+    spec = DatasetSpec(name="t", num_classes=3, channels=1, image_size=6, mean=(0.5,), std=(0.25,))
+    teachers = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 3)) for _ in range(2)]
+    weights = torch.tensor([[0.7, 0.2, 0.5], [0.3, 0.8, 0.5]])
+    images = torch.round(torch.rand(40, 1, 6, 6) * 200 + 20) / 255  # away from 0 and 1: no pixel clamped
+    step = refit_probe.ods_step("ods8")
+    assert step == 8 / 255 and refit_probe.ods_step("odsx") is None and refit_probe.ods_step("pool") is None
+    moved = refit_probe.ods_of(teachers, weights, spec, images, step, seed=3)
+    assert torch.equal(moved, refit_probe.ods_of(teachers, weights, spec, images, step, seed=3))
+    assert not torch.equal(moved, refit_probe.ods_of(teachers, weights, spec, images, step, seed=4))
+    assert torch.allclose(moved * 255, torch.round(moved * 255))
+    assert float((moved - images).abs().max()) <= step + 1e-6
+    w = torch.Generator().manual_seed(3)
+    directions = torch.rand(40, 3, generator=w) * 2 - 1
+
+    def value(x):
+        with torch.no_grad():
+            return sum((weights[k][None, :] * directions * refit_probe.centred(t(spec.normalize(x)))).sum(1)
+                       for k, t in enumerate(teachers))
+
+    assert float((value(moved) - value(images)).min()) > 0
 
 
 def test_the_refit_probe_s_ensemble_gradients_are_unit_directions_of_steepest_ascent_of_what_they_are_of():
@@ -176,3 +212,12 @@ def test_the_refit_probe_s_ensemble_gradients_are_unit_directions_of_steepest_as
         assert bool(((value(x + step * other) - value(x - step * other)) / (2 * step) <= slope + 1e-6).all())
     assert not torch.allclose(g, refit_probe.ensemble_gradients(teachers, weights, has_unknown, spec, images,
                                                                 classes))  # two different quantities
+
+
+def test_the_refit_probe_names_an_unknown_variant(tmp_path, capsys):
+    import refit_probe
+
+    with pytest.raises(SystemExit) as exit_:
+        refit_probe.main([str(tmp_path), "--variants", "pool,ods0"])  # a step of 0 moves nothing: not a variant
+    assert exit_.value.code == 2
+    assert "unknown variant 'ods0'" in capsys.readouterr().err
