@@ -138,6 +138,13 @@ def centred(logits: Tensor) -> Tensor:
     return logits - logits.mean(-1, keepdim=True)
 
 
+def weighted_logits(rows: list[Tensor], weights: Tensor, directions: Tensor, num_classes: int) -> Tensor:
+    """sum_k sum_i directions[i] . (w_k * centred(z_k(x_i))), each teacher's centred logits weighted by its class
+    shares w_k (K, C) along a direction in the classes per input (N, C): the quantity whose input gradient a
+    Backward with grad_logits w_k * d - mean(w_k * d) returns, no answer needed first."""
+    return sum((weights[k][None, :] * directions * centred(r[:, :num_classes])).sum() for k, r in enumerate(rows))
+
+
 def ensemble_gradients(teachers: list[nn.Module], weights: Tensor, has_unknown: Tensor, spec: DatasetSpec,
                        images: Tensor, classes: Tensor, of: str = "log-probability", batch: int = 512) -> Tensor:
     """Per image in [0, 1], the unit direction, in the normalised input space the student sees, of the gradient of
@@ -151,9 +158,8 @@ def ensemble_gradients(teachers: list[nn.Module], weights: Tensor, has_unknown: 
         asked = classes[i:i + batch]
         rows = [t(x) for t in teachers]
         if of == "logits":
-            picked = torch.stack([centred(r[:, :spec.num_classes]).gather(1, asked[:, None]).squeeze(1)
-                                  for r in rows])  # (K, B)
-            value = (weights[:, asked] * picked).sum()
+            value = weighted_logits(rows, weights, F.one_hot(asked, spec.num_classes).to(weights.dtype),
+                                    spec.num_classes)
         else:
             width = max(r.shape[-1] for r in rows)
             logp = combine(torch.stack([F.pad(r, (0, width - r.shape[-1])) for r in rows]), weights, has_unknown,
@@ -202,9 +208,7 @@ def ods_of(teachers: list[nn.Module], weights: Tensor, spec: DatasetSpec, images
     for i in range(0, len(images), batch):
         x = images[i:i + batch].clone().requires_grad_(True)
         z = spec.normalize(x)
-        w = directions[i:i + batch]
-        value = sum((weights[k][None, :] * w * centred(t(z)[:, :spec.num_classes])).sum()
-                    for k, t in enumerate(teachers))
+        value = weighted_logits([t(z) for t in teachers], weights, directions[i:i + batch], spec.num_classes)
         grad, = torch.autograd.grad(value, x)
         moved = (images[i:i + batch] + step * grad.sign()).clamp(0, 1)
         out.append(torch.round(moved * 255) / 255)
@@ -332,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     for v in variants:
-        temperature = v.startswith("kl") and v[2:].replace(".", "", 1).isdigit()
-        if v not in VARIANTS and not temperature and ods_step(v) is None:
+        kl_at_temperature = v.startswith("kl") and v[2:].replace(".", "", 1).isdigit()
+        if v not in VARIANTS and not kl_at_temperature and ods_step(v) is None:
             parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT or odsE")
     if args.students < 1:
         parser.error("--students must be at least 1")
