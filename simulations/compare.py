@@ -113,13 +113,26 @@ def run_one(mapping: dict[str, Any], runs: Path, cache: Path) -> dict[str, Any]:
     }
 
 
-def cached_run(mapping: dict[str, Any], results: Path, runs: Path, cache: Path) -> tuple[dict[str, Any], bool]:
-    path = results / "runs" / f"{mapping['method']}-{mapping['dataset']}-{_key(mapping)}.json"
+def _record_path(mapping: dict[str, Any], results: Path) -> Path:
+    return results / "runs" / f"{mapping['method']}-{mapping['dataset']}-{_key(mapping)}.json"
+
+
+def load_cached(mapping: dict[str, Any], results: Path) -> dict[str, Any] | None:
+    """The cached record of a run, or None when there is none or it was made under other settings (reused only
+    while every setting it resolves to is the same: a changed default reruns what it changes)."""
+    path = _record_path(mapping, results)
     if path.exists():
-        record = json.loads(path.read_text())
-        # reused only while every setting it resolves to is the same: a changed default reruns what it changes
+        record: dict[str, Any] = json.loads(path.read_text())
         if record.get("config") == mapping and record.get("resolved") == config_from_mapping(mapping).to_dict():
-            return record, False
+            return record
+    return None
+
+
+def cached_run(mapping: dict[str, Any], results: Path, runs: Path, cache: Path) -> tuple[dict[str, Any], bool]:
+    cached = load_cached(mapping, results)
+    if cached is not None:
+        return cached, False
+    path = _record_path(mapping, results)
     record = run_one(mapping, runs, cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -249,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a run-config key for every run (repeatable), e.g. --set query-budget=0")
+    parser.add_argument("--cached", action="store_true",
+                        help="the table from the cached runs only: run nothing; when a run is missing or was made "
+                             "under other settings, name each and write nothing")
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
     methods = args.methods.split(",")
     settings = args.settings.split(",")
@@ -273,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     started = time.perf_counter()
     todo = [(d, s, m, seed) for d in datasets for s in settings for m in methods for seed in seeds]
+    if args.cached:
+        missing = [f"{d} {s} {m} seed {seed}" for d, s, m, seed in todo
+                   if load_cached({**run_config(args.preset, d, s, m, seed), **overrides}, results) is None]
+        if missing:
+            print(f"--cached: {len(missing)} of {len(todo)} runs are not cached under today's settings (missing, "
+                  "or made under other defaults); nothing written. Run without --cached to compute them:\n  "
+                  + "\n  ".join(missing), file=sys.stderr)
+            return 1
     for i, (dataset, setting, method, seed) in enumerate(todo, 1):
         mapping = {**run_config(args.preset, dataset, setting, method, seed), **overrides}
         record, fresh = cached_run(mapping, results, runs, cache)

@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT / "simulations"))
 import compare  # noqa: E402
 
 
-def test_a_rerun_only_computes_what_changed(tmp_path, monkeypatch):
+def test_a_rerun_only_computes_what_changed(tmp_path, monkeypatch, capsys):
     args = ["--preset", "smoke", "--methods", "dafl,cudfkd", "--settings", "single", "--seeds", "0",
             "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
     ran = []
@@ -28,6 +28,7 @@ def test_a_rerun_only_computes_what_changed(tmp_path, monkeypatch):
     ran.clear()
     assert compare.main(args) == 0  # nothing changed: everything from the cache
     assert ran == []
+    assert compare.main([*args, "--cached"]) == 0 and ran == []
     assert compare.main([*args[:3], "dafl,dfad", *args[4:]]) == 0  # one new method: only it runs
     assert ran == ["dfad"]
 
@@ -37,6 +38,15 @@ def test_a_rerun_only_computes_what_changed(tmp_path, monkeypatch):
     stale["resolved"]["student-refit"] = 0.0
     record.write_text(json.dumps(stale))
     ran.clear()
+    # --cached runs nothing, names the stale run and leaves the table as it was
+    table_file = tmp_path / "results" / "compare-smoke.md"
+    table_file.write_text("the table before")
+    capsys.readouterr()
+    assert compare.main([*args, "--cached"]) == 1
+    assert ran == [] and table_file.read_text() == "the table before"
+    err = capsys.readouterr().err
+    assert "1 of 2 runs are not cached" in err and "digits single dafl seed 0" in err
+    assert "digits single cudfkd seed 0" not in err
     assert compare.main(args) == 0
     assert ran == ["dafl"] and json.loads(record.read_text())["resolved"]["student-refit"] == 8.0
 
