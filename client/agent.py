@@ -36,7 +36,7 @@ from fedkd.codec import (
     encode_forward_reply,
     encode_privacy,
 )
-from fedkd.contract import QueryError
+from fedkd.contract import QueryError, TeacherDescription
 from fedkd.institution.host import TeacherHost
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
@@ -134,6 +134,18 @@ def privacy_line(privacy: dict[str, float | str] | None) -> str:
     return f"privacy: {privacy.get('mechanism', '?')}, epsilon {spent:.3g} spent{left}"
 
 
+def density_notice(description: TeacherDescription) -> str | None:
+    """The operator's warning when this teacher answers a log-density of its own data (``teacher-density``,
+    ``--density-data``): beside the input gradients it grants, the density's answers let a coordinator climb to the
+    mean image of every class it holds (measured: ``simulations/density_leak.py``). None otherwise."""
+    if not description.log_density_output:
+        return None
+    grants = "input gradients" if "gradient" in description.access_modes else "its answers alone (more queries)"
+    return ("this teacher answers each input's log-density under this institution's own images: a coordinator "
+            f"that climbs it through {grants} reaches the mean image of every class it holds "
+            "(simulations/density_leak.py); serve a density only where releasing those is acceptable")
+
+
 class _NoWelcome(Exception):
     """The hub did not welcome this agent in time (a session attempt that failed, not a fatal error)."""
 
@@ -173,6 +185,8 @@ class TeacherAgent:
         s = self.settings
         logger.info("connecting to the hub at %s (%s)%s", s.target, "plaintext" if s.tls is None else "TLS",
                     f" as {s.name!r}" if s.name else "")
+        if notice := density_notice(self.host.description):
+            logger.warning("%s", notice)
         status = threading.Thread(target=self._status_lines, name="fedkd-agent-status", daemon=True)
         status.start()
         try:

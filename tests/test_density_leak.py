@@ -45,3 +45,16 @@ def test_nearest_names_the_mean_of_highest_cosine():
     means = {3: torch.tensor([1.0, 0.0]), 7: torch.tensor([0.0, 2.0])}
     label, cosine, distance = density_leak.nearest(torch.tensor([0.1, 1.0]), means)
     assert label == 7 and abs(cosine - 0.995) < 1e-3 and abs(distance - (0.1 ** 2 + 1.0) ** 0.5 / 2) < 1e-6
+
+
+def test_the_agent_warns_its_operator_only_when_it_serves_a_density(tmp_path):
+    from dataclasses import replace
+
+    from fedkd.client.agent import density_notice
+
+    with_density = _host(tmp_path, True).description
+    notice = density_notice(with_density)
+    assert notice is not None and "mean image of every class" in notice and "input gradients" in notice
+    logits_only = density_notice(replace(with_density, access_modes=("logits",)))
+    assert logits_only is not None and "its answers alone" in logits_only
+    assert density_notice(_host(tmp_path / "closed", False).description) is None
