@@ -136,13 +136,13 @@ def privacy_line(privacy: dict[str, float | str] | None) -> str:
 
 def density_notice(description: TeacherDescription) -> str | None:
     """The operator's warning when this teacher answers a log-density of its own data (``teacher-density``,
-    ``--density-data``): beside the input gradients it grants, the density's answers let a coordinator climb to the
-    mean image of every class it holds (measured: ``simulations/density_leak.py``). None otherwise."""
+    ``--density-data``): the density's answers let a coordinator climb to the mean image of a class it holds, to
+    3 % (measured: ``simulations/density_leak.py``). None otherwise."""
     if not description.log_density_output:
         return None
     grants = "input gradients" if "gradient" in description.access_modes else "its answers alone (more queries)"
     return ("this teacher answers each input's log-density under this institution's own images: a coordinator "
-            f"that climbs it through {grants} reaches the mean image of every class it holds "
+            f"that climbs it through {grants} reaches the mean image of a class it holds "
             "(simulations/density_leak.py); serve a density only where releasing those is acceptable")
 
 

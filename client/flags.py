@@ -61,7 +61,7 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
                          "of the task): their density is fitted here and every answer carries the input's "
                          "log-density under it, one output more; the coordinator weighs your answers by how much "
                          "the input looks like your data (a fedkd-trained --checkpoint: train-teacher --set "
-                         "teacher-density=on). A coordinator can climb the density to your class-mean images "
+                         "teacher-density=on). A coordinator can climb the density to a class-mean image of yours "
                          "(simulations/density_leak.py)")
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", type=address, help="the coordinator's hub")
     parser.add_argument("--token-file", help="file holding this teacher's token (from the coordinator)")

@@ -54,7 +54,7 @@ def test_the_agent_warns_its_operator_only_when_it_serves_a_density(tmp_path):
 
     with_density = _host(tmp_path, True).description
     notice = density_notice(with_density)
-    assert notice is not None and "mean image of every class" in notice and "input gradients" in notice
+    assert notice is not None and "mean image of a class it holds" in notice and "input gradients" in notice
     logits_only = density_notice(replace(with_density, access_modes=("logits",)))
     assert logits_only is not None and "its answers alone" in logits_only
     assert density_notice(_host(tmp_path / "closed", False).description) is None
