@@ -2,6 +2,7 @@
 
     python simulations/flower_scale.py                       # fedkd run, bare flwr run ., then 20 and 50 clients
     python simulations/flower_scale.py --clients 10 --no-bare --no-reference
+    python simulations/flower_scale.py --clients "" --set epochs=1     # reference and bare only, one epoch
 
 Each run is ``fedkd simulate`` (``flwr run . --stream`` with a fresh FLWR_HOME, the runtime-dependency
 install off, a local SuperLink stopped afterwards) on MNIST-5k split among the clients as the default
@@ -32,6 +33,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedkd.server.simulate import run_processes, simulate  # noqa: E402
+
+from fedkd.config import config_from_mapping, parse_assignments  # noqa: E402
+from fedkd.options import ConfigError  # noqa: E402
 
 
 def _pss_kib(pid: int) -> int:
@@ -98,13 +102,23 @@ def _row_from(run_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def reference_run(run_dir: Path, timeout: float) -> dict[str, Any]:
+def typed(value: str) -> Any:
+    """A ``--set`` value as TOML would give it (``2`` a number, ``true`` a boolean, anything else a string)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def reference_run(run_dir: Path, timeout: float, changes: dict[str, Any] | None = None) -> dict[str, Any]:
     """``fedkd run --set num-clients=2`` into a fresh directory under ``run_dir``: the bare run's work without
     Flower (two teachers in process, no gRPC), timed the same way (wall from the command's start, peak memory of
     its process)."""
     run_dir = run_dir / time.strftime("run-%Y%m%d-%H%M%S")  # fresh each time, as the Flower runs' are
     command = [sys.executable, "-c", "import sys; from fedkd.cli import main; sys.exit(main())",
                "run", "--set", "num-clients=2", "--out", str(run_dir)]
+    for key, value in (changes or {}).items():
+        command += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
@@ -123,8 +137,9 @@ def reference_run(run_dir: Path, timeout: float) -> dict[str, Any]:
     return row
 
 
-def one_run(clients: int | None, run_dir: Path, timeout: float) -> dict[str, Any]:
-    changes: dict[str, Any] = {"run-dir": str(run_dir)}
+def one_run(clients: int | None, run_dir: Path, timeout: float,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    changes: dict[str, Any] = {**(overrides or {}), "run-dir": str(run_dir)}
     if clients is not None:
         changes["num-clients"] = clients
     log = io.StringIO()
@@ -154,7 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/flower-scale")
     parser.add_argument("--results", default="simulations/results")
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a run-config key for every run (repeatable), e.g. --set epochs=1")
     args = parser.parse_args(argv)
+    try:
+        overrides = {key: typed(value) for key, value in parse_assignments(args.set).items()}
+        if bad := sorted({"num-clients", "run-dir"} & set(overrides)):
+            raise ConfigError(f"--set {', '.join(bad)}: set by this benchmark itself (--clients, --runs)")
+        config_from_mapping(overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
     plan: list[int | str | None] = (([] if args.no_reference else ["reference"]) + ([] if args.no_bare else [None])
                                     + [int(c) for c in args.clients.split(",") if c])
     rows = []
@@ -162,14 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         name = "reference" if clients == "reference" else "bare" if clients is None else f"clients-{clients}"
         print(f"{name}: running", file=sys.stderr, flush=True)
         if clients == "reference":
-            row = reference_run(Path(args.runs) / name, args.timeout)
+            row = reference_run(Path(args.runs) / name, args.timeout, overrides)
         else:
-            row = one_run(clients if isinstance(clients, int) else None, Path(args.runs) / name, args.timeout)
+            row = one_run(clients if isinstance(clients, int) else None, Path(args.runs) / name, args.timeout,
+                          overrides)
         print(f"{name}: {json.dumps(row)}", file=sys.stderr, flush=True)
         rows.append(row)
     lines = ["Made by `python simulations/flower_scale.py"
              + (f" --clients {args.clients}" if args.clients != "20,50" else "")
              + (" --no-bare" if args.no_bare else "") + (" --no-reference" if args.no_reference else "")
+             + "".join(f" --set {a}" for a in args.set)
              + "` (MNIST-5k, Dirichlet(0.5), every other key at its default; one run after the other).",
              "",
              "| run | clients | status | wall (s) | of it: epochs / refit (s) | peak memory (GiB) | best teacher | "

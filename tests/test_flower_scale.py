@@ -38,3 +38,16 @@ def test_a_row_is_completed_from_the_run_directory(tmp_path):
     row = flower_scale._row_from(run, {"status": "completed"})
     assert row == {"status": "completed", "clients": 2, "best_teacher": 0.9, "ensemble": 0.95, "student": 0.96,
                    "run_seconds": 12.5, "epoch_seconds": 3.0, "refit_seconds": 7.0}
+
+
+def test_set_values_are_typed_as_toml_would_give_them():
+    assert flower_scale.typed("2") == 2 and flower_scale.typed("true") is True
+    assert flower_scale.typed("0.5") == 0.5 and flower_scale.typed("cudfkd") == "cudfkd"
+
+
+def test_set_refuses_what_the_benchmark_sets_and_unknown_keys_before_anything_runs(tmp_path, capsys):
+    for bad, named in (("num-clients=3", "num-clients"), ("run-dir=x", "run-dir"), ("no-such-key=1", "no-such-key")):
+        with pytest.raises(SystemExit) as stopped:
+            flower_scale.main(["--set", bad, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")])
+        assert stopped.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "res").exists()
