@@ -14,7 +14,8 @@ the hub, sampled every 0.5 s), the best teacher, the ensemble and the student, a
 (its synthesis epochs and its student refit, from ``metrics.jsonl``). First, unless ``--no-reference``, the
 same work without Flower: ``fedkd run --set num-clients=2`` (the bare run's two clients, teachers in process),
 so that the Flower rows are read against a run of the same session (the host's speed has differed 1.8x between
-sessions). Writes ``flower-scale.md`` under ``--results``.
+sessions). Writes ``flower-scale.md`` under ``--results`` (``flower-scale-CLIENTS.md`` for other ``--clients``:
+``flower-scale-2.md`` for ``--clients ""``, the reference and the bare run alone).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {json.dumps(row)}", file=sys.stderr, flush=True)
         rows.append(row)
     lines = ["Made by `python simulations/flower_scale.py"
-             + (f" --clients {args.clients}" if args.clients != "20,50" else "")
+             + (f" --clients {args.clients or chr(34) * 2}" if args.clients != "20,50" else "")
              + (" --no-bare" if args.no_bare else "") + (" --no-reference" if args.no_reference else "")
              + "".join(f" --set {a}" for a in args.set)
              + "` (MNIST-5k, Dirichlet(0.5), every other key at its default; one run after the other).",
@@ -213,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{r['peak_memory_gib']:.2f} | | | | |")
     text = "\n".join(lines) + "\n"
     Path(args.results).mkdir(parents=True, exist_ok=True)
-    (Path(args.results) / "flower-scale.md").write_text(text)
+    # the default plan's table is flower-scale.md; another plan's is named by its clients, so it never replaces it
+    name = "flower-scale" + ("" if args.clients == "20,50" else "-" + (args.clients.replace(",", "-") or "2"))
+    (Path(args.results) / f"{name}.md").write_text(text)
     print(text)
     return 0 if all("student" in r for r in rows) else 1
 
