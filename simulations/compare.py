@@ -292,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(d, s, m, seed) for d in datasets for s in settings for m in methods for seed in seeds]
     missing: list[str] = []
     if args.cached:  # a (dataset, setting, method) with any seed not cached is left out whole, and named
-        missing = [f"{d} {s} {m} seed {seed}" for d, s, m, seed in todo
-                   if load_cached({**run_config(args.preset, d, s, m, seed), **overrides}, results) is None]
-        incomplete = {tuple(name.split(" ")[:3]) for name in missing}
+        absent = [(d, s, m, seed) for d, s, m, seed in todo
+                  if load_cached({**run_config(args.preset, d, s, m, seed), **overrides}, results) is None]
+        incomplete = {(d, s, m) for d, s, m, _ in absent}
         todo = [(d, s, m, seed) for d, s, m, seed in todo if (d, s, m) not in incomplete]
+        missing = [f"{d} {s} {m} seed {seed}" for d, s, m, seed in absent]
         if missing:
             print(f"--cached: {len(missing)} runs are not cached under today's settings (missing, or made under "
                   "other defaults); their methods are left out of those settings' rows:\n  "

@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="density-leak-") as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
             rows += attack(seed, args.client, args.starts, args.steps, args.lr, Path(tmp))
-    command = "python simulations/density_leak.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
-                                                      if (argv if argv is not None else sys.argv[1:]) else "")
+    command = " ".join(["python simulations/density_leak.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [f"Made by `{command}` (MNIST-5k, pathological split, 5 clients, client {args.client}; {args.starts} "
              f"inputs climbed {args.steps} times each, Adam at {args.lr}).", "",
              "| seed | teacher (the client's classes) | climbed | query samples | cosine to the nearest own class mean "

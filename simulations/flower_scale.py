@@ -103,15 +103,7 @@ def _row_from(run_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def typed(value: str) -> Any:
-    """A ``--set`` value as TOML would give it (``2`` a number, ``true`` a boolean, anything else a string)."""
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
-
-
-def reference_run(run_dir: Path, timeout: float, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+def reference_run(run_dir: Path, timeout: float, changes: dict[str, str] | None = None) -> dict[str, Any]:
     """``fedkd run --set num-clients=2`` into a fresh directory under ``run_dir``: the bare run's work without
     Flower (two teachers in process, no gRPC), timed the same way (wall from the command's start, peak memory of
     its process)."""
@@ -119,7 +111,7 @@ def reference_run(run_dir: Path, timeout: float, changes: dict[str, Any] | None 
     command = [sys.executable, "-c", "import sys; from fedkd.cli import main; sys.exit(main())",
                "run", "--set", "num-clients=2", "--out", str(run_dir)]
     for key, value in (changes or {}).items():
-        command += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+        command += ["--set", f"{key}={value}"]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
@@ -174,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="change a run-config key for every run (repeatable), e.g. --set epochs=1")
     args = parser.parse_args(argv)
     try:
-        overrides = {key: typed(value) for key, value in parse_assignments(args.set).items()}
+        # as `fedkd simulate --set` and `fedkd run --set` take them: each typed where the config resolves it
+        overrides = parse_assignments(args.set)
         if bad := sorted({"num-clients", "run-dir"} & set(overrides)):
             raise ConfigError(f"--set {', '.join(bad)}: set by this benchmark itself (--clients, --runs)")
         config_from_mapping(overrides)

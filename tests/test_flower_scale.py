@@ -40,9 +40,12 @@ def test_a_row_is_completed_from_the_run_directory(tmp_path):
                    "run_seconds": 12.5, "epoch_seconds": 3.0, "refit_seconds": 7.0}
 
 
-def test_set_values_are_typed_as_toml_would_give_them():
-    assert flower_scale.typed("2") == 2 and flower_scale.typed("true") is True
-    assert flower_scale.typed("0.5") == 0.5 and flower_scale.typed("cudfkd") == "cudfkd"
+def test_the_reference_run_takes_every_set_and_names_its_failure(tmp_path):
+    from fedkd.config import parse_assignments
+
+    row = flower_scale.reference_run(tmp_path / "reference", 120.0, parse_assignments(["epochs=0"]))
+    assert row["status"].startswith("failed") and "student" not in row
+    assert "epochs" in row["log_tail"]
 
 
 def test_set_refuses_what_the_benchmark_sets_and_unknown_keys_before_anything_runs(tmp_path, capsys):
