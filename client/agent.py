@@ -143,7 +143,8 @@ def density_notice(description: TeacherDescription) -> str | None:
     grants = "input gradients" if "gradient" in description.access_modes else "its answers alone (more queries)"
     return ("this teacher answers each input's log-density under this institution's own images: a coordinator "
             f"that climbs it through {grants} reaches the mean image of a class it holds "
-            "(simulations/density_leak.py); serve a density only where releasing those is acceptable")
+            "(simulations/density_leak.py); it is released only to queries that ask for it (the coordinator's "
+            "density-gate), and any coordinator can ask: serve a density only where releasing those is acceptable")
 
 
 class _NoWelcome(Exception):

@@ -120,7 +120,7 @@ MAX_NAME = 64
 def encode_state(state: QueryContext) -> pb.CurriculumState:
     """The query context on the wire; CuDFKD's two numbers also in the first contract's fields (old agents)."""
     msg = pb.CurriculumState(epoch=state.epoch, step=state.step, lam=state.lam, adv_weight=state.adv_weight,
-                             purpose=state.purpose, method=state.method)
+                             purpose=state.purpose, method=state.method, log_density=state.log_density)
     for name, value in state.schedule:
         msg.schedule[name] = value
     return msg
@@ -144,7 +144,8 @@ def decode_state(msg: pb.CurriculumState) -> QueryContext:
                                                  "a short name")
     if not schedule:  # a coordinator that predates the schedule: CuDFKD's numbers in their own fields
         schedule = {k: float(v) for k, v in (("lambda", msg.lam), ("adv_weight", msg.adv_weight)) if v}
-    return QueryContext(int(msg.epoch), int(msg.step), msg.purpose, msg.method, tuple(sorted(schedule.items())))
+    return QueryContext(int(msg.epoch), int(msg.step), msg.purpose, msg.method, tuple(sorted(schedule.items())),
+                        msg.log_density)
 
 
 def encode_privacy(privacy: Mapping[str, float | str] | None) -> pb.PrivacyStatus:

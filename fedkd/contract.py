@@ -85,6 +85,9 @@ class QueryContext:
     purpose: str = ""
     method: str = ""
     schedule: tuple[tuple[str, float], ...] = ()  # (name, value) pairs, sorted by name
+    # The coordinator weighs this query's answers by the teachers' log-densities: a teacher with a density
+    # releases it only then (0 in its column otherwise; the ensemble's density-gate decides).
+    log_density: bool = False
 
     @classmethod
     def of(cls, *, epoch: int = 0, step: int = 0, purpose: str = "", method: str = "",

@@ -13,7 +13,8 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
 - ``pathological``: 2 classes per client, 5 clients (every class owned). Target: student >= 0.85. Beside it
   ``pathological-open-set``: the same with ``teacher-recipe=open-set`` (teachers that can say "not mine"), and
   ``pathological-density``: with ``teacher-density=on`` (teachers that answer how much an input looks like their
-  data; group ``density``, with the main job and two hostile teachers with densities).
+  data; group ``density``, with the main job and two hostile teachers with densities, all three with
+  ``density-gate=on``, and the main job at the default ``density-gate=auto``, which leaves densities unused there).
 - ``default-open-set``: the main job with ``teacher-recipe=open-set`` (group ``open-set``, with
   ``pathological-open-set``): the target is the main job's, student >= 0.955.
 - ``curriculum``: the main job with ``cudfkd.self-paced`` = log / soft / hard / none (log is the default).
@@ -77,9 +78,12 @@ RUNS: dict[str, dict[str, Any]] = {
     # ... and the main job with them (what open-set teachers cost or buy where the clients overlap)
     "default-open-set": {"teacher-recipe": "open-set"},
     # ... with closed teachers that answer each input's log-density under their own images (teacher-density=on:
-    # the ensemble weighs them by the posterior of who knows the input), on the pathological split and the main job
+    # the ensemble weighs them by the posterior of who knows the input), on the pathological split (density-gate=auto
+    # uses them there) and the main job: with the gate forced on (what it costs where the clients overlap), and at
+    # the default density-gate=auto, which leaves them unused there (no teacher releases one)
     "pathological-density": {"partition": "pathological", "classes-per-client": 2, "teacher-density": True},
-    "default-density": {"teacher-density": True},
+    "default-density": {"teacher-density": True, "density-gate": "on"},
+    "default-density-auto": {"teacher-density": True},
     "curriculum-soft": {"cudfkd.self-paced": "soft"},
     "curriculum-hard": {"cudfkd.self-paced": "hard"},
     "curriculum-none": {"cudfkd.self-paced": "none"},
@@ -96,8 +100,9 @@ RUNS: dict[str, dict[str, Any]] = {
     # Teachers with densities (teacher-density=on), client 0 hostile: "fixed-density" answers class 0 (logit 20)
     # with its honest density; "claims-density" does the same and claims every input as its own (its density
     # raised by 5 nats per input value, far above any honest teacher's): it must not win the gate.
-    "hostile-fixed-density": {"teacher-density": True},
-    "hostile-claims-density": {"teacher-density": True},
+    # (the gate forced on: auto would not use the densities on the main job's split, and the liar's claim with them)
+    "hostile-fixed-density": {"teacher-density": True, "density-gate": "on"},
+    "hostile-claims-density": {"teacher-density": True, "density-gate": "on"},
     # Targeted poisoning: client 0 (and 1, colluding) honest except that it answers class 5 for class 3 and the
     # reverse (the digits 3 and 5 on MNIST-5k): its last layer's two rows swapped, its label histogram honest.
     # What it costs is measured as the student's recall on those two classes.
@@ -117,7 +122,8 @@ POISONED = {"digits-poison-1": {0}, "digits-poison-2": {0, 1}, "poison-1": {0}, 
 GROUPS = {"default": ["default"], "one-client": ["one-client"],
           "pathological": ["pathological", "pathological-open-set", "pathological-density"],
           "open-set": ["default-open-set", "pathological-open-set"],
-          "density": ["default-density", "pathological-density", "hostile-fixed-density", "hostile-claims-density"],
+          "density": ["default-density", "default-density-auto", "pathological-density", "hostile-fixed-density",
+                      "hostile-claims-density"],
           "curriculum": ["default", "curriculum-soft", "curriculum-hard", "curriculum-none"],
           "hostile": ["default", "hostile-fixed", "hostile-fixed-trusting", "hostile-random",
                       "hostile-random-trusting", "hostile-unsure"],
@@ -132,8 +138,9 @@ SPLITS = {"iid": {"partition": "iid"}, "dirichlet-0.5": {"alpha": 0.5}, "dirichl
           "pathological-open-set": {"partition": "pathological", "classes-per-client": 2,
                                     "teacher-recipe": "open-set"},
           # closed teachers that answer their inputs' log-densities (teacher-density=on)
-          "dirichlet-0.5-density": {"alpha": 0.5, "teacher-density": True},
-          "dirichlet-0.1-density": {"alpha": 0.1, "teacher-density": True},
+          # (the gate forced on: the columns measure what it does to the ensemble wherever it is used)
+          "dirichlet-0.5-density": {"alpha": 0.5, "teacher-density": True, "density-gate": "on"},
+          "dirichlet-0.1-density": {"alpha": 0.1, "teacher-density": True, "density-gate": "on"},
           "pathological-density": {"partition": "pathological", "classes-per-client": 2, "teacher-density": True}}
 
 
@@ -272,7 +279,7 @@ def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]]
                 ("student >= 0.99 x ensemble", f"{ratio:.4f}", ratio >= 0.99),
                 ("query samples <= 300 k", f"{queries:,}", queries <= 300_000),
                 ("wall <= 300 s", f"{wall:.0f} s", wall <= 300)]
-    if name in ("default-open-set", "default-density"):
+    if name in ("default-open-set", "default-density", "default-density-auto"):
         return [("student >= 0.955", f"{student:.4f}", student >= 0.955)]
     if name == "one-client":
         ratio = statistics.fmean(r["student"] / r["best_teacher"] for r in runs)

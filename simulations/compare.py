@@ -123,9 +123,21 @@ def load_cached(mapping: dict[str, Any], results: Path) -> dict[str, Any] | None
     path = _record_path(mapping, results)
     if path.exists():
         record: dict[str, Any] = json.loads(path.read_text())
-        if record.get("config") == mapping and record.get("resolved") == config_from_mapping(mapping).to_dict():
+        if record.get("config") == mapping and same_settings(record.get("resolved") or {},
+                                                              config_from_mapping(mapping).to_dict()):
             return record
     return None
+
+
+def same_settings(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a record's resolved settings are the run's. A key the record predates matches at its default: a new
+    key's default keeps what runs did before it (``density-gate=auto`` leaves every run without densities as it
+    was), so adding one does not stale every record; a key set otherwise, a changed default or a key since removed
+    reruns."""
+    if not set(recorded) <= set(now):
+        return False
+    defaults = config_from_mapping({}).to_dict()
+    return all(recorded[k] == v if k in recorded else k in defaults and v == defaults[k] for k, v in now.items())
 
 
 def cached_run(mapping: dict[str, Any], results: Path, runs: Path, cache: Path) -> tuple[dict[str, Any], bool]:

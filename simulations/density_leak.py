@@ -23,6 +23,7 @@ takes them) and to the nearest class mean of the other clients' images. Writes `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -66,7 +67,9 @@ def climb(host: TeacherHost, *, column: int | None, starts: int, steps: int, lr:
     draw = torch.Generator().manual_seed(seed)
     x = torch.randn(starts, *shape, generator=draw)
     optimizer = torch.optim.Adam([x.requires_grad_(True)], lr=lr)
-    state, spent, chosen = QueryContext.of(purpose="synthesis", method="density-leak"), 0, None
+    # (a coordinator that asks for the density: the teacher releases it to any query whose state does)
+    state = dataclasses.replace(QueryContext.of(purpose="synthesis", method="density-leak"), log_density=True)
+    spent, chosen = 0, None
     for step in range(steps):
         reply = host.forward(x.detach(), state, keep=step)
         spent += starts

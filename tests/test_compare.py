@@ -94,3 +94,14 @@ def test_privacy_utility_set_with_a_bad_key_stops_before_anything_runs(tmp_path,
                               "--runs", str(tmp_path / "runs")])
     assert "unknown config key 'student-refitt'; did you mean 'student-refit'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_record_that_predates_a_key_is_reused_only_while_the_key_is_at_its_default():
+    from fedkd.config import config_from_mapping
+
+    now = config_from_mapping({"dataset": "digits"}).to_dict()
+    older = {k: v for k, v in now.items() if k != "density-gate"}  # made before density-gate existed
+    assert compare.same_settings(now, now) and compare.same_settings(older, now)
+    assert not compare.same_settings(older, {**now, "density-gate": "on"})  # the key set otherwise: rerun
+    assert not compare.same_settings({**older, "student-refit": 0.0}, now)  # a changed default: rerun
+    assert not compare.same_settings({**now, "gone-key": 1}, now)  # a key since removed: rerun

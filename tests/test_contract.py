@@ -1,5 +1,6 @@
 """The fedkd.v1 contract: generated code is current, tensors and descriptions round-trip, bad tensors are named."""
 
+import dataclasses
 import importlib.util
 import re
 from pathlib import Path
@@ -166,6 +167,9 @@ def test_the_query_context_round_trips_and_an_old_coordinator_s_curriculum_is_re
     wire = encode_state(context)
     assert (wire.lam, wire.adv_weight, dict(wire.schedule)) == (0.7, 1.5, {"lambda": 0.7, "adv_weight": 1.5})
     assert decode_state(pb.CurriculumState.FromString(wire.SerializeToString())) == context
+    asking = dataclasses.replace(context, log_density=True)  # the density gate's ask travels with the context
+    assert decode_state(pb.CurriculumState.FromString(encode_state(asking).SerializeToString())).log_density
+    assert not context.log_density
     old = decode_state(pb.CurriculumState(epoch=1, lam=0.25, adv_weight=0.5))
     assert old.lam == 0.25 and old.adv_weight == 0.5 and old.purpose == ""
     assert decode_state(pb.CurriculumState(epoch=1)).schedule == ()

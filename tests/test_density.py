@@ -1,6 +1,7 @@
 """Teachers that answer each input's log-density under their own images (teacher-density=on): the density, the
 checkpoint and the contract that carry it, and the ensemble's posterior over who knows the input."""
 
+import dataclasses
 import math
 
 import pytest
@@ -23,6 +24,7 @@ from fedkd.institution.loading import load_teacher
 from fedkd.options import ConfigError
 
 STATE = QueryContext(purpose="distill")
+ASK = QueryContext(purpose="distill", log_density=True)  # a query that weighs by the densities
 
 
 def _two_kinds(n=200, seed=0):
@@ -116,8 +118,27 @@ def test_a_teacher_with_a_density_reloads_answering_it_and_the_host_says_so(tmp_
     desc = describe_checkpoint(loaded, again, client=0)
     assert desc.log_density_output and not desc.unknown_output and desc.outputs == 3
     host = TeacherHost(again, desc)
-    assert host.forward(x[:4], STATE).logits.shape == (4, 3)
-    assert host.backward(x[:4], torch.ones(4, 3), STATE).shape == (4, 1, 4, 4)
+    assert host.forward(x[:4], ASK).logits.shape == (4, 3)
+    assert host.backward(x[:4], torch.ones(4, 3), ASK).shape == (4, 1, 4, 4)
+
+
+def test_a_teacher_releases_its_density_only_to_a_query_that_asks_for_it(tmp_path):
+    x, y = _two_kinds()
+    density = fit_density(x, y, 2, rank=4)
+    _, ckpt = _saved(tmp_path, density.to_state())
+    model, loaded = load_teacher(tmp_path / "t.pt", num_classes=2)
+    host = TeacherHost(model, describe_checkpoint(loaded, model, client=0))
+    asked, unasked = host.forward(x[:4], ASK).logits, host.forward(x[:4], STATE).logits
+    torch.testing.assert_close(asked[:, 2], density(x[:4]))
+    assert unasked.shape == (4, 3) and bool((unasked[:, 2] == 0).all())
+    torch.testing.assert_close(unasked[:, :2], asked[:, :2])
+    # nor its gradient: a Backward through the density column of an unasked query is the classifier's alone
+    only_density = torch.tensor([[0.0, 0.0, 1.0]] * 4)
+    assert float(host.backward(x[:4], only_density, STATE).abs().max()) == 0.0
+    assert float(host.backward(x[:4], only_density, ASK).abs().max()) > 0.0
+    reply = host.forward(x[:4], STATE, keep="f1")  # a kept graph is the one released
+    assert bool((reply.logits[:, 2] == 0).all())
+    assert float(host.backward(None, only_density, STATE, forward_id="f1").abs().max()) == 0.0
 
 
 def test_a_labels_answer_names_a_class_never_the_density_column():
@@ -242,6 +263,70 @@ def test_the_teacher_whose_data_the_input_resembles_wins_it_and_a_distrusted_one
     assert ensemble(x, STATE).logits.argmax(1).tolist() == [1, 1]
 
 
+class _Counting(TeacherHost):
+    """A host that keeps every density column it released."""
+
+    released: list
+
+    def forward(self, inputs, state, **kw):
+        reply = super().forward(inputs, state, **kw)
+        self.released.append(reply.logits[:, -1].clone())
+        return reply
+
+
+def _counted_density_hosts(parts, labels):
+    """Ten-class teachers with N(0, I) densities (a proper density, passing the check), each describing the label
+    counts of its part of ``labels``."""
+    hosts = []
+    for k, part in enumerate(parts):
+        counts = torch.bincount(labels[torch.as_tensor(part)], minlength=10).tolist()
+        desc = TeacherDescription(client=k, model="fixed", num_classes=10, input_shape=(1, 4, 4), mean=(0.0,),
+                                  std=(1.0,), log_density_output=True, label_counts=counts, num_samples=sum(counts))
+        host = _Counting(_StandardNormal([float(k == c) for c in range(10)]), desc)
+        host.released = []
+        hosts.append(host)
+    return hosts
+
+
+def test_auto_weighs_by_densities_only_where_each_class_has_few_owners_and_then_only_do_teachers_release_them():
+    from fedkd.coordinator.aggregation import owners_per_client
+    from fedkd.coordinator.ensemble import DENSITY_GATE_OWNERS
+    from fedkd.data import partition_indices
+
+    labels = torch.arange(2000) % 10
+    splits = {"pathological": partition_indices(labels, 5, "pathological", classes_per_client=2, seed=0),
+              "dirichlet-0.1": partition_indices(labels, 5, "dirichlet", alpha=0.1, seed=0),
+              "iid": partition_indices(labels, 5, "iid", seed=0)}
+    x = torch.randn(6, 1, 4, 4)
+    used = {}
+    for name, parts in splits.items():
+        hosts = _counted_density_hosts(parts, labels)
+        ensemble = Ensemble(LocalPool(hosts), "auto", reliability=True)
+        ensemble(x, STATE)
+        used[name] = ensemble.density_gate.used
+        released = torch.cat([r for h in hosts for r in h.released])
+        # the gate asks every teacher for its density (the check's probes and the query); without it none leaves
+        assert bool((released != 0).any()) == used[name], name
+    assert used == {"pathological": True, "dirichlet-0.1": False, "iid": False}
+    # the statistic behind it: classes-per-client / classes on a pathological split, more on Dirichlet ones
+    claimed = torch.stack([torch.bincount(labels[torch.as_tensor(p)], minlength=10) for p in splits["pathological"]])
+    assert owners_per_client(claimed) == pytest.approx(0.2)
+    assert owners_per_client(torch.ones(5, 10)) == pytest.approx(1.0) and DENSITY_GATE_OWNERS == 0.25
+    # on and off override the counts; a density teacher that shares no counts leaves auto nothing to judge: on
+    iid = splits["iid"]
+    assert Ensemble(LocalPool(_counted_density_hosts(iid, labels)), density_gate="on").density_gate.used
+    hosts = _counted_density_hosts(splits["pathological"], labels)
+    off = Ensemble(LocalPool(hosts), density_gate="off")
+    off(x, STATE)
+    assert not off.density_gate.used and all(bool((torch.cat(h.released) == 0).all()) for h in hosts)
+    silent = _counted_density_hosts(iid, labels)
+    silent[3].description = dataclasses.replace(silent[3].description, label_counts=None)
+    gate = Ensemble(LocalPool(silent)).density_gate
+    assert gate.used and "client(s) 3" in gate.reason
+    with pytest.raises(ValueError, match="density-gate 'sometimes' is not one of auto, on, off"):
+        Ensemble(LocalPool(silent), density_gate="sometimes")
+
+
 class _Honest(nn.Module):
     """A classifier answering a fixed row, then a real density's log-density per value (``WithDensity``'s layout)."""
 
@@ -341,6 +426,9 @@ def test_a_pathological_run_with_densities_beats_the_same_teachers_without(tmp_p
         config = config_from_mapping({**base, "teacher-density": density})
         out = run_experiment(config, tmp_path / f"d{int(density)}")
         results[density] = out["ensemble"]["test_accuracy"]
+        # density-gate=auto: the label counts give each class one owner of five (0.2 of the clients), so it weighs
+        assert out["ensemble"]["density_gate"]["used"] == density
+        assert out["ensemble"]["density_gate"]["owners_per_client"] == (pytest.approx(0.2) if density else None)
     assert results[True] > results[False] + 0.2, results
 
 
@@ -358,7 +446,7 @@ def test_an_institution_adds_a_density_of_its_own_images_to_its_own_model(tmp_pa
     host = host_from_module(model, task, name="mine", density_data=own)
     assert host.description.log_density_output and host.description.outputs == 3
     inputs = task.spec.normalize(own.images[:4])
-    answer = host.forward(inputs, STATE).logits
+    answer = host.forward(inputs, ASK).logits
     expected = fit_density(task.spec.normalize(own.images), own.labels, 2)(inputs)
     torch.testing.assert_close(answer[:, 2], expected)
     with pytest.raises(ModelError, match="--density-data and --unknown-output both"):

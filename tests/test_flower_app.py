@@ -107,10 +107,12 @@ def test_simulated_run_trains_distils_and_evaluates_federated(tmp_path: Path, no
 
 def test_nodes_with_densities_answer_them_through_flower_and_each_passes_the_density_check(tmp_path: Path) -> None:
     """teacher-density=on in a Flower run: each node fits its density with its teacher, its answers carry the
-    log-density through Flower's messages, and the coordinator's check finds each a proper density."""
-    cfg = run_config(tmp_path, **{"teacher-density": True})
+    log-density through Flower's messages (the gate's ask with every query: a node releases it only then), and
+    the coordinator's check finds each a proper density."""
+    cfg = run_config(tmp_path, **{"teacher-density": True, "density-gate": "on"})
     summary = run_server(InProcessGrid(client_app, simulated(3), cfg, run_id=8), cfg)
     assert summary["flower"]["failed"] == []
+    assert summary["ensemble"]["density_gate"]["used"]
     teachers = summary["ensemble"]["teachers"]
     assert [t["density_refuted"] for t in teachers] == [False] * 3
     # (a log mass at all: each node answered the probes with the extra column; under 13.8: a proper density)

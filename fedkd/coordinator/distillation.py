@@ -108,11 +108,15 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
                             gradient_bound=guard.gradient_bound,
                             zeroth_order=ZerothOrder(guard.zo_directions, guard.zo_radius,
                                                      config.teachers.max_query_batch),
-                            check_seed=config.seed, density_sharpness=guard.density_sharpness)
+                            check_seed=config.seed, density_sharpness=guard.density_sharpness,
+                            density_gate=guard.density_gate)
     except ValueError as exc:
         raise ConfigError(f"ensemble: {exc}") from None
     if ensemble.aggregation != config.ensemble.rule:
         observer.stage(f"ensemble: {ensemble.aggregation} ({config.ensemble.rule})")
+    if any(d.log_density_output for d in pool.descriptions):
+        gate = ensemble.density_gate
+        observer.stage(f"density gate: {'on' if gate.used else 'off'} ({gate.reason})")
     test_inputs = spec.normalize(test.images) if test is not None else None
     ckpt_path = run_dir / "checkpoint.pt"
     ledger_path = run_dir / QUERY_LEDGER

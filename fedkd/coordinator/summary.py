@@ -146,6 +146,8 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
                      "test_accuracy": ensemble_accuracy,
                      # a release by the clients (their label histograms), visible here; None = not used
                      "label_counts_from": ensemble.label_counts_from,
+                     # whether the answers were weighed by the teachers' densities (density-gate), and why
+                     "density_gate": ensemble.density_gate.report(),
                      # per teacher: reliability weight, agreement with the others, what was clipped
                      "teachers": ensemble.report()},
         "student": student,

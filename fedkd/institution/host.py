@@ -190,10 +190,12 @@ class TeacherHost:
                 x = x.detach().requires_grad_(True)
                 with torch.enable_grad():
                     logits, values = self.terms.run(self.model, x, names)
+                    logits = self._withheld(logits, state)
                 _remember(self._kept, keep, (x, logits, values), self._keep_graphs)
             else:
                 with torch.no_grad():
                     logits, values = self.terms.run(self.model, x, names)
+                    logits = self._withheld(logits, state)
             if labels:
                 votes = logits.detach()
                 if self.description.log_density_output:  # a vote names a class, never the density column
@@ -209,6 +211,15 @@ class TeacherHost:
                 reply = ForwardReply(logits.detach().cpu(), {k: v.detach().cpu() for k, v in values.items()})
             self.stats.count_forward(inputs, reply)
             return reply
+
+    def _withheld(self, logits: Tensor, state: QueryContext) -> Tensor:
+        """The log-density column released only in a query that asks for it (``state.log_density``: the
+        coordinator weighs by densities); 0 otherwise, and cut from the graph, so neither the value nor its
+        gradient leaves (a density gives the client's class means away: docs/robustness.md)."""
+        if not self.description.log_density_output or state.log_density:
+            return logits
+        classes = self.description.num_classes
+        return torch.cat([logits[..., :classes], torch.zeros_like(logits[..., classes:])], -1)
 
     def backward(
         self,
@@ -263,6 +274,7 @@ class TeacherHost:
                 else:
                     x = inputs.to(self.device).detach().requires_grad_(True)
                     logits, values = self.terms.run(self.model, x, list(weights))
+                    logits = self._withheld(logits, state)
                 outputs, grads = [logits], [grad_logits.to(self.device)]
                 for name, value in weights.items():
                     if values[name].requires_grad:  # a layer-free term (no BN layer hit) is a constant
