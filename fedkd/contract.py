@@ -154,6 +154,12 @@ class TeacherDescription:
         return tuple(self.terms) + extra
 
 
+def releases_density(description: TeacherDescription, state: QueryContext, labels: bool = False) -> bool:
+    """Whether a Forward's answer carries the teacher's log-density: a teacher with one, asked for logits in a
+    query whose context asks for it (a labels answer names a class, never the density)."""
+    return description.log_density_output and state.log_density and not labels
+
+
 @dataclass(frozen=True)
 class StudentToEvaluate:
     """The final student as an institution that evaluates it receives it: a fedkd model name or ``torchvision:NAME``
@@ -203,15 +209,21 @@ class QueryStats:
     wire_bytes: int = 0  # serialized messages both ways, when a transport has a wire
     answer_ms: int = 0  # milliseconds the coordinator waited for this teacher's answers, summed: coordinator side
     late: int = 0  # queries the straggler policy went on without (also counted as missed): coordinator side
+    # samples whose answer carried the teacher's log-density (teacher-density=on, released only where the
+    # query's context asked for it: the coordinator's density-gate)
+    density_samples: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
-    def count_forward(self, inputs: Tensor, reply: ForwardReply) -> None:
+    def count_forward(self, inputs: Tensor, reply: ForwardReply, *, density: bool = False) -> None:
         """One Forward answered: its samples, and its tensor payload (inputs out; logits, or labels, and the terms
-        back). The host counts what it released, each pool what it received, with this one rule."""
+        back); ``density``: the answer carried the teacher's log-density. The host counts what it released, each
+        pool what it received, with this one rule."""
         self.forward_calls += 1
         self.samples += len(inputs)
+        if density:
+            self.density_samples += len(inputs)
         if reply.labels is not None:
             self.bytes += inputs.nbytes + reply.labels.nbytes
         else:

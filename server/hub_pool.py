@@ -36,6 +36,7 @@ from fedkd.contract import (
     StudentEvaluation,
     StudentToEvaluate,
     TeacherDescription,
+    releases_density,
 )
 from fedkd.coordinator.pool import QuorumError, plan
 from fedkd.institution.privacy.ledger import BUDGET_REFUSAL
@@ -213,7 +214,8 @@ class HubPool:
                 except QueryError as exc:
                     outcome.failures[slot.name] = f"bad answer: {exc.message}"
                     continue
-                slot.stats.count_forward(inputs, reply)
+                slot.stats.count_forward(inputs, reply,
+                                         density=releases_density(descriptions[k], state, parts[k].labels))
                 if parts[k].keep:
                     reply = dataclasses.replace(reply, ref=outcome.ids[k])  # the Backward names this query
                 replies[k] = reply

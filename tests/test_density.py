@@ -301,12 +301,17 @@ def test_auto_weighs_by_densities_only_where_each_class_has_few_owners_and_then_
     used = {}
     for name, parts in splits.items():
         hosts = _counted_density_hosts(parts, labels)
-        ensemble = Ensemble(LocalPool(hosts), "auto", reliability=True)
+        pool = LocalPool(hosts)
+        ensemble = Ensemble(pool, "auto", reliability=True)
         ensemble(x, STATE)
         used[name] = ensemble.density_gate.used
         released = torch.cat([r for h in hosts for r in h.released])
         # the gate asks every teacher for its density (the check's probes and the query); without it none leaves
         assert bool((released != 0).any()) == used[name], name
+        # and each side counts the samples that carried one: the teacher what it released, the pool what it got
+        probes = ensemble.density_check.probes
+        assert [h.stats.density_samples for h in hosts] == [(probes + len(x)) * used[name]] * 5
+        assert [s.density_samples for s in pool.stats()] == [h.stats.density_samples for h in hosts]
     assert used == {"pathological": True, "dirichlet-0.1": False, "iid": False}
     # the statistic behind it: classes-per-client / classes on a pathological split, more on Dirichlet ones
     claimed = torch.stack([torch.bincount(labels[torch.as_tensor(p)], minlength=10) for p in splits["pathological"]])

@@ -191,18 +191,21 @@ def test_teachers_with_densities_over_grpc_match_in_process_and_a_claimant_is_re
     agents = [Running(h, hub.port, token=t, tls=client_tls(pki)) for h, t in zip(hosts, tokens.values())]
     hub.wait_for_teachers(timeout=20)
     assert [d.log_density_output for d in hub.pool.descriptions] == [True] * 3
-    remote = Ensemble(hub.pool, "class-weighted")
+    # (every teacher holds every class: density-gate=auto would not weigh by the densities, nor ask for them)
+    remote = Ensemble(hub.pool, "class-weighted", density_gate="on")
     local = Ensemble(LocalPool([make_density_host(0), make_density_host(1), make_density_host(2, raised=10.0)]),
-                     "class-weighted")
+                     "class-weighted", density_gate="on")
     x = torch.randn(8, *SHAPE)
     out_r, out_l = remote(x, STATE), local(x, STATE)
     torch.testing.assert_close(out_r.logits, out_l.logits, rtol=0, atol=0)
     torch.testing.assert_close(out_r.competence, out_l.competence, rtol=0, atol=0)
     assert remote.density_check.refuted == {2} and float(out_r.competence[2].abs().max()) == 0
     assert [s.samples for s in hub.pool.stats()] == [128 + 8] * 3
+    # every sample carried a density (the gate asked for it), counted on both sides
+    assert [s.density_samples for s in hub.pool.stats()] == [128 + 8] * 3
     reports = hub.end_session()
     assert [r["samples"] for r in reports] == [128 + 8] * 3
-    assert all(a.join()["forward_calls"] == 2 for a in agents)
+    assert all((a.join()["forward_calls"], a.join()["density_samples"]) == (2, 128 + 8) for a in agents)
 
 
 def test_an_old_style_backward_carrying_the_inputs_still_works(hub_factory, pki):

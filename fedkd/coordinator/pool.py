@@ -31,6 +31,7 @@ from fedkd.contract import (
     StudentEvaluation,
     StudentToEvaluate,
     TeacherDescription,
+    releases_density,
 )
 from fedkd.institution.host import TeacherHost
 from fedkd.institution.privacy.ledger import BudgetExhausted
@@ -143,7 +144,7 @@ class LocalPool:
             self._stats[k].answer_ms += round(1000 * (time.perf_counter() - started))
             if ref is not None:
                 reply = dataclasses.replace(reply, ref=ref)
-            self._stats[k].count_forward(inputs, reply)
+            self._stats[k].count_forward(inputs, reply, density=releases_density(host.description, state, part.labels))
             replies[k] = reply
         self._check_quorum(len(replies), 1 if min_answers is None else min_answers, "Forward")
         return replies

@@ -44,6 +44,7 @@ from fedkd.contract import (
     StudentEvaluation,
     StudentToEvaluate,
     TeacherDescription,
+    releases_density,
     vote_logits,
 )
 from fedkd.institution.privacy import contract_status
@@ -209,7 +210,7 @@ class TeacherHost:
                 reply = ForwardReply(vote_logits(hard, self.description.num_classes), labels=hard)
             else:
                 reply = ForwardReply(logits.detach().cpu(), {k: v.detach().cpu() for k, v in values.items()})
-            self.stats.count_forward(inputs, reply)
+            self.stats.count_forward(inputs, reply, density=releases_density(self.description, state, labels))
             return reply
 
     def _withheld(self, logits: Tensor, state: QueryContext) -> Tensor:
