@@ -289,8 +289,8 @@ def _counted_density_hosts(parts, labels):
 
 
 def test_auto_weighs_by_densities_only_where_each_class_has_few_owners_and_then_only_do_teachers_release_them():
-    from fedkd.coordinator.aggregation import owners_per_client
-    from fedkd.coordinator.ensemble import DENSITY_GATE_OWNERS
+    from fedkd.coordinator.aggregation import unseen_share
+    from fedkd.coordinator.ensemble import DENSITY_GATE_UNSEEN
     from fedkd.data import partition_indices
 
     labels = torch.arange(2000) % 10
@@ -313,10 +313,12 @@ def test_auto_weighs_by_densities_only_where_each_class_has_few_owners_and_then_
         assert [h.stats.density_samples for h in hosts] == [(probes + len(x)) * used[name]] * 5
         assert [s.density_samples for s in pool.stats()] == [h.stats.density_samples for h in hosts]
     assert used == {"pathological": True, "dirichlet-0.1": False, "iid": False}
-    # the statistic behind it: classes-per-client / classes on a pathological split, more on Dirichlet ones
-    claimed = torch.stack([torch.bincount(labels[torch.as_tensor(p)], minlength=10) for p in splits["pathological"]])
-    assert owners_per_client(claimed) == pytest.approx(0.2)
-    assert owners_per_client(torch.ones(5, 10)) == pytest.approx(1.0) and DENSITY_GATE_OWNERS == 0.25
+    # the statistic behind it: the share of (teacher, class) pairs where the teacher holds none of the class
+    claimed = {name: torch.stack([torch.bincount(labels[torch.as_tensor(p)], minlength=10) for p in parts])
+               for name, parts in splits.items()}
+    assert unseen_share(claimed["pathological"]) == pytest.approx(0.8) and unseen_share(claimed["iid"]) == 0.0
+    assert 0.0 < unseen_share(claimed["dirichlet-0.1"]) < DENSITY_GATE_UNSEEN == pytest.approx(2 / 3)
+    assert unseen_share(torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]])) == pytest.approx(0.5)  # class 1, 2: nobody's
     # on and off override the counts; a density teacher that shares no counts leaves auto nothing to judge: on
     iid = splits["iid"]
     assert Ensemble(LocalPool(_counted_density_hosts(iid, labels)), density_gate="on").density_gate.used
@@ -431,9 +433,9 @@ def test_a_pathological_run_with_densities_beats_the_same_teachers_without(tmp_p
         config = config_from_mapping({**base, "teacher-density": density})
         out = run_experiment(config, tmp_path / f"d{int(density)}")
         results[density] = out["ensemble"]["test_accuracy"]
-        # density-gate=auto: the label counts give each class one owner of five (0.2 of the clients), so it weighs
+        # density-gate=auto: by the label counts four teachers in five never saw each class, so it weighs
         assert out["ensemble"]["density_gate"]["used"] == density
-        assert out["ensemble"]["density_gate"]["owners_per_client"] == (pytest.approx(0.2) if density else None)
+        assert out["ensemble"]["density_gate"]["unseen_share"] == (pytest.approx(0.8) if density else None)
     assert results[True] > results[False] + 0.2, results
 
 
