@@ -233,8 +233,8 @@ class DensityGate:
                                    "counts to judge by")
         unseen = unseen_share(claimed)
         used = unseen >= DENSITY_GATE_UNSEEN
-        return cls(mode, used, f"by the label counts, {unseen:.0%} of the teachers never saw a class, on average "
-                               f"({'at least' if used else 'under'} {DENSITY_GATE_UNSEEN:.0%})", round(unseen, 4))
+        return cls(mode, used, f"by the label counts {unseen:.0%} of the teachers never saw a class, on average; "
+                               f"the gate weighs from {DENSITY_GATE_UNSEEN:.0%}", round(unseen, 4))
 
     def report(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
