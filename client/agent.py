@@ -240,8 +240,10 @@ class TeacherAgent:
 
     def _answered(self) -> str:
         st = self.host.stats
+        density = (f", its log-density with {st.density_samples:,} samples (asked for by the coordinator's "
+                   "density gate)" if self.host.description.log_density_output else "")
         return (f"answered {st.forward_calls:,} forward and {st.backward_calls:,} backward queries ({st.samples:,} "
-                f"samples, {st.wire_bytes / 1e6:,.1f} MB on the wire), refused {st.refused:,}")
+                f"samples, {st.wire_bytes / 1e6:,.1f} MB on the wire){density}, refused {st.refused:,}")
 
     def _status_lines(self) -> None:
         """Every ``status_every`` seconds while connected: what has been answered and spent so far."""

@@ -58,3 +58,20 @@ def test_the_agent_warns_its_operator_only_when_it_serves_a_density(tmp_path):
     logits_only = density_notice(replace(with_density, access_modes=("logits",)))
     assert logits_only is not None and "its answers alone" in logits_only
     assert density_notice(_host(tmp_path / "closed", False).description) is None
+
+
+def test_the_agent_tells_its_operator_how_many_samples_its_density_went_with(tmp_path):
+    from fedkd.client.agent import AgentSettings, TeacherAgent
+
+    from fedkd.contract import QueryContext
+
+    host = _host(tmp_path, True)
+    agent = TeacherAgent(host, AgentSettings(target="127.0.0.1:1"))
+    x = torch.randn(6, *host.description.input_shape)
+    host.forward(x, QueryContext(purpose="synthesis"))  # not asked for: not released
+    host.forward(x[:4], QueryContext(purpose="synthesis", log_density=True))
+    host.forward(x[:3], QueryContext(purpose="synthesis", log_density=True), labels=True)  # a vote: no density
+    assert host.stats.density_samples == 4
+    assert "(13 samples, 0.0 MB on the wire), its log-density with 4 samples" in agent._answered()
+    closed = _host(tmp_path / "closed", False)
+    assert "log-density" not in TeacherAgent(closed, AgentSettings(target="127.0.0.1:1"))._answered()
