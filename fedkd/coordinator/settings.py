@@ -118,12 +118,12 @@ class EnsembleSettings(Section):
         0.0, 1e4, open_low=True, help="teachers answering a log-density (teacher-density=on): each answer weighed "
         "per input by the softmax over the teachers of this x their log-densities per input value (larger: sharper)",
         key="density-sharpness"))
-    # Measured (docs/robustness.md): the gate lifts the student by 31-35 points where each teacher holds 2 of 10
-    # classes and costs 3-11 points at Dirichlet(0.5) and (0.1), where most teachers saw a few of every class.
+    # Measured (docs/robustness.md): the gate lifts the student by 24-35 points where each teacher holds 2 of 10
+    # classes and costs 2-4 points with 3 of 10 and at Dirichlet(0.5) and (0.1).
     density_gate: str = field(default="auto", metadata=choice(
         "auto", "on", "off", help="teachers answering a log-density: weigh by it (on), never (off: no teacher "
-        "releases one), or only where the label counts say at least two thirds of the teachers never saw a class "
-        "(auto; on when a teacher with a density shares no counts)", key="density-gate"))
+        "releases one), or only where the label counts say at least three quarters of the teachers never saw a "
+        "class (auto; on when a teacher with a density shares no counts)", key="density-gate"))
     gradient_bound: float = field(default=10.0, metadata=bounded(
         1.0, 1e6, help="a teacher's per-sample input gradient clipped to this x the median teacher's",
         key="gradient-bound"))
