@@ -136,8 +136,10 @@ def same_settings(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
     reruns."""
     if not set(recorded) <= set(now):
         return False
-    defaults = config_from_mapping({}).to_dict()
-    return all(recorded[k] == v if k in recorded else k in defaults and v == defaults[k] for k, v in now.items())
+    newer = set(now) - set(recorded)
+    defaults = config_from_mapping({}).to_dict() if newer else {}
+    return (all(recorded[k] == now[k] for k in recorded)
+            and all(k in defaults and now[k] == defaults[k] for k in newer))
 
 
 def cached_run(mapping: dict[str, Any], results: Path, runs: Path, cache: Path) -> tuple[dict[str, Any], bool]:

@@ -411,8 +411,8 @@ class Ensemble:
 
     def _check_densities(self, state: QueryContext) -> None:
         """Ask the density teachers not yet checked for their log-densities on the check's probes (one Forward,
-        counted like any query) and judge them (:class:`fedkd.coordinator.robustness.DensityCheck`)."""
-        state = dataclasses.replace(state, log_density=True)
+        counted like any query) and judge them (:class:`fedkd.coordinator.robustness.DensityCheck`). ``state``:
+        the query's, which asks for the densities (only a run whose gate weighs by them checks any)."""
         x, log_q = self.density_check.draw()
         replies = self.pool.forward(x, state, min_answers=0, only=self.density_check.pending)
         self.density_check.judge({k: r.logits[:, self.num_classes].float() for k, r in replies.items()

@@ -190,13 +190,11 @@ class TeacherHost:
             if keep is not None and "gradient" in modes and not labels:
                 x = x.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    logits, values = self.terms.run(self.model, x, names)
-                    logits = self._withheld(logits, state)
+                    logits, values = self._run(x, names, state)
                 _remember(self._kept, keep, (x, logits, values), self._keep_graphs)
             else:
                 with torch.no_grad():
-                    logits, values = self.terms.run(self.model, x, names)
-                    logits = self._withheld(logits, state)
+                    logits, values = self._run(x, names, state)
             if labels:
                 votes = logits.detach()
                 if self.description.log_density_output:  # a vote names a class, never the density column
@@ -213,14 +211,16 @@ class TeacherHost:
             self.stats.count_forward(inputs, reply, density=releases_density(self.description, state, labels))
             return reply
 
-    def _withheld(self, logits: Tensor, state: QueryContext) -> Tensor:
-        """The log-density column released only in a query that asks for it (``state.log_density``: the
-        coordinator weighs by densities); 0 otherwise, and cut from the graph, so neither the value nor its
-        gradient leaves (a density gives the client's class means away: docs/robustness.md)."""
-        if not self.description.log_density_output or state.log_density:
-            return logits
-        classes = self.description.num_classes
-        return torch.cat([logits[..., :classes], torch.zeros_like(logits[..., classes:])], -1)
+    def _run(self, x: Tensor, names: Sequence[str], state: QueryContext) -> tuple[Tensor, dict[str, Tensor]]:
+        """The model's outputs and the asked-for terms on ``x``, as this teacher releases them: the log-density
+        column only in a query that asks for it (``state.log_density``: the coordinator weighs by densities); 0
+        otherwise, and cut from the graph, so neither the value nor its gradient leaves (a density gives the
+        client's class means away: docs/robustness.md)."""
+        logits, values = self.terms.run(self.model, x, names)
+        if self.description.log_density_output and not state.log_density:
+            classes = self.description.num_classes
+            logits = torch.cat([logits[..., :classes], torch.zeros_like(logits[..., classes:])], -1)
+        return logits, values
 
     def backward(
         self,
@@ -274,8 +274,7 @@ class TeacherHost:
                     x, logits, values = kept
                 else:
                     x = inputs.to(self.device).detach().requires_grad_(True)
-                    logits, values = self.terms.run(self.model, x, list(weights))
-                    logits = self._withheld(logits, state)
+                    logits, values = self._run(x, list(weights), state)
                 outputs, grads = [logits], [grad_logits.to(self.device)]
                 for name, value in weights.items():
                     if values[name].requires_grad:  # a layer-free term (no BN layer hit) is a constant
