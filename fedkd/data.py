@@ -27,8 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedkd.imports import load_heavy
+from fedkd.options import ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+class PartitionError(ConfigError):
+    """The partition the settings ask for cannot be made from this data; the message names the keys to change."""
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -307,7 +312,7 @@ def partition_indices(
 
     y = np.asarray(labels, dtype=np.int64)
     if num_clients > len(y):
-        raise ValueError(f"num-clients={num_clients} exceeds the {len(y)} training samples")
+        raise PartitionError(f"num-clients={num_clients} exceeds the {len(y)} training samples")
     table = Dataset.from_dict({"label": y, "index": np.arange(len(y))})
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_clients)
@@ -320,18 +325,28 @@ def partition_indices(
     elif scheme == "pathological":
         num_classes = len(np.unique(y))
         if classes_per_client > num_classes:
-            raise ValueError(f"classes-per-client={classes_per_client} exceeds the {num_classes} classes")
+            raise PartitionError(f"classes-per-client={classes_per_client} exceeds the {num_classes} classes")
         return _pathological(y, num_clients, classes_per_client, seed)
     else:
-        raise ValueError(f"unknown partition scheme {scheme!r}; valid: iid, dirichlet, pathological")
+        raise PartitionError(f"unknown partition scheme {scheme!r}; valid: iid, dirichlet, pathological")
     partitioner.dataset = table
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        parts = [np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
-                 for i in range(num_clients)]
+        try:
+            parts = [np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
+                     for i in range(num_clients)]
+        except ValueError as exc:  # Flower Datasets gives up after 10 Dirichlet draws that leave a client too little
+            if scheme != "dirichlet":
+                raise
+            floor = min(min_partition_size, len(y) // num_clients)
+            raise PartitionError(
+                f"partition 'dirichlet' with alpha={alpha:g} gave some client fewer than {floor} of the {len(y)} "
+                f"training samples in each of Flower Datasets' 10 draws (num-clients={num_clients}); raise alpha, "
+                f"use fewer clients, or use partition=pathological"
+            ) from exc
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
-        raise ValueError(
+        raise PartitionError(
             f"partition {scheme!r} left clients {empty} with no data; use fewer clients or more classes per client"
         )
     return parts

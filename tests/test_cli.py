@@ -88,6 +88,14 @@ def test_bad_input_exits_2_with_a_message_naming_it(tmp_path, capsys):
     assert "download=True" not in err  # torchvision's advice: fedkd downloads nothing
     assert main(["run", "--out", str(tmp_path / "c"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    # a partition the data cannot give: named, with the keys to change (was Flower Datasets' traceback)
+    assert main(["run", "--set", "dataset=digits", "--set", "num-clients=100", "--set", "alpha=0.01", "--out",
+                 str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "partition 'dirichlet' with alpha=0.01" in err and "num-clients=100" in err and "Traceback" not in err
+    assert main(["run", *SMALL, "--set", "partition=pathological", "--set", "classes-per-client=11", "--out",
+                 str(tmp_path / "e")]) == 2
+    assert "classes-per-client=11 exceeds the 10 classes" in capsys.readouterr().err
 
 
 def test_keys_lists_every_key(capsys):

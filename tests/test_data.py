@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedkd.data import SPECS, DatasetNotFoundError, load_dataset, partition_indices
+from fedkd.data import SPECS, DatasetNotFoundError, PartitionError, load_dataset, partition_indices
 
 # Small files in each torchvision on-disk format ------------------------------------
 
@@ -238,6 +238,10 @@ def test_partition_errors():
         partition_indices(LABELS, 2, "pathological", classes_per_client=11)
     with pytest.raises(ValueError, match="unknown partition scheme"):
         partition_indices(LABELS, 2, "shards")
+    # every draw leaves some client under the floor (10, or an even share): the keys to change are named
+    with pytest.raises(PartitionError, match=r"alpha=0.01 gave some client fewer than 10 of the 600 .*"
+                                             r"num-clients=50"):
+        partition_indices(LABELS, 50, "dirichlet", alpha=0.01, seed=0)
 
 
 def test_label_counts():
