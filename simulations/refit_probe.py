@@ -33,7 +33,12 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   along the sign of the input gradient of w . (each teacher's centred logits, weighted by its class shares), w a
   random direction in the classes per image, then answered by the teachers (a Backward with grad_logits a - mean a,
   a = w_k * w for teacher k's class shares w_k, needs no answer; then a Forward of the moved image: two query
-  samples per image and teacher).
+  samples per image and teacher);
+- ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
+  run's; resized and given the run's channels where its images differ), answered by the teachers: whether natural
+  images of another domain, which the coordinator could hold without anyone's data (as FedDF's and MosaicKD's
+  unlabelled proxy sets), teach what the synthetic pool does not. Not data-free: a question for the synthesizer,
+  not a method fedkd offers.
 
 Every refit of the pool alone uses seed 100 (``--refit-seed``: the ``pool``, loss and ``jacobian`` rows; the
 surrogate's students 100, 101, ...), every refit with extra samples seed 200: rows differ by what they train on, not
@@ -72,7 +77,7 @@ from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
 VARIANTS = ("pool", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq", "jacobian",
-            "jacobian-logits")
+            "jacobian-logits", "proxy")
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED, ODS_SEED = 100, 200, 123, 7, 11
 JACOBIAN_WEIGHT = 1.0
 
@@ -314,6 +319,17 @@ def refit_probe(run: Path, variants: list[str], students: int = 3,
                                                 EXTRA_SEED)[0], extra_query_samples=2 * len(moved) * len(teachers),
                 agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()),
                 mean_pixel_change=float((moved - images).abs().mean()))
+    if "proxy" in variants:
+        digits = load_dataset("mnist5k", seed=0)
+        proxy = torch.cat([digits.train.images, digits.test.images])
+        if proxy.shape[2:] != images.shape[2:]:  # another task's size: resized as the run's images are shaped
+            proxy = F.interpolate(proxy, size=tuple(images.shape[2:]), mode="area")
+        proxy = proxy.expand(-1, images.shape[1], -1, -1).contiguous()  # grey to the run's channels
+        asked = teachers_on(proxy)
+        row("proxy", len(images) + len(proxy), refit(torch.cat([images, proxy]), torch.cat([stored, asked]),
+                                                     EXTRA_SEED)[0], extra_query_samples=len(proxy) * len(teachers),
+            proxy_mean_top_probability=float(asked.exp().amax(1).mean()),
+            proxy_classes=torch.bincount(asked.argmax(1), minlength=c).tolist())
     for variant, of, asks in (("jacobian", "log-probability", 2), ("jacobian-logits", "logits", 1)):
         if variant in variants:
             gradients = ensemble_gradients(teachers, weights, has_unknown, spec, images, stored.argmax(1), of)

@@ -129,6 +129,11 @@ def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_ex
     assert all(0.0 <= r["student"] <= 1.0 for r in rows.values())
     again = refit_probe.refit_probe(run, ["pool"])
     assert again[0]["variant"] == "pool" and again[0]["student"] == rows["pool"]["student"]
+    # another task's natural images (MNIST-5k's 5,000, resized to digits' 8x8), each answered by both teachers
+    proxy = refit_probe.refit_probe(run, ["proxy"])[0]
+    assert proxy["variant"] == "proxy" and proxy["samples"] == pool + 5000
+    assert proxy["extra_query_samples"] == 5000 * 2 and sum(proxy["proxy_classes"]) == 5000
+    assert 0.1 <= proxy["proxy_mean_top_probability"] <= 1.0 and 0.0 <= proxy["student"] <= 1.0
 
 
 def test_the_refit_probe_s_blends_are_quantised_pool_pairs():
