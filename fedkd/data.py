@@ -314,13 +314,14 @@ def partition_indices(
     if num_clients > len(y):
         raise PartitionError(f"num-clients={num_clients} exceeds the {len(y)} training samples")
     table = Dataset.from_dict({"label": y, "index": np.arange(len(y))})
+    floor = min(min_partition_size, len(y) // num_clients)  # the fewest samples a Dirichlet draw may leave a client
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_clients)
         table = table.shuffle(seed=seed)
     elif scheme == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_clients, partition_by="label", alpha=alpha,
-            min_partition_size=min(min_partition_size, len(y) // num_clients), seed=seed,
+            min_partition_size=floor, seed=seed,
         )
     elif scheme == "pathological":
         num_classes = len(np.unique(y))
@@ -338,7 +339,6 @@ def partition_indices(
         except ValueError as exc:  # Flower Datasets gives up after 10 Dirichlet draws that leave a client too little
             if scheme != "dirichlet":
                 raise
-            floor = min(min_partition_size, len(y) // num_clients)
             raise PartitionError(
                 f"partition 'dirichlet' with alpha={alpha:g} gave some client fewer than {floor} of the {len(y)} "
                 f"training samples in each of Flower Datasets' 10 draws (num-clients={num_clients}); raise alpha, "
