@@ -36,7 +36,7 @@ from fedkd.codec import (
     encode_forward_reply,
     encode_privacy,
 )
-from fedkd.contract import QueryError, TeacherDescription
+from fedkd.contract import CLASS_FEATURE_STATISTICS, QueryError, TeacherDescription
 from fedkd.institution.host import TeacherHost
 from fedkd.v1 import fedkd_pb2 as pb
 from fedkd.v1 import fedkd_pb2_grpc as pb_grpc
@@ -147,6 +147,17 @@ def density_notice(description: TeacherDescription) -> str | None:
             "density-gate), and any coordinator can ask: serve a density only where releasing those is acceptable")
 
 
+def class_statistics_notice(description: TeacherDescription) -> str | None:
+    """The operator's warning when this teacher releases the class-feature-statistics term (``--class-statistics``,
+    ``--class-statistics-data``, ``teacher-class-statistics``). None otherwise."""
+    if CLASS_FEATURE_STATISTICS not in description.available_terms:
+        return None
+    return ("this teacher releases the class-feature-statistics term: how far a batch is from the BatchNorm "
+            "statistics of this institution's own images of each class; a coordinator inverting it (as "
+            "DeepInversion inverts the running statistics) is steered toward each class's images, not only toward "
+            "the data as a whole; serve it only where that is acceptable (how much closer it gets is not measured)")
+
+
 class _NoWelcome(Exception):
     """The hub did not welcome this agent in time (a session attempt that failed, not a fatal error)."""
 
@@ -186,8 +197,9 @@ class TeacherAgent:
         s = self.settings
         logger.info("connecting to the hub at %s (%s)%s", s.target, "plaintext" if s.tls is None else "TLS",
                     f" as {s.name!r}" if s.name else "")
-        if notice := density_notice(self.host.description):
-            logger.warning("%s", notice)
+        for notice in (density_notice(self.host.description), class_statistics_notice(self.host.description)):
+            if notice:
+                logger.warning("%s", notice)
         status = threading.Thread(target=self._status_lines, name="fedkd-agent-status", daemon=True)
         status.start()
         try:

@@ -159,7 +159,8 @@ def _serve(msg: Message, context: Context) -> RecordDict:
         if not path.exists():
             raise CheckpointError(f"no teacher at {str(path)!r}: the train round has not run on this node")
         host = host_from_checkpoint(path, max_batch=config.teachers.max_query_batch, client=client, privacy=privacy,
-                                    access=access_modes(config.teacher_access_modes()[client]))
+                                    access=access_modes(config.teacher_access_modes()[client]),
+                                    class_statistics=config.teachers.class_statistics)
     ca = hub.get("ca")
     settings = AgentSettings(target=str(hub["address"]), token=str(hub["token"]),
                              tls=ClientTLS(bytes(ca)) if ca else None,  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
 from fedkd.institution.privacy.policy import PrivacySettings, ReleasePolicy
+from fedkd.institution.terms import attach_class_statistics, fit_class_statistics
 from fedkd.options import resolve_device
 from fedkd.task import Task
 from fedkd.tls import read_certificates, read_private_key
@@ -45,11 +46,13 @@ from .flags import LOG_FORMAT, privacy_from_args, teacher_parser
 def host_from_checkpoint(path: str | Path, *, max_batch: int = 1024, access: Sequence[str] = ACCESS_MODES,
                          share_label_counts: bool = True, client: int = 0, device: str = "cpu",
                          privacy: PrivacySettings | None = None, ledger: str | Path | None = None,
-                         eval_data: str | Path | None = None) -> TeacherHost:
+                         eval_data: str | Path | None = None, class_statistics: bool = False) -> TeacherHost:
     """A host for the teacher in a ``fedkd.teacher.v1`` checkpoint, with the client's own limits and release
     policy (``privacy``; its ledger kept at ``ledger``, default ``teacher.ledger.json`` beside ``teacher.pt``);
-    with ``eval_data`` (an ImageFolder whose class folders are named 0, 1, ...) it evaluates the final student."""
-    model, ckpt = load_teacher(path)
+    with ``eval_data`` (an ImageFolder whose class folders are named 0, 1, ...) it evaluates the final student.
+    With ``class_statistics`` it releases the class-feature-statistics term on the per-class statistics the
+    checkpoint holds."""
+    model, ckpt = load_teacher(path, class_statistics=class_statistics)
     settings = privacy or PrivacySettings(share_label_counts=share_label_counts)
     policy = ReleasePolicy(settings, num_records=int(ckpt["num_samples"]), training=ckpt.get("privacy"),
                            ledger_path=ledger or ledger_path(path))
@@ -107,7 +110,8 @@ def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task
                      device: str = "cpu", privacy: PrivacySettings | None = None,
                      ledger: str | Path | None = None, checked: bool = False,
                      eval_data: str | Path | ImageData | None = None, unknown_output: bool = False,
-                     density_data: str | Path | ImageData | None = None) -> TeacherHost:
+                     density_data: str | Path | ImageData | None = None,
+                     class_statistics_data: str | Path | ImageData | None = None) -> TeacherHost:
     """A host for a classifier the institution holds as an ``nn.Module`` (checked against the task with a dry
     forward unless ``checked``), with its own limits and release policy. Label counts are shared only when given
     (and as the policy releases them); a DP-SGD or PATE guarantee is claimed only for teachers fedkd trained
@@ -117,10 +121,19 @@ def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task
     ``density_data`` (the institution's own images, an ImageFolder of the task, or images already loaded) the host
     fits their density and answers each input's log-density as one output more (``teacher-density``,
     :mod:`fedkd.institution.density`): the coordinator weighs its answers by the posterior of who knows the
-    input."""
+    input. With ``class_statistics_data`` (the institution's own labelled images) the host computes the per-class
+    statistics of the model's BatchNorm layers on them and releases the class-feature-statistics term."""
     model = as_classifier(given)  # eval mode (an exported program's module keeps its own)
     if not checked:
         dry_forward(model, task, f"the model {name!r}", unknown_output=unknown_output)
+    if class_statistics_data is not None:
+        own = (task.load_images(class_statistics_data) if isinstance(class_statistics_data, (str, Path))
+               else class_statistics_data)
+        try:
+            attach_class_statistics(model, fit_class_statistics(model, task.spec.normalize(own.images), own.labels,
+                                                                task.num_classes), task.num_classes)
+        except ValueError as exc:
+            raise ModelError(f"--class-statistics-data: {exc}") from None
     density = None
     if density_data is not None:
         if unknown_output:
@@ -207,13 +220,23 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
     if bool(args.checkpoint) == bool(args.model):
         raise ValueError("give --checkpoint (a teacher fedkd trained) or --model with --task and --weights (your own)")
     access = args.access.split(",")
+    if (args.class_statistics or args.class_statistics_data) and privacy is not None and privacy.mode != "none":
+        flag = "--class-statistics" if args.class_statistics else "--class-statistics-data"
+        raise ValueError(f"{flag}: privacy-mode {privacy.mode} releases no teacher-side term (the class statistics "
+                         "are computed on the raw images, outside its guarantee); serve them with privacy-mode none, "
+                         "or leave the flag out")
+    if args.class_statistics and not args.checkpoint:
+        raise ValueError("--class-statistics goes with --checkpoint (the statistics it holds); for your own --model "
+                         "give --class-statistics-data DIR")
     if args.checkpoint:
-        for flag in ("task", "weights", "model_args", "label_counts", "unknown_output", "density_data"):
+        for flag in ("task", "weights", "model_args", "label_counts", "unknown_output", "density_data",
+                     "class_statistics_data"):
             if getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} goes with --model; a checkpoint carries its own")
         return host_from_checkpoint(args.checkpoint, max_batch=args.max_batch, access=access,
                                     device=str(resolve_device(args.device)),
-                                    privacy=privacy, ledger=args.ledger, eval_data=args.eval_data)
+                                    privacy=privacy, ledger=args.ledger, eval_data=args.eval_data,
+                                    class_statistics=args.class_statistics)
     if not args.task:
         raise ValueError("--model needs --task: the task card of the run (classes, input-shape, mean, std)")
     task = Task.from_toml(args.task)
@@ -222,7 +245,8 @@ def _host(args: argparse.Namespace, privacy: PrivacySettings) -> TeacherHost:
                            label_counts=parse_label_counts(args.label_counts, task),
                            max_batch=args.max_batch, access=access, device=str(resolve_device(args.device)),
                            privacy=privacy, ledger=args.ledger, eval_data=args.eval_data,
-                           unknown_output=args.unknown_output, density_data=args.density_data)
+                           unknown_output=args.unknown_output, density_data=args.density_data,
+                           class_statistics_data=args.class_statistics_data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

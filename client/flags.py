@@ -63,6 +63,13 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
                          "the input looks like your data (a fedkd-trained --checkpoint: train-teacher --set "
                          "teacher-density=on). A coordinator can climb the density to a class-mean image of yours "
                          "(simulations/density_leak.py)")
+    teacher.add_argument("--class-statistics", action="store_true", help="--checkpoint: release the "
+                         "class-feature-statistics term on the per-class BatchNorm statistics the checkpoint holds "
+                         "(train-teacher --set teacher-class-statistics=on); they say more about your data than the "
+                         "model's running statistics")
+    teacher.add_argument("--class-statistics-data", metavar="DIR", help="--model with BatchNorm layers: your own "
+                         "training images (an ImageFolder of the task); the per-class BatchNorm statistics of them are "
+                         "computed here and the class-feature-statistics term is released on them")
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", type=address, help="the coordinator's hub")
     parser.add_argument("--token-file", help="file holding this teacher's token (from the coordinator)")
     parser.add_argument("--ca", help="CA certificate (PEM) that signed the hub's certificate; default: system roots")
@@ -117,7 +124,8 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
 
 # What a teacher's training reads from the settings (--set KEY=VALUE); anything else is the coordinator's.
 TRAINING_KEYS = ("seed", "teacher-epochs", "teacher-lr", "teacher-batch-size", "teacher-label-smoothing",
-                 "teacher-recipe", "teacher-density", "dp-epsilon", "dp-delta", "dp-max-grad-norm", "dp-batch-size",
+                 "teacher-recipe", "teacher-density", "teacher-class-statistics", "dp-epsilon", "dp-delta",
+                 "dp-max-grad-norm", "dp-batch-size",
                  "dp-lr", "dp-feature-epsilon", "dp-feature-clip", "device", "num-threads")
 
 

@@ -156,7 +156,7 @@ def node_privacy(config: RunConfig, node_config: Mapping[str, Any], client: int)
 
 
 OWN_MODEL_KEYS = ("model", "weights", "task", "model-args", "label-counts", "eval-data", "unknown-output",
-                  "density-data")
+                  "density-data", "class-statistics-data")
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,8 @@ class OwnModel:
     eval_data: str | None
     unknown_output: bool = False  # the model answers one logit more, last "unknown" (fedkd teacher --unknown-output)
     density_data: str | None = None  # its own images, whose density it answers too (fedkd teacher --density-data)
+    # its own labelled images, whose per-class BatchNorm statistics it releases a term on (--class-statistics-data)
+    class_statistics_data: str | None = None
 
     @property
     def source(self) -> Path:
@@ -206,7 +208,7 @@ def own_model(node_config: Mapping[str, Any]) -> OwnModel | None:
         quoted = "; write it without quotes" if isinstance(unknown, str) else ""
         raise NodeConfigError(f"node config: unknown-output is {unknown!r}; give true or false{quoted}")
     return OwnModel(str(node_config["model"]), task, text("weights"), args, counts, text("eval-data"), unknown,
-                    text("density-data"))
+                    text("density-data"), text("class-statistics-data"))
 
 
 def own_model_host(own: OwnModel, config: RunConfig, privacy: PrivacySettings, client: int) -> TeacherHost:
@@ -215,7 +217,8 @@ def own_model_host(own: OwnModel, config: RunConfig, privacy: PrivacySettings, c
     return host_from_model(own.spec, own.task, weights=own.weights, model_args=own.model_args,
                            label_counts=own.label_counts, max_batch=config.teachers.max_query_batch, client=client,
                            privacy=privacy, access=access_modes(config.teacher_access_modes()[client]),
-                           unknown_output=own.unknown_output, density_data=own.density_data)
+                           unknown_output=own.unknown_output, density_data=own.density_data,
+                           class_statistics_data=own.class_statistics_data)
 
 
 @dataclass

@@ -121,6 +121,9 @@ def check_teacher_fields(ckpt: dict[str, Any], path: Path) -> None:
         raise field_error(path, "unknown_output", f"is {ckpt['unknown_output']!r}, not true or false")
     if "density" in ckpt and not isinstance(ckpt["density"], dict):  # its tensors are checked where it is built
         raise field_error(path, "density", f"is a {type(ckpt['density']).__name__}, not a table of tensors")
+    if "class_statistics" in ckpt and not isinstance(ckpt["class_statistics"], dict):  # checked where attached
+        raise field_error(path, "class_statistics", f"is a {type(ckpt['class_statistics']).__name__}, not a table of "
+                          "BatchNorm layers")
     privacy = ckpt.get("privacy")
     if privacy is not None and not isinstance(privacy, dict):
         raise field_error(path, "privacy", f"is a {type(privacy).__name__}, not a table")
@@ -132,12 +135,15 @@ def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_cla
                  input_shape: tuple[int, int, int], num_samples: int, label_counts: list[int],
                  mean: tuple[float, ...], std: tuple[float, ...],
                  privacy: dict[str, Any] | None = None, model_args: dict[str, Any] | None = None,
-                 unknown_output: bool = False, density: dict[str, Any] | None = None) -> dict[str, Any]:
+                 unknown_output: bool = False, density: dict[str, Any] | None = None,
+                 class_statistics: dict[str, Any] | None = None) -> dict[str, Any]:
     """A teacher with what its host needs to describe itself (input normalisation, DP guarantee). With
     ``unknown_output`` the model has ``num_classes + 1`` outputs, the last "unknown" (teacher-recipe=open-set).
     ``density`` (teacher-density=on): the tensors of the density of the client's own images
     (``fedkd.institution.density``), kept beside the classifier's ``state_dict``; the loaded teacher answers the
-    input's log-density as one output more.
+    input's log-density as one output more. ``class_statistics`` (teacher-class-statistics=on): per BatchNorm layer
+    the channel statistics of the client's own images of each class (``fedkd.institution.terms``), released only
+    by a host told to (``--class-statistics``).
 
     Returns the checkpoint as written (what :func:`load_teacher` would return with it)."""
     ckpt = {
@@ -151,6 +157,8 @@ def save_teacher(path: str | Path, model: nn.Module, *, model_name: str, num_cla
         ckpt["unknown_output"] = True
     if density is not None:
         ckpt["density"] = dict(density)
+    if class_statistics is not None:
+        ckpt["class_statistics"] = {name: dict(entry) for name, entry in class_statistics.items()}
     if model_args:
         ckpt["model_args"] = dict(model_args)  # a torchvision student's arguments (plain values only)
     save_atomic(ckpt, path)

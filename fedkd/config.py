@@ -178,6 +178,12 @@ class RunConfig:
             raise ConfigError(f"teacher-density=on: clients with privacy-mode {' or '.join(clash)} cannot release it "
                               "(the density is fitted to the raw images, outside DP-SGD's and PATE's guarantee); use "
                               "privacy-mode none or output-noise, or teacher-density=off")
+        withheld = sorted({m for m in privacy if m != "none"})  # modes that release no such term
+        if self.teachers.class_statistics and withheld:
+            raise ConfigError(f"teacher-class-statistics=on: clients with privacy-mode {' or '.join(withheld)} do "
+                              "not release them (they are computed on the raw images, outside DP-SGD's and PATE's "
+                              "guarantee, and output-noise releases no teacher-side term); use privacy-mode none, or "
+                              "teacher-class-statistics=off")
         if self.teachers.density and self.teachers.recipe == "open-set":
             raise ConfigError("teacher-density=on and teacher-recipe=open-set both add the answers' one extra output "
                               "(a log-density, 'unknown'); choose one")

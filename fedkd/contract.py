@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 # Teacher-side terms (computed by the institution with its own teacher, ``fedkd.institution.terms``)
 FEATURE_STATISTICS = "feature-statistics"  # BatchNorm feature statistics (DeepInversion; the old ``bn_loss``)
+# The same per class, against the statistics of the institution's own images of that class (opt-in: they say more)
+CLASS_FEATURE_STATISTICS = "class-feature-statistics"
 ACTIVATION = "activation"  # DAFL's activation of the penultimate features
-TERM_NAMES = (FEATURE_STATISTICS, ACTIVATION)
+TERM_NAMES = (FEATURE_STATISTICS, CLASS_FEATURE_STATISTICS, ACTIVATION)
 
 ACCESS_MODES = ("gradient", "logits")  # what a client grants unless it says otherwise
 ALL_ACCESS_MODES = ("gradient", "logits", "labels")

@@ -46,6 +46,8 @@ def agent_command(checkpoint: Path, port: int, token_file: Path, ca: Path, *, co
            "--max-message-mb", str(config.queries.max_message_mb), "--device", device.type,
            "--num-threads", str(threads), "--give-up-after", str(config.queries.rejoin_timeout),
            "--access", ",".join(access_modes(access))]
+    if config.teachers.class_statistics:  # (its checkpoint holds them: fedkd.institution.training computed them)
+        cmd.append("--class-statistics")
     # one machine: the run config stands in for each client's own privacy settings
     return cmd + privacy_flags(config.privacy.for_client(client))
 

@@ -10,17 +10,22 @@ from typing import Any
 from torch import nn
 
 from fedkd.checkpoint import TEACHER_FORMAT, CheckpointError, check_teacher_fields, field_error, load_safe
-from fedkd.institution.density import GaussianDensity, WithDensity
+from fedkd.institution.density import GaussianDensity, WithDensity, classifier_of
 from fedkd.institution.privacy.dpsgd import attach_statistics, make_private_model
 from fedkd.institution.privacy.pate import ShardVotes
+from fedkd.institution.terms import attach_class_statistics
 from fedkd.models import build_classifier, build_model, is_code_spec
 
 
 def load_teacher(path: str | Path, *, expected_model: str | None = None,
                  num_classes: int | None = None,
                  input_shape: tuple[int, int, int] | None = None,
-                 trust_code: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+                 trust_code: bool = False, class_statistics: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a teacher from its checkpoint; fail clearly on a mismatch with what the run expects.
+
+    With ``class_statistics`` the per-class BatchNorm statistics the checkpoint holds are attached to the model, so
+    that its host computes the ``class-feature-statistics`` term (the checkpoint must hold them); without, they stay
+    in the file.
 
     A checkpoint whose model is ``PACKAGE.MODULE:CALLABLE`` (a student built by the user's own code) is built
     only with ``trust_code``: a file never makes fedkd import code it names."""
@@ -78,4 +83,12 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
             raise field_error(path, "density", f"was fitted to inputs of {density.dims} values, the teacher takes "
                               f"{math.prod(shape)}")
         model = WithDensity(model, density)
+    if class_statistics:
+        if "class_statistics" not in ckpt:
+            raise field_error(path, "class_statistics", "is missing: this teacher's institution computed no per-class "
+                              "statistics (train it with teacher-class-statistics=on, or serve it without them)")
+        try:
+            attach_class_statistics(classifier_of(model), ckpt["class_statistics"], int(ckpt["num_classes"]))
+        except ValueError as exc:
+            raise field_error(path, "class_statistics", str(exc)) from None
     return model.eval(), ckpt

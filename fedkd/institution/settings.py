@@ -38,6 +38,11 @@ class TeacherSettings(Section):
         "every input's log-density with its logits; the ensemble weighs each answer by the posterior of who knows "
         "the input (density-sharpness); not with dp-sgd, pate or teacher-recipe=open-set", scope="client",
         key="teacher-density"))
+    class_statistics: bool = field(default=False, metadata=described(
+        "each client also computes, per class, the BatchNorm statistics of its own images and releases the "
+        "class-feature-statistics term on them (cudfkd.class-statistics weighs it); they say more about its data "
+        "than the model's running statistics; privacy-mode none only", scope="client",
+        key="teacher-class-statistics"))
     # An institution's own `fedkd teacher --access` is authoritative.
     access: str = field(default="gradient", metadata=described(
         "what each client grants, one or one per client: gradient (Forward and Backward), logits (Forward only; "

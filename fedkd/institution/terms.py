@@ -19,6 +19,13 @@ Registered terms:
   (DeepInversion; the ``bn_loss`` of the original contract); for a DP-SGD
   teacher (GroupNorm) the same against the statistics it released with
   differential privacy (``dp-feature-epsilon``), when it did;
+- ``class-feature-statistics``: the same per class, for a teacher whose institution
+  computed the statistics of its own images of each class (:func:`fit_class_statistics`,
+  ``teacher-class-statistics``): the batch is split softly by the teacher's own
+  softmax p_ik, and sum_l sum_k (m_k / B) (||mu_lk(x) - mu_lk|| + ||var_lk(x) - var_lk||)
+  with m_k = sum_i p_ik, mu_lk(x) and var_lk(x) the p_.k-weighted batch statistics
+  (classes with m_k < 1 are left out of that batch). One mean over all classes cannot
+  tell a batch of mixed-up classes from a batch of real ones; per-class means can;
 - ``activation``: mean |f_T(x)| over the batch and the features of the input to
   the teacher's last linear layer (DAFL's L_a with the sign left to the method).
 """
@@ -26,12 +33,18 @@ Registered terms:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedkd.contract import ACTIVATION, FEATURE_STATISTICS
+from fedkd.contract import ACTIVATION, CLASS_FEATURE_STATISTICS, FEATURE_STATISTICS
+
+# A class with fewer of the institution's own images than this keeps BatchNorm's running statistics as its reference
+# (statistics of a handful of images are noise, not a class).
+MIN_CLASS_IMAGES = 20
+CLASS_FIELDS = ("mean", "var", "count")  # per BatchNorm layer: (K, C), (K, C), (K,)
 
 
 class _HookedTerm:
@@ -47,7 +60,9 @@ class _HookedTerm:
         self.enabled = True
         self._terms = []
 
-    def end(self) -> Tensor:
+    def end(self, outputs: Tensor | None = None) -> Tensor:
+        """The term's value on the batch just run; ``outputs``: the model's outputs on it (a term that needs them
+        is finished with them)."""
         self.enabled = False
         terms, self._terms = self._terms, []
         if not terms:
@@ -104,6 +119,172 @@ class FeatureStatistics(_HookedTerm):
         return bool(self.layers)
 
 
+class ClassFeatureStatistics(_HookedTerm):
+    """The per-class BatchNorm statistics term (``class-feature-statistics``), in the model's one forward pass:
+    hooks keep each BN layer's per-sample channel moments, and ``end`` weighs them by the teacher's own softmax.
+
+    Only layers carrying ``class_mean`` / ``class_var`` / ``class_count`` buffers
+    (:func:`attach_class_statistics`) take part; a class with fewer than :data:`MIN_CLASS_IMAGES` own images is
+    compared with the layer's running statistics instead."""
+
+    name = CLASS_FEATURE_STATISTICS
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.layers = class_statistics_layers(model)
+        self._moments: list[tuple[nn.Module, Tensor, Tensor]] = []
+        for layer in self.layers:
+            layer.register_forward_hook(self._hook)
+
+    def begin(self) -> None:
+        super().begin()
+        self._moments = []
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not self.enabled:
+            return
+        x = inputs[0]
+        dims = list(range(2, x.ndim))
+        first = x.mean(dim=dims) if dims else x  # (B, C) per-sample channel means ...
+        second = x.pow(2).mean(dim=dims) if dims else x.pow(2)  # ... and mean squares
+        self._moments.append((module, first, second))
+
+    def end(self, outputs: Tensor | None = None) -> Tensor:
+        self.enabled = False
+        moments, self._moments = self._moments, []
+        if not moments or outputs is None:
+            return torch.zeros(())
+        classes = _buffer(moments[0][0], "class_mean").shape[0]
+        p = torch.softmax(outputs[..., :classes].float(), -1)  # (B, K): the teacher's own split of the batch
+        mass = p.sum(0)  # (K,) each class's share of the batch, in samples
+        used = mass >= 1.0
+        total = torch.zeros((), device=outputs.device)
+        if not bool(used.any()):
+            return total
+        w = p[:, used] / mass[used]  # (B, K') each class's weights over the batch
+        for module, first, second in moments:
+            mu = w.T @ first  # (K', C)
+            var = (w.T @ second - mu.pow(2)).clamp_min(0.0)
+            ref_mean, ref_var = _class_reference(module, used)
+            distance = torch.linalg.vector_norm(mu - ref_mean, dim=1) + torch.linalg.vector_norm(var - ref_var, dim=1)
+            total = total + (mass[used] / len(p) * distance).sum()
+        return total
+
+
+def _class_reference(module: nn.Module, used: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference statistics of the classes ``used``: the class's own, or the running statistics for a class
+    the institution holds too few images of."""
+    enough = (_buffer(module, "class_count") >= MIN_CLASS_IMAGES)[used].unsqueeze(1)
+    running_mean, running_var = FeatureStatistics.reference(module)
+    return (torch.where(enough, _buffer(module, "class_mean")[used], running_mean.unsqueeze(0)),
+            torch.where(enough, _buffer(module, "class_var")[used], running_var.unsqueeze(0)))
+
+
+def _buffer(module: nn.Module, name: str) -> Tensor:
+    value = getattr(module, name)
+    assert isinstance(value, Tensor)
+    return value
+
+
+def class_statistics_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers carrying their institution's per-class statistics."""
+    return [m for m in FeatureStatistics.bn_layers(model)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(getattr(m, "class_mean", None), Tensor)]
+
+
+@torch.no_grad()
+def fit_class_statistics(model: nn.Module, inputs: Tensor, labels: Tensor, num_classes: int, *,
+                         batch_size: int = 512) -> dict[str, dict[str, Tensor]]:
+    """Per BatchNorm layer (by its module name) and class, the channel mean and variance of the layer's input over
+    the institution's own ``inputs`` of that class (normalised, as the teacher sees them), with the class's image
+    count; the model runs in eval mode, as it answers. Deterministic."""
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}
+    if not layers:
+        raise ValueError("the model has no BatchNorm layer with running statistics: no class statistics to fit")
+    if len(inputs) != len(labels) or len(inputs) == 0:
+        raise ValueError(f"class statistics need labelled images: {len(inputs)} images, {len(labels)} labels")
+    first: dict[str, Tensor] = {}  # per layer: (K, C) sums over each class's images and positions of x ...
+    second: dict[str, Tensor] = {}  # ... and of x^2
+    positions: dict[str, int] = {}  # values per channel per image
+    batch: dict[str, Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            batch[name] = args[0].detach().double()
+        return hook
+
+    handles = [m.register_forward_hook(keep(name)) for name, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    try:
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start:start + batch_size].to(device))
+            onehot = F.one_hot(labels[start:start + batch_size].long().to(device), num_classes).double()  # (b, K)
+            for name, x in batch.items():
+                dims = list(range(2, x.ndim))
+                positions[name] = x[0, 0].numel()
+                s1 = onehot.T @ (x.sum(dim=dims) if dims else x)
+                s2 = onehot.T @ (x.pow(2).sum(dim=dims) if dims else x.pow(2))
+                first[name] = first[name] + s1 if name in first else s1
+                second[name] = second[name] + s2 if name in second else s2
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    counts = torch.bincount(labels.long().cpu(), minlength=num_classes)[:num_classes]
+    out = {}
+    for name in first:
+        n = (counts.double() * positions[name]).clamp_min(1.0).unsqueeze(1).to(first[name].device)
+        mean = first[name] / n
+        var = (second[name] / n - mean.pow(2)).clamp_min(0.0)
+        out[name] = {"mean": mean.float().cpu(), "var": var.float().cpu(), "count": counts.clone()}
+    return out
+
+
+def check_class_statistics(model: nn.Module, statistics: Any, num_classes: int) -> None:
+    """Raise ValueError naming the layer and field unless ``statistics`` fits ``model``'s BatchNorm layers: a table
+    per layer name of finite ``mean`` and non-negative ``var`` (classes, channels) and non-negative ``count``
+    (classes,). A checkpoint is a file the user gives, checked like any other."""
+    if not isinstance(statistics, dict) or not statistics:
+        raise ValueError("class statistics are not a table of BatchNorm layers")
+    layers = dict(model.named_modules())
+    for name, entry in statistics.items():
+        layer = layers.get(name)
+        if not isinstance(layer, nn.modules.batchnorm._BatchNorm) or layer.running_mean is None:
+            raise ValueError(f"class statistics name layer {name!r}, which is not a BatchNorm layer of the model")
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), Tensor) for k in CLASS_FIELDS):
+            raise ValueError(f"class statistics of layer {name!r} are not the tensors {', '.join(CLASS_FIELDS)}")
+        shape = (num_classes, layer.running_mean.shape[0])
+        for key in ("mean", "var"):
+            value = entry[key]
+            if tuple(value.shape) != shape or not value.is_floating_point():
+                raise ValueError(f"class statistics {key} of layer {name!r} have shape {tuple(value.shape)}, not "
+                                 f"{shape} (classes, channels) of floats")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"class statistics {key} of layer {name!r} hold a value that is not finite")
+        if bool((entry["var"] < 0).any()):
+            raise ValueError(f"class statistics var of layer {name!r} hold a negative variance")
+        count = entry["count"]
+        if tuple(count.shape) != (num_classes,) or count.is_floating_point() or bool((count < 0).any()):
+            raise ValueError(f"class statistics count of layer {name!r} is not {num_classes} non-negative integers")
+
+
+def attach_class_statistics(model: nn.Module, statistics: dict[str, dict[str, Tensor]], num_classes: int) -> None:
+    """Give each named BatchNorm layer its class statistics (``class_mean``, ``class_var``, ``class_count``, buffers
+    that stay out of the ``state_dict``), checked first (:func:`check_class_statistics`)."""
+    check_class_statistics(model, statistics, num_classes)
+    layers = dict(model.named_modules())
+    for name, entry in statistics.items():
+        layer = layers[name]
+        ref = layer.running_mean
+        assert ref is not None
+        layer.register_buffer("class_mean", entry["mean"].to(ref), persistent=False)
+        layer.register_buffer("class_var", entry["var"].to(ref), persistent=False)
+        layer.register_buffer("class_count", entry["count"].long().to(ref.device), persistent=False)
+
+
 class Activation(_HookedTerm):
     """DAFL's activation term: mean |f| of the features entering the teacher's last linear layer."""
 
@@ -124,8 +305,9 @@ class Activation(_HookedTerm):
         return self.layer is not None
 
 
-TERMS: dict[str, type[FeatureStatistics] | type[Activation]] = {
+TERMS: dict[str, type[FeatureStatistics] | type[ClassFeatureStatistics] | type[Activation]] = {
     FeatureStatistics.name: FeatureStatistics,
+    ClassFeatureStatistics.name: ClassFeatureStatistics,
     Activation.name: Activation,
 }
 
@@ -146,11 +328,13 @@ class TermSet:
         for name in names:
             self.terms[name].begin()
         values: dict[str, Tensor] = {}
+        logits: Tensor | None = None
         try:
             logits = model(x)
         finally:
             for name in names:
-                values[name] = self.terms[name].end()
+                values[name] = self.terms[name].end(logits)
+        assert logits is not None
         return logits, values
 
 
@@ -159,6 +343,8 @@ def available_terms(model: nn.Module) -> tuple[str, ...]:
     out = []
     if FeatureStatistics.bn_layers(model):
         out.append(FEATURE_STATISTICS)
+    if class_statistics_layers(model):
+        out.append(CLASS_FEATURE_STATISTICS)
     if any(isinstance(m, nn.Linear) for m in model.modules()):
         out.append(ACTIVATION)
     return tuple(out)

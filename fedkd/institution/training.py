@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedkd.checkpoint import CheckpointError, save_teacher
+from fedkd.checkpoint import CheckpointError, save_atomic, save_teacher
 from fedkd.config import RunConfig
 from fedkd.data import DatasetSpec, ImageData, partition_indices
-from fedkd.institution.density import WithDensity, density_of
+from fedkd.institution.density import WithDensity, classifier_of, density_of
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.open_set import HARDENING_STEP, open_set_loss
+from fedkd.institution.terms import attach_class_statistics, fit_class_statistics
 from fedkd.options import check_finite
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetS
             raise CheckpointError(f"checkpoint {str(path)!r} holds a teacher of teacher-density={on}, but the config "
                                   f"asks for teacher-density={asked}; use another run directory or set "
                                   f"teacher-density={on}")
-        return model, ckpt, False
+        return _with_class_statistics(path, model, ckpt, data, spec, config, client, stage), ckpt, False
     how = " with DP-SGD" if dp else f" x {pate} shard teachers (PATE)" if pate else ""
     stage(f"client {client}: training {name}{how} on {len(data)} private samples")
     model, privacy = train_teacher(name, data, spec, config, init_seed=config.seed * 1000,
@@ -190,4 +191,27 @@ def load_or_train_teacher(path: Path, name: str, data: ImageData, spec: DatasetS
                         num_samples=len(data), label_counts=data.label_counts(spec.num_classes),
                         mean=spec.mean, std=spec.std, privacy=privacy, unknown_output=open_set,
                         density=None if density is None else density.to_state())
-    return (model if density is None else WithDensity(model, density).eval()), ckpt, True
+    model = model if density is None else WithDensity(model, density).eval()
+    return _with_class_statistics(path, model, ckpt, data, spec, config, client, stage), ckpt, True
+
+
+def _with_class_statistics(path: Path, model: nn.Module, ckpt: dict[str, Any], data: ImageData, spec: DatasetSpec,
+                           config: RunConfig, client: int, stage: Callable[[str], None]) -> nn.Module:
+    """With teacher-class-statistics=on, the teacher carrying the per-class BatchNorm statistics of the client's own
+    images (computed once and kept in its checkpoint: the weights do not change); otherwise as it is."""
+    if not config.teachers.class_statistics:
+        return model
+    if "class_statistics" not in ckpt:
+        stage(f"client {client}: computing the per-class BatchNorm statistics of its {len(data)} images "
+              "(teacher-class-statistics)")
+        try:
+            ckpt["class_statistics"] = fit_class_statistics(classifier_of(model), spec.normalize(data.images),
+                                                            data.labels, spec.num_classes)
+        except ValueError as exc:
+            raise CheckpointError(f"client {client}: teacher-class-statistics=on, but {exc}") from None
+        save_atomic(ckpt, path)
+    try:
+        attach_class_statistics(classifier_of(model), ckpt["class_statistics"], spec.num_classes)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: field 'class_statistics' {exc}") from None
+    return model

@@ -13,7 +13,9 @@ G(z, y) with class-balanced targets y when the generator is class-conditional):
     L_G = -w_ent * H(mean_i p_T(x_i))              # class balance (the paper's first term)
           + w_oh * CE(T(x), argmax T(x))            # confident samples (the paper's; targets=balanced:
                                                     #   CE(T(x), y), the asked class)
-          + w_bn * L_bn(x)                          # teacher BN statistics, computed by each client
+          + w_bn * L_bn(x)                          # teacher BN statistics, computed by each client; where
+                                                    #   clients release per-class ones, (1 - s) L_bn + s L_cbn
+                                                    #   (s = class-statistics)
           + a_adv(e) * L_adv,  L_adv = -tau_a^2 mean_i m_i KL(p_T^tau_a(x_i) || p_S^tau_a(x_i))
           + w_known * -mean_i log max_k g_k(x_i)    # open-set teachers only: samples some trusted teacher
                                                     #   calls its own (g_k = 1 - p_k(unknown | x)); with
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedkd.contract import FEATURE_STATISTICS, QueryContext
+from fedkd.contract import CLASS_FEATURE_STATISTICS, FEATURE_STATISTICS, QueryContext
 from fedkd.coordinator.curriculum import REGULARISERS, Curriculum
 from fedkd.coordinator.losses import class_balance_entropy, kl_per_sample, known_loss, onehot_loss
 from fedkd.coordinator.methods.base import GeneratorMethod, MethodContext
@@ -58,6 +60,9 @@ class CuDFKDOptions:
         0.0, 1e6, help="weight of the one-hot (confidence) term"))
     weight_bn: float = field(default=30.0, metadata=bounded(
         0.0, 1e6, help="weight of the BatchNorm-statistics term (computed by each client)"))
+    class_statistics: float = field(default=0.5, metadata=bounded(
+        0.0, 1.0, help="share of the BatchNorm-statistics term given to the per-class statistics, where clients "
+        "release them (teacher-class-statistics=on); 0 = the global statistics only"))
     weight_known: float = field(default=1.0, metadata=bounded(
         0.0, 1e6, help="weight of the term that keeps samples where some open-set teacher says 'mine' (or, with "
         "teacher-density=on, that one teacher's density clearly claims) (0 = off)"))
@@ -110,6 +115,10 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
             lambda_start=opts.lambda_start, lambda_growth=opts.lambda_growth,
         )
         self.use_bn = opts.weight_bn > 0 and self.ensemble.has_feature_statistics
+        self.use_class = (self.use_bn and opts.class_statistics > 0
+                          and self.ensemble.computes(CLASS_FEATURE_STATISTICS))
+        self.statistics_terms = ((FEATURE_STATISTICS, CLASS_FEATURE_STATISTICS) if self.use_class
+                                 else (FEATURE_STATISTICS,) if self.use_bn else ())
 
     def curriculum_state(self, epoch: int) -> QueryContext:
         lam = self.curriculum.lam(self.trainer.steps)
@@ -121,13 +130,16 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
         opts = self.options
 
         def loss_fn(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-            out = self.ensemble(x, state, terms=(FEATURE_STATISTICS,) if self.use_bn else ())
+            out = self.ensemble(x, state, terms=self.statistics_terms)
             t = out.logits  # (B, C)
             zero = torch.zeros((), device=x.device)
             entropy = -opts.weight_entropy * class_balance_entropy(t)
             onehot = opts.weight_onehot * (F.cross_entropy(t, targets) if opts.targets == "balanced"
                                            else onehot_loss(t))
             statistics = out.terms.get(FEATURE_STATISTICS)
+            per_class = out.terms.get(CLASS_FEATURE_STATISTICS)
+            if statistics is not None and per_class is not None:
+                statistics = (1 - opts.class_statistics) * statistics + opts.class_statistics * per_class
             bn = opts.weight_bn * statistics if statistics is not None else zero
             adv = zero
             if state.adv_weight > 0:
@@ -182,10 +194,19 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
         if not self.use_bn:
             why = "cudfkd.weight-bn is 0" if self.options.weight_bn <= 0 else "no client computes it"
             return {"feature_statistics": f"not used ({why})"}
-        lacking = self.ensemble.lacking(FEATURE_STATISTICS)
+        out = {"feature_statistics": self._users(FEATURE_STATISTICS)}
+        if self.use_class:
+            out["class_feature_statistics"] = (self._users(CLASS_FEATURE_STATISTICS)
+                                               + f" (share {self.options.class_statistics:g})")
+        elif self.options.class_statistics > 0:
+            out["class_feature_statistics"] = "not used (no client releases them: teacher-class-statistics)"
+        return out
+
+    def _users(self, term: str) -> str:
+        lacking = self.ensemble.lacking(term)
         users = [d.client for d in self.ensemble.descriptions if d.client not in lacking]
-        return {"feature_statistics": f"used, from client(s) {', '.join(map(str, users))}"
-                + (f"; client(s) {', '.join(map(str, lacking))} compute none" if lacking else "")}
+        return (f"used, from client(s) {', '.join(map(str, users))}"
+                + (f"; client(s) {', '.join(map(str, lacking))} compute none" if lacking else ""))
 
     def extra_state(self) -> dict[str, Any]:
         return {"curriculum": self.curriculum.state_dict()}
