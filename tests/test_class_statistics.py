@@ -363,13 +363,21 @@ def bn_classifier():
 # A run ---------------------------------------------------------------------------------------------------------
 
 
-def test_a_run_with_class_statistics_uses_them_beside_the_global_ones(tmp_path):
+def test_a_run_over_grpc_with_class_statistics_uses_them_beside_the_global_ones(tmp_path):
+    """Teacher agents as processes on 127.0.0.1 (fedkd run's transport=grpc): the run computes the statistics, each
+    agent is told to release them, and the term's values and gradients cross the wire."""
+    from fedkd.server.loopback import grpc_transport
+
     from fedkd.coordinator.experiment import run_experiment
 
     config = config_from_mapping({"dataset": "digits", "num-clients": 2, "teacher-epochs": 2, "epochs": 1,
                                   "student-refit": 0, "query-budget": 4_000, "num-threads": 1,
-                                  "teacher-class-statistics": True})
-    out = run_experiment(config, tmp_path / "run")
+                                  "teacher-class-statistics": True, "transport": "grpc"})
+    out = run_experiment(config, tmp_path / "run", transport=grpc_transport)
+    assert out["transport"] == "grpc"
+    for k in (0, 1):
+        stored = torch.load(tmp_path / "run" / "clients" / f"client_{k:02d}" / "teacher.pt", weights_only=True)
+        assert stored["class_statistics"]
     report = out["method_report"]
     assert report["class_feature_statistics"] == "used, from client(s) 0, 1 (share 0.5)"
     assert report["feature_statistics"] == "used, from client(s) 0, 1"
