@@ -360,6 +360,25 @@ def bn_classifier():
                          nn.Linear(256, 3))
 
 
+# The coordinator -----------------------------------------------------------------------------------------------
+
+
+def test_each_teacher_s_class_term_takes_its_share_of_that_teacher_s_statistics_term():
+    from fedkd.coordinator.methods.cudfkd import mixed_statistics
+
+    fs = torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([True, True, True, False])  # the last computes neither
+    cs = torch.tensor([10.0, 0.0, 30.0, 0.0]), torch.tensor([True, False, True, False])  # the second: global only
+    terms = {FEATURE_STATISTICS: fs, CLASS_FEATURE_STATISTICS: cs}
+    assert float(mixed_statistics(terms, 1.0)) == pytest.approx((10 + 2 + 30) / 3)
+    assert float(mixed_statistics(terms, 0.5)) == pytest.approx((5.5 + 2 + 16.5) / 3)
+    assert float(mixed_statistics(terms, 0.0)) == pytest.approx(2.0)
+    assert float(mixed_statistics({FEATURE_STATISTICS: fs}, 1.0)) == pytest.approx(2.0)
+    assert mixed_statistics({FEATURE_STATISTICS: (torch.zeros(2), torch.zeros(2, dtype=torch.bool))}, 1.0) is None
+    values = torch.tensor([1.0, 2.0, 3.0, 0.0], requires_grad=True)  # the gradient reaches each member's value
+    mixed_statistics({FEATURE_STATISTICS: (values, fs[1]), CLASS_FEATURE_STATISTICS: cs}, 0.25).backward()
+    assert values.grad.tolist() == pytest.approx([0.75 / 3, 1 / 3, 0.75 / 3, 0.0])
+
+
 # A run ---------------------------------------------------------------------------------------------------------
 
 
@@ -379,7 +398,7 @@ def test_a_run_over_grpc_with_class_statistics_uses_them_beside_the_global_ones(
         stored = torch.load(tmp_path / "run" / "clients" / f"client_{k:02d}" / "teacher.pt", weights_only=True)
         assert stored["class_statistics"]
     report = out["method_report"]
-    assert report["class_feature_statistics"] == "used, from client(s) 0, 1 (share 0.5)"
+    assert report["class_feature_statistics"] == "used, from client(s) 0, 1 (share 1)"
     assert report["feature_statistics"] == "used, from client(s) 0, 1"
     # the teachers' Backward (logits and both terms) passed the coordinator's gradient checks
     for teacher in out["ensemble"]["teachers"]:

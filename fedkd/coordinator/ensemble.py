@@ -46,6 +46,8 @@ class EnsembleOutput:
     members: list[int]  # which teachers answered, in pool order
     member_logits: list[Tensor]  # their logits over the classes, aligned with ``members``
     competence: Tensor | None = None  # (K', B) per member and input: 1 - p(unknown), or the density gate
+    # per asked-for term: each member's value (K',) (zero where it computed none) and whether it computed it (K',)
+    member_terms: dict[str, tuple[Tensor, Tensor]] = dataclasses.field(default_factory=dict)
 
 
 def _query(pool: TeacherPool, inputs: Tensor, state: QueryContext, terms: Sequence[str],
@@ -473,5 +475,6 @@ class Ensemble:
             rows = computed[:, j].nonzero().flatten().tolist()
             if rows:
                 out_terms[name] = values[rows, j].mean()
-        return EnsembleOutput(combined, out_terms, answered, list(logits.unbind(0)), gate)
+        member_terms = {name: (values[:, j], computed[:, j].to(values.device)) for j, name in enumerate(names)}
+        return EnsembleOutput(combined, out_terms, answered, list(logits.unbind(0)), gate, member_terms)
 

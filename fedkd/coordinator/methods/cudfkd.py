@@ -14,8 +14,8 @@ G(z, y) with class-balanced targets y when the generator is class-conditional):
           + w_oh * CE(T(x), argmax T(x))            # confident samples (the paper's; targets=balanced:
                                                     #   CE(T(x), y), the asked class)
           + w_bn * L_bn(x)                          # teacher BN statistics, computed by each client; where
-                                                    #   clients release per-class ones, (1 - s) L_bn + s L_cbn
-                                                    #   (s = class-statistics)
+                                                    #   a client releases per-class ones, (1 - s) L_bn + s L_cbn
+                                                    #   for it (s = class-statistics, 1: L_cbn alone)
           + a_adv(e) * L_adv,  L_adv = -tau_a^2 mean_i m_i KL(p_T^tau_a(x_i) || p_S^tau_a(x_i))
           + w_known * -mean_i log max_k g_k(x_i)    # open-set teachers only: samples some trusted teacher
                                                     #   calls its own (g_k = 1 - p_k(unknown | x)); with
@@ -60,9 +60,10 @@ class CuDFKDOptions:
         0.0, 1e6, help="weight of the one-hot (confidence) term"))
     weight_bn: float = field(default=30.0, metadata=bounded(
         0.0, 1e6, help="weight of the BatchNorm-statistics term (computed by each client)"))
-    class_statistics: float = field(default=0.5, metadata=bounded(
-        0.0, 1.0, help="share of the BatchNorm-statistics term given to the per-class statistics, where clients "
-        "release them (teacher-class-statistics=on); 0 = the global statistics only"))
+    class_statistics: float = field(default=1.0, metadata=bounded(
+        0.0, 1.0, help="share of each teacher's BatchNorm-statistics term given to its per-class statistics, where "
+        "it releases them (teacher-class-statistics=on; 1 = they replace its global ones); 0 = the global "
+        "statistics only"))
     weight_known: float = field(default=1.0, metadata=bounded(
         0.0, 1e6, help="weight of the term that keeps samples where some open-set teacher says 'mine' (or, with "
         "teacher-density=on, that one teacher's density clearly claims) (0 = off)"))
@@ -101,6 +102,23 @@ def adversarial_loss_masked(student_logits: Tensor, teacher_logits: Tensor, temp
     return -(kl * m).mean()
 
 
+def mixed_statistics(member_terms: dict[str, tuple[Tensor, Tensor]], share: float) -> Tensor | None:
+    """The BatchNorm-statistics term where some teachers release per-class statistics: per teacher,
+    ``(1 - share) * feature-statistics + share * class-feature-statistics`` where it computes the per-class term,
+    its feature-statistics alone where it does not; the mean over the teachers that compute either (None if
+    none does)."""
+    empty = (torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+    fs, fs_on = member_terms.get(FEATURE_STATISTICS, empty)
+    cs, cs_on = member_terms.get(CLASS_FEATURE_STATISTICS, empty)
+    if not len(cs):
+        return fs[fs_on].mean() if bool(fs_on.any()) else None
+    if not len(fs):
+        fs, fs_on = torch.zeros_like(cs), torch.zeros_like(cs_on)
+    mixed = torch.where(cs_on & fs_on, (1 - share) * fs + share * cs, torch.where(cs_on, cs, fs))
+    used = cs_on | fs_on
+    return mixed[used].mean() if bool(used.any()) else None
+
+
 class CuDFKD(GeneratorMethod[CuDFKDOptions]):
     name = "cudfkd"
 
@@ -136,10 +154,8 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
             entropy = -opts.weight_entropy * class_balance_entropy(t)
             onehot = opts.weight_onehot * (F.cross_entropy(t, targets) if opts.targets == "balanced"
                                            else onehot_loss(t))
-            statistics = out.terms.get(FEATURE_STATISTICS)
-            per_class = out.terms.get(CLASS_FEATURE_STATISTICS)
-            if statistics is not None and per_class is not None:
-                statistics = (1 - opts.class_statistics) * statistics + opts.class_statistics * per_class
+            statistics = (mixed_statistics(out.member_terms, opts.class_statistics) if self.use_class
+                          else out.terms.get(FEATURE_STATISTICS))
             bn = opts.weight_bn * statistics if statistics is not None else zero
             adv = zero
             if state.adv_weight > 0:
