@@ -166,11 +166,22 @@ def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
             "curve": [(h["query_samples"], h["student_accuracy"]) for h in history]}
 
 
+def same_run(stored: Any, now: dict[str, Any]) -> bool:
+    """Whether a record's resolved config is the run ``now`` would make: every key it holds has today's value, and
+    every key added since is at its default (a key fedkd adds keeps, at its default, the behaviour from before it;
+    a removed key or a changed default reruns)."""
+    if not isinstance(stored, dict) or not set(stored) <= set(now):
+        return False
+    defaults = config_from_mapping({}).to_dict()
+    return all(stored[k] == now[k] for k in stored) and all(
+        k in defaults and now[k] == defaults[k] for k in set(now) - set(stored))
+
+
 def cached(mapping: dict[str, Any], results: Path, runs: Path, compute: bool = True) -> dict[str, Any] | None:
     """The run's record, computed unless it is cached (None when it is not and ``compute`` is off)."""
     path = results / "records" / f"{_prefix(mapping)}-{_key(mapping)}.json"
     if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping and \
-            record.get("resolved") == config_from_mapping(mapping).to_dict():  # a changed default reruns
+            same_run(record.get("resolved"), config_from_mapping(mapping).to_dict()):  # a changed default reruns
         return record
     if not compute:
         return None

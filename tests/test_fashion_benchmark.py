@@ -160,3 +160,16 @@ def test_the_factor_table_compares_each_variant_with_the_defaults_on_its_own_see
         "| `(the defaults)` | 0 | lenet5-half, 20, 0 | 0,1 | 0.6500 ± 0.0500 | +0.0000 | 1,000 | 10 |",
         "| `(the defaults)` | 1 | lenet5-half, 20, 0 | 0 | 0.8000 | +0.0000 | 1,000 | 10 |"]
     assert len(rows) == 8  # today's defaults have no row of their own against themselves beyond the recipe's
+
+
+def test_a_record_is_reused_when_only_keys_added_since_at_their_default_tell_it_apart():
+    from fedkd.config import config_from_mapping
+
+    now = config_from_mapping({"dataset": "fashion-mnist", "seed": 1}).to_dict()
+    older = {k: v for k, v in now.items() if k not in ("teacher-class-statistics", "cudfkd.class-statistics")}
+    assert fashion_mnist.same_run(now, now) and fashion_mnist.same_run(older, now)
+    on = config_from_mapping({"dataset": "fashion-mnist", "seed": 1, "teacher-class-statistics": True}).to_dict()
+    assert not fashion_mnist.same_run(older, on)  # a key added since, away from its default: another run
+    assert not fashion_mnist.same_run({**now, "epochs": now["epochs"] + 1}, now)  # a changed value or default
+    assert not fashion_mnist.same_run({**now, "a-removed-key": 1}, now)
+    assert not fashion_mnist.same_run(None, now)
