@@ -227,6 +227,17 @@ def test_a_checkpoint_releases_its_class_statistics_only_when_its_host_is_told_t
     torch.testing.assert_close(got, probe.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_the_agent_warns_its_operator_when_it_releases_the_class_term(tmp_path):
+    from fedkd.client.agent import class_statistics_notice
+
+    model, x, y = _saved(tmp_path)
+    _saved(tmp_path, class_statistics=fit_class_statistics(model, x, y, 10))
+    for on in (False, True):
+        served, ckpt = load_teacher(tmp_path / "t.pt", class_statistics=on)
+        notice = class_statistics_notice(describe_checkpoint(ckpt, served, client=0))
+        assert (notice is not None and "each class's images" in notice) if on else notice is None
+
+
 def test_a_checkpoint_without_or_with_broken_class_statistics_is_refused_naming_the_field(tmp_path):
     model, x, y = _saved(tmp_path)
     with pytest.raises(CheckpointError, match="field 'class_statistics' is missing: this teacher's institution "
