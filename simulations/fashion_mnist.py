@@ -102,7 +102,9 @@ def teachers(mapping: dict[str, Any], cache: Path) -> tuple[Path, dict[str, floa
     keys = {k: v for k, v in mapping.items() if k in TEACHER_KEYS}
     path = cache / f"teachers-{_prefix(mapping)}-{_key(keys)}"
     scores = path / "scores.json"
-    if not scores.exists():
+    count = int(mapping.get("num-clients", 5))
+    complete = all((path / "clients" / f"client_{k:02d}" / "teacher.pt").exists() for k in range(count))
+    if not scores.exists() or not complete:  # (a teacher removed, or a training cut short: trained again)
         config = config_from_mapping(keys)
         data = load_dataset(config.dataset, config.data_root, seed=config.seed)
         device = setup(config)

@@ -173,3 +173,18 @@ def test_a_record_is_reused_when_only_keys_added_since_at_their_default_tell_it_
     assert not fashion_mnist.same_run({**now, "epochs": now["epochs"] + 1}, now)  # a changed value or default
     assert not fashion_mnist.same_run({**now, "a-removed-key": 1}, now)
     assert not fashion_mnist.same_run(None, now)
+
+
+def test_a_split_whose_teacher_went_missing_trains_it_again(tmp_path, idx_root):
+    mapping = {"dataset": "fashion-mnist", "data-root": str(idx_root), "num-clients": 5, "partition": "dirichlet",
+               "alpha": 0.5, "seed": 0, "teacher-epochs": 1}
+    clients, scores = fashion_mnist.teachers(mapping, tmp_path)
+    import torch
+
+    lost = clients / "client_01" / "teacher.pt"
+    before = torch.load(lost, weights_only=True)["state_dict"]
+    lost.unlink()  # a training cut short, or a teacher removed by hand: scores.json alone must not stand for it
+    again, rescored = fashion_mnist.teachers(mapping, tmp_path)
+    assert again == clients and rescored == scores
+    after = torch.load(lost, weights_only=True)["state_dict"]  # trained again, to the same weights
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
