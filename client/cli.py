@@ -34,7 +34,7 @@ from fedkd.institution.host import TeacherHost, describe_checkpoint
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.privacy.ledger import ledger_path
 from fedkd.institution.privacy.policy import PrivacySettings, ReleasePolicy
-from fedkd.institution.terms import attach_class_statistics, fit_class_statistics
+from fedkd.institution.terms import attach_class_statistics, class_statistics_of
 from fedkd.options import resolve_device
 from fedkd.task import Task
 from fedkd.tls import read_certificates, read_private_key
@@ -130,8 +130,7 @@ def host_from_module(given: nn.Module | torch.export.ExportedProgram, task: Task
         own = (task.load_images(class_statistics_data) if isinstance(class_statistics_data, (str, Path))
                else class_statistics_data)
         try:
-            attach_class_statistics(model, fit_class_statistics(model, task.spec.normalize(own.images), own.labels,
-                                                                task.num_classes), task.num_classes)
+            attach_class_statistics(model, class_statistics_of(model, own, task.spec), task.num_classes)
         except ValueError as exc:
             raise ModelError(f"--class-statistics-data: {exc}") from None
     density = None

@@ -27,7 +27,7 @@ from fedkd.config import config_from_mapping, default_values, parse_assignments
 from fedkd.data import DatasetNotFoundError, load_node_file
 from fedkd.institution.classifier import parse_model_args
 from fedkd.institution.density import density_of
-from fedkd.institution.terms import fit_class_statistics
+from fedkd.institution.terms import class_statistics_of
 from fedkd.institution.training import train_teacher
 from fedkd.models import is_code_spec, is_student_spec
 from fedkd.options import ConfigError, resolve_device
@@ -65,8 +65,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
                                    open_set=open_set)
     counts = data.label_counts(task.num_classes)
     density = density_of(data, task.spec).to_state() if config.teachers.density else None
-    statistics = (fit_class_statistics(model, task.spec.normalize(data.images), data.labels, task.num_classes)
-                  if config.teachers.class_statistics else None)
+    statistics = class_statistics_of(model, data, task.spec) if config.teachers.class_statistics else None
     save_teacher(args.out, model.cpu(), model_name=args.model, model_args=model_args, num_classes=task.num_classes,
                  input_shape=task.input_shape, num_samples=len(data), label_counts=counts, mean=task.mean,
                  std=task.std, privacy=privacy, unknown_output=open_set, density=density,

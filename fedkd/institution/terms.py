@@ -33,13 +33,16 @@ Registered terms:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedkd.contract import ACTIVATION, CLASS_FEATURE_STATISTICS, FEATURE_STATISTICS
+
+if TYPE_CHECKING:
+    from fedkd.data import DatasetSpec, ImageData
 
 # A class with fewer of the institution's own images than this keeps BatchNorm's running statistics as its reference
 # (statistics of a handful of images are noise, not a class).
@@ -186,10 +189,21 @@ def _buffer(module: nn.Module, name: str) -> Tensor:
     return value
 
 
+def _batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers with running statistics, by module name (what class statistics are kept for)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}
+
+
 def class_statistics_layers(model: nn.Module) -> list[nn.Module]:
     """The BatchNorm layers carrying their institution's per-class statistics."""
-    return [m for m in FeatureStatistics.bn_layers(model)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(getattr(m, "class_mean", None), Tensor)]
+    return [m for m in _batchnorm_layers(model).values() if isinstance(getattr(m, "class_mean", None), Tensor)]
+
+
+def class_statistics_of(model: nn.Module, data: ImageData, spec: DatasetSpec) -> dict[str, dict[str, Tensor]]:
+    """The per-class statistics of a client's own labelled images (in [0, 1], normalised here as the teacher sees
+    them) in ``model``'s BatchNorm layers (:func:`fit_class_statistics`)."""
+    return fit_class_statistics(model, spec.normalize(data.images), data.labels, spec.num_classes)
 
 
 @torch.no_grad()
@@ -198,8 +212,7 @@ def fit_class_statistics(model: nn.Module, inputs: Tensor, labels: Tensor, num_c
     """Per BatchNorm layer (by its module name) and class, the channel mean and variance of the layer's input over
     the institution's own ``inputs`` of that class (normalised, as the teacher sees them), with the class's image
     count; the model runs in eval mode, as it answers. Deterministic."""
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}
+    layers = _batchnorm_layers(model)
     if not layers:
         raise ValueError("the model has no BatchNorm layer with running statistics: no class statistics to fit")
     if len(inputs) != len(labels) or len(inputs) == 0:
@@ -249,14 +262,14 @@ def check_class_statistics(model: nn.Module, statistics: Any, num_classes: int) 
     (classes,). A checkpoint is a file the user gives, checked like any other."""
     if not isinstance(statistics, dict) or not statistics:
         raise ValueError("class statistics are not a table of BatchNorm layers")
-    layers = dict(model.named_modules())
+    layers = _batchnorm_layers(model)
     for name, entry in statistics.items():
         layer = layers.get(name)
-        if not isinstance(layer, nn.modules.batchnorm._BatchNorm) or layer.running_mean is None:
+        if layer is None:
             raise ValueError(f"class statistics name layer {name!r}, which is not a BatchNorm layer of the model")
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), Tensor) for k in CLASS_FIELDS):
             raise ValueError(f"class statistics of layer {name!r} are not the tensors {', '.join(CLASS_FIELDS)}")
-        shape = (num_classes, layer.running_mean.shape[0])
+        shape = (num_classes, layer.num_features)
         for key in ("mean", "var"):
             value = entry[key]
             if tuple(value.shape) != shape or not value.is_floating_point():

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedkd.checkpoint import CheckpointError, save_atomic, save_teacher
+from fedkd.checkpoint import CheckpointError, field_error, save_atomic, save_teacher
 from fedkd.config import RunConfig
 from fedkd.data import DatasetSpec, ImageData, partition_indices
 from fedkd.institution.density import WithDensity, classifier_of, density_of
 from fedkd.institution.loading import load_teacher
 from fedkd.institution.open_set import HARDENING_STEP, open_set_loss
-from fedkd.institution.terms import attach_class_statistics, fit_class_statistics
+from fedkd.institution.terms import attach_class_statistics, class_statistics_of
 from fedkd.options import check_finite
 
 logger = logging.getLogger(__name__)
@@ -205,13 +205,12 @@ def _with_class_statistics(path: Path, model: nn.Module, ckpt: dict[str, Any], d
         stage(f"client {client}: computing the per-class BatchNorm statistics of its {len(data)} images "
               "(teacher-class-statistics)")
         try:
-            ckpt["class_statistics"] = fit_class_statistics(classifier_of(model), spec.normalize(data.images),
-                                                            data.labels, spec.num_classes)
+            ckpt["class_statistics"] = class_statistics_of(classifier_of(model), data, spec)
         except ValueError as exc:
             raise CheckpointError(f"client {client}: teacher-class-statistics=on, but {exc}") from None
         save_atomic(ckpt, path)
     try:
         attach_class_statistics(classifier_of(model), ckpt["class_statistics"], spec.num_classes)
     except ValueError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r}: field 'class_statistics' {exc}") from None
+        raise field_error(path, "class_statistics", str(exc)) from None
     return model
