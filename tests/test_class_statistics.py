@@ -78,8 +78,6 @@ def _hand_term(model, x):
         first, second = inputs.mean((2, 3)), inputs.pow(2).mean((2, 3))
         for k in range(2):
             m = p[:, k].sum()
-            if m < 1:
-                continue
             w = p[:, k] / m
             mu = (w[:, None] * first).sum(0)
             var = (w[:, None] * second).sum(0) - mu.pow(2)
@@ -125,6 +123,36 @@ def test_the_term_is_the_softmax_weighted_distance_to_each_class_s_own_statistic
     torch.testing.assert_close(logits, expected_logits)
     torch.testing.assert_close(values[CLASS_FEATURE_STATISTICS], expected, rtol=1e-4, atol=1e-5)
     assert float(values[CLASS_FEATURE_STATISTICS].detach()) > 0
+
+
+def test_the_term_is_smooth_where_a_class_holds_less_than_one_sample_of_the_batch():
+    """A class the teacher gives a fraction of one sample still takes part (by its mass), so the term's slope is
+    the one its gradient claims as that mass crosses one: the coordinator checks an honest gradient that way."""
+    model = _model()
+    x, y = _images()
+    attach_class_statistics(model, fit_class_statistics(model, x, y, 2), 2)
+    terms = TermSet(model)
+    batch = _images(48, seed=3)[0]
+
+    def term_and_mass(shift: torch.Tensor) -> tuple[torch.Tensor, float]:
+        handle = model[5].register_forward_hook(lambda m, args, out: out + torch.stack([torch.zeros(()), shift]))
+        logits, values = terms.run(model, batch, (CLASS_FEATURE_STATISTICS,))
+        handle.remove()
+        return values[CLASS_FEATURE_STATISTICS], float(torch.softmax(logits.detach(), -1)[:, 1].sum())
+
+    low, high = -30.0, 30.0  # the class-1 logit shift at which class 1 holds exactly one sample of the batch
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if term_and_mass(torch.tensor(mid))[1] < 1.0 else (low, mid)
+    at = torch.tensor(high, requires_grad=True)
+    value, mass = term_and_mass(at)
+    assert mass == pytest.approx(1.0, abs=1e-3)
+    claimed = float(torch.autograd.grad(value, at)[0])
+    step = 1e-3
+    below, above = (float(term_and_mass(torch.tensor(high + d))[0].detach()) for d in (-step, step))
+    assert (above - below) / (2 * step) == pytest.approx(claimed, rel=0.05, abs=1e-4)
+    _, tiny = terms.run(model, batch, (CLASS_FEATURE_STATISTICS,))  # unshifted: compare with the definition
+    torch.testing.assert_close(tiny[CLASS_FEATURE_STATISTICS], _hand_term(model, batch)[1], rtol=1e-4, atol=1e-5)
 
 
 def test_a_class_with_too_few_images_is_compared_with_the_running_statistics():

@@ -160,27 +160,28 @@ class ClassFeatureStatistics(_HookedTerm):
         classes = _buffer(moments[0][0], "class_mean").shape[0]
         p = torch.softmax(outputs[..., :classes].float(), -1)  # (B, K): the teacher's own split of the batch
         mass = p.sum(0)  # (K,) each class's share of the batch, in samples
-        used = mass >= 1.0
+        # Every class takes part, weighed by its mass: the moments are weighted means (bounded), so a class's part
+        # fades continuously as its mass does, and the term stays smooth in the inputs. (A cut at a mass of one
+        # sample made it jump where a class crossed the cut, and an honest gradient failed the coordinator's
+        # consistency check there.) The clamp only keeps a class of no mass at all from dividing by zero.
+        w = p / mass.clamp_min(1e-12)  # (B, K) each class's weights over the batch
         total = torch.zeros((), device=outputs.device)
-        if not bool(used.any()):
-            return total
-        w = p[:, used] / mass[used]  # (B, K') each class's weights over the batch
         for module, first, second in moments:
-            mu = w.T @ first  # (K', C)
+            mu = w.T @ first  # (K, C)
             var = (w.T @ second - mu.pow(2)).clamp_min(0.0)
-            ref_mean, ref_var = _class_reference(module, used)
+            ref_mean, ref_var = _class_reference(module)
             distance = torch.linalg.vector_norm(mu - ref_mean, dim=1) + torch.linalg.vector_norm(var - ref_var, dim=1)
-            total = total + (mass[used] / len(p) * distance).sum()
+            total = total + (mass / len(p) * distance).sum()
         return total
 
 
-def _class_reference(module: nn.Module, used: Tensor) -> tuple[Tensor, Tensor]:
-    """The reference statistics of the classes ``used``: the class's own, or the running statistics for a class
-    the institution holds too few images of."""
-    enough = (_buffer(module, "class_count") >= MIN_CLASS_IMAGES)[used].unsqueeze(1)
+def _class_reference(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """Each class's reference statistics (K, C): the class's own, or the running statistics for a class the
+    institution holds too few images of."""
+    enough = (_buffer(module, "class_count") >= MIN_CLASS_IMAGES).unsqueeze(1)
     running_mean, running_var = FeatureStatistics.reference(module)
-    return (torch.where(enough, _buffer(module, "class_mean")[used], running_mean.unsqueeze(0)),
-            torch.where(enough, _buffer(module, "class_var")[used], running_var.unsqueeze(0)))
+    return (torch.where(enough, _buffer(module, "class_mean"), running_mean.unsqueeze(0)),
+            torch.where(enough, _buffer(module, "class_var"), running_var.unsqueeze(0)))
 
 
 def _buffer(module: nn.Module, name: str) -> Tensor:
