@@ -444,3 +444,23 @@ def test_a_run_over_grpc_with_class_statistics_uses_them_beside_the_global_ones(
         assert teacher["gradient_checks"] > 0 and teacher["gradient_weight"] == 1.0
     assert all(client["backward_calls"] > 0 for client in out["queries"]["per_client"])
 
+
+
+@pytest.mark.parametrize("unseen, used", [(0.15, False), (1.0, True)])
+def test_under_strong_label_skew_the_coordinator_weighs_the_global_statistics_alone(tmp_path, unseen, used):
+    """Two clients of two classes each (half of the (teacher, class) pairs over the classes held are unseen): the
+    per-class term is not asked for unless cudfkd.class-statistics-unseen allows that skew."""
+    from fedkd.coordinator.experiment import run_experiment
+
+    config = config_from_mapping({"dataset": "digits", "num-clients": 2, "partition": "pathological",
+                                  "classes-per-client": 2, "teacher-epochs": 1, "epochs": 1, "student-refit": 0,
+                                  "query-budget": 2_000, "num-threads": 1, "teacher-class-statistics": True,
+                                  "cudfkd.class-statistics-unseen": unseen})
+    report = run_experiment(config, tmp_path / "run")["method_report"]
+    if used:
+        assert report["class_feature_statistics"] == "used, from client(s) 0, 1 (share 1)"
+    else:
+        assert report["class_feature_statistics"] == (
+            "not used (by the label counts 50% of the teachers never saw a class; they are weighed below 15%: "
+            "cudfkd.class-statistics-unseen)")
+    assert report["feature_statistics"] == "used, from client(s) 0, 1"

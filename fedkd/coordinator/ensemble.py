@@ -278,6 +278,9 @@ class Ensemble:
             aggregation, [d.label_counts for d in descriptions], [d.client for d in descriptions])
         counts, self.count_scale = capped_counts(descriptions, enabled=reliability)
         claimed = claimed_counts(counts, self.num_classes, [d.num_samples for d in descriptions])  # (K, C)
+        # how much of the federation never saw each class, by the label counts (a teacher sharing none counts as
+        # having seen every class): what the run knows of its label skew
+        self.unseen_share = unseen_share(claimed)
         # Whether this run weighs by the densities at all (density-gate); when it does not, its queries do not ask
         # for them and no teacher releases one.
         self.density_gate = DensityGate.decide(density_gate, self.has_density, descriptions, claimed)

@@ -15,7 +15,8 @@ G(z, y) with class-balanced targets y when the generator is class-conditional):
                                                     #   CE(T(x), y), the asked class)
           + w_bn * L_bn(x)                          # teacher BN statistics, computed by each client; where
                                                     #   a client releases per-class ones, (1 - s) L_bn + s L_cbn
-                                                    #   for it (s = class-statistics, 1: L_cbn alone)
+                                                    #   for it (s = class-statistics, 1: L_cbn alone;
+                                                    #   0 under strong label skew: class-statistics-unseen)
           + a_adv(e) * L_adv,  L_adv = -tau_a^2 mean_i m_i KL(p_T^tau_a(x_i) || p_S^tau_a(x_i))
           + w_known * -mean_i log max_k g_k(x_i)    # open-set teachers only: samples some trusted teacher
                                                     #   calls its own (g_k = 1 - p_k(unknown | x)); with
@@ -64,6 +65,10 @@ class CuDFKDOptions:
         0.0, 1.0, help="share of each teacher's BatchNorm-statistics term given to its per-class statistics, where "
         "it releases them (teacher-class-statistics=on; 1 = they replace its global ones); 0 = the global "
         "statistics only"))
+    class_statistics_unseen: float = field(default=0.15, metadata=bounded(
+        0.0, 1.0, help="the per-class statistics are weighed only where, by the label counts, less than this share "
+        "of the teachers never saw a class (1 = always): they gain where the clients' classes overlap and lose "
+        "under strong label skew (Fashion-MNIST Dirichlet(0.5) against (0.1), docs/results.md)"))
     weight_known: float = field(default=1.0, metadata=bounded(
         0.0, 1e6, help="weight of the term that keeps samples where some open-set teacher says 'mine' (or, with "
         "teacher-density=on, that one teacher's density clearly claims) (0 = off)"))
@@ -133,7 +138,9 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
             lambda_start=opts.lambda_start, lambda_growth=opts.lambda_growth,
         )
         self.use_bn = opts.weight_bn > 0 and self.ensemble.has_feature_statistics
-        self.use_class = (self.use_bn and opts.class_statistics > 0
+        self.skewed = not (opts.class_statistics_unseen >= 1.0
+                           or self.ensemble.unseen_share < opts.class_statistics_unseen)
+        self.use_class = (self.use_bn and opts.class_statistics > 0 and not self.skewed
                           and self.ensemble.computes(CLASS_FEATURE_STATISTICS))
         self.statistics_terms = ((FEATURE_STATISTICS, CLASS_FEATURE_STATISTICS) if self.use_class
                                  else (FEATURE_STATISTICS,) if self.use_bn else ())
@@ -214,8 +221,13 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
         if self.use_class:
             out["class_feature_statistics"] = (self._users(CLASS_FEATURE_STATISTICS)
                                                + f" (share {self.options.class_statistics:g})")
-        elif self.options.class_statistics > 0:
+        elif self.options.class_statistics > 0 and not self.ensemble.computes(CLASS_FEATURE_STATISTICS):
             out["class_feature_statistics"] = "not used (no client releases them: teacher-class-statistics)"
+        elif self.options.class_statistics > 0 and self.skewed:
+            out["class_feature_statistics"] = (
+                f"not used (by the label counts {self.ensemble.unseen_share:.0%} of the teachers never saw a class; "
+                f"they are weighed below {self.options.class_statistics_unseen:.0%}: "
+                "cudfkd.class-statistics-unseen)")
         return out
 
     def _users(self, term: str) -> str:
