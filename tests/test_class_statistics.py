@@ -437,7 +437,8 @@ def test_a_run_over_grpc_with_class_statistics_uses_them_beside_the_global_ones(
         stored = torch.load(tmp_path / "run" / "clients" / f"client_{k:02d}" / "teacher.pt", weights_only=True)
         assert stored["class_statistics"]
     report = out["method_report"]
-    assert report["class_feature_statistics"] == "used, from client(s) 0, 1 (share 1)"
+    assert report["class_feature_statistics"] == (
+        "used, from client(s) 0, 1 (share 1; by the label counts 5% of the teachers never saw a class)")
     assert report["feature_statistics"] == "used, from client(s) 0, 1"
     # the teachers' Backward (logits and both terms) passed the coordinator's gradient checks
     for teacher in out["ensemble"]["teachers"]:
@@ -458,7 +459,8 @@ def test_under_strong_label_skew_the_coordinator_weighs_the_global_statistics_al
                                   "cudfkd.class-statistics-unseen": unseen})
     report = run_experiment(config, tmp_path / "run")["method_report"]
     if used:
-        assert report["class_feature_statistics"] == "used, from client(s) 0, 1 (share 1)"
+        assert report["class_feature_statistics"] == (
+            "used, from client(s) 0, 1 (share 1; by the label counts 50% of the teachers never saw a class)")
     else:
         assert report["class_feature_statistics"] == (
             "not used (by the label counts 50% of the teachers never saw a class; they are weighed below 15%: "

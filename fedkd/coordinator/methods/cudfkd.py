@@ -220,7 +220,8 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
         out = {"feature_statistics": self._users(FEATURE_STATISTICS)}
         if self.use_class:
             out["class_feature_statistics"] = (self._users(CLASS_FEATURE_STATISTICS)
-                                               + f" (share {self.options.class_statistics:g})")
+                                               + f" (share {self.options.class_statistics:g}; by the label counts "
+                                               f"{self.ensemble.unseen_share:.0%} of the teachers never saw a class)")
         elif self.options.class_statistics > 0 and not self.ensemble.computes(CLASS_FEATURE_STATISTICS):
             out["class_feature_statistics"] = "not used (no client releases them: teacher-class-statistics)"
         elif self.options.class_statistics > 0 and self.skewed:
