@@ -222,7 +222,8 @@ class DensityGate:
 
     @classmethod
     def decide(cls, mode: str, has_density: Tensor, descriptions: Sequence[TeacherDescription],
-               claimed: Tensor) -> DensityGate:
+               unseen: float) -> DensityGate:
+        """``unseen``: the federation's :func:`unseen_share`, from the label counts."""
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"density-gate {mode!r} is not one of auto, on, off")
         if not bool(has_density.any()):
@@ -234,7 +235,6 @@ class DensityGate:
         if silent:
             return cls(mode, True, f"client(s) {', '.join(map(str, silent))} answer a density and share no label "
                                    "counts to judge by")
-        unseen = unseen_share(claimed)
         used = unseen >= DENSITY_GATE_UNSEEN
         return cls(mode, used, f"by the label counts {unseen:.0%} of the teachers never saw a class, on average; "
                                f"the gate weighs from {DENSITY_GATE_UNSEEN:.0%}", round(unseen, 4))
@@ -283,7 +283,7 @@ class Ensemble:
         self.unseen_share = unseen_share(claimed)
         # Whether this run weighs by the densities at all (density-gate); when it does not, its queries do not ask
         # for them and no teacher releases one.
-        self.density_gate = DensityGate.decide(density_gate, self.has_density, descriptions, claimed)
+        self.density_gate = DensityGate.decide(density_gate, self.has_density, descriptions, self.unseen_share)
         if not self.density_gate.used:
             self.has_density = torch.zeros_like(self.has_density)
         # Each density is checked once, before the gate first weighs by it, to integrate to at most one (a teacher

@@ -138,8 +138,8 @@ class CuDFKD(GeneratorMethod[CuDFKDOptions]):
             lambda_start=opts.lambda_start, lambda_growth=opts.lambda_growth,
         )
         self.use_bn = opts.weight_bn > 0 and self.ensemble.has_feature_statistics
-        self.skewed = not (opts.class_statistics_unseen >= 1.0
-                           or self.ensemble.unseen_share < opts.class_statistics_unseen)
+        self.skewed = (opts.class_statistics_unseen < 1.0
+                       and self.ensemble.unseen_share >= opts.class_statistics_unseen)
         self.use_class = (self.use_bn and opts.class_statistics > 0 and not self.skewed
                           and self.ensemble.computes(CLASS_FEATURE_STATISTICS))
         self.statistics_terms = ((FEATURE_STATISTICS, CLASS_FEATURE_STATISTICS) if self.use_class
