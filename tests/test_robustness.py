@@ -543,9 +543,21 @@ def test_gradient_checks_are_drawn_from_the_run_s_seed_and_decide_by_consistency
     assert [other.due() for _ in range(2000)] != drawn  # ... and unpredictable without it
     check.record_consistency({0: 1.03, 1: -0.125, 2: 0.9})
     assert check.weights().tolist() == [1.0, 0.0, 1.0]
-    for _ in range(4):  # a teacher that answers consistently again earns its term back
-        check.record_consistency({1: 1.0})
+    check.record_consistency({1: 1.0})  # one failed check among the first does not decide alone: ...
     assert check.weights().tolist() == [1.0, 1.0, 1.0]
+    check.record_consistency({0: 0.97})
+    check.record_consistency({0: 0.499, 1: 1.0})  # ... nor one borderline miss once others have passed, ...
+    assert check.weights().tolist() == [1.0, 1.0, 1.0]
+    for _ in range(3):  # ... but a teacher that keeps failing loses its term ...
+        check.record_consistency({0: -1.0})
+    assert check.weights().tolist() == [0.0, 1.0, 1.0]
+    for _ in range(4):  # ... and earns it back by answering consistently again
+        check.record_consistency({0: 1.0})
+    assert check.weights().tolist() == [1.0, 1.0, 1.0]
+    liar = GradientAgreement(1)
+    for _ in range(50):  # a teacher that fails every check never gets its term
+        liar.record_consistency({0: -8.0})
+        assert liar.weights().tolist() == [0.0]
     g = torch.randn(8, 16)
     check.update({0: g, 1: -8 * g, 2: g + 0.1 * torch.randn(8, 16)})  # the peer cosine is reported, not judged
     assert float(check.cosine[1]) < 0 and check.weights().tolist() == [1.0, 1.0, 1.0]

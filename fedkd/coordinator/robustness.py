@@ -335,9 +335,13 @@ class GradientAgreement:
         """Account one consistency check: measured / claimed slope per teacher checked."""
         for k, ratio in ratios.items():
             ok = float(1.0 / self.RATIO <= ratio <= self.RATIO)
-            first = self.checks[k] == 0
-            self.consistency[k] = ok if first else self.decay * float(self.consistency[k]) + (1 - self.decay) * ok
             self.checks[k] += 1
+            # a bias-corrected moving average (Adam's correction of an average started at 0): the first check is
+            # the whole average, the n-th weighs (1 - decay) / (1 - decay^n), so no single early verdict decides
+            # for long (one borderline check of an honest gradient, 0.499 x its claim, had kept it out for 50
+            # Backwards); a teacher that fails every check stays at 0 from the first
+            step = (1 - self.decay) / (1 - self.decay ** int(self.checks[k]))
+            self.consistency[k] = float(self.consistency[k]) + step * (ok - float(self.consistency[k]))
             self.ratio[k] = ratio
         self._log_changes()
 
