@@ -143,3 +143,27 @@ def test_the_student_learning_rate_warms_up_then_follows_the_cosine():
     assert warm[4] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 4 / 100)))
     assert warm[9] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 9 / 100)))
     assert warm[60:] == pytest.approx(plain[60:])  # then the same cosine
+
+
+def test_the_student_s_step_is_bounded_by_student_clip():
+    from torch import nn
+
+    from fedkd.coordinator.settings import StudentSettings
+    from fedkd.coordinator.student import StudentTrainer
+    from fedkd.data import DatasetSpec
+    spec = DatasetSpec(name="t", num_classes=2, channels=1, image_size=4, mean=(0.0,), std=(1.0,))
+    images = torch.rand(8, 1, 4, 4)
+    answers = torch.tensor([[60.0, -60.0]]).repeat(8, 1)  # near one-hot answers of a large scale
+
+    def moved(clip: float) -> float:
+        torch.manual_seed(0)
+        student = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+        with torch.no_grad():
+            student[1].weight.mul_(50)  # a student that starts confidently wrong on some inputs: large gradients
+        before = torch.cat([p.detach().flatten().clone() for p in student.parameters()])
+        settings = StudentSettings(lr=0.1, momentum=0.0, weight_decay=0.0, loss="kl", temperature=4.0, clip=clip)
+        StudentTrainer(student, spec, settings, torch.device("cpu"), total_steps=10).step(images, answers)
+        return float((torch.cat([p.detach().flatten() for p in student.parameters()]) - before).norm())
+
+    assert moved(0.0) > 0.5  # unclipped: the step is lr x a gradient of norm > 5
+    assert moved(1.0) == pytest.approx(0.1, rel=1e-3)  # clipped: lr x 1 exactly

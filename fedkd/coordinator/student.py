@@ -6,7 +6,7 @@ shifts the images by a pixel or two (``student-shift``; the cached answer is
 kept, a small label noise that regularises), computes the per-sample
 distillation loss l_i (tau^2 KL at ``temperature``, or L1 on logits / C), asks
 the method for per-sample weights v_i (CuDFKD's self-paced curriculum; 1 when
-it has none) and minimises mean_i v_i l_i.
+it has none) and minimises mean_i v_i l_i (the gradient clipped to ``student-clip`` in L2 norm, where set).
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ class StudentTrainer:
         check_finite(loss, "student-lr", self.settings.lr, "the student")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.settings.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.settings.clip)
         self.optimizer.step()
         if self.steps < self.total_steps:
             self.schedule.step()
