@@ -252,9 +252,27 @@ def _out(args: argparse.Namespace, config: RunConfig) -> Path:
         raise ConfigError(f"resume-from: {config.flower.resume_from!r} is the Flower app's way to continue a run; here "
                           f"pass --out {config.flower.resume_from} --resume")
     name = config.dataset if not config.task else Path(config.task).stem
-    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{name}-{config.method}")
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{name}-{config.method}")
+        if not args.resume:
+            out = _claim_fresh(out)
     args.run_dir = out  # named by the Ctrl-C message
     return out
+
+
+def _claim_fresh(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ...: the first of them no other run holds, claimed by creating it (two
+    runs started in the same second get a directory each; checking for a free name first would race)."""
+    for n in range(1, 10_000):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return out
+    raise ConfigError(f"no free run directory beside {str(base)!r}; pass --out")
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:

@@ -149,6 +149,21 @@ def test_a_run_that_fails_before_it_starts_leaves_the_directory_reusable(tmp_pat
     assert "'cifar10' not found" in capsys.readouterr().err
 
 
+def test_runs_started_in_the_same_second_get_a_directory_each(tmp_path, monkeypatch, capsys):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: fmt.replace("%Y%m%d-%H%M%S", "20261126-120000"))
+    taken = tmp_path / "runs" / "20261126-120000-digits-cudfkd"
+    taken.mkdir(parents=True)  # another run, started the same second, claimed the name first
+    (taken / "config.json").write_text("{}")
+    assert main(["run", *SMALL]) == 0
+    assert (taken / "config.json").read_text() == "{}"  # the other run's directory untouched
+    mine = taken.with_name(taken.name + "-2")
+    assert json.loads((mine / "summary.json").read_text())["num_clients"] == 2
+    assert "runs/20261126-120000-digits-cudfkd-2" in capsys.readouterr().out.replace("\n", "")
+
+
 def test_the_institution_s_command_never_loads_the_coordinator_s_package(tmp_path):
     import subprocess
     import sys
