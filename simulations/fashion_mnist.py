@@ -168,15 +168,48 @@ def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
             "curve": [(h["query_samples"], h["student_accuracy"]) for h in history]}
 
 
+# Keys whose default changed after they were added, with the value they had before: a record made before the key
+# existed was measured at that value, not at today's default (student-clip: 0 until stop 58 made 5 the default).
+EARLIER_DEFAULTS: dict[str, Any] = {"student-clip": 0.0}
+
+
 def same_run(stored: Any, now: dict[str, Any]) -> bool:
     """Whether a record's resolved config is the run ``now`` would make: every key it holds has today's value, and
-    every key added since is at its default (a key fedkd adds keeps, at its default, the behaviour from before it;
-    a removed key or a changed default reruns)."""
+    every key added since is at the value it had when it was added (its default then: a key fedkd adds keeps, at its
+    default, the behaviour from before it; a removed key or a changed default reruns)."""
     if not isinstance(stored, dict) or not set(stored) <= set(now):
         return False
-    defaults = config_from_mapping({}).to_dict()
+    defaults = {**config_from_mapping({}).to_dict(), **EARLIER_DEFAULTS}
     return all(stored[k] == now[k] for k in stored) and all(
         k in defaults and now[k] == defaults[k] for k in set(now) - set(stored))
+
+
+def _keep_earlier(record: dict[str, Any], mapping: dict[str, Any], records: Path) -> None:
+    """A record made stale by a changed default (only ``EARLIER_DEFAULTS`` keys tell it apart) is kept as the record
+    of the run that sets those keys to their earlier values, by name: nothing measured is lost to a new default."""
+    stored, now = record.get("resolved"), config_from_mapping(mapping).to_dict()
+    if not isinstance(stored, dict) or record.get("config") != mapping:
+        return
+    defaults = {**config_from_mapping({}).to_dict(), **EARLIER_DEFAULTS}  # what a key had when it was added
+    changed = {k for k in now if stored.get(k, defaults.get(k)) != now[k]}
+    if not changed or not changed <= set(EARLIER_DEFAULTS) - set(mapping):
+        return
+    earlier = {**mapping, **parse_assignments([f"{k}={EARLIER_DEFAULTS[k]:g}" for k in sorted(changed)])}
+    target = records / f"{_prefix(earlier)}-{_key(earlier)}.json"
+    if not target.exists():
+        target.write_text(json.dumps({**record, "config": earlier}, indent=1))
+
+
+def _measured(mapping: dict[str, Any], records: Path) -> dict[str, Any] | None:
+    """A record of the same resolved run under another name (``same_run``): a variant measured under a tag whose
+    keys have since become the defaults is the default run, and a run from before a default changed is the run
+    that sets the key to its earlier value."""
+    now = config_from_mapping(mapping).to_dict()
+    for path in sorted(records.glob(f"{_prefix(mapping)}-*.json")):
+        record = json.loads(path.read_text())
+        if "student" in record and same_run(record.get("resolved"), now):
+            return {**record, "config": mapping, "measured_as": record.get("config")}
+    return None
 
 
 def cached(mapping: dict[str, Any], results: Path, runs: Path, compute: bool = True) -> dict[str, Any] | None:
@@ -184,6 +217,11 @@ def cached(mapping: dict[str, Any], results: Path, runs: Path, compute: bool = T
     path = results / "records" / f"{_prefix(mapping)}-{_key(mapping)}.json"
     if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping and \
             same_run(record.get("resolved"), config_from_mapping(mapping).to_dict()):  # a changed default reruns
+        return record
+    if path.exists():
+        _keep_earlier(json.loads(path.read_text()), mapping, path.parent)
+    if (record := _measured(mapping, path.parent)) is not None:
+        path.write_text(json.dumps(record, indent=1))
         return record
     if not compute:
         return None
@@ -248,8 +286,10 @@ def targets(rows: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
 SPLIT_KEYS = ("dataset", "data-root", "num-clients", "partition", "alpha", "seed")
 
 
-RECIPE_KEYS = ("student-model", "student-steps", "student-refit")  # how the student is trained: the context
-BASE_RECIPE = ("lenet5-half", 20, 0.0)  # the student as issue 26 found it: LeNet-5-half, 20 steps a round, no refit
+# how the student is trained: the context of every other change
+RECIPE_KEYS = ("student-model", "student-steps", "student-refit", "student-clip")
+# the student as issue 26 found it: LeNet-5-half, 20 steps a round, no refit, its gradient not clipped
+BASE_RECIPE = ("lenet5-half", 20, 0.0, 0.0)
 
 
 def factors(results: Path, alpha: float) -> list[str]:
@@ -257,13 +297,14 @@ def factors(results: Path, alpha: float) -> list[str]:
     does), the largest gain first; read from the records, nothing runs.
 
     A variant is compared with the defaults run with the same torch threads (results differ between 1 and 2) and
-    the same student recipe (``student-model``, ``student-steps``, ``student-refit``; a key a record does not set is
-    today's default, and the records made before a default changed set the old value); a recipe other than the one
+    the same student recipe (``student-model``, ``student-steps``, ``student-refit``, ``student-clip``; a key a
+    record does not set is the value its resolved configuration records, else today's default, and the records made
+    before a default changed set the old value or predate the key, ``EARLIER_DEFAULTS``); a recipe other than the one
     issue 26 started from, with no other change, is compared with the defaults under that one."""
     today = config_from_mapping({})
     default = {"student-model": today.student.model, "student-steps": today.student_steps,
-               "student-refit": today.student.refit}
-    variants: dict[tuple[str, int, tuple[str, int, float]], dict[int, dict[str, Any]]] = {}
+               "student-refit": today.student.refit, **EARLIER_DEFAULTS}
+    variants: dict[tuple[str, int, tuple[str, int, float, float]], dict[int, dict[str, Any]]] = {}
     for path in sorted((results / "records").glob(f"a{alpha}-s*.json")):
         record = json.loads(path.read_text())
         config = record["config"]
@@ -271,13 +312,13 @@ def factors(results: Path, alpha: float) -> list[str]:
             continue
         change = " ".join(f"{k}={v}" for k, v in sorted(config.items())
                           if k not in (*SPLIT_KEYS, "num-threads", *RECIPE_KEYS)) or DEFAULTS
-        recipe = (str(config.get("student-model", default["student-model"])),
-                  int(config.get("student-steps", default["student-steps"])),
-                  float(config.get("student-refit", default["student-refit"])))
+        resolved = {**default, **record.get("resolved", {}), **config}
+        recipe = (str(resolved["student-model"]), int(resolved["student-steps"]), float(resolved["student-refit"]),
+                  float(resolved["student-clip"]))
         variants.setdefault((change, int(config.get("num-threads", 0)), recipe), {})[config["seed"]] = record
     lines = [f"Dirichlet({alpha}): each change (`--set`) against the defaults on the same seeds, torch threads and "
              "student recipe (`python simulations/fashion_mnist.py --factors`; threads 0: torch's choice, 2 here; "
-             "student: model, student steps per round, refit)", "",
+             "student: model, student steps per round, refit, the gradient clip where there is one)", "",
              "| change | threads | student | seeds | student accuracy | vs the defaults, same seeds | query samples "
              "| wall (s) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -298,7 +339,7 @@ def factors(results: Path, alpha: float) -> list[str]:
             continue
         runs = [by_seed[s] for s in seeds]
         delta = mean(runs, "student") - mean([base[s] for s in seeds], "student")
-        student = f"{recipe[0]}, {recipe[1]}, {recipe[2]:g}"
+        student = f"{recipe[0]}, {recipe[1]}, {recipe[2]:g}" + (f", clip {recipe[3]:g}" if recipe[3] else "")
         rows.append((delta, f"| `{label}` | {threads} | {student} | {','.join(map(str, seeds))} "
                      f"| {_ms([r['student'] for r in runs])} | {delta:+.4f} | {mean(runs, 'query_samples'):,.0f} "
                      f"| {mean(runs, 'wall_seconds'):.0f} |"))

@@ -175,6 +175,59 @@ def test_a_record_is_reused_when_only_keys_added_since_at_their_default_tell_it_
     assert not fashion_mnist.same_run(None, now)
 
 
+def test_a_record_from_before_a_default_changed_keeps_the_value_it_was_measured_at():
+    from fedkd.config import config_from_mapping
+
+    now = config_from_mapping({"dataset": "fashion-mnist", "seed": 1}).to_dict()
+    older = {k: v for k, v in now.items() if k != "student-clip"}  # made before the key existed
+    was = config_from_mapping({"dataset": "fashion-mnist", "seed": 1, "student-clip": 0}).to_dict()
+    other = config_from_mapping({"dataset": "fashion-mnist", "seed": 1, "student-clip": 3}).to_dict()
+    assert fashion_mnist.EARLIER_DEFAULTS["student-clip"] == 0
+    assert fashion_mnist.same_run(older, was) and not fashion_mnist.same_run(older, other)
+    assert fashion_mnist.same_run(older, now) == (now["student-clip"] == 0)
+
+
+def test_a_new_default_reuses_the_variant_that_measured_it_and_keeps_the_old_default_run(tmp_path, monkeypatch):
+    from fedkd.config import config_from_mapping, parse_assignments
+
+    # as if ``epochs`` had been 7 until today's 10: the default run on record was measured at 7, and a variant
+    # with ``epochs=10`` measured what is today the default run
+    monkeypatch.setattr(fashion_mnist, "EARLIER_DEFAULTS", {"epochs": 7})
+    records = tmp_path / "records"
+    records.mkdir()
+    split = {"dataset": "fashion-mnist", "data-root": "/x", "num-clients": 5, "partition": "dirichlet",
+             "alpha": 0.5, "seed": 0}
+
+    def write(mapping, student):
+        resolved = config_from_mapping(mapping).to_dict()
+        path = records / f"a0.5-s0-{fashion_mnist._key(mapping)}.json"
+        path.write_text(json.dumps({"config": mapping, "resolved": resolved, "student": student}))
+        return path
+
+    old = write(split, 0.70)
+    record = json.loads(old.read_text())
+    record["resolved"]["epochs"] = 7  # what the default run was, then
+    old.write_text(json.dumps(record))
+    write({**split, **parse_assignments(["epochs=10"])}, 0.80)
+    runs = tmp_path / "runs"
+    now = fashion_mnist.cached(split, tmp_path, runs, compute=False)
+    assert now is not None and now["student"] == 0.80 and now["config"] == split
+    assert now["measured_as"] == {**split, "epochs": "10"}
+    kept = fashion_mnist.cached({**split, **parse_assignments(["epochs=7"])}, tmp_path, runs, compute=False)
+    assert kept is not None and kept["student"] == 0.70  # the old default run, under the value it was measured at
+    assert json.loads(old.read_text())["student"] == 0.80  # the default's record is today's default run
+    assert fashion_mnist.cached({**split, **parse_assignments(["epochs=12"])}, tmp_path, runs, compute=False) is None
+    # a variant run before the change, never rerun since, is found under the earlier value too
+    variant = {**split, "pool-size": 4096}
+    path = write(variant, 0.66)
+    record = json.loads(path.read_text())
+    del record["resolved"]["epochs"]  # (as if epochs had been added with the default of then, 7)
+    path.write_text(json.dumps(record))
+    assert fashion_mnist.cached(variant, tmp_path, runs, compute=False) is None  # not measured at today's 10
+    earlier = fashion_mnist.cached({**variant, **parse_assignments(["epochs=7"])}, tmp_path, runs, compute=False)
+    assert earlier is not None and earlier["student"] == 0.66
+
+
 def test_a_split_whose_teacher_went_missing_trains_it_again(tmp_path, idx_root):
     mapping = {"dataset": "fashion-mnist", "data-root": str(idx_root), "num-clients": 5, "partition": "dirichlet",
                "alpha": 0.5, "seed": 0, "teacher-epochs": 1}
