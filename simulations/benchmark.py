@@ -254,8 +254,10 @@ def record(out: Path, config: Any, seed: int) -> dict[str, Any]:
 
 
 def _recipe(config: Any) -> str:
-    """The student's model, its steps per synthesis round and its refit share: what changed the students most."""
-    return f"{config.student.model}, {config.student_steps}, {config.student.refit:g}"
+    """The student's model, its steps per synthesis round and its refit share: what changed the students most (and
+    its gradient clip where there is one)."""
+    clip = f", clip {config.student.clip:g}" if config.student.clip else ""
+    return f"{config.student.model}, {config.student_steps}, {config.student.refit:g}{clip}"
 
 
 def _recall(out: Path, config: Any, classes: tuple[int, ...]) -> float:
