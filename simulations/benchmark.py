@@ -66,6 +66,7 @@ from fedkd.coordinator.evaluation import query_ensemble
 from fedkd.coordinator.experiment import in_process, prepare_clients, run_experiment
 from fedkd.coordinator.flow import setup
 from fedkd.data import load_dataset
+from fedkd.files import write_atomic
 from fedkd.institution.host import TeacherHost
 from fedkd.metrics import accuracy
 
@@ -378,17 +379,23 @@ def main(argv: list[str] | None = None) -> int:
         default = results["experiments"].get(reference, {}).get("runs")
         results["experiments"][name] = {"overrides": RUNS[name], "runs": runs, "targets": [
             {"target": t, "measured": m, "met": ok} for t, m, ok in targets(name, runs, default)]}
+        _write(path, results, started)  # each experiment as it ends: an interrupted benchmark keeps what it measured
     if "aggregators" in groups:
         print("aggregators ...", file=sys.stderr, flush=True)
         # --splits measures some columns again and keeps the others' last results
         kept = results.get("aggregators", {}) if args.splits else {}
         results["aggregators"] = {**kept, **aggregators(seeds, out_root, args.splits)}
-    results["seconds"] = time.perf_counter() - started
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    _write(path, results, started)
     print_tables(results)
     print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}; results in {path}")
     return 0
+
+
+def _write(path: Path, results: dict[str, Any], started: float) -> None:
+    """The results file, replaced atomically (a reader never sees half of it)."""
+    results["seconds"] = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(results, indent=2) + "\n")
 
 
 def print_tables(results: dict[str, Any]) -> None:
