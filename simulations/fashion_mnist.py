@@ -173,13 +173,18 @@ def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
 EARLIER_DEFAULTS: dict[str, Any] = {"student-clip": 0.0}
 
 
+def _as_added() -> dict[str, Any]:
+    """Each key's value when it was added: today's default, or its earlier one where the default changed since."""
+    return {**config_from_mapping({}).to_dict(), **EARLIER_DEFAULTS}
+
+
 def same_run(stored: Any, now: dict[str, Any]) -> bool:
     """Whether a record's resolved config is the run ``now`` would make: every key it holds has today's value, and
     every key added since is at the value it had when it was added (its default then: a key fedkd adds keeps, at its
     default, the behaviour from before it; a removed key or a changed default reruns)."""
     if not isinstance(stored, dict) or not set(stored) <= set(now):
         return False
-    defaults = {**config_from_mapping({}).to_dict(), **EARLIER_DEFAULTS}
+    defaults = _as_added()
     return all(stored[k] == now[k] for k in stored) and all(
         k in defaults and now[k] == defaults[k] for k in set(now) - set(stored))
 
@@ -190,7 +195,7 @@ def _keep_earlier(record: dict[str, Any], mapping: dict[str, Any], records: Path
     stored, now = record.get("resolved"), config_from_mapping(mapping).to_dict()
     if not isinstance(stored, dict) or record.get("config") != mapping:
         return
-    defaults = {**config_from_mapping({}).to_dict(), **EARLIER_DEFAULTS}  # what a key had when it was added
+    defaults = _as_added()
     changed = {k for k in now if stored.get(k, defaults.get(k)) != now[k]}
     if not changed or not changed <= set(EARLIER_DEFAULTS) - set(mapping):
         return
@@ -215,11 +220,12 @@ def _measured(mapping: dict[str, Any], records: Path) -> dict[str, Any] | None:
 def cached(mapping: dict[str, Any], results: Path, runs: Path, compute: bool = True) -> dict[str, Any] | None:
     """The run's record, computed unless it is cached (None when it is not and ``compute`` is off)."""
     path = results / "records" / f"{_prefix(mapping)}-{_key(mapping)}.json"
-    if path.exists() and (record := json.loads(path.read_text())).get("config") == mapping and \
-            same_run(record.get("resolved"), config_from_mapping(mapping).to_dict()):  # a changed default reruns
-        return record
     if path.exists():
-        _keep_earlier(json.loads(path.read_text()), mapping, path.parent)
+        record = json.loads(path.read_text())
+        if record.get("config") == mapping and \
+                same_run(record.get("resolved"), config_from_mapping(mapping).to_dict()):  # a changed default reruns
+            return record
+        _keep_earlier(record, mapping, path.parent)
     if (record := _measured(mapping, path.parent)) is not None:
         path.write_text(json.dumps(record, indent=1))
         return record
