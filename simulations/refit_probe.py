@@ -10,6 +10,12 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   second half of the steps; BatchNorm buffers averaged alike, ``torch.optim.swa_utils``);
 - ``l1``, ``mse``, ``klT`` (for example ``kl2``): the pool with another loss (L1 on the logits, squared error on
   logits centred per row, KL at temperature T);
+- ``lsT`` (for example ``ls2``): the pool with logit standardisation (Sun et al., CVPR 2024, authors' code
+  ``sunshangquan/logit-standardization-KD``): the student's and the ensemble's logits z-scored per row, then KL at
+  temperature T, so the student matches the ensemble's ranking of the classes, not how sure it is;
+- ``balanced``: the pool drawn so that every class of the ensemble's answers (argmax) is met equally often, each
+  sample in inverse proportion to its class's count (no query: whether the student under-calls a class, shirts on
+  Fashion-MNIST, because the pool holds fewer of it);
 - ``blends``: the pool plus as many random blends of pool pairs (a uniform weight each), answered by the teachers
   (what ``student-refit-mixup=1`` asks: one Forward of each blend by every teacher);
 - ``surrogate``: the pool plus the same blends answered by the ensemble of ``--students`` students refitted on the
@@ -76,7 +82,7 @@ from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
 from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
-VARIANTS = ("pool", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq", "jacobian",
+VARIANTS = ("pool", "balanced", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq", "jacobian",
             "jacobian-logits", "proxy")
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED, ODS_SEED = 100, 200, 123, 7, 11
 JACOBIAN_WEIGHT = 1.0
@@ -90,8 +96,22 @@ def loss_of(name: str):
             return centred.pow(2).mean(1)
         if name == "l1":
             return distillation_per_sample(student, teacher, "l1")
+        if name.startswith("ls"):
+            return distillation_per_sample(standardised(student), standardised(teacher), "kl", float(name[2:]))
         return distillation_per_sample(student, teacher, "kl", float(name[2:]))
     return loss
+
+
+def standardised(logits: Tensor) -> Tensor:
+    """Each row's logits as z-scores (Sun et al., CVPR 2024, logit standardisation)."""
+    return (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-7)
+
+
+def balanced_chance(answers: Tensor) -> Tensor:
+    """(N,) weights drawing every ensemble class (the answers' argmax) equally often: each sample's is one over the
+    number of pool samples of its class (the ``balanced`` variant)."""
+    top = answers.argmax(1)
+    return (1.0 / torch.bincount(top, minlength=answers.shape[1]).clamp_min(1).float())[top]
 
 
 class Refit:
@@ -103,7 +123,7 @@ class Refit:
         self.steps = max(1, round(max(config.student.refit, 1.0) * total))
 
     def __call__(self, images: Tensor, targets: Tensor, seed: int, loss: str = "", averages: bool = False,
-                 gradients: Tensor | None = None, of: str = "log-probability"
+                 gradients: Tensor | None = None, of: str = "log-probability", balanced: bool = False
                  ) -> tuple[nn.Module, dict[str, nn.Module]]:
         """``gradients``: the ensemble's unit input gradients per image (:func:`ensemble_gradients`), matched by the
         student's as well, of the quantity ``of`` names (the ``jacobian`` variants)."""
@@ -114,12 +134,14 @@ class Refit:
         ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True) if averages else None
         swa = AveragedModel(student, use_buffers=True) if averages else None
         draw = torch.Generator().manual_seed(seed)
+        chance = balanced_chance(targets)
         kept = student_module.distillation_per_sample
         if loss:
             student_module.distillation_per_sample = loss_of(loss)
         try:
             for step in range(self.steps):
-                idx = torch.randint(0, len(images), (self.config.batch_size,), generator=draw)
+                idx = (torch.multinomial(chance, self.config.batch_size, replacement=True, generator=draw) if balanced
+                       else torch.randint(0, len(images), (self.config.batch_size,), generator=draw))
                 if gradients is None:
                     trainer.step(images[idx], targets[idx])
                 else:
@@ -273,7 +295,9 @@ def refit_probe(run: Path, variants: list[str], students: int = 3,
         row("pool", len(images), first)
         for name, model in averaged.items():
             row(name, len(images), model)
-    for name in (v for v in variants if v in ("l1", "mse") or v.startswith("kl")):
+    if "balanced" in variants:
+        row("balanced", len(images), refit(images, stored, pool_seed, balanced=True)[0])
+    for name in (v for v in variants if v in ("l1", "mse") or v.startswith(("kl", "ls"))):
         row(name, len(images), refit(images, stored, pool_seed, loss=name)[0])
     blends = blends_of(images, BLEND_SEED) if {"blends", "surrogate"} & set(variants) else None
     answered = teachers_on(blends) if blends is not None else None
@@ -352,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     for v in variants:
-        kl_at_temperature = v.startswith("kl") and v[2:].replace(".", "", 1).isdigit()
+        kl_at_temperature = v.startswith(("kl", "ls")) and v[2:].replace(".", "", 1).isdigit()
         if v not in VARIANTS and not kl_at_temperature and ods_step(v) is None:
             parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT or odsE")
     if args.students < 1:

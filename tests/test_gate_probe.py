@@ -226,3 +226,36 @@ def test_the_refit_probe_names_an_unknown_variant(tmp_path, capsys):
         refit_probe.main([str(tmp_path), "--variants", "pool,ods0"])  # a step of 0 moves nothing: not a variant
     assert exit_.value.code == 2
     assert "unknown variant 'ods0'" in capsys.readouterr().err
+
+
+def test_the_refit_probe_s_standardised_loss_ignores_the_scale_and_offset_of_either_side_s_logits():
+    """``lsT`` (logit standardisation, Sun et al., CVPR 2024): each row z-scored before KL at T, so a teacher
+    twice as sure, or shifted, teaches the same; plain KL does not."""
+    import refit_probe
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 10), torch.randn(6, 10) * 3
+    z = refit_probe.standardised(teacher)
+    assert torch.allclose(z.mean(1), torch.zeros(6), atol=1e-6)
+    assert torch.allclose(z.std(1), torch.ones(6), atol=1e-5)
+    ls2, kl2 = refit_probe.loss_of("ls2"), refit_probe.loss_of("kl2")
+    base = ls2(student, teacher, "kl", 4.0)
+    assert torch.allclose(ls2(student, 2.5 * teacher + 7.0, "kl", 4.0), base, atol=1e-5)
+    assert torch.allclose(ls2(3.0 * student - 1.0, teacher, "kl", 4.0), base, atol=1e-5)
+    assert not torch.allclose(kl2(student, 2.5 * teacher, "kl", 4.0), kl2(student, teacher, "kl", 4.0))
+    assert not torch.allclose(refit_probe.loss_of("ls1")(student, teacher, "kl", 4.0), base)
+    assert bool((base > 0).all())
+    assert torch.allclose(ls2(teacher, teacher, "kl", 4.0), torch.zeros(6), atol=1e-6)
+
+
+def test_the_refit_probe_s_balanced_draw_weighs_every_ensemble_class_alike():
+    import refit_probe
+
+    answers = torch.zeros(10, 3)
+    answers[:6, 0] = 1.0  # six samples of class 0, three of class 1, one of class 2
+    answers[6:9, 1] = 1.0
+    answers[9, 2] = 1.0
+    chance = refit_probe.balanced_chance(answers)
+    per_class = torch.zeros(3).index_add_(0, answers.argmax(1), chance)
+    assert torch.allclose(per_class, torch.ones(3))
+    assert float(chance[9]) == 1.0 and abs(float(chance[0]) - 1 / 6) < 1e-7
