@@ -82,8 +82,8 @@ from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
 from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
-VARIANTS = ("pool", "balanced", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq", "jacobian",
-            "jacobian-logits", "proxy")
+VARIANTS = ("pool", "balanced", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq",
+            "jacobian", "jacobian-logits", "proxy")
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED, ODS_SEED = 100, 200, 123, 7, 11
 JACOBIAN_WEIGHT = 1.0
 
@@ -366,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--variants", default="pool,blends,surrogate,fresh",
-                        help=f"comma-separated, of {', '.join(VARIANTS)} (klT for any temperature T, odsE for "
-                             "an output-diversified step of E/255)")
+                        help=f"comma-separated, of {', '.join(VARIANTS)} (klT and lsT for any temperature T, "
+                             "odsE for an output-diversified step of E/255)")
     parser.add_argument("--students", type=int, default=3, help="students in the surrogate's ensemble (>= 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--refit-seed", type=int, default=POOL_SEED,
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         kl_at_temperature = v.startswith(("kl", "ls")) and v[2:].replace(".", "", 1).isdigit()
         if v not in VARIANTS and not kl_at_temperature and ods_step(v) is None:
-            parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT or odsE")
+            parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT, lsT or odsE")
     if args.students < 1:
         parser.error("--students must be at least 1")
     for run in args.runs:
