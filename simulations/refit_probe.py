@@ -104,7 +104,7 @@ def loss_of(name: str):
 
 def standardised(logits: Tensor) -> Tensor:
     """Each row's logits as z-scores (Sun et al., CVPR 2024, logit standardisation)."""
-    return (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-7)
+    return centred(logits) / (logits.std(-1, keepdim=True) + 1e-7)
 
 
 def balanced_chance(answers: Tensor) -> Tensor:
@@ -134,14 +134,14 @@ class Refit:
         ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True) if averages else None
         swa = AveragedModel(student, use_buffers=True) if averages else None
         draw = torch.Generator().manual_seed(seed)
-        chance = balanced_chance(targets)
+        chance = balanced_chance(targets) if balanced else None
         kept = student_module.distillation_per_sample
         if loss:
             student_module.distillation_per_sample = loss_of(loss)
         try:
             for step in range(self.steps):
-                idx = (torch.multinomial(chance, self.config.batch_size, replacement=True, generator=draw) if balanced
-                       else torch.randint(0, len(images), (self.config.batch_size,), generator=draw))
+                idx = (torch.randint(0, len(images), (self.config.batch_size,), generator=draw) if chance is None
+                       else torch.multinomial(chance, self.config.batch_size, replacement=True, generator=draw))
                 if gradients is None:
                     trainer.step(images[idx], targets[idx])
                 else:
@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     for v in variants:
-        kl_at_temperature = v.startswith(("kl", "ls")) and v[2:].replace(".", "", 1).isdigit()
-        if v not in VARIANTS and not kl_at_temperature and ods_step(v) is None:
+        at_temperature = v.startswith(("kl", "ls")) and v[2:].replace(".", "", 1).isdigit()
+        if v not in VARIANTS and not at_temperature and ods_step(v) is None:
             parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT, lsT or odsE")
     if args.students < 1:
         parser.error("--students must be at least 1")
