@@ -3,6 +3,9 @@
     python simulations/benchmark.py                      # every experiment, 3 seeds
     python simulations/benchmark.py --only default --seeds 0
     python simulations/benchmark.py --only aggregators   # ensemble accuracy per aggregator and split
+    python simulations/benchmark.py --only digits --seeds 0 --threads 1 --results /tmp/a.json &   # side by side,
+    python simulations/benchmark.py --only digits --seeds 1 --threads 1 --results /tmp/b.json     # one thread each,
+    python simulations/benchmark.py --merge /tmp/a.json --merge /tmp/b.json   # then one table (runs nothing)
 
 Experiments (each seed runs from scratch: partition, teachers, distillation):
 
@@ -354,7 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/benchmark", help="where run directories go")
     parser.add_argument("--results", default="simulations/results/benchmark.json")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--merge", action="append", default=[], metavar="FILE",
+                        help="runs nothing: takes the experiments' runs from FILE (a --results file of benchmark "
+                        "processes run side by side, repeatable) into --results, seed by seed, and recomputes the "
+                        "targets")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(Path(args.results), [Path(f) for f in args.merge])
     seeds = [int(s) for s in args.seeds.split(",")]
     groups = args.only or [*GROUPS, "aggregators"]
     out_root = Path(args.runs)
@@ -373,10 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             print(f"running {name}, seed {seed} ...", file=sys.stderr, flush=True)
             runs.append(distil(name, seed, out_root))
-        # what a variant is compared with: the honest runs of the same teachers
-        reference = ("digits" if name.startswith("digits-") else
-                     "default-density" if name.startswith("hostile-") and name.endswith("-density") else "default")
-        default = results["experiments"].get(reference, {}).get("runs")
+        default = results["experiments"].get(_reference(name), {}).get("runs")
         results["experiments"][name] = {"overrides": RUNS[name], "runs": runs, "targets": [
             {"target": t, "measured": m, "met": ok} for t, m, ok in targets(name, runs, default)]}
         _write(path, results, started)  # each experiment as it ends: an interrupted benchmark keeps what it measured
@@ -388,6 +394,40 @@ def main(argv: list[str] | None = None) -> int:
     _write(path, results, started)
     print_tables(results)
     print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}; results in {path}")
+    return 0
+
+
+def _reference(name: str) -> str:
+    """The experiment a variant's targets compare it with: the honest runs of the same teachers."""
+    return ("digits" if name.startswith("digits-") else
+            "default-density" if name.startswith("hostile-") and name.endswith("-density") else "default")
+
+
+def merge(path: Path, others: list[Path]) -> int:
+    """Takes the runs of every experiment in ``others`` into the results file ``path`` (a run replaces the one of its
+    seed; the files in the order given, the last one's run winning), recomputes every experiment's targets against
+    the merged references, writes the file and prints the tables: benchmark processes run side by side (one torch
+    thread each, their own ``--results``) become one table without running anything again."""
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    experiments = results.setdefault("experiments", {})
+    for other in others:
+        try:
+            theirs = json.loads(other.read_text())["experiments"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"--merge {other}: not a benchmark results file ({exc})") from None
+        for name, experiment in theirs.items():
+            if name not in RUNS:
+                raise SystemExit(f"--merge {other}: unknown experiment {name!r}")
+            runs = {r["seed"]: r for r in experiments.get(name, {}).get("runs", [])}
+            runs.update({r["seed"]: r for r in experiment["runs"]})
+            experiments[name] = {"overrides": RUNS[name], "runs": [runs[s] for s in sorted(runs)]}
+    for name, experiment in experiments.items():
+        default = experiments.get(_reference(name), {}).get("runs")
+        experiment["targets"] = [{"target": t, "measured": m, "met": ok}
+                                 for t, m, ok in targets(name, experiment["runs"], default)]
+    write_atomic(path, json.dumps(results, indent=2) + "\n")
+    print_tables(results)
+    print(f"\nmerged {', '.join(map(str, others))} into {path}")
     return 0
 
 

@@ -58,3 +58,40 @@ def test_an_interrupted_benchmark_keeps_the_experiments_it_finished(tmp_path, mo
     kept = json.loads(results.read_text())["experiments"]
     assert [r["student"] for r in kept["hostile-fixed"]["runs"]] == [0.9, 0.9]  # the finished one, written
     assert "hostile-random" not in kept and kept["swap-2"]["runs"][0]["student"] == 0.5  # the others as they were
+
+
+def test_runs_measured_side_by_side_merge_seed_by_seed_and_the_targets_follow_the_merged_references(tmp_path,
+                                                                                                    capsys):
+    import json
+
+    import pytest
+
+    main = tmp_path / "benchmark.json"
+    old = "lenet5, 5, 8"
+    main.write_text(json.dumps({"experiments": {
+        "digits": {"runs": [_run(0, 0.80, old), _run(1, 0.80, old), _run(2, 0.80, old)], "targets": []},
+        "digits-poison-1": {"runs": [_run(s, 0.78, old) for s in (0, 1, 2)], "targets": []},
+        "swap-2": {"runs": [_run(0, 0.5, old)], "targets": []}}}))
+    today = "lenet5, 5, 8, clip 5"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"  # two processes' own results files, each from a copy of main
+    a.write_text(json.dumps({"experiments": {"digits": {"runs": [_run(0, 0.86, today), _run(1, 0.86, today)]}}}))
+    b.write_text(json.dumps({"experiments": {"digits": {"runs": [_run(2, 0.86, today)]}}}))
+    assert benchmark.main(["--results", str(main), "--merge", str(a), "--merge", str(b)]) == 0
+    merged = json.loads(main.read_text())["experiments"]
+    assert [(r["seed"], r["student"], r["student_recipe"]) for r in merged["digits"]["runs"]] == [
+        (0, 0.86, today), (1, 0.86, today), (2, 0.86, today)]
+    # the poisoned row kept its runs, and is judged against the merged honest row: 0.78 < 0.86 - 0.03 now
+    poison = merged["digits-poison-1"]
+    assert [r["student"] for r in poison["runs"]] == [0.78] * 3
+    assert poison["targets"][0]["met"] is False and poison["targets"][0]["measured"] == "0.7800 vs 0.8300"
+    assert merged["swap-2"]["runs"][0]["student"] == 0.5
+    assert "| digits | 0,1,2 | lenet5, 5, 8, clip 5 |" in capsys.readouterr().out
+    # a file that is not one, or an experiment the benchmark does not have, is named and changes nothing
+    before = main.read_text()
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="bad.json: not a benchmark results file"):
+        benchmark.main(["--results", str(main), "--merge", str(tmp_path / "bad.json")])
+    (tmp_path / "odd.json").write_text(json.dumps({"experiments": {"nope": {"runs": []}}}))
+    with pytest.raises(SystemExit, match="unknown experiment 'nope'"):
+        benchmark.main(["--results", str(main), "--merge", str(tmp_path / "odd.json")])
+    assert main.read_text() == before
