@@ -382,9 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             print(f"running {name}, seed {seed} ...", file=sys.stderr, flush=True)
             runs.append(distil(name, seed, out_root))
-        default = results["experiments"].get(_reference(name), {}).get("runs")
-        results["experiments"][name] = {"overrides": RUNS[name], "runs": runs, "targets": [
-            {"target": t, "measured": m, "met": ok} for t, m, ok in targets(name, runs, default)]}
+        results["experiments"][name] = {"overrides": RUNS[name], "runs": runs,
+                                        "targets": _judged(name, runs, results["experiments"])}
         _write(path, results, started)  # each experiment as it ends: an interrupted benchmark keeps what it measured
     if "aggregators" in groups:
         print("aggregators ...", file=sys.stderr, flush=True)
@@ -397,10 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _reference(name: str) -> str:
-    """The experiment a variant's targets compare it with: the honest runs of the same teachers."""
-    return ("digits" if name.startswith("digits-") else
-            "default-density" if name.startswith("hostile-") and name.endswith("-density") else "default")
+def _judged(name: str, runs: list[dict[str, Any]], experiments: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of experiment ``name`` on ``runs``, a variant judged against the honest runs of the same teachers
+    (its reference experiment's runs in ``experiments``), as the results file keeps them."""
+    reference = ("digits" if name.startswith("digits-") else
+                 "default-density" if name.startswith("hostile-") and name.endswith("-density") else "default")
+    default = experiments.get(reference, {}).get("runs")
+    return [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(name, runs, default)]
 
 
 def merge(path: Path, others: list[Path]) -> int:
@@ -411,20 +413,18 @@ def merge(path: Path, others: list[Path]) -> int:
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     experiments = results.setdefault("experiments", {})
     for other in others:
-        try:
-            theirs = json.loads(other.read_text())["experiments"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SystemExit(f"--merge {other}: not a benchmark results file ({exc})") from None
-        for name, experiment in theirs.items():
+        try:  # every experiment's runs by seed, read whole before any is taken
+            theirs = {name: {r["seed"]: r for r in experiment["runs"]}
+                      for name, experiment in json.loads(other.read_text())["experiments"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SystemExit(f"--merge {other}: not a benchmark results file ({exc!r})") from None
+        for name, by_seed in theirs.items():
             if name not in RUNS:
                 raise SystemExit(f"--merge {other}: unknown experiment {name!r}")
-            runs = {r["seed"]: r for r in experiments.get(name, {}).get("runs", [])}
-            runs.update({r["seed"]: r for r in experiment["runs"]})
+            runs = {r["seed"]: r for r in experiments.get(name, {}).get("runs", [])} | by_seed
             experiments[name] = {"overrides": RUNS[name], "runs": [runs[s] for s in sorted(runs)]}
     for name, experiment in experiments.items():
-        default = experiments.get(_reference(name), {}).get("runs")
-        experiment["targets"] = [{"target": t, "measured": m, "met": ok}
-                                 for t, m, ok in targets(name, experiment["runs"], default)]
+        experiment["targets"] = _judged(name, experiment["runs"], experiments)
     write_atomic(path, json.dumps(results, indent=2) + "\n")
     print_tables(results)
     print(f"\nmerged {', '.join(map(str, others))} into {path}")

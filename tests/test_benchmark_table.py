@@ -91,6 +91,9 @@ def test_runs_measured_side_by_side_merge_seed_by_seed_and_the_targets_follow_th
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit, match="bad.json: not a benchmark results file"):
         benchmark.main(["--results", str(main), "--merge", str(tmp_path / "bad.json")])
+    (tmp_path / "runless.json").write_text(json.dumps({"experiments": {"digits": {"seeds": [0]}}}))
+    with pytest.raises(SystemExit, match="runless.json: not a benchmark results file"):
+        benchmark.main(["--results", str(main), "--merge", str(tmp_path / "runless.json")])
     (tmp_path / "odd.json").write_text(json.dumps({"experiments": {"nope": {"runs": []}}}))
     with pytest.raises(SystemExit, match="unknown experiment 'nope'"):
         benchmark.main(["--results", str(main), "--merge", str(tmp_path / "odd.json")])
