@@ -41,6 +41,7 @@ from fedkd.coordinator.experiment import prepare_clients, run_experiment
 from fedkd.coordinator.flow import LogObserver, setup
 from fedkd.data import load_dataset
 from fedkd.metrics import predict
+from fedkd.options import resolve_device
 
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 # fedkd's default student (LeNet-5 since issue 26 measured it: the teachers' size, as DENSE distils), the previous
@@ -111,7 +112,7 @@ def teachers(mapping: dict[str, Any], cache: Path) -> tuple[Path, dict[str, floa
         clients = prepare_clients(config, data, path, device, LogObserver())
         inputs = data.spec.normalize(data.test.images)
         classes = data.spec.num_classes  # (open-set teachers answer "unknown" last: the classes only here)
-        probs = [torch.softmax(predict(c.model, inputs, device=device)[:, :classes], 1) for c in clients]
+        probs = [torch.softmax(predict(c.model.to(device), inputs, device=device)[:, :classes], 1) for c in clients]
         labels = data.test.labels
         per = [float((p.argmax(1) == labels).float().mean()) for p in probs]
         mean = float((torch.stack(probs).mean(0).argmax(1) == labels).float().mean())
@@ -139,7 +140,7 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
     spec, train = data.spec, data.train
     loaded = [load_teacher(p) for p in sorted(clients.glob("client_*/teacher.pt"))]
     weights = class_weights([ckpt["label_counts"] for _, ckpt in loaded], spec.num_classes)
-    logits = torch.stack([predict(m, spec.normalize(train.images), device=device)[:, :spec.num_classes]
+    logits = torch.stack([predict(m.to(device), spec.normalize(train.images), device=device)[:, :spec.num_classes]
                           for m, _ in loaded])
     answers = AGGREGATORS["class-weighted"].combine(logits, weights)
     out = {}
@@ -152,6 +153,14 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
     return out
 
 
+def machine(config: Any) -> dict[str, Any]:
+    """Where a run was measured (its wall time means nothing without it): the torch device, the accelerator's name
+    when there is one, torch's version and its CPU threads."""
+    device = resolve_device(config.device)
+    return {"device": str(device), "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
     clients, scores = teachers(mapping, runs / "teachers")
     config = config_from_mapping(mapping)
@@ -162,7 +171,8 @@ def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
     summary = run_experiment(config, out)
     wall = time.perf_counter() - started
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"config": mapping, "resolved": config.to_dict(), **scores, "ensemble": summary["ensemble"]["test_accuracy"],
+    return {"config": mapping, "resolved": config.to_dict(), "machine": machine(config), **scores,
+            "ensemble": summary["ensemble"]["test_accuracy"],
             "student": summary["student"]["test_accuracy"], "agreement": summary["student"]["agreement"],
             "query_samples": summary["queries"]["samples"], "wall_seconds": wall,
             "curve": [(h["query_samples"], h["student_accuracy"]) for h in history]}

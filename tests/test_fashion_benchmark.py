@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "simulations"))
@@ -59,6 +60,9 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     record = json.loads(next((results / "records").glob("*.json")).read_text())
     assert 0.0 <= record["student"] <= 1.0 and record["query_samples"] > 0
     assert record["best_teacher"] == max(record["teachers"]) and len(record["teachers"]) == 5
+    # where it was measured (its wall time means nothing without it): this machine has no accelerator
+    assert record["machine"] == {"device": "cpu", "accelerator": None, "torch": torch.__version__,
+                                 "threads": torch.get_num_threads()}
 
     ran.clear()
     assert fashion_mnist.main(args) == 0  # everything cached: nothing runs again
