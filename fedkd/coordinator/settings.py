@@ -82,7 +82,7 @@ class StudentSettings(Section):
     temperature: float = field(default=4.0, metadata=bounded(
         0.0, 100.0, open_low=True, help="distillation temperature of student-loss=kl", key="temperature"))
     refit: float = field(default=8.0, metadata=bounded(
-        0.0, 10.0, help="after the last epoch, train the student afresh on the whole final pool for this share of "
+        0.0, 32.0, help="after the last epoch, train the student afresh on the whole final pool for this share of "
         "its steps (plain distillation, no curriculum, no queries; 0 = keep the student trained along the way)",
         key="student-refit"))
     refit_mixup: float = field(default=0.0, metadata=bounded(
