@@ -17,7 +17,9 @@ not the default).
 Per run: the best teacher, the run's ensemble (``ensemble=auto``: class-weighted), the plain probability mean of
 the same teachers, the student, student / ensemble, query samples and wall time. Results are cached per run (one
 JSON each, keyed by the whole configuration, in ``--results``/records, committed with the table); a rerun computes
-only what is missing, and ``--cached`` tabulates what is done.
+only what is missing, and ``--cached`` tabulates what is done. Teachers and students run on CUDA where there is a
+GPU (``device=auto``); each record names the machine it was measured on (``machine``: device, accelerator, torch,
+threads), since its wall time means nothing without it.
 Writes ``fashion-mnist[-TAG].md`` (the table, DENSE's published rows and the targets) and a plot of student
 accuracy against query samples per split.
 """
