@@ -18,8 +18,8 @@ Per run: the best teacher, the run's ensemble (``ensemble=auto``: class-weighted
 the same teachers, the student, student / ensemble, query samples and wall time. Results are cached per run (one
 JSON each, keyed by the whole configuration, in ``--results``/records, committed with the table); a rerun computes
 only what is missing, and ``--cached`` tabulates what is done. Teachers and students run on CUDA where there is a
-GPU (``device=auto``); each record names the machine it was measured on (``machine``: device, accelerator, torch,
-threads), since its wall time means nothing without it.
+GPU (``device=auto``); each record names the machine it was measured on (``machine``: device, accelerator, threads,
+platform, torch, python), since its wall time means nothing without it.
 Writes ``fashion-mnist[-TAG].md`` (the table, DENSE's published rows and the targets) and a plot of student
 accuracy against query samples per split.
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import platform
 import shutil
 import statistics
 import sys
@@ -156,11 +157,12 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
 
 
 def machine(config: Any) -> dict[str, Any]:
-    """Where a run was measured (its wall time means nothing without it): the torch device, the accelerator's name
-    when there is one, torch's version and its CPU threads."""
+    """Where a run was measured (its wall time means nothing without it): what benchmark.py's results file says of
+    its machine (threads, platform, torch, python), and the torch device with the accelerator's name, if any."""
     device = resolve_device(config.device)
     return {"device": str(device), "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:

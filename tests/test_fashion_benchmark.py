@@ -3,6 +3,7 @@ table with DENSE's published rows and the targets, the --cached table of what is
 
 import gzip
 import json
+import platform
 import struct
 import sys
 from pathlib import Path
@@ -60,9 +61,12 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     record = json.loads(next((results / "records").glob("*.json")).read_text())
     assert 0.0 <= record["student"] <= 1.0 and record["query_samples"] > 0
     assert record["best_teacher"] == max(record["teachers"]) and len(record["teachers"]) == 5
-    # where it was measured (its wall time means nothing without it): this machine has no accelerator
-    assert record["machine"] == {"device": "cpu", "accelerator": None, "torch": torch.__version__,
-                                 "threads": torch.get_num_threads()}
+    # where it was measured (its wall time means nothing without it), on a machine with or without a GPU
+    cuda = torch.cuda.is_available()
+    assert record["machine"] == {"device": "cuda" if cuda else "cpu",
+                                 "accelerator": torch.cuda.get_device_name(0) if cuda else None,
+                                 "threads": torch.get_num_threads(), "platform": platform.platform(),
+                                 "torch": torch.__version__, "python": platform.python_version()}
 
     ran.clear()
     assert fashion_mnist.main(args) == 0  # everything cached: nothing runs again
