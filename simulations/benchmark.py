@@ -23,7 +23,8 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
 - ``curriculum``: the main job with ``cudfkd.self-paced`` = log / soft / hard / none (log is the default).
 - ``hostile``: the main job with client 0's teacher replaced by a hostile one (a fixed wrong class, or
   random logits; both claiming a large label histogram), with the reliability estimate (the default) and
-  without it; and a fixed-class liar less sure than the honest teachers (``hostile-unsure``). Target: student
+  without it; a fixed-class liar less sure than the honest teachers (``hostile-unsure``), and one that claims its
+  class alone (``hostile-narrow``). Target: student
   within 0.02 of the default run. With ``teacher-density=on`` (``hostile-fixed-density``, and
   ``hostile-claims-density`` whose density claims every input): within 0.02 of ``default-density``.
 - ``access``: the main job with every client granting logits only (zeroth-order gradient estimates). Target:
@@ -104,6 +105,10 @@ RUNS: dict[str, dict[str, Any]] = {
     # "unsure" answers class 0 with logit 2 (top probability 0.45, below the honest teachers' 0.48-0.53): a liar
     # that stays less sure than the median teacher, so the reliability estimate keeps its voice.
     "hostile-unsure": {},
+    # "narrow" answers class 0 with logit 20 and claims class 0 alone (10,000 records of it, none of any other): judged
+    # by its claims only where the others call an input 0, where it agrees, it keeps its overall weight; the class
+    # check must keep its "0", which tells nothing apart, from owning the class-weighted ensemble.
+    "hostile-narrow": {},
     # Teachers with densities (teacher-density=on), client 0 hostile: "fixed-density" answers class 0 (logit 20)
     # with its honest density; "claims-density" does the same and claims every input as its own (its density
     # raised by 5 nats per input value, far above any honest teacher's): it must not win the gate.
@@ -134,7 +139,7 @@ GROUPS = {"default": ["default"], "one-client": ["one-client"],
           "class-statistics": ["default", "default-class-statistics"],
           "curriculum": ["default", "curriculum-soft", "curriculum-hard", "curriculum-none"],
           "hostile": ["default", "hostile-fixed", "hostile-fixed-trusting", "hostile-random",
-                      "hostile-random-trusting", "hostile-unsure"],
+                      "hostile-random-trusting", "hostile-unsure", "hostile-narrow"],
           "access": ["default", "logits-only"],
           "poisoned": ["digits", "digits-poison-1", "digits-poison-2", "default", "poison-1", "poison-2"],
           "swap": ["default", "swap-1", "swap-2"]}
@@ -174,7 +179,8 @@ def doctor_teacher(path: Path, kind: str, seed: int) -> None:
     """Turn the teacher checkpoint at ``path`` into a hostile one (the last layer rewritten) that claims a large,
     balanced label histogram: ``fixed`` answers class 0 with logit 20, ``unsure`` class 0 with logit 2 (top
     probability 0.45), ``random`` random logits of scale 10; ``claims`` is ``fixed`` whose density (a teacher with
-    teacher-density=on) is raised by 5 nats per input value, claiming every input as its own."""
+    teacher-density=on) is raised by 5 nats per input value, claiming every input as its own; ``narrow`` is
+    ``fixed`` claiming class 0 alone (10,000 records of it)."""
     ckpt = torch.load(path, weights_only=True)
     state = ckpt["state_dict"]
     classes = ckpt["num_classes"]
@@ -190,17 +196,17 @@ def doctor_teacher(path: Path, kind: str, seed: int) -> None:
         density = ckpt["density"]
         density["log_prior"] = density["log_prior"] + 5.0 * density["means"].shape[1]
         kind = "fixed"
-    if kind in ("fixed", "unsure"):
+    if kind in ("fixed", "unsure", "narrow"):
         state[last] = torch.zeros_like(state[last])
         state[bias] = torch.zeros_like(state[bias])
-        state[bias][0] = 20.0 if kind == "fixed" else 2.0
+        state[bias][0] = 2.0 if kind == "unsure" else 20.0
     else:
         g = torch.Generator().manual_seed(seed)
         weight = torch.randn(state[last].shape, generator=g)
         state[last] = 10 * weight / weight.norm(dim=1, keepdim=True)
         state[bias] = torch.zeros_like(state[bias])
-    ckpt["label_counts"] = [10_000] * classes
-    ckpt["num_samples"] = 10_000 * classes
+    ckpt["label_counts"] = [10_000] + [0] * (classes - 1) if kind == "narrow" else [10_000] * classes
+    ckpt["num_samples"] = sum(ckpt["label_counts"])
     save_atomic(ckpt, path)
 
 
@@ -312,7 +318,7 @@ def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]]
         recall = statistics.fmean(r["swapped_recall"] for r in runs)
         return [("recall on the swapped classes >= honest run - 0.05", f"{recall:.4f} vs {reference - 0.05:.4f}",
                  recall >= reference - 0.05)]
-    if name in ("hostile-fixed", "hostile-random", "hostile-unsure", "hostile-fixed-density",
+    if name in ("hostile-fixed", "hostile-random", "hostile-unsure", "hostile-narrow", "hostile-fixed-density",
                 "hostile-claims-density") and default:
         reference = _mean_std([r["student"] for r in default])[0]
         return [("student >= default - 0.02", f"{student:.4f} vs {reference - 0.02:.4f}",

@@ -392,13 +392,13 @@ class Ensemble:
                  # and contradicting
                  "confidence": (round(float(self.reliability.confidence[k]), 4) if self.reliability.batches[k]
                                 else None),
-                 # per class: how many of the inputs the others call c it calls c (recall), how often its surer
-                 # "c" stands where all the others name one class (precision), and the factor that scales its
-                 # claimed count for c (a teacher honest but on one class shows there)
+                 # per class: how many of the inputs the others call c it calls c (recall), how many of those they
+                 # call another class it calls c (false rate), and the factor that scales its claimed count for c
+                 # (a teacher honest but on one class shows there)
                  "class_recall": [round(float(v), 3) if bool(s) else None
                                   for v, s in zip(rel.class_recall[k], rel.class_seen[k])],
-                 "class_precision": [round(float(v), 3) if bool(s) else None
-                                     for v, s in zip(rel.class_precision[k], rel.precision_seen[k])],
+                 "class_false_rate": [round(float(v), 3) if bool(s) else None
+                                      for v, s in zip(rel.class_false[k], rel.false_seen[k])],
                  "class_trust": [round(float(v), 3) for v in trust[k]],
                  "gradient_weight": round(float(gw[k]), 4),
                  "gradient_cosine": round(float(self.gradient_agreement.cosine[k]), 4) if judged[k] else None,

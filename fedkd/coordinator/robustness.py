@@ -18,13 +18,13 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
   move a probability average little; its claimed records count for no more than the median client's total, for a
   class only as far as its own answers name that class, and are still checked class by class. The class-by-class
   check scales each teacher's claimed count for class c by two relative scores: recall (of the inputs the others'
-  consensus calls c, how many it calls c: a teacher that swaps c for another class never does) and precision
-  where contradicting is plain (of the inputs where all the others name one class and it, surer than they are,
-  names c, how many are c, each weighed by its claim to the others' class: a teacher naming c everywhere is
-  caught, a client naming one of its own classes on a class it never saw is not); it needs at least four
-  answering teachers (``CLASS_CHECK``). A teacher that declares a
-  privacy mechanism (noisy by design) is held to recall only on inputs where the others are sure (their median
-  probability of the class they name reaches ``SURE``). The weight multiplies
+  consensus calls c, how many it calls c: a teacher that swaps c for another class never does) and discrimination
+  (that recall less how often it calls c the inputs the consensus calls anything else, on every input whatever
+  it claims: a teacher that names c everywhere, or on a random share of the inputs, says nothing about c however
+  few other classes it claims, while an honest expert of c whose "c" the others contradict on the classes c is
+  confused with keeps its say); it needs at least four answering teachers (``CLASS_CHECK``). A teacher that
+  declares a privacy mechanism (noisy by design) is held to both only on inputs where the others are sure (their
+  median probability of the class they name reaches ``SURE``). The weight multiplies
   whatever weights the aggregator uses (label counts included: a claimed histogram of any size does not buy trust
   back); order-statistic aggregators leave a teacher with weight 0 out. On honest federations every teacher keeps
   weight 1 (measured: docs/robustness.md, docs/privacy.md); in a pathological split, where honest
@@ -106,6 +106,10 @@ CUT = 0.5  # a reliability below this leaves the teacher out of the ensemble
 # are two, and one of them swings what they call a class (measured: 3 IID digits teachers, docs/robustness.md).
 CLASS_CHECK = 4
 SURE = 0.3  # the others judge a teacher's class claims only on inputs where their median probability reaches this
+# A teacher's discrimination of class c (its recall of c less its rate of naming c where the consensus names another
+# class) earns full trust at this share of the best teacher's, falling linearly to none at zero (measured against 0.5
+# and 0.9 by replaying finished runs' pools: docs/robustness.md, "Which check").
+DISCRIMINATION_TOLERANCE = 0.75
 # The density check (DensityCheck): how many probe inputs each density teacher answers once, at which scales of the
 # normalised input space they are drawn (a mixture: the probes cover tasks whose images spread more or less about
 # their mean), and the chance of refuting an honest density.
@@ -142,13 +146,12 @@ class Reliability:
         self.confidence = torch.zeros(teachers)  # moving average of the teacher's mean top probability
         self.batches = torch.zeros(teachers, dtype=torch.long)
         # Per class c, two moving averages. Recall: of the inputs the others' consensus calls c, the share the
-        # teacher calls c too. Precision: of the inputs where the others all name one class and the teacher, surer
-        # than they are, names c, the share where that class is c (each input weighed by the teacher's claim to
-        # the others' class).
+        # teacher calls c too. False rate: of the inputs the consensus calls another class, the share the teacher
+        # calls c (every input counts, whatever the teacher claims).
         self.class_recall = torch.zeros(teachers, num_classes)
         self.class_seen = torch.zeros(teachers, num_classes, dtype=torch.bool)
-        self.class_precision = torch.ones(teachers, num_classes)
-        self.precision_seen = torch.zeros(teachers, num_classes, dtype=torch.bool)
+        self.class_false = torch.zeros(teachers, num_classes)
+        self.false_seen = torch.zeros(teachers, num_classes, dtype=torch.bool)
         self.vote_rate = torch.zeros(teachers, num_classes)  # moving average of how often it names each class
         self._warned: set[int] = set()
 
@@ -192,20 +195,19 @@ class Reliability:
             updated = self._ema(self.class_recall[k], hits / count.clamp_min(1), ~self.class_seen[k])
             self.class_recall[k] = torch.where(present, updated, self.class_recall[k])
             self.class_seen[k] |= present
-            # Recall alone is won by naming c everywhere. Against that, precision where contradicting is plain:
-            # the others all name one class and the teacher, surer than their median, names another. Each such
-            # input weighs as much as the teacher's claim to the others' class, so a client that never saw that
-            # class is not faulted for naming one of its own there (what non-IID teachers do).
-            rest = torch.cat([votes[:i], votes[i + 1:]])
-            plain = (rest == rest[0]).all(0) & (top[i] > torch.cat([top[:i], top[i + 1:]]).median(0).values)
-            theirs, mine = rest[0][plain], votes[i][plain]
-            weight = self.shares[k, theirs] if self.claims is not None else torch.ones(len(theirs))
-            said = torch.bincount(mine, weights=weight, minlength=self.num_classes)
-            right = torch.bincount(mine, weights=weight * (mine == theirs).float(), minlength=self.num_classes)
-            named = said > 1e-6
-            updated = self._ema(self.class_precision[k], right / said.clamp_min(1e-12), ~self.precision_seen[k])
-            self.class_precision[k] = torch.where(named, updated, self.class_precision[k])
-            self.precision_seen[k] |= named
+            # Recall alone is won by naming c everywhere. Against that, how often the teacher names c where the
+            # consensus names another class, on every input: a client that never saw that class is not excused, since
+            # its "c" there says as little about c as a liar's. (Weighing each input by the teacher's claim to the
+            # others' class, as an earlier precision score did, let a liar that claims c alone and names it
+            # everywhere go unjudged and own the ensemble: docs/robustness.md.)
+            outside = torch.ones(self.num_classes, len(judged))
+            outside[judged, torch.arange(len(judged))] = 0  # (C, B'): 1 where the consensus names another class
+            named = F.one_hot(votes[i][sure], self.num_classes).T.float()
+            elsewhere = outside.sum(1)
+            rate = (named * outside).sum(1) / elsewhere.clamp_min(1)
+            updated = self._ema(self.class_false[k], rate, ~self.false_seen[k])
+            self.class_false[k] = torch.where(elsewhere > 0, updated, self.class_false[k])
+            self.false_seen[k] |= elsewhere > 0
         self._log_changes()
 
     def _ema(self, current: Tensor, value: Tensor, first: Tensor) -> Tensor:
@@ -240,14 +242,14 @@ class Reliability:
         """(K, C) factors in [0, 1] for the label-count weights: a teacher's claim to speak for class c is honoured
         as far as it recognises the inputs the others' consensus calls c (recall, relative to the teacher best at
         c: full weight at ``tolerance`` of the best above chance; for a teacher that declares a privacy mechanism
-        counted only on inputs where the others are sure, ``SURE``) and as far as its surer "c" is not
-        contradicted by all the others at once (precision, relative likewise). A claimed histogram is thus
-        checked class by class against the answers; an honest teacher loses weight only on classes it barely saw,
-        where its counts gave it little weight anyway."""
+        counted only on inputs where the others are sure, ``SURE``) and as far as its "c" tells c from the rest
+        (discrimination: recall less the rate at which it names c where the consensus names another class, relative
+        to the best teacher's, full at ``DISCRIMINATION_TOLERANCE`` of it). A claimed histogram is thus checked
+        class by class against the answers; an honest teacher loses weight only on classes it barely saw, where its
+        counts gave it little weight anyway."""
         if not self.enabled or int((self.batches > 0).sum()) < 3:
             return torch.ones(self.teachers, self.num_classes)
-        factors = (self._relative(self.class_recall, self.class_seen)
-                   * self._relative(self.class_precision, self.precision_seen))
+        factors = self._relative(self.class_recall, self.class_seen) * self._discrimination()
         # A teacher kept only because it is unsure keeps its voice, not a large claimed say. On a class only it and
         # one honest client claim (which the others cannot judge), an unverifiable histogram would otherwise drown
         # the honest expert, even with answers that never name the class. So its claimed records count for no more
@@ -260,6 +262,23 @@ class Reliability:
         cap = (totals.median() / totals.clamp_min(1e-12)).clamp(max=1.0).float().unsqueeze(1)
         named = (self.num_classes * self.vote_rate).clamp(max=1.0)
         return torch.where(unsure.unsqueeze(1), factors * cap * named, factors)
+
+    def discrimination(self) -> Tensor:
+        """(K, C) recall of c less the rate of naming c where the consensus names another class (0 for a teacher
+        that names c as often whatever the input); NaN where either is without evidence."""
+        known = self.class_seen & self.false_seen
+        return torch.where(known, self.class_recall - self.class_false, torch.full_like(self.class_recall, math.nan))
+
+    def _discrimination(self) -> Tensor:
+        """(K, C) factors: per class, the teacher's discrimination relative to the best teacher's (full at
+        ``DISCRIMINATION_TOLERANCE`` of it, none at zero or below); 1 where there is no evidence, or where even the
+        best is within 0.05 of zero."""
+        score = self.discrimination()
+        known = ~torch.isnan(score)
+        score = torch.nan_to_num(score, nan=0.0)
+        best = torch.where(known, score, torch.full_like(score, -1.0)).max(0).values  # (C,)
+        r = (score / (DISCRIMINATION_TOLERANCE * best.clamp_min(1e-6))).clamp(0.0, 1.0)
+        return torch.where((best > 0.05).unsqueeze(0) & known, r, torch.ones_like(r))
 
     def _relative(self, score: Tensor, seen: Tensor) -> Tensor:
         """(K, C) factors: per class, ``score`` above chance relative to the best teacher's (full at ``tolerance``
@@ -287,7 +306,7 @@ class Reliability:
         return {"agreement": self.agreement.clone(), "confidence": self.confidence.clone(),
                 "batches": self.batches.clone(), "warned": sorted(self._warned),
                 "class_recall": self.class_recall.clone(), "class_seen": self.class_seen.clone(),
-                "class_precision": self.class_precision.clone(), "precision_seen": self.precision_seen.clone(),
+                "class_false": self.class_false.clone(), "false_seen": self.false_seen.clone(),
                 "vote_rate": self.vote_rate.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -295,13 +314,13 @@ class Reliability:
         self.confidence = state.get("confidence", torch.zeros_like(self.agreement)).clone().float()
         self.batches = state["batches"].clone().long()
         self._warned = {int(k) for k in state["warned"]}
-        # (a checkpoint from before recall and precision were kept: its per-class overlap stands in for the recall,
-        # and precision starts without evidence)
+        # (a checkpoint from before recall was kept: its per-class overlap stands in for the recall; one from
+        # before the false rates were kept, precision in their place or nothing: they start without evidence)
         recall = state["class_recall"] if "class_recall" in state else state["class_agreement"]
         self.class_recall = recall.clone().float()
         self.class_seen = state["class_seen"].clone().bool()
-        self.class_precision = state.get("class_precision", torch.ones_like(self.class_recall)).clone().float()
-        self.precision_seen = state.get("precision_seen", torch.zeros_like(self.class_seen)).clone().bool()
+        self.class_false = state.get("class_false", torch.zeros_like(self.class_recall)).clone().float()
+        self.false_seen = state.get("false_seen", torch.zeros_like(self.class_seen)).clone().bool()
         # (a checkpoint from before the vote rates were kept: every class counts as named until answers come)
         self.vote_rate = state.get("vote_rate", torch.ones(self.teachers, self.num_classes)).clone().float()
 
