@@ -1,0 +1,179 @@
+"""Which class check: finished runs' final pools replayed through the reliability estimate, with and without a liar.
+
+The coordinator checks each teacher's claimed label counts class by class against its answers
+(``fedkd.coordinator.robustness.Reliability.class_weights``). This replays a finished run's final synthetic pool
+(``checkpoint.pt``, in the order it was made, 256 samples a batch) through the estimate, every teacher answering
+every sample, then scores the class-weighted ensemble the estimate leaves on the run's test images: the honest
+federation, and the same federation with client 0's answers and claimed counts doctored (the liars below; the
+claims capped at 4x the median client's total, as the coordinator caps them). Rules:
+
+- ``discrimination`` (fedkd's check since stop 62): recall (of the inputs the others' consensus calls c, how many
+  the teacher calls c) times discrimination (that recall less the rate at which it names c where the consensus
+  names another class, relative to the best teacher's, full at ``--tolerance`` of it; the library's default 0.75);
+- ``precision`` (the check before stop 62): recall times precision where contradicting is plain (of the inputs
+  where all the others name one class and the teacher, surer than their median, names c, how many are c, each input
+  weighed by the teacher's claim to the others' class), relative to the best teacher's at half of it;
+- ``recall``: recall alone.
+
+Liars (client 0): ``fixed`` class 0 at logit 20 on every input, claiming 10,000 records of every class; ``unsure``
+the same at logit 2; ``narrow`` the fixed liar claiming class 0 alone; ``mostly`` the same claiming 3x the others'
+records of class 0 and a tenth of theirs of every other class; ``partial`` class 0 at logit 20 on a random 30 % of
+the inputs, honest elsewhere, claiming 10,000 of every class; ``swap`` and ``swap2`` (clients 0 and 1) the classes 3
+and 5 swapped, claims honest; ``oneway`` 5 named for 3, honest elsewhere.
+
+    python simulations/class_check.py RUN [RUN...] --liars honest,narrow,partial --rules precision,discrimination
+
+Experiment-only (it reads the teachers' files, which a coordinator never holds); the answers are the teachers' own,
+so what differs from a full run is only that the estimate sees the final pool, not the pool as it grew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gate_probe import answers  # noqa: E402
+
+import fedkd.coordinator.robustness as robustness  # noqa: E402
+from fedkd.checkpoint import load_run_state  # noqa: E402
+from fedkd.coordinator.aggregation import AGGREGATORS, claimed_counts, column_shares  # noqa: E402
+from fedkd.data import load_dataset  # noqa: E402
+from fedkd.institution.loading import load_teacher  # noqa: E402
+
+LIARS = ("honest", "fixed", "unsure", "narrow", "mostly", "partial", "swap", "swap2", "oneway")
+RULES = ("discrimination", "precision", "recall")
+SWAP = [0, 1, 2, 5, 4, 3, 6, 7, 8, 9]
+
+
+class Earlier(robustness.Reliability):
+    """The estimate with the check of before stop 62 kept beside it: precision where contradicting is plain."""
+
+    def __init__(self, *args, rule: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rule = rule
+        self.precision = torch.ones(self.teachers, self.num_classes)
+        self.precision_seen = torch.zeros(self.teachers, self.num_classes, dtype=torch.bool)
+
+    @torch.no_grad()
+    def update(self, members: list[int], logits: Tensor) -> None:
+        super().update(members, logits)
+        p = F.softmax(logits.float(), -1)
+        votes, top = p.argmax(-1), p.max(-1).values
+        for i, k in enumerate(members):
+            rest = torch.cat([votes[:i], votes[i + 1:]])
+            plain = (rest == rest[0]).all(0) & (top[i] > torch.cat([top[:i], top[i + 1:]]).median(0).values)
+            theirs, mine = rest[0][plain], votes[i][plain]
+            weight = self.shares[k, theirs]
+            said = torch.bincount(mine, weights=weight, minlength=self.num_classes)
+            right = torch.bincount(mine, weights=weight * (mine == theirs).float(), minlength=self.num_classes)
+            named = said > 1e-6
+            updated = self._ema(self.precision[k], right / said.clamp_min(1e-12), ~self.precision_seen[k])
+            self.precision[k] = torch.where(named, updated, self.precision[k])
+            self.precision_seen[k] |= named
+
+    def _discrimination(self) -> Tensor:
+        """The factor beside the recall's: the library's discrimination, the earlier precision, or none."""
+        if self.rule == "precision":
+            return self._relative(self.precision, self.precision_seen)
+        if self.rule == "recall":
+            return torch.ones(self.teachers, self.num_classes)
+        return super()._discrimination()
+
+
+def doctor(logits: Tensor, claims: Tensor, liar: str) -> tuple[Tensor, Tensor]:
+    """Client 0's (and for ``swap2`` client 1's) answers (K, N, C) and claims (K, C) as the liar gives them."""
+    logits, claims = logits.clone(), claims.clone()
+    total = claims.sum(0)
+    if liar in ("fixed", "unsure", "narrow", "mostly"):
+        logits[0] = 0
+        logits[0, :, 0] = 2.0 if liar == "unsure" else 20.0
+        claims[0] = 10_000
+        if liar == "narrow":
+            claims[0, 1:] = 0
+        elif liar == "mostly":
+            claims[0] = 0.1 * total
+            claims[0, 0] = 3 * total[0]
+    elif liar == "partial":
+        chosen = torch.rand(logits.shape[1], generator=torch.Generator().manual_seed(0)) < 0.3
+        logits[0, chosen] = 0
+        logits[0, chosen, 0] = 20.0
+        claims[0] = 10_000
+    elif liar in ("swap", "swap2"):
+        for k in (0, 1) if liar == "swap2" else (0,):
+            logits[k] = logits[k][:, SWAP]
+    elif liar == "oneway":
+        threes = logits[0].argmax(-1) == 3
+        logits[0, threes, 5] = logits[0, threes, 3] + 2
+    totals = claims.sum(1)
+    limit = robustness.MAX_COUNT_RATIO * totals.median()
+    return logits, torch.where((totals > limit).unsqueeze(1), claims * (limit / totals).unsqueeze(1), claims)
+
+
+def replay(run: Path, liars: list[str], rules: list[str], tolerances: list[float]) -> list[dict]:
+    config = json.loads((run / "config.json").read_text())
+    split = load_dataset(config["dataset"], config["data-root"], seed=config["seed"])
+    spec, c = split.spec, split.spec.num_classes
+    loaded = [load_teacher(p) for p in sorted((run / "clients").glob("client_*/teacher.pt"))]
+    teachers = [model.eval() for model, _ in loaded]
+    counts = claimed_counts([ckpt.get("label_counts") for _, ckpt in loaded], c)
+    pool = load_run_state(run / "checkpoint.pt")["method"]["pool"]
+    pool_logits = answers(teachers, spec.normalize(pool["images"].float() / 255))[..., :c]
+    test_logits = answers(teachers, spec.normalize(split.test.images))[..., :c]
+    y = split.test.labels
+    rows = []
+    for liar in liars:
+        seen, claims = doctor(pool_logits, counts, liar)
+        test, _ = doctor(test_logits, counts, liar)
+        for rule in rules:
+            for tolerance in tolerances if rule == "discrimination" else [None]:
+                if tolerance is not None:
+                    robustness.DISCRIMINATION_TOLERANCE = tolerance
+                estimate = Earlier(len(teachers), c, claims=claims, rule=rule)
+                members = list(range(len(teachers)))
+                for start in range(0, seen.shape[1], 256):
+                    estimate.update(members, seen[:, start:start + 256])
+                w = column_shares(claims) * estimate.class_weights() * estimate.weights().unsqueeze(1)
+                w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
+                guess = AGGREGATORS["class-weighted"].combine(test, w).argmax(1)
+                rows.append({"run": run.name, "liar": liar, "rule": rule, "tolerance": tolerance,
+                             "ensemble": float((guess == y).float().mean()),
+                             "weights": [round(float(v), 2) for v in estimate.weights()]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories (teachers and checkpoint.pt)")
+    parser.add_argument("--liars", default="honest,narrow,partial", help=f"comma-separated, of {', '.join(LIARS)}")
+    parser.add_argument("--rules", default="precision,discrimination", help=f"comma-separated, of {', '.join(RULES)}")
+    parser.add_argument("--tolerances", default=str(robustness.DISCRIMINATION_TOLERANCE),
+                        help="comma-separated tolerances of the discrimination rule")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    liars, rules = args.liars.split(","), args.rules.split(",")
+    for name, given, known in (("liar", liars, LIARS), ("rule", rules, RULES)):
+        unknown = [v for v in given if v not in known]
+        if unknown:
+            parser.error(f"unknown {name} {unknown[0]!r}; choose from {', '.join(known)}")
+    tolerances = [float(v) for v in args.tolerances.split(",")]
+    torch.set_num_threads(args.threads)
+    logging.getLogger("fedkd.coordinator.robustness").setLevel(logging.ERROR)  # the liars' warnings, expected
+    print("| run | liar | rule | ensemble | teachers' weights |")
+    print("|---|---|---|---|---|")
+    for run in args.runs:
+        for row in replay(run, liars, rules, tolerances):
+            rule = row["rule"] + (f" {row['tolerance']:g}" if row["tolerance"] is not None else "")
+            print(f"| {row['run']} | {row['liar']} | {rule} | {row['ensemble']:.4f} | {row['weights']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

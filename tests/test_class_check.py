@@ -1,0 +1,44 @@
+"""The class-check replay (simulations/class_check.py): its liars, and what each rule makes of them on a real run."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "simulations"))
+
+import class_check  # noqa: E402
+
+
+def test_the_liars_answers_and_claims_are_doctored_and_capped_as_the_coordinator_caps_them():
+    logits = torch.randn(5, 64, 10, generator=torch.Generator().manual_seed(0))
+    claims = torch.full((5, 10), 100.0)
+    narrow, narrow_claims = class_check.doctor(logits, claims, "narrow")
+    assert bool((narrow[0].argmax(-1) == 0).all()) and torch.equal(narrow[1:], logits[1:])
+    # 10,000 records of class 0 alone, capped at 4x the median client's total (1,000)
+    assert narrow_claims[0, 1:].sum() == 0 and float(narrow_claims[0, 0]) == pytest.approx(4_000)
+    swapped, same = class_check.doctor(logits, claims, "swap2")
+    assert torch.equal(swapped[:2, :, 3], logits[:2, :, 5]) and torch.equal(swapped[2:], logits[2:])
+    assert torch.equal(same, claims)
+    partial, _ = class_check.doctor(logits, claims, "partial")
+    share = float((partial[0] != logits[0]).any(-1).float().mean())
+    assert 0.15 < share < 0.45  # about 30 % of the inputs
+
+
+def test_on_a_finished_run_the_narrow_liar_owns_the_ensemble_under_precision_and_not_under_discrimination(tmp_path):
+    from fedkd.cli import main
+
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--set", "dataset=digits", "--set", "num-clients=5", "--set",
+                 "partition=iid", "--set", "teacher-epochs=10", "--set", "epochs=1", "--set", "steps-per-epoch=8",
+                 "--set", "student-steps=1", "--set", "student-refit=0", "--set", "batch-size=128", "--set",
+                 "generator-width=4", "--set", "latent-dim=8"]) == 0
+    rows = class_check.replay(run, ["honest", "narrow"], ["precision", "discrimination"], [0.75])
+    score = {(r["liar"], r["rule"]): r["ensemble"] for r in rows}
+    honest = json.loads((run / "summary.json").read_text())["ensemble"]["test_accuracy"]
+    assert score["honest", "discrimination"] == pytest.approx(honest, abs=0.05)
+    assert score["narrow", "precision"] < 0.5  # it names 0 everywhere, and its claim on 0 stands
+    assert score["narrow", "discrimination"] > score["honest", "discrimination"] - 0.1
