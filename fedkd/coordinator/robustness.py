@@ -107,8 +107,9 @@ CUT = 0.5  # a reliability below this leaves the teacher out of the ensemble
 CLASS_CHECK = 4
 SURE = 0.3  # the others judge a teacher's class claims only on inputs where their median probability reaches this
 # A teacher's discrimination of class c (its recall of c less its rate of naming c where the consensus names another
-# class) earns full trust at this share of the best teacher's, falling linearly to none at zero (measured against 0.5
-# and 0.9 by replaying finished runs' pools: docs/robustness.md, "Which check").
+# class) earns full trust at this share of the best teacher's, falling linearly to none at zero (against 0.5, it keeps
+# honest federations' ensembles and catches more of a liar naming one class on a share of the inputs, replaying
+# finished runs' pools: simulations/class_check.py, docs/robustness.md "Which check, again").
 DISCRIMINATION_TOLERANCE = 0.75
 # The density check (DensityCheck): how many probe inputs each density teacher answers once, at which scales of the
 # normalised input space they are drawn (a mixture: the probes cover tasks whose images spread more or less about
