@@ -175,6 +175,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
+def machine() -> dict[str, Any]:
+    """What a results file says of the machine it was measured on (its wall times mean nothing without it)."""
+    return {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
 def doctor_teacher(path: Path, kind: str, seed: int) -> None:
     """Turn the teacher checkpoint at ``path`` into a hostile one (the last layer rewritten) that claims a large,
     balanced label histogram: ``fixed`` answers class 0 with logit 20, ``unsure`` class 0 with logit 2 (top
@@ -375,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     out_root = Path(args.runs)
     path = Path(args.results)
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    results["machine"] = {"threads": torch.get_num_threads(), "platform": platform.platform(),
-                          "torch": torch.__version__, "python": platform.python_version()}
+    results["machine"] = machine()
     results.setdefault("experiments", {})
     for key in [k for k in results["experiments"] if k not in RUNS]:
         del results["experiments"][key]  # results of experiments that no longer exist

@@ -112,9 +112,8 @@ def doctor(logits: Tensor, claims: Tensor, liar: str) -> tuple[Tensor, Tensor]:
     elif liar == "oneway":
         threes = logits[0].argmax(-1) == 3
         logits[0, threes, 5] = logits[0, threes, 3] + 2
-    totals = claims.sum(1)
-    limit = robustness.MAX_COUNT_RATIO * totals.median()
-    return logits, torch.where((totals > limit).unsqueeze(1), claims * (limit / totals).unsqueeze(1), claims)
+    capped, _ = robustness.cap_counts(claims.tolist())  # as the coordinator caps them
+    return logits, torch.tensor(capped, dtype=claims.dtype)
 
 
 def replay(run: Path, liars: list[str], rules: list[str], tolerances: list[float]) -> list[dict]:

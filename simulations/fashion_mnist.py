@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -159,10 +158,11 @@ def references(mapping: dict[str, Any], runs: Path, results: Path) -> dict[str, 
 def machine(config: Any) -> dict[str, Any]:
     """Where a run was measured (its wall time means nothing without it): what benchmark.py's results file says of
     its machine (threads, platform, torch, python), and the torch device with the accelerator's name, if any."""
+    from benchmark import machine as described
+
     device = resolve_device(config.device)
     return {"device": str(device), "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            **described()}
 
 
 def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:

@@ -201,11 +201,9 @@ class Reliability:
             # its "c" there says as little about c as a liar's. (Weighing each input by the teacher's claim to the
             # others' class, as an earlier precision score did, let a liar that claims c alone and names it
             # everywhere go unjudged and own the ensemble: docs/robustness.md.)
-            outside = torch.ones(self.num_classes, len(judged))
-            outside[judged, torch.arange(len(judged))] = 0  # (C, B'): 1 where the consensus names another class
-            named = F.one_hot(votes[i][sure], self.num_classes).T.float()
-            elsewhere = outside.sum(1)
-            rate = (named * outside).sum(1) / elsewhere.clamp_min(1)
+            elsewhere = len(judged) - count  # per class c, the judged inputs the consensus calls another class
+            named = torch.bincount(votes[i][sure], weights=1 - agrees[sure], minlength=self.num_classes)
+            rate = named / elsewhere.clamp_min(1)
             updated = self._ema(self.class_false[k], rate, ~self.false_seen[k])
             self.class_false[k] = torch.where(elsewhere > 0, updated, self.class_false[k])
             self.false_seen[k] |= elsewhere > 0
@@ -276,17 +274,17 @@ class Reliability:
         best is within 0.05 of zero."""
         score = self.discrimination()
         known = ~torch.isnan(score)
-        score = torch.nan_to_num(score, nan=0.0)
-        best = torch.where(known, score, torch.full_like(score, -1.0)).max(0).values  # (C,)
-        r = (score / (DISCRIMINATION_TOLERANCE * best.clamp_min(1e-6))).clamp(0.0, 1.0)
-        return torch.where((best > 0.05).unsqueeze(0) & known, r, torch.ones_like(r))
+        return self._relative(torch.nan_to_num(score, nan=0.0), known, chance=0.0, tolerance=DISCRIMINATION_TOLERANCE)
 
-    def _relative(self, score: Tensor, seen: Tensor) -> Tensor:
-        """(K, C) factors: per class, ``score`` above chance relative to the best teacher's (full at ``tolerance``
-        of it); 1 where there is no evidence, or where even the best is within 0.05 of chance."""
-        chance = 1.0 / self.num_classes
+    def _relative(self, score: Tensor, seen: Tensor, *, chance: float | None = None,
+                  tolerance: float | None = None) -> Tensor:
+        """(K, C) factors: per class, ``score`` above ``chance`` (default 1 / C) relative to the best teacher's
+        (full at ``tolerance`` of it, default the estimate's); 1 where there is no evidence, or where even the best
+        is within 0.05 of chance."""
+        chance = 1.0 / self.num_classes if chance is None else chance
+        tolerance = self.tolerance if tolerance is None else tolerance
         best = (score * seen).max(0).values - chance  # (C,)
-        r = ((score - chance) / (self.tolerance * best.clamp_min(1e-6))).clamp(0.0, 1.0)
+        r = ((score - chance) / (tolerance * best.clamp_min(1e-6))).clamp(0.0, 1.0)
         return torch.where((best > 0.05).unsqueeze(0) & seen, r, torch.ones_like(r))
 
     def _log_changes(self) -> None:
@@ -493,7 +491,12 @@ def capped_counts(descriptions: Sequence[TeacherDescription], *, enabled: bool =
     """The clients' label counts, each scaled down so that its total is at most MAX_COUNT_RATIO x the median
     total of the clients that share counts (when at least three do): a claimed histogram is unverifiable, and
     an inflated one would otherwise buy a teacher the whole say on every class. Returns (counts, scale each)."""
-    counts = [d.label_counts for d in descriptions]
+    return cap_counts([d.label_counts for d in descriptions], enabled=enabled)
+
+
+def cap_counts(counts: Sequence[Sequence[float] | None], *, enabled: bool = True) -> tuple[list[Any], list[float]]:
+    """:func:`capped_counts` on the claimed histograms themselves (None: a client that shares none)."""
+    counts = list(counts)
     totals = [sum(c) for c in counts if c is not None and sum(c) > 0]
     scales = [1.0] * len(counts)
     if not enabled or len(totals) < 3:
