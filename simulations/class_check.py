@@ -13,7 +13,14 @@ claims capped at 4x the median client's total, as the coordinator caps them). Ru
 - ``precision`` (the check before stop 62): recall times precision where contradicting is plain (of the inputs
   where all the others name one class and the teacher, surer than their median, names c, how many are c, each input
   weighed by the teacher's claim to the others' class), relative to the best teacher's at half of it;
+- ``both``: discrimination times that precision (stop 63's probe of whether precision's cuts had helped the
+  students of hard tasks);
 - ``recall``: recall alone.
+
+Beside each ensemble, the same ensemble with a per-input veto of the lone dissenter (a teacher that names another
+class than every other teacher names, each of them at least 0.5 sure of it, is left out of that input; each class's
+weights renormalised over the teachers left), probed against the partial liar, whose lies are spread over inputs
+rather than classes; the coordinator has no such veto.
 
 Liars (client 0): ``fixed`` class 0 at logit 20 on every input, claiming 10,000 records of every class; ``unsure``
 the same at logit 2; ``narrow`` the fixed liar claiming class 0 alone; ``mostly`` the same claiming 3x the others'
@@ -49,12 +56,13 @@ from fedkd.data import load_dataset  # noqa: E402
 from fedkd.institution.loading import load_teacher  # noqa: E402
 
 LIARS = ("honest", "fixed", "unsure", "narrow", "mostly", "partial", "swap", "swap2", "oneway")
-RULES = ("discrimination", "precision", "recall")
+RULES = ("both", "discrimination", "precision", "recall")
 SWAP = [0, 1, 2, 5, 4, 3, 6, 7, 8, 9]
 
 
 class Earlier(robustness.Reliability):
-    """The estimate with the check of before stop 62 kept beside it: precision where contradicting is plain."""
+    """The estimate with the check of before stop 62 kept beside it: precision where contradicting is plain, in
+    place of discrimination (``precision``) or beside it (``both``)."""
 
     def __init__(self, *args, rule: str, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -80,12 +88,13 @@ class Earlier(robustness.Reliability):
             self.precision_seen[k] |= named
 
     def _discrimination(self) -> Tensor:
-        """The factor beside the recall's: the library's discrimination, the earlier precision, or none."""
+        """The factor beside the recall's: the library's discrimination, the earlier precision, both, or none."""
+        precision = self._relative(self.precision, self.precision_seen)
         if self.rule == "precision":
-            return self._relative(self.precision, self.precision_seen)
+            return precision
         if self.rule == "recall":
             return torch.ones(self.teachers, self.num_classes)
-        return super()._discrimination()
+        return super()._discrimination() * (precision if self.rule == "both" else 1.0)
 
 
 def doctor(logits: Tensor, claims: Tensor, liar: str) -> tuple[Tensor, Tensor]:
@@ -116,6 +125,27 @@ def doctor(logits: Tensor, claims: Tensor, liar: str) -> tuple[Tensor, Tensor]:
     return logits, torch.tensor(capped, dtype=claims.dtype)
 
 
+def veto(logits: Tensor, sure: float = 0.5) -> Tensor:
+    """(K, N) 0 where a teacher names another class than every other teacher names, the others each at least
+    ``sure`` of it (a per-input veto of the lone dissenter, probed against the partial liar); 1 elsewhere."""
+    p = F.softmax(logits.float(), -1)
+    votes, top = p.argmax(-1), p.max(-1).values
+    keep = torch.ones(votes.shape)
+    for k in range(len(votes)):
+        rest, rest_top = torch.cat([votes[:k], votes[k + 1:]]), torch.cat([top[:k], top[k + 1:]])
+        against = (rest == rest[0]).all(0) & (rest_top >= sure).all(0) & (votes[k] != rest[0])
+        keep[k] = (~against).float()
+    return keep
+
+
+def vetoed(weights: Tensor, keep: Tensor) -> Tensor:
+    """(K, N, C) per-input weights: the class weights with each vetoed answer left out, renormalised per class (a
+    class whose every holder is vetoed on an input keeps the weights as they were)."""
+    w = weights.unsqueeze(1) * keep.unsqueeze(-1)
+    total = w.sum(0, keepdim=True)
+    return torch.where(total > 1e-12, w / total.clamp_min(1e-12), weights.unsqueeze(1).expand_as(w))
+
+
 def replay(run: Path, liars: list[str], rules: list[str], tolerances: list[float]) -> list[dict]:
     config = json.loads((run / "config.json").read_text())
     split = load_dataset(config["dataset"], config["data-root"], seed=config["seed"])
@@ -132,7 +162,7 @@ def replay(run: Path, liars: list[str], rules: list[str], tolerances: list[float
         seen, claims = doctor(pool_logits, counts, liar)
         test, _ = doctor(test_logits, counts, liar)
         for rule in rules:
-            for tolerance in tolerances if rule == "discrimination" else [None]:
+            for tolerance in tolerances if rule in ("both", "discrimination") else [None]:
                 if tolerance is not None:
                     robustness.DISCRIMINATION_TOLERANCE = tolerance
                 estimate = Earlier(len(teachers), c, claims=claims, rule=rule)
@@ -142,8 +172,10 @@ def replay(run: Path, liars: list[str], rules: list[str], tolerances: list[float
                 w = column_shares(claims) * estimate.class_weights() * estimate.weights().unsqueeze(1)
                 w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
                 guess = AGGREGATORS["class-weighted"].combine(test, w).argmax(1)
+                per_input = AGGREGATORS["class-weighted"].combine(test, vetoed(w, veto(test))).argmax(1)
                 rows.append({"run": run.name, "liar": liar, "rule": rule, "tolerance": tolerance,
                              "ensemble": float((guess == y).float().mean()),
+                             "vetoed": float((per_input == y).float().mean()),
                              "weights": [round(float(v), 2) for v in estimate.weights()]})
     return rows
 
@@ -165,12 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     tolerances = [float(v) for v in args.tolerances.split(",")]
     torch.set_num_threads(args.threads)
     logging.getLogger("fedkd.coordinator.robustness").setLevel(logging.ERROR)  # the liars' warnings, expected
-    print("| run | liar | rule | ensemble | teachers' weights |")
-    print("|---|---|---|---|---|")
+    print("| run | liar | rule | ensemble | with the lone dissenter vetoed | teachers' weights |")
+    print("|---|---|---|---|---|---|")
     for run in args.runs:
         for row in replay(run, liars, rules, tolerances):
             rule = row["rule"] + (f" {row['tolerance']:g}" if row["tolerance"] is not None else "")
-            print(f"| {row['run']} | {row['liar']} | {rule} | {row['ensemble']:.4f} | {row['weights']} |", flush=True)
+            print(f"| {row['run']} | {row['liar']} | {rule} | {row['ensemble']:.4f} | {row['vetoed']:.4f} "
+                  f"| {row['weights']} |", flush=True)
     return 0
 
 

@@ -36,9 +36,32 @@ def test_on_a_finished_run_the_narrow_liar_owns_the_ensemble_under_precision_and
                  "partition=iid", "--set", "teacher-epochs=10", "--set", "epochs=1", "--set", "steps-per-epoch=8",
                  "--set", "student-steps=1", "--set", "student-refit=0", "--set", "batch-size=128", "--set",
                  "generator-width=4", "--set", "latent-dim=8"]) == 0
-    rows = class_check.replay(run, ["honest", "narrow"], ["precision", "discrimination"], [0.75])
+    rows = class_check.replay(run, ["honest", "narrow"], ["precision", "discrimination", "both"], [0.75])
     score = {(r["liar"], r["rule"]): r["ensemble"] for r in rows}
     honest = json.loads((run / "summary.json").read_text())["ensemble"]["test_accuracy"]
     assert score["honest", "discrimination"] == pytest.approx(honest, abs=0.05)
     assert score["narrow", "precision"] < 0.5  # it names 0 everywhere, and its claim on 0 stands
     assert score["narrow", "discrimination"] > score["honest", "discrimination"] - 0.1
+    assert score["narrow", "both"] > score["honest", "both"] - 0.1  # discrimination's cut stands with precision's
+    # IID teachers of one task: hardly any input has a lone dissenter, and the veto leaves the honest ensemble be
+    vetoed = {(r["liar"], r["rule"]): r["vetoed"] for r in rows}
+    assert vetoed["honest", "discrimination"] == pytest.approx(score["honest", "discrimination"], abs=0.03)
+
+
+def test_the_veto_leaves_out_only_a_sure_lone_dissenter_and_renormalises_each_class():
+    sure, unsure = 4.0, 0.1  # one-hot logits at these scales: p(top) about 0.86 and 0.14 over ten classes
+    votes = torch.tensor([[3, 3, 7], [3, 3, 7], [3, 3, 7], [5, 3, 2]])  # (K=4, N=3): teacher 3 dissents on input 0
+    logits = torch.nn.functional.one_hot(votes, 10).float() * sure
+    logits[:3, 2] *= unsure / sure  # on input 2 the rest agree, unsure
+    keep = class_check.veto(logits)
+    assert keep.tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 1, 1]]  # input 1: no dissent; input 2: not sure
+    weights = torch.tensor([[0.25] * 10, [0.25] * 10, [0.25] * 10, [0.25] * 10])
+    per_input = class_check.vetoed(weights, keep)
+    assert per_input.shape == (4, 3, 10)
+    assert torch.allclose(per_input[:3, 0], torch.full((3, 10), 1 / 3)) and float(per_input[3, 0].abs().sum()) == 0
+    assert torch.allclose(per_input[:, 1], weights)
+    # a class whose every holder is vetoed on an input keeps its weights rather than a column of zeros
+    alone = torch.zeros(4, 10)
+    alone[3, 5] = 1.0
+    alone[:3, :5] = alone[:3, 6:] = 1 / 3
+    assert torch.equal(class_check.vetoed(alone, keep)[:, 0, 5], alone[:, 5])
