@@ -89,12 +89,12 @@ class Earlier(robustness.Reliability):
 
     def _discrimination(self) -> Tensor:
         """The factor beside the recall's: the library's discrimination, the earlier precision, both, or none."""
-        precision = self._relative(self.precision, self.precision_seen)
-        if self.rule == "precision":
-            return precision
         if self.rule == "recall":
             return torch.ones(self.teachers, self.num_classes)
-        return super()._discrimination() * (precision if self.rule == "both" else 1.0)
+        if self.rule == "discrimination":
+            return super()._discrimination()
+        precision = self._relative(self.precision, self.precision_seen)
+        return precision if self.rule == "precision" else super()._discrimination() * precision
 
 
 def doctor(logits: Tensor, claims: Tensor, liar: str) -> tuple[Tensor, Tensor]:
@@ -161,6 +161,7 @@ def replay(run: Path, liars: list[str], rules: list[str], tolerances: list[float
     for liar in liars:
         seen, claims = doctor(pool_logits, counts, liar)
         test, _ = doctor(test_logits, counts, liar)
+        keep = veto(test)  # the same answers under every rule
         for rule in rules:
             for tolerance in tolerances if rule in ("both", "discrimination") else [None]:
                 if tolerance is not None:
@@ -172,7 +173,7 @@ def replay(run: Path, liars: list[str], rules: list[str], tolerances: list[float
                 w = column_shares(claims) * estimate.class_weights() * estimate.weights().unsqueeze(1)
                 w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
                 guess = AGGREGATORS["class-weighted"].combine(test, w).argmax(1)
-                per_input = AGGREGATORS["class-weighted"].combine(test, vetoed(w, veto(test))).argmax(1)
+                per_input = AGGREGATORS["class-weighted"].combine(test, vetoed(w, keep)).argmax(1)
                 rows.append({"run": run.name, "liar": liar, "rule": rule, "tolerance": tolerance,
                              "ensemble": float((guess == y).float().mean()),
                              "vetoed": float((per_input == y).float().mean()),
