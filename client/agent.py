@@ -62,6 +62,9 @@ class SessionAborted(AgentError):
         self.released = released
 
 
+# A connection the hub has not welcomed this many seconds after it was opened is reported (a hub welcomes at once:
+# this is a hub wedged in set-up, or a peer that is not a hub), and dropped after the settings' welcome_timeout.
+WELCOME_SLOW = 10.0
 # A hub that closes the connection during set-up this many times in a row refuses how this agent connects
 # (plaintext against TLS, or a client certificate it does not accept): a retry would not change that.
 SETUP_CLOSES = 3
@@ -315,9 +318,17 @@ class TeacherAgent:
                     no_welcome.set()
                     call.cancel()
 
+            def still_waiting() -> None:
+                if not welcomed and not self._stop.is_set():
+                    logger.warning("no Welcome from the hub at %s %.3g s after connecting; waiting up to %.3g s more "
+                                   "before connecting again", self.settings.target, WELCOME_SLOW,
+                                   welcome_within - WELCOME_SLOW)
+
             timer = threading.Timer(welcome_within, give_up_waiting)
-            timer.daemon = True
-            timer.start()
+            slow = threading.Timer(WELCOME_SLOW, still_waiting)
+            for t in (timer, slow) if welcome_within > 2 * WELCOME_SLOW else (timer,):
+                t.daemon = True
+                t.start()
             try:
                 for msg in call:
                     kind = msg.WhichOneof("kind")
@@ -354,6 +365,7 @@ class TeacherAgent:
                 raise
             finally:
                 timer.cancel()
+                slow.cancel()
                 self._connected.clear()
                 outbox.put(None)
                 self._call = None

@@ -20,7 +20,10 @@ claims capped at 4x the median client's total, as the coordinator caps them). Ru
 Beside each ensemble, the same ensemble with a per-input veto of the lone dissenter (a teacher that names another
 class than every other teacher names, each of them at least 0.5 sure of it, is left out of that input; each class's
 weights renormalised over the teachers left), probed against the partial liar, whose lies are spread over inputs
-rather than classes; the coordinator has no such veto.
+rather than classes (the coordinator has no such veto); and beside it the ensemble with fedkd's own per-input veto
+(stop 64, ``Reliability.veto``): a teacher whose rate of contradicting a sure consensus of the others on classes it
+holds is above ``DISSENT_FLOOR`` and ``DISSENT_RATIO`` times the median teacher's, as the estimate measured it on
+the pool, has those contradicting answers left out (the rates and the teachers flagged are printed beside it).
 
 Liars (client 0): ``fixed`` class 0 at logit 20 on every input, claiming 10,000 records of every class; ``unsure``
 the same at logit 2; ``narrow`` the fixed liar claiming class 0 alone; ``mostly`` the same claiming 3x the others'
@@ -174,9 +177,17 @@ def replay(run: Path, liars: list[str], rules: list[str], tolerances: list[float
                 w = w / w.sum(0, keepdim=True).clamp_min(1e-12)
                 guess = AGGREGATORS["class-weighted"].combine(test, w).argmax(1)
                 per_input = AGGREGATORS["class-weighted"].combine(test, vetoed(w, keep)).argmax(1)
+                # fedkd's own per-input veto (stop 64): the flagged teachers' contradicting answers left out
+                kept = estimate.veto(members, test)
+                kept = torch.ones(test.shape[:2]) if kept is None else kept
+                claimed = AGGREGATORS["class-weighted"].combine(test, vetoed(w, kept)).argmax(1)
                 rows.append({"run": run.name, "liar": liar, "rule": rule, "tolerance": tolerance,
                              "ensemble": float((guess == y).float().mean()),
                              "vetoed": float((per_input == y).float().mean()),
+                             "veto": float((claimed == y).float().mean()),
+                             "veto_share": float(1 - kept.mean()),
+                             "dissent": [round(float(v), 3) for v in estimate.dissent],
+                             "flagged": [int(k) for k in estimate.flagged().nonzero().flatten()],
                              "weights": [round(float(v), 2) for v in estimate.weights()]})
     return rows
 
@@ -198,12 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     tolerances = [float(v) for v in args.tolerances.split(",")]
     torch.set_num_threads(args.threads)
     logging.getLogger("fedkd.coordinator.robustness").setLevel(logging.ERROR)  # the liars' warnings, expected
-    print("| run | liar | rule | ensemble | with the lone dissenter vetoed | teachers' weights |")
-    print("|---|---|---|---|---|---|")
+    print("| run | liar | rule | ensemble | with the lone dissenter vetoed | with fedkd's veto (answers vetoed) | "
+          "dissent rates (flagged) | teachers' weights |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         for row in replay(run, liars, rules, tolerances):
             rule = row["rule"] + (f" {row['tolerance']:g}" if row["tolerance"] is not None else "")
             print(f"| {row['run']} | {row['liar']} | {rule} | {row['ensemble']:.4f} | {row['vetoed']:.4f} "
+                  f"| {row['veto']:.4f} ({row['veto_share']:.1%}) | {row['dissent']} ({row['flagged']}) "
                   f"| {row['weights']} |", flush=True)
     return 0
 

@@ -46,6 +46,10 @@ def test_on_a_finished_run_the_narrow_liar_owns_the_ensemble_under_precision_and
     # IID teachers of one task: hardly any input has a lone dissenter, and the veto leaves the honest ensemble be
     vetoed = {(r["liar"], r["rule"]): r["vetoed"] for r in rows}
     assert vetoed["honest", "discrimination"] == pytest.approx(score["honest", "discrimination"], abs=0.03)
+    # fedkd's own veto flags no honest teacher (their dissent rates are alike), so it changes nothing there
+    honest = next(r for r in rows if r["liar"] == "honest" and r["rule"] == "discrimination")
+    assert honest["flagged"] == [] and honest["veto"] == honest["ensemble"] and honest["veto_share"] == 0.0
+    assert all(0.0 <= v <= 1.0 for v in honest["dissent"]) and len(honest["dissent"]) == 5
 
 
 def test_the_veto_leaves_out_only_a_sure_lone_dissenter_and_renormalises_each_class():

@@ -232,6 +232,29 @@ def test_a_teacher_connected_to_a_peer_that_never_answers_gives_up_in_time(in_pr
     assert "no session with the hub" in proc.stderr and "no Welcome within 2 s" in proc.stderr
 
 
+def test_an_agent_says_when_the_hub_is_slow_to_welcome_it_before_it_connects_again(
+        in_process_run, monkeypatch, caplog):
+    """An operator waiting on a wedged connection learns it while it lasts, not only when the attempt is dropped."""
+    import fedkd.client.agent as agent_module
+    from fedkd.client.agent import AgentError, AgentSettings, TeacherAgent
+    from fedkd.client.cli import host_from_checkpoint
+
+    ref_dir, _ = in_process_run
+    monkeypatch.setattr(agent_module, "WELCOME_SLOW", 0.3)
+    host = host_from_checkpoint(ref_dir / "clients" / "client_00" / "teacher.pt", client=0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        agent = TeacherAgent(host, AgentSettings(target=target, token="x", welcome_timeout=1.0, give_up_after=0.5,
+                                                 status_every=0))
+        with caplog.at_level("WARNING", logger="fedkd.client.agent"), pytest.raises(AgentError, match="no Welcome"):
+            agent.serve()
+    slow = [r.getMessage() for r in caplog.records if "no Welcome from the hub" in r.getMessage()]
+    assert slow and slow[0] == (f"no Welcome from the hub at {target} 0.3 s after connecting; waiting up to 0.7 s "
+                                "more before connecting again")
+
+
 def _distill(out, port, *extra):
     sets = [a for k, v in {**TINY, "epochs": 3, "steps-per-epoch": 6, "student-steps": 4}.items()
             if k != "num-clients" for a in ("--set", f"{k}={v}")]

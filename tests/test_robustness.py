@@ -693,3 +693,103 @@ def test_a_hostile_open_set_teacher_claiming_to_know_everything_does_not_win_the
     assert accuracy["trusting"] < 0.3, accuracy  # the gate and its claimed counts hand it the ensemble
     assert accuracy["robust"] > 0.95, accuracy
     assert robust.report()[4]["weight"] == 0.0
+
+
+class PartialLiar(nn.Module):
+    """Honest (``Reads``) except on about 30 % of the inputs, chosen by a pixel that says nothing of the class, where
+    it names class 0 at logit 20: its lies are spread over inputs, not classes."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.honest = Reads(seed)
+
+    def forward(self, x):
+        out = self.honest(x)
+        lie = torch.zeros_like(out)
+        lie[:, 0] = 20.0
+        return torch.where((x.flatten(1)[:, 1] < 0.3).unsqueeze(1), lie, out)
+
+
+def _accuracy(ens, x):
+    return float((ens(x, QueryContext(purpose="evaluate")).logits.argmax(-1) == _truth(x)).float().mean())
+
+
+def test_a_liar_that_names_one_class_on_a_share_of_the_inputs_is_vetoed_there_and_keeps_its_other_answers(
+        monkeypatch, caplog):
+    """Its agreement (about 0.7) and its per-class scores stay within what honest teachers show, and its claimed
+    records own half of every class; what sets it apart is how often it contradicts a sure consensus of the others
+    on a class it claims (about 30 %, the honest teachers never): flagged, its contradicting answers are left out
+    input by input, and the ensemble is the honest one again."""
+    hosts = [_host(Reads(k), k, [100] * C) for k in range(4)] + [_host(PartialLiar(4), 4, [10_000] * C)]
+    robust = Ensemble(LocalPool(hosts), "auto")
+    with caplog.at_level(logging.WARNING, logger="fedkd.coordinator.robustness"):
+        for step in range(4):
+            robust(_inputs(128, step), QueryContext())
+    x = _inputs(512, 7)
+    lied = x.flatten(1)[:, 1] < 0.3
+    report = robust.report()
+    assert report[4]["weight"] == 1.0 and min(report[4]["class_trust"]) > 0.5  # the class check cuts it only in part
+    assert 0.2 < report[4]["dissent"] < 0.45 and all(t["dissent"] < 0.05 for t in report[:4])
+    assert report[4]["vetoed_answers"] > 0 and all(t["vetoed_answers"] == 0 for t in report[:4])
+    assert "teacher 4 contradicts the others' sure answer" in caplog.text
+    assert _accuracy(robust, x) > 0.97
+    assert report == robust.report()  # the evaluation's vetoes are not counted as the method's
+    keep = robust.reliability.veto([0, 1, 2, 3, 4], torch.stack([h.model(x) for h in hosts]).detach())
+    assert keep is not None and bool((keep[:4] == 1).all())
+    liar_kept = keep[4].bool()
+    assert bool(liar_kept[~lied].all())  # its honest answers keep their say
+    assert bool((~liar_kept[lied & (_truth(x) != 0)]).all())  # every lie against the others is left out
+    # without the veto (a floor no rate reaches) the same estimate lets its claimed records win the lied inputs
+    monkeypatch.setattr("fedkd.coordinator.robustness.DISSENT_FLOOR", 2.0)
+    assert robust.reliability.veto([0, 1, 2, 3, 4], torch.stack([h.model(x) for h in hosts])) is None
+    assert _accuracy(robust, x) < 0.9
+
+
+def test_an_honest_expert_the_others_cannot_recognise_is_not_vetoed(monkeypatch):
+    """Teachers that never saw classes 3, 5 and 7 call them 2, sure (as label-skewed teachers do); the one client that
+    holds them names them, contradicting a sure consensus on 30 % of the inputs. The others claim none of those
+    classes, so they cannot judge it: it is not flagged, and the ensemble keeps its answers."""
+
+    class Skewed(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            self.honest = Reads(seed)
+
+        def forward(self, x):
+            out = self.honest(x)
+            unseen = torch.isin(_truth(x), torch.tensor([3, 5, 7]))
+            two = 5 * nn.functional.one_hot(torch.full_like(_truth(x), 2), C).float()
+            return torch.where(unseen.unsqueeze(1), two, out)
+
+    skewed = [100, 100, 100, 0, 100, 0, 100, 0, 100, 100]
+    hosts = [_host(Skewed(k), k, skewed) for k in range(4)] + [_host(Reads(4), 4, [100] * C)]
+    ens = Ensemble(LocalPool(hosts), "auto")
+    for step in range(4):
+        ens(_inputs(128, step), QueryContext())
+    assert ens.report()[4]["dissent"] == 0.0  # (the others hold none of the classes it names against them)
+    assert not bool(ens.reliability.flagged().any())
+    assert all(t["vetoed_answers"] == 0 for t in ens.report())
+    x = _inputs(512, 7)
+    logits = torch.stack([h.model(x) for h in hosts]).detach()
+    p = torch.softmax(logits, -1)
+    against = (p[4].argmax(-1) != 2) & (p[:4].max(-1).values.median(0).values >= 0.5) & (p[:4].argmax(-1) == 2).all(0)
+    assert float(against.float().mean()) > 0.2  # it does contradict a sure consensus, on 30 % of the inputs
+    monkeypatch.setattr("fedkd.coordinator.robustness.DISSENT_FLOOR", 0.0)  # were every dissent flagged ...
+    monkeypatch.setattr("fedkd.coordinator.robustness.DISSENT_RATIO", 0.0)
+    assert ens.reliability.veto(list(range(5)), logits) is None  # ... its answers would still stand
+
+
+def test_the_dissent_rates_survive_a_checkpoint_and_an_older_checkpoint_starts_without_them():
+    hosts = [_host(Reads(k), k, [100] * C) for k in range(4)] + [_host(PartialLiar(4), 4, [10_000] * C)]
+    ens = Ensemble(LocalPool(hosts), "auto")
+    for step in range(3):
+        ens(_inputs(128, step), QueryContext())
+    state = ens.reliability.state_dict()
+    fresh = Reliability(5, C, claims=ens.reliability.claims)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.dissent, ens.reliability.dissent)
+    assert torch.equal(fresh.flagged(), ens.reliability.flagged())
+    assert bool(fresh.flagged()[4]) and int(fresh.vetoed[4]) > 0
+    older = {k: v for k, v in state.items() if k not in ("dissent", "dissent_batches", "vetoed", "flag_warned")}
+    fresh.load_state_dict(older)
+    assert not bool(fresh.flagged().any()) and int(fresh.vetoed.sum()) == 0

@@ -362,15 +362,27 @@ class Ensemble:
         return torch.where(column > 0, w / column.clamp_min(1e-12),
                            fallback / fallback.sum(0, keepdim=True).clamp_min(1e-12))
 
-    def combine(self, logits: Tensor, members: Sequence[int], competence: Tensor | None = None) -> Tensor:
+    def combine(self, logits: Tensor, members: Sequence[int], competence: Tensor | None = None, *,
+                count: bool = False) -> Tensor:
         """The ensemble's (B, C) logits from the members' (K', B, C) logits; ``competence`` (K', B): per input, each
         member's 1 - p(unknown) (1 for members without that output), used by the aggregators that sum
-        probabilities."""
-        if competence is not None and self.aggregator.takes_competence:
+        probabilities. Those aggregators also leave out, input by input, the answers of a teacher flagged for
+        contradicting the others (:meth:`Reliability.veto`; ``count``: count them in the report), each class's
+        weights renormalised over the answers left."""
+        keep = self.reliability.veto(list(members), logits, count=count) if self.aggregator.takes_competence else None
+        if (competence is not None or keep is not None) and self.aggregator.takes_competence:
             base = self.weights(members)
             if base is None:  # equal footing: the probability mean's own weights
                 base = torch.full((len(members), self.num_classes), 1.0 / len(members))
-            return self.aggregator.combine(logits, base.to(logits.device).unsqueeze(1) * competence.unsqueeze(-1))
+            per_input = base.to(logits.device).unsqueeze(1)  # (K', 1, C)
+            if keep is not None:
+                kept = per_input * keep.unsqueeze(-1)  # (K', B, C)
+                column = kept.sum(0, keepdim=True)
+                # (a class whose every weighted answer was vetoed on an input keeps its weights as they were)
+                per_input = torch.where(column > 0, kept / column.clamp_min(1e-12), per_input.expand_as(kept))
+            if competence is not None:
+                per_input = per_input * competence.unsqueeze(-1)
+            return self.aggregator.combine(logits, per_input)
         if not self.aggregator.takes_weights:  # an order statistic: leave the distrusted teachers out
             r = self.reliability.weights()[list(members)]
             keep = [i for i in range(len(r)) if r[i] > 0]
@@ -400,6 +412,11 @@ class Ensemble:
                  "class_false_rate": [round(float(v), 3) if bool(s) else None
                                       for v, s in zip(rel.class_false[k], rel.false_seen[k])],
                  "class_trust": [round(float(v), 3) for v in trust[k]],
+                 # how often it contradicts a sure consensus of the others on a class it claims, and how many of
+                 # its answers the per-input veto left out (a teacher is vetoed only once it dissents far more
+                 # than the median teacher)
+                 "dissent": round(float(rel.dissent[k]), 4) if rel.dissent_batches[k] else None,
+                 "vetoed_answers": int(rel.vetoed[k]),
                  "gradient_weight": round(float(gw[k]), 4),
                  "gradient_cosine": round(float(self.gradient_agreement.cosine[k]), 4) if judged[k] else None,
                  "gradient_consistency": (round(float(self.gradient_agreement.ratio[k]), 4)
@@ -472,7 +489,7 @@ class Ensemble:
         # on would be scored in-sample.
         if state.purpose != "evaluate":
             self.reliability.update(answered, logits)
-        combined = self.combine(logits, answered, gate)
+        combined = self.combine(logits, answered, gate, count=state.purpose != "evaluate")
         out_terms = {}
         for j, name in enumerate(names):
             rows = computed[:, j].nonzero().flatten().tolist()

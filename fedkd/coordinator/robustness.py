@@ -30,6 +30,13 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
   weight 1 (measured: docs/robustness.md, docs/privacy.md); in a pathological split, where honest
   teachers legitimately disagree, the comparison is relative to the median teacher, not absolute. The rule assumes
   fewer than half the teachers lie (so that the medians, of answers and of confidence, are honest ones).
+- :meth:`Reliability.veto`: a liar can spread its lies over inputs instead of classes (a wrong class, sure, on a
+  random 30 % of the inputs, claiming every class): its agreement and every class statistic stay within what
+  honest teachers show, and its claimed records own a third of each class. What sets it apart is how often it
+  contradicts a sure consensus of the others on a class it claims to know (its dissent rate); a teacher whose rate
+  is both above ``DISSENT_FLOOR`` and ``DISSENT_RATIO`` times the median teacher's has, on each input, its answer
+  left out where it contradicts the others so; its other answers keep their say (measured on replays of finished
+  runs' pools: docs/robustness.md, "The partial liar").
 - :func:`capped_counts`: no client's claimed label counts weigh more than 4x the median client's total.
 - :class:`AnswerBounds`: logits are clipped to +-``logit_bound`` (a softmax is saturated long before; this only
   stops an absurd scale from owning a logit average); per sample, a teacher's input gradient is clipped to
@@ -111,6 +118,15 @@ SURE = 0.3  # the others judge a teacher's class claims only on inputs where the
 # honest federations' ensembles and catches more of a liar naming one class on a share of the inputs, replaying
 # finished runs' pools: simulations/class_check.py, docs/robustness.md "Which check, again").
 DISCRIMINATION_TOLERANCE = 0.75
+# The per-input veto (Reliability.veto): a teacher contradicts the others on an input when the median of their
+# probabilities names a class at least VETO_SURE that the teacher holds (its claim of the class at least half its own
+# mean claim per class) and it names another, which the others hold too, surer than that median. Its dissent
+# rate, of the inputs where the first two hold, is kept per teacher; a teacher whose rate exceeds DISSENT_FLOOR and
+# DISSENT_RATIO times the median teacher's has its contradicting answers left out, input by input (replays of
+# finished runs' pools: simulations/class_check.py, docs/robustness.md "The partial liar").
+VETO_SURE = 0.5
+DISSENT_FLOOR = 0.2
+DISSENT_RATIO = 2.0
 # The density check (DensityCheck): how many probe inputs each density teacher answers once, at which scales of the
 # normalised input space they are drawn (a mixture: the probes cover tasks whose images spread more or less about
 # their mean), and the chance of refuting an honest density.
@@ -143,6 +159,9 @@ class Reliability:
             raise ValueError(f"noisy must name {teachers} teachers, got {len(self.noisy)}")
         if self.claims is not None:
             self.shares = column_shares(self.claims).float()
+            # (K, C) the classes each teacher says it holds: at least half its own mean claim per class (a measure of
+            # its own histogram, which no other teacher's claims can move)
+            self.holds = self.claims >= 0.5 * self.claims.mean(1, keepdim=True)
         self.agreement = torch.zeros(teachers)
         self.confidence = torch.zeros(teachers)  # moving average of the teacher's mean top probability
         self.batches = torch.zeros(teachers, dtype=torch.long)
@@ -154,7 +173,13 @@ class Reliability:
         self.class_false = torch.zeros(teachers, num_classes)
         self.false_seen = torch.zeros(teachers, num_classes, dtype=torch.bool)
         self.vote_rate = torch.zeros(teachers, num_classes)  # moving average of how often it names each class
+        # Moving average of how often it contradicts a sure consensus on a class it claims (``veto``), and on how
+        # many batches it was judged so.
+        self.dissent = torch.zeros(teachers)
+        self.dissent_batches = torch.zeros(teachers, dtype=torch.long)
         self._warned: set[int] = set()
+        self.vetoed = torch.zeros(teachers, dtype=torch.long)  # answers left out by the veto, per teacher
+        self._flag_warned: set[int] = set()
 
     @torch.no_grad()
     def update(self, members: list[int], logits: Tensor) -> None:
@@ -180,6 +205,12 @@ class Reliability:
                 self.batches[k] += 1
             if len(members) < CLASS_CHECK:  # two others are no consensus on a class
                 continue
+            judged_sure, against = self._contradicts(k, p[i], median)
+            if bool(judged_sure.any()):
+                first = self.dissent_batches[k] == 0
+                rate = against.sum().float() / judged_sure.sum()
+                self.dissent[k] = self._ema(self.dissent[k], rate, first)
+                self.dissent_batches[k] += 1
             # Per class, the recall of "the others say c" by "the teacher says c": a teacher is held to recognising
             # what the others call c, on the classes it claims. Recall, not the overlap (intersection over union):
             # where two colluders swap two classes, the others' consensus on those classes is theirs as much as
@@ -208,6 +239,52 @@ class Reliability:
             self.class_false[k] = torch.where(elsewhere > 0, updated, self.class_false[k])
             self.false_seen[k] |= elsewhere > 0
         self._log_changes()
+
+    def _contradicts(self, k: int, p: Tensor, median: Tensor) -> tuple[Tensor, Tensor]:
+        """(B,) bool twice, for teacher ``k``'s probabilities ``p`` (B, C) against the median of the others' (B, C):
+        the inputs it is judged on (the median names a class at least ``VETO_SURE`` and the teacher claims that
+        class: an equal share of its claimed records or more; every class where claims are not weighed) and, of
+        those, the ones where it names another class, surer than the median."""
+        top, consensus = median.max(-1)
+        judged = top >= VETO_SURE
+        mine, vote = p.max(-1)
+        against = judged & (vote != consensus) & (mine >= top)
+        if self.claims is not None:
+            judged &= self.holds[k, consensus]
+            # The class it names must be one the others hold too (an equal share of its claimed records or more,
+            # together): where it alone holds that class, they cannot recognise it, and a contradiction is an
+            # expert's as much as a liar's.
+            against &= judged & (1 - self.shares[k, vote] >= 1.0 / self.teachers)
+        return judged, against
+
+    def flagged(self) -> Tensor:
+        """(K,) bool: the teachers whose dissent rate exceeds ``DISSENT_FLOOR`` and ``DISSENT_RATIO`` times the
+        median judged teacher's; their contradicting answers are vetoed input by input (``veto``)."""
+        seen = self.dissent_batches > 0
+        if not self.enabled or int(seen.sum()) < CLASS_CHECK:
+            return torch.zeros(self.teachers, dtype=torch.bool)
+        bar = max(DISSENT_FLOOR, DISSENT_RATIO * float(self.dissent[seen].median()))
+        return seen & (self.dissent > bar)
+
+    @torch.no_grad()
+    def veto(self, members: list[int], logits: Tensor, *, count: bool = False) -> Tensor | None:
+        """(K', B) 0 where a flagged member (``flagged``) contradicts the others on the input (the conditions of
+        ``_contradicts``, against the median of the other answering members), 1 elsewhere; None when nothing is
+        vetoed. A liar that names a wrong class on a random share of the inputs, claiming every class, spreads its
+        lies over inputs, where no class statistic sees them; an honest teacher is seldom flagged (its dissent is
+        the median teacher's), and a flagged one keeps every answer the others do not contradict."""
+        flagged = self.flagged()
+        if len(members) < CLASS_CHECK or not bool(flagged[members].any()):
+            return None
+        p = F.softmax(logits.detach().float().cpu(), -1)
+        keep = torch.ones(p.shape[:2])
+        for i, k in enumerate(members):
+            if bool(flagged[k]):
+                median = median_of(torch.cat([p[:i], p[i + 1:]]))
+                keep[i] = (~self._contradicts(k, p[i], median)[1]).float()
+        if count:  # (answers to the method's queries; not the coordinator's evaluation of the ensemble)
+            self.vetoed[members] += (keep == 0).sum(1).long()
+        return keep.to(logits.device) if bool((keep == 0).any()) else None
 
     def _ema(self, current: Tensor, value: Tensor, first: Tensor) -> Tensor:
         """The moving average after ``value``; ``value`` itself where ``first``."""
@@ -300,13 +377,26 @@ class Reliability:
             elif w[k] >= TRUSTED_AGAIN and k in self._warned:
                 self._warned.discard(k)
                 logger.warning("teacher %d is trusted again (weight %.2f)", k, float(w[k]))
+        flagged = self.flagged()
+        for k in range(self.teachers):
+            if bool(flagged[k]) and k not in self._flag_warned:
+                self._flag_warned.add(k)
+                seen = self.dissent_batches > 0
+                logger.warning("teacher %d contradicts the others' sure answer on %.0f%% of the inputs of classes it "
+                               "claims (the median teacher: %.0f%%): its contradicting answers are left out, input by "
+                               "input", k, 100 * float(self.dissent[k]), 100 * float(self.dissent[seen].median()))
+            elif not bool(flagged[k]) and k in self._flag_warned:
+                self._flag_warned.discard(k)
+                logger.warning("teacher %d no longer contradicts the others more than the median teacher does", k)
 
     def state_dict(self) -> dict[str, Any]:
         return {"agreement": self.agreement.clone(), "confidence": self.confidence.clone(),
                 "batches": self.batches.clone(), "warned": sorted(self._warned),
                 "class_recall": self.class_recall.clone(), "class_seen": self.class_seen.clone(),
                 "class_false": self.class_false.clone(), "false_seen": self.false_seen.clone(),
-                "vote_rate": self.vote_rate.clone()}
+                "vote_rate": self.vote_rate.clone(), "dissent": self.dissent.clone(),
+                "dissent_batches": self.dissent_batches.clone(), "vetoed": self.vetoed.clone(),
+                "flag_warned": sorted(self._flag_warned)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.agreement = state["agreement"].clone().float()
@@ -322,6 +412,11 @@ class Reliability:
         self.false_seen = state.get("false_seen", torch.zeros_like(self.class_seen)).clone().bool()
         # (a checkpoint from before the vote rates were kept: every class counts as named until answers come)
         self.vote_rate = state.get("vote_rate", torch.ones(self.teachers, self.num_classes)).clone().float()
+        # (a checkpoint from before the veto: no teacher has dissented yet)
+        self.dissent = state.get("dissent", torch.zeros(self.teachers)).clone().float()
+        self.dissent_batches = state.get("dissent_batches", torch.zeros(self.teachers)).clone().long()
+        self.vetoed = state.get("vetoed", torch.zeros(self.teachers)).clone().long()
+        self._flag_warned = {int(k) for k in state.get("flag_warned", [])}
 
 
 class GradientAgreement:
