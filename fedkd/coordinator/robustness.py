@@ -173,8 +173,8 @@ class Reliability:
         self.class_false = torch.zeros(teachers, num_classes)
         self.false_seen = torch.zeros(teachers, num_classes, dtype=torch.bool)
         self.vote_rate = torch.zeros(teachers, num_classes)  # moving average of how often it names each class
-        # Moving average of how often it contradicts a sure consensus on a class it claims (``veto``), and on how
-        # many batches it was judged so.
+        # Moving average of how often it contradicts a sure consensus on a class it holds (``_contradicts``), and
+        # on how many batches it was judged so.
         self.dissent = torch.zeros(teachers)
         self.dissent_batches = torch.zeros(teachers, dtype=torch.long)
         self._warned: set[int] = set()
@@ -242,9 +242,9 @@ class Reliability:
 
     def _contradicts(self, k: int, p: Tensor, median: Tensor) -> tuple[Tensor, Tensor]:
         """(B,) bool twice, for teacher ``k``'s probabilities ``p`` (B, C) against the median of the others' (B, C):
-        the inputs it is judged on (the median names a class at least ``VETO_SURE`` and the teacher claims that
-        class: an equal share of its claimed records or more; every class where claims are not weighed) and, of
-        those, the ones where it names another class, surer than the median."""
+        the inputs it is judged on (the median names a class at least ``VETO_SURE`` that the teacher holds: at
+        least half its own mean claim per class; every class where claims are not weighed) and, of those, the ones
+        where it names another class, one the others hold too, surer than the median."""
         top, consensus = median.max(-1)
         judged = top >= VETO_SURE
         mine, vote = p.max(-1)
