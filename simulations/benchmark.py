@@ -24,9 +24,8 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
 - ``hostile``: the main job with client 0's teacher replaced by a hostile one (a fixed wrong class, or
   random logits; both claiming a large label histogram), with the reliability estimate (the default) and
   without it; a fixed-class liar less sure than the honest teachers (``hostile-unsure``), one that claims its
-  class alone (``hostile-narrow``), and one honest but on a random 30 % of the inputs (``hostile-partial``). Target:
-  student
-  within 0.02 of the default run. With ``teacher-density=on`` (``hostile-fixed-density``, and
+  class alone (``hostile-narrow``), and one honest but on a random 30 % of the inputs (``hostile-partial``).
+  Target: student within 0.02 of the default run. With ``teacher-density=on`` (``hostile-fixed-density``, and
   ``hostile-claims-density`` whose density claims every input): within 0.02 of ``default-density``.
 - ``access``: the main job with every client granting logits only (zeroth-order gradient estimates). Target:
   student >= 0.95 x the gradient-mode student; the extra query samples reported.

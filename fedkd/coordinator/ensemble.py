@@ -369,14 +369,14 @@ class Ensemble:
         probabilities. Those aggregators also leave out, input by input, the answers of a teacher flagged for
         contradicting the others (:meth:`Reliability.veto`; ``count``: count them in the report), each class's
         weights renormalised over the answers left."""
-        keep = self.reliability.veto(list(members), logits, count=count) if self.aggregator.takes_competence else None
-        if (competence is not None or keep is not None) and self.aggregator.takes_competence:
+        vetoes = self.reliability.veto(list(members), logits, count=count) if self.aggregator.takes_competence else None
+        if (competence is not None or vetoes is not None) and self.aggregator.takes_competence:
             base = self.weights(members)
             if base is None:  # equal footing: the probability mean's own weights
                 base = torch.full((len(members), self.num_classes), 1.0 / len(members))
             per_input = base.to(logits.device).unsqueeze(1)  # (K', 1, C)
-            if keep is not None:
-                kept = per_input * keep.unsqueeze(-1)  # (K', B, C)
+            if vetoes is not None:
+                kept = per_input * vetoes.unsqueeze(-1)  # (K', B, C)
                 column = kept.sum(0, keepdim=True)
                 # (a class whose every weighted answer was vetoed on an input keeps its weights as they were)
                 per_input = torch.where(column > 0, kept / column.clamp_min(1e-12), per_input.expand_as(kept))
