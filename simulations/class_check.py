@@ -24,12 +24,14 @@ rather than classes (the coordinator has no such veto); and beside it the ensemb
 (stop 64, ``Reliability.veto``): a teacher whose rate of contradicting a sure consensus of the others on classes it
 holds is above ``DISSENT_FLOOR`` and ``DISSENT_RATIO`` times the median teacher's, as the estimate measured it on
 the pool, has those contradicting answers left out (the rates and the teachers flagged are printed beside it).
+Since stop 65 a flagged teacher's claimed records also count for no more than the median client's total, and for a
+class only as far as its answers name it, in every column (the estimate's ``class_weights``).
 
 Liars (client 0): ``fixed`` class 0 at logit 20 on every input, claiming 10,000 records of every class; ``unsure``
 the same at logit 2; ``narrow`` the fixed liar claiming class 0 alone; ``mostly`` the same claiming 3x the others'
 records of class 0 and a tenth of theirs of every other class; ``partial`` class 0 at logit 20 on a random 30 % of
-the inputs, honest elsewhere, claiming 10,000 of every class; ``swap`` and ``swap2`` (clients 0 and 1) the classes 3
-and 5 swapped, claims honest; ``oneway`` 5 named for 3, honest elsewhere.
+the inputs, honest elsewhere, claiming 10,000 of every class (``partial15`` the same on 15 %); ``swap`` and
+``swap2`` (clients 0 and 1) the classes 3 and 5 swapped, claims honest; ``oneway`` 5 named for 3, honest elsewhere.
 
     python simulations/class_check.py RUN [RUN...] --liars honest,narrow,partial --rules precision,discrimination
 
@@ -58,7 +60,7 @@ from fedkd.coordinator.aggregation import AGGREGATORS, claimed_counts, column_sh
 from fedkd.data import load_dataset  # noqa: E402
 from fedkd.institution.loading import load_teacher  # noqa: E402
 
-LIARS = ("honest", "fixed", "unsure", "narrow", "mostly", "partial", "swap", "swap2", "oneway")
+LIARS = ("honest", "fixed", "unsure", "narrow", "mostly", "partial", "partial15", "swap", "swap2", "oneway")
 RULES = ("both", "discrimination", "precision", "recall")
 SWAP = [0, 1, 2, 5, 4, 3, 6, 7, 8, 9]
 
@@ -113,8 +115,9 @@ def doctor(logits: Tensor, claims: Tensor, liar: str) -> tuple[Tensor, Tensor]:
         elif liar == "mostly":
             claims[0] = 0.1 * total
             claims[0, 0] = 3 * total[0]
-    elif liar == "partial":
-        chosen = torch.rand(logits.shape[1], generator=torch.Generator().manual_seed(0)) < 0.3
+    elif liar in ("partial", "partial15"):
+        share = 0.15 if liar == "partial15" else 0.3
+        chosen = torch.rand(logits.shape[1], generator=torch.Generator().manual_seed(0)) < share
         logits[0, chosen] = 0
         logits[0, chosen, 0] = 20.0
         claims[0] = 10_000

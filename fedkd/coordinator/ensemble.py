@@ -189,9 +189,14 @@ class _FanOut(torch.autograd.Function):
         distrusted = [k for k in answers if trust[k] == 0]
         for k in distrusted:
             del answers[k]
-        # Labels-only teachers answer a step function: no gradient term, estimated or otherwise.
+        # Labels-only teachers answer a step function: no gradient term, estimated or otherwise. Nor does a teacher
+        # flagged for contradicting the others on a share of its inputs (Reliability.flagged): its Forwards are
+        # what the estimate differences, and a lie on a probe or on the base input is a jump of its logits over the
+        # radius, which the bound only clips to gradient-bound x the honest teachers' median (a partial liar's
+        # estimate, clipped on nearly every sample, had owned the sum the generator follows).
+        flagged = ensemble.reliability.flagged()
         estimated = [k for k in ctx.members if (k not in ensemble.gradient_members or k in distrusted)
-                     and k in ensemble.logits_members]
+                     and k in ensemble.logits_members and not bool(flagged[k])]
         if estimated and ensemble.zeroth_order.directions > 0:
             answers.update(zeroth_order_gradient(
                 ctx.pool, ctx.x, estimated, {k: g[index[k]] for k in estimated},

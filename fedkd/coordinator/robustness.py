@@ -36,7 +36,9 @@ about a single answer says it is wrong; what does is that the teacher disagrees 
   contradicts a sure consensus of the others on a class it claims to know (its dissent rate); a teacher whose rate
   is both above ``DISSENT_FLOOR`` and ``DISSENT_RATIO`` times the median teacher's has, on each input, its answer
   left out where it contradicts the others so; its other answers keep their say (measured on replays of finished
-  runs' pools: docs/robustness.md, "The partial liar").
+  runs' pools: docs/robustness.md, "The partial liar"). A flagged teacher's claimed records then count for no more
+  than the median client's total, and for a class only as far as its answers name it (``class_weights``), and its
+  gradient term is not estimated from its Forwards (``fedkd.coordinator.ensemble``; stop 65).
 - :func:`capped_counts`: no client's claimed label counts weigh more than 4x the median client's total.
 - :class:`AnswerBounds`: logits are clipped to +-``logit_bound`` (a softmax is saturated long before; this only
   stops an absurd scale from owning a logit average); per sample, a teacher's input gradient is clipped to
@@ -331,13 +333,16 @@ class Reliability:
         # the honest expert, even with answers that never name the class. So its claimed records count for no more
         # than the median client's total, and for a class only as far as its own answers name it (in full once
         # they name it as often as a uniform guess would).
-        unsure = self._judged()[1]
-        if self.claims is None or not bool(unsure.any()):
+        # The same holds for a teacher flagged for contradicting a sure consensus (``flagged``): shown to lie on a
+        # share of its inputs, its claimed histogram is no more credible than its answers, and on a class where the
+        # pool holds little consensus to judge it by, its claim would otherwise own the column.
+        restrained = self._judged()[1] | self.flagged()
+        if self.claims is None or not bool(restrained.any()):
             return factors
         totals = self.claims.sum(1)
         cap = (totals.median() / totals.clamp_min(1e-12)).clamp(max=1.0).float().unsqueeze(1)
         named = (self.num_classes * self.vote_rate).clamp(max=1.0)
-        return torch.where(unsure.unsqueeze(1), factors * cap * named, factors)
+        return torch.where(restrained.unsqueeze(1), factors * cap * named, factors)
 
     def discrimination(self) -> Tensor:
         """(K, C) recall of c less the rate of naming c where the consensus names another class (0 for a teacher
