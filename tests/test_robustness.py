@@ -873,3 +873,24 @@ def test_a_flagged_teachers_claims_count_for_no_more_than_the_median_clients(mon
     # unflagged (a floor no rate reaches), the class check alone leaves it most of its claim on some class
     monkeypatch.setattr("fedkd.coordinator.robustness.DISSENT_FLOOR", 2.0)
     assert float(ens.weights(range(5))[4].max()) > 0.4
+
+
+def test_a_teacher_whose_dissent_hovers_about_the_bar_is_announced_once(caplog):
+    """Flagged above the bar (0.2 here), it is announced once; dipping just under the bar and back does not write
+    another pair of lines (logging only: the veto follows the bar itself); it is announced as no longer
+    contradicting the others once its rate is down to three quarters of the bar."""
+    rel = Reliability(5, C)
+    rel.dissent_batches[:] = 1
+    flagged, cleared = "teacher 0 contradicts the others' sure answer", "teacher 0 no longer contradicts"
+    with caplog.at_level(logging.WARNING, logger="fedkd.coordinator.robustness"):
+        for rate, flag in ((0.25, True), (0.19, False), (0.21, True), (0.18, False), (0.24, True)):
+            rel.dissent[0] = rate
+            assert bool(rel.flagged()[0]) is flag
+            rel._log_changes()
+        assert caplog.text.count(flagged) == 1 and cleared not in caplog.text
+        rel.dissent[0] = 0.14
+        rel._log_changes()
+        assert caplog.text.count(cleared) == 1
+        rel.dissent[0] = 0.3
+        rel._log_changes()
+        assert caplog.text.count(flagged) == 2

@@ -137,7 +137,9 @@ DENSITY_SCALES = (0.25, 0.5, 1.0)
 DENSITY_ALPHA = 1e-6
 DENSITY_ATTEMPTS = 3  # probes a density teacher may leave unanswered before it is refuted for evading the check
 # A teacher left out is announced as trusted again only once its weight is back to this (logging only: a teacher at
-# the edge, its weight hovering about the cut, wrote a pair of lines every few batches of the main job).
+# the edge, its weight hovering about the cut, wrote a pair of lines every few batches of the main job); likewise a
+# flagged teacher is announced as no longer contradicting the others only once its dissent rate is down to this
+# share of the bar (two colluding swappers, their rates about the bar, wrote 22 lines in one run of swap-2).
 TRUSTED_AGAIN = 0.75
 
 
@@ -265,8 +267,14 @@ class Reliability:
         seen = self.dissent_batches > 0
         if not self.enabled or int(seen.sum()) < CLASS_CHECK:
             return torch.zeros(self.teachers, dtype=torch.bool)
-        bar = max(DISSENT_FLOOR, DISSENT_RATIO * float(self.dissent[seen].median()))
-        return seen & (self.dissent > bar)
+        return seen & (self.dissent > self._dissent_bar())
+
+    def _dissent_bar(self) -> float:
+        """The dissent rate above which a teacher is flagged: ``DISSENT_FLOOR`` or ``DISSENT_RATIO`` times the median
+        judged teacher's, whichever is higher."""
+        seen = self.dissent_batches > 0
+        median = float(self.dissent[seen].median()) if bool(seen.any()) else 0.0
+        return max(DISSENT_FLOOR, DISSENT_RATIO * median)
 
     @torch.no_grad()
     def veto(self, members: list[int], logits: Tensor, *, count: bool = False) -> Tensor | None:
@@ -390,7 +398,8 @@ class Reliability:
                 logger.warning("teacher %d contradicts the others' sure answer on %.0f%% of the inputs of classes it "
                                "claims (the median teacher: %.0f%%): its contradicting answers are left out, input by "
                                "input", k, 100 * float(self.dissent[k]), 100 * float(self.dissent[seen].median()))
-            elif not bool(flagged[k]) and k in self._flag_warned:
+            elif (not bool(flagged[k]) and k in self._flag_warned
+                  and float(self.dissent[k]) <= TRUSTED_AGAIN * self._dissent_bar()):
                 self._flag_warned.discard(k)
                 logger.warning("teacher %d no longer contradicts the others more than the median teacher does", k)
 
