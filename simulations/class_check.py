@@ -34,6 +34,7 @@ the inputs, honest elsewhere, claiming 10,000 of every class (``partial15`` the 
 ``swap2`` (clients 0 and 1) the classes 3 and 5 swapped, claims honest; ``oneway`` 5 named for 3, honest elsewhere.
 
     python simulations/class_check.py RUN [RUN...] --liars honest,narrow,partial --rules precision,discrimination
+    python simulations/class_check.py RUN [RUN...] --liars honest,partial15 --dissent-floor 0.15 --dissent-ratio 1.5
 
 Experiment-only (it reads the teachers' files, which a coordinator never holds); the answers are the teachers' own,
 so what differs from a full run is only that the estimate sees the final pool, not the pool as it grew.
@@ -202,8 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", default="precision,discrimination", help=f"comma-separated, of {', '.join(RULES)}")
     parser.add_argument("--tolerances", default=str(robustness.DISCRIMINATION_TOLERANCE),
                         help="comma-separated tolerances of the discrimination rule")
+    parser.add_argument("--dissent-floor", type=float, default=robustness.DISSENT_FLOOR,
+                        help="the veto's floor on the dissent rate, for this replay (fedkd's: %(default)s)")
+    parser.add_argument("--dissent-ratio", type=float, default=robustness.DISSENT_RATIO,
+                        help="the veto's ratio to the median teacher's rate, for this replay (fedkd's: %(default)s)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.dissent_floor < 0 or args.dissent_ratio < 0:
+        parser.error("--dissent-floor and --dissent-ratio must be >= 0")
+    # (the estimate reads the module's constants when it flags; this process replays, it distils nothing)
+    robustness.DISSENT_FLOOR, robustness.DISSENT_RATIO = args.dissent_floor, args.dissent_ratio
     liars, rules = args.liars.split(","), args.rules.split(",")
     for name, given, known in (("liar", liars, LIARS), ("rule", rules, RULES)):
         unknown = [v for v in given if v not in known]

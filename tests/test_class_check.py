@@ -26,6 +26,16 @@ def test_the_liars_answers_and_claims_are_doctored_and_capped_as_the_coordinator
     partial, _ = class_check.doctor(logits, claims, "partial")
     share = float((partial[0] != logits[0]).any(-1).float().mean())
     assert 0.15 < share < 0.45  # about 30 % of the inputs
+    fewer, _ = class_check.doctor(logits, claims, "partial15")
+    lied = (fewer[0] != logits[0]).any(-1)
+    assert 0.05 < float(lied.float().mean()) < share  # about 15 %
+    assert bool(((partial[0] != logits[0]).any(-1) | ~lied).all())  # a subset of the partial liar's inputs
+
+
+def test_the_replay_refuses_a_negative_dissent_bar_before_reading_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        class_check.main([str(tmp_path / "no-such-run"), "--dissent-floor", "-0.1"])
+    assert "--dissent-floor and --dissent-ratio must be >= 0" in capsys.readouterr().err
 
 
 def test_on_a_finished_run_the_narrow_liar_owns_the_ensemble_under_precision_and_not_under_discrimination(tmp_path):
