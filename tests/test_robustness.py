@@ -703,11 +703,14 @@ class PartialLiar(nn.Module):
         super().__init__()
         self.honest = Reads(seed)
 
+    def lies(self, x):
+        return x.flatten(1)[:, 1] < 0.3
+
     def forward(self, x):
         out = self.honest(x)
         lie = torch.zeros_like(out)
         lie[:, 0] = 20.0
-        return torch.where((x.flatten(1)[:, 1] < 0.3).unsqueeze(1), lie, out)
+        return torch.where(self.lies(x).unsqueeze(1), lie, out)
 
 
 def _accuracy(ens, x):
@@ -796,20 +799,12 @@ def test_the_dissent_rates_survive_a_checkpoint_and_an_older_checkpoint_starts_w
     assert not bool(fresh.flagged().any()) and int(fresh.vetoed.sum()) == 0
 
 
-class HashLiar(nn.Module):
+class HashLiar(PartialLiar):
     """Honest (``Reads``) except on about 30 % of the inputs, drawn by the input's exact values (as a hash would), where
     it names class 0 at logit 20: a probe a step away from an input is a fresh draw, so its Forwards jump."""
 
-    def __init__(self, seed):
-        super().__init__()
-        self.honest = Reads(seed)
-
-    def forward(self, x):
-        out = self.honest(x)
-        lie = torch.zeros_like(out)
-        lie[:, 0] = 20.0
-        drawn = torch.frac(x.flatten(1).sum(1) * 1e4)
-        return torch.where((drawn < 0.3).unsqueeze(1), lie, out)
+    def lies(self, x):
+        return torch.frac(x.flatten(1).sum(1) * 1e4) < 0.3
 
 
 def test_a_flagged_liars_gradient_term_is_not_estimated_from_its_lying_forwards(monkeypatch):
