@@ -390,7 +390,7 @@ class Reliability:
             elif w[k] >= TRUSTED_AGAIN and k in self._warned:
                 self._warned.discard(k)
                 logger.warning("teacher %d is trusted again (weight %.2f)", k, float(w[k]))
-        flagged = self.flagged()
+        flagged, cleared = self.flagged(), TRUSTED_AGAIN * self._dissent_bar()
         for k in range(self.teachers):
             if bool(flagged[k]) and k not in self._flag_warned:
                 self._flag_warned.add(k)
@@ -398,8 +398,7 @@ class Reliability:
                 logger.warning("teacher %d contradicts the others' sure answer on %.0f%% of the inputs of classes it "
                                "claims (the median teacher: %.0f%%): its contradicting answers are left out, input by "
                                "input", k, 100 * float(self.dissent[k]), 100 * float(self.dissent[seen].median()))
-            elif (not bool(flagged[k]) and k in self._flag_warned
-                  and float(self.dissent[k]) <= TRUSTED_AGAIN * self._dissent_bar()):
+            elif not bool(flagged[k]) and k in self._flag_warned and float(self.dissent[k]) <= cleared:
                 self._flag_warned.discard(k)
                 logger.warning("teacher %d no longer contradicts the others more than the median teacher does", k)
 
