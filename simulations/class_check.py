@@ -34,7 +34,7 @@ the inputs, honest elsewhere, claiming 10,000 of every class (``partial15`` the 
 ``swap2`` (clients 0 and 1) the classes 3 and 5 swapped, claims honest; ``oneway`` 5 named for 3, honest elsewhere.
 
     python simulations/class_check.py RUN [RUN...] --liars honest,narrow,partial --rules precision,discrimination
-    python simulations/class_check.py RUN [RUN...] --liars honest,partial15 --dissent-floor 0.15 --dissent-ratio 1.5
+    python simulations/class_check.py RUN [RUN...] --liars honest,partial15 --dissent-floor 0.2 --dissent-ratio 2
 
 Experiment-only (it reads the teachers' files, which a coordinator never holds); the answers are the teachers' own,
 so what differs from a full run is only that the estimate sees the final pool, not the pool as it grew.

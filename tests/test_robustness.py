@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fedkd.contract import QueryContext, TeacherDescription
+from fedkd.coordinator import robustness
 from fedkd.coordinator.aggregation import AGGREGATORS
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.evaluation import query_ensemble
@@ -871,21 +872,48 @@ def test_a_flagged_teachers_claims_count_for_no_more_than_the_median_clients(mon
 
 
 def test_a_teacher_whose_dissent_hovers_about_the_bar_is_announced_once(caplog):
-    """Flagged above the bar (0.2 here), it is announced once; dipping just under the bar and back does not write
-    another pair of lines (logging only: the veto follows the bar itself); it is announced as no longer
-    contradicting the others once its rate is down to three quarters of the bar."""
+    """Flagged above the bar (the floor here: the others' rates are 0), it is announced once; dipping just under the
+    bar and back does not write another pair of lines (logging only: the veto follows the bar itself); it is
+    announced as no longer contradicting the others once its rate is down to three quarters of the bar."""
+    bar = robustness.DISSENT_FLOOR
     rel = Reliability(5, C)
     rel.dissent_batches[:] = 1
     flagged, cleared = "teacher 0 contradicts the others' sure answer", "teacher 0 no longer contradicts"
     with caplog.at_level(logging.WARNING, logger="fedkd.coordinator.robustness"):
-        for rate, flag in ((0.25, True), (0.19, False), (0.21, True), (0.18, False), (0.24, True)):
+        for rate, flag in ((bar + 0.05, True), (bar - 0.01, False), (bar + 0.01, True), (bar - 0.02, False),
+                           (bar + 0.04, True)):
             rel.dissent[0] = rate
             assert bool(rel.flagged()[0]) is flag
             rel._log_changes()
         assert caplog.text.count(flagged) == 1 and cleared not in caplog.text
-        rel.dissent[0] = 0.14
+        rel.dissent[0] = 0.7 * bar
         rel._log_changes()
         assert caplog.text.count(cleared) == 1
-        rel.dissent[0] = 0.3
+        rel.dissent[0] = bar + 0.1
         rel._log_changes()
         assert caplog.text.count(flagged) == 2
+
+
+class SmallLiar(PartialLiar):
+    """The partial liar on a fifth of the inputs: its dissent rate (about 0.18) is under stop 64's bar of 0.2."""
+
+    def lies(self, x):
+        return x.flatten(1)[:, 1] < 0.2
+
+
+def test_a_liar_on_a_fifth_of_the_inputs_is_flagged_and_honest_teachers_are_not(monkeypatch):
+    """The bar (a floor of 0.15, 1.5x the median teacher's rate) catches a liar whose rate stays under stop 64's
+    0.2 and 2x, and no honest teacher beside it; its lies against the others are left out."""
+    hosts = [_host(Reads(k), k, [100] * C) for k in range(4)] + [_host(SmallLiar(4), 4, [10_000] * C)]
+    ens = Ensemble(LocalPool(hosts), "auto")
+    for step in range(6):
+        ens(_inputs(128, step), QueryContext())
+    report = ens.report()
+    assert 0.15 < report[4]["dissent"] < 0.2 and all(t["dissent"] < 0.05 for t in report[:4])
+    assert ens.reliability.flagged().tolist() == [False] * 4 + [True]
+    x = _inputs(512, 7)
+    assert _accuracy(ens, x) > 0.97
+    monkeypatch.setattr("fedkd.coordinator.robustness.DISSENT_FLOOR", 0.2)  # stop 64's bar lets it through
+    monkeypatch.setattr("fedkd.coordinator.robustness.DISSENT_RATIO", 2.0)
+    assert not bool(ens.reliability.flagged().any())
+    assert _accuracy(ens, x) < 0.95

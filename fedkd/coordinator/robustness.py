@@ -125,10 +125,14 @@ DISCRIMINATION_TOLERANCE = 0.75
 # mean claim per class) and it names another, which the others hold too, surer than that median. Its dissent
 # rate, of the inputs where the first two hold, is kept per teacher; a teacher whose rate exceeds DISSENT_FLOOR and
 # DISSENT_RATIO times the median teacher's has its contradicting answers left out, input by input (replays of
-# finished runs' pools: simulations/class_check.py, docs/robustness.md "The partial liar").
+# finished runs' pools: simulations/class_check.py, docs/robustness.md "The partial liar"). At 0.2 and 2 (stop 64)
+# a liar on 15 % of the inputs went unflagged on five of fourteen replays; since a flag costs an honest teacher
+# only the answers that contradict a sure consensus and the claims its answers do not back (stop 65), 0.15 and 1.5
+# catch it on thirteen, and full runs' students lose nothing where honest teachers get flagged (stop 66:
+# docs/robustness.md, "A lower bar").
 VETO_SURE = 0.5
-DISSENT_FLOOR = 0.2
-DISSENT_RATIO = 2.0
+DISSENT_FLOOR = 0.15
+DISSENT_RATIO = 1.5
 # The density check (DensityCheck): how many probe inputs each density teacher answers once, at which scales of the
 # normalised input space they are drawn (a mixture: the probes cover tasks whose images spread more or less about
 # their mean), and the chance of refuting an honest density.
