@@ -128,8 +128,8 @@ DISCRIMINATION_TOLERANCE = 0.75
 # finished runs' pools: simulations/class_check.py, docs/robustness.md "The partial liar"). At 0.2 and 2 (stop 64)
 # a liar on 15 % of the inputs went unflagged on five of fourteen replays; since a flag costs an honest teacher
 # only the answers that contradict a sure consensus and the claims its answers do not back (stop 65), 0.15 and 1.5
-# catch it on thirteen, and full runs' students lose nothing where honest teachers get flagged (stop 66:
-# docs/robustness.md, "A lower bar").
+# catch it on thirteen, and full runs' students stay within a point and a half of the old bar's where honest teachers
+# get flagged (stop 66: docs/robustness.md, "The lower bar, adopted").
 VETO_SURE = 0.5
 DISSENT_FLOOR = 0.15
 DISSENT_RATIO = 1.5
