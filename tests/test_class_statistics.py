@@ -421,6 +421,7 @@ def test_each_teacher_s_class_term_takes_its_share_of_that_teacher_s_statistics_
 # A run ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_over_grpc_with_class_statistics_uses_them_beside_the_global_ones(tmp_path):
     """Teacher agents as processes on 127.0.0.1 (fedkd run's transport=grpc): the run computes the statistics, each
     agent is told to release them, and the term's values and gradients cross the wire."""

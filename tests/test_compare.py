@@ -4,12 +4,15 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "simulations"))
 
 import compare  # noqa: E402
 
 
+@pytest.mark.slow
 def test_a_rerun_only_computes_what_changed(tmp_path, monkeypatch, capsys):
     args = ["--preset", "smoke", "--methods", "dafl,cudfkd", "--settings", "single", "--seeds", "0",
             "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]

@@ -118,6 +118,7 @@ class Dies(RuntimeError):
     pass
 
 
+@pytest.mark.slow
 def test_a_server_app_that_died_resumes_from_its_run_directory_and_ends_where_an_uninterrupted_one_ends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = flower_config(tmp_path, epochs=3)

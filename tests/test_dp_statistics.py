@@ -60,6 +60,7 @@ def test_released_statistics_match_the_data_up_to_the_noise_and_clipping(digits)
     assert errors.abs().mean() < 5 * scale + 0.1  # noise plus the clipping's bias, bounded
 
 
+@pytest.mark.slow
 def test_a_dp_teacher_with_released_statistics_serves_the_term_and_the_ledger_counts_it(digits, tmp_path):
     (model, record), data = _dp_teacher(digits, feature_epsilon=0.5)
     assert record["feature_statistics"]["epsilon"] == 0.5

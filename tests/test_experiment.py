@@ -123,6 +123,7 @@ def test_query_budget_stops_synthesis_and_the_student_keeps_training(tmp_path):
     assert checkpoint["method"]["trainer"]["steps"] == 2 * 4 * 2  # the student trained in every round
 
 
+@pytest.mark.slow
 def test_resume_ends_where_an_uninterrupted_run_ends(finished_run, tmp_path):
     config, full_out, full = finished_run
     out = tmp_path / "resumed"
@@ -191,6 +192,7 @@ def test_an_aggregator_that_needs_counts_names_the_clients_when_none_shares_them
 
 
 
+@pytest.mark.slow
 def test_student_refit_trains_a_fresh_student_on_the_final_pool_without_a_query(tmp_path):
     full = run_experiment(config_from_mapping({**TINY, "student-refit": 0.0}), tmp_path / "along-the-way")
     refit = config_from_mapping({**TINY, "student-refit": 1.0})
@@ -243,6 +245,7 @@ class StopAtStage(StopAfter):
             raise Interrupt
 
 
+@pytest.mark.slow
 def test_student_refit_mixup_asks_for_the_blends_once_counts_them_and_keeps_to_the_budget(tmp_path):
     mixup = {**TINY, "student-refit": 1.0, "student-refit-mixup": 0.5}
     pool = 4 * 15 * 64  # the epochs' samples
@@ -281,6 +284,7 @@ def test_student_refit_mixup_asks_for_the_blends_once_counts_them_and_keeps_to_t
         "query-budget"]
 
 
+@pytest.mark.slow
 def test_student_refit_warp_warps_the_blends_and_asks_for_as_many(tmp_path):
     mixup = {**TINY, "student-refit": 1.0, "student-refit-mixup": 0.5, "student-refit-warp": 0.0}
     for name, warp in (("plain", 0.0), ("warped", 30.0)):

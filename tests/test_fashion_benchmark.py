@@ -42,6 +42,7 @@ def idx_root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, monkeypatch, capsys):
     results, runs = tmp_path / "results", tmp_path / "runs"
     args = ["--data-root", str(idx_root), "--alphas", "0.5", "--seeds", "0", "--results", str(results),
@@ -98,6 +99,7 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     assert "the synthetic pool (64)" in out  # 2 rounds of 32
 
 
+@pytest.mark.slow
 def test_the_pathological_split_runs_beside_the_dirichlet_ones_with_teachers_of_two_classes(tmp_path, idx_root):
     import torch
 

@@ -94,6 +94,7 @@ def test_resume_reads_the_run_s_own_settings_and_ends_where_an_uninterrupted_run
     assert "--resume needs --out DIR" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_whose_output_is_not_a_terminal_prints_one_line_per_epoch(tmp_path):
     """A batch job, nohup or | tee: one line per epoch (accuracy, seconds, query samples so far), no escape
     codes, no progress bar."""

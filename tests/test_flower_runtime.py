@@ -38,6 +38,7 @@ def test_flwr_run_simulation_with_three_clients(tmp_path: Path) -> None:
     assert superlink_pids(home) == []  # the SuperLink it started is gone
 
 
+@pytest.mark.slow
 def test_ten_simulated_clients_on_two_workers(tmp_path: Path) -> None:
     # Ten teachers serve at once from threads of (at most) two simulation workers.
     log = io.StringIO()
@@ -52,6 +53,7 @@ def test_ten_simulated_clients_on_two_workers(tmp_path: Path) -> None:
     assert len(summary["queries"]["per_client"]) == 10
 
 
+@pytest.mark.slow
 def test_bare_flwr_run_follows_the_default_federation(tmp_path: Path) -> None:
     # `flwr run . --stream` on a fresh FLWR_HOME: no --federation-config, the app's num-clients 0 takes the
     # federation's default 2 SuperNodes (2 CPUs each: one ClientApp at a time, which serving from a background
@@ -68,6 +70,7 @@ def test_bare_flwr_run_follows_the_default_federation(tmp_path: Path) -> None:
     assert all(n["served"]["forward_calls"] > 0 for n in summary["flower"]["nodes"])  # from the hub's reports
 
 
+@pytest.mark.slow
 def test_a_failed_simulation_run_fails_the_command(tmp_path: Path) -> None:
     # No MNIST files under data-root: every node fails its train round, the ServerApp stops the run.
     code, status = simulate({**SMALL, "dataset": "mnist", "data-root": str(tmp_path / "none"), "num-clients": 2,
@@ -76,6 +79,7 @@ def test_a_failed_simulation_run_fails_the_command(tmp_path: Path) -> None:
     assert code == 1 and status["status"] == "finished:failed"
 
 
+@pytest.mark.slow
 def test_deployment_with_tls_and_supernode_auth(tmp_path: Path) -> None:
     subprocess.run([str(Path(__import__("sys").executable).parent / "fedkd"), "partition", "--out",
                     str(tmp_path / "data"), "--set", "dataset=digits", "--set", "num-clients=2"],
@@ -102,6 +106,7 @@ def test_deployment_with_tls_and_supernode_auth(tmp_path: Path) -> None:
         f"file:{tmp_path}/data/client-00{i}.npz" for i in range(2)}
 
 
+@pytest.mark.slow
 def test_a_deployment_whose_supernodes_serve_their_own_models_from_node_config(tmp_path: Path) -> None:
     """Two SuperNode processes name an exported program and a task card in --node-config (one also its labelled
     images); the run config names the card; the coordinator holds no data."""

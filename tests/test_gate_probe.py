@@ -38,6 +38,7 @@ def test_unknown_to_all_counts_the_inputs_no_teacher_calls_its_own():
     assert gate_probe.unknown_to_all(somebody, 2) == 0.0
 
 
+@pytest.mark.slow
 def test_the_student_ceiling_trains_the_run_s_student_on_real_images_three_ways(tmp_path, capsys):
     """simulations/student_ceiling.py on a finished digits run: its ensemble is the run's, and the three students
     (soft answers, the ensemble's class, the true labels) train with the run's own schedule."""
@@ -60,6 +61,7 @@ def test_the_student_ceiling_trains_the_run_s_student_on_real_images_three_ways(
     assert out["labels"] > 0.5 and out["hard"] > 0.3  # 200 steps of the true labels learn digits; chance is 0.1
 
 
+@pytest.mark.slow
 def test_pool_targets_trains_the_run_s_student_on_its_own_pool_with_each_aggregation(tmp_path):
     """simulations/pool_targets.py on a finished digits run: the final pool read back, the same teachers'
     answers combined each way (class weights raised to 0 are the plain probability mean), a student per way."""
@@ -84,6 +86,7 @@ def test_pool_targets_trains_the_run_s_student_on_its_own_pool_with_each_aggrega
     assert all(0.0 <= r["student"] <= 1.0 and 0.1 <= r["mean_top_probability_on_pool"] <= 1.0 for r in rows.values())
 
 
+@pytest.mark.slow
 def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_extra_samples(tmp_path):
     """simulations/refit_probe.py on a finished digits run: the pool alone (and its weight averages), another
     loss, the pool plus blends answered by the teachers, by refitted students (no query), and plus fresh samples of

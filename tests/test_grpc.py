@@ -561,6 +561,7 @@ def test_a_slow_teacher_misses_the_deadline_and_the_quorum_carries_on(hub_factor
     assert Ensemble(hub.pool)(torch.randn(4, *SHAPE), STATE).members == [0, 1]
 
 
+@pytest.mark.slow
 def test_the_straggler_policy_goes_on_without_a_slow_teacher_once_the_quorum_has_answered(hub_factory, pki, caplog):
     """A teacher that always answers just inside query-timeout would set the pace of every query; with
     straggler-factor F the others wait F x the median answer time (at least 1 s) once the quorum has answered."""

@@ -23,7 +23,7 @@ TINY = {
     "dataset": "digits", "num-clients": 3, "partition": "iid", "teacher-model": "lenet5",
     "student-model": "lenet5-half", "teacher-epochs": 30, "teacher-lr": 3e-3, "epochs": 2, "steps-per-epoch": 10,
     "student-steps": 10, "batch-size": 64, "latent-dim": 32, "generator-width": 16, "sample-stages": 1,
-    "num-threads": 2,
+    "num-threads": 2, "student-refit": 1,  # (the refit at its default 8 took half of each run)
 }
 
 
@@ -93,6 +93,7 @@ class KillAndRestart:
             self.joined_again_at = self.steps
 
 
+@pytest.mark.slow
 def test_a_teacher_killed_mid_run_the_run_completes_and_it_rejoins(in_process_run, tmp_path):
     ref_dir, _ = in_process_run
     # (reliability off: the counts below are the rounds' queries, without the gradient checks' Forwards)
@@ -153,6 +154,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_fedkd_distill_and_fedkd_teacher_commands(in_process_run, tmp_path):
     ref_dir, _ = in_process_run
     port = _free_port()
@@ -198,6 +200,7 @@ def test_fedkd_distill_and_fedkd_teacher_commands(in_process_run, tmp_path):
     assert "released the student's accuracy" in results[1][1].decode() and 0.0 <= rows[0]["accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_a_teacher_pointed_at_nothing_gives_up_with_a_clear_error(in_process_run, tmp_path):
     ref_dir, _ = in_process_run
     token = tmp_path / "t.token"
@@ -214,6 +217,7 @@ def test_a_teacher_pointed_at_nothing_gives_up_with_a_clear_error(in_process_run
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_teacher_connected_to_a_peer_that_never_answers_gives_up_in_time(in_process_run, tmp_path):
     """A peer that accepts the connection and never speaks (not a hub, a wedged hub, or a loopback socket that
     connected to itself) held the agent forever: each attempt now waits for the Welcome a bounded time."""
@@ -275,6 +279,7 @@ def _teachers(ref_dir, out, port):
          "--ca", str(out / "tls" / "ca.pem")], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
 
 
+@pytest.mark.slow
 def test_a_killed_coordinator_resumes_with_its_teachers_and_ends_where_an_uninterrupted_run_ends(in_process_run,
                                                                                                  tmp_path):
     ref_dir, _ = in_process_run
@@ -327,6 +332,7 @@ def test_a_killed_coordinator_resumes_with_its_teachers_and_ends_where_an_uninte
     assert reconciliation["agree"] == (not reconciliation["differences"])
 
 
+@pytest.mark.slow
 def test_a_mixed_run_of_gradient_logits_and_labels_teachers_gives_the_same_student_in_process_and_over_grpc(
         in_process_run, tmp_path):
     ref_dir, _ = in_process_run

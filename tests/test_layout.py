@@ -194,3 +194,42 @@ def test_every_import_of_opacus_or_torchvision_goes_through_the_lock():
                 unguarded.append(f"{path.relative_to(ROOT)}:{n + 1}")
     assert sites >= 10  # the ledger, PATE, DP-SGD, the open-set recipe, datasets, torchvision models
     assert unguarded == [], "imports of Opacus or torchvision without the lock first"
+
+
+
+FIRST_DYNAMO = """
+import sys, importlib.abc
+from fedkd.imports import _LOCK
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch._dynamo" and not seen:
+            seen.append(_LOCK._is_owned())
+        return None
+sys.meta_path.insert(0, Watch())
+from fedkd.config import config_from_mapping
+from fedkd.coordinator.export import export_program
+from fedkd.coordinator.flow import check_names
+from fedkd.data import SPECS
+from fedkd.models import build_classifier
+assert "torch._dynamo" not in sys.modules
+if sys.argv[1] == "check":
+    check_names(config_from_mapping({"dataset": "digits"}), SPECS["digits"])
+else:
+    export_program(build_classifier("lenet5-half", num_classes=10, channels=1, image_size=8), (1, 8, 8),
+                   __import__("pathlib").Path(sys.argv[2]))
+print(seen)
+"""
+
+
+def test_the_start_up_check_and_the_export_import_torch_dynamo_under_the_lock(tmp_path):
+    """A forward on the meta device (the start-up check of the student) and torch.export import torch._dynamo, which
+    imports torch.distributed: in a Flower simulation it met a ClientApp's import in another thread once (an import
+    deadlock reported as a bad student-model). In a fresh process, its first import happens under the lock that the
+    other imports take."""
+    runs = [subprocess.Popen([sys.executable, "-c", FIRST_DYNAMO, what, str(tmp_path / "student.pt2")], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for what in ("check", "export")]
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0 and out.strip() == "[True]", out + err
+    assert (tmp_path / "student.pt2").is_file()

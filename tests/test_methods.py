@@ -21,7 +21,7 @@ from fedkd.options import ConfigError
 
 BASE = {"dataset": "digits", "num-clients": 3, "partition": "iid", "teacher-model": "lenet5", "teacher-epochs": 30,
         "teacher-lr": 3e-3, "epochs": 4, "steps-per-epoch": 15, "student-steps": 5, "batch-size": 64,
-        "latent-dim": 32, "num-threads": 2, "sample-stages": 1}
+        "latent-dim": 32, "num-threads": 2, "sample-stages": 1, "student-refit": 1}
 # Per method, what lets a 60-round run show learning (the papers' schedules are hundreds of times longer).
 TUNING = {"dafl": {"dafl.student-steps": 5}, "deepinversion": {"deepinversion.iterations": 5},
           "hidfd": {"hidfd.public-samples": 50}}

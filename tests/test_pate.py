@@ -157,6 +157,7 @@ def test_vote_logits_of_an_abstention_is_uniform_and_the_hub_accepts_it():
     assert logits[0].argmax() == 3 and torch.allclose(logits[1], torch.full((10,), math.log(0.1)))
 
 
+@pytest.mark.slow
 def test_a_federation_with_a_pate_client_runs_over_grpc_and_reports_both_bounds(tmp_path):
     from fedkd.server.loopback import grpc_transport
 

@@ -295,6 +295,7 @@ def test_a_run_goes_on_without_a_client_whose_budget_ran_out_and_reports_every_l
     assert ledger["epsilon_spent"] == pytest.approx(noisy["epsilon_spent"])
 
 
+@pytest.mark.slow
 def test_the_refits_blends_are_asked_like_any_query_and_a_spent_client_keeps_to_its_budget(tmp_path):
     from fedkd.config import config_from_mapping
     from fedkd.coordinator.experiment import run_experiment
@@ -321,6 +322,7 @@ def test_the_refits_blends_are_asked_like_any_query_and_a_spent_client_keeps_to_
     assert spent["queries"]["per_client"][0]["missed"] > 0 and spent["queries"]["per_client"][1]["missed"] == 0
 
 
+@pytest.mark.slow
 def test_where_prv_cannot_discretise_the_ledger_falls_back_to_rdp_and_recomputes_alike():
     # DP-SGD training beside a release with very little noise: Opacus's PRV discretisation raises.
     history = [(2.08, 0.256, 160), (0.0249, 1.0, 1)]
@@ -373,6 +375,7 @@ print(released)
 """
 
 
+@pytest.mark.slow
 def test_two_processes_of_one_client_share_its_ledger_and_its_budget(tmp_path):
     """Two `fedkd teacher` processes on one checkpoint share the default ledger file: together they may release
     what the budget allows, no more (each once released up to the budget on its own, the last writer winning)."""

@@ -16,6 +16,8 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,6 +27,7 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complete
     return out
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_under_the_fedkd_namespace_and_runs(tmp_path):
     source, dist = tmp_path / "source", tmp_path / "dist"  # a copy: no build/ left in the tree, none reused
     for part in ("fedkd", "server", "client"):

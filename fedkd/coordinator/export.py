@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fedkd.files import write_atomic
+from fedkd.imports import load_heavy
 from fedkd.models import count_parameters
 from fedkd.provenance import provenance
 from fedkd.task import Task
@@ -47,6 +48,7 @@ def _why(exc: Exception) -> str:
 def export_program(model: nn.Module, input_shape: tuple[int, int, int], path: Path) -> str | None:
     """Write ``model`` (in eval mode) as an exported program with a dynamic batch dimension; None when it was
     written, else why not (the run goes on: the state dict in student.pt is still there)."""
+    load_heavy("torch._dynamo")  # (torch.export imports it: under the lock, see fedkd.imports)
     was_training = model.training
     model.eval()
     try:

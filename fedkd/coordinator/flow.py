@@ -33,6 +33,7 @@ from fedkd.coordinator.rundir import claim_run_dir
 from fedkd.coordinator.summary import build_summary, save_student, write_results
 from fedkd.coordinator.synthetic_pool import pool_bytes
 from fedkd.data import DatasetSpec, ImageData, load_dataset
+from fedkd.imports import load_heavy
 from fedkd.models import build_classifier, is_code_spec, is_model_name, is_student_spec, model_names
 from fedkd.options import ConfigError, resolve_device
 from fedkd.task import Task
@@ -121,6 +122,7 @@ def check_names(config: RunConfig, spec: DatasetSpec) -> None:
     if not is_student_spec(config.student.model):
         raise ConfigError(f"student-model: unknown model {config.student.model!r}; valid: {', '.join(model_names())}, "
                           "torchvision:NAME or PACKAGE.MODULE:CALLABLE (your own code)")
+    load_heavy("torch._dynamo")  # (the forward below on the meta device imports it: see fedkd.imports)
     try:
         with torch.device("meta"):
             student = build_classifier(config.student.model, num_classes=spec.num_classes, channels=spec.channels,

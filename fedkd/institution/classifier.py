@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fedkd.checkpoint import unreadable
+from fedkd.imports import load_heavy
 from fedkd.models import build_model, code_classifier, is_model_name, torchvision_classifier
 from fedkd.options import ConfigError
 from fedkd.task import Task
@@ -125,6 +126,7 @@ def as_classifier(model: Any) -> nn.Module:
 def _exported(path: Path) -> nn.Module:
     if not path.is_file():
         raise ModelError(f"--model {str(path)!r}: the exported program does not exist")
+    load_heavy("torch._dynamo")  # (torch.export imports it: under the lock, see fedkd.imports)
     try:
         program = torch.export.load(path)
     except Exception as exc:  # torch raises many kinds for a file that is not an exported program
