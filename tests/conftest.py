@@ -23,7 +23,7 @@ def node_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 # The default suite stays a few minutes on a 2-core machine: tests marked `slow` (end-to-end runs of several
-# processes, or of Flower's runtime, each 10-75 s) are left out unless `--runslow` is given, a `-m` expression picks
+# processes, or of Flower's runtime, each 7-90 s) are left out unless `--runslow` is given, a `-m` expression picks
 # them, or the command names their file or the test itself. Run `pytest --runslow` (the whole suite) before landing.
 SLOW_LEFT_OUT = pytest.StashKey[int]()
 

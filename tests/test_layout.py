@@ -196,7 +196,6 @@ def test_every_import_of_opacus_or_torchvision_goes_through_the_lock():
     assert unguarded == [], "imports of Opacus or torchvision without the lock first"
 
 
-
 FIRST_DYNAMO = """
 import sys, importlib.abc
 from fedkd.imports import _LOCK
