@@ -26,6 +26,7 @@ holds is above ``DISSENT_FLOOR`` and ``DISSENT_RATIO`` times the median teacher'
 the pool, has those contradicting answers left out (the rates and the teachers flagged are printed beside it).
 Since stop 65 a flagged teacher's claimed records also count for no more than the median client's total, and for a
 class only as far as its answers name it, in every column (the estimate's ``class_weights``).
+Since stop 70 the rate sets the teacher's most contradicted class aside (``Reliability._spread``).
 
 Liars (client 0): ``fixed`` class 0 at logit 20 on every input, claiming 10,000 records of every class; ``unsure``
 the same at logit 2; ``narrow`` the fixed liar claiming class 0 alone; ``mostly`` the same claiming 3x the others'

@@ -784,6 +784,39 @@ def test_an_honest_expert_the_others_cannot_recognise_is_not_vetoed(monkeypatch)
     assert ens.reliability.veto(list(range(5)), logits) is None  # ... its answers would still stand
 
 
+def test_an_honest_specialist_that_confuses_one_class_it_barely_holds_is_not_flagged():
+    """Strong label skew (Fashion-MNIST Dirichlet(0.1)): a client holding 3,600 sneakers (7) and 1,200 ankle boots
+    (9) calls 40 % of the boots sneakers, sure, where the others are sure of boots. Every one of its contradictions
+    falls on one class, so its rate over the classes it holds (0.2) is above the floor, but the class check answers
+    for one class: with its most contradicted class set aside it contradicts nobody, and it keeps every answer. A
+    liar spreading the same share of lies over the classes is still flagged (the tests above)."""
+
+    class Specialist(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            self.honest = Reads(seed)
+
+        def forward(self, x):
+            out = self.honest(x)
+            confused = (_truth(x) == 9) & (x.flatten(1)[:, 1] < 0.4)
+            seven = 10 * nn.functional.one_hot(torch.full_like(_truth(x), 7), C).float()
+            return torch.where(confused.unsqueeze(1), seven, out)
+
+    held = [0, 0, 0, 0, 0, 0, 0, 3600, 0, 1200]
+    hosts = [_host(Reads(k), k, [1000] * C) for k in range(4)] + [_host(Specialist(4), 4, held)]
+    ens = Ensemble(LocalPool(hosts), "auto")
+    for step in range(6):
+        ens(_inputs(128, step), QueryContext())
+    rel, report = ens.reliability, ens.report()
+    by_class = report[4]["class_dissent"]  # (the summary's, per class the others name)
+    assert 0.25 < by_class[9] < 0.55 and by_class[7] == 0.0  # it contradicts the others on boots, and on nothing else
+    assert all(v is None for c, v in enumerate(by_class) if c not in (7, 9))  # (judged only on the classes it holds)
+    judged, against = rel.class_judged[4], rel.class_against[4]
+    assert float(against.sum() / judged.sum()) > robustness.DISSENT_FLOOR  # the rate over both held classes
+    assert report[4]["dissent"] == 0.0 and not bool(rel.flagged().any())
+    assert all(t["vetoed_answers"] == 0 for t in report)
+
+
 def test_the_dissent_rates_survive_a_checkpoint_and_an_older_checkpoint_starts_without_them():
     hosts = [_host(Reads(k), k, [100] * C) for k in range(4)] + [_host(PartialLiar(4), 4, [10_000] * C)]
     ens = Ensemble(LocalPool(hosts), "auto")
@@ -793,11 +826,14 @@ def test_the_dissent_rates_survive_a_checkpoint_and_an_older_checkpoint_starts_w
     fresh = Reliability(5, C, claims=ens.reliability.claims)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.dissent, ens.reliability.dissent)
+    assert torch.equal(fresh.class_against, ens.reliability.class_against) and float(fresh.class_judged.sum()) > 0
     assert torch.equal(fresh.flagged(), ens.reliability.flagged())
     assert bool(fresh.flagged()[4]) and int(fresh.vetoed[4]) > 0
-    older = {k: v for k, v in state.items() if k not in ("dissent", "dissent_batches", "vetoed", "flag_warned")}
+    older = {k: v for k, v in state.items() if k not in ("dissent", "dissent_batches", "vetoed", "flag_warned",
+                                                         "class_judged", "class_against")}
     fresh.load_state_dict(older)
     assert not bool(fresh.flagged().any()) and int(fresh.vetoed.sum()) == 0
+    assert float(fresh.class_judged.sum()) == 0.0
 
 
 class HashLiar(PartialLiar):

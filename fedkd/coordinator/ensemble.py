@@ -417,10 +417,13 @@ class Ensemble:
                  "class_false_rate": [round(float(v), 3) if bool(s) else None
                                       for v, s in zip(rel.class_false[k], rel.false_seen[k])],
                  "class_trust": [round(float(v), 3) for v in trust[k]],
-                 # how often it contradicts a sure consensus of the others on a class it claims, and how many of
-                 # its answers the per-input veto left out (a teacher is vetoed only once it dissents far more
-                 # than the median teacher)
+                 # how often it contradicts a sure consensus of the others on a class it claims (its most
+                 # contradicted class set aside; per class the consensus names, every class), and how many of its
+                 # answers the per-input veto left out (a teacher is vetoed only once it dissents far more than the
+                 # median teacher)
                  "dissent": round(float(rel.dissent[k]), 4) if rel.dissent_batches[k] else None,
+                 "class_dissent": [round(float(a / j), 3) if float(j) > 0 else None
+                                   for a, j in zip(rel.class_against[k], rel.class_judged[k])],
                  "vetoed_answers": int(rel.vetoed[k]),
                  "gradient_weight": round(float(gw[k]), 4),
                  "gradient_cosine": round(float(self.gradient_agreement.cosine[k]), 4) if judged[k] else None,
