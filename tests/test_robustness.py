@@ -696,22 +696,31 @@ def test_a_hostile_open_set_teacher_claiming_to_know_everything_does_not_win_the
     assert robust.report()[4]["weight"] == 0.0
 
 
-class PartialLiar(nn.Module):
-    """Honest (``Reads``) except on about 30 % of the inputs, chosen by a pixel that says nothing of the class, where
-    it names class 0 at logit 20: its lies are spread over inputs, not classes."""
+class Overrides(nn.Module):
+    """Honest (``Reads``) except on the inputs ``where`` picks, where it names class ``named`` at logit ``logit``."""
+
+    named, logit = 0, 20.0
 
     def __init__(self, seed):
         super().__init__()
         self.honest = Reads(seed)
 
-    def lies(self, x):
-        return x.flatten(1)[:, 1] < 0.3
+    def where(self, x):
+        raise NotImplementedError
 
     def forward(self, x):
         out = self.honest(x)
-        lie = torch.zeros_like(out)
-        lie[:, 0] = 20.0
-        return torch.where(self.lies(x).unsqueeze(1), lie, out)
+        answer = torch.zeros_like(out)
+        answer[:, self.named] = self.logit
+        return torch.where(self.where(x).unsqueeze(1), answer, out)
+
+
+class PartialLiar(Overrides):
+    """Honest (``Reads``) except on about 30 % of the inputs, chosen by a pixel that says nothing of the class, where
+    it names class 0 at logit 20: its lies are spread over inputs, not classes."""
+
+    def where(self, x):
+        return x.flatten(1)[:, 1] < 0.3
 
 
 def _accuracy(ens, x):
@@ -755,16 +764,11 @@ def test_an_honest_expert_the_others_cannot_recognise_is_not_vetoed(monkeypatch)
     holds them names them, contradicting a sure consensus on 30 % of the inputs. The others claim none of those
     classes, so they cannot judge it: it is not flagged, and the ensemble keeps its answers."""
 
-    class Skewed(nn.Module):
-        def __init__(self, seed):
-            super().__init__()
-            self.honest = Reads(seed)
+    class Skewed(Overrides):
+        named, logit = 2, 5.0
 
-        def forward(self, x):
-            out = self.honest(x)
-            unseen = torch.isin(_truth(x), torch.tensor([3, 5, 7]))
-            two = 5 * nn.functional.one_hot(torch.full_like(_truth(x), 2), C).float()
-            return torch.where(unseen.unsqueeze(1), two, out)
+        def where(self, x):  # the classes it never saw
+            return torch.isin(_truth(x), torch.tensor([3, 5, 7]))
 
     skewed = [100, 100, 100, 0, 100, 0, 100, 0, 100, 100]
     hosts = [_host(Skewed(k), k, skewed) for k in range(4)] + [_host(Reads(4), 4, [100] * C)]
@@ -791,16 +795,11 @@ def test_an_honest_specialist_that_confuses_one_class_it_barely_holds_is_not_fla
     for one class: with its most contradicted class set aside it contradicts nobody, and it keeps every answer. A
     liar spreading the same share of lies over the classes is still flagged (the tests above)."""
 
-    class Specialist(nn.Module):
-        def __init__(self, seed):
-            super().__init__()
-            self.honest = Reads(seed)
+    class Specialist(Overrides):
+        named, logit = 7, 10.0
 
-        def forward(self, x):
-            out = self.honest(x)
-            confused = (_truth(x) == 9) & (x.flatten(1)[:, 1] < 0.4)
-            seven = 10 * nn.functional.one_hot(torch.full_like(_truth(x), 7), C).float()
-            return torch.where(confused.unsqueeze(1), seven, out)
+        def where(self, x):  # 40 % of the boots
+            return (_truth(x) == 9) & (x.flatten(1)[:, 1] < 0.4)
 
     held = [0, 0, 0, 0, 0, 0, 0, 3600, 0, 1200]
     hosts = [_host(Reads(k), k, [1000] * C) for k in range(4)] + [_host(Specialist(4), 4, held)]
@@ -840,7 +839,7 @@ class HashLiar(PartialLiar):
     """Honest (``Reads``) except on about 30 % of the inputs, drawn by the input's exact values (as a hash would), where
     it names class 0 at logit 20: a probe a step away from an input is a fresh draw, so its Forwards jump."""
 
-    def lies(self, x):
+    def where(self, x):
         return torch.frac(x.flatten(1).sum(1) * 1e4) < 0.3
 
 
@@ -933,7 +932,7 @@ def test_a_teacher_whose_dissent_hovers_about_the_bar_is_announced_once(caplog):
 class SmallLiar(PartialLiar):
     """The partial liar on a fifth of the inputs: its dissent rate (about 0.18) is under stop 64's bar of 0.2."""
 
-    def lies(self, x):
+    def where(self, x):
         return x.flatten(1)[:, 1] < 0.2
 
 
