@@ -952,3 +952,36 @@ def test_a_liar_on_a_fifth_of_the_inputs_is_flagged_and_honest_teachers_are_not(
     monkeypatch.setattr("fedkd.coordinator.robustness.DISSENT_RATIO", 2.0)
     assert not bool(ens.reliability.flagged().any())
     assert _accuracy(ens, x) < 0.95
+
+
+def test_a_liar_whose_lies_land_on_one_class_is_left_to_the_class_check_which_takes_that_class_from_it():
+    """A teacher honest except that it calls every 3 a 5, sure, claiming 10,000 records of every class (the
+    benchmark's ``redirect-1``, with inflated claims): all of its contradictions fall on the inputs the others call
+    3, the one class the dissent rate sets aside (stop 70), so the veto does not flag it. The class check answers:
+    it never recognises a 3 (recall 0), so its claim on 3 goes; its "5" still tells 5 from the rest (it names 5 on
+    a ninth of the other inputs, 0.89 of the best discrimination, within the tolerance), so it keeps its claim on 5,
+    capped at four times the median client's records. The ensemble calls the 3s 3 (in this toy about 0.63 against
+    0.35 for 5: the lie keeps a third of the mass, which the benchmark row measures on real teachers)."""
+
+    class Redirects(Overrides):
+        named, logit = 5, 20.0
+
+        def where(self, x):
+            return _truth(x) == 3
+
+    hosts = [_host(Reads(k), k, [100] * C) for k in range(4)] + [_host(Redirects(4), 4, [10_000] * C)]
+    ens = Ensemble(LocalPool(hosts), "auto")
+    for step in range(6):
+        ens(_inputs(128, step), QueryContext())
+    rel, report = ens.reliability, ens.report()
+    assert report[4]["class_dissent"][3] > 0.9 and report[4]["dissent"] == 0.0
+    assert not bool(rel.flagged().any()) and all(t["vetoed_answers"] == 0 for t in report)
+    factors = rel.class_weights()
+    assert float(factors[4, 3]) == 0.0 and float(factors[4, 5]) == 1.0, factors[4]
+    assert float(factors[:4].min()) == 1.0
+    x = _inputs(1024, 7)
+    threes = _truth(x) == 3
+    p = ens(x, QueryContext(purpose="evaluate")).logits.softmax(-1)
+    assert float((p[threes].argmax(-1) == 3).float().mean()) > 0.95
+    assert float(p[threes, 5].mean()) < 0.45
+    assert _accuracy(ens, x) > 0.97
