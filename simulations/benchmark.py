@@ -131,6 +131,10 @@ RUNS: dict[str, dict[str, Any]] = {
     # What it costs is measured as the student's recall on those two classes.
     "swap-1": {},
     "swap-2": {},
+    # The client holding the most 3s, honest except that whatever it would call 3 it calls 5, sure of it (its logits
+    # of 3 and 5 swapped on those inputs only; its histogram honest): its lies land on the one class the consensus
+    # calls 3, which the veto's dissent rate sets aside since stop 70, so the class check alone stands against it.
+    "redirect-1": {},
     # Every client grants logits only: the teachers' input gradients are estimated by zeroth order.
     "logits-only": {"teacher-access": "logits"},
     # Gradient poisoning on digits: clients 0 (and 1) answer honest logits and -8x the honest input gradient.
@@ -154,8 +158,9 @@ GROUPS = {"default": ["default"], "one-client": ["one-client"],
                       "hostile-partial15"],
           "access": ["default", "logits-only"],
           "poisoned": ["digits", "digits-poison-1", "digits-poison-2", "default", "poison-1", "poison-2"],
-          "swap": ["default", "swap-1", "swap-2"]}
+          "swap": ["default", "swap-1", "swap-2", "redirect-1"]}
 SWAPPED = (3, 5)  # the classes a targeted-poisoning teacher swaps
+REDIRECTED = {"redirect-1"}  # rows whose largest holder of class 3 calls 5 what it would call 3
 PARTIAL = {"hostile-partial": 0.3, "hostile-partial15": 0.15}  # the share of the inputs client 0 lies on
 SWAPPERS = {"swap-1": (0,), "swap-2": (0, 1)}
 SPLITS = {"iid": {"partition": "iid"}, "dirichlet-0.5": {"alpha": 0.5}, "dirichlet-0.1": {"alpha": 0.1},
@@ -278,21 +283,56 @@ def partial_lies(clients: set[int], share: float = 0.3) -> Iterator[None]:
         TeacherHost.forward = original  # type: ignore[method-assign]
 
 
+def largest_holder(out: Path, label: int) -> int:
+    """The client of the run in ``out`` whose teacher holds the most records of class ``label``."""
+    counts = [torch.load(p, weights_only=True)["label_counts"][label]
+              for p in sorted((out / "clients").glob("client_*/teacher.pt"))]
+    return max(range(len(counts)), key=counts.__getitem__)
+
+
+@contextmanager
+def redirected(clients: set[int], source: int = SWAPPED[0], target: int = SWAPPED[1]) -> Iterator[None]:
+    """Teachers of ``clients`` answer ``target`` wherever they would answer ``source`` (their two logits swapped on
+    those inputs), honestly elsewhere: the in-process hosts' forward, wrapped for the duration (their input gradients
+    stay honest). Its lies land on one class of the inputs, not spread over them."""
+    original = TeacherHost.forward
+
+    def forward(self: TeacherHost, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        reply = original(self, inputs, *args, **kwargs)
+        if self.description.client not in clients or reply.labels is not None:
+            return reply
+        lied = reply.logits.detach().clone()
+        rows = lied[:, : self.description.num_classes].argmax(1) == source
+        lied[rows, source], lied[rows, target] = reply.logits[rows, target], reply.logits[rows, source]
+        return dataclasses.replace(reply, logits=lied)
+
+    TeacherHost.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        TeacherHost.forward = original  # type: ignore[method-assign]
+
+
 def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
     config = config_from_mapping({**RUNS[name], "seed": seed})
     out = out_root / f"{name}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    if name.startswith(("hostile-", "swap-")):  # the honest federation's teachers, then some turn hostile
+    if name.startswith(("hostile-", "swap-", "redirect-")):  # the honest federation's teachers, then some lie
         data = load_dataset(config.dataset, config.data_root, seed=seed)
         prepare_clients(config, data, out, setup(config), _Quiet())
-        for client in SWAPPERS.get(name, (0,)):
+        for client in SWAPPERS.get(name, () if name in REDIRECTED else (0,)):
             doctor_teacher(out / "clients" / f"client_{client:02d}" / "teacher.pt",
                            "swap" if name.startswith("swap-") else name.split("-")[1], seed)
         (out / "config.json").unlink(missing_ok=True)
+    liars = {largest_holder(out, SWAPPED[0])} if name in REDIRECTED else set()
     with poisoned_gradients(POISONED.get(name, set())), partial_lies({0} if name in PARTIAL else set(),
-                                                                     PARTIAL.get(name, 0.3)):
+                                                                     PARTIAL.get(name, 0.3)), \
+            redirected(liars):
         run_experiment(config, out, observer=_Quiet())
-    return record(out, config, seed)
+    result = record(out, config, seed)
+    if liars:  # which client lied
+        result["redirecting_client"] = next(iter(liars))
+    return result
 
 
 def record(out: Path, config: Any, seed: int) -> dict[str, Any]:
@@ -311,6 +351,8 @@ def record(out: Path, config: Any, seed: int) -> dict[str, Any]:
             "teacher_weights": [t["weight"] for t in summary["ensemble"]["teachers"]],
             "gradient_weights": [t.get("gradient_weight") for t in summary["ensemble"]["teachers"]],
             "swapped_recall": _recall(out, config, SWAPPED), "run_dir": str(out),
+            # each of the two classes alone (a redirecting teacher costs its source class, not both)
+            "class_recall": {str(c): _recall(out, config, (c,)) for c in SWAPPED},
             # how the student was trained (the defaults change; a table that mixes records says which is which)
             "student_recipe": _recipe(config)}
 
@@ -365,7 +407,7 @@ def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]]
         reference = _mean_std([r["student"] for r in default])[0]
         return [("student >= honest run - 0.03", f"{student:.4f} vs {reference - 0.03:.4f}",
                  student >= reference - 0.03)]
-    if name in SWAPPERS and default:
+    if (name in SWAPPERS or name in REDIRECTED) and default:
         reference = statistics.fmean(r["swapped_recall"] for r in default)
         recall = statistics.fmean(r["swapped_recall"] for r in runs)
         return [("recall on the swapped classes >= honest run - 0.05", f"{recall:.4f} vs {reference - 0.05:.4f}",

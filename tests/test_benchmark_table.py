@@ -98,3 +98,35 @@ def test_runs_measured_side_by_side_merge_seed_by_seed_and_the_targets_follow_th
     with pytest.raises(SystemExit, match="unknown experiment 'nope'"):
         benchmark.main(["--results", str(main), "--merge", str(tmp_path / "odd.json")])
     assert main.read_text() == before
+
+
+def test_the_redirecting_liar_is_the_largest_holder_of_3_and_calls_5_only_what_it_would_call_3(tmp_path):
+    """``redirect-1``: the client holding the most 3s answers 5 wherever it would answer 3 (its logits of the two
+    swapped on those inputs), honestly elsewhere; the other clients are untouched, and so is it once the row ends."""
+    import torch
+    from torch import nn
+
+    from fedkd.contract import QueryContext, TeacherDescription
+    from fedkd.institution.host import TeacherHost
+
+    for k, threes in enumerate([5, 40, 12]):
+        path = tmp_path / "clients" / f"client_{k:02d}" / "teacher.pt"
+        path.parent.mkdir(parents=True)
+        torch.save({"label_counts": [10, 10, 10, threes, 10, 10, 10, 10, 10, 10]}, path)
+    assert benchmark.largest_holder(tmp_path, 3) == 1
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 10))
+    hosts = [TeacherHost(model, TeacherDescription(client=k, model="toy", num_classes=10, input_shape=(1, 2, 2),
+                                                   mean=(0.0,), std=(1.0,))) for k in (0, 1)]
+    x = torch.randn(512, 1, 2, 2)
+    honest = hosts[1].forward(x, QueryContext()).logits
+    threes = honest.argmax(1) == 3
+    assert 0 < int(threes.sum()) < len(x)
+    with benchmark.redirected({1}):
+        lied = hosts[1].forward(x, QueryContext()).logits
+        other = hosts[0].forward(x, QueryContext()).logits
+    assert bool((lied[threes].argmax(1) == 5).all())
+    assert torch.equal(lied[threes, 5], honest[threes, 3]) and torch.equal(lied[threes, 3], honest[threes, 5])
+    assert torch.equal(lied[~threes], honest[~threes]) and torch.equal(other, honest)
+    assert torch.equal(hosts[1].forward(x, QueryContext()).logits, honest)
