@@ -35,8 +35,9 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
   0.610 -> 0.156 on digits before the coordinator judged gradients). Target: student within 0.03 of the
   honest run.
 - ``swap``: the main job with one (then two colluding) teachers honest except that they swap the classes 3 and
-  5 (targeted poisoning, their histograms honest). Target: the student's recall on those classes within 0.05 of
-  the honest run's.
+  5 (targeted poisoning, their histograms honest), and ``redirect-1``: the client holding the most 3s calls 5
+  whatever it would call 3 (its lies on one class of the inputs). Target: the student's recall on those classes
+  within 0.05 of the honest run's.
 - ``aggregators``: no distillation: every aggregator's test accuracy on the teachers of the IID,
   Dirichlet(0.5), Dirichlet(0.1) and pathological splits (what picked ``ensemble=auto``), and on the
   pathological split's open-set teachers (``teacher-recipe=open-set``), and on teachers that answer their inputs'

@@ -371,16 +371,25 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
     plain probability mean of the teachers) and how often each calls a class (a class the student seldom
     predicts on real images though the pool holds it), the student with its BatchNorm statistics re-estimated on
     the real test images (AdaBN: is the gap in the statistics?), and the synthetic pool against the real images
-    (mean, total variation, the ensemble's top probability per class)."""
+    (mean, total variation, the ensemble's top probability per class). Per class also the class-weighted ensemble's
+    recall (by the teachers' label counts, without the run's reliability factors) and who holds the class: the
+    clients holding at least a tenth of its records, and the largest one's share (under strong label skew the
+    student falls short on the classes one client holds, where the ensemble does not)."""
+    from fedkd.coordinator.aggregation import AGGREGATORS, claimed_counts, column_shares
     from fedkd.institution.loading import load_teacher
 
     data = load_dataset("fashion-mnist", data_root, seed=0)
     x, y = data.spec.normalize(data.test.images), data.test.labels
     student, _ = load_teacher(run_dir / "student.pt")
-    teachers = [load_teacher(p)[0] for p in sorted(run_dir.glob("clients/client_*/teacher.pt"))]
+    loaded = [load_teacher(p) for p in sorted(run_dir.glob("clients/client_*/teacher.pt"))]
+    teachers = [model for model, _ in loaded]
+    counts = claimed_counts([meta.get("label_counts") for _, meta in loaded], data.spec.num_classes)
+    shares = column_shares(counts)  # (K, C) each client's share of each class's records
     with torch.no_grad():
         guess = student.eval()(x).argmax(1)
-        mean = torch.stack([t.eval()(x).softmax(1) for t in teachers]).mean(0).argmax(1)
+        logits = torch.stack([t.eval()(x) for t in teachers])
+        mean = logits.softmax(-1).mean(0).argmax(1)
+        weighted = AGGREGATORS["class-weighted"].combine(logits, shares.unsqueeze(1)).argmax(1)
         for m in student.modules():  # AdaBN: running statistics from the real test images
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()
@@ -392,16 +401,19 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
     lines = [f"{run_dir}: student {float((guess == y).float().mean()):.4f}, with BatchNorm statistics from the "
              f"real test images {float((adabn == y).float().mean()):.4f}, plain probability mean of the teachers "
              f"{float((mean == y).float().mean()):.4f}", "",
-             "| class | student recall | teachers' mean recall | test images the student calls it | the teachers' "
-             "mean calls it | pool samples the ensemble calls it |", "|---|---|---|---|---|---|"]
+             "| class | student recall | teachers' mean recall | class-weighted recall | clients holding a tenth or "
+             "more (largest share) | test images the student calls it | the teachers' mean calls it | pool samples "
+             "the ensemble calls it |", "|---|---|---|---|---|---|---|---|"]
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")["method"]["pool"]
     pool = state["images"].float() / 255
     best = state["answers"].argmax(1)  # the class the ensemble picks for each pool sample
     calls = [torch.bincount(a, minlength=data.spec.num_classes).tolist() for a in (guess, mean, best)]
     for c in range(data.spec.num_classes):
         k = y == c
-        recall = [float((answer[k] == c).float().mean()) for answer in (guess, mean)]
-        lines.append(f"| {c} | {recall[0]:.3f} | {recall[1]:.3f} | {calls[0][c]} | {calls[1][c]} | {calls[2][c]} |")
+        recall = [float((answer[k] == c).float().mean()) for answer in (guess, mean, weighted)]
+        holders = int((shares[:, c] >= 0.1).sum())
+        lines.append(f"| {c} | {recall[0]:.3f} | {recall[1]:.3f} | {recall[2]:.3f} | {holders} "
+                     f"({float(shares[:, c].max()):.2f}) | {calls[0][c]} | {calls[1][c]} | {calls[2][c]} |")
 
     def tv(images: torch.Tensor) -> float:
         return float((images[..., 1:, :] - images[..., :-1, :]).abs().mean()

@@ -84,8 +84,9 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     table = (results / "fashion-mnist-tiny.md").read_text()
     assert "| distilled on real images | trained on real labels |" in table
 
-    # Where the student falls short, from its run directory: recall per class beside the teachers' mean, its
-    # BatchNorm statistics from the real images, the synthetic pool against the real images.
+    # Where the student falls short, from its run directory: recall per class beside the teachers' mean and the
+    # class-weighted ensemble, who holds each class, its BatchNorm statistics from the real images, the synthetic
+    # pool against the real images.
     capsys.readouterr()
     run_dir = next(runs.glob("a0.5-s0-*"))
     assert fashion_mnist.main(["--data-root", str(idx_root), "--diagnose", str(run_dir)]) == 0
@@ -94,8 +95,12 @@ def test_the_table_beside_denses_from_teachers_trained_once(tmp_path, idx_root, 
     rows = [line.split(" | ") for line in out.splitlines() if line[:4] in {f"| {c} " for c in range(10)}]
     assert len(rows) == 10
     # how often each classifies a test image as the class: every test image counted once, every pool sample once
-    assert sum(int(r[3]) for r in rows) == sum(int(r[4]) for r in rows) == 60
-    assert sum(int(r[5].rstrip(" |")) for r in rows) == 64
+    assert sum(int(r[5]) for r in rows) == sum(int(r[6]) for r in rows) == 60
+    assert sum(int(r[7].rstrip(" |")) for r in rows) == 64
+    # who holds each class: of five clients the largest holds a fifth of its records or more
+    holders = [(int(r[4].split()[0]), float(r[4].split()[1].strip("()"))) for r in rows]
+    assert all(1 <= n <= 5 and 0.2 <= largest <= 1.0 for n, largest in holders), holders
+    assert all(0.0 <= float(r[3]) <= 1.0 for r in rows)  # the class-weighted ensemble's recall
     assert "the synthetic pool (64)" in out  # 2 rounds of 32
 
 
