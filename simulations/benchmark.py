@@ -258,30 +258,38 @@ def poisoned_gradients(clients: set[int], factor: float = -8.0) -> Iterator[None
 
 
 @contextmanager
-def partial_lies(clients: set[int], share: float = 0.3) -> Iterator[None]:
-    """Teachers of ``clients`` answer class 0 with logit 20 on a share of the inputs drawn by a hash of each input's
-    bytes (a repeated input gets the same answer), honestly elsewhere: the in-process hosts' forward, wrapped for the
-    duration (their input gradients stay honest)."""
+def doctored_forwards(clients: set[int], doctor: Any) -> Iterator[None]:
+    """Teachers of ``clients`` answer ``doctor(host, inputs, logits)`` in place of their logits (a copy, doctor's to
+    change), the others honestly: the in-process hosts' forward, wrapped for the duration (input gradients and
+    labels-only answers stay honest)."""
     original = TeacherHost.forward
 
     def forward(self: TeacherHost, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         reply = original(self, inputs, *args, **kwargs)
         if self.description.client not in clients or reply.labels is not None:
             return reply
-        rows = inputs.detach().cpu().contiguous().flatten(1).numpy()
-        drawn = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "big") / 2**64 for r in rows]
-        lies = torch.tensor([d < share for d in drawn], device=reply.logits.device)
-        lied = reply.logits.detach().clone()
-        classes = self.description.num_classes
-        lied[lies, :classes] = 0.0
-        lied[lies, 0] = 20.0
-        return dataclasses.replace(reply, logits=lied)
+        return dataclasses.replace(reply, logits=doctor(self, inputs, reply.logits.detach().clone()))
 
     TeacherHost.forward = forward  # type: ignore[method-assign]
     try:
         yield
     finally:
         TeacherHost.forward = original  # type: ignore[method-assign]
+
+
+def partial_lies(clients: set[int], share: float = 0.3) -> Any:
+    """Teachers of ``clients`` answer class 0 with logit 20 on a share of the inputs drawn by a hash of each input's
+    bytes (a repeated input gets the same answer), honestly elsewhere (a context manager)."""
+
+    def doctor(host: TeacherHost, inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        rows = inputs.detach().cpu().contiguous().flatten(1).numpy()
+        drawn = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "big") / 2**64 for r in rows]
+        lies = torch.tensor([d < share for d in drawn], device=logits.device)
+        logits[lies, : host.description.num_classes] = 0.0
+        logits[lies, 0] = 20.0
+        return logits
+
+    return doctored_forwards(clients, doctor)
 
 
 def largest_holder(out: Path, label: int) -> int:
@@ -291,27 +299,17 @@ def largest_holder(out: Path, label: int) -> int:
     return max(range(len(counts)), key=counts.__getitem__)
 
 
-@contextmanager
-def redirected(clients: set[int], source: int = SWAPPED[0], target: int = SWAPPED[1]) -> Iterator[None]:
+def redirected(clients: set[int], source: int = SWAPPED[0], target: int = SWAPPED[1]) -> Any:
     """Teachers of ``clients`` answer ``target`` wherever they would answer ``source`` (their two logits swapped on
-    those inputs), honestly elsewhere: the in-process hosts' forward, wrapped for the duration (their input gradients
-    stay honest). Its lies land on one class of the inputs, not spread over them."""
-    original = TeacherHost.forward
+    those inputs), honestly elsewhere (a context manager): its lies land on one class of the inputs, not spread
+    over them."""
 
-    def forward(self: TeacherHost, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        reply = original(self, inputs, *args, **kwargs)
-        if self.description.client not in clients or reply.labels is not None:
-            return reply
-        lied = reply.logits.detach().clone()
-        rows = lied[:, : self.description.num_classes].argmax(1) == source
-        lied[rows, source], lied[rows, target] = reply.logits[rows, target], reply.logits[rows, source]
-        return dataclasses.replace(reply, logits=lied)
+    def doctor(host: TeacherHost, inputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        rows = logits[:, : host.description.num_classes].argmax(1) == source
+        logits[rows, source], logits[rows, target] = logits[rows, target].clone(), logits[rows, source].clone()
+        return logits
 
-    TeacherHost.forward = forward  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        TeacherHost.forward = original  # type: ignore[method-assign]
+    return doctored_forwards(clients, doctor)
 
 
 def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:

@@ -130,3 +130,24 @@ def test_the_redirecting_liar_is_the_largest_holder_of_3_and_calls_5_only_what_i
     assert torch.equal(lied[threes, 5], honest[threes, 3]) and torch.equal(lied[threes, 3], honest[threes, 5])
     assert torch.equal(lied[~threes], honest[~threes]) and torch.equal(other, honest)
     assert torch.equal(hosts[1].forward(x, QueryContext()).logits, honest)
+
+
+def test_the_partial_liar_names_0_on_the_share_of_inputs_a_hash_of_each_picks_the_same_every_time():
+    import torch
+    from torch import nn
+
+    from fedkd.contract import QueryContext, TeacherDescription
+    from fedkd.institution.host import TeacherHost
+
+    torch.manual_seed(0)
+    host = TeacherHost(nn.Sequential(nn.Flatten(), nn.Linear(4, 10)),
+                       TeacherDescription(client=0, model="toy", num_classes=10, input_shape=(1, 2, 2), mean=(0.0,),
+                                          std=(1.0,)))
+    x = torch.randn(1000, 1, 2, 2)
+    honest = host.forward(x, QueryContext()).logits
+    with benchmark.partial_lies({0}, 0.3):
+        first, again = host.forward(x, QueryContext()).logits, host.forward(x, QueryContext()).logits
+    lied = (first != honest).any(1)
+    assert 0.25 < float(lied.float().mean()) < 0.35 and torch.equal(first, again)
+    assert bool((first[lied, 0] == 20.0).all()) and float(first[lied, 1:].abs().max()) == 0.0
+    assert torch.equal(first[~lied], honest[~lied])
