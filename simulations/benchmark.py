@@ -338,6 +338,7 @@ def record(out: Path, config: Any, seed: int) -> dict[str, Any]:
     """What the benchmark keeps of the finished run in ``out`` (its summary, metrics and student)."""
     summary = json.loads((out / "summary.json").read_text())
     best = max(t["test_accuracy"] for t in summary["teachers"])
+    swapped, *each = _recalls(out, config, [SWAPPED, *((c,) for c in SWAPPED)])
     return {"seed": seed, "student": summary["student"]["test_accuracy"],
             # the same run's student before student-refit trained one afresh on the final pool (None: no refit)
             "along_the_way": ((summary["student"].get("refit") or {}).get("along_the_way") or {}).get("accuracy"),
@@ -349,9 +350,9 @@ def record(out: Path, config: Any, seed: int) -> dict[str, Any]:
             "admitted": [json.loads(line).get("admitted") for line in (out / "metrics.jsonl").read_text().splitlines()],
             "teacher_weights": [t["weight"] for t in summary["ensemble"]["teachers"]],
             "gradient_weights": [t.get("gradient_weight") for t in summary["ensemble"]["teachers"]],
-            "swapped_recall": _recall(out, config, SWAPPED), "run_dir": str(out),
+            "swapped_recall": swapped, "run_dir": str(out),
             # each of the two classes alone (a redirecting teacher costs its source class, not both)
-            "class_recall": {str(c): _recall(out, config, (c,)) for c in SWAPPED},
+            "class_recall": {str(c): r for c, r in zip(SWAPPED, each)},
             # how the student was trained (the defaults change; a table that mixes records says which is which)
             "student_recipe": _recipe(config)}
 
@@ -363,16 +364,17 @@ def _recipe(config: Any) -> str:
     return f"{config.student.model}, {config.student_steps}, {config.student.refit:g}{clip}"
 
 
-def _recall(out: Path, config: Any, classes: tuple[int, ...]) -> float:
-    """The run's student's recall on ``classes`` of the test set (what a targeted swap of them costs)."""
+def _recalls(out: Path, config: Any, groups: list[tuple[int, ...]]) -> list[float]:
+    """The run's student's recall on each group of classes of the test set (what a targeted swap of them costs),
+    from one prediction of the test set."""
     from fedkd.institution.loading import load_teacher
     from fedkd.metrics import predict
 
     student, _ = load_teacher(out / "student.pt")
     data = load_dataset(config.dataset, config.data_root, seed=config.seed)
-    guess = predict(student, data.spec.normalize(data.test.images)).argmax(1)
-    mask = torch.isin(data.test.labels, torch.tensor(classes))
-    return float((guess[mask] == data.test.labels[mask]).float().mean())
+    guess, labels = predict(student, data.spec.normalize(data.test.images)).argmax(1), data.test.labels
+    masks = [torch.isin(labels, torch.tensor(classes)) for classes in groups]
+    return [float((guess[mask] == labels[mask]).float().mean()) for mask in masks]
 
 
 def targets(name: str, runs: list[dict[str, Any]], default: list[dict[str, Any]] | None = None

@@ -373,8 +373,8 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
     the real test images (AdaBN: is the gap in the statistics?), and the synthetic pool against the real images
     (mean, total variation, the ensemble's top probability per class). Per class also the class-weighted ensemble's
     recall (by the teachers' label counts, without the run's reliability factors) and who holds the class: the
-    clients holding at least a tenth of its records, and the largest one's share (under strong label skew the
-    student falls short on the classes one client holds, where the ensemble does not)."""
+    clients holding at least a tenth of its records, and the largest one's share (whether the student falls short
+    on the classes one client holds: at Dirichlet(0.1), mostly not; docs/results.md)."""
     from fedkd.coordinator.aggregation import AGGREGATORS, claimed_counts, column_shares
     from fedkd.institution.loading import load_teacher
 
