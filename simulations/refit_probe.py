@@ -45,6 +45,14 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   images of another domain, which the coordinator could hold without anyone's data (as FedDF's and MosaicKD's
   unlabelled proxy sets), teach what the synthetic pool does not. Not data-free: a question for the synthesizer,
   not a method fedkd offers.
+- ``fill-real``: the pool (and its blends, where the run made them) plus, for every class the pool holds under half
+  a balanced share of (by the stored answers' argmax; ``thin_classes``), as many of the task's own training images
+  of the class as bring it there, answered by the teachers: an oracle of what filling a pool's thin classes is
+  worth at best (the coordinator holds no such image);
+- ``fill``: the same classes filled with synthetic samples: the pool images the stored answers give the class the
+  highest probability, moved by ``FILL_STEPS`` Adam steps on the pixels towards it (cross-entropy to the class on
+  the ensemble plus 0.1 times the teachers' BatchNorm-statistics distance; a Forward and a Backward of every
+  teacher a step), then answered.
 
 Every refit of the pool alone uses seed 100 (``--refit-seed``: the ``pool``, loss and ``jacobian`` rows; the
 surrogate's students 100, 101, ...), every refit with extra samples seed 200: rows differ by what they train on, not
@@ -83,8 +91,9 @@ from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
 VARIANTS = ("pool", "balanced", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq",
-            "jacobian", "jacobian-logits", "proxy")
+            "jacobian", "jacobian-logits", "proxy", "fill", "fill-real")
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED, ODS_SEED = 100, 200, 123, 7, 11
+FILL_STEPS = 20
 JACOBIAN_WEIGHT = 1.0
 
 
@@ -242,6 +251,69 @@ def ods_of(teachers: list[nn.Module], weights: Tensor, spec: DatasetSpec, images
     return torch.cat(out)
 
 
+def thin_classes(answers: Tensor, share: float = 0.5) -> dict[int, int]:
+    """Per class the pool holds fewer samples of (by the stored answers' argmax) than ``share`` of a balanced
+    pool's, how many more would bring it there."""
+    n, c = answers.shape
+    floor = int(share * n / c)
+    counts = torch.bincount(answers.argmax(1), minlength=c)
+    return {k: floor - int(counts[k]) for k in range(c) if counts[k] < floor}
+
+
+def fill_real(split: Any, need: dict[int, int], seed: int) -> Tensor:
+    """For each thin class, that many of the task's own training images of the class (an oracle: the coordinator
+    holds none)."""
+    draw = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split.train.labels), generator=draw)
+    labels = split.train.labels[order]
+    return torch.cat([split.train.images[order[labels == k][:n]] for k, n in need.items()]
+                     + [split.train.images[:0]])  # nothing thin: no image
+
+
+def fill_synthetic(teachers: list[nn.Module], weights: Tensor, has_unknown: Tensor, spec: DatasetSpec,
+                   images: Tensor, stored: Tensor, need: dict[int, int], steps: int, lr: float = 0.02,
+                   bn_weight: float = 0.1, batch: int = 256) -> Tensor:
+    """For each thin class k, the pool images the ensemble gives the highest p(k) (cycled where too few), moved by
+    ``steps`` Adam steps on the pixels towards the class: CE(ensemble(x), k) plus ``bn_weight`` times the teachers'
+    BatchNorm-statistics distance (each a Forward and a Backward per step and teacher); quantised like the pool."""
+    bns = [m for t in teachers for m in t.modules() if isinstance(m, nn.BatchNorm2d)]
+    moments: list[Tensor] = []
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], _: Tensor) -> None:
+        x = inputs[0]
+        mu, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        moments.append(torch.linalg.vector_norm(mu - module.running_mean)
+                       + torch.linalg.vector_norm(var - module.running_var))
+
+    handles = [m.register_forward_hook(hook) for m in bns]
+    logp_pool = F.log_softmax(stored, 1)
+    out = [images[:0]]  # nothing thin: no image
+    try:
+        for k, n in need.items():
+            ranked = logp_pool[:, k].argsort(descending=True)
+            start = images[ranked[torch.arange(n) % len(ranked)]]
+            for i in range(0, n, batch):
+                x = start[i:i + batch].clone().requires_grad_(True)
+                opt = torch.optim.Adam([x], lr=lr)
+                target = torch.full((len(x),), k)
+                for _ in range(steps):
+                    moments.clear()
+                    z = spec.normalize(x.clamp(0, 1))
+                    rows = [t(z) for t in teachers]
+                    width = max(r.shape[-1] for r in rows)
+                    logp = combine(torch.stack([F.pad(r, (0, width - r.shape[-1])) for r in rows]), weights,
+                                   has_unknown, spec.num_classes)
+                    loss = F.nll_loss(logp, target) + bn_weight * torch.stack(moments).sum()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                out.append(torch.round(x.detach().clamp(0, 1) * 255) / 255)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(out)
+
+
 def blends_of(images: Tensor, seed: int) -> Tensor:
     """As many blends of random pool pairs as the pool holds, a uniform weight each, quantised like pool images."""
     draw = torch.Generator().manual_seed(seed)
@@ -262,8 +334,9 @@ def fresh_of(run_state: dict[str, Any], config: RunConfig, spec: DatasetSpec, co
     return torch.cat([b.images for b in batches])[:count], torch.cat([b.answers for b in batches])[:count]
 
 
-def refit_probe(run: Path, variants: list[str], students: int = 3,
-                pool_seed: int = POOL_SEED) -> list[dict[str, Any]]:
+def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: int = POOL_SEED,
+                on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """The rows of ``variants`` on ``run``'s final pool; ``on_row`` sees each as soon as it is measured."""
     saved = {k: v for k, v in json.loads((run / "config.json").read_text()).items() if v is not None}
     config = config_from_mapping(saved)
     split = load_dataset(config.dataset, config.data_root, seed=config.seed)
@@ -287,6 +360,8 @@ def refit_probe(run: Path, variants: list[str], students: int = 3,
     def row(variant: str, samples: int, model: nn.Module, **extra: Any) -> None:
         rows.append({"run": run.name, "variant": variant, "samples": samples, "steps": refit.steps,
                      "student": accuracy(model), **extra})
+        if on_row is not None:
+            on_row(rows[-1])
 
     fitted: list[nn.Module] = []
     if "pool" in variants or "surrogate" in variants:
@@ -299,7 +374,8 @@ def refit_probe(run: Path, variants: list[str], students: int = 3,
         row("balanced", len(images), refit(images, stored, pool_seed, balanced=True)[0])
     for name in (v for v in variants if v in ("l1", "mse") or v.startswith(("kl", "ls"))):
         row(name, len(images), refit(images, stored, pool_seed, loss=name)[0])
-    blends = blends_of(images, BLEND_SEED) if {"blends", "surrogate"} & set(variants) else None
+    blends = (blends_of(images, BLEND_SEED) if {"blends", "surrogate"} & set(variants)
+              or ({"fill", "fill-real"} & set(variants) and config.student.refit_mixup > 0) else None)
     answered = teachers_on(blends) if blends is not None else None
     if "blends" in variants and blends is not None and answered is not None:
         row("blends", 2 * len(images), refit(torch.cat([images, blends]), torch.cat([stored, answered]),
@@ -343,6 +419,25 @@ def refit_probe(run: Path, variants: list[str], students: int = 3,
                                                 EXTRA_SEED)[0], extra_query_samples=2 * len(moved) * len(teachers),
                 agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()),
                 mean_pixel_change=float((moved - images).abs().mean()))
+    if "fill" in variants or "fill-real" in variants:
+        need = thin_classes(stored)
+        base_x, base_y = images, stored
+        if blends is not None and answered is not None:  # the run's own recipe beside: the pool and its blends
+            base_x, base_y = torch.cat([images, blends]), torch.cat([stored, answered])
+        for variant in ("fill-real", "fill"):
+            if variant not in variants:
+                continue
+            extra = (fill_real(split, need, FRESH_SEED) if variant == "fill-real" else
+                     fill_synthetic(teachers, weights, has_unknown, spec, images, stored, need, FILL_STEPS))
+            asked = teachers_on(extra) if len(extra) else stored[:0]
+            row(variant, len(base_x) + len(extra), refit(torch.cat([base_x, extra]), torch.cat([base_y, asked]),
+                                                         EXTRA_SEED)[0],
+                extra_query_samples=len(extra) * len(teachers) * (1 if variant == "fill-real" else 1 + 2 * FILL_STEPS),
+                filled={str(k): n for k, n in need.items()},
+                fill_calls_its_class=float((asked.argmax(1) == torch.cat(
+                    [torch.full((n,), k) for k, n in need.items()] + [torch.zeros(0, dtype=torch.long)])
+                                           ).float().mean()) if len(extra) else 1.0,
+                fill_mean_top_probability=float(asked.exp().amax(1).mean()) if len(extra) else 0.0)
     if "proxy" in variants:
         digits = load_dataset("mnist5k", seed=0)
         proxy = torch.cat([digits.train.images, digits.test.images])
@@ -387,12 +482,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print("| run | variant | samples | student | more |")
     print("|---|---|---|---|---|")
+    def show(r: dict[str, Any]) -> None:
+        more = {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] if isinstance(v, list)
+                    else v) for k, v in r.items() if k not in ("run", "variant", "samples", "student", "steps")}
+        print(f"| {r['run']} | {r['variant']} | {r['samples']:,} | {r['student']:.4f} | "
+              f"{json.dumps(more) if more else ''} |", flush=True)
+
     for run in args.runs:
-        for r in refit_probe(run, variants, args.students, args.refit_seed):
-            more = {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] if isinstance(v, list)
-                        else v) for k, v in r.items() if k not in ("run", "variant", "samples", "student", "steps")}
-            print(f"| {r['run']} | {r['variant']} | {r['samples']:,} | {r['student']:.4f} | "
-                  f"{json.dumps(more) if more else ''} |", flush=True)
+        refit_probe(run, variants, args.students, args.refit_seed, on_row=show)
     return 0
 
 

@@ -130,6 +130,14 @@ def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_ex
     assert 0.0 <= rows["surrogate"]["agreement_with_teachers"] <= 1.0
     assert 0.1 <= rows["fresh"]["mean_top_probability"] <= 1.0
     assert all(0.0 <= r["student"] <= 1.0 for r in rows.values())
+    # the pool's thin classes filled with real training images, or with pool images moved towards them
+    filled = {r["variant"]: r for r in refit_probe.refit_probe(run, ["fill-real", "fill"])}
+    need = refit_probe.thin_classes(torch.load(run / "checkpoint.pt", weights_only=False)["method"]["pool"][
+        "answers"].float())
+    assert {k: r["filled"] for k, r in filled.items()} == {k: {str(c): n for c, n in need.items()} for k in filled}
+    assert filled["fill-real"]["samples"] == filled["fill"]["samples"] == pool + sum(need.values())
+    assert filled["fill-real"]["extra_query_samples"] == 2 * sum(need.values())  # one Forward by both teachers
+    assert filled["fill"]["extra_query_samples"] == 2 * sum(need.values()) * (1 + 2 * refit_probe.FILL_STEPS)
     again = refit_probe.refit_probe(run, ["pool"])
     assert again[0]["variant"] == "pool" and again[0]["student"] == rows["pool"]["student"]
     # another task's natural images (MNIST-5k's 5,000, resized to digits' 8x8), each answered by both teachers
@@ -262,3 +270,60 @@ def test_the_refit_probe_s_balanced_draw_weighs_every_ensemble_class_alike():
     per_class = torch.zeros(3).index_add_(0, answers.argmax(1), chance)
     assert torch.allclose(per_class, torch.ones(3))
     assert float(chance[9]) == 1.0 and abs(float(chance[0]) - 1 / 6) < 1e-7
+
+
+def test_the_refit_probe_fills_the_classes_its_pool_barely_holds_up_to_half_a_balanced_share():
+    """thin_classes: per class under half of a balanced pool's share (by the answers' argmax), how many more
+    bring it there; fill_real takes that many of the task's own training images of each such class."""
+    from types import SimpleNamespace
+
+    import refit_probe
+
+    answers = torch.zeros(100, 4)
+    answers[:60, 0] = answers[60:95, 1] = answers[95:, 2] = 5.0  # 60, 35, 5 and 0 of 100; half a share is 12
+    assert refit_probe.thin_classes(answers) == {2: 7, 3: 12}
+    assert refit_probe.thin_classes(answers, share=0.2) == {3: 5}  # class 2's 5 is the floor itself: not thin
+    assert refit_probe.thin_classes(answers[:60]) == {1: 7, 2: 7, 3: 7}  # one class alone: every other is thin
+    labels = torch.arange(40) % 4
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2) / 4  # each image tells its class
+    split = SimpleNamespace(train=SimpleNamespace(images=images, labels=labels))
+    filled = refit_probe.fill_real(split, {2: 7, 3: 3}, seed=0)
+    assert filled.shape == (10, 1, 2, 2)
+    assert torch.equal(filled[:7, 0, 0, 0] * 4, torch.full((7,), 2.0))  # class 2's images, then class 3's
+    assert torch.equal(filled[7:, 0, 0, 0] * 4, torch.full((3,), 3.0))
+    assert torch.equal(filled, refit_probe.fill_real(split, {2: 7, 3: 3}, seed=0))  # seeded
+    assert refit_probe.fill_real(split, {}, seed=0).shape == (0, 1, 2, 2)  # nothing thin, nothing added
+
+
+def test_the_refit_probe_s_synthetic_fill_moves_the_surest_pool_images_towards_the_thin_class():
+    """fill_synthetic starts from the pool images the stored answers give the highest p(k) and moves them by Adam
+    steps on the pixels against the ensemble: the ensemble gives k a higher mean probability after; the images
+    stay quantised in [0, 1], one per sample asked, and the teachers' BatchNorm hooks are removed after."""
+    import refit_probe
+
+    from fedkd.data import DatasetSpec
+
+    torch.manual_seed(0)
+    spec = DatasetSpec("toy", 3, 1, 8, (0.5,), (0.5,))
+    teachers = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                    torch.nn.Flatten(), torch.nn.Linear(256, 3)).eval() for _ in range(2)]
+    weights, has_unknown = torch.full((2, 3), 0.5), torch.tensor([False, False])
+    images = torch.round(torch.rand(40, 1, 8, 8) * 255) / 255
+    stored = gate_probe.combine(gate_probe.answers(teachers, spec.normalize(images)), weights, has_unknown, 3)
+    k = int(stored.exp().mean(0).argmin())  # the class the ensemble gives least
+    start = images[stored[:, k].argsort(descending=True)[:6]]
+
+    def p_k(x: torch.Tensor) -> float:
+        logp = gate_probe.combine(gate_probe.answers(teachers, spec.normalize(x)), weights, has_unknown, 3)
+        return float(logp[:, k].exp().mean())
+
+    moved = refit_probe.fill_synthetic(teachers, weights, has_unknown, spec, images, stored, {k: 6}, steps=15,
+                                       lr=0.05, bn_weight=0.0, batch=4)
+    assert moved.shape == (6, 1, 8, 8)
+    assert float(moved.min()) >= 0.0 and float(moved.max()) <= 1.0
+    assert torch.allclose(moved * 255, torch.round(moved * 255))
+    assert p_k(moved) > p_k(start) + 0.05
+    with_bn = refit_probe.fill_synthetic(teachers, weights, has_unknown, spec, images, stored, {k: 6}, steps=15,
+                                         lr=0.05, bn_weight=1.0, batch=4)
+    assert with_bn.shape == (6, 1, 8, 8) and not torch.equal(with_bn, moved)  # the statistics term pulls too
+    assert all(not m._forward_hooks for t in teachers for m in t.modules())
