@@ -42,7 +42,12 @@ from fedkd.institution.loading import load_teacher
 def answers(teachers: list[torch.nn.Module], x: Tensor, batch: int = 1024) -> Tensor:
     """(K, N, outputs) logits of every teacher, padded to the widest."""
     with torch.no_grad():
-        rows = [torch.cat([t(x[i:i + batch]) for i in range(0, len(x), batch)]) for t in teachers]
+        return stacked([torch.cat([t(x[i:i + batch]) for i in range(0, len(x), batch)]) for t in teachers])
+
+
+def stacked(rows: list[Tensor]) -> Tensor:
+    """(K, N, outputs): the teachers' logits (N, outputs_k) each, padded to the widest (an open-set teacher's unknown
+    output beside closed ones)."""
     width = max(r.shape[-1] for r in rows)
     return torch.stack([F.pad(r, (0, width - r.shape[-1])) for r in rows])
 

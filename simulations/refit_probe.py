@@ -79,7 +79,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gate_probe import answers, combine, run_teachers  # noqa: E402
+from gate_probe import answers, combine, run_teachers, stacked  # noqa: E402
 
 import fedkd.coordinator.student as student_module  # noqa: E402
 from fedkd.config import RunConfig, config_from_mapping  # noqa: E402
@@ -197,9 +197,7 @@ def ensemble_gradients(teachers: list[nn.Module], weights: Tensor, has_unknown: 
             value = weighted_logits(rows, weights, F.one_hot(asked, spec.num_classes).to(weights.dtype),
                                     spec.num_classes)
         else:
-            width = max(r.shape[-1] for r in rows)
-            logp = combine(torch.stack([F.pad(r, (0, width - r.shape[-1])) for r in rows]), weights, has_unknown,
-                           spec.num_classes)
+            logp = combine(stacked(rows), weights, has_unknown, spec.num_classes)
             value = logp.gather(1, asked[:, None]).sum()
         grad, = torch.autograd.grad(value, x)
         out.append(unit(grad))
@@ -299,10 +297,7 @@ def fill_synthetic(teachers: list[nn.Module], weights: Tensor, has_unknown: Tens
                 for _ in range(steps):
                     moments.clear()
                     z = spec.normalize(x.clamp(0, 1))
-                    rows = [t(z) for t in teachers]
-                    width = max(r.shape[-1] for r in rows)
-                    logp = combine(torch.stack([F.pad(r, (0, width - r.shape[-1])) for r in rows]), weights,
-                                   has_unknown, spec.num_classes)
+                    logp = combine(stacked([t(z) for t in teachers]), weights, has_unknown, spec.num_classes)
                     loss = F.nll_loss(logp, target) + bn_weight * torch.stack(moments).sum()
                     opt.zero_grad()
                     loss.backward()
@@ -421,6 +416,8 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
                 mean_pixel_change=float((moved - images).abs().mean()))
     if "fill" in variants or "fill-real" in variants:
         need = thin_classes(stored)
+        asked_for = torch.repeat_interleave(torch.tensor(list(need), dtype=torch.long),
+                                            torch.tensor(list(need.values()), dtype=torch.long))  # each fill's class
         base_x, base_y = images, stored
         if blends is not None and answered is not None:  # the run's own recipe beside: the pool and its blends
             base_x, base_y = torch.cat([images, blends]), torch.cat([stored, answered])
@@ -434,9 +431,7 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
                                                          EXTRA_SEED)[0],
                 extra_query_samples=len(extra) * len(teachers) * (1 if variant == "fill-real" else 1 + 2 * FILL_STEPS),
                 filled={str(k): n for k, n in need.items()},
-                fill_calls_its_class=float((asked.argmax(1) == torch.cat(
-                    [torch.full((n,), k) for k, n in need.items()] + [torch.zeros(0, dtype=torch.long)])
-                                           ).float().mean()) if len(extra) else 1.0,
+                fill_calls_its_class=float((asked.argmax(1) == asked_for).float().mean()) if len(extra) else 1.0,
                 fill_mean_top_probability=float(asked.exp().amax(1).mean()) if len(extra) else 0.0)
     if "proxy" in variants:
         digits = load_dataset("mnist5k", seed=0)
