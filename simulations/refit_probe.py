@@ -18,6 +18,9 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   Fashion-MNIST, because the pool holds fewer of it);
 - ``blends``: the pool plus as many random blends of pool pairs (a uniform weight each), answered by the teachers
   (what ``student-refit-mixup=1`` asks: one Forward of each blend by every teacher);
+- ``blends-runner-up``: the pool plus as many blends of pool pairs joined across the ensemble's closest boundary:
+  each pool image with a random pool image of the class its stored answer ranks second, answered by the teachers
+  (the queries of ``blends``, aimed where the ensemble itself hesitates; ``classes``: what the teachers call them);
 - ``surrogate``: the pool plus the same blends answered by the ensemble of ``--students`` students refitted on the
   pool (no query: whether the blends' value is the blending or the teachers' answers);
 - ``fresh``: the pool plus as many fresh samples of the run's final generator, drawn as the run draws its
@@ -54,11 +57,12 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   the ensemble plus 0.1 times the teachers' BatchNorm-statistics distance; a Forward and a Backward of every
   teacher a step), then answered.
 
-Every refit of the pool alone uses seed 100 (``--refit-seed``: the ``pool``, loss and ``jacobian`` rows; the
-surrogate's students 100, 101, ...), every refit with extra samples seed 200: rows differ by what they train on, not
-by their random stream. The refit's own spread over seeds is printed too (``students``: the surrogate's students
-one by one, and their ensemble). Experiment-only: it reads the teachers' files, which a deployment's coordinator
-does not hold.
+Each row gives the student's test accuracy and its recall of each class (``recall``, in class order: where a
+variant's gain or loss lies, shirts on Fashion-MNIST). Every refit of the pool alone uses seed 100
+(``--refit-seed``: the ``pool``, loss and ``jacobian`` rows; the surrogate's students 100, 101, ...), every refit
+with extra samples seed 200: rows differ by what they train on, not by their random stream. The refit's own spread
+over seeds is printed too (``students``: the surrogate's students one by one, and their ensemble). Experiment-only:
+it reads the teachers' files, which a deployment's coordinator does not hold.
 
     python simulations/refit_probe.py runs/fashion-mnist/a0.5-s0-... --variants pool,blends,surrogate,fresh
 """
@@ -87,11 +91,12 @@ from fedkd.coordinator.losses import distillation_per_sample  # noqa: E402
 from fedkd.coordinator.student import StudentTrainer  # noqa: E402
 from fedkd.coordinator.synthesis import Synthesizer  # noqa: E402
 from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
+from fedkd.institution.terms import FeatureStatistics  # noqa: E402
 from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
-VARIANTS = ("pool", "balanced", "l1", "mse", "kl1", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq",
-            "jacobian", "jacobian-logits", "proxy", "fill", "fill-real")
+VARIANTS = ("pool", "balanced", "l1", "mse", "kl1", "kl2", "blends", "blends-runner-up", "surrogate", "fresh", "flips",
+            "flipsq", "jacobian", "jacobian-logits", "proxy", "fill", "fill-real")
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED, ODS_SEED = 100, 200, 123, 7, 11
 FILL_STEPS = 20
 JACOBIAN_WEIGHT = 1.0
@@ -274,16 +279,7 @@ def fill_synthetic(teachers: list[nn.Module], weights: Tensor, has_unknown: Tens
     """For each thin class k, the pool images the ensemble gives the highest p(k) (cycled where too few), moved by
     ``steps`` Adam steps on the pixels towards the class: CE(ensemble(x), k) plus ``bn_weight`` times the teachers'
     BatchNorm-statistics distance (each a Forward and a Backward per step and teacher); quantised like the pool."""
-    bns = [m for t in teachers for m in t.modules() if isinstance(m, nn.BatchNorm2d)]
-    moments: list[Tensor] = []
-
-    def hook(module: nn.Module, inputs: tuple[Tensor, ...], _: Tensor) -> None:
-        x = inputs[0]
-        mu, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-        moments.append(torch.linalg.vector_norm(mu - module.running_mean)
-                       + torch.linalg.vector_norm(var - module.running_var))
-
-    handles = [m.register_forward_hook(hook) for m in bns]
+    statistics = [FeatureStatistics(t) for t in teachers]  # DeepInversion's term, as a teacher computes it
     logp_pool = F.log_softmax(stored, 1)
     out = [images[:0]]  # nothing thin: no image
     try:
@@ -295,17 +291,21 @@ def fill_synthetic(teachers: list[nn.Module], weights: Tensor, has_unknown: Tens
                 opt = torch.optim.Adam([x], lr=lr)
                 target = torch.full((len(x),), k)
                 for _ in range(steps):
-                    moments.clear()
                     z = spec.normalize(x.clamp(0, 1))
-                    logp = combine(stacked([t(z) for t in teachers]), weights, has_unknown, spec.num_classes)
+                    rows, moments = [], []
+                    for t, term in zip(teachers, statistics):
+                        term.begin()
+                        rows.append(t(z))
+                        moments.append(term.end())
+                    logp = combine(stacked(rows), weights, has_unknown, spec.num_classes)
                     loss = F.nll_loss(logp, target) + bn_weight * torch.stack(moments).sum()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                 out.append(torch.round(x.detach().clamp(0, 1) * 255) / 255)
     finally:
-        for h in handles:
-            h.remove()
+        for term in statistics:
+            term.remove()
     return torch.cat(out)
 
 
@@ -315,6 +315,32 @@ def blends_of(images: Tensor, seed: int) -> Tensor:
     n = len(images)
     first, second = torch.randint(0, n, (n,), generator=draw), torch.randint(0, n, (n,), generator=draw)
     w = torch.rand(n, 1, 1, 1, generator=draw)
+    return torch.round((w * images[first] + (1 - w) * images[second]) * 255) / 255
+
+
+def runner_up_partners(first: Tensor, answers: Tensor, generator: torch.Generator) -> Tensor:
+    """A partner for each pool sample ``first`` (indices into ``answers``, the pool's (N, C) answers): a random
+    sample of the class the answer of ``first`` ranks second, by the answers' argmax; a random sample where the pool
+    holds none of that class."""
+    top = answers.argmax(1)
+    runner_up = answers[first].scatter(1, top[first].unsqueeze(1), -torch.inf).argmax(1)
+    second = torch.randint(0, len(answers), (len(first),), generator=generator)
+    for k in range(answers.shape[1]):
+        members, mine = (top == k).nonzero().flatten(), runner_up == k
+        if len(members) and bool(mine.any()):
+            second[mine] = members[torch.randint(0, len(members), (int(mine.sum()),), generator=generator)]
+    return second
+
+
+def runner_up_blends_of(images: Tensor, stored: Tensor, seed: int) -> Tensor:
+    """As many blends as the pool holds, each of a random pool image and a random pool image of the class the stored
+    answer ranks second for it (:func:`runner_up_partners`), a uniform weight each, quantised like pool images:
+    blends across the boundaries the ensemble itself finds closest (shirts against T-shirts, pullovers and coats on
+    Fashion-MNIST), where ``blends_of``'s random pairs mostly join classes the ensemble never confuses."""
+    draw = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, len(images), (len(images),), generator=draw)
+    second = runner_up_partners(first, stored, draw)
+    w = torch.rand(len(images), 1, 1, 1, generator=draw)
     return torch.round((w * images[first] + (1 - w) * images[second]) * 255) / 255
 
 
@@ -344,8 +370,13 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
     refit = Refit(config, spec)
     test_x = spec.normalize(test.images)
 
+    held = torch.bincount(test.labels, minlength=c)  # test images per class
+
+    def hits(model: nn.Module) -> Tensor:
+        return predict(model, test_x, device="cpu").argmax(1) == test.labels
+
     def accuracy(model: nn.Module) -> float:
-        return float((predict(model, test_x, device="cpu").argmax(1) == test.labels).float().mean())
+        return float(hits(model).float().mean())
 
     def teachers_on(x: Tensor) -> Tensor:
         return combine(answers(teachers, spec.normalize(x)), weights, has_unknown, c)  # (N, C) log-probabilities
@@ -353,8 +384,10 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
     rows: list[dict[str, Any]] = []
 
     def row(variant: str, samples: int, model: nn.Module, **extra: Any) -> None:
+        hit = hits(model)
+        recall = torch.bincount(test.labels[hit], minlength=c) / held.clamp_min(1)  # a class with no image: 0
         rows.append({"run": run.name, "variant": variant, "samples": samples, "steps": refit.steps,
-                     "student": accuracy(model), **extra})
+                     "student": float(hit.float().mean()), "recall": [round(float(r), 3) for r in recall], **extra})
         if on_row is not None:
             on_row(rows[-1])
 
@@ -375,6 +408,12 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
     if "blends" in variants and blends is not None and answered is not None:
         row("blends", 2 * len(images), refit(torch.cat([images, blends]), torch.cat([stored, answered]),
                                              EXTRA_SEED)[0], extra_query_samples=len(blends) * len(teachers))
+    if "blends-runner-up" in variants:
+        close = runner_up_blends_of(images, stored, BLEND_SEED)
+        asked = teachers_on(close)
+        row("blends-runner-up", 2 * len(images), refit(torch.cat([images, close]), torch.cat([stored, asked]),
+                                                       EXTRA_SEED)[0], extra_query_samples=len(close) * len(teachers),
+            classes=torch.bincount(asked.argmax(1), minlength=c).tolist())
     if "surrogate" in variants and blends is not None and answered is not None:
         for k in range(1, students):
             fitted.append(refit(images, stored, pool_seed + k)[0])

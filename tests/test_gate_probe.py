@@ -108,9 +108,10 @@ def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_ex
     assert pool == 4 * 32
     rows = {r["variant"]: r for r in refit_probe.refit_probe(run, ["pool", "mse", "kl2", "blends", "surrogate",
                                                                    "fresh", "flips", "flipsq", "jacobian",
-                                                                   "jacobian-logits", "ods8"], students=2)}
+                                                                   "jacobian-logits", "ods8", "blends-runner-up"],
+                                                             students=2)}
     assert set(rows) == {"pool", "ema", "swa", "mse", "kl2", "blends", "surrogate", "fresh", "flips", "flipsq",
-                         "jacobian", "jacobian-logits", "ods8"}
+                         "jacobian", "jacobian-logits", "ods8", "blends-runner-up"}
     assert all(r["steps"] == 2 * 4 * 5 for r in rows.values())  # student-refit's share of the run's steps
     assert all(rows[v]["samples"] == pool for v in ("pool", "ema", "swa", "mse", "kl2", "jacobian",
                                                         "jacobian-logits"))
@@ -120,9 +121,11 @@ def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_ex
     assert rows["ods8"]["extra_query_samples"] == 2 * pool * 2  # a Backward, then a Forward of the moved image
     assert 0.0 < rows["ods8"]["mean_pixel_change"] <= 8 / 255 + 1e-6
     assert 0.0 <= rows["ods8"]["agreement_with_stored"] <= 1.0
-    assert all(rows[v]["samples"] == 2 * pool for v in ("blends", "surrogate", "fresh", "flips", "flipsq"))
+    assert all(rows[v]["samples"] == 2 * pool for v in ("blends", "surrogate", "fresh", "flips", "flipsq",
+                                                        "blends-runner-up"))
     assert (rows["blends"]["extra_query_samples"] == rows["fresh"]["extra_query_samples"]
-            == rows["flipsq"]["extra_query_samples"] == 2 * pool)
+            == rows["flipsq"]["extra_query_samples"] == rows["blends-runner-up"]["extra_query_samples"] == 2 * pool)
+    assert sum(rows["blends-runner-up"]["classes"]) == pool
     assert rows["surrogate"]["extra_query_samples"] == rows["flips"]["extra_query_samples"] == 0
     assert 0.0 <= rows["flipsq"]["agreement_with_stored"] <= 1.0
     assert rows["surrogate"]["students"][0] == rows["pool"]["student"]  # the surrogate's first student is the pool's
@@ -130,6 +133,14 @@ def test_refit_probe_refits_the_run_s_student_on_its_pool_and_on_each_kind_of_ex
     assert 0.0 <= rows["surrogate"]["agreement_with_teachers"] <= 1.0
     assert 0.1 <= rows["fresh"]["mean_top_probability"] <= 1.0
     assert all(0.0 <= r["student"] <= 1.0 for r in rows.values())
+    # each row's recall per class, in class order, makes up its accuracy (weighted by the test images per class)
+    from fedkd.data import load_dataset
+    saved = json.loads((run / "config.json").read_text())
+    test = load_dataset("digits", saved.get("data-root") or "data", seed=saved["seed"]).test
+    held = torch.bincount(test.labels, minlength=10).float()
+    for r in rows.values():
+        assert len(r["recall"]) == 10 and all(0.0 <= x <= 1.0 for x in r["recall"])
+        assert abs(float(torch.tensor(r["recall"]) @ held / held.sum()) - r["student"]) < 2e-3
     # the pool's thin classes filled with real training images, or with pool images moved towards them
     filled = {r["variant"]: r for r in refit_probe.refit_probe(run, ["fill-real", "fill"])}
     need = refit_probe.thin_classes(torch.load(run / "checkpoint.pt", weights_only=False)["method"]["pool"][
@@ -156,6 +167,46 @@ def test_the_refit_probe_s_blends_are_quantised_pool_pairs():
     assert torch.equal(blends, refit_probe.blends_of(images, 0))
     assert torch.allclose(blends * 255, torch.round(blends * 255))
     assert float(blends.min()) >= 0.0 and float(blends.max()) <= 1.0
+
+
+def test_the_refit_probe_s_runner_up_blends_join_each_image_to_the_class_its_answer_ranks_second():
+    import refit_probe
+
+    # Each pool image is one-hot on the channel of its class, so a blend shows which two classes it joins. Class k's
+    # answers rank class k + 1 second; class 5 has no image, so class 4's partners are drawn at random.
+    labels = torch.arange(5).repeat(40)
+    images = torch.nn.functional.one_hot(labels, 6).float().view(-1, 6, 1, 1)
+    stored = 5.0 * torch.nn.functional.one_hot(labels, 6) + 2.0 * torch.nn.functional.one_hot(labels + 1, 6)
+    blends = refit_probe.runner_up_blends_of(images, stored, 0)
+    assert blends.shape == images.shape and torch.equal(blends, refit_probe.runner_up_blends_of(images, stored, 0))
+    assert torch.allclose(blends * 255, torch.round(blends * 255))
+    mass = blends.flatten(1)  # (N, 6): w on the first image's class, 1 - w on its partner's
+    assert torch.allclose(mass.sum(1), torch.ones(len(mass)), atol=1.5 / 255)
+    pairs = [frozenset(torch.nonzero(m > 0.5 / 255).flatten().tolist()) for m in mass]
+    pairs = [j for j in pairs if len(j) == 2]  # a weight rounding to 0 or 1 shows one class only
+    assert len(pairs) > len(mass) // 2
+    aimed = {j for j in pairs if 4 not in j}  # random pairs would join 0 and 2, 1 and 3, ...
+    assert aimed == {frozenset({0, 1}), frozenset({1, 2}), frozenset({2, 3})}
+    assert {j for j in pairs if 4 in j} - {frozenset({3, 4})}  # class 4's runner-up is empty: random partners
+
+
+def test_the_refit_probe_s_runner_up_partners_are_of_the_runner_up_class_and_random_where_the_pool_has_none():
+    import refit_probe
+
+    # Five classes of answers; class k ranks k + 1 second, except class 1, which ranks 3 second; no answer is of 4.
+    top = torch.arange(4).repeat(30)
+    second = torch.where(top == 1, torch.tensor(3), top + 1)
+    answers = 4.0 * torch.nn.functional.one_hot(top, 5) + torch.nn.functional.one_hot(second, 5) \
+        + 0.1 * torch.rand(len(top), 5, generator=torch.Generator().manual_seed(1))
+    first = torch.randint(0, len(top), (2000,), generator=torch.Generator().manual_seed(2))
+    partners = refit_probe.runner_up_partners(first, answers, torch.Generator().manual_seed(3))
+    assert torch.equal(partners, refit_probe.runner_up_partners(first, answers, torch.Generator().manual_seed(3)))
+    aimed = top[first] != 3  # class 3's runner-up (4) has no sample: its partners are drawn from the whole pool
+    assert torch.equal(top[partners][aimed], second[first][aimed])
+    drawn = top[partners][~aimed]
+    assert set(drawn.tolist()) == {0, 1, 2, 3}
+    # every sample of the runner-up class takes its turn: the partners of class 0 cover all 30 samples of class 1
+    assert set(partners[top[first] == 0].tolist()) == set((top == 1).nonzero().flatten().tolist())
 
 
 def test_the_refit_probe_s_output_diversified_step_moves_each_image_by_the_step_up_its_random_direction():

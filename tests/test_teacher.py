@@ -157,6 +157,23 @@ def test_feature_statistics_loss_is_zero_on_matching_statistics():
     assert stats.end().item() > 3.0
 
 
+def test_a_removed_term_takes_its_hooks_off_and_records_nothing_more():
+    model = _trained_bn_model()
+    hooked = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [len(m._forward_hooks) for m in hooked]
+    stats = FeatureStatistics(model)
+    assert [len(m._forward_hooks) for m in hooked] == [n + 1 for n in before]
+    x = torch.randn(8, 1, 8, 8)
+    stats.begin()
+    model(x)
+    assert stats.end().item() > 0
+    stats.remove()
+    assert [len(m._forward_hooks) for m in hooked] == before
+    stats.begin()
+    model(x)
+    assert stats.end().item() == 0.0  # nothing hooked: the term saw no layer
+
+
 def test_backward_only_for_inputs_the_host_answered_a_forward_for():
     host = _host(remember=2)
     x = torch.randn(3, 1, 8, 8)

@@ -51,13 +51,27 @@ CLASS_FIELDS = ("mean", "var", "count")  # per BatchNorm layer: (K, C), (K, C), 
 
 
 class _HookedTerm:
-    """A term computed from forward hooks, on only between ``begin`` and ``end``."""
+    """A term computed from forward hooks, on only between ``begin`` and ``end``; ``remove`` takes the hooks off
+    the model again (a term used once, outside a teacher's lifetime: ``simulations/refit_probe.py``)."""
 
     name: ClassVar[str]
 
     def __init__(self) -> None:
         self.enabled = False
         self._terms: list[Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _attach(self, layers: Iterable[nn.Module]) -> None:
+        self._handles += [layer.register_forward_hook(self._hook) for layer in layers]
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Take the term's hooks off the model (the model then runs as if it had never been hooked)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def begin(self) -> None:
         self.enabled = True
@@ -85,8 +99,7 @@ class FeatureStatistics(_HookedTerm):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.layers = self.bn_layers(model)
-        for layer in self.layers:
-            layer.register_forward_hook(self._hook)
+        self._attach(self.layers)
 
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if not self.enabled:
@@ -136,8 +149,7 @@ class ClassFeatureStatistics(_HookedTerm):
         super().__init__()
         self.layers = class_statistics_layers(model)
         self._moments: list[tuple[nn.Module, Tensor, Tensor]] = []
-        for layer in self.layers:
-            layer.register_forward_hook(self._hook)
+        self._attach(self.layers)
 
     def begin(self) -> None:
         super().begin()
@@ -308,8 +320,7 @@ class Activation(_HookedTerm):
         super().__init__()
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.layer = linears[-1] if linears else None
-        if self.layer is not None:
-            self.layer.register_forward_hook(self._hook)
+        self._attach([self.layer] if self.layer is not None else [])
 
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if self.enabled:
