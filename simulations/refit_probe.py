@@ -309,15 +309,6 @@ def fill_synthetic(teachers: list[nn.Module], weights: Tensor, has_unknown: Tens
     return torch.cat(out)
 
 
-def blends_of(images: Tensor, seed: int) -> Tensor:
-    """As many blends of random pool pairs as the pool holds, a uniform weight each, quantised like pool images."""
-    draw = torch.Generator().manual_seed(seed)
-    n = len(images)
-    first, second = torch.randint(0, n, (n,), generator=draw), torch.randint(0, n, (n,), generator=draw)
-    w = torch.rand(n, 1, 1, 1, generator=draw)
-    return torch.round((w * images[first] + (1 - w) * images[second]) * 255) / 255
-
-
 def runner_up_partners(first: Tensor, answers: Tensor, generator: torch.Generator) -> Tensor:
     """A partner for each pool sample ``first`` (indices into ``answers``, the pool's (N, C) answers): a random
     sample of the class the answer of ``first`` ranks second, by the answers' argmax; a random sample where the pool
@@ -332,15 +323,18 @@ def runner_up_partners(first: Tensor, answers: Tensor, generator: torch.Generato
     return second
 
 
-def runner_up_blends_of(images: Tensor, stored: Tensor, seed: int) -> Tensor:
-    """As many blends as the pool holds, each of a random pool image and a random pool image of the class the stored
-    answer ranks second for it (:func:`runner_up_partners`), a uniform weight each, quantised like pool images:
-    blends across the boundaries the ensemble itself finds closest (shirts against T-shirts, pullovers and coats on
-    Fashion-MNIST), where ``blends_of``'s random pairs mostly join classes the ensemble never confuses."""
+def blends_of(images: Tensor, seed: int, stored: Tensor | None = None) -> Tensor:
+    """As many blends of pool pairs as the pool holds, a uniform weight each, quantised like pool images. Each pair's
+    first image is drawn at random, its second too or, given the pool's ``stored`` answers, of the class the first
+    one's answer ranks second (:func:`runner_up_partners`): blends across the boundaries the ensemble itself finds
+    closest (shirts against T-shirts, pullovers and coats on Fashion-MNIST), where random pairs mostly join classes
+    the ensemble never confuses."""
     draw = torch.Generator().manual_seed(seed)
-    first = torch.randint(0, len(images), (len(images),), generator=draw)
-    second = runner_up_partners(first, stored, draw)
-    w = torch.rand(len(images), 1, 1, 1, generator=draw)
+    n = len(images)
+    first = torch.randint(0, n, (n,), generator=draw)
+    second = (torch.randint(0, n, (n,), generator=draw) if stored is None
+              else runner_up_partners(first, stored, draw))
+    w = torch.rand(n, 1, 1, 1, generator=draw)
     return torch.round((w * images[first] + (1 - w) * images[second]) * 255) / 255
 
 
@@ -409,7 +403,7 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
         row("blends", 2 * len(images), refit(torch.cat([images, blends]), torch.cat([stored, answered]),
                                              EXTRA_SEED)[0], extra_query_samples=len(blends) * len(teachers))
     if "blends-runner-up" in variants:
-        close = runner_up_blends_of(images, stored, BLEND_SEED)
+        close = blends_of(images, BLEND_SEED, stored)
         asked = teachers_on(close)
         row("blends-runner-up", 2 * len(images), refit(torch.cat([images, close]), torch.cat([stored, asked]),
                                                        EXTRA_SEED)[0], extra_query_samples=len(close) * len(teachers),

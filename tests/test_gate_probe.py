@@ -177,8 +177,8 @@ def test_the_refit_probe_s_runner_up_blends_join_each_image_to_the_class_its_ans
     labels = torch.arange(5).repeat(40)
     images = torch.nn.functional.one_hot(labels, 6).float().view(-1, 6, 1, 1)
     stored = 5.0 * torch.nn.functional.one_hot(labels, 6) + 2.0 * torch.nn.functional.one_hot(labels + 1, 6)
-    blends = refit_probe.runner_up_blends_of(images, stored, 0)
-    assert blends.shape == images.shape and torch.equal(blends, refit_probe.runner_up_blends_of(images, stored, 0))
+    blends = refit_probe.blends_of(images, 0, stored)
+    assert blends.shape == images.shape and torch.equal(blends, refit_probe.blends_of(images, 0, stored))
     assert torch.allclose(blends * 255, torch.round(blends * 255))
     mass = blends.flatten(1)  # (N, 6): w on the first image's class, 1 - w on its partner's
     assert torch.allclose(mass.sum(1), torch.ones(len(mass)), atol=1.5 / 255)
