@@ -67,6 +67,12 @@ class DatasetSpec:
         std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
         return (images - mean) / std
 
+    def denormalize(self, inputs: Tensor) -> Tensor:
+        """Map normalised inputs back to images (in [0, 1] where they came from :meth:`normalize`)."""
+        mean = torch.tensor(self.mean, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
+        return inputs * std + mean
+
 
 @dataclass(frozen=True)
 class ImageData:

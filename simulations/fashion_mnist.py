@@ -375,7 +375,8 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
     recall (by the teachers' label counts, without the run's reliability factors) and who holds the class: the
     clients holding at least a tenth of its records, and the largest one's share (whether the student falls short
     on the classes one client holds: at Dirichlet(0.1), mostly not; docs/results.md)."""
-    from fedkd.coordinator.aggregation import AGGREGATORS, claimed_counts, column_shares
+    from fedkd.coordinator.aggregation import AGGREGATORS, claimed_counts, column_shares, density_gate
+    from fedkd.institution.density import WithDensity
     from fedkd.institution.loading import load_teacher
 
     data = load_dataset("fashion-mnist", data_root, seed=0)
@@ -385,11 +386,20 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
     teachers = [model for model, _ in loaded]
     counts = claimed_counts([meta.get("label_counts") for _, meta in loaded], data.spec.num_classes)
     shares = column_shares(counts)  # (K, C) each client's share of each class's records
+    c = data.spec.num_classes
+    summary = run_dir / "summary.json"
+    gated = summary.is_file() and all(isinstance(t, WithDensity) for t in teachers) and bool(
+        json.loads(summary.read_text()).get("ensemble", {}).get("density_gate", {}).get("used", False))
+    sharpness = float(json.loads((run_dir / "config.json").read_text()).get("density-sharpness") or 4.0)
     with torch.no_grad():
         guess = student.eval()(x).argmax(1)
-        logits = torch.stack([t.eval()(x) for t in teachers])
+        outputs = torch.stack([t.eval()(x) for t in teachers])
+        logits = outputs[..., :c]  # (a teacher with a density answers its log-density last)
         mean = logits.softmax(-1).mean(0).argmax(1)
-        weighted = AGGREGATORS["class-weighted"].combine(logits, shares.unsqueeze(1)).argmax(1)
+        weights = shares.unsqueeze(1)
+        if gated:  # the run weighed each answer by the density gate too (teacher-density=on)
+            weights = weights * density_gate(outputs[..., c], sharpness=sharpness).unsqueeze(-1)
+        weighted = AGGREGATORS["class-weighted"].combine(logits, weights).argmax(1)
         for m in student.modules():  # AdaBN: running statistics from the real test images
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()
@@ -401,7 +411,8 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
     lines = [f"{run_dir}: student {float((guess == y).float().mean()):.4f}, with BatchNorm statistics from the "
              f"real test images {float((adabn == y).float().mean()):.4f}, plain probability mean of the teachers "
              f"{float((mean == y).float().mean()):.4f}", "",
-             "| class | student recall | teachers' mean recall | class-weighted recall | clients holding a tenth or "
+             "| class | student recall | teachers' mean recall | class-weighted recall"
+             + (" (density-gated, as the run weighed)" if gated else "") + " | clients holding a tenth or "
              "more (largest share) | test images the student calls it | the teachers' mean calls it | pool samples "
              "the ensemble calls it |", "|---|---|---|---|---|---|---|---|"]
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")["method"]["pool"]

@@ -36,6 +36,7 @@ from torch import Tensor
 from fedkd.checkpoint import load_run_state
 from fedkd.coordinator.aggregation import AGGREGATORS, class_weights, competence
 from fedkd.data import load_dataset
+from fedkd.institution.density import WithDensity
 from fedkd.institution.loading import load_teacher
 
 
@@ -53,10 +54,12 @@ def stacked(rows: list[Tensor]) -> Tensor:
 
 
 def combine(logits: Tensor, weights: Tensor, has_unknown: Tensor, num_classes: int,
-            gate: Tensor | None = None) -> Tensor:
-    """Log-probabilities of the ensemble from (K, N, C[+1]) logits; ``gate`` (N, K) multiplies each vote."""
-    comp = (competence(logits, num_classes, has_unknown) if logits.shape[-1] > num_classes
-            else torch.ones(logits.shape[:2]))
+            gate: Tensor | None = None, has_density: Tensor | None = None, sharpness: float = 4.0) -> Tensor:
+    """Log-probabilities of the ensemble from (K, N, C[+1]) logits; ``gate`` (N, K) multiplies each vote;
+    ``has_density`` (K,) bool: the teachers whose last column is a log-density the run weighed by (the density gate
+    at ``sharpness``, as the coordinator forms it; :func:`density_weighed`)."""
+    comp = (competence(logits, num_classes, has_unknown, has_density, sharpness=sharpness)
+            if logits.shape[-1] > num_classes else torch.ones(logits.shape[:2]))
     w = weights.unsqueeze(1) * comp.unsqueeze(-1)
     if gate is not None:
         w = w * gate.T.unsqueeze(-1)
@@ -89,6 +92,23 @@ def run_teachers(run: Path, num_classes: int) -> tuple[list[torch.nn.Module], Te
         counts.append(ckpt.get("label_counts"))
         unknown.append(bool(ckpt.get("unknown_output", False)))
     return teachers, class_weights(counts, num_classes), torch.tensor(unknown)
+
+
+def records_of(run: Path) -> list[list[int]]:
+    """Each teacher's label counts (its records per class), as its checkpoint shares them."""
+    return [list(load_teacher(path)[1].get("label_counts") or [])
+            for path in sorted((run / "clients").glob("client_*/teacher.pt"))]
+
+
+def density_weighed(run: Path, teachers: list[torch.nn.Module]) -> tuple[Tensor, float]:
+    """(K,) bool, the teachers whose last column is a log-density that ``run`` weighed its answers by (its summary's
+    ``density_gate``: teacher-density=on and the gate used), and the run's ``density-sharpness``."""
+    config = json.loads((run / "config.json").read_text())
+    summary = run / "summary.json"
+    used = summary.is_file() and bool(
+        json.loads(summary.read_text()).get("ensemble", {}).get("density_gate", {}).get("used", False))
+    has = torch.tensor([used and isinstance(t, WithDensity) for t in teachers])
+    return has, float(config.get("density-sharpness") or 4.0)
 
 
 def probe(run: Path, epochs: int, seed: int, train_gate: bool = True) -> dict[str, float]:

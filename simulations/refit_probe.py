@@ -43,6 +43,16 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   random direction in the classes per image, then answered by the teachers (a Backward with grad_logits a - mean a,
   a = w_k * w for teacher k's class shares w_k, needs no answer; then a Forward of the moved image: two query
   samples per image and teacher);
+- ``ontoK`` (for example ``onto10``): the pool plus every pool image moved by K gradient steps up the log-density of
+  the clients' pooled data (the mixture of the teachers' densities, ``teacher-density=on``, weighted by their
+  records), then answered by the teachers: whether synthetic samples the densities find likely (a synthetic pool
+  sits far below every client's density, where the density gate routes to whichever falls off slowest) teach the
+  student of a density-gated ensemble what the pool does not. Each step is ``ONTO_RATE`` times the smallest
+  variance any density keeps off its principal directions (what the coordinator does not know: a probe's step,
+  read from the densities); each step's Forward and Backward (a density each) and the answers' Forwards are
+  counted. ``ontoeachK``: image i climbs teacher i mod K's density alone (one teacher asked a step); ``ontobbK``:
+  the same with each image's own Barzilai-Borwein steps, which need no variance (what ``student-refit-climb``
+  does through the contract, :func:`fedkd.coordinator.climb.climb`).
 - ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
   run's; resized and given the run's channels where its images differ), answered by the teachers: whether natural
   images of another domain, which the coordinator could hold without anyone's data (as FedDF's and MosaicKD's
@@ -60,9 +70,9 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
 Each row gives the student's test accuracy and its recall of each class (``recall``, in class order: where a
 variant's gain or loss lies, shirts on Fashion-MNIST). Every refit of the pool alone uses seed 100
 (``--refit-seed``: the ``pool``, loss and ``jacobian`` rows; the surrogate's students 100, 101, ...), every refit
-with extra samples seed 200: rows differ by what they train on, not by their random stream. The refit's own spread
-over seeds is printed too (``students``: the surrogate's students one by one, and their ensemble). Experiment-only:
-it reads the teachers' files, which a deployment's coordinator does not hold.
+with extra samples seed 200 (``--extra-seed``): rows differ by what they train on, not by their random stream. The
+refit's own spread over seeds is printed too (``students``: the surrogate's students one by one, and their
+ensemble). Experiment-only: it reads the teachers' files, which a deployment's coordinator does not hold.
 
     python simulations/refit_probe.py runs/fashion-mnist/a0.5-s0-... --variants pool,blends,surrogate,fresh
 """
@@ -83,10 +93,11 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gate_probe import answers, combine, run_teachers, stacked  # noqa: E402
+from gate_probe import answers, combine, density_weighed, records_of, run_teachers, stacked  # noqa: E402
 
 import fedkd.coordinator.student as student_module  # noqa: E402
 from fedkd.config import RunConfig, config_from_mapping  # noqa: E402
+from fedkd.coordinator.climb import climb  # noqa: E402
 from fedkd.coordinator.losses import distillation_per_sample  # noqa: E402
 from fedkd.coordinator.student import StudentTrainer  # noqa: E402
 from fedkd.coordinator.synthesis import Synthesizer  # noqa: E402
@@ -99,6 +110,7 @@ VARIANTS = ("pool", "balanced", "l1", "mse", "kl1", "kl2", "blends", "blends-run
             "flipsq", "jacobian", "jacobian-logits", "proxy", "fill", "fill-real")
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED, ODS_SEED = 100, 200, 123, 7, 11
 FILL_STEPS = 20
+ONTO_RATE = 0.5
 JACOBIAN_WEIGHT = 1.0
 
 
@@ -254,6 +266,63 @@ def ods_of(teachers: list[nn.Module], weights: Tensor, spec: DatasetSpec, images
     return torch.cat(out)
 
 
+ONTO_KINDS = {"ontoeach": (True, False), "ontobb": (True, True), "onto": (False, False)}  # (each, bb)
+
+
+def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
+    """The steps of an ``ontoK``, ``ontoeachK`` or ``ontobbK`` variant, whether each image climbs one teacher's
+    density (in turn) and whether its steps are Barzilai-Borwein's; None for any other name."""
+    for prefix, (each, bb) in ONTO_KINDS.items():
+        rest = variant[len(prefix):]
+        if variant.startswith(prefix) and rest.isdigit() and int(rest) > 0:
+            return int(rest), each, bb
+    return None
+
+
+def onto_densities(teachers: list[nn.Module], records: Tensor, spec: DatasetSpec, images: Tensor, steps: int,
+                   rate: float = ONTO_RATE, batch: int = 1024, each: bool = False, bb: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Each image in [0, 1] moved by ``steps`` gradient steps up log sum_k pi_k p_k(x), the teachers' densities
+    (``WithDensity``) mixed by their ``records`` (the clients' pooled data), in the normalised input space the
+    teachers see; each step ``rate`` x the smallest off-basis variance of any density (a component's residual shrinks
+    by up to ``rate`` a step, its principal directions far less). Clamped to [0, 1] and quantised like pool images.
+    With ``each``, image i climbs teacher i mod K's density alone (every client's data gets as many images, where
+    the mixture's climb leaves each image to the density nearest it). Also each image's largest log-density per
+    input value over the teachers, before and after. With ``bb`` the steps need no variance: each image's own
+    Barzilai-Borwein steps, as ``student-refit-climb`` takes them from its Backwards alone
+    (:func:`fedkd.coordinator.climb.climb`)."""
+    densities = [t.density for t in teachers]
+    step = rate * float(torch.stack([d.noise.min() for d in densities]).min())
+    log_prior = (records.double() / records.sum()).log().float()
+
+    def mixture(z: Tensor, chosen: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        per = torch.stack([d(z) for d in densities])  # (K, B) nats per value
+        if chosen is not None:  # each image's own teacher
+            return per.gather(0, chosen[None]).squeeze(0) * float(z[0].numel()), per.amax(0)
+        return torch.logsumexp(per * per.new_tensor(float(z[0].numel())) + log_prior[:, None], 0), per.amax(0)
+
+    out, before, after = [], [], []
+    for i in range(0, len(images), batch):
+        z = spec.normalize(images[i:i + batch]).clone()
+        chosen = torch.arange(i, i + len(z)) % len(densities) if each else None
+
+        def gradient(at: Tensor, chosen: Tensor | None = chosen) -> Tensor:
+            at = at.detach().requires_grad_(True)
+            return torch.autograd.grad(mixture(at, chosen)[0].sum(), at)[0]
+
+        with torch.no_grad():
+            before.append(mixture(z)[1])
+        if bb:  # the coordinator's own steps (student-refit-climb)
+            z = climb(z, gradient, steps)[0]
+        for _ in range(0 if bb else steps):
+            z = z + step * gradient(z)
+        x = torch.round(spec.denormalize(z).clamp(0, 1) * 255) / 255
+        with torch.no_grad():
+            after.append(mixture(spec.normalize(x))[1])
+        out.append(x)
+    return torch.cat(out), torch.cat(before), torch.cat(after)
+
+
 def thin_classes(answers: Tensor, share: float = 0.5) -> dict[int, int]:
     """Per class the pool holds fewer samples of (by the stored answers' argmax) than ``share`` of a balanced
     pool's, how many more would bring it there."""
@@ -350,7 +419,8 @@ def fresh_of(run_state: dict[str, Any], config: RunConfig, spec: DatasetSpec, co
 
 
 def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: int = POOL_SEED,
-                on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                on_row: Callable[[dict[str, Any]], None] | None = None,
+                extra_seed: int = EXTRA_SEED) -> list[dict[str, Any]]:
     """The rows of ``variants`` on ``run``'s final pool; ``on_row`` sees each as soon as it is measured."""
     saved = {k: v for k, v in json.loads((run / "config.json").read_text()).items() if v is not None}
     config = config_from_mapping(saved)
@@ -361,6 +431,7 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
     pool = state["method"]["pool"]
     images, stored = pool["images"].float() / 255, pool["answers"].float()
     teachers, weights, has_unknown = run_teachers(run, c)
+    has_density, sharpness = density_weighed(run, teachers)
     refit = Refit(config, spec)
     test_x = spec.normalize(test.images)
 
@@ -373,7 +444,8 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
         return float(hits(model).float().mean())
 
     def teachers_on(x: Tensor) -> Tensor:
-        return combine(answers(teachers, spec.normalize(x)), weights, has_unknown, c)  # (N, C) log-probabilities
+        return combine(answers(teachers, spec.normalize(x)), weights, has_unknown, c, has_density=has_density,
+                       sharpness=sharpness)  # (N, C) log-probabilities, gated as the run gated
 
     rows: list[dict[str, Any]] = []
 
@@ -401,12 +473,12 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
     answered = teachers_on(blends) if blends is not None else None
     if "blends" in variants and blends is not None and answered is not None:
         row("blends", 2 * len(images), refit(torch.cat([images, blends]), torch.cat([stored, answered]),
-                                             EXTRA_SEED)[0], extra_query_samples=len(blends) * len(teachers))
+                                             extra_seed)[0], extra_query_samples=len(blends) * len(teachers))
     if "blends-runner-up" in variants:
         close = blends_of(images, BLEND_SEED, stored)
         asked = teachers_on(close)
         row("blends-runner-up", 2 * len(images), refit(torch.cat([images, close]), torch.cat([stored, asked]),
-                                                       EXTRA_SEED)[0], extra_query_samples=len(close) * len(teachers),
+                                                       extra_seed)[0], extra_query_samples=len(close) * len(teachers),
             classes=torch.bincount(asked.argmax(1), minlength=c).tolist())
     if "surrogate" in variants and blends is not None and answered is not None:
         for k in range(1, students):
@@ -418,25 +490,25 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
             together = float((mean_probs(test.images).argmax(1) == test.labels).float().mean())
         each = [accuracy(m) for m in fitted]
         row("surrogate", 2 * len(images), refit(torch.cat([images, blends]), torch.cat([stored, labels]),
-                                                EXTRA_SEED)[0],
+                                                extra_seed)[0],
             extra_query_samples=0, students=each, students_ensemble=together,
             agreement_with_teachers=float((labels.argmax(1) == answered.argmax(1)).float().mean()))
     if "fresh" in variants:
         fresh, answered_fresh = fresh_of(state, config, spec, len(images), FRESH_SEED,
                                          lambda x: combine(answers(teachers, x), weights, has_unknown, c))
         row("fresh", 2 * len(images), refit(torch.cat([images, fresh]), torch.cat([stored, answered_fresh]),
-                                            EXTRA_SEED)[0], extra_query_samples=len(fresh) * len(teachers),
+                                            extra_seed)[0], extra_query_samples=len(fresh) * len(teachers),
             mean_top_probability=float(answered_fresh.exp().amax(1).mean()),
             pool_mean_top_probability=float(F.softmax(stored, 1).amax(1).mean()))
     if "flips" in variants or "flipsq" in variants:
         mirrored = images.flip(-1)
         if "flips" in variants:
             row("flips", 2 * len(images), refit(torch.cat([images, mirrored]), torch.cat([stored, stored]),
-                                                EXTRA_SEED)[0], extra_query_samples=0)
+                                                extra_seed)[0], extra_query_samples=0)
         if "flipsq" in variants:
             asked = teachers_on(mirrored)
             row("flipsq", 2 * len(images), refit(torch.cat([images, mirrored]), torch.cat([stored, asked]),
-                                                 EXTRA_SEED)[0], extra_query_samples=len(mirrored) * len(teachers),
+                                                 extra_seed)[0], extra_query_samples=len(mirrored) * len(teachers),
                 agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()))
     for variant in variants:
         step = ods_step(variant)
@@ -444,9 +516,32 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
             moved = ods_of(teachers, weights, spec, images, step, ODS_SEED)
             asked = teachers_on(moved)
             row(variant, 2 * len(images), refit(torch.cat([images, moved]), torch.cat([stored, asked]),
-                                                EXTRA_SEED)[0], extra_query_samples=2 * len(moved) * len(teachers),
+                                                extra_seed)[0], extra_query_samples=2 * len(moved) * len(teachers),
                 agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()),
                 mean_pixel_change=float((moved - images).abs().mean()))
+    for variant in variants:
+        onto = onto_steps(variant)
+        if onto is not None:
+            steps, each, bb = onto
+            if not bool(has_density.all()):
+                raise SystemExit(f"{variant}: {run} did not weigh every teacher by a density (teacher-density=on "
+                                 "with the density gate used)")
+            records = torch.tensor([float(sum(counts)) for counts in records_of(run)])
+            records = records if bool((records > 0).all()) else torch.ones(len(teachers))  # none shared: even
+            moved, before, after = onto_densities(teachers, records, spec, images, steps, each=each, bb=bb)
+            asked = teachers_on(moved)
+            row(variant, 2 * len(images), refit(torch.cat([images, moved]), torch.cat([stored, asked]),
+                                                extra_seed)[0],
+                # a step: a Forward and a Backward of the one teacher climbed (each: a teacher answers a Backward
+                # only for inputs it has answered), or of every teacher (the mixture's posterior needs every
+                # density); then a Forward of each moved image by every teacher
+                extra_query_samples=2 * steps * (1 if each else len(teachers)) * len(moved)
+                + len(moved) * len(teachers),
+                agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()),
+                mean_pixel_change=float((moved - images).abs().mean()),
+                log_density_before=float(before.median()), log_density_after=float(after.median()),
+                test_log_density=float(torch.stack([t.density(test_x) for t in teachers]).amax(0).median()),
+                classes=torch.bincount(asked.argmax(1), minlength=c).tolist())
     if "fill" in variants or "fill-real" in variants:
         need = thin_classes(stored)
         asked_for = torch.repeat_interleave(torch.tensor(list(need), dtype=torch.long),
@@ -461,7 +556,7 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
                      fill_synthetic(teachers, weights, has_unknown, spec, images, stored, need, FILL_STEPS))
             asked = teachers_on(extra) if len(extra) else stored[:0]
             row(variant, len(base_x) + len(extra), refit(torch.cat([base_x, extra]), torch.cat([base_y, asked]),
-                                                         EXTRA_SEED)[0],
+                                                         extra_seed)[0],
                 extra_query_samples=len(extra) * len(teachers) * (1 if variant == "fill-real" else 1 + 2 * FILL_STEPS),
                 filled={str(k): n for k, n in need.items()},
                 fill_calls_its_class=float((asked.argmax(1) == asked_for).float().mean()) if len(extra) else 1.0,
@@ -474,7 +569,7 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
         proxy = proxy.expand(-1, images.shape[1], -1, -1).contiguous()  # grey to the run's channels
         asked = teachers_on(proxy)
         row("proxy", len(images) + len(proxy), refit(torch.cat([images, proxy]), torch.cat([stored, asked]),
-                                                     EXTRA_SEED)[0], extra_query_samples=len(proxy) * len(teachers),
+                                                     extra_seed)[0], extra_query_samples=len(proxy) * len(teachers),
             proxy_mean_top_probability=float(asked.exp().amax(1).mean()),
             proxy_classes=torch.bincount(asked.argmax(1), minlength=c).tolist())
     for variant, of, asks in (("jacobian", "log-probability", 2), ("jacobian-logits", "logits", 1)):
@@ -490,18 +585,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--variants", default="pool,blends,surrogate,fresh",
                         help=f"comma-separated, of {', '.join(VARIANTS)} (klT and lsT for any temperature T, "
-                             "odsE for an output-diversified step of E/255)")
+                             "odsE for an output-diversified step of E/255, ontoK, ontoeachK or ontobbK for K steps up "
+                             "the densities)")
     parser.add_argument("--students", type=int, default=3, help="students in the surrogate's ensemble (>= 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--refit-seed", type=int, default=POOL_SEED,
                         help="the random stream of the refits on the pool alone and of jacobian's "
                              "(default %(default)s)")
+    parser.add_argument("--extra-seed", type=int, default=EXTRA_SEED,
+                        help="the random stream of the refits with extra samples (default %(default)s)")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     for v in variants:
         at_temperature = v.startswith(("kl", "ls")) and v[2:].replace(".", "", 1).isdigit()
-        if v not in VARIANTS and not at_temperature and ods_step(v) is None:
-            parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT, lsT or odsE")
+        if v not in VARIANTS and not at_temperature and ods_step(v) is None and onto_steps(v) is None:
+            parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT, lsT, odsE, ontoK, ontoeachK or ontobbK")
     if args.students < 1:
         parser.error("--students must be at least 1")
     for run in args.runs:
@@ -517,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{json.dumps(more) if more else ''} |", flush=True)
 
     for run in args.runs:
-        refit_probe(run, variants, args.students, args.refit_seed, on_row=show)
+        refit_probe(run, variants, args.students, args.refit_seed, on_row=show, extra_seed=args.extra_seed)
     return 0
 
 

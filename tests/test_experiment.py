@@ -210,7 +210,7 @@ def test_student_refit_trains_a_fresh_student_on_the_final_pool_without_a_query(
     # the summary and the saved student are the refitted one, not the student trained along the way
     assert summary["student"]["test_accuracy"] == record["student_accuracy"] > 0.35
     assert summary["student"]["refit"] == {"steps": record["refit_steps"], "samples": record["refit_samples"],
-                                           "blends": 0,
+                                           "blends": 0, "climbs": 0,
                                            "along_the_way": {"accuracy": history[3]["student_accuracy"],
                                                              "agreement": history[3]["agreement"],
                                                              "loyalty": history[3]["loyalty"]}}

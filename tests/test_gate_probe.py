@@ -378,3 +378,30 @@ def test_the_refit_probe_s_synthetic_fill_moves_the_surest_pool_images_towards_t
                                          lr=0.05, bn_weight=1.0, batch=4)
     assert with_bn.shape == (6, 1, 8, 8) and not torch.equal(with_bn, moved)  # the statistics term pulls too
     assert all(not m._forward_hooks for t in teachers for m in t.modules())
+
+
+def test_the_refit_probe_s_climbs_raise_each_image_s_log_density_and_each_takes_its_own_teacher_in_turn():
+    import refit_probe
+
+    from fedkd.data import SPECS
+    from fedkd.institution.density import WithDensity, fit_density
+
+    assert [refit_probe.onto_steps(v) for v in ("onto10", "ontoeach3", "ontobb2", "onto0", "ontox", "pool")] == [
+        (10, False, False), (3, True, False), (2, True, True), None, None, None]
+    spec = SPECS["digits"]
+    g = torch.Generator().manual_seed(0)
+    bright = torch.zeros(40, 1, 8, 8)  # client 0: bright on the left half, client 1: on the right
+    bright[:20, :, :, :4], bright[20:, :, :, 4:] = 0.9, 0.9
+    real = (bright + 0.05 * torch.randn(40, 1, 8, 8, generator=g)).clamp(0, 1)
+    teachers = [WithDensity(torch.nn.Flatten(), fit_density(spec.normalize(real[i:i + 20]),
+                                                            torch.zeros(20, dtype=torch.long), 10, rank=3))
+                for i in (0, 20)]
+    images = torch.rand(8, 1, 8, 8, generator=g)
+    for each, bb in ((False, False), (True, False), (True, True)):
+        moved, before, after = refit_probe.onto_densities(teachers, torch.tensor([20.0, 20.0]), spec, images, 5,
+                                                          each=each, bb=bb)
+        assert moved.shape == images.shape and torch.allclose(moved * 255, torch.round(moved * 255))
+        assert bool((after > before).all()), (each, bb)
+        if each:  # image i went to client i mod 2's data: brighter on its own half
+            left = moved[..., :4].mean((1, 2, 3)) > moved[..., 4:].mean((1, 2, 3))
+            assert left.tolist() == [True, False] * 4, (each, bb)

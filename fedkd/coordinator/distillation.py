@@ -229,16 +229,27 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
                        "teachers"
                        + (" (kept from before the restart)" if blends.answered and not blends.asked else "")
                        + (f"; {blends.stopped}" if blends.stopped else ""))
+    climbs = None
+    if config.student.refit > 0 and config.student.refit_climb > 0:
+        climbs = method.answer_climbs(config.student.refit_climb, step)
+        if climbs.asked:  # into the checkpoint, as the blends
+            write_query_ledger(pool.stats(), ledger_path)
+            checkpoint(config.epochs)
+        observer.stage(f"student-refit-climb: {climbs.answered:,} pool samples climbed a teacher's density "
+                       f"({config.student.refit_climb} steps each) and answered by the teachers"
+                       + (" (kept from before the restart)" if climbs.answered and not climbs.asked else "")
+                       + (f"; {climbs.stopped}" if climbs.stopped else ""))
     if config.student.refit > 0:
+        extra = (blends.answered if blends is not None else 0) + (climbs.answered if climbs is not None else 0)
         final, refitted = refit(method, config, spec, device, observer, history[-1] if history else {}, test_inputs,
-                                test.labels if test is not None else None, answers,
-                                blends.answered if blends is not None else 0)
+                                test.labels if test is not None else None, answers, extra)
         if refitted is not None:
-            if blends is not None:  # the blends' queries counted like the epochs'
+            if blends is not None or climbs is not None:  # their queries counted like the epochs'
                 total, before = sum(s.samples for s in pool.stats()), refitted.get("query_samples")
                 if isinstance(before, int) and isinstance(refitted.get("budget_spent"), int):
                     refitted["budget_spent"] += total - before
-                refitted.update(query_samples=total, refit_blends=blends.answered)
+                refitted.update(query_samples=total, refit_blends=blends.answered if blends is not None else 0,
+                                refit_climbs=climbs.answered if climbs is not None else 0)
             history.append(refitted)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(refitted) + "\n")
@@ -276,7 +287,7 @@ def refit(method: DistillationMethod, config: RunConfig, spec: DatasetSpec, devi
     the student trained along the way). Run again on a resume: it depends only on the checkpointed pool and the
     seed. The method's own student and no record, when the method keeps no pool to refit on."""
     started = time.perf_counter()
-    what = "the final pool" + (f" and {blends:,} blends" if blends else "")
+    what = "the final pool" + (f" and {blends:,} samples answered after the epochs" if blends else "")
     observer.stage(f"student-refit: a fresh student, {config.student.refit:g}x the run's student steps on {what}, "
                    "no queries ...")
     with torch.random.fork_rng(devices=[]):

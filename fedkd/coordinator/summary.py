@@ -119,6 +119,8 @@ def build_summary(config: RunConfig, task: Task, result: Distillation, pool: Tea
         "steps": refitted["refit_steps"], "samples": refitted["refit_samples"],
         # of those samples, the blends of pool samples the teachers answered after the epochs (student-refit-mixup)
         "blends": refitted.get("refit_blends", 0),
+        # and the pool samples that climbed a teacher's density, answered likewise (student-refit-climb)
+        "climbs": refitted.get("refit_climbs", 0),
         "along_the_way": {"accuracy": along.get("student_accuracy"), "agreement": along.get("agreement"),
                           "loyalty": along.get("loyalty")}}
     ensemble = result.ensemble

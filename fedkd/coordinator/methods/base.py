@@ -14,6 +14,7 @@ ensemble.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from fedkd.augment import random_affine
 from fedkd.contract import QueryContext, QueryError
+from fedkd.coordinator.climb import climb
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.pool import QuorumError
 from fedkd.coordinator.settings import StudentSettings, SynthesisSettings
@@ -85,12 +87,18 @@ class DistillationMethod(Protocol):
         ``on_batch`` after each answered batch. Leaves the run's random streams as they were."""
         ...
 
+    def answer_climbs(self, steps: int, on_batch: Callable[[], None] | None = None) -> Blends:
+        """Have a copy of each pool sample climb one teacher's density, the teachers that answer one in turn
+        (:func:`fedkd.coordinator.climb.climb`, ``steps`` steps), and the teachers answer the climbed samples, for
+        :meth:`refit` to train on beside the pool; kept in :meth:`state_dict`, as the blends are."""
+        ...
+
     def refit(self, student: nn.Module, share: float, seed: int) -> tuple[int, int]:
-        """Train ``student`` (freshly built) on the whole final pool (and the blends :meth:`answer_blends` had
-        answered) for ``share`` of the steps the method's own student took, with the method's student settings
-        and a schedule of its own; no query. Returns (the samples, the steps) it trained on; (0, 0) where the
-        method keeps no pool beyond its last batch, and ``student`` is left untouched. Leaves the run's random
-        streams as they were."""
+        """Train ``student`` (freshly built) on the whole final pool (and the blends :meth:`answer_blends` and the
+        climbed samples :meth:`answer_climbs` had answered) for ``share`` of the steps the method's own student
+        took, with the method's student settings and a schedule of its own; no query. Returns (the samples, the
+        steps) it trained on; (0, 0) where the method keeps no pool beyond its last batch, and ``student`` is left
+        untouched. Leaves the run's random streams as they were."""
         ...
 
 
@@ -204,6 +212,9 @@ class PoolMethod(Generic[Options]):
         # the ensemble's logits), or None before they are asked
         self.blends: tuple[Tensor, Tensor] | None = None
         self.blends_stopped = ""
+        # student-refit-climb: pool samples moved up one teacher's density each, then answered; alike
+        self.climbs: tuple[Tensor, Tensor] | None = None
+        self.climbs_stopped = ""
 
     def build_synthesis(self) -> None:
         """Build what makes the synthetic samples before the student trainer (nothing here: the generator of
@@ -323,6 +334,80 @@ class PoolMethod(Generic[Options]):
         self.blends_stopped = stopped
         return Blends(len(self.blends[0]), len(self.blends[0]), stopped)
 
+    def climbers(self) -> tuple[list[int], str]:
+        """The teachers whose densities the pool's samples may climb: those the run weighs by a density (the
+        density gate used), that grant gradients, that the reliability estimate keeps and whose density the
+        coordinator's check did not refute; and, where there is none, why."""
+        ensemble = self.ensemble
+        if not ensemble.density_gate.used:
+            return [], f"the run does not weigh answers by densities ({ensemble.density_gate.reason})"
+        weights = ensemble.reliability.weights()
+        members = [k for k in range(len(ensemble)) if bool(ensemble.has_density[k])
+                   and k in ensemble.gradient_members and float(weights[k]) > 0
+                   and k not in ensemble.density_check.refuted]
+        return members, "" if members else ("no teacher with a density the run weighs by grants gradients and is "
+                                            "trusted")
+
+    def answer_climbs(self, steps: int, on_batch: Callable[[], None] | None = None) -> Blends:
+        """See :class:`DistillationMethod`. Pool sample i climbs the density of climber i mod n
+        (:meth:`climbers`): each step a Forward of that teacher alone, keeping its graph, and a Backward of its
+        log-density (grad_logits 1 on that column), asked in the context the pool's last batches were (purpose
+        ``distill``, the density released as the gate has it released). Then every teacher answers the climbed
+        samples, quantised like pool images, as blends are answered; a refusal or the query budget stops it, and
+        what was answered is kept. A teacher that stops answering mid-climb leaves its samples where they got."""
+        if self.climbs is not None:
+            return Blends(len(self.climbs[0]), 0, self.climbs_stopped)
+        members, stopped = self.climbers() if self.keeps_pool() else (
+            [], f"method {self.name} keeps no pool beyond its last batch, nothing to climb")
+        stored = self.pool.images[:len(self.pool)] if members else self.pool.images[:0]
+        batch = self.config.teachers.max_query_batch
+        state = dataclasses.replace(self.curriculum_state(self.config.epochs - 1).asked_for("distill"),
+                                    log_density=True)
+        pool = self.ensemble.pool
+        images, answers = [], []
+
+        def gradient_of(k: int) -> Callable[[Tensor], Tensor | None]:
+            width = self.ensemble.descriptions[k].outputs
+            def gradient(z: Tensor) -> Tensor | None:
+                try:
+                    asked = pool.forward(z.contiguous(), state, only=[k], min_answers=0, keep=True)
+                    if k not in asked:
+                        return None
+                    grad_logits = torch.zeros(len(z), width)
+                    grad_logits[:, self.spec.num_classes] = 1.0  # the log-density's column, after the classes
+                    return pool.backward(z, {k: (grad_logits, {})}, state, refs={k: asked[k].ref}).get(k)
+                except (QueryError, QuorumError):
+                    return None
+            return gradient
+
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for start in range(0, len(stored), batch):
+                n = min(batch, len(stored) - start)
+                if not self.budget.fits(n * (2 * steps + len(self.ensemble))):
+                    stopped = f"query-budget reached after {start:,} of {len(stored):,} climbs"
+                    break
+                x = self.spec.normalize(stored[start:start + n].float() / 255)
+                owner = torch.tensor([members[(start + i) % len(members)] for i in range(n)])
+                for k in members:
+                    mine = (owner == k).nonzero().flatten()
+                    if len(mine):
+                        x[mine] = climb(x[mine], gradient_of(k), steps)[0]
+                climbed = torch.round(self.spec.denormalize(x).clamp(0, 1) * 255).to(torch.uint8)
+                try:
+                    logits = self.ensemble(self.spec.normalize(climbed.float() / 255), state).logits
+                except (QueryError, QuorumError) as exc:
+                    stopped = f"the teachers stopped answering after {start:,} of {len(stored):,} climbs ({exc})"
+                    break
+                images.append(climbed)
+                answers.append(logits.detach().float().cpu())
+                if on_batch is not None:
+                    on_batch()
+        shape = (0, *self.spec.input_shape)
+        self.climbs = (torch.cat(images) if images else torch.zeros(shape, dtype=torch.uint8),
+                       torch.cat(answers) if answers else torch.zeros(0, self.spec.num_classes))
+        self.climbs_stopped = stopped
+        return Blends(len(self.climbs[0]), len(self.climbs[0]), stopped)
+
     def refit(self, student: nn.Module, share: float, seed: int) -> tuple[int, int]:
         """See :class:`DistillationMethod`. The pool is sampled uniformly (the run's student saw the early
         samples far more often than the last ones, and through the method's curriculum): what ``student-refit``
@@ -330,8 +415,9 @@ class PoolMethod(Generic[Options]):
         if not self.keeps_pool():
             return 0, 0
         settings, steps = self.trainer.settings, max(1, round(share * self.trainer.total_steps))
-        blends = self.blends if self.blends is not None and len(self.blends[0]) else None
-        if blends is not None:
+        extra = [part for part in (self.blends, self.climbs) if part is not None and len(part[0])]
+        blends = (torch.cat([p[0] for p in extra]), torch.cat([p[1] for p in extra])) if extra else None
+        if blends is not None:  # the blends and the climbed samples, drawn alike beside the pool
             images = torch.cat([self.pool.images[:len(self.pool)], blends[0]])
             answers = torch.cat([self.pool.answers[:len(self.pool)], blends[1]])
 
@@ -371,22 +457,27 @@ class PoolMethod(Generic[Options]):
                  "budget": self.budget.state_dict(), "extra": self.extra_state()}
         if self.blends is not None:
             state["blends"] = {"images": self.blends[0], "answers": self.blends[1], "stopped": self.blends_stopped}
+        if self.climbs is not None:
+            state["climbs"] = {"images": self.climbs[0], "answers": self.climbs[1], "stopped": self.climbs_stopped}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trainer.load_state_dict(state["trainer"])
         self.pool.load_state_dict(state["pool"])
         self.budget.load_state_dict(state["budget"])
-        blends = state.get("blends")  # answered after the last epoch (student-refit-mixup); absent before
-        if blends is not None:
-            images, answers = blends["images"], blends["answers"]
+        # answered after the last epoch (student-refit-mixup, student-refit-climb); absent before
+        for name in ("blends", "climbs"):
+            saved = state.get(name)
+            if saved is None:
+                continue
+            images, answers = saved["images"], saved["answers"]
             if tuple(images.shape[1:]) != tuple(self.spec.input_shape) or tuple(answers.shape) != (
                     len(images), self.spec.num_classes):
-                raise ValueError(f"the saved blends are images {tuple(images.shape)} with answers "
+                raise ValueError(f"the saved {name} are images {tuple(images.shape)} with answers "
                                  f"{tuple(answers.shape)}; this run's samples are {self.spec.input_shape} with "
                                  f"{self.spec.num_classes} classes")
-            self.blends = (images.to(torch.uint8), answers.float())
-            self.blends_stopped = str(blends["stopped"])
+            setattr(self, name, (images.to(torch.uint8), answers.float()))
+            setattr(self, f"{name}_stopped", str(saved["stopped"]))
         # a CuDFKD checkpoint of an earlier version keeps its method state (the curriculum) at the top level
         self.load_extra_state(state.get("extra", state))
 

@@ -1,0 +1,117 @@
+"""Pool samples that climb a client's density before the refit (student-refit-climb): the steps, and the run that
+asks for them through the query contract."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_experiment import Interrupt, StageLog, StopAtStage
+
+from fedkd.config import config_from_mapping
+from fedkd.coordinator.climb import FIRST_MOVE, climb
+from fedkd.coordinator.experiment import run_experiment
+from fedkd.data import SPECS
+from fedkd.institution.loading import load_teacher
+from fedkd.options import ConfigError
+
+
+def gaussian(mean, variances):
+    """The input gradient of log N(mean, diag(variances)), per sample."""
+    return lambda z: -(z - mean) / variances
+
+
+def test_two_steps_reach_the_mean_of_an_isotropic_gaussian_whatever_its_scale():
+    x = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    mean = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    for variance in (1e-3, 1.0, 50.0):  # the step needs no knowledge of it
+        moved, taken = climb(x, gaussian(mean, torch.full((1, 1, 4, 4), variance)), 2)
+        assert taken == 2
+        torch.testing.assert_close(moved, mean.expand_as(x), atol=1e-4 * max(1.0, variance), rtol=0)
+
+
+def test_the_first_step_is_a_small_move_and_two_steps_take_the_narrow_directions_not_the_wide_ones():
+    # a density that is wide along 2 of 16 values and narrow along the rest (a client's principal directions
+    # and the variance off them): the climb removes what lies off, and keeps most of what lies along
+    variances = torch.full((1, 1, 4, 4), 0.01)
+    variances.view(-1)[:2] = 4.0
+    x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    one, _ = climb(x, gaussian(0.0, variances), 1)
+    rms = float((one - x).flatten(1).pow(2).mean(1).sqrt().mean())
+    assert rms == pytest.approx(FIRST_MOVE, rel=1e-4)
+    two, _ = climb(x, gaussian(0.0, variances), 2)
+    off, along = two.flatten(1)[:, 2:], two.flatten(1)[:, :2]
+    assert float(off.abs().max()) < 0.05 * float(x.flatten(1)[:, 2:].abs().max())
+    kept = along.norm(dim=1) / x.flatten(1)[:, :2].norm(dim=1)
+    assert float(kept.min()) > 0.95
+
+
+def test_an_image_with_a_gradient_that_is_not_finite_stays_where_it_was_and_no_answer_stops_the_climb():
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+
+    def broken(z):
+        g = -z.clone()
+        g[1] = float("nan")
+        return g
+
+    moved, taken = climb(x, broken, 3)
+    assert taken == 3 and torch.equal(moved[1], x[1]) and bool(torch.isfinite(moved).all())
+    assert float(moved[0].norm()) < float(x[0].norm())  # the others climbed
+    calls = []
+
+    def silent_after_one(z):
+        calls.append(1)
+        return -z if len(calls) == 1 else None
+
+    moved, taken = climb(x, silent_after_one, 5)
+    assert taken == 1 and len(calls) == 2
+    with pytest.raises(ValueError, match=r"gradient of shape \(3, 4\) for inputs of shape \(3, 1, 2, 2\)"):
+        climb(x, lambda z: torch.zeros(3, 4), 1)
+
+
+def test_a_climb_without_a_refit_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match="student-refit-climb=2 makes samples for student-refit, which is 0"):
+        config_from_mapping({"student-refit": 0, "student-refit-climb": 2})
+
+
+PATHOLOGICAL = {"dataset": "digits", "partition": "pathological", "classes-per-client": 2, "teacher-epochs": 10,
+                "epochs": 1, "steps-per-epoch": 10, "student-refit": 1, "num-threads": 1, "teacher-density": True}
+
+
+def test_the_pool_climbs_each_teachers_density_in_turn_counted_asked_once_and_answered(tmp_path):
+    climbing = {**PATHOLOGICAL, "student-refit-climb": 2}
+    out = tmp_path / "climb"
+    with pytest.raises(Interrupt):  # stopped once the climbs are answered and checkpointed, before the refit
+        run_experiment(config_from_mapping(climbing), out, observer=StopAtStage("student-refit-climb"))
+    log = StageLog()
+    summary = run_experiment(config_from_mapping(climbing), out, resume=True, observer=log)
+    *runs, record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    pool = summary["pool"]["samples"]
+    assert record["refit_climbs"] == pool == summary["student"]["refit"]["climbs"]
+    assert record["refit_samples"] == 2 * pool
+    # each sample: 2 steps of a Forward and a Backward of one teacher, then a Forward of each of the 5 teachers;
+    # counted once (the resume asked nothing again)
+    assert summary["queries"]["samples"] == record["query_samples"] == runs[-1]["query_samples"] + pool * (4 + 5)
+    assert any("pool samples climbed a teacher's density" in m and "kept from before the restart" in m
+               for m in log.messages)
+    # sample i climbed teacher i mod 5's density: under it, every climbed sample is likelier than where it began
+    method = torch.load(out / "checkpoint.pt", weights_only=False)["method"]
+    start, climbed = (method[k]["images"][:pool].float() / 255 for k in ("pool", "climbs"))
+    teachers = [load_teacher(out / "clients" / f"client_{k:02d}" / "teacher.pt")[0] for k in range(5)]
+    spec = SPECS["digits"]  # the teachers take normalised inputs
+    with torch.no_grad():
+        for k, teacher in enumerate(teachers):
+            mine = torch.arange(pool) % 5 == k
+            before, after = (teacher.density(spec.normalize(x[mine])) for x in (start, climbed))
+            assert float((after > before).float().mean()) > 0.95, k
+    assert not torch.equal(method["climbs"]["answers"], method["pool"]["answers"][:pool])
+
+
+def test_a_run_that_does_not_weigh_by_densities_climbs_nothing_and_says_why(tmp_path):
+    log = StageLog()
+    summary = run_experiment(config_from_mapping({**PATHOLOGICAL, "teacher-density": False,
+                                                  "student-refit-climb": 2}), tmp_path / "closed", observer=log)
+    assert summary["student"]["refit"]["climbs"] == 0
+    assert any(m.startswith("student-refit-climb: 0 pool samples") and "does not weigh answers by densities" in m
+               for m in log.messages), log.messages
+    assert math.isfinite(summary["student"]["test_accuracy"])
