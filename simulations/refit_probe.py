@@ -52,7 +52,8 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   read from the densities); each step's Forward and Backward (a density each) and the answers' Forwards are
   counted. ``ontoeachK``: image i climbs teacher i mod K's density alone (one teacher asked a step); ``ontobbK``:
   the same with each image's own Barzilai-Borwein steps, which need no variance (what ``student-refit-climb``
-  does through the contract, :func:`fedkd.coordinator.climb.climb`).
+  does through the contract, :func:`fedkd.coordinator.climb.climb`); ``ontohalfK``: those steps halved
+  (``ONTO_DAMPING``), a gentler climb that still needs no variance.
 - ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
   run's; resized and given the run's channels where its images differ), answered by the teachers: whether natural
   images of another domain, which the coordinator could hold without anyone's data (as FedDF's and MosaicKD's
@@ -111,6 +112,7 @@ VARIANTS = ("pool", "balanced", "l1", "mse", "kl1", "kl2", "blends", "blends-run
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED, ODS_SEED = 100, 200, 123, 7, 11
 FILL_STEPS = 20
 ONTO_RATE = 0.5
+ONTO_DAMPING = 0.5
 JACOBIAN_WEIGHT = 1.0
 
 
@@ -266,7 +268,8 @@ def ods_of(teachers: list[nn.Module], weights: Tensor, spec: DatasetSpec, images
     return torch.cat(out)
 
 
-ONTO_KINDS = {"ontoeach": (True, False), "ontobb": (True, True), "onto": (False, False)}  # (each, bb)
+ONTO_KINDS = {"ontoeach": (True, False), "ontobb": (True, True), "ontohalf": (True, True),
+              "onto": (False, False)}  # (each, bb); ontohalf: BB steps damped by ONTO_DAMPING
 
 
 def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
@@ -279,9 +282,14 @@ def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
     return None
 
 
+def onto_damping(variant: str) -> float:
+    """The damping of an ``ontohalfK`` variant's BB steps (1 for the others)."""
+    return ONTO_DAMPING if variant.startswith("ontohalf") else 1.0
+
+
 def onto_densities(teachers: list[nn.Module], records: Tensor, spec: DatasetSpec, images: Tensor, steps: int,
-                   rate: float = ONTO_RATE, batch: int = 1024, each: bool = False, bb: bool = False
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   rate: float = ONTO_RATE, batch: int = 1024, each: bool = False, bb: bool = False,
+                   damping: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """Each image in [0, 1] moved by ``steps`` gradient steps up log sum_k pi_k p_k(x), the teachers' densities
     (``WithDensity``) mixed by their ``records`` (the clients' pooled data), in the normalised input space the
     teachers see; each step ``rate`` x the smallest off-basis variance of any density (a component's residual shrinks
@@ -313,7 +321,7 @@ def onto_densities(teachers: list[nn.Module], records: Tensor, spec: DatasetSpec
         with torch.no_grad():
             before.append(mixture(z)[1])
         if bb:  # the coordinator's own steps (student-refit-climb)
-            z = climb(z, gradient, steps)[0]
+            z = climb(z, gradient, steps, damping)[0]
         for _ in range(0 if bb else steps):
             z = z + step * gradient(z)
         x = torch.round(spec.denormalize(z).clamp(0, 1) * 255) / 255
@@ -528,7 +536,8 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
                                  "with the density gate used)")
             records = torch.tensor([float(sum(counts)) for counts in records_of(run)])
             records = records if bool((records > 0).all()) else torch.ones(len(teachers))  # none shared: even
-            moved, before, after = onto_densities(teachers, records, spec, images, steps, each=each, bb=bb)
+            moved, before, after = onto_densities(teachers, records, spec, images, steps, each=each, bb=bb,
+                                                  damping=onto_damping(variant))
             asked = teachers_on(moved)
             row(variant, 2 * len(images), refit(torch.cat([images, moved]), torch.cat([stored, asked]),
                                                 extra_seed)[0],
@@ -585,8 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--variants", default="pool,blends,surrogate,fresh",
                         help=f"comma-separated, of {', '.join(VARIANTS)} (klT and lsT for any temperature T, "
-                             "odsE for an output-diversified step of E/255, ontoK, ontoeachK or ontobbK for K steps up "
-                             "the densities)")
+                             "odsE for an output-diversified step of E/255, ontoK, ontoeachK, ontobbK or ontohalfK "
+                             "for K steps up the densities)")
     parser.add_argument("--students", type=int, default=3, help="students in the surrogate's ensemble (>= 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--refit-seed", type=int, default=POOL_SEED,
@@ -599,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         at_temperature = v.startswith(("kl", "ls")) and v[2:].replace(".", "", 1).isdigit()
         if v not in VARIANTS and not at_temperature and ods_step(v) is None and onto_steps(v) is None:
-            parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT, lsT, odsE, ontoK, ontoeachK or ontobbK")
+            parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT, lsT, odsE, ontoK, ontoeachK, "
+                         "ontobbK or ontohalfK")
     if args.students < 1:
         parser.error("--students must be at least 1")
     for run in args.runs:

@@ -115,3 +115,13 @@ def test_a_run_that_does_not_weigh_by_densities_climbs_nothing_and_says_why(tmp_
     assert any(m.startswith("student-refit-climb: 0 pool samples") and "does not weigh answers by densities" in m
                for m in log.messages), log.messages
     assert math.isfinite(summary["student"]["test_accuracy"])
+
+
+def test_a_damped_climb_halves_the_distance_to_an_isotropic_mean_each_step_after_the_first():
+    x = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    first, _ = climb(x, gaussian(0.0, torch.full((1, 1, 4, 4), 2.0)), 1, damping=0.5)
+    three, _ = climb(x, gaussian(0.0, torch.full((1, 1, 4, 4), 2.0)), 3, damping=0.5)
+    torch.testing.assert_close(three, 0.25 * first, rtol=1e-4, atol=1e-6)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="damping must be in"):
+            climb(x, gaussian(0.0, torch.ones(1)), 1, damping=bad)

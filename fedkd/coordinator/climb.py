@@ -36,12 +36,16 @@ from torch import Tensor
 FIRST_MOVE = 0.01  # the first step's move, root mean square per input value (normalised inputs)
 
 
-def climb(x: Tensor, gradient: Callable[[Tensor], Tensor | None], steps: int) -> tuple[Tensor, int]:
+def climb(x: Tensor, gradient: Callable[[Tensor], Tensor | None], steps: int,
+          damping: float = 1.0) -> tuple[Tensor, int]:
     """``x`` (B, ...) moved by ``steps`` Barzilai-Borwein steps up the function whose input gradient ``gradient``
-    returns (None: no answer, the climb stops where it is). An image whose gradient is not finite, or zero, stays
-    where it was from then on. Returns the moved inputs and the steps taken."""
+    returns (None: no answer, the climb stops where it is), each after the first ``damping`` x the BB step (1: the
+    BB step itself). An image whose gradient is not finite, or zero, stays where it was from then on. Returns the
+    moved inputs and the steps taken."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if not 0 < damping <= 1:
+        raise ValueError(f"damping must be in (0, 1], got {damping}")
     z = x.detach().clone()
     shape = (-1,) + (1,) * (z.dim() - 1)
     alive = torch.ones(len(z), dtype=torch.bool)
@@ -66,7 +70,7 @@ def climb(x: Tensor, gradient: Callable[[Tensor], Tensor | None], steps: int) ->
             moved, fell = (z - last_z).flatten(1), (last_g - g).flatten(1)
             curve = (moved * fell).sum(1)
             # a step only where the function curves down along the last move (a climb, not a fall)
-            alpha = torch.where(curve > 0, moved.pow(2).sum(1) / curve.clamp_min(1e-30), alpha)
+            alpha = torch.where(curve > 0, damping * moved.pow(2).sum(1) / curve.clamp_min(1e-30), alpha)
         alpha = torch.where(torch.isfinite(alpha) & alive, alpha, torch.zeros_like(alpha))
         last_z, last_g = z, g
         z = z + alpha.view(shape) * g
