@@ -303,36 +303,48 @@ class PoolMethod(Generic[Options]):
             return Blends(len(self.blends[0]), 0, self.blends_stopped)
         kept = self.keeps_pool()
         wanted = round(share * len(self.pool)) if kept else 0
-        batch = self.config.teachers.max_query_batch
         state = self.curriculum_state(self.config.epochs - 1).asked_for("distill")
         stored = self.pool.images[:len(self.pool)]
-        images, answers = [], []
-        stopped = "" if kept else f"method {self.name} keeps no pool beyond its last batch, nothing to blend"
+        draw = torch.Generator().manual_seed(seed)
+
+        def blend(start: int, n: int) -> Tensor:
+            a, b = (torch.randint(0, len(stored), (n,), generator=draw) for _ in range(2))
+            w = torch.rand(n, 1, 1, 1, generator=draw)
+            first, second = (random_affine(stored[i].float(), warp, draw) for i in (a, b))
+            return torch.round(w * first + (1 - w) * second).clamp(0, 255).to(torch.uint8)
+
+        self.blends, stopped = self._answered(blend, wanted, len(self.ensemble), "blends", state, on_batch)
+        self.blends_stopped = stopped or ("" if kept else
+                                          f"method {self.name} keeps no pool beyond its last batch, nothing to blend")
+        return Blends(len(self.blends[0]), len(self.blends[0]), self.blends_stopped)
+
+    def _answered(self, make: Callable[[int, int], Tensor], total: int, cost: int, noun: str, state: QueryContext,
+                  on_batch: Callable[[], None] | None) -> tuple[tuple[Tensor, Tensor], str]:
+        """``total`` samples made after the epochs and answered by the teachers, batch by batch: ``make(start, n)``
+        gives a batch's uint8 images (its queries, ``cost`` query samples a sample with the answers, are checked
+        against the query budget first); (images, the ensemble's logits) and why the asking stopped short ("" when
+        it did not). Leaves the run's random streams as they were."""
+        images, answers, stopped = [], [], ""
+        batch = self.config.teachers.max_query_batch
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            draw = torch.Generator().manual_seed(seed)
-            for start in range(0, wanted, batch):
-                n = min(batch, wanted - start)
-                if not self.budget.fits(n * len(self.ensemble)):
-                    stopped = f"query-budget reached after {start:,} of {wanted:,} blends"
+            for start in range(0, total, batch):
+                n = min(batch, total - start)
+                if not self.budget.fits(n * cost):
+                    stopped = f"query-budget reached after {start:,} of {total:,} {noun}"
                     break
-                a, b = (torch.randint(0, len(stored), (n,), generator=draw) for _ in range(2))
-                w = torch.rand(n, 1, 1, 1, generator=draw)
-                first, second = (random_affine(stored[i].float(), warp, draw) for i in (a, b))
-                mixed = torch.round(w * first + (1 - w) * second).clamp(0, 255).to(torch.uint8)
+                made = make(start, n)
                 try:
-                    logits = self.ensemble(self.spec.normalize(mixed.float() / 255), state).logits
+                    logits = self.ensemble(self.spec.normalize(made.float() / 255), state).logits
                 except (QueryError, QuorumError) as exc:
-                    stopped = f"the teachers stopped answering after {start:,} of {wanted:,} blends ({exc})"
+                    stopped = f"the teachers stopped answering after {start:,} of {total:,} {noun} ({exc})"
                     break
-                images.append(mixed)
+                images.append(made)
                 answers.append(logits.detach().float().cpu())
                 if on_batch is not None:
                     on_batch()
         shape = (0, *self.spec.input_shape)
-        self.blends = (torch.cat(images) if images else torch.zeros(shape, dtype=torch.uint8),
-                       torch.cat(answers) if answers else torch.zeros(0, self.spec.num_classes))
-        self.blends_stopped = stopped
-        return Blends(len(self.blends[0]), len(self.blends[0]), stopped)
+        return (torch.cat(images) if images else torch.zeros(shape, dtype=torch.uint8),
+                torch.cat(answers) if answers else torch.zeros(0, self.spec.num_classes)), stopped
 
     def climbers(self) -> tuple[list[int], str]:
         """The teachers whose densities the pool's samples may climb: those the run weighs by a density (the
@@ -357,17 +369,16 @@ class PoolMethod(Generic[Options]):
         what was answered is kept. A teacher that stops answering mid-climb leaves its samples where they got."""
         if self.climbs is not None:
             return Blends(len(self.climbs[0]), 0, self.climbs_stopped)
-        members, stopped = self.climbers() if self.keeps_pool() else (
+        members, why = self.climbers() if self.keeps_pool() else (
             [], f"method {self.name} keeps no pool beyond its last batch, nothing to climb")
         stored = self.pool.images[:len(self.pool)] if members else self.pool.images[:0]
-        batch = self.config.teachers.max_query_batch
         state = dataclasses.replace(self.curriculum_state(self.config.epochs - 1).asked_for("distill"),
                                     log_density=True)
         pool = self.ensemble.pool
-        images, answers = [], []
 
         def gradient_of(k: int) -> Callable[[Tensor], Tensor | None]:
             width = self.ensemble.descriptions[k].outputs
+
             def gradient(z: Tensor) -> Tensor | None:
                 try:
                     asked = pool.forward(z.contiguous(), state, only=[k], min_answers=0, keep=True)
@@ -380,33 +391,19 @@ class PoolMethod(Generic[Options]):
                     return None
             return gradient
 
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            for start in range(0, len(stored), batch):
-                n = min(batch, len(stored) - start)
-                if not self.budget.fits(n * (2 * steps + len(self.ensemble))):
-                    stopped = f"query-budget reached after {start:,} of {len(stored):,} climbs"
-                    break
-                x = self.spec.normalize(stored[start:start + n].float() / 255)
-                owner = torch.tensor([members[(start + i) % len(members)] for i in range(n)])
-                for k in members:
-                    mine = (owner == k).nonzero().flatten()
-                    if len(mine):
-                        x[mine] = climb(x[mine], gradient_of(k), steps)[0]
-                climbed = torch.round(self.spec.denormalize(x).clamp(0, 1) * 255).to(torch.uint8)
-                try:
-                    logits = self.ensemble(self.spec.normalize(climbed.float() / 255), state).logits
-                except (QueryError, QuorumError) as exc:
-                    stopped = f"the teachers stopped answering after {start:,} of {len(stored):,} climbs ({exc})"
-                    break
-                images.append(climbed)
-                answers.append(logits.detach().float().cpu())
-                if on_batch is not None:
-                    on_batch()
-        shape = (0, *self.spec.input_shape)
-        self.climbs = (torch.cat(images) if images else torch.zeros(shape, dtype=torch.uint8),
-                       torch.cat(answers) if answers else torch.zeros(0, self.spec.num_classes))
-        self.climbs_stopped = stopped
-        return Blends(len(self.climbs[0]), len(self.climbs[0]), stopped)
+        def climbed(start: int, n: int) -> Tensor:
+            x = self.spec.normalize(stored[start:start + n].float() / 255)
+            owner = torch.tensor([members[(start + i) % len(members)] for i in range(n)])
+            for k in members:
+                mine = (owner == k).nonzero().flatten()
+                if len(mine):
+                    x[mine] = climb(x[mine], gradient_of(k), steps)[0]
+            return torch.round(self.spec.denormalize(x).clamp(0, 1) * 255).to(torch.uint8)
+
+        self.climbs, stopped = self._answered(climbed, len(stored), 2 * steps + len(self.ensemble), "climbs", state,
+                                              on_batch)
+        self.climbs_stopped = stopped or why
+        return Blends(len(self.climbs[0]), len(self.climbs[0]), self.climbs_stopped)
 
     def refit(self, student: nn.Module, share: float, seed: int) -> tuple[int, int]:
         """See :class:`DistillationMethod`. The pool is sampled uniformly (the run's student saw the early
