@@ -63,15 +63,19 @@ class DatasetSpec:
 
     def normalize(self, images: Tensor) -> Tensor:
         """Map [0, 1] images to the normalised inputs the models take."""
-        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        mean, std = self._moments(images)
         return (images - mean) / std
 
     def denormalize(self, inputs: Tensor) -> Tensor:
         """Map normalised inputs back to images (in [0, 1] where they came from :meth:`normalize`)."""
-        mean = torch.tensor(self.mean, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
+        mean, std = self._moments(inputs)
         return inputs * std + mean
+
+    def _moments(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-channel mean and std, shaped (1, C, 1, 1) as ``like``'s dtype and device."""
+        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        return mean, std
 
 
 @dataclass(frozen=True)

@@ -375,8 +375,9 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
     recall (by the teachers' label counts, without the run's reliability factors) and who holds the class: the
     clients holding at least a tenth of its records, and the largest one's share (whether the student falls short
     on the classes one client holds: at Dirichlet(0.1), mostly not; docs/results.md)."""
+    from gate_probe import density_weighed
+
     from fedkd.coordinator.aggregation import AGGREGATORS, claimed_counts, column_shares, density_gate
-    from fedkd.institution.density import WithDensity
     from fedkd.institution.loading import load_teacher
 
     data = load_dataset("fashion-mnist", data_root, seed=0)
@@ -387,10 +388,8 @@ def diagnose(run_dir: Path, data_root: str) -> list[str]:
     counts = claimed_counts([meta.get("label_counts") for _, meta in loaded], data.spec.num_classes)
     shares = column_shares(counts)  # (K, C) each client's share of each class's records
     c = data.spec.num_classes
-    summary = run_dir / "summary.json"
-    gated = summary.is_file() and all(isinstance(t, WithDensity) for t in teachers) and bool(
-        json.loads(summary.read_text()).get("ensemble", {}).get("density_gate", {}).get("used", False))
-    sharpness = float(json.loads((run_dir / "config.json").read_text()).get("density-sharpness") or 4.0)
+    has_density, sharpness = density_weighed(run_dir, teachers)
+    gated = bool(has_density.all())
     with torch.no_grad():
         guess = student.eval()(x).argmax(1)
         outputs = torch.stack([t.eval()(x) for t in teachers])

@@ -273,8 +273,8 @@ ONTO_KINDS = {"ontoeach": (True, False), "ontobb": (True, True), "ontohalf": (Tr
 
 
 def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
-    """The steps of an ``ontoK``, ``ontoeachK`` or ``ontobbK`` variant, whether each image climbs one teacher's
-    density (in turn) and whether its steps are Barzilai-Borwein's; None for any other name."""
+    """The steps of an ``ontoK``, ``ontoeachK``, ``ontobbK`` or ``ontohalfK`` variant, whether each image climbs
+    one teacher's density (in turn) and whether its steps are Barzilai-Borwein's; None for any other name."""
     for prefix, (each, bb) in ONTO_KINDS.items():
         rest = variant[len(prefix):]
         if variant.startswith(prefix) and rest.isdigit() and int(rest) > 0:

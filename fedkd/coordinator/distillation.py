@@ -280,14 +280,15 @@ def scores(student: nn.Module, test_inputs: Tensor, labels: Tensor, answers: Ens
 
 def refit(method: DistillationMethod, config: RunConfig, spec: DatasetSpec, device: torch.device,
           observer: RunObserver, last: dict[str, Any], test_inputs: Tensor | None, labels: Tensor | None,
-          answers: EnsembleAnswers | None, blends: int = 0) -> tuple[nn.Module, dict[str, Any] | None]:
-    """``student-refit``: a student built afresh and trained on the whole final pool and the ``blends`` the teachers
-    answered after the epochs (``student-refit-mixup``; the refit itself asks nothing), with its record
+          answers: EnsembleAnswers | None, extra: int = 0) -> tuple[nn.Module, dict[str, Any] | None]:
+    """``student-refit``: a student built afresh and trained on the whole final pool and the ``extra`` samples the
+    teachers answered after the epochs (``student-refit-mixup``'s blends, ``student-refit-climb``'s climbed
+    samples; the refit itself asks nothing), with its record
     for ``metrics.jsonl`` (``"stage": "refit"``, ``"epoch"`` one past the last epoch's record ``last``, which keeps
     the student trained along the way). Run again on a resume: it depends only on the checkpointed pool and the
     seed. The method's own student and no record, when the method keeps no pool to refit on."""
     started = time.perf_counter()
-    what = "the final pool" + (f" and {blends:,} samples answered after the epochs" if blends else "")
+    what = "the final pool" + (f" and {extra:,} samples answered after the epochs" if extra else "")
     observer.stage(f"student-refit: a fresh student, {config.student.refit:g}x the run's student steps on {what}, "
                    "no queries ...")
     with torch.random.fork_rng(devices=[]):

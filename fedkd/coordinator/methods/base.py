@@ -408,18 +408,18 @@ class PoolMethod(Generic[Options]):
     def refit(self, student: nn.Module, share: float, seed: int) -> tuple[int, int]:
         """See :class:`DistillationMethod`. The pool is sampled uniformly (the run's student saw the early
         samples far more often than the last ones, and through the method's curriculum): what ``student-refit``
-        measured on Fashion-MNIST (docs/results.md); the blends, where there are any, are drawn alike beside it."""
+        measured on Fashion-MNIST (docs/results.md); the blends and the climbed samples, where there are any, are
+        drawn alike beside it."""
         if not self.keeps_pool():
             return 0, 0
         settings, steps = self.trainer.settings, max(1, round(share * self.trainer.total_steps))
         extra = [part for part in (self.blends, self.climbs) if part is not None and len(part[0])]
-        blends = (torch.cat([p[0] for p in extra]), torch.cat([p[1] for p in extra])) if extra else None
-        if blends is not None:  # the blends and the climbed samples, drawn alike beside the pool
-            images = torch.cat([self.pool.images[:len(self.pool)], blends[0]])
-            answers = torch.cat([self.pool.answers[:len(self.pool)], blends[1]])
+        if extra:
+            images = torch.cat([self.pool.images[:len(self.pool)], *(part[0] for part in extra)])
+            answers = torch.cat([self.pool.answers[:len(self.pool)], *(part[1] for part in extra)])
 
         def pool_batch(size: int, draw: torch.Generator) -> tuple[Tensor, Tensor]:
-            if blends is None:
+            if not extra:
                 return self.pool.sample(size, generator=draw)
             idx = torch.randperm(len(images), generator=draw)[:size]
             return images[idx].float() / 255, answers[idx]
@@ -430,7 +430,7 @@ class PoolMethod(Generic[Options]):
             trainer = StudentTrainer(student, self.spec, settings, self.device, total_steps=steps)
             for _ in range(steps):
                 trainer.step(*self.refit_batch(pool_batch, draw))
-        return len(self.pool) + (len(blends[0]) if blends is not None else 0) + self.refit_extra_samples(), steps
+        return len(self.pool) + sum(len(part[0]) for part in extra) + self.refit_extra_samples(), steps
 
     def refit_batch(self, pool_batch: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
                     draw: torch.Generator) -> tuple[Tensor, Tensor]:
