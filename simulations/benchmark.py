@@ -6,6 +6,8 @@
     python simulations/benchmark.py --only digits --seeds 0 --threads 1 --results /tmp/a.json &   # side by side,
     python simulations/benchmark.py --only digits --seeds 1 --threads 1 --results /tmp/b.json     # one thread each,
     python simulations/benchmark.py --merge /tmp/a.json --merge /tmp/b.json   # then one table (runs nothing)
+    python simulations/benchmark.py --only density --set student-refit-climb=2 --results /tmp/climb.json \
+        --runs runs/climb                                # an opt-in on every row of a group, beside the defaults
 
 Experiments (each seed runs from scratch: partition, teachers, distillation):
 
@@ -67,7 +69,7 @@ from typing import Any
 import torch
 
 from fedkd.checkpoint import save_atomic
-from fedkd.config import config_from_mapping
+from fedkd.config import ConfigError, config_from_mapping, parse_assignments
 from fedkd.coordinator.aggregation import AGGREGATORS
 from fedkd.coordinator.ensemble import Ensemble
 from fedkd.coordinator.evaluation import query_ensemble
@@ -78,6 +80,7 @@ from fedkd.files import write_atomic
 from fedkd.institution.host import TeacherHost
 from fedkd.metrics import accuracy
 
+DEFAULT_RESULTS = "simulations/results/benchmark.json"
 RUNS: dict[str, dict[str, Any]] = {
     "default": {},
     "one-client": {"num-clients": 1, "partition": "iid"},
@@ -312,8 +315,10 @@ def redirected(clients: set[int], source: int = SWAPPED[0], target: int = SWAPPE
     return doctored_forwards(clients, doctor)
 
 
-def distil(name: str, seed: int, out_root: Path) -> dict[str, Any]:
-    config = config_from_mapping({**RUNS[name], "seed": seed})
+def distil(name: str, seed: int, out_root: Path, sets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run experiment ``name`` at ``seed`` under ``out_root`` and keep its :func:`record`; ``sets``: config keys
+    changed in every experiment (``--set``)."""
+    config = config_from_mapping({**RUNS[name], **(sets or {}), "seed": seed})
     out = out_root / f"{name}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     if name.startswith(("hostile-", "swap-", "redirect-")):  # the honest federation's teachers, then some lie
@@ -361,7 +366,8 @@ def _recipe(config: Any) -> str:
     """The student's model, its steps per synthesis round and its refit share: what changed the students most (and
     its gradient clip where there is one)."""
     clip = f", clip {config.student.clip:g}" if config.student.clip else ""
-    return f"{config.student.model}, {config.student_steps}, {config.student.refit:g}{clip}"
+    climb = f", climb {config.student.refit_climb}" if config.student.refit_climb else ""
+    return f"{config.student.model}, {config.student_steps}, {config.student.refit:g}{clip}{climb}"
 
 
 def _recalls(out: Path, config: Any, groups: list[tuple[int, ...]]) -> list[float]:
@@ -456,8 +462,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="an experiment group, one experiment, or aggregators (repeatable)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--runs", default="runs/benchmark", help="where run directories go")
-    parser.add_argument("--results", default="simulations/results/benchmark.json")
+    parser.add_argument("--results", default=DEFAULT_RESULTS)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config key changed in every experiment run (repeatable; needs --results other than "
+                        "the default, so the benchmark's own table keeps the defaults)")
     parser.add_argument("--merge", action="append", default=[], metavar="FILE",
                         help="runs nothing: takes the experiments' runs from FILE (a --results file of benchmark "
                         "processes run side by side, repeatable) into --results, seed by seed, and recomputes the "
@@ -465,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         return merge(Path(args.results), [Path(f) for f in args.merge])
+    try:
+        sets = parse_assignments(args.set)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if sets and Path(args.results) == Path(DEFAULT_RESULTS):
+        parser.error("--set changes the runs: give their own --results, so the benchmark's table keeps the defaults")
     seeds = [int(s) for s in args.seeds.split(",")]
     groups = args.only or [*GROUPS, "aggregators"]
     out_root = Path(args.runs)
@@ -475,14 +490,19 @@ def main(argv: list[str] | None = None) -> int:
     for key in [k for k in results["experiments"] if k not in RUNS]:
         del results["experiments"][key]  # results of experiments that no longer exist
     names = list(dict.fromkeys(n for g in groups if g != "aggregators" for n in GROUPS.get(g, [g])))
+    for name in names:  # a bad --set fails before hours of work, naming the key
+        try:
+            config_from_mapping({**RUNS[name], **sets})
+        except ConfigError as exc:
+            parser.error(f"--set in {name}: {exc}")
     started = time.perf_counter()
     torch.set_num_threads(args.threads or torch.get_num_threads())
     for name in names:
         runs = []
         for seed in seeds:
             print(f"running {name}, seed {seed} ...", file=sys.stderr, flush=True)
-            runs.append(distil(name, seed, out_root))
-        results["experiments"][name] = {"overrides": RUNS[name], "runs": runs,
+            runs.append(distil(name, seed, out_root, sets))
+        results["experiments"][name] = {"overrides": {**RUNS[name], **sets}, "runs": runs,
                                         "targets": _judged(name, runs, results["experiments"])}
         _write(path, results, started)  # each experiment as it ends: an interrupted benchmark keeps what it measured
     if "aggregators" in groups:

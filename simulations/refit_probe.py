@@ -53,7 +53,9 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   counted. ``ontoeachK``: image i climbs teacher i mod K's density alone (one teacher asked a step); ``ontobbK``:
   the same with each image's own Barzilai-Borwein steps, which need no variance (what ``student-refit-climb``
   does through the contract, :func:`fedkd.coordinator.climb.climb`); ``ontohalfK``: those steps halved
-  (``ONTO_DAMPING``), a gentler climb that still needs no variance.
+  (``ONTO_DAMPING``), a gentler climb that still needs no variance. Any of them with the suffix ``-balanced``
+  (``ontobb2-balanced``): the refit draws the pool and the climbed images so that every class of their answers
+  (argmax) is met equally often, as ``balanced`` draws the pool.
 - ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
   run's; resized and given the run's channels where its images differ), answered by the teachers: whether natural
   images of another domain, which the coordinator could hold without anyone's data (as FedDF's and MosaicKD's
@@ -272,9 +274,14 @@ ONTO_KINDS = {"ontoeach": (True, False), "ontobb": (True, True), "ontohalf": (Tr
               "onto": (False, False)}  # (each, bb); ontohalf: BB steps damped by ONTO_DAMPING
 
 
+BALANCED = "-balanced"  # an onto variant's suffix: its refit draws every class of the answers equally often
+
+
 def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
-    """The steps of an ``ontoK``, ``ontoeachK``, ``ontobbK`` or ``ontohalfK`` variant, whether each image climbs
-    one teacher's density (in turn) and whether its steps are Barzilai-Borwein's; None for any other name."""
+    """The steps of an ``ontoK``, ``ontoeachK``, ``ontobbK`` or ``ontohalfK`` variant (each with or without the
+    suffix ``-balanced``), whether each image climbs one teacher's density (in turn) and whether its steps are
+    Barzilai-Borwein's; None for any other name."""
+    variant = variant.removesuffix(BALANCED)
     for prefix, (each, bb) in ONTO_KINDS.items():
         rest = variant[len(prefix):]
         if variant.startswith(prefix) and rest.isdigit() and int(rest) > 0:
@@ -285,6 +292,12 @@ def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
 def onto_damping(variant: str) -> float:
     """The damping of an ``ontohalfK`` variant's BB steps (1 for the others)."""
     return ONTO_DAMPING if variant.startswith("ontohalf") else 1.0
+
+
+def onto_balanced(variant: str) -> bool:
+    """Whether an onto variant's refit draws the pool and the climbed images class-balanced (``balanced_chance``
+    over the answers of both)."""
+    return variant.endswith(BALANCED)
 
 
 def onto_densities(teachers: list[nn.Module], records: Tensor, spec: DatasetSpec, images: Tensor, steps: int,
@@ -540,7 +553,7 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
                                                   damping=onto_damping(variant))
             asked = teachers_on(moved)
             row(variant, 2 * len(images), refit(torch.cat([images, moved]), torch.cat([stored, asked]),
-                                                extra_seed)[0],
+                                                extra_seed, balanced=onto_balanced(variant))[0],
                 # a step: a Forward and a Backward of the one teacher climbed (each: a teacher answers a Backward
                 # only for inputs it has answered), or of every teacher (the mixture's posterior needs every
                 # density); then a Forward of each moved image by every teacher

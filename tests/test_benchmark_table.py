@@ -36,6 +36,38 @@ def test_each_row_names_the_student_recipe_it_was_measured_with(capsys):
     assert rows["old"][2] == "lenet5-half, 20, 2"
     assert rows["mixed"][2] == "lenet5, 5, 8, clip 5 / lenet5-half, 20, 2"
     assert rows["unrecorded"][2] == "?"
+    assert benchmark._recipe(config_from_mapping({"student-refit-climb": 2})) == "lenet5, 5, 8, clip 5, climb 2"
+
+
+def test_set_changes_every_experiment_it_runs_and_is_kept_out_of_the_benchmarks_own_table(tmp_path, monkeypatch,
+                                                                                           capsys):
+    import json
+
+    import pytest
+
+    seen = []
+
+    def distil(name, seed, out_root, sets=None):
+        seen.append((name, seed, dict(sets or {})))
+        return _run(seed, 0.9, benchmark._recipe(config_from_mapping({**benchmark.RUNS[name], **(sets or {})})))
+
+    monkeypatch.setattr(benchmark, "distil", distil)
+    results = tmp_path / "climb.json"
+    benchmark.main(["--only", "default-density", "--only", "hostile-fixed-density", "--seeds", "0",
+                    "--set", "student-refit-climb=2", "--results", str(results), "--runs", str(tmp_path / "runs")])
+    assert [(n, s) for n, s, _ in seen] == [("default-density", 0), ("hostile-fixed-density", 0)]
+    assert all(sets == {"student-refit-climb": "2"} for _, _, sets in seen)
+    kept = json.loads(results.read_text())["experiments"]
+    assert kept["default-density"]["overrides"]["student-refit-climb"] == "2"
+    assert kept["default-density"]["overrides"]["teacher-density"] is True  # the experiment's own keys kept
+    assert kept["hostile-fixed-density"]["runs"][0]["student_recipe"].endswith("climb 2")
+    for argv, named in ((["--set", "student-refit-climb=2"], "own --results"),  # the default results file
+                        (["--set", "student-refit-climb=99", "--results", str(results)], "student-refit-climb"),
+                        (["--set", "nonsense", "--results", str(results)], "KEY=VALUE")):
+        with pytest.raises(SystemExit):
+            benchmark.main(["--only", "default-density", *argv])
+        assert named in capsys.readouterr().err
+        assert seen[-1][0] == "hostile-fixed-density" and len(seen) == 2  # nothing more ran
 
 
 def test_an_interrupted_benchmark_keeps_the_experiments_it_finished(tmp_path, monkeypatch):
@@ -46,7 +78,7 @@ def test_an_interrupted_benchmark_keeps_the_experiments_it_finished(tmp_path, mo
     results = tmp_path / "benchmark.json"
     results.write_text(json.dumps({"experiments": {"swap-2": {"runs": [_run(0, 0.5, None)], "targets": []}}}))
 
-    def distil(name, seed, out_root):
+    def distil(name, seed, out_root, sets=None):
         if name == "hostile-random":
             raise KeyboardInterrupt  # the operator stops it during the second experiment
         return _run(seed, 0.9, "lenet5, 5, 8, clip 5")
