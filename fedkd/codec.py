@@ -123,6 +123,8 @@ def encode_state(state: QueryContext) -> pb.CurriculumState:
                              purpose=state.purpose, method=state.method, log_density=state.log_density)
     for name, value in state.schedule:
         msg.schedule[name] = value
+    if state.density_class is not None:
+        msg.density_class = state.density_class
     return msg
 
 
@@ -144,8 +146,11 @@ def decode_state(msg: pb.CurriculumState) -> QueryContext:
                                                  "a short name")
     if not schedule:  # a coordinator that predates the schedule: CuDFKD's numbers in their own fields
         schedule = {k: float(v) for k, v in (("lambda", msg.lam), ("adv_weight", msg.adv_weight)) if v}
+    density_class = int(msg.density_class) if msg.HasField("density_class") else None
+    if density_class is not None and not 0 <= density_class < MAX_CLASSES:
+        raise QueryError("INVALID_ARGUMENT", f"state.density_class {density_class} is not a class index")
     return QueryContext(int(msg.epoch), int(msg.step), msg.purpose, msg.method, tuple(sorted(schedule.items())),
-                        msg.log_density)
+                        msg.log_density, density_class)
 
 
 def encode_privacy(privacy: Mapping[str, float | str] | None) -> pb.PrivacyStatus:

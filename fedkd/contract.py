@@ -90,6 +90,9 @@ class QueryContext:
     # The coordinator weighs this query's answers by the teachers' log-densities: a teacher with a density
     # releases it only then (0 in its column otherwise; the ensemble's density-gate decides).
     log_density: bool = False
+    # With log_density: the class whose component of its density a teacher's column gives in this query (one
+    # class of its data; its whole density where it models none alone). None: the whole density.
+    density_class: int | None = None
 
     @classmethod
     def of(cls, *, epoch: int = 0, step: int = 0, purpose: str = "", method: str = "",

@@ -53,7 +53,9 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   counted. ``ontoeachK``: image i climbs teacher i mod K's density alone (one teacher asked a step); ``ontobbK``:
   the same with each image's own Barzilai-Borwein steps, which need no variance (what ``student-refit-climb``
   does through the contract, :func:`fedkd.coordinator.climb.climb`); ``ontohalfK``: those steps halved
-  (``ONTO_DAMPING``), a gentler climb that still needs no variance. Any of them with the suffix ``-balanced``
+  (``ONTO_DAMPING``), a gentler climb that still needs no variance; ``ontoclassK``: BB steps up one class's
+  component of one teacher's density, the (teacher, class) pairs in turn (every class a client holds gets as many
+  images, where a whole density sends most to its broadest class). Any of them with the suffix ``-balanced``
   (``ontobb2-balanced``): the refit draws the pool and the climbed images so that every class of their answers
   (argmax) is met equally often, as ``balanced`` draws the pool.
 - ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
@@ -271,7 +273,8 @@ def ods_of(teachers: list[nn.Module], weights: Tensor, spec: DatasetSpec, images
 
 
 ONTO_KINDS = {"ontoeach": (True, False), "ontobb": (True, True), "ontohalf": (True, True),
-              "onto": (False, False)}  # (each, bb); ontohalf: BB steps damped by ONTO_DAMPING
+              "ontoclass": (True, True), "onto": (False, False)}
+# (each, bb); ontohalf: BB steps damped by ONTO_DAMPING; ontoclass: one class's component of a density each
 
 
 BALANCED = "-balanced"  # an onto variant's suffix: its refit draws every class of the answers equally often
@@ -294,6 +297,12 @@ def onto_damping(variant: str) -> float:
     return ONTO_DAMPING if variant.startswith("ontohalf") else 1.0
 
 
+def onto_by_class(variant: str) -> bool:
+    """Whether an onto variant's images climb one component (one class) of a teacher's density each, the
+    (teacher, component) pairs in turn (``ontoclassK``), rather than a teacher's whole density."""
+    return variant.startswith("ontoclass")
+
+
 def onto_balanced(variant: str) -> bool:
     """Whether an onto variant's refit draws the pool and the climbed images class-balanced (``balanced_chance``
     over the answers of both)."""
@@ -302,7 +311,7 @@ def onto_balanced(variant: str) -> bool:
 
 def onto_densities(teachers: list[nn.Module], records: Tensor, spec: DatasetSpec, images: Tensor, steps: int,
                    rate: float = ONTO_RATE, batch: int = 1024, each: bool = False, bb: bool = False,
-                   damping: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+                   damping: float = 1.0, by_class: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Each image in [0, 1] moved by ``steps`` gradient steps up log sum_k pi_k p_k(x), the teachers' densities
     (``WithDensity``) mixed by their ``records`` (the clients' pooled data), in the normalised input space the
     teachers see; each step ``rate`` x the smallest off-basis variance of any density (a component's residual shrinks
@@ -311,8 +320,10 @@ def onto_densities(teachers: list[nn.Module], records: Tensor, spec: DatasetSpec
     the mixture's climb leaves each image to the density nearest it). Also each image's largest log-density per
     input value over the teachers, before and after. With ``bb`` the steps need no variance: each image's own
     Barzilai-Borwein steps, as ``student-refit-climb`` takes them from its Backwards alone
-    (:func:`fedkd.coordinator.climb.climb`)."""
+    (:func:`fedkd.coordinator.climb.climb`). With ``by_class`` (and ``bb``), image i climbs the i-th of the
+    (teacher, component) pairs in turn: one class of one client's data (``GaussianDensity.components``)."""
     densities = [t.density for t in teachers]
+    pairs = [(k, j) for k, d in enumerate(densities) for j in range(len(d.means))]
     step = rate * float(torch.stack([d.noise.min() for d in densities]).min())
     log_prior = (records.double() / records.sum()).log().float()
 
@@ -333,7 +344,17 @@ def onto_densities(teachers: list[nn.Module], records: Tensor, spec: DatasetSpec
 
         with torch.no_grad():
             before.append(mixture(z)[1])
-        if bb:  # the coordinator's own steps (student-refit-climb)
+        if bb and by_class:  # each image one class's component of one teacher's density
+            which = torch.arange(i, i + len(z)) % len(pairs)
+            for p, (k, j) in enumerate(pairs):
+                mine = (which == p).nonzero().flatten()
+
+                def component(at: Tensor, k: int = k, j: int = j) -> Tensor:
+                    at = at.detach().requires_grad_(True)
+                    return torch.autograd.grad(densities[k].components(at)[j].sum(), at)[0]
+                if len(mine):
+                    z[mine] = climb(z[mine], component, steps, damping)[0]
+        elif bb:  # the coordinator's own steps (student-refit-climb)
             z = climb(z, gradient, steps, damping)[0]
         for _ in range(0 if bb else steps):
             z = z + step * gradient(z)
@@ -550,7 +571,7 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
             records = torch.tensor([float(sum(counts)) for counts in records_of(run)])
             records = records if bool((records > 0).all()) else torch.ones(len(teachers))  # none shared: even
             moved, before, after = onto_densities(teachers, records, spec, images, steps, each=each, bb=bb,
-                                                  damping=onto_damping(variant))
+                                                  damping=onto_damping(variant), by_class=onto_by_class(variant))
             asked = teachers_on(moved)
             row(variant, 2 * len(images), refit(torch.cat([images, moved]), torch.cat([stored, asked]),
                                                 extra_seed, balanced=onto_balanced(variant))[0],
@@ -607,8 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--variants", default="pool,blends,surrogate,fresh",
                         help=f"comma-separated, of {', '.join(VARIANTS)} (klT and lsT for any temperature T, "
-                             "odsE for an output-diversified step of E/255, ontoK, ontoeachK, ontobbK or ontohalfK "
-                             "for K steps up the densities)")
+                             "odsE for an output-diversified step of E/255, ontoK, ontoeachK, ontobbK, ontohalfK or "
+                             "ontoclassK for K steps up the densities)")
     parser.add_argument("--students", type=int, default=3, help="students in the surrogate's ensemble (>= 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--refit-seed", type=int, default=POOL_SEED,
@@ -622,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         at_temperature = v.startswith(("kl", "ls")) and v[2:].replace(".", "", 1).isdigit()
         if v not in VARIANTS and not at_temperature and ods_step(v) is None and onto_steps(v) is None:
             parser.error(f"unknown variant {v!r}: {', '.join(VARIANTS)}, klT, lsT, odsE, ontoK, ontoeachK, "
-                         "ontobbK or ontohalfK")
+                         "ontobbK, ontohalfK or ontoclassK")
     if args.students < 1:
         parser.error("--students must be at least 1")
     for run in args.runs:

@@ -94,17 +94,31 @@ def test_the_pool_climbs_each_teachers_density_in_turn_counted_asked_once_and_an
     assert summary["queries"]["samples"] == record["query_samples"] == runs[-1]["query_samples"] + pool * (4 + 5)
     assert any("pool samples climbed a teacher's density" in m and "kept from before the restart" in m
                for m in log.messages)
-    # sample i climbed teacher i mod 5's density: under it, every climbed sample is likelier than where it began
+    # sample i climbed teacher k = i mod 5's density, the part of it of the (i div 5) mod 2-th of its two classes:
+    # under that class's component, every climbed sample is likelier than where it began, and so under the density
     method = torch.load(out / "checkpoint.pt", weights_only=False)["method"]
     start, climbed = (method[k]["images"][:pool].float() / 255 for k in ("pool", "climbs"))
-    teachers = [load_teacher(out / "clients" / f"client_{k:02d}" / "teacher.pt")[0] for k in range(5)]
+    loaded = [load_teacher(out / "clients" / f"client_{k:02d}" / "teacher.pt") for k in range(5)]
     spec = SPECS["digits"]  # the teachers take normalised inputs
+    intended = torch.zeros(pool, dtype=torch.long)
     with torch.no_grad():
-        for k, teacher in enumerate(teachers):
-            mine = torch.arange(pool) % 5 == k
-            before, after = (teacher.density(spec.normalize(x[mine])) for x in (start, climbed))
-            assert float((after > before).float().mean()) > 0.95, k
+        for k, (teacher, ckpt) in enumerate(loaded):
+            held = [c for c, n in enumerate(ckpt["label_counts"]) if n > 0]
+            assert len(held) == 2 and teacher.density.classes.tolist() == held  # the density records its classes
+            for turn, label in enumerate(held):
+                mine = (torch.arange(pool) % 5 == k) & ((torch.arange(pool) // 5) % 2 == turn)
+                intended[mine] = label
+                before, after = (teacher.density.of_class(spec.normalize(x[mine]), label) for x in (start, climbed))
+                assert float((after > before).float().mean()) > 0.95, (k, label)
+                whole = [teacher.density(spec.normalize(x[mine])) for x in (start, climbed)]
+                assert float((whole[1] > whole[0]).float().mean()) > 0.95, (k, label)
+    answered = method["climbs"]["answers"].argmax(1)
     assert not torch.equal(method["climbs"]["answers"], method["pool"]["answers"][:pool])
+    # every class of the task gets its tenth of the climbs, and the ensemble calls most of them that class
+    assert torch.bincount(intended, minlength=10).tolist() == [pool // 10] * 10
+    print("climbs the ensemble calls the class they climbed:", float((answered == intended).float().mean()),
+          torch.bincount(answered, minlength=10).tolist())
+    assert float((answered == intended).float().mean()) > 0.5
 
 
 def test_a_run_that_does_not_weigh_by_densities_climbs_nothing_and_says_why(tmp_path):

@@ -91,6 +91,42 @@ def test_a_density_that_does_not_hold_together_is_refused_naming_the_field():
             check_density({**state, field: value})
     with pytest.raises(ValueError, match="not a table of the tensors"):
         check_density({k: v for k, v in state.items() if k != "means"})
+    for classes, match in ((torch.tensor([0, 0]), "distinct"), (torch.tensor([0, -2]), "distinct"),
+                           (torch.tensor([0.0, 1.0]), "integer tensor"), (torch.tensor([0, 1, 2]), r"shape \(2,\)")):
+        with pytest.raises(ValueError, match=match):
+            check_density({**state, "classes": classes})
+
+
+def test_each_class_has_its_own_component_which_a_query_can_ask_for_alone():
+    x, y = _two_kinds()
+    y = y * 3  # the classes 0 and 3 of four
+    density = fit_density(x, y, 4, rank=4)
+    assert density.classes.tolist() == [0, 3]  # the class each component models
+    fresh, fy = _two_kinds(seed=1)
+    per = density.components(fresh)  # (2, B): each alone, the prior left out
+    # the mixture of the two halves: log(1/2 p_0 + 1/2 p_3), per value
+    torch.testing.assert_close(density(fresh), torch.logsumexp(per * 16 + math.log(0.5), 0) / 16)
+    torch.testing.assert_close(density.of_class(fresh, 3), per[1])
+    # an image of class 0 is likelier under class 0's component than under class 3's, and the other way round
+    assert bool((density.of_class(fresh[fy == 0], 0) > density.of_class(fresh[fy == 0], 3)).all())
+    assert bool((density.of_class(fresh[fy == 1], 3) > density.of_class(fresh[fy == 1], 0)).all())
+    # a class it models with no component of its own (here, none of its images): its whole density
+    torch.testing.assert_close(density.of_class(fresh, 1), density(fresh))
+    few = fit_density(x[:3], y[:3], 4, rank=4)  # too few images of every class: one component of all
+    assert few.classes.tolist() == [-1]
+    torch.testing.assert_close(few.of_class(fresh, 0), few(fresh))
+
+
+def test_a_density_saved_before_its_classes_were_recorded_takes_them_from_the_label_counts(tmp_path):
+    x, y = _two_kinds()
+    state = fit_density(x, y, 2, rank=4).to_state()
+    _saved(tmp_path, {k: v for k, v in state.items() if k != "classes"})  # label counts [100, 100]
+    model, _ = load_teacher(tmp_path / "t.pt", num_classes=2)
+    assert model.density.classes.tolist() == [0, 1]
+    from fedkd.institution.density import classes_from_counts
+    assert classes_from_counts([0, 40, 3, 9], 2).tolist() == [1, 3]  # classes of MIN_CLASS_IMAGES images or more
+    assert classes_from_counts([0, 40, 3, 9], 3) is None  # fitted otherwise: not known
+    assert classes_from_counts(None, 2) is None
 
 
 # The checkpoint, the host and the wire ------------------------------------------------------------------------
@@ -139,6 +175,51 @@ def test_a_teacher_releases_its_density_only_to_a_query_that_asks_for_it(tmp_pat
     reply = host.forward(x[:4], STATE, keep="f1")  # a kept graph is the one released
     assert bool((reply.logits[:, 2] == 0).all())
     assert float(host.backward(None, only_density, STATE, forward_id="f1").abs().max()) == 0.0
+
+
+def test_a_query_for_one_class_gets_that_classs_part_of_the_density_and_a_class_out_of_range_is_refused(tmp_path):
+    from fedkd.institution.privacy.policy import ReleasePolicy
+    from fedkd.institution.privacy.settings import PrivacySettings
+
+    x, y = _two_kinds()
+    density = fit_density(x, y, 2, rank=4)
+    _, ckpt = _saved(tmp_path, density.to_state())
+    model, loaded = load_teacher(tmp_path / "t.pt", num_classes=2)
+    host = TeacherHost(model, describe_checkpoint(loaded, model, client=0))
+    one = dataclasses.replace(ASK, density_class=1)
+    asked = host.forward(x[:4], one).logits
+    torch.testing.assert_close(asked[:, 2], density.of_class(x[:4], 1))
+    torch.testing.assert_close(asked[:, :2], host.forward(x[:4], ASK).logits[:, :2])  # the classes as ever
+    # its gradient is that component's alone
+    only_density = torch.tensor([[0.0, 0.0, 1.0]] * 4)
+    z = x[:4].clone().requires_grad_(True)
+    expected, = torch.autograd.grad(density.of_class(z, 1).sum(), z)
+    torch.testing.assert_close(host.backward(x[:4], only_density, one), expected)
+    # not released to a query that does not weigh by densities, whatever class it names
+    assert bool((host.forward(x[:4], dataclasses.replace(STATE, density_class=1)).logits[:, 2] == 0).all())
+    assert host.backward(x[:4], only_density, dataclasses.replace(STATE, density_class=1)).abs().max() == 0
+    policy = ReleasePolicy(PrivacySettings(mode="output-noise"), num_records=200)
+    charged = TeacherHost(model, describe_checkpoint(loaded, model, client=0), policy=policy)
+    charged.forward(x[:4], one)
+    spent = policy.ledger.spent
+    assert spent > 0
+    for bad in (2, -1):
+        for ask in (lambda s: charged.forward(x[:4], s), lambda s: charged.backward(x[:4], only_density, s)):
+            with pytest.raises(QueryError, match=f"density_class {bad} is not one of the 2 classes"):
+                ask(dataclasses.replace(ASK, density_class=bad))
+    assert policy.ledger.spent == spent and charged.stats.forward_calls == 1  # refused before anything was charged
+
+
+def test_the_wire_carries_the_class_a_query_asks_the_density_of():
+    from fedkd.codec import decode_state, encode_state
+
+    for label in (None, 0, 7):
+        state = dataclasses.replace(ASK, density_class=label)
+        assert decode_state(encode_state(state)) == state
+    msg = encode_state(ASK)
+    msg.density_class = -3
+    with pytest.raises(QueryError, match="density_class -3 is not a class index"):
+        decode_state(msg)
 
 
 def test_a_labels_answer_names_a_class_never_the_density_column():

@@ -51,21 +51,32 @@ class GaussianDensity(nn.Module):
     noise: Tensor
     log_prior: Tensor
 
-    def __init__(self, means: Tensor, bases: Tensor, variances: Tensor, noise: Tensor, log_prior: Tensor) -> None:
+    classes: Tensor
+
+    def __init__(self, means: Tensor, bases: Tensor, variances: Tensor, noise: Tensor, log_prior: Tensor,
+                 classes: Tensor | None = None) -> None:
         super().__init__()
-        check_density({"means": means, "bases": bases, "variances": variances, "noise": noise,
-                       "log_prior": log_prior})
+        state = {"means": means, "bases": bases, "variances": variances, "noise": noise, "log_prior": log_prior}
+        check_density(state if classes is None else {**state, "classes": classes})
         self.register_buffer("means", means.float())  # (M, D)
         self.register_buffer("bases", bases.float())  # (M, D, R) orthonormal columns
         self.register_buffer("variances", variances.float())  # (M, R) along the bases, each >= noise
         self.register_buffer("noise", noise.float())  # (M,) the isotropic variance off the bases
         self.register_buffer("log_prior", log_prior.float())  # (M,) log of each component's share
+        # (M,) the class each component models; -1: a component of several classes, or not recorded (densities
+        # fitted before stop 75 keep none; loading infers it from the teacher's label counts where it can)
+        self.register_buffer("classes", torch.full((len(means),), -1, dtype=torch.long) if classes is None
+                             else classes.long())
 
     @property
     def dims(self) -> int:
         return int(self.means.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
+        return torch.logsumexp(self.components(x) * self.dims + self.log_prior[:, None], 0) / self.dims
+
+    def components(self, x: Tensor) -> Tensor:
+        """(M, B): each input's log-density per input value under each component alone (its prior left out)."""
         flat = x.flatten(1).to(self.means.dtype)  # (B, D)
         d, r = self.dims, self.bases.shape[-1]
         if flat.shape[1] != d:
@@ -75,11 +86,17 @@ class GaussianDensity(nn.Module):
         off = centred.pow(2).sum(-1) - along.pow(2).sum(-1)  # (M, B) squared distance off the bases
         mahalanobis = (along.pow(2) / self.variances.unsqueeze(1)).sum(-1) + off.clamp_min(0) / self.noise[:, None]
         log_det = self.variances.log().sum(-1) + (d - r) * self.noise.log()  # (M,)
-        log_p = -0.5 * (mahalanobis + log_det[:, None] + d * math.log(2 * math.pi)) + self.log_prior[:, None]
-        return torch.logsumexp(log_p, 0) / d
+        return -0.5 * (mahalanobis + log_det[:, None] + d * math.log(2 * math.pi)) / d
+
+    def of_class(self, x: Tensor, label: int) -> Tensor:
+        """(B,) each input's log-density per input value under the component of class ``label`` alone (what a
+        query's ``density_class`` asks for: one class of the client's data, its prior left out), or under the
+        whole density where no component models that class alone (too few images of it, or not recorded)."""
+        match = (self.classes == label).nonzero().flatten()
+        return self.components(x)[int(match[0])] if len(match) else self(x)
 
     def to_state(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name).detach().clone() for name in DENSITY_FIELDS}
+        return {name: getattr(self, name).detach().clone() for name in (*DENSITY_FIELDS, "classes")}
 
 
 def check_density(state: Any) -> None:
@@ -100,6 +117,24 @@ def check_density(state: Any) -> None:
             raise ValueError(f"density {name} holds a value that is not finite")
     if not (bool((variances > 0).all()) and bool((noise > 0).all())):
         raise ValueError("density variances must be above 0")
+    classes = state.get("classes")
+    if classes is not None:  # optional: densities fitted before stop 75 record none
+        if not isinstance(classes, Tensor) or classes.dtype not in (torch.int64, torch.int32) \
+                or tuple(classes.shape) != (m,):
+            raise ValueError(f"density classes must be an integer tensor of shape ({m},), one class per component")
+        named = classes[classes >= 0]
+        if bool((classes < -1).any()) or len(named.unique()) != len(named):
+            raise ValueError("density classes must be distinct class indices (or -1 for a component of several)")
+
+
+def classes_from_counts(label_counts: Any, components: int) -> Tensor | None:
+    """The class of each component of a density :func:`fit_density` fitted to images of these ``label_counts``
+    (the classes of at least :data:`MIN_CLASS_IMAGES` images, in order), where their number is ``components``;
+    None where it cannot tell (a checkpoint of a density fitted before the classes were recorded)."""
+    if not isinstance(label_counts, (list, tuple)) or not all(isinstance(n, int) for n in label_counts):
+        return None
+    held = [c for c, n in enumerate(label_counts) if n >= MIN_CLASS_IMAGES]
+    return torch.tensor(held, dtype=torch.long) if held and len(held) == components else None
 
 
 def fit_density(images: Tensor, labels: Tensor, num_classes: int, *, rank: int = DEFAULT_RANK) -> GaussianDensity:
@@ -108,20 +143,21 @@ def fit_density(images: Tensor, labels: Tensor, num_classes: int, *, rank: int =
     few images: its other directions get the variance left over), mixed by the classes' shares. Deterministic."""
     flat = images.flatten(1).double()
     d = flat.shape[1]
-    parts = []
+    parts, held = [], []
     for c in range(num_classes):
         rows = flat[labels == c]
         if len(rows) >= MIN_CLASS_IMAGES:
             parts.append(rows)
+            held.append(c)
     if not parts:  # too few images of every class: one component for all of them
         if len(flat) < 2:
             raise ValueError(f"a density needs at least 2 images of the client's own, it has {len(flat)}")
-        parts = [flat]
+        parts, held = [flat], [-1]
     ranks = [max(0, min(rank, d - 1, len(p) - 2)) for p in parts]
     width = max(ranks)  # components with fewer directions get zero columns, of the noise's variance
     total = sum(len(p) for p in parts)
     means, bases, variances, noise, prior = [], [], [], [], []
-    for rows, r in zip(parts, ranks):
+    for rows, r in zip(parts, ranks, strict=True):
         mean = rows.mean(0)
         _, s, vh = torch.linalg.svd(rows - mean, full_matrices=False)
         spread = s.pow(2) / max(1, len(rows) - 1)  # variances along the principal directions
@@ -137,7 +173,7 @@ def fit_density(images: Tensor, labels: Tensor, num_classes: int, *, rank: int =
         noise.append(floor)
         prior.append(math.log(len(rows) / total))
     return GaussianDensity(torch.stack(means).float(), torch.stack(bases).float(), torch.stack(variances).float(),
-                           torch.stack(noise).float(), torch.tensor(prior)).eval()
+                           torch.stack(noise).float(), torch.tensor(prior), torch.tensor(held)).eval()
 
 
 def density_of(data: ImageData, spec: DatasetSpec) -> GaussianDensity:

@@ -47,6 +47,7 @@ from fedkd.contract import (
     releases_density,
     vote_logits,
 )
+from fedkd.institution.density import WithDensity
 from fedkd.institution.privacy import contract_status
 from fedkd.institution.terms import FeatureStatistics, TermSet, available_terms
 from fedkd.metrics import predict
@@ -182,6 +183,7 @@ class TeacherHost:
                 self._refuse("FAILED_PRECONDITION", f"this client grants hard labels only, no teacher-side terms "
                              f"(asked for {', '.join(names)})")
             self._check_terms(names)
+            self._check_density_class(state)
             if self.policy is not None:
                 self._charge("labels" if labels else "logits", len(inputs))
             self.last_state = state
@@ -211,15 +213,28 @@ class TeacherHost:
             self.stats.count_forward(inputs, reply, density=releases_density(self.description, state, labels))
             return reply
 
+    def _check_density_class(self, state: QueryContext) -> None:
+        """Refuse a query whose ``density_class`` is not one of the task's classes (before anything is charged)."""
+        classes = self.description.num_classes
+        if state.density_class is not None and not 0 <= state.density_class < classes:
+            self._refuse("INVALID_ARGUMENT", f"density_class {state.density_class} is not one of the {classes} "
+                         "classes")
+
     def _run(self, x: Tensor, names: Sequence[str], state: QueryContext) -> tuple[Tensor, dict[str, Tensor]]:
         """The model's outputs and the asked-for terms on ``x``, as this teacher releases them: the log-density
         column only in a query that asks for it (``state.log_density``: the coordinator weighs by densities); 0
         otherwise, and cut from the graph, so neither the value nor its gradient leaves (a density gives the
         client's class means away: docs/robustness.md)."""
         logits, values = self.terms.run(self.model, x, names)
+        classes = self.description.num_classes
         if self.description.log_density_output and not state.log_density:
-            classes = self.description.num_classes
             logits = torch.cat([logits[..., :classes], torch.zeros_like(logits[..., classes:])], -1)
+        elif self.description.log_density_output and state.density_class is not None:
+            # one class of the client's data asked for (student-refit-climb): that class's component alone
+            density = self.model.density if isinstance(self.model, WithDensity) else None
+            if density is not None:
+                column = density.of_class(x, state.density_class).unsqueeze(-1).to(logits.dtype)
+                logits = torch.cat([logits[..., :classes], column], -1)
         return logits, values
 
     def backward(
@@ -266,6 +281,7 @@ class TeacherHost:
             if kept is not None and (missing := [n for n in weights if n not in kept[2]]):
                 self._refuse("FAILED_PRECONDITION", f"Backward asks for the gradient of term(s) "
                              f"{', '.join(map(repr, missing))}, which the Forward it names did not compute")
+            self._check_density_class(state)
             if self.policy is not None:
                 self._charge("input gradients", len(inputs))
             self.last_state = state

@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from fedkd.checkpoint import TEACHER_FORMAT, CheckpointError, check_teacher_fields, field_error, load_safe
-from fedkd.institution.density import GaussianDensity, WithDensity, classifier_of
+from fedkd.institution.density import GaussianDensity, WithDensity, classes_from_counts, classifier_of
 from fedkd.institution.privacy.dpsgd import attach_statistics, make_private_model
 from fedkd.institution.privacy.pate import ShardVotes
 from fedkd.institution.terms import attach_class_statistics
@@ -76,7 +76,10 @@ def load_teacher(path: str | Path, *, expected_model: str | None = None,
             raise field_error(path, "density", "is given, but the teacher already has an unknown output or is a "
                               f"{mechanism} teacher; a density goes with a closed teacher without DP-SGD or PATE")
         try:
-            density = GaussianDensity(**ckpt["density"])
+            fields = dict(ckpt["density"])
+            if fields.get("classes") is None and isinstance(fields.get("means"), Tensor):
+                fields["classes"] = classes_from_counts(ckpt.get("label_counts"), len(fields["means"]))
+            density = GaussianDensity(**fields)
         except (TypeError, ValueError) as exc:
             raise field_error(path, "density", str(exc)) from None
         if density.dims != math.prod(shape):

@@ -43,7 +43,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class CurriculumState(_message.Message):
-    __slots__ = ("epoch", "step", "lam", "adv_weight", "purpose", "method", "schedule", "log_density")
+    __slots__ = ("epoch", "step", "lam", "adv_weight", "purpose", "method", "schedule", "log_density", "density_class")
     class ScheduleEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class CurriculumState(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     LOG_DENSITY_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_CLASS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     step: int
     lam: float
@@ -67,7 +68,8 @@ class CurriculumState(_message.Message):
     method: str
     schedule: _containers.ScalarMap[str, float]
     log_density: bool
-    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., lam: _Optional[float] = ..., adv_weight: _Optional[float] = ..., purpose: _Optional[str] = ..., method: _Optional[str] = ..., schedule: _Optional[_Mapping[str, float]] = ..., log_density: _Optional[bool] = ...) -> None: ...
+    density_class: int
+    def __init__(self, epoch: _Optional[int] = ..., step: _Optional[int] = ..., lam: _Optional[float] = ..., adv_weight: _Optional[float] = ..., purpose: _Optional[str] = ..., method: _Optional[str] = ..., schedule: _Optional[_Mapping[str, float]] = ..., log_density: _Optional[bool] = ..., density_class: _Optional[int] = ...) -> None: ...
 
 class PrivacyStatus(_message.Message):
     __slots__ = ("mechanism", "epsilon_budget", "epsilon_spent", "delta", "unit")

@@ -360,11 +360,22 @@ class PoolMethod(Generic[Options]):
         return members, "" if members else ("no teacher with a density the run weighs by grants gradients and is "
                                             "trusted")
 
+    def climbed_classes(self, k: int) -> list[int | None]:
+        """The classes whose part of teacher ``k``'s density the pool's samples climb in turn: every class its label
+        counts name (each a component of its density, the query's ``density_class``; a class it modelled with its
+        others answers its whole density), or [None], its whole density, where it shares no label counts. Each
+        teacher gets as many samples whatever it claims (a liar naming every class climbs no more of them)."""
+        counts = self.ensemble.descriptions[k].label_counts or []
+        held: list[int | None] = [c for c, count in enumerate(counts) if count > 0]
+        return held or [None]
+
     def answer_climbs(self, steps: int, on_batch: Callable[[], None] | None = None) -> Blends:
         """See :class:`DistillationMethod`. Pool sample i climbs the density of climber i mod n
-        (:meth:`climbers`): each step a Forward of that teacher alone, keeping its graph, and a Backward of its
-        log-density (grad_logits 1 on that column), asked in the context the pool's last batches were (purpose
-        ``distill``, the density released as the gate has it released). Then every teacher answers the climbed
+        (:meth:`climbers`), of one class it holds, its classes in turn (:meth:`climbed_classes`; the query's
+        ``density_class``: the component of that class alone, where the whole density would take nearly every
+        sample to its broadest class): each step a Forward of that teacher alone, keeping its graph, and a Backward
+        of its log-density (grad_logits 1 on that column), asked in the context the pool's last batches were
+        (purpose ``distill``, the density released as the gate has it released). Then every teacher answers the climbed
         samples, quantised like pool images, as blends are answered; a refusal or the query budget stops it, and
         what was answered is kept. A teacher that stops answering mid-climb leaves its samples where they got."""
         if self.climbs is not None:
@@ -376,28 +387,34 @@ class PoolMethod(Generic[Options]):
                                     log_density=True)
         pool = self.ensemble.pool
 
-        def gradient_of(k: int) -> Callable[[Tensor], Tensor | None]:
+        def gradient_of(k: int, label: int | None) -> Callable[[Tensor], Tensor | None]:
             width = self.ensemble.descriptions[k].outputs
+            asking = dataclasses.replace(state, density_class=label)
 
             def gradient(z: Tensor) -> Tensor | None:
                 try:
-                    asked = pool.forward(z.contiguous(), state, only=[k], min_answers=0, keep=True)
+                    asked = pool.forward(z.contiguous(), asking, only=[k], min_answers=0, keep=True)
                     if k not in asked:
                         return None
                     grad_logits = torch.zeros(len(z), width)
                     grad_logits[:, self.spec.num_classes] = 1.0  # the log-density's column, after the classes
-                    return pool.backward(z, {k: (grad_logits, {})}, state, refs={k: asked[k].ref}).get(k)
+                    return pool.backward(z, {k: (grad_logits, {})}, asking, refs={k: asked[k].ref}).get(k)
                 except (QueryError, QuorumError):
                     return None
             return gradient
 
+        held = {k: self.climbed_classes(k) for k in members}
+
+        def target(i: int) -> tuple[int, int | None]:  # sample i: climber i mod n, its classes in turn
+            k = members[i % len(members)]
+            return k, held[k][(i // len(members)) % len(held[k])]
+
         def climbed(start: int, n: int) -> Tensor:
             x = self.spec.normalize(stored[start:start + n].float() / 255)
-            owner = torch.tensor([members[(start + i) % len(members)] for i in range(n)])
-            for k in members:
-                mine = (owner == k).nonzero().flatten()
-                if len(mine):
-                    x[mine] = climb(x[mine], gradient_of(k), steps)[0]
+            targets = [target(i) for i in range(start, start + n)]
+            for pair in dict.fromkeys(targets):
+                mine = torch.tensor([j for j, t in enumerate(targets) if t == pair])
+                x[mine] = climb(x[mine], gradient_of(*pair), steps)[0]
             return torch.round(self.spec.denormalize(x).clamp(0, 1) * 255).to(torch.uint8)
 
         self.climbs, stopped = self._answered(climbed, len(stored), 2 * steps + len(self.ensemble), "climbs", state,
