@@ -97,10 +97,11 @@ class StudentSettings(Section):
     # Measured on the pathological splits (docs/robustness.md, "Samples that climb a client's density"): the
     # synthetic pool sits far below every client's density, where the density gate routes it wrong.
     refit_climb: int = field(default=0, metadata=bounded(
-        0, 20, help="before student-refit, a copy of each pool sample climbs one teacher's density, the teachers "
-        "answering a log-density the run weighs by in turn (teacher-density=on), by this many steps along the "
-        "gradient that teacher returns (each a Forward and a Backward of it), and the teachers answer it; the refit "
-        "trains on them beside the pool (0 = none)", key="student-refit-climb"))
+        0, 20, help="before student-refit, a copy of each pool sample climbs the density of one class one teacher "
+        "holds (the teachers answering a log-density the run weighs by in turn, teacher-density=on, and each one's "
+        "classes in turn), by this many steps along the gradient that teacher returns (each a Forward and a "
+        "Backward of it), and the teachers answer it; the refit trains on them beside the pool (0 = none)",
+        key="student-refit-climb"))
 
     def arguments(self) -> dict[str, Any]:
         """``student-args`` as keyword arguments; ConfigError naming the key when it is not a JSON object."""
