@@ -191,9 +191,6 @@ class RunConfig:
             raise ConfigError(f"student-refit-warp={self.student.refit_warp:g} warps the blends of "
                               "student-refit-mixup, which is 0 here: set student-refit-mixup > 0 as well, or leave "
                               "student-refit-warp at 0")
-        if self.student.refit_climb > 0 and self.student.refit == 0:
-            raise ConfigError(f"student-refit-climb={self.student.refit_climb} makes samples for student-refit, "
-                              "which is 0 here: set student-refit > 0 as well, or leave student-refit-climb at 0")
         names = self.teacher_models()
         if len(names) not in (1, self.num_clients):
             raise ConfigError(

@@ -366,7 +366,9 @@ def _recipe(config: Any) -> str:
     """The student's model, its steps per synthesis round and its refit share: what changed the students most (and
     its gradient clip where there is one)."""
     clip = f", clip {config.student.clip:g}" if config.student.clip else ""
-    climb = f", climb {config.student.refit_climb}" if config.student.refit_climb else ""
+    # the climb acts only where teachers answer densities: named there alone
+    climb = f", climb {config.student.refit_climb}" if config.student.refit_climb and config.teachers.density \
+        else ""
     return f"{config.student.model}, {config.student_steps}, {config.student.refit:g}{clip}{climb}"
 
 

@@ -183,8 +183,9 @@ def run_one(mapping: dict[str, Any], runs: Path) -> dict[str, Any]:
 
 
 # Keys whose default changed after they were added, with the value they had before: a record made before the key
-# existed was measured at that value, not at today's default (student-clip: 0 until stop 58 made 5 the default).
-EARLIER_DEFAULTS: dict[str, Any] = {"student-clip": 0.0}
+# existed was measured at that value, not at today's default (student-clip: 0 until stop 58 made 5 the default;
+# student-refit-climb: 0 until stop 75 made 2 the default).
+EARLIER_DEFAULTS: dict[str, Any] = {"student-clip": 0.0, "student-refit-climb": 0}  # climb: 2 since stop 75
 
 
 def _as_added() -> dict[str, Any]:

@@ -57,7 +57,8 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   component of one teacher's density, the (teacher, class) pairs in turn (every class a client holds gets as many
   images, where a whole density sends most to its broadest class). Any of them with the suffix ``-balanced``
   (``ontobb2-balanced``): the refit draws the pool and the climbed images so that every class of their answers
-  (argmax) is met equally often, as ``balanced`` draws the pool.
+  (argmax) is met equally often, as ``balanced`` draws the pool; with ``-only`` (``ontoclass2-only``): the refit
+  trains on the climbed images alone, without the pool.
 - ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
   run's; resized and given the run's channels where its images differ), answered by the teachers: whether natural
   images of another domain, which the coordinator could hold without anyone's data (as FedDF's and MosaicKD's
@@ -278,13 +279,14 @@ ONTO_KINDS = {"ontoeach": (True, False), "ontobb": (True, True), "ontohalf": (Tr
 
 
 BALANCED = "-balanced"  # an onto variant's suffix: its refit draws every class of the answers equally often
+ONLY = "-only"  # an onto variant's suffix: its refit trains on the climbed images alone, not the pool beside them
 
 
 def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
     """The steps of an ``ontoK``, ``ontoeachK``, ``ontobbK`` or ``ontohalfK`` variant (each with or without the
     suffix ``-balanced``), whether each image climbs one teacher's density (in turn) and whether its steps are
     Barzilai-Borwein's; None for any other name."""
-    variant = variant.removesuffix(BALANCED)
+    variant = variant.removesuffix(BALANCED).removesuffix(ONLY)
     for prefix, (each, bb) in ONTO_KINDS.items():
         rest = variant[len(prefix):]
         if variant.startswith(prefix) and rest.isdigit() and int(rest) > 0:
@@ -573,8 +575,10 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
             moved, before, after = onto_densities(teachers, records, spec, images, steps, each=each, bb=bb,
                                                   damping=onto_damping(variant), by_class=onto_by_class(variant))
             asked = teachers_on(moved)
-            row(variant, 2 * len(images), refit(torch.cat([images, moved]), torch.cat([stored, asked]),
-                                                extra_seed, balanced=onto_balanced(variant))[0],
+            only = variant.endswith(ONLY)
+            row(variant, (1 if only else 2) * len(images),
+                refit(moved if only else torch.cat([images, moved]), asked if only else torch.cat([stored, asked]),
+                      extra_seed, balanced=onto_balanced(variant))[0],
                 # a step: a Forward and a Backward of the one teacher climbed (each: a teacher answers a Backward
                 # only for inputs it has answered), or of every teacher (the mixture's posterior needs every
                 # density); then a Forward of each moved image by every teacher

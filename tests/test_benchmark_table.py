@@ -36,7 +36,9 @@ def test_each_row_names_the_student_recipe_it_was_measured_with(capsys):
     assert rows["old"][2] == "lenet5-half, 20, 2"
     assert rows["mixed"][2] == "lenet5, 5, 8, clip 5 / lenet5-half, 20, 2"
     assert rows["unrecorded"][2] == "?"
-    assert benchmark._recipe(config_from_mapping({"student-refit-climb": 2})) == "lenet5, 5, 8, clip 5, climb 2"
+    # the climb (on by default since stop 75) is named where it can act: with the teachers' densities
+    assert benchmark._recipe(config_from_mapping({"teacher-density": True})) == "lenet5, 5, 8, clip 5, climb 2"
+    assert benchmark._recipe(config_from_mapping({"teacher-density": True, "student-refit-climb": 0})) == today
 
 
 def test_set_changes_every_experiment_it_runs_and_is_kept_out_of_the_benchmarks_own_table(tmp_path, monkeypatch,

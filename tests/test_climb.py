@@ -69,9 +69,11 @@ def test_an_image_with_a_gradient_that_is_not_finite_stays_where_it_was_and_no_a
         climb(x, lambda z: torch.zeros(3, 4), 1)
 
 
-def test_a_climb_without_a_refit_is_refused_naming_both_keys():
-    with pytest.raises(ConfigError, match="student-refit-climb=2 makes samples for student-refit, which is 0"):
-        config_from_mapping({"student-refit": 0, "student-refit-climb": 2})
+def test_the_climb_is_on_by_default_and_needs_the_refit_it_makes_samples_for():
+    assert config_from_mapping({}).student.refit_climb == 2  # acting only where the run weighs by densities
+    assert config_from_mapping({"student-refit": 0}).student.refit_climb == 2  # no refit: nothing to climb for
+    with pytest.raises(ConfigError, match="student-refit-climb"):
+        config_from_mapping({"student-refit-climb": 21})
 
 
 PATHOLOGICAL = {"dataset": "digits", "partition": "pathological", "classes-per-client": 2, "teacher-epochs": 10,
@@ -121,14 +123,21 @@ def test_the_pool_climbs_each_teachers_density_in_turn_counted_asked_once_and_an
     assert float((answered == intended).float().mean()) > 0.5
 
 
-def test_a_run_that_does_not_weigh_by_densities_climbs_nothing_and_says_why(tmp_path):
+def test_a_run_that_does_not_weigh_by_densities_climbs_nothing_and_says_why_where_it_has_any(tmp_path):
     log = StageLog()
-    summary = run_experiment(config_from_mapping({**PATHOLOGICAL, "teacher-density": False,
-                                                  "student-refit-climb": 2}), tmp_path / "closed", observer=log)
+    summary = run_experiment(config_from_mapping({**PATHOLOGICAL, "density-gate": "off"}), tmp_path / "off",
+                             observer=log)
     assert summary["student"]["refit"]["climbs"] == 0
     assert any(m.startswith("student-refit-climb: 0 pool samples") and "does not weigh answers by densities" in m
                for m in log.messages), log.messages
     assert math.isfinite(summary["student"]["test_accuracy"])
+    # teachers without densities (most runs): the default climb neither asks nor says anything
+    log = StageLog()
+    summary = run_experiment(config_from_mapping({**PATHOLOGICAL, "teacher-density": False}), tmp_path / "closed",
+                             observer=log)
+    assert summary["student"]["refit"]["climbs"] == 0 and not any("climb" in m for m in log.messages)
+    refit = [json.loads(line) for line in (tmp_path / "closed" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "refit_climbs" not in refit
 
 
 def test_a_damped_climb_halves_the_distance_to_an_isotropic_mean_each_step_after_the_first():

@@ -230,7 +230,9 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
                        + (" (kept from before the restart)" if blends.answered and not blends.asked else "")
                        + (f"; {blends.stopped}" if blends.stopped else ""))
     climbs = None
-    if config.student.refit > 0 and config.student.refit_climb > 0:
+    # only where a teacher answers a density: a run without any (most) neither climbs nor says so
+    if config.student.refit > 0 and config.student.refit_climb > 0 and \
+            any(d.log_density_output for d in pool.descriptions):
         climbs = method.answer_climbs(config.student.refit_climb, step)
         if climbs.asked:  # into the checkpoint, as the blends
             write_query_ledger(pool.stats(), ledger_path)

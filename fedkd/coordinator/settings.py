@@ -95,13 +95,14 @@ class StudentSettings(Section):
         "rotated by up to this many degrees, scaled by up to this many percent, moved by up to half this many "
         "percent of the image's size (0 = plain blends)", key="student-refit-warp"))
     # Measured on the pathological splits (docs/robustness.md, "Samples that climb a client's density"): the
-    # synthetic pool sits far below every client's density, where the density gate routes it wrong.
-    refit_climb: int = field(default=0, metadata=bounded(
+    # synthetic pool sits far below every client's density, where the density gate routes it wrong. The default
+    # since stop 75 (one class at a time); it acts only where the run weighs answers by densities.
+    refit_climb: int = field(default=2, metadata=bounded(
         0, 20, help="before student-refit, a copy of each pool sample climbs the density of one class one teacher "
         "holds (the teachers answering a log-density the run weighs by in turn, teacher-density=on, and each one's "
         "classes in turn), by this many steps along the gradient that teacher returns (each a Forward and a "
-        "Backward of it), and the teachers answer it; the refit trains on them beside the pool (0 = none)",
-        key="student-refit-climb"))
+        "Backward of it), and the teachers answer it; the refit trains on them beside the pool (0 = none; nothing "
+        "where the run does not weigh by densities or student-refit is 0)", key="student-refit-climb"))
 
     def arguments(self) -> dict[str, Any]:
         """``student-args`` as keyword arguments; ConfigError naming the key when it is not a JSON object."""

@@ -215,10 +215,9 @@ class TeacherHost:
 
     def _check_density_class(self, state: QueryContext) -> None:
         """Refuse a query whose ``density_class`` is not one of the task's classes (before anything is charged)."""
-        classes = self.description.num_classes
-        if state.density_class is not None and not 0 <= state.density_class < classes:
-            self._refuse("INVALID_ARGUMENT", f"density_class {state.density_class} is not one of the {classes} "
-                         "classes")
+        classes, label = self.description.num_classes, getattr(state, "density_class", None)  # None: no context
+        if label is not None and not 0 <= label < classes:
+            self._refuse("INVALID_ARGUMENT", f"density_class {label} is not one of the {classes} classes")
 
     def _run(self, x: Tensor, names: Sequence[str], state: QueryContext) -> tuple[Tensor, dict[str, Tensor]]:
         """The model's outputs and the asked-for terms on ``x``, as this teacher releases them: the log-density
