@@ -158,12 +158,19 @@ def test_a_teacher_with_a_density_reloads_answering_it_and_the_host_says_so(tmp_
     assert host.backward(x[:4], torch.ones(4, 3), ASK).shape == (4, 1, 4, 4)
 
 
-def test_a_teacher_releases_its_density_only_to_a_query_that_asks_for_it(tmp_path):
+def _served(tmp_path, policy=None):
+    """A two-class teacher with the density of ``_two_kinds`` images, saved, loaded and hosted: (images, density,
+    host)."""
     x, y = _two_kinds()
     density = fit_density(x, y, 2, rank=4)
-    _, ckpt = _saved(tmp_path, density.to_state())
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    _saved(tmp_path, density.to_state())
     model, loaded = load_teacher(tmp_path / "t.pt", num_classes=2)
-    host = TeacherHost(model, describe_checkpoint(loaded, model, client=0))
+    return x, density, TeacherHost(model, describe_checkpoint(loaded, model, client=0), policy=policy)
+
+
+def test_a_teacher_releases_its_density_only_to_a_query_that_asks_for_it(tmp_path):
+    x, density, host = _served(tmp_path)
     asked, unasked = host.forward(x[:4], ASK).logits, host.forward(x[:4], STATE).logits
     torch.testing.assert_close(asked[:, 2], density(x[:4]))
     assert unasked.shape == (4, 3) and bool((unasked[:, 2] == 0).all())
@@ -181,11 +188,7 @@ def test_a_query_for_one_class_gets_that_classs_part_of_the_density_and_a_class_
     from fedkd.institution.privacy.policy import ReleasePolicy
     from fedkd.institution.privacy.settings import PrivacySettings
 
-    x, y = _two_kinds()
-    density = fit_density(x, y, 2, rank=4)
-    _, ckpt = _saved(tmp_path, density.to_state())
-    model, loaded = load_teacher(tmp_path / "t.pt", num_classes=2)
-    host = TeacherHost(model, describe_checkpoint(loaded, model, client=0))
+    x, density, host = _served(tmp_path)
     one = dataclasses.replace(ASK, density_class=1)
     asked = host.forward(x[:4], one).logits
     torch.testing.assert_close(asked[:, 2], density.of_class(x[:4], 1))
@@ -199,7 +202,7 @@ def test_a_query_for_one_class_gets_that_classs_part_of_the_density_and_a_class_
     assert bool((host.forward(x[:4], dataclasses.replace(STATE, density_class=1)).logits[:, 2] == 0).all())
     assert host.backward(x[:4], only_density, dataclasses.replace(STATE, density_class=1)).abs().max() == 0
     policy = ReleasePolicy(PrivacySettings(mode="output-noise"), num_records=200)
-    charged = TeacherHost(model, describe_checkpoint(loaded, model, client=0), policy=policy)
+    charged = _served(tmp_path / "charged", policy)[2]
     charged.forward(x[:4], one)
     spent = policy.ledger.spent
     assert spent > 0
