@@ -58,7 +58,9 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   images, where a whole density sends most to its broadest class). Any of them with the suffix ``-balanced``
   (``ontobb2-balanced``): the refit draws the pool and the climbed images so that every class of their answers
   (argmax) is met equally often, as ``balanced`` draws the pool; with ``-only`` (``ontoclass2-only``): the refit
-  trains on the climbed images alone, without the pool.
+  trains on the climbed images alone, without the pool; with ``-blended`` or ``-runnerup``: on as many blends of
+  the climbed images again as well (random pairs, or each with one of the class its answer ranks second: the
+  boundaries between classes, and between clients, that no one class's climb reaches), answered by the teachers.
 - ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
   run's; resized and given the run's channels where its images differ), answered by the teachers: whether natural
   images of another domain, which the coordinator could hold without anyone's data (as FedDF's and MosaicKD's
@@ -280,13 +282,18 @@ ONTO_KINDS = {"ontoeach": (True, False), "ontobb": (True, True), "ontohalf": (Tr
 
 BALANCED = "-balanced"  # an onto variant's suffix: its refit draws every class of the answers equally often
 ONLY = "-only"  # an onto variant's suffix: its refit trains on the climbed images alone, not the pool beside them
+# onto variants' suffixes: as many blends of climbed images again, of random pairs or each with one of the class its
+# answer ranks second (blends_of), answered and trained on beside the pool and the climbed images
+BLENDED, RUNNER_UP = "-blended", "-runnerup"
+SUFFIXES = (BALANCED, ONLY, BLENDED, RUNNER_UP)
 
 
 def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
     """The steps of an ``ontoK``, ``ontoeachK``, ``ontobbK`` or ``ontohalfK`` variant (each with or without the
     suffix ``-balanced``), whether each image climbs one teacher's density (in turn) and whether its steps are
     Barzilai-Borwein's; None for any other name."""
-    variant = variant.removesuffix(BALANCED).removesuffix(ONLY)
+    for suffix in SUFFIXES:
+        variant = variant.removesuffix(suffix)
     for prefix, (each, bb) in ONTO_KINDS.items():
         rest = variant[len(prefix):]
         if variant.startswith(prefix) and rest.isdigit() and int(rest) > 0:
@@ -576,14 +583,17 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
                                                   damping=onto_damping(variant), by_class=onto_by_class(variant))
             asked = teachers_on(moved)
             only = variant.endswith(ONLY)
-            row(variant, (1 if only else 2) * len(images),
-                refit(moved if only else torch.cat([images, moved]), asked if only else torch.cat([stored, asked]),
-                      extra_seed, balanced=onto_balanced(variant))[0],
+            train_x, train_y = (moved, asked) if only else (torch.cat([images, moved]), torch.cat([stored, asked]))
+            mixed = None
+            if variant.endswith((BLENDED, RUNNER_UP)):  # blends of the climbed images, answered, trained on too
+                mixed = blends_of(moved, BLEND_SEED, asked if variant.endswith(RUNNER_UP) else None)
+                train_x, train_y = torch.cat([train_x, mixed]), torch.cat([train_y, teachers_on(mixed)])
+            row(variant, len(train_x), refit(train_x, train_y, extra_seed, balanced=onto_balanced(variant))[0],
                 # a step: a Forward and a Backward of the one teacher climbed (each: a teacher answers a Backward
                 # only for inputs it has answered), or of every teacher (the mixture's posterior needs every
                 # density); then a Forward of each moved image by every teacher
                 extra_query_samples=2 * steps * (1 if each else len(teachers)) * len(moved)
-                + len(moved) * len(teachers),
+                + (len(moved) + (len(mixed) if mixed is not None else 0)) * len(teachers),
                 agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()),
                 mean_pixel_change=float((moved - images).abs().mean()),
                 log_density_before=float(before.median()), log_density_after=float(after.median()),
