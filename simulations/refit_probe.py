@@ -53,14 +53,15 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   counted. ``ontoeachK``: image i climbs teacher i mod K's density alone (one teacher asked a step); ``ontobbK``:
   the same with each image's own Barzilai-Borwein steps, which need no variance (what ``student-refit-climb``
   does through the contract, :func:`fedkd.coordinator.climb.climb`); ``ontohalfK``: those steps halved
-  (``ONTO_DAMPING``), a gentler climb that still needs no variance; ``ontoclassK``: BB steps up one class's
-  component of one teacher's density, the (teacher, class) pairs in turn (every class a client holds gets as many
-  images, where a whole density sends most to its broadest class). Any of them with the suffix ``-balanced``
-  (``ontobb2-balanced``): the refit draws the pool and the climbed images so that every class of their answers
-  (argmax) is met equally often, as ``balanced`` draws the pool; with ``-only`` (``ontoclass2-only``): the refit
-  trains on the climbed images alone, without the pool; with ``-blended`` or ``-runnerup``: on as many blends of
-  the climbed images again as well (random pairs, or each with one of the class its answer ranks second: the
-  boundaries between classes, and between clients, that no one class's climb reaches), answered by the teachers.
+  (``ONTO_DAMPING``), a gentler climb that still needs no variance; ``ontoclassK``: BB steps up one class's component of
+  one teacher's density, the (teacher, class) pairs in turn (every class a client holds gets as many images, where a
+  whole density sends most to its broadest class); ``ontoclasshalfK``: the same, BB steps halved (the second step then
+  takes half of what lies off the class's principal directions, not all). Any of them with the suffix ``-balanced``
+  (``ontobb2-balanced``): the refit draws the pool and the climbed images so that every class of their answers (argmax)
+  is met equally often, as ``balanced`` draws the pool; with ``-only`` (``ontoclass2-only``): the refit trains on the
+  climbed images alone, without the pool; with ``-blended`` or ``-runnerup``: on as many blends of the climbed images
+  again as well (random pairs, or each with one of the class its answer ranks second: the boundaries between classes,
+  and between clients, that no one class's climb reaches), answered by the teachers.
 - ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
   run's; resized and given the run's channels where its images differ), answered by the teachers: whether natural
   images of another domain, which the coordinator could hold without anyone's data (as FedDF's and MosaicKD's
@@ -276,8 +277,9 @@ def ods_of(teachers: list[nn.Module], weights: Tensor, spec: DatasetSpec, images
 
 
 ONTO_KINDS = {"ontoeach": (True, False), "ontobb": (True, True), "ontohalf": (True, True),
-              "ontoclass": (True, True), "onto": (False, False)}
-# (each, bb); ontohalf: BB steps damped by ONTO_DAMPING; ontoclass: one class's component of a density each
+              "ontoclasshalf": (True, True), "ontoclass": (True, True), "onto": (False, False)}
+# (each, bb); ontohalf: BB steps damped by ONTO_DAMPING; ontoclass: one class's component of a density each;
+# ontoclasshalf: both
 
 
 BALANCED = "-balanced"  # an onto variant's suffix: its refit draws every class of the answers equally often
@@ -303,7 +305,7 @@ def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
 
 def onto_damping(variant: str) -> float:
     """The damping of an ``ontohalfK`` variant's BB steps (1 for the others)."""
-    return ONTO_DAMPING if variant.startswith("ontohalf") else 1.0
+    return ONTO_DAMPING if variant.startswith(("ontohalf", "ontoclasshalf")) else 1.0
 
 
 def onto_by_class(variant: str) -> bool:
