@@ -114,7 +114,8 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         raise ConfigError(f"ensemble: {exc}") from None
     if ensemble.aggregation != config.ensemble.rule:
         observer.stage(f"ensemble: {ensemble.aggregation} ({config.ensemble.rule})")
-    if any(d.log_density_output for d in pool.descriptions):
+    with_densities = any(d.log_density_output for d in pool.descriptions)  # some teacher answers a density
+    if with_densities:
         gate = ensemble.density_gate
         observer.stage(f"density gate: {'on' if gate.used else 'off'} ({gate.reason})")
     test_inputs = spec.normalize(test.images) if test is not None else None
@@ -231,8 +232,7 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
                        + (f"; {blends.stopped}" if blends.stopped else ""))
     climbs = None
     # only where a teacher answers a density: a run without any (most) neither climbs nor says so
-    if config.student.refit > 0 and config.student.refit_climb > 0 and \
-            any(d.log_density_output for d in pool.descriptions):
+    if config.student.refit > 0 and config.student.refit_climb > 0 and with_densities:
         climbs = method.answer_climbs(config.student.refit_climb, step)
         if climbs.asked:  # into the checkpoint, as the blends
             write_query_ledger(pool.stats(), ledger_path)
