@@ -6,8 +6,8 @@
     python simulations/benchmark.py --only digits --seeds 0 --threads 1 --results /tmp/a.json &   # side by side,
     python simulations/benchmark.py --only digits --seeds 1 --threads 1 --results /tmp/b.json     # one thread each,
     python simulations/benchmark.py --merge /tmp/a.json --merge /tmp/b.json   # then one table (runs nothing)
-    python simulations/benchmark.py --only density --set student-refit-climb=2 --results /tmp/climb.json \
-        --runs runs/climb                                # an opt-in on every row of a group, beside the defaults
+    python simulations/benchmark.py --only density --set student-refit-climb=0 --results /tmp/no-climb.json \
+        --runs runs/no-climb                             # a key changed on every row of a group, beside the defaults
 
 Experiments (each seed runs from scratch: partition, teachers, distillation):
 
