@@ -61,7 +61,10 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   is met equally often, as ``balanced`` draws the pool; with ``-only`` (``ontoclass2-only``): the refit trains on the
   climbed images alone, without the pool; with ``-blended`` or ``-runnerup``: on as many blends of the climbed images
   again as well (random pairs, or each with one of the class its answer ranks second: the boundaries between classes,
-  and between clients, that no one class's climb reaches), answered by the teachers.
+  and between clients, that no one class's climb reaches), answered by the teachers; with ``-twice``: two copies of
+  each pool image climb, to two (teacher, class) pairs (the refit's steps unchanged). Every onto variant needs a run
+  whose teachers answer densities (``teacher-density=on``); its moved images are answered as the run answered its
+  pool, under the density gate where the run weighed by it, by the class-weighted ensemble where it did not.
 - ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
   run's; resized and given the run's channels where its images differ), answered by the teachers: whether natural
   images of another domain, which the coordinator could hold without anyone's data (as FedDF's and MosaicKD's
@@ -287,7 +290,8 @@ ONLY = "-only"  # an onto variant's suffix: its refit trains on the climbed imag
 # onto variants' suffixes: as many blends of climbed images again, of random pairs or each with one of the class its
 # answer ranks second (blends_of), answered and trained on beside the pool and the climbed images
 BLENDED, RUNNER_UP = "-blended", "-runnerup"
-SUFFIXES = (BALANCED, ONLY, BLENDED, RUNNER_UP)
+TWICE = "-twice"  # an onto variant's suffix: two copies of each pool image climb, each to another (teacher, class)
+SUFFIXES = (BALANCED, ONLY, BLENDED, RUNNER_UP, TWICE)
 
 
 def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
@@ -576,12 +580,13 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
         onto = onto_steps(variant)
         if onto is not None:
             steps, each, bb = onto
-            if not bool(has_density.all()):
-                raise SystemExit(f"{variant}: {run} did not weigh every teacher by a density (teacher-density=on "
-                                 "with the density gate used)")
+            if not all(hasattr(t, "density") for t in teachers):
+                raise SystemExit(f"{variant}: {run}'s teachers do not all answer a density (teacher-density=on)")
             records = torch.tensor([float(sum(counts)) for counts in records_of(run)])
             records = records if bool((records > 0).all()) else torch.ones(len(teachers))  # none shared: even
-            moved, before, after = onto_densities(teachers, records, spec, images, steps, each=each, bb=bb,
+            copies = torch.cat([images, images]) if variant.endswith(TWICE) else images  # the second copy of
+            # image i is image N + i: the (N + i)-th (teacher, class) pair, another than the first copy's
+            moved, before, after = onto_densities(teachers, records, spec, copies, steps, each=each, bb=bb,
                                                   damping=onto_damping(variant), by_class=onto_by_class(variant))
             asked = teachers_on(moved)
             only = variant.endswith(ONLY)
@@ -596,8 +601,9 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
                 # density); then a Forward of each moved image by every teacher
                 extra_query_samples=2 * steps * (1 if each else len(teachers)) * len(moved)
                 + (len(moved) + (len(mixed) if mixed is not None else 0)) * len(teachers),
-                agreement_with_stored=float((asked.argmax(1) == stored.argmax(1)).float().mean()),
-                mean_pixel_change=float((moved - images).abs().mean()),
+                agreement_with_stored=float((asked.argmax(1) == stored.repeat(len(moved) // len(stored), 1)
+                                             .argmax(1)).float().mean()),
+                mean_pixel_change=float((moved - copies).abs().mean()),
                 log_density_before=float(before.median()), log_density_after=float(after.median()),
                 test_log_density=float(torch.stack([t.density(test_x) for t in teachers]).amax(0).median()),
                 classes=torch.bincount(asked.argmax(1), minlength=c).tolist())

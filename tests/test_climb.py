@@ -11,6 +11,7 @@ from test_experiment import Interrupt, StageLog, StopAtStage
 from fedkd.config import config_from_mapping
 from fedkd.coordinator.climb import FIRST_MOVE, climb
 from fedkd.coordinator.experiment import run_experiment
+from fedkd.coordinator.rundir import QUERY_LEDGER, read_query_ledger
 from fedkd.data import SPECS
 from fedkd.institution.loading import load_teacher
 from fedkd.options import ConfigError
@@ -70,7 +71,7 @@ def test_an_image_with_a_gradient_that_is_not_finite_stays_where_it_was_and_no_a
 
 
 def test_the_climb_is_on_by_default_and_needs_the_refit_it_makes_samples_for():
-    assert config_from_mapping({}).student.refit_climb == 2  # acting only where the run weighs by densities
+    assert config_from_mapping({}).student.refit_climb == 2  # acting only where teachers answer densities
     assert config_from_mapping({"student-refit": 0}).student.refit_climb == 2  # no refit: nothing to climb for
     with pytest.raises(ConfigError, match="student-refit-climb"):
         config_from_mapping({"student-refit-climb": 21})
@@ -123,13 +124,18 @@ def test_the_pool_climbs_each_teachers_density_in_turn_counted_asked_once_and_an
     assert float((answered == intended).float().mean()) > 0.5
 
 
-def test_a_run_that_does_not_weigh_by_densities_climbs_nothing_and_says_why_where_it_has_any(tmp_path):
+def test_with_the_gate_off_the_pool_still_climbs_and_no_answer_but_the_climbs_own_carries_a_density(tmp_path):
     log = StageLog()
     summary = run_experiment(config_from_mapping({**PATHOLOGICAL, "density-gate": "off"}), tmp_path / "off",
                              observer=log)
-    assert summary["student"]["refit"]["climbs"] == 0
-    assert any(m.startswith("student-refit-climb: 0 pool samples") and "does not weigh answers by densities" in m
-               for m in log.messages), log.messages
+    pool = summary["pool"]["samples"]
+    assert summary["student"]["refit"]["climbs"] == pool
+    assert any(m.startswith(f"student-refit-climb: {pool:,} pool samples climbed") for m in log.messages), log.messages
+    # a density leaves a client only in the climb's own Forwards (2 steps of one teacher a sample): the pool's
+    # answers and the climbed samples' are asked without it, as the gate off has them
+    ledger = read_query_ledger(tmp_path / "off" / QUERY_LEDGER, 5)
+    assert sum(c["density_samples"] for c in ledger) == 2 * pool
+    assert all(c["density_samples"] > 0 for c in ledger)  # every client climbed
     assert math.isfinite(summary["student"]["test_accuracy"])
     # teachers without densities (most runs): the default climb neither asks nor says anything
     log = StageLog()

@@ -289,6 +289,9 @@ class Ensemble:
         # Whether this run weighs by the densities at all (density-gate); when it does not, its queries do not ask
         # for them and no teacher releases one.
         self.density_gate = DensityGate.decide(density_gate, self.has_density, descriptions, self.unseen_share)
+        # Those that answer one whether or not the gate weighs by it: the refit's climb goes up their densities
+        # either way (``student-refit-climb``).
+        self.answers_density = self.has_density.clone()
         if not self.density_gate.used:
             self.has_density = torch.zeros_like(self.has_density)
         # Each density is checked once, before the gate first weighs by it, to integrate to at most one (a teacher

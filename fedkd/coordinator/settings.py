@@ -96,13 +96,15 @@ class StudentSettings(Section):
         "percent of the image's size (0 = plain blends)", key="student-refit-warp"))
     # Measured on the pathological splits (docs/robustness.md, "Samples that climb a client's density"): the
     # synthetic pool sits far below every client's density, where the density gate routes it wrong. The default
-    # since stop 75 (one class at a time); it acts only where the run weighs answers by densities.
+    # since stop 75 (one class at a time); since stop 76 also where the gate does not weigh by the densities
+    # (Fashion-MNIST Dirichlet(0.1) and (0.5): the climbed samples, answered by the class-weighted ensemble, teach
+    # the shirts the pool does not). It acts only where teachers answer densities (teacher-density=on).
     refit_climb: int = field(default=2, metadata=bounded(
         0, 20, help="before student-refit, a copy of each pool sample climbs the density of one class one teacher "
-        "holds (the teachers answering a log-density the run weighs by in turn, teacher-density=on, and each one's "
-        "classes in turn), by this many steps along the gradient that teacher returns (each a Forward and a "
-        "Backward of it), and the teachers answer it; the refit trains on them beside the pool (0 = none; nothing "
-        "where the run does not weigh by densities or student-refit is 0)", key="student-refit-climb"))
+        "holds (the teachers that answer a log-density in turn, teacher-density=on, and each one's classes in "
+        "turn), by this many steps along the gradient that teacher returns (each a Forward and a Backward of it), "
+        "and the teachers answer it as they answer the pool; the refit trains on them beside the pool (0 = none; "
+        "nothing where no teacher answers a density or student-refit is 0)", key="student-refit-climb"))
 
     def arguments(self) -> dict[str, Any]:
         """``student-args`` as keyword arguments; ConfigError naming the key when it is not a JSON object."""

@@ -347,18 +347,18 @@ class PoolMethod(Generic[Options]):
                 torch.cat(answers) if answers else torch.zeros(0, self.spec.num_classes)), stopped
 
     def climbers(self) -> tuple[list[int], str]:
-        """The teachers whose densities the pool's samples may climb: those the run weighs by a density (the
-        density gate used), that grant gradients, that the reliability estimate keeps and whose density the
-        coordinator's check did not refute; and, where there is none, why."""
+        """The teachers whose densities the pool's samples may climb: those that answer a density, grant gradients
+        and that the reliability estimate keeps; where the run weighs answers by the densities (the density gate
+        used), also those whose density the coordinator's check did not refute. And, where there is none, why.
+        With the gate off a density only says where its own share of the copies climbs, every teacher answering
+        them as it answers the pool, so a density claiming too much mass (what the check refutes) wins nothing."""
         ensemble = self.ensemble
-        if not ensemble.density_gate.used:
-            return [], f"the run does not weigh answers by densities ({ensemble.density_gate.reason})"
+        gated = ensemble.density_gate.used
         weights = ensemble.reliability.weights()
-        members = [k for k in range(len(ensemble)) if bool(ensemble.has_density[k])
+        members = [k for k in range(len(ensemble)) if bool(ensemble.answers_density[k])
                    and k in ensemble.gradient_members and float(weights[k]) > 0
-                   and k not in ensemble.density_check.refuted]
-        return members, "" if members else ("no teacher with a density the run weighs by grants gradients and is "
-                                            "trusted")
+                   and not (gated and k in ensemble.density_check.refuted)]
+        return members, "" if members else ("no teacher with a density grants gradients and is trusted")
 
     def climbed_classes(self, k: int) -> list[int | None]:
         """The classes whose part of teacher ``k``'s density the pool's samples climb in turn: every class its label
@@ -375,16 +375,17 @@ class PoolMethod(Generic[Options]):
         ``density_class``: the component of that class alone, where the whole density would take nearly every
         sample to its broadest class): each step a Forward of that teacher alone, keeping its graph, and a Backward
         of its log-density (grad_logits 1 on that column), asked in the context the pool's last batches were
-        (purpose ``distill``, the density released as the gate has it released). Then every teacher answers the climbed
-        samples, quantised like pool images, as blends are answered; a refusal or the query budget stops it, and
-        what was answered is kept. A teacher that stops answering mid-climb leaves its samples where they got."""
+        (purpose ``distill``). Then every teacher answers the climbed samples, quantised like pool images, as it
+        answers the pool and the blends (its density released only where the gate weighs by it); a refusal or the
+        query budget stops it, and what was answered is kept. A teacher that stops answering mid-climb leaves its
+        samples where they got."""
         if self.climbs is not None:
             return Blends(len(self.climbs[0]), 0, self.climbs_stopped)
         members, why = self.climbers() if self.keeps_pool() else (
             [], f"method {self.name} keeps no pool beyond its last batch, nothing to climb")
         stored = self.pool.images[:len(self.pool)] if members else self.pool.images[:0]
-        state = dataclasses.replace(self.curriculum_state(self.config.epochs - 1).asked_for("distill"),
-                                    log_density=True)
+        answering = self.curriculum_state(self.config.epochs - 1).asked_for("distill")  # as the pool's last batches
+        state = dataclasses.replace(answering, log_density=True)  # the climber's density, gated or not
         pool = self.ensemble.pool
 
         def gradient_of(k: int, label: int | None) -> Callable[[Tensor], Tensor | None]:
@@ -417,8 +418,8 @@ class PoolMethod(Generic[Options]):
                 x[mine] = climb(x[mine], gradient_of(*pair), steps)[0]
             return torch.round(self.spec.denormalize(x).clamp(0, 1) * 255).to(torch.uint8)
 
-        self.climbs, stopped = self._answered(climbed, len(stored), 2 * steps + len(self.ensemble), "climbs", state,
-                                              on_batch)
+        self.climbs, stopped = self._answered(climbed, len(stored), 2 * steps + len(self.ensemble), "climbs",
+                                              answering, on_batch)
         self.climbs_stopped = stopped or why
         return Blends(len(self.climbs[0]), len(self.climbs[0]), self.climbs_stopped)
 
