@@ -19,7 +19,8 @@ Experiments (each seed runs from scratch: partition, teachers, distillation):
   ``pathological-open-set``: the same with ``teacher-recipe=open-set`` (teachers that can say "not mine"), and
   ``pathological-density``: with ``teacher-density=on`` (teachers that answer how much an input looks like their
   data; group ``density``, with the main job and two hostile teachers with densities, all three with
-  ``density-gate=on``, and the main job at the default ``density-gate=auto``, which leaves densities unused there).
+  ``density-gate=on``, and the main job at the default ``density-gate=auto``, which does not weigh by densities
+  there: only the refit's climb asks for them, since stop 76).
 - ``default-open-set``: the main job with ``teacher-recipe=open-set`` (group ``open-set``, with
   ``pathological-open-set``): the target is the main job's, student >= 0.955.
 - ``curriculum``: the main job with ``cudfkd.self-paced`` = log / soft / hard / none (log is the default).
@@ -92,7 +93,7 @@ RUNS: dict[str, dict[str, Any]] = {
     # ... with closed teachers that answer each input's log-density under their own images (teacher-density=on:
     # the ensemble weighs them by the posterior of who knows the input), on the pathological split (density-gate=auto
     # uses them there) and the main job: with the gate forced on (what it costs where the clients overlap), and at
-    # the default density-gate=auto, which leaves them unused there (no teacher releases one)
+    # the default density-gate=auto, which does not weigh by them there (only the refit's climb asks for them)
     "pathological-density": {"partition": "pathological", "classes-per-client": 2, "teacher-density": True},
     "default-density": {"teacher-density": True, "density-gate": "on"},
     "default-density-auto": {"teacher-density": True},
