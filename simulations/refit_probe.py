@@ -114,6 +114,7 @@ from fedkd.coordinator.losses import distillation_per_sample  # noqa: E402
 from fedkd.coordinator.student import StudentTrainer  # noqa: E402
 from fedkd.coordinator.synthesis import Synthesizer  # noqa: E402
 from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
+from fedkd.institution.density import WithDensity  # noqa: E402
 from fedkd.institution.terms import FeatureStatistics  # noqa: E402
 from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
@@ -580,7 +581,7 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
         onto = onto_steps(variant)
         if onto is not None:
             steps, each, bb = onto
-            if not all(hasattr(t, "density") for t in teachers):
+            if not all(isinstance(t, WithDensity) for t in teachers):
                 raise SystemExit(f"{variant}: {run}'s teachers do not all answer a density (teacher-density=on)")
             records = torch.tensor([float(sum(counts)) for counts in records_of(run)])
             records = records if bool((records > 0).all()) else torch.ones(len(teachers))  # none shared: even

@@ -347,17 +347,16 @@ class PoolMethod(Generic[Options]):
                 torch.cat(answers) if answers else torch.zeros(0, self.spec.num_classes)), stopped
 
     def climbers(self) -> tuple[list[int], str]:
-        """The teachers whose densities the pool's samples may climb: those that answer a density, grant gradients
-        and that the reliability estimate keeps; where the run weighs answers by the densities (the density gate
-        used), also those whose density the coordinator's check did not refute. And, where there is none, why.
-        With the gate off a density only says where its own share of the copies climbs, every teacher answering
-        them as it answers the pool, so a density claiming too much mass (what the check refutes) wins nothing."""
+        """The teachers whose densities the pool's samples may climb: those that answer a density, grant gradients,
+        that the reliability estimate keeps and whose density the coordinator's check did not refute; and, where
+        there is none, why. The check runs only where the gate weighs by the densities: with the gate off a density
+        only says where its own share of the copies climbs, every teacher answering them as it answers the pool,
+        so a density claiming too much mass (what the check refutes) wins nothing."""
         ensemble = self.ensemble
-        gated = ensemble.density_gate.used
         weights = ensemble.reliability.weights()
         members = [k for k in range(len(ensemble)) if bool(ensemble.answers_density[k])
                    and k in ensemble.gradient_members and float(weights[k]) > 0
-                   and not (gated and k in ensemble.density_check.refuted)]
+                   and k not in ensemble.density_check.refuted]
         return members, "" if members else ("no teacher with a density grants gradients and is trusted")
 
     def climbed_classes(self, k: int) -> list[int | None]:
