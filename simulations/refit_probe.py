@@ -478,9 +478,13 @@ def fresh_of(run_state: dict[str, Any], config: RunConfig, spec: DatasetSpec, co
 
 def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: int = POOL_SEED,
                 on_row: Callable[[dict[str, Any]], None] | None = None,
-                extra_seed: int = EXTRA_SEED) -> list[dict[str, Any]]:
-    """The rows of ``variants`` on ``run``'s final pool; ``on_row`` sees each as soon as it is measured."""
+                extra_seed: int = EXTRA_SEED, refit_share: float | None = None) -> list[dict[str, Any]]:
+    """The rows of ``variants`` on ``run``'s final pool; ``on_row`` sees each as soon as it is measured.
+    ``refit_share``: the refit's steps as this share of the run's student steps instead of the run's
+    ``student-refit``."""
     saved = {k: v for k, v in json.loads((run / "config.json").read_text()).items() if v is not None}
+    if refit_share is not None:
+        saved["student-refit"] = refit_share
     config = config_from_mapping(saved)
     split = load_dataset(config.dataset, config.data_root, seed=config.seed)
     spec, test = split.spec, split.test
@@ -660,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default %(default)s)")
     parser.add_argument("--extra-seed", type=int, default=EXTRA_SEED,
                         help="the random stream of the refits with extra samples (default %(default)s)")
+    parser.add_argument("--refit-share", type=float, default=None,
+                        help="the refit's steps as this share of the run's student steps (default: the run's "
+                             "student-refit)")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     for v in variants:
@@ -682,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{json.dumps(more) if more else ''} |", flush=True)
 
     for run in args.runs:
-        refit_probe(run, variants, args.students, args.refit_seed, on_row=show, extra_seed=args.extra_seed)
+        refit_probe(run, variants, args.students, args.refit_seed, on_row=show, extra_seed=args.extra_seed,
+                    refit_share=args.refit_share)
     return 0
 
 

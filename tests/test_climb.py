@@ -144,6 +144,10 @@ def test_with_the_gate_off_the_pool_still_climbs_and_no_answer_but_the_climbs_ow
     assert summary["student"]["refit"]["climbs"] == 0 and not any("climb" in m for m in log.messages)
     refit = [json.loads(line) for line in (tmp_path / "closed" / "metrics.jsonl").read_text().splitlines()][-1]
     assert "refit_climbs" not in refit
+    # the refit's steps grow with the climbed samples: twice the closed run's, each sample drawn as often
+    climbed = [json.loads(line) for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert climbed["refit_samples"] == 2 * refit["refit_samples"]
+    assert climbed["refit_steps"] == 2 * refit["refit_steps"] == summary["student"]["refit"]["steps"] * 2
 
 
 def test_a_damped_climb_halves_the_distance_to_an_isotropic_mean_each_step_after_the_first():

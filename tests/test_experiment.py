@@ -266,6 +266,8 @@ def test_student_refit_mixup_asks_for_the_blends_once_counts_them_and_keeps_to_t
     *runs, record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["stage"] == "refit" and record["refit_blends"] == pool // 2 == summary["student"]["refit"]["blends"]
     assert record["refit_samples"] == pool + pool // 2 == summary["student"]["refit"]["samples"]
+    # the refit's steps grow with the blends: each sample drawn as often as in a refit on the pool alone
+    assert record["refit_steps"] == 4 * 15 * 5 * 3 // 2 == summary["student"]["refit"]["steps"]
     # one Forward of each blend to each of the 3 teachers, counted once: the resume asked nothing again
     assert summary["queries"]["samples"] == record["query_samples"] == runs[-1]["query_samples"] + 3 * (pool // 2)
     assert record["budget_spent"] == runs[-1]["budget_spent"] + 3 * (pool // 2)
@@ -280,6 +282,7 @@ def test_student_refit_mixup_asks_for_the_blends_once_counts_them_and_keeps_to_t
     assert any(f"query-budget reached after {batch:,} of {pool // 2:,} blends" in m for m in log.messages)
     *runs, report = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
     assert short["student"]["refit"]["blends"] == batch and report["refit_samples"] == pool + batch
+    assert report["refit_steps"] == round(4 * 15 * 5 * (pool + batch) / pool)  # grown with what came back
     assert short["queries"]["samples"] == runs[-1]["query_samples"] + 3 * batch and report["budget_spent"] <= budget[
         "query-budget"]
 

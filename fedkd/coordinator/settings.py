@@ -83,13 +83,14 @@ class StudentSettings(Section):
         0.0, 100.0, open_low=True, help="distillation temperature of student-loss=kl", key="temperature"))
     refit: float = field(default=8.0, metadata=bounded(
         0.0, 32.0, help="after the last epoch, train the student afresh on the whole final pool for this share of "
-        "its steps (plain distillation, no curriculum, no queries; 0 = keep the student trained along the way)",
+        "its steps, grown in proportion with the samples answered after the epochs (student-refit-mixup's blends, "
+        "student-refit-climb's climbed samples: twice the steps beside as many again) (plain distillation, no "
+        "curriculum, no queries; 0 = keep the student trained along the way)",
         key="student-refit"))
     refit_mixup: float = field(default=0.0, metadata=bounded(
         0.0, 4.0, help="before student-refit, blend random pairs of pool samples (a uniform weight each) into this "
         "share of the pool's size, answered again by the teachers (counted query samples within query-budget), and "
-        "refit on the pool and the blends (0 = none); the refit's steps do not grow with them: raise student-refit "
-        "in proportion (16 with 1 measured best on Fashion-MNIST)", key="student-refit-mixup"))
+        "refit on the pool and the blends (0 = none); the refit's steps grow with them", key="student-refit-mixup"))
     refit_warp: float = field(default=0.0, metadata=bounded(
         0.0, 45.0, help="warp both images of each student-refit-mixup blend by a random affine map before blending: "
         "rotated by up to this many degrees, scaled by up to this many percent, moved by up to half this many "
@@ -103,7 +104,8 @@ class StudentSettings(Section):
         0, 20, help="before student-refit, a copy of each pool sample climbs the density of one class one teacher "
         "holds (the teachers that answer a log-density in turn, teacher-density=on, and each one's classes in "
         "turn), by this many steps along the gradient that teacher returns (each a Forward and a Backward of it), "
-        "and the teachers answer it as they answer the pool; the refit trains on them beside the pool (0 = none; "
+        "and the teachers answer it as they answer the pool; the refit trains on them beside the pool, for twice "
+        "the steps (0 = none; "
         "nothing where no teacher answers a density or student-refit is 0)", key="student-refit-climb"))
 
     def arguments(self) -> dict[str, Any]:
