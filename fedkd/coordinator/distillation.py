@@ -290,10 +290,10 @@ def refit(method: DistillationMethod, config: RunConfig, spec: DatasetSpec, devi
     the student trained along the way). Run again on a resume: it depends only on the checkpointed pool and the
     seed. The method's own student and no record, when the method keeps no pool to refit on."""
     started = time.perf_counter()
-    what = "the final pool" + (f" and {extra:,} samples answered after the epochs (the steps grown in proportion)"
-                               if extra else "")
-    observer.stage(f"student-refit: a fresh student, {config.student.refit:g}x the run's student steps on {what}, "
-                   "no queries ...")
+    what = "the final pool" + (f" and {extra:,} samples answered after the epochs" if extra else "")
+    grown = " (grown in proportion with those samples)" if extra else ""
+    observer.stage(f"student-refit: a fresh student, {config.student.refit:g}x the run's student steps{grown} on "
+                   f"{what}, no queries ...")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 2)
         student = build_student(config, spec)
