@@ -84,8 +84,8 @@ class StudentSettings(Section):
     refit: float = field(default=8.0, metadata=bounded(
         0.0, 32.0, help="after the last epoch, train the student afresh on the whole final pool for this share of "
         "its steps, grown in proportion with the samples answered after the epochs (student-refit-mixup's blends, "
-        "student-refit-climb's climbed samples: twice the steps beside as many again) (plain distillation, no "
-        "curriculum, no queries; 0 = keep the student trained along the way)",
+        "student-refit-climb's climbed samples: twice the steps beside as many again); plain distillation, no "
+        "curriculum, no queries (0 = keep the student trained along the way)",
         key="student-refit"))
     refit_mixup: float = field(default=0.0, metadata=bounded(
         0.0, 4.0, help="before student-refit, blend random pairs of pool samples (a uniform weight each) into this "
