@@ -105,8 +105,8 @@ class StudentSettings(Section):
         "holds (the teachers that answer a log-density in turn, teacher-density=on, and each one's classes in "
         "turn), by this many steps along the gradient that teacher returns (each a Forward and a Backward of it), "
         "and the teachers answer it as they answer the pool; the refit trains on them beside the pool, for twice "
-        "the steps (0 = none; "
-        "nothing where no teacher answers a density or student-refit is 0)", key="student-refit-climb"))
+        "the steps (0 = none; nothing where no teacher answers a density or student-refit is 0)",
+        key="student-refit-climb"))
 
     def arguments(self) -> dict[str, Any]:
         """``student-args`` as keyword arguments; ConfigError naming the key when it is not a JSON object."""

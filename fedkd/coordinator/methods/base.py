@@ -433,7 +433,8 @@ class PoolMethod(Generic[Options]):
         if not self.keeps_pool():
             return 0, 0
         extra = [part for part in (self.blends, self.climbs) if part is not None and len(part[0])]
-        grown = (len(self.pool) + sum(len(part[0]) for part in extra)) / max(1, len(self.pool))
+        samples = len(self.pool) + sum(len(part[0]) for part in extra)
+        grown = samples / max(1, len(self.pool))
         settings, steps = self.trainer.settings, max(1, round(share * grown * self.trainer.total_steps))
         if extra:
             images = torch.cat([self.pool.images[:len(self.pool)], *(part[0] for part in extra)])
@@ -451,7 +452,7 @@ class PoolMethod(Generic[Options]):
             trainer = StudentTrainer(student, self.spec, settings, self.device, total_steps=steps)
             for _ in range(steps):
                 trainer.step(*self.refit_batch(pool_batch, draw))
-        return len(self.pool) + sum(len(part[0]) for part in extra) + self.refit_extra_samples(), steps
+        return samples + self.refit_extra_samples(), steps
 
     def refit_batch(self, pool_batch: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
                     draw: torch.Generator) -> tuple[Tensor, Tensor]:
