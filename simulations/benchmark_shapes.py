@@ -39,7 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import fedkd  # noqa: E402
+from fedkd.config import RunConfig  # noqa: E402
 from fedkd.models import build_classifier  # noqa: E402
+
+DEFAULTS = RunConfig()
+DEFAULT_STEPS = DEFAULTS.student_steps  # student steps a round of the default run
 
 
 @dataclass(frozen=True)
@@ -121,14 +125,15 @@ def main(argv: list[str] | None = None) -> None:
              f"--teachers {args.teachers} --device {args.device}`; device: {where}; torch {torch.__version__}; "
              f"batch 128, {args.teachers} in-process teachers, CuDFKD defaults.", "",
              "| input | teachers | student | synthesis round (s) | student step (s) | round of the default run "
-             "(1 synthesis + 20 student steps, s) |", "|---|---|---|---|---|---|"]
+             f"(1 synthesis + {DEFAULT_STEPS} student steps, s) |", "|---|---|---|---|---|---|"]
     for setting, synthesis, step, _ in rows:
         c, h, w = setting.task.input_shape
         lines.append(f"| {c}x{h}x{w} | {args.teachers} x {setting.teacher} | {setting.student} | {synthesis:.3f} | "
-                     f"{step:.3f} | {synthesis + 20 * step:.2f} |")
+                     f"{step:.3f} | {synthesis + DEFAULT_STEPS * step:.2f} |")
     lines += ["", "A synthesis round: the generator's forward and backward, every teacher's Forward and Backward of "
               "the batch (in process: no network). A student step: one batch of the synthetic pool through the "
-              "student, forward and backward. The default run makes 20 rounds per epoch."]
+              "student, forward and backward. The default run makes "
+              f"{DEFAULTS.steps_per_epoch} rounds per epoch."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out) if args.out else (
