@@ -62,7 +62,9 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   climbed images alone, without the pool; with ``-blended`` or ``-runnerup``: on as many blends of the climbed images
   again as well (random pairs, or each with one of the class its answer ranks second: the boundaries between classes,
   and between clients, that no one class's climb reaches), answered by the teachers; with ``-twice``: two copies of
-  each pool image climb, to two (teacher, class) pairs (the refit's steps unchanged). Every onto variant needs a run
+  each pool image climb, to two (teacher, class) pairs (the refit's steps unchanged); with ``-fresh``: as many fresh
+  draws of the run's final generator climb in place of the pool's copies (drawn as ``fresh`` draws them; the same
+  queries). Every onto variant needs a run
   whose teachers answer densities (``teacher-density=on``); its moved images are answered as the run answered its
   pool, under the density gate where the run weighed by it, by the class-weighted ensemble where it did not.
 - ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
@@ -84,7 +86,9 @@ variant's gain or loss lies, shirts on Fashion-MNIST). Every refit of the pool a
 (``--refit-seed``: the ``pool``, loss and ``jacobian`` rows; the surrogate's students 100, 101, ...), every refit
 with extra samples seed 200 (``--extra-seed``): rows differ by what they train on, not by their random stream. The
 refit's own spread over seeds is printed too (``students``: the surrogate's students one by one, and their
-ensemble). Experiment-only: it reads the teachers' files, which a deployment's coordinator does not hold.
+ensemble). ``--density-rank R`` fits each teacher's density again at R principal directions a class on its client's
+share of the split before the onto variants climb it (the clients' ``DEFAULT_RANK`` is 30). Experiment-only: it
+reads the teachers' files, which a deployment's coordinator does not hold.
 
     python simulations/refit_probe.py runs/fashion-mnist/a0.5-s0-... --variants pool,blends,surrogate,fresh
 """
@@ -114,8 +118,9 @@ from fedkd.coordinator.losses import distillation_per_sample  # noqa: E402
 from fedkd.coordinator.student import StudentTrainer  # noqa: E402
 from fedkd.coordinator.synthesis import Synthesizer  # noqa: E402
 from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
-from fedkd.institution.density import WithDensity  # noqa: E402
+from fedkd.institution.density import WithDensity, fit_density  # noqa: E402
 from fedkd.institution.terms import FeatureStatistics  # noqa: E402
+from fedkd.institution.training import client_partitions  # noqa: E402
 from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
@@ -292,7 +297,8 @@ ONLY = "-only"  # an onto variant's suffix: its refit trains on the climbed imag
 # answer ranks second (blends_of), answered and trained on beside the pool and the climbed images
 BLENDED, RUNNER_UP = "-blended", "-runnerup"
 TWICE = "-twice"  # an onto variant's suffix: two copies of each pool image climb, each to another (teacher, class)
-SUFFIXES = (BALANCED, ONLY, BLENDED, RUNNER_UP, TWICE)
+FRESH = "-fresh"  # an onto variant's suffix: fresh draws of the final generator climb, not the pool's copies
+SUFFIXES = (BALANCED, ONLY, BLENDED, RUNNER_UP, TWICE, FRESH)
 
 
 def onto_steps(variant: str) -> tuple[int, bool, bool] | None:
@@ -476,12 +482,34 @@ def fresh_of(run_state: dict[str, Any], config: RunConfig, spec: DatasetSpec, co
     return torch.cat([b.images for b in batches])[:count], torch.cat([b.answers for b in batches])[:count]
 
 
+def with_density_rank(teachers: list[nn.Module], config: RunConfig, split: Any, rank: int) -> list[nn.Module]:
+    """The teachers with each density fitted again at ``rank`` principal directions a class (``fit_density``) on its
+    client's share of ``split``'s training images, as ``config`` partitions them (the classifiers unchanged): what
+    the climb would do with another rank, which the clients choose (``DEFAULT_RANK``). Experiment-only: the probe
+    knows every client's data."""
+    if rank < 0:
+        raise ValueError(f"a density's rank must be >= 0, got {rank}")
+    if not all(isinstance(t, WithDensity) for t in teachers):
+        raise SystemExit("--density-rank: the run's teachers do not all answer a density (teacher-density=on)")
+    shares = client_partitions(config, split.train.labels)
+    if len(shares) != len(teachers):
+        raise SystemExit(f"--density-rank: {len(teachers)} teachers but the run's split makes {len(shares)} shares")
+    out: list[nn.Module] = []
+    for teacher, share in zip(teachers, shares, strict=True):
+        data = split.train.subset(share)
+        density = fit_density(split.spec.normalize(data.images), data.labels, split.spec.num_classes, rank=rank)
+        out.append(WithDensity(teacher.classifier, density).eval())
+    return out
+
+
 def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: int = POOL_SEED,
                 on_row: Callable[[dict[str, Any]], None] | None = None,
-                extra_seed: int = EXTRA_SEED, refit_share: float | None = None) -> list[dict[str, Any]]:
+                extra_seed: int = EXTRA_SEED, refit_share: float | None = None,
+                density_rank: int | None = None) -> list[dict[str, Any]]:
     """The rows of ``variants`` on ``run``'s final pool; ``on_row`` sees each as soon as it is measured.
     ``refit_share``: the refit's steps as this share of the run's student steps instead of the run's
-    ``student-refit``."""
+    ``student-refit``; ``density_rank``: each teacher's density fitted again at this rank on its client's share
+    of the split (:func:`with_density_rank`) instead of the run's."""
     saved = {k: v for k, v in json.loads((run / "config.json").read_text()).items() if v is not None}
     if refit_share is not None:
         saved["student-refit"] = refit_share
@@ -493,6 +521,8 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
     pool = state["method"]["pool"]
     images, stored = pool["images"].float() / 255, pool["answers"].float()
     teachers, weights, has_unknown = run_teachers(run, c)
+    if density_rank is not None:
+        teachers = with_density_rank(teachers, config, split, density_rank)
     has_density, sharpness = density_weighed(run, teachers)
     refit = Refit(config, spec)
     test_x = spec.normalize(test.images)
@@ -589,7 +619,11 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
                 raise SystemExit(f"{variant}: {run}'s teachers do not all answer a density (teacher-density=on)")
             records = torch.tensor([float(sum(counts)) for counts in records_of(run)])
             records = records if bool((records > 0).all()) else torch.ones(len(teachers))  # none shared: even
-            copies = torch.cat([images, images]) if variant.endswith(TWICE) else images  # the second copy of
+            copies = images
+            if variant.endswith(FRESH):  # the generator's fresh draws in place of the pool's copies
+                copies = fresh_of(state, config, spec, len(images), FRESH_SEED,
+                                  lambda x: combine(answers(teachers, x), weights, has_unknown, c))[0]
+            copies = torch.cat([copies, copies]) if variant.endswith(TWICE) else copies  # the second copy of
             # image i is image N + i: the (N + i)-th (teacher, class) pair, another than the first copy's
             moved, before, after = onto_densities(teachers, records, spec, copies, steps, each=each, bb=bb,
                                                   damping=onto_damping(variant), by_class=onto_by_class(variant))
@@ -606,8 +640,8 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
                 # density); then a Forward of each moved image by every teacher
                 extra_query_samples=2 * steps * (1 if each else len(teachers)) * len(moved)
                 + (len(moved) + (len(mixed) if mixed is not None else 0)) * len(teachers),
-                agreement_with_stored=float((asked.argmax(1) == stored.repeat(len(moved) // len(stored), 1)
-                                             .argmax(1)).float().mean()),
+                agreement_with_stored=None if variant.endswith(FRESH) else float(  # (fresh draws: no stored answer)
+                    (asked.argmax(1) == stored.repeat(len(moved) // len(stored), 1).argmax(1)).float().mean()),
                 mean_pixel_change=float((moved - copies).abs().mean()),
                 log_density_before=float(before.median()), log_density_after=float(after.median()),
                 test_log_density=float(torch.stack([t.density(test_x) for t in teachers]).amax(0).median()),
@@ -664,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default %(default)s)")
     parser.add_argument("--extra-seed", type=int, default=EXTRA_SEED,
                         help="the random stream of the refits with extra samples (default %(default)s)")
+    parser.add_argument("--density-rank", type=int, default=None,
+                        help="fit each teacher's density again at this rank on its client's share (default: the "
+                             "run's densities, rank 30)")
     parser.add_argument("--refit-share", type=float, default=None,
                         help="the refit's steps as this share of the run's student steps (default: the run's "
                              "student-refit)")
@@ -690,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for run in args.runs:
         refit_probe(run, variants, args.students, args.refit_seed, on_row=show, extra_seed=args.extra_seed,
-                    refit_share=args.refit_share)
+                    refit_share=args.refit_share, density_rank=args.density_rank)
     return 0
 
 

@@ -405,3 +405,44 @@ def test_the_refit_probe_s_climbs_raise_each_image_s_log_density_and_each_takes_
         if each:  # image i went to client i mod 2's data: brighter on its own half
             left = moved[..., :4].mean((1, 2, 3)) > moved[..., 4:].mean((1, 2, 3))
             assert left.tolist() == [True, False] * 4, (each, bb)
+
+
+def test_the_refit_probe_refits_each_density_at_another_rank_and_climbs_fresh_draws(tmp_path):
+    """``--density-rank``: each client's density fitted again on its own share (at the run's rank, the same
+    density; at another, another); ``-fresh``: the generator's fresh draws climb in place of the pool's copies, at
+    the same queries, with no stored answer to agree with."""
+    import json
+
+    import refit_probe
+
+    from fedkd.cli import main
+    from fedkd.config import config_from_mapping
+    from fedkd.data import load_dataset
+    from fedkd.institution.density import DEFAULT_RANK
+
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), "--set", "dataset=digits", "--set", "num-clients=2", "--set",
+                 "partition=iid", "--set", "teacher-epochs=2", "--set", "epochs=1", "--set", "steps-per-epoch=2",
+                 "--set", "student-steps=2", "--set", "batch-size=32", "--set", "generator-width=4", "--set",
+                 "latent-dim=8", "--set", "teacher-density=true", "--set", "student-refit=1"]) == 0
+    saved = {k: v for k, v in json.loads((run / "config.json").read_text()).items() if v is not None}
+    config = config_from_mapping(saved)
+    split = load_dataset(config.dataset, config.data_root, seed=config.seed)
+    teachers, _, _ = refit_probe.run_teachers(run, 10)
+    x = split.spec.normalize(split.test.images[:50])
+    same = refit_probe.with_density_rank(teachers, config, split, DEFAULT_RANK)
+    other = refit_probe.with_density_rank(teachers, config, split, 2)
+    for mine, again, low in zip(teachers, same, other, strict=True):
+        assert again.classifier is mine.classifier
+        assert torch.allclose(again.density(x), mine.density(x), atol=1e-4)
+        assert not torch.allclose(low.density(x), mine.density(x), atol=1e-2)
+    with pytest.raises(ValueError, match="rank must be >= 0"):
+        refit_probe.with_density_rank(teachers, config, split, -1)
+    pool = json.loads((run / "summary.json").read_text())["pool"]["samples"]
+    rows = {r["variant"]: r for r in refit_probe.refit_probe(run, ["ontoclass1", "ontoclass1-fresh"],
+                                                             density_rank=2)}
+    assert rows["ontoclass1-fresh"]["samples"] == rows["ontoclass1"]["samples"] == 2 * pool
+    assert rows["ontoclass1-fresh"]["extra_query_samples"] == rows["ontoclass1"]["extra_query_samples"]
+    assert rows["ontoclass1-fresh"]["agreement_with_stored"] is None
+    assert 0.0 <= rows["ontoclass1"]["agreement_with_stored"] <= 1.0
+    assert rows["ontoclass1-fresh"]["mean_pixel_change"] != rows["ontoclass1"]["mean_pixel_change"]
