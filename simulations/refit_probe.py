@@ -118,7 +118,7 @@ from fedkd.coordinator.losses import distillation_per_sample  # noqa: E402
 from fedkd.coordinator.student import StudentTrainer  # noqa: E402
 from fedkd.coordinator.synthesis import Synthesizer  # noqa: E402
 from fedkd.data import DatasetSpec, load_dataset  # noqa: E402
-from fedkd.institution.density import WithDensity, fit_density  # noqa: E402
+from fedkd.institution.density import WithDensity, density_of  # noqa: E402
 from fedkd.institution.terms import FeatureStatistics  # noqa: E402
 from fedkd.institution.training import client_partitions  # noqa: E402
 from fedkd.metrics import predict  # noqa: E402
@@ -483,10 +483,10 @@ def fresh_of(run_state: dict[str, Any], config: RunConfig, spec: DatasetSpec, co
 
 
 def with_density_rank(teachers: list[nn.Module], config: RunConfig, split: Any, rank: int) -> list[nn.Module]:
-    """The teachers with each density fitted again at ``rank`` principal directions a class (``fit_density``) on its
-    client's share of ``split``'s training images, as ``config`` partitions them (the classifiers unchanged): what
-    the climb would do with another rank, which the clients choose (``DEFAULT_RANK``). Experiment-only: the probe
-    knows every client's data."""
+    """The teachers with each density fitted again at ``rank`` principal directions a class on its client's share
+    of ``split``'s training images (:func:`density_of`, as ``config`` partitions them; the classifiers unchanged):
+    what the climb would do with another rank, which the clients choose (``DEFAULT_RANK``). Experiment-only: the
+    probe knows every client's data."""
     if rank < 0:
         raise ValueError(f"a density's rank must be >= 0, got {rank}")
     if not all(isinstance(t, WithDensity) for t in teachers):
@@ -494,12 +494,8 @@ def with_density_rank(teachers: list[nn.Module], config: RunConfig, split: Any, 
     shares = client_partitions(config, split.train.labels)
     if len(shares) != len(teachers):
         raise SystemExit(f"--density-rank: {len(teachers)} teachers but the run's split makes {len(shares)} shares")
-    out: list[nn.Module] = []
-    for teacher, share in zip(teachers, shares, strict=True):
-        data = split.train.subset(share)
-        density = fit_density(split.spec.normalize(data.images), data.labels, split.spec.num_classes, rank=rank)
-        out.append(WithDensity(teacher.classifier, density).eval())
-    return out
+    return [WithDensity(teacher.classifier, density_of(split.train.subset(share), split.spec, rank=rank)).eval()
+            for teacher, share in zip(teachers, shares, strict=True)]
 
 
 def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: int = POOL_SEED,
@@ -620,9 +616,9 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
             records = torch.tensor([float(sum(counts)) for counts in records_of(run)])
             records = records if bool((records > 0).all()) else torch.ones(len(teachers))  # none shared: even
             copies = images
-            if variant.endswith(FRESH):  # the generator's fresh draws in place of the pool's copies
-                copies = fresh_of(state, config, spec, len(images), FRESH_SEED,
-                                  lambda x: combine(answers(teachers, x), weights, has_unknown, c))[0]
+            if variant.endswith(FRESH):  # the generator's fresh draws in place of the pool's copies, unanswered
+                # until they have climbed (answering them is no draw's random stream: the same images either way)
+                copies = fresh_of(state, config, spec, len(images), FRESH_SEED, lambda x: x.new_zeros(len(x), c))[0]
             copies = torch.cat([copies, copies]) if variant.endswith(TWICE) else copies  # the second copy of
             # image i is image N + i: the (N + i)-th (teacher, class) pair, another than the first copy's
             moved, before, after = onto_densities(teachers, records, spec, copies, steps, each=each, bb=bb,

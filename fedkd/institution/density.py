@@ -176,9 +176,10 @@ def fit_density(images: Tensor, labels: Tensor, num_classes: int, *, rank: int =
                            torch.stack(noise).float(), torch.tensor(prior), torch.tensor(held)).eval()
 
 
-def density_of(data: ImageData, spec: DatasetSpec) -> GaussianDensity:
-    """The density of a client's own labelled images (in [0, 1], normalised here as the teacher sees them)."""
-    return fit_density(spec.normalize(data.images), data.labels, spec.num_classes)
+def density_of(data: ImageData, spec: DatasetSpec, *, rank: int = DEFAULT_RANK) -> GaussianDensity:
+    """The density of a client's own labelled images (in [0, 1], normalised here as the teacher sees them), at
+    ``rank`` principal directions a class."""
+    return fit_density(spec.normalize(data.images), data.labels, spec.num_classes, rank=rank)
 
 
 class WithDensity(nn.Module):
