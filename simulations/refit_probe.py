@@ -67,6 +67,12 @@ the run's trainer and optimiser for ``student-refit``'s steps, as the refit does
   queries). Every onto variant needs a run
   whose teachers answer densities (``teacher-density=on``); its moved images are answered as the run answered its
   pool, under the density gate where the run weighed by it, by the class-weighted ensemble where it did not.
+- ``drawn``: the pool plus as many images drawn from the teachers' densities themselves, one (teacher, class) pair's
+  component after another as ``ontoclassK`` climbs them (:func:`drawn_from_densities`: a probabilistic-PCA draw,
+  the class mean plus each principal direction times its own spread plus the isotropic rest), answered as the onto
+  variants' images are. What a client could release were the contract to let it draw from the density it already
+  serves (it has no such request today): the climb keeps the spread the generator's images happen to have along a
+  class's principal directions; a draw has the class's own.
 - ``proxy``: the pool plus the 5,000 MNIST-5k images (every image of the built-in digits, a task other than the
   run's; resized and given the run's channels where its images differ), answered by the teachers: whether natural
   images of another domain, which the coordinator could hold without anyone's data (as FedDF's and MosaicKD's
@@ -125,7 +131,7 @@ from fedkd.metrics import predict  # noqa: E402
 from fedkd.models import build_model  # noqa: E402
 
 VARIANTS = ("pool", "balanced", "l1", "mse", "kl1", "kl2", "blends", "blends-runner-up", "surrogate", "fresh", "flips",
-            "flipsq", "jacobian", "jacobian-logits", "proxy", "fill", "fill-real")
+            "flipsq", "jacobian", "jacobian-logits", "proxy", "fill", "fill-real", "drawn")
 POOL_SEED, EXTRA_SEED, BLEND_SEED, FRESH_SEED, ODS_SEED = 100, 200, 123, 7, 11
 FILL_STEPS = 20
 ONTO_RATE = 0.5
@@ -387,6 +393,27 @@ def onto_densities(teachers: list[nn.Module], records: Tensor, spec: DatasetSpec
     return torch.cat(out), torch.cat(before), torch.cat(after)
 
 
+def drawn_from_densities(teachers: list[nn.Module], spec: DatasetSpec, count: int, seed: int) -> Tensor:
+    """``count`` images in [0, 1] (quantised like pool images) drawn from the teachers' densities
+    (``WithDensity``): image i from the i-th of the (teacher, component) pairs in turn, a probabilistic-PCA draw of
+    that component (its mean, plus each principal direction times the square root of its variance times a standard
+    normal draw, plus isotropic noise of the variance off them), in the normalised space the teachers see."""
+    densities = [t.density for t in teachers]
+    pairs = [(d, j) for d in densities for j in range(len(d.means))]
+    g = torch.Generator().manual_seed(seed)
+    which = torch.arange(count) % len(pairs)
+    out = torch.empty(count, *spec.input_shape)
+    for p, (density, j) in enumerate(pairs):
+        mine = (which == p).nonzero().flatten()
+        if not len(mine):
+            continue
+        along = torch.randn(len(mine), density.bases.shape[-1], generator=g) * density.variances[j].sqrt()
+        off = torch.randn(len(mine), density.dims, generator=g) * density.noise[j].sqrt()
+        flat = density.means[j] + along @ density.bases[j].T + off
+        out[mine] = spec.denormalize(flat.view(len(mine), *spec.input_shape))
+    return torch.round(out.clamp(0, 1) * 255) / 255
+
+
 def thin_classes(answers: Tensor, share: float = 0.5) -> dict[int, int]:
     """Per class the pool holds fewer samples of (by the stored answers' argmax) than ``share`` of a balanced
     pool's, how many more would bring it there."""
@@ -642,6 +669,17 @@ def refit_probe(run: Path, variants: list[str], students: int = 3, pool_seed: in
                 log_density_before=float(before.median()), log_density_after=float(after.median()),
                 test_log_density=float(torch.stack([t.density(test_x) for t in teachers]).amax(0).median()),
                 classes=torch.bincount(asked.argmax(1), minlength=c).tolist())
+    if "drawn" in variants:
+        if not all(isinstance(t, WithDensity) for t in teachers):
+            raise SystemExit(f"drawn: {run}'s teachers do not all answer a density (teacher-density=on)")
+        drawn = drawn_from_densities(teachers, spec, len(images), FRESH_SEED)
+        asked = teachers_on(drawn)
+        row("drawn", 2 * len(images), refit(torch.cat([images, drawn]), torch.cat([stored, asked]), extra_seed)[0],
+            extra_query_samples=len(drawn) * len(teachers),  # a Forward of each drawn image by every teacher
+            test_log_density=float(torch.stack([t.density(test_x) for t in teachers]).amax(0).median()),
+            log_density_after=float(torch.stack([t.density(spec.normalize(drawn)) for t in teachers])
+                                    .amax(0).median()),
+            classes=torch.bincount(asked.argmax(1), minlength=c).tolist())
     if "fill" in variants or "fill-real" in variants:
         need = thin_classes(stored)
         asked_for = torch.repeat_interleave(torch.tensor(list(need), dtype=torch.long),

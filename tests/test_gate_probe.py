@@ -407,6 +407,39 @@ def test_the_refit_probe_s_climbs_raise_each_image_s_log_density_and_each_takes_
             assert left.tolist() == [True, False] * 4, (each, bb)
 
 
+def test_the_refit_probe_draws_each_teacher_s_classes_in_turn_with_each_class_s_own_spread():
+    """``drawn``: image i is a probabilistic-PCA draw of the i-th (teacher, component) pair: near that component's
+    mean, spread along its principal direction as its variance says, likelier under it than under the others."""
+    import refit_probe
+
+    from fedkd.data import SPECS
+    from fedkd.institution.density import WithDensity, fit_density
+
+    spec = SPECS["digits"]
+    g = torch.Generator().manual_seed(0)
+    real, labels = torch.zeros(400, 1, 8, 8), torch.arange(400) % 2
+    base = torch.rand(400, generator=g)  # class 1 varies only along one direction, with a spread of 0.3
+    real[labels == 0, :, :4] = 0.8  # client 0, class 0: the top half bright, barely varying
+    real[labels == 1, :, :, :4] = 0.2 + 0.6 * base[labels == 1].view(-1, 1, 1, 1)  # class 1: the left half
+    real = (real + 0.01 * torch.randn(real.shape, generator=g)).clamp(0, 1)
+    density = fit_density(spec.normalize(real), labels, 10, rank=2)
+    teachers = [WithDensity(torch.nn.Flatten(), density), WithDensity(torch.nn.Flatten(), density)]
+    drawn = refit_probe.drawn_from_densities(teachers, spec, 2000, seed=5)
+    assert drawn.shape == (2000, 1, 8, 8) and torch.allclose(drawn * 255, torch.round(drawn * 255))
+    assert torch.equal(drawn, refit_probe.drawn_from_densities(teachers, spec, 2000, seed=5))  # deterministic
+    pair = torch.arange(2000) % 4  # (teacher 0, class 0), (0, 1), (1, 0), (1, 1)
+    for component in (0, 1):
+        mine = drawn[pair % 2 == component]
+        mean = real[labels == component].mean(0)
+        assert float((mine.mean(0) - mean).abs().max()) < 0.05, component
+        scores = density.components(spec.normalize(mine))  # (2, N): each draw likelier under its own class
+        assert float((scores[component] > scores[1 - component]).float().mean()) > 0.99, component
+    left = drawn[pair % 2 == 1][:, :, :, :4].mean((1, 2, 3))  # class 1's own spread along its direction
+    truth = real[labels == 1][:, :, :, :4].mean((1, 2, 3))
+    assert 0.7 < float(left.std() / truth.std()) < 1.3
+    assert float(drawn[pair % 2 == 0][:, :, :4].mean((1, 2, 3)).std()) < 0.05  # class 0 barely varies
+
+
 def test_the_refit_probe_refits_each_density_at_another_rank_and_climbs_fresh_draws(tmp_path):
     """``--density-rank``: each client's density fitted again on its own share (at the run's rank, the same
     density; at another, another); ``-fresh``: the generator's fresh draws climb in place of the pool's copies, at
@@ -439,8 +472,11 @@ def test_the_refit_probe_refits_each_density_at_another_rank_and_climbs_fresh_dr
     with pytest.raises(ValueError, match="rank must be >= 0"):
         refit_probe.with_density_rank(teachers, config, split, -1)
     pool = json.loads((run / "summary.json").read_text())["pool"]["samples"]
-    rows = {r["variant"]: r for r in refit_probe.refit_probe(run, ["ontoclass1", "ontoclass1-fresh"],
+    rows = {r["variant"]: r for r in refit_probe.refit_probe(run, ["ontoclass1", "ontoclass1-fresh", "drawn"],
                                                              density_rank=2)}
+    # drawn: as many images drawn from the densities as the pool holds, each answered once by every teacher
+    assert rows["drawn"]["samples"] == 2 * pool and rows["drawn"]["extra_query_samples"] == 2 * pool
+    assert sum(rows["drawn"]["classes"]) == pool and 0.0 <= rows["drawn"]["student"] <= 1.0
     assert rows["ontoclass1-fresh"]["samples"] == rows["ontoclass1"]["samples"] == 2 * pool
     assert rows["ontoclass1-fresh"]["extra_query_samples"] == rows["ontoclass1"]["extra_query_samples"]
     assert rows["ontoclass1-fresh"]["agreement_with_stored"] is None
