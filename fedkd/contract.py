@@ -141,6 +141,9 @@ class TeacherDescription:
     # its answers carry one more output, the input's log-density per input value under its own data
     # (teacher-density=on); never with unknown_output
     log_density_output: bool = False
+    # it answers Draw: images drawn from its density's component of one class (a density released as computed:
+    # privacy-mode none)
+    draws_density: bool = False
 
     @property
     def outputs(self) -> int:
@@ -217,6 +220,8 @@ class QueryStats:
     # samples whose answer carried the teacher's log-density (teacher-density=on, released only where the
     # query's context asked for it: the coordinator's density-gate)
     density_samples: int = 0
+    draw_calls: int = 0  # Draws answered: images drawn from the teacher's density (teacher-density=on)
+    drawn_samples: int = 0  # the images those Draws released (also counted in samples)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -233,6 +238,13 @@ class QueryStats:
             self.bytes += inputs.nbytes + reply.labels.nbytes
         else:
             self.bytes += inputs.nbytes + reply.logits.nbytes + 4 * len(reply.terms)
+
+    def count_draw(self, images: Tensor) -> None:
+        """One Draw answered: the images it released (nothing travelled out but the request)."""
+        self.draw_calls += 1
+        self.samples += len(images)
+        self.drawn_samples += len(images)
+        self.bytes += images.nbytes
 
     def count_backward(self, inputs: Tensor, grad_logits: Tensor, grad_inputs: Tensor, *, by_ref: bool = False) -> None:
         """One Backward answered; the inputs travel (and are counted) again unless it named its Forward."""

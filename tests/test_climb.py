@@ -82,7 +82,7 @@ PATHOLOGICAL = {"dataset": "digits", "partition": "pathological", "classes-per-c
 
 
 def test_the_pool_climbs_each_teachers_density_in_turn_counted_asked_once_and_answered(tmp_path):
-    climbing = {**PATHOLOGICAL, "student-refit-climb": 2}
+    climbing = {**PATHOLOGICAL, "student-refit-climb": 2, "student-refit-draw": False}  # the climb, not draws
     out = tmp_path / "climb"
     with pytest.raises(Interrupt):  # stopped once the climbs are answered and checkpointed, before the refit
         run_experiment(config_from_mapping(climbing), out, observer=StopAtStage("student-refit-climb"))
@@ -126,8 +126,8 @@ def test_the_pool_climbs_each_teachers_density_in_turn_counted_asked_once_and_an
 
 def test_with_the_gate_off_the_pool_still_climbs_and_no_answer_but_the_climbs_own_carries_a_density(tmp_path):
     log = StageLog()
-    summary = run_experiment(config_from_mapping({**PATHOLOGICAL, "density-gate": "off"}), tmp_path / "off",
-                             observer=log)
+    summary = run_experiment(config_from_mapping({**PATHOLOGICAL, "density-gate": "off", "student-refit-draw": False}),
+                             tmp_path / "off", observer=log)
     pool = summary["pool"]["samples"]
     assert summary["student"]["refit"]["climbs"] == pool
     assert any(m.startswith(f"student-refit-climb: {pool:,} pool samples climbed") for m in log.messages), log.messages

@@ -237,8 +237,11 @@ def distill(config: RunConfig, pool: TeacherPool, spec: DatasetSpec, test: Image
         if climbs.asked:  # into the checkpoint, as the blends
             write_query_ledger(pool.stats(), ledger_path)
             checkpoint(config.epochs)
-        observer.stage(f"student-refit-climb: {climbs.answered:,} pool samples climbed a teacher's density "
-                       f"({config.student.refit_climb} steps each) and answered by the teachers"
+        drawn = min(climbs.answered, sum(s.drawn_samples for s in pool.stats()))  # student-refit-draw
+        made = (f"{climbs.answered:,} pool samples climbed a teacher's density ({config.student.refit_climb} steps "
+                "each)" if not drawn else f"{drawn:,} samples drawn from a teacher's density and "
+                f"{climbs.answered - drawn:,} pool samples climbed one ({config.student.refit_climb} steps each)")
+        observer.stage(f"student-refit-climb: {made} and answered by the teachers"
                        + (" (kept from before the restart)" if climbs.answered and not climbs.asked else "")
                        + (f"; {climbs.stopped}" if climbs.stopped else ""))
     if config.student.refit > 0:

@@ -67,6 +67,12 @@ class TeacherPool(Protocol):
         a member with a ref in ``refs`` is sent that (its Forward's id) instead of the inputs."""
         ...
 
+    def draw(self, k: int, count: int, label: int, state: QueryContext, *, seed: int) -> Tensor | None:
+        """``count`` inputs drawn from member ``k``'s density's component of class ``label`` (its description says
+        it draws), in the normalised input space, checked; None where it did not answer (refused, out of budget,
+        gone, or an answer that is not what was asked: logged and counted as missed)."""
+        ...
+
     def stats(self) -> list[QueryStats]:
         """The coordinator's count of what each member answered (same order as ``descriptions``)."""
         ...
@@ -165,6 +171,23 @@ class LocalPool:
             self._stats[k].count_backward(inputs, grad_logits, grad, by_ref=ref is not None)
             out[k] = grad
         return out
+
+    def draw(self, k: int, count: int, label: int, state: QueryContext, *, seed: int) -> Tensor | None:
+        if k in self.exhausted:
+            return None
+        started = time.perf_counter()
+        try:
+            images = self.hosts[k].draw(count, label, state, seed=seed)
+        except BudgetExhausted as exc:
+            self._exhausted(k, exc)
+            return None
+        except QueryError as exc:
+            self._stats[k].missed += 1
+            logger.warning("client %d refused a Draw: %s", self.hosts[k].description.client, exc.message)
+            return None
+        self._stats[k].answer_ms += round(1000 * (time.perf_counter() - started))
+        self._stats[k].count_draw(images)
+        return images
 
     def stats(self) -> list[QueryStats]:
         return list(self._stats)

@@ -107,6 +107,13 @@ class StudentSettings(Section):
         "and the teachers answer it as they answer the pool; the refit trains on them beside the pool, for twice "
         "the steps (0 = none; nothing where no teacher answers a density or student-refit is 0)",
         key="student-refit-climb"))
+    # Measured with simulations/refit_probe.py's drawn variant (docs/results.md, stop 79): on Fashion-MNIST's
+    # pathological split, Dirichlet(0.1) and (0.5), images drawn from the densities teach the refit more than the
+    # pool's copies climbed up them, at fewer queries (one Draw a sample against two Forwards and Backwards).
+    refit_draw: bool = field(default=True, metadata=described(
+        "where a teacher that answers a density also draws from it (privacy-mode none), its share of "
+        "student-refit-climb's samples are images drawn from its density's component of each class instead of "
+        "pool copies climbed up it (off = every climber climbs)", key="student-refit-draw"))
 
     def arguments(self) -> dict[str, Any]:
         """``student-args`` as keyword arguments; ConfigError naming the key when it is not a JSON object."""

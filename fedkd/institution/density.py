@@ -95,6 +95,21 @@ class GaussianDensity(nn.Module):
         match = (self.classes == label).nonzero().flatten()
         return self.components(x)[int(match[0])] if len(match) else self(x)
 
+    def draw(self, label: int, count: int, generator: torch.Generator | None = None) -> Tensor:
+        """(count, D) flattened inputs drawn from the component of class ``label`` (a probabilistic-PCA draw: the
+        class mean, plus each principal direction times the square root of its variance times a standard normal
+        draw, plus isotropic noise of the variance off them), in the normalised space the density was fitted in.
+        ValueError where no component models that class alone. A draw says nothing a Backward of the class's
+        log-density does not: the gradients at ``dims`` + 1 points give its mean and precision exactly."""
+        match = (self.classes == label).nonzero().flatten()
+        if not len(match):
+            raise ValueError(f"the density has no component of class {label} alone")
+        j = int(match[0])
+        device = self.means.device  # drawn on the CPU (a CPU generator), then moved
+        along = torch.randn(count, self.bases.shape[-1], generator=generator).to(device) * self.variances[j].sqrt()
+        off = torch.randn(count, self.dims, generator=generator).to(device) * self.noise[j].sqrt()
+        return self.means[j] + along @ self.bases[j].T + off
+
     def to_state(self) -> dict[str, Tensor]:
         return {name: getattr(self, name).detach().clone() for name in (*DENSITY_FIELDS, "classes")}
 

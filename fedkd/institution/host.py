@@ -99,6 +99,9 @@ def describe_checkpoint(ckpt: dict[str, Any], model: nn.Module, *, client: int, 
         privacy=privacy,
         unknown_output=bool(ckpt.get("unknown_output", False)),
         log_density_output="density" in ckpt,
+        # a Draw gives what the density's gradients give (its class means and spreads), as computed: only where
+        # the density is released as computed, not where the policy noises or withholds what leaves
+        draws_density="density" in ckpt and (policy.mode == "none" if policy is not None else privacy is None),
     )
 
 
@@ -212,6 +215,36 @@ class TeacherHost:
                 reply = ForwardReply(logits.detach().cpu(), {k: v.detach().cpu() for k, v in values.items()})
             self.stats.count_forward(inputs, reply, density=releases_density(self.description, state, labels))
             return reply
+
+    def draw(self, count: int, label: int, state: QueryContext, *, seed: int) -> Tensor:
+        """``count`` inputs (count, C, H, W) drawn from this teacher's density's component of class ``label``, in
+        the normalised space its Forward takes (:meth:`GaussianDensity.draw`; ``seed`` the draw's random stream,
+        the coordinator's, so that a resumed run draws the same). Only a teacher whose description says it draws
+        (a density released as computed)."""
+        with self._lock:
+            if not self.description.draws_density:
+                self._refuse("FAILED_PRECONDITION", "this teacher draws no images: it answers no density, or its "
+                             "privacy mode noises or withholds what it releases")
+            if not isinstance(count, int) or count < 1:
+                self._refuse("INVALID_ARGUMENT", f"a Draw asks for at least one image, got {count!r}")
+            if count > self.max_batch:
+                self._refuse("RESOURCE_EXHAUSTED", f"a Draw of {count} images exceeds this client's maximum batch of "
+                             f"{self.max_batch}")
+            classes = self.description.num_classes
+            if not isinstance(label, int) or not 0 <= label < classes:
+                self._refuse("INVALID_ARGUMENT", f"density_class {label!r} is not one of the {classes} classes")
+            density = self.model.density if isinstance(self.model, WithDensity) else None
+            if density is None or not bool((density.classes == label).any()):
+                self._refuse("FAILED_PRECONDITION", f"this teacher's density models no class {label} of its own "
+                             "(it holds too few images of it)")
+            assert density is not None
+            generator = torch.Generator().manual_seed(int(seed) % 2**63)
+            with torch.no_grad():
+                images = density.draw(label, count, generator).view(count, *self.description.input_shape)
+            self.last_state = state
+            images = images.detach().float().cpu()
+            self.stats.count_draw(images)
+            return images
 
     def _check_density_class(self, state: QueryContext) -> None:
         """Refuse a query whose ``density_class`` is not one of the task's classes (before anything is charged)."""

@@ -15,6 +15,7 @@ ensemble.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -34,6 +35,8 @@ from fedkd.coordinator.synthetic_pool import SyntheticPool
 from fedkd.data import DatasetSpec
 from fedkd.metrics import MetricAverager
 from fedkd.options import ConfigError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fedkd.config import RunConfig
@@ -356,9 +359,16 @@ class PoolMethod(Generic[Options]):
         ensemble = self.ensemble
         weights = ensemble.reliability.weights()
         members = [k for k in range(len(ensemble)) if bool(ensemble.answers_density[k])
-                   and k in ensemble.gradient_members and float(weights[k]) > 0
-                   and k not in ensemble.density_check.refuted]
-        return members, "" if members else ("no teacher with a density grants gradients and is trusted")
+                   and (k in ensemble.gradient_members or k in self.drawers())
+                   and float(weights[k]) > 0 and k not in ensemble.density_check.refuted]
+        return members, "" if members else ("no teacher with a density grants gradients (or draws) and is trusted")
+
+    def drawers(self) -> set[int]:
+        """The teachers whose share of the climbed samples is drawn from their densities instead
+        (``student-refit-draw``): those whose descriptions say they draw."""
+        if not self.config.student.refit_draw:
+            return set()
+        return {k for k, d in enumerate(self.ensemble.descriptions) if d.draws_density}
 
     def climbed_classes(self, k: int) -> list[int | None]:
         """The classes whose part of teacher ``k``'s density the pool's samples climb in turn: every class its label
@@ -378,7 +388,13 @@ class PoolMethod(Generic[Options]):
         (purpose ``distill``). Then every teacher answers the climbed samples, quantised like pool images, as it
         answers the pool and the blends (its density released only where the gate weighs by it); a refusal or the
         query budget stops it, and what was answered is kept. A teacher that stops answering mid-climb leaves its
-        samples where they got."""
+        samples where they got.
+
+        A climber that draws (:meth:`drawers`) is asked instead for as many images drawn from its density's
+        component of the class (one Draw a class a batch), in place of its copies' climb: a climb keeps the spread
+        the generator's images happen to have along the class's principal directions, a draw has the class's own
+        (measured with ``simulations/refit_probe.py``'s ``drawn``, docs/results.md). A draw refused, or not what
+        was asked, leaves that class of that teacher to the climb from then on."""
         if self.climbs is not None:
             return Blends(len(self.climbs[0]), 0, self.climbs_stopped)
         members, why = self.climbers() if self.keeps_pool() else (
@@ -405,21 +421,45 @@ class PoolMethod(Generic[Options]):
             return gradient
 
         held = {k: self.climbed_classes(k) for k in members}
+        drawers = self.drawers() & set(members)
+        undrawn: set[tuple[int, int | None]] = set()  # (teacher, class) pairs whose draw failed: climbed instead
 
         def target(i: int) -> tuple[int, int | None]:  # sample i: climber i mod n, its classes in turn
             k = members[i % len(members)]
             return k, held[k][(i // len(members)) % len(held[k])]
+
+        def drawn(k: int, label: int, count: int, seed: int) -> Tensor | None:
+            images = pool.draw(k, count, label, dataclasses.replace(state, density_class=label), seed=seed)
+            if images is None:
+                return None
+            if (not isinstance(images, Tensor) or images.dtype != torch.float32
+                    or tuple(images.shape) != (count, *self.spec.input_shape) or not bool(images.isfinite().all())):
+                logger.warning("client %d answered a Draw of %d images of class %d with %s; its class is climbed "
+                               "instead", self.ensemble.descriptions[k].client, count, label,
+                               f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else images)
+                return None
+            return images
 
         def climbed(start: int, n: int) -> Tensor:
             x = self.spec.normalize(stored[start:start + n].float() / 255)
             targets = [target(i) for i in range(start, start + n)]
             for pair in dict.fromkeys(targets):
                 mine = torch.tensor([j for j, t in enumerate(targets) if t == pair])
-                x[mine] = climb(x[mine], gradient_of(*pair), steps)[0]
+                k, label = pair
+                if k in drawers and label is not None and pair not in undrawn:
+                    seed = self.config.seed * 1_000_003 + start * 7_919 + k * 101 + label
+                    images = drawn(k, label, len(mine), seed)
+                    if images is not None:
+                        x[mine] = images
+                        continue
+                    undrawn.add(pair)
+                if k in ensemble_gradients:
+                    x[mine] = climb(x[mine], gradient_of(*pair), steps)[0]
             return torch.round(self.spec.denormalize(x).clamp(0, 1) * 255).to(torch.uint8)
 
-        self.climbs, stopped = self._answered(climbed, len(stored), 2 * steps + len(self.ensemble), "climbs",
-                                              answering, on_batch)
+        ensemble_gradients = self.ensemble.gradient_members
+        cost = max(1 if drawers else 0, 2 * steps if set(members) - drawers else 0) + len(self.ensemble)
+        self.climbs, stopped = self._answered(climbed, len(stored), cost, "climbs", answering, on_batch)
         self.climbs_stopped = stopped or why
         return Blends(len(self.climbs[0]), len(self.climbs[0]), self.climbs_stopped)
 
