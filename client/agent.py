@@ -28,10 +28,12 @@ from fedkd.codec import (
     MiB,
     channel_options,
     decode_backward_request,
+    decode_draw_request,
     decode_evaluate_request,
     decode_forward_request,
     encode_backward_reply,
     encode_description,
+    encode_draw_reply,
     encode_evaluation,
     encode_forward_reply,
     encode_privacy,
@@ -147,7 +149,9 @@ def density_notice(description: TeacherDescription) -> str | None:
     return ("this teacher answers each input's log-density under this institution's own images: a coordinator "
             f"that climbs it through {grants} reaches the mean image of a class it holds "
             "(simulations/density_leak.py); it is released only to queries that ask for it (the coordinator's "
-            "density-gate), and any coordinator can ask: serve a density only where releasing those is acceptable")
+            "density-gate), and any coordinator can ask: serve a density only where releasing those is acceptable"
+            + ("; it also draws images from it on request (a class's mean image with the class's own spread "
+               "around it: what the density's gradients give, in one query)" if description.draws_density else ""))
 
 
 def class_statistics_notice(description: TeacherDescription) -> str | None:
@@ -257,6 +261,8 @@ class TeacherAgent:
         st = self.host.stats
         density = (f", its log-density with {st.density_samples:,} samples (asked for by the coordinator's "
                    "density gate)" if self.host.description.log_density_output else "")
+        if self.host.description.draws_density:
+            density += f", {st.drawn_samples:,} inputs drawn from it"
         return (f"answered {st.forward_calls:,} forward and {st.backward_calls:,} backward queries ({st.samples:,} "
                 f"samples, {st.wire_bytes / 1e6:,.1f} MB on the wire){density}, refused {st.refused:,}")
 
@@ -389,6 +395,10 @@ class TeacherAgent:
                 reply = self._ask(lambda: encode_backward_reply(self.host.backward(
                     request.inputs, request.grad_logits, request.state, grad_terms=request.grad_terms,
                     forward_id=named)))
+            elif kind == "draw":
+                draw = decode_draw_request(msg.draw)
+                reply = self._ask(lambda: encode_draw_reply(self.host.draw(draw.count, draw.label, draw.state,
+                                                                           seed=draw.seed)))
             elif kind == "evaluate":
                 student, state = decode_evaluate_request(msg.evaluate, max_bytes=self.settings.max_message_bytes)
                 logger.info("evaluating the student (%s) on this institution's held-out data", student.model)
@@ -432,4 +442,5 @@ class TeacherAgent:
     def _spent(self) -> pb.Spent:
         st = self.host.stats
         return pb.Spent(forward_calls=st.forward_calls, backward_calls=st.backward_calls, samples=st.samples,
-                        bytes=st.bytes, refused=st.refused, privacy=encode_privacy(self.host.describe().privacy))
+                        bytes=st.bytes, refused=st.refused, privacy=encode_privacy(self.host.describe().privacy),
+                        draw_calls=st.draw_calls, drawn_samples=st.drawn_samples)

@@ -62,7 +62,8 @@ def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
                          "log-density under it, one output more; the coordinator weighs your answers by how much "
                          "the input looks like your data (a fedkd-trained --checkpoint: train-teacher --set "
                          "teacher-density=on). A coordinator can climb the density to a class-mean image of yours "
-                         "(simulations/density_leak.py)")
+                         "(simulations/density_leak.py), and, where your privacy mode is none, ask for images drawn "
+                         "from it (a class's mean with its own spread: what its gradients give, in one query)")
     teacher.add_argument("--class-statistics", action="store_true", help="--checkpoint: release the "
                          "class-feature-statistics term on the per-class BatchNorm statistics the checkpoint holds "
                          "(train-teacher --set teacher-class-statistics=on); they say more about your data than the "

@@ -188,7 +188,7 @@ def encode_description(d: TeacherDescription, *, name: str = "", max_batch: int 
         has_feature_statistics=d.has_feature_statistics, num_samples=d.num_samples or 0,
         label_counts=list(d.label_counts or ()), max_batch=max_batch,
         privacy=encode_privacy(d.privacy), terms=list(d.available_terms), evaluates_student=d.evaluates_student,
-        unknown_output=d.unknown_output, log_density_output=d.log_density_output,
+        unknown_output=d.unknown_output, log_density_output=d.log_density_output, draws_density=d.draws_density,
     )
 
 
@@ -236,6 +236,8 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
     if msg.unknown_output and msg.log_density_output:
         raise bad("unknown_output and log_density_output both announce the one extra output; a teacher has one "
                   "or the other")
+    if msg.draws_density and not msg.log_density_output:
+        raise bad("draws_density without log_density_output: a teacher draws from the density it answers")
     return TeacherDescription(
         client=int(msg.client), model=msg.model, num_classes=int(msg.num_classes),
         input_shape=(int(msg.input_shape[0]), int(msg.input_shape[1]), int(msg.input_shape[2])),
@@ -248,6 +250,7 @@ def decode_description(msg: pb.TeacherDescription) -> TeacherDescription:
         terms=tuple(t for t in dict.fromkeys(msg.terms) if t in TERM_NAMES),
         evaluates_student=bool(msg.evaluates_student),
         unknown_output=bool(msg.unknown_output), log_density_output=bool(msg.log_density_output),
+        draws_density=bool(msg.draws_density),
     )
 
 
@@ -427,6 +430,46 @@ def encode_forward_reply(reply: ForwardReply) -> pb.AgentMessage:
 
 def encode_backward_reply(grad_inputs: Tensor) -> pb.AgentMessage:
     return pb.AgentMessage(backward=pb.BackwardReply(grad_inputs=encode_tensor(grad_inputs)))
+
+
+# Draws from a teacher's density (TeacherDescription.draws_density) ----------------------------------------------
+
+@dataclass(frozen=True)
+class DrawQuery:
+    """A Draw as the host takes it."""
+
+    count: int
+    label: int
+    state: QueryContext
+    seed: int
+
+
+def draw_request(count: int, label: int, state: QueryContext, seed: int) -> pb.DrawRequest:
+    return pb.DrawRequest(state=encode_state(state), count=count, density_class=label, seed=seed % 2**64)
+
+
+def decode_draw_request(request: pb.DrawRequest) -> DrawQuery:
+    """The host checks the count and the class against its own limits and classes."""
+    return DrawQuery(int(request.count), int(request.density_class), decode_state(request.state), int(request.seed))
+
+
+def encode_draw_reply(images: Tensor) -> pb.AgentMessage:
+    return pb.AgentMessage(draw=pb.DrawReply(inputs=encode_tensor(images)))
+
+
+def decode_draw_reply(msg: pb.AgentMessage, count: int, input_shape: Sequence[int], *,
+                      max_bytes: int | None = None) -> Tensor:
+    """A teacher's drawn inputs: float32 of shape (count, *input_shape), finite (INVALID_ARGUMENT otherwise)."""
+    if msg.WhichOneof("kind") != "draw":
+        raise QueryError("INVALID_ARGUMENT", f"answered a Draw with {msg.WhichOneof('kind')}")
+    images = decode_tensor(msg.draw.inputs, field="inputs", max_bytes=max_bytes)
+    expected = (count, *input_shape)
+    if images.dtype != torch.float32 or tuple(images.shape) != expected:
+        raise QueryError("INVALID_ARGUMENT", f"drawn inputs {images.dtype} {tuple(images.shape)}, asked for float32 "
+                                             f"{expected}")
+    if not torch.isfinite(images).all():
+        raise QueryError("INVALID_ARGUMENT", "drawn inputs contain NaN or infinite values")
+    return images
 
 
 # The final student, for the institutions that evaluate it -------------------------------------------------------

@@ -21,8 +21,10 @@ from torch import Tensor
 from fedkd.codec import (
     backward_request,
     decode_backward_reply,
+    decode_draw_reply,
     decode_evaluation,
     decode_forward_reply,
+    draw_request,
     encode_tensor,
     evaluate_request,
     forward_inputs,
@@ -283,6 +285,27 @@ class HubPool:
         # The Forward already met the quorum; a Backward a teacher misses only loses its gradient term.
         self._check_quorum(outcome, 1, "Backward")
         return out
+
+    def draw(self, k: int, count: int, label: int, state: QueryContext, *, seed: int) -> Tensor | None:
+        """Teacher ``k``'s Draw (see ``TeacherPool.draw``): one teacher asked, within the query deadline; what it
+        sends is checked (:func:`decode_draw_reply`) and counted. None where it did not answer."""
+        slot = self.hub.slots[k]
+        if slot.exhausted is not None or slot.description is None:
+            return None
+        outcome = self._fan_out({k: {"draw": draw_request(count, label, state, seed)}}, enough=1)
+        images = None
+        if k in outcome.answers:
+            try:
+                images = decode_draw_reply(outcome.answers[k], count, slot.description.input_shape,
+                                           max_bytes=self.hub.max_message_bytes)
+            except QueryError as exc:
+                outcome.failures[slot.name] = f"bad answer: {exc.message}"
+        if images is None:
+            slot.stats.missed += 1
+            self._log_failures(outcome, "Draw")
+            return None
+        slot.stats.count_draw(images)
+        return images
 
     def evaluate_student(self, student: StudentToEvaluate,
                          state: QueryContext) -> dict[int, StudentEvaluation | str]:

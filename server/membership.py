@@ -110,7 +110,8 @@ def differences(joined: TeacherDescription, now: TeacherDescription) -> list[str
 def spent_report(slot: Slot, spent: pb.Spent) -> dict[str, Any]:
     report: dict[str, Any] = {"client": slot.index, "name": slot.name, "forward_calls": spent.forward_calls,
                               "backward_calls": spent.backward_calls, "samples": spent.samples,
-                              "bytes": spent.bytes, "refused": spent.refused}
+                              "bytes": spent.bytes, "refused": spent.refused, "draw_calls": spent.draw_calls,
+                              "drawn_samples": spent.drawn_samples}
     try:
         privacy = decode_privacy(spent.privacy) if spent.HasField("privacy") else None
     except QueryError as exc:

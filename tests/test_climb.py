@@ -124,6 +124,41 @@ def test_the_pool_climbs_each_teachers_density_in_turn_counted_asked_once_and_an
     assert float((answered == intended).float().mean()) > 0.5
 
 
+def test_teachers_that_draw_give_their_share_as_draws_of_each_class_counted_once_and_answered(tmp_path):
+    """student-refit-draw (on by default): where the teachers draw (a density, privacy-mode none), sample i of the
+    climb's is instead a draw of teacher i mod 5's density, of its classes in turn: one Draw sample and a Forward
+    of each teacher a sample, kept across a restart, most of them called the class they were drawn of."""
+    out = tmp_path / "draw"
+    with pytest.raises(Interrupt):  # stopped once the draws are answered and checkpointed, before the refit
+        run_experiment(config_from_mapping(PATHOLOGICAL), out, observer=StopAtStage("student-refit-climb"))
+    log = StageLog()
+    summary = run_experiment(config_from_mapping(PATHOLOGICAL), out, resume=True, observer=log)
+    *runs, record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    pool = summary["pool"]["samples"]
+    assert record["refit_climbs"] == pool == summary["student"]["refit"]["climbs"]
+    assert summary["queries"]["samples"] == record["query_samples"] == runs[-1]["query_samples"] + pool * (1 + 5)
+    assert any(f"{pool:,} samples drawn from a teacher's density and 0 pool samples climbed" in m
+               and "kept from before the restart" in m for m in log.messages), log.messages
+    ledger = read_query_ledger(out / QUERY_LEDGER, 5)
+    assert [c["drawn_samples"] for c in ledger] == [pool // 5] * 5
+    method = torch.load(out / "checkpoint.pt", weights_only=False)["method"]
+    drawn = method["climbs"]["images"][:pool].float() / 255
+    loaded = [load_teacher(out / "clients" / f"client_{k:02d}" / "teacher.pt") for k in range(5)]
+    spec = SPECS["digits"]
+    intended = torch.zeros(pool, dtype=torch.long)
+    with torch.no_grad():
+        for k, (teacher, ckpt) in enumerate(loaded):
+            held = [c for c, n in enumerate(ckpt["label_counts"]) if n > 0]
+            for turn, label in enumerate(held):
+                mine = (torch.arange(pool) % 5 == k) & ((torch.arange(pool) // 5) % 2 == turn)
+                intended[mine] = label
+                own, other = (teacher.density.of_class(spec.normalize(drawn[mine]), c) for c in (label, held[1 - turn]))
+                assert float((own > other).float().mean()) > 0.95, (k, label)
+    answered = method["climbs"]["answers"].argmax(1)
+    print("draws the ensemble calls the class they were drawn of:", float((answered == intended).float().mean()))
+    assert float((answered == intended).float().mean()) > 0.6
+
+
 def test_with_the_gate_off_the_pool_still_climbs_and_no_answer_but_the_climbs_own_carries_a_density(tmp_path):
     log = StageLog()
     summary = run_experiment(config_from_mapping({**PATHOLOGICAL, "density-gate": "off", "student-refit-draw": False}),

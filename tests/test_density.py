@@ -610,3 +610,51 @@ def test_train_teacher_saves_a_density_that_its_checkpoint_serves_and_a_checkpoi
                                         "--connect", "127.0.0.1:1", "--insecure"])
     with pytest.raises(ValueError, match="--density-data goes with --model; a checkpoint carries its own"):
         _host(args, None)
+
+
+def test_a_draw_is_of_the_class_asked_with_its_spread_and_the_host_refuses_what_it_cannot_draw(tmp_path):
+    """A teacher with a density draws from its component of a class (student-refit-draw): near that class's mean,
+    likelier under it than under the other; seeded; counted. Refused without a density, under a privacy mode that
+    noises what leaves, for a class out of range, beyond its batch limit, and for a class it does not model."""
+    from fedkd.institution.privacy.policy import ReleasePolicy
+    from fedkd.institution.privacy.settings import PrivacySettings
+
+    x, y = _two_kinds()
+    x, density, host = _served(tmp_path)
+    assert host.description.draws_density and host.describe().draws_density
+    drawn = host.draw(400, 1, ASK, seed=3)
+    assert drawn.shape == (400, 1, 4, 4) and drawn.dtype == torch.float32
+    torch.testing.assert_close(drawn, host.draw(400, 1, ASK, seed=3))  # the coordinator's seed: the same draw
+    assert not torch.equal(drawn, host.draw(400, 1, ASK, seed=4))
+    scores = density.components(drawn)
+    assert float((scores[1] > scores[0]).float().mean()) > 0.95
+    assert float((drawn.mean(0) - x[y == 1].mean(0)).abs().max()) < 0.25 * float(x[y == 1].std())
+    assert 0.7 < float(drawn.std(0).mean() / x[y == 1].std(0).mean()) < 1.3  # the class's own spread
+    assert (host.stats.draw_calls, host.stats.drawn_samples, host.stats.samples) == (3, 1200, 1200)
+    for count, label, text in ((0, 1, "at least one image"), (2000, 1, "exceeds this client's maximum batch"),
+                               (4, 2, "density_class 2 is not one of the 2 classes"), (4, -1, "density_class -1")):
+        with pytest.raises(QueryError, match=text):
+            host.draw(count, label, ASK, seed=0)
+    assert host.stats.refused == 4 and host.stats.draw_calls == 3
+    # a class the density does not model alone (too few images of it: left out of the mixture)
+    few = torch.cat([torch.zeros(len(y) - 3, dtype=torch.long), torch.ones(3, dtype=torch.long)])
+    lone = TeacherHost(WithDensity(host.model.classifier, fit_density(x, few, 2, rank=4)),
+                       dataclasses.replace(host.description, client=1))
+    with pytest.raises(QueryError, match="models no class 1"):
+        lone.draw(4, 1, ASK, seed=0)
+    assert lone.draw(4, 0, ASK, seed=0).shape == (4, 1, 4, 4)
+    # under output noise the density leaves noised, and a draw cannot be: the teacher says it draws nothing
+    noised = _served(tmp_path / "noised", ReleasePolicy(PrivacySettings(mode="output-noise"), num_records=200))[2]
+    assert noised.description.log_density_output and not noised.description.draws_density
+    with pytest.raises(QueryError, match="draws no images"):
+        noised.draw(4, 1, ASK, seed=0)
+    closed = TeacherHost(Fixed([0.0, 1.0]), TeacherDescription(client=2, model="m", num_classes=2,
+                                                               input_shape=(1, 4, 4), mean=(0.0,), std=(1.0,)))
+    with pytest.raises(QueryError, match="draws no images"):
+        closed.draw(4, 1, ASK, seed=0)
+    # the flag travels, and a teacher that says it draws from no density is refused
+    wire = encode_description(host.description)
+    assert decode_description(wire).draws_density
+    wire.log_density_output = False
+    with pytest.raises(QueryError, match="draws_density without log_density_output"):
+        decode_description(wire)

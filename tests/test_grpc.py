@@ -177,7 +177,7 @@ def make_density_host(seed, raised=0.0):
     images = 0.5 * torch.randn(200, *SHAPE, generator=g) + seed
     density = fit_density(images, torch.arange(200) % 10, 10, rank=3)
     density.log_prior += raised * density.dims
-    desc = dataclasses.replace(host.description, log_density_output=True)
+    desc = dataclasses.replace(host.description, log_density_output=True, draws_density=True)
     return TeacherHost(WithDensity(host.model, density), desc)
 
 
@@ -206,6 +206,31 @@ def test_teachers_with_densities_over_grpc_match_in_process_and_a_claimant_is_re
     reports = hub.end_session()
     assert [r["samples"] for r in reports] == [128 + 8] * 3
     assert all((a.join()["forward_calls"], a.join()["density_samples"]) == (2, 128 + 8) for a in agents)
+
+
+def test_a_draw_over_grpc_is_the_in_process_draw_and_a_teacher_s_bad_draw_is_refused(hub_factory, pki):
+    """student-refit-draw's Draw over TLS: the same images as the in-process host's for the same seed, counted by
+    the hub and by the agent; a refusal (a class out of range) and an answer that is not what was asked (a host
+    that sends the wrong shape) come back as None, counted as missed, and the teacher answers on."""
+    tokens = {"teacher-000": "token-0", "teacher-001": "token-1"}
+    hub = hub_factory(tokens, tls=server_tls(pki))
+    honest, wrong = make_density_host(0), make_density_host(1)
+    real_draw = wrong.draw
+    wrong.draw = lambda count, label, state, *, seed: real_draw(count + 1, label, state, seed=seed)  # one too many
+    agents = [Running(h, hub.port, token=t, tls=client_tls(pki)) for h, t in zip((honest, wrong), tokens.values())]
+    hub.wait_for_teachers(timeout=20)
+    assert [d.draws_density for d in hub.pool.descriptions] == [True, True]
+    drawn = hub.pool.draw(0, 16, 3, STATE, seed=7)
+    torch.testing.assert_close(drawn, make_density_host(0).draw(16, 3, STATE, seed=7), rtol=0, atol=0)
+    assert hub.pool.draw(0, 16, 10, STATE, seed=7) is None  # refused by the teacher: class 10 of 10 classes
+    assert hub.pool.draw(1, 16, 3, STATE, seed=7) is None  # 17 images for 16 asked: not believed
+    stats = hub.pool.stats()
+    assert (stats[0].draw_calls, stats[0].drawn_samples, stats[0].missed) == (1, 16, 1)
+    assert (stats[1].draw_calls, stats[1].missed) == (0, 1)
+    x = torch.randn(4, *SHAPE)
+    assert sorted(hub.pool.forward(x, STATE)) == [0, 1]  # both answer on
+    hub.end_session()
+    assert agents[0].join()["drawn_samples"] == 16 and agents[0].join()["refused"] == 1
 
 
 def test_an_old_style_backward_carrying_the_inputs_still_works(hub_factory, pki):

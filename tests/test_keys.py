@@ -28,7 +28,7 @@ def test_every_key_has_a_meaning_and_the_registries_choices():
     rows = {row.key: row for row in keys.every_key()}
     options = [f"{m.name}.{f.name.replace('_', '-')}" for m in METHODS.values() for f in dataclasses.fields(m.options)]
     assert sorted(rows) == sorted([*KEYS, *options])
-    assert len(KEYS) == 98 and rows["student-lr"].default == 0.1 and rows["generator-width"].default == 16
+    assert len(KEYS) == 99 and rows["student-lr"].default == 0.1 and rows["generator-width"].default == 16
     assert [k for k, row in rows.items() if not row.meaning] == []
     assert rows["method"].allowed == ", ".join(METHODS)
     for key, expected in (("ensemble", "class-weighted"), ("teacher-model", "lenet5"), ("student-model", "resnet18"),

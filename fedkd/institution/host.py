@@ -152,6 +152,10 @@ class TeacherHost:
             self.description = description
         # The client's release policy (privacy mode, noise, budget, ledger); None: answers as computed.
         self.policy = policy
+        if policy is not None and policy.mode != "none" and description.draws_density:
+            # a draw cannot be noised or accounted like a row: under any other mode the teacher draws nothing
+            description = dataclasses.replace(description, draws_density=False)
+            self.description = description
         self.stats = QueryStats()
         self.last_state: QueryContext | None = None
         self._lock = threading.Lock()

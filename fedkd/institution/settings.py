@@ -36,7 +36,9 @@ class TeacherSettings(Section):
     density: bool = field(default=False, metadata=described(
         "each client also fits a density of its own images (per class, a probabilistic-PCA Gaussian) and answers "
         "every input's log-density with its logits; the ensemble weighs each answer by the posterior of who knows "
-        "the input (density-sharpness); not with dp-sgd, pate or teacher-recipe=open-set", scope="client",
+        "the input (density-sharpness); under privacy-mode none it also draws images from it when asked (a class's "
+        "mean with its own spread, what the density's gradients give; student-refit-draw); not with dp-sgd, pate or "
+        "teacher-recipe=open-set", scope="client",
         key="teacher-density"))
     class_statistics: bool = field(default=False, metadata=described(
         "each client also computes, per class, the BatchNorm statistics of its own images and releases the "

@@ -86,7 +86,7 @@ class PrivacyStatus(_message.Message):
     def __init__(self, mechanism: _Optional[str] = ..., epsilon_budget: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., unit: _Optional[str] = ...) -> None: ...
 
 class TeacherDescription(_message.Message):
-    __slots__ = ("name", "client", "model", "num_classes", "input_shape", "mean", "std", "access_modes", "has_feature_statistics", "num_samples", "label_counts", "privacy", "max_batch", "terms", "evaluates_student", "unknown_output", "log_density_output")
+    __slots__ = ("name", "client", "model", "num_classes", "input_shape", "mean", "std", "access_modes", "has_feature_statistics", "num_samples", "label_counts", "privacy", "max_batch", "terms", "evaluates_student", "unknown_output", "log_density_output", "draws_density")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class TeacherDescription(_message.Message):
     EVALUATES_STUDENT_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     LOG_DENSITY_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    DRAWS_DENSITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     client: int
     model: str
@@ -121,7 +122,8 @@ class TeacherDescription(_message.Message):
     evaluates_student: bool
     unknown_output: bool
     log_density_output: bool
-    def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ..., terms: _Optional[_Iterable[str]] = ..., evaluates_student: _Optional[bool] = ..., unknown_output: _Optional[bool] = ..., log_density_output: _Optional[bool] = ...) -> None: ...
+    draws_density: bool
+    def __init__(self, name: _Optional[str] = ..., client: _Optional[int] = ..., model: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., access_modes: _Optional[_Iterable[str]] = ..., has_feature_statistics: _Optional[bool] = ..., num_samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., max_batch: _Optional[int] = ..., terms: _Optional[_Iterable[str]] = ..., evaluates_student: _Optional[bool] = ..., unknown_output: _Optional[bool] = ..., log_density_output: _Optional[bool] = ..., draws_density: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("inputs", "state", "bn_loss", "labels", "keep", "terms")
@@ -187,6 +189,24 @@ class BackwardReply(_message.Message):
     grad_inputs: Tensor
     def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class DrawRequest(_message.Message):
+    __slots__ = ("state", "count", "density_class", "seed")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_CLASS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    state: CurriculumState
+    count: int
+    density_class: int
+    seed: int
+    def __init__(self, state: _Optional[_Union[CurriculumState, _Mapping]] = ..., count: _Optional[int] = ..., density_class: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class DrawReply(_message.Message):
+    __slots__ = ("inputs",)
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    inputs: Tensor
+    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class Status(_message.Message):
     __slots__ = ("code", "message")
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -196,20 +216,24 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Spent(_message.Message):
-    __slots__ = ("forward_calls", "backward_calls", "samples", "bytes", "refused", "privacy")
+    __slots__ = ("forward_calls", "backward_calls", "samples", "bytes", "refused", "privacy", "draw_calls", "drawn_samples")
     FORWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    DRAW_CALLS_FIELD_NUMBER: _ClassVar[int]
+    DRAWN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     forward_calls: int
     backward_calls: int
     samples: int
     bytes: int
     refused: int
     privacy: PrivacyStatus
-    def __init__(self, forward_calls: _Optional[int] = ..., backward_calls: _Optional[int] = ..., samples: _Optional[int] = ..., bytes: _Optional[int] = ..., refused: _Optional[int] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ...) -> None: ...
+    draw_calls: int
+    drawn_samples: int
+    def __init__(self, forward_calls: _Optional[int] = ..., backward_calls: _Optional[int] = ..., samples: _Optional[int] = ..., bytes: _Optional[int] = ..., refused: _Optional[int] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., draw_calls: _Optional[int] = ..., drawn_samples: _Optional[int] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
@@ -274,23 +298,25 @@ class Goodbye(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., aborted: _Optional[bool] = ...) -> None: ...
 
 class HubMessage(_message.Message):
-    __slots__ = ("id", "welcome", "forward", "backward", "goodbye", "evaluate")
+    __slots__ = ("id", "welcome", "forward", "backward", "goodbye", "evaluate", "draw")
     ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    DRAW_FIELD_NUMBER: _ClassVar[int]
     id: int
     welcome: Welcome
     forward: ForwardRequest
     backward: BackwardRequest
     goodbye: Goodbye
     evaluate: EvaluateRequest
-    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., forward: _Optional[_Union[ForwardRequest, _Mapping]] = ..., backward: _Optional[_Union[BackwardRequest, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateRequest, _Mapping]] = ...) -> None: ...
+    draw: DrawRequest
+    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., forward: _Optional[_Union[ForwardRequest, _Mapping]] = ..., backward: _Optional[_Union[BackwardRequest, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateRequest, _Mapping]] = ..., draw: _Optional[_Union[DrawRequest, _Mapping]] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("id", "hello", "forward", "backward", "error", "spent", "evaluation")
+    __slots__ = ("id", "hello", "forward", "backward", "error", "spent", "evaluation", "draw")
     ID_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +324,7 @@ class AgentMessage(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    DRAW_FIELD_NUMBER: _ClassVar[int]
     id: int
     hello: Hello
     forward: ForwardReply
@@ -305,4 +332,5 @@ class AgentMessage(_message.Message):
     error: Status
     spent: Spent
     evaluation: Evaluation
-    def __init__(self, id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., forward: _Optional[_Union[ForwardReply, _Mapping]] = ..., backward: _Optional[_Union[BackwardReply, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., spent: _Optional[_Union[Spent, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
+    draw: DrawReply
+    def __init__(self, id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., forward: _Optional[_Union[ForwardReply, _Mapping]] = ..., backward: _Optional[_Union[BackwardReply, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., spent: _Optional[_Union[Spent, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., draw: _Optional[_Union[DrawReply, _Mapping]] = ...) -> None: ...
