@@ -370,6 +370,8 @@ def _recipe(config: Any) -> str:
     # the climb acts only where teachers answer densities: named there alone
     climb = f", climb {config.student.refit_climb}" if config.student.refit_climb and config.teachers.density \
         else ""
+    if climb and config.student.refit_draw and set(config.privacy.modes) == {"none"}:  # they draw (stop 79)
+        climb += " (draws)"
     return f"{config.student.model}, {config.student_steps}, {config.student.refit:g}{clip}{climb}"
 
 

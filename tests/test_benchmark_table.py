@@ -37,7 +37,10 @@ def test_each_row_names_the_student_recipe_it_was_measured_with(capsys):
     assert rows["mixed"][2] == "lenet5, 5, 8, clip 5 / lenet5-half, 20, 2"
     assert rows["unrecorded"][2] == "?"
     # the climb (on by default since stop 75) is named where it can act: with the teachers' densities
-    assert benchmark._recipe(config_from_mapping({"teacher-density": True})) == "lenet5, 5, 8, clip 5, climb 2"
+    # since stop 79 teachers with a density draw from it (privacy-mode none) and the refit trains on the draws
+    assert benchmark._recipe(config_from_mapping({"teacher-density": True})) == "lenet5, 5, 8, clip 5, climb 2 (draws)"
+    assert benchmark._recipe(config_from_mapping({"teacher-density": True, "student-refit-draw": False})) \
+        == "lenet5, 5, 8, clip 5, climb 2"
     assert benchmark._recipe(config_from_mapping({"teacher-density": True, "student-refit-climb": 0})) == today
 
 
@@ -62,7 +65,7 @@ def test_set_changes_every_experiment_it_runs_and_is_kept_out_of_the_benchmarks_
     kept = json.loads(results.read_text())["experiments"]
     assert kept["default-density"]["overrides"]["student-refit-climb"] == "2"
     assert kept["default-density"]["overrides"]["teacher-density"] is True  # the experiment's own keys kept
-    assert kept["hostile-fixed-density"]["runs"][0]["student_recipe"].endswith("climb 2")
+    assert kept["hostile-fixed-density"]["runs"][0]["student_recipe"].endswith("climb 2 (draws)")
     for argv, named in ((["--set", "student-refit-climb=2"], "own --results"),  # the default results file
                         (["--set", "student-refit-climb=99", "--results", str(results)], "student-refit-climb"),
                         (["--set", "nonsense", "--results", str(results)], "KEY=VALUE")):
