@@ -181,9 +181,10 @@ class LocalPool:
         except BudgetExhausted as exc:
             self._exhausted(k, exc)
             return None
-        except QueryError as exc:
+        except QueryError as exc:  # (a class it holds too few images of to model: the coordinator climbs it)
             self._stats[k].missed += 1
-            logger.warning("client %d refused a Draw: %s", self.hosts[k].description.client, exc.message)
+            logger.info("client %d refused a Draw of class %d: %s", self.hosts[k].description.client, label,
+                        exc.message)
             return None
         self._stats[k].answer_ms += round(1000 * (time.perf_counter() - started))
         self._stats[k].count_draw(images)
