@@ -81,16 +81,23 @@ PATHOLOGICAL = {"dataset": "digits", "partition": "pathological", "classes-per-c
                 "epochs": 1, "steps-per-epoch": 10, "student-refit": 1, "num-threads": 1, "teacher-density": True}
 
 
-def test_the_pool_climbs_each_teachers_density_in_turn_counted_asked_once_and_answered(tmp_path):
-    climbing = {**PATHOLOGICAL, "student-refit-climb": 2, "student-refit-draw": False}  # the climb, not draws
-    out = tmp_path / "climb"
-    with pytest.raises(Interrupt):  # stopped once the climbs are answered and checkpointed, before the refit
-        run_experiment(config_from_mapping(climbing), out, observer=StopAtStage("student-refit-climb"))
+def _stopped_after_the_climb_and_resumed(settings, out):
+    """A run stopped once the climb's samples are answered and checkpointed (before the refit), then resumed:
+    (summary, the epochs' metrics, the refit's record, the resumed run's log); every pool sample was answered."""
+    with pytest.raises(Interrupt):
+        run_experiment(config_from_mapping(settings), out, observer=StopAtStage("student-refit-climb"))
     log = StageLog()
-    summary = run_experiment(config_from_mapping(climbing), out, resume=True, observer=log)
+    summary = run_experiment(config_from_mapping(settings), out, resume=True, observer=log)
     *runs, record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["refit_climbs"] == summary["pool"]["samples"] == summary["student"]["refit"]["climbs"]
+    return summary, runs, record, log
+
+
+def test_the_pool_climbs_each_teachers_density_in_turn_counted_asked_once_and_answered(tmp_path):
+    out = tmp_path / "climb"  # the climb, not draws
+    summary, runs, record, log = _stopped_after_the_climb_and_resumed(
+        {**PATHOLOGICAL, "student-refit-climb": 2, "student-refit-draw": False}, out)
     pool = summary["pool"]["samples"]
-    assert record["refit_climbs"] == pool == summary["student"]["refit"]["climbs"]
     assert record["refit_samples"] == 2 * pool
     # each sample: 2 steps of a Forward and a Backward of one teacher, then a Forward of each of the 5 teachers;
     # counted once (the resume asked nothing again)
@@ -129,13 +136,8 @@ def test_teachers_that_draw_give_their_share_as_draws_of_each_class_counted_once
     climb's is instead a draw of teacher i mod 5's density, of its classes in turn: one Draw sample and a Forward
     of each teacher a sample, kept across a restart, most of them called the class they were drawn of."""
     out = tmp_path / "draw"
-    with pytest.raises(Interrupt):  # stopped once the draws are answered and checkpointed, before the refit
-        run_experiment(config_from_mapping(PATHOLOGICAL), out, observer=StopAtStage("student-refit-climb"))
-    log = StageLog()
-    summary = run_experiment(config_from_mapping(PATHOLOGICAL), out, resume=True, observer=log)
-    *runs, record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary, runs, record, log = _stopped_after_the_climb_and_resumed(PATHOLOGICAL, out)
     pool = summary["pool"]["samples"]
-    assert record["refit_climbs"] == pool == summary["student"]["refit"]["climbs"]
     assert summary["queries"]["samples"] == record["query_samples"] == runs[-1]["query_samples"] + pool * (1 + 5)
     assert any(f"{pool:,} samples drawn from a teacher's density and 0 pool samples climbed" in m
                and "kept from before the restart" in m for m in log.messages), log.messages
