@@ -407,9 +407,7 @@ def drawn_from_densities(teachers: list[nn.Module], spec: DatasetSpec, count: in
         mine = (which == p).nonzero().flatten()
         if not len(mine):
             continue
-        along = torch.randn(len(mine), density.bases.shape[-1], generator=g) * density.variances[j].sqrt()
-        off = torch.randn(len(mine), density.dims, generator=g) * density.noise[j].sqrt()
-        flat = density.means[j] + along @ density.bases[j].T + off
+        flat = density.draw_component(j, len(mine), g)
         out[mine] = spec.denormalize(flat.view(len(mine), *spec.input_shape))
     return torch.round(out.clamp(0, 1) * 255) / 255
 

@@ -104,7 +104,10 @@ class GaussianDensity(nn.Module):
         match = (self.classes == label).nonzero().flatten()
         if not len(match):
             raise ValueError(f"the density has no component of class {label} alone")
-        j = int(match[0])
+        return self.draw_component(int(match[0]), count, generator)
+
+    def draw_component(self, j: int, count: int, generator: torch.Generator | None = None) -> Tensor:
+        """(count, D) draws of component ``j`` (:meth:`draw`, by the component's index)."""
         device = self.means.device  # drawn on the CPU (a CPU generator), then moved
         along = torch.randn(count, self.bases.shape[-1], generator=generator).to(device) * self.variances[j].sqrt()
         off = torch.randn(count, self.dims, generator=generator).to(device) * self.noise[j].sqrt()

@@ -237,14 +237,16 @@ class TeacherHost:
             classes = self.description.num_classes
             if not isinstance(label, int) or not 0 <= label < classes:
                 self._refuse("INVALID_ARGUMENT", f"density_class {label!r} is not one of the {classes} classes")
-            density = self.model.density if isinstance(self.model, WithDensity) else None
-            if density is None or not bool((density.classes == label).any()):
+            if not isinstance(self.model, WithDensity):
+                self._refuse("FAILED_PRECONDITION", "this teacher draws no images: it holds no density")
+            generator = torch.Generator().manual_seed(int(seed) % 2**63)
+            try:
+                with torch.no_grad():
+                    images = self.model.density.draw(label, count, generator)
+            except ValueError:  # no component of that class alone
                 self._refuse("FAILED_PRECONDITION", f"this teacher's density models no class {label} of its own "
                              "(it holds too few images of it)")
-            assert density is not None
-            generator = torch.Generator().manual_seed(int(seed) % 2**63)
-            with torch.no_grad():
-                images = density.draw(label, count, generator).view(count, *self.description.input_shape)
+            images = images.view(count, *self.description.input_shape)
             self.last_state = state
             images = images.detach().float().cpu()
             self.stats.count_draw(images)

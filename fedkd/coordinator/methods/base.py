@@ -15,7 +15,6 @@ ensemble.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -35,8 +34,6 @@ from fedkd.coordinator.synthetic_pool import SyntheticPool
 from fedkd.data import DatasetSpec
 from fedkd.metrics import MetricAverager
 from fedkd.options import ConfigError
-
-logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fedkd.config import RunConfig
@@ -428,18 +425,6 @@ class PoolMethod(Generic[Options]):
             k = members[i % len(members)]
             return k, held[k][(i // len(members)) % len(held[k])]
 
-        def drawn(k: int, label: int, count: int, seed: int) -> Tensor | None:
-            images = pool.draw(k, count, label, dataclasses.replace(state, density_class=label), seed=seed)
-            if images is None:
-                return None
-            if (not isinstance(images, Tensor) or images.dtype != torch.float32
-                    or tuple(images.shape) != (count, *self.spec.input_shape) or not bool(images.isfinite().all())):
-                logger.warning("client %d answered a Draw of %d images of class %d with %s; its class is climbed "
-                               "instead", self.ensemble.descriptions[k].client, count, label,
-                               f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else images)
-                return None
-            return images
-
         def climbed(start: int, n: int) -> Tensor:
             x = self.spec.normalize(stored[start:start + n].float() / 255)
             targets = [target(i) for i in range(start, start + n)]
@@ -448,16 +433,17 @@ class PoolMethod(Generic[Options]):
                 k, label = pair
                 if k in drawers and label is not None and pair not in undrawn:
                     seed = self.config.seed * 1_000_003 + start * 7_919 + k * 101 + label
-                    images = drawn(k, label, len(mine), seed)
+                    # checked by the pool (dtype, shape, finite), None where refused or not what was asked
+                    images = pool.draw(k, len(mine), label, dataclasses.replace(state, density_class=label),
+                                       seed=seed)
                     if images is not None:
                         x[mine] = images
                         continue
                     undrawn.add(pair)
-                if k in ensemble_gradients:
+                if k in self.ensemble.gradient_members:
                     x[mine] = climb(x[mine], gradient_of(*pair), steps)[0]
             return torch.round(self.spec.denormalize(x).clamp(0, 1) * 255).to(torch.uint8)
 
-        ensemble_gradients = self.ensemble.gradient_members
         cost = max(1 if drawers else 0, 2 * steps if set(members) - drawers else 0) + len(self.ensemble)
         self.climbs, stopped = self._answered(climbed, len(stored), cost, "climbs", answering, on_batch)
         self.climbs_stopped = stopped or why
